@@ -1,0 +1,9 @@
+"""The backbone zoo and the peer topologies built from it."""
+from .base import Backbone, BackboneOutput, Head, count_parameters
+from .registry import UnknownModelError, create_model, list_models, model_entry, register
+
+# Importing a family registers its names.
+from . import resnet, resnet_imagenet, wrn, vgg, densenet, hcgnet  # noqa: E402,F401
+
+__all__ = ["Backbone", "BackboneOutput", "Head", "count_parameters", "UnknownModelError",
+           "create_model", "list_models", "model_entry", "register"]

@@ -1,0 +1,82 @@
+"""The one shape every backbone has: stem -> ordered stages -> head (pool + classifier).
+
+Nothing outside ``models/`` needs to know which family a backbone is. Peer topologies
+(``models/peers.py``) cut a backbone between two stages, so a family only has to build
+its stem, its list of stages and its head.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+class BackboneOutput(NamedTuple):
+    logits: torch.Tensor
+    features: Optional[torch.Tensor]          # pooled feature fed to the classifier (B x feature_dim)
+    stages: Optional[list[torch.Tensor]]      # output map of every stage, in order
+
+
+class Head(nn.Module):
+    """``norm`` (identity, or BN+ReLU for pre-activation nets) -> global average pool -> linear."""
+
+    def __init__(self, in_features: int, num_classes: int, norm: Optional[nn.Module] = None):
+        super().__init__()
+        self.norm = norm if norm is not None else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits, pooled feature)."""
+        feature = torch.flatten(self.pool(self.norm(x)), 1)
+        return self.fc(feature), feature
+
+
+class Backbone(nn.Module):
+    """A classification network as ``stem``, ``stages`` (an ``nn.ModuleList``) and ``head``.
+
+    ``stage_widths[i]`` is the channel count after ``stages[i]``; ``feature_dim`` the width of
+    the pooled feature the classifier sees. ``forward(x)`` returns logits; with
+    ``return_features`` / ``return_stages`` it returns a :class:`BackboneOutput` from the same
+    single pass.
+    """
+
+    def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], head: Head,
+                 stage_widths: Sequence[int]):
+        super().__init__()
+        if len(stages) != len(stage_widths):
+            raise ValueError("one width per stage")
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+        self.head = head
+        self.stage_widths = list(stage_widths)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.fc.in_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.fc.out_features
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False, return_stages: bool = False):
+        x = self.stem(x)
+        maps = []
+        for stage in self.stages:
+            x = stage(x)
+            if return_stages:
+                maps.append(x)
+        logits, feature = self.head(x)
+        if not (return_features or return_stages):
+            return logits
+        return BackboneOutput(logits, feature if return_features else None, maps if return_stages else None)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """All parameters, trainable or not (buffers such as memory banks excluded), as the official counter."""
+    return sum(p.numel() for p in module.parameters())
