@@ -1,0 +1,85 @@
+"""What every dataset shares: its static description, where its files live, the error when they don't.
+
+Every dataset family module returns a training and a test :class:`ArraySplit` (or, for ImageNet, two
+``ImageFolder`` datasets); :mod:`data.loaders` turns them into loaders.
+
+Where files are looked for: ``--data`` if given, else ``$OKD_DATASETS/<name>`` if that variable is
+set, else ``./datasets/<name>`` relative to the current directory (Fashion-MNIST additionally falls
+back to the Debian package's ``/usr/share/datasets/fashion-mnist``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+DATASET_NAMES = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "fashion-mnist", "synthetic")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DatasetNotFoundError(RuntimeError):
+    """A dataset's files are missing. The message says what is missing, every path looked at, and the fix."""
+
+    def __init__(self, name: str, missing: str, looked_at: Sequence[os.PathLike | str], fix: str):
+        paths = "\n".join(f"  - {p}" for p in looked_at)
+        super().__init__(f"dataset {name!r}: {missing}.\nLooked at:\n{paths}\nTo get it: {fix}")
+        self.name, self.missing, self.looked_at, self.fix = name, missing, [str(p) for p in looked_at], fix
+
+    def __reduce__(self):  # picklable, e.g. out of a spawned worker
+        return type(self), (self.name, self.missing, self.looked_at, self.fix)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset. ``mean``/``std`` are per-channel on the [0, 1] scale (the
+    ``Normalize`` after ``ToTensor``); ``crop_padding`` is the zero padding of the training
+    ``RandomCrop(image_size, padding)`` (0 for ImageNet, which uses ``RandomResizedCrop``)."""
+    name: str
+    num_classes: int
+    image_size: int
+    mean: tuple
+    std: tuple
+    crop_padding: int
+
+
+_INFOS = {
+    "cifar10": DatasetInfo("cifar10", 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4),
+    "cifar100": DatasetInfo("cifar100", 100, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), 4),
+    "tinyimagenet": DatasetInfo("tinyimagenet", 200, 64, IMAGENET_MEAN, IMAGENET_STD, 4),
+    "imagenet": DatasetInfo("imagenet", 1000, 224, IMAGENET_MEAN, IMAGENET_STD, 0),
+    # Grey 28x28 zero-padded to 32x32 and replicated to 3 channels (see data/fashion_mnist.py); the
+    # usual Fashion-MNIST statistics, measured on the 28x28 originals, replicated to the 3 channels.
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 32, (0.2860,) * 3, (0.3530,) * 3, 4),
+    # Synthetic images are built to have roughly this mean and spread (data/synthetic.py).
+    "synthetic": DatasetInfo("synthetic", 10, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 4),
+}
+assert tuple(_INFOS) == DATASET_NAMES
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name`` (one of :data:`DATASET_NAMES`)."""
+    try:
+        return _INFOS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}") from None
+
+
+class ArraySplit(NamedTuple):
+    """One split held in memory: ``images`` uint8 N x 3 x H x W, ``labels`` int64 N."""
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def datasets_root() -> Path:
+    """``$OKD_DATASETS`` if set, else ``./datasets`` (relative to the current directory)."""
+    return Path(os.environ.get("OKD_DATASETS") or "datasets")
+
+
+def default_dir(name: str, data: Optional[os.PathLike | str]) -> Path:
+    """``--data`` if given, else ``<datasets_root()>/<name>``."""
+    return Path(data) if data else datasets_root() / name

@@ -1,0 +1,382 @@
+"""Loaders: GPU-resident (``device``) or ``torch.utils.data.DataLoader`` (``torch``), one contract.
+
+Every loader has ``__len__`` (batches per epoch), ``__iter__`` yielding :class:`Batch`, ``set_epoch(e)``,
+``num_samples`` (samples this rank sees per epoch) and ``labels`` (CPU int64 labels of its whole set,
+indexed by ``Batch.index``).
+
+* **Order.** Training: one permutation per epoch from a generator seeded by (seed, epoch), the same on
+  every rank; rank r takes ``perm[r : (n // world_size) * world_size : world_size]`` (the
+  ``DistributedSampler(drop_last=True)`` contract) and the last incomplete batch is dropped (static
+  shapes). Evaluation: no shuffling, nothing dropped, rank r gets samples ``r::world_size``.
+* **Augmentation** of epoch e on rank r is drawn from a generator seeded by (seed, e, r), so the data of
+  an epoch is a pure function of (seed, epoch, rank): a resumed run sees what an uninterrupted one saw.
+  Call ``set_epoch`` before iterating (it is not advanced automatically, as ``DistributedSampler``).
+* ``Batch.index`` is the sample's position in the set the loader serves (0..n_train-1 for training,
+  after the validation hold-out and ``--subset``), on the training device: the memory-bank index.
+
+``device`` loader (all datasets but ImageNet): uint8 images and labels live on the device; per epoch the
+order, crop offsets and flip flags are drawn on the CPU and moved once; per batch a gather does
+zero-pad + crop + flip, then float, /255 and Normalize, all on the device, with no host sync. Its
+distribution equals torchvision's RandomCrop(size, padding) + RandomHorizontalFlip(0.5): offsets uniform
+on 0..2*padding in each axis, flip with p = 0.5, zero padding before normalisation (tests/test_data.py).
+
+``torch`` loader: a DataLoader over the same uint8 arrays with torchvision transforms (RandomCrop(size,
+padding) + RandomHorizontalFlip on uint8 tensors, ConvertImageDtype (/255), Normalize), or the PIL
+ImageNet transforms of :mod:`data.imagenet`. Each sample's transform runs under its own seed, drawn
+from the (seed, epoch, rank) generator, so augmentation does not depend on the number of workers or on
+persistent workers, and the training process's global RNG is left untouched.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torchvision import transforms
+
+from .common import ArraySplit, DatasetInfo, dataset_info
+
+# Tags that keep the random streams derived from one seed apart.
+_ORDER, _AUG, _WORKERS, _VAL = range(4)
+
+
+class Batch(NamedTuple):
+    images: Union[torch.Tensor, list]  # float, normalised, on the device; a list of `views` tensors if views > 1
+    labels: torch.Tensor               # int64
+    index: torch.Tensor                # int64 position of each sample in the loader's set
+
+
+class Loaders(NamedTuple):
+    train: "DeviceLoader | TorchLoader"
+    val: Optional["DeviceLoader | TorchLoader"]  # held-out training samples, test-time transforms
+    test: "DeviceLoader | TorchLoader"
+    info: DatasetInfo
+    n_train: int
+
+
+def mix_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on every key (numpy's SeedSequence hashing)."""
+    state = np.random.SeedSequence([int(k) % 2 ** 64 for k in keys]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31 | int(state[1]) >> 1) & (2 ** 63 - 1)
+
+
+def _generator(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(mix_seed(*keys))
+
+
+def stratified_split(labels: torch.Tensor, n_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold out ``n_val`` samples, each class in proportion to its size (largest remainder), chosen at
+    random from a generator seeded by ``seed``. Returns (train, val) index tensors, each sorted."""
+    n = len(labels)
+    if not 0 < n_val < n:
+        raise ValueError(f"val_split must be between 1 and {n - 1} (the training set has {n} samples), got {n_val}")
+    counts = torch.bincount(labels)
+    exact = counts.double() * n_val / n
+    quota = exact.floor().long()
+    leftover = n_val - int(quota.sum())
+    quota[torch.argsort(quota - exact, stable=True)[:leftover]] += 1   # largest fractional parts first
+    perm = torch.randperm(n, generator=_generator(seed, _VAL))
+    grouped = perm[torch.argsort(labels[perm], stable=True)]           # by class, random within class
+    cls = labels[grouped]
+    rank_in_class = torch.arange(n) - (torch.cumsum(counts, 0) - counts)[cls]
+    is_val = rank_in_class < quota[cls]
+    return grouped[~is_val].sort().values, grouped[is_val].sort().values
+
+
+class Schedule:
+    """Which positions (into a loader's set) a rank visits in an epoch, and the epoch's augmentation
+    generator; see the module docstring. Its own object so that a DataLoader's batch sampler can hold
+    it without a reference cycle back to the loader (a cycle would leave worker shutdown to the GC)."""
+
+    def __init__(self, n: int, batch_size: int, train: bool, seed: int, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.n, self.batch_size, self.train = n, batch_size, train
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        if train:
+            self.num_batches = n // world_size // batch_size
+            self.num_samples = self.num_batches * batch_size
+        else:
+            self.num_samples = len(range(rank, n, world_size))
+            self.num_batches = math.ceil(self.num_samples / batch_size)
+
+    def positions(self) -> torch.Tensor:
+        """Positions this rank visits this epoch, in order (CPU int64)."""
+        if not self.train:
+            return torch.arange(self.rank, self.n, self.world_size)
+        perm = torch.randperm(self.n, generator=_generator(self.seed, _ORDER, self.epoch))
+        return perm[self.rank: (self.n // self.world_size) * self.world_size: self.world_size][: self.num_samples]
+
+    def aug_generator(self) -> torch.Generator:
+        return _generator(self.seed, _AUG, self.epoch, self.rank)
+
+
+class _Loader:
+    """What both loader kinds share: ``labels``, ``num_samples``, ``set_epoch``, ``__len__``."""
+
+    def __init__(self, labels: torch.Tensor, batch_size: int, train: bool, seed: int, rank: int,
+                 world_size: int, views: int):
+        self.labels, self.batch_size, self.train, self.views = labels, batch_size, train, max(1, views)
+        self.schedule = Schedule(len(labels), batch_size, train, seed, rank, world_size)
+        self.num_samples, self.num_batches = self.schedule.num_samples, self.schedule.num_batches
+
+    @property
+    def epoch(self) -> int:
+        return self.schedule.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.schedule.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def positions(self) -> torch.Tensor:
+        return self.schedule.positions()
+
+
+def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+              padding: int) -> torch.Tensor:
+    """Batched RandomCrop(size, padding, fill 0) + horizontal flip by one gather.
+
+    ``images`` B x C x H x W; ``dy``, ``dx`` offsets in 0..2*padding into the zero-padded image; ``flip``
+    bool. Output pixel (i, j) = padded[dy + i, dx + j], or padded[dy + i, dx + W - 1 - j] when flipped
+    (crop, then flip: torchvision's order)."""
+    b, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4) if padding else images
+    ar_h, ar_w = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
+    rows = dy[:, None] + ar_h                                                      # B x H
+    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)            # B x W
+    return padded[torch.arange(b, device=images.device)[:, None, None, None],
+                  torch.arange(c, device=images.device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class DeviceLoader(_Loader):
+    """Whole split resident on ``device`` as uint8; augmentation batched on the device (module docstring)."""
+
+    def __init__(self, split: ArraySplit, info: DatasetInfo, batch_size: int, device, *, train: bool,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, views: int = 1):
+        super().__init__(split.labels, batch_size, train, seed, rank, world_size, views)
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device)
+        self.device_labels = split.labels.to(self.device)
+        self.padding = info.crop_padding
+        self.mean = torch.tensor(info.mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std, device=self.device).view(1, -1, 1, 1)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    def normalize(self, images_u8: torch.Tensor) -> torch.Tensor:
+        """ToTensor's /255, then Normalize(mean, std)."""
+        return images_u8.float().div_(255).sub_(self.mean).div_(self.std)
+
+    def __iter__(self):
+        order = self._to_device(self.positions())
+        augs = []
+        if self.train:
+            g, n, span = self.schedule.aug_generator(), len(order), 2 * self.padding + 1
+            for _ in range(self.views):
+                draw = torch.stack([torch.randint(span, (n,), generator=g), torch.randint(span, (n,), generator=g),
+                                    torch.randint(2, (n,), generator=g)])
+                augs.append(self._to_device(draw))
+        bs = self.batch_size
+        for i in range(self.num_batches):
+            index = order[i * bs:(i + 1) * bs]
+            x = self.images[index]
+            if self.train:
+                views = [self.normalize(crop_flip(x, a[0, i * bs:(i + 1) * bs], a[1, i * bs:(i + 1) * bs],
+                                                  a[2, i * bs:(i + 1) * bs].bool(), self.padding)) for a in augs]
+                images = views[0] if self.views == 1 else views
+            else:
+                images = self.normalize(x)
+            yield Batch(images, self.device_labels[index], index)
+
+
+class ArraySource(Dataset):
+    """An :class:`ArraySplit` as a dataset of (uint8 C x H x W tensor, int label)."""
+
+    def __init__(self, split: ArraySplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def __getitem__(self, i: int):
+        return self.split.images[i], int(self.split.labels[i])
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run torchvision's random transforms (global CPU RNG) under ``seed``; in the main process
+    (workers=0) the caller's RNG state is restored afterwards."""
+    if get_worker_info() is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+    else:
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
+class _TransformedSubset(Dataset):
+    """Key (position, seed or None) -> (transformed image or list of views, label, position)."""
+
+    def __init__(self, source, indices: torch.Tensor, transform, views: int):
+        self.source, self.indices, self.transform, self.views = source, indices.tolist(), transform, views
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        position, seed = key
+        image, label = self.source[self.indices[position]]
+        if seed is None:
+            return self.transform(image), label, position
+        with _seeded(seed):
+            views = [self.transform(image) for _ in range(self.views)]
+        return (views[0] if self.views == 1 else views), label, position
+
+
+class _BatchKeys:
+    """The DataLoader's batch_sampler: this epoch's positions (and per-sample seeds when training)."""
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+
+    def __len__(self) -> int:
+        return self.schedule.num_batches
+
+    def __iter__(self):
+        schedule, bs = self.schedule, self.schedule.batch_size
+        positions = schedule.positions().tolist()
+        seeds = [None] * len(positions)
+        if schedule.train:
+            seeds = torch.randint(2 ** 62, (len(positions),), generator=schedule.aug_generator()).tolist()
+        for i in range(schedule.num_batches):
+            yield list(zip(positions[i * bs:(i + 1) * bs], seeds[i * bs:(i + 1) * bs]))
+
+
+class TorchLoader(_Loader):
+    """``torch.utils.data.DataLoader`` over ``source[indices]`` with ``transform`` (module docstring)."""
+
+    def __init__(self, source, indices: torch.Tensor, labels: torch.Tensor, transform, batch_size: int, device,
+                 *, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1, views: int = 1,
+                 workers: int = 0):
+        super().__init__(labels, batch_size, train, seed, rank, world_size, views)
+        self.device = torch.device(device)
+        self.dataloader = DataLoader(
+            _TransformedSubset(source, indices, transform, self.views), batch_sampler=_BatchKeys(self.schedule),
+            num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            # only for the workers' base seed, which the per-sample seeds make irrelevant; passing it keeps
+            # the creation of an iterator from drawing on the global RNG
+            generator=_generator(seed, _WORKERS))
+
+    def __iter__(self):
+        move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        for images, labels, index in self.dataloader:
+            images = [move(v) for v in images] if isinstance(images, list) else move(images)
+            yield Batch(images, move(labels), move(index))
+
+
+def array_transforms(info: DatasetInfo, train: bool):
+    """torchvision transforms on uint8 C x H x W tensors: [RandomCrop(size, padding) + flip] + /255 + Normalize."""
+    steps = [transforms.RandomCrop(info.image_size, padding=info.crop_padding),
+             transforms.RandomHorizontalFlip()] if train else []
+    return transforms.Compose(steps + [transforms.ConvertImageDtype(torch.float32),
+                                       transforms.Normalize(info.mean, info.std)])
+
+
+def load_dataset(name: str, data=None, download: bool = False):
+    """(train, test) of ``name``: :class:`ArraySplit` pairs, or ImageFolder pairs for ImageNet."""
+    dataset_info(name)  # validates the name
+    if name in ("cifar10", "cifar100"):
+        from .cifar import load_cifar
+        return load_cifar(name, data, download)
+    if name == "tinyimagenet":
+        from .tinyimagenet import load_tinyimagenet
+        return load_tinyimagenet(data, download)
+    if name == "fashion-mnist":
+        from .fashion_mnist import load_fashion_mnist
+        return load_fashion_mnist(data, download)
+    if name == "synthetic":
+        from .synthetic import make_synthetic
+        return make_synthetic()
+    from .imagenet import load_imagenet
+    return load_imagenet(data)
+
+
+def _load_once(name: str, data, download: bool, rank: int, world_size: int):
+    """Under an initialised process group rank 0 loads first (it alone downloads, and it writes the
+    TinyImageNet cache the others then read); the other ranks wait for it at a barrier."""
+    import torch.distributed as dist
+    if not (world_size > 1 and dist.is_available() and dist.is_initialized()):
+        return load_dataset(name, data, download)
+    if rank == 0:
+        result = load_dataset(name, data, download)
+        dist.barrier()
+        return result
+    dist.barrier()
+    return load_dataset(name, data, False)
+
+
+def build_loaders(args, device, rank: int = 0, world_size: int = 1) -> Loaders:
+    """Training, validation (or None) and test loaders for ``args`` (see the module docstring).
+
+    Reads ``args.dataset``, ``data``, ``download``, ``subset`` (first N training samples, after the
+    hold-out), ``val_split`` (hold out N training samples, stratified, seeded by ``seed``; evaluated with
+    test-time transforms), ``batch_size`` (per process), ``eval_batch_size`` (default 2 x batch_size),
+    ``workers``, ``loader`` ('device' default, 'torch' for ImageNet), ``seed``, ``views`` (default 1).
+    """
+    name = args.dataset
+    info = dataset_info(name)
+    kind = getattr(args, "loader", None) or ("torch" if name == "imagenet" else "device")
+    if kind not in ("device", "torch"):
+        raise ValueError(f"unknown loader {kind!r}; choose 'device' or 'torch'")
+    if name == "imagenet" and kind == "device":
+        raise ValueError("ImageNet does not fit in device memory as decoded images; use --loader torch")
+    batch_size = args.batch_size
+    eval_batch_size = getattr(args, "eval_batch_size", None) or 2 * batch_size
+    views = getattr(args, "views", 1) or 1
+    seed, workers = getattr(args, "seed", 0) or 0, getattr(args, "workers", 0) or 0
+
+    train_set, test_set = _load_once(name, getattr(args, "data", None), bool(getattr(args, "download", False)),
+                                     rank, world_size)
+    imagefolder = name == "imagenet"
+    labels = torch.as_tensor(train_set.targets if imagefolder else train_set.labels, dtype=torch.int64)
+    test_labels = torch.as_tensor(test_set.targets if imagefolder else test_set.labels, dtype=torch.int64)
+    train_idx, val_idx = torch.arange(len(labels)), None
+    if getattr(args, "val_split", 0):
+        train_idx, val_idx = stratified_split(labels, args.val_split, seed)
+    subset = getattr(args, "subset", None)
+    if subset:
+        if subset > len(train_idx):
+            raise ValueError(f"--subset {subset} exceeds the {len(train_idx)} available training samples")
+        train_idx = train_idx[:subset]
+
+    def make(split, split_labels, idx: torch.Tensor, train: bool):
+        common = dict(train=train, seed=seed, rank=rank, world_size=world_size, views=views if train else 1)
+        bs = batch_size if train else eval_batch_size
+        if kind == "device":
+            whole = len(idx) == len(split_labels)  # skip a copy of the whole set
+            sub = split if whole else ArraySplit(split.images[idx], split_labels[idx])
+            return DeviceLoader(sub, info, bs, device, **common)
+        if imagefolder:
+            from .imagenet import test_transform, train_transform
+            source, transform = split, (train_transform() if train else test_transform())
+        else:
+            source, transform = ArraySource(split), array_transforms(info, train)
+        return TorchLoader(source, idx, split_labels[idx], transform, bs, device, workers=workers, **common)
+
+    train = make(train_set, labels, train_idx, True)
+    if len(train) == 0:
+        raise ValueError(f"{len(train_idx)} training samples over {world_size} process(es) give no full "
+                         f"batch of {batch_size}; lower --batch-size")
+    val = make(train_set, labels, val_idx, False) if val_idx is not None else None
+    return Loaders(train, val, make(test_set, test_labels, torch.arange(len(test_labels)), False), info, len(train_idx))
