@@ -1,0 +1,130 @@
+"""The command line every method script shares, and the papers' training protocols ("recipes")."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+# Each recipe is one paper's protocol. A run's defaults come from its recipe; explicit flags win.
+RECIPES: dict[str, dict] = {
+    # MCL-OKD repository, CIFAR (spec mcl_okd.md section 1): per-epoch cosine from 0.1 over 300 epochs.
+    "okd": dict(epochs=300, batch_size=128, lr=0.1, lr_schedule="cosine", milestones=[150, 225],
+                weight_decay=5e-4, momentum=0.9, nesterov=True),
+    # MCL-OKD's own method: the same protocol at lr 0.05 and batch 64.
+    "mcl-okd": dict(epochs=300, batch_size=64, lr=0.05, lr_schedule="cosine", milestones=[150, 200, 250],
+                    weight_decay=5e-4, momentum=0.9, nesterov=True),
+    # OKDDip / PCL papers: step decay x0.1 at 150 and 225.
+    "okddip": dict(epochs=300, batch_size=128, lr=0.1, lr_schedule="multistep", milestones=[150, 225],
+                   weight_decay=5e-4, momentum=0.9, nesterov=True),
+    # FFL / DCCL / CMFF: step decay at 150 and 225, weight decay 2e-4.
+    "ffl": dict(epochs=300, batch_size=128, lr=0.1, lr_schedule="multistep", milestones=[150, 225],
+                weight_decay=2e-4, momentum=0.9, nesterov=True),
+    # ONE's own run scripts: plain momentum (no Nesterov), weight decay 1e-4, step decay at 150 and 225.
+    "one": dict(epochs=300, batch_size=128, lr=0.1, lr_schedule="multistep", milestones=[150, 225],
+                weight_decay=1e-4, momentum=0.9, nesterov=False),
+    # ImageNet (MCL-OKD repository): cosine over 100 epochs, weight decay 1e-4.
+    "imagenet": dict(epochs=100, batch_size=256, lr=0.1, lr_schedule="cosine", milestones=[30, 60, 90],
+                     weight_decay=1e-4, momentum=0.9, nesterov=True),
+    "mcl-okd-imagenet": dict(epochs=100, batch_size=128, lr=0.05, lr_schedule="cosine", milestones=[30, 60, 90],
+                             weight_decay=1e-4, momentum=0.9, nesterov=True),
+}
+RECIPE_KEYS = tuple(RECIPES["okd"])
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _milestones(text: str) -> list[int]:
+    try:
+        return [int(m) for m in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"milestones are epochs such as '150 225' or '150,225'; got {text!r}")
+
+
+def build_parser(method_cls, recipe: str, preset: Optional[str] = None) -> argparse.ArgumentParser:
+    from data import DATASET_NAMES
+    from models import list_models
+
+    p = argparse.ArgumentParser(
+        prog=f"train_{method_cls.name}.py",
+        description=method_cls.describe(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--arch", default="resnet32", metavar="NAME",
+                   help=f"backbone; one of: {', '.join(list_models())}")
+    if method_cls.num_peers is not None:
+        g.add_argument("--num-peers", type=_positive_int, default=method_cls.num_peers,
+                       help="number of peer networks (branches)")
+    g.add_argument("--dataset", default="cifar100", choices=DATASET_NAMES)
+    g.add_argument("--data", default=None, metavar="DIR",
+                   help="dataset folder (default: $OKD_DATASETS/<name> or ./datasets/<name>)")
+    g.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
+    g.add_argument("--num-classes", type=int, default=None, help="inferred from the dataset; a check if given")
+    g.add_argument("--subset", type=_positive_int, default=None, metavar="N",
+                   help="train on the first N training samples (quick checks)")
+    g.add_argument("--val-split", type=int, default=0, metavar="N",
+                   help="hold out N training samples (stratified, seeded) to select `best`; "
+                        "the test set is then only reported")
+
+    o = p.add_argument_group(f"optimisation (defaults: recipe '{recipe}')")
+    o.add_argument("--recipe", default=recipe, choices=sorted(RECIPES),
+                   help="a paper's protocol; its values are the defaults of the options below")
+    o.add_argument("--epochs", type=_positive_int)
+    o.add_argument("--batch-size", type=_positive_int, help="training batch per process (per GPU under torchrun)")
+    o.add_argument("--eval-batch-size", type=_positive_int, default=None, help="default: 2 x batch size")
+    o.add_argument("--lr", type=float, help="peak learning rate")
+    o.add_argument("--lr-schedule", choices=("cosine", "multistep"),
+                   help="per-epoch cosine to 0, or x0.1 at each milestone")
+    o.add_argument("--milestones", type=_milestones, metavar="'E1 E2 ...'", help="multistep epochs")
+    o.add_argument("--weight-decay", type=float)
+    o.add_argument("--momentum", type=float)
+    o.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
+    p.set_defaults(**RECIPES[recipe])
+
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--workers", type=int, default=4, help="DataLoader workers (torch loader only)")
+    r.add_argument("--loader", choices=("device", "torch"), default=None,
+                   help="'device': uint8 data kept on the training device, augmented there in batch "
+                        "(default where the dataset fits); 'torch': a DataLoader with workers (default for ImageNet)")
+    r.add_argument("--gpu", type=int, default=0, help="CUDA device index; -1 for the CPU (used anyway, with a "
+                                                      "warning, when CUDA is absent). Under torchrun: LOCAL_RANK")
+    r.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision autocast")
+    r.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    r.add_argument("--out", default=None, metavar="DIR",
+                   help="run directory (default: runs/<method>-<arch>-<dataset>-n<peers>-s<seed>)")
+    r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
+                   help="continue from a checkpoint; 'auto' = the run directory's last.pt")
+    r.add_argument("--eval-only", default=None, metavar="CHECKPOINT",
+                   help="evaluate a checkpoint on the test (and --val-split) set and exit")
+    r.add_argument("--best-metric", default=None, metavar="HEAD",
+                   help=f"head whose top-1 selects best.pt (default: {method_cls.best_metric})")
+    r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+    m = p.add_argument_group(f"{method_cls.name} options")
+    if method_cls.presets:
+        preset = preset or next(iter(method_cls.presets))
+        m.add_argument("--preset", default=preset, choices=list(method_cls.presets),
+                       help="a published variant of the method; its values are the defaults of the "
+                            "method's options: " + "; ".join(
+                                f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+                                for name, values in method_cls.presets.items()))
+    method_cls.add_arguments(m)
+    if method_cls.presets:
+        p.set_defaults(**method_cls.presets[preset])
+    return p
+
+
+def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default=method_cls.recipe)
+    pre.add_argument("--preset", default=None)
+    known, _ = pre.parse_known_args(argv)
+    recipe = known.recipe if known.recipe in RECIPES else method_cls.recipe  # a bad name: argparse reports it
+    preset = known.preset if known.preset in method_cls.presets else None
+    return build_parser(method_cls, recipe, preset).parse_args(argv)

@@ -1,0 +1,481 @@
+"""The one training loop every method uses."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state, FORMAT
+from .cli import RECIPE_KEYS, RECIPES, parse_args
+from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown_distributed
+from .errors import UserError
+from .method import Method
+
+REPO = Path(__file__).resolve().parent.parent
+# Arguments that fix what a checkpoint holds: a resumed run must agree on them.
+RESUME_KEYS = ("arch", "dataset", "num_peers", "subset", "val_split")
+
+
+def lr_factor(epoch: int, args) -> float:
+    """Multiplier of the peak lr during 0-based ``epoch``: per-epoch cosine to 0, or x0.1 per milestone."""
+    if args.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    return 0.1 ** sum(epoch >= m for m in args.milestones)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """[number correct at top-1, number correct at top-k] as a device tensor (no host sync)."""
+    k = min(k, logits.shape[1])
+    hits = logits.topk(k, dim=1).indices.eq(labels[:, None])
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=REPO,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions(device: torch.device) -> dict:
+    import torchvision
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "numpy": np.__version__,
+                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    if device.type == "cuda":
+        versions["device"] = torch.cuda.get_device_name(device)
+    else:
+        versions["device"] = platform.processor() or platform.machine()
+    return versions
+
+
+class Trainer:
+    """Builds data, method and optimizers from the parsed arguments; ``fit()`` trains, ``evaluate_only()`` evaluates."""
+
+    def __init__(self, method_cls: type[Method], args):
+        from data import build_loaders
+        from models import model_entry
+
+        self.args = args
+        self.method_cls = method_cls
+        self._check_args()
+        model_entry(args.arch)  # unknown architecture: the listing error before anything heavy
+        self.device = self._select_device()
+        self.dist: DistEnv = init_distributed(self.device.type == "cuda")
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.is_main = self.dist.is_main
+        self._seed(args.seed)
+        args.views = method_cls.views
+        try:
+            self.loaders = build_loaders(args, self.device, self.dist.rank, self.dist.world_size)
+        except ValueError as e:  # a data flag that does not fit the dataset (--val-split, --subset, --loader)
+            raise UserError(str(e)) from None
+        info = self.loaders.info
+        if args.num_classes is not None and args.num_classes != info.num_classes:
+            raise UserError(f"--num-classes {args.num_classes} disagrees with {info.name}, which has "
+                            f"{info.num_classes} classes; leave --num-classes out")
+        args.num_classes = info.num_classes
+        self.method = method_cls(args, info.num_classes, self.loaders.n_train, info.image_size,
+                                 train_labels=self.loaders.train.labels)
+        self.memory_format = torch.channels_last if args.channels_last else None
+        self.method.to(self.device, self.memory_format)
+        self.model = self._wrap(self.method.model)
+        self.groups = self.method.optim_groups()
+        self.optimizers = {g.name: self._sgd(g) for g in self.groups}
+        self.schedulers = {
+            g.name: torch.optim.lr_scheduler.LambdaLR(
+                self.optimizers[g.name], (lambda e: lr_factor(e, args)) if g.scheduled else (lambda e: 1.0))
+            for g in self.groups}
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+        self.select_split = "val" if self.loaders.val is not None else "test"
+        self.best_head = args.best_metric or method_cls.best_metric
+        self.out = Path(args.out) if args.out else REPO / "runs" / self._default_run_name()
+        self.start_epoch = 0
+        self.history: list[dict] = []
+        self.best: Optional[dict] = None
+        self.max_test: dict[str, float] = {}
+        self.train_seconds = 0.0
+        self.train_samples = 0
+        self.writer = None
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _check_args(self) -> None:
+        a, m = self.args, self.method_cls
+        if a.resume and a.eval_only:
+            raise UserError("--resume and --eval-only conflict: --eval-only evaluates a checkpoint without training")
+        if a.lr_schedule == "multistep" and not a.milestones:
+            raise UserError("--lr-schedule multistep needs --milestones, e.g. --milestones 150 225")
+        if m.num_peers is not None and a.num_peers < m.min_peers:
+            raise UserError(f"{m.name} needs --num-peers >= {m.min_peers}; got {a.num_peers}")
+        if a.val_split < 0:
+            raise UserError("--val-split must be >= 0")
+        if a.amp == "fp16" and not (torch.cuda.is_available() and a.gpu >= 0):
+            raise UserError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or --amp off")
+        m.check_args(a)
+
+    def _select_device(self) -> torch.device:
+        if self.args.gpu < 0:
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            warnings.warn("CUDA is not available: training on the CPU (pass --gpu -1 to silence this).")
+            return torch.device("cpu")
+        if self.args.gpu >= torch.cuda.device_count():
+            raise UserError(f"--gpu {self.args.gpu} does not exist: this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s)")
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.args.gpu)))
+
+    @staticmethod
+    def _seed(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if not self.dist.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, find_unused_parameters=self.method.find_unused_parameters)
+
+    def _sgd(self, group) -> torch.optim.SGD:
+        a = self.args
+        return torch.optim.SGD(group.params, lr=group.lr if group.lr is not None else a.lr,
+                               momentum=a.momentum, nesterov=a.nesterov and a.momentum > 0,
+                               weight_decay=group.weight_decay if group.weight_decay is not None else a.weight_decay,
+                               **group.extra)
+
+    def _default_run_name(self) -> str:
+        a = self.args
+        peers = f"-n{a.num_peers}" if self.method_cls.num_peers is not None else ""
+        return f"{self.method_cls.name}-{a.arch}-{a.dataset}{peers}-s{a.seed}"
+
+    def log(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    # ---- one epoch ------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _format(self, images):
+        if self.memory_format is None:
+            return images
+        if isinstance(images, (list, tuple)):
+            return [im.contiguous(memory_format=self.memory_format) for im in images]
+        return images.contiguous(memory_format=self.memory_format)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        from tqdm import tqdm
+
+        self.model.train()
+        self.method.on_epoch_start(epoch)
+        loader = self.loaders.train
+        loader.set_epoch(epoch)
+        sums: dict[str, torch.Tensor] = {}
+        steps = 0
+        bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{self.args.epochs}", leave=False,
+                   disable=self.args.no_progress or not self.is_main, dynamic_ncols=True)
+        start = time.perf_counter()
+        for batch in bar:
+            batch = batch._replace(images=self._format(batch.images))
+            with self._autocast():
+                terms = self.method.loss(self.model, batch, epoch)
+            total = sum(terms.values())
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            for opt in self.optimizers.values():
+                self.scaler.step(opt)
+            self.scaler.update()
+            for name, value in terms.items():  # accumulated on the device: no host sync per step
+                value = value.detach().float()
+                sums[name] = sums[name] + value if name in sums else value
+            sums["loss"] = sums["loss"] + total.detach().float() if "loss" in sums else total.detach().float()
+            steps += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        for sched in self.schedulers.values():
+            sched.step()
+        names = list(sums)
+        values = all_reduce_sum(torch.stack([sums[n] for n in names])) / (max(steps, 1) * self.dist.world_size)
+        stats = dict(zip(names, values.tolist()))
+        samples = loader.num_samples * self.dist.world_size
+        self.train_seconds += seconds
+        self.train_samples += samples
+        stats["images_per_s"] = samples / max(seconds, 1e-9)
+        stats["epoch_s"] = seconds
+        if not math.isfinite(stats["loss"]):
+            bad = ", ".join(f"{n}={v}" for n, v in stats.items() if isinstance(v, float) and not math.isfinite(v))
+            raise UserError(
+                f"the training loss became non-finite in epoch {epoch + 1} ({bad}). Nothing of that epoch was "
+                f"saved; {self.out / 'last.pt'} still holds the last good epoch. Lower --lr, use --amp off or "
+                f"bf16 instead of fp16, then continue with --resume auto.")
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict[str, float]:
+        """Top-1/top-5 (%) of every head the method declares, over the whole split (all ranks)."""
+        model = self.method.model
+        was_training = model.training
+        model.eval()
+        counts: dict[str, torch.Tensor] = {}
+        seen = torch.zeros((), device=self.device)
+        loader.set_epoch(0)
+        for batch in loader:
+            with self._autocast():
+                heads = self.method.eval_logits(model, self._format(batch.images))
+            for name, logits in heads.items():
+                c = topk_correct(logits.float(), batch.labels)
+                counts[name] = counts[name] + c if name in counts else c
+            seen += batch.labels.numel()
+        model.train(was_training)
+        names = list(counts)
+        totals = all_reduce_sum(torch.cat([torch.stack([counts[n] for n in names]).flatten().float(), seen[None]]))
+        n = totals[-1].item()
+        acc = (totals[:-1].view(-1, 2) * 100.0 / max(n, 1)).tolist()
+        metrics = {}
+        for name, (top1, top5) in zip(names, acc):
+            metrics[f"{name}/top1"] = top1
+            metrics[f"{name}/top5"] = top5
+        return metrics
+
+    # ---- checkpoints and results ----------------------------------------------------------------
+    def _checkpoint(self, epochs_done: int) -> dict:
+        return {
+            "format": FORMAT, "method": self.method_cls.name, "epoch": epochs_done,
+            "state": self.method.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "scaler": self.scaler.state_dict(), "rng": rng_state(),
+            "best": self.best, "max_test": self.max_test, "history": self.history,
+            "train_seconds": self.train_seconds, "train_samples": self.train_samples,
+            "args": {k: v for k, v in vars(self.args).items()},
+        }
+
+    def _resume_path(self) -> Optional[Path]:
+        if not self.args.resume:
+            return None
+        if self.args.resume == "auto":
+            path = self.out / "last.pt"
+            return path if path.is_file() else None
+        return Path(self.args.resume)
+
+    def _load_training_state(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        if ckpt["method"] != self.method_cls.name:
+            raise UserError(f"{path} is a {ckpt['method']} checkpoint; resume it with train_{ckpt['method']}.py")
+        for key in RESUME_KEYS:
+            saved, now = ckpt["args"].get(key), getattr(self.args, key, None)
+            if saved != now:
+                raise UserError(f"{path} was trained with --{key.replace('_', '-')} {saved}, this run asks for "
+                                f"{now}; resume with the same value or start a new run with another --out")
+        self._load_state(ckpt, path)
+        for k, o in self.optimizers.items():
+            o.load_state_dict(ckpt["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(ckpt["schedulers"][k])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.start_epoch = ckpt["epoch"]
+        self.best, self.max_test, self.history = ckpt["best"], ckpt["max_test"], ckpt["history"]
+        self.train_seconds, self.train_samples = ckpt["train_seconds"], ckpt["train_samples"]
+        self.log(f"resumed from {path} after epoch {self.start_epoch}")
+
+    def _load_state(self, ckpt: dict, path: Path) -> None:
+        try:
+            self.method.load_state_dict(ckpt["state"])
+        except (RuntimeError, KeyError) as e:
+            raise UserError(f"{path} does not fit this model ({str(e).splitlines()[0][:300]}); "
+                            "check --arch, --num-peers and the method's flags") from None
+
+    def _results(self, status: str) -> dict:
+        a = self.args
+        return {
+            "status": status, "method": self.method_cls.name, "arch": a.arch, "dataset": a.dataset,
+            "epochs_done": len(self.history), "epochs": a.epochs,
+            "recipe": {"name": a.recipe, **{k: getattr(a, k) for k in RECIPE_KEYS},
+                       "same_as_recipe": all(getattr(a, k) == RECIPES[a.recipe][k] for k in RECIPE_KEYS)},
+            "selection": {"split": self.select_split, "metric": f"{self.best_head}/top1",
+                          "note": "best = the epoch with the highest selection metric; its test metrics are "
+                                  "reported. max_over_epochs_test is what the official codes report when "
+                                  "selecting on the test set."},
+            "best": self.best,
+            "last": self.history[-1] if self.history else None,
+            "max_over_epochs_test": self.max_test,
+            "wall_time_s": time.time() - self.wall_start,
+            "train_time_s": self.train_seconds,
+            "train_images_per_s": self.train_samples / max(self.train_seconds, 1e-9),
+            "world_size": self.dist.world_size,
+            "git_commit": git_commit(), "versions": library_versions(self.device),
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "args": {k: v for k, v in vars(a).items()},
+            "history": self.history,
+        }
+
+    def _write_results(self, status: str) -> None:
+        if self.is_main:
+            atomic_write_text(json.dumps(self._results(status), indent=2, default=str) + "\n",
+                              self.out / "results.json")
+
+    def _tensorboard(self, epoch: int, record: dict) -> None:
+        if not self.is_main:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=epoch + 1)
+        for name, value in record["train"].items():
+            self.writer.add_scalar(f"train/{name}", value, epoch + 1)
+        for name, value in record["lr"].items():
+            self.writer.add_scalar(f"lr/{name}", value, epoch + 1)
+        for split in ("val", "test"):
+            for name, value in record.get(split, {}).items():
+                self.writer.add_scalar(f"{split}/{name}", value, epoch + 1)
+        self.writer.flush()
+
+    def _summary_line(self, record: dict) -> str:
+        train = record["train"]
+        terms = " ".join(f"{k} {v:.3f}" for k, v in train.items() if k not in ("loss", "images_per_s", "epoch_s"))
+        heads = " ".join(f"{k[:-5]} {v:.2f}" for k, v in record["test"].items() if k.endswith("/top1"))
+        val = ""
+        if "val" in record:
+            val = f" | val {record['val'][self.best_head + '/top1']:.2f}"
+        lr = next(iter(record["lr"].values()))
+        return (f"epoch {record['epoch']}/{self.args.epochs} lr {lr:.4g} loss {train['loss']:.3f} ({terms}) | "
+                f"test top1 {heads}{val} | {train['epoch_s']:.1f}s {train['images_per_s']:.0f} img/s")
+
+    # ---- entry points ---------------------------------------------------------------------------
+    def _prepare_out(self) -> None:
+        resume = self._resume_path()
+        if resume is None and (self.out / "last.pt").exists():
+            raise UserError(f"{self.out} already holds a run (last.pt). Continue it with --resume auto, "
+                            "or start a new run with another --out; nothing is overwritten.")
+        if resume is not None:
+            self._load_training_state(resume)
+        elif self.args.resume == "auto":
+            self.log(f"--resume auto: no checkpoint in {self.out}, starting a new run")
+
+    def _check_heads(self) -> None:
+        batch = next(iter(self.loaders.test))
+        with torch.no_grad():
+            was = self.method.model.training
+            self.method.model.eval()
+            heads = self.method.eval_logits(self.method.model, self._format(batch.images[:2]))
+            self.method.model.train(was)
+        if self.best_head not in heads:
+            raise UserError(f"--best-metric {self.best_head!r} is not an evaluated head; "
+                            f"choose one of: {', '.join(heads)}")
+
+    def fit(self) -> dict:
+        a = self.args
+        self.wall_start = time.time()
+        self._prepare_out()
+        self._check_heads()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in self.method.model.parameters())
+        self.log(f"{self.method_cls.name}: {a.arch} on {a.dataset} ({self.loaders.n_train} train images), "
+                 f"{n_params / 1e6:.3f}M parameters, device {self.device}, amp {a.amp}, "
+                 f"global batch {a.batch_size * self.dist.world_size} "
+                 f"({a.batch_size} x {self.dist.world_size} process(es)), recipe {a.recipe}, out {self.out}")
+        for epoch in range(self.start_epoch, a.epochs):
+            lr = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
+            record = {"epoch": epoch + 1, "lr": lr, "train": self.train_epoch(epoch)}
+            record["test"] = self.evaluate(self.loaders.test)
+            if self.loaders.val is not None:
+                record["val"] = self.evaluate(self.loaders.val)
+            for k, v in record["test"].items():
+                self.max_test[k] = max(v, self.max_test.get(k, -1.0))
+            key = f"{self.best_head}/top1"
+            improved = self.best is None or record[self.select_split][key] > self.best[self.select_split][key]
+            if improved:
+                self.best = {"epoch": epoch + 1, "test": record["test"], **({"val": record["val"]} if "val" in record else {})}
+            self.history.append(record)
+            if self.is_main:
+                ckpt = self._checkpoint(epoch + 1)
+                atomic_save(ckpt, self.out / "last.pt")
+                if improved:
+                    atomic_save(ckpt, self.out / "best.pt")
+            self._write_results("finished" if epoch + 1 == a.epochs else "running")
+            self._tensorboard(epoch, record)
+            self.log(self._summary_line(record))
+        self._write_results("finished")
+        if self.writer is not None:
+            self.writer.close()
+        barrier()
+        self._print_final()
+        return self._results("finished")
+
+    def _print_final(self) -> None:
+        if not self.history or self.best is None:
+            return
+        last = self.history[-1]["test"]
+        heads = [k[:-5] for k in last if k.endswith("/top1")]
+        lines = [f"{'head':<12} {'best top1':>9} {'last top1':>9} {'last top5':>9}   "
+                 f"(best = epoch {self.best['epoch']}, selected on {self.select_split} {self.best_head}/top1)"]
+        for h in heads:
+            lines.append(f"{h:<12} {self.best['test'][h + '/top1']:9.2f} {last[h + '/top1']:9.2f} "
+                         f"{last[h + '/top5']:9.2f}")
+        self.log("\n".join(lines) + f"\nresults: {self.out / 'results.json'}")
+
+    def evaluate_only(self) -> dict:
+        path = Path(self.args.eval_only)
+        ckpt = load_checkpoint(path)
+        self._load_state(ckpt, path)
+        result = {"checkpoint": str(path), "epoch": ckpt["epoch"], "test": self.evaluate(self.loaders.test)}
+        if self.loaders.val is not None:
+            result["val"] = self.evaluate(self.loaders.val)
+        for split in ("val", "test"):
+            if split in result:
+                self.log(f"{split}: " + " ".join(f"{k} {v:.2f}" for k, v in result[split].items()))
+        if self.is_main:
+            out = Path(self.args.out) if self.args.out else path.parent
+            atomic_write_text(json.dumps(result, indent=2) + "\n", out / f"eval-{path.stem}.json")
+        return result
+
+
+def train(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> dict:
+    """Parse ``argv`` (default: sys.argv), then train or evaluate. Raises UserError on bad input."""
+    args = parse_args(method_cls, argv)
+    try:
+        trainer = Trainer(method_cls, args)
+        return trainer.evaluate_only() if args.eval_only else trainer.fit()
+    finally:
+        shutdown_distributed()
+
+
+def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None:
+    """Command-line entry point: errors that are the user's to fix print as one line, not a traceback."""
+    from data import DatasetNotFoundError
+    from models import UnknownModelError
+    try:
+        train(method_cls, argv)
+    except (UserError, DatasetNotFoundError, UnknownModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last completed epoch is in last.pt; continue with --resume auto",
+              file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,167 @@
+"""The shared loop end to end on synthetic data, resume, checkpoints, results and the user-facing errors."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_baseline
+import train_dml
+from engine import UserError, lr_factor, train
+from engine.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "512", "--batch-size", "64",
+        "--gpu", "-1", "--no-progress", "--workers", "0"]
+
+
+def run_cli(*args, cwd=REPO):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def dml_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dml")
+    results = train(train_dml.DML, FAST + ["--epochs", "3", "--lr", "0.05", "--out", str(out)])
+    return out, results
+
+
+def test_loop_learns_and_writes_everything(dml_run):
+    out, results = dml_run
+    history = results["history"]
+    assert len(history) == 3 and results["status"] == "finished"
+    assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
+    # 10 balanced classes: chance is 10 %.
+    assert results["best"]["test"]["ensemble/top1"] > 30.0
+    for head in ("peer1", "peer2", "ensemble"):
+        for k in ("top1", "top5"):
+            assert f"{head}/{k}" in results["last"]["test"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["status"] == "finished" and saved["recipe"]["name"] == "okd"
+    assert saved["args"]["arch"] == "resnet20" and saved["versions"]["torch"] == torch.__version__
+    assert saved["train_images_per_s"] > 0 and saved["git_commit"]
+    assert set(saved["history"][0]["train"]) >= {"ce", "kd", "loss"}
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 3 and set(ckpt["optimizers"]) == {"model"} and "rng" in ckpt
+
+
+def test_tensorboard_has_every_term(dml_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, _ = dml_run
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/ce", "train/kd", "train/loss", "lr/model", "test/peer1/top1", "test/ensemble/top1"} <= tags
+
+
+class _InterruptedDML(train_dml.DML):
+    def on_epoch_start(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+
+def test_resume_equals_uninterrupted(dml_run, tmp_path):
+    out_full, full = dml_run
+    args = FAST + ["--epochs", "3", "--lr", "0.05", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        train(_InterruptedDML, args)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    resumed = train(train_dml.DML, args + ["--resume", "auto"])
+    assert resumed["history"][2]["test"] == full["history"][2]["test"]
+    assert resumed["history"][2]["train"]["loss"] == full["history"][2]["train"]["loss"]
+    a = load_checkpoint(out_full / "last.pt")["state"]["model"]
+    b = load_checkpoint(tmp_path / "last.pt")["state"]["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_is_never_overwritten(dml_run):
+    out, _ = dml_run
+    before = (out / "last.pt").stat().st_mtime_ns
+    with pytest.raises(UserError, match="--resume auto"):
+        train(train_dml.DML, FAST + ["--epochs", "3", "--out", str(out)])
+    assert (out / "last.pt").stat().st_mtime_ns == before
+
+
+def test_eval_only_reproduces_best(dml_run, tmp_path):
+    out, results = dml_run
+    evaluated = train(train_dml.DML, FAST + ["--eval-only", str(out / "best.pt"), "--out", str(tmp_path)])
+    assert evaluated["test"] == results["best"]["test"]
+    assert (tmp_path / "eval-best.json").is_file()
+
+
+class _NaNDML(train_dml.DML):
+    def loss(self, model, batch, epoch):
+        terms = super().loss(model, batch, epoch)
+        terms["kd"] = terms["kd"] * float("nan")
+        return terms
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    train(train_dml.DML, FAST + ["--epochs", "2", "--out", str(tmp_path)])
+    # The same run extended, but its loss now turns NaN: a clear error, and last.pt keeps epoch 2.
+    with pytest.raises(UserError, match="non-finite"):
+        train(_NaNDML, FAST + ["--epochs", "3", "--out", str(tmp_path), "--resume", "auto"])
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+
+
+def test_val_split_selects_on_val(tmp_path):
+    results = train(train_baseline.Baseline, FAST + ["--epochs", "2", "--val-split", "100", "--out", str(tmp_path)])
+    assert results["selection"]["split"] == "val"
+    best_epoch = results["best"]["epoch"]
+    val_curve = [h["val"]["net/top1"] for h in results["history"]]
+    assert val_curve[best_epoch - 1] == max(val_curve)
+    assert results["best"]["test"] == results["history"][best_epoch - 1]["test"]
+
+
+def test_lr_schedules_match_spec():
+    class A:
+        lr_schedule, epochs, milestones = "cosine", 300, [150, 225]
+    got = [0.1 * lr_factor(e, A) for e in (0, 75, 150, 225, 299)]
+    assert got == pytest.approx([0.1, 0.085355, 0.05, 0.014645, 2.7e-6], rel=1e-3, abs=1e-7)
+    A.lr_schedule = "multistep"
+    assert [lr_factor(e, A) for e in (0, 149, 150, 224, 225)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+
+
+def test_recipe_and_preset_defaults():
+    from engine import parse_args
+    a = parse_args(train_dml.DML, [])
+    assert (a.epochs, a.batch_size, a.lr, a.lr_schedule, a.weight_decay, a.nesterov) == (300, 128, 0.1, "cosine", 5e-4, True)
+    assert (a.topology, a.num_peers, a.kd_T) == ("independent", 2, 1.0)
+    a = parse_args(train_dml.DML, ["--recipe", "ffl", "--preset", "mcl-okd", "--kd-T", "4"])
+    assert (a.lr_schedule, a.milestones, a.weight_decay) == ("multistep", [150, 225], 2e-4)
+    assert (a.topology, a.num_peers, a.kd_T) == ("shared", 4, 4.0)
+
+
+def test_help_reads_well():
+    r = run_cli("train_dml.py", "--help")
+    assert r.returncode == 0
+    for flag in ("--arch", "--recipe", "--preset", "--kd-T", "--resume", "--eval-only", "--val-split", "--amp",
+                 "per GPU"):
+        assert flag in r.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--arch", "resnet_nope"], "Valid names: densenet40_12"),
+    (["--dataset", "cifar100", "--data", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["--resume", "auto", "--eval-only", "x.pt"], "conflict"),
+    (["--num-peers", "1"], "--num-peers >= 2"),
+    (["--eval-only", "/nonexistent/ckpt.pt"], "does not exist"),
+])
+def test_user_errors_are_one_clear_message(args, expected):
+    r = run_cli("train_dml.py", "--gpu", "-1", "--dataset", "synthetic", *args)
+    assert r.returncode == 2, r.stderr
+    assert expected in r.stderr and "Traceback" not in r.stderr
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    r = run_cli("train_dml.py", *FAST, "--epochs", "1", "--out", str(tmp_path), "--resume", "auto")
+    assert r.returncode == 2 and "cannot be read" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "last.pt").read_bytes() == b"not a checkpoint"

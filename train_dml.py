@@ -1,0 +1,45 @@
+"""Deep Mutual Learning (Zhang et al., CVPR 2018): N peers, each learning from the labels and from
+every other peer.
+
+    L = sum_i CE(z_i, y) + sum_i 1/(N-1) sum_{j != i} KD_T(z_i <- stopgrad z_j)
+
+    python train_dml.py --arch resnet32 --gpu 0                      # the paper: 2 independent peers, T=1
+    python train_dml.py --arch resnet32 --gpu 0 --preset mcl-okd     # MCL-OKD repository: 4 branches, shared trunk, T=2
+"""
+from engine import Method, main
+from losses import kd_loss
+from models.peers import Peers
+import torch.nn.functional as F
+
+
+class DML(Method):
+    """Deep Mutual Learning: peers trained together, each distilling from all the others."""
+
+    name = "dml"
+    num_peers = 2
+    min_peers = 2
+    presets = {
+        "paper": dict(topology="independent", num_peers=2, kd_T=1.0),
+        "mcl-okd": dict(topology="shared", num_peers=4, kd_T=2.0),
+    }
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument("--kd-T", type=float, help="distillation temperature T")
+        parser.add_argument("--topology", choices=("independent", "shared"),
+                            help="independent networks, or a shared low-level trunk (split of spec 4.6)")
+
+    def build(self, args, num_classes):
+        split = "dml" if args.topology == "shared" else None
+        return Peers(args.arch, num_classes, args.num_peers, args.topology, split, image_size=self.image_size)
+
+    def loss(self, model, batch, epoch):
+        logits = model(batch.images).logits
+        n, T = len(logits), self.args.kd_T
+        ce = sum(F.cross_entropy(z, batch.labels) for z in logits)
+        kd = sum(kd_loss(logits[i], logits[j], T) for i in range(n) for j in range(n) if j != i) / (n - 1)
+        return {"ce": ce, "kd": kd}
+
+
+if __name__ == "__main__":
+    main(DML)
