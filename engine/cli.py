@@ -95,6 +95,10 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None) -> argpa
                                                       "warning, when CUDA is absent). Under torchrun: LOCAL_RANK")
     r.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision autocast")
     r.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    r.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)")
+    r.add_argument("--lr-scale", choices=("none", "linear"), default="none",
+                   help="under torchrun: 'linear' multiplies the lr by the number of processes")
     r.add_argument("--out", default=None, metavar="DIR",
                    help="run directory (default: runs/<method>-<arch>-<dataset>-n<peers>-s<seed>)")
     r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",

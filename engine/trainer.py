@@ -20,7 +20,8 @@ from torch import nn
 
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state, FORMAT
 from .cli import RECIPE_KEYS, RECIPES, parse_args
-from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown_distributed
+from .distributed import (DistEnv, all_reduce_sum, barrier, broadcast_buffers, init_distributed,
+                          shutdown_distributed)
 from .errors import UserError
 from .method import Method
 
@@ -126,6 +127,8 @@ class Trainer:
             raise UserError(f"{m.name} needs --num-peers >= {m.min_peers}; got {a.num_peers}")
         if a.val_split < 0:
             raise UserError("--val-split must be >= 0")
+        if a.sync_bn and not (torch.cuda.is_available() and a.gpu >= 0):
+            raise UserError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation); leave it out")
         if a.amp == "fp16" and not (torch.cuda.is_available() and a.gpu >= 0):
             raise UserError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or --amp off")
         m.check_args(a)
@@ -152,14 +155,20 @@ class Trainer:
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if not self.dist.enabled:
+            if self.args.sync_bn:
+                warnings.warn("--sync-bn does nothing in a single process")
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
+        if self.args.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.method.model = model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(model, device_ids=ids, find_unused_parameters=self.method.find_unused_parameters)
 
     def _sgd(self, group) -> torch.optim.SGD:
         a = self.args
-        return torch.optim.SGD(group.params, lr=group.lr if group.lr is not None else a.lr,
+        scale = self.dist.world_size if a.lr_scale == "linear" else 1
+        return torch.optim.SGD(group.params, lr=scale * (group.lr if group.lr is not None else a.lr),
                                momentum=a.momentum, nesterov=a.nesterov and a.momentum > 0,
                                weight_decay=group.weight_decay if group.weight_decay is not None else a.weight_decay,
                                **group.extra)
@@ -239,6 +248,7 @@ class Trainer:
     def evaluate(self, loader) -> dict[str, float]:
         """Top-1/top-5 (%) of every head the method declares, over the whole split (all ranks)."""
         model = self.method.model
+        broadcast_buffers(model)
         was_training = model.training
         model.eval()
         counts: dict[str, torch.Tensor] = {}

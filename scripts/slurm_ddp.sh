@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Multi-node DDP under SLURM: one torchrun per node, rendezvous on the first node of the allocation.
+#   sbatch --nodes 2 scripts/slurm_ddp.sh train_mcl_okd.py --arch resnet34 --dataset imagenet --data /data/imagenet
+#SBATCH --job-name=okd
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=48:00:00
+#SBATCH --requeue
+set -euo pipefail
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+PORT=${PORT:-29500}
+# --resume auto: a requeued job or a restarted worker continues from the run directory's last.pt.
+srun torchrun \
+  --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$GPUS_PER_NODE" \
+  --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$PORT" \
+  --max-restarts 3 \
+  "$@" --resume auto --out "${OUT:-runs/slurm-$SLURM_JOB_ID}"

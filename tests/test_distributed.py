@@ -1,0 +1,72 @@
+"""DDP on the CPU: two gloo processes under torchrun (loopback rendezvous on a free port)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_dml
+from engine import train
+
+REPO = Path(__file__).resolve().parent.parent
+ARGS = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "512", "--batch-size", "32",
+        "--gpu", "-1", "--no-progress", "--workers", "0", "--lr", "0.05"]
+
+
+def torchrun(*args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "tests" / "ddp_worker.py"), *args]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    r = torchrun("train_dml", *ARGS, "--epochs", "1", "--out", str(out))
+    return out, r
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]["model"]
+
+
+def _same(a, b):
+    """Equal parameters and buffers (the engine hands rank 0's BN statistics to every rank before evaluating)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ranks_hold_identical_parameters(two_rank_run):
+    out, r = two_rank_run
+    a, b = _weights(out / "rank0.pt"), _weights(out / "rank1.pt")
+    assert _same(a, b)
+    assert "global batch 64 (32 x 2 process(es))" in r.stdout
+
+
+def test_only_rank0_writes_and_results_count_both_ranks(two_rank_run):
+    out, _ = two_rank_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["epochs_done"] == 1
+    assert len(list((out / "tensorboard").glob("events.*"))) == 1
+
+
+def test_two_rank_eval_equals_one_rank(two_rank_run, tmp_path):
+    out, _ = two_rank_run
+    torchrun("train_dml", *ARGS, "--eval-only", str(out / "last.pt"), "--out", str(tmp_path / "two"))
+    two = json.loads((tmp_path / "two" / "eval-last.json").read_text())
+    one = train(train_dml.DML, ARGS + ["--eval-only", str(out / "last.pt"), "--out", str(tmp_path / "one")])
+    assert two["test"] == one["test"]
+
+
+def test_two_rank_run_resumes(two_rank_run):
+    out, _ = two_rank_run
+    torchrun("train_dml", *ARGS, "--epochs", "2", "--out", str(out), "--resume", "auto")
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs_done"] == 2 and results["status"] == "finished"
+    a, b = _weights(out / "rank0.pt"), _weights(out / "rank1.pt")
+    assert _same(a, b)
