@@ -23,6 +23,12 @@ NCE_EPS = 1e-7
 _GATHER_ELEMS = 1 << 24   # gathered floats per chunk in bank_scores (64 MiB in float32)
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 # ---- negative sampling ---------------------------------------------------------------------------
 
 def draws_for_distinct(pools: torch.Tensor, k: int, log_fail: float = 40.0) -> int:
@@ -92,8 +98,15 @@ class ClassNegativeSampler(nn.Module):
 
     @staticmethod
     def _uniform(size, high: torch.Tensor) -> torch.Tensor:
-        """Integers uniform on [0, high) per row (``high``: B); modulo bias < high / 2^62."""
-        return torch.randint(1 << 62, size, device=high.device) % high.view(-1, *([1] * (len(size) - 1)))
+        """Integers uniform on [0, high) per row (``high``: B); modulo bias < high / 2^62.
+
+        Under DDP every rank's global generator is in the same state (same seed, same calls), so the
+        draws are made for the rows of all ranks and each rank keeps its own slice: the ranks' negatives
+        are independent, and a resumed run (which restores the generator) draws the same ones."""
+        rank, world = _rank_and_world()
+        rows = size[0]
+        draws = torch.randint(1 << 62, (rows * world, *size[1:]), device=high.device)[rank * rows:(rank + 1) * rows]
+        return draws % high.view(-1, *([1] * (len(size) - 1)))
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         """B x (K+1) int64 sample indices for the anchors ``index`` (B)."""
@@ -217,8 +230,9 @@ class MemoryBanks(nn.Module):
 def all_gather_cat(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Concatenate ``t`` from every rank along ``dim`` (identity in a world of one). Not differentiable:
     for memory updates, which every rank then applies identically so the bank replicas stay equal."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world = _rank_and_world()[1]
+    if world == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts, dim=dim)

@@ -1,0 +1,120 @@
+"""Peak memory of one MCL-OKD contrastive step (scores of the N(N-1) directed pairs, NCE, backward):
+the official way (each gathered block of memory rows kept for backward) against losses/contrast_memory.py
+(rows gathered again in backward, in chunks).
+
+    python scripts/mcl_memory.py                       # B=64, K=16384, N=4, d=128, n_data=50000, CPU
+    python scripts/mcl_memory.py --device cuda         # torch.cuda.max_memory_allocated instead of RSS
+
+On the CPU each variant runs in a fresh process and the number is the peak resident set size during the
+step minus the resident size just before it (the banks, embeddings and contrast indices already exist).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from losses.contrast_memory import bank_scores, nce_loss  # noqa: E402
+
+MIB = 1 << 20
+
+
+def official_step(banks, emb, contrast, n_data, tau, eps=1e-7):
+    """mcl/criterion.py + mcl/memory.py as written: per pair, index_select the rows, bmm, exp, /Z, log."""
+    n, b, d = emb.shape
+    k1 = contrast.shape[1]
+    loss = 0.0
+    for a in range(n):
+        for o in range(a + 1, n):
+            for mem, anc in ((a, o), (o, a)):
+                rows = torch.index_select(banks[mem], 0, contrast.view(-1)).detach().view(b, k1, d)
+                p = torch.exp(torch.bmm(rows, emb[anc].view(b, d, 1)) / tau)
+                z = (p.mean() * n_data).detach()
+                p = p / z
+                m_pn = (k1 - 1) / n_data
+                log_pos = torch.log(p[:, 0] / (p[:, 0] + m_pn + eps))
+                log_neg = torch.log(m_pn / (p[:, 1:] + m_pn + eps))
+                loss = loss - (log_pos.sum() + log_neg.sum()) / b
+    return loss
+
+
+def ours_step(banks, emb, contrast, n_data, tau):
+    loss = 0.0
+    for a in range(emb.shape[0]):
+        others = [o for o in range(emb.shape[0]) if o != a]
+        loss = loss + nce_loss(bank_scores(banks[a], contrast, emb[others]), n_data, tau)
+    return loss
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(variant: str, a) -> dict:
+    torch.manual_seed(0)
+    device = torch.device(a.device)
+    banks = F.normalize(torch.randn(a.peers, a.n_data, a.feat_dim, device=device), dim=-1)
+    emb = F.normalize(torch.randn(a.peers, a.batch, a.feat_dim, device=device), dim=-1).requires_grad_()
+    contrast = torch.randint(a.n_data, (a.batch, a.k + 1), device=device)
+    step = official_step if variant == "official" else ours_step
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = rss_bytes()
+    loss = step(banks, emb, contrast, a.n_data, a.tau)
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {"variant": variant, "peak_mib": peak / MIB, "loss": loss.item(),
+            "grad_norm": emb.grad.norm().item()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--k", type=int, default=16384)
+    p.add_argument("--peers", type=int, default=4)
+    p.add_argument("--feat-dim", type=int, default=128)
+    p.add_argument("--n-data", type=int, default=50000)
+    p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--variant", choices=("official", "ours"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.variant:                                    # child process: one measurement
+        print(json.dumps(measure(a.variant, a)))
+        return
+    argv = [arg for arg in sys.argv[1:]]
+    rows = []
+    for variant in ("official", "ours"):
+        out = subprocess.run([sys.executable, __file__, *argv, "--variant", variant], capture_output=True,
+                             text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    pairs = a.peers * (a.peers - 1)
+    block = a.batch * (a.k + 1) * a.feat_dim * 4 / MIB
+    scores = a.batch * (a.k + 1) * 4 / MIB
+    print(f"B={a.batch} K={a.k} N={a.peers} d={a.feat_dim} n_data={a.n_data} device={a.device}")
+    print(f"one gathered block B x (K+1) x d: {block:.1f} MiB; one score tensor B x (K+1): {scores:.2f} MiB; "
+          f"{pairs} directed pairs")
+    print(f"{'variant':<10} {'peak MiB':>10} {'loss':>12} {'|grad|':>10}")
+    for r in rows:
+        print(f"{r['variant']:<10} {r['peak_mib']:10.1f} {r['loss']:12.5f} {r['grad_norm']:10.5f}")
+    assert math.isclose(rows[0]["loss"], rows[1]["loss"], rel_tol=1e-4), "the two variants disagree"
+
+
+if __name__ == "__main__":
+    main()
