@@ -95,6 +95,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None) -> argpa
                                                       "warning, when CUDA is absent). Under torchrun: LOCAL_RANK")
     r.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision autocast")
     r.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model (first epoch pays the compile)")
     r.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)")
     r.add_argument("--lr-scale", choices=("none", "linear"), default="none",

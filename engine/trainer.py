@@ -97,6 +97,8 @@ class Trainer:
         self.memory_format = torch.channels_last if args.channels_last else None
         self.method.to(self.device, self.memory_format)
         self.model = self._wrap(self.method.model)
+        if args.compile:
+            self.model = torch.compile(self.model)
         self.groups = self.method.optim_groups()
         self.optimizers = {g.name: self._sgd(g) for g in self.groups}
         self.schedulers = {
