@@ -77,6 +77,30 @@ class Backbone(nn.Module):
         return BackboneOutput(logits, feature if return_features else None, maps if return_stages else None)
 
 
+def init_weights(model: nn.Module, conv_mode: str = "fan_out", conv_bias_zero: bool = False,
+                 linear_std: Optional[float] = None, linear_bias_zero: bool = False) -> nn.Module:
+    """The families' initialisation in one place: conv ``kaiming_normal_`` (``conv_mode`` fan_out with the
+    ReLU gain, or fan_in as torch's default), BatchNorm weight 1 / bias 0; optionally conv biases 0, Linear
+    weights N(0, ``linear_std``) and Linear biases 0 (otherwise Linear keeps the PyTorch default)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            if conv_mode == "fan_out":
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.kaiming_normal_(m.weight)
+            if conv_bias_zero and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0, linear_std)
+            if linear_bias_zero:
+                nn.init.zeros_(m.bias)
+    return model
+
+
 def count_parameters(module: nn.Module) -> int:
     """All parameters, trainable or not (buffers such as memory banks excluded), as the official counter."""
     return sum(p.numel() for p in module.parameters())

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .base import Backbone, Head
+from .base import Backbone, Head, init_weights
 from .registry import register
 
 
@@ -84,17 +84,7 @@ def densenet_bc(num_classes: int = 100, growth_rate: int = 12, block_config: Seq
             channels = out
         widths.append(channels)
     head = Head(channels, num_classes, norm=nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)))
-    model = Backbone(stem, stages, head, widths)
-
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.constant_(m.weight, 1)
-            nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.Linear):
-            nn.init.constant_(m.bias, 0)
-    return model
+    return init_weights(Backbone(stem, stages, head, widths), conv_mode="fan_in", linear_bias_zero=True)
 
 
 @register("densenet40_12", image_size=32,

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Type, Union
 import torch
 from torch import nn
 
-from .base import Backbone, Head
+from .base import Backbone, Head, init_weights
 from .registry import register
 
 
@@ -105,13 +105,7 @@ def make_stage(block: Block, inplanes: int, planes: int, blocks: int, stride: in
 
 def init_resnet(model: nn.Module) -> nn.Module:
     """Conv: kaiming_normal_ (fan_out, relu). BN: weight 1, bias 0. Linear: PyTorch default."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.constant_(m.weight, 1)
-            nn.init.constant_(m.bias, 0)
-    return model
+    return init_weights(model)
 
 
 def cifar_resnet(block: Block, layers: Sequence[int], num_classes: int = 100, width_per_group: int = 64,

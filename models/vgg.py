@@ -17,7 +17,7 @@ from typing import Optional
 
 from torch import nn
 
-from .base import Backbone, Head
+from .base import Backbone, Head, init_weights
 from .registry import register
 
 
@@ -42,14 +42,4 @@ def vgg16(num_classes: int = 100, image_size: Optional[int] = None) -> Backbone:
     config = [(64, 128, 2), (128, 256, 3), (256, 512, 3), (512, 512, 3)]
     stages = [vgg_stage(cin, cout, convs) for cin, cout, convs in config]
     model = Backbone(stem, stages, Head(512, num_classes), [cout for _, cout, _ in config])
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.constant_(m.weight, 1)
-            nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.constant_(m.bias, 0)
-    return model
+    return init_weights(model, conv_bias_zero=True, linear_std=0.01, linear_bias_zero=True)

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import Backbone, Head
+from .base import Backbone, Head, init_weights
 from .registry import register
 from .resnet import Bottleneck, cifar_resnet
 
@@ -72,16 +72,7 @@ def wide_resnet(depth: int, width: int, num_classes: int = 100, dropout: float =
         stages.append(nn.Sequential(*blocks))
         cin = cout
     head = Head(cin, num_classes, norm=nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True)))
-    model = Backbone(stem, stages, head, widths)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.constant_(m.weight, 1)
-            nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.Linear):
-            nn.init.constant_(m.bias, 0)
-    return model
+    return init_weights(Backbone(stem, stages, head, widths), linear_bias_zero=True)
 
 
 # (depth, width) -> params at 100 classes, measured (tests/test_backbones_resnet_wrn_vgg.py re-derives them).

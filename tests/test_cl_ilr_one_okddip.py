@@ -23,14 +23,6 @@ FAST = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "128", "--ba
         "--eval-batch-size", "256", "--epochs", "1", "--gpu", "-1", "--no-progress", "--workers", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(cls, *argv, num_classes=10):
     torch.manual_seed(0)
     args = parse_args(cls, ["--arch", "resnet20", *argv])

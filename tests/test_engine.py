@@ -1,6 +1,5 @@
 """The shared loop end to end on synthetic data, resume, checkpoints, results and the user-facing errors."""
 import json
-import math
 import os
 import subprocess
 import sys

@@ -26,13 +26,7 @@ from models import UnknownModelError, count_parameters, create_model, list_model
 from models.peers import PeerOutput, Peers, ilr, resolve_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batch-2 models gain nothing from intra-op threads; on a loaded 2-core machine they cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def on_meta(fn, *args, **kwargs):
