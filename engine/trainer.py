@@ -431,6 +431,7 @@ class Trainer:
                 if improved:
                     atomic_save(ckpt, self.out / "best.pt")
             self._write_results("finished" if epoch + 1 == a.epochs else "running")
+            barrier()  # no rank starts the next epoch before rank 0 has written this one's checkpoint
             self._tensorboard(epoch, record)
             self.log(self._summary_line(record))
         self._write_results("finished")
