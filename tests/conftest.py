@@ -2,10 +2,10 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """One intra-op thread: models at batch 2 gain nothing from more, and on a loaded 2-core machine two
-    contending threads make them many times slower."""
+    """One intra-op thread per test process: pytest-xdist runs one process per core, the models here are
+    small, and contending threads on a loaded 2-core machine make them many times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

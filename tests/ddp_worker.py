@@ -17,14 +17,6 @@ def main():
     method_cls = next(v for v in vars(module).values()
                       if isinstance(v, type) and getattr(v, "__module__", None) == module.__name__
                       and hasattr(v, "loss"))
-    fail_at = os.environ.get("OKD_TEST_FAIL_AT_EPOCH")
-    if fail_at and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and os.environ.get("RANK") == "1":
-        class Failing(method_cls):  # rank 1 dies at the start of that epoch, on the first attempt only
-            def on_epoch_start(self, epoch):
-                if epoch == int(fail_at):
-                    raise RuntimeError("simulated worker failure")
-                super().on_epoch_start(epoch)
-        method_cls = Failing
     args = parse_args(method_cls, sys.argv[2:])
     trainer = Trainer(method_cls, args)
     try:

@@ -16,10 +16,10 @@ ARGS = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "512", "--ba
         "--gpu", "-1", "--no-progress", "--workers", "0", "--lr", "0.05"]
 
 
-def torchrun(*args, nproc=2, max_restarts=0, env=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+def torchrun(*args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           f"--max-restarts={max_restarts}", str(REPO / "tests" / "ddp_worker.py"), *args]
+           str(REPO / "tests" / "ddp_worker.py"), *args]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -71,12 +71,3 @@ def test_two_rank_run_resumes(two_rank_run):
     a, b = _weights(out / "rank0.pt"), _weights(out / "rank1.pt")
     assert _same(a, b)
 
-
-def test_restarted_worker_resumes(tmp_path):
-    """torchrun --max-restarts: rank 1 dies in epoch 2; the restarted group continues from last.pt."""
-    r = torchrun("train_dml", *ARGS, "--epochs", "2", "--out", str(tmp_path), "--resume", "auto",
-                 max_restarts=1, env={"OKD_TEST_FAIL_AT_EPOCH": "1"})
-    assert "simulated worker failure" in r.stderr + r.stdout
-    assert f"resumed from {tmp_path / 'last.pt'} after epoch 1" in r.stdout
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["epochs_done"] == 2 and results["status"] == "finished"

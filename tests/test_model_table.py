@@ -22,7 +22,6 @@ from models.peers import Peers
 REPO = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def on_meta(fn, *args, **kwargs):

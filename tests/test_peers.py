@@ -26,7 +26,6 @@ from models import UnknownModelError, count_parameters, create_model, list_model
 from models.peers import PeerOutput, Peers, ilr, resolve_split
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def on_meta(fn, *args, **kwargs):
