@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torchvision import datasets
 
-from .common import ArraySplit, DatasetNotFoundError, datasets_root
+from .common import ArraySplit, DatasetNotFoundError, datasets_root, download_or_explain
 
 
 class _ExistenceCheck:
@@ -74,8 +74,8 @@ def load_cifar(name: str, data=None, download: bool = False) -> tuple[ArraySplit
     """Return (train, test) of ``name`` ('cifar10' or 'cifar100') as uint8 NCHW arrays."""
     cls = _CLASSES[name]
     roots = _candidate_roots(name, data)
-    if download:
-        cls(str(roots[0]), train=True, download=True)
+    if download and not any(_files_present(cls, root) for root in roots):
+        download_or_explain(name, roots[0], lambda: cls(str(roots[0]), train=True, download=True))
     for root in roots:
         if _files_present(cls, root):
             return tuple(_to_split(cls(str(root), train=train)) for train in (True, False))

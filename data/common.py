@@ -34,6 +34,18 @@ class DatasetNotFoundError(RuntimeError):
         return type(self), (self.name, self.missing, self.looked_at, self.fix)
 
 
+def download_or_explain(name: str, target, fetch) -> None:
+    """Run ``fetch()`` (a torchvision download); a failure (no internet, a proxy, a full disk) becomes one
+    DatasetNotFoundError that says so, instead of a traceback."""
+    try:
+        fetch()
+    except Exception as e:  # noqa: BLE001 -- urllib, ssl, OSError, torchvision's RuntimeError: all the same to the user
+        raise DatasetNotFoundError(
+            name, f"--download failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+            [target], "check the internet connection, or fetch the files by hand and point --data at them "
+                      "(README, 'Datasets').") from None
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """Static facts about a dataset. ``mean``/``std`` are per-channel on the [0, 1] scale (the

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import ArraySplit, DatasetNotFoundError, datasets_root
+from .common import ArraySplit, DatasetNotFoundError, datasets_root, download_or_explain
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -67,10 +67,11 @@ def candidate_dirs(data=None) -> list[Path]:
 def load_fashion_mnist(data=None, download: bool = False) -> tuple[ArraySplit, ArraySplit]:
     """Return (train, test) as uint8 N x 3 x 32 x 32 (padded, grey replicated) and int64 labels."""
     dirs = candidate_dirs(data)
-    if download:
-        from torchvision.datasets import FashionMNIST
-        FashionMNIST(str(dirs[0]), train=True, download=True)  # -> <dir>/FashionMNIST/raw
     wanted = [stem for pair in FILES.values() for stem in pair]
+    if download and not any(all(_find(folder, stem) for stem in wanted) for folder in dirs):
+        from torchvision.datasets import FashionMNIST
+        download_or_explain("fashion-mnist", dirs[0],  # -> <dir>/FashionMNIST/raw
+                            lambda: FashionMNIST(str(dirs[0]), train=True, download=True))
     for folder in dirs:
         paths = {stem: _find(folder, stem) for stem in wanted}
         if all(paths.values()):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .common import ArraySplit, DatasetNotFoundError, datasets_root
+from .common import ArraySplit, DatasetNotFoundError, datasets_root, download_or_explain
 
 FOLDER = "tiny-imagenet-200"
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -57,7 +57,7 @@ def find_root(data=None, download: bool = False) -> Path:
     if download and not any(_is_root(c) for c in candidates):
         from torchvision.datasets.utils import download_and_extract_archive
         parent = candidates[0].parent if candidates[0].name == FOLDER else candidates[-1]
-        download_and_extract_archive(URL, str(parent), md5=MD5)
+        download_or_explain("tinyimagenet", parent, lambda: download_and_extract_archive(URL, str(parent), md5=MD5))
     for c in candidates:
         if _is_root(c):
             return c

@@ -540,3 +540,33 @@ def test_synthetic_is_fixed_and_learnable():
     with torch.no_grad():
         correct = sum(int((net(b.images).argmax(1) == b.labels).sum()) for b in loaders.test)
     assert correct / 512 > 0.3                                                    # chance is 0.1
+
+
+def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
+    """No internet: --download ends in DatasetNotFoundError naming the failure, not a urllib traceback."""
+    import torchvision.datasets.utils as tv_utils
+    from data.common import DatasetNotFoundError
+    from data.loaders import load_dataset
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    monkeypatch.setattr(tv_utils, "download_url", offline)
+    for name in ("cifar100", "fashion-mnist", "tinyimagenet"):
+        with pytest.raises(DatasetNotFoundError, match="--download failed"):
+            load_dataset(name, str(tmp_path / name), download=True)
+
+
+def test_download_skipped_when_files_exist(monkeypatch):
+    """--download with the files already there (Debian's Fashion-MNIST offline) does not touch the network."""
+    import torchvision.datasets.utils as tv_utils
+    from data.loaders import load_dataset
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+        pytest.skip("apt-get install dataset-fashion-mnist")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("download attempted")
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", no_network)
+    monkeypatch.setattr(tv_utils, "download_url", no_network)
+    train, test = load_dataset("fashion-mnist", None, download=True)
+    assert len(train.labels) == 60000
