@@ -25,6 +25,7 @@ def main():
         else:
             trainer.fit()
         state = {"model": trainer.method.state_dict(), "world_size": trainer.dist.world_size}
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # rank 0 may not have created it yet
         torch.save(state, Path(args.out) / f"rank{os.environ.get('RANK', '0')}.pt")
     finally:
         shutdown_distributed()
