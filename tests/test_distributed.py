@@ -71,3 +71,10 @@ def test_two_rank_run_resumes(two_rank_run):
     a, b = _weights(out / "rank0.pt"), _weights(out / "rank1.pt")
     assert _same(a, b)
 
+
+
+def test_module_with_its_own_optimizer_stays_identical(tmp_path):
+    """CMFF's fusion module has a second optimizer; it sits in the one DDP module, so ranks agree."""
+    torchrun("train_cmff", *ARGS, "--subset", "256", "--epochs", "1", "--fusion-grid", "1", "--out", str(tmp_path))
+    a, b = _weights(tmp_path / "rank0.pt"), _weights(tmp_path / "rank1.pt")
+    assert any("fusion" in k for k in a) and _same(a, b)
