@@ -18,6 +18,16 @@ class BackboneOutput(NamedTuple):
     stages: Optional[list[torch.Tensor]]      # output map of every stage, in order
 
 
+def run_stages(x: torch.Tensor, stages, keep: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Apply ``stages`` in order; the list holds every stage's output when ``keep``, else nothing."""
+    maps = []
+    for stage in stages:
+        x = stage(x)
+        if keep:
+            maps.append(x)
+    return x, maps
+
+
 class Head(nn.Module):
     """``norm`` (identity, or BN+ReLU for pre-activation nets) -> global average pool -> linear."""
 
@@ -65,12 +75,7 @@ class Backbone(nn.Module):
         return len(self.stages)
 
     def forward(self, x: torch.Tensor, return_features: bool = False, return_stages: bool = False):
-        x = self.stem(x)
-        maps = []
-        for stage in self.stages:
-            x = stage(x)
-            if return_stages:
-                maps.append(x)
+        x, maps = run_stages(self.stem(x), self.stages, return_stages)
         logits, feature = self.head(x)
         if not (return_features or return_stages):
             return logits

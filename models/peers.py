@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from .base import Backbone
+from .base import Backbone, run_stages
 from .registry import create_model
 
 TOPOLOGIES = ("independent", "shared", "tree")
@@ -59,13 +59,7 @@ class Trunk(nn.Module):
         self.stages = nn.ModuleList(stages)
 
     def forward(self, x, return_stages: bool = False):
-        x = self.stem(x)
-        maps = []
-        for stage in self.stages:
-            x = stage(x)
-            if return_stages:
-                maps.append(x)
-        return x, maps
+        return run_stages(self.stem(x), self.stages, return_stages)
 
 
 def resolve_split(backbone: Backbone, split: Union[int, str]) -> int:
