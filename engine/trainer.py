@@ -281,7 +281,7 @@ class Trainer:
             "state": self.method.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "scaler": self.scaler.state_dict(), "rng": rng_state(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(self.device),
             "best": self.best, "max_test": self.max_test, "history": self.history,
             "train_seconds": self.train_seconds, "train_samples": self.train_samples,
             "args": {k: v for k, v in vars(self.args).items()},
@@ -309,12 +309,28 @@ class Trainer:
             o.load_state_dict(ckpt["optimizers"][k])
         for k, s in self.schedulers.items():
             s.load_state_dict(ckpt["schedulers"][k])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        self._apply_current_hyperparameters()
+        if ckpt["scaler"] and self.scaler.is_enabled():  # an --amp change on resume starts a fresh scaler
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], self.device)
         self.start_epoch = ckpt["epoch"]
         self.best, self.max_test, self.history = ckpt["best"], ckpt["max_test"], ckpt["history"]
         self.train_seconds, self.train_samples = ckpt["train_seconds"], ckpt["train_samples"]
         self.log(f"resumed from {path} after epoch {self.start_epoch}")
+
+    def _apply_current_hyperparameters(self) -> None:
+        """A resumed run follows the command as typed: the optimizer state (momentum buffers) comes from the
+        checkpoint, the hyper-parameters (lr and its schedule, --epochs, weight decay, momentum) from the
+        current flags. Without this the first resumed epoch would keep the old schedule's lr."""
+        for group in self.groups:
+            fresh = self._sgd(group).param_groups[0]
+            sched = self.schedulers[group.name]
+            for g in self.optimizers[group.name].param_groups:
+                for key in ("weight_decay", "momentum", "nesterov"):
+                    g[key] = fresh[key]
+                g["initial_lr"] = fresh["lr"]
+                g["lr"] = fresh["lr"] * sched.lr_lambdas[0](sched.last_epoch)
+            sched.base_lrs = [fresh["lr"]] * len(sched.base_lrs)
 
     def _load_state(self, ckpt: dict, path: Path) -> None:
         try:
@@ -403,8 +419,8 @@ class Trainer:
     def fit(self) -> dict:
         a = self.args
         self.wall_start = time.time()
+        self._check_heads()   # before the RNG state of a resumed run is restored
         self._prepare_out()
-        self._check_heads()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in self.method.model.parameters())

@@ -164,3 +164,13 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     r = run_cli("train_dml.py", *FAST, "--epochs", "1", "--out", str(tmp_path), "--resume", "auto")
     assert r.returncode == 2 and "cannot be read" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "last.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_resume_follows_the_new_schedule(tmp_path):
+    """Extending a run (--epochs) or changing --lr on resume: the next epoch uses the new schedule's lr."""
+    train(train_dml.DML, FAST + ["--epochs", "1", "--subset", "128", "--out", str(tmp_path)])
+    resumed = train(train_dml.DML, FAST + ["--epochs", "2", "--subset", "128", "--lr", "0.2", "--weight-decay",
+                                           "1e-4", "--out", str(tmp_path), "--resume", "auto"])
+    assert resumed["history"][0]["lr"]["model"] == pytest.approx(0.1)       # epoch 1 of 1 at lr 0.1
+    assert resumed["history"][1]["lr"]["model"] == pytest.approx(0.2 * 0.5)  # cosine of 2 epochs from 0.2
+    assert resumed["recipe"]["weight_decay"] == 1e-4
