@@ -29,20 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import Method, OptimGroup, UserError, main, peer_heads
-from losses import kd_loss, sigmoid_rampup
+from losses import sigmoid_rampup
+from losses.peer_targets import mutual_kd
 from losses.rotation_ssl import ROTATIONS, rotate_batch, upright_contrast_loss
-from models.base import Backbone
+from models.base import Backbone, run_stages
 from models.peers import Peers
 
 # The official ResNet-32 fusion width (64 x 8 x 8): the automatic --fusion-grid never goes above it.
 OFFICIAL_FUSION_DIM = 4096
 # The narrowest hidden layer of the official rotation heads (4096->2048->1024->512->4C, 256->512->4C).
 ROT_HEAD_MIN_WIDTH = 512
-
-
-def mutual_kl(logits: list[torch.Tensor], T: float) -> torch.Tensor:
-    """sum over ordered pairs a != b of KD_T(a <- stopgrad b); for (o_1, o_2, f) the six KLs of CMFF/FFL."""
-    return sum(kd_loss(s, t, T) for i, s in enumerate(logits) for j, t in enumerate(logits) if i != j)
 
 
 # ---- sizes from the backbone ----------------------------------------------------------------------
@@ -60,9 +56,7 @@ def last_stage_shape(net: Backbone, image_size: int) -> tuple[int, int, int]:
     """(channels, H, W) of the last stage map for a square ``image_size`` input (probed in eval mode)."""
     was = net.training
     net.eval()
-    x = net.stem(torch.zeros(2, 3, image_size, image_size))
-    for stage in net.stages:
-        x = stage(x)
+    x, _ = run_stages(net.stem(torch.zeros(2, 3, image_size, image_size)), net.stages, keep=False)
     net.train(was)
     return tuple(x.shape[1:])
 
@@ -185,9 +179,7 @@ class CMFFNet(nn.Module):
         n = x.shape[0] if upright is None else upright
         logits, vectors = [], []
         for net in self.peers.branches:
-            m = net.stem(x)
-            for stage in net.stages:
-                m = stage(m)
+            m, _ = run_stages(net.stem(x), net.stages, keep=False)
             m = net.head.norm(m)                  # the map the classifier pools (BN+ReLU in pre-act nets)
             logits.append(net.head.fc(torch.flatten(net.head.pool(m[:n]), 1)))
             vectors.append(torch.flatten(F.adaptive_avg_pool2d(m, self.grid), 1))
@@ -271,7 +263,7 @@ class CMFF(Method):
         (o1, o2), f = out.logits, out.fused
         terms = {"ce": F.cross_entropy(o1, labels) + F.cross_entropy(o2, labels),
                  "ce_fused": F.cross_entropy(f, labels),
-                 "kl": sigmoid_rampup(epoch, a.rampup) * mutual_kl([o1, o2, f], a.kd_T)}
+                 "kl": sigmoid_rampup(epoch, a.rampup) * mutual_kd([o1, o2, f], a.kd_T)}
         if out.rotation is not None:
             terms["rot"] = a.lambda_rot * F.cross_entropy(out.rotation, joint)
         if out.projection is not None:

@@ -7,7 +7,7 @@ every other peer.
     python train_dml.py --arch resnet32 --gpu 0 --preset mcl-okd     # MCL-OKD repository: 4 branches, shared trunk, T=2
 """
 from engine import Method, main
-from losses import kd_loss
+from losses.peer_targets import mutual_kd
 from models.peers import Peers
 import torch.nn.functional as F
 
@@ -37,8 +37,7 @@ class DML(Method):
         logits = model(batch.images).logits
         n, T = len(logits), self.args.kd_T
         ce = sum(F.cross_entropy(z, batch.labels) for z in logits)
-        kd = sum(kd_loss(logits[i], logits[j], T) for i in range(n) for j in range(n) if j != i) / (n - 1)
-        return {"ce": ce, "kd": kd}
+        return {"ce": ce, "kd": mutual_kd(logits, T) / (n - 1)}
 
 
 if __name__ == "__main__":

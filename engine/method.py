@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -126,6 +126,3 @@ class Method:
         for key, module in self.extra_modules().items():
             module.load_state_dict(state[key])
 
-
-def trainable(modules: Iterable[nn.Module]) -> list:
-    return [p for m in modules for p in m.parameters() if p.requires_grad]

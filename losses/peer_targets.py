@@ -1,6 +1,7 @@
 """Distilling each peer towards its own target: the shared shape of CL-ILR, ONE and OKDDip.
 
     kd_towards([z_1..z_n], [t_1..t_n], T) = sum_i KD_T(z_i <- t_i)
+    mutual_kd([z_1..z_n], T)              = sum_{i != j} KD_T(z_i <- z_j)
     mean_of_others([z_1..z_n])[i]         = 1/(n-1) sum_{j != i} z_j
 """
 from __future__ import annotations
@@ -22,6 +23,12 @@ def kd_towards(students: Sequence[torch.Tensor], targets: Union[torch.Tensor, Se
     if len(targets) != len(students):
         raise ValueError(f"{len(students)} students but {len(targets)} targets")
     return sum(kd_loss(s, t, T, detach=detach) for s, t in zip(students, targets))
+
+
+def mutual_kd(logits: Sequence[torch.Tensor], T: float) -> torch.Tensor:
+    """sum over ordered pairs i != j of KD_T(z_i <- stopgrad z_j): every peer distilled from every other
+    (DML divides it by N-1; CMFF's KL6 is it over (o_1, o_2, f))."""
+    return sum(kd_loss(s, t, T) for i, s in enumerate(logits) for j, t in enumerate(logits) if i != j)
 
 
 def mean_of_others(logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import train_cmff
 from data import Batch
 from engine import Trainer, parse_args, train
-from losses import sigmoid_rampup
+from losses import kd_loss, sigmoid_rampup
+from losses.peer_targets import mutual_kd
 from losses.rotation_ssl import rotate_batch, upright_contrast_loss
-from train_cmff import (CMFF, CMFFNet, CrossAttention, default_fusion_grid, last_stage_shape, mutual_kl,
-                        rotation_head_widths)
+from train_cmff import CMFF, CMFFNet, CrossAttention, default_fusion_grid, last_stage_shape, rotation_head_widths
 from models import count_parameters
 from models.peers import Peers
 
@@ -105,7 +104,7 @@ def _kl6_reference(logits, T):
 def test_kl6_matches_float64_statement_and_official_form():
     g = torch.Generator().manual_seed(0)
     o1, o2, f = (3 * torch.randn(4, 6, generator=g) for _ in range(3))
-    got = mutual_kl([o1, o2, f], 3.0).item()
+    got = mutual_kd([o1, o2, f], 3.0).item()
     assert got == pytest.approx(_kl6_reference([o1, o2, f], 3.0), rel=1e-5)
     # The official KLLoss adds 1e-7 to the (not renormalised) target: a difference far below 1e-3.
     official = 0.0
@@ -115,9 +114,9 @@ def test_kl6_matches_float64_statement_and_official_form():
     assert abs(official - got) < 1e-3
     # Gradients reach only the student side of each pair: x gets exactly the gradient of KD(x <- y).
     x, y = o1.clone().requires_grad_(), o2.clone().requires_grad_()
-    mutual_kl([x, y], 3.0).backward()
+    mutual_kd([x, y], 3.0).backward()
     x2 = o1.clone().requires_grad_()
-    train_cmff.kd_loss(x2, o2, 3.0).backward()
+    kd_loss(x2, o2, 3.0).backward()
     torch.testing.assert_close(x.grad, x2.grad)
 
 
