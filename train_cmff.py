@@ -202,6 +202,7 @@ class CMFF(Method):
     recipe = "ffl"
     num_peers = 2
     min_peers = 2
+    groupable_peers = False  # CMFFNet.forward runs each peer's stages and head parts itself
     presets = {
         "paper": dict(lambda_rot=1.0, lambda_sim=5.0),     # train_rn32 / vgg / Densenet / tiny scripts
         "rn110": dict(lambda_rot=3.0, lambda_sim=2.0),     # train_rn110.py

@@ -96,6 +96,9 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None) -> argpa
     r.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision autocast")
     r.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     r.add_argument("--compile", action="store_true", help="torch.compile the model (first epoch pays the compile)")
+    r.add_argument("--grouped-peers", action="store_true",
+                   help="run same-architecture peers (the branches of a Peers) as one grouped network: the same "
+                        "maths, one peer's kernel launches (ResNet, WRN and VGG families)")
     r.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)")
     r.add_argument("--lr-scale", choices=("none", "linear"), default="none",

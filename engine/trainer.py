@@ -26,8 +26,10 @@ from .errors import UserError
 from .method import Method
 
 REPO = Path(__file__).resolve().parent.parent
-# Arguments that fix what a checkpoint holds: a resumed run must agree on them.
-RESUME_KEYS = ("arch", "dataset", "num_peers", "subset", "val_split")
+# Arguments that fix what a checkpoint holds, with their value in checkpoints that predate them: a resumed
+# run must agree on them. --grouped-peers changes the layout of the weights and of the optimizer state.
+RESUME_KEYS = {"arch": None, "dataset": None, "num_peers": None, "subset": None, "val_split": 0,
+               "grouped_peers": False}
 
 
 def lr_factor(epoch: int, args) -> float:
@@ -94,6 +96,8 @@ class Trainer:
         args.num_classes = info.num_classes
         self.method = method_cls(args, info.num_classes, self.loaders.n_train, info.image_size,
                                  train_labels=self.loaders.train.labels)
+        if args.grouped_peers:
+            self._group_peers()
         self.memory_format = torch.channels_last if args.channels_last else None
         self.method.to(self.device, self.memory_format)
         self.model = self._wrap(self.method.model)
@@ -148,6 +152,23 @@ class Trainer:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.args.gpu)))
+
+    def _group_peers(self) -> None:
+        """--grouped-peers: every Peers of the method runs its branches as one grouped network."""
+        from models.grouped import NotGroupableError
+        from models.peers import Peers
+        name = self.method_cls.name
+        if not self.method_cls.groupable_peers:
+            raise UserError(f"{name} reaches into its peers' layers, so it cannot run them grouped; "
+                            "leave out --grouped-peers")
+        peers = [m for m in self.method.model.modules() if isinstance(m, Peers)]
+        if not peers:
+            raise UserError(f"{name} trains a single network: --grouped-peers has nothing to group; leave it out")
+        try:
+            for p in peers:
+                p.group_branches()
+        except NotGroupableError as e:
+            raise UserError(f"--grouped-peers with --arch {self.args.arch}: {e}") from None
 
     @staticmethod
     def _seed(seed: int) -> None:
@@ -299,8 +320,8 @@ class Trainer:
         ckpt = load_checkpoint(path)
         if ckpt["method"] != self.method_cls.name:
             raise UserError(f"{path} is a {ckpt['method']} checkpoint; resume it with train_{ckpt['method']}.py")
-        for key in RESUME_KEYS:
-            saved, now = ckpt["args"].get(key), getattr(self.args, key, None)
+        for key, default in RESUME_KEYS.items():
+            saved, now = ckpt["args"].get(key, default), getattr(self.args, key, None)
             if saved != now:
                 raise UserError(f"{path} was trained with --{key.replace('_', '-')} {saved}, this run asks for "
                                 f"{now}; resume with the same value or start a new run with another --out")
@@ -472,6 +493,10 @@ class Trainer:
     def evaluate_only(self) -> dict:
         path = Path(self.args.eval_only)
         ckpt = load_checkpoint(path)
+        if ckpt["args"].get("grouped_peers", False) != self.args.grouped_peers:
+            flag = "with" if ckpt["args"].get("grouped_peers") else "without"
+            raise UserError(f"{path} holds grouped peers' weights laid out as trained; evaluate it {flag} "
+                            "--grouped-peers")
         self._load_state(ckpt, path)
         result = {"checkpoint": str(path), "epoch": ckpt["epoch"], "test": self.evaluate(self.loaders.test)}
         if self.loaders.val is not None:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .base import Backbone, run_stages
+from .grouped import GroupedBackbones
 from .registry import create_model
 
 TOPOLOGIES = ("independent", "shared", "tree")
@@ -125,6 +126,19 @@ class Peers(nn.Module):
     def branch_consumers(self, group: int) -> int:
         return self.group_of.count(group)
 
+    @property
+    def grouped(self) -> bool:
+        return isinstance(self.branches, GroupedBackbones)
+
+    def group_branches(self) -> "Peers":
+        """Hold and run the N branches as one grouped network (``models/grouped.py``): the same outputs,
+        gradients and SGD steps, with the kernel launches of one branch. Raises ``NotGroupableError`` for
+        families whose blocks are not channel-local (DenseNet, HCGNet). Call before building optimizers:
+        the branches' parameters are replaced by the grouped ones."""
+        if not self.grouped:
+            self.branches = GroupedBackbones(list(self.branches))
+        return self
+
     def forward(self, x: torch.Tensor, return_features: bool = False, return_stages: bool = False) -> PeerOutput:
         trunk_out, trunk_maps = (None, [])
         inputs = [x] * self.num_peers
@@ -139,9 +153,13 @@ class Peers(nn.Module):
                 inputs = [group_out[g] for g in self.group_of]
                 if return_stages:
                     group_maps = [[group_out[g]] for g in self.group_of]
+        if self.grouped:
+            outs = self.branches(inputs, return_stages)
+        else:
+            outs = [branch(inputs[i], return_features=True, return_stages=return_stages)
+                    for i, branch in enumerate(self.branches)]
         logits, features, stages = [], [], []
-        for i, branch in enumerate(self.branches):
-            out = branch(inputs[i], return_features=True, return_stages=return_stages)
+        for i, out in enumerate(outs):
             logits.append(out.logits)
             features.append(out.features)
             if return_stages:
@@ -150,8 +168,9 @@ class Peers(nn.Module):
                           stages if return_stages else None, trunk_out)
 
     def single_network(self, peer: int = 0) -> Backbone:
-        """Peer ``peer`` as a stand-alone :class:`Backbone` sharing these weights (trunk + group + branch)."""
-        branch = self.branches[peer]
+        """Peer ``peer`` as a stand-alone :class:`Backbone` sharing these weights (trunk + group + branch);
+        with grouped branches the branch part is a copy."""
+        branch = self.branches.network(peer) if self.grouped else self.branches[peer]
         if self.trunk is None:
             return branch
         stages = list(self.trunk.stages)

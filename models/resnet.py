@@ -45,6 +45,7 @@ def projection(cin: int, cout: int, stride: int) -> Optional[nn.Sequential]:
 class BasicBlock(nn.Module):
     """conv3x3(stride)-BN-ReLU-conv3x3-BN, plus shortcut, then ReLU. Output width ``planes``."""
     expansion = 1
+    channel_local = True  # mixes channels only in its convs: N copies can run grouped (models/grouped.py)
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, width_per_group: int = 64):
         super().__init__()
@@ -70,6 +71,7 @@ class Bottleneck(nn.Module):
     Inner width ``planes * width_per_group // 64``; output width ``planes * 4``.
     """
     expansion = 4
+    channel_local = True  # mixes channels only in its convs: N copies can run grouped (models/grouped.py)
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, width_per_group: int = 64):
         super().__init__()

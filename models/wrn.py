@@ -33,6 +33,7 @@ from .resnet import Bottleneck, cifar_resnet
 
 class WideBasic(nn.Module):
     """Pre-activation wide basic block: BN-ReLU-conv3x3(stride)-BN-ReLU-dropout-conv3x3 + shortcut."""
+    channel_local = True  # mixes channels only in its convs: N copies can run grouped (models/grouped.py)
 
     def __init__(self, in_planes: int, out_planes: int, stride: int = 1, dropout: float = 0.0):
         super().__init__()

@@ -1,0 +1,171 @@
+"""--grouped-peers: N branches run as one grouped network must be the N branches, in every number.
+
+Checked in float64 against the plain (separate-module) peers built from the same weights: outputs,
+features and stage maps; gradients of every parameter; BatchNorm running statistics; several SGD steps
+(momentum, Nesterov, weight decay); and a whole training run through the engine.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_cmff
+import train_dml
+import train_baseline
+from engine import UserError, train
+from engine.checkpoint import load_checkpoint
+from models import create_model
+from models.grouped import GroupedLinear, NotGroupableError, merge, split
+from models.peers import Peers
+
+FAMILIES = [("resnet20", {}), ("resnet110_bottleneck", {}), ("wrn_16_2", {}), ("vgg16", {}),
+            ("resnet18", {"image_size": 32})]
+TOPOLOGIES = [("independent", None, 2), ("independent", None, 3), ("shared", "dml", 2), ("shared", "one", 4),
+              ("tree", None, 3)]
+
+
+def plain_and_grouped(arch, kw, topology, split_at, n):
+    torch.manual_seed(0)
+    plain = Peers(arch, 10, n, topology, split_at, **kw).double()
+    grouped = copy.deepcopy(plain).group_branches()
+    return plain, grouped
+
+
+def peer_slice(wide: torch.nn.Module, name: str, t: torch.Tensor, n: int, i: int) -> torch.Tensor:
+    """Peer i's part of the wide tensor ``t`` held at ``name``: an index for the classifier, else a chunk."""
+    module = wide.get_submodule(name.rsplit(".", 1)[0])
+    if isinstance(module, GroupedLinear):
+        return t[i]
+    return t.chunk(n)[i] if t.dim() else t
+
+
+def loss_of(out, y):
+    """A loss that weighs every peer, feature and stage map differently (so a swapped gradient shows)."""
+    loss = sum((k + 1) * F.cross_entropy(z, y) for k, z in enumerate(out.logits))
+    loss = loss + sum(0.1 * (k + 1) * f.pow(2).mean() for k, f in enumerate(out.features))
+    return loss + sum(0.01 * (k + 1) * m.mean() for k, maps in enumerate(out.stages) for m in maps)
+
+
+@pytest.mark.parametrize("arch,kw", FAMILIES, ids=[f[0] for f in FAMILIES])
+@pytest.mark.parametrize("topology,split_at,n", TOPOLOGIES, ids=[f"{t}-{s}-{n}" for t, s, n in TOPOLOGIES])
+def test_grouped_forward_and_gradients_equal_plain(arch, kw, topology, split_at, n):
+    plain, grouped = plain_and_grouped(arch, kw, topology, split_at, n)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    y = torch.tensor([0, 3, 5, 9])
+    a = plain(x, return_features=True, return_stages=True)
+    b = grouped(x, return_features=True, return_stages=True)
+    for za, zb in zip(a.logits, b.logits):
+        torch.testing.assert_close(zb, za, rtol=0, atol=1e-11)
+    assert not torch.allclose(a.logits[0], a.logits[1])            # the peers really differ
+    for fa, fb in zip(a.features, b.features):
+        torch.testing.assert_close(fb, fa, rtol=0, atol=1e-11)
+    for sa, sb in zip(a.stages, b.stages):
+        assert len(sa) == len(sb)
+        for ma, mb in zip(sa, sb):
+            torch.testing.assert_close(mb, ma, rtol=0, atol=1e-11)
+    loss_of(a, y).backward()
+    loss_of(b, y).backward()
+    wide = grouped.branches.wide
+    for name, wp in wide.named_parameters():
+        for i in range(n):
+            pp = plain.branches[i].get_parameter(name)
+            torch.testing.assert_close(peer_slice(wide, name, wp.grad, n, i), pp.grad, rtol=0, atol=1e-10)
+    # What the branches share (trunk, CL-ILR groups) gets the same summed gradient.
+    for (na, pa), (nb, pb) in zip(plain.named_parameters(), grouped.named_parameters()):
+        if not na.startswith("branches."):
+            assert na == nb
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=0, atol=1e-10)
+    # BatchNorm running statistics moved per peer exactly as in the separate networks.
+    for name, wb in wide.named_buffers():
+        for i in range(n):
+            torch.testing.assert_close(peer_slice(wide, name, wb, n, i), plain.branches[i].get_buffer(name),
+                                       rtol=0, atol=1e-12)
+
+
+def test_sgd_steps_are_identical():
+    plain, grouped = plain_and_grouped("resnet20", {}, "independent", None, 2)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+            for m in (plain, grouped)]
+    torch.manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
+        for model, opt in zip((plain, grouped), opts):
+            out = model(x)
+            loss = sum(F.cross_entropy(z, y) for z in out.logits) + \
+                F.kl_div(F.log_softmax(out.logits[0], 1), F.softmax(out.logits[1].detach(), 1), reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for i in range(2):
+        back = grouped.single_network(i)
+        for (name, pa), pb in zip(plain.branches[i].state_dict().items(), back.state_dict().values()):
+            torch.testing.assert_close(pb, pa, rtol=0, atol=1e-10, msg=name)
+
+
+def test_merge_then_split_gives_the_networks_back():
+    torch.manual_seed(0)
+    nets = [create_model("wrn_16_2", 10) for _ in range(3)]
+    for net in nets:  # non-trivial running statistics
+        net(torch.randn(4, 3, 32, 32))
+    wide = merge(nets)
+    assert sum(p.numel() for p in wide.parameters()) == 3 * sum(p.numel() for p in nets[0].parameters())
+    for i, net in enumerate(nets):
+        back = split(wide, 3, i)
+        assert type(back) is type(net)
+        for (name, a), b in zip(net.state_dict().items(), back.state_dict().values()):
+            assert torch.equal(a, b), name
+
+
+def test_single_network_of_grouped_peers_is_the_peer():
+    plain, grouped = plain_and_grouped("resnet20", {}, "shared", "one", 3)
+    plain.eval(), grouped.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(grouped.single_network(2)(x), plain.single_network(2)(x), rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("arch", ["densenet40_12", "hcgnet_a1"])
+def test_channel_mixing_families_are_refused(arch):
+    with pytest.raises(NotGroupableError, match="not known to act per channel"):
+        Peers(arch, 10, 2).group_branches()
+
+
+def test_different_structures_are_refused():
+    with pytest.raises(NotGroupableError, match="differ in structure"):
+        merge([create_model("resnet20", 10), create_model("vgg16", 10)])
+
+
+FAST = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "256", "--batch-size", "64",
+        "--gpu", "-1", "--no-progress", "--epochs", "2"]
+
+
+def test_engine_run_is_the_same_with_grouped_peers(tmp_path):
+    # float32 on the CPU: grouped and plain convolutions round differently (1e-7), and SGD amplifies that
+    # over the steps, so the first epoch is compared tightly and the second loosely (float64 exactness is
+    # tested above).
+    lr = ["--lr", "0.02"]
+    plain = train(train_dml.DML, FAST + lr + ["--out", str(tmp_path / "plain")])
+    grouped = train(train_dml.DML, FAST + lr + ["--grouped-peers", "--out", str(tmp_path / "grouped")])
+    for a, b, tol in zip(plain["history"], grouped["history"], (1e-4, 2e-3)):
+        for key in ("ce", "kd", "loss"):
+            assert b["train"][key] == pytest.approx(a["train"][key], rel=tol, abs=tol)
+        for key, value in a["test"].items():
+            assert b["test"][key] == pytest.approx(value, abs=3.0)   # a few borderline images may flip
+    # Resume and evaluation refuse a checkpoint of the other layout, naming the flag.
+    with pytest.raises(UserError, match="--grouped-peers"):
+        train(train_dml.DML, FAST + ["--epochs", "3", "--resume", str(tmp_path / "grouped" / "last.pt"),
+                                     "--out", str(tmp_path / "r")])
+    with pytest.raises(UserError, match="with --grouped-peers"):
+        train(train_dml.DML, FAST + ["--eval-only", str(tmp_path / "grouped" / "best.pt")])
+    ckpt = load_checkpoint(tmp_path / "grouped" / "last.pt")
+    assert ckpt["args"]["grouped_peers"] is True
+
+
+@pytest.mark.parametrize("method,extra,expected", [
+    (train_cmff.CMFF, [], "cannot run them grouped"),
+    (train_baseline.Baseline, [], "nothing to group"),
+    (train_dml.DML, ["--arch", "densenet40_12"], "densenet40_12"),
+])
+def test_grouped_peers_errors(method, extra, expected):
+    with pytest.raises(UserError, match=expected):
+        train(method, FAST + ["--grouped-peers"] + extra)
