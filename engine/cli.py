@@ -95,7 +95,17 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None) -> argpa
                                                       "warning, when CUDA is absent). Under torchrun: LOCAL_RANK")
     r.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision autocast")
     r.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model (first epoch pays the compile)")
+    r.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   metavar="MODE", help="torch.compile the model, in mode MODE (default: 'default'; "
+                                        "'reduce-overhead' adds CUDA graphs of the model); the first epoch pays "
+                                        "the compile")
+    r.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole training step (forward, loss, backward, SGD) as one CUDA graph, "
+                        "again each epoch; single GPU, static batch shapes")
+    r.add_argument("--sgd-impl", choices=("fused", "foreach", "for-loop"), default="fused",
+                   help="SGD kernels: one fused kernel (falls back to foreach where torch lacks it), multi-tensor "
+                        "foreach, or one parameter at a time; the same update")
     r.add_argument("--grouped-peers", action="store_true",
                    help="run same-architecture peers (the branches of a Peers) as one grouped network: the same "
                         "maths, one peer's kernel launches (ResNet, WRN and VGG families)")

@@ -39,6 +39,19 @@ def lr_factor(epoch: int, args) -> float:
     return 0.1 ** sum(epoch >= m for m in args.milestones)
 
 
+def sgd_implementation(choice: str, device: torch.device) -> dict:
+    """SGD keywords for ``--sgd-impl``: 'fused' (one fused kernel over all parameters, where this torch has
+    it for the device; otherwise foreach), 'foreach' (multi-tensor kernels) or 'for-loop' (one parameter at
+    a time, as the official codes' torch did). All three apply the same update."""
+    if choice == "fused":
+        try:
+            torch.optim.SGD([torch.zeros(1, device=device, requires_grad=True)], lr=0.1, fused=True)
+            return {"fused": True}
+        except (RuntimeError, ValueError, TypeError):
+            choice = "foreach"
+    return {"foreach": choice == "foreach"}
+
+
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:
     """[number correct at top-1, number correct at top-k] as a device tensor (no host sync)."""
     k = min(k, logits.shape[1])
@@ -102,7 +115,7 @@ class Trainer:
         self.method.to(self.device, self.memory_format)
         self.model = self._wrap(self.method.model)
         if args.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, mode=None if args.compile == "default" else args.compile)
         self.groups = self.method.optim_groups()
         self.optimizers = {g.name: self._sgd(g) for g in self.groups}
         self.schedulers = {
@@ -110,6 +123,10 @@ class Trainer:
                 self.optimizers[g.name], (lambda e: lr_factor(e, args)) if g.scheduled else (lambda e: 1.0))
             for g in self.groups}
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        self.graphed = None
+        if args.cuda_graph:
+            from .cuda_graph import GraphedStep
+            self.graphed = GraphedStep(self._step, list(self.optimizers.values()), self.device)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
         self.select_split = "val" if self.loaders.val is not None else "test"
         self.best_head = args.best_metric or method_cls.best_metric
@@ -137,6 +154,18 @@ class Trainer:
             raise UserError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation); leave it out")
         if a.amp == "fp16" and not (torch.cuda.is_available() and a.gpu >= 0):
             raise UserError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or --amp off")
+        if a.cuda_graph:
+            if not (torch.cuda.is_available() and a.gpu >= 0):
+                raise UserError("--cuda-graph needs a CUDA GPU; leave it out on the CPU")
+            if a.amp == "fp16":
+                raise UserError("--cuda-graph and --amp fp16 conflict: the fp16 loss scaler reads its overflow "
+                                "check on the host every step; use --amp bf16")
+            if a.compile:
+                raise UserError("--cuda-graph and --compile conflict: for compiled graphs use --compile "
+                                "reduce-overhead")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise UserError("--cuda-graph is single-process for now (DDP's gradient all-reduce is not captured); "
+                                "leave it out under torchrun")
         m.check_args(a)
 
     def _select_device(self) -> torch.device:
@@ -194,7 +223,7 @@ class Trainer:
         return torch.optim.SGD(group.params, lr=scale * (group.lr if group.lr is not None else a.lr),
                                momentum=a.momentum, nesterov=a.nesterov and a.momentum > 0,
                                weight_decay=group.weight_decay if group.weight_decay is not None else a.weight_decay,
-                               **group.extra)
+                               **{**sgd_implementation(a.sgd_impl, self.device), **group.extra})
 
     def _default_run_name(self) -> str:
         a = self.args
@@ -218,6 +247,29 @@ class Trainer:
             return [im.contiguous(memory_format=self.memory_format) for im in images]
         return images.contiguous(memory_format=self.memory_format)
 
+    def _step(self, batch, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimisation step: the method's loss terms, backward, every optimizer; returns (terms, sum)."""
+        with self._autocast():
+            terms = self.method.loss(self.model, batch, epoch)
+        total = sum(terms.values())
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        for opt in self.optimizers.values():
+            self.scaler.step(opt)
+        self.scaler.update()
+        return terms, total
+
+    def _graphed_step(self, batch, epoch: int):
+        from .cuda_graph import CaptureError
+        try:
+            return self.graphed(batch, epoch)
+        except CaptureError as e:
+            warnings.warn(f"--cuda-graph: {self.method_cls.name}'s step could not be captured ({e}); "
+                          "training eagerly from here on")
+            self.graphed = None
+            return self._step(batch, epoch)
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         from tqdm import tqdm
 
@@ -229,22 +281,14 @@ class Trainer:
         steps = 0
         bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{self.args.epochs}", leave=False,
                    disable=self.args.no_progress or not self.is_main, dynamic_ncols=True)
+        step = self._step if self.graphed is None else self._graphed_step
         start = time.perf_counter()
         for batch in bar:
             batch = batch._replace(images=self._format(batch.images))
-            with self._autocast():
-                terms = self.method.loss(self.model, batch, epoch)
-            total = sum(terms.values())
-            for opt in self.optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-            for opt in self.optimizers.values():
-                self.scaler.step(opt)
-            self.scaler.update()
+            terms, total = step(batch, epoch)
             for name, value in terms.items():  # accumulated on the device: no host sync per step
-                value = value.detach().float()
-                sums[name] = sums[name] + value if name in sums else value
-            sums["loss"] = sums["loss"] + total.detach().float() if "loss" in sums else total.detach().float()
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+            sums["loss"] = sums.get("loss", 0.0) + total.detach().float()
             steps += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -341,13 +385,13 @@ class Trainer:
 
     def _apply_current_hyperparameters(self) -> None:
         """A resumed run follows the command as typed: the optimizer state (momentum buffers) comes from the
-        checkpoint, the hyper-parameters (lr and its schedule, --epochs, weight decay, momentum) from the
-        current flags. Without this the first resumed epoch would keep the old schedule's lr."""
+        checkpoint, the hyper-parameters (lr and its schedule, --epochs, weight decay, momentum, --sgd-impl)
+        from the current flags. Without this the first resumed epoch would keep the old schedule's lr."""
         for group in self.groups:
             fresh = self._sgd(group).param_groups[0]
             sched = self.schedulers[group.name]
             for g in self.optimizers[group.name].param_groups:
-                for key in ("weight_decay", "momentum", "nesterov"):
+                for key in ("weight_decay", "momentum", "nesterov", "foreach", "fused"):
                     g[key] = fresh[key]
                 g["initial_lr"] = fresh["lr"]
                 g["lr"] = fresh["lr"] * sched.lr_lambdas[0](sched.last_epoch)

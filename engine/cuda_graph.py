@@ -1,0 +1,102 @@
+"""``--cuda-graph``: the whole training step (forward, loss, backward, optimizer steps) as one CUDA graph.
+
+At batch 64-128 the thin CIFAR peers launch hundreds of small kernels per step, and launching them costs
+more than running them (spec/performance.md 4.3). A captured graph is replayed with one launch. This is
+the pattern of the PyTorch CUDA-graph notes ("whole-network capture"):
+
+* a few eager warm-up steps on a side stream (cuDNN autotuning, optimizer state, lazy buffers);
+* gradients set to None before capture, so backward allocates them in the graph's memory pool;
+* every batch is copied into static input tensors, then the graph is replayed.
+
+Python numbers read during the step (the lr, the ramp-up weights of ``on_epoch_start``) are frozen into
+the capture, so the step is captured again at the start of every epoch; a capture costs about one step.
+Everything inside the step must stay on the device: no ``.item()``, no host-side randomness, no shapes
+that depend on the data. A batch of another shape (a last partial batch) runs eagerly.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+
+
+def tree_map(fn: Callable[[torch.Tensor], Any], obj):
+    """``fn`` on every tensor of a (named) tuple / list / dict tree."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: tree_map(fn, v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(tree_map(fn, v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tree_map(fn, v) for v in obj)
+    return obj
+
+
+def tree_tensors(obj) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    tree_map(out.append, obj)
+    return out
+
+
+def shapes(obj) -> list[tuple]:
+    return [(t.shape, t.dtype, t.stride()) for t in tree_tensors(obj)]
+
+
+class CaptureError(RuntimeError):
+    pass
+
+
+class GraphedStep:
+    """Runs ``step(batch, epoch)`` (which zeroes, back-propagates and steps every optimizer and returns
+    tensors) eagerly for ``warmup`` steps, then from a CUDA graph captured once per epoch."""
+
+    def __init__(self, step: Callable, optimizers: list, device: torch.device, warmup: int = 3):
+        self.step, self.optimizers, self.device = step, optimizers, device
+        self.warmup = warmup
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.epoch: Optional[int] = None
+        self.static_in = self.static_out = None
+        self.eager_batches = 0
+
+    def _eager_on_side_stream(self, batch, epoch):
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            out = self.step(batch, epoch)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return out
+
+    def _capture(self, batch, epoch) -> None:
+        self.graph = self.static_in = self.static_out = None   # the previous epoch's graph and its memory
+        torch.cuda.synchronize(self.device)
+        self.static_in = tree_map(lambda t: t.clone(), batch)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)                    # backward allocates .grad inside the pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.static_out = self.step(self.static_in, epoch)
+        self.graph, self.epoch = graph, epoch
+
+    def __call__(self, batch, epoch):
+        if self.warmup > 0:
+            self.warmup -= 1
+            return self._eager_on_side_stream(batch, epoch)
+        if self.graph is None or self.epoch != epoch:
+            try:
+                self._capture(batch, epoch)                    # records the step; nothing has run yet
+            except RuntimeError as e:                          # a host sync or CPU work inside the step
+                self.graph = self.static_in = self.static_out = None
+                raise CaptureError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+        elif shapes(batch) != shapes(self.static_in):
+            if not self.eager_batches:
+                warnings.warn("--cuda-graph: a batch of another shape runs eagerly (use drop_last loaders)")
+            self.eager_batches += 1
+            return self.step(batch, epoch)
+        else:
+            for static, new in zip(tree_tensors(self.static_in), tree_tensors(batch)):
+                static.copy_(new, non_blocking=True)
+        self.graph.replay()
+        return self.static_out

@@ -1,0 +1,48 @@
+"""What only a GPU can check: --cuda-graph, --grouped-peers, bf16 and compile on CUDA give the eager fp32
+numbers. Skipped without CUDA (CI); run on a GPU machine with ``python -m pytest tests/test_gpu.py``."""
+import pytest
+import torch
+
+import train_cl_ilr
+import train_dml
+import train_mcl_okd
+import train_okddip
+import train_one
+from engine import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+FAST = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "1024", "--batch-size", "64", "--lr", "0.02",
+        "--gpu", "0", "--no-progress", "--epochs", "3"]
+METHODS = [train_dml.DML, train_mcl_okd.MCLOKD, train_one.ONE, train_okddip.OKDDip, train_cl_ilr.CLILR]
+
+
+def losses(results):
+    return [(h["train"]["loss"], h["test"]) for h in results["history"]]
+
+
+def assert_same_run(a, b, tol):
+    for (la, ta), (lb, tb) in zip(losses(a), losses(b)):
+        assert lb == pytest.approx(la, rel=tol, abs=tol)
+        for key, value in ta.items():
+            assert tb[key] == pytest.approx(value, abs=3.0)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
+def test_cuda_graph_equals_eager(method, tmp_path):
+    eager = train(method, FAST + ["--out", str(tmp_path / "eager")])
+    graphed = train(method, FAST + ["--cuda-graph", "--out", str(tmp_path / "graph")])
+    assert_same_run(eager, graphed, 2e-3)
+
+
+@pytest.mark.parametrize("method", [train_dml.DML, train_one.ONE], ids=["dml", "one"])
+def test_grouped_peers_on_cuda_equal_plain(method, tmp_path):
+    plain = train(method, FAST + ["--out", str(tmp_path / "plain")])
+    grouped = train(method, FAST + ["--grouped-peers", "--out", str(tmp_path / "grouped")])
+    assert_same_run(plain, grouped, 2e-3)
+
+
+def test_bf16_channels_last_compile_train(tmp_path):
+    fp32 = train(train_dml.DML, FAST + ["--out", str(tmp_path / "fp32")])
+    fast = train(train_dml.DML, FAST + ["--amp", "bf16", "--channels-last", "--compile", "--out", str(tmp_path / "bf16")])
+    assert_same_run(fp32, fast, 5e-2)

@@ -1,0 +1,81 @@
+"""Speed options that must not change the numbers: the SGD implementations (--sgd-impl)."""
+import pytest
+import torch
+
+import train_dml
+from engine import train
+from engine.trainer import sgd_implementation
+
+
+def sgd_reference(params, grads_per_step, lr, momentum, wd, nesterov):
+    """torch.optim.SGD's documented update, restated in float64: g += wd p; b = m b + g (b = g at step 1);
+    g = g + m b (Nesterov) or b; p -= lr g."""
+    params = [p.clone() for p in params]
+    bufs = [None] * len(params)
+    for grads in grads_per_step:
+        for k, (p, g) in enumerate(zip(params, grads)):
+            g = g + wd * p
+            bufs[k] = g.clone() if bufs[k] is None else momentum * bufs[k] + g
+            step = g + momentum * bufs[k] if nesterov else bufs[k]
+            params[k] = p - lr * step
+    return params
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach", "for-loop"])
+def test_sgd_implementations_apply_the_documented_update(impl):
+    torch.manual_seed(0)
+    shapes = [(16, 3, 3, 3), (16,), (10, 64)]
+    start = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, dtype=torch.float64) for s in shapes] for _ in range(4)]
+    params = [p.clone().requires_grad_() for p in start]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                          **sgd_implementation(impl, torch.device("cpu")))
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+    for p, q in zip(params, sgd_reference(start, grads, 0.1, 0.9, 5e-4, True)):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-13)
+
+
+def test_fused_falls_back_to_foreach_where_unsupported(monkeypatch):
+    def no_fused(*args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(*args, **kwargs)
+    real = torch.optim.SGD
+    monkeypatch.setattr(torch.optim, "SGD", no_fused)
+    assert sgd_implementation("fused", torch.device("cpu")) == {"foreach": True}
+    assert sgd_implementation("for-loop", torch.device("cpu")) == {"foreach": False}
+
+
+def test_engine_uses_the_chosen_sgd_and_resume_follows_the_flag(tmp_path):
+    from engine.checkpoint import load_checkpoint
+    fast = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "128", "--batch-size", "64",
+            "--gpu", "-1", "--no-progress", "--out", str(tmp_path)]
+    train(train_dml.DML, fast + ["--epochs", "1", "--sgd-impl", "for-loop"])
+    group = load_checkpoint(tmp_path / "last.pt")["optimizers"]["model"]["param_groups"][0]
+    assert group["foreach"] is False and not group["fused"]
+    train(train_dml.DML, fast + ["--epochs", "2", "--resume", "auto"])           # default: fused
+    group = load_checkpoint(tmp_path / "last.pt")["optimizers"]["model"]["param_groups"][0]
+    assert group["fused"] is True
+
+
+def test_cuda_graph_flags_are_checked(tmp_path):
+    from engine import UserError
+    fast = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "128", "--gpu", "-1", "--no-progress",
+            "--out", str(tmp_path)]
+    with pytest.raises(UserError, match="--cuda-graph needs a CUDA GPU"):
+        train(train_dml.DML, fast + ["--cuda-graph"])
+
+
+def test_graph_inputs_are_compared_and_copied_by_tree():
+    from data.loaders import Batch
+    from engine.cuda_graph import shapes, tree_map, tree_tensors
+    batch = Batch([torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)], torch.arange(2), torch.arange(2))
+    copy = tree_map(lambda t: t.clone(), batch)
+    assert isinstance(copy, Batch) and isinstance(copy.images, list) and len(tree_tensors(copy)) == 4
+    assert shapes(copy) == shapes(batch)
+    assert shapes(batch._replace(labels=torch.arange(3))) != shapes(batch)
+    cl = batch._replace(images=[t.contiguous(memory_format=torch.channels_last) for t in batch.images])
+    assert shapes(cl) != shapes(batch)      # a layout change is a new capture too
