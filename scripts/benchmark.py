@@ -1,161 +1,254 @@
-"""Training throughput: the official repositories' loop against this engine, same model, same weights.
+"""Training throughput: the official repositories' loop against this engine, same method, model and weights.
 
-    python scripts/benchmark.py --arch resnet32 --peers 2                 # on the GPU if there is one
+    python scripts/benchmark.py --method dml --arch resnet32 --peers 2            # on the GPU if there is one
+    python scripts/benchmark.py --method mcl_okd --arch resnet32 --peers 4 --batch-size 128
     python scripts/benchmark.py --arch resnet20 --batch-size 32 --steps 10 --device cpu   # tiny CPU run
 
-Reference loop (what the official DML / MCL-OKD CIFAR scripts do): torchvision PIL transforms
-(RandomCrop(32, padding 4), RandomHorizontalFlip, ToTensor, Normalize) in a DataLoader with 0 workers,
-fp32, the N peers' losses written as in main_cifar_dml.py, and a ``loss.item()`` every step.
-Engine: ``Trainer.train_epoch`` itself (GPU-resident uint8 data, on-device augmentation and metric
-accumulation) with its defaults and with each speed option. Both train DML peers of the same backbone from
-the same initial weights on CIFAR-shaped synthetic data. images/s counts peers x images.
+Reference loop (what the official CIFAR scripts do): torchvision PIL transforms (RandomCrop(32, padding 4),
+RandomHorizontalFlip, ToTensor, Normalize) in a DataLoader with the official worker count (0; 8 for
+MCL-OKD, whose dataset also draws K class negatives per sample with ``np.random.choice`` over a
+49,500-index pool, as CRD's CIFAR100InstanceSample does), fp32, one-parameter-at-a-time SGD as in the
+torch of those codes, the method's loss, and a ``loss.item()`` every step. Its loss terms are this
+repository's (on-device negatives, no per-step ``.item()`` inside the loss), so the reference is if
+anything faster than the official code and the ratios are conservative.
+
+Engine: ``Trainer.train_epoch`` itself (data resident on the device, batched on-device augmentation and
+metric accumulation) with its defaults, and with the options of each configuration (``--configs``):
+``channels_last``, ``bf16``, ``compile``, ``compile-ro`` (mode reduce-overhead), ``grouped``
+(--grouped-peers), ``cudagraph``, ``foreach`` / ``for-loop`` (--sgd-impl), joined by '+'.
+Every configuration starts from the same initial weights; images/s counts peers x images; s/epoch and the
+300-epoch time are projected for a 50,000-image CIFAR epoch (training only, drop_last).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
+import json
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import train_dml  # noqa: E402
-from engine import Trainer, parse_args  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from data.loaders import Batch  # noqa: E402
+from engine import Method, Trainer, parse_args  # noqa: E402
+
+CIFAR_TRAIN = 50_000
+OFFICIAL_WORKERS = {"mcl_okd": 8}            # spec mcl_okd.md section 1: the others load with 0 workers
+CIFAR100_NEGATIVE_POOL = 49_500              # CIFAR-100 samples of the other 99 classes
+OPTIONS = {
+    "channels_last": ["--channels-last"], "bf16": ["--amp", "bf16"], "compile": ["--compile"],
+    "compile-ro": ["--compile", "reduce-overhead"], "grouped": ["--grouped-peers"], "cudagraph": ["--cuda-graph"],
+    "foreach": ["--sgd-impl", "foreach"], "for-loop": ["--sgd-impl", "for-loop"],
+}
+
+
+def method_class(name: str) -> type[Method]:
+    module = importlib.import_module(f"train_{name}")
+    classes = [c for c in vars(module).values()
+               if isinstance(c, type) and issubclass(c, Method) and c is not Method and c.__module__ == module.__name__]
+    if len(classes) != 1:
+        raise SystemExit(f"train_{name}.py does not define exactly one Method")
+    return classes[0]
 
 
 class PILImages(Dataset):
-    """What torchvision's CIFAR100 does per sample: a uint8 HWC array -> PIL image -> transforms."""
+    """What torchvision's CIFAR100 does per sample (uint8 HWC array -> PIL image -> transforms), returning
+    (image or views, label, index); with ``negatives`` it also draws them as CRD's instance-sample dataset."""
 
-    def __init__(self, images_u8: torch.Tensor, labels: torch.Tensor, transform):
+    def __init__(self, images_u8: torch.Tensor, labels: torch.Tensor, transform, views: int = 1, negatives: int = 0):
         self.images = images_u8.permute(0, 2, 3, 1).numpy()
         self.labels = labels.numpy()
-        self.transform = transform
+        self.transform, self.views, self.negatives = transform, views, negatives
+        self.pool = np.arange(CIFAR100_NEGATIVE_POOL)
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+        img = Image.fromarray(self.images[i])
+        x = self.transform(img) if self.views == 1 else [self.transform(img) for _ in range(self.views)]
+        if self.negatives:
+            np.random.choice(self.pool, self.negatives, replace=False)   # the cost; our loss samples on device
+        return x, int(self.labels[i]), i
 
 
-def reference_steps(model, images, labels, info, batch_size, steps, device, T=1.0):
-    """The official-style loop; returns seconds per step after one warm-up step."""
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reference_seconds_per_step(method: Method, images, labels, info, args, device, warmup: int = 3) -> float:
     tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
-    loader = DataLoader(PILImages(images, labels, tf), batch_size=batch_size, shuffle=True, num_workers=0,
-                        pin_memory=device.type == "cuda", drop_last=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    kl = torch.nn.KLDivLoss(reduction="batchmean")
-    model.train()
-    times, it = [], iter(loader)
-    for step in range(steps + 1):
-        try:
-            x, y = next(it)
-        except StopIteration:
-            it = iter(loader)
-            x, y = next(it)
-        start = time.perf_counter()
-        x, y = x.to(device), y.to(device)
-        logits = model(x).logits
-        loss = 0
-        for i, z in enumerate(logits):
-            loss = loss + F.cross_entropy(z, y)
-            for j, t in enumerate(logits):
-                if j != i:
-                    loss = loss + kl(F.log_softmax(z / T, 1), F.softmax(t.detach() / T, 1)) * T * T / (len(logits) - 1)
-        opt.zero_grad()
+    negatives = method.args.nce_k if method.name == "mcl_okd" else 0
+    loader = DataLoader(PILImages(images, labels, tf, method.views, negatives), batch_size=args.batch_size,
+                        shuffle=True, num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=args.workers > 0)
+    opts = [torch.optim.SGD(g.params, lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True, foreach=False)
+            for g in method.optim_groups()]
+    method.model.train()
+
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+    for step in range(warmup + args.steps):
+        if step == warmup:
+            sync(device)
+            start = time.perf_counter()
+        x, y, idx = next(it)
+        x = [v.to(device) for v in x] if isinstance(x, list) else x.to(device)
+        terms = method.loss(method.model, Batch(x, y.to(device), idx.to(device)), 0)
+        loss = sum(terms.values())
+        for opt in opts:
+            opt.zero_grad()
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
         loss.item()  # the official scripts log the running loss every step
-        if step:
-            times.append(time.perf_counter() - start)
-    # Data loading is inside the step in the official loop: time it as such.
-    return (sum(times) + _data_time(loader, steps)) / steps
+    return (time.perf_counter() - start) / args.steps
 
 
-def _data_time(loader, steps):
-    start, it = time.perf_counter(), iter(loader)
-    for _ in range(steps):
-        try:
-            next(it)
-        except StopIteration:
-            it = iter(loader)
-    return time.perf_counter() - start
+def config_flags(config: str) -> list[str]:
+    return [] if config == "default" else [flag for option in config.split("+") for flag in OPTIONS[option]]
 
 
-def engine_trainer(base_args, extra):
-    args = parse_args(train_dml.DML, base_args + extra)
-    trainer = Trainer(train_dml.DML, args)
-    return trainer
+def make_trainer(method_cls, args, extra: list[str]) -> Trainer:
+    steps_per_epoch = min(args.steps, 100)
+    argv = ["--dataset", "synthetic", "--arch", args.arch, "--batch-size", str(args.batch_size),
+            "--gpu", "0" if args.device.type == "cuda" else "-1", "--no-progress", "--epochs", "1000",
+            "--subset", str(args.batch_size * steps_per_epoch), "--lr", "0.05"]
+    if method_cls.num_peers is not None:
+        argv += ["--num-peers", str(args.peers or method_cls.num_peers)]
+    return Trainer(method_cls, parse_args(method_cls, argv + args.method_args.split() + extra))
 
 
-def peak_memory(device):
+def engine_seconds_per_step(trainer: Trainer, steps: int) -> float:
+    trainer.train_epoch(0)   # warm-up: cuDNN autotuning, compilation, graph capture
+    done, seconds, epoch = 0, 0.0, 1
+    while done < steps:
+        stats = trainer.train_epoch(epoch)
+        done += len(trainer.loaders.train)
+        seconds += stats["epoch_s"]
+        epoch += 1
+    return seconds / done
+
+
+def peak_memory_mib(device):
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def profile(trainer: Trainer, steps: int, device) -> None:
+    """Where a step's time goes: the top operators, and how busy the device is."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    loader = trainer.loaders.train
+    loader.set_epoch(10_000)
+    it = iter(loader)
+    batches = [next(it) for _ in range(min(steps, len(loader)))]
+    sync(device)
+    with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step = trainer._step if trainer.graphed is None else trainer._graphed_step
+        for batch in batches:
+            step(batch._replace(images=trainer._format(batch.images)), 10_000)
+        sync(device)
+        wall = time.perf_counter() - start
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    print(events.table(sort_by=key, row_limit=15))
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
-    return "-"
+        busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e6
+        kernels = sum(e.count for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
+        print(f"profile: {len(batches)} steps, wall {wall * 1e3 / len(batches):.2f} ms/step, device busy "
+              f"{busy * 1e3 / len(batches):.2f} ms/step ({100 * busy / wall:.0f}%), "
+              f"{kernels / len(batches):.0f} device ops/step")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="dml", help="train_<method>.py to benchmark: dml, mcl_okd, one, okddip, ...")
     p.add_argument("--arch", default="resnet32")
-    p.add_argument("--peers", type=int, default=2)
+    p.add_argument("--peers", type=int, default=None, help="--num-peers (default: the method's)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=50, help="timed steps per configuration")
+    p.add_argument("--method-args", default="", help="more flags for the method, e.g. '--topology independent'")
+    p.add_argument("--steps", type=int, default=100, help="timed steps per configuration")
+    p.add_argument("--workers", type=int, default=None,
+                   help="reference DataLoader workers (default: the official code's, 8 for mcl_okd, else 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--configs", default="default,channels_last,bf16,bf16+channels_last",
-                   help="engine configurations, comma-separated; options joined by '+': "
-                        "channels_last, bf16, compile")
+    p.add_argument("--configs", default="default,grouped,bf16,channels_last,bf16+channels_last+grouped",
+                   help="engine configurations, comma-separated: 'default' or options joined by '+': "
+                        + ", ".join(OPTIONS))
+    p.add_argument("--skip-reference", action="store_true", help="engine rows only")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="profile STEPS steps of the fastest engine configuration")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     a = p.parse_args(argv)
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if a.device == "auto" else a.device)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-    n_images = a.batch_size * (a.steps + 1)
-    base = ["--dataset", "synthetic", "--arch", a.arch, "--num-peers", str(a.peers), "--batch-size",
-            str(a.batch_size), "--gpu", "0" if device.type == "cuda" else "-1", "--no-progress",
-            "--subset", str(min(n_images, 2048)), "--epochs", "1000"]
+    a.device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                            "cpu" if a.device == "auto" else a.device)
+    if a.workers is None:
+        a.workers = OFFICIAL_WORKERS.get(a.method, 0)
+    method_cls = method_class(a.method)
+    configs = [c for c in a.configs.split(",") if c]
+    for c in configs:
+        unknown = [o for o in c.split("+") if o not in OPTIONS and c != "default"]
+        if unknown:
+            raise SystemExit(f"unknown option(s) {unknown} in --configs; known: default, {', '.join(OPTIONS)}")
 
-    # The engine's model, and a copy of its initial weights for the reference loop.
-    first = engine_trainer(base, [])
-    init_state = copy.deepcopy(first.method.model.state_dict())
-    split = first.loaders.train
-    images, labels = split.images.cpu(), split.labels.cpu()
-    ref_model = copy.deepcopy(first.method.model).to(device)
-    ref_model.load_state_dict(init_state)
-    ref = reference_steps(ref_model, images, labels, first.loaders.info, a.batch_size, a.steps, device)
-    rows = [("reference (official loop)", ref, peak_memory(device))]
-    del ref_model
+    first = make_trainer(method_cls, a, [])
+    init_state = copy.deepcopy(first.method.state_dict())
+    rows = []
+    if not a.skip_reference:
+        ref = copy.deepcopy(first.method)
+        split = first.loaders.train
+        sec = reference_seconds_per_step(ref, split.images.cpu(), split.labels.cpu(), first.loaders.info, a, a.device)
+        rows.append({"loop": f"reference ({a.workers} workers)", "s_per_step": sec, "peak_mib": peak_memory_mib(a.device)})
+        del ref
+    for config in configs:
+        if a.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(a.device)
+        trainer = first if config == "default" else make_trainer(method_cls, a, config_flags(config))
+        if "grouped" not in config.split("+"):
+            trainer.method.load_state_dict(init_state)   # grouped: the same initial weights, by the same seed
+        sec = engine_seconds_per_step(trainer, a.steps)
+        rows.append({"loop": f"engine {config}", "s_per_step": sec, "peak_mib": peak_memory_mib(a.device)})
+        del trainer
 
-    for config in a.configs.split(","):
-        opts = [] if config == "default" else config.split("+")
-        extra = (["--channels-last"] if "channels_last" in opts else []) + \
-                (["--amp", "bf16"] if "bf16" in opts else []) + (["--compile"] if "compile" in opts else [])
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        trainer = engine_trainer(base, extra)
-        trainer.method.model.load_state_dict(init_state)
-        trainer.train_epoch(0)  # warm-up (and compilation)
-        steps, seconds = 0, 0.0
-        epoch = 1
-        while steps < a.steps:
-            stats = trainer.train_epoch(epoch)
-            steps += len(trainer.loaders.train)
-            seconds += stats["epoch_s"]
-            epoch += 1
-        rows.append((f"engine {config}", seconds / steps, peak_memory(device)))
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"DML {a.peers} x {a.arch}, batch {a.batch_size}, {name}, torch {torch.__version__}")
-    print(f"{'loop':<32} {'images/s':>10} {'ms/step':>9} {'peak mem':>10} {'vs reference':>13}")
-    for label, sec, mem in rows:
-        print(f"{label:<32} {a.peers * a.batch_size / sec:10.0f} {sec * 1000:9.1f} {mem:>10} {ref / sec:12.2f}x")
-
+    peers = first.args.num_peers if method_cls.num_peers is not None else 1
+    name = torch.cuda.get_device_name(a.device) if a.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    ref_sec = rows[0]["s_per_step"] if not a.skip_reference else None
+    steps_per_epoch = CIFAR_TRAIN // a.batch_size
+    print(f"{method_cls.name} {peers} x {a.arch}, batch {a.batch_size}, {name}, torch {torch.__version__}")
+    print(f"{'loop':<44} {'images/s':>9} {'ms/step':>8} {'s/epoch':>8} {'300 ep':>8} {'peak MiB':>9} {'vs ref':>7}")
+    for r in rows:
+        r["images_per_s"] = peers * a.batch_size / r["s_per_step"]
+        r["s_per_epoch"] = steps_per_epoch * r["s_per_step"]
+        r["minutes_300_epochs"] = 300 * r["s_per_epoch"] / 60
+        r["vs_reference"] = ref_sec / r["s_per_step"] if ref_sec else None
+        mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+        ratio = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
+        print(f"{r['loop']:<44} {r['images_per_s']:9.0f} {r['s_per_step'] * 1e3:8.2f} {r['s_per_epoch']:8.2f} "
+              f"{r['minutes_300_epochs']:7.1f}m {mem:>9} {ratio:>7}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"method": method_cls.name, "arch": a.arch, "peers": peers,
+                                            "batch_size": a.batch_size, "device": name, "torch": torch.__version__,
+                                            "rows": rows}, indent=2) + "\n")
+    if a.profile:
+        best = min(rows[0 if a.skip_reference else 1:], key=lambda r: r["s_per_step"])["loop"][len("engine "):]
+        trainer = make_trainer(method_cls, a, config_flags(best))
+        trainer.train_epoch(0)
+        print(f"\nprofile of engine {best}:")
+        profile(trainer, a.profile, a.device)
 
 if __name__ == "__main__":
     main()
