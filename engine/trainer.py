@@ -262,6 +262,8 @@ class Trainer:
 
     def _graphed_step(self, batch, epoch: int):
         from .cuda_graph import CaptureError
+        if self.graphed is None:            # capture failed earlier in this epoch
+            return self._step(batch, epoch)
         try:
             return self.graphed(batch, epoch)
         except CaptureError as e:

@@ -79,3 +79,27 @@ def test_graph_inputs_are_compared_and_copied_by_tree():
     assert shapes(batch._replace(labels=torch.arange(3))) != shapes(batch)
     cl = batch._replace(images=[t.contiguous(memory_format=torch.channels_last) for t in batch.images])
     assert shapes(cl) != shapes(batch)      # a layout change is a new capture too
+
+
+def test_a_step_that_cannot_be_captured_trains_eagerly(tmp_path):
+    """The fallback of --cuda-graph, driven on the CPU by a graph that fails to capture at its first call."""
+    from engine import Trainer, parse_args
+    from engine.cuda_graph import CaptureError
+
+    class FailingGraph:
+        calls = 0
+
+        def __call__(self, batch, epoch):
+            FailingGraph.calls += 1
+            raise CaptureError("operation not permitted when stream is capturing")
+
+    args = parse_args(train_dml.DML, ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "256",
+                                      "--batch-size", "64", "--gpu", "-1", "--no-progress", "--out", str(tmp_path)])
+    eager = Trainer(train_dml.DML, args)
+    expected = eager.train_epoch(0)["loss"]
+    trainer = Trainer(train_dml.DML, args)
+    trainer.graphed = FailingGraph()
+    with pytest.warns(UserWarning, match="could not be captured.*training eagerly"):
+        stats = trainer.train_epoch(0)
+    assert FailingGraph.calls == 1 and trainer.graphed is None
+    assert stats["loss"] == pytest.approx(expected, rel=1e-6)      # every batch trained, eagerly
