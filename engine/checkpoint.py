@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes (temporary file, then rename) and ``weights_only`` loading."""
 from __future__ import annotations
 
+import io
 import os
 import random
 import tempfile
@@ -33,8 +34,12 @@ def _atomic_write(path: Path, mode: str, write) -> None:
         raise
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+def atomic_save(obj: Any, *paths: Path) -> None:
+    """Serialise ``obj`` once and write it atomically to every path."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    for path in paths:
+        _atomic_write(path, "wb", lambda f: f.write(buffer.getbuffer()))
 
 
 def atomic_write_text(text: str, path: Path) -> None:

@@ -137,6 +137,7 @@ class Trainer:
         self.max_test: dict[str, float] = {}
         self.train_seconds = 0.0
         self.train_samples = 0
+        self.provenance = {"git_commit": git_commit(), "versions": library_versions(self.device)}  # once, not per epoch
         self.writer = None
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -424,7 +425,7 @@ class Trainer:
             "train_time_s": self.train_seconds,
             "train_images_per_s": self.train_samples / max(self.train_seconds, 1e-9),
             "world_size": self.dist.world_size,
-            "git_commit": git_commit(), "versions": library_versions(self.device),
+            "git_commit": self.provenance["git_commit"], "versions": self.provenance["versions"],
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
             "args": {k: v for k, v in vars(a).items()},
             "history": self.history,
@@ -509,10 +510,8 @@ class Trainer:
                 self.best = {"epoch": epoch + 1, "test": record["test"], **({"val": record["val"]} if "val" in record else {})}
             self.history.append(record)
             if self.is_main:
-                ckpt = self._checkpoint(epoch + 1)
-                atomic_save(ckpt, self.out / "last.pt")
-                if improved:
-                    atomic_save(ckpt, self.out / "best.pt")
+                paths = [self.out / "last.pt"] + ([self.out / "best.pt"] if improved else [])
+                atomic_save(self._checkpoint(epoch + 1), *paths)
             self._write_results("finished" if epoch + 1 == a.epochs else "running")
             barrier()  # no rank starts the next epoch before rank 0 has written this one's checkpoint
             self._tensorboard(epoch, record)
