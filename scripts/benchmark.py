@@ -17,7 +17,9 @@ metric accumulation) with its defaults, and with the options of each configurati
 ``channels_last``, ``bf16``, ``compile``, ``compile-ro`` (mode reduce-overhead), ``grouped``
 (--grouped-peers), ``cudagraph``, ``foreach`` / ``for-loop`` (--sgd-impl), joined by '+'.
 Every configuration starts from the same initial weights; images/s counts peers x images; s/epoch and the
-300-epoch time are projected for a 50,000-image CIFAR epoch (training only, drop_last).
+300-epoch time are projected for a 50,000-image CIFAR epoch (training only, drop_last). On the CPU,
+ops/step counts the aten operators one training step dispatches (loader excluded): on a GPU each is at
+least one kernel launch, which is what bounds thin peers at batch 64-128.
 """
 from __future__ import annotations
 
@@ -28,11 +30,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import transforms
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,12 +84,26 @@ class PILImages(Dataset):
         return x, int(self.labels[i]), i
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators a step dispatches: on a GPU each is at least one kernel launch. Backward
+    runs on the calling thread only on the CPU, so the count is taken on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def reference_seconds_per_step(method: Method, images, labels, info, args, device, warmup: int = 3) -> float:
+def reference_step(method: Method, images, labels, info, args, device, warmup: int = 3) -> tuple[float, Optional[int]]:
+    """(seconds per step, aten operators per step on the CPU) of the official-style loop."""
     tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
     negatives = method.args.nce_k if method.name == "mcl_okd" else 0
@@ -100,14 +118,8 @@ def reference_seconds_per_step(method: Method, images, labels, info, args, devic
         while True:
             yield from loader
 
-    it = batches()
-    for step in range(warmup + args.steps):
-        if step == warmup:
-            sync(device)
-            start = time.perf_counter()
-        x, y, idx = next(it)
-        x = [v.to(device) for v in x] if isinstance(x, list) else x.to(device)
-        terms = method.loss(method.model, Batch(x, y.to(device), idx.to(device)), 0)
+    def step(batch):
+        terms = method.loss(method.model, batch, 0)
         loss = sum(terms.values())
         for opt in opts:
             opt.zero_grad()
@@ -115,7 +127,22 @@ def reference_seconds_per_step(method: Method, images, labels, info, args, devic
         for opt in opts:
             opt.step()
         loss.item()  # the official scripts log the running loss every step
-    return (time.perf_counter() - start) / args.steps
+
+    it = batches()
+    for i in range(warmup + args.steps):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        x, y, idx = next(it)
+        x = [v.to(device) for v in x] if isinstance(x, list) else x.to(device)
+        step(Batch(x, y.to(device), idx.to(device)))
+    seconds = (time.perf_counter() - start) / args.steps
+    ops = None
+    if device.type == "cpu":
+        with OpCounter() as counter:
+            step(Batch(x, y.to(device), idx.to(device)))
+        ops = counter.count
+    return seconds, ops
 
 
 def config_flags(config: str) -> list[str]:
@@ -132,7 +159,8 @@ def make_trainer(method_cls, args, extra: list[str]) -> Trainer:
     return Trainer(method_cls, parse_args(method_cls, argv + args.method_args.split() + extra))
 
 
-def engine_seconds_per_step(trainer: Trainer, steps: int) -> float:
+def engine_step(trainer: Trainer, steps: int) -> tuple[float, Optional[int]]:
+    """(seconds per step, aten operators per step on the CPU) of ``Trainer.train_epoch``."""
     trainer.train_epoch(0)   # warm-up: cuDNN autotuning, compilation, graph capture
     done, seconds, epoch = 0, 0.0, 1
     while done < steps:
@@ -140,7 +168,13 @@ def engine_seconds_per_step(trainer: Trainer, steps: int) -> float:
         done += len(trainer.loaders.train)
         seconds += stats["epoch_s"]
         epoch += 1
-    return seconds / done
+    ops = None
+    if trainer.device.type == "cpu":
+        batch = next(iter(trainer.loaders.train))
+        with OpCounter() as counter:
+            trainer._step(batch._replace(images=trainer._format(batch.images)), epoch)
+        ops = counter.count
+    return seconds / done, ops
 
 
 def peak_memory_mib(device):
@@ -210,8 +244,9 @@ def main(argv=None):
     if not a.skip_reference:
         ref = copy.deepcopy(first.method)
         split = first.loaders.train
-        sec = reference_seconds_per_step(ref, split.images.cpu(), split.labels.cpu(), first.loaders.info, a, a.device)
-        rows.append({"loop": f"reference ({a.workers} workers)", "s_per_step": sec, "peak_mib": peak_memory_mib(a.device)})
+        sec, ops = reference_step(ref, split.images.cpu(), split.labels.cpu(), first.loaders.info, a, a.device)
+        rows.append({"loop": f"reference ({a.workers} workers)", "s_per_step": sec, "ops_per_step": ops,
+                     "peak_mib": peak_memory_mib(a.device)})
         del ref
     for config in configs:
         if a.device.type == "cuda":
@@ -220,8 +255,9 @@ def main(argv=None):
         trainer = first if config == "default" else make_trainer(method_cls, a, config_flags(config))
         if "grouped" not in config.split("+"):
             trainer.method.load_state_dict(init_state)   # grouped: the same initial weights, by the same seed
-        sec = engine_seconds_per_step(trainer, a.steps)
-        rows.append({"loop": f"engine {config}", "s_per_step": sec, "peak_mib": peak_memory_mib(a.device)})
+        sec, ops = engine_step(trainer, a.steps)
+        rows.append({"loop": f"engine {config}", "s_per_step": sec, "ops_per_step": ops,
+                     "peak_mib": peak_memory_mib(a.device)})
         del trainer
 
     peers = first.args.num_peers if method_cls.num_peers is not None else 1
@@ -229,7 +265,8 @@ def main(argv=None):
     ref_sec = rows[0]["s_per_step"] if not a.skip_reference else None
     steps_per_epoch = CIFAR_TRAIN // a.batch_size
     print(f"{method_cls.name} {peers} x {a.arch}, batch {a.batch_size}, {name}, torch {torch.__version__}")
-    print(f"{'loop':<44} {'images/s':>9} {'ms/step':>8} {'s/epoch':>8} {'300 ep':>8} {'peak MiB':>9} {'vs ref':>7}")
+    print(f"{'loop':<44} {'images/s':>9} {'ms/step':>8} {'s/epoch':>8} {'300 ep':>8} {'ops/step':>8} "
+          f"{'peak MiB':>9} {'vs ref':>7}")
     for r in rows:
         r["images_per_s"] = peers * a.batch_size / r["s_per_step"]
         r["s_per_epoch"] = steps_per_epoch * r["s_per_step"]
@@ -237,8 +274,9 @@ def main(argv=None):
         r["vs_reference"] = ref_sec / r["s_per_step"] if ref_sec else None
         mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
         ratio = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "-"
+        ops = str(r["ops_per_step"]) if r["ops_per_step"] is not None else "-"
         print(f"{r['loop']:<44} {r['images_per_s']:9.0f} {r['s_per_step'] * 1e3:8.2f} {r['s_per_epoch']:8.2f} "
-              f"{r['minutes_300_epochs']:7.1f}m {mem:>9} {ratio:>7}")
+              f"{r['minutes_300_epochs']:7.1f}m {ops:>8} {mem:>9} {ratio:>7}")
     if a.json:
         Path(a.json).write_text(json.dumps({"method": method_cls.name, "arch": a.arch, "peers": peers,
                                             "batch_size": a.batch_size, "device": name, "torch": torch.__version__,

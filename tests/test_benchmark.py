@@ -26,6 +26,9 @@ def test_benchmark_prints_table(capsys, monkeypatch, tmp_path):
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["peers"] == 2 and len(saved["rows"]) == 3
     assert all(r["images_per_s"] > 0 and r["minutes_300_epochs"] > 0 for r in saved["rows"])
+    ops = {r["loop"]: r["ops_per_step"] for r in saved["rows"]}
+    # fused SGD and grouping the peers both cut the operators (kernel launches) a step dispatches
+    assert ops["engine grouped+for-loop"] < ops["reference (0 workers)"]
     assert "profile of engine" in out and "Self CPU" in out
 
 
