@@ -11,7 +11,9 @@ the pattern of the PyTorch CUDA-graph notes ("whole-network capture"):
 Python numbers read during the step (the lr, the ramp-up weights of ``on_epoch_start``) are frozen into
 the capture, so the step is captured again at the start of every epoch; a capture costs about one step.
 Everything inside the step must stay on the device: no ``.item()``, no host-side randomness, no shapes
-that depend on the data. A batch of another shape (a last partial batch) runs eagerly.
+that depend on the data. A batch of another shape (a last partial batch) runs eagerly. A step that cannot
+be captured stops the run with a clear error (the last epoch's checkpoint is intact): continuing eagerly in
+a process whose capture failed is not safe.
 """
 from __future__ import annotations
 
@@ -50,16 +52,17 @@ class CaptureError(RuntimeError):
 
 class GraphedStep:
     """Runs ``step(batch, epoch)`` (which zeroes, back-propagates and steps every optimizer and returns
-    tensors) eagerly for ``warmup`` steps, then from a CUDA graph captured once per epoch."""
+    tensors) eagerly for ``warmup`` steps, then from a CUDA graph captured once per epoch. A step that
+    cannot be captured raises :class:`CaptureError`: after a failed capture CUDA's stream state is not
+    trustworthy enough to go on eagerly in the same process."""
 
     def __init__(self, step: Callable, optimizers: list, device: torch.device, warmup: int = 3):
         self.step, self.optimizers, self.device = step, optimizers, device
         self.warmup = warmup
-        self.pool = torch.cuda.graph_pool_handle()
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.epoch: Optional[int] = None
         self.static_in = self.static_out = None
-        self.eager_batches = 0
+        self.captures = self.replays = self.eager_batches = 0
 
     def _eager_on_side_stream(self, batch, epoch):
         side = torch.cuda.Stream(self.device)
@@ -70,15 +73,18 @@ class GraphedStep:
         return out
 
     def _capture(self, batch, epoch) -> None:
-        self.graph = self.static_in = self.static_out = None   # the previous epoch's graph and its memory
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)   # frees the old graph's gradients; backward allocates new ones
+        # The previous epoch's graph and everything in its memory pool go first. Each capture gets a pool of
+        # its own: re-capturing into the pool of a destroyed graph trips an allocator assertion.
+        self.graph = self.static_in = self.static_out = None
         torch.cuda.synchronize(self.device)
         self.static_in = tree_map(lambda t: t.clone(), batch)
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)                    # backward allocates .grad inside the pool
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
             self.static_out = self.step(self.static_in, epoch)
         self.graph, self.epoch = graph, epoch
+        self.captures += 1
 
     def __call__(self, batch, epoch):
         if self.warmup > 0:
@@ -88,7 +94,6 @@ class GraphedStep:
             try:
                 self._capture(batch, epoch)                    # records the step; nothing has run yet
             except RuntimeError as e:                          # a host sync or CPU work inside the step
-                self.graph = self.static_in = self.static_out = None
                 raise CaptureError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
         elif shapes(batch) != shapes(self.static_in):
             if not self.eager_batches:
@@ -99,4 +104,5 @@ class GraphedStep:
             for static, new in zip(tree_tensors(self.static_in), tree_tensors(batch)):
                 static.copy_(new, non_blocking=True)
         self.graph.replay()
+        self.replays += 1
         return self.static_out

@@ -44,10 +44,12 @@ def sgd_implementation(choice: str, device: torch.device) -> dict:
     it for the device; otherwise foreach), 'foreach' (multi-tensor kernels) or 'for-loop' (one parameter at
     a time, as the official codes' torch did). All three apply the same update."""
     if choice == "fused":
-        try:
-            torch.optim.SGD([torch.zeros(1, device=device, requires_grad=True)], lr=0.1, fused=True)
+        try:  # torch checks the device at the first step, not at construction: take one
+            probe = torch.zeros(1, device=device, requires_grad=True)
+            probe.grad = torch.zeros_like(probe)
+            torch.optim.SGD([probe], lr=0.1, momentum=0.9, fused=True).step()
             return {"fused": True}
-        except (RuntimeError, ValueError, TypeError):
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):
             choice = "foreach"
     return {"foreach": choice == "foreach"}
 
@@ -178,10 +180,12 @@ class Trainer:
         if self.args.gpu >= torch.cuda.device_count():
             raise UserError(f"--gpu {self.args.gpu} does not exist: this machine has "
                             f"{torch.cuda.device_count()} CUDA device(s)")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.args.gpu)))
+        torch.cuda.set_device(device)   # streams, graphs and new tensors without a device go to this GPU
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.args.gpu)))
+        return device
 
     def _group_peers(self) -> None:
         """--grouped-peers: every Peers of the method runs its branches as one grouped network."""
@@ -263,15 +267,12 @@ class Trainer:
 
     def _graphed_step(self, batch, epoch: int):
         from .cuda_graph import CaptureError
-        if self.graphed is None:            # capture failed earlier in this epoch
-            return self._step(batch, epoch)
         try:
             return self.graphed(batch, epoch)
         except CaptureError as e:
-            warnings.warn(f"--cuda-graph: {self.method_cls.name}'s step could not be captured ({e}); "
-                          "training eagerly from here on")
-            self.graphed = None
-            return self._step(batch, epoch)
+            raise UserError(f"--cuda-graph: {self.method_cls.name}'s training step could not be captured as a CUDA "
+                            f"graph ({e}). {self.out / 'last.pt'} holds the last finished epoch: continue "
+                            "without --cuda-graph (--resume auto)") from None
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         from tqdm import tqdm

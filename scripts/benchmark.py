@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import importlib
 import json
 import sys
@@ -42,7 +43,7 @@ from torchvision import transforms
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from data.loaders import Batch  # noqa: E402
-from engine import Method, Trainer, parse_args  # noqa: E402
+from engine import Method, Trainer, UserError, parse_args  # noqa: E402
 
 CIFAR_TRAIN = 50_000
 OFFICIAL_WORKERS = {"mcl_okd": 8}            # spec mcl_okd.md section 1: the others load with 0 workers
@@ -150,6 +151,13 @@ def config_flags(config: str) -> list[str]:
 
 
 def make_trainer(method_cls, args, extra: list[str]) -> Trainer:
+    try:
+        return _make_trainer(method_cls, args, extra)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _make_trainer(method_cls, args, extra: list[str]) -> Trainer:
     steps_per_epoch = min(args.steps, 100)
     argv = ["--dataset", "synthetic", "--arch", args.arch, "--batch-size", str(args.batch_size),
             "--gpu", "0" if args.device.type == "cuda" else "-1", "--no-progress", "--epochs", "1000",
@@ -193,8 +201,8 @@ def profile(trainer: Trainer, steps: int, device) -> None:
     with torch_profile(activities=activities) as prof:
         start = time.perf_counter()
         step = trainer._step if trainer.graphed is None else trainer._graphed_step
-        for batch in batches:
-            step(batch._replace(images=trainer._format(batch.images)), 10_000)
+        for batch in batches:  # epoch 0: the epoch its graph (if any) was captured for in the warm-up
+            step(batch._replace(images=trainer._format(batch.images)), 0)
         sync(device)
         wall = time.perf_counter() - start
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -238,26 +246,38 @@ def main(argv=None):
         if unknown:
             raise SystemExit(f"unknown option(s) {unknown} in --configs; known: default, {', '.join(OPTIONS)}")
 
+    start_mib = torch.cuda.memory_allocated(a.device) / 2**20 if a.device.type == "cuda" else 0.0
     first = make_trainer(method_cls, a, [])
+    first_mib = (torch.cuda.memory_allocated(a.device) / 2**20 - start_mib) if a.device.type == "cuda" else 0.0
     init_state = copy.deepcopy(first.method.state_dict())
     rows = []
+    def memory_mark() -> float:
+        """Reset the peak; the memory already held (MiB) is not counted in the next row's peak."""
+        if a.device.type != "cuda":
+            return 0.0
+        gc.collect()   # a finished trainer is a reference cycle (through its graphed step)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(a.device)
+        return torch.cuda.memory_allocated(a.device) / 2**20
+
+    def row(loop: str, sec: float, ops, held: float) -> dict:
+        peak = peak_memory_mib(a.device)
+        return {"loop": loop, "s_per_step": sec, "ops_per_step": ops, "peak_mib": None if peak is None else peak - held}
+
     if not a.skip_reference:
+        held = memory_mark()
         ref = copy.deepcopy(first.method)
         split = first.loaders.train
         sec, ops = reference_step(ref, split.images.cpu(), split.labels.cpu(), first.loaders.info, a, a.device)
-        rows.append({"loop": f"reference ({a.workers} workers)", "s_per_step": sec, "ops_per_step": ops,
-                     "peak_mib": peak_memory_mib(a.device)})
+        rows.append(row(f"reference ({a.workers} workers)", sec, ops, held))
         del ref
     for config in configs:
-        if a.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(a.device)
+        held = memory_mark() - (first_mib if config == "default" else 0.0)   # default: the first trainer itself
         trainer = first if config == "default" else make_trainer(method_cls, a, config_flags(config))
         if "grouped" not in config.split("+"):
             trainer.method.load_state_dict(init_state)   # grouped: the same initial weights, by the same seed
         sec, ops = engine_step(trainer, a.steps)
-        rows.append({"loop": f"engine {config}", "s_per_step": sec, "ops_per_step": ops,
-                     "peak_mib": peak_memory_mib(a.device)})
+        rows.append(row(f"engine {config}", sec, ops, held))
         del trainer
 
     peers = first.args.num_peers if method_cls.num_peers is not None else 1

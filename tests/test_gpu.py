@@ -35,6 +35,22 @@ def test_cuda_graph_equals_eager(method, tmp_path):
     assert_same_run(eager, graphed, 2e-3)
 
 
+def test_cuda_graph_is_captured_every_epoch_and_replayed(tmp_path):
+    from engine import Trainer, parse_args
+    args = parse_args(train_dml.DML, FAST + ["--cuda-graph", "--grouped-peers", "--amp", "bf16", "--channels-last",
+                                             "--out", str(tmp_path)])
+    trainer = Trainer(train_dml.DML, args)
+    steps = len(trainer.loaders.train)
+    for epoch in range(3):
+        assert torch.isfinite(torch.tensor(trainer.train_epoch(epoch)["loss"]))
+    graph = trainer.graphed
+    assert graph.captures == 3 and graph.eager_batches == 0
+    assert graph.replays == 3 * steps - 3            # all but the three warm-up steps
+    before = [p.detach().clone() for p in trainer.method.model.parameters()]
+    trainer.train_epoch(3)
+    assert all(not torch.equal(a, p) for a, p in zip(before, trainer.method.model.parameters()))  # it trains
+
+
 @pytest.mark.parametrize("method", [train_dml.DML, train_one.ONE], ids=["dml", "one"])
 def test_grouped_peers_on_cuda_equal_plain(method, tmp_path):
     plain = train(method, FAST + ["--out", str(tmp_path / "plain")])
