@@ -92,3 +92,68 @@ def test_a_step_that_cannot_be_captured_stops_with_a_clear_error(tmp_path):
     trainer.graphed = FailingGraph()
     with pytest.raises(UserError, match=r"could not be captured .*operation not permitted.*without --cuda-graph"):
         trainer.train_epoch(0)
+
+
+def test_graphed_step_bookkeeping_on_the_cpu(tmp_path, monkeypatch):
+    """GraphedStep's logic (warm-up, one capture per epoch, inputs copied into the static tensors, outputs
+    overwritten in place by every replay, the engine's sums) against eager training, on the CPU.
+
+    A fake CUDA graph stands in: capturing runs the step once (as capture + first replay would), and each
+    later replay re-runs it on the static inputs and writes the results into the captured output tensors,
+    the memory a real replay overwrites."""
+    from contextlib import contextmanager, nullcontext
+
+    from engine import Trainer, parse_args
+    from engine import cuda_graph
+    from engine.cuda_graph import GraphedStep, tree_tensors
+
+    class FakeGraph:
+        def __init__(self):
+            self.pending, self.rerun = True, None
+
+        def replay(self):
+            if self.pending:       # the capture has just computed this batch
+                self.pending = False
+            else:
+                self.rerun()
+
+    @contextmanager
+    def fake_capture(graph, pool=None, stream=None):
+        yield
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    for name, value in [("CUDAGraph", FakeGraph), ("graph", fake_capture), ("Stream", Stream),
+                        ("stream", lambda s: nullcontext()), ("current_stream", lambda device=None: Stream()),
+                        ("synchronize", lambda device=None: None)]:
+        monkeypatch.setattr(cuda_graph.torch.cuda, name, value)
+
+    class CPUGraphedStep(GraphedStep):
+        def _capture(self, batch, epoch):
+            super()._capture(batch, epoch)
+
+            def rerun():
+                out = self.step(self.static_in, self.epoch)
+                with torch.no_grad():
+                    for static, new in zip(tree_tensors(self.static_out), tree_tensors(out)):
+                        static.copy_(new)
+            self.graph.rerun = rerun
+
+    argv = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "384", "--batch-size", "64", "--gpu", "-1",
+            "--no-progress", "--out", str(tmp_path), "--epochs", "3"]
+    eager = Trainer(train_dml.DML, parse_args(train_dml.DML, argv))
+    graphed = Trainer(train_dml.DML, parse_args(train_dml.DML, argv))
+    graphed.graphed = CPUGraphedStep(graphed._step, list(graphed.optimizers.values()), graphed.device)
+    for epoch in range(3):
+        a, b = eager.train_epoch(epoch), graphed.train_epoch(epoch)
+        for key in ("ce", "kd", "loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), (epoch, key)
+    steps = len(graphed.loaders.train)
+    assert graphed.graphed.captures == 3 and graphed.graphed.replays == 3 * steps - 3
+    for p, q in zip(eager.method.model.parameters(), graphed.method.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
