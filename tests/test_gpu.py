@@ -38,7 +38,7 @@ def test_cuda_graph_equals_eager(method, tmp_path):
 def test_cuda_graph_is_captured_every_epoch_and_replayed(tmp_path):
     from engine import Trainer, parse_args
     args = parse_args(train_dml.DML, FAST + ["--cuda-graph", "--grouped-peers", "--amp", "bf16", "--channels-last",
-                                             "--out", str(tmp_path)])
+                                             "--epochs", "10", "--out", str(tmp_path)])   # lr > 0 in epoch 4
     trainer = Trainer(train_dml.DML, args)
     steps = len(trainer.loaders.train)
     for epoch in range(3):
