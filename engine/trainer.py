@@ -32,6 +32,11 @@ RESUME_KEYS = {"arch": None, "dataset": None, "num_peers": None, "subset": None,
                "grouped_peers": False}
 
 
+def saved_arg(ckpt: dict, key: str):
+    """The value of RESUME_KEYS argument ``key`` a checkpoint was trained with (its default if it predates it)."""
+    return ckpt["args"].get(key, RESUME_KEYS[key])
+
+
 def lr_factor(epoch: int, args) -> float:
     """Multiplier of the peak lr during 0-based ``epoch``: per-epoch cosine to 0, or x0.1 per milestone."""
     if args.lr_schedule == "cosine":
@@ -119,6 +124,7 @@ class Trainer:
         if args.compile:
             self.model = torch.compile(self.model, mode=None if args.compile == "default" else args.compile)
         self.groups = self.method.optim_groups()
+        self.sgd_kernels = sgd_implementation(args.sgd_impl, self.device)   # probed once, used by every _sgd
         self.optimizers = {g.name: self._sgd(g) for g in self.groups}
         self.schedulers = {
             g.name: torch.optim.lr_scheduler.LambdaLR(
@@ -228,7 +234,7 @@ class Trainer:
         return torch.optim.SGD(group.params, lr=scale * (group.lr if group.lr is not None else a.lr),
                                momentum=a.momentum, nesterov=a.nesterov and a.momentum > 0,
                                weight_decay=group.weight_decay if group.weight_decay is not None else a.weight_decay,
-                               **{**sgd_implementation(a.sgd_impl, self.device), **group.extra})
+                               **{**self.sgd_kernels, **group.extra})
 
     def _default_run_name(self) -> str:
         a = self.args
@@ -265,6 +271,12 @@ class Trainer:
         self.scaler.update()
         return terms, total
 
+    def train_step(self, batch, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One training step on a loader's batch: in the memory format, replayed from the CUDA graph with
+        --cuda-graph, else eagerly."""
+        batch = batch._replace(images=self._format(batch.images))
+        return self._step(batch, epoch) if self.graphed is None else self._graphed_step(batch, epoch)
+
     def _graphed_step(self, batch, epoch: int):
         from .cuda_graph import CaptureError
         try:
@@ -285,11 +297,9 @@ class Trainer:
         steps = 0
         bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{self.args.epochs}", leave=False,
                    disable=self.args.no_progress or not self.is_main, dynamic_ncols=True)
-        step = self._step if self.graphed is None else self._graphed_step
         start = time.perf_counter()
         for batch in bar:
-            batch = batch._replace(images=self._format(batch.images))
-            terms, total = step(batch, epoch)
+            terms, total = self.train_step(batch, epoch)
             for name, value in terms.items():  # accumulated on the device: no host sync per step
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             sums["loss"] = sums.get("loss", 0.0) + total.detach().float()
@@ -368,8 +378,8 @@ class Trainer:
         ckpt = load_checkpoint(path)
         if ckpt["method"] != self.method_cls.name:
             raise UserError(f"{path} is a {ckpt['method']} checkpoint; resume it with train_{ckpt['method']}.py")
-        for key, default in RESUME_KEYS.items():
-            saved, now = ckpt["args"].get(key, default), getattr(self.args, key, None)
+        for key in RESUME_KEYS:
+            saved, now = saved_arg(ckpt, key), getattr(self.args, key, None)
             if saved != now:
                 raise UserError(f"{path} was trained with --{key.replace('_', '-')} {saved}, this run asks for "
                                 f"{now}; resume with the same value or start a new run with another --out")
@@ -539,8 +549,8 @@ class Trainer:
     def evaluate_only(self) -> dict:
         path = Path(self.args.eval_only)
         ckpt = load_checkpoint(path)
-        if ckpt["args"].get("grouped_peers", False) != self.args.grouped_peers:
-            flag = "with" if ckpt["args"].get("grouped_peers") else "without"
+        if saved_arg(ckpt, "grouped_peers") != self.args.grouped_peers:
+            flag = "with" if saved_arg(ckpt, "grouped_peers") else "without"
             raise UserError(f"{path} holds grouped peers' weights laid out as trained; evaluate it {flag} "
                             "--grouped-peers")
         self._load_state(ckpt, path)

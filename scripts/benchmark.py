@@ -200,9 +200,8 @@ def profile(trainer: Trainer, steps: int, device) -> None:
     sync(device)
     with torch_profile(activities=activities) as prof:
         start = time.perf_counter()
-        step = trainer._step if trainer.graphed is None else trainer._graphed_step
         for batch in batches:  # epoch 0: the epoch its graph (if any) was captured for in the warm-up
-            step(batch._replace(images=trainer._format(batch.images)), 0)
+            trainer.train_step(batch, 0)
         sync(device)
         wall = time.perf_counter() - start
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
