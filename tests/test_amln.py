@@ -159,3 +159,103 @@ def test_bad_flags_are_one_line_errors():
         args = parse_args(AMLN, ["--gpu", "-1"] + argv)
         with pytest.raises(UserError):
             AMLN.check_args(args)
+
+
+# ---- the alternating step ----------------------------------------------------------------------------
+def _snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("arch", ["resnet20"])
+def test_each_players_step_leaves_the_other_alone(arch):
+    """Parameters compared around every optimizer step: the discriminators' step changes the discriminators
+    and no peer/adapter parameter; the peers' step changes the peers and no discriminator parameter."""
+    from data import Batch
+    from engine.method import StepContext
+
+    torch.manual_seed(0)
+    m = _method(["--arch", arch, "--align-weight", "0.1"])
+    optimizers = {g.name: Trainer_optimizer(g) for g in m.optim_groups()}
+    assert isinstance(optimizers["discriminators"], torch.optim.Adam)
+    step = StepContext(optimizers, torch.amp.GradScaler("cpu", enabled=False), "cpu")
+    log = []
+    real_step = step.step
+
+    def watched(*names):
+        before = (_snapshot(m.model), _snapshot(m.discriminators))
+        real_step(*names)
+        after = (_snapshot(m.model), _snapshot(m.discriminators))
+        log.append((names, _same(before[0], after[0]), _same(before[1], after[1])))
+
+    step.step = watched
+    batch = Batch(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)), torch.arange(8))
+    for _ in range(2):
+        terms = m.train_step(m.model, batch, 0, step)
+    # per step: discriminators first (peers untouched), then the model (discriminators untouched)
+    assert log == [(("discriminators",), True, False), (("model",), False, True)] * 2
+    assert set(terms) == {"ce", "kd", "adv", "align", "disc"}
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in terms.values())
+    assert all(p.requires_grad for p in m.discriminators.parameters())    # unfrozen after the step
+
+
+def Trainer_optimizer(group):
+    """The optimizer the engine builds for an OptimGroup (its factory, else SGD at lr 0.1)."""
+    if group.optimizer is not None:
+        return group.optimizer(group.params, lr=group.lr, weight_decay=group.weight_decay or 0.0, **group.extra)
+    return torch.optim.SGD(group.params, lr=0.1, momentum=0.9)
+
+
+# ---- runs end to end ---------------------------------------------------------------------------------
+FAST = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "32", "--gpu", "-1", "--no-progress",
+        "--workers", "0"]
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "wrn_16_2", "vgg16"])
+def test_one_epoch_every_family(arch, tmp_path):
+    from engine import train
+    from engine.checkpoint import load_checkpoint
+    results = train(AMLN, FAST + ["--arch", arch, "--epochs", "1", "--out", str(tmp_path)])
+    last = results["last"]
+    assert set(last["train"]) >= {"ce", "kd", "adv", "disc", "loss"} and "align" not in last["train"]
+    assert all(math.isfinite(last["train"][k]) for k in ("ce", "kd", "adv", "disc"))
+    assert {"peer1/top1", "peer2/top1", "ensemble/top1"} <= set(last["test"])
+    assert set(last["lr"]) == {"model", "discriminators"} and last["lr"]["discriminators"] == pytest.approx(2e-4)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert set(ckpt["optimizers"]) == {"model", "discriminators"}
+    assert ckpt["optimizers"]["discriminators"]["param_groups"][0]["betas"] == (0.5, 0.999)
+    assert set(ckpt["state"]) == {"model", "discriminators"}
+
+
+class _InterruptedAMLN(AMLN):
+    def on_epoch_start(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """A run stopped between its two epochs and resumed ends with the same peers, discriminators, optimizer
+    states (SGD momentum, Adam's moments and step) and metrics as the run that was never stopped."""
+    from engine import train
+    from engine.checkpoint import load_checkpoint
+    args = FAST + ["--arch", "resnet20", "--epochs", "2", "--num-peers", "3"]
+    full = train(AMLN, args + ["--out", str(tmp_path / "full")])
+    with pytest.raises(KeyboardInterrupt):
+        train(_InterruptedAMLN, args + ["--out", str(tmp_path / "cut")])
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    resumed = train(AMLN, args + ["--out", str(tmp_path / "cut"), "--resume", "auto"])
+    assert resumed["history"][1]["test"] == full["history"][1]["test"]
+    for term in ("ce", "kd", "adv", "disc", "loss"):
+        assert resumed["history"][1]["train"][term] == full["history"][1]["train"][term]
+    a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in ("full", "cut"))
+    for part in ("model", "discriminators"):
+        assert a["state"][part].keys() == b["state"][part].keys()
+        assert all(torch.equal(a["state"][part][k], b["state"][part][k]) for k in a["state"][part])
+    for name in ("model", "discriminators"):
+        sa, sb = a["optimizers"][name]["state"], b["optimizers"][name]["state"]
+        assert sa.keys() == sb.keys() and all(
+            torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i] if torch.is_tensor(sa[i][k]))
+    assert a["optimizers"]["discriminators"]["state"][0]["step"].item() == 2 * 2   # 2 steps per epoch
