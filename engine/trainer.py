@@ -93,11 +93,13 @@ class Trainer:
     def __init__(self, method_cls: type[Method], args):
         from data import build_loaders
         from models import model_entry
+        from models.peers import arch_names
 
         self.args = args
         self.method_cls = method_cls
         self._check_args()
-        model_entry(args.arch)  # unknown architecture: the listing error before anything heavy
+        for name in arch_names(args.arch):
+            model_entry(name)  # unknown architecture: the listing error before anything heavy
         self.device = self._select_device()
         self.dist: DistEnv = init_distributed(self.device.type == "cuda")
         if self.dist.enabled and self.device.type == "cuda":
@@ -157,6 +159,9 @@ class Trainer:
             raise UserError("--lr-schedule multistep needs --milestones, e.g. --milestones 150 225")
         if m.num_peers is not None and a.num_peers < m.min_peers:
             raise UserError(f"{m.name} needs --num-peers >= {m.min_peers}; got {a.num_peers}")
+        if "," in a.arch and not m.mixed_archs:
+            raise UserError(f"--arch {a.arch}: {m.name}'s peers share layers, so they have one architecture; "
+                            "give one name")
         if a.val_split < 0:
             raise UserError("--val-split must be >= 0")
         if a.sync_bn and not (torch.cuda.is_available() and a.gpu >= 0):
@@ -239,7 +244,8 @@ class Trainer:
     def _default_run_name(self) -> str:
         a = self.args
         peers = f"-n{a.num_peers}" if self.method_cls.num_peers is not None else ""
-        return f"{self.method_cls.name}-{a.arch}-{a.dataset}{peers}-s{a.seed}"
+        from models.peers import arch_tag
+        return f"{self.method_cls.name}-{arch_tag(a.arch)}-{a.dataset}{peers}-s{a.seed}"
 
     def log(self, text: str) -> None:
         if self.is_main:
@@ -421,7 +427,8 @@ class Trainer:
     def _results(self, status: str) -> dict:
         a = self.args
         return {
-            "status": status, "method": self.method_cls.name, "arch": a.arch, "dataset": a.dataset,
+            "status": status, "method": self.method_cls.name, "arch": a.arch, "peer_archs": self.peer_archs(),
+            "dataset": a.dataset,
             "epochs_done": len(self.history), "epochs": a.epochs,
             "recipe": {"name": a.recipe, **{k: getattr(a, k) for k in RECIPE_KEYS},
                        "same_as_recipe": all(getattr(a, k) == RECIPES[a.recipe][k] for k in RECIPE_KEYS)},
@@ -441,6 +448,13 @@ class Trainer:
             "args": {k: v for k, v in vars(a).items()},
             "history": self.history,
         }
+
+    def peer_archs(self) -> Optional[dict[str, str]]:
+        """``{"peer1": arch, ...}`` for a method with peers (heterogeneous with an --arch list), else None."""
+        if self.method_cls.num_peers is None:
+            return None
+        from models.peers import peer_archs
+        return {f"peer{i + 1}": name for i, name in enumerate(peer_archs(self.args.arch, self.args.num_peers))}
 
     def _write_results(self, status: str) -> None:
         if self.is_main:
@@ -541,9 +555,10 @@ class Trainer:
         heads = [k[:-5] for k in last if k.endswith("/top1")]
         lines = [f"{'head':<12} {'best top1':>9} {'last top1':>9} {'last top5':>9}   "
                  f"(best = epoch {self.best['epoch']}, selected on {self.select_split} {self.best_head}/top1)"]
+        archs = self.peer_archs() if "," in self.args.arch else {}
         for h in heads:
             lines.append(f"{h:<12} {self.best['test'][h + '/top1']:9.2f} {last[h + '/top1']:9.2f} "
-                         f"{last[h + '/top5']:9.2f}")
+                         f"{last[h + '/top5']:9.2f}" + (f"   {archs[h]}" if h in archs else ""))
         self.log("\n".join(lines) + f"\nresults: {self.out / 'results.json'}")
 
     def evaluate_only(self) -> dict:

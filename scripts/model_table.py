@@ -5,6 +5,7 @@ Usage::
 
     python scripts/model_table.py                          # every backbone, N = 2 and 4
     python scripts/model_table.py --arch resnet32 vgg16 --peers 4
+    python scripts/model_table.py --arch resnet32,wrn_16_2         # a heterogeneous pair (independent peers)
 
 Each backbone is counted at its native input size (``model_entry(name).image_size``) with 100 classes
 for the 32x32 (CIFAR-size) nets and 1000 for the 224x224 ImageNet ResNets; the class count is printed
@@ -13,7 +14,9 @@ FLOPs / 2). The models are built on the ``meta`` device, so nothing is allocated
 
 The peer table gives the whole N-peer model (``models.peers.Peers``): ``independent`` (N full
 networks), ``shared`` at the ``dml`` split (DML / MCL-OKD) and at the ``one`` split (ONE / OKDDip), and
-the CL-ILR ``tree`` (trunk at the ``dml`` split, ceil(N/2) one-stage groups, N branches).
+the CL-ILR ``tree`` (trunk at the ``dml`` split, ceil(N/2) one-stage groups, N branches). A comma list
+(``resnet32,wrn_16_2``) is one heterogeneous set of independent peers, one row, with each member's
+backbone row above it; every member must have the same native input size.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import UnknownModelError, create_model, list_models, model_entry  # noqa: E402
 from models.complexity import count_macs, count_parameters  # noqa: E402
-from models.peers import Peers  # noqa: E402
+from models.peers import Peers, arch_names  # noqa: E402
 
 HEADER = """\
 Parameters: every parameter (trainable or not; BN affine included, buffers such as BN running stats
@@ -77,6 +80,18 @@ def peer_rows(name: str, num_peers: int, single: dict) -> list[dict]:
     return rows
 
 
+def mixed_row(arch: str, singles: dict) -> dict:
+    """The whole model of a heterogeneous list of independent peers; ratios against the members' sum."""
+    names = arch_names(arch)
+    size, classes = native_setup(names[0])
+    with torch.device("meta"):
+        peers = Peers(names, classes, len(names), "independent")
+    params, macs = count_parameters(peers), count_macs(peers, size)
+    return {"name": arch, "N": len(names), "topology": "independent", "trunk": "-", "params": params, "macs": macs,
+            "params_ratio": params / sum(singles[n]["params"] for n in names),
+            "macs_ratio": macs / sum(singles[n]["macs"] for n in names)}
+
+
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -90,12 +105,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--peers", nargs="+", type=int, default=[2, 4], metavar="N",
                         help="peer counts for the topology table (default: 2 4)")
     args = parser.parse_args(argv)
-    names = args.arch or list_models()
+    entries = args.arch or list_models()
+    names = list(dict.fromkeys(n for entry in entries for n in arch_names(entry)))   # every member, once
     for name in names:
         try:
             model_entry(name)
         except UnknownModelError as err:
             parser.error(str(err))
+    mixed = [entry for entry in entries if len(arch_names(entry)) > 1]
+    for entry in mixed:
+        if len({native_setup(n) for n in arch_names(entry)}) > 1:
+            parser.error(f"--arch {entry}: the members have different native input sizes; pair nets of one size")
     if any(n < 1 for n in args.peers):
         parser.error("--peers needs positive peer counts")
 
@@ -111,12 +131,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("## Peer topologies (whole N-peer model)")
     print()
     print("trunk = stages in the shared trunk (the stem is always in it); the tree adds one group stage per")
-    print("pair of branches after its trunk. 'x single' = total / the single backbone of the row above.")
+    print("pair of branches after its trunk. 'x single' = total / the single backbone of the row above (for a")
+    print("list of different architectures: / the sum of its members).")
     print()
-    rows = [row for s in singles for n in args.peers for row in peer_rows(s["name"], n, s)]
+    rows = [row for s in singles if s["name"] in entries or not args.arch
+            for n in args.peers for row in peer_rows(s["name"], n, s)]
+    by_name = {s["name"]: s for s in singles}
+    rows += [mixed_row(entry, by_name) for entry in mixed]
     print(markdown(["backbone", "classes", "N", "topology", "trunk stages", "params", "MACs",
                     "params x single", "MACs x single"],
-                   [[r["name"], str(native_setup(r["name"])[1]), str(r["N"]), r["topology"], r["trunk"],
+                   [[r["name"], str(native_setup(arch_names(r["name"])[0])[1]), str(r["N"]), r["topology"], r["trunk"],
                      f"{r['params']:,}", f"{r['macs']:,}", f"{r['params_ratio']:.2f}", f"{r['macs_ratio']:.2f}"]
                     for r in rows]))
     return 0
