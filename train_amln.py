@@ -6,8 +6,8 @@ Knowledge Distillation", ICML 2020) where the paper could not be read. docs/amln
 N >= 2 independent peers. Peer i learns from its target peer t(i) = i - 1 (mod N): the other peer for N = 2,
 AFD's cyclic scheme beyond. At every block b (backbone stage; heterogeneous peers pair their last stages) the
 stage map F_ib of peer i goes through an adaptation module A_ib (the identity when it already has the target's
-shape, else pool + 1x1 conv + BN to the target's shape) and a discriminator D_ib tells A_ib(F_ib) ("fake") from
-the target's map F_t(i)b ("real"):
+shape; else pooling to the smaller spatial size + 1x1 conv + BN to the target's width) and a discriminator D_ib
+tells A_ib(F_ib) ("fake") from the target's map F_t(i)b ("real", pooled to the smaller size where larger):
 
     L_D    = sum_i sum_b  d(D_ib(sg F_t(i)b), D_ib(sg A_ib(F_ib)))                      discriminators' step
     L_peer = sum_i CE(z_i, y) + 1/(N-1) sum_i sum_{j != i} KD_T(z_i <- sg z_j)           outcome-driven (DML)
@@ -20,6 +20,7 @@ modules (the run's SGD) through the just-updated, frozen discriminators.
 
     python train_amln.py --arch resnet32 --gpu 0                 # two ResNet-32 peers, CIFAR-100
     python train_amln.py --arch resnet32 --num-peers 3 --gpu 0   # three peers, cyclic (AFD)
+    python train_amln.py --arch resnet32,wrn_16_2 --gpu 0        # heterogeneous peers
 """
 from __future__ import annotations
 
@@ -61,17 +62,23 @@ def paired_stages(n_own: int, n_target: int) -> list[tuple[int, int]]:
 
 
 # ---- the block-wise modules ------------------------------------------------------------------------
-class Adapter(nn.Sequential):
-    """A_ib: peer i's (c_in, h_in, w_in) stage map -> the target's (c, h, w). The identity when the shapes agree;
-    else adaptive average pooling to (h, w) when the sizes differ and a 1x1 conv (no bias) + BN when the widths
-    differ (no ReLU: the pre-activation WRN's stage maps are not rectified)."""
+def block_shape(own: tuple[int, int, int], target: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Where a peer's map and its target's are compared: the target's width at the smaller of the two spatial
+    sizes (the larger map is average-pooled down; nothing is upsampled)."""
+    return target[0], min(own[1], target[1]), min(own[2], target[2])
 
-    def __init__(self, own: tuple[int, int, int], target: tuple[int, int, int]):
+
+class Adapter(nn.Sequential):
+    """A_ib: peer i's (c_in, h_in, w_in) stage map -> the block's (c, h, w). The identity when the shapes agree;
+    else adaptive average pooling to (h, w) when the peer's map is larger and a 1x1 conv (no bias) + BN when
+    the widths differ (no ReLU: the pre-activation WRN's stage maps are not rectified)."""
+
+    def __init__(self, own: tuple[int, int, int], block: tuple[int, int, int]):
         layers: list[nn.Module] = []
-        if own[1:] != target[1:]:
-            layers.append(nn.AdaptiveAvgPool2d(target[1:]))
-        if own[0] != target[0]:
-            layers += [nn.Conv2d(own[0], target[0], 1, bias=False), nn.BatchNorm2d(target[0])]
+        if own[1:] != block[1:]:
+            layers.append(nn.AdaptiveAvgPool2d(block[1:]))
+        if own[0] != block[0]:
+            layers += [nn.Conv2d(own[0], block[0], 1, bias=False), nn.BatchNorm2d(block[0])]
             nn.init.kaiming_normal_(layers[-2].weight, mode="fan_out", nonlinearity="relu")
         super().__init__(*layers)   # an empty Sequential is the identity
 
@@ -100,7 +107,8 @@ class Discriminator(nn.Module):
 class AMLNOutput(NamedTuple):
     logits: list[torch.Tensor]                   # z_i, one B x C tensor per peer
     fake: Optional[list[list[torch.Tensor]]]     # per peer i, per block b: A_ib(F_ib) (with gradient)
-    real: Optional[list[list[torch.Tensor]]]     # per peer i, per block b: F_t(i)b (with gradient; detach to use)
+    real: Optional[list[list[torch.Tensor]]]     # per peer i, per block b: F_t(i)b, pooled to the block's size
+                                                 # where larger (with gradient; detach to use)
 
 
 class AMLNNet(nn.Module):
@@ -114,10 +122,11 @@ class AMLNNet(nn.Module):
         shapes = [stage_shapes(peers.single_network(i), image_size) for i in range(peers.num_peers)]
         # per peer i: the (own stage, target stage) index and the shapes of every block
         self.pairs = [paired_stages(len(shapes[i]), len(shapes[t])) for i, t in enumerate(self.targets)]
-        self.block_shapes = [[shapes[t][ts] for _, ts in pairs] for t, pairs in zip(self.targets, self.pairs)]
+        self.block_shapes = [[block_shape(shapes[i][s], shapes[t][ts]) for s, ts in pairs]
+                             for i, (t, pairs) in enumerate(zip(self.targets, self.pairs))]
         self.adapters = nn.ModuleList(
-            nn.ModuleList(Adapter(shapes[i][s], shapes[t][ts]) for s, ts in self.pairs[i])
-            for i, t in enumerate(self.targets))
+            nn.ModuleList(Adapter(shapes[i][s], shape) for (s, _), shape in zip(self.pairs[i], self.block_shapes[i]))
+            for i in range(peers.num_peers))
 
     def forward(self, x: torch.Tensor, blocks: bool = True) -> AMLNOutput:
         out = self.peers(x, return_stages=blocks)
@@ -125,8 +134,13 @@ class AMLNNet(nn.Module):
             return AMLNOutput(out.logits, None, None)
         fake = [[adapter(out.stages[i][s]) for adapter, (s, _) in zip(self.adapters[i], self.pairs[i])]
                 for i in range(len(self.adapters))]
-        real = [[out.stages[t][ts] for _, ts in self.pairs[i]] for i, t in enumerate(self.targets)]
+        real = [[_pool_to(out.stages[t][ts], shape[1:]) for (_, ts), shape in zip(self.pairs[i], self.block_shapes[i])]
+                for i, t in enumerate(self.targets)]
         return AMLNOutput(out.logits, fake, real)
+
+
+def _pool_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, size)
 
 
 def build_discriminators(block_shapes: list[list[tuple[int, int, int]]]) -> nn.ModuleList:
@@ -170,8 +184,8 @@ class AMLN(Method):
     name = "amln"
     num_peers = 2
     min_peers = 2
+    mixed_archs = True       # --arch a,b: heterogeneous peers, paired by their last stages through the adapters
     state_keys = ("discriminators",)
-    groupable_peers = True
 
     @classmethod
     def add_arguments(cls, parser):

@@ -170,7 +170,7 @@ def _same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("arch", ["resnet20"])
+@pytest.mark.parametrize("arch", ["resnet20", "resnet20,wrn_16_2"])
 def test_each_players_step_leaves_the_other_alone(arch):
     """Parameters compared around every optimizer step: the discriminators' step changes the discriminators
     and no peer/adapter parameter; the peers' step changes the peers and no discriminator parameter."""
@@ -259,3 +259,31 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert sa.keys() == sb.keys() and all(
             torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i] if torch.is_tensor(sa[i][k]))
     assert a["optimizers"]["discriminators"]["state"][0]["step"].item() == 2 * 2   # 2 steps per epoch
+
+
+def test_heterogeneous_pairs_are_adapted():
+    """ResNet-20 (3 stages: 16x32x32, 32x16x16, 64x8x8) with VGG-16 (4 stages: 128x8x8, 256x4x4, 512x2x2,
+    512x1x1): the pair uses the last three stages of each, at the target's width and the smaller spatial size
+    (the larger map is pooled down, whichever side it is on; nothing is upsampled)."""
+    m = _method(["--arch", "resnet20,vgg16"])
+    net = m.model
+    assert net.pairs == [[(0, 1), (1, 2), (2, 3)], [(1, 0), (2, 1), (3, 2)]]
+    assert net.block_shapes == [[(256, 4, 4), (512, 2, 2), (512, 1, 1)], [(16, 4, 4), (32, 2, 2), (64, 1, 1)]]
+    assert [type(l).__name__ for l in net.adapters[0][2]] == ["AdaptiveAvgPool2d", "Conv2d", "BatchNorm2d"]
+    assert [type(l).__name__ for l in net.adapters[1][0]] == ["Conv2d", "BatchNorm2d"]     # 4x4 already
+    x = torch.randn(2, 3, 32, 32)
+    out = net(x)
+    for i in range(2):
+        for f, r, shape in zip(out.fake[i], out.real[i], net.block_shapes[i]):
+            assert f.shape[1:] == r.shape[1:] == shape
+    net.eval()
+    stages = net.peers(x, return_stages=True).stages
+    # peer 2 (VGG) imitates peer 1 (ResNet): ResNet's 16x32x32 stage-1 map average-pooled to 4x4 is "real"
+    assert torch.allclose(net(x).real[1][0], F.adaptive_avg_pool2d(stages[0][0], 4))
+
+
+def test_heterogeneous_pair_one_epoch(tmp_path):
+    from engine import train
+    results = train(AMLN, FAST + ["--arch", "resnet20,wrn_16_2", "--epochs", "1", "--out", str(tmp_path)])
+    assert results["peer_archs"] == {"peer1": "resnet20", "peer2": "wrn_16_2"}
+    assert math.isfinite(results["last"]["train"]["adv"]) and "ensemble/top1" in results["last"]["test"]
