@@ -287,3 +287,13 @@ def test_heterogeneous_pair_one_epoch(tmp_path):
     results = train(AMLN, FAST + ["--arch", "resnet20,wrn_16_2", "--epochs", "1", "--out", str(tmp_path)])
     assert results["peer_archs"] == {"peer1": "resnet20", "peer2": "wrn_16_2"}
     assert math.isfinite(results["last"]["train"]["adv"]) and "ensemble/top1" in results["last"]["test"]
+
+
+def test_two_ranks_keep_one_set_of_discriminators(tmp_path):
+    """Under torchrun the discriminators live outside DDP; their gradients are averaged over the ranks by hand,
+    so after training both ranks hold the same discriminators (and the same peers)."""
+    from tests.test_distributed import torchrun
+    torchrun("train_amln", *FAST, "--arch", "resnet20", "--subset", "128", "--epochs", "1", "--out", str(tmp_path))
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["model"] for r in (0, 1))
+    for part in ("model", "discriminators"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
