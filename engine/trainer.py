@@ -127,8 +127,8 @@ class Trainer:
         if args.compile:
             self.model = torch.compile(self.model, mode=None if args.compile == "default" else args.compile)
         self.groups = self.method.optim_groups()
-        self.sgd_kernels = sgd_implementation(args.sgd_impl, self.device)   # probed once, used by every _sgd
-        self.optimizers = {g.name: self._sgd(g) for g in self.groups}
+        self.sgd_kernels = sgd_implementation(args.sgd_impl, self.device)   # probed once, used by every SGD
+        self.optimizers = {g.name: self._optimizer(g) for g in self.groups}
         self.schedulers = {
             g.name: torch.optim.lr_scheduler.LambdaLR(
                 self.optimizers[g.name], (lambda e: lr_factor(e, args)) if g.scheduled else (lambda e: 1.0))
@@ -236,13 +236,16 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(model, device_ids=ids, find_unused_parameters=self.method.find_unused_parameters)
 
-    def _sgd(self, group) -> torch.optim.SGD:
+    def _optimizer(self, group) -> torch.optim.Optimizer:
+        """The group's own optimizer class, or the run's SGD (momentum, Nesterov, --sgd-impl kernels)."""
         a = self.args
         scale = self.dist.world_size if a.lr_scale == "linear" else 1
-        return torch.optim.SGD(group.params, lr=scale * (group.lr if group.lr is not None else a.lr),
-                               momentum=a.momentum, nesterov=a.nesterov and a.momentum > 0,
-                               weight_decay=group.weight_decay if group.weight_decay is not None else a.weight_decay,
-                               **{**self.sgd_kernels, **group.extra})
+        lr = scale * (group.lr if group.lr is not None else a.lr)
+        weight_decay = group.weight_decay if group.weight_decay is not None else a.weight_decay
+        if group.optimizer is not None:
+            return group.optimizer(group.params, lr=lr, weight_decay=weight_decay, **group.extra)
+        return torch.optim.SGD(group.params, lr=lr, momentum=a.momentum, nesterov=a.nesterov and a.momentum > 0,
+                               weight_decay=weight_decay, **{**self.sgd_kernels, **group.extra})
 
     def _default_run_name(self) -> str:
         a = self.args
@@ -443,11 +446,12 @@ class Trainer:
         checkpoint, the hyper-parameters (lr and its schedule, --epochs, weight decay, momentum, --sgd-impl)
         from the current flags. Without this the first resumed epoch would keep the old schedule's lr."""
         for group in self.groups:
-            fresh = self._sgd(group).param_groups[0]
+            fresh = self._optimizer(group).param_groups[0]
             sched = self.schedulers[group.name]
             for g in self.optimizers[group.name].param_groups:
-                for key in ("weight_decay", "momentum", "nesterov", "foreach", "fused"):
-                    g[key] = fresh[key]
+                for key, value in fresh.items():   # weight decay, momentum / betas, kernels, ...
+                    if key not in ("params", "lr", "initial_lr"):
+                        g[key] = value
                 g["initial_lr"] = fresh["lr"]
                 g["lr"] = fresh["lr"] * sched.lr_lambdas[0](sched.last_epoch)
             sched.base_lrs = [fresh["lr"]] * len(sched.base_lrs)

@@ -179,7 +179,7 @@ def test_each_players_step_leaves_the_other_alone(arch):
 
     torch.manual_seed(0)
     m = _method(["--arch", arch, "--align-weight", "0.1"])
-    optimizers = {g.name: Trainer_optimizer(g) for g in m.optim_groups()}
+    optimizers = {g.name: _optimizer_for(g) for g in m.optim_groups()}
     assert isinstance(optimizers["discriminators"], torch.optim.Adam)
     step = StepContext(optimizers, torch.amp.GradScaler("cpu", enabled=False), "cpu")
     log = []
@@ -202,7 +202,7 @@ def test_each_players_step_leaves_the_other_alone(arch):
     assert all(p.requires_grad for p in m.discriminators.parameters())    # unfrozen after the step
 
 
-def Trainer_optimizer(group):
+def _optimizer_for(group):
     """The optimizer the engine builds for an OptimGroup (its factory, else SGD at lr 0.1)."""
     if group.optimizer is not None:
         return group.optimizer(group.params, lr=group.lr, weight_decay=group.weight_decay or 0.0, **group.extra)
