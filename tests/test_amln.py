@@ -297,3 +297,20 @@ def test_two_ranks_keep_one_set_of_discriminators(tmp_path):
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["model"] for r in (0, 1))
     for part in ("model", "discriminators"):
         assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+
+
+def test_grouped_peers_give_the_same_blocks():
+    """--grouped-peers runs the peers as one grouped network: the logits and the block maps AMLN compares are
+    the same as with separate peers."""
+    import copy
+    m = _method(["--arch", "resnet20"])
+    plain = m.model.eval()
+    grouped = copy.deepcopy(plain)
+    grouped.peers.group_branches()
+    x = torch.randn(3, 3, 32, 32)
+    a, b = plain(x), grouped(x)
+    for za, zb in zip(a.logits, b.logits):
+        assert torch.allclose(za, zb, atol=1e-5)
+    for part in ("fake", "real"):
+        for ra, rb in zip(getattr(a, part), getattr(b, part)):
+            assert all(torch.allclose(u, v, atol=1e-5) for u, v in zip(ra, rb))
