@@ -58,7 +58,7 @@ class BadDatasetError(DatasetError):
         reason, and the fix."""
         listed = "; ".join(f"{p} ({reason})" for p, reason in list(bad)[:shown])
         more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
-        count = f"{len(bad)} {what} cannot be read" if len(bad) > 1 else f"a {what.rstrip('s')} cannot be read"
+        count = f"{len(bad)} {what if len(bad) > 1 else what.rstrip('s')} cannot be read"
         return cls(f"dataset {name!r}: {count}: {listed}{more}. Fix: {fix}")
 
 

@@ -50,8 +50,13 @@ CACHE = "okd_uint8_cache.pt"
 CACHE_VERSION = 2
 SIZE = 64
 NUM_CLASSES = dataset_info("tinyimagenet").num_classes
-FIX = (f"extract {FOLDER}.zip again (or run with --download, which re-extracts it and checks its MD5); "
-       "python scripts/check_dataset.py --dataset tinyimagenet --data <folder> lists every bad file")
+
+
+REEXTRACT = f"extract {FOLDER}.zip again (or run with --download, which re-extracts it and checks its MD5)"
+
+
+def _fix(root: Path) -> str:
+    return f"{REEXTRACT}; python scripts/check_dataset.py --dataset tinyimagenet --data {root} lists every bad file"
 
 
 def _candidates(data=None) -> list[Path]:
@@ -88,7 +93,7 @@ def find_root(data=None, download: bool = False) -> Path:
 
 
 def _bad(problem: str) -> BadDatasetError:
-    return BadDatasetError(f"dataset 'tinyimagenet': {problem}. Fix: {FIX}")
+    return BadDatasetError(f"dataset 'tinyimagenet': {problem}. Fix: {REEXTRACT}")
 
 
 def _some(names, k: int = 5) -> str:
@@ -222,7 +227,7 @@ def _load(root: Path) -> tuple[ArraySplit, ArraySplit]:
             warnings.warn(f"ignoring unreadable cache {cache}: {err}")
     (train, bad_train), (test, bad_val) = _decode_all(train_items), _decode_all(val_items)
     if bad_train or bad_val:                     # nothing is cached
-        raise BadDatasetError.files("tinyimagenet", bad_train + bad_val, FIX, what="images")
+        raise BadDatasetError.files("tinyimagenet", bad_train + bad_val, _fix(root), what="images")
     _atomic_save({"version": CACHE_VERSION, "key": key, "train": tuple(train), "test": tuple(test)}, cache)
     return train, test
 

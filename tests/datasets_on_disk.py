@@ -93,18 +93,18 @@ TINY_VAL = [("val_0.JPEG", 1), ("val_1.JPEG", 2), ("val_2.JPEG", 1), ("val_3.JPE
 
 
 def write_tinyimagenet(parent: Path, per_class: int = 1, size: int = 8) -> Path:
-    """200 classes x ``per_class`` train images (colour = class), 4 val images labelled only by
+    """200 classes x ``per_class`` train images (colour = class, red + k for the k-th), 4 val images labelled only by
     val_annotations.txt (val_3 greyscale, as some of the release's). Class index c = sorted(TINY_WNIDS)[c]."""
     root = parent / "tiny-imagenet-200"
     (root / "val" / "images").mkdir(parents=True)
     (root / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
     wnids = sorted(TINY_WNIDS)
     for c, w in enumerate(wnids):
-        blob = image_bytes(colour(c), size)
         (root / "train" / w).mkdir(parents=True)
         (root / "train" / w / f"{w}_boxes.txt").write_text("")
-        for k in range(per_class):
-            write(root / "train" / w / "images" / f"{w}_{k}.JPEG", blob)
+        for k in range(per_class):                                  # red + k: every image distinct
+            r, g, b = colour(c)
+            write(root / "train" / w / "images" / f"{w}_{k}.JPEG", image_bytes((r + k, g, b), size))
     for name, c in TINY_VAL:
         write(root / "val" / "images" / name, image_bytes(colour(c), size))
     write(root / "val" / "images" / "val_3.JPEG", image_bytes((128, 128, 128), size, mode="L"))

@@ -3,8 +3,6 @@ against torchvision's, splits, determinism, sharding, views and subsets. CPU onl
 from __future__ import annotations
 
 import argparse
-import gzip
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision import transforms
 
 from data import (DATASET_NAMES, DatasetInfo, DatasetNotFoundError, DeviceLoader, build_loaders, dataset_info,
