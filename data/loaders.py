@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision import transforms
 
-from .common import ArraySplit, DatasetInfo, dataset_info
+from .common import ArraySplit, BadDatasetError, DatasetError, DatasetInfo, dataset_info
 
 # Tags that keep the random streams derived from one seed apart.
 _ORDER, _AUG, _WORKERS, _VAL, _SUBSET, _EVAL_SUBSET = range(6)
@@ -323,16 +323,25 @@ def load_dataset(name: str, data=None, download: bool = False):
 
 
 def _load_once(name: str, data, download: bool, rank: int, world_size: int):
-    """Under an initialised process group rank 0 loads first (it alone downloads, and it writes the
-    TinyImageNet cache the others then read); the other ranks wait for it at a barrier."""
+    """Under an initialised process group rank 0 loads first (it alone downloads, checks the files, and
+    writes the TinyImageNet cache the others then read); the other ranks wait for its verdict, and when
+    rank 0 found the dataset missing or damaged they stop with the same one-line error instead of waiting."""
     import torch.distributed as dist
     if not (world_size > 1 and dist.is_available() and dist.is_initialized()):
         return load_dataset(name, data, download)
+    verdict = [None]
     if rank == 0:
-        result = load_dataset(name, data, download)
-        dist.barrier()
+        try:
+            result = load_dataset(name, data, download)
+        except DatasetError as e:
+            verdict = [str(e)]
+            dist.broadcast_object_list(verdict, src=0)
+            raise
+        dist.broadcast_object_list(verdict, src=0)
         return result
-    dist.barrier()
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise BadDatasetError(verdict[0].replace("\n", " "))
     return load_dataset(name, data, False)
 
 
@@ -343,9 +352,10 @@ def _subset(labels: torch.Tensor, idx: torch.Tensor, n: Optional[int], seed: int
         return idx, None
     if n > len(idx):
         raise ValueError(f"{flag} {n} exceeds the {len(idx)} {pool} samples")
+    drawn_from = len(idx)
     if n < len(idx):
         idx = idx[stratified_split(labels[idx], n, seed, stream, flag)[1]]
-    return idx, {"size": n, "of": len(labels), "selection": "stratified random (each class in proportion to its "
+    return idx, {"size": n, "of": drawn_from, "selection": "stratified random (each class in proportion to its "
                  "size)", "seed": seed, "classes": int(labels[idx].unique().numel())}
 
 

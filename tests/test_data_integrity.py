@@ -10,6 +10,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -562,3 +564,47 @@ def test_check_dataset_reports_layout_problems_and_other_datasets(tmp_path, imag
     write_fashion_mnist(tmp_path / "fm", compress=True)
     code, out, _ = run_check(capsys, "--dataset", "fashion-mnist", "--data", str(tmp_path / "fm"))
     assert code == 0 and "5 train and 3 test images" in out
+
+
+def test_damaged_dataset_under_torchrun_stops_every_rank_in_one_line(tmp_path):
+    """Rank 0 checks the files; the other ranks get its verdict instead of waiting at a barrier forever."""
+    folder = write_cifar10(tmp_path)
+    (folder / "data_batch_2").write_bytes(GARBAGE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train_dml.py"), "--dataset", "cifar10", "--data", str(tmp_path), "--gpu", "-1",
+           "--out", str(tmp_path / "run")]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all(str(folder / "data_batch_2") in e and "not a pickle" in e for e in errors), r.stderr
+
+
+@pytest.mark.parametrize("damage", ["cut mid-line", "unknown wnid"])
+def test_prepare_imagenet_val_checks_the_label_file_before_moving(tmp_path, damage):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prepare_imagenet_val", REPO / "scripts" / "prepare_imagenet_val.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for w in ("n00000001", "n00000002"):
+        (tmp_path / "train" / w).mkdir(parents=True)
+    rows = [(f"ILSVRC2012_val_{k:08d}", f"n0000000{1 + k % 2}") for k in range(1, 5)]
+    for stem, _ in rows:
+        write(tmp_path / "val" / f"{stem}.JPEG", image_bytes())
+    write(tmp_path / "val" / "._ILSVRC2012_val_00000001.JPEG", GARBAGE)           # hidden: not an image to move
+    text = "ImageId,PredictionString\n" + "".join(f"{s},{w} 1 2 3 4\n" for s, w in rows)
+    if damage == "unknown wnid":
+        text = text.replace("ILSVRC2012_val_00000003,n00000002", "ILSVRC2012_val_00000003,n99999999")
+    else:
+        text = text[: text.index("ILSVRC2012_val_00000004,") + len("ILSVRC2012_val_00000004,n000")]
+    csv = write(tmp_path / "LOC_val_solution.csv", text.encode())
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--val-dir", str(tmp_path / "val"), "--labels", str(csv)])
+    msg = str(exit_.value.code)
+    assert "\n" not in msg and str(csv) in msg
+    assert ("line 5 is malformed" in msg) if damage == "cut mid-line" else ("n99999999" in msg and "nothing was moved" in msg)
+    assert len(list((tmp_path / "val").glob("ILSVRC*.JPEG"))) == 4                   # nothing moved
+    if damage == "unknown wnid":                                                  # repaired: all four move
+        csv.write_text(text.replace("n99999999", "n00000002"))
+        assert script.main(["--val-dir", str(tmp_path / "val"), "--labels", str(csv)]) == 0
+        assert len(list((tmp_path / "val").glob("n0000000*/*.JPEG"))) == 4
