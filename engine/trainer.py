@@ -107,7 +107,8 @@ class Trainer:
         self._seed(args.seed)
         args.views = method_cls.views
         try:
-            self.loaders = build_loaders(args, self.device, self.dist.rank, self.dist.world_size)
+            self.loaders = build_loaders(args, self.device, self.dist.rank, self.dist.world_size,
+                                         needs_every_class=method_cls.needs_every_class)
         except ValueError as e:  # a data flag that does not fit the dataset (--val-split, --subset, --loader)
             raise UserError(str(e)) from None
         info = self.loaders.info
@@ -471,6 +472,7 @@ class Trainer:
             "train_time_s": self.train_seconds,
             "train_images_per_s": self.train_samples / max(self.train_seconds, 1e-9),
             "world_size": self.dist.world_size,
+            "data": self.loaders.record,
             "git_commit": self.provenance["git_commit"], "versions": self.provenance["versions"],
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
             "args": {k: v for k, v in vars(a).items()},
@@ -614,11 +616,11 @@ def train(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> dic
 
 def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point: errors that are the user's to fix print as one line, not a traceback."""
-    from data import DatasetNotFoundError
+    from data import DatasetError
     from models import UnknownModelError
     try:
         train(method_cls, argv)
-    except (UserError, DatasetNotFoundError, UnknownModelError) as e:
+    except (UserError, DatasetError, UnknownModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
