@@ -18,12 +18,14 @@ and pools globally, which is the same for a map of that size and needs no size a
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .base import Backbone, run_stages
+from .peers import Peers
 
 
 class FusionModule(nn.Module):
@@ -71,3 +73,37 @@ def stage_shapes(net: Backbone, image_size: int) -> list[tuple[int, int, int]]:
 def last_stage_shape(net: Backbone, image_size: int) -> tuple[int, int, int]:
     """(channels, H, W) of the last stage's map for a square ``image_size`` input (probed in eval mode)."""
     return stage_shapes(net, image_size)[-1]
+
+
+class PeerMaps(NamedTuple):
+    logits: list[torch.Tensor]                   # per peer, B x C
+    final: list[torch.Tensor]                    # per peer, the last-stage map as its classifier sees it
+    stages: Optional[list[list[torch.Tensor]]]   # per peer, the raw output of every stage (trunk ones shared)
+
+
+def peer_maps(peers: Peers, x: torch.Tensor, keep_stages: bool = False) -> PeerMaps:
+    """Run ``peers`` (independent or on a shared trunk, plain or grouped by ``--grouped-peers``) once and
+    return each peer's logits, its **final map** (the last stage's output after the head's ``norm``: the
+    identity for ResNet/VGG, BN+ReLU for the pre-activation WRN/DenseNet/HCGNet, i.e. the map the
+    classifier pools, which is what a fusion teacher reads) and, with ``keep_stages``, every stage's map.
+    The logits are exactly those of ``peers(x)``; each head's ``norm`` runs once per step."""
+    if peers.topology == "tree":
+        raise ValueError("peer_maps runs independent or shared-trunk peers, not the CL-ILR tree")
+    trunk_maps: list[torch.Tensor] = []
+    if peers.trunk is not None:
+        x, trunk_maps = peers.trunk(x, keep_stages)
+    n = peers.num_peers
+    if peers.grouped:    # one wide network: peer i owns channel block i of every tensor
+        nets, inputs, per_net = [peers.branches.wide], [torch.cat([x] * n, 1)], n
+    else:
+        nets, inputs, per_net = list(peers.branches), [x] * n, 1
+    logits, final, stages = [], [], []
+    for net, inp in zip(nets, inputs):
+        m, maps = run_stages(net.stem(inp), net.stages, keep_stages)
+        m = net.head.norm(m)
+        logits += net.head.fc(torch.flatten(net.head.pool(m), 1)).chunk(per_net, 1)
+        final += m.chunk(per_net, 1)
+        if keep_stages:
+            blocks = [s.chunk(per_net, 1) for s in maps]
+            stages += [trunk_maps + [b[i] for b in blocks] for i in range(per_net)]
+    return PeerMaps(logits, final, stages if keep_stages else None)
