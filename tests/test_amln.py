@@ -210,8 +210,8 @@ def _optimizer_for(group):
 
 
 # ---- runs end to end ---------------------------------------------------------------------------------
-FAST = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "32", "--gpu", "-1", "--no-progress",
-        "--workers", "0"]
+FAST = ["--dataset", "synthetic", "--subset", "64", "--eval-subset", "100", "--batch-size", "32", "--gpu", "-1",
+        "--no-progress", "--workers", "0"]
 
 
 @pytest.mark.parametrize("arch", ["resnet20", "wrn_16_2", "vgg16"])
