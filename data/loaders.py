@@ -22,12 +22,14 @@ indexed by ``Batch.index``).
 
 ``device`` loader (all datasets but ImageNet): uint8 images and labels live on the device; per epoch the
 order, crop offsets and flip flags are drawn on the CPU and moved once; per batch a gather does
-zero-pad + crop + flip, then float, /255 and Normalize, all on the device, with no host sync. Its
-distribution equals torchvision's RandomCrop(size, padding) + RandomHorizontalFlip(0.5): offsets uniform
-on 0..2*padding in each axis, flip with p = 0.5, zero padding before normalisation (tests/test_data.py).
+pad + crop + flip, then float, /255 and Normalize, all on the device, with no host sync. Its
+distribution equals torchvision's RandomCrop(size, padding, padding_mode) + RandomHorizontalFlip(0.5):
+offsets uniform on 0..2*padding in each axis, flip with p = 0.5, padding before normalisation, with zeros
+(``pad_mode='zero'``, the default) or the border reflected without repeating the edge (``'reflect'``, the
+``Pad(4, padding_mode='reflect')`` of the FFL, DCCL and CMFF codes) (tests/test_data.py).
 
 ``torch`` loader: a DataLoader over the same uint8 arrays with torchvision transforms (RandomCrop(size,
-padding) + RandomHorizontalFlip on uint8 tensors, ConvertImageDtype (/255), Normalize), or the PIL
+padding, padding_mode) + RandomHorizontalFlip on uint8 tensors, ConvertImageDtype (/255), Normalize), or the PIL
 ImageNet transforms of :mod:`data.imagenet`. Each sample's transform runs under its own seed, drawn
 from the (seed, epoch, rank) generator, so augmentation does not depend on the number of workers or on
 persistent workers, and the training process's global RNG is left untouched.
@@ -148,33 +150,55 @@ class _Loader:
         return self.schedule.positions()
 
 
-def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
-              padding: int) -> torch.Tensor:
-    """Batched RandomCrop(size, padding, fill 0) + horizontal flip by one gather.
+PAD_MODES = ("zero", "reflect")
 
-    ``images`` B x C x H x W; ``dy``, ``dx`` offsets in 0..2*padding into the zero-padded image; ``flip``
+
+def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+              padding: int, pad_mode: str = "zero") -> torch.Tensor:
+    """Batched RandomCrop(size, padding, padding_mode) + horizontal flip by one gather.
+
+    ``images`` B x C x H x W; ``dy``, ``dx`` offsets in 0..2*padding into the padded image; ``flip``
     bool. Output pixel (i, j) = padded[dy + i, dx + j], or padded[dy + i, dx + W - 1 - j] when flipped
-    (crop, then flip: torchvision's order)."""
+    (crop, then flip: torchvision's order). ``pad_mode`` 'zero' pads with 0; 'reflect' reads padded
+    position p (0-based, p - padding outside 0..H-1) at the reflected index without repeating the edge
+    (torch's / torchvision's 'reflect'), gathered from the unpadded images (needs padding < H, W)."""
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}; got {pad_mode!r}")
     b, c, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4) if padding else images
     ar_h, ar_w = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
     rows = dy[:, None] + ar_h                                                      # B x H
     cols = dx[:, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)            # B x W
+    if pad_mode == "reflect" and padding:
+        if padding >= min(h, w):
+            raise ValueError(f"reflect padding {padding} needs images larger than it; got {h}x{w}")
+        rows, cols = _reflect(rows - padding, h), _reflect(cols - padding, w)
+        padded = images
+    else:
+        padded = F.pad(images, (padding,) * 4) if padding else images
     return padded[torch.arange(b, device=images.device)[:, None, None, None],
                   torch.arange(c, device=images.device)[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Index into 0..size-1 of position ``index`` (-size < index < 2*size - 1) reflected at the borders
+    without repeating the edge: -1 -> 1, size -> size - 2."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
 class DeviceLoader(_Loader):
     """Whole split resident on ``device`` as uint8; augmentation batched on the device (module docstring)."""
 
     def __init__(self, split: ArraySplit, info: DatasetInfo, batch_size: int, device, *, train: bool,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, views: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, views: int = 1, pad_mode: str = "zero"):
         super().__init__(split.labels, batch_size, train, seed, rank, world_size, views)
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}; got {pad_mode!r}")
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.device_labels = split.labels.to(self.device)
-        self.padding = info.crop_padding
+        self.padding, self.pad_mode = info.crop_padding, pad_mode
         self.mean = torch.tensor(info.mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std, device=self.device).view(1, -1, 1, 1)
 
@@ -202,7 +226,8 @@ class DeviceLoader(_Loader):
             x = self.images[index]
             if self.train:
                 views = [self.normalize(crop_flip(x, a[0, i * bs:(i + 1) * bs], a[1, i * bs:(i + 1) * bs],
-                                                  a[2, i * bs:(i + 1) * bs].bool(), self.padding)) for a in augs]
+                                                  a[2, i * bs:(i + 1) * bs].bool(), self.padding, self.pad_mode))
+                         for a in augs]
                 images = views[0] if self.views == 1 else views
             else:
                 images = self.normalize(x)
@@ -295,9 +320,13 @@ class TorchLoader(_Loader):
             yield Batch(images, move(labels), move(index))
 
 
-def array_transforms(info: DatasetInfo, train: bool):
-    """torchvision transforms on uint8 C x H x W tensors: [RandomCrop(size, padding) + flip] + /255 + Normalize."""
-    steps = [transforms.RandomCrop(info.image_size, padding=info.crop_padding),
+def array_transforms(info: DatasetInfo, train: bool, pad_mode: str = "zero"):
+    """torchvision transforms on uint8 C x H x W tensors: [RandomCrop(size, padding, padding_mode) + flip]
+    + /255 + Normalize; ``pad_mode`` 'zero' (torchvision's 'constant' 0) or 'reflect'."""
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}; got {pad_mode!r}")
+    steps = [transforms.RandomCrop(info.image_size, padding=info.crop_padding,
+                                   padding_mode="constant" if pad_mode == "zero" else pad_mode),
              transforms.RandomHorizontalFlip()] if train else []
     return transforms.Compose(steps + [transforms.ConvertImageDtype(torch.float32),
                                        transforms.Normalize(info.mean, info.std)])
@@ -404,7 +433,8 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     the hold-out), ``eval_subset`` (test on N samples, stratified random), ``val_split`` (hold out N
     training samples, stratified; evaluated with test-time transforms), all seeded by ``seed``,
     ``batch_size`` (per process), ``eval_batch_size`` (default 2 x batch_size), ``workers``, ``loader``
-    ('device' default, 'torch' for ImageNet), ``views`` (default 1). ``needs_every_class``: refuse (ValueError)
+    ('device' default, 'torch' for ImageNet), ``views`` (default 1), ``pad_mode`` ('zero'
+    default, or 'reflect'; ImageNet's RandomResizedCrop does not pad). ``needs_every_class``: refuse (ValueError)
     a subset that leaves a class without training samples. Dataset problems raise DatasetNotFoundError or
     BadDatasetError; flags that do not fit the dataset raise ValueError.
     """
@@ -419,6 +449,7 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     eval_batch_size = getattr(args, "eval_batch_size", None) or 2 * batch_size
     views = getattr(args, "views", 1) or 1
     seed, workers = getattr(args, "seed", 0) or 0, getattr(args, "workers", 0) or 0
+    pad_mode = getattr(args, "pad_mode", None) or "zero"
 
     train_set, test_set = _load_once(name, getattr(args, "data", None), bool(getattr(args, "download", False)),
                                      rank, world_size)
@@ -442,12 +473,12 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
         if kind == "device":
             whole = len(idx) == len(split_labels)  # skip a copy of the whole set
             sub = split if whole else ArraySplit(split.images[idx], split_labels[idx])
-            return DeviceLoader(sub, info, bs, device, **common)
+            return DeviceLoader(sub, info, bs, device, pad_mode=pad_mode, **common)
         if imagefolder:
             from .imagenet import test_transform, train_transform
             source, transform = split, (train_transform() if train else test_transform())
         else:
-            source, transform = ArraySource(split), array_transforms(info, train)
+            source, transform = ArraySource(split), array_transforms(info, train, pad_mode)
         return TorchLoader(source, idx, split_labels[idx], transform, bs, device, workers=workers, **common)
 
     train = make(train_set, labels, train_idx, True)

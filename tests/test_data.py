@@ -16,7 +16,7 @@ from data import (DATASET_NAMES, DatasetInfo, DatasetNotFoundError, DeviceLoader
                   load_dataset, stratified_split)
 from data.common import ArraySplit
 from data.fashion_mnist import read_idx
-from data.loaders import crop_flip
+from data.loaders import array_transforms, crop_flip
 from datasets_on_disk import (TINY_VAL, colour, idx_bytes, write_cifar10, write_cifar100, write_fashion_mnist,
                               write_imagenet, write_tinyimagenet)
 
@@ -246,10 +246,10 @@ def _outcome(out: torch.Tensor) -> torch.Tensor:
     return dy * 18 + dx * 2 + flip
 
 
-def _templates(image: torch.Tensor) -> torch.Tensor:
+def _templates(image: torch.Tensor, pad_mode: str = "zero") -> torch.Tensor:
     """All 162 outputs, by torchvision's functional ops, indexed like :func:`_outcome`."""
     import torchvision.transforms.functional as TF
-    padded = TF.pad(image, 4)
+    padded = TF.pad(image, 4, padding_mode="constant" if pad_mode == "zero" else pad_mode)
     outs = []
     for dy in range(9):
         for dx in range(9):
@@ -264,18 +264,23 @@ def _chi_square_uniform(codes: torch.Tensor, k: int = 162) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-def test_device_crop_flip_matches_torchvision_distribution():
+@pytest.mark.parametrize("pad_mode", ["zero", "reflect"])
+def test_device_crop_flip_matches_torchvision_distribution(pad_mode):
     image, n = _coordinate_image(), 16200
     info = DatasetInfo("coords", 10, 32, (0.0, 0.0, 0.0), (1 / 255,) * 3, 4)      # normalisation = identity on 0..255
     loader = DeviceLoader(ArraySplit(image.expand(n, -1, -1, -1).contiguous(), torch.zeros(n, dtype=torch.long)),
-                          info, n, "cpu", train=True, seed=3)
+                          info, n, "cpu", train=True, seed=3, pad_mode=pad_mode)
     out = next(iter(loader)).images.round().to(torch.uint8)
     device_codes = _outcome(out)
-    assert torch.equal(out, _templates(image)[device_codes])                    # pixel-exact, zero padding included
+    assert torch.equal(out, _templates(image, pad_mode)[device_codes])          # pixel-exact, padding included
+    assert (out == 0).all(1).any() == (pad_mode == "zero")                     # zero pixels only from zero padding
 
     torch.manual_seed(0)
-    tv = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()])
+    tv = transforms.Compose([transforms.RandomCrop(32, padding=4, padding_mode="constant" if pad_mode == "zero"
+                                                   else pad_mode), transforms.RandomHorizontalFlip()])
     tv_codes = _outcome(torch.stack([tv(image) for _ in range(n)]))
+    torch_out = torch.stack([array_transforms(info, True, pad_mode)(image) for _ in range(300)]).round().to(torch.uint8)
+    assert torch.equal(torch_out, _templates(image, pad_mode)[_outcome(torch_out)])  # the torch loader's padding
 
     assert set(device_codes.tolist()) == set(tv_codes.tolist()) == set(range(162))
     # chi-square with 161 degrees of freedom: mean 161, sd 18; 161 + 5 sd is a loose, never-flaky bound
@@ -288,8 +293,21 @@ def test_device_crop_flip_matches_torchvision_distribution():
 def test_crop_flip_without_padding_is_identity_or_mirror():
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     zero = torch.zeros(4, dtype=torch.long)
-    assert torch.equal(crop_flip(x, zero, zero, torch.zeros(4, dtype=torch.bool), 0), x)
-    assert torch.equal(crop_flip(x, zero, zero, torch.ones(4, dtype=torch.bool), 0), x.flip(-1))
+    for mode in ("zero", "reflect"):
+        assert torch.equal(crop_flip(x, zero, zero, torch.zeros(4, dtype=torch.bool), 0, mode), x)
+        assert torch.equal(crop_flip(x, zero, zero, torch.ones(4, dtype=torch.bool), 0, mode), x.flip(-1))
+
+
+def test_reflect_crop_equals_torch_reflect_pad_then_crop():
+    x = torch.randint(0, 256, (5, 3, 6, 7), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(1)
+    dy, dx, flip = torch.randint(0, 9, (5,), generator=g), torch.randint(0, 9, (5,), generator=g), torch.rand(5, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x.float(), (4,) * 4, mode="reflect")
+    want = torch.stack([padded[i, :, dy[i]:dy[i] + 6, dx[i]:dx[i] + 7] for i in range(5)])
+    want = torch.where(flip[:, None, None, None], want.flip(-1), want).to(torch.uint8)
+    assert torch.equal(crop_flip(x, dy, dx, flip, 4, "reflect"), want)
+    with pytest.raises(ValueError, match="pad_mode"):
+        crop_flip(x, dy, dx, flip, 4, "edge")
 
 
 def test_normalisation_matches_torchvision():
