@@ -436,36 +436,34 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     ('device' default, 'torch' for ImageNet), ``views`` (default 1), ``pad_mode`` ('zero'
     default, or 'reflect'; ImageNet's RandomResizedCrop does not pad). ``needs_every_class``: refuse (ValueError)
     a subset that leaves a class without training samples. Dataset problems raise DatasetNotFoundError or
-    BadDatasetError; flags that do not fit the dataset raise ValueError.
+    BadDatasetError; flags that do not fit the dataset raise ValueError. Every field must exist (a missing one
+    is an AttributeError, not a silent default); None means the default where stated.
     """
     name = args.dataset
     info = dataset_info(name)
-    kind = getattr(args, "loader", None) or ("torch" if name == "imagenet" else "device")
+    kind = args.loader or ("torch" if name == "imagenet" else "device")
     if kind not in ("device", "torch"):
         raise ValueError(f"unknown loader {kind!r}; choose 'device' or 'torch'")
     if name == "imagenet" and kind == "device":
         raise ValueError("ImageNet does not fit in device memory as decoded images; use --loader torch")
     batch_size = args.batch_size
-    eval_batch_size = getattr(args, "eval_batch_size", None) or 2 * batch_size
-    views = getattr(args, "views", 1) or 1
-    seed, workers = getattr(args, "seed", 0) or 0, getattr(args, "workers", 0) or 0
-    pad_mode = getattr(args, "pad_mode", None) or "zero"
+    eval_batch_size = args.eval_batch_size or 2 * batch_size
+    views, seed, workers, pad_mode = args.views, args.seed, args.workers, args.pad_mode
 
-    train_set, test_set = _load_once(name, getattr(args, "data", None), bool(getattr(args, "download", False)),
-                                     rank, world_size)
+    train_set, test_set = _load_once(name, args.data, bool(args.download), rank, world_size)
     imagefolder = name == "imagenet"
     labels = torch.as_tensor(train_set.targets if imagefolder else train_set.labels, dtype=torch.int64)
     test_labels = torch.as_tensor(test_set.targets if imagefolder else test_set.labels, dtype=torch.int64)
     train_idx, val_idx = torch.arange(len(labels)), None
-    if getattr(args, "val_split", 0):
+    if args.val_split:
         train_idx, val_idx = stratified_split(labels, args.val_split, seed)
     pool = train_idx
-    train_idx, subset = _subset(labels, pool, getattr(args, "subset", None), seed, _SUBSET, "--subset",
+    train_idx, subset = _subset(labels, pool, args.subset, seed, _SUBSET, "--subset",
                                 "available training")
-    test_idx, eval_subset = _subset(test_labels, torch.arange(len(test_labels)), getattr(args, "eval_subset", None),
+    test_idx, eval_subset = _subset(test_labels, torch.arange(len(test_labels)), args.eval_subset,
                                     seed, _EVAL_SUBSET, "--eval-subset", "test")
     if needs_every_class:
-        _check_every_class(labels, pool, train_idx, info.num_classes, getattr(args, "subset", None))
+        _check_every_class(labels, pool, train_idx, info.num_classes, args.subset)
 
     def make(split, split_labels, idx: torch.Tensor, train: bool):
         common = dict(train=train, seed=seed, rank=rank, world_size=world_size, views=views if train else 1)
