@@ -27,7 +27,7 @@ class DML(Method):
     def add_arguments(cls, parser):
         parser.add_argument("--kd-T", type=float, help="distillation temperature T")
         parser.add_argument("--topology", choices=("independent", "shared"),
-                            help="independent networks, or a shared low-level trunk (split of spec 4.6)")
+                            help="independent networks, or a shared low-level trunk (MCL-OKD split, docs/backbones.md)")
 
     def build(self, args, num_classes):
         split = "dml" if args.topology == "shared" else None

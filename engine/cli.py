@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 # Each recipe is one paper's protocol. A run's defaults come from its recipe; explicit flags win.
 RECIPES: dict[str, dict] = {
-    # MCL-OKD repository, CIFAR (spec mcl_okd.md section 1): per-epoch cosine from 0.1 over 300 epochs.
+    # winycg/MCL-OKD main_cifar_*.py (docs/official_code.md): per-epoch cosine from 0.1 over 300 epochs.
     "okd": dict(epochs=300, batch_size=128, lr=0.1, lr_schedule="cosine", milestones=[150, 225],
                 weight_decay=5e-4, momentum=0.9, nesterov=True),
     # MCL-OKD's own method: the same protocol at lr 0.05 and batch 64.

@@ -46,7 +46,7 @@ from data.loaders import Batch  # noqa: E402
 from engine import Method, Trainer, UserError, parse_args  # noqa: E402
 
 CIFAR_TRAIN = 50_000
-OFFICIAL_WORKERS = {"mcl_okd": 8}            # spec mcl_okd.md section 1: the others load with 0 workers
+OFFICIAL_WORKERS = {"mcl_okd": 8}            # winycg/MCL-OKD main_cifar_*.py: the others use 0
 CIFAR100_NEGATIVE_POOL = 49_500              # CIFAR-100 samples of the other 99 classes
 OPTIONS = {
     "channels_last": ["--channels-last"], "bf16": ["--amp", "bf16"], "compile": ["--compile"],

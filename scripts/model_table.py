@@ -36,7 +36,7 @@ excluded), as the official cal_param_size.
 MACs: multiply-adds of one forward pass per sample = torch.utils.flop_counter.FlopCounterMode FLOPs / 2.
 FlopCounterMode counts convolutions and matrix products (Linear/addmm, mm, bmm) at 2 FLOPs per
 multiply-add; BatchNorm, activations, pooling, softmax, element-wise gates, additions and biases are NOT
-counted. That equals the official cal_multi_adds rule (Conv2d + Linear, spec mcl_okd.md section 6) except
+counted. That equals the official cal_multi_adds rule (Conv2d + Linear, winycg/MCL-OKD utils.py) except
 for dilated convs, which are counted at their true output size here (hcgnet_a1: 154,269,036 here,
 154,671,444 by the official counter).
 Input: each backbone's native size (32x32 CIFAR nets, 224x224 ImageNet ResNets); classes: 100 for the

@@ -1,4 +1,4 @@
-"""models/complexity.count_macs against spec mcl_okd.md section 5, MACs of the peer topologies, and a
+"""models/complexity.count_macs against the official sizes (docs/backbones.md), MACs of the peer topologies, and a
 smoke test of scripts/model_table.py.
 
 Models are built on the ``meta`` device where only shapes matter (count_macs is shape-only), and
@@ -29,7 +29,7 @@ def on_meta(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-# spec mcl_okd.md section 5: (arch, classes, input size, params, multiply-adds)
+# official reference sizes, docs/backbones.md: (arch, classes, input size, params, multiply-adds)
 SPEC_5 = [
     ("densenet40_12", 100, 32, 188_092, 72_377_232),
     ("resnet32", 100, 32, 472_756, 69_130_496),
@@ -45,7 +45,7 @@ SPEC_5 = [
 def test_count_macs_matches_spec_section_5(arch, classes, size, params, macs):
     model = on_meta(create_model, arch, num_classes=classes)
     measured = count_macs(model, size)
-    assert abs(measured - macs) <= 0.005 * macs, f"{arch}: {measured:,} vs spec {macs:,}"
+    assert abs(measured - macs) <= 0.005 * macs, f"{arch}: {measured:,} vs official {macs:,}"
     assert count_parameters(model) == params
 
 
