@@ -24,11 +24,12 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional
 
+from engine import Method, OptimGroup, UserError, main, peer_heads  # first: --help without torch (engine/fast_help.py)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, OptimGroup, UserError, main, peer_heads
 from losses import sigmoid_rampup
 from losses.peer_targets import mutual_kd
 from losses.rotation_ssl import ROTATIONS, rotate_batch, upright_contrast_loss

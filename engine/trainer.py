@@ -32,15 +32,28 @@ RESUME_KEYS = {"arch": None, "dataset": None, "num_peers": None, "subset": None,
                "grouped_peers": False}
 
 
+def runs_root() -> Path:
+    """Where run directories go without --out: ``$OKD_RUNS`` if set, else ``./runs`` in the current directory
+    (the same rule as the datasets' ``$OKD_DATASETS`` / ``./datasets``)."""
+    return Path(os.environ.get("OKD_RUNS") or "runs")
+
+
 def saved_arg(ckpt: dict, key: str):
     """The value of RESUME_KEYS argument ``key`` a checkpoint was trained with (its default if it predates it)."""
     return ckpt["args"].get(key, RESUME_KEYS[key])
 
 
 def lr_factor(epoch: int, args) -> float:
-    """Multiplier of the peak lr during 0-based ``epoch``: per-epoch cosine to 0, or x0.1 per milestone."""
+    """Multiplier of the peak lr during 0-based ``epoch``: per-epoch cosine to 0, x0.1 per milestone, or SGDR
+    (Loshchilov & Hutter, ICLR 2017) with cycles of T0, 2 T0, 4 T0, ... epochs (``--sgdr-t0``), each a cosine
+    from the peak to 0, as the MCL-OKD repository's ``adjust_lr`` computes it once per epoch."""
     if args.lr_schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    if args.lr_schedule == "sgdr":
+        start, length = 0, args.sgdr_t0 or args.epochs
+        while epoch >= start + length:          # the cycle holding this epoch
+            start, length = start + length, 2 * length
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - start) / length))
     return 0.1 ** sum(epoch >= m for m in args.milestones)
 
 
@@ -98,6 +111,8 @@ class Trainer:
         self.method_cls = method_cls
         self._check_args()
         model_entry(args.arch)  # unknown architecture: the listing error before anything heavy
+        if args.threads:
+            torch.set_num_threads(args.threads)
         self.device = self._select_device()
         self.dist: DistEnv = init_distributed(self.device.type == "cuda")
         if self.dist.enabled and self.device.type == "cuda":
@@ -138,7 +153,7 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
         self.select_split = "val" if self.loaders.val is not None else "test"
         self.best_head = args.best_metric or method_cls.best_metric
-        self.out = Path(args.out) if args.out else REPO / "runs" / self._default_run_name()
+        self.out = (Path(args.out) if args.out else runs_root() / self._default_run_name()).absolute()
         self.start_epoch = 0
         self.history: list[dict] = []
         self.best: Optional[dict] = None
@@ -189,8 +204,8 @@ class Trainer:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.args.gpu)))
         torch.cuda.set_device(device)   # streams, graphs and new tensors without a device go to this GPU
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        if self.args.tf32 is not None:     # unset: PyTorch's defaults (float32 matmuls, TF32 cuDNN convolutions)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.args.tf32
         return device
 
     def _group_peers(self) -> None:
@@ -296,7 +311,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         steps = 0
         bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{self.args.epochs}", leave=False,
-                   disable=self.args.no_progress or not self.is_main, dynamic_ncols=True)
+                   disable=self.args.no_progress or not self.is_main or not sys.stderr.isatty(), dynamic_ncols=True)
         start = time.perf_counter()
         for batch in bar:
             terms, total = self.train_step(batch, epoch)
@@ -424,7 +439,7 @@ class Trainer:
             "status": status, "method": self.method_cls.name, "arch": a.arch, "dataset": a.dataset,
             "epochs_done": len(self.history), "epochs": a.epochs,
             "recipe": {"name": a.recipe, **{k: getattr(a, k) for k in RECIPE_KEYS},
-                       "same_as_recipe": all(getattr(a, k) == RECIPES[a.recipe][k] for k in RECIPE_KEYS)},
+                       "same_as_recipe": all(getattr(a, k) == RECIPES[a.recipe].get(k) for k in RECIPE_KEYS)},
             "selection": {"split": self.select_split, "metric": f"{self.best_head}/top1",
                           "note": "best = the epoch with the highest selection metric; its test metrics are "
                                   "reported. max_over_epochs_test is what the official codes report when "
@@ -576,10 +591,16 @@ def train(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> dic
         shutdown_distributed()
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` of the command line: ``warning: <message>``, without the source line."""
+    return f"warning: {message}\n"
+
+
 def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point: errors that are the user's to fix print as one line, not a traceback."""
     from data import DatasetNotFoundError
     from models import UnknownModelError
+    warnings.formatwarning = one_line_warning
     try:
         train(method_cls, argv)
     except (UserError, DatasetNotFoundError, UnknownModelError) as e:
