@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -66,7 +67,8 @@ class HelpFormatter(argparse.HelpFormatter):
     def _default(action: argparse.Action) -> str:
         text, default = action.help or "", action.default
         if ("%(default)" in text or "(default" in text or "default:" in text or default in (None, "")
-                or default is argparse.SUPPRESS or (default is False and action.nargs == 0)):
+                or default is argparse.SUPPRESS
+                or (default is False and action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction))):
             return ""
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"(default: {shown.replace('%', '%%')})"
@@ -81,6 +83,18 @@ class HelpFormatter(argparse.HelpFormatter):
         return super()._format_action(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (the usage is what --help is for), and negative numbers in
+    scientific notation (``--weight-decay -1e-4``) read as values, not as flags."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                  arch: Optional[str] = None) -> argparse.ArgumentParser:
     """The parser of ``method_cls``'s script, its defaults from ``recipe`` and ``preset`` (for ``arch``,
@@ -88,7 +102,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     from data import DATASET_NAMES
     from models import list_models
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=f"train_{method_cls.name}.py",
         description=method_cls.describe(),
         formatter_class=HelpFormatter)
@@ -135,7 +149,8 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     r.add_argument("--workers", type=int, default=4, help="DataLoader workers (torch loader only)")
     r.add_argument("--loader", choices=("device", "torch"), default=None,
                    help="'device': uint8 data kept on the training device, augmented there in batch "
-                        "(default where the dataset fits); 'torch': a DataLoader with workers (default for ImageNet)")
+                        "(the default where the dataset fits); 'torch': a DataLoader with workers (the default "
+                        "for ImageNet)")
     r.add_argument("--gpu", type=int, default=0, help="CUDA device index; -1 for the CPU (used anyway, with a "
                                                       "warning, when CUDA is absent). Under torchrun: LOCAL_RANK")
     r.add_argument("--threads", type=_positive_int, default=None, metavar="N",

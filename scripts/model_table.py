@@ -104,7 +104,8 @@ def topology_counts(p: Parts, num_peers: int, topology: str, split: Optional[str
         return None
     # part indices: 0 = stem, 1..S = stages, S+1 = head; the trunk is the stem and the first k stages
     if topology == "shared":
-        return {"trunk": str(k), **{f: p.total(f, 0, k + 1) + num_peers * p.total(f, k + 1) for f in ("params", "macs")}}
+        return {"trunk": str(k),
+                **{f: p.total(f, 0, k + 1) + num_peers * p.total(f, k + 1) for f in ("params", "macs")}}
     groups = math.ceil(num_peers / 2)
     return {"trunk": str(k), **{f: p.total(f, 0, k + 1) + groups * p.total(f, k + 1, k + 2)
                                    + num_peers * p.total(f, k + 2) for f in ("params", "macs")}}
