@@ -29,7 +29,7 @@ RECIPES: dict[str, dict] = {
     # T0 = 100 (a cosine over epochs 0-99, a warm restart at 100, then one 200-epoch cosine), wd 1e-4.
     "imagenet": dict(epochs=300, batch_size=256, lr=0.1, lr_schedule="sgdr", sgdr_t0=100, milestones=[30, 60, 90],
                      weight_decay=1e-4, momentum=0.9, nesterov=True),
-    # The same protocol shortened to one 100-epoch cosine (no restart), as MCL-OKD's own ImageNet script runs.
+    # The same protocol as one 100-epoch cosine (no restart): the run length of MCL-OKD's own ImageNet script.
     "imagenet-100": dict(epochs=100, batch_size=256, lr=0.1, lr_schedule="cosine", milestones=[30, 60, 90],
                          weight_decay=1e-4, momentum=0.9, nesterov=True),
     "mcl-okd-imagenet": dict(epochs=100, batch_size=128, lr=0.05, lr_schedule="cosine", milestones=[30, 60, 90],
@@ -68,7 +68,8 @@ class HelpFormatter(argparse.HelpFormatter):
         text, default = action.help or "", action.default
         if ("%(default)" in text or "(default" in text or "default:" in text or default in (None, "")
                 or default is argparse.SUPPRESS
-                or (default is False and action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction))):
+                or (default is False and action.nargs == 0
+                    and not isinstance(action, argparse.BooleanOptionalAction))):
             return ""
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
         return f"(default: {shown.replace('%', '%%')})"
@@ -138,7 +139,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     o.add_argument("--sgdr-t0", type=_positive_int, metavar="E",
                    help="SGDR: epochs of the first cosine cycle; each later cycle is twice as long, so the lr "
                         "restarts at T0, 3 T0, 7 T0, ... (unset: --epochs, one cosine without restart)")
-    o.add_argument("--weight-decay", type=float, help="SGD weight decay (L2), on every parameter")
+    o.add_argument("--weight-decay", type=float, help="SGD weight decay (L2)")
     o.add_argument("--momentum", type=float, help="SGD momentum")
     o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum")
     p.set_defaults(**RECIPES[recipe])
