@@ -121,12 +121,13 @@ def test_model_table_script_smoke(capsys):
     single_params = count_parameters(on_meta(create_model, "resnet20", num_classes=100))
     single_macs = count_macs(on_meta(create_model, "resnet20", num_classes=100), 32)
     assert f"| resnet20 | 32x32 | 100 | {single_params:,} | {single_macs:,} |" in text
-    assert "| backbone | classes | N | topology | trunk stages | params | MACs |" in text
+    assert "| backbone | input | classes | N | topology | trunk stages | params | MACs |" in text
     for label, topology, split in [("independent", "independent", None), ("shared dml", "shared", "dml"),
                                    ("shared one", "shared", "one"), ("tree (CL-ILR)", "tree", None)]:
         peers = on_meta(Peers, "resnet20", 100, 2, topology, split)
         trunk = "-" if topology == "independent" else str(peers.split)
-        row = f"| resnet20 | 100 | 2 | {label} | {trunk} | {count_parameters(peers):,} | {count_macs(peers, 32):,} |"
+        row = (f"| resnet20 | 32x32 | 100 | 2 | {label} | {trunk} | {count_parameters(peers):,} | "
+               f"{count_macs(peers, 32):,} |")
         assert row in text
     assert "| 4 |" not in text                       # only the requested peer count
 
