@@ -106,7 +106,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.is_main = self.dist.is_main
         self._seed(args.seed)
-        args.views = method_cls.views
+        args.views = getattr(args, "views", None) or method_cls.views   # check_args may set it (one per peer)
         try:
             self.loaders = build_loaders(args, self.device, self.dist.rank, self.dist.world_size)
         except ValueError as e:  # a data flag that does not fit the dataset (--val-split, --subset, --loader)
