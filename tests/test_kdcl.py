@@ -138,3 +138,11 @@ def test_heterogeneous_run(tmp_path):
     assert {"peer1/top1", "peer2/top1", "ensemble/top1"} <= set(results["last"]["test"])
     assert results["peer_archs"] == {"peer1": "resnet20", "peer2": "wrn_16_2"}
     assert set(results["last"]["train"]) >= {"ce", "kd"}
+
+
+def test_general_weights_follow_the_hold_out_each_epoch(tmp_path):
+    results = train(KDCL, FAST + ["--arch", "resnet20", "--ensemble", "general", "--val-split", "40",
+                                  "--out", str(tmp_path)])
+    w = torch.load(tmp_path / "last.pt", weights_only=True)["state"]["general"]["weights"]
+    assert w.sum().item() == pytest.approx(1.0) and not torch.allclose(w, torch.full((2,), 0.5))
+    assert "val" in results["last"]
