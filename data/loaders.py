@@ -13,6 +13,12 @@ indexed by ``Batch.index``).
   Call ``set_epoch`` before iterating (it is not advanced automatically, as ``DistributedSampler``).
 * ``Batch.index`` is the sample's position in the set the loader serves (0..n_train-1 for training,
   after the validation hold-out and ``--subset``), on the training device: the memory-bank index.
+* **Subsets.** ``--val-split N`` holds out N training samples, ``--subset N`` then trains on N of the
+  rest, ``--eval-subset N`` tests on N test samples: each a seeded stratified random sample (every class
+  in proportion to its size, :func:`stratified_split`), never the first N (the first N of a class-sorted
+  set are a few classes). A method that needs every class (``Method.needs_every_class``) refuses a
+  ``--subset`` that leaves one out. The counts found, the official counts and the subsets are printed and
+  returned as ``Loaders.record`` (results.json's ``data``).
 
 ``device`` loader (all datasets but ImageNet): uint8 images and labels live on the device; per epoch the
 order, crop offsets and flip flags are drawn on the CPU and moved once; per batch a gather does
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import NamedTuple, Optional, Union
 
 import numpy as np
@@ -38,10 +45,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision import transforms
 
-from .common import ArraySplit, DatasetInfo, dataset_info
+from .common import ArraySplit, BadDatasetError, DatasetError, DatasetInfo, dataset_info
 
 # Tags that keep the random streams derived from one seed apart.
-_ORDER, _AUG, _WORKERS, _VAL = range(4)
+_ORDER, _AUG, _WORKERS, _VAL, _SUBSET, _EVAL_SUBSET = range(6)
 
 
 class Batch(NamedTuple):
@@ -56,6 +63,7 @@ class Loaders(NamedTuple):
     test: "DeviceLoader | TorchLoader"
     info: DatasetInfo
     n_train: int
+    record: Optional[dict] = None  # images found vs official, subsets: JSON-ready, results.json's "data"
 
 
 def mix_seed(*keys: int) -> int:
@@ -68,18 +76,20 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(mix_seed(*keys))
 
 
-def stratified_split(labels: torch.Tensor, n_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(labels: torch.Tensor, n_val: int, seed: int, stream: int = _VAL,
+                     flag: str = "--val-split") -> tuple[torch.Tensor, torch.Tensor]:
     """Hold out ``n_val`` samples, each class in proportion to its size (largest remainder), chosen at
-    random from a generator seeded by ``seed``. Returns (train, val) index tensors, each sorted."""
+    random from a generator seeded by (``seed``, ``stream``). Returns (rest, held-out) index tensors, each
+    sorted. ``flag`` names the option in the error for an ``n_val`` outside 1..n-1."""
     n = len(labels)
     if not 0 < n_val < n:
-        raise ValueError(f"val_split must be between 1 and {n - 1} (the training set has {n} samples), got {n_val}")
+        raise ValueError(f"{flag} must be between 1 and {n - 1} (the set has {n} samples), got {n_val}")
     counts = torch.bincount(labels)
     exact = counts.double() * n_val / n
     quota = exact.floor().long()
     leftover = n_val - int(quota.sum())
     quota[torch.argsort(quota - exact, stable=True)[:leftover]] += 1   # largest fractional parts first
-    perm = torch.randperm(n, generator=_generator(seed, _VAL))
+    perm = torch.randperm(n, generator=_generator(seed, stream))
     grouped = perm[torch.argsort(labels[perm], stable=True)]           # by class, random within class
     cls = labels[grouped]
     rank_in_class = torch.arange(n) - (torch.cumsum(counts, 0) - counts)[cls]
@@ -313,27 +323,90 @@ def load_dataset(name: str, data=None, download: bool = False):
 
 
 def _load_once(name: str, data, download: bool, rank: int, world_size: int):
-    """Under an initialised process group rank 0 loads first (it alone downloads, and it writes the
-    TinyImageNet cache the others then read); the other ranks wait for it at a barrier."""
+    """Under an initialised process group rank 0 loads first (it alone downloads, checks the files, and
+    writes the TinyImageNet cache the others then read); the other ranks wait for its verdict, and when
+    rank 0 found the dataset missing or damaged they stop with the same one-line error instead of waiting."""
     import torch.distributed as dist
     if not (world_size > 1 and dist.is_available() and dist.is_initialized()):
         return load_dataset(name, data, download)
+    verdict = [None]
     if rank == 0:
-        result = load_dataset(name, data, download)
-        dist.barrier()
+        try:
+            result = load_dataset(name, data, download)
+        except DatasetError as e:
+            verdict = [str(e)]
+            dist.broadcast_object_list(verdict, src=0)
+            raise
+        dist.broadcast_object_list(verdict, src=0)
         return result
-    dist.barrier()
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise BadDatasetError(verdict[0].replace("\n", " "))
     return load_dataset(name, data, False)
 
 
-def build_loaders(args, device, rank: int = 0, world_size: int = 1) -> Loaders:
+def _subset(labels: torch.Tensor, idx: torch.Tensor, n: Optional[int], seed: int, stream: int, flag: str,
+            pool: str) -> tuple[torch.Tensor, Optional[dict]]:
+    """``n`` of the samples ``idx`` (stratified, seeded), and its description for the record."""
+    if not n:
+        return idx, None
+    if n > len(idx):
+        raise ValueError(f"{flag} {n} exceeds the {len(idx)} {pool} samples")
+    drawn_from = len(idx)
+    if n < len(idx):
+        idx = idx[stratified_split(labels[idx], n, seed, stream, flag)[1]]
+    return idx, {"size": n, "of": drawn_from, "selection": "stratified random (each class in proportion to its "
+                 "size)", "seed": seed, "classes": int(labels[idx].unique().numel())}
+
+
+def _check_every_class(labels: torch.Tensor, pool: torch.Tensor, train_idx: torch.Tensor, num_classes: int,
+                       subset: Optional[int]) -> None:
+    """ValueError when a class of the training set has no sample left in ``train_idx``."""
+    present = torch.bincount(labels, minlength=num_classes) > 0
+    empty = int((present & (torch.bincount(labels[train_idx], minlength=num_classes) == 0)).sum())
+    if not empty:
+        return
+    need = "this method needs every class (its negatives are drawn by class)"
+    if subset:
+        counts = torch.bincount(labels[pool])
+        enough = -(-len(pool) // int(counts[counts > 0].min()))       # every class's share >= 1 sample
+        raise ValueError(f"--subset {subset} leaves {empty} of {num_classes} classes without a training sample, "
+                         f"and {need}; use --subset {enough} or more")
+    raise ValueError(f"--val-split leaves {empty} of {num_classes} classes without a training sample, and {need}; "
+                     "use a smaller --val-split")
+
+
+def _describe(info: DatasetInfo, found: dict, used: dict, subsets: dict, rank: int) -> dict:
+    """Print the counts found and used (rank 0), warn where they differ from the official release, and
+    return the record for results.json."""
+    official = {"train": info.official_train, "test": info.official_test}
+    notes = [f"{info.name}: found {found[k]} {k} images, the official release has {official[k]}; results are "
+             "not comparable with published ones" for k in found if official[k] is not None and found[k] != official[k]]
+    if rank == 0:
+        line = f"{info.name}: found {found['train']} train / {found['test']} test images"
+        if official["train"] is not None:
+            line += f" (official {official['train']} / {official['test']})"
+        line += f"; using {used['train']} train, {used['val']} val, {used['test']} test"
+        for name, flag in (("subset", "--subset"), ("eval_subset", "--eval-subset")):
+            if subsets[name]:
+                line += f"; {flag} {subsets[name]['size']}: {subsets[name]['classes']} of {info.num_classes} classes"
+        print(line, flush=True)
+        for note in notes:
+            warnings.warn(note)
+    return {"images_found": found, "official": official if official["train"] is not None else None,
+            "images_used": used, **subsets, "warnings": notes}
+
+
+def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_class: bool = False) -> Loaders:
     """Training, validation (or None) and test loaders for ``args`` (see the module docstring).
 
-    Reads ``args.dataset``, ``data``, ``download``, ``subset`` (first N training samples, after the
-    hold-out), ``val_split`` (hold out N training samples, stratified, seeded by ``seed``; evaluated with
-    test-time transforms), ``batch_size`` (per process), ``eval_batch_size`` (default 2 x batch_size),
-    ``workers``, ``loader`` ('device' default, 'torch' for ImageNet), ``seed``, ``views``. Every field must
-    exist (a missing one is an AttributeError, not a silent default); None means the default where stated.
+    Reads ``args.dataset``, ``data``, ``download``, ``subset`` (train on N samples, stratified random, after
+    the hold-out), ``eval_subset`` (test on N samples, stratified random), ``val_split`` (hold out N
+    training samples, stratified; evaluated with test-time transforms), all seeded by ``seed``,
+    ``batch_size`` (per process), ``eval_batch_size`` (default 2 x batch_size), ``workers``, ``loader``
+    ('device' default, 'torch' for ImageNet), ``views`` (default 1). ``needs_every_class``: refuse (ValueError)
+    a subset that leaves a class without training samples. Dataset problems raise DatasetNotFoundError or
+    BadDatasetError; flags that do not fit the dataset raise ValueError.
     """
     name = args.dataset
     info = dataset_info(name)
@@ -353,11 +426,13 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1) -> Loaders:
     train_idx, val_idx = torch.arange(len(labels)), None
     if args.val_split:
         train_idx, val_idx = stratified_split(labels, args.val_split, seed)
-    subset = args.subset
-    if subset:
-        if subset > len(train_idx):
-            raise ValueError(f"--subset {subset} exceeds the {len(train_idx)} available training samples")
-        train_idx = train_idx[:subset]
+    pool = train_idx
+    train_idx, subset = _subset(labels, pool, getattr(args, "subset", None), seed, _SUBSET, "--subset",
+                                "available training")
+    test_idx, eval_subset = _subset(test_labels, torch.arange(len(test_labels)), getattr(args, "eval_subset", None),
+                                    seed, _EVAL_SUBSET, "--eval-subset", "test")
+    if needs_every_class:
+        _check_every_class(labels, pool, train_idx, info.num_classes, getattr(args, "subset", None))
 
     def make(split, split_labels, idx: torch.Tensor, train: bool):
         common = dict(train=train, seed=seed, rank=rank, world_size=world_size, views=views if train else 1)
@@ -378,4 +453,7 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1) -> Loaders:
         raise ValueError(f"{len(train_idx)} training samples over {world_size} process(es) give no full "
                          f"batch of {batch_size}; lower --batch-size")
     val = make(train_set, labels, val_idx, False) if val_idx is not None else None
-    return Loaders(train, val, make(test_set, test_labels, torch.arange(len(test_labels)), False), info, len(train_idx))
+    record = _describe(info, {"train": len(labels), "test": len(test_labels)},
+                       {"train": len(train_idx), "val": 0 if val_idx is None else len(val_idx), "test": len(test_idx)},
+                       {"subset": subset, "eval_subset": eval_subset}, rank)
+    return Loaders(train, val, make(test_set, test_labels, test_idx, False), info, len(train_idx), record)

@@ -66,7 +66,9 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None) -> argpa
     g.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
     g.add_argument("--num-classes", type=int, default=None, help="inferred from the dataset; a check if given")
     g.add_argument("--subset", type=_positive_int, default=None, metavar="N",
-                   help="train on the first N training samples (quick checks)")
+                   help="train on N training samples, a seeded stratified random subset (quick checks)")
+    g.add_argument("--eval-subset", type=_positive_int, default=None, metavar="N",
+                   help="test on N test samples, a seeded stratified random subset (quick checks)")
     g.add_argument("--val-split", type=int, default=0, metavar="N",
                    help="hold out N training samples (stratified, seeded) to select `best`; "
                         "the test set is then only reported")

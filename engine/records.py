@@ -237,6 +237,7 @@ def results(trainer, status: str) -> dict:
         "train_time_s": h.train_seconds,
         "train_images_per_s": h.train_samples / max(h.train_seconds, 1e-9),
         "world_size": trainer.dist.world_size,
+        "data": trainer.loaders.record,
         "git_commit": trainer.provenance["git_commit"], "versions": trainer.provenance["versions"],
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "args": a.as_dict(),
