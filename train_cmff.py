@@ -134,6 +134,11 @@ class CMFFNet(nn.Module):
         super().__init__()
         self.peers = Peers(arch, num_classes, 2, "independent", image_size=image_size)
         channels, h, w = last_stage_shape(self.peers.branches[0], image_size)
+        if self.peers.mixed and last_stage_shape(self.peers.branches[1], image_size) != (channels, h, w):
+            shapes = " and ".join("x".join(map(str, last_stage_shape(net, image_size))) for net in self.peers.branches)
+            raise UserError(f"--arch {arch}: CMFF fuses the two peers' last-stage maps, which must have one shape; "
+                            f"these are {shapes} (channels x H x W). Pair architectures with equal maps "
+                            "(e.g. resnet20,resnet32)")
         self.grid = grid or default_fusion_grid(channels, min(h, w))
         if self.grid > min(h, w):
             raise UserError(f"--fusion-grid {self.grid} is larger than the {h}x{w} last-stage map of {arch} "
@@ -175,6 +180,7 @@ class CMFF(Method):
     recipe = "dccl"   # the protocol of the DCCL code, on which the CMFF code is built
     num_peers = 2
     min_peers = 2
+    mixed_archs = True       # two architectures whose last-stage maps have one shape (the fusion needs it)
     groupable_peers = False  # CMFFNet.forward runs each peer's stages and head parts itself
     presets = {   # the official data pipeline pads by reflection (utils.get_cifar100_dataloaders)
         "paper": dict(lambda_rot=1.0, lambda_sim=5.0, pad_mode="reflect"),   # train_rn32 / vgg / Densenet / tiny

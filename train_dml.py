@@ -5,8 +5,9 @@ every other peer.
 
     python train_dml.py --arch resnet32 --gpu 0                      # the paper: 2 independent peers, T=1
     python train_dml.py --arch resnet32 --gpu 0 --preset mcl-okd     # MCL-OKD repository: 4 branches, shared trunk, T=2
+    python train_dml.py --arch resnet32,wrn_16_2 --gpu 0             # two peers of different architectures
 """
-from engine import Method, main  # first: --help without torch (engine/fast_help.py)
+from engine import Method, UserError, main  # first: --help without torch (engine/fast_help.py)
 
 import torch.nn.functional as F
 
@@ -20,6 +21,7 @@ class DML(Method):
     name = "dml"
     num_peers = 2
     min_peers = 2
+    mixed_archs = True
     presets = {
         "paper": dict(topology="independent", num_peers=2, kd_T=1.0),
         "mcl-okd": dict(topology="shared", num_peers=4, kd_T=2.0),
@@ -31,6 +33,12 @@ class DML(Method):
         parser.add_argument("--topology", choices=("independent", "shared"),
                             help="independent networks, or a shared trunk of all but the last two stages (the "
                                  "MCL-OKD repository's DML models)")
+
+    @classmethod
+    def check_args(cls, args):
+        if "," in args.arch and args.topology == "shared":
+            raise UserError(f"--arch {args.arch} with --topology shared: shared-trunk peers have one architecture; "
+                            "use --topology independent or one name")
 
     def build(self, args, num_classes):
         split = "dml" if args.topology == "shared" else None

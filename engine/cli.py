@@ -114,8 +114,9 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
         description=method_cls.describe(),
         formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--arch", default="resnet32", metavar="NAME",
-                   help=f"backbone; one of: {', '.join(list_models())}")
+    g.add_argument("--arch", default="resnet32", metavar="NAME[,NAME...]",
+                   help="backbone; a comma list gives one architecture per peer (independent peers; its length "
+                        f"is the number of peers). One of: {', '.join(list_models())}")
     if method_cls.num_peers is not None:
         g.add_argument("--num-peers", type=_positive_int, default=method_cls.num_peers,
                        help="number of peer networks (branches)")
@@ -261,6 +262,32 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     known, _ = pre.parse_known_args(argv)
     recipe = known.recipe if known.recipe in RECIPES else method_cls.recipe  # a bad name: argparse reports it
     preset = known.preset if known.preset in method_cls.presets else None
-    args = build_parser(method_cls, recipe, preset, known.arch).parse_args(argv)
+    parser = build_parser(method_cls, recipe, preset, known.arch)
+    args = parser.parse_args(argv, argparse.Namespace(num_peers=None))   # num_peers None: not on the command line
+    _peer_list(parser, args, method_cls)
     check_values(args)
     return args
+
+
+def _peer_list(parser: argparse.ArgumentParser, args: argparse.Namespace, method_cls) -> None:
+    """``--arch a,b,c``: one architecture per peer. The list's length is the number of peers; an explicit
+    --num-peers must agree. A list of one repeated name is that name (N copies)."""
+    from models.peers import arch_names, normalize_arch
+    explicit = args.num_peers
+    if method_cls.num_peers is None:
+        del args.num_peers                  # a single-network method has no such flag
+    elif args.num_peers is None:
+        args.num_peers = parser.get_default("num_peers")
+    try:
+        names = arch_names(args.arch)
+    except ValueError as e:
+        parser.error(str(e))
+    args.arch = normalize_arch(names)
+    if len(names) == 1:
+        return
+    if method_cls.num_peers is None:
+        parser.error(f"--arch {args.arch}: {method_cls.name} trains a single network; give one name")
+    if explicit is not None and explicit != len(names):
+        parser.error(f"--arch lists {len(names)} architectures but --num-peers is {explicit}; drop --num-peers "
+                     "(the list sets it) or give one name per peer")
+    args.num_peers = len(names)

@@ -136,6 +136,7 @@ class Method:
     presets: dict = {}                  # name -> defaults of the method's flags (a published variant); first = default
     state_keys: tuple = ()             # attributes (nn.Modules outside the model, e.g. memory banks) checkpointed too
     groupable_peers: bool = True        # False when the method reaches into the peers' layers (--grouped-peers)
+    mixed_archs: bool = False           # True: independent peers that may differ in architecture (--arch a,b)
     needs_every_class: bool = False     # True: the loss needs training samples of every class (a --subset leaving one out is refused)
 
     def __init__(self, args: argparse.Namespace, num_classes: int, n_train: int, image_size: int = 32,

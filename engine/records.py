@@ -217,10 +217,19 @@ def prepare_out(trainer) -> None:
 
 # ---- results.json ------------------------------------------------------------------------------------
 
+def peer_archs(method_cls, args) -> Optional[dict]:
+    """``{"peer1": arch, ...}`` for a method with peers (different ones with an --arch list), else None."""
+    if method_cls.num_peers is None:
+        return None
+    from models.peers import peer_archs as names
+    return {f"peer{i + 1}": name for i, name in enumerate(names(args.arch, args.num_peers))}
+
+
 def results(trainer, status: str) -> dict:
     a, h = trainer.args, trainer.history
     return {
-        "status": status, "method": trainer.method_cls.name, "arch": a.arch, "dataset": a.dataset,
+        "status": status, "method": trainer.method_cls.name, "arch": a.arch,
+        "peer_archs": peer_archs(trainer.method_cls, a), "dataset": a.dataset,
         "epochs_done": len(h.records), "epochs": a.epochs,
         "recipe": {"name": a.recipe, **{k: getattr(a, k) for k in RECIPE_KEYS},
                    "same_as_recipe": all(getattr(a, k) == RECIPES[a.recipe].get(k) for k in RECIPE_KEYS)},

@@ -23,6 +23,9 @@ def check_args(a, method_cls) -> None:
         raise UserError("--lr-schedule multistep needs --milestones, e.g. --milestones 150 225")
     if m.num_peers is not None and a.num_peers < m.min_peers:
         raise UserError(f"{m.name} needs --num-peers >= {m.min_peers}; got {a.num_peers}")
+    if "," in a.arch and not m.mixed_archs:
+        raise UserError(f"--arch {a.arch}: {m.name}'s peers share layers, so they have one architecture; "
+                        "give one name")
     if a.val_split < 0:
         raise UserError("--val-split must be >= 0")
     if a.sync_bn and not (torch.cuda.is_available() and a.gpu >= 0):
@@ -168,4 +171,5 @@ class Optimization:
 
 def default_run_name(method_cls, args) -> str:
     peers = f"-n{args.num_peers}" if method_cls.num_peers is not None else ""
-    return f"{method_cls.name}-{args.arch}-{args.dataset}{peers}-s{args.seed}"
+    from models.peers import arch_tag
+    return f"{method_cls.name}-{arch_tag(args.arch)}-{args.dataset}{peers}-s{args.seed}"

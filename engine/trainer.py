@@ -47,11 +47,13 @@ class Trainer:
     def __init__(self, method_cls: type[Method], args):
         from data import build_loaders
         from models import model_entry
+        from models.peers import arch_names
 
         self.method_cls = method_cls
         check_args(args, method_cls)
         self.args = args = resolve(method_cls, args)   # read-only from here on
-        model_entry(args.arch)  # unknown architecture: the listing error before anything heavy
+        for name in arch_names(args.arch):
+            model_entry(name)  # unknown architecture: the listing error before anything heavy
         if args.threads:
             torch.set_num_threads(args.threads)
         self.device = select_device(args)
@@ -274,7 +276,8 @@ class Trainer:
         records.write_results(self, "finished")
         self.report.close()
         barrier()
-        self.report.final_table(self.history)
+        self.report.final_table(self.history, records.peer_archs(self.method_cls, self.args) if "," in self.args.arch
+                                else None)
         return records.results(self, "finished")
 
     def evaluate_only(self) -> dict:

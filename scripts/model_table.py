@@ -6,6 +6,7 @@ Usage::
     python scripts/model_table.py                                  # every backbone, N = 2 and 4
     python scripts/model_table.py --arch resnet32 vgg16 --peers 4
     python scripts/model_table.py --arch wrn_16_2 --method cmff    # with CMFF's fusion teacher and SSL heads
+    python scripts/model_table.py --arch resnet32,wrn_16_2         # a heterogeneous pair (independent peers)
 
 Each backbone is counted at the input size of the runs that use it: 32x32 with 100 classes (CIFAR) for
 every net, ResNet-18/34 with the small-image stem that the CIFAR, Fashion-MNIST and TinyImageNet runs use,
@@ -19,6 +20,8 @@ sums of those parts, as ``models.peers.Peers`` assembles them: ``independent`` (
 ``tree`` (trunk at the ``dml`` split, ceil(N/2) one-stage groups, N branches). ``--method NAME`` builds
 ``train_NAME.py``'s whole model with its default flags (gates, attention, fusion teacher, SSL and
 embedding heads) and counts its parameters and the multiply-adds of one evaluation forward (every head).
+A comma list (``resnet32,wrn_16_2``) is one heterogeneous set of independent peers: one row, the sum of
+its members, each of which gets its backbone row.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from torch import nn  # noqa: E402
 
 from models import UnknownModelError, create_model, list_models, model_entry  # noqa: E402
 from models.complexity import count_macs, count_parameters  # noqa: E402
-from models.peers import resolve_split  # noqa: E402
+from models.peers import arch_names, resolve_split  # noqa: E402
 
 HEADER = """\
 Parameters: every parameter (trainable or not; BN affine included, buffers such as BN running stats and
@@ -154,7 +157,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--method", default=None, metavar="NAME",
                         help="also count train_NAME.py's whole model (default flags) on each backbone")
     args = parser.parse_args(argv)
-    names = args.arch or list_models()
+    entries = args.arch or list_models()
+    mixed = [e for e in entries if len(arch_names(e)) > 1]
+    names = list(dict.fromkeys(n for e in entries for n in arch_names(e)))
     for name in names:
         try:
             model_entry(name)
@@ -194,6 +199,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     rows.append([s.name, f"{s.size}x{s.size}", str(s.classes), str(n), label, c["trunk"],
                                  f"{c['params']:,}", f"{c['macs']:,}", f"{c['params'] / s.total('params'):.2f}",
                                  f"{c['macs'] / s.total('macs'):.2f}"])
+    for entry in mixed:   # heterogeneous independent peers: the sum of the members at their common CIFAR size
+        members = [backbone_parts(n, *CIFAR) for n in arch_names(entry)]
+        rows.append([entry, f"{CIFAR[0]}x{CIFAR[0]}", str(CIFAR[1]), str(len(members)), "independent", "-",
+                     f"{sum(m.total('params') for m in members):,}", f"{sum(m.total('macs') for m in members):,}",
+                     "1.00", "1.00"])
     print(markdown(["backbone", "input", "classes", "N", "topology", "trunk stages", "params", "MACs",
                     "params x single", "MACs x single"], rows))
     if method_cls is not None:

@@ -378,7 +378,7 @@ def test_invalid_arguments():
 
 def family_splits(name: str) -> tuple[int, int]:
     """Expected (dml, one) trunk stage counts per family (docs/backbones.md, split points)."""
-    if name in ("resnet18", "resnet34") or name == "vgg16":
+    if name in ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenetv2", "mobilenetv2_x0_5") or name == "vgg16":
         return 2, 3
     if re.fullmatch(r"resnet\d+(_bottleneck)?|wrn_\d+_\d+|densenet40_12|hcgnet_a\d", name):
         return 1, 2
