@@ -31,6 +31,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,12 +215,13 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
                 env = dict(os.environ)
                 if slot is None and len(slots) > 1:   # CPU runs side by side: share the cores
                     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(slots))))
-                args = list(extra)
+                args = []
                 if slot is not None:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot)
                     args += ["--gpu", "0"]
                 if len(slots) > 1:
                     args += ["--no-progress"]
+                args += extra           # last: the user's flags win
                 cmd = run.command(python, args)
                 run.out.mkdir(parents=True, exist_ok=True)
                 stream = None
@@ -313,26 +315,34 @@ def parse_minutes(text: str) -> int:
     return days * 1440 + hours * 60 + minutes + (1 if seconds else 0)
 
 
-def slurm_executor(folder: Path, opts: argparse.Namespace, cluster: Optional[str] = None):
-    """A submitit executor with the job options (``cluster`` None = SLURM if available; "slurm", "local",
-    "debug" to force one)."""
+def slurm_options(args: argparse.Namespace, table: str) -> argparse.Namespace:
+    """The parsed command line plus ``time_min`` and ``job_name``."""
+    opts = argparse.Namespace(**vars(args))
+    opts.time_min = parse_minutes(args.time)
+    opts.job_name = args.job_name or f"okd-{table}"
+    return opts
+
+
+def slurm_executor(folder: Path, opts: argparse.Namespace, cluster: str = "slurm"):
+    """A submitit executor with the job options. ``cluster`` is always "slurm" from the command line (never
+    submitit's silent fall-back to local processes); the tests pass "debug" or "local"."""
     import submitit
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=opts.max_requeues)
     params = dict(timeout_min=opts.time_min, gpus_per_node=opts.gpus_per_run, tasks_per_node=1, nodes=1,
                   cpus_per_task=opts.cpus_per_run, name=opts.job_name)
     if opts.mem_gb:
         params["mem_gb"] = opts.mem_gb
     slurm = dict(slurm_partition=opts.partition, slurm_account=opts.account, slurm_qos=opts.qos,
                  slurm_constraint=opts.constraint, slurm_array_parallelism=opts.array_parallelism,
-                 slurm_max_num_timeout=opts.max_requeues,
-                 slurm_setup=opts.setup or None, slurm_signal_delay_s=opts.signal_delay)
+                 slurm_setup=opts.setup or None, slurm_signal_delay_s=opts.signal_delay,
+                 slurm_additional_parameters={"requeue": True})   # SLURM may re-queue it (pre-emption, node loss)
     params.update({k: v for k, v in slurm.items() if v is not None})
     executor.update_parameters(**params)
     return executor
 
 
 def submit_slurm(runs: Sequence[Run], opts: argparse.Namespace, folder: Path, extra: Sequence[str] = (),
-                 python: str = sys.executable, cluster: Optional[str] = None, log=print):
+                 python: str = sys.executable, cluster: str = "slurm", log=print):
     """One job array, one task per unfinished built run. Returns the submitit jobs."""
     todo = [r for r in runs if run_state(r, extra) in ("new", "resume")]
     if not todo:
@@ -343,7 +353,7 @@ def submit_slurm(runs: Sequence[Run], opts: argparse.Namespace, folder: Path, ex
     with executor.batch():
         for run in todo:
             run.out.mkdir(parents=True, exist_ok=True)
-            command = run.command(python, [*extra, "--gpu", "0", "--no-progress"])
+            command = run.command(python, ["--gpu", "0", "--no-progress", *extra])
             jobs.append(executor.submit(TrainRun(command, str(REPO), str(run.out / "train.log"))))
     for run, job in zip(todo, jobs):
         log(f"submitted {job.job_id}: {display_path(run.out)}")
@@ -490,9 +500,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not_built:
         print(f"not built (listed, not run): {', '.join(not_built)}")
     if args.launcher == "slurm":
-        opts = argparse.Namespace(**vars(args))
-        opts.time_min = parse_minutes(args.time)
-        opts.job_name = args.job_name or f"okd-{table.name}"
+        opts = slurm_options(args, table.name)
+        if shutil.which("sbatch") is None:
+            print("error: --launcher slurm needs SLURM's sbatch (run it on the cluster's login node); "
+                  "here use --launcher local", file=sys.stderr)
+            return 2
         submit_slurm(runs, opts, Path(args.runs_dir).resolve() / table.name / ".submitit", extra)
         print(f"when they are done: python scripts/summarize.py {args.runs_dir} --table {table.name}")
         return 0
