@@ -443,6 +443,11 @@ def markdown_page() -> str:
         "cell is listed but never run (it runs as soon as the script lands). A blank (\"-\") in the paper is not a "
         "run and is not listed.",
         "",
+        "Heads (the `number` column): `net` the single network; `peers` the mean top-1 over the peers "
+        "`peer1..peerN` (the average single peer); `last-peer` the highest-numbered peer; `leader`, `teacher`, "
+        "`ensemble` those heads; `selection` the head the method deploys (its `--best-metric` default, recorded in "
+        "`results.json` as `selection.metric`).",
+        "",
         "How `scripts/summarize.py` reads a cell: mean ± sample std (n - 1) over the seeds at the **best** epoch "
         "(the epoch of the highest test top-1 of the method's selection head, as the official codes select) "
         "and at the **last** epoch; the difference is ours (best) minus the paper's, in the table's unit.",
@@ -467,6 +472,10 @@ def markdown_page() -> str:
                          else f"{m.published:.2f}{std}")
                 out.append(f"| {c.row} | {c.column} | {m.kind} (`{m.head}`) | {value} | {cmd} | {built} |")
         out.append("")
+    out += ["## Other tables", "",
+            "- `fashion-mnist`: every method on real data this repository can fetch offline (Fashion-MNIST); no "
+            "published numbers. The measured table and its commands are in [results.md](results.md).",
+            "- `smoke`: two tiny synthetic cells to check the harness (and time it on a new machine) in a minute.", ""]
     return "\n".join(out)
 
 

@@ -226,9 +226,44 @@ def markdown_table(table: Table, summaries: Sequence[CellSummary]) -> str:
             diff = "-" if m.diff is None else f"{m.diff:+.2f}"
             lines.append(f"| {s.cell.row} | {s.cell.column} | {m.metric.kind} | `{m.metric.head}` | "
                          f"{len(s.finished)} | {fmt(*m.best)} | {fmt(*m.last)} | {paper} | {diff} | {s.status} |")
+    against = against_baseline(table, summaries)
+    if against:
+        lines += ["", "Against the baseline on the same backbone (single number, best epoch): gain = top-1 points "
+                      "gained over the baseline (> 0: better, in either unit); se = sqrt(s₁²/n₁ + s₂²/n₂) over the "
+                      "seeds; \"beyond noise\" when |gain| > 2 se.", "",
+                  "| row | column | gain | se | reading |", "|---|---|---|---|---|"] + against
     if table.notes:
         lines += [""] + [f"- {n}" for n in table.notes]
     return "\n".join(lines)
+
+
+def against_baseline(table: Table, summaries: Sequence[CellSummary]) -> list[str]:
+    """Markdown rows: each method's single number against the baseline cell of the same backbone (sharing the
+    method's row or column), with the spread over seeds. Gain > 0 means better in either unit."""
+    rows = []
+    baselines = [b for b in summaries if b.cell.method == "baseline" and b.metrics[0].best[0] is not None]
+    for s in summaries:
+        ours = s.metrics[0] if s.metrics else None
+        if s.cell.method == "baseline" or ours is None or ours.best[0] is None:
+            continue
+        same = [b for b in baselines if b.cell.arch == s.cell.arch]
+        ref = next((b for b in same if s.cell.row == b.cell.row or s.cell.column == b.cell.column), None)
+        if ref is None:
+            continue
+        theirs = ref.metrics[0]
+        gain = ours.best[0] - theirs.best[0]
+        if table.unit == "error":
+            gain = -gain
+        n1, n2 = len(ours.values), len(theirs.values)
+        se = math.sqrt((ours.best[1] or 0.0) ** 2 / n1 + (theirs.best[1] or 0.0) ** 2 / n2)
+        if n1 < 2 or n2 < 2:
+            reading = "too few seeds to tell"
+        elif abs(gain) > 2 * se:
+            reading = "better, beyond noise" if gain > 0 else "worse, beyond noise"
+        else:
+            reading = "within noise"
+        rows.append(f"| {s.cell.row} | {s.cell.column} | {gain:+.2f} | {fmt(se)} | {reading} |")
+    return rows
 
 
 CSV_FIELDS = ["table", "row", "column", "run", "script", "number", "head", "unit", "n_finished", "n_unfinished",
@@ -413,7 +448,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--table", choices=list(TABLES), help="summarise this table in the paper's layout")
     p.add_argument("--csv", action="store_true", help="CSV (one line per cell and number) instead of markdown")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots here")
+    p.add_argument("--into", metavar="FILE.md", help="with --table: write the markdown (and links to the plots) "
+                   f"into FILE between the lines '{BEGIN}' and '{END}' instead of printing it")
     args = p.parse_args(argv)
+    if args.into and (not args.table or args.csv):
+        p.error("--into needs --table and markdown output (no --csv)")
 
     root = Path(args.runs_dir)
     if not root.is_dir():
@@ -436,7 +475,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             writer.writeheader()
             writer.writerows(csv_rows(table, summaries))
             print(buffer.getvalue(), end="")
-        else:
+        elif not args.into:
             print(markdown_table(table, summaries))
     else:
         groups = group_runs(runs)
@@ -454,10 +493,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(markdown_runs(groups, warn))
         else:
             print(f"no results.json under {root}")
-    if args.plots:
-        for path in write_plots(Path(args.plots), table, summaries, groups):
-            print(f"plot: {path}", file=sys.stderr)
+    plots = write_plots(Path(args.plots), table, summaries, groups) if args.plots else []
+    for path in plots:
+        print(f"plot: {path}", file=sys.stderr)
+    if args.into:
+        try:
+            fill_block(Path(args.into), markdown_table(table, summaries), plots)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"updated {args.into}", file=sys.stderr)
     return 0
+
+
+BEGIN, END = "<!-- summarize.py: begin -->", "<!-- summarize.py: end -->"
+
+
+def fill_block(path: Path, text: str, plots: Sequence[Path] = ()) -> None:
+    """Replace what lies between the BEGIN and END marker lines of ``path`` with ``text`` and image links."""
+    import os
+    page = path.read_text()
+    if page.count(BEGIN) != 1 or page.count(END) != 1 or page.index(BEGIN) > page.index(END):
+        raise ValueError(f"{path} needs one line '{BEGIN}' and, after it, one line '{END}'")
+    links = [f"![{p.stem}]({Path(os.path.relpath(p.resolve(), path.resolve().parent)).as_posix()})" for p in plots]
+    body = text + ("\n\n" + "\n\n".join(links) if links else "")
+    head, rest = page.split(BEGIN)
+    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}")
 
 
 if __name__ == "__main__":

@@ -135,3 +135,34 @@ def test_plots_written(tmp_path, capsys):
     assert written == ["smoke-paper-vs-ours.png", "smoke/dml-resnet20.png"]
     for p in plots.rglob("*.png"):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+
+def test_against_baseline_reading(tmp_path):
+    t = Table("t", "t", "t", "error", ["ResNet-32"], ["Baseline", "DML"], [
+        cell("ResNet-32", "Baseline", "baseline", "resnet32", single=29.0),
+        cell("ResNet-32", "DML", "dml", "resnet32", single=25.0, ensemble=23.0)])
+    for seed, acc in enumerate([70.0, 72.0]):
+        write(tmp_path / f"b{seed}" / "results.json",
+              results("t/baseline-resnet32", seed, {"net": [acc]}, method="baseline", selection="net"))
+    for seed, (p1, p2) in enumerate([(74.0, 76.0), (76.0, 78.0)]):
+        write(tmp_path / f"d{seed}" / "results.json",
+              results("t/dml-resnet32", seed, {"peer1": [p1], "peer2": [p2], "ensemble": [80.0]}))
+    runs, _ = summarize.load_runs(tmp_path)
+    rows = summarize.against_baseline(t, summarize.summarize_table(t, runs))
+    # baseline error 30, 28 (29 ± 1.414); DML single error 25, 23 (24 ± 1.414): gain +5, se = sqrt(1 + 1)
+    assert rows == [f"| ResNet-32 | DML | +5.00 | {math.sqrt(2):.2f} | better, beyond noise |"]
+
+
+def test_into_replaces_the_marked_block(tmp_path, capsys):
+    write_dml(tmp_path / "runs", 0, [60], [62], [65], tag="smoke/dml-resnet20")
+    page = tmp_path / "page.md"
+    page.write_text(f"# head\n\n{summarize.BEGIN}\nold text\n{summarize.END}\n\nfoot\n")
+    assert summarize.main([str(tmp_path / "runs"), "--table", "smoke", "--plots", str(tmp_path / "plots"),
+                           "--into", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# head\n\n" + summarize.BEGIN) and text.endswith(summarize.END + "\n\nfoot\n")
+    assert "old text" not in text and "| DML | ResNet-20 | single | `peers` | 1 | 61.00 |" in text
+    assert "![dml-resnet20](plots/smoke/dml-resnet20.png)" in text
+    page.write_text("no markers")
+    assert summarize.main([str(tmp_path / "runs"), "--table", "smoke", "--into", str(page)]) == 2
+    assert "needs one line" in capsys.readouterr().err
