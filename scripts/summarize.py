@@ -97,6 +97,9 @@ def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
                 or not isinstance(data.get("args"), dict):
             bad.append((path, "not a run's results.json (no status, args or history)"))
             continue
+        if not all(isinstance(h, dict) and {"epoch", "train", "test"} <= set(h) for h in data["history"]):
+            bad.append((path, "partial: an epoch record without epoch, train or test"))
+            continue
         if data["history"] and not isinstance(data.get("best"), dict):
             bad.append((path, "partial: history without a best epoch"))
             continue

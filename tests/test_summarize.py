@@ -68,14 +68,18 @@ def test_corrupt_partial_and_running_files_are_reported_and_skipped(tmp_path, ca
     corrupt.parent.mkdir()
     corrupt.write_text('{"status": "running", "history": [')                    # cut mid-write
     stranger = write(tmp_path / "other" / "results.json", {"hello": 1})         # not a run's results.json
+    broken = results("t/dml-resnet32", 4, {"peer1": [1.0], "peer2": [1.0], "ensemble": [1.0]})
+    del broken["history"][0]["test"]
+    broken = write(tmp_path / "dml-resnet32-s4" / "results.json", broken)       # an epoch without its test
     code = summarize.main([str(tmp_path), "--table", "fashion-mnist"])
     captured = capsys.readouterr()
     assert code == 0
-    assert f"skipped {corrupt}" in captured.err and f"skipped {stranger}" in captured.err
+    for path in (corrupt, stranger, broken):
+        assert f"skipped {path}" in captured.err
     assert "*missing*" in captured.out                                           # fashion-mnist has no runs here
 
     runs, bad = summarize.load_runs(tmp_path)
-    assert {p for p, _ in bad} == {corrupt, stranger}
+    assert {p for p, _ in bad} == {corrupt, stranger, broken}
     dml, _ = summarize.summarize_table(table_mcl(), runs)
     assert len(dml.finished) == 2 and len(dml.unfinished) == 1
     assert dml.status == "2 finished, 1 unfinished (1/300 ep)"
