@@ -137,9 +137,10 @@ def method_class(script: str):
         spec.loader.exec_module(module)
         classes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, Method)
                    and v is not Method and v.__module__ == module.__name__]
-        if len(classes) != 1:
-            raise RuntimeError(f"{script} defines {len(classes)} Method classes; expected one")
-        _METHODS[script] = classes[0]
+        named = [c for c in classes if c.name == Path(script).stem.removeprefix("train_")]
+        if len(classes) != 1 and len(named) != 1:
+            raise RuntimeError(f"{script}: cannot tell its Method class among {[c.__name__ for c in classes]}")
+        _METHODS[script] = classes[0] if len(classes) == 1 else named[0]
     return _METHODS[script]
 
 
@@ -353,7 +354,11 @@ def submit_slurm(runs: Sequence[Run], opts: argparse.Namespace, folder: Path, ex
     with executor.batch():
         for run in todo:
             run.out.mkdir(parents=True, exist_ok=True)
-            command = run.command(python, ["--gpu", "0", "--no-progress", *extra])
+            if opts.gpus_per_run > 1:     # one torchrun process per GPU of the task (--batch-size is per GPU)
+                command = [python, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={opts.gpus_per_run}", *run.command(python, ["--no-progress", *extra])[1:]]
+            else:
+                command = run.command(python, ["--gpu", "0", "--no-progress", *extra])
             jobs.append(executor.submit(TrainRun(command, str(REPO), str(run.out / "train.log"))))
     for run, job in zip(todo, jobs):
         log(f"submitted {job.job_id}: {display_path(run.out)}")
@@ -372,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{', '.join(FILTER_KEYS)} (shell patterns; e.g. method=dml,one arch=resnet32)")
     p.add_argument("--runs-dir", default=str(REPO / "runs"), help="where the table folders go (default: runs/)")
     p.add_argument("--extra", default="", metavar="FLAGS",
-                   help='flags added to every command, e.g. "--data /data/imagenet --amp bf16" '
-                        "(they do not change the run directory)")
+                   help='flags added to every command, e.g. --extra="--data /data/imagenet --amp bf16" '
+                        "(write --extra=... when they start with a dash; they do not change the run directory)")
     p.add_argument("--dry-run", action="store_true", help="print every command and its state; run nothing")
     p.add_argument("--markdown", action="store_true",
                    help="print the page docs/reproducing.md (every published number, its command, its state)")
@@ -389,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--constraint", default=None)
     s.add_argument("--time", default="24:00:00", help="time limit per job (HH:MM:SS or minutes); a run that "
                                                       "needs longer is re-queued and continues")
-    s.add_argument("--gpus-per-run", type=int, default=1)
+    s.add_argument("--gpus-per-run", type=int, default=1,
+                   help="GPUs per run; above 1 the run is started with torchrun (--batch-size is per GPU)")
     s.add_argument("--cpus-per-run", type=int, default=8)
     s.add_argument("--mem-gb", type=int, default=None)
     s.add_argument("--array-parallelism", type=int, default=64, help="array tasks running at once")

@@ -249,6 +249,13 @@ def test_slurm_job_array(tmp_path, monkeypatch):
         again = job.checkpoint()                         # what submitit calls on pre-emption / time-out
         assert again.function.command == job.command and "--resume" in job.command
 
+    wide = reproduce.submit_slurm(runs[:1], slurm_opts("--gpus-per-run", "4"), tmp_path / "wide", log=lambda *_: None)
+    assert "#SBATCH --gpus-per-node=4" in (tmp_path / "sbatch.sh").read_text()
+    with open(tmp_path / "wide" / f"{wide[0].job_id}_submitted.pkl", "rb") as f:
+        command = pickle.load(f).function.command
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert command[5:] == runs[0].command("python", ["--no-progress"])[1:]
+
 
 def test_slurm_task_trains_through_submitit_debug_executor(tmp_path):
     """The job function itself, run by submitit's in-process debug executor: a tiny run that finishes."""
@@ -276,3 +283,16 @@ def test_markdown_page_lists_every_published_number():
                     assert f"{m.published:.2f}" in page
     rows = [l for l in page.splitlines() if l.startswith("| ") and "python train_" in l]
     assert len(rows) == sum(len(c.metrics) for n in PAPER_TABLES for c in TABLES[n].cells)
+
+
+def test_tag_is_recorded_but_does_not_name_the_run():
+    from types import SimpleNamespace
+
+    from engine.cli import parse_args
+    from engine.trainer import Trainer
+    dml = reproduce.method_class("train_dml.py")
+    tagged = parse_args(dml, ["--arch", "resnet20", "--tag", "pcl-cifar100/dml-resnet20"])
+    plain = parse_args(dml, ["--arch", "resnet20"])
+    assert tagged.tag == "pcl-cifar100/dml-resnet20" and plain.tag is None
+    name = [Trainer._default_run_name(SimpleNamespace(args=a, method_cls=dml)) for a in (tagged, plain)]
+    assert name[0] == name[1] == "dml-resnet20-cifar100-n2-s0"
