@@ -185,8 +185,12 @@ def _stop(procs: dict) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def say(text: str) -> None:
+    print(text, flush=True)      # in order with the training processes' own output
+
+
 def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int = 1, extra: Sequence[str] = (),
-              python: str = sys.executable, log=print) -> dict[str, list]:
+              python: str = sys.executable, log=say) -> dict[str, list]:
     """Run every built, unfinished run: one after another, or ``jobs`` at a time (one per GPU of ``gpus``).
 
     Each run is its own process (``python train_x.py ... --resume auto``) started in its own session, so Ctrl-C
@@ -249,7 +253,7 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
                     where = f"; its output is in {display_path(run.out / 'train.log')}" if stream else ""
                     log(f"FAILED (exit {proc.returncode}): {display_path(run.out)}{where}")
     except KeyboardInterrupt:
-        log(f"\ninterrupted: stopping {len(procs)} run(s) after their checkpoint ...")
+        log(f"\ninterrupted: stopping {len(procs)} run(s); each keeps its last finished epoch in last.pt ...")
         _stop(list(procs))
         for run, _, stream in procs.values():
             if stream:
@@ -343,7 +347,7 @@ def slurm_executor(folder: Path, opts: argparse.Namespace, cluster: str = "slurm
 
 
 def submit_slurm(runs: Sequence[Run], opts: argparse.Namespace, folder: Path, extra: Sequence[str] = (),
-                 python: str = sys.executable, cluster: str = "slurm", log=print):
+                 python: str = sys.executable, cluster: str = "slurm", log=say):
     """One job array, one task per unfinished built run. Returns the submitit jobs."""
     todo = [r for r in runs if run_state(r, extra) in ("new", "resume")]
     if not todo:

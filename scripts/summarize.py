@@ -6,7 +6,7 @@ Usage::
     python scripts/summarize.py runs                                   # every run found, grouped by cell
     python scripts/summarize.py runs --table mcl-okd-cifar100          # the paper's layout, paper next to ours
     python scripts/summarize.py runs --table pcl-cifar100 --csv > pcl.csv
-    python scripts/summarize.py runs --table fashion-mnist --plots docs/results
+    python scripts/summarize.py runs --table fashion-mnist --plots docs/results --into docs/results.md
 
 For a named table (``scripts/tables.py``) each cell gathers the runs tagged ``<table>/<run>`` (the tag
 ``scripts/reproduce.py`` passes) and shows, in the table's unit (top-1 error or accuracy, %): the mean ±
@@ -14,6 +14,10 @@ sample standard deviation (n - 1) over seeds at the best epoch and at the last e
 seeds, the published value and ours (best) minus it. Unfinished runs are counted and marked, never averaged;
 a cell without runs is marked missing, a cell whose script does not exist yet "not built". A results.json
 that cannot be read (corrupt, truncated, not a run's) is reported by path and skipped.
+
+Where the table has a baseline, each method's single number is also set against the baseline on the same
+backbone: the gain in top-1 points and whether it exceeds twice its standard error over seeds.
+``--into FILE`` writes the markdown between two marker lines of FILE (docs/results.md) instead of printing it.
 
 ``--plots DIR`` writes, per cell, test top-1 of every head and the training-loss terms against the epoch
 (mean line, ± std band over seeds), and per table a paper-vs-ours bar chart.
