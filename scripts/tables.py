@@ -192,11 +192,14 @@ CMFF_ACCURACY = {   # per method, the 7 columns in CMFF_COLUMNS order; None = "-
 
 
 def _cmff_column_flags(method: str, arch: str) -> tuple:
-    """The official CMFF per-backbone protocol: ResNet-110 loss weights, 400 epochs for VGG/DenseNet."""
+    """The official CMFF per-backbone scripts: ResNet-110 loss weights (train_rn110.py), 400 epochs for VGG and
+    DenseNet (train_vgg.py, train_Densenet.py), 400 epochs with steps at 50/150/225/300 for WRN (train_wrn.py)."""
     if method == "cmff" and arch == "resnet110":
         return ("--preset", "rn110")
     if method == "cmff" and arch in ("vgg16", "densenet40_12"):
         return ("--epochs", "400")
+    if method == "cmff" and arch == "wrn_22_8":
+        return ("--epochs", "400", "--milestones", "50,150,225,300")
     return ()
 
 
@@ -217,6 +220,9 @@ def _cmff_cifar100() -> Table:
         "each method's paper; ONE with its paper's 3 branches and run scripts (`--preset paper --recipe one`), "
         "OKDDip with its paper's step schedule, KDCL with the MinLogit target. Single = the mean over the peers "
         "(PCL: the head it deploys); the README does not say which head it reports.",
+        "CMFF's own cells follow its per-backbone scripts: `--preset rn110` on ResNet-110, `--epochs 400` on VGG-16 "
+        "and DenseNet-40-12, `--epochs 400 --milestones 50,150,225,300` on WRN. The official WRN script trains "
+        "FFL + DCCL terms without the rotation task or the attention; ours trains the whole CMFF method there.",
     ]
     return t
 
