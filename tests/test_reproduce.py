@@ -296,3 +296,34 @@ def test_tag_is_recorded_but_does_not_name_the_run():
     assert tagged.tag == "pcl-cifar100/dml-resnet20" and plain.tag is None
     name = [Trainer._default_run_name(SimpleNamespace(args=a, method_cls=dml)) for a in (tagged, plain)]
     assert name[0] == name[1] == "dml-resnet20-cifar100-n2-s0"
+
+
+def test_gpu_queue_one_run_per_gpu(tmp_path, monkeypatch):
+    """--gpus 0,1: at most two runs at once, each with its own CUDA_VISIBLE_DEVICES and --gpu 0; a freed GPU
+    takes the next run (processes faked: each 'finishes' after a few polls)."""
+    started, running = [], set()
+
+    class FakeProc:
+        def __init__(self, cmd, cwd, env, stdout, stderr, start_new_session):
+            assert start_new_session and cwd == REPO
+            self.cmd, self.gpu, self.polls, self.returncode = cmd, env["CUDA_VISIBLE_DEVICES"], 0, None
+            assert self.gpu not in running, "two runs on one GPU"
+            running.add(self.gpu)
+            assert len(running) <= 2
+            started.append(self)
+
+        def poll(self):
+            self.polls += 1
+            if self.polls >= 3 and self.returncode is None:
+                self.returncode = 0
+                running.discard(self.gpu)
+            return self.returncode
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
+    runs, _ = reproduce.plan(TABLES["smoke"], [0, 1], tmp_path)
+    outcome = reproduce.run_local(runs, gpus=["0", "1"], log=lambda *_: None)
+    assert len(outcome["finished"]) == 4 and len(started) == 4
+    assert [p.gpu for p in started[:2]] == ["0", "1"]
+    for p, run in zip(started, runs):
+        assert p.cmd[1:] == run.command("python", ["--gpu", "0", "--no-progress"])[1:]
