@@ -319,13 +319,13 @@ def markdown_runs(groups: dict[str, list[RunResult]], warn=None) -> str:
 
 
 # ---- plots -----------------------------------------------------------------------------------------------------
-def _band(ax, series: list[dict], label: str, color=None):
+def _band(ax, series: list[dict], label: str, lw: float = 1.5):
     """Mean line and ± std band of per-seed {epoch: value} series."""
     import numpy as np
     epochs = sorted({e for s in series for e in s})
     mean = np.array([statistics.fmean([s[e] for s in series if e in s]) for e in epochs])
     std = np.array([statistics.stdev(v) if len(v := [s[e] for s in series if e in s]) > 1 else 0.0 for e in epochs])
-    line, = ax.plot(epochs, mean, label=label, color=color, marker="o" if len(epochs) < 20 else None, ms=3)
+    line, = ax.plot(epochs, mean, label=label, lw=lw, marker="o" if len(epochs) < 20 else None, ms=3)
     ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
 
 
@@ -340,7 +340,8 @@ def plot_curves(runs: Sequence[RunResult], title: str, path: Path) -> Path:
     heads = [k[:-5] for k in runs[0].data["history"][-1]["test"] if k.endswith("/top1")]
     for head in heads:
         _band(acc_ax, [{h["epoch"]: h["test"][f"{head}/top1"] for h in r.data["history"]
-                        if f"{head}/top1" in h.get("test", {})} for r in runs], head)
+                        if f"{head}/top1" in h.get("test", {})} for r in runs], head,
+              lw=1.0 if PEER.match(head) else 2.2)       # the peers thin, ensembles and teachers bold
     terms = [k for k in runs[0].data["history"][-1]["train"] if k not in NOT_TERMS]
     for term in terms:
         _band(loss_ax, [{h["epoch"]: h["train"][term] for h in r.data["history"] if term in h.get("train", {})}
