@@ -278,7 +278,10 @@ class TrainRun:
 
     def __call__(self) -> int:
         with open(self.log_path, "a") as log:
-            self._proc = subprocess.Popen(self.command, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT)
+            # SLURM's warning signal (USR2) is submitit's to handle: the training process ignores it, and
+            # checkpoint() below stops it with SIGINT (a clean exit) instead of the signal's default kill
+            self._proc = subprocess.Popen(self.command, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+                                          preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
             code = self._proc.wait()
         if code != 0:
             raise RuntimeError(f"{shlex.join(self.command)} exited with {code}; its output is in {self.log_path}")

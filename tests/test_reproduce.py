@@ -327,3 +327,22 @@ def test_gpu_queue_one_run_per_gpu(tmp_path, monkeypatch):
     assert [p.gpu for p in started[:2]] == ["0", "1"]
     for p, run in zip(started, runs):
         assert p.cmd[1:] == run.command("python", ["--gpu", "0", "--no-progress"])[1:]
+
+
+def test_slurm_task_ignores_the_warning_signal_and_stops_on_checkpoint(tmp_path):
+    """The training process survives SLURM's USR2 (submitit handles it) and checkpoint() stops it with SIGINT."""
+    script = ("import os, signal, time\nos.kill(os.getpid(), signal.SIGUSR2)\nprint('alive after USR2', flush=True)\n"
+              "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('stopped by SIGINT', flush=True)\n")
+    job = reproduce.TrainRun([sys.executable, "-c", script], str(tmp_path), str(tmp_path / "log"))
+    import threading
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(job()))
+    worker.start()
+    deadline = time.time() + 60
+    while "alive" not in ((tmp_path / "log").read_text() if (tmp_path / "log").exists() else "") \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    again = job.checkpoint()
+    worker.join(60)
+    assert codes == [0] and (tmp_path / "log").read_text() == "alive after USR2\nstopped by SIGINT\n"
+    assert again.function.command == job.command
