@@ -154,7 +154,9 @@ def test_against_baseline_reading(tmp_path):
     runs, _ = summarize.load_runs(tmp_path)
     rows = summarize.against_baseline(t, summarize.summarize_table(t, runs))
     # baseline error 30, 28 (29 ± 1.414); DML single error 25, 23 (24 ± 1.414): gain +5, se = sqrt(1 + 1)
-    assert rows == [f"| ResNet-32 | DML | +5.00 | {math.sqrt(2):.2f} | better, beyond noise |"]
+    # ensemble error 20, 20: gain +9, se = sqrt(0 + 2 / 2) = 1
+    assert rows == [f"| ResNet-32 | DML | single | +5.00 | {math.sqrt(2):.2f} | better, beyond noise |",
+                    "| ResNet-32 | DML | ensemble | +9.00 | 1.00 | better, beyond noise |"]
 
 
 def test_into_replaces_the_marked_block(tmp_path, capsys):
