@@ -1,62 +1,36 @@
-"""The one training loop every method uses."""
+"""The one training loop every method uses.
+
+``Trainer(method_cls, args)`` sets a run up (engine/setup.py: device, seeding, DDP, optimizers; the
+configuration resolved and frozen, engine/config.py); ``fit()`` trains: for every epoch ``train_epoch``,
+the method's ``on_epoch_end``, ``evaluate`` on the test (and validation) split, then the run's records
+(engine/records.py: checkpoints, results.json) and reports (engine/reporting.py: console, TensorBoard).
+``evaluate_only()`` evaluates a checkpoint.
+"""
 from __future__ import annotations
 
 import json
 import math
-import os
-import platform
-import random
-import subprocess
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
-from torch import nn
 
-from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state, FORMAT
-from .cli import RECIPE_KEYS, RECIPES, parse_args
-from .distributed import (DistEnv, all_reduce_sum, barrier, broadcast_buffers, init_distributed,
-                          shutdown_distributed)
+from . import records
+from .checkpoint import atomic_write_text, load_checkpoint
+from .cli import parse_args
+from .config import resolve
+from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
+from .ema import temporal_means
 from .errors import UserError
-from .method import Method
+from .method import Method, StepContext
+from .reporting import Reporter
+from .setup import (Optimization, check_args, default_run_name, group_peers, lr_factor, seed_everything,
+                    select_device, sgd_implementation, wrap)
 
-REPO = Path(__file__).resolve().parent.parent
-# Arguments that fix what a checkpoint holds, with their value in checkpoints that predate them: a resumed
-# run must agree on them. --grouped-peers changes the layout of the weights and of the optimizer state.
-RESUME_KEYS = {"arch": None, "dataset": None, "num_peers": None, "subset": None, "val_split": 0,
-               "grouped_peers": False}
-
-
-def saved_arg(ckpt: dict, key: str):
-    """The value of RESUME_KEYS argument ``key`` a checkpoint was trained with (its default if it predates it)."""
-    return ckpt["args"].get(key, RESUME_KEYS[key])
-
-
-def lr_factor(epoch: int, args) -> float:
-    """Multiplier of the peak lr during 0-based ``epoch``: per-epoch cosine to 0, or x0.1 per milestone."""
-    if args.lr_schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
-    return 0.1 ** sum(epoch >= m for m in args.milestones)
-
-
-def sgd_implementation(choice: str, device: torch.device) -> dict:
-    """SGD keywords for ``--sgd-impl``: 'fused' (one fused kernel over all parameters, where this torch has
-    it for the device; otherwise foreach), 'foreach' (multi-tensor kernels) or 'for-loop' (one parameter at
-    a time, as the official codes' torch did). All three apply the same update."""
-    if choice == "fused":
-        try:  # torch checks the device at the first step, not at construction: take one
-            probe = torch.zeros(1, device=device, requires_grad=True)
-            probe.grad = torch.zeros_like(probe)
-            torch.optim.SGD([probe], lr=0.1, momentum=0.9, fused=True).step()
-            return {"fused": True}
-        except (RuntimeError, ValueError, TypeError, NotImplementedError):
-            choice = "foreach"
-    return {"foreach": choice == "foreach"}
+__all__ = ["Trainer", "train", "main", "lr_factor", "sgd_implementation", "topk_correct"]
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -66,27 +40,6 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torc
     return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=REPO,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def library_versions(device: torch.device) -> dict:
-    import torchvision
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "torchvision": torchvision.__version__, "numpy": np.__version__,
-                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
-    if device.type == "cuda":
-        versions["device"] = torch.cuda.get_device_name(device)
-    else:
-        versions["device"] = platform.processor() or platform.machine()
-    return versions
-
-
 class Trainer:
     """Builds data, method and optimizers from the parsed arguments; ``fit()`` trains, ``evaluate_only()`` evaluates."""
 
@@ -94,158 +47,50 @@ class Trainer:
         from data import build_loaders
         from models import model_entry
 
-        self.args = args
         self.method_cls = method_cls
-        self._check_args()
+        check_args(args, method_cls)
+        self.args = args = resolve(method_cls, args)   # read-only from here on
         model_entry(args.arch)  # unknown architecture: the listing error before anything heavy
-        self.device = self._select_device()
+        self.device = select_device(args)
         self.dist: DistEnv = init_distributed(self.device.type == "cuda")
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.is_main = self.dist.is_main
-        self._seed(args.seed)
-        args.views = method_cls.views
+        seed_everything(args.seed)
         try:
-            self.loaders = build_loaders(args, self.device, self.dist.rank, self.dist.world_size)
+            self.loaders = build_loaders(args, self.device, self.dist.rank, self.dist.world_size,
+                                         needs_every_class=method_cls.needs_every_class)
         except ValueError as e:  # a data flag that does not fit the dataset (--val-split, --subset, --loader)
             raise UserError(str(e)) from None
         info = self.loaders.info
-        if args.num_classes is not None and args.num_classes != info.num_classes:
-            raise UserError(f"--num-classes {args.num_classes} disagrees with {info.name}, which has "
-                            f"{info.num_classes} classes; leave --num-classes out")
-        args.num_classes = info.num_classes
         self.method = method_cls(args, info.num_classes, self.loaders.n_train, info.image_size,
                                  train_labels=self.loaders.train.labels)
         if args.grouped_peers:
-            self._group_peers()
+            group_peers(self.method, args.arch)
         self.memory_format = torch.channels_last if args.channels_last else None
         self.method.to(self.device, self.memory_format)
-        self.model = self._wrap(self.method.model)
+        self.model = wrap(self.method, args, self.dist, self.device)
         if args.compile:
             self.model = torch.compile(self.model, mode=None if args.compile == "default" else args.compile)
-        self.groups = self.method.optim_groups()
-        self.sgd_kernels = sgd_implementation(args.sgd_impl, self.device)   # probed once, used by every _sgd
-        self.optimizers = {g.name: self._sgd(g) for g in self.groups}
-        self.schedulers = {
-            g.name: torch.optim.lr_scheduler.LambdaLR(
-                self.optimizers[g.name], (lambda e: lr_factor(e, args)) if g.scheduled else (lambda e: 1.0))
-            for g in self.groups}
+        self.optimization = Optimization(self.method.optim_groups(), args, self.dist.world_size, self.device)
+        self.optimizers, self.schedulers = self.optimization.optimizers, self.optimization.schedulers
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+        self.step_context = StepContext(self.optimizers, self.scaler, self.device.type, self.autocast_dtype)
+        self.means = temporal_means(self.method.extra_modules())
         self.graphed = None
         if args.cuda_graph:
             from .cuda_graph import GraphedStep
             self.graphed = GraphedStep(self._step, list(self.optimizers.values()), self.device)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-        self.select_split = "val" if self.loaders.val is not None else "test"
         self.best_head = args.best_metric or method_cls.best_metric
-        self.out = Path(args.out) if args.out else REPO / "runs" / self._default_run_name()
+        self.out = Path(args.out) if args.out else records.REPO / "runs" / default_run_name(method_cls, args)
         self.start_epoch = 0
-        self.history: list[dict] = []
-        self.best: Optional[dict] = None
-        self.max_test: dict[str, float] = {}
-        self.train_seconds = 0.0
-        self.train_samples = 0
-        self.provenance = {"git_commit": git_commit(), "versions": library_versions(self.device)}  # once, not per epoch
-        self.writer = None
+        self.history = records.History("val" if self.loaders.val is not None else "test", f"{self.best_head}/top1")
+        self.report = Reporter(self.out, self.is_main, args.epochs, self.best_head)
+        self.provenance = {"git_commit": records.git_commit(),   # once, not per epoch
+                           "versions": records.library_versions(self.device)}
 
-    # ---- set-up ---------------------------------------------------------------------------------
-    def _check_args(self) -> None:
-        a, m = self.args, self.method_cls
-        if a.resume and a.eval_only:
-            raise UserError("--resume and --eval-only conflict: --eval-only evaluates a checkpoint without training")
-        if a.lr_schedule == "multistep" and not a.milestones:
-            raise UserError("--lr-schedule multistep needs --milestones, e.g. --milestones 150 225")
-        if m.num_peers is not None and a.num_peers < m.min_peers:
-            raise UserError(f"{m.name} needs --num-peers >= {m.min_peers}; got {a.num_peers}")
-        if a.val_split < 0:
-            raise UserError("--val-split must be >= 0")
-        if a.sync_bn and not (torch.cuda.is_available() and a.gpu >= 0):
-            raise UserError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation); leave it out")
-        if a.amp == "fp16" and not (torch.cuda.is_available() and a.gpu >= 0):
-            raise UserError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or --amp off")
-        if a.cuda_graph:
-            if not (torch.cuda.is_available() and a.gpu >= 0):
-                raise UserError("--cuda-graph needs a CUDA GPU; leave it out on the CPU")
-            if a.amp == "fp16":
-                raise UserError("--cuda-graph and --amp fp16 conflict: the fp16 loss scaler reads its overflow "
-                                "check on the host every step; use --amp bf16")
-            if a.compile:
-                raise UserError("--cuda-graph and --compile conflict: for compiled graphs use --compile "
-                                "reduce-overhead")
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise UserError("--cuda-graph is single-process for now (DDP's gradient all-reduce is not captured); "
-                                "leave it out under torchrun")
-        m.check_args(a)
-
-    def _select_device(self) -> torch.device:
-        if self.args.gpu < 0:
-            return torch.device("cpu")
-        if not torch.cuda.is_available():
-            warnings.warn("CUDA is not available: training on the CPU (pass --gpu -1 to silence this).")
-            return torch.device("cpu")
-        if self.args.gpu >= torch.cuda.device_count():
-            raise UserError(f"--gpu {self.args.gpu} does not exist: this machine has "
-                            f"{torch.cuda.device_count()} CUDA device(s)")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.args.gpu)))
-        torch.cuda.set_device(device)   # streams, graphs and new tensors without a device go to this GPU
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        return device
-
-    def _group_peers(self) -> None:
-        """--grouped-peers: every Peers of the method runs its branches as one grouped network."""
-        from models.grouped import NotGroupableError
-        from models.peers import Peers
-        name = self.method_cls.name
-        if not self.method_cls.groupable_peers:
-            raise UserError(f"{name} reaches into its peers' layers, so it cannot run them grouped; "
-                            "leave out --grouped-peers")
-        peers = [m for m in self.method.model.modules() if isinstance(m, Peers)]
-        if not peers:
-            raise UserError(f"{name} trains a single network: --grouped-peers has nothing to group; leave it out")
-        try:
-            for p in peers:
-                p.group_branches()
-        except NotGroupableError as e:
-            raise UserError(f"--grouped-peers with --arch {self.args.arch}: {e}") from None
-
-    @staticmethod
-    def _seed(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        if not self.dist.enabled:
-            if self.args.sync_bn:
-                warnings.warn("--sync-bn does nothing in a single process")
-            return model
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        if self.args.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            self.method.model = model
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, find_unused_parameters=self.method.find_unused_parameters)
-
-    def _sgd(self, group) -> torch.optim.SGD:
-        a = self.args
-        scale = self.dist.world_size if a.lr_scale == "linear" else 1
-        return torch.optim.SGD(group.params, lr=scale * (group.lr if group.lr is not None else a.lr),
-                               momentum=a.momentum, nesterov=a.nesterov and a.momentum > 0,
-                               weight_decay=group.weight_decay if group.weight_decay is not None else a.weight_decay,
-                               **{**self.sgd_kernels, **group.extra})
-
-    def _default_run_name(self) -> str:
-        a = self.args
-        peers = f"-n{a.num_peers}" if self.method_cls.num_peers is not None else ""
-        return f"{self.method_cls.name}-{a.arch}-{a.dataset}{peers}-s{a.seed}"
-
-    def log(self, text: str) -> None:
-        if self.is_main:
-            print(text, flush=True)
-
-    # ---- one epoch ------------------------------------------------------------------------------
+    # ---- one step -------------------------------------------------------------------------------
     def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
@@ -259,23 +104,22 @@ class Trainer:
         return images.contiguous(memory_format=self.memory_format)
 
     def _step(self, batch, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One optimisation step: the method's loss terms, backward, every optimizer; returns (terms, sum)."""
-        with self._autocast():
-            terms = self.method.loss(self.model, batch, epoch)
-        total = sum(terms.values())
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        for opt in self.optimizers.values():
-            self.scaler.step(opt)
+        """The part of a step --cuda-graph captures: the method's train_step (by default its loss terms, one
+        backward, every optimizer), the scaler's update, then its after_step; returns (terms, their sum)."""
+        terms = self.method.train_step(self.model, batch, epoch, self.step_context)
         self.scaler.update()
-        return terms, total
+        with torch.no_grad():
+            self.method.after_step(self.model, batch, epoch)
+        return terms, sum(terms.values())
 
     def train_step(self, batch, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One training step on a loader's batch: in the memory format, replayed from the CUDA graph with
-        --cuda-graph, else eagerly."""
+        --cuda-graph, else eagerly; then the method's temporal means are updated (eagerly)."""
         batch = batch._replace(images=self._format(batch.images))
-        return self._step(batch, epoch) if self.graphed is None else self._graphed_step(batch, epoch)
+        out = self._step(batch, epoch) if self.graphed is None else self._graphed_step(batch, epoch)
+        for mean in self.means:
+            mean.update()
+        return out
 
     def _graphed_step(self, batch, epoch: int):
         from .cuda_graph import CaptureError
@@ -286,6 +130,7 @@ class Trainer:
                             f"graph ({e}). {self.out / 'last.pt'} holds the last finished epoch: continue "
                             "without --cuda-graph (--resume auto)") from None
 
+    # ---- one epoch ------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
         from tqdm import tqdm
 
@@ -313,8 +158,8 @@ class Trainer:
         values = all_reduce_sum(torch.stack([sums[n] for n in names])) / (max(steps, 1) * self.dist.world_size)
         stats = dict(zip(names, values.tolist()))
         samples = loader.num_samples * self.dist.world_size
-        self.train_seconds += seconds
-        self.train_samples += samples
+        self.history.train_seconds += seconds
+        self.history.train_samples += samples
         stats["images_per_s"] = samples / max(seconds, 1e-9)
         stats["epoch_s"] = seconds
         if not math.isfinite(stats["loss"]):
@@ -325,24 +170,58 @@ class Trainer:
                 f"bf16 instead of fp16, then continue with --resume auto.")
         return stats
 
-    @torch.no_grad()
+    # ---- evaluation -----------------------------------------------------------------------------
+    def _eval_batches(self, loader):
+        """(heads, batch) for every batch of this rank's share of ``loader``: ``eval_logits`` in eval mode,
+        under no_grad, with every rank holding rank 0's buffers first."""
+        model = self.method.model
+        modules = [model] + self.means
+        for m in modules:
+            broadcast_buffers(m)
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        loader.set_epoch(0)
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    with self._autocast():
+                        heads = self.method.eval_logits(model, self._format(batch.images))
+                    yield heads, batch
+        finally:
+            for m, was in zip(modules, was_training):
+                m.train(was)
+
+    def predict(self, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every head's float32 logits (N x C, on the device) and the labels (N) of split "val" or "test",
+        in the split's order, gathered over every rank (each sample is evaluated by one rank). The
+        ``evaluator`` of ``Method.on_epoch_end``."""
+        loader = {"val": self.loaders.val, "test": self.loaders.test}.get(split)
+        if split not in ("val", "test"):
+            raise UserError(f"predict: the split is 'val' or 'test'; got {split!r}")
+        if loader is None:
+            raise UserError(f"{self.method_cls.name} needs the held-out split: pass --val-split N "
+                            "(N training images held out for validation)")
+        n = len(loader.labels)
+        logits: dict[str, torch.Tensor] = {}
+        for heads, batch in self._eval_batches(loader):
+            for name, z in heads.items():
+                if name not in logits:
+                    logits[name] = torch.zeros(n, z.shape[1], device=self.device)
+                logits[name][batch.index] = z.float()
+        for z in logits.values():
+            all_reduce_sum(z)   # zeros wherever another rank holds the sample
+        return logits, loader.labels.to(self.device)
+
     def evaluate(self, loader) -> dict[str, float]:
         """Top-1/top-5 (%) of every head the method declares, over the whole split (all ranks)."""
-        model = self.method.model
-        broadcast_buffers(model)
-        was_training = model.training
-        model.eval()
         counts: dict[str, torch.Tensor] = {}
         seen = torch.zeros((), device=self.device)
-        loader.set_epoch(0)
-        for batch in loader:
-            with self._autocast():
-                heads = self.method.eval_logits(model, self._format(batch.images))
+        for heads, batch in self._eval_batches(loader):
             for name, logits in heads.items():
                 c = topk_correct(logits.float(), batch.labels)
                 counts[name] = counts[name] + c if name in counts else c
             seen += batch.labels.numel()
-        model.train(was_training)
         names = list(counts)
         totals = all_reduce_sum(torch.cat([torch.stack([counts[n] for n in names]).flatten().float(), seen[None]]))
         n = totals[-1].item()
@@ -352,137 +231,6 @@ class Trainer:
             metrics[f"{name}/top1"] = top1
             metrics[f"{name}/top5"] = top5
         return metrics
-
-    # ---- checkpoints and results ----------------------------------------------------------------
-    def _checkpoint(self, epochs_done: int) -> dict:
-        return {
-            "format": FORMAT, "method": self.method_cls.name, "epoch": epochs_done,
-            "state": self.method.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
-            "scaler": self.scaler.state_dict(), "rng": rng_state(self.device),
-            "best": self.best, "max_test": self.max_test, "history": self.history,
-            "train_seconds": self.train_seconds, "train_samples": self.train_samples,
-            "args": {k: v for k, v in vars(self.args).items()},
-        }
-
-    def _resume_path(self) -> Optional[Path]:
-        if not self.args.resume:
-            return None
-        if self.args.resume == "auto":
-            path = self.out / "last.pt"
-            return path if path.is_file() else None
-        return Path(self.args.resume)
-
-    def _load_training_state(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
-        if ckpt["method"] != self.method_cls.name:
-            raise UserError(f"{path} is a {ckpt['method']} checkpoint; resume it with train_{ckpt['method']}.py")
-        for key in RESUME_KEYS:
-            saved, now = saved_arg(ckpt, key), getattr(self.args, key, None)
-            if saved != now:
-                raise UserError(f"{path} was trained with --{key.replace('_', '-')} {saved}, this run asks for "
-                                f"{now}; resume with the same value or start a new run with another --out")
-        self._load_state(ckpt, path)
-        for k, o in self.optimizers.items():
-            o.load_state_dict(ckpt["optimizers"][k])
-        for k, s in self.schedulers.items():
-            s.load_state_dict(ckpt["schedulers"][k])
-        self._apply_current_hyperparameters()
-        if ckpt["scaler"] and self.scaler.is_enabled():  # an --amp change on resume starts a fresh scaler
-            self.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"], self.device)
-        self.start_epoch = ckpt["epoch"]
-        self.best, self.max_test, self.history = ckpt["best"], ckpt["max_test"], ckpt["history"]
-        self.train_seconds, self.train_samples = ckpt["train_seconds"], ckpt["train_samples"]
-        self.log(f"resumed from {path} after epoch {self.start_epoch}")
-
-    def _apply_current_hyperparameters(self) -> None:
-        """A resumed run follows the command as typed: the optimizer state (momentum buffers) comes from the
-        checkpoint, the hyper-parameters (lr and its schedule, --epochs, weight decay, momentum, --sgd-impl)
-        from the current flags. Without this the first resumed epoch would keep the old schedule's lr."""
-        for group in self.groups:
-            fresh = self._sgd(group).param_groups[0]
-            sched = self.schedulers[group.name]
-            for g in self.optimizers[group.name].param_groups:
-                for key in ("weight_decay", "momentum", "nesterov", "foreach", "fused"):
-                    g[key] = fresh[key]
-                g["initial_lr"] = fresh["lr"]
-                g["lr"] = fresh["lr"] * sched.lr_lambdas[0](sched.last_epoch)
-            sched.base_lrs = [fresh["lr"]] * len(sched.base_lrs)
-
-    def _load_state(self, ckpt: dict, path: Path) -> None:
-        try:
-            self.method.load_state_dict(ckpt["state"])
-        except (RuntimeError, KeyError) as e:
-            raise UserError(f"{path} does not fit this model ({str(e).splitlines()[0][:300]}); "
-                            "check --arch, --num-peers and the method's flags") from None
-
-    def _results(self, status: str) -> dict:
-        a = self.args
-        return {
-            "status": status, "method": self.method_cls.name, "arch": a.arch, "dataset": a.dataset,
-            "epochs_done": len(self.history), "epochs": a.epochs,
-            "recipe": {"name": a.recipe, **{k: getattr(a, k) for k in RECIPE_KEYS},
-                       "same_as_recipe": all(getattr(a, k) == RECIPES[a.recipe][k] for k in RECIPE_KEYS)},
-            "selection": {"split": self.select_split, "metric": f"{self.best_head}/top1",
-                          "note": "best = the epoch with the highest selection metric; its test metrics are "
-                                  "reported. max_over_epochs_test is what the official codes report when "
-                                  "selecting on the test set."},
-            "best": self.best,
-            "last": self.history[-1] if self.history else None,
-            "max_over_epochs_test": self.max_test,
-            "wall_time_s": time.time() - self.wall_start,
-            "train_time_s": self.train_seconds,
-            "train_images_per_s": self.train_samples / max(self.train_seconds, 1e-9),
-            "world_size": self.dist.world_size,
-            "git_commit": self.provenance["git_commit"], "versions": self.provenance["versions"],
-            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-            "args": {k: v for k, v in vars(a).items()},
-            "history": self.history,
-        }
-
-    def _write_results(self, status: str) -> None:
-        if self.is_main:
-            atomic_write_text(json.dumps(self._results(status), indent=2, default=str) + "\n",
-                              self.out / "results.json")
-
-    def _tensorboard(self, epoch: int, record: dict) -> None:
-        if not self.is_main:
-            return
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=epoch + 1)
-        for name, value in record["train"].items():
-            self.writer.add_scalar(f"train/{name}", value, epoch + 1)
-        for name, value in record["lr"].items():
-            self.writer.add_scalar(f"lr/{name}", value, epoch + 1)
-        for split in ("val", "test"):
-            for name, value in record.get(split, {}).items():
-                self.writer.add_scalar(f"{split}/{name}", value, epoch + 1)
-        self.writer.flush()
-
-    def _summary_line(self, record: dict) -> str:
-        train = record["train"]
-        terms = " ".join(f"{k} {v:.3f}" for k, v in train.items() if k not in ("loss", "images_per_s", "epoch_s"))
-        heads = " ".join(f"{k[:-5]} {v:.2f}" for k, v in record["test"].items() if k.endswith("/top1"))
-        val = ""
-        if "val" in record:
-            val = f" | val {record['val'][self.best_head + '/top1']:.2f}"
-        lr = next(iter(record["lr"].values()))
-        return (f"epoch {record['epoch']}/{self.args.epochs} lr {lr:.4g} loss {train['loss']:.3f} ({terms}) | "
-                f"test top1 {heads}{val} | {train['epoch_s']:.1f}s {train['images_per_s']:.0f} img/s")
-
-    # ---- entry points ---------------------------------------------------------------------------
-    def _prepare_out(self) -> None:
-        resume = self._resume_path()
-        if resume is None and (self.out / "last.pt").exists():
-            raise UserError(f"{self.out} already holds a run (last.pt). Continue it with --resume auto, "
-                            "or start a new run with another --out; nothing is overwritten.")
-        if resume is not None:
-            self._load_training_state(resume)
-        elif self.args.resume == "auto":
-            self.log(f"--resume auto: no checkpoint in {self.out}, starting a new run")
 
     def _check_heads(self) -> None:
         batch = next(iter(self.loaders.test))
@@ -495,71 +243,48 @@ class Trainer:
             raise UserError(f"--best-metric {self.best_head!r} is not an evaluated head; "
                             f"choose one of: {', '.join(heads)}")
 
+    # ---- entry points ---------------------------------------------------------------------------
     def fit(self) -> dict:
         a = self.args
         self.wall_start = time.time()
         self._check_heads()   # before the RNG state of a resumed run is restored
-        self._prepare_out()
+        records.prepare_out(self)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in self.method.model.parameters())
-        self.log(f"{self.method_cls.name}: {a.arch} on {a.dataset} ({self.loaders.n_train} train images), "
-                 f"{n_params / 1e6:.3f}M parameters, device {self.device}, amp {a.amp}, "
-                 f"global batch {a.batch_size * self.dist.world_size} "
-                 f"({a.batch_size} x {self.dist.world_size} process(es)), recipe {a.recipe}, out {self.out}")
+        self.report.log(f"{self.method_cls.name}: {a.arch} on {a.dataset} ({self.loaders.n_train} train images), "
+                        f"{n_params / 1e6:.3f}M parameters, device {self.device}, amp {a.amp}, "
+                        f"global batch {a.batch_size * self.dist.world_size} "
+                        f"({a.batch_size} x {self.dist.world_size} process(es)), recipe {a.recipe}, out {self.out}")
         for epoch in range(self.start_epoch, a.epochs):
             lr = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
             record = {"epoch": epoch + 1, "lr": lr, "train": self.train_epoch(epoch)}
+            self.method.on_epoch_end(epoch, self)
             record["test"] = self.evaluate(self.loaders.test)
             if self.loaders.val is not None:
                 record["val"] = self.evaluate(self.loaders.val)
-            for k, v in record["test"].items():
-                self.max_test[k] = max(v, self.max_test.get(k, -1.0))
-            key = f"{self.best_head}/top1"
-            improved = self.best is None or record[self.select_split][key] > self.best[self.select_split][key]
-            if improved:
-                self.best = {"epoch": epoch + 1, "test": record["test"], **({"val": record["val"]} if "val" in record else {})}
-            self.history.append(record)
-            if self.is_main:
-                paths = [self.out / "last.pt"] + ([self.out / "best.pt"] if improved else [])
-                atomic_save(self._checkpoint(epoch + 1), *paths)
-            self._write_results("finished" if epoch + 1 == a.epochs else "running")
+            improved = self.history.add(record)
+            records.save_epoch(self, epoch + 1, improved)
+            records.write_results(self, "finished" if epoch + 1 == a.epochs else "running")
             barrier()  # no rank starts the next epoch before rank 0 has written this one's checkpoint
-            self._tensorboard(epoch, record)
-            self.log(self._summary_line(record))
-        self._write_results("finished")
-        if self.writer is not None:
-            self.writer.close()
+            self.report.epoch(epoch, record)
+        records.write_results(self, "finished")
+        self.report.close()
         barrier()
-        self._print_final()
-        return self._results("finished")
-
-    def _print_final(self) -> None:
-        if not self.history or self.best is None:
-            return
-        last = self.history[-1]["test"]
-        heads = [k[:-5] for k in last if k.endswith("/top1")]
-        lines = [f"{'head':<12} {'best top1':>9} {'last top1':>9} {'last top5':>9}   "
-                 f"(best = epoch {self.best['epoch']}, selected on {self.select_split} {self.best_head}/top1)"]
-        for h in heads:
-            lines.append(f"{h:<12} {self.best['test'][h + '/top1']:9.2f} {last[h + '/top1']:9.2f} "
-                         f"{last[h + '/top5']:9.2f}")
-        self.log("\n".join(lines) + f"\nresults: {self.out / 'results.json'}")
+        self.report.final_table(self.history)
+        return records.results(self, "finished")
 
     def evaluate_only(self) -> dict:
+        """Evaluate ``--eval-only``'s checkpoint (either layout, with or without --grouped-peers)."""
         path = Path(self.args.eval_only)
         ckpt = load_checkpoint(path)
-        if saved_arg(ckpt, "grouped_peers") != self.args.grouped_peers:
-            flag = "with" if saved_arg(ckpt, "grouped_peers") else "without"
-            raise UserError(f"{path} holds grouped peers' weights laid out as trained; evaluate it {flag} "
-                            "--grouped-peers")
-        self._load_state(ckpt, path)
+        records.load_method_state(self.method, ckpt, path)
         result = {"checkpoint": str(path), "epoch": ckpt["epoch"], "test": self.evaluate(self.loaders.test)}
         if self.loaders.val is not None:
             result["val"] = self.evaluate(self.loaders.val)
         for split in ("val", "test"):
             if split in result:
-                self.log(f"{split}: " + " ".join(f"{k} {v:.2f}" for k, v in result[split].items()))
+                self.report.log(f"{split}: " + " ".join(f"{k} {v:.2f}" for k, v in result[split].items()))
         if self.is_main:
             out = Path(self.args.out) if self.args.out else path.parent
             atomic_write_text(json.dumps(result, indent=2) + "\n", out / f"eval-{path.stem}.json")
@@ -578,11 +303,11 @@ def train(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> dic
 
 def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point: errors that are the user's to fix print as one line, not a traceback."""
-    from data import DatasetNotFoundError
+    from data import DatasetError
     from models import UnknownModelError
     try:
         train(method_cls, argv)
-    except (UserError, DatasetNotFoundError, UnknownModelError) as e:
+    except (UserError, DatasetError, UnknownModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
