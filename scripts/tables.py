@@ -168,7 +168,7 @@ def _mcl_okd_imagenet() -> Table:
 # CMFF README: CIFAR-100 top-1 accuracy (%). Every method with its own script's defaults (its paper's recipe and
 # variant), which is what the README quotes; the baseline at the CMFF repository's protocol.
 # --------------------------------------------------------------------------------------------------------------
-CMFF_RECIPE = ("--recipe", "ffl")   # the CMFF / DCCL code's protocol: steps at 150/225, weight decay 2e-4
+CMFF_RECIPE = ("--recipe", "dccl")   # the DCCL code's protocol, which the CMFF code keeps: steps 150/225, wd 2e-4
 CMFF_COLUMNS = [("ResNet-32", "resnet32"), ("ResNet-110", "resnet110"), ("VGG-16", "vgg16"),
                 ("WRN-20-8", "wrn_22_8"), ("DenseNet-40-12", "densenet40_12"), ("ResNet-32 (2nd)", "resnet32"),
                 ("ResNet-56", "resnet56")]
@@ -199,7 +199,7 @@ def _cmff_column_flags(method: str, arch: str) -> tuple:
     if method == "cmff" and arch in ("vgg16", "densenet40_12"):
         return ("--epochs", "400")
     if method == "cmff" and arch == "wrn_22_8":
-        return ("--epochs", "400", "--milestones", "50,150,225,300")
+        return ("--recipe", "dccl-wrn")
     return ()
 
 
@@ -221,7 +221,7 @@ def _cmff_cifar100() -> Table:
         "OKDDip with its paper's step schedule, KDCL with the MinLogit target. Single = the mean over the peers "
         "(PCL: the head it deploys); the README does not say which head it reports.",
         "CMFF's own cells follow its per-backbone scripts: `--preset rn110` on ResNet-110, `--epochs 400` on VGG-16 "
-        "and DenseNet-40-12, `--epochs 400 --milestones 50,150,225,300` on WRN. The official WRN script trains "
+        "and DenseNet-40-12, `--recipe dccl-wrn` (400 epochs, steps at 50/150/225/300) on WRN. The official WRN script trains "
         "FFL + DCCL terms without the rotation task or the attention; ours trains the whole CMFF method there.",
     ]
     return t

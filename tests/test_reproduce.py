@@ -137,17 +137,17 @@ def tiny_table() -> Table:
 
 def interrupt_after_first_epoch(run: reproduce.Run, monkeypatch):
     """Train ``run`` in this process and stop it like Ctrl-C right after epoch 1 was saved."""
-    from engine import trainer
-    real = trainer.Trainer._tensorboard
+    from engine import reporting, trainer
+    real = reporting.Reporter.epoch          # called once the epoch's checkpoint and results.json are written
 
     def stop(self, epoch, record):
         real(self, epoch, record)
         if epoch == 0:
             raise KeyboardInterrupt
-    monkeypatch.setattr(trainer.Trainer, "_tensorboard", stop)
+    monkeypatch.setattr(reporting.Reporter, "epoch", stop)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(reproduce.method_class(run.script), [*run.train_argv()])
-    monkeypatch.setattr(trainer.Trainer, "_tensorboard", real)
+    monkeypatch.setattr(reporting.Reporter, "epoch", real)
 
 
 def test_local_launcher_skips_finished_resumes_interrupted_and_summarizes(tmp_path, monkeypatch):
@@ -286,15 +286,13 @@ def test_markdown_page_lists_every_published_number():
 
 
 def test_tag_is_recorded_but_does_not_name_the_run():
-    from types import SimpleNamespace
-
     from engine.cli import parse_args
-    from engine.trainer import Trainer
+    from engine.setup import default_run_name
     dml = reproduce.method_class("train_dml.py")
     tagged = parse_args(dml, ["--arch", "resnet20", "--tag", "pcl-cifar100/dml-resnet20"])
     plain = parse_args(dml, ["--arch", "resnet20"])
     assert tagged.tag == "pcl-cifar100/dml-resnet20" and plain.tag is None
-    name = [Trainer._default_run_name(SimpleNamespace(args=a, method_cls=dml)) for a in (tagged, plain)]
+    name = [default_run_name(dml, a) for a in (tagged, plain)]
     assert name[0] == name[1] == "dml-resnet20-cifar100-n2-s0"
 
 
