@@ -51,6 +51,8 @@ class Trainer:
         check_args(args, method_cls)
         self.args = args = resolve(method_cls, args)   # read-only from here on
         model_entry(args.arch)  # unknown architecture: the listing error before anything heavy
+        if args.threads:
+            torch.set_num_threads(args.threads)
         self.device = select_device(args)
         self.dist: DistEnv = init_distributed(self.device.type == "cuda")
         if self.dist.enabled and self.device.type == "cuda":
@@ -83,7 +85,7 @@ class Trainer:
             from .cuda_graph import GraphedStep
             self.graphed = GraphedStep(self._step, list(self.optimizers.values()), self.device)
         self.best_head = args.best_metric or method_cls.best_metric
-        self.out = Path(args.out) if args.out else records.REPO / "runs" / default_run_name(method_cls, args)
+        self.out = (Path(args.out) if args.out else records.runs_root() / default_run_name(method_cls, args)).absolute()
         self.start_epoch = 0
         self.history = records.History("val" if self.loaders.val is not None else "test", f"{self.best_head}/top1")
         self.report = Reporter(self.out, self.is_main, args.epochs, self.best_head)
@@ -141,7 +143,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         steps = 0
         bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{self.args.epochs}", leave=False,
-                   disable=self.args.no_progress or not self.is_main, dynamic_ncols=True)
+                   disable=self.args.no_progress or not self.is_main or not sys.stderr.isatty(), dynamic_ncols=True)
         start = time.perf_counter()
         for batch in bar:
             terms, total = self.train_step(batch, epoch)
@@ -301,10 +303,16 @@ def train(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> dic
         shutdown_distributed()
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` of the command line: ``warning: <message>``, without the source line."""
+    return f"warning: {message}\n"
+
+
 def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point: errors that are the user's to fix print as one line, not a traceback."""
     from data import DatasetError
     from models import UnknownModelError
+    warnings.formatwarning = one_line_warning
     try:
         train(method_cls, argv)
     except (UserError, DatasetError, UnknownModelError) as e:
