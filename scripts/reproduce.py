@@ -382,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="KEY=VALUE",
                    help="keep the cells whose KEY matches one of the values, for every KEY given: "
                         f"{', '.join(FILTER_KEYS)} (shell patterns; e.g. method=dml,one arch=resnet32)")
-    p.add_argument("--runs-dir", default=str(REPO / "runs"), help="where the table folders go (default: runs/)")
+    p.add_argument("--runs-dir", default=os.environ.get("OKD_RUNS") or str(REPO / "runs"),
+                   help="where the table folders go (default: $OKD_RUNS, else runs/ in the repository)")
     p.add_argument("--extra", default="", metavar="FLAGS",
                    help='flags added to every command, e.g. --extra="--data /data/imagenet --amp bf16" '
                         "(write --extra=... when they start with a dash; they do not change the run directory)")
