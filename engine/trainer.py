@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
