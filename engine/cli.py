@@ -196,6 +196,9 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     r.add_argument("--out", default=None, metavar="DIR",
                    help="run directory (default: runs/<method>-<arch>-<dataset>-n<peers>-s<seed> under "
                         "$OKD_RUNS, else under the current directory)")
+    r.add_argument("--tag", default=None, metavar="TEXT",
+                   help="a label recorded in results.json (args.tag), e.g. TABLE/CELL by scripts/reproduce.py; "
+                        "it does not change the run directory")
     r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint; 'auto' = the run directory's last.pt")
     r.add_argument("--eval-only", default=None, metavar="CHECKPOINT",
