@@ -15,7 +15,6 @@ import torch.nn.functional as F
 class DML(Method):
     """Deep Mutual Learning: peers trained together, each distilling from all the others."""
 
-    name = "dml"
     num_peers = 2
     min_peers = 2
     presets = {

@@ -1,14 +1,18 @@
 """The one training loop every method uses."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
 import random
+import shlex
+import signal
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -18,12 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state, FORMAT
+from . import run_dir
+from .checkpoint import (atomic_copy, atomic_save, atomic_write_text, clean_temp_files, load_checkpoint, rng_state,
+                         set_rng_state, FORMAT)
 from .cli import RECIPE_KEYS, RECIPES, parse_args
 from .distributed import (DistEnv, all_reduce_sum, barrier, broadcast_buffers, init_distributed,
                           shutdown_distributed)
 from .errors import UserError
 from .method import Method
+from .run_dir import given_options
 
 REPO = Path(__file__).resolve().parent.parent
 # Arguments that fix what a checkpoint holds, with their value in checkpoints that predate them: a resumed
@@ -87,15 +94,39 @@ def library_versions(device: torch.device) -> dict:
     return versions
 
 
+def default_options(method_cls: type[Method], args) -> dict:
+    """The method's default training options for ``args``' arch and dataset, resolved as its check_args
+    resolves them (MCL-OKD's K and tau depend on them), for one process."""
+    defaults = parse_args(method_cls, ["--arch", args.arch, "--dataset", args.dataset])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            method_cls.check_args(defaults)
+    except UserError:
+        pass
+    return run_dir.training_options({**vars(defaults), "world_size": 1})
+
+
+def default_run_name(method_cls: type[Method], args, world_size: int = 1) -> str:
+    """``runs/`` name of a run (engine.run_dir.run_name): readable, plus a hash of its non-default options."""
+    options = run_dir.training_options({**vars(args), "world_size": world_size})
+    return run_dir.run_name(method_cls.name, options, default_options(method_cls, args))
+
+
 class Trainer:
     """Builds data, method and optimizers from the parsed arguments; ``fit()`` trains, ``evaluate_only()`` evaluates."""
 
-    def __init__(self, method_cls: type[Method], args):
+    def __init__(self, method_cls: type[Method], args, argv: Optional[Sequence[str]] = None):
         from data import build_loaders
         from models import model_entry
 
-        self.args = args
+        self.argv = list(sys.argv[1:] if argv is None else argv)
         self.method_cls = method_cls
+        self.eval_ckpt = None
+        if args.eval_only:
+            self.eval_ckpt = load_checkpoint(args.eval_only)
+            args = self._as_trained(args, self.eval_ckpt)
+        self.args = args
         self._check_args()
         model_entry(args.arch)  # unknown architecture: the listing error before anything heavy
         self.device = self._select_device()
@@ -138,7 +169,7 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
         self.select_split = "val" if self.loaders.val is not None else "test"
         self.best_head = args.best_metric or method_cls.best_metric
-        self.out = Path(args.out) if args.out else REPO / "runs" / self._default_run_name()
+        self.out = self._run_directory()
         self.start_epoch = 0
         self.history: list[dict] = []
         self.best: Optional[dict] = None
@@ -147,12 +178,19 @@ class Trainer:
         self.train_samples = 0
         self.provenance = {"git_commit": git_commit(), "versions": library_versions(self.device)}  # once, not per epoch
         self.writer = None
+        self.lock: Optional[run_dir.RunLock] = None
+        self.run_id = uuid.uuid4().hex
+        self.processes: list[dict] = []
+        self.process: Optional[dict] = None
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _check_args(self) -> None:
         a, m = self.args, self.method_cls
         if a.resume and a.eval_only:
             raise UserError("--resume and --eval-only conflict: --eval-only evaluates a checkpoint without training")
+        if a.extend_epochs and not (a.resume and (a.out or a.resume != "auto")):
+            raise UserError("--extend-epochs continues an existing run: name it with --resume PATH/TO/last.pt (or "
+                            "--out DIR --resume auto); the default run directory depends on --epochs")
         if a.lr_schedule == "multistep" and not a.milestones:
             raise UserError("--lr-schedule multistep needs --milestones, e.g. --milestones 150 225")
         if m.num_peers is not None and a.num_peers < m.min_peers:
@@ -236,10 +274,45 @@ class Trainer:
                                weight_decay=group.weight_decay if group.weight_decay is not None else a.weight_decay,
                                **{**self.sgd_kernels, **group.extra})
 
+    def _options(self, args: Optional[dict] = None, world_size: Optional[int] = None) -> dict:
+        """Argument values plus the number of processes (it sets the global batch), as run_dir compares them."""
+        options = dict(vars(self.args) if args is None else args)
+        options["world_size"] = self.dist.world_size if world_size is None else world_size
+        return options
+
     def _default_run_name(self) -> str:
+        return default_run_name(self.method_cls, self.args, self.dist.world_size)
+
+    def _run_directory(self) -> Path:
+        """--out; else the directory of the checkpoint given to --resume or --eval-only; else runs/<name>."""
         a = self.args
-        peers = f"-n{a.num_peers}" if self.method_cls.num_peers is not None else ""
-        return f"{self.method_cls.name}-{a.arch}-{a.dataset}{peers}-s{a.seed}"
+        if a.out:
+            return Path(a.out)
+        if a.eval_only:
+            return Path(a.eval_only).parent
+        if a.resume and a.resume != "auto":
+            return Path(a.resume).parent
+        return REPO / "runs" / self._default_run_name()
+
+    def _as_trained(self, args, ckpt: dict):
+        """--eval-only: the checkpoint's training options (arch, dataset, peers, subset, method flags...) in
+        place of the command's defaults; an option given on the command line that disagrees is an error,
+        except where the data is read from and how it is evaluated."""
+        path = Path(args.eval_only)
+        if ckpt["method"] != self.method_cls.name:
+            raise UserError(f"{path} is a {ckpt['method']} checkpoint; evaluate it with train_{ckpt['method']}.py")
+        given = given_options(self.method_cls, self.argv)
+        saved = run_dir.training_options(ckpt["args"])
+        free = run_dir.NOT_TRAINING | run_dir.SPEED | run_dir.BUNDLES | {"amp", "loader"}
+        wrong = [(k, saved[k], given[k]) for k in given if k in saved and k not in free and given[k] != saved[k]]
+        if wrong:
+            raise UserError(f"--eval-only evaluates {path} as trained: " + "; ".join(
+                f"it was trained with {run_dir.flag(k)} {s}, not {n}" for k, s, n in wrong)
+                + ". Leave these flags out (only --data and evaluation options may be given)")
+        for key, value in saved.items():
+            if hasattr(args, key):
+                setattr(args, key, value)
+        return args
 
     def log(self, text: str) -> None:
         if self.is_main:
@@ -364,6 +437,7 @@ class Trainer:
             "best": self.best, "max_test": self.max_test, "history": self.history,
             "train_seconds": self.train_seconds, "train_samples": self.train_samples,
             "args": {k: v for k, v in vars(self.args).items()},
+            "run_id": self.run_id, "world_size": self.dist.world_size, "processes": self.processes,
         }
 
     def _resume_path(self) -> Optional[Path]:
@@ -374,28 +448,87 @@ class Trainer:
             return path if path.is_file() else None
         return Path(self.args.resume)
 
-    def _load_training_state(self, path: Path) -> None:
+    def _load_training_state(self, path: Path) -> bool:
+        """Check the checkpoint at ``path`` against this command and load it; False if the run is finished."""
         ckpt = load_checkpoint(path)
         if ckpt["method"] != self.method_cls.name:
             raise UserError(f"{path} is a {ckpt['method']} checkpoint; resume it with train_{ckpt['method']}.py")
-        for key in RESUME_KEYS:
+        for key in RESUME_KEYS:   # what the weights' shapes and layout (--grouped-peers) depend on
             saved, now = saved_arg(ckpt, key), getattr(self.args, key, None)
             if saved != now:
                 raise UserError(f"{path} was trained with --{key.replace('_', '-')} {saved}, this run asks for "
                                 f"{now}; resume with the same value or start a new run with another --out")
+        diffs = run_dir.config_differences(self._options(ckpt["args"], ckpt.get("world_size", 1)), self._options(),
+                                           default_options(self.method_cls, self.args),
+                                           extend_epochs=self.args.extend_epochs)
+        if diffs:
+            raise UserError(run_dir.describe_differences(path, diffs))
+        self._check_target(path, ckpt)
+        if self.is_main:
+            self._repair_best(path, ckpt)
+        if ckpt["epoch"] >= self.args.epochs:
+            self.log(f"{path}: the run is already finished ({ckpt['epoch']} of {self.args.epochs} epochs); nothing "
+                     "to do, nothing changed. To train longer: a larger --epochs with --extend-epochs")
+            return False
         self._load_state(ckpt, path)
         for k, o in self.optimizers.items():
             o.load_state_dict(ckpt["optimizers"][k])
         for k, s in self.schedulers.items():
             s.load_state_dict(ckpt["schedulers"][k])
         self._apply_current_hyperparameters()
-        if ckpt["scaler"] and self.scaler.is_enabled():  # an --amp change on resume starts a fresh scaler
+        if ckpt["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], self.device)
         self.start_epoch = ckpt["epoch"]
         self.best, self.max_test, self.history = ckpt["best"], ckpt["max_test"], ckpt["history"]
         self.train_seconds, self.train_samples = ckpt["train_seconds"], ckpt["train_samples"]
+        self.run_id = ckpt.get("run_id", self.run_id)
+        self.processes = run_dir.merge_processes(ckpt.get("processes", []), self._recorded_processes())
         self.log(f"resumed from {path} after epoch {self.start_epoch}")
+        return True
+
+    def _check_target(self, path: Path, ckpt: dict) -> None:
+        """Never write into a directory that holds another run's last.pt (or a later state of this run)."""
+        last = self.out / "last.pt"
+        if not last.is_file() or os.path.samefile(last, path):
+            return
+        other = load_checkpoint(last)
+        if other.get("run_id") == ckpt.get("run_id") is not None and other["epoch"] == ckpt["epoch"]:
+            return   # a copy of the same state
+        what = ("a later state of this run" if other.get("run_id") == ckpt.get("run_id") is not None
+                else f"another run ({other['method']}, {other['args'].get('arch')} on {other['args'].get('dataset')})")
+        raise UserError(f"{self.out} holds {what} in last.pt (epoch {other['epoch']}); continuing {path} "
+                        f"(epoch {ckpt['epoch']}) there would overwrite it. Give another --out to continue {path}")
+
+    def _recorded_processes(self) -> Optional[list]:
+        """The processes results.json lists, if it is this run's record."""
+        try:
+            recorded = json.loads((self.out / "results.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return recorded.get("processes") if recorded.get("run_id") == self.run_id else None
+
+    def _repair_best(self, path: Path, ckpt: dict) -> None:
+        """best.pt must hold the best epoch that last.pt names. A kill between the writes of last.pt and
+        best.pt leaves an older best.pt: then the best epoch is last.pt's own epoch, and last.pt is copied."""
+        if not ckpt["best"]:
+            return
+        epoch, best = ckpt["best"]["epoch"], self.out / "best.pt"
+        try:
+            if best.is_file() and load_checkpoint(best)["epoch"] == epoch:
+                return
+        except UserError:
+            pass   # a damaged best.pt is rewritten below when it can be
+        if epoch == ckpt["epoch"]:
+            atomic_copy(path, best)
+        elif path.parent != self.out and (path.parent / "best.pt").is_file() \
+                and load_checkpoint(path.parent / "best.pt")["epoch"] == epoch:
+            atomic_copy(path.parent / "best.pt", best)
+        else:
+            warnings.warn(f"{best} does not hold the best epoch ({epoch}) and it cannot be rebuilt; it will be "
+                          "written again when an epoch improves on it")
+            return
+        self.log(f"{best} repaired: it now holds the best epoch, {epoch}")
 
     def _apply_current_hyperparameters(self) -> None:
         """A resumed run follows the command as typed: the optimizer state (momentum buffers) comes from the
@@ -420,8 +553,10 @@ class Trainer:
 
     def _results(self, status: str) -> dict:
         a = self.args
+        final = self.processes[-1] if self.processes else {}
         return {
-            "status": status, "method": self.method_cls.name, "arch": a.arch, "dataset": a.dataset,
+            "status": status, **{k: final[k] for k in ("signal", "reason") if k in final},
+            "method": self.method_cls.name, "arch": a.arch, "dataset": a.dataset, "run_id": self.run_id,
             "epochs_done": len(self.history), "epochs": a.epochs,
             "recipe": {"name": a.recipe, **{k: getattr(a, k) for k in RECIPE_KEYS},
                        "same_as_recipe": all(getattr(a, k) == RECIPES[a.recipe][k] for k in RECIPE_KEYS)},
@@ -432,17 +567,29 @@ class Trainer:
             "best": self.best,
             "last": self.history[-1] if self.history else None,
             "max_over_epochs_test": self.max_test,
-            "wall_time_s": time.time() - self.wall_start,
+            "wall_time_s": run_dir.wall_time(self.processes),
             "train_time_s": self.train_seconds,
             "train_images_per_s": self.train_samples / max(self.train_seconds, 1e-9),
             "world_size": self.dist.world_size,
             "git_commit": self.provenance["git_commit"], "versions": self.provenance["versions"],
-            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "command": self.command,
+            "processes": self.processes,
             "args": {k: v for k, v in vars(a).items()},
             "history": self.history,
         }
 
-    def _write_results(self, status: str) -> None:
+    @property
+    def script_name(self) -> str:
+        return Path(self.method_cls.script or sys.argv[0]).name
+
+    @property
+    def command(self) -> str:
+        return shlex.join([self.script_name] + self.argv)
+
+    def _write_results(self, status: str, **extra) -> None:
+        """Bring this process's record up to date, then write results.json (rank 0)."""
+        if self.process is not None:
+            run_dir.update_process(self.process, len(self.history), status, **extra)
         if self.is_main:
             atomic_write_text(json.dumps(self._results(status), indent=2, default=str) + "\n",
                               self.out / "results.json")
@@ -474,15 +621,84 @@ class Trainer:
                 f"test top1 {heads}{val} | {train['epoch_s']:.1f}s {train['images_per_s']:.0f} img/s")
 
     # ---- entry points ---------------------------------------------------------------------------
-    def _prepare_out(self) -> None:
+    def _resume_path(self) -> Optional[Path]:
+        if not self.args.resume:
+            return None
+        if self.args.resume == "auto":
+            path = self.out / "last.pt"
+            return path if path.is_file() else None
+        return Path(self.args.resume)
+
+    def _lock(self) -> None:
+        """Rank 0 takes the run directory's lock; every rank stops if it could not."""
+        error = None
+        if self.is_main:
+            self.lock = run_dir.RunLock(self.out, self.command)
+            try:
+                self.lock.acquire()
+            except UserError as e:
+                self.lock, error = None, e
+        failed = all_reduce_sum(torch.tensor([float(error is not None)], device=self.device)).item()
+        if error is not None:
+            raise error
+        if failed:
+            raise UserError(f"rank 0 could not lock {self.out}; see its message")
+        if self.is_main:
+            if self.lock.stale:
+                self.log(f"{self.out}: process {self.lock.stale.get('pid')} that held it ended without "
+                         "unlocking (stale lock taken over)")
+            for tmp in clean_temp_files(self.out):
+                self.log(f"removed {tmp}, left by an interrupted write")
+
+    def _open_run(self) -> bool:
+        """Lock the run directory, then resume or start the run; False when it is already finished."""
+        self._lock()
         resume = self._resume_path()
         if resume is None and (self.out / "last.pt").exists():
             raise UserError(f"{self.out} already holds a run (last.pt). Continue it with --resume auto, "
                             "or start a new run with another --out; nothing is overwritten.")
         if resume is not None:
-            self._load_training_state(resume)
+            if not self._load_training_state(resume):
+                return False
         elif self.args.resume == "auto":
             self.log(f"--resume auto: no checkpoint in {self.out}, starting a new run")
+        self.process = run_dir.new_process(self.command, self.start_epoch)
+        self.processes.append(self.process)
+        return True
+
+    def _close_run(self, error: Optional[BaseException]) -> None:
+        """Record how this process ended (results.json, rank 0) and unlock. Interrupts and errors get the one
+        line main() prints: what is saved and the command that continues the run."""
+        if self.process is not None:
+            saved = self.out / "last.pt"
+            epochs = len(self.history)
+            if isinstance(error, KeyboardInterrupt):
+                sig = getattr(error, "signal_name", "SIGINT")
+                state = (f"{saved} holds epoch {epochs}" if epochs else "no epoch had finished, nothing was saved")
+                message = (f"interrupted ({sig}) during epoch {epochs + 1}: {state}. Continue with: "
+                           + run_dir.continue_command(self.argv, self.script_name, self.out,
+                                                      self.dist.world_size))
+                self._record_end("interrupted", signal=sig)
+                raise Interrupted(sig, message) from None
+            if error is not None:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                if not isinstance(error, UserError):
+                    reason = f"{type(error).__name__}: {reason}"
+                self._record_end("failed", reason=reason)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _record_end(self, status: str, **extra) -> None:
+        try:
+            self._write_results(status, **extra)
+        except UserError:
+            pass   # the disk that failed the run may fail its record too; the one-line error says why
+        finally:
+            self.process = None
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
     def _check_heads(self) -> None:
         batch = next(iter(self.loaders.test))
@@ -499,9 +715,20 @@ class Trainer:
         a = self.args
         self.wall_start = time.time()
         self._check_heads()   # before the RNG state of a resumed run is restored
-        self._prepare_out()
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            if self._open_run():
+                results = self._train()
+            else:   # already finished: what it recorded
+                recorded = self.out / "results.json"
+                results = json.loads(recorded.read_text()) if recorded.is_file() else self._results("finished")
+        except BaseException as e:
+            self._close_run(e)
+            raise
+        self._close_run(None)
+        return results
+
+    def _train(self) -> dict:
+        a = self.args
         n_params = sum(p.numel() for p in self.method.model.parameters())
         self.log(f"{self.method_cls.name}: {a.arch} on {a.dataset} ({self.loaders.n_train} train images), "
                  f"{n_params / 1e6:.3f}M parameters, device {self.device}, amp {a.amp}, "
@@ -520,14 +747,20 @@ class Trainer:
             if improved:
                 self.best = {"epoch": epoch + 1, "test": record["test"], **({"val": record["val"]} if "val" in record else {})}
             self.history.append(record)
+            # TensorBoard first: an epoch in a checkpoint or results.json is always in it too (a resumed run
+            # purges the steps after its checkpoint).
+            self._tensorboard(epoch, record)
+            run_dir.update_process(self.process, len(self.history))
             if self.is_main:
+                # last.pt, then best.pt: a kill between the two leaves an older best.pt, which resume repairs
+                # from last.pt (that epoch is then the best one).
                 paths = [self.out / "last.pt"] + ([self.out / "best.pt"] if improved else [])
                 atomic_save(self._checkpoint(epoch + 1), *paths)
             self._write_results("finished" if epoch + 1 == a.epochs else "running")
             barrier()  # no rank starts the next epoch before rank 0 has written this one's checkpoint
-            self._tensorboard(epoch, record)
             self.log(self._summary_line(record))
         self._write_results("finished")
+        self.process = None
         if self.writer is not None:
             self.writer.close()
         barrier()
@@ -547,45 +780,75 @@ class Trainer:
         self.log("\n".join(lines) + f"\nresults: {self.out / 'results.json'}")
 
     def evaluate_only(self) -> dict:
-        path = Path(self.args.eval_only)
-        ckpt = load_checkpoint(path)
+        """Evaluate the --eval-only checkpoint as trained (the Trainer was built with its options) on the test
+        split, and on the held-out split with --val-split. Only the model's weights are loaded: training state
+        (optimizers, MCL-OKD's memory banks) is not needed. Writes ``eval-<checkpoint>-<dataset>.json``."""
+        path, ckpt = Path(self.args.eval_only), self.eval_ckpt
         if saved_arg(ckpt, "grouped_peers") != self.args.grouped_peers:
             flag = "with" if saved_arg(ckpt, "grouped_peers") else "without"
             raise UserError(f"{path} holds grouped peers' weights laid out as trained; evaluate it {flag} "
                             "--grouped-peers")
-        self._load_state(ckpt, path)
-        result = {"checkpoint": str(path), "epoch": ckpt["epoch"], "test": self.evaluate(self.loaders.test)}
+        try:
+            self.method.model.load_state_dict(ckpt["state"]["model"])
+        except (RuntimeError, KeyError) as e:
+            raise UserError(f"{path} does not fit this model ({str(e).splitlines()[0][:300]})") from None
+        a = self.args
+        splits = {"test": f"the {a.dataset} test set"}
+        result = {"checkpoint": str(path), "method": ckpt["method"], "epoch": ckpt["epoch"], "arch": a.arch,
+                  "dataset": a.dataset, "data": a.data, "splits": splits, "test": self.evaluate(self.loaders.test)}
         if self.loaders.val is not None:
+            splits["val"] = f"{a.val_split} samples held out of the {a.dataset} training set (seed {a.seed})"
             result["val"] = self.evaluate(self.loaders.val)
         for split in ("val", "test"):
             if split in result:
                 self.log(f"{split}: " + " ".join(f"{k} {v:.2f}" for k, v in result[split].items()))
         if self.is_main:
-            out = Path(self.args.out) if self.args.out else path.parent
-            atomic_write_text(json.dumps(result, indent=2) + "\n", out / f"eval-{path.stem}.json")
+            name = f"eval-{path.stem}-{a.dataset}"
+            if a.data:   # another copy or variant of the dataset: its own file
+                name += "-" + hashlib.sha256(str(Path(a.data).resolve()).encode()).hexdigest()[:6]
+            atomic_write_text(json.dumps(result, indent=2) + "\n", self.out / f"{name}.json")
+            self.log(f"results: {self.out / (name + '.json')}")
         return result
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM (SLURM, Kubernetes); ``message`` is the line for the user."""
+
+    def __init__(self, signal_name: str = "SIGINT", message: str = ""):
+        super().__init__(message or signal_name)
+        self.signal_name, self.message = signal_name, message
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def train(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> dict:
     """Parse ``argv`` (default: sys.argv), then train or evaluate. Raises UserError on bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(method_cls, argv)
     try:
-        trainer = Trainer(method_cls, args)
+        trainer = Trainer(method_cls, args, argv)
         return trainer.evaluate_only() if args.eval_only else trainer.fit()
     finally:
         shutdown_distributed()
 
 
 def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None:
-    """Command-line entry point: errors that are the user's to fix print as one line, not a traceback."""
+    """Command-line entry point: errors that are the user's to fix print as one line, not a traceback.
+    SIGTERM (what SLURM and Kubernetes send before a kill) stops the run as Ctrl-C does."""
     from data import DatasetNotFoundError
     from models import UnknownModelError
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         train(method_cls, argv)
     except (UserError, DatasetNotFoundError, UnknownModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: the last completed epoch is in last.pt; continue with --resume auto",
-              file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        message = getattr(e, "message", "") or (f"interrupted ({getattr(e, 'signal_name', 'SIGINT')}) while "
+                                                "starting: nothing was written")
+        print("\n" + message, file=sys.stderr)
+        sys.exit(130 if getattr(e, "signal_name", "SIGINT") == "SIGINT" else 143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
