@@ -123,6 +123,8 @@ class Trainer:
         self.argv = list(sys.argv[1:] if argv is None else argv)
         self.method_cls = method_cls
         self.eval_ckpt = None
+        if args.resume and args.eval_only:
+            raise UserError("--resume and --eval-only conflict: --eval-only evaluates a checkpoint without training")
         if args.eval_only:
             self.eval_ckpt = load_checkpoint(args.eval_only)
             args = self._as_trained(args, self.eval_ckpt)
@@ -186,8 +188,6 @@ class Trainer:
     # ---- set-up ---------------------------------------------------------------------------------
     def _check_args(self) -> None:
         a, m = self.args, self.method_cls
-        if a.resume and a.eval_only:
-            raise UserError("--resume and --eval-only conflict: --eval-only evaluates a checkpoint without training")
         if a.extend_epochs and not (a.resume and (a.out or a.resume != "auto")):
             raise UserError("--extend-epochs continues an existing run: name it with --resume PATH/TO/last.pt (or "
                             "--out DIR --resume auto); the default run directory depends on --epochs")
