@@ -531,9 +531,10 @@ class Trainer:
         self.log(f"{best} repaired: it now holds the best epoch, {epoch}")
 
     def _apply_current_hyperparameters(self) -> None:
-        """A resumed run follows the command as typed: the optimizer state (momentum buffers) comes from the
-        checkpoint, the hyper-parameters (lr and its schedule, --epochs, weight decay, momentum, --sgd-impl)
-        from the current flags. Without this the first resumed epoch would keep the old schedule's lr."""
+        """The optimizer state (momentum buffers) comes from the checkpoint, the hyper-parameters from the
+        current flags. They are the checkpoint's (resume checks it) except two: --epochs grown with
+        --extend-epochs (from the resumed epoch on, the lr follows the schedule of the new --epochs; without
+        this the first resumed epoch would keep the old schedule's lr) and the SGD kernels (--sgd-impl)."""
         for group in self.groups:
             fresh = self._sgd(group).param_groups[0]
             sched = self.schedulers[group.name]

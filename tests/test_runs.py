@@ -298,7 +298,7 @@ def test_ctrl_c_is_one_line_that_says_what_was_saved(tmp_path, capsys, method_cl
 
 def test_sigterm_mid_epoch_stops_like_ctrl_c(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "train_baseline.py", "--dataset", "synthetic", "--arch", "resnet20", "--subset", "1024",
+    cmd = [sys.executable, "train_baseline.py", "--dataset", "synthetic", "--arch", "resnet20", "--subset", "512",
            "--batch-size", "32", "--gpu", "-1", "--no-progress", "--workers", "0", "--epochs", "4", "--out", str(out)]
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     deadline = time.time() + 600
