@@ -8,7 +8,7 @@ of other classes, and CRD's NCE loss with a per-batch normaliser Z is applied (l
 
     L = gamma * sum_i CE(z_i, y) + alpha * KD_T(z_N <- stopgrad mean_i z_i) + beta * sum_{a != b} NCE(s^{a->b})
 
-then M_a[idx] <- normalize(m M_a[idx] + (1 - m) e_a). Only the last branch distils from the ensemble
+then, after the optimizer step (``after_step``), M_a[idx] <- normalize(m M_a[idx] + (1 - m) e_a). Only the last branch distils from the ensemble
 (DOT); it is presumably the deployed single model. Defaults: N=4, T=3, gamma=1, alpha=1, beta=0.025,
 d=128, tau=0.1 (0.07 on ImageNet), m=0.5, K=256 for the CIFAR ResNets and DenseNet, 16384 otherwise.
 
@@ -112,17 +112,23 @@ class MCLOKD(Method):
         return MCLNet(peers, args.feat_dim)
 
     def mcl_loss(self, emb, index, contrast):
-        """sum over ordered pairs a != b of NCE(<M_a[contrast], e_b>), then the momentum update of every bank.
-        ``emb``: N x B x d normalised embeddings; ``index``: the batch's sample indices."""
-        args = self.args
-        updated = all_gather_cat(index)            # every rank applies every rank's update (DDP)
+        """sum over ordered pairs a != b of NCE(<M_a[contrast], e_b>) against the banks as they are; the
+        batch (``index``: its sample indices, ``emb``: N x B x d normalised embeddings) is kept for the
+        momentum update of every bank, which ``after_step`` applies once the backward has read the banks."""
         loss = 0.0
         for a in range(len(emb)):
             others = [b for b in range(len(emb)) if b != a]
-            scores = bank_scores(self.memory.banks[a], contrast, emb[others], frozen=updated)
-            loss = loss + nce_loss(scores, self.n_train, args.nce_t)
-        self.memory.update(updated, all_gather_cat(emb.detach(), dim=1), args.nce_m)
+            scores = bank_scores(self.memory.banks[a], contrast, emb[others])
+            loss = loss + nce_loss(scores, self.n_train, self.args.nce_t)
+        self._pending_update = (index, emb.detach())
         return loss
+
+    def after_step(self, model, batch, epoch):
+        """The momentum update of the banks with this step's embeddings; every rank applies every rank's
+        batch (DDP), so the copies stay identical."""
+        index, emb = self._pending_update
+        self._pending_update = None
+        self.memory.update(all_gather_cat(index), all_gather_cat(emb, dim=1), self.args.nce_m)
 
     def loss(self, model, batch, epoch):
         a = self.args

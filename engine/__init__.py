@@ -13,8 +13,8 @@ def _one_line_interrupt(kind, value, traceback, _previous=_sys.excepthook):
 _sys.excepthook = _one_line_interrupt
 from .cli import RECIPES, build_parser, parse_args
 from .errors import UserError
-from .method import Method, OptimGroup, peer_heads
+from .method import Method, OptimGroup, StepContext, peer_heads
 from .trainer import Trainer, lr_factor, main, train
 
-__all__ = ["RECIPES", "build_parser", "parse_args", "UserError", "Method", "OptimGroup", "peer_heads",
+__all__ = ["RECIPES", "build_parser", "parse_args", "UserError", "Method", "OptimGroup", "StepContext", "peer_heads",
            "Trainer", "lr_factor", "main", "train"]

@@ -8,10 +8,13 @@ the pattern of the PyTorch CUDA-graph notes ("whole-network capture"):
 * gradients set to None before capture, so backward allocates them in the graph's memory pool;
 * every batch is copied into static input tensors, then the graph is replayed.
 
-Python numbers read during the step (the lr, the ramp-up weights of ``on_epoch_start``) are frozen into
-the capture, so the step is captured again at the start of every epoch; a capture costs about one step.
-Everything inside the step must stay on the device: no ``.item()``, no host-side randomness, no shapes
-that depend on the data. A batch of another shape (a last partial batch) runs eagerly. A step that cannot
+The captured step is the engine's ``Trainer._step``: the method's ``train_step`` (its own or the default
+one), the loss scaler's update and the method's ``after_step``. The temporal means (``engine/ema.py``)
+are updated after each replay, eagerly. Python numbers read during the step (the lr, the ramp-up
+weights of ``on_epoch_start``) are frozen into the capture, so the step is captured again at the start
+of every epoch; a capture costs about one step. Everything inside the step must stay on the device: no
+``.item()``, no host-side randomness, no shapes or Python branches that depend on the data (the rules
+for method authors are in ``engine/method.py``). A batch of another shape (a last partial batch) runs eagerly. A step that cannot
 be captured stops the run with a clear error (the last epoch's checkpoint is intact): continuing eagerly in
 a process whose capture failed is not safe.
 """
@@ -51,7 +54,7 @@ class CaptureError(RuntimeError):
 
 
 class GraphedStep:
-    """Runs ``step(batch, epoch)`` (which zeroes, back-propagates and steps every optimizer and returns
+    """Runs ``step(batch, epoch)`` (which zeroes, back-propagates and steps the optimizers and returns
     tensors) eagerly for ``warmup`` steps, then from a CUDA graph captured once per epoch. A step that
     cannot be captured raises :class:`CaptureError`: after a failed capture CUDA's stream state is not
     trustworthy enough to go on eagerly in the same process."""

@@ -12,7 +12,40 @@ evaluate. Everything else (data, loop, precision, devices, checkpoints, logging)
             return {"ce": ..., "kd": ...}
 
 ``model`` is ``self.model``, possibly wrapped (DDP), so a method always calls it rather than
-``self.model`` in ``loss`` and ``eval_logits``.
+``self.model`` in ``loss``, ``train_step`` and ``eval_logits``.
+
+One training step, in the order the engine runs it:
+
+1. ``method.train_step(model, batch, epoch, step)``: the default computes ``loss`` under autocast,
+   zeroes every optimizer, back-propagates the sum of the terms through the AMP scaler and steps every
+   optimizer. A method with its own step (several backward passes, optimizers stepped alternately,
+   GAN-style updates) overrides it and uses the :class:`StepContext` ``step`` for autocast, backward
+   and optimizer steps, so AMP (the fp16 loss scaler), DDP and CUDA graphs keep working. It returns the
+   named terms to log (tensors; their sum is logged as ``loss`` and checked for NaN each epoch).
+2. the engine's ``scaler.update()`` (once, fp16 only).
+3. ``method.after_step(model, batch, epoch)`` under ``torch.no_grad()``: updates that must see the
+   stepped weights or must not disturb this step's backward (memory banks, queues).
+4. every :class:`engine.ema.TemporalMean` among ``extra_modules()`` is updated from its live module.
+
+Rules for ``loss``, ``train_step`` and ``after_step`` (``--cuda-graph`` captures 1-3 as one CUDA
+graph per epoch and replays it for every batch; without ``--cuda-graph`` they keep the GPU busy):
+
+* **No host synchronisation**: no ``.item()``, ``.tolist()``, ``bool(tensor)``, ``if tensor > 0:``,
+  ``print(tensor)`` or ``.cpu()``; keep everything a tensor on the device (``torch.where`` instead of
+  ``if``). Step statistics go into the returned terms, which the engine averages on the device.
+* **No CPU randomness**: draw from torch's device generator (``torch.rand(..., device=...)``), never
+  ``random`` / ``numpy`` / a CPU tensor, whose draws a replayed graph would repeat.
+* **No data-dependent Python control flow or shapes**: the same kernels must run for every batch of a
+  given shape. Python numbers read in the step (the lr, ramp-up weights set in ``on_epoch_start``, the
+  epoch) are fixed for the epoch, which is when the graph is captured again.
+* Optimizers are stepped through ``step.step(...)`` and gradients scaled through ``step.backward``;
+  never call ``optimizer.step()`` or ``loss.backward()`` directly (the fp16 scaler would be bypassed).
+* State changed in the step lives in tensors updated in place (``buffer.copy_``), not in new Python
+  attributes, except references to tensors of this step handed from ``train_step`` to ``after_step``.
+
+Per epoch: ``on_epoch_start(epoch)`` before it, ``on_epoch_end(epoch, evaluator)`` after it (every rank,
+before the epoch's evaluation and checkpoint); ``evaluator.predict("val")`` gives every head's logits on
+the held-out ``--val-split`` set.
 
 **``name`` is the method's identity**: the default run directory ``runs/<name>-<arch>-...``, the ``method``
 of its checkpoints and results, and the script a checkpoint must be resumed or evaluated with
@@ -28,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -67,6 +101,51 @@ def script_method_name(module_name: str) -> Optional[str]:
     if stem.startswith("train_"):
         return stem[len("train_"):]
     return stem if module_name == "__main__" else None
+
+
+class StepContext:
+    """What the engine hands to :meth:`Method.train_step`: the optimizers and the run's precision.
+
+    ``optimizers``: name -> optimizer, the names of :meth:`Method.optim_groups`. Nothing here
+    synchronises with the host, so a step written with it can be captured as a CUDA graph."""
+
+    def __init__(self, optimizers: dict, scaler: torch.amp.GradScaler, device_type: str,
+                 autocast_dtype: Optional[torch.dtype] = None):
+        self.optimizers = optimizers
+        self.scaler = scaler
+        self.device_type = device_type
+        self.autocast_dtype = autocast_dtype
+
+    def autocast(self):
+        """Context manager: autocast to the ``--amp`` dtype (bf16/fp16), or nothing with ``--amp off``."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def _named(self, names) -> list:
+        if not names:
+            return list(self.optimizers.values())
+        unknown = [n for n in names if n not in self.optimizers]
+        if unknown:
+            raise KeyError(f"no optimizer named {unknown[0]!r}; the method's optim_groups define "
+                           f"{', '.join(self.optimizers)}")
+        return [self.optimizers[n] for n in names]
+
+    def zero_grad(self, *names: str) -> None:
+        """Set the gradients of the named optimizers' parameters to None (no names: every optimizer)."""
+        for opt in self._named(names):
+            opt.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        """``loss.backward(**kwargs)`` (e.g. ``retain_graph``, ``inputs``), through the fp16 loss scaler
+        when ``--amp fp16``."""
+        self.scaler.scale(loss).backward(**kwargs)
+
+    def step(self, *names: str) -> None:
+        """Step the named optimizers (no names: every optimizer); with fp16 a step whose gradients
+        overflowed is skipped. The engine calls ``scaler.update()`` once after ``train_step``."""
+        for opt in self._named(names):
+            self.scaler.step(opt)
 
 
 class Method:
@@ -121,7 +200,7 @@ class Method:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch, epoch: int) -> dict[str, torch.Tensor]:
-        """Named loss terms of one training batch; the engine back-propagates their sum."""
+        """Named loss terms of one training batch; the default ``train_step`` back-propagates their sum."""
         raise NotImplementedError
 
     def eval_logits(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -136,19 +215,44 @@ class Method:
         """The optimizers. Default: one SGD over every trainable parameter of the model."""
         return [OptimGroup("model", [p for p in self.model.parameters() if p.requires_grad])]
 
+    def train_step(self, model: nn.Module, batch, epoch: int, step: StepContext) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns the named terms to log (their sum is logged as ``loss``).
+        Default: the terms of ``loss`` under autocast, one backward of their sum, every optimizer.
+        Follow the rules in this module's docstring when overriding."""
+        with step.autocast():
+            terms = self.loss(model, batch, epoch)
+        step.zero_grad()
+        step.backward(sum(terms.values()))
+        step.step()
+        return terms
+
+    def after_step(self, model: nn.Module, batch, epoch: int) -> None:
+        """Called after the optimizers of every step, under ``torch.no_grad()`` (memory-bank updates and
+        the like). Default: nothing."""
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (ramp-ups and the like)."""
+
+    def on_epoch_end(self, epoch: int, evaluator) -> None:
+        """Called on every rank after each training epoch, before the epoch's evaluation and checkpoint.
+        ``evaluator.predict(split)`` (split "val" or "test") returns ``(logits, labels)``: head name ->
+        float32 logits N x C of ``eval_logits`` on the whole split in eval mode, and the N labels, in the
+        split's order, gathered over every rank; ``UserError`` if the run has no such split (``--val-split
+        0``). Default: nothing."""
 
     def extra_modules(self) -> dict[str, nn.Module]:
         """Stateful modules outside the model (not trained by back-propagation, e.g. memory banks)."""
         return {key: getattr(self, key) for key in self.state_keys}
 
     def to(self, device: torch.device, memory_format=None) -> "Method":
+        from .ema import TemporalMean
         self.model.to(device)
         if memory_format is not None:
             self.model.to(memory_format=memory_format)
         for module in self.extra_modules().values():
             module.to(device)
+            if memory_format is not None and isinstance(module, TemporalMean):
+                module.to(memory_format=memory_format)   # a copy of (part of) the model: same layout
         return self
 
     def state_dict(self) -> dict:

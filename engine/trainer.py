@@ -29,7 +29,8 @@ from .cli import RECIPE_KEYS, RECIPES, parse_args
 from .distributed import (DistEnv, all_reduce_sum, barrier, broadcast_buffers, init_distributed,
                           shutdown_distributed)
 from .errors import UserError
-from .method import Method
+from .ema import TemporalMean, temporal_means
+from .method import Method, StepContext
 from .run_dir import given_options
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,11 +165,13 @@ class Trainer:
                 self.optimizers[g.name], (lambda e: lr_factor(e, args)) if g.scheduled else (lambda e: 1.0))
             for g in self.groups}
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+        self.step_context = StepContext(self.optimizers, self.scaler, self.device.type, self.autocast_dtype)
+        self.means = temporal_means(self.method.extra_modules())
         self.graphed = None
         if args.cuda_graph:
             from .cuda_graph import GraphedStep
             self.graphed = GraphedStep(self._step, list(self.optimizers.values()), self.device)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
         self.select_split = "val" if self.loaders.val is not None else "test"
         self.best_head = args.best_metric or method_cls.best_metric
         self.out = self._run_directory()
@@ -332,23 +335,22 @@ class Trainer:
         return images.contiguous(memory_format=self.memory_format)
 
     def _step(self, batch, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One optimisation step: the method's loss terms, backward, every optimizer; returns (terms, sum)."""
-        with self._autocast():
-            terms = self.method.loss(self.model, batch, epoch)
-        total = sum(terms.values())
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        for opt in self.optimizers.values():
-            self.scaler.step(opt)
+        """The part of a step --cuda-graph captures: the method's train_step (by default its loss terms, one
+        backward, every optimizer), the scaler's update, then its after_step; returns (terms, their sum)."""
+        terms = self.method.train_step(self.model, batch, epoch, self.step_context)
         self.scaler.update()
-        return terms, total
+        with torch.no_grad():
+            self.method.after_step(self.model, batch, epoch)
+        return terms, sum(terms.values())
 
     def train_step(self, batch, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One training step on a loader's batch: in the memory format, replayed from the CUDA graph with
-        --cuda-graph, else eagerly."""
+        --cuda-graph, else eagerly; then the method's temporal means are updated (eagerly)."""
         batch = batch._replace(images=self._format(batch.images))
-        return self._step(batch, epoch) if self.graphed is None else self._graphed_step(batch, epoch)
+        out = self._step(batch, epoch) if self.graphed is None else self._graphed_step(batch, epoch)
+        for mean in self.means:
+            mean.update()
+        return out
 
     def _graphed_step(self, batch, epoch: int):
         from .cuda_graph import CaptureError
@@ -398,24 +400,57 @@ class Trainer:
                 f"bf16 instead of fp16, then continue with --resume auto.")
         return stats
 
-    @torch.no_grad()
-    def evaluate(self, loader) -> dict[str, float]:
-        """Top-1/top-5 (%) of every head the method declares, over the whole split (all ranks)."""
+    def _eval_batches(self, loader):
+        """(heads, batch) for every batch of this rank's share of ``loader``: ``eval_logits`` in eval mode,
+        under no_grad, with every rank holding rank 0's buffers first."""
         model = self.method.model
         broadcast_buffers(model)
-        was_training = model.training
-        model.eval()
+        for mean in self.means:
+            broadcast_buffers(mean)
+        modules = [model] + self.means
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        loader.set_epoch(0)
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    with self._autocast():
+                        heads = self.method.eval_logits(model, self._format(batch.images))
+                    yield heads, batch
+        finally:
+            for m, was in zip(modules, was_training):
+                m.train(was)
+
+    def predict(self, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every head's float32 logits (N x C, on the device) and the labels (N) of split "val" or "test",
+        in the split's order, gathered over every rank (each sample is evaluated by one rank)."""
+        loader = {"val": self.loaders.val, "test": self.loaders.test}.get(split)
+        if split not in ("val", "test"):
+            raise UserError(f"predict: the split is 'val' or 'test'; got {split!r}")
+        if loader is None:
+            raise UserError(f"{self.method_cls.name} needs the held-out split: pass --val-split N "
+                            "(N training images held out for validation)")
+        n = len(loader.labels)
+        logits: dict[str, torch.Tensor] = {}
+        for heads, batch in self._eval_batches(loader):
+            for name, z in heads.items():
+                if name not in logits:
+                    logits[name] = torch.zeros(n, z.shape[1], device=self.device)
+                logits[name][batch.index] = z.float()
+        for z in logits.values():
+            all_reduce_sum(z)   # zeros wherever another rank holds the sample
+        return logits, loader.labels.to(self.device)
+
+    def evaluate(self, loader) -> dict[str, float]:
+        """Top-1/top-5 (%) of every head the method declares, over the whole split (all ranks)."""
         counts: dict[str, torch.Tensor] = {}
         seen = torch.zeros((), device=self.device)
-        loader.set_epoch(0)
-        for batch in loader:
-            with self._autocast():
-                heads = self.method.eval_logits(model, self._format(batch.images))
+        for heads, batch in self._eval_batches(loader):
             for name, logits in heads.items():
                 c = topk_correct(logits.float(), batch.labels)
                 counts[name] = counts[name] + c if name in counts else c
             seen += batch.labels.numel()
-        model.train(was_training)
         names = list(counts)
         totals = all_reduce_sum(torch.cat([torch.stack([counts[n] for n in names]).flatten().float(), seen[None]]))
         n = totals[-1].item()
@@ -544,6 +579,16 @@ class Trainer:
                 g["initial_lr"] = fresh["lr"]
                 g["lr"] = fresh["lr"] * sched.lr_lambdas[0](sched.last_epoch)
             sched.base_lrs = [fresh["lr"]] * len(sched.base_lrs)
+
+    def _evaluated_state(self, ckpt: dict, path: Path) -> dict:
+        """The checkpoint's method state, with this method's own state standing in for the training-only
+        modules it lacks (memory banks: never evaluated). The model and temporal means must be there."""
+        state, needed = dict(ckpt["state"]), {"model"}
+        needed |= {k for k, m in self.method.extra_modules().items() if isinstance(m, TemporalMean)}
+        missing = sorted(needed - set(state))
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)}, which --eval-only evaluates")
+        return {**{k: v for k, v in self.method.state_dict().items() if k not in state}, **state}
 
     def _load_state(self, ckpt: dict, path: Path) -> None:
         try:
@@ -738,6 +783,7 @@ class Trainer:
         for epoch in range(self.start_epoch, a.epochs):
             lr = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
             record = {"epoch": epoch + 1, "lr": lr, "train": self.train_epoch(epoch)}
+            self.method.on_epoch_end(epoch, self)
             record["test"] = self.evaluate(self.loaders.test)
             if self.loaders.val is not None:
                 record["val"] = self.evaluate(self.loaders.val)
@@ -782,17 +828,15 @@ class Trainer:
 
     def evaluate_only(self) -> dict:
         """Evaluate the --eval-only checkpoint as trained (the Trainer was built with its options) on the test
-        split, and on the held-out split with --val-split. Only the model's weights are loaded: training state
-        (optimizers, MCL-OKD's memory banks) is not needed. Writes ``eval-<checkpoint>-<dataset>.json``."""
+        split, and on the held-out split with --val-split. What is evaluated is loaded: the model and the
+        temporal means; training state (optimizers, MCL-OKD's memory banks) need not be in the file.
+        Writes ``eval-<checkpoint>-<dataset>.json``."""
         path, ckpt = Path(self.args.eval_only), self.eval_ckpt
         if saved_arg(ckpt, "grouped_peers") != self.args.grouped_peers:
             flag = "with" if saved_arg(ckpt, "grouped_peers") else "without"
             raise UserError(f"{path} holds grouped peers' weights laid out as trained; evaluate it {flag} "
                             "--grouped-peers")
-        try:
-            self.method.model.load_state_dict(ckpt["state"]["model"])
-        except (RuntimeError, KeyError) as e:
-            raise UserError(f"{path} does not fit this model ({str(e).splitlines()[0][:300]})") from None
+        self._load_state(dict(ckpt, state=self._evaluated_state(ckpt, path)), path)
         a = self.args
         splits = {"test": f"the {a.dataset} test set"}
         result = {"checkpoint": str(path), "method": ckpt["method"], "epoch": ckpt["epoch"], "arch": a.arch,

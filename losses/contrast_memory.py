@@ -132,50 +132,41 @@ class ClassNegativeSampler(nn.Module):
 
 class _BankScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, emb, bank, contrast, frozen, chunk):
+    def forward(ctx, emb, bank, contrast, chunk):
         with torch.autocast(emb.device.type, enabled=False):
             out = emb.new_empty(emb.shape[0], *contrast.shape)
             for r in range(0, contrast.shape[0], chunk):
                 rows = bank[contrast[r:r + chunk]]                           # c x (K+1) x d, freed after use
                 out[:, r:r + chunk] = torch.einsum("ckd,jcd->jck", rows, emb[:, r:r + chunk])
-        # The bank is read again in backward. It is held by reference, not saved (its in-place momentum
-        # update would trip autograd's version check); the rows that update may overwrite before backward
-        # (``frozen``, sorted) are copied now and substituted when re-gathering.
-        ctx.bank, ctx.chunk, ctx.emb_shape = bank, chunk, emb.shape
-        ctx.save_for_backward(contrast, frozen, bank[frozen])
+        # The bank is read again in backward; saved for backward, so autograd's version counter catches an
+        # in-place update (the memory update) made before the backward has run.
+        ctx.chunk, ctx.emb_shape = chunk, emb.shape
+        ctx.save_for_backward(contrast, bank)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        contrast, frozen, frozen_rows = ctx.saved_tensors
+        contrast, bank = ctx.saved_tensors
         grad_emb = grad.new_empty(ctx.emb_shape)
         with torch.autocast(grad.device.type, enabled=False):
             for r in range(0, contrast.shape[0], ctx.chunk):
-                c = contrast[r:r + ctx.chunk]
-                rows = ctx.bank[c]
-                if frozen.numel():
-                    at = torch.searchsorted(frozen, c).clamp_max_(frozen.numel() - 1)
-                    rows = torch.where((frozen[at] == c)[..., None], frozen_rows[at], rows)
+                rows = bank[contrast[r:r + ctx.chunk]]
                 grad_emb[:, r:r + ctx.chunk] = torch.einsum("jck,ckd->jcd", grad[:, r:r + ctx.chunk], rows)
-        return grad_emb, None, None, None, None
+        return grad_emb, None, None, None
 
 
 def bank_scores(bank: torch.Tensor, contrast: torch.Tensor, emb: torch.Tensor,
-                frozen: Optional[torch.Tensor] = None, max_elems: int = _GATHER_ELEMS) -> torch.Tensor:
+                max_elems: int = _GATHER_ELEMS) -> torch.Tensor:
     """s[j, n, k] = <bank[contrast[n, k]], emb[j, n]>: J x B x (K+1), float32.
 
     ``bank`` n_data x d (a constant: no gradient), ``contrast`` B x (K+1) indices, ``emb`` J x B x d.
     The gradient reaches ``emb`` only: dL/de_j[n] = sum_k dL/ds[j, n, k] bank[contrast[n, k]], with the
     bank rows gathered again (chunks of at most ``max_elems`` floats) instead of kept from the forward.
-    ``frozen``: indices of rows that will be overwritten in place between this call and the backward
-    (the memory update of the same step); their current values are kept so the gradient is the one of
-    the forward's bank.
+    The bank must not change between this call and the backward (update it after the step, as
+    MCL-OKD's ``after_step`` does); autograd raises if it was modified in place.
     """
-    if frozen is None:
-        frozen = contrast.new_empty(0)
-    frozen = frozen.sort().values
     chunk = max(1, max_elems // (contrast.shape[1] * bank.shape[1]))
-    return _BankScores.apply(emb.float(), bank.detach(), contrast, frozen, chunk)
+    return _BankScores.apply(emb.float(), bank.detach(), contrast, chunk)
 
 
 # ---- the NCE loss ---------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Run under torchrun by tests/test_distributed.py: train (or evaluate) a method, then save this rank's
-view of the weights so the test can compare ranks. Usage: ddp_worker.py METHOD_SCRIPT [train args...]."""
+view of the weights so the test can compare ranks. Usage: ddp_worker.py METHOD_SCRIPT[:CLASS] [train args...]."""
 import importlib
 import os
 import sys
@@ -13,10 +13,11 @@ from engine.distributed import shutdown_distributed  # noqa: E402
 
 
 def main():
-    module = importlib.import_module(sys.argv[1])
-    method_cls = next(v for v in vars(module).values()
-                      if isinstance(v, type) and getattr(v, "__module__", None) == module.__name__
-                      and hasattr(v, "loss"))
+    name, _, class_name = sys.argv[1].partition(":")   # "train_dml" or "toy_methods:MeanTeacherToy"
+    module = importlib.import_module(name)
+    method_cls = getattr(module, class_name) if class_name else next(
+        v for v in vars(module).values()
+        if isinstance(v, type) and getattr(v, "__module__", None) == module.__name__ and hasattr(v, "loss"))
     args = parse_args(method_cls, sys.argv[2:])
     trainer = Trainer(method_cls, args)
     try:

@@ -9,6 +9,7 @@ import train_mcl_okd
 import train_okddip
 import train_one
 from engine import train
+from toy_methods import AlternatingToy, MeanTeacherToy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -28,8 +29,10 @@ def assert_same_run(a, b, tol):
             assert tb[key] == pytest.approx(value, abs=3.0)
 
 
-@pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
+@pytest.mark.parametrize("method", METHODS + [AlternatingToy, MeanTeacherToy],
+                         ids=[m.name for m in METHODS + [AlternatingToy, MeanTeacherToy]])
 def test_cuda_graph_equals_eager(method, tmp_path):
+    """Methods with the default step, with their own (two optimizers, after_step), with a temporal mean."""
     eager = train(method, FAST + ["--out", str(tmp_path / "eager")])
     graphed = train(method, FAST + ["--cuda-graph", "--out", str(tmp_path / "graph")])
     assert_same_run(eager, graphed, 2e-3)

@@ -68,7 +68,7 @@ def test_mcl_loss_and_update_match_float64_loops():
     assert m.memory.banks.shape == (N, n, d)
     ref_M = m.memory.banks.double().clone()
     index1 = torch.tensor([3, 17, 22, 40])
-    # Negatives that hit other anchors of the batch: those rows are overwritten by the update before backward.
+    # Negatives that hit other anchors of the batch: rows the memory update of the same step overwrites.
     contrast1 = torch.cat([index1[:, None], torch.randint(n, (B, K))], 1)
     contrast1[0, 1], contrast1[1, 2], contrast1[2, 3] = 17, 40, 3
     index2 = torch.tensor([17, 5, 40, 9])      # two rows updated by step 1
@@ -79,6 +79,8 @@ def test_mcl_loss_and_update_match_float64_loops():
         e_impl, e_ref = e.clone().requires_grad_(), e.double().clone().requires_grad_()
         loss = m.mcl_loss(e_impl, index, contrast)
         loss.backward()
+        with torch.no_grad():
+            m.after_step(m.model, None, 0)     # the memory update, after the step as in the engine
         ref_loss, ref_M = reference_step(ref_M, e_ref, index, contrast, n, 0.1, 0.5)
         ref_loss.backward()
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
@@ -87,22 +89,29 @@ def test_mcl_loss_and_update_match_float64_loops():
     assert torch.allclose(m.memory.banks[:, index1].norm(dim=-1), torch.ones(N, B))   # updated rows normalised
 
 
-def test_bank_scores_chunked_and_frozen_rows_equal_plain_autograd():
+def test_bank_scores_chunked_equal_plain_autograd():
     torch.manual_seed(1)
     bank, contrast = torch.randn(30, 5), torch.randint(30, (6, 9))
-    frozen = torch.tensor([4, 11, 20])
-    contrast[:, 0], contrast[0, 3] = torch.tensor([4, 11, 20, 1, 2, 3]), 20
     emb = torch.randn(3, 6, 5)
-    expected_bank = bank.clone()
     e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
-    ref = torch.einsum("nkd,jnd->jnk", expected_bank[contrast], e1)
-    got = bank_scores(bank, contrast, e2, frozen=frozen, max_elems=9 * 5)   # one row per chunk
+    ref = torch.einsum("nkd,jnd->jnk", bank[contrast], e1)
+    got = bank_scores(bank, contrast, e2, max_elems=9 * 5)   # one row per chunk
     torch.testing.assert_close(got, ref)
-    bank[frozen] = torch.randn(3, 5)          # the momentum update between forward and backward
     w = torch.randn_like(ref)
     (ref * w).sum().backward()
     (got * w).sum().backward()
     torch.testing.assert_close(e2.grad, e1.grad)
+
+
+def test_bank_changed_before_backward_is_an_error():
+    """The memory update belongs after the step: a bank modified between scoring and backward would give
+    the gradient of the wrong bank, so autograd refuses."""
+    bank, contrast = torch.randn(30, 5), torch.randint(30, (6, 9))
+    emb = torch.randn(3, 6, 5, requires_grad=True)
+    scores = bank_scores(bank, contrast, emb)
+    bank[4] = 0.0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        scores.sum().backward()
 
 
 def test_equal_scores_give_the_sanity_value():
@@ -258,6 +267,9 @@ def test_every_backbone_family_trains(arch):
     total.backward()
     for head in m.model.embed:
         assert head.linear.weight.grad is not None and head.linear.weight.grad.abs().sum() > 0
+    assert torch.equal(m.memory.banks, before)          # the banks change after the step, not in the loss
+    with torch.no_grad():
+        m.after_step(m.model, None, 0)
     changed = (m.memory.banks != before).any(dim=-1).any(dim=0)
     assert torch.equal(changed.nonzero().flatten(), index.sort().values)
     heads = m.eval_logits(m.model.eval(), torch.randn(2, 3, 32, 32))
