@@ -332,29 +332,28 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1) -> Loaders:
     Reads ``args.dataset``, ``data``, ``download``, ``subset`` (first N training samples, after the
     hold-out), ``val_split`` (hold out N training samples, stratified, seeded by ``seed``; evaluated with
     test-time transforms), ``batch_size`` (per process), ``eval_batch_size`` (default 2 x batch_size),
-    ``workers``, ``loader`` ('device' default, 'torch' for ImageNet), ``seed``, ``views`` (default 1).
+    ``workers``, ``loader`` ('device' default, 'torch' for ImageNet), ``seed``, ``views``. Every field must
+    exist (a missing one is an AttributeError, not a silent default); None means the default where stated.
     """
     name = args.dataset
     info = dataset_info(name)
-    kind = getattr(args, "loader", None) or ("torch" if name == "imagenet" else "device")
+    kind = args.loader or ("torch" if name == "imagenet" else "device")
     if kind not in ("device", "torch"):
         raise ValueError(f"unknown loader {kind!r}; choose 'device' or 'torch'")
     if name == "imagenet" and kind == "device":
         raise ValueError("ImageNet does not fit in device memory as decoded images; use --loader torch")
     batch_size = args.batch_size
-    eval_batch_size = getattr(args, "eval_batch_size", None) or 2 * batch_size
-    views = getattr(args, "views", 1) or 1
-    seed, workers = getattr(args, "seed", 0) or 0, getattr(args, "workers", 0) or 0
+    eval_batch_size = args.eval_batch_size or 2 * batch_size
+    views, seed, workers = args.views, args.seed, args.workers
 
-    train_set, test_set = _load_once(name, getattr(args, "data", None), bool(getattr(args, "download", False)),
-                                     rank, world_size)
+    train_set, test_set = _load_once(name, args.data, bool(args.download), rank, world_size)
     imagefolder = name == "imagenet"
     labels = torch.as_tensor(train_set.targets if imagefolder else train_set.labels, dtype=torch.int64)
     test_labels = torch.as_tensor(test_set.targets if imagefolder else test_set.labels, dtype=torch.int64)
     train_idx, val_idx = torch.arange(len(labels)), None
-    if getattr(args, "val_split", 0):
+    if args.val_split:
         train_idx, val_idx = stratified_split(labels, args.val_split, seed)
-    subset = getattr(args, "subset", None)
+    subset = args.subset
     if subset:
         if subset > len(train_idx):
             raise ValueError(f"--subset {subset} exceeds the {len(train_idx)} available training samples")

@@ -193,7 +193,9 @@ class Method:
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
-        """Raise engine.UserError for flags that conflict (beyond what argparse checks)."""
+        """Raise engine.UserError for flags that conflict (beyond what argparse checks), and fill in the
+        defaults of the method's flags that depend on others (``args.nce_k = ...``): it runs on the parsed
+        namespace before the run's configuration is frozen (engine/config.py); ``self.args`` is read-only."""
 
     def build(self, args: argparse.Namespace, num_classes: int) -> nn.Module:
         """Return one nn.Module holding every trainable part (peers, gates, heads, fusion modules)."""

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shlex
+import signal
 import socket
 import time
 from pathlib import Path
@@ -37,8 +38,8 @@ from .errors import UserError
 NOT_TRAINING = frozenset({"out", "resume", "eval_only", "extend_epochs", "gpu", "workers", "no_progress",
                           "data", "download", "num_classes", "eval_batch_size"})
 # Speed options: the same maths computed by other kernels (the rounding of floats may differ, the
-# experiment does not). A run keeps its directory when one is switched on, and may be resumed with another.
-# --grouped-peers also lays the weights out differently; the trainer checks that layout separately.
+# experiment does not). A run keeps its directory when one is switched on, and may be resumed with another
+# (checkpoints hold the plain layout of --grouped-peers either way).
 SPEED = frozenset({"channels_last", "compile", "cuda_graph", "sgd_impl", "grouped_peers"})
 # Names of bundles of defaults: the values they set are compared, not the names.
 BUNDLES = frozenset({"recipe", "preset"})
@@ -293,3 +294,18 @@ def given_options(method_cls, argv: Sequence[str]) -> dict:
         action.default = argparse.SUPPRESS
     known, _ = parser.parse_known_args(list(argv))
     return vars(known)
+
+
+# ---- signals -----------------------------------------------------------------------------------------
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM (SLURM, Kubernetes); ``message`` is the line for the user."""
+
+    def __init__(self, signal_name: str = "SIGINT", message: str = ""):
+        super().__init__(message or signal_name)
+        self.signal_name, self.message = signal_name, message
+
+
+def raise_interrupted(signum, frame):
+    """A signal handler: SIGTERM stops the run where it is, as Ctrl-C does."""
+    raise Interrupted(signal.Signals(signum).name)

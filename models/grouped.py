@@ -165,3 +165,109 @@ class GroupedBackbones(nn.Module):
 
     def __len__(self) -> int:
         return self.num_networks
+
+
+# ---- the plain (ungrouped) layout of state dicts ------------------------------------------------------
+# Checkpoints hold the plain layout whatever the run's --grouped-peers: peer i's tensors under
+# ``<...>branches.<i>.<rest>``. A grouped run holds them under ``<...>branches.wide.<rest>``, the N peers'
+# tensors concatenated along dim 0 (stacked for GroupedLinear, a shared scalar for num_batches_tracked).
+
+def peer_blocks(model: nn.Module) -> list[tuple[str, int]]:
+    """(``"<path>.branches."``, N) for every Peers-like module of ``model`` (a ``branches`` ModuleList of
+    N networks or a GroupedBackbones)."""
+    out = []
+    for name, m in model.named_modules():
+        branches = getattr(m, "branches", None)
+        if getattr(m, "num_peers", None) and isinstance(branches, (nn.ModuleList, GroupedBackbones)):
+            out.append((f"{name}.branches." if name else "branches.", m.num_peers))
+    return out
+
+
+def _split_key(key: str, blocks) -> Optional[tuple[str, int, Optional[int], str]]:
+    """(prefix, N, peer index or None for the wide tensor, rest) when ``key`` lies in a peers block."""
+    for prefix, n in blocks:
+        if key.startswith(prefix):
+            head, _, rest = key[len(prefix):].partition(".")
+            if head == "wide":
+                return prefix, n, None, rest
+            if head.isdigit():
+                return prefix, n, int(head), rest
+    return None
+
+
+def _piece(wide: torch.Tensor, n: int, i: int, stacked: bool) -> torch.Tensor:
+    if stacked:
+        return wide[i].clone()
+    return wide.chunk(n)[i].clone() if wide.dim() else wide.clone()
+
+
+def _join(parts: list[torch.Tensor], stacked: bool) -> torch.Tensor:
+    if stacked:
+        return torch.stack(parts)
+    return torch.cat(parts) if parts[0].dim() else parts[0].clone()
+
+
+def convert_state(state: dict, target: dict, blocks) -> dict:
+    """``state`` (a module state dict in either layout) in the layout of ``target`` (a state dict, or a
+    dict of parameter name -> tensor, of the module to load into: its keys and shapes decide). A wide
+    tensor with one more dimension than the peer's is stacked (GroupedLinear), otherwise concatenated."""
+    out, wide_parts = {}, {}
+    for key, t in state.items():
+        where = _split_key(key, blocks)
+        if where is None or key in target:
+            out[key] = t
+            continue
+        prefix, n, peer, rest = where
+        if peer is None:                          # wide tensor, the target is plain: split it
+            like = target.get(f"{prefix}0.{rest}")
+            if like is None:
+                out[key] = t
+                continue
+            for i in range(n):
+                out[f"{prefix}{i}.{rest}"] = _piece(t, n, i, t.dim() == like.dim() + 1)
+        else:                                     # a peer's tensor, the target is grouped: gather them
+            wide_parts.setdefault(f"{prefix}wide.{rest}", {})[peer] = t
+    for key, parts in wide_parts.items():
+        like = target.get(key)
+        n = len(parts)
+        if like is None or sorted(parts) != list(range(n)):
+            out.update({key.replace("wide.", f"{i}.", 1): t for i, t in parts.items()})
+            continue
+        out[key] = _join([parts[i] for i in range(n)], like.dim() == parts[0].dim() + 1)
+    return out
+
+
+def plain_state(model: nn.Module, state: dict) -> dict:
+    """``model``'s state dict ``state`` in the plain layout (unchanged where no peers are grouped)."""
+    blocks = peer_blocks(model)
+    out = {}
+    for key, t in state.items():
+        where = _split_key(key, blocks)
+        if where is None or where[2] is not None:
+            out[key] = t
+            continue
+        prefix, n, _, rest = where
+        owner = model.get_submodule(f"{prefix}wide.{rest}".rsplit(".", 1)[0])
+        for i in range(n):
+            out[f"{prefix}{i}.{rest}"] = _piece(t, n, i, isinstance(owner, GroupedLinear))
+    return out
+
+
+def plain_names(names: list[str], blocks) -> list[str]:
+    """Parameter names in a grouped model's order -> the names, in order, of the same parameters in the
+    plain model: each contiguous run of one block's wide parameters becomes N runs, peer by peer (the
+    order of ``parameters()`` in the plain model, which holds the branches one after the other)."""
+    out, i = [], 0
+    while i < len(names):
+        where = _split_key(names[i], blocks)
+        if where is None or where[2] is not None:
+            out.append(names[i])
+            i += 1
+            continue
+        prefix, n = where[0], where[1]
+        run = []
+        while i < len(names) and names[i].startswith(f"{prefix}wide."):
+            run.append(names[i][len(prefix) + 5:])
+            i += 1
+        out += [f"{prefix}{p}.{rest}" for p in range(n) for rest in run]
+    return out

@@ -103,6 +103,72 @@ def test_sgd_steps_are_identical():
             torch.testing.assert_close(pb, pa, rtol=0, atol=1e-10, msg=name)
 
 
+def _sgd_steps(models_opts, steps=3, seed=1):
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
+        for model, opt in models_opts:
+            out = model(x)
+            loss = sum((k + 1) * F.cross_entropy(z, y) for k, z in enumerate(out.logits))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("topology,split_at,n", [("independent", None, 3), ("shared", "one", 2), ("tree", None, 3)])
+def test_plain_layout_of_weights_and_momentum_in_float64(topology, split_at, n):
+    """Checkpoints hold the plain layout: a grouped model's weights, BN statistics and SGD momentum, split
+    per peer, are the plain model's (float64, after the same steps), and the conversions are exact inverses
+    in both directions (grouped -> plain -> grouped and plain -> grouped -> plain are bit-identical)."""
+    from engine.layout import grouped_optimizer_state, param_names, plain_optimizer_state
+    from models.grouped import convert_state, peer_blocks, plain_state
+    plain, grouped = plain_and_grouped("resnet20", {}, topology, split_at, n)
+    sgd = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    p_opt, g_opt = torch.optim.SGD(plain.parameters(), **sgd), torch.optim.SGD(grouped.parameters(), **sgd)
+    _sgd_steps([(plain, p_opt), (grouped, g_opt)])
+    names = param_names(g_opt, grouped)
+    # grouped -> plain: the plain model's state, keys and positions included
+    as_plain = plain_state(grouped, grouped.state_dict())
+    assert list(as_plain) and set(as_plain) == set(plain.state_dict())
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(as_plain[k], v, rtol=0, atol=1e-10, msg=k)
+    opt_plain = plain_optimizer_state(g_opt.state_dict(), names, grouped)
+    ref = p_opt.state_dict()
+    assert opt_plain["param_groups"][0]["params"] == ref["param_groups"][0]["params"]
+    assert set(opt_plain["state"]) == set(ref["state"])
+    for j, s in ref["state"].items():
+        torch.testing.assert_close(opt_plain["state"][j]["momentum_buffer"], s["momentum_buffer"], rtol=0, atol=1e-10)
+    # plain -> grouped -> plain and grouped -> plain -> grouped: bit-identical
+    blocks = peer_blocks(grouped)
+    back = convert_state(as_plain, grouped.state_dict(), blocks)
+    assert back.keys() == grouped.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in grouped.state_dict().items())
+    p_state = plain.state_dict()
+    there_and_back = plain_state(grouped, convert_state(p_state, grouped.state_dict(), blocks))
+    assert all(torch.equal(there_and_back[k], v) for k, v in p_state.items())
+    opt_back = grouped_optimizer_state(opt_plain, names, grouped)
+    g_ref = g_opt.state_dict()
+    assert opt_back["param_groups"][0]["params"] == g_ref["param_groups"][0]["params"]
+    assert all(torch.equal(opt_back["state"][k]["momentum_buffer"], s["momentum_buffer"]) for k, s in g_ref["state"].items())
+    opt_there_and_back = plain_optimizer_state(grouped_optimizer_state(ref, names, grouped), names, grouped)
+    assert all(torch.equal(opt_there_and_back["state"][j]["momentum_buffer"], s["momentum_buffer"])
+               for j, s in ref["state"].items())
+    # Both directions continue as one run: the grouped run resumed plain goes on as the grouped run does,
+    # the plain run resumed grouped as the plain run does.
+    plain2, grouped2 = copy.deepcopy(plain), copy.deepcopy(grouped)
+    plain2.load_state_dict(as_plain)
+    p2_opt = torch.optim.SGD(plain2.parameters(), **sgd)
+    p2_opt.load_state_dict(opt_plain)
+    grouped2.load_state_dict(convert_state(p_state, grouped2.state_dict(), blocks))
+    g2_opt = torch.optim.SGD(grouped2.parameters(), **sgd)
+    g2_opt.load_state_dict(grouped_optimizer_state(ref, names, grouped2))
+    _sgd_steps([(plain, p_opt), (grouped, g_opt), (plain2, p2_opt), (grouped2, g2_opt)], steps=2, seed=2)
+    grouped_on, grouped2_on = plain_state(grouped, grouped.state_dict()), plain_state(grouped2, grouped2.state_dict())
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(plain2.state_dict()[k], grouped_on[k], rtol=0, atol=1e-10, msg=k)
+        torch.testing.assert_close(grouped2_on[k], v, rtol=0, atol=1e-10, msg=k)
+
+
 def test_merge_then_split_gives_the_networks_back():
     torch.manual_seed(0)
     nets = [create_model("wrn_16_2", 10) for _ in range(3)]
@@ -151,14 +217,26 @@ def test_engine_run_is_the_same_with_grouped_peers(tmp_path):
             assert b["train"][key] == pytest.approx(a["train"][key], rel=tol, abs=tol)
         for key, value in a["test"].items():
             assert b["test"][key] == pytest.approx(value, abs=3.0)   # a few borderline images may flip
-    # Resume and evaluation refuse a checkpoint of the other layout, naming the flag.
-    with pytest.raises(UserError, match="--grouped-peers"):
-        train(train_dml.DML, FAST + ["--epochs", "3", "--resume", str(tmp_path / "grouped" / "last.pt"),
-                                     "--out", str(tmp_path / "r")])
-    with pytest.raises(UserError, match="with --grouped-peers"):
-        train(train_dml.DML, FAST + ["--eval-only", str(tmp_path / "grouped" / "best.pt")])
-    ckpt = load_checkpoint(tmp_path / "grouped" / "last.pt")
-    assert ckpt["args"]["grouped_peers"] is True
+    # Checkpoints hold the plain layout: each run resumes and evaluates in the other layout too.
+    g_ckpt, p_ckpt = load_checkpoint(tmp_path / "grouped" / "last.pt"), load_checkpoint(tmp_path / "plain" / "last.pt")
+    assert g_ckpt["args"]["grouped_peers"] is True and g_ckpt["layout"] == "plain"
+    assert {k: v.shape for k, v in g_ckpt["state"]["model"].items()} == \
+        {k: v.shape for k, v in p_ckpt["state"]["model"].items()}
+    assert [s["momentum_buffer"].shape for s in g_ckpt["optimizers"]["model"]["state"].values()] == \
+        [s["momentum_buffer"].shape for s in p_ckpt["optimizers"]["model"]["state"].values()]
+    resumed_plain = train(train_dml.DML, FAST + lr + ["--epochs", "3", "--extend-epochs", "--resume", str(tmp_path / "grouped" / "last.pt"),
+                                                      "--out", str(tmp_path / "r1")])
+    resumed_grouped = train(train_dml.DML, FAST + lr + ["--epochs", "3", "--extend-epochs", "--grouped-peers", "--resume",
+                                                        str(tmp_path / "plain" / "last.pt"), "--out", str(tmp_path / "r2")])
+    for key in ("ce", "kd", "loss"):
+        assert resumed_plain["history"][2]["train"][key] == pytest.approx(
+            resumed_grouped["history"][2]["train"][key], rel=2e-3, abs=2e-3)
+    for flags in ([], ["--grouped-peers"]):
+        for run in ("plain", "grouped"):
+            evaluated = train(train_dml.DML, FAST + flags + ["--eval-only", str(tmp_path / run / "best.pt"),
+                                                             "--out", str(tmp_path / f"e-{run}-{len(flags)}")])
+            for key, value in (plain if run == "plain" else grouped)["best"]["test"].items():
+                assert evaluated["test"][key] == pytest.approx(value, abs=1.0)   # float32 rounding may flip an image
 
 
 @pytest.mark.parametrize("method,extra,expected", [

@@ -22,7 +22,7 @@ import train_dml
 import train_mcl_okd
 from engine import UserError, main, parse_args, run_dir, train
 from engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint
-from engine.trainer import default_run_name
+from engine.setup import default_run_name
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "64", "--batch-size", "32", "--gpu", "-1",
@@ -52,9 +52,7 @@ def run(tmp_path_factory):
 # ---- 1. identity -------------------------------------------------------------------------------------
 
 def _name(method_cls, argv, world_size=1):
-    args = parse_args(method_cls, argv)
-    method_cls.check_args(args)
-    return default_run_name(method_cls, args, world_size)
+    return default_run_name(method_cls, parse_args(method_cls, argv), world_size)
 
 
 @pytest.mark.parametrize("method_cls, flags", [

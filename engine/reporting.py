@@ -1,0 +1,65 @@
+"""What a run shows while it runs: console lines (rank 0 only), TensorBoard scalars, the final table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class Reporter:
+    """Console and TensorBoard output of rank 0 (every other rank stays silent)."""
+
+    def __init__(self, out: Path, is_main: bool, epochs: int, best_head: str):
+        self.out, self.is_main, self.epochs, self.best_head = out, is_main, epochs, best_head
+        self.writer = None
+
+    def log(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def tensorboard(self, epoch: int, record: dict) -> None:
+        """Every training term, lr and evaluated metric of 0-based ``epoch``, at step epoch + 1."""
+        if not self.is_main:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=epoch + 1)
+        for name, value in record["train"].items():
+            self.writer.add_scalar(f"train/{name}", value, epoch + 1)
+        for name, value in record["lr"].items():
+            self.writer.add_scalar(f"lr/{name}", value, epoch + 1)
+        for split in ("val", "test"):
+            for name, value in record.get(split, {}).items():
+                self.writer.add_scalar(f"{split}/{name}", value, epoch + 1)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def summary_line(self, record: dict) -> str:
+        train = record["train"]
+        terms = " ".join(f"{k} {v:.3f}" for k, v in train.items() if k not in ("loss", "images_per_s", "epoch_s"))
+        heads = " ".join(f"{k[:-5]} {v:.2f}" for k, v in record["test"].items() if k.endswith("/top1"))
+        val = ""
+        if "val" in record:
+            val = f" | val {record['val'][self.best_head + '/top1']:.2f}"
+        lr = next(iter(record["lr"].values()))
+        return (f"epoch {record['epoch']}/{self.epochs} lr {lr:.4g} loss {train['loss']:.3f} ({terms}) | "
+                f"test top1 {heads}{val} | {train['epoch_s']:.1f}s {train['images_per_s']:.0f} img/s")
+
+    def epoch(self, epoch: int, record: dict) -> None:
+        self.tensorboard(epoch, record)
+        self.log(self.summary_line(record))
+
+    def final_table(self, history) -> None:
+        """Best and last top-1 (and last top-5) of every head."""
+        if not history.records or history.best is None:
+            return
+        last = history.records[-1]["test"]
+        best = history.best
+        heads = [k[:-5] for k in last if k.endswith("/top1")]
+        lines = [f"{'head':<12} {'best top1':>9} {'last top1':>9} {'last top5':>9}   "
+                 f"(best = epoch {best['epoch']}, selected on {history.split} {history.metric})"]
+        for h in heads:
+            lines.append(f"{h:<12} {best['test'][h + '/top1']:9.2f} {last[h + '/top1']:9.2f} "
+                         f"{last[h + '/top5']:9.2f}")
+        self.log("\n".join(lines) + f"\nresults: {self.out / 'results.json'}")

@@ -1,0 +1,55 @@
+"""The run's configuration: resolved once, then read-only; a misspelt field is an error, not a default."""
+import pytest
+
+import train_dml
+import train_mcl_okd
+from engine import UserError, parse_args
+from engine.config import RunConfig, resolve
+
+ARGV = ["--dataset", "synthetic", "--gpu", "-1", "--batch-size", "32"]
+
+
+def test_misspelt_field_raises_with_a_suggestion():
+    cfg = resolve(train_dml.DML, parse_args(train_dml.DML, ARGV))
+    assert cfg.kd_T == 1.0 and cfg.batch_size == 32
+    with pytest.raises(AttributeError, match="no field 'kd_t'; did you mean kd_T"):
+        cfg.kd_t
+    with pytest.raises(AttributeError, match="no field 'nce_k'"):   # another method's flag
+        cfg.nce_k
+    assert getattr(cfg, "nope", "default") == "default"           # getattr with a default still works
+
+
+def test_config_is_read_only():
+    cfg = resolve(train_dml.DML, parse_args(train_dml.DML, ARGV))
+    with pytest.raises(AttributeError, match="read-only"):
+        cfg.lr = 1.0
+    with pytest.raises(AttributeError, match="read-only"):
+        del cfg.lr
+    changed = cfg.replace(lr=1.0)
+    assert changed.lr == 1.0 and cfg.lr != 1.0
+    with pytest.raises(AttributeError, match="no field 'lrr'"):
+        cfg.replace(lrr=1.0)
+
+
+def test_defaults_are_resolved_before_freezing():
+    ns = parse_args(train_mcl_okd.MCLOKD, ARGV + ["--arch", "resnet32"])
+    assert ns.nce_k is None and ns.num_classes is None
+    cfg = resolve(train_mcl_okd.MCLOKD, ns)
+    assert isinstance(cfg, RunConfig)
+    assert (cfg.nce_k, cfg.nce_t, cfg.views, cfg.num_classes) == (256, 0.1, 1, 10)
+    assert (cfg.loader, cfg.eval_batch_size) == ("device", 64)
+    assert ns.nce_k is None and ns.num_classes is None                  # the parsed namespace is left alone
+    assert resolve(train_mcl_okd.MCLOKD, cfg) == cfg                      # resolving twice changes nothing
+
+
+def test_num_classes_must_agree_with_the_dataset():
+    with pytest.raises(UserError, match="--num-classes 100 disagrees with synthetic"):
+        resolve(train_dml.DML, parse_args(train_dml.DML, ARGV + ["--num-classes", "100"]))
+
+
+def test_trainer_hands_the_frozen_config_to_the_method(tmp_path):
+    from engine import Trainer
+    trainer = Trainer(train_dml.DML, parse_args(train_dml.DML, ARGV + ["--subset", "64", "--out", str(tmp_path)]))
+    assert isinstance(trainer.args, RunConfig) and trainer.method.args is trainer.args
+    with pytest.raises(AttributeError, match="read-only"):
+        trainer.method.args.kd_T = 2.0
