@@ -158,10 +158,10 @@ def test_plain_layout_of_weights_and_momentum_in_float64(topology, split_at, n):
     plain2, grouped2 = copy.deepcopy(plain), copy.deepcopy(grouped)
     plain2.load_state_dict(as_plain)
     p2_opt = torch.optim.SGD(plain2.parameters(), **sgd)
-    p2_opt.load_state_dict(opt_plain)
+    p2_opt.load_state_dict(copy.deepcopy(opt_plain))      # as through a checkpoint file: no shared tensors
     grouped2.load_state_dict(convert_state(p_state, grouped2.state_dict(), blocks))
     g2_opt = torch.optim.SGD(grouped2.parameters(), **sgd)
-    g2_opt.load_state_dict(grouped_optimizer_state(ref, names, grouped2))
+    g2_opt.load_state_dict(copy.deepcopy(grouped_optimizer_state(ref, names, grouped2)))
     _sgd_steps([(plain, p_opt), (grouped, g_opt), (plain2, p2_opt), (grouped2, g2_opt)], steps=2, seed=2)
     grouped_on, grouped2_on = plain_state(grouped, grouped.state_dict()), plain_state(grouped2, grouped2.state_dict())
     for k, v in plain.state_dict().items():
