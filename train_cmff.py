@@ -6,7 +6,7 @@ The last-stage map M_i of peer i (as its classifier sees it) is average-pooled t
 flattened: v_i in R^d, d = channels * s^2 (s = --fusion-grid; 8 for CIFAR ResNets: d = 64*8*8 = 4096).
 
     o_i = peer i's own classifier (a deployed peer is the plain backbone)
-    f   = Fusion(CrossAttention(v_1, v_2) as two channels x s x s maps)      fused teacher (docs/cmff.md)
+    f   = Fusion(CrossAttention(v_1, v_2) as two channels x s x s maps)      fused teacher (FFL's module, models/fusion.py)
     L   = CE(o_1) + CE(o_2) + CE(f) + w(e) * sum_{a != b in {o_1, o_2, f}} KD_T(a <- stopgrad b)
           + lambda_rot * CE(RotHead(v_1 of all 4B), 4y+k)           Feature Enhancement Network (peer 1)
           + lambda_sim * L_sim(ProjHead(v_2 of all 4B))              Feature Contrast Network (peer 2)
@@ -32,7 +32,8 @@ from engine import Method, OptimGroup, UserError, main, peer_heads
 from losses import sigmoid_rampup
 from losses.peer_targets import mutual_kd
 from losses.rotation_ssl import ROTATIONS, rotate_batch, upright_contrast_loss
-from models.base import Backbone, run_stages
+from models.base import run_stages
+from models.fusion import FusionModule, last_stage_shape
 from models.peers import Peers
 
 # The official ResNet-32 fusion width (64 x 8 x 8): the automatic --fusion-grid never goes above it.
@@ -49,16 +50,6 @@ def default_fusion_grid(channels: int, map_size: int) -> int:
         if s <= map_size and channels * s * s <= OFFICIAL_FUSION_DIM:
             return s
     return 1
-
-
-@torch.no_grad()
-def last_stage_shape(net: Backbone, image_size: int) -> tuple[int, int, int]:
-    """(channels, H, W) of the last stage map for a square ``image_size`` input (probed in eval mode)."""
-    was = net.training
-    net.eval()
-    x, _ = run_stages(net.stem(torch.zeros(2, 3, image_size, image_size)), net.stages, keep=False)
-    net.train(was)
-    return tuple(x.shape[1:])
 
 
 def rotation_head_widths(d: int, min_width: int = ROT_HEAD_MIN_WIDTH) -> list[int]:
@@ -125,26 +116,6 @@ class CrossAttention(nn.Module):
         return self.resid_drop(proj((attn @ v).flatten(1)))
 
 
-class FusionModule(nn.Module):
-    """FFL's ``Fusion_module``: cat -> depthwise 3x3 conv -> BN -> ReLU -> 1x1 conv 2ch->ch -> BN -> ReLU
-    -> average pool -> Linear(ch, C). Takes two (B, ch, S, S) maps, or two (B, ch) vectors as 1x1 maps."""
-
-    def __init__(self, channels: int, num_classes: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(2 * channels, 2 * channels, 3, padding=1, groups=2 * channels, bias=False)
-        self.bn1 = nn.BatchNorm2d(2 * channels)
-        self.conv2 = nn.Conv2d(2 * channels, channels, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.fc = nn.Linear(channels, num_classes)
-        for m in (self.conv1, self.conv2):
-            nn.init.normal_(m.weight, std=math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(torch.cat([a, b], 1))))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
 class CMFFOutput(NamedTuple):
     logits: list[torch.Tensor]            # o_1, o_2 on the upright images
     fused: torch.Tensor                   # f on the upright images
@@ -198,13 +169,13 @@ class CMFF(Method):
     """CMFF: two peers, rotation self-supervision (peer 1), rotation contrast (peer 2), and a cross-attention
     fusion teacher, all distilling into each other."""
 
-    recipe = "ffl"
+    recipe = "dccl"   # the protocol of the DCCL code, on which the CMFF code is built
     num_peers = 2
     min_peers = 2
     groupable_peers = False  # CMFFNet.forward runs each peer's stages and head parts itself
-    presets = {
-        "paper": dict(lambda_rot=1.0, lambda_sim=5.0),     # train_rn32 / vgg / Densenet / tiny scripts
-        "rn110": dict(lambda_rot=3.0, lambda_sim=2.0),     # train_rn110.py
+    presets = {   # the official data pipeline pads by reflection (utils.get_cifar100_dataloaders)
+        "paper": dict(lambda_rot=1.0, lambda_sim=5.0, pad_mode="reflect"),   # train_rn32 / vgg / Densenet / tiny
+        "rn110": dict(lambda_rot=3.0, lambda_sim=2.0, pad_mode="reflect"),   # train_rn110.py
     }
 
     @classmethod

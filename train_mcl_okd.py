@@ -71,6 +71,7 @@ class MCLOKD(Method):
     min_peers = 2
     best_metric = "ensemble"
     state_keys = ("memory", "sampler")
+    needs_every_class = True            # negatives are drawn from the other classes' samples
 
     @classmethod
     def add_arguments(cls, parser):

@@ -5,9 +5,10 @@ module (``cifar``, ``tinyimagenet``, ``imagenet``, ``fashion_mnist``, ``syntheti
 layout, augmentation and normalisation. Files live under ``--data``, else ``$OKD_DATASETS/<name>``,
 else ``./datasets/<name>``.
 """
-from .common import DATASET_NAMES, ArraySplit, DatasetInfo, DatasetNotFoundError, dataset_info, datasets_root
+from .common import (DATASET_NAMES, ArraySplit, BadDatasetError, DatasetError, DatasetInfo, DatasetNotFoundError,
+                     dataset_info, datasets_root)
 from .loaders import Batch, DeviceLoader, Loaders, TorchLoader, build_loaders, load_dataset, stratified_split
 
-__all__ = ["DATASET_NAMES", "ArraySplit", "Batch", "DatasetInfo", "DatasetNotFoundError", "DeviceLoader",
-           "Loaders", "TorchLoader", "build_loaders", "dataset_info", "datasets_root", "load_dataset",
-           "stratified_split"]
+__all__ = ["DATASET_NAMES", "ArraySplit", "BadDatasetError", "Batch", "DatasetError", "DatasetInfo",
+           "DatasetNotFoundError", "DeviceLoader", "Loaders", "TorchLoader", "build_loaders", "dataset_info",
+           "datasets_root", "load_dataset", "stratified_split"]

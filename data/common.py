@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -22,7 +22,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DatasetNotFoundError(RuntimeError):
+class DatasetError(RuntimeError):
+    """A dataset problem that is the user's to fix; ``engine.trainer.main`` prints it without a traceback."""
+
+
+class DatasetNotFoundError(DatasetError):
     """A dataset's files are missing. The message says what is missing, every path looked at, and the fix."""
 
     def __init__(self, name: str, missing: str, looked_at: Sequence[os.PathLike | str], fix: str):
@@ -32,6 +36,74 @@ class DatasetNotFoundError(RuntimeError):
 
     def __reduce__(self):  # picklable, e.g. out of a spawned worker
         return type(self), (self.name, self.missing, self.looked_at, self.fix)
+
+
+class BadDatasetError(DatasetError):
+    """A dataset's files are there but damaged (a truncated JPEG, pickle or .gz) or laid out wrongly (a
+    missing class folder, a malformed annotation file). One line: what is wrong, which file(s), the fix.
+
+    Its constructor takes the message alone, so that a DataLoader worker's error is re-raised in the main
+    process as this type; the worker's traceback that torch prepends is then cut away again."""
+
+    def __init__(self, message: str):
+        if "\nOriginal Traceback" in message:  # re-raised from a DataLoader worker: keep our own line
+            last = [line for line in message.splitlines() if line.strip()][-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+    @classmethod
+    def files(cls, name: str, bad: Sequence[tuple[os.PathLike | str, str]], fix: str,
+              what: str = "files", shown: int = 5) -> "BadDatasetError":
+        """The error for ``bad`` = [(path, reason), ...]: the count, the first ``shown`` paths with their
+        reason, and the fix."""
+        listed = "; ".join(f"{p} ({reason})" for p, reason in list(bad)[:shown])
+        more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+        count = f"{len(bad)} {what if len(bad) > 1 else what.rstrip('s')} cannot be read"
+        return cls(f"dataset {name!r}: {count}: {listed}{more}. Fix: {fix}")
+
+
+def is_hidden(name: str) -> bool:
+    """Hidden entries (``.ipynb_checkpoints``, ``.DS_Store``, ``._x.JPEG``) are never data."""
+    return name.startswith(".")
+
+
+def visible_dirs(folder: os.PathLike | str) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of ``folder``."""
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it if not is_hidden(e.name) and e.is_dir())
+
+
+def image_files(folder: os.PathLike | str, suffixes: Iterable[str] = (".jpeg", ".jpg", ".png")) -> list[Path]:
+    """Every non-hidden image file under ``folder`` (recursively, hidden sub-folders skipped), sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        found += [Path(dirpath, f) for f in filenames if not is_hidden(f) and f.lower().endswith(tuple(suffixes))]
+    return sorted(found)
+
+
+def decode_rgb(path: os.PathLike | str):
+    """Decode an image file completely into an RGB ``PIL.Image`` (greyscale, CMYK, palette and a PNG
+    named ``.JPEG`` all work: PIL goes by the content, not the name). Raises ``OSError`` (a truncated
+    file, or ``PIL.UnidentifiedImageError`` for a foreign one) or PIL's ``DecompressionBombError``."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im.load()                         # the whole file: a truncated JPEG fails here, not later
+        return im.convert("RGB")
+
+
+def image_problem(path: os.PathLike | str) -> Optional[str]:
+    """None if ``path`` decodes completely, else a short reason (for lists of bad files)."""
+    try:
+        decode_rgb(path)
+    except Exception as e:  # noqa: BLE001 -- OSError, UnidentifiedImageError, DecompressionBombError, SyntaxError
+        return _reason(e)
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) < 160 else text[:157] + "..."
 
 
 def download_or_explain(name: str, target, fetch) -> None:
@@ -50,23 +122,30 @@ def download_or_explain(name: str, target, fetch) -> None:
 class DatasetInfo:
     """Static facts about a dataset. ``mean``/``std`` are per-channel on the [0, 1] scale (the
     ``Normalize`` after ``ToTensor``); ``crop_padding`` is the zero padding of the training
-    ``RandomCrop(image_size, padding)`` (0 for ImageNet, which uses ``RandomResizedCrop``)."""
+    ``RandomCrop(image_size, padding)`` (0 for ImageNet, which uses ``RandomResizedCrop``);
+    ``official_train``/``official_test`` are the image counts of the official release (None: no release)."""
     name: str
     num_classes: int
     image_size: int
     mean: tuple
     std: tuple
     crop_padding: int
+    official_train: Optional[int] = None
+    official_test: Optional[int] = None
 
 
 _INFOS = {
-    "cifar10": DatasetInfo("cifar10", 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4),
-    "cifar100": DatasetInfo("cifar100", 100, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), 4),
-    "tinyimagenet": DatasetInfo("tinyimagenet", 200, 64, IMAGENET_MEAN, IMAGENET_STD, 4),
-    "imagenet": DatasetInfo("imagenet", 1000, 224, IMAGENET_MEAN, IMAGENET_STD, 0),
+    # Official counts: CIFAR 50,000 / 10,000 (Krizhevsky 2009, "Learning multiple layers of features from tiny
+    # images"); TinyImageNet 100,000 train / 10,000 val (cs231n); ILSVRC-2012 1,281,167 train / 50,000 val
+    # (Russakovsky et al., IJCV 2015, Table 2); Fashion-MNIST 60,000 / 10,000 (Xiao et al., arXiv:1708.07747).
+    "cifar10": DatasetInfo("cifar10", 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, 50000, 10000),
+    "cifar100": DatasetInfo("cifar100", 100, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), 4,
+                            50000, 10000),
+    "tinyimagenet": DatasetInfo("tinyimagenet", 200, 64, IMAGENET_MEAN, IMAGENET_STD, 4, 100000, 10000),
+    "imagenet": DatasetInfo("imagenet", 1000, 224, IMAGENET_MEAN, IMAGENET_STD, 0, 1281167, 50000),
     # Grey 28x28 zero-padded to 32x32 and replicated to 3 channels (see data/fashion_mnist.py); the
     # usual Fashion-MNIST statistics, measured on the 28x28 originals, replicated to the 3 channels.
-    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 32, (0.2860,) * 3, (0.3530,) * 3, 4),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 32, (0.2860,) * 3, (0.3530,) * 3, 4, 60000, 10000),
     # Synthetic images are built to have roughly this mean and spread (data/synthetic.py).
     "synthetic": DatasetInfo("synthetic", 10, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 4),
 }

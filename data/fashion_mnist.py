@@ -10,22 +10,37 @@ each side to 32x32 and its channel replicated 3 times** (uint8 N x 3 x 32 x 32).
 (in :mod:`data.loaders`): RandomCrop(32, padding=4, zero fill) + RandomHorizontalFlip(0.5); then /255
 and Normalize with the usual Fashion-MNIST statistics (0.2860,) / (0.3530,) replicated to 3 channels
 (measured on the 28x28 originals, so the padded images have a slightly lower mean). Test: /255 + Normalize.
+
+Every file is parsed and checked when read (gzip stream complete, IDX header, sizes, labels 0..9); a
+damaged one is one :class:`~data.common.BadDatasetError` naming every bad file. With ``--download`` the
+files present are also checked against the published MD5s (Zalando's ``.gz`` files, as torchvision's
+``FashionMNIST.resources``; a re-compressed copy such as Debian's is checked by the MD5 of its IDX content,
+:data:`CONTENT_MD5`) and a bad or missing one is fetched again.
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import ArraySplit, DatasetNotFoundError, datasets_root, download_or_explain
+from .common import ArraySplit, BadDatasetError, DatasetNotFoundError, datasets_root, download_or_explain
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+# MD5 of each file's decompressed IDX content (the published MD5s are of the .gz files, which differ when a
+# distribution re-compresses them): measured on Debian's dataset-fashion-mnist 0.0~git20200523.55506a9, whose
+# .gz files decompress to the official 60,000 / 10,000 images with 6,000 / 1,000 per class.
+CONTENT_MD5 = {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+               "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+               "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+               "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"}
 
 
 def read_idx(path: os.PathLike | str) -> np.ndarray:
@@ -34,10 +49,7 @@ def read_idx(path: os.PathLike | str) -> np.ndarray:
     Header: two zero bytes, the type code 0x08 (uint8), the number of dimensions, then each
     dimension as a big-endian int32; then the data. Raises ``ValueError`` naming the file otherwise.
     """
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+    raw = _content(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex() or 'empty'}, "
                          f"expected 000008xx)")
@@ -48,6 +60,36 @@ def read_idx(path: os.PathLike | str) -> np.ndarray:
         raise ValueError(f"{path}: header says shape {dims} ({int(np.prod(dims))} bytes) "
                          f"but the file holds {len(raw) - start} data bytes")
     return np.frombuffer(raw, dtype=np.uint8, offset=start).reshape(dims)
+
+
+def _content(path) -> bytes:
+    """The file's bytes, gunzipped when it starts with the gzip magic; a damaged gzip stream (truncated,
+    bad CRC) raises ``ValueError`` naming the file."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:
+            raise ValueError(f"{path}: damaged gzip stream ({str(e).splitlines()[0] or type(e).__name__}); "
+                             "the file is probably a partial download") from None
+    return raw
+
+
+def _published_md5() -> dict:
+    from torchvision.datasets import FashionMNIST
+    return dict(FashionMNIST.resources)
+
+
+def _checksum_ok(path: Path) -> bool:
+    """The .gz's MD5 is the published one, or its content's MD5 is the official content's."""
+    raw = path.read_bytes()
+    if hashlib.md5(raw).hexdigest() == _published_md5().get(path.name):
+        return True
+    try:
+        return hashlib.md5(_content(path)).hexdigest() == CONTENT_MD5[path.name.removesuffix(".gz")]
+    except ValueError:
+        return False
 
 
 def _find(folder: Path, stem: str):
@@ -68,14 +110,23 @@ def load_fashion_mnist(data=None, download: bool = False) -> tuple[ArraySplit, A
     """Return (train, test) as uint8 N x 3 x 32 x 32 (padded, grey replicated) and int64 labels."""
     dirs = candidate_dirs(data)
     wanted = [stem for pair in FILES.values() for stem in pair]
-    if download and not any(all(_find(folder, stem) for stem in wanted) for folder in dirs):
-        from torchvision.datasets import FashionMNIST
-        download_or_explain("fashion-mnist", dirs[0],  # -> <dir>/FashionMNIST/raw
-                            lambda: FashionMNIST(str(dirs[0]), train=True, download=True))
-    for folder in dirs:
+    folder = next((d for d in dirs if all(_find(d, stem) for stem in wanted)), None)
+    if download:
+        folder = _download_bad_or_missing(folder, dirs, wanted)
+    if folder is not None:
         paths = {stem: _find(folder, stem) for stem in wanted}
-        if all(paths.values()):
-            return tuple(_split(paths[i], paths[l]) for i, l in FILES.values())
+        parsed, bad = {}, []
+        for stem, path in paths.items():
+            try:
+                parsed[stem] = read_idx(path)
+            except (OSError, ValueError) as e:
+                bad.append((path, str(e).split(": ", 1)[-1]))
+        if bad:
+            raise BadDatasetError.files(
+                "fashion-mnist", bad, f"delete {'it' if len(bad) == 1 else 'them'} and run again with --download "
+                "(fetches the published files and checks their MD5), or copy them again from "
+                "https://github.com/zalandoresearch/fashion-mnist", what="IDX files")
+        return tuple(_split(paths[i], paths[l], parsed[i], parsed[l]) for i, l in FILES.values())
     raise DatasetNotFoundError(
         "fashion-mnist", f"the IDX files {', '.join(wanted)} (optionally .gz) are missing", dirs,
         "on Debian/Ubuntu `apt-get install dataset-fashion-mnist` (installs /usr/share/datasets/fashion-mnist), "
@@ -83,11 +134,48 @@ def load_fashion_mnist(data=None, download: bool = False) -> tuple[ArraySplit, A
         "into a folder and point --data at it.")
 
 
-def _split(images_path: Path, labels_path: Path) -> ArraySplit:
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{images_path} / {labels_path}: expected N x 28 x 28 images and N labels, "
-                         f"got {images.shape} and {labels.shape}")
+def _download_bad_or_missing(folder, dirs: list[Path], wanted: list[str]):
+    """--download: fetch what is missing, or what differs from the published checksums, then return the
+    folder that holds the four files. A read-only folder (Debian's) is left alone: the files go to dirs[0]."""
+    from torchvision.datasets import FashionMNIST
+    bad = wanted if folder is None else [s for s in wanted if not _checksum_ok(_find(folder, s))]
+    if not bad:
+        return folder
+    target = folder if folder is not None and os.access(folder, os.W_OK) else dirs[0]
+    if target != folder:
+        bad = wanted
+    if folder is not None:
+        print(f"fashion-mnist: {', '.join(bad)} differ from the published checksums; fetching them again "
+              f"into {target}", flush=True)
+    for stem in bad:
+        old = _find(target, stem)
+        if old is not None and old.suffix != ".gz":
+            old.unlink()                                    # else _find would keep preferring it
+        name = stem + ".gz"
+        download_or_explain("fashion-mnist", target, lambda: _fetch(FashionMNIST.mirrors, name, target))
+    return target
+
+
+def _fetch(mirrors: list[str], name: str, target: Path) -> None:
+    """torchvision's download (it checks the published MD5), trying each mirror in turn."""
+    from torchvision.datasets import utils
+    md5 = _published_md5()[name]
+    for i, mirror in enumerate(mirrors):
+        try:
+            return utils.download_url(mirror + name, str(target), filename=name, md5=md5)
+        except Exception:  # noqa: BLE001 -- the next mirror, else the last error
+            if i == len(mirrors) - 1:
+                raise
+
+
+def _split(images_path: Path, labels_path: Path, images: np.ndarray, labels: np.ndarray) -> ArraySplit:
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1 or len(images) != len(labels):
+        raise BadDatasetError(f"dataset 'fashion-mnist': {images_path} / {labels_path} hold {images.shape} images "
+                              f"and {labels.shape} labels, expected N x 28 x 28 and N. Fix: copy the four files "
+                              "again from https://github.com/zalandoresearch/fashion-mnist (or --download)")
+    if len(labels) and labels.max() > 9:
+        raise BadDatasetError(f"dataset 'fashion-mnist': {labels_path} holds label {labels.max()}, outside 0..9. "
+                              "Fix: copy it again from https://github.com/zalandoresearch/fashion-mnist")
     x = F.pad(torch.from_numpy(images.copy()), (2, 2, 2, 2))          # 28x28 -> 32x32, zeros
     x = x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()             # grey -> 3 equal channels
     return ArraySplit(x, torch.from_numpy(labels.astype(np.int64)))

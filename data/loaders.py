@@ -13,15 +13,23 @@ indexed by ``Batch.index``).
   Call ``set_epoch`` before iterating (it is not advanced automatically, as ``DistributedSampler``).
 * ``Batch.index`` is the sample's position in the set the loader serves (0..n_train-1 for training,
   after the validation hold-out and ``--subset``), on the training device: the memory-bank index.
+* **Subsets.** ``--val-split N`` holds out N training samples, ``--subset N`` then trains on N of the
+  rest, ``--eval-subset N`` tests on N test samples: each a seeded stratified random sample (every class
+  in proportion to its size, :func:`stratified_split`), never the first N (the first N of a class-sorted
+  set are a few classes). A method that needs every class (``Method.needs_every_class``) refuses a
+  ``--subset`` that leaves one out. The counts found, the official counts and the subsets are printed and
+  returned as ``Loaders.record`` (results.json's ``data``).
 
 ``device`` loader (all datasets but ImageNet): uint8 images and labels live on the device; per epoch the
 order, crop offsets and flip flags are drawn on the CPU and moved once; per batch a gather does
-zero-pad + crop + flip, then float, /255 and Normalize, all on the device, with no host sync. Its
-distribution equals torchvision's RandomCrop(size, padding) + RandomHorizontalFlip(0.5): offsets uniform
-on 0..2*padding in each axis, flip with p = 0.5, zero padding before normalisation (tests/test_data.py).
+pad + crop + flip, then float, /255 and Normalize, all on the device, with no host sync. Its
+distribution equals torchvision's RandomCrop(size, padding, padding_mode) + RandomHorizontalFlip(0.5):
+offsets uniform on 0..2*padding in each axis, flip with p = 0.5, padding before normalisation, with zeros
+(``pad_mode='zero'``, the default) or the border reflected without repeating the edge (``'reflect'``, the
+``Pad(4, padding_mode='reflect')`` of the FFL, DCCL and CMFF codes) (tests/test_data.py).
 
 ``torch`` loader: a DataLoader over the same uint8 arrays with torchvision transforms (RandomCrop(size,
-padding) + RandomHorizontalFlip on uint8 tensors, ConvertImageDtype (/255), Normalize), or the PIL
+padding, padding_mode) + RandomHorizontalFlip on uint8 tensors, ConvertImageDtype (/255), Normalize), or the PIL
 ImageNet transforms of :mod:`data.imagenet`. Each sample's transform runs under its own seed, drawn
 from the (seed, epoch, rank) generator, so augmentation does not depend on the number of workers or on
 persistent workers, and the training process's global RNG is left untouched.
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import NamedTuple, Optional, Union
 
 import numpy as np
@@ -38,10 +47,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision import transforms
 
-from .common import ArraySplit, DatasetInfo, dataset_info
+from .common import ArraySplit, BadDatasetError, DatasetError, DatasetInfo, dataset_info
 
 # Tags that keep the random streams derived from one seed apart.
-_ORDER, _AUG, _WORKERS, _VAL = range(4)
+_ORDER, _AUG, _WORKERS, _VAL, _SUBSET, _EVAL_SUBSET = range(6)
 
 
 class Batch(NamedTuple):
@@ -56,6 +65,7 @@ class Loaders(NamedTuple):
     test: "DeviceLoader | TorchLoader"
     info: DatasetInfo
     n_train: int
+    record: Optional[dict] = None  # images found vs official, subsets: JSON-ready, results.json's "data"
 
 
 def mix_seed(*keys: int) -> int:
@@ -68,18 +78,20 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(mix_seed(*keys))
 
 
-def stratified_split(labels: torch.Tensor, n_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(labels: torch.Tensor, n_val: int, seed: int, stream: int = _VAL,
+                     flag: str = "--val-split") -> tuple[torch.Tensor, torch.Tensor]:
     """Hold out ``n_val`` samples, each class in proportion to its size (largest remainder), chosen at
-    random from a generator seeded by ``seed``. Returns (train, val) index tensors, each sorted."""
+    random from a generator seeded by (``seed``, ``stream``). Returns (rest, held-out) index tensors, each
+    sorted. ``flag`` names the option in the error for an ``n_val`` outside 1..n-1."""
     n = len(labels)
     if not 0 < n_val < n:
-        raise ValueError(f"val_split must be between 1 and {n - 1} (the training set has {n} samples), got {n_val}")
+        raise ValueError(f"{flag} must be between 1 and {n - 1} (the set has {n} samples), got {n_val}")
     counts = torch.bincount(labels)
     exact = counts.double() * n_val / n
     quota = exact.floor().long()
     leftover = n_val - int(quota.sum())
     quota[torch.argsort(quota - exact, stable=True)[:leftover]] += 1   # largest fractional parts first
-    perm = torch.randperm(n, generator=_generator(seed, _VAL))
+    perm = torch.randperm(n, generator=_generator(seed, stream))
     grouped = perm[torch.argsort(labels[perm], stable=True)]           # by class, random within class
     cls = labels[grouped]
     rank_in_class = torch.arange(n) - (torch.cumsum(counts, 0) - counts)[cls]
@@ -138,33 +150,55 @@ class _Loader:
         return self.schedule.positions()
 
 
-def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
-              padding: int) -> torch.Tensor:
-    """Batched RandomCrop(size, padding, fill 0) + horizontal flip by one gather.
+PAD_MODES = ("zero", "reflect")
 
-    ``images`` B x C x H x W; ``dy``, ``dx`` offsets in 0..2*padding into the zero-padded image; ``flip``
+
+def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+              padding: int, pad_mode: str = "zero") -> torch.Tensor:
+    """Batched RandomCrop(size, padding, padding_mode) + horizontal flip by one gather.
+
+    ``images`` B x C x H x W; ``dy``, ``dx`` offsets in 0..2*padding into the padded image; ``flip``
     bool. Output pixel (i, j) = padded[dy + i, dx + j], or padded[dy + i, dx + W - 1 - j] when flipped
-    (crop, then flip: torchvision's order)."""
+    (crop, then flip: torchvision's order). ``pad_mode`` 'zero' pads with 0; 'reflect' reads padded
+    position p (0-based, p - padding outside 0..H-1) at the reflected index without repeating the edge
+    (torch's / torchvision's 'reflect'), gathered from the unpadded images (needs padding < H, W)."""
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}; got {pad_mode!r}")
     b, c, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4) if padding else images
     ar_h, ar_w = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
     rows = dy[:, None] + ar_h                                                      # B x H
     cols = dx[:, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)            # B x W
+    if pad_mode == "reflect" and padding:
+        if padding >= min(h, w):
+            raise ValueError(f"reflect padding {padding} needs images larger than it; got {h}x{w}")
+        rows, cols = _reflect(rows - padding, h), _reflect(cols - padding, w)
+        padded = images
+    else:
+        padded = F.pad(images, (padding,) * 4) if padding else images
     return padded[torch.arange(b, device=images.device)[:, None, None, None],
                   torch.arange(c, device=images.device)[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Index into 0..size-1 of position ``index`` (-size < index < 2*size - 1) reflected at the borders
+    without repeating the edge: -1 -> 1, size -> size - 2."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
 class DeviceLoader(_Loader):
     """Whole split resident on ``device`` as uint8; augmentation batched on the device (module docstring)."""
 
     def __init__(self, split: ArraySplit, info: DatasetInfo, batch_size: int, device, *, train: bool,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, views: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, views: int = 1, pad_mode: str = "zero"):
         super().__init__(split.labels, batch_size, train, seed, rank, world_size, views)
+        if pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}; got {pad_mode!r}")
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.device_labels = split.labels.to(self.device)
-        self.padding = info.crop_padding
+        self.padding, self.pad_mode = info.crop_padding, pad_mode
         self.mean = torch.tensor(info.mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(info.std, device=self.device).view(1, -1, 1, 1)
 
@@ -192,7 +226,8 @@ class DeviceLoader(_Loader):
             x = self.images[index]
             if self.train:
                 views = [self.normalize(crop_flip(x, a[0, i * bs:(i + 1) * bs], a[1, i * bs:(i + 1) * bs],
-                                                  a[2, i * bs:(i + 1) * bs].bool(), self.padding)) for a in augs]
+                                                  a[2, i * bs:(i + 1) * bs].bool(), self.padding, self.pad_mode))
+                         for a in augs]
                 images = views[0] if self.views == 1 else views
             else:
                 images = self.normalize(x)
@@ -285,9 +320,13 @@ class TorchLoader(_Loader):
             yield Batch(images, move(labels), move(index))
 
 
-def array_transforms(info: DatasetInfo, train: bool):
-    """torchvision transforms on uint8 C x H x W tensors: [RandomCrop(size, padding) + flip] + /255 + Normalize."""
-    steps = [transforms.RandomCrop(info.image_size, padding=info.crop_padding),
+def array_transforms(info: DatasetInfo, train: bool, pad_mode: str = "zero"):
+    """torchvision transforms on uint8 C x H x W tensors: [RandomCrop(size, padding, padding_mode) + flip]
+    + /255 + Normalize; ``pad_mode`` 'zero' (torchvision's 'constant' 0) or 'reflect'."""
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}; got {pad_mode!r}")
+    steps = [transforms.RandomCrop(info.image_size, padding=info.crop_padding,
+                                   padding_mode="constant" if pad_mode == "zero" else pad_mode),
              transforms.RandomHorizontalFlip()] if train else []
     return transforms.Compose(steps + [transforms.ConvertImageDtype(torch.float32),
                                        transforms.Normalize(info.mean, info.std)])
@@ -313,27 +352,92 @@ def load_dataset(name: str, data=None, download: bool = False):
 
 
 def _load_once(name: str, data, download: bool, rank: int, world_size: int):
-    """Under an initialised process group rank 0 loads first (it alone downloads, and it writes the
-    TinyImageNet cache the others then read); the other ranks wait for it at a barrier."""
+    """Under an initialised process group rank 0 loads first (it alone downloads, checks the files, and
+    writes the TinyImageNet cache the others then read); the other ranks wait for its verdict, and when
+    rank 0 found the dataset missing or damaged they stop with the same one-line error instead of waiting."""
     import torch.distributed as dist
     if not (world_size > 1 and dist.is_available() and dist.is_initialized()):
         return load_dataset(name, data, download)
+    verdict = [None]
     if rank == 0:
-        result = load_dataset(name, data, download)
-        dist.barrier()
+        try:
+            result = load_dataset(name, data, download)
+        except DatasetError as e:
+            verdict = [str(e)]
+            dist.broadcast_object_list(verdict, src=0)
+            raise
+        dist.broadcast_object_list(verdict, src=0)
         return result
-    dist.barrier()
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise BadDatasetError(verdict[0].replace("\n", " "))
     return load_dataset(name, data, False)
 
 
-def build_loaders(args, device, rank: int = 0, world_size: int = 1) -> Loaders:
+def _subset(labels: torch.Tensor, idx: torch.Tensor, n: Optional[int], seed: int, stream: int, flag: str,
+            pool: str) -> tuple[torch.Tensor, Optional[dict]]:
+    """``n`` of the samples ``idx`` (stratified, seeded), and its description for the record."""
+    if not n:
+        return idx, None
+    if n > len(idx):
+        raise ValueError(f"{flag} {n} exceeds the {len(idx)} {pool} samples")
+    drawn_from = len(idx)
+    if n < len(idx):
+        idx = idx[stratified_split(labels[idx], n, seed, stream, flag)[1]]
+    return idx, {"size": n, "of": drawn_from, "selection": "stratified random (each class in proportion to its "
+                 "size)", "seed": seed, "classes": int(labels[idx].unique().numel())}
+
+
+def _check_every_class(labels: torch.Tensor, pool: torch.Tensor, train_idx: torch.Tensor, num_classes: int,
+                       subset: Optional[int]) -> None:
+    """ValueError when a class of the training set has no sample left in ``train_idx``."""
+    present = torch.bincount(labels, minlength=num_classes) > 0
+    empty = int((present & (torch.bincount(labels[train_idx], minlength=num_classes) == 0)).sum())
+    if not empty:
+        return
+    need = "this method needs every class (its negatives are drawn by class)"
+    if subset:
+        counts = torch.bincount(labels[pool])
+        enough = -(-len(pool) // int(counts[counts > 0].min()))       # every class's share >= 1 sample
+        raise ValueError(f"--subset {subset} leaves {empty} of {num_classes} classes without a training sample, "
+                         f"and {need}; use --subset {enough} or more")
+    raise ValueError(f"--val-split leaves {empty} of {num_classes} classes without a training sample, and {need}; "
+                     "use a smaller --val-split")
+
+
+def _describe(info: DatasetInfo, found: dict, used: dict, subsets: dict, rank: int) -> dict:
+    """Print the counts found and used (rank 0), warn where they differ from the official release, and
+    return the record for results.json."""
+    official = {"train": info.official_train, "test": info.official_test}
+    notes = [f"{info.name}: found {found[k]} {k} images, the official release has {official[k]}; results are "
+             "not comparable with published ones" for k in found if official[k] is not None and found[k] != official[k]]
+    if rank == 0:
+        line = f"{info.name}: found {found['train']} train / {found['test']} test images"
+        if official["train"] is not None:
+            line += f" (official {official['train']} / {official['test']})"
+        line += f"; using {used['train']} train, {used['val']} val, {used['test']} test"
+        for name, flag in (("subset", "--subset"), ("eval_subset", "--eval-subset")):
+            if subsets[name]:
+                line += f"; {flag} {subsets[name]['size']}: {subsets[name]['classes']} of {info.num_classes} classes"
+        print(line, flush=True)
+        for note in notes:
+            warnings.warn(note)
+    return {"images_found": found, "official": official if official["train"] is not None else None,
+            "images_used": used, **subsets, "warnings": notes}
+
+
+def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_class: bool = False) -> Loaders:
     """Training, validation (or None) and test loaders for ``args`` (see the module docstring).
 
-    Reads ``args.dataset``, ``data``, ``download``, ``subset`` (first N training samples, after the
-    hold-out), ``val_split`` (hold out N training samples, stratified, seeded by ``seed``; evaluated with
-    test-time transforms), ``batch_size`` (per process), ``eval_batch_size`` (default 2 x batch_size),
-    ``workers``, ``loader`` ('device' default, 'torch' for ImageNet), ``seed``, ``views``. Every field must
-    exist (a missing one is an AttributeError, not a silent default); None means the default where stated.
+    Reads ``args.dataset``, ``data``, ``download``, ``subset`` (train on N samples, stratified random, after
+    the hold-out), ``eval_subset`` (test on N samples, stratified random), ``val_split`` (hold out N
+    training samples, stratified; evaluated with test-time transforms), all seeded by ``seed``,
+    ``batch_size`` (per process), ``eval_batch_size`` (default 2 x batch_size), ``workers``, ``loader``
+    ('device' default, 'torch' for ImageNet), ``views`` (default 1), ``pad_mode`` ('zero'
+    default, or 'reflect'; ImageNet's RandomResizedCrop does not pad). ``needs_every_class``: refuse (ValueError)
+    a subset that leaves a class without training samples. Dataset problems raise DatasetNotFoundError or
+    BadDatasetError; flags that do not fit the dataset raise ValueError. Every field must exist (a missing one
+    is an AttributeError, not a silent default); None means the default where stated.
     """
     name = args.dataset
     info = dataset_info(name)
@@ -344,7 +448,7 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1) -> Loaders:
         raise ValueError("ImageNet does not fit in device memory as decoded images; use --loader torch")
     batch_size = args.batch_size
     eval_batch_size = args.eval_batch_size or 2 * batch_size
-    views, seed, workers = args.views, args.seed, args.workers
+    views, seed, workers, pad_mode = args.views, args.seed, args.workers, args.pad_mode
 
     train_set, test_set = _load_once(name, args.data, bool(args.download), rank, world_size)
     imagefolder = name == "imagenet"
@@ -353,11 +457,13 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1) -> Loaders:
     train_idx, val_idx = torch.arange(len(labels)), None
     if args.val_split:
         train_idx, val_idx = stratified_split(labels, args.val_split, seed)
-    subset = args.subset
-    if subset:
-        if subset > len(train_idx):
-            raise ValueError(f"--subset {subset} exceeds the {len(train_idx)} available training samples")
-        train_idx = train_idx[:subset]
+    pool = train_idx
+    train_idx, subset = _subset(labels, pool, args.subset, seed, _SUBSET, "--subset",
+                                "available training")
+    test_idx, eval_subset = _subset(test_labels, torch.arange(len(test_labels)), args.eval_subset,
+                                    seed, _EVAL_SUBSET, "--eval-subset", "test")
+    if needs_every_class:
+        _check_every_class(labels, pool, train_idx, info.num_classes, args.subset)
 
     def make(split, split_labels, idx: torch.Tensor, train: bool):
         common = dict(train=train, seed=seed, rank=rank, world_size=world_size, views=views if train else 1)
@@ -365,12 +471,12 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1) -> Loaders:
         if kind == "device":
             whole = len(idx) == len(split_labels)  # skip a copy of the whole set
             sub = split if whole else ArraySplit(split.images[idx], split_labels[idx])
-            return DeviceLoader(sub, info, bs, device, **common)
+            return DeviceLoader(sub, info, bs, device, pad_mode=pad_mode, **common)
         if imagefolder:
             from .imagenet import test_transform, train_transform
             source, transform = split, (train_transform() if train else test_transform())
         else:
-            source, transform = ArraySource(split), array_transforms(info, train)
+            source, transform = ArraySource(split), array_transforms(info, train, pad_mode)
         return TorchLoader(source, idx, split_labels[idx], transform, bs, device, workers=workers, **common)
 
     train = make(train_set, labels, train_idx, True)
@@ -378,4 +484,7 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1) -> Loaders:
         raise ValueError(f"{len(train_idx)} training samples over {world_size} process(es) give no full "
                          f"batch of {batch_size}; lower --batch-size")
     val = make(train_set, labels, val_idx, False) if val_idx is not None else None
-    return Loaders(train, val, make(test_set, test_labels, torch.arange(len(test_labels)), False), info, len(train_idx))
+    record = _describe(info, {"train": len(labels), "test": len(test_labels)},
+                       {"train": len(train_idx), "val": 0 if val_idx is None else len(val_idx), "test": len(test_idx)},
+                       {"subset": subset, "eval_subset": eval_subset}, rank)
+    return Loaders(train, val, make(test_set, test_labels, test_idx, False), info, len(train_idx), record)

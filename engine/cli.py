@@ -16,9 +16,15 @@ RECIPES: dict[str, dict] = {
     # OKDDip / PCL papers: step decay x0.1 at 150 and 225.
     "okddip": dict(epochs=300, batch_size=128, lr=0.1, lr_schedule="multistep", milestones=[150, 225],
                    weight_decay=5e-4, momentum=0.9, nesterov=True),
-    # FFL / DCCL / CMFF: step decay at 150 and 225, weight decay 2e-4.
+    # FFL code (Jangho-Kim/FFL-pytorch train_FFL.py): step decay at 150 and 225, weight decay 1e-4.
     "ffl": dict(epochs=300, batch_size=128, lr=0.1, lr_schedule="multistep", milestones=[150, 225],
-                weight_decay=2e-4, momentum=0.9, nesterov=True),
+                weight_decay=1e-4, momentum=0.9, nesterov=True),
+    # DCCL code (nanxiaotong/DCCL train_rn32.py), which CMFF's code keeps: as FFL's with weight decay 2e-4.
+    "dccl": dict(epochs=300, batch_size=128, lr=0.1, lr_schedule="multistep", milestones=[150, 225],
+                 weight_decay=2e-4, momentum=0.9, nesterov=True),
+    # DCCL's WRN script (train_wrn.py): 400 epochs, step decay at 50, 150, 225 and 300, weight decay 2e-4.
+    "dccl-wrn": dict(epochs=400, batch_size=128, lr=0.1, lr_schedule="multistep", milestones=[50, 150, 225, 300],
+                     weight_decay=2e-4, momentum=0.9, nesterov=True),
     # ONE's own run scripts: plain momentum (no Nesterov), weight decay 1e-4, step decay at 150 and 225.
     "one": dict(epochs=300, batch_size=128, lr=0.1, lr_schedule="multistep", milestones=[150, 225],
                 weight_decay=1e-4, momentum=0.9, nesterov=False),
@@ -65,7 +71,12 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None) -> argpa
     g.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
     g.add_argument("--num-classes", type=int, default=None, help="inferred from the dataset; a check if given")
     g.add_argument("--subset", type=_positive_int, default=None, metavar="N",
-                   help="train on the first N training samples (quick checks)")
+                   help="train on N training samples, a seeded stratified random subset (quick checks)")
+    g.add_argument("--eval-subset", type=_positive_int, default=None, metavar="N",
+                   help="test on N test samples, a seeded stratified random subset (quick checks)")
+    g.add_argument("--pad-mode", choices=("zero", "reflect"), default="zero",
+                   help="padding of the training RandomCrop: zeros (torchvision's default), or the border "
+                        "reflected as FFL/DCCL/CMFF's Pad(4, reflect) (their presets' default)")
     g.add_argument("--val-split", type=int, default=0, metavar="N",
                    help="hold out N training samples (stratified, seeded) to select `best`; "
                         "the test set is then only reported")

@@ -162,6 +162,7 @@ class Method:
     presets: dict = {}                  # name -> defaults of the method's flags (a published variant); first = default
     state_keys: tuple = ()             # attributes (nn.Modules outside the model, e.g. memory banks) checkpointed too
     groupable_peers: bool = True        # False when the method reaches into the peers' layers (--grouped-peers)
+    needs_every_class: bool = False     # True: the loss needs training samples of every class (a --subset leaving one out is refused)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -379,6 +379,7 @@ def results(trainer, status: str) -> dict:
         "train_time_s": h.train_seconds,
         "train_images_per_s": h.train_samples / max(h.train_seconds, 1e-9),
         "world_size": trainer.dist.world_size,
+        "data": trainer.loaders.record,
         "git_commit": trainer.provenance["git_commit"], "versions": trainer.provenance["versions"],
         "command": trainer.command,
         "processes": trainer.processes,

@@ -214,7 +214,7 @@ def as_trained(method_cls, args, argv: Sequence[str], ckpt: dict) -> argparse.Na
         raise UserError(f"{path} is a {ckpt['method']} checkpoint; evaluate it with train_{ckpt['method']}.py")
     given = run_dir.given_options(method_cls, argv)
     saved = run_dir.training_options(ckpt["args"])
-    free = run_dir.NOT_TRAINING | run_dir.SPEED | run_dir.BUNDLES | {"amp", "loader"}
+    free = run_dir.NOT_TRAINING | run_dir.SPEED | run_dir.BUNDLES | {"amp", "loader", "eval_subset"}
     wrong = [(k, saved[k], given[k]) for k in given if k in saved and k not in free and given[k] != saved[k]]
     if wrong:
         raise UserError(f"--eval-only evaluates {path} as trained: " + "; ".join(

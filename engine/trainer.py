@@ -67,7 +67,8 @@ class Trainer:
         self.is_main = self.dist.is_main
         seed_everything(args.seed)
         try:
-            self.loaders = build_loaders(args, self.device, self.dist.rank, self.dist.world_size)
+            self.loaders = build_loaders(args, self.device, self.dist.rank, self.dist.world_size,
+                                         needs_every_class=method_cls.needs_every_class)
         except ValueError as e:  # a data flag that does not fit the dataset (--val-split, --subset, --loader)
             raise UserError(str(e)) from None
         info = self.loaders.info
@@ -344,12 +345,12 @@ def train(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> dic
 def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point: errors that are the user's to fix print as one line, not a traceback.
     SIGTERM (what SLURM and Kubernetes send before a kill) stops the run as Ctrl-C does."""
-    from data import DatasetNotFoundError
+    from data import DatasetError
     from models import UnknownModelError
     previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         train(method_cls, argv)
-    except (UserError, DatasetNotFoundError, UnknownModelError) as e:
+    except (UserError, DatasetError, UnknownModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:

@@ -15,20 +15,50 @@ Usage::
         --labels ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt --dry-run
 
 ``--dry-run`` prints what would move and changes nothing. Images already in class folders are left alone,
-so the script can be re-run after an interruption.
+so the script can be re-run after an interruption. The label file is checked before anything moves: a
+malformed row (a file cut short) or a wnid with no class folder in the sibling ``train/`` stops the script
+with one line; flat images without a label are counted and left in place (exit status 1).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from pathlib import Path
 
 
+WNID = re.compile(r"n\d{8}")
+
+
 def labels_from_csv(path: Path) -> dict[str, str]:
-    """{image stem: wnid} from LOC_val_solution.csv."""
+    """{image stem: wnid} from LOC_val_solution.csv; a malformed row (a file cut short, a wrong column)
+    stops the script with one line naming the file and the line."""
+    labels = {}
     with open(path, newline="") as f:
-        return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+            sys.exit(f"error: {path} has no 'ImageId,PredictionString' header: is it LOC_val_solution.csv?")
+        for row in reader:
+            words = (row.get("PredictionString") or "").split()
+            if not row.get("ImageId") or not words or not WNID.fullmatch(words[0]):
+                sys.exit(f"error: {path} line {reader.line_num} is malformed ({','.join(map(str, row.values()))[:80]!r}): "
+                         "expected ImageId,<wnid> <box> ...; the file may be cut short: download it again")
+            if row["ImageId"] in labels:
+                sys.exit(f"error: {path} line {reader.line_num} labels {row['ImageId']} a second time")
+            labels[row["ImageId"]] = words[0]
+    return labels
+
+
+def check_known(labels: dict[str, str], train_dir: Path, source: Path) -> None:
+    """Every wnid must be a class folder of ``train_dir`` (when it exists): else one line and exit."""
+    if not train_dir.is_dir():
+        return
+    known = {p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    unknown = sorted({w for w in labels.values() if w not in known})
+    if unknown:
+        sys.exit(f"error: {source} names {len(unknown)} wnid(s) with no class folder in {train_dir}: "
+                 f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; nothing was moved")
 
 
 def labels_from_devkit(ground_truth: Path, meta: Path) -> dict[str, str]:
@@ -44,9 +74,10 @@ def labels_from_devkit(ground_truth: Path, meta: Path) -> dict[str, str]:
 
 
 def plan_moves(val_dir: Path, labels: dict[str, str]) -> tuple[list[tuple[Path, Path]], list[Path]]:
-    """(moves as (source, destination), flat images with no label)."""
+    """(moves as (source, destination), flat images with no label); hidden files (``._x.JPEG``) are skipped."""
     moves, unlabelled = [], []
-    for image in sorted(p for p in val_dir.iterdir() if p.is_file() and p.suffix.lower() in (".jpeg", ".jpg", ".png")):
+    for image in sorted(p for p in val_dir.iterdir()
+                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (".jpeg", ".jpg", ".png")):
         wnid = labels.get(image.stem)
         if wnid is None:
             unlabelled.append(image)
@@ -68,6 +99,7 @@ def main(argv=None) -> int:
         labels = labels_from_csv(args.labels)
     else:
         labels = labels_from_devkit(args.labels, args.meta or args.labels.parent / "meta.mat")
+    check_known(labels, args.val_dir.parent / "train", args.labels)
     moves, unlabelled = plan_moves(args.val_dir, labels)
     classes = sorted({dst.parent.name for _, dst in moves})
     print(f"{len(moves)} images into {len(classes)} class folders under {args.val_dir}"

@@ -310,7 +310,7 @@ def test_short_run_end_to_end(tmp_path):
                                   "--epochs", "2", "--fusion-grid", "2", "--lr-schedule", "multistep",
                                   "--milestones", "1", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["status"] == "finished" and saved["recipe"]["name"] == "ffl"
+    assert saved["status"] == "finished" and saved["recipe"]["name"] == "dccl"
     for split in ("best", "last"):
         for head in ("peer1", "peer2", "ensemble", "fused"):
             for k in ("top1", "top5"):

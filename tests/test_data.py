@@ -3,8 +3,6 @@ against torchvision's, splits, determinism, sharding, views and subsets. CPU onl
 from __future__ import annotations
 
 import argparse
-import gzip
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torchvision import transforms
 
 from data import (DATASET_NAMES, DatasetInfo, DatasetNotFoundError, DeviceLoader, build_loaders, dataset_info,
                   load_dataset, stratified_split)
 from data.common import ArraySplit
 from data.fashion_mnist import read_idx
-from data.loaders import crop_flip
+from data.loaders import array_transforms, crop_flip
+from datasets_on_disk import (TINY_VAL, colour, idx_bytes, write_cifar10, write_cifar100, write_fashion_mnist,
+                              write_imagenet, write_tinyimagenet)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,40 +42,6 @@ def _isolated_and_single_threaded(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- generated on-disk datasets
-
-def _cifar_rows(values: list[int]) -> np.ndarray:
-    """One row per image in CIFAR's layout (1024 R, 1024 G, 1024 B); image k is constant v, v+1, v+2."""
-    return np.stack([np.repeat(np.array([v, v + 1, v + 2], np.uint8), 1024) for v in values])
-
-
-def write_cifar10(root: Path, per_batch: int = 4, n_test: int = 6) -> Path:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    v = 1
-    for b in range(1, 6):
-        values = list(range(v, v + 3 * per_batch, 3))
-        v += 3 * per_batch
-        entry = {"batch_label": f"batch {b}", "data": _cifar_rows(values),
-                 "labels": [(x // 3) % 10 for x in values], "filenames": [f"{x}.png" for x in values]}
-        (folder / f"data_batch_{b}").write_bytes(pickle.dumps(entry))
-    test_values = list(range(200, 200 + 3 * n_test, 3))
-    (folder / "test_batch").write_bytes(pickle.dumps(
-        {"batch_label": "test", "data": _cifar_rows(test_values), "labels": [x % 10 for x in test_values]}))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
-    return folder
-
-
-def write_cifar100(root: Path, n_train: int = 8, n_test: int = 4) -> Path:
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    for name, n, start in (("train", n_train, 1), ("test", n_test, 100)):
-        values = list(range(start, start + 3 * n, 3))
-        (folder / name).write_bytes(pickle.dumps({"data": _cifar_rows(values), "fine_labels": [x % 100 for x in values],
-                                                  "coarse_labels": [x % 20 for x in values]}))
-    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"f{i}" for i in range(100)],
-                                                "coarse_label_names": [f"c{i}" for i in range(20)]}))
-    return folder
-
 
 def test_cifar10_pickles_parse_through_torchvision(tmp_path):
     write_cifar10(tmp_path)
@@ -119,7 +84,7 @@ def test_download_flag_fetches_into_the_dataset_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
     monkeypatch.setenv("OKD_DATASETS", str(tmp_path))
     assert len(load_dataset("cifar100", download=True)[0].labels) == 8
-    assert len(load_dataset("tinyimagenet", download=True)[1].labels) == 4
+    assert len(load_dataset("tinyimagenet", download=True)[1].labels) == len(TINY_VAL)
     assert [(Path(u).name, r, bool(m)) for u, r, m in calls] == [
         ("cifar-100-python.tar.gz", tmp_path / "cifar100", True),
         ("tiny-imagenet-200.zip", tmp_path / "tinyimagenet", True)]
@@ -143,41 +108,22 @@ def test_missing_dataset_names_paths_and_fix(tmp_path):
 
 # --- TinyImageNet
 
-WNIDS = ["n03", "n01", "n02"]  # deliberately unsorted, as the official wnids.txt
-
-
-def write_tinyimagenet(root: Path) -> Path:
-    """3 classes x 2 train images; 4 val images labelled only by val_annotations.txt."""
-    root = root / "tiny-imagenet-200"
-    (root / "val" / "images").mkdir(parents=True)
-    (root / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
-    colours = {"n01": (250, 0, 0), "n02": (0, 250, 0), "n03": (0, 0, 250)}
-    for w in WNIDS:
-        (root / "train" / w / "images").mkdir(parents=True)
-        for k in range(2):
-            Image.new("RGB", (64, 64), colours[w]).save(root / "train" / w / "images" / f"{w}_{k}.JPEG")
-    val = [("val_0.JPEG", "n02"), ("val_1.JPEG", "n03"), ("val_2.JPEG", "n02"), ("val_3.JPEG", "n01")]
-    for name, w in val:
-        Image.new("RGB", (64, 64), colours[w]).save(root / "val" / "images" / name)
-    Image.new("L", (64, 64), 128).save(root / "val" / "images" / "val_3.JPEG")   # a greyscale one, as in the real set
-    (root / "val" / "val_annotations.txt").write_text(
-        "".join(f"{name}\t{w}\t0\t0\t63\t63\n" for name, w in val))
-    return root
-
-
 def test_tinyimagenet_val_labels_come_from_annotations_and_are_cached(tmp_path):
-    root = write_tinyimagenet(tmp_path)
+    root = write_tinyimagenet(tmp_path, per_class=2)
     train, test = load_dataset("tinyimagenet", tmp_path)                          # parent of tiny-imagenet-200
-    assert train.images.shape == (6, 3, 64, 64) and test.images.shape == (4, 3, 64, 64)
-    assert train.labels.tolist() == [0, 0, 1, 1, 2, 2]                           # sorted wnids n01, n02, n03
-    assert test.labels.tolist() == [1, 2, 1, 0]                                  # from val_annotations.txt
-    assert int(train.images[0, 0].float().mean()) > 240 and int(train.images[0, 1].float().mean()) < 10
+    assert train.images.shape == (400, 3, 64, 64) and test.images.shape == (4, 3, 64, 64)
+    assert train.labels.tolist() == [c for c in range(200) for _ in range(2)]    # sorted wnids
+    assert test.labels.tolist() == [c for _, c in TINY_VAL]                      # from val_annotations.txt
+    for k in (0, 1, 399):
+        expected = torch.tensor(colour(int(train.labels[k]))).float()
+        assert (train.images[k].float().mean((1, 2)) - expected).abs().max() < 4  # 8x8 resized to 64x64
     assert torch.all((test.images[3].float() - 128).abs() <= 2)                  # grey -> 3 equal channels
     assert (root / "okd_uint8_cache.pt").is_file()
-    for jpeg in root.rglob("*.JPEG"):
-        jpeg.unlink()
+    cache = torch.load(root / "okd_uint8_cache.pt", weights_only=True)
+    cache["train"] = (cache["train"][0] + 1, cache["train"][1])                  # marks a cache hit
+    torch.save(cache, root / "okd_uint8_cache.pt")
     train2, test2 = load_dataset("tinyimagenet", root)                           # served from the cache
-    assert torch.equal(train2.images, train.images) and torch.equal(test2.labels, test.labels)
+    assert torch.equal(train2.images, train.images + 1) and torch.equal(test2.labels, test.labels)
 
 
 def test_tinyimagenet_read_only_folder_still_loads(tmp_path, monkeypatch):
@@ -189,25 +135,10 @@ def test_tinyimagenet_read_only_folder_still_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(tiny.tempfile, "mkstemp", refuse)
     with pytest.warns(UserWarning, match="could not write"):
         train, _ = load_dataset("tinyimagenet", tmp_path)
-    assert len(train.labels) == 6 and not (tmp_path / "tiny-imagenet-200" / tiny.CACHE).exists()
+    assert len(train.labels) == 200 and not (tmp_path / "tiny-imagenet-200" / tiny.CACHE).exists()
 
 
 # --- Fashion-MNIST
-
-def _idx(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_fashion_mnist(folder: Path, compress: bool, n_train: int = 5, n_test: int = 3) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        for kind, array in (("images-idx3", rng.integers(1, 256, (n, 28, 28))), ("labels-idx1", np.arange(n) % 10)):
-            blob = _idx(array)
-            name = f"{prefix}-{kind}-ubyte"
-            (folder / (name + ".gz" if compress else name)).write_bytes(gzip.compress(blob) if compress else blob)
-
 
 @pytest.mark.parametrize("compress", [True, False])
 def test_fashion_mnist_idx_padded_and_replicated(tmp_path, compress):
@@ -225,7 +156,7 @@ def test_idx_parser_rejects_bad_files(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01" + (3).to_bytes(4, "big") + b"abc")   # float type code
     with pytest.raises(ValueError, match="not an IDX file"):
         read_idx(tmp_path / "bad")
-    (tmp_path / "short").write_bytes(_idx(np.zeros((2, 28, 28)))[:-5])
+    (tmp_path / "short").write_bytes(idx_bytes(np.zeros((2, 28, 28)))[:-5])
     with pytest.raises(ValueError, match="header says shape"):
         read_idx(tmp_path / "short")
 
@@ -244,43 +175,38 @@ def test_real_fashion_mnist_from_debian():
 
 # --- ImageNet
 
-def _image(path: Path, colour=(10, 20, 30)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (40, 30), colour).save(path)
-
-
 def test_imagenet_flat_val_tells_how_to_fix(tmp_path):
-    _image(tmp_path / "train" / "n01" / "a.JPEG")
-    _image(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG")
+    write_imagenet(tmp_path, flat_val=True)
     with pytest.raises(DatasetNotFoundError, match="prepare_imagenet_val.py") as err:
         load_dataset("imagenet", tmp_path)
     assert str(tmp_path / "val") in str(err.value) and "--labels" in str(err.value)
 
 
 def test_prepare_imagenet_val_then_imagefolder_loaders(tmp_path):
-    for w in ("n01", "n02"):
-        for k in range(2):
-            _image(tmp_path / "train" / w / f"{w}_{k}.JPEG")
-    rows = {"ILSVRC2012_val_00000001": "n02", "ILSVRC2012_val_00000002": "n01", "ILSVRC2012_val_00000003": "n02"}
-    for stem in rows:
-        _image(tmp_path / "val" / f"{stem}.JPEG")
+    write_imagenet(tmp_path, flat_val=True)
+    rows = {f"ILSVRC2012_val_{k + 1:08d}": f"n{k:08d}" for k in range(1000)}
     csv = tmp_path / "LOC_val_solution.csv"
     csv.write_text("ImageId,PredictionString\n" + "".join(f"{k},{w} 1 2 3 4 {w} 5 6 7 8\n" for k, w in rows.items()))
     script = [sys.executable, str(REPO / "scripts" / "prepare_imagenet_val.py"), "--val-dir", str(tmp_path / "val"),
               "--labels", str(csv)]
     subprocess.run(script + ["--dry-run"], check=True, capture_output=True)
-    assert len(list((tmp_path / "val").glob("*.JPEG"))) == 3                     # dry run moved nothing
+    assert len(list((tmp_path / "val").glob("*.JPEG"))) == 1000                  # dry run moved nothing
     subprocess.run(script, check=True, capture_output=True)
-    assert (tmp_path / "val" / "n02" / "ILSVRC2012_val_00000003.JPEG").is_file()
+    assert (tmp_path / "val" / "n00000002" / "ILSVRC2012_val_00000003.JPEG").is_file()
 
     with pytest.raises(ValueError, match="--loader torch"):
         build_loaders(make_args(dataset="imagenet", data=str(tmp_path), loader="device"), "cpu")
-    loaders = build_loaders(make_args(dataset="imagenet", data=str(tmp_path), batch_size=2), "cpu")
+    loaders = build_loaders(make_args(dataset="imagenet", data=str(tmp_path), batch_size=2, eval_subset=3), "cpu")
     batch = next(iter(loaders.train))
     assert batch.images.shape == (2, 3, 224, 224) and loaders.info.crop_padding == 0
     test = [b for b in loaders.test]
-    assert torch.cat([b.labels for b in test]).tolist() == [0, 1, 1]              # n01: val_2; n02: val_1, val_3
     assert loaders.test.num_samples == 3
+    for b in test:                                                                # colour = class
+        mean = torch.tensor(loaders.info.mean).view(3, 1, 1)
+        std = torch.tensor(loaders.info.std).view(3, 1, 1)
+        rgb = ((b.images * std + mean) * 255).mean((2, 3))
+        expected = torch.tensor([colour(int(y)) for y in b.labels]).float()
+        assert (rgb - expected).abs().max() < 4
 
 
 def test_prepare_imagenet_val_devkit_labels(tmp_path, monkeypatch):
@@ -320,10 +246,10 @@ def _outcome(out: torch.Tensor) -> torch.Tensor:
     return dy * 18 + dx * 2 + flip
 
 
-def _templates(image: torch.Tensor) -> torch.Tensor:
+def _templates(image: torch.Tensor, pad_mode: str = "zero") -> torch.Tensor:
     """All 162 outputs, by torchvision's functional ops, indexed like :func:`_outcome`."""
     import torchvision.transforms.functional as TF
-    padded = TF.pad(image, 4)
+    padded = TF.pad(image, 4, padding_mode="constant" if pad_mode == "zero" else pad_mode)
     outs = []
     for dy in range(9):
         for dx in range(9):
@@ -338,18 +264,23 @@ def _chi_square_uniform(codes: torch.Tensor, k: int = 162) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-def test_device_crop_flip_matches_torchvision_distribution():
+@pytest.mark.parametrize("pad_mode", ["zero", "reflect"])
+def test_device_crop_flip_matches_torchvision_distribution(pad_mode):
     image, n = _coordinate_image(), 16200
     info = DatasetInfo("coords", 10, 32, (0.0, 0.0, 0.0), (1 / 255,) * 3, 4)      # normalisation = identity on 0..255
     loader = DeviceLoader(ArraySplit(image.expand(n, -1, -1, -1).contiguous(), torch.zeros(n, dtype=torch.long)),
-                          info, n, "cpu", train=True, seed=3)
+                          info, n, "cpu", train=True, seed=3, pad_mode=pad_mode)
     out = next(iter(loader)).images.round().to(torch.uint8)
     device_codes = _outcome(out)
-    assert torch.equal(out, _templates(image)[device_codes])                    # pixel-exact, zero padding included
+    assert torch.equal(out, _templates(image, pad_mode)[device_codes])          # pixel-exact, padding included
+    assert (out == 0).all(1).any() == (pad_mode == "zero")                     # zero pixels only from zero padding
 
     torch.manual_seed(0)
-    tv = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()])
+    tv = transforms.Compose([transforms.RandomCrop(32, padding=4, padding_mode="constant" if pad_mode == "zero"
+                                                   else pad_mode), transforms.RandomHorizontalFlip()])
     tv_codes = _outcome(torch.stack([tv(image) for _ in range(n)]))
+    torch_out = torch.stack([array_transforms(info, True, pad_mode)(image) for _ in range(300)]).round().to(torch.uint8)
+    assert torch.equal(torch_out, _templates(image, pad_mode)[_outcome(torch_out)])  # the torch loader's padding
 
     assert set(device_codes.tolist()) == set(tv_codes.tolist()) == set(range(162))
     # chi-square with 161 degrees of freedom: mean 161, sd 18; 161 + 5 sd is a loose, never-flaky bound
@@ -362,8 +293,21 @@ def test_device_crop_flip_matches_torchvision_distribution():
 def test_crop_flip_without_padding_is_identity_or_mirror():
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     zero = torch.zeros(4, dtype=torch.long)
-    assert torch.equal(crop_flip(x, zero, zero, torch.zeros(4, dtype=torch.bool), 0), x)
-    assert torch.equal(crop_flip(x, zero, zero, torch.ones(4, dtype=torch.bool), 0), x.flip(-1))
+    for mode in ("zero", "reflect"):
+        assert torch.equal(crop_flip(x, zero, zero, torch.zeros(4, dtype=torch.bool), 0, mode), x)
+        assert torch.equal(crop_flip(x, zero, zero, torch.ones(4, dtype=torch.bool), 0, mode), x.flip(-1))
+
+
+def test_reflect_crop_equals_torch_reflect_pad_then_crop():
+    x = torch.randint(0, 256, (5, 3, 6, 7), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(1)
+    dy, dx, flip = torch.randint(0, 9, (5,), generator=g), torch.randint(0, 9, (5,), generator=g), torch.rand(5, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x.float(), (4,) * 4, mode="reflect")
+    want = torch.stack([padded[i, :, dy[i]:dy[i] + 6, dx[i]:dx[i] + 7] for i in range(5)])
+    want = torch.where(flip[:, None, None, None], want.flip(-1), want).to(torch.uint8)
+    assert torch.equal(crop_flip(x, dy, dx, flip, 4, "reflect"), want)
+    with pytest.raises(ValueError, match="pad_mode"):
+        crop_flip(x, dy, dx, flip, 4, "edge")
 
 
 def test_normalisation_matches_torchvision():

@@ -133,7 +133,7 @@ def test_recipe_and_preset_defaults():
     a = parse_args(train_dml.DML, [])
     assert (a.epochs, a.batch_size, a.lr, a.lr_schedule, a.weight_decay, a.nesterov) == (300, 128, 0.1, "cosine", 5e-4, True)
     assert (a.topology, a.num_peers, a.kd_T) == ("independent", 2, 1.0)
-    a = parse_args(train_dml.DML, ["--recipe", "ffl", "--preset", "mcl-okd", "--kd-T", "4"])
+    a = parse_args(train_dml.DML, ["--recipe", "dccl", "--preset", "mcl-okd", "--kd-T", "4"])
     assert (a.lr_schedule, a.milestones, a.weight_decay) == ("multistep", [150, 225], 2e-4)
     assert (a.topology, a.num_peers, a.kd_T) == ("shared", 4, 4.0)
 
