@@ -2,9 +2,10 @@
 
     python train_baseline.py --arch resnet32 --gpu 0
 """
+from engine import Method, main  # first: --help without torch (engine/fast_help.py)
+
 import torch.nn.functional as F
 
-from engine import Method, main
 from models import create_model
 
 

@@ -11,10 +11,11 @@ others' mean.
 """
 import math
 
+from engine import Method, main  # first: --help without torch (engine/fast_help.py)
+
 import torch
 import torch.nn.functional as F
 
-from engine import Method, main
 from losses.peer_targets import kd_towards, mean_of_others
 from models.peers import Peers
 

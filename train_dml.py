@@ -6,10 +6,12 @@ every other peer.
     python train_dml.py --arch resnet32 --gpu 0                      # the paper: 2 independent peers, T=1
     python train_dml.py --arch resnet32 --gpu 0 --preset mcl-okd     # MCL-OKD repository: 4 branches, shared trunk, T=2
 """
-from engine import Method, main
+from engine import Method, main  # first: --help without torch (engine/fast_help.py)
+
+import torch.nn.functional as F
+
 from losses.peer_targets import mutual_kd
 from models.peers import Peers
-import torch.nn.functional as F
 
 
 class DML(Method):
@@ -26,7 +28,8 @@ class DML(Method):
     def add_arguments(cls, parser):
         parser.add_argument("--kd-T", type=float, help="distillation temperature T")
         parser.add_argument("--topology", choices=("independent", "shared"),
-                            help="independent networks, or a shared low-level trunk (split of spec 4.6)")
+                            help="independent networks, or a shared trunk of all but the last two stages (the "
+                                 "MCL-OKD repository's DML models)")
 
     def build(self, args, num_classes):
         split = "dml" if args.topology == "shared" else None

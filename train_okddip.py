@@ -18,11 +18,12 @@ initial values); --detach-targets peers: no gradient into the peers through the 
 """
 from typing import NamedTuple
 
+from engine import Method, main, peer_heads  # first: --help without torch (engine/fast_help.py)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, main, peer_heads
 from losses import sigmoid_rampup
 from losses.peer_targets import kd_towards
 from models.peers import Peers

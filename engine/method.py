@@ -193,6 +193,12 @@ class Method:
         return (cls.__doc__ or cls.name).strip()
 
     @classmethod
+    def preset_values(cls, preset: str, arch: str) -> dict:
+        """The defaults preset ``preset`` sets for backbone ``arch`` (override where a published variant
+        differs per backbone). Default: ``cls.presets[preset]``."""
+        return cls.presets[preset]
+
+    @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
         """Raise engine.UserError for flags that conflict (beyond what argparse checks), and fill in the
         defaults of the method's flags that depend on others (``args.nce_k = ...``): it runs on the parsed
@@ -268,3 +274,20 @@ class Method:
         for key, module in self.extra_modules().items():
             module.load_state_dict(state[key])
 
+
+def load_method(name: str) -> type[Method]:
+    """The Method class of ``train_<name>.py`` (the repository root must be on ``sys.path``)."""
+    import importlib
+
+    from .errors import UserError
+    try:
+        module = importlib.import_module(f"train_{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"train_{name}":
+            raise
+        raise UserError(f"no train_{name}.py: the methods are the train_<method>.py scripts") from None
+    classes = [c for c in vars(module).values()
+               if isinstance(c, type) and issubclass(c, Method) and c is not Method and c.__module__ == module.__name__]
+    if len(classes) != 1:
+        raise UserError(f"train_{name}.py does not define exactly one Method")
+    return classes[0]

@@ -24,6 +24,12 @@ from .distributed import all_reduce_sum
 from .errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def runs_root() -> Path:
+    """Where run directories go without --out: ``$OKD_RUNS`` if set, else ``./runs`` in the current directory
+    (the same rule as the datasets' ``$OKD_DATASETS`` / ``./datasets``)."""
+    return Path(os.environ.get("OKD_RUNS") or "runs")
 # Arguments that fix what a checkpoint holds, with their value in checkpoints that predate them: a resumed
 # run must agree on them. (--grouped-peers does not: checkpoints hold the plain layout either way.)
 RESUME_KEYS = {"arch": None, "dataset": None, "num_peers": None, "subset": None, "val_split": 0}
@@ -367,7 +373,7 @@ def results(trainer, status: str) -> dict:
         "method": trainer.method_cls.name, "arch": a.arch, "dataset": a.dataset, "run_id": trainer.run_id,
         "epochs_done": len(h.records), "epochs": a.epochs,
         "recipe": {"name": a.recipe, **{k: getattr(a, k) for k in RECIPE_KEYS},
-                   "same_as_recipe": all(getattr(a, k) == RECIPES[a.recipe][k] for k in RECIPE_KEYS)},
+                   "same_as_recipe": all(getattr(a, k) == RECIPES[a.recipe].get(k) for k in RECIPE_KEYS)},
         "selection": {"split": h.split, "metric": h.metric,
                       "note": "best = the epoch with the highest selection metric; its test metrics are "
                               "reported. max_over_epochs_test is what the official codes report when "

@@ -30,13 +30,13 @@ from .checkpoint import os_error_message
 from .errors import UserError
 
 # Options that cannot change what is trained: where the run lives and what this process does (--out,
-# --resume, --eval-only, --extend-epochs), the device index (--gpu; -1 = the CPU), DataLoader processes
+# --resume, --eval-only, --extend-epochs), the device index (--gpu; -1 = the CPU), CPU threads, DataLoader processes
 # (--workers: the augmentation of a sample does not depend on them, see data/loaders.py), the progress bar,
 # where the dataset is read from (--data, --download: the dataset is --dataset), a check (--num-classes), and
 # the evaluation batch (--eval-batch-size: batch norm runs in eval mode, so a prediction does not depend on
 # the batch it is in).
-NOT_TRAINING = frozenset({"out", "resume", "eval_only", "extend_epochs", "gpu", "workers", "no_progress",
-                          "data", "download", "num_classes", "eval_batch_size"})
+NOT_TRAINING = frozenset({"out", "resume", "eval_only", "extend_epochs", "gpu", "workers", "threads",
+                          "no_progress", "data", "download", "num_classes", "eval_batch_size"})
 # Speed options: the same maths computed by other kernels (the rounding of floats may differ, the
 # experiment does not). A run keeps its directory when one is switched on, and may be resumed with another
 # (checkpoints hold the plain layout of --grouped-peers either way).
@@ -56,12 +56,14 @@ def flag(key: str) -> str:
 
 
 def training_options(args: Mapping) -> dict:
-    """The options of ``args`` (a dict of argument values) that can change what is trained. The multistep
-    ``--milestones`` are left out under the cosine schedule, which does not read them."""
+    """The options of ``args`` (a dict of argument values) that can change what is trained. ``--milestones``
+    and ``--sgdr-t0`` are left out under the schedules that do not read them."""
     skip = NOT_TRAINING | SPEED | BUNDLES | DERIVED
     options = {k: v for k, v in args.items() if k not in skip}
-    if options.get("lr_schedule") == "cosine":
+    if options.get("lr_schedule") != "multistep":
         options.pop("milestones", None)
+    if options.get("lr_schedule") != "sgdr":
+        options.pop("sgdr_t0", None)
     return options
 
 

@@ -63,8 +63,8 @@ def select_device(args) -> torch.device:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", args.gpu)))
     torch.cuda.set_device(device)   # streams, graphs and new tensors without a device go to this GPU
     torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    if args.tf32 is not None:     # unset: PyTorch's defaults (float32 matmuls, TF32 cuDNN convolutions)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     return device
 
 
@@ -110,9 +110,16 @@ def wrap(method, args, dist, device: torch.device) -> nn.Module:
 
 
 def lr_factor(epoch: int, args) -> float:
-    """Multiplier of the peak lr during 0-based ``epoch``: per-epoch cosine to 0, or x0.1 per milestone."""
+    """Multiplier of the peak lr during 0-based ``epoch``: per-epoch cosine to 0, x0.1 per milestone, or SGDR
+    (Loshchilov & Hutter, ICLR 2017) with cycles of T0, 2 T0, 4 T0, ... epochs (``--sgdr-t0``), each a cosine
+    from the peak to 0, as the MCL-OKD repository's ``adjust_lr`` computes it once per epoch."""
     if args.lr_schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    if args.lr_schedule == "sgdr":
+        start, length = 0, args.sgdr_t0 or args.epochs
+        while epoch >= start + length:          # the cycle holding this epoch
+            start, length = start + length, 2 * length
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - start) / length))
     return 0.1 ** sum(epoch >= m for m in args.milestones)
 
 
@@ -195,14 +202,14 @@ def default_run_name(method_cls, args, world_size: int = 1) -> str:
 
 def run_directory(method_cls, args, world_size: int) -> Path:
     """--out; else the directory of the checkpoint given to --resume or --eval-only; else runs/<name>."""
-    from .records import REPO
+    from .records import runs_root
     if args.out:
         return Path(args.out)
     if args.eval_only:
         return Path(args.eval_only).parent
     if args.resume and args.resume != "auto":
         return Path(args.resume).parent
-    return REPO / "runs" / default_run_name(method_cls, args, world_size)
+    return runs_root() / default_run_name(method_cls, args, world_size)
 
 
 def as_trained(method_cls, args, argv: Sequence[str], ckpt: dict) -> argparse.Namespace:

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 import uuid
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
@@ -60,6 +61,8 @@ class Trainer:
         check_args(args, method_cls)
         self.args = args = resolve(method_cls, args)   # read-only from here on
         model_entry(args.arch)  # unknown architecture: the listing error before anything heavy
+        if args.threads:
+            torch.set_num_threads(args.threads)
         self.device = select_device(args)
         self.dist: DistEnv = init_distributed(self.device.type == "cuda")
         if self.dist.enabled and self.device.type == "cuda":
@@ -92,7 +95,7 @@ class Trainer:
             from .cuda_graph import GraphedStep
             self.graphed = GraphedStep(self._step, list(self.optimizers.values()), self.device)
         self.best_head = args.best_metric or method_cls.best_metric
-        self.out = run_directory(method_cls, args, self.dist.world_size)
+        self.out = run_directory(method_cls, args, self.dist.world_size).absolute()
         self.start_epoch = 0
         self.history = records.History("val" if self.loaders.val is not None else "test", f"{self.best_head}/top1")
         self.report = Reporter(self.out, self.is_main, args.epochs, self.best_head)
@@ -162,7 +165,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         steps = 0
         bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{self.args.epochs}", leave=False,
-                   disable=self.args.no_progress or not self.is_main, dynamic_ncols=True)
+                   disable=self.args.no_progress or not self.is_main or not sys.stderr.isatty(), dynamic_ncols=True)
         start = time.perf_counter()
         for batch in bar:
             terms, total = self.train_step(batch, epoch)
@@ -342,11 +345,17 @@ def train(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> dic
         shutdown_distributed()
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` of the command line: ``warning: <message>``, without the source line."""
+    return f"warning: {message}\n"
+
+
 def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point: errors that are the user's to fix print as one line, not a traceback.
     SIGTERM (what SLURM and Kubernetes send before a kill) stops the run as Ctrl-C does."""
     from data import DatasetError
     from models import UnknownModelError
+    warnings.formatwarning = one_line_warning
     previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         train(method_cls, argv)

@@ -6,9 +6,9 @@
   and MCL-OKD). Trunk + one branch is exactly the single backbone.
 * ``tree``: the CL-ILR hierarchy. A trunk (``stages[:split]``) feeds ceil(N/2) groups (one stage
   each); each group feeds up to two branches (the remaining stages and the head). Where a tensor
-  feeds several consumers its gradient is divided by their number (ILR, spec mcl_okd.md 2.3).
+  feeds several consumers its gradient is divided by their number (ILR, Song & Chai, NeurIPS 2018).
 
-Split points (spec mcl_okd.md 4.6) are the same rule for every family, counted in stages:
+Split points (as winycg/MCL-OKD; docs/backbones.md) are the same rule for every family, counted in stages:
 ``"dml"`` (DML / MCL-OKD) shares all but the last two stages, ``"one"`` (ONE / OKDDip) all but the
 last stage; the CL-ILR tree uses the ``"dml"`` trunk, one group stage, then the last stage.
 """
