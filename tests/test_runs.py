@@ -350,6 +350,7 @@ def test_empty_or_bare_checkpoint_is_one_line(tmp_path, content, expected):
 
 
 def test_a_kill_between_last_and_best_is_repaired(tmp_path, monkeypatch, capsys):
+    import engine.records as records_module
     import engine.trainer as trainer_module
     calls = []
 
@@ -357,7 +358,7 @@ def test_a_kill_between_last_and_best_is_repaired(tmp_path, monkeypatch, capsys)
         calls.append(1)
         return {"net/top1": float(len(calls)), "net/top5": 100.0}
 
-    real_save = trainer_module.atomic_save
+    real_save = records_module.atomic_save
 
     def killed_after_last(obj, *paths):
         if obj["epoch"] == 2:
@@ -366,13 +367,13 @@ def test_a_kill_between_last_and_best_is_repaired(tmp_path, monkeypatch, capsys)
         real_save(obj, *paths)
 
     monkeypatch.setattr(trainer_module.Trainer, "evaluate", evaluate)
-    monkeypatch.setattr(trainer_module, "atomic_save", killed_after_last)
+    monkeypatch.setattr(records_module, "atomic_save", killed_after_last)
     args = TINY + ["--epochs", "2", "--out", str(tmp_path)]
     with pytest.raises(SystemExit):
         train(Baseline, args)
     assert load_checkpoint(tmp_path / "last.pt")["best"]["epoch"] == 2
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1             # stale
-    monkeypatch.setattr(trainer_module, "atomic_save", real_save)
+    monkeypatch.setattr(records_module, "atomic_save", real_save)
     train(Baseline, args + ["--resume", "auto"])
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
     assert "best.pt repaired" in capsys.readouterr().out
