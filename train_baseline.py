@@ -12,7 +12,6 @@ from models import create_model
 class Baseline(Method):
     """Baseline: a single network trained with cross-entropy (the reference every OKD method is compared to)."""
 
-    name = "baseline"
     num_peers = None
     best_metric = "net"
 

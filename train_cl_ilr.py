@@ -39,7 +39,6 @@ def cl_ilr_loss(logits, labels, T, mode="logits"):
 class CLILR(Method):
     """CL-ILR: a tree of heads sharing a trunk and groups (gradients rescaled), each distilled from the others."""
 
-    name = "cl_ilr"
     num_peers = 4
     min_peers = 2
 

@@ -176,7 +176,6 @@ class CMFF(Method):
     """CMFF: two peers, rotation self-supervision (peer 1), rotation contrast (peer 2), and a cross-attention
     fusion teacher, all distilling into each other."""
 
-    name = "cmff"
     recipe = "dccl"   # the protocol of the DCCL code, on which the CMFF code is built
     num_peers = 2
     min_peers = 2

@@ -18,7 +18,6 @@ from models.peers import Peers
 class DML(Method):
     """Deep Mutual Learning: peers trained together, each distilling from all the others."""
 
-    name = "dml"
     num_peers = 2
     min_peers = 2
     mixed_archs = True

@@ -67,7 +67,6 @@ class MCLOKD(Method):
     """MCL-OKD: shared-trunk branches, multi-view contrastive learning through memory banks, and
     distillation of the last branch from the ensemble (DOT)."""
 
-    name = "mcl_okd"
     recipe = "mcl-okd"
     num_peers = 4
     min_peers = 2

@@ -83,7 +83,6 @@ def okddip_loss(peers, leader, targets, leader_target, labels, T, weight):
 class OKDDip(Method):
     """OKDDip: peers distilled from attention-weighted peer mixes, and a group leader from the peer mean."""
 
-    name = "okddip"
     num_peers = 4         # N-1 = 3 peers + 1 leader
     min_peers = 3         # the attention needs at least two peers to mix
 

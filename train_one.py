@@ -64,7 +64,6 @@ def one_loss(logits, teacher, labels, T, weight=1.0):
 class ONE(Method):
     """ONE: branches on a shared trunk, distilled from their gated on-the-fly ensemble."""
 
-    name = "one"
     num_peers = 4
     min_peers = 2
     best_metric = "teacher"   # the official "Ens" of ONE is the gated teacher z_e

@@ -201,6 +201,10 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                         "it does not change the run directory")
     r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint; 'auto' = the run directory's last.pt")
+    r.add_argument("--extend-epochs", action="store_true",
+                   help="with --resume: train a run to a larger --epochs than it was started with. The lr "
+                        "schedule becomes the one of the new --epochs from the resumed epoch on (cosine: the lr "
+                        "rises to the new curve's value; multistep: the same milestones)")
     r.add_argument("--eval-only", default=None, metavar="CHECKPOINT",
                    help="evaluate a checkpoint on the test (and --val-split) set and exit")
     r.add_argument("--best-metric", default=None, metavar="HEAD",

@@ -46,12 +46,24 @@ graph per epoch and replays it for every batch; without ``--cuda-graph`` they ke
 Per epoch: ``on_epoch_start(epoch)`` before it, ``on_epoch_end(epoch, evaluator)`` after it (every rank,
 before the epoch's evaluation and checkpoint); ``evaluator.predict("val")`` gives every head's logits on
 the held-out ``--val-split`` set.
+
+**``name`` is the method's identity**: the default run directory ``runs/<name>-<arch>-...``, the ``method``
+of its checkpoints and results, and the script a checkpoint must be resumed or evaluated with
+(``train_<name>.py``). Left unset, it is the file name of the script that defines the class, without
+``train_`` (``train_dml.py`` -> ``dml``; a class defined in the script being run, ``python my_idea.py``,
+-> ``my_idea``); a subclass defined elsewhere (a test, a helper module) keeps its parent's. So a copy of
+``train_dml.py`` saved as ``train_dml_mykd.py`` is a new method, ``dml_mykd``: its runs and checkpoints
+never mix with DML's. Set ``name`` in the class only to say that a script trains the same method as
+another one (its checkpoints are interchangeable with that method's); leave it unset when you copy a
+script to try an idea.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -76,6 +88,19 @@ def peer_heads(logits: list[torch.Tensor], ensemble: bool = True) -> dict[str, t
     if ensemble and len(logits) > 1:
         heads["ensemble"] = torch.stack(logits).mean(0)
     return heads
+
+
+def script_method_name(module_name: str) -> Optional[str]:
+    """The method name a class defined in module ``module_name`` gets from its file: ``train_<x>.py`` -> x,
+    the script being run (``__main__``) -> its file name; None for any other module (a test, a library)."""
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if not path:
+        return None
+    stem = Path(path).stem
+    if stem.startswith("train_"):
+        return stem[len("train_"):]
+    return stem if module_name == "__main__" else None
 
 
 class StepContext:
@@ -126,7 +151,8 @@ class StepContext:
 class Method:
     """Base class of every method. Subclasses set the class attributes and implement ``build`` and ``loss``."""
 
-    name: str = "method"
+    name: str = "method"                # the method's identity; unset in a subclass: see the module docstring
+    script: Optional[str] = None        # the file of the train_*.py script (or __main__) that defines the method
     recipe: str = "okd"                 # default protocol (engine.cli.RECIPES)
     num_peers: Optional[int] = 2        # default --num-peers; None: a single network, no such flag
     min_peers: int = 1
@@ -138,6 +164,14 @@ class Method:
     groupable_peers: bool = True        # False when the method reaches into the peers' layers (--grouped-peers)
     mixed_archs: bool = False           # True: independent peers that may differ in architecture (--arch a,b)
     needs_every_class: bool = False     # True: the loss needs training samples of every class (a --subset leaving one out is refused)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        derived = script_method_name(cls.__module__)
+        if derived is not None:
+            cls.script = sys.modules[cls.__module__].__file__
+            if "name" not in cls.__dict__:
+                cls.name = derived
 
     def __init__(self, args: argparse.Namespace, num_classes: int, n_train: int, image_size: int = 32,
                  train_labels: Optional[torch.Tensor] = None):
