@@ -2,16 +2,16 @@
 
     python train_baseline.py --arch resnet32 --gpu 0
 """
+from engine import Method, main  # first: --help without torch (engine/fast_help.py)
+
 import torch.nn.functional as F
 
-from engine import Method, main
 from models import create_model
 
 
 class Baseline(Method):
     """Baseline: a single network trained with cross-entropy (the reference every OKD method is compared to)."""
 
-    name = "baseline"
     num_peers = None
     best_metric = "net"
 

@@ -11,10 +11,11 @@ others' mean.
 """
 import math
 
+from engine import Method, main  # first: --help without torch (engine/fast_help.py)
+
 import torch
 import torch.nn.functional as F
 
-from engine import Method, main
 from losses.peer_targets import kd_towards, mean_of_others
 from models.peers import Peers
 
@@ -38,7 +39,6 @@ def cl_ilr_loss(logits, labels, T, mode="logits"):
 class CLILR(Method):
     """CL-ILR: a tree of heads sharing a trunk and groups (gradients rescaled), each distilled from the others."""
 
-    name = "cl_ilr"
     num_peers = 4
     min_peers = 2
 

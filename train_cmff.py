@@ -18,17 +18,19 @@ The fusion module (not the cross-attention) has its own SGD, weight decay 1e-5.
     python train_cmff.py --arch resnet110 --gpu 0 --preset rn110        # the official ResNet-110 weights
     python train_cmff.py --arch resnet18 --dataset tinyimagenet --gpu 0 # real ResNet-18, official val split
     python train_cmff.py --arch resnet32 --gpu 0 --no-ssl --no-cross-attention   # ablation: FFL teacher + KL6
+    python train_cmff.py --arch resnet110 --gpu 0 --preset official     # exactly the official train_rn110.py
 """
 from __future__ import annotations
 
 import math
 from typing import NamedTuple, Optional
 
+from engine import Method, OptimGroup, UserError, main, peer_heads  # first: --help without torch (engine/fast_help.py)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, OptimGroup, UserError, main, peer_heads
 from losses import sigmoid_rampup
 from losses.peer_targets import mutual_kd
 from losses.rotation_ssl import ROTATIONS, rotate_batch, upright_contrast_loss
@@ -174,7 +176,6 @@ class CMFF(Method):
     """CMFF: two peers, rotation self-supervision (peer 1), rotation contrast (peer 2), and a cross-attention
     fusion teacher, all distilling into each other."""
 
-    name = "cmff"
     recipe = "dccl"   # the protocol of the DCCL code, on which the CMFF code is built
     num_peers = 2
     min_peers = 2
@@ -183,7 +184,23 @@ class CMFF(Method):
     presets = {   # the official data pipeline pads by reflection (utils.get_cifar100_dataloaders)
         "paper": dict(lambda_rot=1.0, lambda_sim=5.0, pad_mode="reflect"),   # train_rn32 / vgg / Densenet / tiny
         "rn110": dict(lambda_rot=3.0, lambda_sim=2.0, pad_mode="reflect"),   # train_rn110.py
+        # The official scripts as they run: the fusion module on (d, 1, 1) vectors, its lr never decayed, and
+        # their loops' epoch count (e = 0..E inclusive); per backbone in preset_values.
+        "official": dict(lambda_rot=1.0, lambda_sim=5.0, fusion_input="vector", no_fusion_decay=True, epochs=301,
+                         pad_mode="reflect"),
     }
+
+    @classmethod
+    def preset_values(cls, preset, arch):
+        """``official``: train_rn110.py's loss weights for resnet110, and the 401 epochs of train_vgg.py and
+        train_Densenet.py for vgg16 and densenet40_12."""
+        values = dict(cls.presets[preset])
+        if preset == "official":
+            if arch == "resnet110":
+                values.update(cls.presets["rn110"])
+            if arch in ("vgg16", "densenet40_12"):
+                values["epochs"] = 401
+        return values
 
     @classmethod
     def add_arguments(cls, parser):

@@ -112,7 +112,6 @@ def dccl_loss(logits, fused, features, labels, T: float, weight: float = 1.0, ta
 class DCCL(Method):
     """DCCL: two independent peers with cross-layer feature distillation and FFL's fusion teacher."""
 
-    name = "dccl"
     recipe = "dccl"
     num_peers = 2
     min_peers = 2

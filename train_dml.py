@@ -7,16 +7,17 @@ every other peer.
     python train_dml.py --arch resnet32 --gpu 0 --preset mcl-okd     # MCL-OKD repository: 4 branches, shared trunk, T=2
     python train_dml.py --arch resnet32,wrn_16_2 --gpu 0             # two peers of different architectures
 """
-from engine import Method, UserError, main
+from engine import Method, UserError, main  # first: --help without torch (engine/fast_help.py)
+
+import torch.nn.functional as F
+
 from losses.peer_targets import mutual_kd
 from models.peers import Peers
-import torch.nn.functional as F
 
 
 class DML(Method):
     """Deep Mutual Learning: peers trained together, each distilling from all the others."""
 
-    name = "dml"
     num_peers = 2
     min_peers = 2
     mixed_archs = True
@@ -29,7 +30,8 @@ class DML(Method):
     def add_arguments(cls, parser):
         parser.add_argument("--kd-T", type=float, help="distillation temperature T")
         parser.add_argument("--topology", choices=("independent", "shared"),
-                            help="independent networks, or a shared low-level trunk (split of spec 4.6)")
+                            help="independent networks, or a shared trunk of all but the last two stages (the "
+                                 "MCL-OKD repository's DML models)")
 
     @classmethod
     def check_args(cls, args):

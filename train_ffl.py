@@ -93,7 +93,6 @@ def fusion_optim_groups(model: nn.Module, args) -> list[OptimGroup]:
 class FFL(Method):
     """FFL: sub-networks and a fused classifier over their last-stage maps, distilling into each other."""
 
-    name = "ffl"
     recipe = "ffl"
     num_peers = 2
     min_peers = 2

@@ -20,11 +20,12 @@ d=128, tau=0.1 (0.07 on ImageNet), m=0.5, K=256 for the CIFAR ResNets and DenseN
 """
 import warnings
 
+from engine import Method, UserError, main, peer_heads  # first: --help without torch (engine/fast_help.py)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, UserError, main, peer_heads
 from losses import kd_loss
 from losses.contrast_memory import ClassNegativeSampler, MemoryBanks, all_gather_cat, bank_scores, nce_loss
 from models.peers import Peers
@@ -66,7 +67,6 @@ class MCLOKD(Method):
     """MCL-OKD: shared-trunk branches, multi-view contrastive learning through memory banks, and
     distillation of the last branch from the ensemble (DOT)."""
 
-    name = "mcl_okd"
     recipe = "mcl-okd"
     num_peers = 4
     min_peers = 2

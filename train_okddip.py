@@ -18,11 +18,12 @@ initial values); --detach-targets peers: no gradient into the peers through the 
 """
 from typing import NamedTuple
 
+from engine import Method, main, peer_heads  # first: --help without torch (engine/fast_help.py)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, main, peer_heads
 from losses import sigmoid_rampup
 from losses.peer_targets import kd_towards
 from models.peers import Peers
@@ -82,7 +83,6 @@ def okddip_loss(peers, leader, targets, leader_target, labels, T, weight):
 class OKDDip(Method):
     """OKDDip: peers distilled from attention-weighted peer mixes, and a group leader from the peer mean."""
 
-    name = "okddip"
     num_peers = 4         # N-1 = 3 peers + 1 leader
     min_peers = 3         # the attention needs at least two peers to mix
 

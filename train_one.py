@@ -13,11 +13,12 @@ logits into a teacher, which every branch distils from.
 """
 from typing import NamedTuple
 
+from engine import Method, main, peer_heads  # first: --help without torch (engine/fast_help.py)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, main, peer_heads
 from losses import sigmoid_rampup
 from losses.peer_targets import kd_towards
 from models.peers import Peers
@@ -63,7 +64,6 @@ def one_loss(logits, teacher, labels, T, weight=1.0):
 class ONE(Method):
     """ONE: branches on a shared trunk, distilled from their gated on-the-fly ensemble."""
 
-    name = "one"
     num_peers = 4
     min_peers = 2
     best_metric = "teacher"   # the official "Ens" of ONE is the gated teacher z_e

@@ -10,6 +10,7 @@ back to the Debian package's ``/usr/share/datasets/fashion-mnist``).
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple, Optional, Sequence
@@ -30,7 +31,7 @@ class DatasetNotFoundError(DatasetError):
     """A dataset's files are missing. The message says what is missing, every path looked at, and the fix."""
 
     def __init__(self, name: str, missing: str, looked_at: Sequence[os.PathLike | str], fix: str):
-        paths = "\n".join(f"  - {p}" for p in looked_at)
+        paths = "\n".join(f"  - {Path(p).absolute()}" for p in looked_at)
         super().__init__(f"dataset {name!r}: {missing}.\nLooked at:\n{paths}\nTo get it: {fix}")
         self.name, self.missing, self.looked_at, self.fix = name, missing, [str(p) for p in looked_at], fix
 
@@ -108,10 +109,19 @@ def _reason(e: BaseException) -> str:
 
 def download_or_explain(name: str, target, fetch) -> None:
     """Run ``fetch()`` (a torchvision download); a failure (no internet, a proxy, a full disk) becomes one
-    DatasetNotFoundError that says so, instead of a traceback."""
+    DatasetNotFoundError that says so, instead of a traceback. Folders the failed download created (``target``
+    and any missing parent) are removed with what they hold, so a failure leaves nothing behind."""
+    created = Path(target).absolute()
+    while not created.parent.exists():
+        created = created.parent
+    created = None if created.exists() else created     # the topmost folder this download would create
     try:
         fetch()
-    except Exception as e:  # noqa: BLE001 -- urllib, ssl, OSError, torchvision's RuntimeError: all the same to the user
+    except BaseException as e:  # noqa: BLE001 -- urllib, ssl, OSError, torchvision's RuntimeError: all the same to the user
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        if not isinstance(e, Exception):   # Ctrl-C: cleaned up, and still an interruption
+            raise
         raise DatasetNotFoundError(
             name, f"--download failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
             [target], "check the internet connection, or fetch the files by hand and point --data at them "

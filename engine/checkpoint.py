@@ -1,12 +1,25 @@
-"""Checkpoints: atomic writes (temporary file, then rename) and ``weights_only`` loading."""
+"""Checkpoints: atomic writes (temporary file, then rename), a content checksum, ``weights_only`` loading.
+
+Every file the engine writes goes through :func:`_atomic_write`: a temporary ``.<name>.<random>.tmp`` in the
+same folder, fsync, then ``os.replace`` over the target, so a reader (or a resumed run after a kill) sees the
+old file or the new one, never half of one. The file gets the permissions of the user's umask (``mkstemp``
+alone makes it 0600). A write that fails (full disk, read-only folder) leaves the previous file as it was
+and is reported as a :class:`UserError` naming the path.
+
+A checkpoint carries ``sha256``: a digest of its content (every tensor's dtype, shape and bytes, and every
+other value), checked on load, so bytes flipped on disk after the write are refused instead of trained on.
+It is still a plain ``torch.save`` dict: ``torch.load(path)["state"]["model"]`` works outside this repository.
+"""
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -14,51 +27,152 @@ import torch
 from .errors import UserError
 
 FORMAT = 1
+TMP_SUFFIX = ".tmp"
+# Keys every training checkpoint of this engine holds (a dict without them is not one).
+REQUIRED_KEYS = ("format", "method", "epoch", "state", "args")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux: /proc; elsewhere set-and-restore)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def os_error_message(path: Path, e: OSError) -> str:
+    """One line for an OS error while writing ``path``: the path, the problem and what to do."""
+    hint = {errno.ENOSPC: "the disk is full; free space",
+            errno.EDQUOT: "the disk quota is exceeded; free space",
+            errno.EROFS: "the file system is read-only; choose another --out",
+            errno.EACCES: "no permission to write there; choose another --out or fix its permissions",
+            errno.EPERM: "no permission to write there; choose another --out or fix its permissions",
+            errno.ENOTDIR: "a part of the path is a file, not a folder; choose another --out",
+            errno.EEXIST: "a file of that name is in the way; choose another --out",
+            }.get(e.errno, "choose another --out")
+    return f"cannot write {path}: {e.strerror or type(e).__name__} ({hint})"
 
 
 def _atomic_write(path: Path, mode: str, write) -> None:
     """``write(file)`` into a temporary file in the same folder, fsync, then rename over ``path``:
-    a reader sees the old file or the new one, never half of one."""
+    a reader sees the old file or the new one, never half of one. OS errors become one-line UserErrors."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise UserError(os_error_message(path, e) + f"; the previous {path.name}, if any, is unchanged") from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink_quietly(tmp)
         raise
 
 
-def atomic_save(obj: Any, *paths: Path) -> None:
-    """Serialise ``obj`` once and write it atomically to every path."""
+def _unlink_quietly(path) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def clean_temp_files(folder: Path) -> list[Path]:
+    """Remove the temporary files that interrupted atomic writes left in ``folder`` (call it only while
+    holding the run directory's lock, so no live writer owns them). Returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        if tmp.is_file():
+            _unlink_quietly(tmp)
+            removed.append(tmp)
+    return removed
+
+
+def _feed(h, obj) -> None:
+    """Feed a canonical byte form of ``obj`` (nested dicts/lists/tuples of tensors and plain values) to ``h``."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"{%d" % len(obj))
+        for key, value in obj.items():
+            h.update(repr(key).encode())
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"(" if isinstance(obj, tuple) else b"[")
+        h.update(b"%d" % len(obj))
+        for value in obj:
+            _feed(h, value)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 (hex) of a checkpoint's content: tensors by dtype, shape and bytes, other values by repr."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def atomic_save(obj: dict, *paths: Path) -> None:
+    """Add the content checksum (``sha256``), serialise ``obj`` once and write it atomically to every path,
+    in the order given."""
+    obj = {k: v for k, v in obj.items() if k != "sha256"}
+    obj["sha256"] = content_digest(obj)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     for path in paths:
         _atomic_write(path, "wb", lambda f: f.write(buffer.getbuffer()))
 
 
+def atomic_copy(source: Path, target: Path) -> None:
+    """Copy a file atomically (the same guarantees as a save)."""
+    data = Path(source).read_bytes()
+    _atomic_write(target, "wb", lambda f: f.write(data))
+
+
 def atomic_write_text(text: str, path: Path) -> None:
     _atomic_write(path, "w", lambda f: f.write(text))
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint written by this engine, with a clear error for a missing or corrupt file."""
+def load_checkpoint(path: Path, required: Iterable[str] = REQUIRED_KEYS) -> dict:
+    """Load a checkpoint written by this engine. A missing, empty, truncated, foreign or damaged file (its
+    content no longer matches the checksum written with it) is a one-line UserError naming the path."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is an empty file (0 bytes): a copy or a write that did not finish; "
+                        "use another checkpoint of the run (last.pt / best.pt) or start a new run with --out")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, unsafe pickle...
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-                        "It may be truncated or not a checkpoint of this repository; use another one "
+        detail = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}{': ' + detail if detail else ''}). "
+                        "It may be truncated, damaged or not a checkpoint of this repository; use another one "
                         "(best.pt / last.pt of the run) or start a new run with --out.") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UserError(f"{path} is not a checkpoint of this repository (format {FORMAT})")
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not a checkpoint of this repository (format {FORMAT}; "
+                        + (f"missing {', '.join(missing)})" if missing else f"format {ckpt.get('format')})"))
+    saved = ckpt.pop("sha256", None)
+    if saved is not None and content_digest(ckpt) != saved:
+        raise UserError(f"checkpoint {path} is damaged: its content does not match the sha256 written with it "
+                        "(the file changed on disk after it was saved); use another checkpoint of the run "
+                        "(best.pt / last.pt) or start a new run with --out")
     return ckpt
 
 

@@ -71,7 +71,7 @@ def resolve(method_cls, args) -> RunConfig:
 
     ns = argparse.Namespace(**(args.as_dict() if isinstance(args, RunConfig) else vars(args)))
     method_cls.check_args(ns)
-    ns.views = method_cls.views
+    ns.views = getattr(ns, "views", None) or method_cls.views   # check_args may set it (KDCL, PCL: one per peer)
     num_classes = dataset_info(ns.dataset).num_classes
     if ns.num_classes is not None and ns.num_classes != num_classes:
         raise UserError(f"--num-classes {ns.num_classes} disagrees with {ns.dataset}, which has "

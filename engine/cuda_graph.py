@@ -1,7 +1,7 @@
 """``--cuda-graph``: the whole training step (forward, loss, backward, optimizer steps) as one CUDA graph.
 
 At batch 64-128 the thin CIFAR peers launch hundreds of small kernels per step, and launching them costs
-more than running them (spec/performance.md 4.3). A captured graph is replayed with one launch. This is
+more than running them (docs/benchmarks.md, *Floors*). A captured graph is replayed with one launch. This is
 the pattern of the PyTorch CUDA-graph notes ("whole-network capture"):
 
 * a few eager warm-up steps on a side stream (cuDNN autotuning, optimizer state, lazy buffers);

@@ -46,12 +46,24 @@ graph per epoch and replays it for every batch; without ``--cuda-graph`` they ke
 Per epoch: ``on_epoch_start(epoch)`` before it, ``on_epoch_end(epoch, evaluator)`` after it (every rank,
 before the epoch's evaluation and checkpoint); ``evaluator.predict("val")`` gives every head's logits on
 the held-out ``--val-split`` set.
+
+**``name`` is the method's identity**: the default run directory ``runs/<name>-<arch>-...``, the ``method``
+of its checkpoints and results, and the script a checkpoint must be resumed or evaluated with
+(``train_<name>.py``). Left unset, it is the file name of the script that defines the class, without
+``train_`` (``train_dml.py`` -> ``dml``; a class defined in the script being run, ``python my_idea.py``,
+-> ``my_idea``); a subclass defined elsewhere (a test, a helper module) keeps its parent's. So a copy of
+``train_dml.py`` saved as ``train_dml_mykd.py`` is a new method, ``dml_mykd``: its runs and checkpoints
+never mix with DML's. Set ``name`` in the class only to say that a script trains the same method as
+another one (its checkpoints are interchangeable with that method's); leave it unset when you copy a
+script to try an idea.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -79,6 +91,19 @@ def peer_heads(logits: list[torch.Tensor], ensemble: bool = True) -> dict[str, t
     if ensemble and len(logits) > 1:
         heads["ensemble"] = torch.stack(logits).mean(0)
     return heads
+
+
+def script_method_name(module_name: str) -> Optional[str]:
+    """The method name a class defined in module ``module_name`` gets from its file: ``train_<x>.py`` -> x,
+    the script being run (``__main__``) -> its file name; None for any other module (a test, a library)."""
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if not path:
+        return None
+    stem = Path(path).stem
+    if stem.startswith("train_"):
+        return stem[len("train_"):]
+    return stem if module_name == "__main__" else None
 
 
 class StepContext:
@@ -129,7 +154,8 @@ class StepContext:
 class Method:
     """Base class of every method. Subclasses set the class attributes and implement ``build`` and ``loss``."""
 
-    name: str = "method"
+    name: str = "method"                # the method's identity; unset in a subclass: see the module docstring
+    script: Optional[str] = None        # the file of the train_*.py script (or __main__) that defines the method
     recipe: str = "okd"                 # default protocol (engine.cli.RECIPES)
     num_peers: Optional[int] = 2        # default --num-peers; None: a single network, no such flag
     min_peers: int = 1
@@ -141,6 +167,14 @@ class Method:
     groupable_peers: bool = True        # False when the method reaches into the peers' layers (--grouped-peers)
     mixed_archs: bool = False           # True: independent peers that may differ in architecture (--arch a,b)
     needs_every_class: bool = False     # True: the loss needs training samples of every class (a --subset leaving one out is refused)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        derived = script_method_name(cls.__module__)
+        if derived is not None:
+            cls.script = sys.modules[cls.__module__].__file__
+            if "name" not in cls.__dict__:
+                cls.name = derived
 
     def __init__(self, args: argparse.Namespace, num_classes: int, n_train: int, image_size: int = 32,
                  train_labels: Optional[torch.Tensor] = None):
@@ -161,6 +195,12 @@ class Method:
     @classmethod
     def describe(cls) -> str:
         return (cls.__doc__ or cls.name).strip()
+
+    @classmethod
+    def preset_values(cls, preset: str, arch: str) -> dict:
+        """The defaults preset ``preset`` sets for backbone ``arch`` (override where a published variant
+        differs per backbone). Default: ``cls.presets[preset]``."""
+        return cls.presets[preset]
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
@@ -238,3 +278,20 @@ class Method:
         for key, module in self.extra_modules().items():
             module.load_state_dict(state[key])
 
+
+def load_method(name: str) -> type[Method]:
+    """The Method class of ``train_<name>.py`` (the repository root must be on ``sys.path``)."""
+    import importlib
+
+    from .errors import UserError
+    try:
+        module = importlib.import_module(f"train_{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"train_{name}":
+            raise
+        raise UserError(f"no train_{name}.py: the methods are the train_<method>.py scripts") from None
+    classes = [c for c in vars(module).values()
+               if isinstance(c, type) and issubclass(c, Method) and c is not Method and c.__module__ == module.__name__]
+    if len(classes) != 1:
+        raise UserError(f"train_{name}.py does not define exactly one Method")
+    return classes[0]

@@ -1,12 +1,14 @@
 """What a run leaves behind: the per-epoch history and best epoch, checkpoints (always in the plain
-layout, see engine/layout.py), resuming from one, and results.json."""
+layout, see engine/layout.py), resuming from one, and results.json with the record of every process that
+trained the run; the run directory's lock (engine/run_dir.py) around all of it."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
 import subprocess
-import sys
-import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -14,11 +16,20 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .checkpoint import FORMAT, atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from . import run_dir
+from .checkpoint import (FORMAT, atomic_copy, atomic_save, atomic_write_text, clean_temp_files, load_checkpoint,
+                         rng_state, set_rng_state)
 from .cli import RECIPE_KEYS, RECIPES
+from .distributed import all_reduce_sum
 from .errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def runs_root() -> Path:
+    """Where run directories go without --out: ``$OKD_RUNS`` if set, else ``./runs`` in the current directory
+    (the same rule as the datasets' ``$OKD_DATASETS`` / ``./datasets``)."""
+    return Path(os.environ.get("OKD_RUNS") or "runs")
 # Arguments that fix what a checkpoint holds, with their value in checkpoints that predate them: a resumed
 # run must agree on them. (--grouped-peers does not: checkpoints hold the plain layout either way.)
 RESUME_KEYS = {"arch": None, "dataset": None, "num_peers": None, "subset": None, "val_split": 0}
@@ -151,11 +162,13 @@ def checkpoint(trainer, epochs_done: int) -> dict:
         "scaler": trainer.scaler.state_dict(), "rng": rng_state(trainer.device),
         **trainer.history.state(),
         "args": trainer.args.as_dict(),
+        "run_id": trainer.run_id, "world_size": trainer.dist.world_size, "processes": trainer.processes,
     }
 
 
 def save_epoch(trainer, epochs_done: int, improved: bool) -> None:
-    """last.pt (and best.pt when ``improved``), written atomically by rank 0."""
+    """last.pt (and best.pt when ``improved``), written atomically by rank 0. last.pt first: a kill between
+    the two leaves an older best.pt, which resume rebuilds from last.pt (that epoch is then the best one)."""
     if trainer.is_main:
         paths = [trainer.out / "last.pt"] + ([trainer.out / "best.pt"] if improved else [])
         atomic_save(checkpoint(trainer, epochs_done), *paths)
@@ -170,8 +183,18 @@ def resume_path(args, out: Path) -> Optional[Path]:
     return Path(args.resume)
 
 
-def load_training_state(trainer, path: Path) -> None:
-    """Everything a resumed run continues from: weights, optimizers, schedules, scaler, RNGs, history."""
+def _saved_options(trainer, ckpt: dict) -> dict:
+    """A checkpoint's options as run_dir compares them (a loader left to its default: the default)."""
+    saved = dict(ckpt["args"], world_size=ckpt.get("world_size", 1))
+    if saved.get("loader") is None:
+        saved.pop("loader", None)
+    return saved
+
+
+def load_training_state(trainer, path: Path) -> bool:
+    """Check the checkpoint at ``path`` against this command, then load everything a resumed run continues
+    from: weights, optimizers, schedules, scaler, RNGs, history, the process record. False when the run is
+    already finished (then nothing is loaded or written)."""
     ckpt = load_checkpoint(path)
     if ckpt["method"] != trainer.method_cls.name:
         raise UserError(f"{path} is a {ckpt['method']} checkpoint; resume it with train_{ckpt['method']}.py")
@@ -183,35 +206,167 @@ def load_training_state(trainer, path: Path) -> None:
     if written_grouped(ckpt) and not trainer.args.grouped_peers:
         raise UserError(f"{path} was written by an older version in the grouped layout; resume it with "
                         "--grouped-peers (its next checkpoint is in the plain layout, which resumes either way)")
+    from .setup import default_options
+    diffs = run_dir.config_differences(_saved_options(trainer, ckpt),
+                                       dict(trainer.args.as_dict(), world_size=trainer.dist.world_size),
+                                       default_options(trainer.method_cls, trainer.args),
+                                       extend_epochs=trainer.args.extend_epochs)
+    if diffs:
+        raise UserError(run_dir.describe_differences(path, diffs))
+    check_target(trainer.out, path, ckpt)
+    if trainer.is_main:
+        repair_best(trainer, path, ckpt)
+    if ckpt["epoch"] >= trainer.args.epochs:
+        trainer.report.log(f"{path}: the run is already finished ({ckpt['epoch']} of {trainer.args.epochs} "
+                           "epochs); nothing to do, nothing changed. To train longer: a larger --epochs with "
+                           "--extend-epochs")
+        return False
     load_method_state(trainer.method, ckpt, path)
     load_optimizer_states(trainer, ckpt)
     for k, s in trainer.schedulers.items():
         s.load_state_dict(ckpt["schedulers"][k])
     trainer.optimization.apply_current_hyperparameters()
-    if ckpt["scaler"] and trainer.scaler.is_enabled():  # an --amp change on resume starts a fresh scaler
+    if ckpt["scaler"] and trainer.scaler.is_enabled():
         trainer.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"], trainer.device)
     trainer.start_epoch = ckpt["epoch"]
     trainer.history.load(ckpt)
+    trainer.run_id = ckpt.get("run_id", trainer.run_id)
+    trainer.processes = run_dir.merge_processes(ckpt.get("processes", []), recorded_processes(trainer))
     trainer.report.log(f"resumed from {path} after epoch {trainer.start_epoch}")
+    return True
 
 
-def prepare_out(trainer) -> None:
-    """Refuse to overwrite a run; resume when asked to."""
+def check_target(out: Path, path: Path, ckpt: dict) -> None:
+    """Never write into a directory that holds another run's last.pt (or a later state of this run)."""
+    last = out / "last.pt"
+    if not last.is_file() or os.path.samefile(last, path):
+        return
+    other = load_checkpoint(last)
+    same_run = other.get("run_id") == ckpt.get("run_id") is not None
+    if same_run and other["epoch"] == ckpt["epoch"]:
+        return   # a copy of the same state
+    what = ("a later state of this run" if same_run
+            else f"another run ({other['method']}, {other['args'].get('arch')} on {other['args'].get('dataset')})")
+    raise UserError(f"{out} holds {what} in last.pt (epoch {other['epoch']}); continuing {path} "
+                    f"(epoch {ckpt['epoch']}) there would overwrite it. Give another --out to continue {path}")
+
+
+def recorded_processes(trainer) -> Optional[list]:
+    """The processes results.json lists, if it is this run's record."""
+    try:
+        recorded = json.loads((trainer.out / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded.get("processes") if recorded.get("run_id") == trainer.run_id else None
+
+
+def repair_best(trainer, path: Path, ckpt: dict) -> None:
+    """best.pt must hold the best epoch that last.pt names. A kill between the writes of last.pt and
+    best.pt leaves an older best.pt: then the best epoch is last.pt's own epoch, and last.pt is copied."""
+    if not ckpt["best"]:
+        return
+    epoch, best = ckpt["best"]["epoch"], trainer.out / "best.pt"
+    try:
+        if best.is_file() and load_checkpoint(best)["epoch"] == epoch:
+            return
+    except UserError:
+        pass   # a damaged best.pt is rewritten below when it can be
+    source_best = path.parent / "best.pt"
+    if epoch == ckpt["epoch"]:
+        atomic_copy(path, best)
+    elif path.parent != trainer.out and source_best.is_file() and load_checkpoint(source_best)["epoch"] == epoch:
+        atomic_copy(source_best, best)
+    else:
+        warnings.warn(f"{best} does not hold the best epoch ({epoch}) and it cannot be rebuilt; it will be "
+                      "written again when an epoch improves on it")
+        return
+    trainer.report.log(f"{best} repaired: it now holds the best epoch, {epoch}")
+
+
+# ---- the run directory: one writer, start and end of a process ---------------------------------------
+
+def lock(trainer) -> None:
+    """Rank 0 takes the run directory's lock (every rank stops if it could not), then removes the temporary
+    files of interrupted writes."""
+    error = None
+    if trainer.is_main:
+        trainer.lock = run_dir.RunLock(trainer.out, trainer.command)
+        try:
+            trainer.lock.acquire()
+        except UserError as e:
+            trainer.lock, error = None, e
+    import torch
+    failed = all_reduce_sum(torch.tensor([float(error is not None)], device=trainer.device)).item()
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError(f"rank 0 could not lock {trainer.out}; see its message")
+    if trainer.is_main:
+        if trainer.lock.stale:
+            trainer.report.log(f"{trainer.out}: process {trainer.lock.stale.get('pid')} that held it ended "
+                               "without unlocking (stale lock taken over)")
+        for tmp in clean_temp_files(trainer.out):
+            trainer.report.log(f"removed {tmp}, left by an interrupted write")
+
+
+def open_run(trainer) -> bool:
+    """Lock the run directory, then resume or start the run (never overwriting one); False when it is
+    already finished."""
+    lock(trainer)
     resume = resume_path(trainer.args, trainer.out)
     if resume is None and (trainer.out / "last.pt").exists():
         raise UserError(f"{trainer.out} already holds a run (last.pt). Continue it with --resume auto, "
                         "or start a new run with another --out; nothing is overwritten.")
     if resume is not None:
-        load_training_state(trainer, resume)
+        if not load_training_state(trainer, resume):
+            return False
     elif trainer.args.resume == "auto":
         trainer.report.log(f"--resume auto: no checkpoint in {trainer.out}, starting a new run")
+    trainer.process = run_dir.new_process(trainer.command, trainer.start_epoch)
+    trainer.processes.append(trainer.process)
+    return True
+
+
+def close_run(trainer, error: Optional[BaseException]) -> Optional[str]:
+    """Record how this process ended in results.json (rank 0) and unlock. For an interrupt (Ctrl-C,
+    SIGTERM) returns the one line for the user: what is saved and the command that continues the run."""
+    message = None
+    try:
+        if trainer.process is not None and error is not None:
+            epochs = len(trainer.history.records)
+            if isinstance(error, KeyboardInterrupt):
+                sig = getattr(error, "signal_name", "SIGINT")
+                state = (f"{trainer.out / 'last.pt'} holds epoch {epochs}" if epochs
+                         else "no epoch had finished, nothing was saved")
+                message = (f"interrupted ({sig}) during epoch {epochs + 1}: {state}. Continue with: "
+                           + run_dir.continue_command(trainer.argv, trainer.script_name, trainer.out,
+                                                      trainer.dist.world_size))
+                _record_end(trainer, "interrupted", signal=sig)
+            else:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                if not isinstance(error, UserError):
+                    reason = f"{type(error).__name__}: {reason}"
+                _record_end(trainer, "failed", reason=reason)
+    finally:
+        trainer.process = None
+        if trainer.lock is not None:
+            trainer.lock.release()
+            trainer.lock = None
+    return message
+
+
+def _record_end(trainer, status: str, **extra) -> None:
+    try:
+        write_results(trainer, status, **extra)
+    except UserError:
+        pass   # the disk that failed the run may fail its record too; the one-line error says why
 
 
 # ---- results.json ------------------------------------------------------------------------------------
 
-def peer_archs(method_cls, args) -> Optional[dict[str, str]]:
-    """``{"peer1": arch, ...}`` for a method with peers (heterogeneous with an --arch list), else None."""
+def peer_archs(method_cls, args) -> Optional[dict]:
+    """``{"peer1": arch, ...}`` for a method with peers (different ones with an --arch list), else None."""
     if method_cls.num_peers is None:
         return None
     from models.peers import peer_archs as names
@@ -220,12 +375,14 @@ def peer_archs(method_cls, args) -> Optional[dict[str, str]]:
 
 def results(trainer, status: str) -> dict:
     a, h = trainer.args, trainer.history
+    final = trainer.processes[-1] if trainer.processes else {}
     return {
-        "status": status, "method": trainer.method_cls.name, "arch": a.arch,
-        "peer_archs": peer_archs(trainer.method_cls, a), "dataset": a.dataset,
+        "status": status, **{k: final[k] for k in ("signal", "reason") if k in final},
+        "method": trainer.method_cls.name, "arch": a.arch, "peer_archs": peer_archs(trainer.method_cls, a),
+        "dataset": a.dataset, "run_id": trainer.run_id,
         "epochs_done": len(h.records), "epochs": a.epochs,
         "recipe": {"name": a.recipe, **{k: getattr(a, k) for k in RECIPE_KEYS},
-                   "same_as_recipe": all(getattr(a, k) == RECIPES[a.recipe][k] for k in RECIPE_KEYS)},
+                   "same_as_recipe": all(getattr(a, k) == RECIPES[a.recipe].get(k) for k in RECIPE_KEYS)},
         "selection": {"split": h.split, "metric": h.metric,
                       "note": "best = the epoch with the highest selection metric; its test metrics are "
                               "reported. max_over_epochs_test is what the official codes report when "
@@ -233,19 +390,52 @@ def results(trainer, status: str) -> dict:
         "best": h.best,
         "last": h.records[-1] if h.records else None,
         "max_over_epochs_test": h.max_test,
-        "wall_time_s": time.time() - trainer.wall_start,
+        "wall_time_s": run_dir.wall_time(trainer.processes),
         "train_time_s": h.train_seconds,
         "train_images_per_s": h.train_samples / max(h.train_seconds, 1e-9),
         "world_size": trainer.dist.world_size,
         "data": trainer.loaders.record,
         "git_commit": trainer.provenance["git_commit"], "versions": trainer.provenance["versions"],
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": trainer.command,
+        "processes": trainer.processes,
         "args": a.as_dict(),
         "history": h.records,
     }
 
 
-def write_results(trainer, status: str) -> None:
+def write_results(trainer, status: str, **extra) -> None:
+    """Bring this process's record up to date (its status, and the signal or reason it ended with), then
+    write results.json (rank 0)."""
+    if trainer.process is not None:
+        run_dir.update_process(trainer.process, len(trainer.history.records), status, **extra)
     if trainer.is_main:
         atomic_write_text(json.dumps(results(trainer, status), indent=2, default=str) + "\n",
                           trainer.out / "results.json")
+
+
+# ---- --eval-only ---------------------------------------------------------------------------------------
+
+def evaluated_state(trainer, ckpt: dict, path: Path) -> dict:
+    """The checkpoint's method state, with this method's own state standing in for the training-only
+    modules it lacks (memory banks: never evaluated). The model and temporal means must be there."""
+    from .ema import TemporalMean
+    state, needed = dict(ckpt["state"]), {"model"}
+    needed |= {k for k, m in trainer.method.extra_modules().items() if isinstance(m, TemporalMean)}
+    missing = sorted(needed - set(state))
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}, which --eval-only evaluates")
+    own = plain_method_state(trainer.method)
+    return {**{k: v for k, v in own.items() if k not in state}, **state}
+
+
+def write_evaluation(trainer, result: dict) -> None:
+    """``eval-<checkpoint>-<dataset>[-<hash of --data>].json`` in the run directory (rank 0): evaluations of
+    another dataset, or of another copy of it, never overwrite each other."""
+    if not trainer.is_main:
+        return
+    a = trainer.args
+    name = f"eval-{Path(a.eval_only).stem}-{a.dataset}"
+    if a.data:
+        name += "-" + hashlib.sha256(str(Path(a.data).resolve()).encode()).hexdigest()[:6]
+    atomic_write_text(json.dumps(result, indent=2) + "\n", trainer.out / f"{name}.json")
+    trainer.report.log(f"results: {trainer.out / (name + '.json')}")

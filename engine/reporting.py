@@ -53,7 +53,6 @@ class Reporter:
 
     def final_table(self, history, archs: Optional[dict] = None) -> None:
         """Best and last top-1 (and last top-5) of every head; ``archs``: head -> architecture, printed after it."""
-        archs = archs or {}
         if not history.records or history.best is None:
             return
         last = history.records[-1]["test"]
@@ -63,5 +62,5 @@ class Reporter:
                  f"(best = epoch {best['epoch']}, selected on {history.split} {history.metric})"]
         for h in heads:
             lines.append(f"{h:<12} {best['test'][h + '/top1']:9.2f} {last[h + '/top1']:9.2f} "
-                         f"{last[h + '/top5']:9.2f}" + (f"   {archs[h]}" if h in archs else ""))
+                         f"{last[h + '/top5']:9.2f}" + (f"   {archs[h]}" if archs and h in archs else ""))
         self.log("\n".join(lines) + f"\nresults: {self.out / 'results.json'}")

@@ -2,15 +2,19 @@
 optimizers and their lr schedules."""
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import random
 import warnings
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import run_dir
 from .errors import UserError
 
 
@@ -19,6 +23,9 @@ def check_args(a, method_cls) -> None:
     m = method_cls
     if a.resume and a.eval_only:
         raise UserError("--resume and --eval-only conflict: --eval-only evaluates a checkpoint without training")
+    if a.extend_epochs and not (a.resume and (a.out or a.resume != "auto")):
+        raise UserError("--extend-epochs continues an existing run: name it with --resume PATH/TO/last.pt (or "
+                        "--out DIR --resume auto); the default run directory depends on --epochs")
     if a.lr_schedule == "multistep" and not a.milestones:
         raise UserError("--lr-schedule multistep needs --milestones, e.g. --milestones 150 225")
     if m.num_peers is not None and a.num_peers < m.min_peers:
@@ -59,8 +66,8 @@ def select_device(args) -> torch.device:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", args.gpu)))
     torch.cuda.set_device(device)   # streams, graphs and new tensors without a device go to this GPU
     torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    if args.tf32 is not None:     # unset: PyTorch's defaults (float32 matmuls, TF32 cuDNN convolutions)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     return device
 
 
@@ -106,9 +113,16 @@ def wrap(method, args, dist, device: torch.device) -> nn.Module:
 
 
 def lr_factor(epoch: int, args) -> float:
-    """Multiplier of the peak lr during 0-based ``epoch``: per-epoch cosine to 0, or x0.1 per milestone."""
+    """Multiplier of the peak lr during 0-based ``epoch``: per-epoch cosine to 0, x0.1 per milestone, or SGDR
+    (Loshchilov & Hutter, ICLR 2017) with cycles of T0, 2 T0, 4 T0, ... epochs (``--sgdr-t0``), each a cosine
+    from the peak to 0, as the MCL-OKD repository's ``adjust_lr`` computes it once per epoch."""
     if args.lr_schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    if args.lr_schedule == "sgdr":
+        start, length = 0, args.sgdr_t0 or args.epochs
+        while epoch >= start + length:          # the cycle holding this epoch
+            start, length = start + length, 2 * length
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - start) / length))
     return 0.1 ** sum(epoch >= m for m in args.milestones)
 
 
@@ -128,8 +142,7 @@ def sgd_implementation(choice: str, device: torch.device) -> dict:
 
 
 class Optimization:
-    """One optimizer (the run's SGD, or the group's own class) and one per-epoch lr schedule per
-    :class:`~engine.method.OptimGroup`."""
+    """One SGD optimizer and one per-epoch lr schedule per :class:`~engine.method.OptimGroup`."""
 
     def __init__(self, groups, args, world_size: int, device: torch.device):
         self.groups, self.args, self.world_size = groups, args, world_size
@@ -153,9 +166,10 @@ class Optimization:
                                weight_decay=weight_decay, **{**self.kernels, **group.extra})
 
     def apply_current_hyperparameters(self) -> None:
-        """A resumed run follows the command as typed: the optimizer state (momentum buffers) comes from the
-        checkpoint, the hyper-parameters (lr and its schedule, --epochs, weight decay, momentum, --sgd-impl)
-        from the current flags. Without this the first resumed epoch would keep the old schedule's lr."""
+        """The optimizer state (momentum buffers) comes from the checkpoint, the hyper-parameters from the
+        current flags. They are the checkpoint's (resume checks it) except two: --epochs grown with
+        --extend-epochs (from the resumed epoch on, the lr follows the schedule of the new --epochs; without
+        this the first resumed epoch would keep the old schedule's lr) and the SGD kernels (--sgd-impl)."""
         for group in self.groups:
             fresh = self.optimizer(group).param_groups[0]
             sched = self.schedulers[group.name]
@@ -168,7 +182,58 @@ class Optimization:
             sched.base_lrs = [fresh["lr"]] * len(sched.base_lrs)
 
 
-def default_run_name(method_cls, args) -> str:
-    from models.peers import arch_tag
-    peers = f"-n{args.num_peers}" if method_cls.num_peers is not None else ""
-    return f"{method_cls.name}-{arch_tag(args.arch)}-{args.dataset}{peers}-s{args.seed}"
+def default_options(method_cls, args) -> dict:
+    """The method's default training options for ``args``' arch and dataset, resolved as a run resolves
+    them (MCL-OKD's K and tau depend on them), for one process."""
+    from .cli import parse_args
+    from .config import resolve
+    defaults = parse_args(method_cls, ["--arch", args.arch, "--dataset", args.dataset])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            defaults = resolve(method_cls, defaults).as_dict()
+    except UserError:
+        defaults = vars(defaults)
+    return run_dir.training_options({**defaults, "world_size": 1})
+
+
+def default_run_name(method_cls, args, world_size: int = 1) -> str:
+    """``runs/`` name of a run (engine.run_dir.run_name): readable, plus a hash of its non-default options."""
+    if not hasattr(args, "as_dict"):   # a parsed namespace: resolved as a run resolves it
+        from .config import resolve
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            args = resolve(method_cls, args)
+    options = run_dir.training_options({**args.as_dict(), "world_size": world_size})
+    return run_dir.run_name(method_cls.name, options, default_options(method_cls, args))
+
+
+def run_directory(method_cls, args, world_size: int) -> Path:
+    """--out; else the directory of the checkpoint given to --resume or --eval-only; else runs/<name>."""
+    from .records import runs_root
+    if args.out:
+        return Path(args.out)
+    if args.eval_only:
+        return Path(args.eval_only).parent
+    if args.resume and args.resume != "auto":
+        return Path(args.resume).parent
+    return runs_root() / default_run_name(method_cls, args, world_size)
+
+
+def as_trained(method_cls, args, argv: Sequence[str], ckpt: dict) -> argparse.Namespace:
+    """--eval-only: the parsed flags with the checkpoint's training options (arch, dataset, peers, subset,
+    method flags...) in place of the command's defaults. An option given on the command line that disagrees
+    is an error, except where the data is read from and how it is evaluated."""
+    path = Path(args.eval_only)
+    if ckpt["method"] != method_cls.name:
+        raise UserError(f"{path} is a {ckpt['method']} checkpoint; evaluate it with train_{ckpt['method']}.py")
+    given = run_dir.given_options(method_cls, argv)
+    saved = run_dir.training_options(ckpt["args"])
+    free = run_dir.NOT_TRAINING | run_dir.SPEED | run_dir.BUNDLES | {"amp", "loader", "eval_subset"}
+    wrong = [(k, saved[k], given[k]) for k in given if k in saved and k not in free and given[k] != saved[k]]
+    if wrong:
+        raise UserError(f"--eval-only evaluates {path} as trained: " + "; ".join(
+            f"it was trained with {run_dir.flag(k)} {s}, not {n}" for k, s, n in wrong)
+            + ". Leave these flags out (only --data and evaluation options may be given)")
+    values = args.as_dict() if hasattr(args, "as_dict") else vars(args)
+    return argparse.Namespace(**{**values, **{k: v for k, v in saved.items() if k in values}})

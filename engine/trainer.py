@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
+import signal
 import sys
 import time
+import uuid
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,15 +23,16 @@ from typing import Optional, Sequence
 import torch
 
 from . import records
-from .checkpoint import atomic_write_text, load_checkpoint
+from .checkpoint import load_checkpoint
 from .cli import parse_args
 from .config import resolve
 from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
 from .ema import temporal_means
 from .errors import UserError
 from .method import Method, StepContext
+from .run_dir import Interrupted, raise_interrupted
 from .reporting import Reporter
-from .setup import (Optimization, check_args, default_run_name, group_peers, lr_factor, seed_everything,
+from .setup import (Optimization, as_trained, check_args, group_peers, lr_factor, run_directory, seed_everything,
                     select_device, sgd_implementation, wrap)
 
 __all__ = ["Trainer", "train", "main", "lr_factor", "sgd_implementation", "topk_correct"]
@@ -43,16 +48,23 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torc
 class Trainer:
     """Builds data, method and optimizers from the parsed arguments; ``fit()`` trains, ``evaluate_only()`` evaluates."""
 
-    def __init__(self, method_cls: type[Method], args):
+    def __init__(self, method_cls: type[Method], args, argv: Optional[Sequence[str]] = None):
         from data import build_loaders
         from models import model_entry
         from models.peers import arch_names
 
         self.method_cls = method_cls
+        self.argv = list(sys.argv[1:] if argv is None else argv)   # the command, for the record
+        self.eval_ckpt = None
+        if args.eval_only and not args.resume:   # evaluated as trained: the checkpoint's options
+            self.eval_ckpt = load_checkpoint(args.eval_only)
+            args = as_trained(method_cls, args, self.argv, self.eval_ckpt)
         check_args(args, method_cls)
         self.args = args = resolve(method_cls, args)   # read-only from here on
         for name in arch_names(args.arch):
             model_entry(name)  # unknown architecture: the listing error before anything heavy
+        if args.threads:
+            torch.set_num_threads(args.threads)
         self.device = select_device(args)
         self.dist: DistEnv = init_distributed(self.device.type == "cuda")
         if self.dist.enabled and self.device.type == "cuda":
@@ -85,12 +97,24 @@ class Trainer:
             from .cuda_graph import GraphedStep
             self.graphed = GraphedStep(self._step, list(self.optimizers.values()), self.device)
         self.best_head = args.best_metric or method_cls.best_metric
-        self.out = Path(args.out) if args.out else records.REPO / "runs" / default_run_name(method_cls, args)
+        self.out = run_directory(method_cls, args, self.dist.world_size).absolute()
         self.start_epoch = 0
         self.history = records.History("val" if self.loaders.val is not None else "test", f"{self.best_head}/top1")
         self.report = Reporter(self.out, self.is_main, args.epochs, self.best_head)
         self.provenance = {"git_commit": records.git_commit(),   # once, not per epoch
                            "versions": records.library_versions(self.device)}
+        self.run_id = uuid.uuid4().hex      # a resumed run takes its checkpoint's
+        self.processes: list[dict] = []     # every process that trained the run (results.json)
+        self.process: Optional[dict] = None
+        self.lock = None
+
+    @property
+    def script_name(self) -> str:
+        return Path(self.method_cls.script or sys.argv[0]).name
+
+    @property
+    def command(self) -> str:
+        return shlex.join([self.script_name] + self.argv)
 
     # ---- one step -------------------------------------------------------------------------------
     def _autocast(self):
@@ -143,7 +167,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         steps = 0
         bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{self.args.epochs}", leave=False,
-                   disable=self.args.no_progress or not self.is_main, dynamic_ncols=True)
+                   disable=self.args.no_progress or not self.is_main or not sys.stderr.isatty(), dynamic_ncols=True)
         start = time.perf_counter()
         for batch in bar:
             terms, total = self.train_step(batch, epoch)
@@ -247,12 +271,25 @@ class Trainer:
 
     # ---- entry points ---------------------------------------------------------------------------
     def fit(self) -> dict:
-        a = self.args
-        self.wall_start = time.time()
+        """Train the run, from its checkpoint when resuming. The run directory is locked meanwhile; how the
+        process ended (finished, interrupted, failed) is recorded in results.json."""
         self._check_heads()   # before the RNG state of a resumed run is restored
-        records.prepare_out(self)
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            if records.open_run(self):
+                results = self._train()
+            else:   # already finished: what it recorded
+                recorded = self.out / "results.json"
+                results = json.loads(recorded.read_text()) if recorded.is_file() else records.results(self, "finished")
+        except BaseException as e:
+            message = records.close_run(self, e)
+            if message is not None:
+                raise Interrupted(getattr(e, "signal_name", "SIGINT"), message) from None
+            raise
+        records.close_run(self, None)
+        return results
+
+    def _train(self) -> dict:
+        a = self.args
         n_params = sum(p.numel() for p in self.method.model.parameters())
         self.report.log(f"{self.method_cls.name}: {a.arch} on {a.dataset} ({self.loaders.n_train} train images), "
                         f"{n_params / 1e6:.3f}M parameters, device {self.device}, amp {a.amp}, "
@@ -266,54 +303,72 @@ class Trainer:
             if self.loaders.val is not None:
                 record["val"] = self.evaluate(self.loaders.val)
             improved = self.history.add(record)
+            # TensorBoard and the console first: an epoch in a checkpoint or results.json is always in the
+            # event file too (a resumed run purges the steps after its checkpoint).
+            self.report.epoch(epoch, record)
             records.save_epoch(self, epoch + 1, improved)
             records.write_results(self, "finished" if epoch + 1 == a.epochs else "running")
             barrier()  # no rank starts the next epoch before rank 0 has written this one's checkpoint
-            self.report.epoch(epoch, record)
         records.write_results(self, "finished")
         self.report.close()
         barrier()
-        mixed = "," in self.args.arch and self.method_cls.num_peers is not None
-        self.report.final_table(self.history, records.peer_archs(self.method_cls, self.args) if mixed else None)
+        self.report.final_table(self.history, records.peer_archs(self.method_cls, self.args) if "," in self.args.arch
+                                else None)
         return records.results(self, "finished")
 
     def evaluate_only(self) -> dict:
-        """Evaluate ``--eval-only``'s checkpoint (either layout, with or without --grouped-peers)."""
-        path = Path(self.args.eval_only)
-        ckpt = load_checkpoint(path)
-        records.load_method_state(self.method, ckpt, path)
-        result = {"checkpoint": str(path), "epoch": ckpt["epoch"], "test": self.evaluate(self.loaders.test)}
+        """Evaluate the --eval-only checkpoint as trained (the Trainer was built with its options; either
+        layout, with or without --grouped-peers) on the test split, and on the held-out split with
+        --val-split. What is evaluated is loaded: the model and the temporal means; training state
+        (optimizers, MCL-OKD's memory banks) need not be in the file. Writes
+        ``eval-<checkpoint>-<dataset>.json``, naming the dataset and the splits."""
+        path, ckpt, a = Path(self.args.eval_only), self.eval_ckpt, self.args
+        records.load_method_state(self.method, dict(ckpt, state=records.evaluated_state(self, ckpt, path)), path)
+        splits = {"test": f"the {a.dataset} test set"}
+        result = {"checkpoint": str(path), "method": ckpt["method"], "epoch": ckpt["epoch"], "arch": a.arch,
+                  "dataset": a.dataset, "data": a.data, "splits": splits, "test": self.evaluate(self.loaders.test)}
         if self.loaders.val is not None:
+            splits["val"] = f"{a.val_split} samples held out of the {a.dataset} training set (seed {a.seed})"
             result["val"] = self.evaluate(self.loaders.val)
         for split in ("val", "test"):
             if split in result:
                 self.report.log(f"{split}: " + " ".join(f"{k} {v:.2f}" for k, v in result[split].items()))
-        if self.is_main:
-            out = Path(self.args.out) if self.args.out else path.parent
-            atomic_write_text(json.dumps(result, indent=2) + "\n", out / f"eval-{path.stem}.json")
+        records.write_evaluation(self, result)
         return result
 
 
 def train(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> dict:
     """Parse ``argv`` (default: sys.argv), then train or evaluate. Raises UserError on bad input."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(method_cls, argv)
     try:
-        trainer = Trainer(method_cls, args)
+        trainer = Trainer(method_cls, args, argv)
         return trainer.evaluate_only() if args.eval_only else trainer.fit()
     finally:
         shutdown_distributed()
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` of the command line: ``warning: <message>``, without the source line."""
+    return f"warning: {message}\n"
+
+
 def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None:
-    """Command-line entry point: errors that are the user's to fix print as one line, not a traceback."""
+    """Command-line entry point: errors that are the user's to fix print as one line, not a traceback.
+    SIGTERM (what SLURM and Kubernetes send before a kill) stops the run as Ctrl-C does."""
     from data import DatasetError
     from models import UnknownModelError
+    warnings.formatwarning = one_line_warning
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         train(method_cls, argv)
     except (UserError, DatasetError, UnknownModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("\ninterrupted: the last completed epoch is in last.pt; continue with --resume auto",
-              file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        message = getattr(e, "message", "") or (f"interrupted ({getattr(e, 'signal_name', 'SIGINT')}) while "
+                                                "starting: nothing was written")
+        print("\n" + message, file=sys.stderr)
+        sys.exit(130 if getattr(e, "signal_name", "SIGINT") == "SIGINT" else 143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

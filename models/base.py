@@ -29,18 +29,19 @@ def run_stages(x: torch.Tensor, stages, keep: bool) -> tuple[torch.Tensor, list[
 
 
 class Head(nn.Module):
-    """``norm`` (identity, or BN+ReLU for pre-activation nets) -> global average pool -> linear."""
+    """``norm`` (identity, or BN+ReLU for pre-activation nets) -> global average pool -> [dropout] -> linear."""
 
-    def __init__(self, in_features: int, num_classes: int, norm: Optional[nn.Module] = None):
+    def __init__(self, in_features: int, num_classes: int, norm: Optional[nn.Module] = None, dropout: float = 0.0):
         super().__init__()
         self.norm = norm if norm is not None else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(in_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (logits, pooled feature)."""
+        """Return (logits, pooled feature before dropout)."""
         feature = torch.flatten(self.pool(self.norm(x)), 1)
-        return self.fc(feature), feature
+        return self.fc(self.dropout(feature)), feature
 
 
 class Backbone(nn.Module):

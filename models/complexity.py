@@ -1,7 +1,7 @@
 """Model complexity: parameters and multiply-adds (MACs).
 
 ``count_parameters`` (re-exported from :mod:`models.base`) counts every parameter, trainable or not,
-buffers excluded, as the official ``cal_param_size`` (spec mcl_okd.md section 6).
+buffers excluded, as the official ``cal_param_size`` (winycg/MCL-OKD ``utils.py``; docs/backbones.md).
 
 ``count_macs`` runs one forward pass under :class:`torch.utils.flop_counter.FlopCounterMode` and
 returns its FLOP total / 2. What that counts (torch 2.x):
@@ -14,7 +14,7 @@ returns its FLOP total / 2. What that counts (torch 2.x):
   counted.
 
 For the backbones of this repository (whose only matrix products are ``nn.Linear``) that is exactly the
-official ``cal_multi_adds`` rule (Conv2d + Linear weight multiply-adds, spec section 6), except that
+official ``cal_multi_adds`` rule (Conv2d + Linear weight multiply-adds, winycg/MCL-OKD ``utils.py``), except that
 the official counter ignores dilation: for ``hcgnet_a1`` it reports 154,671,444 where ``count_macs``
 gives the true 154,269,036 (0.26% less). A model that multiplies matrices explicitly (attention, ``bmm``)
 would have those products counted here and not by the official counter.

@@ -1,4 +1,4 @@
-"""DenseNet-BC for 32x32 inputs (spec section 4.3; ``densenetd40k12`` in the MCL-OKD code).
+"""DenseNet-BC for 32x32 inputs (``densenetd40k12`` in winycg/MCL-OKD ``models/densenet.py``).
 
 Layout, as the official ``models/densenet.py`` (Huang et al. DenseNet-BC, ``small_inputs``):
 
@@ -7,7 +7,7 @@ Layout, as the official ``models/densenet.py`` (Huang et al. DenseNet-BC, ``smal
 * transition: BN-ReLU-Conv1x1(c -> floor(compression*c))-AvgPool2;
 * head: final BN + ReLU, global average pool, Linear.
 
-Decomposition into the :class:`~models.base.Backbone` contract (spec 4.6 split points):
+Decomposition into the :class:`~models.base.Backbone` contract (split points: docs/backbones.md):
 ``stem = conv0``; ``stages = [block1+trans1, block2+trans2, ..., last block]``; ``head.norm = BN+ReLU``.
 Each non-final stage is an ``nn.Sequential`` with children ``block`` and ``transition``.
 """
@@ -62,7 +62,7 @@ def transition(in_channels: int, out_channels: int) -> nn.Sequential:
 def densenet_bc(num_classes: int = 100, growth_rate: int = 12, block_config: Sequence[int] = (6, 6, 6),
                 compression: float = 0.5, bn_size: int = 4, num_init_features: int = 24,
                 image_size: Optional[int] = None) -> Backbone:
-    """Generic CIFAR DenseNet-BC (spec 4.3). ``image_size`` is accepted for interface uniformity and
+    """Generic CIFAR DenseNet-BC (Huang et al., CVPR 2017). ``image_size`` is accepted for interface uniformity and
     ignored: the network is fully convolutional up to the global pool, so 32x32 and 64x64 both work.
 
     Init as the official code: conv ``kaiming_normal_`` (fan_in), BatchNorm2d weight 1 / bias 0,
@@ -90,5 +90,5 @@ def densenet_bc(num_classes: int = 100, growth_rate: int = 12, block_config: Seq
 @register("densenet40_12", image_size=32,
           description="DenseNet-BC-40 (k=12, [6,6,6], bn_size 4, compression 0.5); 188,092 params at 100 classes")
 def densenet40_12(num_classes: int = 100, **kwargs) -> Backbone:
-    """DenseNet-BC depth 40, growth 12 (spec 4.3): stage widths [48, 60, 132], 188,092 params at C=100."""
+    """DenseNet-BC depth 40, growth 12 (``densenetd40k12``): stage widths [48, 60, 132], 188,092 params at C=100."""
     return densenet_bc(num_classes, growth_rate=12, block_config=(6, 6, 6), **kwargs)

@@ -12,7 +12,7 @@ Network i owns block i of the channels of every wide tensor:
 Every wide parameter and buffer is the N networks' concatenated along dim 0, and the gradient of a
 concatenation is the concatenation of the gradients, so SGD (elementwise: momentum, Nesterov, weight
 decay) takes exactly the steps it takes on the N networks. Kernel launches per step are those of one
-network, whatever N (spec/performance.md 2.2); ``tests/test_grouped.py`` checks outputs, gradients,
+network, whatever N (docs/benchmarks.md); ``tests/test_grouped.py`` checks outputs, gradients,
 running statistics and SGD steps against the separate networks.
 
 A module qualifies when it is a container (``nn.Sequential``, ``Backbone``, ...), one of the layers above,

@@ -1,4 +1,4 @@
-"""HCGNet for 32x32 inputs (spec section 4.4; Yang et al., AAAI 2020, "Gated Convolutional Networks with
+"""HCGNet for 32x32 inputs (Yang et al., AAAI 2020, "Gated Convolutional Networks with
 Hybrid Connectivity for Image Classification"; official code winycg/HCGNet ``models/HCGNet_CIFAR.py``, of which
 the MCL-OKD ``models/hcgnet.py`` is a copy for A1).
 
@@ -16,7 +16,7 @@ Building blocks:
   c_out//4 and 2*c_out//4; no concatenation.
 
 Every spatial softmax runs over the actual H*W, so the net works at any input size (32x32, 64x64, ...).
-Decomposition (spec 4.6): ``stem = conv0``; ``stages = [HB1+T1, HB2+T2, HB3]`` (non-final stages are
+Decomposition (docs/backbones.md): ``stem = conv0``; ``stages = [HB1+T1, HB2+T2, HB3]`` (non-final stages are
 ``nn.Sequential`` with children ``block`` and ``transition``); ``head.norm = BN(norm5) + ReLU``.
 Init: PyTorch defaults (the official code has no custom init).
 """
@@ -94,7 +94,7 @@ class Gates(nn.Module):
 
 
 class SMG(nn.Module):
-    """Squeeze cell + gates; output ``cat([input, x*g + u])`` (c_in -> c_in + k). Spec 4.4."""
+    """Squeeze cell + gates; output ``cat([input, x*g + u])`` (c_in -> c_in + k)."""
 
     def __init__(self, in_channels: int, growth_rate: int, bn_size: int = 4, groups: int = 4,
                  reduction_factor: int = 2, forget_factor: int = 2):
@@ -131,7 +131,7 @@ def hybrid_block(num_layers: int, in_channels: int, growth_rate: int, bn_size: i
 def hcgnet(num_classes: int = 100, growth_rates: Sequence[int] = (12, 24, 36),
            block_config: Sequence[int] = (8, 8, 8), bn_size: int = 4, theta: float = 0.5,
            num_init_features: Optional[int] = None, image_size: Optional[int] = None) -> Backbone:
-    """Generic CIFAR HCGNet (spec 4.4). ``num_init_features`` defaults to ``2 * growth_rates[0]`` as in the
+    """Generic CIFAR HCGNet (``HCGNet_CIFAR.py``). ``num_init_features`` defaults to ``2 * growth_rates[0]`` as in the
     official code. ``image_size`` is accepted for interface uniformity and ignored (size-agnostic net)."""
     if len(growth_rates) != len(block_config):
         raise ValueError("one growth rate per hybrid block")
@@ -155,7 +155,7 @@ def hcgnet(num_classes: int = 100, growth_rates: Sequence[int] = (12, 24, 36),
 @register("hcgnet_a1", image_size=32,
           description="HCGNet-A1 (growth 12/24/36, 8 SMG per block); 1,102,651 params at 100 classes")
 def hcgnet_a1(num_classes: int = 100, **kwargs) -> Backbone:
-    """HCGNet-A1 (spec 4.4): growth (12, 24, 36), blocks (8, 8, 8), 24 initial features; widths [60, 126, 414]."""
+    """HCGNet-A1 (``HCGNet_A1``): growth (12, 24, 36), blocks (8, 8, 8), 24 initial features; widths [60, 126, 414]."""
     return hcgnet(num_classes, growth_rates=(12, 24, 36), block_config=(8, 8, 8), **kwargs)
 
 

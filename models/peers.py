@@ -8,9 +8,9 @@
   and MCL-OKD). Trunk + one branch is exactly the single backbone.
 * ``tree``: the CL-ILR hierarchy. A trunk (``stages[:split]``) feeds ceil(N/2) groups (one stage
   each); each group feeds up to two branches (the remaining stages and the head). Where a tensor
-  feeds several consumers its gradient is divided by their number (ILR, spec mcl_okd.md 2.3).
+  feeds several consumers its gradient is divided by their number (ILR, Song & Chai, NeurIPS 2018).
 
-Split points (spec mcl_okd.md 4.6) are the same rule for every family, counted in stages:
+Split points (as winycg/MCL-OKD; docs/backbones.md) are the same rule for every family, counted in stages:
 ``"dml"`` (DML / MCL-OKD) shares all but the last two stages, ``"one"`` (ONE / OKDDip) all but the
 last stage; the CL-ILR tree uses the ``"dml"`` trunk, one group stage, then the last stage.
 """
@@ -72,7 +72,8 @@ class PeerOutput(NamedTuple):
     logits: list[torch.Tensor]                        # one B x C tensor per peer
     features: Optional[list[torch.Tensor]]            # pooled feature of each peer (B x feature_dim)
     stages: Optional[list[list[torch.Tensor]]]        # per peer, the map after every stage (shared ones repeated)
-    trunk: Optional[torch.Tensor]                     # output of the shared trunk (None for independent peers)
+    trunk: Optional[torch.Tensor]                     # output of the shared trunk (None for independent peers;
+                                                      # a list, one per view, when the input was views)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -195,15 +196,31 @@ class Peers(nn.Module):
             self.branches = GroupedBackbones(list(self.branches))
         return self
 
-    def forward(self, x: torch.Tensor, return_features: bool = False, return_stages: bool = False) -> PeerOutput:
-        trunk_out, trunk_maps = (None, [])
-        inputs = [x] * self.num_peers
-        group_maps: list[list[torch.Tensor]] = [[] for _ in range(self.num_peers)]
+    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]], return_features: bool = False,
+                return_stages: bool = False) -> PeerOutput:
+        """``x``: one batch for every peer, or a list of ``num_peers`` batches (augmented views), one per peer.
+        With views a shared trunk runs once per view and branch i takes view i's trunk output (then
+        ``PeerOutput.trunk`` is the list of those); the CL-ILR tree takes one batch only."""
+        n = self.num_peers
+        views = isinstance(x, (list, tuple))
+        if views and len(x) != n:
+            raise ValueError(f"{len(x)} views for {n} peers: give one batch, or one view per peer")
+        if views and self.topology == "tree":
+            raise ValueError("the CL-ILR tree's groups are shared by two branches: give one batch, not views")
+        inputs = list(x) if views else [x] * n
+        trunk_out, trunk_maps = None, [[] for _ in range(n)]
+        group_maps: list[list[torch.Tensor]] = [[] for _ in range(n)]
         if self.trunk is not None:
-            trunk_out, trunk_maps = self.trunk(x, return_stages)
-            if self.topology == "shared":
-                inputs = [trunk_out] * self.num_peers
+            if views:
+                runs = [self.trunk(v, return_stages) for v in x]
+                trunk_out, trunk_maps = [r[0] for r in runs], [r[1] for r in runs]
+                inputs = list(trunk_out)
             else:
+                trunk_out, maps = self.trunk(x, return_stages)
+                trunk_maps = [maps] * n
+            if self.topology == "shared" and not views:
+                inputs = [trunk_out] * n
+            elif self.topology == "tree":
                 shared = ilr(trunk_out, len(self.groups))
                 group_out = [ilr(group(shared), self.branch_consumers(g)) for g, group in enumerate(self.groups)]
                 inputs = [group_out[g] for g in self.group_of]
@@ -219,7 +236,7 @@ class Peers(nn.Module):
             logits.append(out.logits)
             features.append(out.features)
             if return_stages:
-                stages.append(trunk_maps + group_maps[i] + out.stages)
+                stages.append(trunk_maps[i] + group_maps[i] + out.stages)
         return PeerOutput(logits, features if return_features else None,
                           stages if return_stages else None, trunk_out)
 

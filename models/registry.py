@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -33,8 +34,14 @@ class UnknownModelError(ValueError):
     pass
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers in a name by value: resnet20 < resnet32 < resnet110."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    """Every registered name, in natural order (resnet20, resnet32, ..., resnet110)."""
+    return sorted(_REGISTRY, key=natural_key)
 
 
 def model_entry(name: str) -> ModelEntry:

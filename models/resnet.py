@@ -1,4 +1,4 @@
-"""CIFAR ResNets (spec mcl_okd.md section 4.1; the MCL-OKD / OKDDip ``models/resnet.py``).
+"""CIFAR ResNets (He et al., CVPR 2016; the MCL-OKD / OKDDip ``models/resnet.py``).
 
 * stem: 3x3 conv 3 -> 16 (stride 1, no bias), BN, ReLU;
 * three stages with planes 16 / 32 / 64; the first block of stages 2 and 3 has stride 2 (32 -> 16 -> 8);
@@ -112,7 +112,7 @@ def init_resnet(model: nn.Module) -> nn.Module:
 
 def cifar_resnet(block: Block, layers: Sequence[int], num_classes: int = 100, width_per_group: int = 64,
                  image_size: Optional[int] = None) -> Backbone:
-    """Generic 3-stage CIFAR ResNet (spec 4.1). ``image_size`` is accepted for interface uniformity
+    """Generic 3-stage CIFAR ResNet (MCL-OKD ``models/resnet.py``). ``image_size`` is accepted for interface uniformity
     and ignored: the net is fully convolutional up to the adaptive pool (32x32 and 64x64 both work)."""
     if len(layers) != 3:
         raise ValueError("a CIFAR ResNet has three stages")
@@ -128,32 +128,32 @@ def cifar_resnet(block: Block, layers: Sequence[int], num_classes: int = 100, wi
 
 @register("resnet20", image_size=32, description="CIFAR ResNet-20, BasicBlock [3,3,3]; 278,324 params at C=100")
 def resnet20(num_classes: int = 100, **kwargs) -> Backbone:
-    """ResNet-20 for CIFAR (spec 4.1): BasicBlock [3,3,3], depth 6n+2, 64-d feature."""
+    """ResNet-20 for CIFAR: BasicBlock [3,3,3], depth 6n+2, 64-d feature."""
     return cifar_resnet(BasicBlock, [3, 3, 3], num_classes, **kwargs)
 
 
 @register("resnet32", image_size=32, description="CIFAR ResNet-32, BasicBlock [5,5,5]; 472,756 params at C=100")
 def resnet32(num_classes: int = 100, **kwargs) -> Backbone:
-    """ResNet-32 for CIFAR (spec 4.1): BasicBlock [5,5,5], depth 6n+2, 64-d feature."""
+    """ResNet-32 for CIFAR: BasicBlock [5,5,5], depth 6n+2, 64-d feature."""
     return cifar_resnet(BasicBlock, [5, 5, 5], num_classes, **kwargs)
 
 
 @register("resnet44", image_size=32, description="CIFAR ResNet-44, BasicBlock [7,7,7]; 667,188 params at C=100")
 def resnet44(num_classes: int = 100, **kwargs) -> Backbone:
-    """ResNet-44 for CIFAR (spec 4.1): BasicBlock [7,7,7], depth 6n+2, 64-d feature."""
+    """ResNet-44 for CIFAR: BasicBlock [7,7,7], depth 6n+2, 64-d feature."""
     return cifar_resnet(BasicBlock, [7, 7, 7], num_classes, **kwargs)
 
 
 @register("resnet56", image_size=32, description="CIFAR ResNet-56, BasicBlock [9,9,9]; 861,620 params at C=100")
 def resnet56(num_classes: int = 100, **kwargs) -> Backbone:
-    """ResNet-56 for CIFAR (spec 4.1): BasicBlock [9,9,9], depth 6n+2, 64-d feature."""
+    """ResNet-56 for CIFAR: BasicBlock [9,9,9], depth 6n+2, 64-d feature."""
     return cifar_resnet(BasicBlock, [9, 9, 9], num_classes, **kwargs)
 
 
 @register("resnet110", image_size=32,
           description="classic CIFAR ResNet-110, BasicBlock [18,18,18]; 1,736,564 params at C=100")
 def resnet110(num_classes: int = 100, **kwargs) -> Backbone:
-    """ResNet-110 for CIFAR (spec 4.1): BasicBlock [18,18,18], depth 6n+2, 64-d feature.
+    """ResNet-110 for CIFAR: BasicBlock [18,18,18], depth 6n+2, 64-d feature.
 
     The classic basic-block ResNet-110, not the MCL-OKD one (that is ``resnet110_bottleneck``)."""
     return cifar_resnet(BasicBlock, [18, 18, 18], num_classes, **kwargs)
@@ -162,7 +162,7 @@ def resnet110(num_classes: int = 100, **kwargs) -> Backbone:
 @register("resnet110_bottleneck", image_size=32,
           description="CIFAR ResNet-110 as in MCL-OKD/OKDDip: Bottleneck [12,12,12] (9n+2); 1,170,868 params at C=100")
 def resnet110_bottleneck(num_classes: int = 100, **kwargs) -> Backbone:
-    """ResNet-110 of the MCL-OKD / OKDDip / PCL code (spec 4.1): Bottleneck [12,12,12], depth 9n+2,
+    """ResNet-110 of the MCL-OKD / OKDDip / PCL code (their ``models/resnet.py``): Bottleneck [12,12,12], depth 9n+2,
     stage widths 64/128/256 (stage 1 starts with a 16 -> 64 projection), 256-d feature.
     Not the classic 1.7M basic-block ResNet-110 (that one is ``resnet110``)."""
     return cifar_resnet(Bottleneck, [12, 12, 12], num_classes, **kwargs)

@@ -1,4 +1,4 @@
-"""ImageNet-style ResNet-18 / ResNet-34 (spec mcl_okd.md section 4.5; torchvision design).
+"""ImageNet-style ResNet-18 / ResNet-34 (torchvision design; winycg/MCL-OKD ``models/resnet_imagenet.py``).
 
 BasicBlock stages [2,2,2,2] (ResNet-18) / [3,4,6,3] (ResNet-34) with widths 64/128/256/512, stride 2
 at the start of stages 2-4, 1x1-conv + BN downsample, global average pool, Linear(512 -> C).
@@ -52,7 +52,7 @@ def default_stem(image_size: int) -> str:
 
 def imagenet_resnet(layers: Sequence[int], num_classes: int = 1000, image_size: int = 224,
                     stem: Optional[str] = None) -> Backbone:
-    """Generic 4-stage BasicBlock ResNet (spec 4.5) with the stem chosen by ``stem`` / ``image_size``."""
+    """Generic 4-stage BasicBlock ResNet with the stem chosen by ``stem`` / ``image_size``."""
     stem_module = make_stem(stem if stem is not None else default_stem(image_size))
     stages, inplanes = [], 64
     for planes, blocks, stride in zip((64, 128, 256, 512), layers, (1, 2, 2, 2)):
@@ -64,12 +64,12 @@ def imagenet_resnet(layers: Sequence[int], num_classes: int = 1000, image_size: 
 @register("resnet18", image_size=224,
           description="ResNet-18 (torchvision design, BasicBlock [2,2,2,2]); stem 'imagenet' or 'small'")
 def resnet18(num_classes: int = 100, image_size: int = 224, stem: Optional[str] = None) -> Backbone:
-    """ResNet-18 (spec 4.5): 11,689,512 params at 1000 classes with the ImageNet stem."""
+    """ResNet-18: 11,689,512 params at 1000 classes with the ImageNet stem."""
     return imagenet_resnet([2, 2, 2, 2], num_classes, image_size, stem)
 
 
 @register("resnet34", image_size=224,
           description="ResNet-34 (torchvision design, BasicBlock [3,4,6,3]); stem 'imagenet' or 'small'")
 def resnet34(num_classes: int = 100, image_size: int = 224, stem: Optional[str] = None) -> Backbone:
-    """ResNet-34 (spec 4.5): 21,797,672 params at 1000 classes with the ImageNet stem."""
+    """ResNet-34: 21,797,672 params at 1000 classes with the ImageNet stem."""
     return imagenet_resnet([3, 4, 6, 3], num_classes, image_size, stem)

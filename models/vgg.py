@@ -1,4 +1,4 @@
-"""VGG-16 for CIFAR (spec mcl_okd.md section 4.2; the MCL-OKD / OKDDip ``models/vgg.py``).
+"""VGG-16 for CIFAR (Simonyan & Zisserman, ICLR 2015; the MCL-OKD / OKDDip ``models/vgg.py``).
 
 13 3x3 convs (with bias), each followed by BN and ReLU, five 2x2 max-pools, then a **single**
 Linear(512 -> C): no FC-4096 layers, no dropout.
@@ -36,7 +36,7 @@ def vgg_stage(cin: int, cout: int, convs: int) -> nn.Sequential:
 @register("vgg16", image_size=32,
           description="CIFAR VGG-16 (13 conv+BN, single Linear 512->C); 14,774,436 params at C=100")
 def vgg16(num_classes: int = 100, image_size: Optional[int] = None) -> Backbone:
-    """VGG-16 (spec 4.2). ``image_size`` is accepted for interface uniformity and ignored (a 64x64
+    """VGG-16 (MCL-OKD ``models/vgg.py``). ``image_size`` is accepted for interface uniformity and ignored (a 64x64
     input leaves a 2x2 map, which the global average pool reduces)."""
     stem = vgg_stage(3, 64, 2)
     config = [(64, 128, 2), (128, 256, 3), (256, 512, 3), (512, 512, 3)]

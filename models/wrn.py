@@ -105,7 +105,7 @@ for (_depth, _width), _params in WRN_CONFIGS.items():
 def wrn_20_8(num_classes: int = 100, **kwargs) -> Backbone:
     """The "WRN-20-8" of the online-KD literature (OKDDip ``wide_resnet20_8``; also PCL, KDCL-as-rerun-by-PCL).
 
-    Not a Zagoruyko pre-activation WRN: it is the CIFAR ResNet of spec 4.1 with Bottleneck blocks
+    Not a Zagoruyko pre-activation WRN: it is the CIFAR ResNet of ``models/resnet.py`` with Bottleneck blocks
     [2, 2, 2] and ``width_per_group = 512``, so each bottleneck's inner width is 8x its planes:
     1x1 / 3x3 / 1x1 convs of 128-128-64, 256-256-128 and 512-512-256 channels (3x3 widths equal
     WRN-k=8's 16k/32k/64k), option-B projections, stage outputs 64 / 128 / 256, 256-d feature.

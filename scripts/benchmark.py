@@ -26,42 +26,39 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torch.utils._python_dispatch import TorchDispatchMode
-from torchvision import transforms
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from engine import Method, Trainer, UserError, parse_args  # noqa: E402  (first: --help without torch)
+from engine.method import load_method  # noqa: E402
+from engine.cli import HelpFormatter  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torchvision import transforms  # noqa: E402
+
 from data.loaders import Batch  # noqa: E402
-from engine import Method, Trainer, UserError, parse_args  # noqa: E402
+
+class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default once."""
+
 
 CIFAR_TRAIN = 50_000
-OFFICIAL_WORKERS = {"mcl_okd": 8}            # spec mcl_okd.md section 1: the others load with 0 workers
+OFFICIAL_WORKERS = {"mcl_okd": 8}            # winycg/MCL-OKD main_cifar_*.py: the others use 0
 CIFAR100_NEGATIVE_POOL = 49_500              # CIFAR-100 samples of the other 99 classes
 OPTIONS = {
     "channels_last": ["--channels-last"], "bf16": ["--amp", "bf16"], "compile": ["--compile"],
     "compile-ro": ["--compile", "reduce-overhead"], "grouped": ["--grouped-peers"], "cudagraph": ["--cuda-graph"],
     "foreach": ["--sgd-impl", "foreach"], "for-loop": ["--sgd-impl", "for-loop"],
 }
-
-
-def method_class(name: str) -> type[Method]:
-    module = importlib.import_module(f"train_{name}")
-    classes = [c for c in vars(module).values()
-               if isinstance(c, type) and issubclass(c, Method) and c is not Method and c.__module__ == module.__name__]
-    if len(classes) != 1:
-        raise SystemExit(f"train_{name}.py does not define exactly one Method")
-    return classes[0]
 
 
 class PILImages(Dataset):
@@ -216,7 +213,7 @@ def profile(trainer: Trainer, steps: int, device) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--method", default="dml", help="train_<method>.py to benchmark: dml, mcl_okd, one, okddip, ...")
     p.add_argument("--arch", default="resnet32")
     p.add_argument("--peers", type=int, default=None, help="--num-peers (default: the method's)")
@@ -238,7 +235,10 @@ def main(argv=None):
                             "cpu" if a.device == "auto" else a.device)
     if a.workers is None:
         a.workers = OFFICIAL_WORKERS.get(a.method, 0)
-    method_cls = method_class(a.method)
+    try:
+        method_cls = load_method(a.method)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
     configs = [c for c in a.configs.split(",") if c]
     for c in configs:
         unknown = [o for o in c.split("+") if o not in OPTIONS and c != "default"]

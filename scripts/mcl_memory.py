@@ -19,10 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import engine  # noqa: E402,F401  (first: --help without torch, engine/fast_help.py)
+from engine.cli import HelpFormatter  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 from losses.contrast_memory import bank_scores, nce_loss  # noqa: E402
 
 MIB = 1 << 20
@@ -85,7 +88,7 @@ def measure(variant: str, a) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--k", type=int, default=16384)
     p.add_argument("--peers", type=int, default=4)

@@ -1,11 +1,11 @@
-"""DenseNet-40-12 and HCGNet-A1/A2/A3 backbones: exact sizes (spec 4.3, 4.4, 5), shapes, and the Backbone contract."""
+"""DenseNet-40-12 and HCGNet-A1/A2/A3 backbones: exact sizes (docs/backbones.md), shapes, and the Backbone contract."""
 import pytest
 import torch
 from torch import nn
 
 from models import count_parameters, create_model, model_entry
 
-# (part path, params) at 100 classes; spec 4.3 and 4.4.
+# (part path, params) at 100 classes; official models, docs/backbones.md.
 DENSENET_PARTS = {
     "stem": 648, "stages.0.block": 47_880, "stages.0.transition": 4_800, "stages.1.block": 55_080,
     "stages.1.transition": 7_440, "stages.2": 58_680, "head.norm": 264, "head.fc": 13_300,

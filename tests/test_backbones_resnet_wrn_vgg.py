@@ -1,8 +1,8 @@
 """CIFAR ResNets, ImageNet ResNet-18/34, Wide ResNets and VGG-16: sizes, shapes and the Backbone contract.
 
-Parameter counts are checked twice: against the spec's reference numbers (mcl_okd.md section 5) and
+Parameter counts are checked twice: against the official reference numbers (docs/backbones.md, reference sizes) and
 against closed-form per-layer sums written here independently of the model code. Multiply-adds use the
-spec's counting rule (section 6: Conv2d and Linear only) and must match section 5 exactly.
+official counting rule (winycg/MCL-OKD utils.py: Conv2d and Linear only) and must match them exactly.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def vgg16_params(num_classes):
 
 
 def multiply_adds(model: nn.Module, size: int) -> int:
-    """Spec section 6: Cin*Cout*kh*kw*Hout*Wout/groups per called Conv2d, weight.numel() per Linear."""
+    """Official cal_multi_adds: Cin*Cout*kh*kw*Hout*Wout/groups per called Conv2d, weight.numel() per Linear."""
     total = 0
 
     def hook(m, inputs, output):
@@ -143,7 +143,7 @@ def test_registry_description_count_is_true(name):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Multiply-adds (spec section 5): pins strides and stage layout, not only layer sizes.
+# Multiply-adds (official reference values, docs/backbones.md): pins strides and stage layout, not only layer sizes.
 
 @pytest.mark.parametrize("name, num_classes, size, kwargs, expected", [
     ("resnet32", 100, 32, {}, 69_130_496),

@@ -78,7 +78,7 @@ def test_upright_contrast_loss_lower_bound_at_temperature_one():
     u = torch.tensor([[1.0, 2.0, -1.0]])
     z = torch.cat([u, -u] * 4)
     assert upright_contrast_loss(z, 2).item() == pytest.approx(math.log(1 + math.exp(-2)), abs=1e-6)
-    assert math.log(1 + 127 * math.exp(-2)) == pytest.approx(2.90, abs=0.005)   # the spec's B = 128 floor
+    assert math.log(1 + 127 * math.exp(-2)) == pytest.approx(2.90, abs=0.005)   # the B = 128 floor (docs/cmff.md)
 
 
 # ---- KL6 and its ramp-up ----------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def test_rampup_values():
 
 # ---- the cross-attention -----------------------------------------------------------------------------
 def _attention_reference(block, f1, f2):
-    """The spec's equations (cmff.md 1.2) in float64 numpy, from the block's weights."""
+    """The equations of docs/cmff.md (official CrossAttention) in float64 numpy, from the block's weights."""
     P = {k: v.detach().double().numpy() for k, v in block.state_dict().items()}
     h, t = block.heads, block.chunk
     inner = h * t
@@ -202,7 +202,7 @@ def test_default_grid_reproduces_official_widths():
         net = CMFFNet("resnet32", 100, 32)
     d, m = 4096, 8192
     assert net.grid == 8 and net.dim == d and net.attention.mlp[0][0].out_features == m
-    # q/k/v/o (4 per side), the MLP, 4 LayerNorms and c_1..c_8: ~270M, as the spec says
+    # q/k/v/o (4 per side), the MLP, 4 LayerNorms and c_1..c_8: ~270M, as docs/cmff.md says
     assert count_parameters(net.attention) == 2 * (4 * (d * d + d) + d * m + m + m * d + d) + 4 * 2 * d + 8
     # default fusion input "map": FFL's Fusion_module(64, 100, 8) on the attended 64 x 8 x 8 grid
     assert net.fusion_shape == (64, 8, 8)

@@ -441,7 +441,7 @@ def test_imagenet_bad_image_in_epoch_two_keeps_epoch_one(imagenet, tmp_path, cap
             bad.append(str(f))
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
-        main(train_baseline.Baseline, argv + ["--epochs", "2", "--resume", "auto"])
+        main(train_baseline.Baseline, argv + ["--epochs", "2", "--extend-epochs", "--resume", "auto"])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "\n" not in err and err.startswith("error: dataset 'imagenet': the image ")
     assert err.split("the image ")[1].split(" cannot")[0] in bad

@@ -58,14 +58,14 @@ def test_only_rank0_writes_and_results_count_both_ranks(two_rank_run):
 def test_two_rank_eval_equals_one_rank(two_rank_run, tmp_path):
     out, _ = two_rank_run
     torchrun("train_dml", *ARGS, "--eval-only", str(out / "last.pt"), "--out", str(tmp_path / "two"))
-    two = json.loads((tmp_path / "two" / "eval-last.json").read_text())
+    two = json.loads((tmp_path / "two" / "eval-last-synthetic.json").read_text())
     one = train(train_dml.DML, ARGS + ["--eval-only", str(out / "last.pt"), "--out", str(tmp_path / "one")])
     assert two["test"] == one["test"]
 
 
 def test_two_rank_run_resumes(two_rank_run):
     out, _ = two_rank_run
-    torchrun("train_dml", *ARGS, "--epochs", "2", "--out", str(out), "--resume", "auto")
+    torchrun("train_dml", *ARGS, "--epochs", "2", "--extend-epochs", "--out", str(out), "--resume", "auto")
     results = json.loads((out / "results.json").read_text())
     assert results["epochs_done"] == 2 and results["status"] == "finished"
     a, b = _weights(out / "rank0.pt"), _weights(out / "rank1.pt")

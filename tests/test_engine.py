@@ -92,7 +92,7 @@ def test_eval_only_reproduces_best(dml_run, tmp_path):
     out, results = dml_run
     evaluated = train(train_dml.DML, FAST + ["--eval-only", str(out / "best.pt"), "--out", str(tmp_path)])
     assert evaluated["test"] == results["best"]["test"]
-    assert (tmp_path / "eval-best.json").is_file()
+    assert (tmp_path / "eval-best-synthetic.json").is_file()
 
 
 class _NaNDML(train_dml.DML):
@@ -106,7 +106,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     train(train_dml.DML, FAST + ["--epochs", "2", "--out", str(tmp_path)])
     # The same run extended, but its loss now turns NaN: a clear error, and last.pt keeps epoch 2.
     with pytest.raises(UserError, match="non-finite"):
-        train(_NaNDML, FAST + ["--epochs", "3", "--out", str(tmp_path), "--resume", "auto"])
+        train(_NaNDML, FAST + ["--epochs", "3", "--extend-epochs", "--out", str(tmp_path), "--resume", "auto"])
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
 
 
@@ -167,10 +167,10 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_resume_follows_the_new_schedule(tmp_path):
-    """Extending a run (--epochs) or changing --lr on resume: the next epoch uses the new schedule's lr."""
+    """Extending a run (--epochs with --extend-epochs): the next epoch uses the new schedule's lr. Another
+    --lr or --weight-decay on resume is refused (tests/test_runs.py)."""
     train(train_dml.DML, FAST + ["--epochs", "1", "--subset", "128", "--out", str(tmp_path)])
-    resumed = train(train_dml.DML, FAST + ["--epochs", "2", "--subset", "128", "--lr", "0.2", "--weight-decay",
-                                           "1e-4", "--out", str(tmp_path), "--resume", "auto"])
+    resumed = train(train_dml.DML, FAST + ["--epochs", "2", "--extend-epochs", "--subset", "128",
+                                           "--out", str(tmp_path), "--resume", "auto"])
     assert resumed["history"][0]["lr"]["model"] == pytest.approx(0.1)       # epoch 1 of 1 at lr 0.1
-    assert resumed["history"][1]["lr"]["model"] == pytest.approx(0.2 * 0.5)  # cosine of 2 epochs from 0.2
-    assert resumed["recipe"]["weight_decay"] == 1e-4
+    assert resumed["history"][1]["lr"]["model"] == pytest.approx(0.1 * 0.5)  # cosine of 2 epochs from 0.1

@@ -224,9 +224,9 @@ def test_engine_run_is_the_same_with_grouped_peers(tmp_path):
         {k: v.shape for k, v in p_ckpt["state"]["model"].items()}
     assert [s["momentum_buffer"].shape for s in g_ckpt["optimizers"]["model"]["state"].values()] == \
         [s["momentum_buffer"].shape for s in p_ckpt["optimizers"]["model"]["state"].values()]
-    resumed_plain = train(train_dml.DML, FAST + lr + ["--epochs", "3", "--resume", str(tmp_path / "grouped" / "last.pt"),
+    resumed_plain = train(train_dml.DML, FAST + lr + ["--epochs", "3", "--extend-epochs", "--resume", str(tmp_path / "grouped" / "last.pt"),
                                                       "--out", str(tmp_path / "r1")])
-    resumed_grouped = train(train_dml.DML, FAST + lr + ["--epochs", "3", "--grouped-peers", "--resume",
+    resumed_grouped = train(train_dml.DML, FAST + lr + ["--epochs", "3", "--extend-epochs", "--grouped-peers", "--resume",
                                                         str(tmp_path / "plain" / "last.pt"), "--out", str(tmp_path / "r2")])
     for key in ("ce", "kd", "loss"):
         assert resumed_plain["history"][2]["train"][key] == pytest.approx(

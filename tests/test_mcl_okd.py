@@ -33,7 +33,7 @@ def make_method(argv, labels, num_classes):
 # ---- the loss and the memory update, against explicit float64 loops --------------------------------
 
 def reference_step(M, E, index, contrast, n_data, tau, mom, eps=1e-7):
-    """Spec mcl_okd.md 2.6, written again: M N x n x d, E N x B x d (float64, E requires grad).
+    """docs/mcl_okd.md (MCL-OKD mcl/), written again: M N x n x d, E N x B x d (float64, E requires grad).
     Returns (loss, updated memory)."""
     N, B, K1 = E.shape[0], E.shape[1], contrast.shape[1]
     K = K1 - 1
@@ -242,7 +242,7 @@ def test_dot_teaches_only_the_last_branch():
 
 
 def test_embedding_head_sizes_match_the_official_models():
-    """Spec 2.6: parameters of the 4 heads Linear(C_feat -> 128) for each official backbone."""
+    """Parameters of the 4 official heads Linear(C_feat -> 128) for each official backbone."""
     from models import create_model
     expected = {"densenet40_12": 68096, "resnet32": 33280, "vgg16": 262656, "resnet110_bottleneck": 131584,
                 "hcgnet_a1": 212480, "resnet34": 262656}

@@ -1,4 +1,4 @@
-"""models/complexity.count_macs against spec mcl_okd.md section 5, MACs of the peer topologies, and a
+"""models/complexity.count_macs against the official sizes (docs/backbones.md), MACs of the peer topologies, and a
 smoke test of scripts/model_table.py.
 
 Models are built on the ``meta`` device where only shapes matter (count_macs is shape-only), and
@@ -29,7 +29,7 @@ def on_meta(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-# spec mcl_okd.md section 5: (arch, classes, input size, params, multiply-adds)
+# official reference sizes, docs/backbones.md: (arch, classes, input size, params, multiply-adds)
 SPEC_5 = [
     ("densenet40_12", 100, 32, 188_092, 72_377_232),
     ("resnet32", 100, 32, 472_756, 69_130_496),
@@ -45,7 +45,7 @@ SPEC_5 = [
 def test_count_macs_matches_spec_section_5(arch, classes, size, params, macs):
     model = on_meta(create_model, arch, num_classes=classes)
     measured = count_macs(model, size)
-    assert abs(measured - macs) <= 0.005 * macs, f"{arch}: {measured:,} vs spec {macs:,}"
+    assert abs(measured - macs) <= 0.005 * macs, f"{arch}: {measured:,} vs official {macs:,}"
     assert count_parameters(model) == params
 
 
@@ -121,12 +121,13 @@ def test_model_table_script_smoke(capsys):
     single_params = count_parameters(on_meta(create_model, "resnet20", num_classes=100))
     single_macs = count_macs(on_meta(create_model, "resnet20", num_classes=100), 32)
     assert f"| resnet20 | 32x32 | 100 | {single_params:,} | {single_macs:,} |" in text
-    assert "| backbone | classes | N | topology | trunk stages | params | MACs |" in text
+    assert "| backbone | input | classes | N | topology | trunk stages | params | MACs |" in text
     for label, topology, split in [("independent", "independent", None), ("shared dml", "shared", "dml"),
                                    ("shared one", "shared", "one"), ("tree (CL-ILR)", "tree", None)]:
         peers = on_meta(Peers, "resnet20", 100, 2, topology, split)
         trunk = "-" if topology == "independent" else str(peers.split)
-        row = f"| resnet20 | 100 | 2 | {label} | {trunk} | {count_parameters(peers):,} | {count_macs(peers, 32):,} |"
+        row = (f"| resnet20 | 32x32 | 100 | 2 | {label} | {trunk} | {count_parameters(peers):,} | "
+               f"{count_macs(peers, 32):,} |")
         assert row in text
     assert "| 4 |" not in text                       # only the requested peer count
 

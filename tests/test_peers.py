@@ -1,4 +1,4 @@
-"""Peer topologies (models/peers.py; spec mcl_okd.md 2.3 and 4.6).
+"""Peer topologies (models/peers.py; split points and ILR: docs/backbones.md).
 
 * trunk + one branch is exactly the backbone: parameter counts for every registered backbone and
   every split, and identical outputs after copying a standalone backbone's weights in;
@@ -6,7 +6,7 @@
 * ILR gradient rescaling, against gradients computed independently without the ``ilr`` op;
 * storage: independent peers share nothing, shared branches share the one trunk (and tree groups);
 * unknown names raise the listing ``UnknownModelError``;
-* default split points per family (spec 4.6) and the shapes of ``PeerOutput``.
+* default split points per family (docs/backbones.md) and the shapes of ``PeerOutput``.
 
 Parameter-count and shape checks build the models on the ``meta`` device (no memory, no compute);
 numerical checks use small CPU models, batch 2.
@@ -374,15 +374,15 @@ def test_invalid_arguments():
 
 
 # ------------------------------------------------------------------------------------------------
-# Split points (spec 4.6) and output shapes.
+# Split points (docs/backbones.md) and output shapes.
 
 def family_splits(name: str) -> tuple[int, int]:
-    """Expected (dml, one) trunk stage counts per family (spec mcl_okd.md 4.6)."""
-    if name in ("resnet18", "resnet34") or name == "vgg16":
+    """Expected (dml, one) trunk stage counts per family (docs/backbones.md, split points)."""
+    if name in ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenetv2", "mobilenetv2_x0_5") or name == "vgg16":
         return 2, 3
     if re.fullmatch(r"resnet\d+(_bottleneck)?|wrn_\d+_\d+|densenet40_12|hcgnet_a\d", name):
         return 1, 2
-    raise AssertionError(f"no spec 4.6 split rule written down for {name}; add it to this test")
+    raise AssertionError(f"no official split rule written down for {name}; add it to this test")
 
 
 @pytest.mark.parametrize("arch", list_models())

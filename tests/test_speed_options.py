@@ -52,7 +52,7 @@ def test_engine_uses_the_chosen_sgd_and_resume_follows_the_flag(tmp_path):
     train(train_dml.DML, fast + ["--epochs", "1", "--sgd-impl", "for-loop"])
     group = load_checkpoint(tmp_path / "last.pt")["optimizers"]["model"]["param_groups"][0]
     assert group["foreach"] is False and not group["fused"]
-    train(train_dml.DML, fast + ["--epochs", "2", "--resume", "auto"])           # default: fused
+    train(train_dml.DML, fast + ["--epochs", "2", "--extend-epochs", "--resume", "auto"])   # default: fused
     group = load_checkpoint(tmp_path / "last.pt")["optimizers"]["model"]["param_groups"][0]
     assert group["fused"] is True
 

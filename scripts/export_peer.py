@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Write one trained peer of a run as a stand-alone network.
+
+Usage::
+
+    python scripts/export_peer.py runs/dml-resnet32-cifar100-n2-s0/best.pt --peer 2 -o peer2.pt
+    python scripts/export_peer.py RUN/best.pt --peer 1 --from mean_teacher --head mean_peer1 -o pcl.pt   # PCL's EMA
+
+The file is ``{"arch", "num_classes", "model_kwargs", "format", "state_dict", "source"}``:
+
+* ``format == "models"``: load it with ``models.create_model(arch, num_classes=..., **model_kwargs)`` and
+  ``load_state_dict(state_dict)`` (``load_exported`` below does both);
+* ``format == "torchvision"`` (``resnet50``, ``mobilenet_v2``): the keys are torchvision's, so
+  ``torchvision.models.<arch>(num_classes=...).load_state_dict(state_dict)`` takes it as it is.
+
+Peer i of independent peers is network i; of a shared trunk (ONE, OKDDip, PCL, MCL-OKD...) or the CL-ILR tree
+it is the trunk + (its group +) branch i, i.e. exactly the single backbone; grouped runs (--grouped-peers) are
+split back into the plain network. The script prints which head of the run the peer is and the top-1 that the
+checkpoint's epoch recorded for it (test, and val with --val-split).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.checkpoint import atomic_save, load_checkpoint  # noqa: E402
+from engine.errors import UserError  # noqa: E402
+from models import create_model  # noqa: E402
+from models.peers import Peers, peer_archs  # noqa: E402
+from models.torchvision_nets import TORCHVISION, to_torchvision_state  # noqa: E402
+
+IMAGE_SIZES = (32, 224)   # the ResNet-18/34 stem is whichever of these the weights fit
+
+
+def find_peers(state: dict) -> tuple[str, dict]:
+    """(prefix, sub-state) of the one ``Peers`` in a state dict: the keys before ``branches.<i|wide>.``."""
+    prefixes = {m.group(1) for key in state for m in [re.match(r"^(.*?)branches\.(\d+|wide)\.", key)] if m}
+    if len(prefixes) != 1:
+        raise UserError(f"found {len(prefixes)} sets of peers in this state ({sorted(prefixes)}); "
+                        "export works on methods with one Peers module")
+    prefix = prefixes.pop()
+    return prefix, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def rebuild_peers(state: dict, arch: str, num_classes: int, num_peers: int) -> Peers:
+    """A ``Peers`` with ``state`` loaded: topology and split read from the keys, the stem from the shapes."""
+    topology = "tree" if any(k.startswith("groups.") for k in state) else (
+        "shared" if any(k.startswith("trunk.") for k in state) else "independent")
+    split = len({k.split(".")[2] for k in state if k.startswith("trunk.stages.")}) or None
+    grouped = any(k.startswith("branches.wide.") for k in state)
+    errors = []
+    for size in IMAGE_SIZES:
+        peers = Peers(arch, num_classes, num_peers, topology, split if topology != "independent" else None,
+                      image_size=size)
+        if grouped:
+            peers.group_branches()
+        try:
+            peers.load_state_dict(state)
+            return peers
+        except RuntimeError as e:
+            errors.append(str(e).splitlines()[0])
+    raise UserError(f"the checkpoint's peers do not fit {arch} ({errors[-1][:200]})")
+
+
+def recorded_accuracy(ckpt: dict, head: str) -> dict[str, float]:
+    """Top-1 of ``head`` at the checkpoint's epoch, per split (empty when the run did not evaluate it)."""
+    record = next((r for r in ckpt.get("history", []) if r["epoch"] == ckpt["epoch"]), None)
+    if record is None:
+        return {}
+    return {split: record[split][f"{head}/top1"] for split in ("test", "val")
+            if f"{head}/top1" in record.get(split, {})}
+
+
+def export_peer(checkpoint: Path, peer: int, source: str = "model", head: Optional[str] = None) -> dict:
+    """The stand-alone peer ``peer`` (1-based) of a run's checkpoint as the dictionary the script writes."""
+    ckpt = load_checkpoint(checkpoint)
+    args = ckpt["args"]
+    if source not in ckpt["state"]:
+        raise UserError(f"{checkpoint} has no '{source}' state; --from one of: {', '.join(ckpt['state'])}")
+    state = ckpt["state"][source]
+    state = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")} or state  # AveragedModel
+    _, sub = find_peers(state)
+    n = args.get("num_peers") or len({k.split(".")[1] for k in sub if re.match(r"branches\.\d+\.", k)})
+    if not 1 <= peer <= n:
+        raise UserError(f"--peer {peer}: the run has peers 1..{n}")
+    arch = peer_archs(args["arch"], n)[peer - 1]
+    peers = rebuild_peers(sub, args["arch"], args["num_classes"], n)
+    net = peers.single_network(peer - 1)
+    kwargs = {}
+    if arch in ("resnet18", "resnet34"):
+        kwargs["stem"] = "small" if net.stem[0].kernel_size == (3, 3) else "imagenet"
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    check = create_model(arch, num_classes=args["num_classes"], **kwargs)
+    check.load_state_dict(weights)        # the exported state is exactly that backbone's
+    fmt = "models"
+    if arch in TORCHVISION:
+        weights, fmt = to_torchvision_state(arch, weights, args["num_classes"]), "torchvision"
+    head = head or f"peer{peer}"
+    return {"arch": arch, "num_classes": args["num_classes"], "model_kwargs": kwargs, "format": fmt,
+            "state_dict": weights,
+            "source": {"checkpoint": str(checkpoint), "method": ckpt["method"], "epoch": ckpt["epoch"],
+                       "peer": peer, "from": source, "head": head, "top1": recorded_accuracy(ckpt, head),
+                       "run_arch": args["arch"]}}
+
+
+def load_exported(path: Path) -> torch.nn.Module:
+    """The network an export file holds: a ``models`` Backbone, or the ``torchvision.models`` network."""
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    if d["format"] == "torchvision":
+        net = TORCHVISION[d["arch"]][0](weights=None, num_classes=d["num_classes"])
+    else:
+        net = create_model(d["arch"], num_classes=d["num_classes"], **d["model_kwargs"])
+    net.load_state_dict(d["state_dict"])
+    return net
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", type=Path, help="a run's best.pt or last.pt")
+    p.add_argument("--peer", type=int, required=True, help="which peer, 1-based (head peerN)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="file to write")
+    p.add_argument("--from", dest="source", default="model",
+                   help="which state of the checkpoint: 'model' (the trained network) or an extra module such "
+                        "as PCL's 'mean_teacher'")
+    p.add_argument("--head", default=None, help="head whose recorded accuracy to report (default: peerN)")
+    a = p.parse_args(argv)
+    try:
+        out = export_peer(a.checkpoint, a.peer, a.source, a.head)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    atomic_save(out, a.output)
+    s = out["source"]
+    acc = ", ".join(f"{split} top-1 {v:.2f}" for split, v in s["top1"].items()) or "no accuracy recorded"
+    load = (f"torchvision.models.{out['arch']}(num_classes={out['num_classes']})" if out["format"] == "torchvision"
+            else f"models.create_model('{out['arch']}', num_classes={out['num_classes']}"
+                 + "".join(f", {k}={v!r}" for k, v in out["model_kwargs"].items()) + ")")
+    print(f"{a.output}: head {s['head']} of the {s['method']} run ({s['run_arch']}, epoch {s['epoch']}): "
+          f"{out['arch']}, {acc}. Load: {load}.load_state_dict(torch.load(path)['state_dict'])")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

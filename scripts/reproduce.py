@@ -1,0 +1,544 @@
+#!/usr/bin/env python
+"""Re-run a published table: every cell as one run per seed, locally or on a SLURM cluster.
+
+Usage::
+
+    python scripts/reproduce.py --list                                  # the tables
+    python scripts/reproduce.py mcl-okd-cifar100 --seeds 0 1 2 --dry-run     # print every command
+    python scripts/reproduce.py mcl-okd-cifar100 --only method=dml,mcl_okd arch=resnet32
+    python scripts/reproduce.py pcl-cifar100 --gpus 0,1,2,3             # a queue: one run per GPU
+    python scripts/reproduce.py cmff-cifar100 --launcher slurm --partition gpu --time 24:00:00
+    python scripts/summarize.py runs --table mcl-okd-cifar100           # the table, paper next to ours
+
+The tables and the flags of each cell are in ``scripts/tables.py``. Run ``s`` of a cell goes to
+``RUNS_DIR/<table>/<run>-s<s>/`` with ``--seed s --tag <table>/<run> --resume auto``, so:
+
+* a finished run (``results.json`` status "finished" with all its epochs) is skipped;
+* an unfinished one (interrupted, killed, pre-empted) continues from its ``last.pt``;
+* Ctrl-C stops the runs in flight after their checkpoint and leaves each one resumable: re-run the same
+  command to continue.
+
+A cell whose method script does not exist yet is listed as "not built" and never run; it becomes live as
+soon as ``train_<method>.py`` lands. ``--launcher slurm`` submits one job-array task per run through
+submitit; a task that is pre-empted or reaches its time limit is re-queued and continues with
+``--resume auto`` (``--max-requeues`` times).
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scripts.tables import PAPER_TABLES, TABLES, Cell, Table  # noqa: E402
+
+FILTER_KEYS = ("method", "arch", "row", "column", "run")
+
+
+# ---- run specifications ----------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One training run: a cell's command at one seed."""
+    table: str          # the table whose folder holds it (a cell with runs_table reads another table's runs)
+    name: str           # run name inside that folder
+    script: str
+    argv: list          # the cell's flags (--arch ... ), without seed/out/tag/resume
+    seed: int
+    out: Path
+    cells: list         # "row / column" labels of the cells it serves
+
+    @property
+    def tag(self) -> str:
+        return f"{self.table}/{self.name}"
+
+    @property
+    def built(self) -> bool:
+        return (REPO / self.script).is_file()
+
+    def train_argv(self) -> list[str]:
+        """Flags of the script: the cell's, then seed, run directory, tag and --resume auto."""
+        return [*self.argv, "--seed", str(self.seed), "--out", display_path(self.out), "--tag", self.tag,
+                "--resume", "auto"]
+
+    def command(self, python: str = "python", extra: Sequence[str] = ()) -> list[str]:
+        return [python, self.script, *self.train_argv(), *extra]
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the repository (commands run from its root) when it is inside it."""
+    try:
+        return str(path.relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def parse_only(tokens: Optional[Sequence[str]]) -> dict[str, list[str]]:
+    """``method=dml,one arch=resnet32`` -> {"method": ["dml", "one"], "arch": ["resnet32"]}.
+    Pairs are separated by spaces or commas; inside one word, a comma-separated value without '=' is one more
+    value of the key before it. Values are shell patterns (``arch=resnet*``)."""
+    wanted: dict[str, list[str]] = {}
+    for token in tokens or ():
+        key = None
+        for word in filter(None, token.split(",")):
+            if "=" in word:
+                key, value = word.split("=", 1)
+                if key not in FILTER_KEYS:
+                    raise SystemExit(f"error: --only {key}=...: the keys are {', '.join(FILTER_KEYS)}")
+            elif key is None:
+                raise SystemExit(f"error: --only {word!r}: write KEY=VALUE, e.g. method=dml,arch=resnet32")
+            else:
+                value = word
+            wanted.setdefault(key, []).append(value)
+    return wanted
+
+
+def matches(cell: Cell, wanted: dict[str, list[str]]) -> bool:
+    fields = {"method": cell.method, "arch": cell.arch, "row": cell.row, "column": cell.column, "run": cell.run}
+    return all(any(fnmatch.fnmatch(fields[k].lower(), v.lower()) for v in values) for k, values in wanted.items())
+
+
+def plan(table: Table, seeds: Sequence[int], runs_dir: Path, only: Optional[dict] = None) -> tuple[list[Run], list]:
+    """The runs a table needs (one per distinct run name and seed, in table order) and the selected cells."""
+    cells = [c for c in table.cells if matches(c, only or {})]
+    runs: dict[tuple, Run] = {}
+    for c in cells:
+        folder = c.runs_table or table.name
+        for seed in seeds:
+            key = (folder, c.run, seed)
+            if key not in runs:
+                runs[key] = Run(folder, c.run, c.script, c.argv, seed, runs_dir / folder / f"{c.run}-s{seed}", [])
+            runs[key].cells.append(f"{c.row} / {c.column}")
+    return list(runs.values()), cells
+
+
+# ---- the state of a run on disk --------------------------------------------------------------------------------
+_METHODS: dict[str, object] = {}
+
+
+def method_class(script: str):
+    """The Method subclass a ``train_<name>.py`` hands to the engine (imported once)."""
+    if script not in _METHODS:
+        from engine import Method
+        spec = importlib.util.spec_from_file_location(f"_reproduce_{Path(script).stem}", REPO / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        classes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, Method)
+                   and v is not Method and v.__module__ == module.__name__]
+        named = [c for c in classes if c.name == Path(script).stem.removeprefix("train_")]
+        if len(classes) != 1 and len(named) != 1:
+            raise RuntimeError(f"{script}: cannot tell its Method class among {[c.__name__ for c in classes]}")
+        _METHODS[script] = classes[0] if len(classes) == 1 else named[0]
+    return _METHODS[script]
+
+
+def parse_run_args(run: Run, extra: Sequence[str] = ()):
+    """The run's arguments as its script parses them (raises SystemExit on a bad flag, as argparse does)."""
+    from engine.cli import parse_args
+    return parse_args(method_class(run.script), run.train_argv() + list(extra))
+
+
+def run_state(run: Run, extra: Sequence[str] = ()) -> str:
+    """"not built", "finished", "resume" (a checkpoint to continue from) or "new"."""
+    if not run.built:
+        return "not built"
+    results = run.out / "results.json"
+    if results.is_file():
+        try:
+            r = json.loads(results.read_text())
+            epochs = parse_run_args(run, extra).epochs
+            if r.get("status") == "finished" and r.get("epochs_done", 0) >= epochs:
+                return "finished"
+        except (ValueError, OSError):
+            pass   # unreadable: the run is redone or resumed from its checkpoint
+    return "resume" if (run.out / "last.pt").is_file() else "new"
+
+
+# ---- local launcher --------------------------------------------------------------------------------------------
+def _stop(procs: dict) -> None:
+    """Ctrl-C: one SIGINT to each training process (the engine then exits, its last.pt intact), then wait
+    (a second Ctrl-C is ignored meanwhile, so no run is left behind; after 2 minutes a run is killed, which
+    loses at most its current epoch)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 120
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def say(text: str) -> None:
+    print(text, flush=True)      # in order with the training processes' own output
+
+
+def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int = 1, extra: Sequence[str] = (),
+              python: str = sys.executable, log=say) -> dict[str, list]:
+    """Run every built, unfinished run: one after another, or ``jobs`` at a time (one per GPU of ``gpus``).
+
+    Each run is its own process (``python train_x.py ... --resume auto``) started in its own session, so Ctrl-C
+    reaches this launcher only; it forwards one SIGINT to every run in flight and returns once they have
+    stopped. With one job the run's output goes to the terminal, otherwise to ``<run>/train.log``.
+    Returns {"finished": [...], "skipped": [...], "failed": [...], "not built": [...], "interrupted": [...]}.
+    """
+    outcome: dict[str, list] = {k: [] for k in ("finished", "skipped", "failed", "not built", "interrupted")}
+    slots = list(gpus) if gpus else [None] * max(1, jobs)
+    queue = []
+    for run in runs:
+        state = run_state(run, extra)
+        if state == "not built":
+            outcome["not built"].append(run)
+        elif state == "finished":
+            outcome["skipped"].append(run)
+            log(f"skip (finished): {display_path(run.out)}")
+        else:
+            queue.append((run, state))
+    procs: dict[subprocess.Popen, tuple] = {}
+    free = list(slots)
+    try:
+        while queue or procs:
+            while queue and free:
+                run, state = queue.pop(0)
+                slot = free.pop(0)
+                env = dict(os.environ)
+                if slot is None and len(slots) > 1:   # CPU runs side by side: share the cores
+                    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(slots))))
+                args = []
+                if slot is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = str(slot)
+                    args += ["--gpu", "0"]
+                if len(slots) > 1:
+                    args += ["--no-progress"]
+                args += extra           # last: the user's flags win
+                cmd = run.command(python, args)
+                run.out.mkdir(parents=True, exist_ok=True)
+                stream = None
+                if len(slots) > 1:
+                    stream = open(run.out / "train.log", "a")
+                where = f" on GPU {slot}" if slot is not None else ""
+                log(f"{'resume' if state == 'resume' else 'start'}{where}: {shlex.join(cmd[1:])}")
+                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT if stream
+                                        else None, start_new_session=True)
+                procs[proc] = (run, slot, stream)
+            done = [p for p in procs if p.poll() is not None]
+            if not done:
+                time.sleep(0.2)
+            for proc in done:
+                run, slot, stream = procs.pop(proc)
+                if stream:
+                    stream.close()
+                free.append(slot)
+                if proc.returncode == 0:
+                    outcome["finished"].append(run)
+                    log(f"finished: {display_path(run.out)}")
+                else:
+                    outcome["failed"].append(run)
+                    where = f"; its output is in {display_path(run.out / 'train.log')}" if stream else ""
+                    log(f"FAILED (exit {proc.returncode}): {display_path(run.out)}{where}")
+    except KeyboardInterrupt:
+        log(f"\ninterrupted: stopping {len(procs)} run(s); each keeps its last finished epoch in last.pt ...")
+        _stop(list(procs))
+        for run, _, stream in procs.values():
+            if stream:
+                stream.close()
+            outcome["interrupted"].append(run)
+        outcome["interrupted"] += [run for run, _ in queue]
+    return outcome
+
+
+# ---- SLURM launcher (submitit) ---------------------------------------------------------------------------------
+class TrainRun:
+    """A submitit job: one training process (``--resume auto``); re-queued on pre-emption or time-out.
+
+    ``checkpoint`` is what submitit calls when SLURM signals the end of the job's time or a pre-emption: it asks
+    the training process to stop (SIGINT; its last.pt is the last finished epoch) and returns the same job,
+    which submitit re-queues; the re-queued job continues the run from its last.pt.
+    """
+
+    def __init__(self, command: list[str], cwd: str, log_path: str):
+        self.command, self.cwd, self.log_path = command, cwd, log_path
+        self._proc = None
+
+    def __call__(self) -> int:
+        with open(self.log_path, "a") as log:
+            # SLURM's warning signal (USR2) is submitit's to handle: the training process ignores it, and
+            # checkpoint() below stops it with SIGINT (a clean exit) instead of the signal's default kill
+            self._proc = subprocess.Popen(self.command, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+                                          preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+            code = self._proc.wait()
+        if code != 0:
+            raise RuntimeError(f"{shlex.join(self.command)} exited with {code}; its output is in {self.log_path}")
+        return code
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        fresh = TrainRun(self.command, self.cwd, self.log_path)
+        return submitit.helpers.DelayedSubmission(fresh)
+
+    def __getstate__(self):
+        return {"command": self.command, "cwd": self.cwd, "log_path": self.log_path}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._proc = None
+
+
+def parse_minutes(text: str) -> int:
+    """SLURM time: minutes, ``HH:MM:SS``, ``HH:MM`` or ``D-HH:MM:SS`` -> minutes (rounded up)."""
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in text.split(":")]
+    if len(parts) == 1:
+        minutes, seconds = parts[0], 0
+        hours = 0
+    elif len(parts) == 2:
+        hours, minutes, seconds = parts[0], parts[1], 0
+    else:
+        hours, minutes, seconds = parts[-3:]
+    return days * 1440 + hours * 60 + minutes + (1 if seconds else 0)
+
+
+def slurm_options(args: argparse.Namespace, table: str) -> argparse.Namespace:
+    """The parsed command line plus ``time_min`` and ``job_name``."""
+    opts = argparse.Namespace(**vars(args))
+    opts.time_min = parse_minutes(args.time)
+    opts.job_name = args.job_name or f"okd-{table}"
+    return opts
+
+
+def slurm_executor(folder: Path, opts: argparse.Namespace, cluster: str = "slurm"):
+    """A submitit executor with the job options. ``cluster`` is always "slurm" from the command line (never
+    submitit's silent fall-back to local processes); the tests pass "debug" or "local"."""
+    import submitit
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, slurm_max_num_timeout=opts.max_requeues)
+    params = dict(timeout_min=opts.time_min, gpus_per_node=opts.gpus_per_run, tasks_per_node=1, nodes=1,
+                  cpus_per_task=opts.cpus_per_run, name=opts.job_name)
+    if opts.mem_gb:
+        params["mem_gb"] = opts.mem_gb
+    slurm = dict(slurm_partition=opts.partition, slurm_account=opts.account, slurm_qos=opts.qos,
+                 slurm_constraint=opts.constraint, slurm_array_parallelism=opts.array_parallelism,
+                 slurm_setup=opts.setup or None, slurm_signal_delay_s=opts.signal_delay,
+                 slurm_additional_parameters={"requeue": True})   # SLURM may re-queue it (pre-emption, node loss)
+    params.update({k: v for k, v in slurm.items() if v is not None})
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit_slurm(runs: Sequence[Run], opts: argparse.Namespace, folder: Path, extra: Sequence[str] = (),
+                 python: str = sys.executable, cluster: str = "slurm", log=say):
+    """One job array, one task per unfinished built run. Returns the submitit jobs."""
+    todo = [r for r in runs if run_state(r, extra) in ("new", "resume")]
+    if not todo:
+        log("nothing to submit: every selected run is finished or not built")
+        return []
+    executor = slurm_executor(folder, opts, cluster)
+    jobs = []
+    with executor.batch():
+        for run in todo:
+            run.out.mkdir(parents=True, exist_ok=True)
+            if opts.gpus_per_run > 1:     # one torchrun process per GPU of the task (--batch-size is per GPU)
+                command = [python, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={opts.gpus_per_run}", *run.command(python, ["--no-progress", *extra])[1:]]
+            else:
+                command = run.command(python, ["--gpu", "0", "--no-progress", *extra])
+            jobs.append(executor.submit(TrainRun(command, str(REPO), str(run.out / "train.log"))))
+    for run, job in zip(todo, jobs):
+        log(f"submitted {job.job_id}: {display_path(run.out)}")
+    return jobs
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                epilog="tables: " + ", ".join(TABLES))
+    p.add_argument("table", nargs="?", help="a table name (--list shows them)")
+    p.add_argument("--list", action="store_true", help="list the tables and their number of cells and runs")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every cell (default 0 1 2)")
+    p.add_argument("--only", nargs="+", metavar="KEY=VALUE",
+                   help="keep the cells whose KEY matches one of the values, for every KEY given: "
+                        f"{', '.join(FILTER_KEYS)} (shell patterns; e.g. method=dml,one arch=resnet32)")
+    p.add_argument("--runs-dir", default=os.environ.get("OKD_RUNS") or str(REPO / "runs"),
+                   help="where the table folders go (default: $OKD_RUNS, else runs/ in the repository)")
+    p.add_argument("--extra", default="", metavar="FLAGS",
+                   help='flags added to every command, e.g. --extra="--data /data/imagenet --amp bf16" '
+                        "(write --extra=... when they start with a dash; they do not change the run directory)")
+    p.add_argument("--dry-run", action="store_true", help="print every command and its state; run nothing")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the page docs/reproducing.md (every published number, its command, its state)")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    g = p.add_argument_group("local launcher")
+    g.add_argument("--gpus", default=None, metavar="0,1,2,3",
+                   help="a queue over these GPUs, one run per GPU (CUDA_VISIBLE_DEVICES, --gpu 0)")
+    g.add_argument("--jobs", type=int, default=1, help="runs at a time without --gpus (CPU); default 1")
+    s = p.add_argument_group("slurm launcher (submitit)")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--account", default=None)
+    s.add_argument("--qos", default=None)
+    s.add_argument("--constraint", default=None)
+    s.add_argument("--time", default="24:00:00", help="time limit per job (HH:MM:SS or minutes); a run that "
+                                                      "needs longer is re-queued and continues")
+    s.add_argument("--gpus-per-run", type=int, default=1,
+                   help="GPUs per run; above 1 the run is started with torchrun (--batch-size is per GPU)")
+    s.add_argument("--cpus-per-run", type=int, default=8)
+    s.add_argument("--mem-gb", type=int, default=None)
+    s.add_argument("--array-parallelism", type=int, default=64, help="array tasks running at once")
+    s.add_argument("--max-requeues", type=int, default=20, help="re-queues after a time-out (pre-emptions are "
+                                                                "always re-queued)")
+    s.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the time limit at which SLURM warns the job (USR2)")
+    s.add_argument("--setup", action="append", default=[], metavar="LINE",
+                   help="a shell line run before each job (e.g. 'module load cuda'); repeatable")
+    s.add_argument("--job-name", default=None, help="default: okd-<table>")
+    return p
+
+
+def list_tables() -> str:
+    lines = [f"{'table':<20} {'cells':>5} {'runs/seed':>9} {'not built':>9}  title"]
+    for t in TABLES.values():
+        runs, _ = plan(t, [0], Path("runs"))
+        missing = sum(not r.built for r in runs)
+        lines.append(f"{t.name:<20} {len(t.cells):>5} {len(runs):>9} {missing:>9}  {t.title}")
+    return "\n".join(lines)
+
+
+def dry_run(table: Table, runs: Sequence[Run], cells: Sequence[Cell], extra: Sequence[str]) -> str:
+    lines = [f"# {table.title}: {len(cells)} cell(s), {len(runs)} run(s)"]
+    for run in runs:
+        state = run_state(run, extra)
+        cmd = shlex.join(["python", run.script] + run.train_argv() + list(extra))
+        lines.append(f"{cmd}  # {state}; {', '.join(run.cells)}")
+    return "\n".join(lines)
+
+
+def markdown_page() -> str:
+    """docs/reproducing.md: every published number of the paper tables, its command and whether it can run."""
+    out = [
+        "# Reproducing the papers' tables",
+        "",
+        "Generated by `python scripts/reproduce.py --markdown` from `scripts/tables.py`; do not edit by hand.",
+        "",
+        "```bash",
+        "python scripts/reproduce.py --list                                      # tables, cells, runs",
+        "python scripts/reproduce.py mcl-okd-cifar100 --seeds 0 1 2 --dry-run    # the commands",
+        "python scripts/reproduce.py mcl-okd-cifar100 --seeds 0 1 2 --gpus 0,1,2,3",
+        "python scripts/reproduce.py pcl-cifar100 --launcher slurm --partition gpu --time 24:00:00",
+        "python scripts/summarize.py runs --table mcl-okd-cifar100 --plots plots/",
+        "```",
+        "",
+        "Each command below is one seed's run; `reproduce.py` adds `--seed S --out runs/<table>/<run>-sS "
+        "--tag <table>/<run> --resume auto`. Every number is top-1 **accuracy** (%) on the test set; where the "
+        "paper gives top-1 **error** its value is in brackets. \"single\" and \"ensemble\" say which head the "
+        "summary reads (see the notes). *not built*: the method's script is not in the repository yet, so the "
+        "cell is listed but never run (it runs as soon as the script lands). A blank (\"-\") in the paper is not a "
+        "run and is not listed.",
+        "",
+        "Heads (the `number` column): `net` the single network; `peers` the mean top-1 over the peers "
+        "`peer1..peerN` (the average single peer); `last-peer` the highest-numbered peer; `leader`, `teacher`, "
+        "`ensemble` those heads; `selection` the head the method deploys (its `--best-metric` default, recorded in "
+        "`results.json` as `selection.metric`).",
+        "",
+        "How `scripts/summarize.py` reads a cell: mean ± sample std (n - 1) over the seeds at the **best** epoch "
+        "(the epoch of the highest test top-1 of the method's selection head, as the official codes select) "
+        "and at the **last** epoch; the difference is ours (best) minus the paper's, in the table's unit.",
+        "",
+    ]
+    for name in PAPER_TABLES:
+        t = TABLES[name]
+        runs, _ = plan(t, [0], Path("runs"))
+        out += [f"## `{t.name}`: {t.title}", "", f"Source: {t.source}. Unit: top-1 {t.unit}. {len(t.cells)} "
+                f"published cells, {len(runs)} runs per seed.", ""]
+        out += [f"- {n}" for n in t.notes] + [""]
+        out += ["| row | column | number | paper: top-1 acc. (error) | command | script |", "|---|---|---|---|---|---|"]
+        for c in t.cells:
+            built = "yes" if (REPO / c.script).is_file() else "**not built**"
+            reuse = f" (runs of `{c.runs_table}`)" if c.runs_table else ""
+            cmd = f"`python {c.script} {shlex.join(c.argv)}`{reuse}"
+            for m in c.metrics:
+                if m.published is None:
+                    continue
+                std = f" ± {m.published_std:.2f}" if m.published_std is not None else ""
+                value = (f"{100 - m.published:.2f} ({m.published:.2f})" if t.unit == "error"
+                         else f"{m.published:.2f}{std}")
+                out.append(f"| {c.row} | {c.column} | {m.kind} (`{m.head}`) | {value} | {cmd} | {built} |")
+        out.append("")
+    out += ["## Other tables", "",
+            "- `fashion-mnist`: every method on real data this repository can fetch offline (Fashion-MNIST); no "
+            "published numbers. The measured table and its commands are in [results.md](results.md).",
+            "- `smoke`: two tiny synthetic cells to check the harness (and time it on a new machine) in a minute.", ""]
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        print(list_tables())
+        return 0
+    if args.markdown:
+        print(markdown_page())
+        return 0
+    if not args.table:
+        print(f"error: name a table; one of: {', '.join(TABLES)}", file=sys.stderr)
+        return 2
+    if args.table not in TABLES:
+        print(f"error: no table {args.table!r}; the tables are: {', '.join(TABLES)}", file=sys.stderr)
+        return 2
+    table = TABLES[args.table]
+    extra = shlex.split(args.extra)
+    runs, cells = plan(table, args.seeds, Path(args.runs_dir).resolve(), parse_only(args.only))
+    if not cells:
+        print(f"error: --only {' '.join(args.only)} selects no cell of {table.name}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(dry_run(table, runs, cells, extra))
+        return 0
+    for run in runs:           # a bad --extra flag: argparse's one line now, not after hours of other runs
+        if run.built:
+            parse_run_args(run, extra)
+    not_built = sorted({r.script for r in runs if not r.built})
+    if not_built:
+        print(f"not built (listed, not run): {', '.join(not_built)}")
+    if args.launcher == "slurm":
+        opts = slurm_options(args, table.name)
+        if shutil.which("sbatch") is None:
+            print("error: --launcher slurm needs SLURM's sbatch (run it on the cluster's login node); "
+                  "here use --launcher local", file=sys.stderr)
+            return 2
+        submit_slurm(runs, opts, Path(args.runs_dir).resolve() / table.name / ".submitit", extra)
+        print(f"when they are done: python scripts/summarize.py {args.runs_dir} --table {table.name}")
+        return 0
+    gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else None
+    outcome = run_local(runs, gpus, args.jobs, extra)
+    print(", ".join(f"{len(v)} {k}" for k, v in outcome.items() if v) or "nothing to do")
+    if outcome["interrupted"]:
+        print("every interrupted run continues from its last.pt: re-run the same command")
+        return 130
+    return 1 if outcome["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,539 @@
+#!/usr/bin/env python
+"""Gather every results.json under a folder into tables (markdown or CSV) and plots.
+
+Usage::
+
+    python scripts/summarize.py runs                                   # every run found, grouped by cell
+    python scripts/summarize.py runs --table mcl-okd-cifar100          # the paper's layout, paper next to ours
+    python scripts/summarize.py runs --table pcl-cifar100 --csv > pcl.csv
+    python scripts/summarize.py runs --table fashion-mnist --plots docs/results --into docs/results.md
+
+For a named table (``scripts/tables.py``) each cell gathers the runs tagged ``<table>/<run>`` (the tag
+``scripts/reproduce.py`` passes) and shows, in the table's unit (top-1 error or accuracy, %): the mean ±
+sample standard deviation (n - 1) over seeds at the best epoch and at the last epoch, the number of finished
+seeds, the published value and ours (best) minus it. Unfinished runs are counted and marked, never averaged;
+a cell without runs is marked missing, a cell whose script does not exist yet "not built". A results.json
+that cannot be read (corrupt, truncated, not a run's) is reported by path and skipped.
+
+Where the table has a baseline, each method's single number is also set against the baseline on the same
+backbone: the gain in top-1 points and whether it exceeds twice its standard error over seeds.
+``--into FILE`` writes the markdown between two marker lines of FILE (docs/results.md) instead of printing it.
+
+``--plots DIR`` writes, per cell, test top-1 of every head and the training-loss terms against the epoch
+(mean line, ± std band over seeds), and per table a paper-vs-ours bar chart.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scripts.tables import TABLES, Cell, Metric, Table  # noqa: E402
+
+PEER = re.compile(r"^peer(\d+)$")
+NOT_TERMS = ("images_per_s", "epoch_s")
+
+
+# ---- reading runs ----------------------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    path: Path                       # the results.json
+    data: dict
+
+    @property
+    def tag(self) -> Optional[str]:
+        return (self.data.get("args") or {}).get("tag")
+
+    @property
+    def seed(self):
+        return (self.data.get("args") or {}).get("seed")
+
+    @property
+    def finished(self) -> bool:
+        return self.data.get("status") == "finished" and self.data.get("epochs_done", 0) >= self.data.get("epochs", 0)
+
+    @property
+    def progress(self) -> str:
+        return f"{self.data.get('epochs_done', 0)}/{self.data.get('epochs', '?')}"
+
+    def heads(self, which: str = "best") -> dict[str, float]:
+        """Top-1 (%) of every head at the best or the last epoch."""
+        record = self.data.get(which) or {}
+        return {k[:-5]: v for k, v in (record.get("test") or {}).items() if k.endswith("/top1")}
+
+    def value(self, rule: str, which: str = "best") -> Optional[float]:
+        """Top-1 (%) a head rule reads (scripts/tables.py): "peers", "last-peer", "selection", "a|b"."""
+        heads = self.heads(which)
+        peers = {int(PEER.match(h).group(1)): v for h, v in heads.items() if PEER.match(h)}
+        for name in rule.split("|"):
+            if name == "peers" and peers:
+                return statistics.fmean(peers.values())
+            if name == "last-peer" and peers:
+                return peers[max(peers)]
+            if name == "selection":
+                name = (self.data.get("selection") or {}).get("metric", "").removesuffix("/top1")
+            if name in heads:
+                return heads[name]
+        return None
+
+
+def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
+    """Every readable run under ``root`` and, separately, (path, reason) for every results.json that is not."""
+    runs, bad = [], []
+    for path in sorted(root.rglob("results.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            bad.append((path, f"unreadable ({type(e).__name__}: {str(e)[:80]})"))
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("history"), list) or "status" not in data \
+                or not isinstance(data.get("args"), dict):
+            bad.append((path, "not a run's results.json (no status, args or history)"))
+            continue
+        if not all(isinstance(h, dict) and {"epoch", "train", "test"} <= set(h) for h in data["history"]):
+            bad.append((path, "partial: an epoch record without epoch, train or test"))
+            continue
+        if data["history"] and not isinstance(data.get("best"), dict):
+            bad.append((path, "partial: history without a best epoch"))
+            continue
+        runs.append(RunResult(path, data))
+    return runs, bad
+
+
+# ---- statistics ------------------------------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (n - 1; None for one value)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def in_unit(acc: Optional[float], unit: str) -> Optional[float]:
+    return None if acc is None else (100.0 - acc if unit == "error" else acc)
+
+
+def fmt(mean: Optional[float], std: Optional[float] = None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+@dataclass
+class MetricSummary:
+    metric: Metric
+    unit: str
+    best: tuple = (None, None)
+    last: tuple = (None, None)
+    values: list = field(default_factory=list)       # per finished seed, best epoch, in unit
+
+    @property
+    def diff(self) -> Optional[float]:
+        if self.best[0] is None or self.metric.published is None:
+            return None
+        return self.best[0] - self.metric.published
+
+
+@dataclass
+class CellSummary:
+    cell: Cell
+    built: bool
+    finished: list
+    unfinished: list
+    metrics: list
+
+    @property
+    def status(self) -> str:
+        if not self.built and not self.finished and not self.unfinished:
+            return "not built"
+        if not self.finished and not self.unfinished:
+            return "missing"
+        parts = [f"{len(self.finished)} finished"] if self.finished else []
+        if self.unfinished:
+            parts.append(f"{len(self.unfinished)} unfinished ({', '.join(r.progress for r in self.unfinished)} ep)")
+        return ", ".join(parts)
+
+
+def dedupe(runs: Sequence[RunResult], warn=None) -> list[RunResult]:
+    """One run per seed: a second copy of a seed (a copied folder) is reported and the further-trained kept."""
+    by_seed: dict = {}
+    for r in runs:
+        old = by_seed.get(r.seed)
+        if old is not None and warn:
+            warn(f"two runs of seed {r.seed} with tag {r.tag}: {old.path.parent} and {r.path.parent}; "
+                 "keeping the one with more epochs")
+        if old is None or r.data.get("epochs_done", 0) > old.data.get("epochs_done", 0):
+            by_seed[r.seed] = r
+    return [by_seed[s] for s in sorted(by_seed, key=str)]
+
+
+def summarize_cell(table: Table, cell: Cell, by_tag: dict, warn=None) -> CellSummary:
+    tag = f"{cell.runs_table or table.name}/{cell.run}"
+    runs = dedupe(by_tag.get(tag, []), warn)
+    finished = [r for r in runs if r.finished]
+    unfinished = [r for r in runs if not r.finished]
+    metrics = []
+    for m in cell.metrics:
+        best = [in_unit(r.value(m.head, "best"), table.unit) for r in finished]
+        last = [in_unit(r.value(m.head, "last"), table.unit) for r in finished]
+        best, last = [v for v in best if v is not None], [v for v in last if v is not None]
+        metrics.append(MetricSummary(m, table.unit, mean_std(best), mean_std(last), best))
+    return CellSummary(cell, (REPO / cell.script).is_file(), finished, unfinished, metrics)
+
+
+def summarize_table(table: Table, runs: Sequence[RunResult], warn=None) -> list[CellSummary]:
+    by_tag: dict[str, list] = {}
+    for r in runs:
+        by_tag.setdefault(r.tag, []).append(r)
+    return [summarize_cell(table, c, by_tag, warn) for c in table.cells]
+
+
+# ---- output ----------------------------------------------------------------------------------------------------
+def grid_text(s: CellSummary) -> str:
+    """One cell of the paper-layout grid: ours (single, and ensemble in brackets), then the paper's."""
+    def pair(values):
+        single, *ens = values
+        return single + (f" ({ens[0]})" if ens else "")
+    paper = pair([fmt(m.metric.published, m.metric.published_std) for m in s.metrics])
+    if s.finished:
+        ours = pair([fmt(*m.best) for m in s.metrics]) + (f" n={len(s.finished)}")
+        if s.unfinished:
+            ours += f" +{len(s.unfinished)} unfinished"
+    else:
+        ours = {"not built": "*not built*", "missing": "*missing*"}.get(s.status, f"*{s.status}*")
+    return f"{ours}<br>paper {paper}" if any(m.metric.published is not None for m in s.metrics) else ours
+
+
+def markdown_table(table: Table, summaries: Sequence[CellSummary]) -> str:
+    by_place = {(s.cell.row, s.cell.column): s for s in summaries}
+    unit = f"top-1 {table.unit} (%)"
+    lines = [f"### {table.title}", "",
+             f"Ours: mean ± std over seeds at the best epoch, n = finished seeds; {unit}; single (ensemble). "
+             f"Source: {table.source}.", "",
+             "| | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
+    for row in table.rows:
+        cells = [grid_text(by_place[(row, col)]) if (row, col) in by_place else "-" for col in table.columns]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    published = any(c.metrics and any(m.published is not None for m in c.metrics) for c in table.cells)
+    lines += ["", f"Per cell ({unit}" + ("; Δ = ours (best) − paper):" if published else "):"), "",
+              "| row | column | number | head | n | best | last |" + (" paper | Δ |" if published else "") + " runs |",
+              "|---" * (8 + 2 * published) + "|"]
+    for s in summaries:
+        for m in s.metrics:
+            paper = fmt(m.metric.published, m.metric.published_std)
+            diff = "-" if m.diff is None else f"{m.diff:+.2f}"
+            lines.append(f"| {s.cell.row} | {s.cell.column} | {m.metric.kind} | `{m.metric.head}` | "
+                         f"{len(s.finished)} | {fmt(*m.best)} | {fmt(*m.last)} |"
+                         + (f" {paper} | {diff} |" if published else "") + f" {s.status} |")
+    against = against_baseline(table, summaries)
+    if against:
+        lines += ["", "Against the baseline network on the same backbone (best epoch): gain = top-1 points gained by "
+                      "the method's single (or ensemble) number over the baseline (> 0: better, in either unit); "
+                      "se = sqrt(s₁²/n₁ + s₂²/n₂) over the seeds; \"beyond noise\" when |gain| > 2 se (with 2-3 seeds a "
+                      "rough screen, not a test).", "",
+                  "| row | column | number | gain | se | reading |", "|---|---|---|---|---|---|"] + against
+    if table.notes:
+        lines += [""] + [f"- {n}" for n in table.notes]
+    return "\n".join(lines)
+
+
+def against_baseline(table: Table, summaries: Sequence[CellSummary]) -> list[str]:
+    """Markdown rows: each method's single number against the baseline cell of the same backbone (sharing the
+    method's row or column), with the spread over seeds. Gain > 0 means better in either unit."""
+    rows = []
+    baselines = [b for b in summaries if b.cell.method == "baseline" and b.metrics[0].best[0] is not None]
+    for s in summaries:
+        if s.cell.method == "baseline":
+            continue
+        same = [b for b in baselines if b.cell.arch == s.cell.arch]
+        ref = next((b for b in same if s.cell.row == b.cell.row or s.cell.column == b.cell.column), None)
+        if ref is None:
+            continue
+        theirs = ref.metrics[0]
+        for ours in s.metrics:
+            if ours.best[0] is None:
+                continue
+            gain = ours.best[0] - theirs.best[0]
+            if table.unit == "error":
+                gain = -gain
+            n1, n2 = len(ours.values), len(theirs.values)
+            se = math.sqrt((ours.best[1] or 0.0) ** 2 / n1 + (theirs.best[1] or 0.0) ** 2 / n2)
+            if n1 < 2 or n2 < 2:
+                reading = "too few seeds to tell"
+            elif abs(gain) > 2 * se:
+                reading = "better, beyond noise" if gain > 0 else "worse, beyond noise"
+            else:
+                reading = "within noise"
+            rows.append(f"| {s.cell.row} | {s.cell.column} | {ours.metric.kind} | {gain:+.2f} | {fmt(se)} | "
+                        f"{reading} |")
+    return rows
+
+
+CSV_FIELDS = ["table", "row", "column", "run", "script", "number", "head", "unit", "n_finished", "n_unfinished",
+              "best_mean", "best_std", "last_mean", "last_std", "paper", "paper_std", "diff", "status", "values"]
+
+
+def csv_rows(table: Table, summaries: Sequence[CellSummary]) -> list[dict]:
+    rows = []
+    for s in summaries:
+        for m in s.metrics:
+            rows.append(dict(table=table.name, row=s.cell.row, column=s.cell.column, run=s.cell.run,
+                             script=s.cell.script, number=m.metric.kind, head=m.metric.head, unit=table.unit,
+                             n_finished=len(s.finished), n_unfinished=len(s.unfinished),
+                             best_mean=m.best[0], best_std=m.best[1], last_mean=m.last[0], last_std=m.last[1],
+                             paper=m.metric.published, paper_std=m.metric.published_std, diff=m.diff,
+                             status=s.status, values=" ".join(f"{v:.2f}" for v in m.values)))
+    return rows
+
+
+def group_runs(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    """Untabled runs grouped by their tag, or by their folder name without the ``-s<seed>`` suffix."""
+    groups: dict[str, list] = {}
+    for r in runs:
+        key = r.tag or re.sub(r"-s\d+$", "", r.path.parent.name)
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def markdown_runs(groups: dict[str, list[RunResult]], warn=None) -> str:
+    lines = ["| runs | method | arch | dataset | head | n | best top-1 | last top-1 | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, runs in sorted(groups.items()):
+        runs = dedupe(runs, warn)
+        finished = [r for r in runs if r.finished]
+        unfinished = [r for r in runs if not r.finished]
+        status = f"{len(finished)} finished" + (f", {len(unfinished)} unfinished ("
+                                                f"{', '.join(r.progress for r in unfinished)} ep)" if unfinished else "")
+        first = runs[0].data
+        heads = list(runs[0].heads("last")) or ["-"]
+        for head in heads:
+            best = mean_std([r.heads("best")[head] for r in finished if head in r.heads("best")])
+            last = mean_std([r.heads("last")[head] for r in finished if head in r.heads("last")])
+            lines.append(f"| {key} | {first.get('method')} | {first.get('arch')} | {first.get('dataset')} | {head} | "
+                         f"{len(finished)} | {fmt(*best)} | {fmt(*last)} | {status} |")
+    return "\n".join(lines)
+
+
+# ---- plots -----------------------------------------------------------------------------------------------------
+def _band(ax, series: list[dict], label: str, lw: float = 1.5):
+    """Mean line and ± std band of per-seed {epoch: value} series."""
+    import numpy as np
+    epochs = sorted({e for s in series for e in s})
+    mean = np.array([statistics.fmean([s[e] for s in series if e in s]) for e in epochs])
+    std = np.array([statistics.stdev(v) if len(v := [s[e] for s in series if e in s]) > 1 else 0.0 for e in epochs])
+    line, = ax.plot(epochs, mean, label=label, lw=lw, marker="o" if len(epochs) < 20 else None, ms=3)
+    ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+
+
+def plot_curves(runs: Sequence[RunResult], title: str, path: Path) -> Path:
+    """Test top-1 per head and training-loss terms against the epoch, mean ± std over the runs (seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if r.data.get("history")]
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    heads = [k[:-5] for k in runs[0].data["history"][-1]["test"] if k.endswith("/top1")]
+    for head in heads:
+        _band(acc_ax, [{h["epoch"]: h["test"][f"{head}/top1"] for h in r.data["history"]
+                        if f"{head}/top1" in h.get("test", {})} for r in runs], head,
+              lw=1.0 if PEER.match(head) else 2.2)       # the peers thin, ensembles and teachers bold
+    terms = [k for k in runs[0].data["history"][-1]["train"] if k not in NOT_TERMS]
+    for term in terms:
+        _band(loss_ax, [{h["epoch"]: h["train"][term] for h in r.data["history"] if term in h.get("train", {})}
+                        for r in runs], "total" if term == "loss" else term)
+    n = len(runs)
+    acc_ax.set(title="test top-1 per head", xlabel="epoch", ylabel="top-1 accuracy (%)")
+    loss_ax.set(title="training loss terms (epoch mean)", xlabel="epoch", ylabel="loss")
+    from matplotlib.ticker import MaxNLocator
+    for ax in (acc_ax, loss_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"{title}  (mean ± std over {n} seed{'s' if n > 1 else ''})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_paper_vs_ours(table: Table, summaries: Sequence[CellSummary], path: Path) -> Optional[Path]:
+    """Bars: the paper's number and ours (best, mean ± std over seeds) for every cell and number, one panel per
+    backbone (the table's rows or columns, whichever names the backbones), the methods side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows_are_backbones = all(len({c.arch for c in table.cells if c.row == r}) <= 1 for r in table.rows)
+    if len(table.columns) == 1:
+        panel_of, label_of, panels = (lambda c: c.column), (lambda c: c.row), table.columns
+    elif rows_are_backbones:
+        panel_of, label_of, panels = (lambda c: c.row), (lambda c: c.column), table.rows
+    else:
+        panel_of, label_of, panels = (lambda c: c.column), (lambda c: c.row), table.columns
+    by_panel = {p: [s for s in summaries if panel_of(s.cell) == p] for p in panels}
+    by_panel = {p: v for p, v in by_panel.items() if v}
+    if not by_panel:
+        return None
+    ncols = min(3, len(by_panel))
+    nrows = math.ceil(len(by_panel) / ncols)
+    width = max(len(v) for v in by_panel.values())
+    any_paper = any(m.metric.published is not None for s in summaries for m in s.metrics)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(8.0 / ncols, 0.6 * width + 1.6) * ncols, 4.0 * nrows + 1.0),
+                             squeeze=False)
+    for ax, (panel, cells) in zip(axes.flat, by_panel.items()):
+        labels, paper, ours, err = [], [], [], []
+        for s in cells:
+            for m in s.metrics:
+                labels.append(label_of(s.cell) + (" (ens.)" if m.metric.kind == "ensemble" else ""))
+                paper.append(np.nan if m.metric.published is None else m.metric.published)
+                ours.append(np.nan if m.best[0] is None else m.best[0])
+                err.append(0.0 if m.best[1] is None else m.best[1])
+        x = np.arange(len(labels))
+        shift = 0.2 if any_paper else 0.0
+        if any_paper:
+            ax.bar(x - shift, paper, 0.4, label="paper", color="#9e9e9e")
+        ax.bar(x + shift, ours, 0.4, yerr=err, label="ours: best epoch, mean ± std over seeds", color="#1f77b4",
+               capsize=3)
+        values = [v for v in paper if not np.isnan(v)]
+        values += [v + e for v, e in zip(ours, err) if not np.isnan(v)] + [v - e for v, e in zip(ours, err)
+                                                                           if not np.isnan(v)]
+        lo, hi = (min(values), max(values)) if values else (0.0, 100.0)
+        bottom = max(0.0, lo - 0.2 * (hi - lo) - 2)
+        ax.set_ylim(bottom, min(100.0, hi + 0.1 * (hi - lo) + 2) if hi < 100 else hi + 1)
+        for i, v in enumerate(ours):
+            if np.isnan(v):
+                ax.text(x[i] + shift, bottom, " no run", rotation=90, ha="center", va="bottom", fontsize=8,
+                        color="#b00000")
+        ax.set_xticks(x, labels, rotation=40, ha="right", fontsize=9)
+        ax.set_title(panel, fontsize=11)
+        ax.set_ylabel(f"top-1 {table.unit} (%)")
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(by_panel):]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    top = 1 - 0.9 / fig.get_figheight()
+    fig.suptitle(f"{table.title}: {'paper vs ours' if any_paper else 'ours'} (top-1 {table.unit}, %)", y=0.995,
+                 va="top")
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.4 / fig.get_figheight()), fontsize=9,
+               ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, top))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(out: Path, table: Optional[Table], summaries, groups) -> list[Path]:
+    written = []
+    if table is not None:
+        for s in summaries:
+            runs = [r for r in s.finished + s.unfinished if r.data.get("history")]
+            if runs and s.cell.runs_table is None:
+                written.append(plot_curves(runs, f"{table.name}: {s.cell.row} / {s.cell.column}",
+                                           out / table.name / f"{s.cell.run}.png"))
+        if any(m.metric.published is not None for s in summaries for m in s.metrics) or any(s.finished for s in summaries):
+            p = plot_paper_vs_ours(table, summaries, out / f"{table.name}-paper-vs-ours.png")
+            written += [p] if p else []
+    else:
+        for key, runs in groups.items():
+            runs = [r for r in runs if r.data.get("history")]
+            if runs:
+                written.append(plot_curves(runs, key, out / (key.replace("/", "__") + ".png")))
+    return sorted(set(written))
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="tables: " + ", ".join(TABLES))
+    p.add_argument("runs_dir", help="folder searched (recursively) for results.json files")
+    p.add_argument("--table", choices=list(TABLES), help="summarise this table in the paper's layout")
+    p.add_argument("--csv", action="store_true", help="CSV (one line per cell and number) instead of markdown")
+    p.add_argument("--plots", metavar="DIR", help="write PNG plots here")
+    p.add_argument("--into", metavar="FILE.md", help="with --table: write the markdown (and links to the plots) "
+                   f"into FILE between the lines '{BEGIN}' and '{END}' instead of printing it")
+    args = p.parse_args(argv)
+    if args.into and (not args.table or args.csv):
+        p.error("--into needs --table and markdown output (no --csv)")
+
+    root = Path(args.runs_dir)
+    if not root.is_dir():
+        print(f"error: {root} is not a folder", file=sys.stderr)
+        return 2
+
+    def warn(text):
+        print(f"warning: {text}", file=sys.stderr)
+
+    runs, bad = load_runs(root)
+    for path, reason in bad:
+        warn(f"skipped {path}: {reason}")
+    table = TABLES[args.table] if args.table else None
+    summaries, groups = [], {}
+    if table is not None:
+        summaries = summarize_table(table, runs, warn)
+        if args.csv:
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, CSV_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(csv_rows(table, summaries))
+            print(buffer.getvalue(), end="")
+        elif not args.into:
+            print(markdown_table(table, summaries))
+    else:
+        groups = group_runs(runs)
+        if args.csv:
+            buffer = io.StringIO()
+            writer = csv.writer(buffer, lineterminator="\n")
+            writer.writerow(["runs", "path", "seed", "status", "epochs_done", "head", "best_top1", "last_top1"])
+            for key, group in sorted(groups.items()):
+                for r in group:
+                    for head, value in r.heads("best").items():
+                        writer.writerow([key, r.path.parent, r.seed, r.data["status"], r.data.get("epochs_done"),
+                                         head, value, r.heads("last").get(head)])
+            print(buffer.getvalue(), end="")
+        elif groups:
+            print(markdown_runs(groups, warn))
+        else:
+            print(f"no results.json under {root}")
+    plots = write_plots(Path(args.plots), table, summaries, groups) if args.plots else []
+    for path in plots:
+        print(f"plot: {path}", file=sys.stderr)
+    if args.into:
+        try:
+            fill_block(Path(args.into), markdown_table(table, summaries), plots)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"updated {args.into}", file=sys.stderr)
+    return 0
+
+
+BEGIN, END = "<!-- summarize.py: begin -->", "<!-- summarize.py: end -->"
+
+
+def fill_block(path: Path, text: str, plots: Sequence[Path] = ()) -> None:
+    """Replace what lies between the BEGIN and END marker lines of ``path`` with ``text`` and image links."""
+    import os
+    page = path.read_text()
+    if page.count(BEGIN) != 1 or page.count(END) != 1 or page.index(BEGIN) > page.index(END):
+        raise ValueError(f"{path} needs one line '{BEGIN}' and, after it, one line '{END}'")
+    links = [f"![{p.stem}]({Path(os.path.relpath(p.resolve(), path.resolve().parent)).as_posix()})" for p in plots]
+    body = text + ("\n\n" + "\n\n".join(links) if links else "")
+    head, rest = page.split(BEGIN)
+    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

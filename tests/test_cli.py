@@ -1,0 +1,384 @@
+"""The command line as a newcomer meets it: every documented command parses, bad values stop in one line
+before any data is read, --help is complete and imports no torch, the presets and schedules a flag names."""
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+from engine import UserError, build_parser, lr_factor, main, parse_args
+from engine.cli import RECIPES, is_temperature
+from engine.method import load_method
+from engine.trainer import one_line_warning
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = sorted(p.stem[len("train_"):] for p in REPO.glob("train_*.py"))
+SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("*.py"))
+
+
+# ---- 1. every command of the README parses ---------------------------------------------------------
+def documented_commands():
+    """(file, argv) of every `python train_*.py ...` / `torchrun ... train_*.py ...` line in a fenced block
+    of the README and docs/, continuation lines joined and comments dropped."""
+    found = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        blocks = re.findall(r"```[a-z]*\n(.*?)```", doc.read_text(), flags=re.S)
+        for block in blocks:
+            for line in block.replace("\\\n", " ").splitlines():
+                if not re.match(r"\s*(python|torchrun)\b.*\btrain_\w+\.py", line):
+                    continue
+                words = shlex.split(line, comments=True)
+                scripts = [i for i, w in enumerate(words) if re.fullmatch(r"train_\w+\.py", w)]
+                placeholder = any(re.fullmatch(r"[A-Z]|\{.*\}|<.*>", w) for w in words)   # --seed S, {off,bf16}
+                if scripts and words[0] in ("python", "torchrun") and not placeholder:
+                    found.append((doc.name, words[scripts[0]][len("train_"):-3], words[scripts[0] + 1:]))
+    return found
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_have_commands():
+    assert sum(doc == "README.md" for doc, _, _ in COMMANDS) >= 20
+    assert {"dml", "cmff", "mcl_okd"} <= {m for _, m, _ in COMMANDS}
+
+
+@pytest.mark.parametrize("doc,method,argv", COMMANDS, ids=[f"{d}:{' '.join(a)[:60]}" for d, _, a in COMMANDS])
+def test_documented_command_parses(doc, method, argv):
+    cls = load_method(method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # e.g. a shortened multistep run: milestones beyond --epochs
+        args = parse_args(cls, argv)
+        cls.check_args(args)
+
+
+@pytest.mark.parametrize("argv", [["--milestones", "150", "225"], ["--milestones", "150,225"],
+                                  ["--milestones", "150 225"], ["--milestones", "150,", "225"]])
+def test_milestones_as_the_readme_writes_them(argv):
+    cls = load_method("dml")
+    assert parse_args(cls, argv + ["--lr-schedule", "multistep"]).milestones == [150, 225]
+
+
+# ---- 2. bad values: one line, before any data ------------------------------------------------------
+def temperature_flags(cls):
+    parser = build_parser(cls, cls.recipe)
+    return [a.option_strings[0] for a in parser._actions if is_temperature(a.dest)]
+
+
+def test_every_distilling_method_has_its_temperatures_found():
+    flags = {m: temperature_flags(load_method(m)) for m in METHODS}
+    assert flags["baseline"] == []
+    assert all("--kd-T" in f for m, f in flags.items() if m != "baseline")
+    assert "--nce-t" in flags["mcl_okd"] and "--sim-T" in flags["cmff"]
+
+
+BAD = [("dml", ["--lr", "-0.1"], "--lr must be >= 0"), ("dml", ["--momentum", "-0.9"], "--momentum must be >= 0"),
+       ("dml", ["--weight-decay", "-1e-4"], "--weight-decay must be >= 0"), ("dml", ["--seed", "-1"], "--seed"),
+       ("dml", ["--seed", str(2 ** 32)], "--seed"),
+       ("cmff", ["--fusion-weight-decay", "-1"], "--fusion-weight-decay must be >= 0")]
+BAD += [(m, [flag, value], f"{flag} is a temperature") for m in METHODS for flag in temperature_flags(load_method(m))
+        for value in ("0", "-1")]
+
+
+@pytest.mark.parametrize("method,argv,message", BAD, ids=[f"{m}{' '.join(a)}" for m, a, _ in BAD])
+def test_bad_value_stops_in_one_line_before_data(method, argv, message, monkeypatch, capsys):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were touched")
+    monkeypatch.setattr(data, "build_loaders", no_data)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)   # main() sets its own
+    with pytest.raises(SystemExit) as exit_:
+        main(load_method(method), ["--dataset", "synthetic", "--gpu", "-1"] + argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_milestones_beyond_epochs_warn_in_one_line(monkeypatch, capsys):
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+    monkeypatch.setattr(data, "build_loaders", stop)
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(m, c, f, n, line))
+        with pytest.raises(Stop):
+            main(load_method("dml"), ["--dataset", "synthetic", "--gpu", "-1", "--epochs", "10",
+                                      "--lr-schedule", "multistep", "--milestones", "5", "150"])
+    err = capsys.readouterr().err
+    assert err == ("warning: --milestones 150 lie at or beyond --epochs 10, so the lr never decays there; "
+                   "pass milestones below --epochs\n")
+
+
+def test_one_line_warning_has_no_source_line():
+    text = one_line_warning(UserWarning("CUDA is not available"), UserWarning, "/x/engine/trainer.py", 12,
+                            "    warnings.warn(...)")
+    assert text == "warning: CUDA is not available\n"
+
+
+# ---- 3. --help: complete, every default once, no torch ---------------------------------------------
+def option_blocks(help_text: str) -> dict[str, str]:
+    """{first option string: its whole help block} of an argparse help text."""
+    blocks, current = {}, None
+    for line in help_text.splitlines():
+        match = re.match(r"  (-[-\w]+)", line)
+        if match:
+            current = match.group(1)
+            blocks[current] = line
+        elif current and line.startswith("    "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return blocks
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_help_shows_every_default_once(method, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    cls = load_method(method)
+    parser = build_parser(cls, cls.recipe)
+    blocks = option_blocks(parser.format_help())
+    recipe = RECIPES[cls.recipe]
+    for flag, value in [("--epochs", recipe["epochs"]), ("--weight-decay", recipe["weight_decay"]),
+                        ("--momentum", recipe["momentum"]), ("--nesterov", recipe["nesterov"]),
+                        ("--seed", 0), ("--dataset", "cifar100"), ("--lr", recipe["lr"])]:
+        assert f"(default: {value})" in blocks[flag], blocks[flag]
+    for action in parser._actions:
+        block = blocks[action.option_strings[0]]
+        mentions = len(re.findall(r"\(default|default:", block))
+        assert mentions <= 1, block
+        if action.default not in (None, False, argparse.SUPPRESS, "") and action.dest != "help":
+            assert mentions == 1, block
+    assert "spec" not in parser.format_help().lower().replace("species", "")
+
+
+def test_help_follows_recipe_and_preset(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    cls = load_method("dml")
+    blocks = option_blocks(build_parser(cls, "one", "mcl-okd").format_help())
+    assert "(default: 0.0001)" in blocks["--weight-decay"] and "(default: False)" in blocks["--nesterov"]
+    assert "(default: 2.0)" in blocks["--kd-T"] and "(default: 150 225)" in blocks["--milestones"]
+
+
+HELP_PROBE = """
+import contextlib, io, json, runpy, sys
+path = sys.argv[1]
+sys.argv = [path, "--help"]
+out = io.StringIO()
+try:
+    with contextlib.redirect_stdout(out):
+        runpy.run_path(path, run_name="__main__")
+except SystemExit:
+    pass
+real = sorted(n for n, m in sys.modules.items()
+              if n.split(".")[0] in ("torch", "torchvision", "numpy") and getattr(m, "__file__", None))
+print(json.dumps({"help": out.getvalue(), "real_modules": real}))
+"""
+
+
+def fast_help(script: str) -> dict:
+    env = dict(os.environ, COLUMNS="100")
+    env.pop("OKD_NO_FAST_HELP", None)
+    r = subprocess.run([sys.executable, "-c", HELP_PROBE, str(REPO / script)], capture_output=True, text=True,
+                       env=env, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def real_help(script: str, monkeypatch) -> str:
+    """The help of the script's parser, in this process (torch already imported: no stand-ins)."""
+    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setattr(sys, "argv", [str(REPO / script), "--help"])
+    path = REPO / script
+    spec = importlib.util.spec_from_file_location(f"help_of_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        if script.startswith("train_"):
+            cls = load_method(path.stem[len("train_"):])
+            main(cls, ["--help"])
+        else:
+            module.main()
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("script", [f"train_{m}.py" for m in METHODS] + [f"scripts/{s}" for s in SCRIPTS])
+def test_help_imports_no_torch_and_equals_the_real_help(script, monkeypatch):
+    fast = fast_help(script)
+    assert fast["real_modules"] == [], f"{script} --help imported {fast['real_modules'][:5]}"
+    assert fast["help"].startswith("usage:")
+    assert fast["help"] == real_help(script, monkeypatch)
+
+
+# ---- 10. recipes, schedules, presets, flags --------------------------------------------------------
+def test_sgdr_matches_torch_warm_restarts_and_the_official_values():
+    args = parse_args(load_method("baseline"), ["--recipe", "imagenet"])
+    assert (args.epochs, args.lr_schedule, args.sgdr_t0, args.weight_decay) == (300, "sgdr", 100, 1e-4)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=100, T_mult=2)
+    for epoch in range(300):
+        assert 0.1 * lr_factor(epoch, args) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), epoch
+        opt.step()
+        sched.step()
+    lrs = [0.1 * lr_factor(e, args) for e in (0, 99, 100, 200, 299)]
+    assert lrs == pytest.approx([0.1, 2.5e-5, 0.1, 0.05, 6.2e-6], rel=2e-2)
+    args.sgdr_t0 = None                                        # unset: one cosine over --epochs
+    assert [lr_factor(e, args) for e in (0, 150)] == pytest.approx([1.0, 0.5])
+    short = parse_args(load_method("baseline"), ["--recipe", "imagenet-100"])
+    assert (short.epochs, short.lr_schedule) == (100, "cosine")
+
+
+def test_cmff_preset_official():
+    cmff = load_method("cmff")
+    a = parse_args(cmff, ["--preset", "official"])
+    assert (a.fusion_input, a.no_fusion_decay, a.epochs, a.lambda_rot, a.lambda_sim) == ("vector", True, 301, 1.0, 5.0)
+    assert (a.recipe, a.lr, a.milestones, a.weight_decay, a.fusion_weight_decay, a.kd_T) == (
+        "ffl", 0.1, [150, 225], 2e-4, 1e-5, 3.0)
+    a = parse_args(cmff, ["--preset", "official", "--arch", "resnet110"])
+    assert (a.lambda_rot, a.lambda_sim, a.epochs, a.fusion_input) == (3.0, 2.0, 301, "vector")
+    for arch in ("vgg16", "densenet40_12"):
+        assert parse_args(cmff, ["--arch", arch, "--preset", "official"]).epochs == 401
+    a = parse_args(cmff, ["--preset", "official", "--epochs", "5", "--lambda-sim", "1"])
+    assert (a.epochs, a.lambda_sim, a.no_fusion_decay) == (5, 1.0, True)            # explicit flags win
+    assert parse_args(cmff, ["--arch", "resnet110"]).lambda_rot == 1.0                # only under the preset
+
+
+def test_cmff_preset_official_trains_the_fusion_module_at_a_constant_lr(tmp_path):
+    from engine import Trainer
+    cmff = load_method("cmff")
+    args = parse_args(cmff, ["--preset", "official", "--arch", "resnet20", "--dataset", "synthetic", "--subset", "64",
+                             "--batch-size", "32", "--fusion-grid", "1", "--gpu", "-1", "--out", str(tmp_path),
+                             "--epochs", "4", "--milestones", "2"])
+    trainer = Trainer(cmff, args)
+    assert trainer.method.model.fusion_shape == (trainer.method.model.dim, 1, 1)     # the vector layout
+    for epoch, model_factor in ((0, 1.0), (3, 0.1)):
+        assert trainer.schedulers["model"].lr_lambdas[0](epoch) == pytest.approx(model_factor)
+        assert trainer.schedulers["fusion"].lr_lambdas[0](epoch) == 1.0
+
+
+def test_threads_and_tf32_flags(tmp_path):
+    from engine import Trainer
+    dml = load_method("dml")
+    before = torch.get_num_threads()
+    args = parse_args(dml, ["--arch", "resnet20", "--dataset", "synthetic", "--subset", "64", "--batch-size", "32",
+                            "--gpu", "-1", "--out", str(tmp_path), "--threads", "2"])
+    assert args.tf32 is None and parse_args(dml, ["--tf32"]).tf32 and parse_args(dml, ["--no-tf32"]).tf32 is False
+    try:
+        Trainer(dml, args)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---- 6. paths ---------------------------------------------------------------------------------------
+def test_run_directory_follows_the_current_directory_or_okd_runs(tmp_path, monkeypatch):
+    from engine import Trainer
+    dml = load_method("dml")
+    argv = ["--arch", "resnet20", "--dataset", "synthetic", "--subset", "64", "--batch-size", "32", "--gpu", "-1"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OKD_RUNS", raising=False)
+    assert Trainer(dml, parse_args(dml, argv)).out == tmp_path / "runs" / "dml-resnet20-synthetic-n2-s0"
+    monkeypatch.setenv("OKD_RUNS", "elsewhere")
+    assert Trainer(dml, parse_args(dml, argv)).out == tmp_path / "elsewhere" / "dml-resnet20-synthetic-n2-s0"
+
+
+def test_a_failed_download_leaves_no_folder(tmp_path):
+    from data.common import DatasetNotFoundError, download_or_explain
+    target = tmp_path / "datasets" / "cifar100"
+
+    def fetch():
+        (target / "partial").mkdir(parents=True)
+        (target / "partial" / "cifar-100-python.tar.gz").write_bytes(b"half")
+        raise OSError("network unreachable")
+    with pytest.raises(DatasetNotFoundError) as err:
+        download_or_explain("cifar100", target, fetch)
+    assert not (tmp_path / "datasets").exists()
+    assert str(target.absolute()) in str(err.value)
+    (tmp_path / "kept").mkdir()                                 # a folder that existed before stays
+
+    def fail():
+        raise OSError("no route to host")
+    with pytest.raises(DatasetNotFoundError):
+        download_or_explain("cifar100", tmp_path / "kept", fail)
+    assert (tmp_path / "kept").is_dir()
+
+
+def test_missing_dataset_message_gives_absolute_paths(tmp_path, monkeypatch):
+    from data import load_dataset
+    from data.common import DatasetNotFoundError
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OKD_DATASETS", raising=False)
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("cifar100")
+    assert str(tmp_path / "datasets" / "cifar100") in str(err.value)
+    assert not (tmp_path / "datasets").exists()
+
+
+# ---- 8. scripts/model_table.py ---------------------------------------------------------------------
+def load_model_table():
+    spec = importlib.util.spec_from_file_location("model_table_cli", REPO / "scripts" / "model_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_table_sorts_naturally_and_counts_each_backbone_once(monkeypatch, capsys):
+    table = load_model_table()
+    built = Counter()
+    real_create = table.create_model
+
+    def counting_create(name, *args, **kwargs):
+        built[(name, kwargs.get("image_size"))] += 1
+        return real_create(name, *args, **kwargs)
+    monkeypatch.setattr(table, "create_model", counting_create)
+    assert table.main(["--arch", "resnet110", "resnet20", "resnet32", "resnet18", "--peers", "2", "3", "4"]) == 0
+    assert built == {("resnet110", 32): 1, ("resnet20", 32): 1, ("resnet32", 32): 1, ("resnet18", 32): 1,
+                     ("resnet18", 224): 1}
+    text = capsys.readouterr().out
+    backbones = text.split("## Peer")[0].splitlines()
+    rows = [line.split(" | ")[0].lstrip("| ") for line in backbones if line.startswith("| r")]
+    assert rows == ["resnet110", "resnet20", "resnet32", "resnet18", "resnet18"]     # --arch order kept
+
+
+def test_model_table_default_order_is_natural():
+    from models import list_models
+    table = load_model_table()
+    names = list_models()
+    assert names.index("resnet20") < names.index("resnet32") < names.index("resnet56") < names.index("resnet110")
+    assert names.index("wrn_16_2") < names.index("wrn_16_8") < names.index("wrn_28_10")
+    assert table.setups("resnet18") == [(32, 100), (224, 1000)] and table.setups("resnet32") == [(32, 100)]
+
+
+def test_model_table_small_stem_rows_and_method(capsys):
+    from models import count_parameters, create_model
+    from models.peers import Peers
+    table = load_model_table()
+    assert table.main(["--arch", "resnet18", "--peers", "2", "--method", "dml"]) == 0
+    text = capsys.readouterr().out
+    with torch.device("meta"):
+        small = create_model("resnet18", num_classes=100, image_size=32)
+        peers = Peers("resnet18", 100, 2, "independent", image_size=32)
+    assert small.stem[0].kernel_size == (3, 3)
+    assert f"| resnet18 | 32x32 | 100 | {count_parameters(small):,} |" in text
+    assert "train_dml.py with its default flags" in text
+    assert f"| resnet18 | 32x32 | 100 | {count_parameters(peers):,} |" in text.split("train_dml.py")[1]
+    with pytest.raises(SystemExit):
+        table.main(["--arch", "resnet20", "--method", "no_such_method"])

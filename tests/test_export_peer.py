@@ -1,0 +1,87 @@
+"""scripts/export_peer.py: one trained peer as a stand-alone network, from a shared-trunk run (same logits as its
+head in the run), a grouped run, and a torchvision-backed peer (loads into torchvision.models as it is)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import train_one
+from engine import train
+from engine.checkpoint import FORMAT, atomic_save
+from models import create_model
+from models.peers import Peers
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("export_peer", REPO / "scripts" / "export_peer.py")
+export_peer = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(export_peer)
+
+FAST = ["--dataset", "synthetic", "--subset", "128", "--batch-size", "64", "--gpu", "-1", "--no-progress",
+        "--workers", "0", "--epochs", "1"]
+
+
+def fake_checkpoint(path, peers, arch, n, history_head="peer1"):
+    atomic_save({"format": FORMAT, "method": "dml", "epoch": 1, "state": {"model": peers.state_dict()},
+                 "args": {"arch": arch, "num_classes": 10, "num_peers": n},
+                 "history": [{"epoch": 1, "test": {f"{history_head}/top1": 42.5}}]}, path)
+
+
+def test_shared_trunk_peer_gives_its_heads_logits(tmp_path, capsys):
+    run = tmp_path / "one"
+    train(train_one.ONE, FAST + ["--arch", "resnet20", "--num-peers", "3", "--out", str(run)])
+    assert export_peer.main([str(run / "best.pt"), "--peer", "2", "-o", str(tmp_path / "p2.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "head peer2 of the one run" in printed and "test top-1" in printed
+    exported = torch.load(tmp_path / "p2.pt", weights_only=True)
+    assert exported["arch"] == "resnet20" and exported["format"] == "models"
+    net = create_model("resnet20", num_classes=exported["num_classes"])
+    net.load_state_dict(exported["state_dict"])          # plain create_model + strict load
+    # the run's model, rebuilt independently of the export code, and its head peer2
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    model = train_one.ONENet(Peers("resnet20", 10, 3, "shared", "one"))
+    model.load_state_dict(ckpt["state"]["model"])
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        heads = train_one.ONE.eval_logits(None, model.eval(), x)
+        torch.testing.assert_close(net.eval()(x), heads["peer2"], rtol=0, atol=0)
+    assert exported["source"]["top1"]["test"] == ckpt["history"][-1]["test"]["peer2/top1"]
+
+
+def test_grouped_peer_is_split_back(tmp_path):
+    torch.manual_seed(0)
+    peers = Peers("resnet20", 10, 3).group_branches()
+    with torch.no_grad():
+        for p in peers.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    fake_checkpoint(tmp_path / "g.pt", peers, "resnet20", 3, "peer3")
+    out = export_peer.export_peer(tmp_path / "g.pt", 3)
+    assert out["source"]["top1"] == {"test": 42.5}
+    net = create_model("resnet20", num_classes=10)
+    net.load_state_dict(out["state_dict"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), peers.eval()(x).logits[2], rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_peer_loads_into_torchvision(tmp_path):
+    torch.manual_seed(0)
+    peers = Peers("resnet50,mobilenet_v2", 10, 2)
+    fake_checkpoint(tmp_path / "tv.pt", peers, "resnet50,mobilenet_v2", 2)
+    assert export_peer.main([str(tmp_path / "tv.pt"), "--peer", "2", "-o", str(tmp_path / "mb.pt")]) == 0
+    exported = torch.load(tmp_path / "mb.pt", weights_only=True)
+    assert exported["arch"] == "mobilenet_v2" and exported["format"] == "torchvision"
+    net = torchvision.models.mobilenet_v2(num_classes=10)
+    net.load_state_dict(exported["state_dict"])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), peers.eval()(x).logits[1], rtol=0, atol=0)
+    assert isinstance(export_peer.load_exported(tmp_path / "mb.pt"), torchvision.models.MobileNetV2)
+
+
+def test_bad_peer_is_one_line(tmp_path, capsys):
+    fake_checkpoint(tmp_path / "c.pt", Peers("resnet20", 10, 2), "resnet20", 2)
+    assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "3", "-o", str(tmp_path / "x.pt")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --peer 3: the run has peers 1..2"
+    assert not (tmp_path / "x.pt").exists()

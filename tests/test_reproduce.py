@@ -1,0 +1,346 @@
+"""scripts/reproduce.py and scripts/tables.py: every table's cells and commands, the local launcher on tiny
+synthetic runs (skip, resume, Ctrl-C), and the SLURM job array (checked without a cluster)."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scripts import reproduce, summarize
+from scripts.tables import PAPER_TABLES, TABLES, Table, cell, check_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (cells, runs per seed) of every table: published numbers counted by hand from the papers' tables
+EXPECTED = {
+    "mcl-okd-cifar100": (30, 30),      # 5 backbones x 6 methods
+    "mcl-okd-ablation": (15, 15),      # 5 x 3; 10 of the runs are the main table's
+    "mcl-okd-imagenet": (2, 2),
+    "cmff-cifar100": (62, 53),         # 70 minus 8 blanks; the second ResNet-32 column shares 9 runs
+    "cmff-tinyimagenet": (10, 10),
+    "pcl-cifar100": (35, 35),
+    "fashion-mnist": (12, 12),
+    "smoke": (2, 2),
+}
+
+
+def test_tables_listed():
+    assert set(TABLES) == set(EXPECTED)
+    assert set(PAPER_TABLES) <= set(TABLES)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_dry_run_cells_and_commands_parse(name, tmp_path, capsys):
+    table = TABLES[name]
+    cells, runs_per_seed = EXPECTED[name]
+    runs, selected = reproduce.plan(table, [0, 1, 2], tmp_path)
+    assert len(selected) == len(table.cells) == cells
+    assert len(runs) == 3 * runs_per_seed
+    assert reproduce.main([name, "--seeds", "0", "1", "2", "--dry-run", "--runs-dir", str(tmp_path)]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python ")]
+    assert len(lines) == 3 * runs_per_seed
+    for run, line in zip(runs, lines):
+        assert line.startswith(f"python {run.script} ")
+        assert ("# not built" in line) == (not run.built)
+        if not run.built:
+            continue
+        args = reproduce.parse_run_args(run)       # the script's own parser: SystemExit on any bad flag
+        assert (args.seed, args.tag, args.resume) == (run.seed, f"{run.table}/{run.name}", "auto")
+        assert Path(args.out).name == f"{run.name}-s{run.seed}"
+    for c in table.cells:
+        for m in c.metrics:
+            assert m.kind in ("single", "ensemble")
+            if name in PAPER_TABLES:
+                assert m.published is not None and 0 < m.published < 100
+
+
+def test_cells_use_the_published_variants(tmp_path):
+    """The flags each paper's cell needs, as parsed by the scripts (spot checks of the mapping)."""
+    def args_of(table, row, column, seed=0):
+        c = TABLES[table].cell(row, column)
+        runs, _ = reproduce.plan(TABLES[table], [seed], tmp_path, {"row": [row], "column": [column]})
+        return c, reproduce.parse_run_args(runs[0])
+
+    c, a = args_of("mcl-okd-cifar100", "ResNet-110", "DML")
+    assert (a.arch, a.topology, a.num_peers, a.kd_T, a.recipe) == ("resnet110_bottleneck", "shared", 4, 2.0, "okd")
+    c, a = args_of("mcl-okd-cifar100", "ResNet-32", "MCL-OKD")
+    assert (a.recipe, a.alpha, a.batch_size, a.lr) == ("mcl-okd", 1.0, 64, 0.05)
+    assert [m.published for m in c.metrics] == [24.52, 22.00]
+    c, a = args_of("mcl-okd-ablation", "ResNet-32", "+MCL")
+    assert a.alpha == 0 and c.runs_table is None
+    assert TABLES["mcl-okd-ablation"].cell("ResNet-32", "+MCL+DOT").runs_table == "mcl-okd-cifar100"
+    c, a = args_of("cmff-cifar100", "CMFF", "ResNet-110")
+    assert (a.arch, a.lambda_rot, a.lambda_sim) == ("resnet110", 3.0, 2.0)
+    c, a = args_of("cmff-cifar100", "DML", "WRN-20-8")
+    assert a.arch == "wrn_22_8" and c.metrics[0].published == 79.76
+    c, a = args_of("cmff-cifar100", "Student (baseline)", "ResNet-32 (2nd)")
+    assert c.metrics[0].published == 72.56 and c.run == TABLES["cmff-cifar100"].cell("Student (baseline)",
+                                                                                       "ResNet-32").run
+    assert TABLES["cmff-cifar100"].cell("AMLN", "ResNet-32") is None        # "-" in the README: not a run
+    c, a = args_of("pcl-cifar100", "WRN-20-8", "DML")
+    assert (a.arch, a.recipe, a.lr_schedule) == ("wrn_20_8", "okddip", "multistep")
+    assert (c.metrics[0].published, c.metrics[0].published_std) == (79.77, 0.07)
+    c, a = args_of("mcl-okd-imagenet", "ResNet-34", "MCL-OKD")
+    assert (a.dataset, a.recipe, a.epochs) == ("imagenet", "mcl-okd-imagenet", 100)
+
+
+def test_only_filters(tmp_path):
+    only = reproduce.parse_only(["method=dml,one", "arch=resnet3*"])
+    assert only == {"method": ["dml", "one"], "arch": ["resnet3*"]}
+    runs, cells = reproduce.plan(TABLES["mcl-okd-cifar100"], [0], tmp_path, only)
+    assert {(c.method, c.arch) for c in cells} == {("dml", "resnet32"), ("one", "resnet32")}
+    _, cells = reproduce.plan(TABLES["cmff-cifar100"], [0], tmp_path, reproduce.parse_only(["column=resnet-110"]))
+    assert len(cells) == 9
+    with pytest.raises(SystemExit, match="keys are"):
+        reproduce.parse_only(["model=dml"])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        reproduce.parse_only(["method=dml", "resnet32"])
+
+
+def test_check_table_refuses_one_run_name_for_two_commands():
+    t = Table("t", "t", "t", "accuracy", ["a", "b"], ["c"],
+              [cell("a", "c", "dml", "resnet20", run="x"), cell("b", "c", "dml", "resnet32", run="x")])
+    with pytest.raises(ValueError, match="different commands"):
+        check_table(t)
+
+
+def test_not_built_script_is_listed_never_run(tmp_path, monkeypatch):
+    ghost = reproduce.Run("t", "ghost-resnet20", "train_ghost.py", ["--arch", "resnet20"], 0, tmp_path / "g", ["x"])
+    assert not ghost.built and reproduce.run_state(ghost) == "not built"
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a not-built run was started"))
+    outcome = reproduce.run_local([ghost], log=lambda *_: None)
+    assert outcome["not built"] == [ghost] and not outcome["finished"]
+
+
+def test_minutes():
+    assert [reproduce.parse_minutes(t) for t in ("90", "1:30:00", "2:05", "1-00:00:30")] == [90, 90, 125, 1441]
+
+
+# ---- the local launcher on tiny synthetic runs -------------------------------------------------------------------
+TINY = ("--dataset", "synthetic", "--subset", "32", "--epochs", "2", "--batch-size", "32", "--gpu", "-1",
+        "--no-progress")
+
+
+def tiny_table() -> Table:
+    return Table("tiny", "two tiny cells", "test", "accuracy", ["Baseline", "DML"], ["ResNet-20"],
+                 [cell("Baseline", "ResNet-20", "baseline", "resnet20", TINY),
+                  cell("DML", "ResNet-20", "dml", "resnet20", TINY, ensemble_head="ensemble")])
+
+
+def interrupt_after_first_epoch(run: reproduce.Run, monkeypatch):
+    """Train ``run`` in this process and stop it like Ctrl-C right after epoch 1 was saved."""
+    from engine import reporting, trainer
+    real = reporting.Reporter.epoch          # called once the epoch's checkpoint and results.json are written
+
+    def stop(self, epoch, record):
+        real(self, epoch, record)
+        if epoch == 0:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(reporting.Reporter, "epoch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(reproduce.method_class(run.script), [*run.train_argv()])
+    monkeypatch.setattr(reporting.Reporter, "epoch", real)
+
+
+def test_local_launcher_skips_finished_resumes_interrupted_and_summarizes(tmp_path, monkeypatch):
+    table = tiny_table()
+    runs, _ = reproduce.plan(table, [0, 1], tmp_path)
+    assert [r.name for r in runs] == ["baseline-resnet20"] * 2 + ["dml-resnet20"] * 2
+    cut = runs[2]                                       # DML seed 0: interrupted after its first epoch
+    interrupt_after_first_epoch(cut, monkeypatch)
+    partial = json.loads((cut.out / "results.json").read_text())
+    assert partial["status"] == "running" and partial["epochs_done"] == 1
+    assert [reproduce.run_state(r) for r in runs] == ["new", "new", "resume", "new"]
+
+    outcome = reproduce.run_local(runs, jobs=2, log=lambda *_: None)   # a queue of two CPU slots
+    assert sorted(r.out.name for r in outcome["finished"]) == sorted(r.out.name for r in runs), outcome
+    assert "resumed from" in (cut.out / "train.log").read_text()
+    for r in runs:
+        data = json.loads((r.out / "results.json").read_text())
+        assert data["status"] == "finished" and [h["epoch"] for h in data["history"]] == [1, 2]
+        assert data["args"]["tag"] == f"tiny/{r.name}" and data["args"]["seed"] == r.seed
+
+    stamps = [(r.out / "results.json").stat().st_mtime_ns for r in runs]
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a finished run was started again"))
+    again = reproduce.run_local(runs, log=lambda *_: None)
+    assert len(again["skipped"]) == 4 and not again["finished"]
+    assert stamps == [(r.out / "results.json").stat().st_mtime_ns for r in runs]
+
+    # the summary's mean and std, against a hand computation from the results.json files
+    loaded, bad = summarize.load_runs(tmp_path)
+    assert not bad and len(loaded) == 4
+    cells = summarize.summarize_table(table, loaded)
+    dml = [json.loads((r.out / "results.json").read_text()) for r in runs[2:]]
+    single = [(d["best"]["test"]["peer1/top1"] + d["best"]["test"]["peer2/top1"]) / 2 for d in dml]
+    ensemble_last = [d["history"][-1]["test"]["ensemble/top1"] for d in dml]
+    single_m, ens_m = cells[1].metrics
+    assert single_m.best[0] == pytest.approx(sum(single) / 2)
+    assert single_m.best[1] == pytest.approx(abs(single[0] - single[1]) / 2 ** 0.5)
+    assert ens_m.last[0] == pytest.approx(statistics.fmean(ensemble_last))
+    base = [json.loads((r.out / "results.json").read_text())["best"]["test"]["net/top1"] for r in runs[:2]]
+    assert cells[0].metrics[0].best == pytest.approx((statistics.fmean(base), statistics.stdev(base)))
+    assert len(cells[0].finished) == 2 and cells[0].status == "2 finished"
+
+
+def test_ctrl_c_leaves_the_run_resumable(tmp_path):
+    """SIGINT to the launcher: the training process stops after a checkpoint, the launcher exits 130, and the
+    run is left as "resume" (last.pt + results.json status running)."""
+    out = tmp_path / "smoke" / "dml-resnet20-s0"
+    cmd = [sys.executable, "scripts/reproduce.py", "smoke", "--only", "method=dml", "--seeds", "0", "--runs-dir",
+           str(tmp_path), "--extra", "--epochs 40 --subset 64 --batch-size 32 --gpu -1 --no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while not (out / "results.json").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, output
+    assert "re-run the same command" in output
+    assert (out / "last.pt").is_file()
+    assert json.loads((out / "results.json").read_text())["status"] == "running"
+    run = reproduce.plan(TABLES["smoke"], [0], tmp_path, {"method": ["dml"]})[0][0]
+    assert reproduce.run_state(run, ["--epochs", "40"]) == "resume"
+
+
+# ---- SLURM through submitit, without a cluster -------------------------------------------------------------------
+def slurm_opts(*argv):
+    args = reproduce.build_parser().parse_args(["smoke", "--launcher", "slurm", *argv])
+    return reproduce.slurm_options(args, "smoke")
+
+
+def test_slurm_job_array(tmp_path, monkeypatch):
+    """A fake sbatch records the submission file: one array of 4 tasks with the options given, and one pickled
+    TrainRun per task carrying the run's command with --resume auto."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/sbatch.sh\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    runs, _ = reproduce.plan(TABLES["smoke"], [0, 1], tmp_path / "runs")
+    opts = slurm_opts("--partition", "gpu", "--time", "1:30:00", "--array-parallelism", "2", "--account", "lab",
+                      "--setup", "module load cuda", "--max-requeues", "7")
+    folder = tmp_path / "runs" / "smoke" / ".submitit"
+    jobs = reproduce.submit_slurm(runs, opts, folder, log=lambda *_: None)
+    assert [j.job_id for j in jobs] == [f"4242_{i}" for i in range(4)]
+    sbatch = (tmp_path / "sbatch.sh").read_text()
+    for line in ("#SBATCH --array=0-3%2", "#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --account=lab",
+                 "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=8", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --requeue", "#SBATCH --job-name=okd-smoke", "module load cuda"):
+        assert line in sbatch, line
+    for i, run in enumerate(runs):
+        with open(folder / f"4242_{i}_submitted.pkl", "rb") as f:
+            delayed = pickle.load(f)
+        job = delayed.function
+        assert isinstance(job, reproduce.TrainRun)
+        assert job.command[1:] == run.command("python", ["--gpu", "0", "--no-progress"])[1:]
+        assert delayed._timeout_countdown == 7           # time-outs re-queued up to --max-requeues times
+        again = job.checkpoint()                         # what submitit calls on pre-emption / time-out
+        assert again.function.command == job.command and "--resume" in job.command
+
+    wide = reproduce.submit_slurm(runs[:1], slurm_opts("--gpus-per-run", "4"), tmp_path / "wide", log=lambda *_: None)
+    assert "#SBATCH --gpus-per-node=4" in (tmp_path / "sbatch.sh").read_text()
+    with open(tmp_path / "wide" / f"{wide[0].job_id}_submitted.pkl", "rb") as f:
+        command = pickle.load(f).function.command
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert command[5:] == runs[0].command("python", ["--no-progress"])[1:]
+
+
+def test_slurm_task_trains_through_submitit_debug_executor(tmp_path):
+    """The job function itself, run by submitit's in-process debug executor: a tiny run that finishes."""
+    table = Table("tiny", "t", "t", "accuracy", ["Baseline"], ["R"],
+                  [cell("Baseline", "R", "baseline", "resnet20", TINY[:-3] + ("--epochs", "1"))])
+    runs, _ = reproduce.plan(table, [0], tmp_path / "runs")
+    opts = slurm_opts()
+    jobs = reproduce.submit_slurm(runs, opts, tmp_path / "submitit", extra=["--gpu", "-1"], cluster="debug",
+                                  log=lambda *_: None)
+    assert jobs[0].result() == 0
+    data = json.loads((runs[0].out / "results.json").read_text())
+    assert data["status"] == "finished" and data["args"]["tag"] == "tiny/baseline-resnet20"
+
+
+def test_markdown_page_lists_every_published_number():
+    page = reproduce.markdown_page()
+    for name in PAPER_TABLES:
+        table = TABLES[name]
+        assert f"## `{name}`" in page
+        for c in table.cells:
+            for m in c.metrics:
+                if table.unit == "error":
+                    assert f"{100 - m.published:.2f} ({m.published:.2f})" in page
+                else:
+                    assert f"{m.published:.2f}" in page
+    rows = [l for l in page.splitlines() if l.startswith("| ") and "python train_" in l]
+    assert len(rows) == sum(len(c.metrics) for n in PAPER_TABLES for c in TABLES[n].cells)
+
+
+def test_tag_is_recorded_but_does_not_name_the_run():
+    from engine.cli import parse_args
+    from engine.setup import default_run_name
+    dml = reproduce.method_class("train_dml.py")
+    tagged = parse_args(dml, ["--arch", "resnet20", "--tag", "pcl-cifar100/dml-resnet20"])
+    plain = parse_args(dml, ["--arch", "resnet20"])
+    assert tagged.tag == "pcl-cifar100/dml-resnet20" and plain.tag is None
+    name = [default_run_name(dml, a) for a in (tagged, plain)]
+    assert name[0] == name[1] == "dml-resnet20-cifar100-n2-s0"
+
+
+def test_gpu_queue_one_run_per_gpu(tmp_path, monkeypatch):
+    """--gpus 0,1: at most two runs at once, each with its own CUDA_VISIBLE_DEVICES and --gpu 0; a freed GPU
+    takes the next run (processes faked: each 'finishes' after a few polls)."""
+    started, running = [], set()
+
+    class FakeProc:
+        def __init__(self, cmd, cwd, env, stdout, stderr, start_new_session):
+            assert start_new_session and cwd == REPO
+            self.cmd, self.gpu, self.polls, self.returncode = cmd, env["CUDA_VISIBLE_DEVICES"], 0, None
+            assert self.gpu not in running, "two runs on one GPU"
+            running.add(self.gpu)
+            assert len(running) <= 2
+            started.append(self)
+
+        def poll(self):
+            self.polls += 1
+            if self.polls >= 3 and self.returncode is None:
+                self.returncode = 0
+                running.discard(self.gpu)
+            return self.returncode
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(reproduce.time, "sleep", lambda s: None)
+    runs, _ = reproduce.plan(TABLES["smoke"], [0, 1], tmp_path)
+    outcome = reproduce.run_local(runs, gpus=["0", "1"], log=lambda *_: None)
+    assert len(outcome["finished"]) == 4 and len(started) == 4
+    assert [p.gpu for p in started[:2]] == ["0", "1"]
+    for p, run in zip(started, runs):
+        assert p.cmd[1:] == run.command("python", ["--gpu", "0", "--no-progress"])[1:]
+
+
+def test_slurm_task_ignores_the_warning_signal_and_stops_on_checkpoint(tmp_path):
+    """The training process survives SLURM's USR2 (submitit handles it) and checkpoint() stops it with SIGINT."""
+    script = ("import os, signal, time\nos.kill(os.getpid(), signal.SIGUSR2)\nprint('alive after USR2', flush=True)\n"
+              "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('stopped by SIGINT', flush=True)\n")
+    job = reproduce.TrainRun([sys.executable, "-c", script], str(tmp_path), str(tmp_path / "log"))
+    import threading
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(job()))
+    worker.start()
+    deadline = time.time() + 60
+    while "alive" not in ((tmp_path / "log").read_text() if (tmp_path / "log").exists() else "") \
+            and time.time() < deadline:
+        time.sleep(0.1)
+    again = job.checkpoint()
+    worker.join(60)
+    assert codes == [0] and (tmp_path / "log").read_text() == "alive after USR2\nstopped by SIGINT\n"
+    assert again.function.command == job.command

@@ -1,0 +1,454 @@
+"""Runs you can trust: one run, one directory, one true record (engine/run_dir.py, engine/checkpoint.py and
+their use in engine/trainer.py). Tiny synthetic runs: 64 training images, 1 or 2 epochs."""
+import errno
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_baseline
+import train_cl_ilr
+import train_cmff
+import train_dml
+import train_mcl_okd
+from engine import UserError, main, parse_args, run_dir, train
+from engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from engine.setup import default_run_name
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "64", "--batch-size", "32", "--gpu", "-1",
+        "--no-progress", "--workers", "0", "--epochs", "1"]
+EVAL = ["--gpu", "-1", "--no-progress", "--workers", "0"]
+DML, Baseline = train_dml.DML, train_baseline.Baseline
+
+
+def _env():
+    return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+
+
+def _files(folder: Path) -> dict:
+    """Every file the run wrote, by name, with its bytes and mtime (the lock file aside)."""
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file() and p.name != run_dir.LOCK_NAME}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished 1-epoch DML run."""
+    out = tmp_path_factory.mktemp("dml_run")
+    train(DML, TINY + ["--out", str(out)])
+    return out
+
+
+# ---- 1. identity -------------------------------------------------------------------------------------
+
+def _name(method_cls, argv, world_size=1):
+    return default_run_name(method_cls, parse_args(method_cls, argv), world_size)
+
+
+@pytest.mark.parametrize("method_cls, flags", [
+    (DML, ["--recipe", "one"]),
+    (train_mcl_okd.MCLOKD, ["--alpha", "0"]),
+    (train_cl_ilr.CLILR, ["--soft-target", "probs"]),
+    (train_cmff.CMFF, ["--no-ssl"]),
+])
+def test_commands_that_train_differently_never_share_a_directory(method_cls, flags):
+    base = _name(method_cls, ["--arch", "resnet32"])
+    assert base == f"{method_cls.name}-resnet32-cifar100-n{method_cls.num_peers}-s0"   # defaults: no hash
+    other = _name(method_cls, ["--arch", "resnet32", *flags])
+    assert other != base and other.startswith(base + "-") and len(other) == len(base) + 9
+    assert _name(method_cls, ["--arch", "resnet32", *flags]) == other                   # stable
+
+
+def test_options_that_cannot_change_training_keep_the_directory():
+    base = _name(DML, [])
+    same = ["--workers", "8", "--no-progress", "--gpu", "1", "--eval-batch-size", "512", "--data", "/elsewhere",
+            "--channels-last", "--sgd-impl", "for-loop", "--grouped-peers", "--milestones", "10 20", "--recipe", "okd"]
+    assert _name(DML, same) == base          # (cosine does not read --milestones)
+    assert _name(DML, ["--lr-schedule", "multistep", "--milestones", "10 20"]) != base
+    assert _name(DML, [], world_size=2) != base   # a global batch of 2 x --batch-size
+    assert _name(DML, ["--seed", "3", "--num-peers", "3"]) == "dml-resnet32-cifar100-n3-s3"
+    assert _name(Baseline, []) == "baseline-resnet32-cifar100-s0"
+
+
+def test_a_copied_script_is_another_method(tmp_path):
+    copy = tmp_path / "train_dml_mykd.py"
+    shutil.copy(REPO / "train_dml.py", copy)
+    spec = importlib.util.spec_from_file_location("train_dml_mykd", copy)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_dml_mykd"] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["train_dml_mykd"]
+    assert module.DML.name == "dml_mykd" and DML.name == "dml"
+    assert _name(module.DML, []).startswith("dml_mykd-resnet32")
+
+    class Variant(DML):          # a subclass outside a script (a test, a helper module) stays the method
+        pass
+
+    class SaysSo(module.DML):    # ... and a script may say it trains the same method as another
+        name = "dml"
+    assert Variant.name == "dml" and SaysSo.name == "dml"
+
+
+# ---- 2. resume checks the whole configuration -----------------------------------------------------------
+
+def test_config_differences():
+    saved = vars(parse_args(DML, ["--arch", "resnet20", "--epochs", "10"]))
+    same = dict(saved, workers=0, gpu=-1, no_progress=True, sgd_impl="for-loop", out="x", resume="auto")
+    assert run_dir.config_differences(saved, same, {}) == []
+    assert run_dir.config_differences(saved, dict(saved, lr=0.2, kd_T=3.0), {}) == [("lr", 0.1, 0.2),
+                                                                                   ("kd_T", 1.0, 3.0)]
+    longer = dict(saved, epochs=20)
+    assert run_dir.config_differences(saved, longer, {}) == [("epochs", 10, 20)]
+    assert run_dir.config_differences(saved, longer, {}, extend_epochs=True) == []
+    assert run_dir.config_differences(saved, dict(saved, epochs=5), {}, extend_epochs=True) == [("epochs", 10, 5)]
+    # An option the checkpoint predates counts as its default.
+    old = {k: v for k, v in saved.items() if k != "val_split"}
+    assert run_dir.config_differences(old, saved, {"val_split": 0}) == []
+    assert run_dir.config_differences(old, dict(saved, val_split=100), {"val_split": 0}) == [("val_split", 0, 100)]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "0.2"], "--lr 0.1 (this command: 0.2)"),
+    (["--seed", "1"], "--seed 0 (this command: 1)"),
+    (["--batch-size", "16"], "--batch-size 32 (this command: 16)"),
+    (["--kd-T", "4"], "--kd-T 1.0 (this command: 4.0)"),
+    (["--epochs", "2"], "--epochs 1 (this command: 2) [to train longer, add --extend-epochs]"),
+])
+def test_resume_with_another_training_option_stops(run, flags, named):
+    before = _files(run)
+    with pytest.raises(UserError) as e:
+        train(DML, TINY + flags + ["--out", str(run), "--resume", "auto"])
+    assert named in str(e.value) and "\n" not in str(e.value)
+    assert _files(run) == before
+
+
+def test_resuming_a_finished_run_changes_nothing(run, capsys):
+    before = _files(run)
+    results = train(DML, TINY + ["--out", str(run), "--resume", "auto"])
+    assert "already finished" in capsys.readouterr().out
+    assert results["status"] == "finished" and results["epochs_done"] == 1
+    assert _files(run) == before
+
+
+def test_extend_epochs_needs_a_named_run():
+    with pytest.raises(UserError, match="--extend-epochs continues an existing run"):
+        train(DML, TINY + ["--epochs", "2", "--extend-epochs", "--resume", "auto"])
+
+
+# ---- 3. --resume PATH: its own directory, never another run's -------------------------------------------
+
+def test_resume_path_continues_in_its_own_directory(run, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    results = train(DML, TINY + ["--epochs", "2", "--extend-epochs", "--resume", str(copy / "last.pt")])
+    assert results["epochs_done"] == 2
+    saved = json.loads((copy / "results.json").read_text())
+    assert saved["epochs_done"] == 2 and saved["epochs"] == 2
+    # --extend-epochs: the lr of the new epochs follows the cosine of the new --epochs.
+    assert saved["history"][1]["lr"]["model"] == pytest.approx(0.1 * 0.5)
+    # The record: both processes, cumulative wall time.
+    processes = saved["processes"]
+    assert [(p["start_epoch"], p["end_epoch"], p["status"]) for p in processes] == [(0, 1, "finished"),
+                                                                                     (1, 2, "finished")]
+    assert "--extend-epochs" in processes[1]["command"] and processes[1]["pid"] == os.getpid()
+    assert saved["wall_time_s"] == pytest.approx(sum(p["wall_s"] for p in processes))
+    assert load_checkpoint(copy / "last.pt")["epoch"] == 2
+
+
+def test_never_writes_into_another_runs_directory(run, tmp_path):
+    other = tmp_path / "other"
+    train(DML, TINY + ["--seed", "1", "--out", str(other)])
+    before = _files(other)
+    with pytest.raises(UserError, match="holds another run"):
+        train(DML, TINY + ["--resume", str(run / "last.pt"), "--out", str(other)])
+    assert _files(other) == before
+
+
+# ---- 4. one writer per run directory -------------------------------------------------------------------
+
+def test_one_writer_per_run_directory(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from engine.run_dir import RunLock; "
+                               "RunLock(sys.argv[1], 'holder').acquire(); print('locked', flush=True); time.sleep(300)",
+         str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"in use by process {holder.pid} "):
+            train(Baseline, TINY + ["--out", str(tmp_path)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "last.pt").exists()
+    # The holder died without unlocking: the kernel released its flock, the lock file is stale.
+    lock = run_dir.RunLock(tmp_path).acquire()
+    assert lock.stale["pid"] == holder.pid
+    lock.release()
+
+
+def test_lock_is_released_on_errors(tmp_path):
+    lock = run_dir.RunLock(tmp_path / "new").acquire()
+    with pytest.raises(UserError, match="in use by process"):
+        run_dir.RunLock(tmp_path / "new").acquire()    # a second open file description: refused
+    lock.release()
+    assert not (tmp_path / "new").exists()            # nothing was written: no empty run directory left
+    run_dir.RunLock(tmp_path / "new").acquire().release()
+
+
+# ---- 5. --eval-only evaluates the checkpoint as trained --------------------------------------------------
+
+def test_eval_only_takes_the_checkpoint_options(run, tmp_path):
+    # Neither --arch (default resnet32) nor --dataset (default cifar100) nor --subset given: the checkpoint's.
+    result = train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--out", str(tmp_path)])
+    assert (result["arch"], result["dataset"]) == ("resnet20", "synthetic")
+    saved = json.loads((tmp_path / "eval-best-synthetic.json").read_text())
+    assert saved["test"] == result["test"] and "synthetic test set" in saved["splits"]["test"]
+    # Another copy of the data (--data) writes its own file, next to the first.
+    train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--out", str(tmp_path), "--data", str(tmp_path)])
+    assert len(list(tmp_path.glob("eval-best-synthetic*.json"))) == 2
+
+
+def test_eval_only_refuses_a_flag_that_disagrees(run):
+    with pytest.raises(UserError, match="trained with --dataset synthetic, not fashion-mnist"):
+        train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--dataset", "fashion-mnist"])
+    with pytest.raises(UserError, match="is a dml checkpoint; evaluate it with train_dml.py"):
+        train(Baseline, EVAL + ["--eval-only", str(run / "best.pt")])
+
+
+def test_eval_only_never_needs_mcl_memory_banks(tmp_path):
+    method_cls = train_mcl_okd.MCLOKD
+    args = parse_args(method_cls, ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "64"])
+    method_cls.check_args(args)
+    method = method_cls(args, 10, 64, 32, train_labels=torch.arange(64) % 10)
+    weights = {"format": 1, "method": "mcl_okd", "epoch": 1, "state": {"model": method.model.state_dict()},
+               "args": vars(args)}
+    atomic_save(weights, tmp_path / "weights.pt")
+    result = train(method_cls, EVAL + ["--eval-only", str(tmp_path / "weights.pt")])
+    assert {"peer1/top1", "peer4/top1", "ensemble/top1"} <= set(result["test"])
+
+
+# ---- 6./7. the record and signals -------------------------------------------------------------------------
+
+class _StopInEpoch2(Baseline):
+    def on_epoch_start(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+
+def test_the_record_keeps_every_process(tmp_path):
+    args = TINY + ["--epochs", "2", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt) as e:
+        train(_StopInEpoch2, args)
+    assert f"holds epoch 1. Continue with: python train_baseline.py" in e.value.message
+    assert f"--out {tmp_path} --resume auto" in e.value.message
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (saved["status"], saved["signal"], saved["epochs_done"]) == ("interrupted", "SIGINT", 1)
+    train(Baseline, args + ["--resume", "auto"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "finished" and "signal" not in saved
+    assert [(p["start_epoch"], p["end_epoch"], p["status"]) for p in saved["processes"]] == [
+        (0, 1, "interrupted"), (1, 2, "finished")]
+    for p in saved["processes"]:
+        assert p["pid"] == os.getpid() and p["host"] and p["started"] and p["ended"]
+        assert p["command"].startswith("train_baseline.py --dataset synthetic")
+
+
+def test_a_process_that_ended_without_a_record_is_marked_killed():
+    running = {"pid": 1, "host": "h", "started": "t0", "started_unix": 0.0, "status": "running", "wall_s": 5.0}
+    done = dict(running, pid=2, started="t1", started_unix=1.0, status="finished", wall_s=2.0)
+    merged = run_dir.merge_processes([running], [dict(running, wall_s=7.0), done])
+    assert [(p["pid"], p["status"]) for p in merged] == [(1, "killed"), (2, "finished")]
+    assert run_dir.wall_time(merged) == 9.0
+
+
+class _StopBeforeEpoch1(Baseline):
+    def on_epoch_start(self, epoch):
+        raise KeyboardInterrupt
+
+
+class _StopWhileBuilding(Baseline):
+    def build(self, args, num_classes):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("method_cls, expected", [
+    (_StopWhileBuilding, "interrupted (SIGINT) while starting: nothing was written"),
+    (_StopBeforeEpoch1, "interrupted (SIGINT) during epoch 1: no epoch had finished, nothing was saved. "
+                        "Continue with: python train_baseline.py"),
+])
+def test_ctrl_c_is_one_line_that_says_what_was_saved(tmp_path, capsys, method_cls, expected):
+    with pytest.raises(SystemExit) as e:
+        main(method_cls, TINY + ["--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and "\n" not in err and err.startswith(expected) and "last.pt" not in err
+
+
+def test_sigterm_mid_epoch_stops_like_ctrl_c(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train_baseline.py", "--dataset", "synthetic", "--arch", "resnet20", "--subset", "512",
+           "--batch-size", "32", "--gpu", "-1", "--no-progress", "--workers", "0", "--epochs", "4", "--out", str(out)]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 600
+    while not (out / "last.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 143, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    epoch = load_checkpoint(out / "last.pt")["epoch"]
+    assert f"interrupted (SIGTERM) during epoch {epoch + 1}: {out / 'last.pt'} holds epoch {epoch}." in err
+    assert err.strip().endswith(f"--epochs 4 --out {out} --resume auto")
+    saved = json.loads((out / "results.json").read_text())
+    assert (saved["status"], saved["signal"], saved["epochs_done"]) == ("interrupted", "SIGTERM", epoch)
+    assert saved["processes"][-1]["status"] == "interrupted" and saved["processes"][-1]["ended"]
+
+
+# ---- 8. checkpoint consistency and integrity ------------------------------------------------------------
+
+def _small_checkpoint(path):
+    atomic_save({"format": 1, "method": "dml", "epoch": 1, "state": {"w": torch.full((64,), 1.2345)}, "args": {}},
+                path)
+
+
+def test_flipped_bytes_are_refused(tmp_path):
+    path = tmp_path / "last.pt"
+    _small_checkpoint(path)
+    assert torch.equal(load_checkpoint(path)["state"]["w"], torch.full((64,), 1.2345))
+    data = bytearray(path.read_bytes())
+    data[data.find(torch.tensor(1.2345).numpy().tobytes()) + 1] ^= 0x10
+    path.write_bytes(data)
+    assert torch.load(path, weights_only=True)["state"]["w"][0] != 1.2345   # torch itself loads the damage
+    with pytest.raises(UserError, match="is damaged: its content does not match the sha256"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "is an empty file"), ({}, "not a checkpoint of this repository"),
+    ({"format": 1}, "missing method, epoch, state, args"),
+])
+def test_empty_or_bare_checkpoint_is_one_line(tmp_path, content, expected):
+    path = tmp_path / "last.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(UserError, match=expected):
+        train(Baseline, TINY + ["--out", str(tmp_path), "--resume", "auto"])
+    with pytest.raises(UserError, match=expected):
+        train(Baseline, EVAL + ["--eval-only", str(path)])
+
+
+def test_a_kill_between_last_and_best_is_repaired(tmp_path, monkeypatch, capsys):
+    import engine.records as records_module
+    import engine.trainer as trainer_module
+    calls = []
+
+    def evaluate(self, loader):      # every epoch beats the last: each one writes best.pt
+        calls.append(1)
+        return {"net/top1": float(len(calls)), "net/top5": 100.0}
+
+    real_save = records_module.atomic_save
+
+    def killed_after_last(obj, *paths):
+        if obj["epoch"] == 2:
+            real_save(obj, paths[0])          # last.pt is renamed into place, then the process dies
+            raise SystemExit("killed")
+        real_save(obj, *paths)
+
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(records_module, "atomic_save", killed_after_last)
+    args = TINY + ["--epochs", "2", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        train(Baseline, args)
+    assert load_checkpoint(tmp_path / "last.pt")["best"]["epoch"] == 2
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1             # stale
+    monkeypatch.setattr(records_module, "atomic_save", real_save)
+    train(Baseline, args + ["--resume", "auto"])
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+    assert "best.pt repaired" in capsys.readouterr().out
+
+
+def test_files_follow_the_umask_and_interrupted_writes_are_cleaned(tmp_path):
+    (tmp_path / ".last.pt.x1y2z3.tmp").write_bytes(b"half a checkpoint")
+    old = os.umask(0o027)
+    try:
+        train(Baseline, TINY + ["--out", str(tmp_path), "--resume", "auto"])
+        atomic_write_text("x", tmp_path / "note.txt")
+    finally:
+        os.umask(old)
+    assert not list(tmp_path.glob(".*.tmp"))
+    for name in ("last.pt", "best.pt", "results.json", "note.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
+# ---- 9. OS errors are user errors -------------------------------------------------------------------------
+
+def test_out_that_is_a_file(tmp_path):
+    path = tmp_path / "not_a_folder"
+    path.write_text("x")
+    with pytest.raises(UserError, match=f"--out {path} is a file"):
+        train(Baseline, TINY + ["--out", str(path)])
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    args = TINY + ["--out", str(tmp_path)]
+    train(Baseline, args)
+    real = tempfile.mkstemp
+
+    def full(*a, **k):
+        if k.get("prefix", "").startswith(".last.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*a, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    with pytest.raises(UserError) as e:
+        train(Baseline, args + ["--epochs", "2", "--extend-epochs", "--resume", "auto"])
+    assert str(e.value).startswith(f"cannot write {tmp_path / 'last.pt'}: No space left on device (the disk is full")
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["status"] == "failed" and "No space left on device" in saved["reason"]
+
+
+def test_read_only_out_is_one_line(tmp_path, monkeypatch):
+    """A folder without write permission. Root ignores permission bits (and the venv's interpreter is not
+    reachable by an unprivileged user here), so as root the kernel's answer to a non-root user, EACCES for
+    files created in that folder, is reproduced by wrapping os.open and tempfile.mkstemp."""
+    out = tmp_path / "read_only"
+    out.mkdir()
+    os.chmod(out, 0o555)
+    if os.geteuid() == 0:
+        real_open, real_mkstemp = os.open, tempfile.mkstemp
+
+        def refuse(path):
+            if Path(path).resolve().is_relative_to(out.resolve()):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+        def guarded_open(path, flags, *a, **k):
+            if flags & os.O_CREAT:
+                refuse(path)
+            return real_open(path, flags, *a, **k)
+
+        def guarded_mkstemp(*a, dir=None, **k):
+            refuse(dir)
+            return real_mkstemp(*a, dir=dir, **k)
+
+        monkeypatch.setattr(os, "open", guarded_open)
+        monkeypatch.setattr(tempfile, "mkstemp", guarded_mkstemp)
+    try:
+        with pytest.raises(UserError) as e:
+            train(Baseline, TINY + ["--out", str(out)])
+        assert str(e.value).startswith(f"cannot write {out}: Permission denied (no permission to write there")
+        assert list(out.iterdir()) == []
+    finally:
+        os.chmod(out, 0o755)

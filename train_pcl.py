@@ -1,0 +1,114 @@
+"""PCL: Peer Collaborative Learning for Online Knowledge Distillation (Wu & Gong, AAAI 2021).
+
+A multi-branch network: a shared trunk (all but the last stage: stem, layer1, layer2 of a CIFAR ResNet) and
+m = 3 peers (branches: the last stage, pool, fc). Each peer gets its **own augmented view** of the image (the
+trunk runs once per view). Per view-batch:
+
+    z_i   = peer i on view i;  f_i its pooled feature
+    z_en  = FC([f_1, ..., f_m])                           peer ensemble teacher (a learned classifier)
+    z~_j  = peer j of the peer mean teacher (a temporal mean of the whole network) on view i, no gradient
+    L     = CE(z_en) + sum_i [ CE(z_i) + w(e) KD_T(z_i <- stopgrad z_en) + w(e) 1/(m-1) sum_{j != i} KD_T(z_i <- z~_j) ]
+
+T = 3, w(e) = exp(-5 (1 - min(e, 80)/80)^2) (e = 0-based epoch). The mean teacher is updated after every step:
+theta~ <- d theta~ + (1 - d) theta, d = min(1 - 1/(n + 1), 0.999), n = updates so far; it keeps its own BatchNorm
+statistics, computed when it runs (in train mode) on the training views.
+
+    python train_pcl.py --arch resnet32 --gpu 0          # CIFAR-100, the OKDDip protocol; target 74.14 (paper)
+    python train_pcl.py --arch wrn_20_8 --gpu 0          # 80.51
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import Method, UserError, main
+from engine.ema import TemporalMean
+from losses import kd_loss, sigmoid_rampup
+from models.peers import Peers
+
+
+def mean_teacher_decay(n: int, limit: float = 0.999) -> float:
+    """d(n) = min(1 - 1/(n + 1), limit) for update n = 0, 1, ... (d(0) = 0: the first update copies)."""
+    return min(1.0 - 1.0 / (n + 1), limit)
+
+
+class PCLNet(nn.Module):
+    """The peers on their shared trunk and the peer ensemble teacher FC([f_1, ..., f_m])."""
+
+    def __init__(self, peers: Peers, num_classes: int):
+        super().__init__()
+        self.peers = peers
+        self.ensemble_fc = nn.Linear(peers.num_peers * peers.feature_dim, num_classes)
+
+    def forward(self, x):
+        """``x``: one batch, or one view per peer. Returns (list of m peer logits, ensemble-teacher logits)."""
+        out = self.peers(x, return_features=True)
+        return out.logits, self.ensemble_fc(torch.cat(out.features, dim=1))
+
+
+def pcl_loss(logits, teacher, mean_logits, labels, T: float, weight: float) -> dict:
+    """The PCL loss terms. ``logits[i]``: peer i on view i; ``teacher``: z_en; ``mean_logits[i][j]``: peer j of
+    the mean teacher on view i (no gradient)."""
+    m = len(logits)
+    kd_en = sum(kd_loss(z, teacher, T) for z in logits)
+    kd_mean = sum(sum(kd_loss(z, mean_logits[i][j], T) for j in range(m) if j != i) / (m - 1)
+                  for i, z in enumerate(logits))
+    return {"ce": sum(F.cross_entropy(z, labels) for z in logits),
+            "ce_teacher": F.cross_entropy(teacher, labels),
+            "kd_teacher": weight * kd_en,
+            "kd_mean": weight * kd_mean}
+
+
+class PCL(Method):
+    """PCL: peers on a shared trunk, each on its own view, taught by a learned ensemble teacher and by the
+    temporal mean of the other peers."""
+
+    name = "pcl"
+    recipe = "okddip"
+    num_peers = 3
+    min_peers = 2
+    best_metric = "mean_peer1"    # the deployed network: the first peer of the peer mean teacher (docs/pcl.md)
+    groupable_peers = False       # the mean teacher is a copy of the ungrouped network, made at build time
+    state_keys = ("mean_teacher",)
+
+    @classmethod
+    def add_arguments(cls, parser):
+        parser.add_argument("--kd-T", type=float, default=3.0, help="distillation temperature T")
+        parser.add_argument("--rampup", type=float, default=80.0, metavar="EPOCHS",
+                            help="sigmoid ramp-up length of the two KD weights, in epochs (0: weight 1)")
+        parser.add_argument("--ema-decay", type=float, default=0.999,
+                            help="upper limit of the mean teacher's decay min(1 - 1/(n+1), limit)")
+
+    @classmethod
+    def check_args(cls, args):
+        if args.kd_T <= 0 or args.rampup < 0 or not 0.0 <= args.ema_decay <= 1.0:
+            raise UserError("--kd-T must be > 0, --rampup >= 0 and --ema-decay in [0, 1]")
+        args.views = args.num_peers          # one augmented view per peer
+
+    def build(self, args, num_classes):
+        model = PCLNet(Peers(args.arch, num_classes, args.num_peers, "shared", "one", image_size=self.image_size),
+                       num_classes)
+        limit = args.ema_decay
+        self.mean_teacher = TemporalMean(model, lambda n: mean_teacher_decay(n, limit), buffers="own")
+        return model
+
+    def loss(self, model, batch, epoch):
+        a = self.args
+        views = batch.images if isinstance(batch.images, (list, tuple)) else [batch.images] * a.num_peers
+        logits, teacher = model(views)
+        self.mean_teacher.train()         # its own BN statistics, from the training views
+        with torch.no_grad():
+            mean_logits = [self.mean_teacher(v)[0] for v in views]      # peer j of the mean teacher on view i
+        return pcl_loss(logits, teacher, mean_logits, batch.labels, a.kd_T, sigmoid_rampup(epoch, a.rampup))
+
+    def eval_logits(self, model, images):
+        logits, teacher = model(images)
+        self.mean_teacher.eval()
+        mean_logits, _ = self.mean_teacher(images)
+        heads = {f"peer{i + 1}": z for i, z in enumerate(logits)}
+        heads["teacher"] = teacher
+        heads.update({f"mean_peer{i + 1}": z for i, z in enumerate(mean_logits)})
+        return heads
+
+
+if __name__ == "__main__":
+    main(PCL)
