@@ -64,7 +64,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -72,14 +72,17 @@ from torch import nn
 
 @dataclass
 class OptimGroup:
-    """Parameters trained by one SGD optimizer. ``lr``/``weight_decay`` of None take the run's values;
-    ``scheduled=False`` keeps the lr constant instead of following the run's schedule."""
+    """Parameters trained by one optimizer: the run's SGD (``--momentum``, ``--nesterov``, ``--sgd-impl``), or
+    ``optimizer(params, lr=, weight_decay=, **extra)`` when given (e.g. ``torch.optim.Adam`` for GAN
+    discriminators). ``lr``/``weight_decay`` of None take the run's values; ``scheduled=False`` keeps the lr
+    constant instead of following the run's schedule; ``extra``: further keywords of the optimizer."""
     name: str
     params: list
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
     scheduled: bool = True
     extra: dict = field(default_factory=dict)
+    optimizer: Optional[Callable[..., torch.optim.Optimizer]] = None
 
 
 def peer_heads(logits: list[torch.Tensor], ensemble: bool = True) -> dict[str, torch.Tensor]:

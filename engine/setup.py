@@ -147,19 +147,23 @@ class Optimization:
     def __init__(self, groups, args, world_size: int, device: torch.device):
         self.groups, self.args, self.world_size = groups, args, world_size
         self.kernels = sgd_implementation(args.sgd_impl, device)   # probed once, used by every sgd()
-        self.optimizers = {g.name: self.sgd(g) for g in groups}
+        self.optimizers = {g.name: self.optimizer(g) for g in groups}
         self.schedulers = {
             g.name: torch.optim.lr_scheduler.LambdaLR(
                 self.optimizers[g.name], (lambda e: lr_factor(e, args)) if g.scheduled else (lambda e: 1.0))
             for g in groups}
 
-    def sgd(self, group) -> torch.optim.SGD:
+    def optimizer(self, group) -> torch.optim.Optimizer:
+        """The group's own optimizer class (``OptimGroup.optimizer``), or the run's SGD (momentum, Nesterov,
+        --sgd-impl kernels)."""
         a = self.args
         scale = self.world_size if a.lr_scale == "linear" else 1
-        return torch.optim.SGD(group.params, lr=scale * (group.lr if group.lr is not None else a.lr),
-                               momentum=a.momentum, nesterov=a.nesterov and a.momentum > 0,
-                               weight_decay=group.weight_decay if group.weight_decay is not None else a.weight_decay,
-                               **{**self.kernels, **group.extra})
+        lr = scale * (group.lr if group.lr is not None else a.lr)
+        weight_decay = group.weight_decay if group.weight_decay is not None else a.weight_decay
+        if group.optimizer is not None:
+            return group.optimizer(group.params, lr=lr, weight_decay=weight_decay, **group.extra)
+        return torch.optim.SGD(group.params, lr=lr, momentum=a.momentum, nesterov=a.nesterov and a.momentum > 0,
+                               weight_decay=weight_decay, **{**self.kernels, **group.extra})
 
     def apply_current_hyperparameters(self) -> None:
         """The optimizer state (momentum buffers) comes from the checkpoint, the hyper-parameters from the
@@ -167,11 +171,12 @@ class Optimization:
         --extend-epochs (from the resumed epoch on, the lr follows the schedule of the new --epochs; without
         this the first resumed epoch would keep the old schedule's lr) and the SGD kernels (--sgd-impl)."""
         for group in self.groups:
-            fresh = self.sgd(group).param_groups[0]
+            fresh = self.optimizer(group).param_groups[0]
             sched = self.schedulers[group.name]
             for g in self.optimizers[group.name].param_groups:
-                for key in ("weight_decay", "momentum", "nesterov", "foreach", "fused"):
-                    g[key] = fresh[key]
+                for key, value in fresh.items():   # weight decay, momentum / betas, kernels, ...
+                    if key not in ("params", "lr", "initial_lr"):
+                        g[key] = value
                 g["initial_lr"] = fresh["lr"]
                 g["lr"] = fresh["lr"] * sched.lr_lambdas[0](sched.last_epoch)
             sched.base_lrs = [fresh["lr"]] * len(sched.base_lrs)
