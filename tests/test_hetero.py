@@ -97,9 +97,10 @@ def test_heterogeneous_dml_runs_resumes_and_refuses_another_list(tmp_path, monke
     for i, name in enumerate(("resnet20", "wrn_16_2")):
         own = {k[len(f"branches.{i}."):]: v for k, v in state.items() if k.startswith(f"branches.{i}.")}
         create_model(name, num_classes=10).load_state_dict(own)
-    resumed = train(train_dml.DML, FAST + PAIR + ["--epochs", "2", "--out", str(out), "--resume", "auto"])
+    resumed = train(train_dml.DML, FAST + PAIR + ["--epochs", "2", "--extend-epochs", "--out", str(out),
+                                                  "--resume", "auto"])
     assert len(resumed["history"]) == 2 and resumed["history"][0] == results["history"][0]
-    with pytest.raises(UserError, match="--arch resnet20,wrn_16_2, this run asks for wrn_16_2,resnet20"):
+    with pytest.raises(UserError, match=r"--arch resnet20,wrn_16_2 \(this command: wrn_16_2,resnet20\)"):
         train(train_dml.DML, FAST + ["--arch", "wrn_16_2,resnet20", "--epochs", "3", "--out", str(out),
                                      "--resume", "auto"])
     # The default run directory names both architectures, shortly.

@@ -116,7 +116,8 @@ def test_run_heads_and_resume(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x), method.eval_logits(method.model.eval(), x)["mean_peer1"])
-    resumed = train(PCL, FAST + ["--arch", "resnet20", "--epochs", "2", "--out", str(out), "--resume", "auto"])
+    resumed = train(PCL, FAST + ["--arch", "resnet20", "--epochs", "2", "--extend-epochs", "--out", str(out),
+                                 "--resume", "auto"])
     assert len(resumed["history"]) == 2
     assert int(torch.load(out / "last.pt", weights_only=True)["state"]["mean_teacher"]["n_averaged"]) == 4
 
