@@ -26,12 +26,13 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+from engine import Method, OptimGroup, UserError, main, peer_heads  # first: --help without torch (engine/fast_help.py)
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, OptimGroup, UserError, main, peer_heads
 from losses.adversarial import GAN_LOSSES, discriminator_loss, generator_loss
 from losses.peer_targets import mutual_kd
 from models.base import Backbone, run_stages

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+from engine import Method, UserError, main, peer_heads  # first: --help without torch (engine/fast_help.py)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, UserError, main, peer_heads
 from losses import sigmoid_rampup
 from losses.peer_targets import kd_towards, mutual_kd
 from models.fusion import FusionModule, peer_maps, stage_shapes

@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 from typing import NamedTuple
 
+from engine import Method, OptimGroup, UserError, main, peer_heads  # first: --help without torch (engine/fast_help.py)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, OptimGroup, UserError, main, peer_heads
 from losses import kd_loss, sigmoid_rampup
 from losses.peer_targets import kd_towards
 from models.fusion import FusionModule, peer_maps

@@ -20,11 +20,12 @@ z_t built from their logits and detached:
     python train_kdcl.py --arch resnet32 --gpu 0 --ensemble general --val-split 5000
     python train_kdcl.py --arch resnet50,mobilenet_v2 --dataset imagenet --data DIR --recipe imagenet   # T = 4
 """
+from engine import Method, UserError, main  # first: --help without torch (engine/fast_help.py)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, UserError, main
 from losses import kd_loss
 from models.peers import Peers
 

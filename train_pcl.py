@@ -16,11 +16,12 @@ statistics, computed when it runs (in train mode) on the training views.
     python train_pcl.py --arch resnet32 --gpu 0          # CIFAR-100, the OKDDip protocol; target 74.14 (paper)
     python train_pcl.py --arch wrn_20_8 --gpu 0          # 80.51
 """
+from engine import Method, UserError, main  # first: --help without torch (engine/fast_help.py)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, UserError, main
 from engine.ema import TemporalMean
 from losses import kd_loss, sigmoid_rampup
 from models.peers import Peers

@@ -49,6 +49,10 @@ class RunConfig:
     def __repr__(self) -> str:
         return "RunConfig(" + ", ".join(f"{k}={v!r}" for k, v in self._fields.items()) + ")"
 
+    def __reduce__(self):
+        # copy, deepcopy and pickle rebuild through __init__ (the default path assigns the slot and is refused)
+        return (RunConfig, (self._fields,))
+
     def as_dict(self) -> dict:
         """A copy of every field (for checkpoints and results.json)."""
         return dict(self._fields)

@@ -50,7 +50,7 @@ def plain_optimizer_state(state: dict, names: list[str], model: nn.Module) -> di
                                                  for key, v in per_param.items()}
     groups = [{**g, "params": [index[name] for name in plain_names([names[k] for k in g["params"]], blocks)]}
               for g in state["param_groups"]]
-    return {"state": out, "param_groups": groups}
+    return {"state": dict(sorted(out.items())), "param_groups": groups}   # in the plain optimizer's order
 
 
 def grouped_optimizer_state(state: dict, names: list[str], model: nn.Module) -> dict:

@@ -30,15 +30,9 @@ def runs_root() -> Path:
     """Where run directories go without --out: ``$OKD_RUNS`` if set, else ``./runs`` in the current directory
     (the same rule as the datasets' ``$OKD_DATASETS`` / ``./datasets``)."""
     return Path(os.environ.get("OKD_RUNS") or "runs")
-# Arguments that fix what a checkpoint holds, with their value in checkpoints that predate them: a resumed
-# run must agree on them. (--grouped-peers does not: checkpoints hold the plain layout either way.)
-RESUME_KEYS = {"arch": None, "dataset": None, "num_peers": None, "subset": None, "val_split": 0}
+
+
 PLAIN = "plain"   # ckpt["layout"]; checkpoints without it were written grouped when args.grouped_peers was set
-
-
-def saved_arg(ckpt: dict, key: str):
-    """The value of RESUME_KEYS argument ``key`` a checkpoint was trained with (its default if it predates it)."""
-    return ckpt["args"].get(key, RESUME_KEYS[key])
 
 
 def written_grouped(ckpt: dict) -> bool:
@@ -198,11 +192,6 @@ def load_training_state(trainer, path: Path) -> bool:
     ckpt = load_checkpoint(path)
     if ckpt["method"] != trainer.method_cls.name:
         raise UserError(f"{path} is a {ckpt['method']} checkpoint; resume it with train_{ckpt['method']}.py")
-    for key in RESUME_KEYS:
-        saved, now = saved_arg(ckpt, key), getattr(trainer.args, key, None)
-        if saved != now:
-            raise UserError(f"{path} was trained with --{key.replace('_', '-')} {saved}, this run asks for "
-                            f"{now}; resume with the same value or start a new run with another --out")
     if written_grouped(ckpt) and not trainer.args.grouped_peers:
         raise UserError(f"{path} was written by an older version in the grouped layout; resume it with "
                         "--grouped-peers (its next checkpoint is in the plain layout, which resumes either way)")

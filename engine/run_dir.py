@@ -30,12 +30,12 @@ from .checkpoint import os_error_message
 from .errors import UserError
 
 # Options that cannot change what is trained: where the run lives and what this process does (--out,
-# --resume, --eval-only, --extend-epochs), the device index (--gpu; -1 = the CPU), CPU threads, DataLoader processes
+# --resume, --eval-only, --extend-epochs), a label (--tag), the device index (--gpu; -1 = the CPU), CPU threads, DataLoader processes
 # (--workers: the augmentation of a sample does not depend on them, see data/loaders.py), the progress bar,
 # where the dataset is read from (--data, --download: the dataset is --dataset), a check (--num-classes), and
 # the evaluation batch (--eval-batch-size: batch norm runs in eval mode, so a prediction does not depend on
 # the batch it is in).
-NOT_TRAINING = frozenset({"out", "resume", "eval_only", "extend_epochs", "gpu", "workers", "threads",
+NOT_TRAINING = frozenset({"out", "resume", "eval_only", "extend_epochs", "tag", "gpu", "workers", "threads",
                           "no_progress", "data", "download", "num_classes", "eval_batch_size"})
 # Speed options: the same maths computed by other kernels (the rounding of floats may differ, the
 # experiment does not). A run keeps its directory when one is switched on, and may be resumed with another

@@ -26,9 +26,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import engine  # noqa: E402,F401  (first: --help without torch, engine/fast_help.py)
+
+import torch  # noqa: E402
 
 from engine.checkpoint import atomic_save, load_checkpoint  # noqa: E402
 from engine.errors import UserError  # noqa: E402

@@ -42,6 +42,7 @@ from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import engine  # noqa: E402,F401  (first: --help without torch, engine/fast_help.py)
 
 from scripts.tables import PAPER_TABLES, TABLES, Cell, Table  # noqa: E402
 
@@ -134,6 +135,7 @@ def method_class(script: str):
         from engine import Method
         spec = importlib.util.spec_from_file_location(f"_reproduce_{Path(script).stem}", REPO / script)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module       # Method.__init_subclass__ names the method from its module's file
         spec.loader.exec_module(module)
         classes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, Method)
                    and v is not Method and v.__module__ == module.__name__]

@@ -2,6 +2,7 @@
 ImageNet folders), with the full class counts the loaders check but tiny images, for the data tests."""
 from __future__ import annotations
 
+import argparse
 import gzip
 import io
 import pickle
@@ -12,6 +13,14 @@ from PIL import Image
 
 TINY_WNIDS = [f"n{i:08d}" for i in range(200)][::-1]      # wnids.txt is not sorted in the release either
 IMAGENET_WNIDS = [f"n{i:08d}" for i in range(1000)]
+
+
+def loader_args(**kw) -> argparse.Namespace:
+    """Every field ``data.build_loaders`` reads, at the engine's defaults (synthetic data), with ``kw`` on top."""
+    base = dict(dataset="synthetic", data=None, download=False, subset=None, eval_subset=None, val_split=0,
+                batch_size=64, eval_batch_size=None, workers=0, loader=None, seed=0, views=1, pad_mode="zero")
+    base.update(kw)
+    return argparse.Namespace(**base)
 
 
 def colour(c: int) -> tuple[int, int, int]:

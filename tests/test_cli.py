@@ -26,7 +26,8 @@ from engine.trainer import one_line_warning
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = sorted(p.stem[len("train_"):] for p in REPO.glob("train_*.py"))
-SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("*.py"))
+SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("*.py")    # the command-line tools, not tables.py
+                 if 'if __name__ == "__main__"' in p.read_text())
 
 
 # ---- 1. every command of the README parses ---------------------------------------------------------
@@ -209,6 +210,7 @@ def real_help(script: str, monkeypatch) -> str:
     path = REPO / script
     spec = importlib.util.spec_from_file_location(f"help_of_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)   # as an import would (dataclasses look it up)
     spec.loader.exec_module(module)
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
@@ -251,7 +253,7 @@ def test_cmff_preset_official():
     a = parse_args(cmff, ["--preset", "official"])
     assert (a.fusion_input, a.no_fusion_decay, a.epochs, a.lambda_rot, a.lambda_sim) == ("vector", True, 301, 1.0, 5.0)
     assert (a.recipe, a.lr, a.milestones, a.weight_decay, a.fusion_weight_decay, a.kd_T) == (
-        "ffl", 0.1, [150, 225], 2e-4, 1e-5, 3.0)
+        "dccl", 0.1, [150, 225], 2e-4, 1e-5, 3.0)
     a = parse_args(cmff, ["--preset", "official", "--arch", "resnet110"])
     assert (a.lambda_rot, a.lambda_sim, a.epochs, a.fusion_input) == (3.0, 2.0, 301, "vector")
     for arch in ("vgg16", "densenet40_12"):
@@ -295,9 +297,11 @@ def test_run_directory_follows_the_current_directory_or_okd_runs(tmp_path, monke
     argv = ["--arch", "resnet20", "--dataset", "synthetic", "--subset", "64", "--batch-size", "32", "--gpu", "-1"]
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("OKD_RUNS", raising=False)
-    assert Trainer(dml, parse_args(dml, argv)).out == tmp_path / "runs" / "dml-resnet20-synthetic-n2-s0"
+    out = Trainer(dml, parse_args(dml, argv)).out
+    # the readable name, then the hash of the options left at other values than the defaults (--subset ...)
+    assert out.parent == tmp_path / "runs" and out.name.startswith("dml-resnet20-synthetic-n2-s0-")
     monkeypatch.setenv("OKD_RUNS", "elsewhere")
-    assert Trainer(dml, parse_args(dml, argv)).out == tmp_path / "elsewhere" / "dml-resnet20-synthetic-n2-s0"
+    assert Trainer(dml, parse_args(dml, argv)).out == tmp_path / "elsewhere" / out.name
 
 
 def test_a_failed_download_leaves_no_folder(tmp_path):

@@ -31,6 +31,17 @@ def test_config_is_read_only():
         cfg.replace(lrr=1.0)
 
 
+def test_config_copies_and_pickles():
+    """A deep copy of a method (benchmarks, EMA references) copies its frozen config; so does pickling."""
+    import copy
+    import pickle
+    cfg = resolve(train_dml.DML, parse_args(train_dml.DML, ARGV))
+    for other in (copy.copy(cfg), copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg))):
+        assert isinstance(other, RunConfig) and other == cfg
+        with pytest.raises(AttributeError, match="read-only"):
+            other.lr = 1.0
+
+
 def test_defaults_are_resolved_before_freezing():
     ns = parse_args(train_mcl_okd.MCLOKD, ARGV + ["--arch", "resnet32"])
     assert ns.nce_k is None and ns.num_classes is None

@@ -2,7 +2,6 @@
 against torchvision's, splits, determinism, sharding, views and subsets. CPU only, seconds."""
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -17,17 +16,13 @@ from data import (DATASET_NAMES, DatasetInfo, DatasetNotFoundError, DeviceLoader
 from data.common import ArraySplit
 from data.fashion_mnist import read_idx
 from data.loaders import array_transforms, crop_flip
-from datasets_on_disk import (TINY_VAL, colour, idx_bytes, write_cifar10, write_cifar100, write_fashion_mnist,
-                              write_imagenet, write_tinyimagenet)
+from datasets_on_disk import (TINY_VAL, colour, idx_bytes, loader_args, write_cifar10, write_cifar100,
+                              write_fashion_mnist, write_imagenet, write_tinyimagenet)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_args(**kw) -> argparse.Namespace:
-    base = dict(dataset="synthetic", data=None, download=False, subset=None, val_split=0, batch_size=64,
-                eval_batch_size=None, workers=0, loader=None, seed=0, views=1)
-    base.update(kw)
-    return argparse.Namespace(**base)
+make_args = loader_args
 
 
 @pytest.fixture(autouse=True)

@@ -22,8 +22,8 @@ import train_baseline
 import train_dml
 import train_mcl_okd
 from data import BadDatasetError, DatasetError, DatasetNotFoundError, build_loaders, load_dataset
-from datasets_on_disk import (TINY_VAL, colour, idx_bytes, image_bytes, write, write_cifar10, write_cifar100,
-                              write_fashion_mnist, write_imagenet, write_tinyimagenet)
+from datasets_on_disk import (TINY_VAL, colour, idx_bytes, image_bytes, loader_args, write, write_cifar10,
+                              write_cifar100, write_fashion_mnist, write_imagenet, write_tinyimagenet)
 from engine import UserError, train
 from engine.trainer import main
 
@@ -32,10 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*the official release has:UserW
 
 
 def make_args(**kw) -> argparse.Namespace:
-    base = dict(dataset="synthetic", data=None, download=False, subset=None, eval_subset=None, val_split=0,
-                batch_size=2, eval_batch_size=None, workers=0, loader=None, seed=0, views=1)
-    base.update(kw)
-    return argparse.Namespace(**base)
+    return loader_args(**{"batch_size": 2, **kw})
 
 
 @pytest.fixture(autouse=True)

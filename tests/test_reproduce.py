@@ -137,17 +137,17 @@ def tiny_table() -> Table:
 
 def interrupt_after_first_epoch(run: reproduce.Run, monkeypatch):
     """Train ``run`` in this process and stop it like Ctrl-C right after epoch 1 was saved."""
-    from engine import reporting, trainer
-    real = reporting.Reporter.epoch          # called once the epoch's checkpoint and results.json are written
+    from engine import records, trainer
+    real = records.write_results             # the last write of an epoch (after its checkpoint)
 
-    def stop(self, epoch, record):
-        real(self, epoch, record)
-        if epoch == 0:
+    def stop(trainer_, status, **extra):
+        real(trainer_, status, **extra)
+        if status == "running":
             raise KeyboardInterrupt
-    monkeypatch.setattr(reporting.Reporter, "epoch", stop)
+    monkeypatch.setattr(records, "write_results", stop)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(reproduce.method_class(run.script), [*run.train_argv()])
-    monkeypatch.setattr(reporting.Reporter, "epoch", real)
+    monkeypatch.setattr(records, "write_results", real)
 
 
 def test_local_launcher_skips_finished_resumes_interrupted_and_summarizes(tmp_path, monkeypatch):
@@ -157,7 +157,7 @@ def test_local_launcher_skips_finished_resumes_interrupted_and_summarizes(tmp_pa
     cut = runs[2]                                       # DML seed 0: interrupted after its first epoch
     interrupt_after_first_epoch(cut, monkeypatch)
     partial = json.loads((cut.out / "results.json").read_text())
-    assert partial["status"] == "running" and partial["epochs_done"] == 1
+    assert partial["status"] == "interrupted" and partial["epochs_done"] == 1
     assert [reproduce.run_state(r) for r in runs] == ["new", "new", "resume", "new"]
 
     outcome = reproduce.run_local(runs, jobs=2, log=lambda *_: None)   # a queue of two CPU slots
@@ -192,7 +192,7 @@ def test_local_launcher_skips_finished_resumes_interrupted_and_summarizes(tmp_pa
 
 def test_ctrl_c_leaves_the_run_resumable(tmp_path):
     """SIGINT to the launcher: the training process stops after a checkpoint, the launcher exits 130, and the
-    run is left as "resume" (last.pt + results.json status running)."""
+    run is left as "resume" (last.pt + results.json status interrupted)."""
     out = tmp_path / "smoke" / "dml-resnet20-s0"
     cmd = [sys.executable, "scripts/reproduce.py", "smoke", "--only", "method=dml", "--seeds", "0", "--runs-dir",
            str(tmp_path), "--extra", "--epochs 40 --subset 64 --batch-size 32 --gpu -1 --no-progress"]
@@ -207,7 +207,7 @@ def test_ctrl_c_leaves_the_run_resumable(tmp_path):
     assert proc.returncode == 130, output
     assert "re-run the same command" in output
     assert (out / "last.pt").is_file()
-    assert json.loads((out / "results.json").read_text())["status"] == "running"
+    assert json.loads((out / "results.json").read_text())["status"] == "interrupted"
     run = reproduce.plan(TABLES["smoke"], [0], tmp_path, {"method": ["dml"]})[0][0]
     assert reproduce.run_state(run, ["--epochs", "40"]) == "resume"
 
