@@ -214,6 +214,7 @@ FAST = ["--dataset", "synthetic", "--subset", "64", "--eval-subset", "100", "--b
 
 
 @pytest.mark.parametrize("arch", ["resnet20", "wrn_16_2", "vgg16"])
+@pytest.mark.slow
 def test_one_epoch_every_family(arch, tmp_path):
     from engine import train
     from engine.checkpoint import load_checkpoint
@@ -235,6 +236,7 @@ class _InterruptedAMLN(AMLN):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     """A run stopped between its two epochs and resumed ends with the same peers, discriminators, optimizer
     states (SGD momentum, Adam's moments and step) and metrics as the run that was never stopped."""
@@ -288,6 +290,7 @@ def test_heterogeneous_pair_one_epoch(tmp_path):
     assert math.isfinite(results["last"]["train"]["adv"]) and "ensemble/top1" in results["last"]["test"]
 
 
+@pytest.mark.slow
 def test_two_ranks_keep_one_set_of_discriminators(tmp_path):
     """Under torchrun the discriminators live outside DDP; their gradients are averaged over the ranks by hand,
     so after training both ranks hold the same discriminators (and the same peers)."""

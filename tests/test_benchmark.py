@@ -16,6 +16,7 @@ def run(monkeypatch, capsys, *args):
     return capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_benchmark_prints_table(capsys, monkeypatch, tmp_path):
     out = run(monkeypatch, capsys, "--configs", "default,grouped+for-loop", "--json", str(tmp_path / "b.json"),
               "--profile", "2")

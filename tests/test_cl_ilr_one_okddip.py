@@ -282,6 +282,7 @@ def test_parameter_counts_resnet32_n4():
 
 # ---- every family, any N ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.slow
 def test_every_family_forward_backward(arch):
     b = batch(2)
     for cls, n in ((CLILR, 2), (ONE, 2), (OKDDip, 3)):   # the smallest N of each; other N below
@@ -316,6 +317,7 @@ def test_any_number_of_peers(cls, n):
     (ONE, ["peer1", "peer2", "peer3", "ensemble", "teacher"]),
     (OKDDip, ["peer1", "peer2", "leader", "ensemble"]),
 ])
+@pytest.mark.slow
 def test_script_runs_end_to_end(cls, heads, tmp_path):
     results = train(cls, FAST + ["--num-peers", "3", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())

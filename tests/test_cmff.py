@@ -251,6 +251,7 @@ def test_every_backbone_family_trains_one_step(arch, size):
     torch.testing.assert_close(heads["peer1"], model.peers.branches[0](batch.images))
 
 
+@pytest.mark.slow
 def test_ablations_drop_their_parts():
     B = 2
     batch = Batch(torch.randn(B, 3, 32, 32), torch.tensor([1, 2]), torch.arange(B))
@@ -305,6 +306,7 @@ def test_fusion_optimizer_groups_and_constant_lr_flag(tmp_path):
     assert fusion_opt.param_groups[0]["lr"] == pytest.approx(0.1)       # the official code's behaviour
 
 
+@pytest.mark.slow
 def test_short_run_end_to_end(tmp_path):
     results = train(CMFF, FAST + ["--subset", "32", "--batch-size", "16", "--eval-batch-size", "256",
                                   "--epochs", "2", "--fusion-grid", "2", "--lr-schedule", "multistep",

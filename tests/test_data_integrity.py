@@ -563,6 +563,7 @@ def test_check_dataset_reports_layout_problems_and_other_datasets(tmp_path, imag
     assert code == 0 and "5 train and 3 test images" in out
 
 
+@pytest.mark.slow
 def test_damaged_dataset_under_torchrun_stops_every_rank_in_one_line(tmp_path):
     """Rank 0 checks the files; the other ranks get its verdict instead of waiting at a barrier forever."""
     folder = write_cifar10(tmp_path)

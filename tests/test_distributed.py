@@ -41,6 +41,7 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_ranks_hold_identical_parameters(two_rank_run):
     out, r = two_rank_run
     a, b = _weights(out / "rank0.pt"), _weights(out / "rank1.pt")
@@ -55,6 +56,7 @@ def test_only_rank0_writes_and_results_count_both_ranks(two_rank_run):
     assert len(list((out / "tensorboard").glob("events.*"))) == 1
 
 
+@pytest.mark.slow
 def test_two_rank_eval_equals_one_rank(two_rank_run, tmp_path):
     out, _ = two_rank_run
     torchrun("train_dml", *ARGS, "--eval-only", str(out / "last.pt"), "--out", str(tmp_path / "two"))
@@ -63,6 +65,7 @@ def test_two_rank_eval_equals_one_rank(two_rank_run, tmp_path):
     assert two["test"] == one["test"]
 
 
+@pytest.mark.slow
 def test_two_rank_run_resumes(two_rank_run):
     out, _ = two_rank_run
     torchrun("train_dml", *ARGS, "--epochs", "2", "--extend-epochs", "--out", str(out), "--resume", "auto")
@@ -73,6 +76,7 @@ def test_two_rank_run_resumes(two_rank_run):
 
 
 
+@pytest.mark.slow
 def test_module_with_its_own_optimizer_stays_identical(tmp_path):
     """CMFF's fusion module has a second optimizer; it sits in the one DDP module, so ranks agree."""
     torchrun("train_cmff", *ARGS, "--subset", "256", "--epochs", "1", "--fusion-grid", "1", "--out", str(tmp_path))

@@ -30,6 +30,7 @@ def dml_run(tmp_path_factory):
     return out, results
 
 
+@pytest.mark.slow
 def test_loop_learns_and_writes_everything(dml_run):
     out, results = dml_run
     history = results["history"]
@@ -66,6 +67,7 @@ class _InterruptedDML(train_dml.DML):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(dml_run, tmp_path):
     out_full, full = dml_run
     args = FAST + ["--epochs", "3", "--lr", "0.05", "--out", str(tmp_path)]
@@ -102,6 +104,7 @@ class _NaNDML(train_dml.DML):
         return terms
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     train(train_dml.DML, FAST + ["--epochs", "2", "--out", str(tmp_path)])
     # The same run extended, but its loss now turns NaN: a clear error, and last.pt keeps epoch 2.
@@ -110,6 +113,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_val_split_selects_on_val(tmp_path):
     results = train(train_baseline.Baseline, FAST + ["--epochs", "2", "--val-split", "100", "--out", str(tmp_path)])
     assert results["selection"]["split"] == "val"
@@ -153,12 +157,14 @@ def test_help_reads_well():
     (["--num-peers", "1"], "--num-peers >= 2"),
     (["--eval-only", "/nonexistent/ckpt.pt"], "does not exist"),
 ])
+@pytest.mark.slow
 def test_user_errors_are_one_clear_message(args, expected):
     r = run_cli("train_dml.py", "--gpu", "-1", "--dataset", "synthetic", *args)
     assert r.returncode == 2, r.stderr
     assert expected in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
     r = run_cli("train_dml.py", *FAST, "--epochs", "1", "--out", str(tmp_path), "--resume", "auto")
@@ -166,6 +172,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     assert (tmp_path / "last.pt").read_bytes() == b"not a checkpoint"
 
 
+@pytest.mark.slow
 def test_resume_follows_the_new_schedule(tmp_path):
     """Extending a run (--epochs with --extend-epochs): the next epoch uses the new schedule's lr. Another
     --lr or --weight-decay on resume is refused (tests/test_runs.py)."""

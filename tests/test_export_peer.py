@@ -28,6 +28,7 @@ def fake_checkpoint(path, peers, arch, n, history_head="peer1"):
                  "history": [{"epoch": 1, "test": {f"{history_head}/top1": 42.5}}]}, path)
 
 
+@pytest.mark.slow
 def test_shared_trunk_peer_gives_its_heads_logits(tmp_path, capsys):
     run = tmp_path / "one"
     train(train_one.ONE, FAST + ["--arch", "resnet20", "--num-peers", "3", "--out", str(run)])
@@ -65,6 +66,7 @@ def test_grouped_peer_is_split_back(tmp_path):
         torch.testing.assert_close(net.eval()(x), peers.eval()(x).logits[2], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torchvision_peer_loads_into_torchvision(tmp_path):
     torch.manual_seed(0)
     peers = Peers("resnet50,mobilenet_v2", 10, 2)

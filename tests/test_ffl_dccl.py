@@ -253,6 +253,7 @@ FAMILIES = ["resnet20", "resnet32", "resnet110", "wrn_16_2", "vgg16", "densenet4
 
 @pytest.mark.parametrize("cls", [FFL, DCCL], ids=["ffl", "dccl"])
 @pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.slow
 def test_one_epoch_every_family(cls, arch, tiny_synthetic, tmp_path):
     results = train(cls, FAST + ["--arch", arch, "--subset", "8", "--batch-size", "4", "--epochs", "1",
                                  "--out", str(tmp_path)])

@@ -49,6 +49,7 @@ def loss_of(out, y):
 
 @pytest.mark.parametrize("arch,kw", FAMILIES, ids=[f[0] for f in FAMILIES])
 @pytest.mark.parametrize("topology,split_at,n", TOPOLOGIES, ids=[f"{t}-{s}-{n}" for t, s, n in TOPOLOGIES])
+@pytest.mark.slow
 def test_grouped_forward_and_gradients_equal_plain(arch, kw, topology, split_at, n):
     plain, grouped = plain_and_grouped(arch, kw, topology, split_at, n)
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
@@ -116,6 +117,7 @@ def _sgd_steps(models_opts, steps=3, seed=1):
 
 
 @pytest.mark.parametrize("topology,split_at,n", [("independent", None, 3), ("shared", "one", 2), ("tree", None, 3)])
+@pytest.mark.slow
 def test_plain_layout_of_weights_and_momentum_in_float64(topology, split_at, n):
     """Checkpoints hold the plain layout: a grouped model's weights, BN statistics and SGD momentum, split
     per peer, are the plain model's (float64, after the same steps), and the conversions are exact inverses
@@ -205,6 +207,7 @@ FAST = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "256", "--ba
         "--gpu", "-1", "--no-progress", "--epochs", "2"]
 
 
+@pytest.mark.slow
 def test_engine_run_is_the_same_with_grouped_peers(tmp_path):
     # float32 on the CPU: grouped and plain convolutions round differently (1e-7), and SGD amplifies that
     # over the steps, so the first epoch is compared tightly and the second loosely (float64 exactness is

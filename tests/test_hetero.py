@@ -79,12 +79,14 @@ def test_refusals(method, extra, expected, tmp_path):
         train(method, FAST + PAIR + extra + ["--out", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_cmff_accepts_a_pair_with_one_map_shape(tmp_path):
     args = parse_args(train_cmff.CMFF, FAST + ["--arch", "resnet20,resnet32", "--out", str(tmp_path)])
     trainer = Trainer(train_cmff.CMFF, args)
     assert trainer.method.model.peers.archs == ["resnet20", "resnet32"]
 
 
+@pytest.mark.slow
 def test_heterogeneous_dml_runs_resumes_and_refuses_another_list(tmp_path, monkeypatch):
     out = tmp_path / "run"
     results = train(train_dml.DML, FAST + PAIR + ["--epochs", "1", "--out", str(out)])

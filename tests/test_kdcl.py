@@ -133,6 +133,7 @@ def test_general_needs_a_hold_out():
         train(KDCL, FAST + ["--arch", "resnet20", "--ensemble", "general"])
 
 
+@pytest.mark.slow
 def test_heterogeneous_run(tmp_path):
     results = train(KDCL, FAST + ["--arch", "resnet20,wrn_16_2", "--ensemble", "linear", "--out", str(tmp_path)])
     assert {"peer1/top1", "peer2/top1", "ensemble/top1"} <= set(results["last"]["test"])
@@ -140,6 +141,7 @@ def test_heterogeneous_run(tmp_path):
     assert set(results["last"]["train"]) >= {"ce", "kd"}
 
 
+@pytest.mark.slow
 def test_general_weights_follow_the_hold_out_each_epoch(tmp_path):
     results = train(KDCL, FAST + ["--arch", "resnet20", "--ensemble", "general", "--val-split", "40",
                                   "--out", str(tmp_path)])

@@ -284,6 +284,7 @@ def two_epochs(tmp_path_factory):
     return out, train(MCLOKD, FAST + ["--epochs", "2", "--out", str(out)])
 
 
+@pytest.mark.slow
 def test_end_to_end_run(two_epochs):
     out, results = two_epochs
     assert results["status"] == "finished" and len(results["history"]) == 2
@@ -311,6 +312,7 @@ class _RecordingMCL(MCLOKD):
                                    {k: v.clone() for k, v in self.model.embed.state_dict().items()})
 
 
+@pytest.mark.slow
 def test_resume_restores_memory_and_heads(two_epochs, tmp_path):
     out_full, full = two_epochs
     with pytest.raises(KeyboardInterrupt):      # the same 2-epoch run, stopped after epoch 1
@@ -329,6 +331,7 @@ def test_resume_restores_memory_and_heads(two_epochs, tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_two_ranks_keep_identical_banks(tmp_path):
     """DDP (2 gloo processes): the heads are in the DDP module and every rank applies every rank's memory
     update, so parameters and banks stay bit-identical, and every sample's row is updated once per epoch."""

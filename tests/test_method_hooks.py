@@ -211,6 +211,7 @@ def test_temporal_mean_through_the_engine_resumes_bit_identically(tmp_path):
     assert not torch.equal(mean["module.features.1.running_mean"], live["features.1.running_mean"])
 
 
+@pytest.mark.slow
 def test_two_ranks_hold_identical_temporal_means(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -82,6 +82,7 @@ def test_bn_bias_and_elementwise_ops_are_not_counted():
 
 
 @pytest.mark.parametrize("arch,size", [("resnet32", 32), ("vgg16", 32), ("densenet40_12", 32), ("resnet18", 224)])
+@pytest.mark.slow
 def test_topology_macs(arch, size):
     """independent = N x single; shared = trunk + N x branch; tree = trunk + ceil(N/2) x group + N x branch."""
     classes = 1000 if size == 224 else 100

@@ -96,6 +96,7 @@ def test_rampup_reaches_one_at_80_epochs():
     assert sigmoid_rampup(80, 80) == 1.0 and sigmoid_rampup(200, 80) == 1.0
 
 
+@pytest.mark.slow
 def test_run_heads_and_resume(tmp_path):
     out = tmp_path / "run"
     results = train(PCL, FAST + ["--arch", "resnet20", "--out", str(out)])

@@ -164,6 +164,7 @@ def test_peers_reproduce_backbone_outputs(arch, kwargs, size, topology, split):
 # Total parameter counts per topology.
 
 @pytest.mark.parametrize("arch", ["resnet32", "vgg16", "densenet40_12", "hcgnet_a1", "resnet18", "wrn_16_2"])
+@pytest.mark.slow
 def test_total_parameter_counts(arch):
     backbone = meta_backbone(arch)
     single = count_parameters(backbone)

@@ -150,6 +150,7 @@ def interrupt_after_first_epoch(run: reproduce.Run, monkeypatch):
     monkeypatch.setattr(records, "write_results", real)
 
 
+@pytest.mark.slow
 def test_local_launcher_skips_finished_resumes_interrupted_and_summarizes(tmp_path, monkeypatch):
     table = tiny_table()
     runs, _ = reproduce.plan(table, [0, 1], tmp_path)
@@ -190,6 +191,7 @@ def test_local_launcher_skips_finished_resumes_interrupted_and_summarizes(tmp_pa
     assert len(cells[0].finished) == 2 and cells[0].status == "2 finished"
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_the_run_resumable(tmp_path):
     """SIGINT to the launcher: the training process stops after a checkpoint, the launcher exits 130, and the
     run is left as "resume" (last.pt + results.json status interrupted)."""
@@ -257,6 +259,7 @@ def test_slurm_job_array(tmp_path, monkeypatch):
     assert command[5:] == runs[0].command("python", ["--no-progress"])[1:]
 
 
+@pytest.mark.slow
 def test_slurm_task_trains_through_submitit_debug_executor(tmp_path):
     """The job function itself, run by submitit's in-process debug executor: a tiny run that finishes."""
     table = Table("tiny", "t", "t", "accuracy", ["Baseline"], ["R"],

@@ -294,6 +294,7 @@ def test_ctrl_c_is_one_line_that_says_what_was_saved(tmp_path, capsys, method_cl
     assert e.value.code == 130 and "\n" not in err and err.startswith(expected) and "last.pt" not in err
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_stops_like_ctrl_c(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "train_baseline.py", "--dataset", "synthetic", "--arch", "resnet20", "--subset", "512",

@@ -45,6 +45,7 @@ def test_fused_falls_back_to_foreach_where_unsupported():
     assert sgd_implementation("for-loop", torch.device("cpu")) == {"foreach": False}
 
 
+@pytest.mark.slow
 def test_engine_uses_the_chosen_sgd_and_resume_follows_the_flag(tmp_path):
     from engine.checkpoint import load_checkpoint
     fast = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "128", "--batch-size", "64",
@@ -94,6 +95,7 @@ def test_a_step_that_cannot_be_captured_stops_with_a_clear_error(tmp_path):
         trainer.train_epoch(0)
 
 
+@pytest.mark.slow
 def test_graphed_step_bookkeeping_on_the_cpu(tmp_path, monkeypatch):
     """GraphedStep's logic (warm-up, one capture per epoch, inputs copied into the static tensors, outputs
     overwritten in place by every replay, the engine's sums) against eager training, on the CPU.
