@@ -134,6 +134,20 @@ def test_one_line_warning_has_no_source_line():
     assert text == "warning: CUDA is not available\n"
 
 
+def test_every_script_prints_warnings_as_one_line(monkeypatch):
+    """engine/__init__.py installs the one-line format when the process runs a script of this repository
+    (train_*.py or scripts/*.py: each imports engine first), and leaves other programs' warnings alone."""
+    import types
+    import engine
+    for path, ours in ((REPO / "scripts" / "reproduce.py", True), (REPO / "train_dml.py", True),
+                       (Path("/usr/lib/python3/dist-packages/pytest/__main__.py"), False), (None, False)):
+        main_module = types.ModuleType("__main__")
+        if path is not None:
+            main_module.__file__ = str(path)
+        monkeypatch.setitem(sys.modules, "__main__", main_module)
+        assert engine._run_as_a_command() is ours, path
+
+
 # ---- 3. --help: complete, every default once, no torch ---------------------------------------------
 def option_blocks(help_text: str) -> dict[str, str]:
     """{first option string: its whole help block} of an argparse help text."""
