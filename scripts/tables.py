@@ -35,7 +35,7 @@ from typing import Optional
 SINGLE = {"baseline": "net", "dml": "peers", "cl_ilr": "peers", "one": "peers", "okddip": "leader",
           "mcl_okd": "last-peer", "cmff": "peers", "ffl": "peers", "dccl": "peers", "kdcl": "peers",
           "pcl": "selection", "amln": "peers"}
-ENSEMBLE = {"baseline": None, "one": "teacher"}   # everyone else: "ensemble"
+ENSEMBLE = {"baseline": None, "one": "teacher", "pcl": "teacher"}   # everyone else: "ensemble"
 
 
 @dataclass(frozen=True)
