@@ -277,7 +277,7 @@ def _pcl_cifar100() -> Table:
 FASHION_METHODS = [("Baseline", "baseline"), ("DML", "dml"), ("CL-ILR", "cl_ilr"), ("ONE", "one"),
                    ("OKDDip", "okddip"), ("MCL-OKD", "mcl_okd"), ("FFL", "ffl"), ("DCCL", "dccl"), ("KDCL", "kdcl"),
                    ("PCL", "pcl"), ("AMLN", "amln"), ("CMFF", "cmff")]
-# about 40 minutes on 2 CPU cores (evaluating the full 10,000 test images every epoch would double it)
+# about 50 minutes on 2 CPU cores (evaluating the full 10,000 test images every epoch would double it)
 FASHION_BUDGET = ("--dataset", "fashion-mnist", "--subset", "4000", "--eval-subset", "2000", "--epochs", "3")
 
 
