@@ -30,8 +30,9 @@ from .checkpoint import os_error_message
 from .errors import UserError
 
 # Options that cannot change what is trained: where the run lives and what this process does (--out,
-# --resume, --eval-only, --extend-epochs), a label (--tag), the device index (--gpu; -1 = the CPU), CPU threads, DataLoader processes
-# (--workers: the augmentation of a sample does not depend on them, see data/loaders.py), the progress bar,
+# --resume, --eval-only, --extend-epochs), a label (--tag), the device index (--gpu; -1 = the CPU), CPU
+# threads, DataLoader processes (--workers: the augmentation of a sample does not depend on them, see
+# data/loaders.py), the progress bar,
 # where the dataset is read from (--data, --download: the dataset is --dataset), a check (--num-classes), and
 # the evaluation batch (--eval-batch-size: batch norm runs in eval mode, so a prediction does not depend on
 # the batch it is in).

@@ -289,8 +289,8 @@ def _fashion_mnist() -> Table:
         t.cells.append(cell(label, "ResNet-20", method, "resnet20", FASHION_BUDGET + extra,
                             ensemble_head=None if method == "baseline" else ENSEMBLE.get(method, "ensemble")))
     t.notes = ["Each method's defaults on 4,000 Fashion-MNIST training images (a stratified subset drawn with the "
-               "run's seed) for 3 epochs, tested on 2,000 test images (stratified; the same images for every method of a seed); no published numbers (a harness "
-               "and sanity check, not a paper)."]
+               "run's seed) for 3 epochs, tested on 2,000 test images (stratified; the same images for every method "
+               "of a seed); no published numbers (a harness and sanity check, not a paper)."]
     return t
 
 
