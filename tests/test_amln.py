@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from engine import parse_args
 from losses.adversarial import discriminator_loss, generator_loss
-from models.peers import Peers
-from train_amln import (AMLN, AMLNNet, Adapter, Discriminator, adversarial_loss, alignment_loss, cyclic_targets,
+from train_amln import (AMLN, Adapter, Discriminator, adversarial_loss, alignment_loss, cyclic_targets,
                         discriminators_loss, paired_stages, stage_shapes)
 
 

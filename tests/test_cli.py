@@ -5,7 +5,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import math
 import os
 import re
 import shlex
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 import data
-from engine import UserError, build_parser, lr_factor, main, parse_args
+from engine import build_parser, lr_factor, main, parse_args
 from engine.cli import RECIPES, is_temperature
 from engine.method import load_method
 from engine.trainer import one_line_warning
