@@ -42,7 +42,6 @@ from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import engine  # noqa: E402,F401  (first: --help without torch, engine/fast_help.py)
 
 from scripts.tables import PAPER_TABLES, TABLES, Cell, Table  # noqa: E402
 

@@ -38,7 +38,6 @@ from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import engine  # noqa: E402,F401  (first: --help without torch, engine/fast_help.py)
 
 from scripts.tables import TABLES, Cell, Metric, Table  # noqa: E402
 

@@ -1,6 +1,7 @@
 """DDP on the CPU: two gloo processes under torchrun (loopback rendezvous on a free port)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,7 @@ def test_ranks_hold_identical_parameters(two_rank_run):
     assert "global batch 64 (32 x 2 process(es))" in r.stdout
 
 
+@pytest.mark.slow   # its fixture is a torchrun run
 def test_only_rank0_writes_and_results_count_both_ranks(two_rank_run):
     out, _ = two_rank_run
     results = json.loads((out / "results.json").read_text())
@@ -66,14 +68,14 @@ def test_two_rank_eval_equals_one_rank(two_rank_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_rank_run_resumes(two_rank_run):
-    out, _ = two_rank_run
+def test_two_rank_run_resumes(two_rank_run, tmp_path):
+    out = tmp_path / "run"     # a copy: the other tests of the module read the 1-epoch run, on any worker
+    shutil.copytree(two_rank_run[0], out)
     torchrun("train_dml", *ARGS, "--epochs", "2", "--extend-epochs", "--out", str(out), "--resume", "auto")
     results = json.loads((out / "results.json").read_text())
     assert results["epochs_done"] == 2 and results["status"] == "finished"
     a, b = _weights(out / "rank0.pt"), _weights(out / "rank1.pt")
     assert _same(a, b)
-
 
 
 @pytest.mark.slow

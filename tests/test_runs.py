@@ -125,6 +125,11 @@ def test_config_differences():
     (["--batch-size", "16"], "--batch-size 32 (this command: 16)"),
     (["--kd-T", "4"], "--kd-T 1.0 (this command: 4.0)"),
     (["--epochs", "2"], "--epochs 1 (this command: 2) [to train longer, add --extend-epochs]"),
+    # what the checkpoint's weights and sample indices are tied to
+    (["--arch", "resnet32"], "--arch resnet20 (this command: resnet32)"),
+    (["--num-peers", "3"], "--num-peers 2 (this command: 3)"),
+    (["--subset", "32"], "--subset 64 (this command: 32)"),
+    (["--val-split", "16"], "--val-split 0 (this command: 16)"),
 ])
 def test_resume_with_another_training_option_stops(run, flags, named):
     before = _files(run)
