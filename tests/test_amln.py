@@ -12,12 +12,11 @@ from engine import parse_args
 from losses.adversarial import discriminator_loss, generator_loss
 from train_amln import (AMLN, Adapter, Discriminator, adversarial_loss, alignment_loss, cyclic_targets,
                         discriminators_loss, paired_stages, stage_shapes)
+from toy_methods import build_method
 
 
 def _method(argv, num_classes=10, image_size=32):
-    args = parse_args(AMLN, ["--gpu", "-1"] + argv)
-    AMLN.check_args(args)
-    return AMLN(args, num_classes, n_train=100, image_size=image_size)
+    return build_method(AMLN, ["--gpu", "-1"] + argv, num_classes, image_size=image_size)
 
 
 # ---- the GAN losses ----------------------------------------------------------------------------------

@@ -15,14 +15,13 @@ from losses.rotation_ssl import rotate_batch, upright_contrast_loss
 from train_cmff import CMFF, CMFFNet, CrossAttention, default_fusion_grid, last_stage_shape, rotation_head_widths
 from models import count_parameters
 from models.peers import Peers
+from toy_methods import build_method
 
 FAST = ["--dataset", "synthetic", "--arch", "resnet20", "--gpu", "-1", "--no-progress", "--workers", "0"]
 
 
 def _method(argv, num_classes=10, image_size=32):
-    args = parse_args(CMFF, ["--gpu", "-1"] + argv)
-    CMFF.check_args(args)
-    return CMFF(args, num_classes, n_train=100, image_size=image_size)
+    return build_method(CMFF, ["--gpu", "-1"] + argv, num_classes, image_size=image_size)
 
 
 # ---- rotations ---------------------------------------------------------------------------------------

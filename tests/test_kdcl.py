@@ -8,20 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train_kdcl
 from engine import UserError, train
-from engine.cli import parse_args
 from train_kdcl import (KDCL, error_correlation_weights, linear_weights, minlogit_target, naive_target,
                         project_simplex)
+from toy_methods import build_method
 
 FAST = ["--dataset", "synthetic", "--subset", "128", "--batch-size", "64", "--gpu", "-1", "--no-progress",
         "--workers", "0", "--epochs", "1"]
 
 
 def make_method(*argv):
-    args = parse_args(KDCL, ["--arch", "resnet20", "--dataset", "synthetic", *argv])
-    KDCL.check_args(args)
-    return KDCL(args, 10, 100)
+    return build_method(KDCL, ["--arch", "resnet20", "--dataset", "synthetic", *argv])
 
 
 def test_minlogit_by_hand():

@@ -18,6 +18,7 @@ from engine import parse_args, train
 from engine.checkpoint import load_checkpoint
 from losses.contrast_memory import ClassNegativeSampler, bank_scores, nce_equal_scores, nce_loss
 from train_mcl_okd import MCLOKD
+from toy_methods import build_method
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "128", "--batch-size", "32",
@@ -25,9 +26,8 @@ FAST = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "128", "--ba
 
 
 def make_method(argv, labels, num_classes):
-    args = parse_args(MCLOKD, ["--gpu", "-1", "--dataset", "synthetic"] + argv)
-    MCLOKD.check_args(args)
-    return MCLOKD(args, num_classes, len(labels), 32, train_labels=labels)
+    return build_method(MCLOKD, ["--gpu", "-1", "--dataset", "synthetic"] + argv, num_classes, len(labels),
+                        train_labels=labels)
 
 
 # ---- the loss and the memory update, against explicit float64 loops --------------------------------

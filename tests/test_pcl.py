@@ -9,19 +9,17 @@ import torch.nn.functional as F
 
 import train_pcl
 from engine import UserError, train
-from engine.cli import parse_args
 from losses import sigmoid_rampup
 from models import create_model
 from train_pcl import PCL, mean_teacher_decay, pcl_loss
+from toy_methods import build_method
 
 FAST = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "32", "--gpu", "-1", "--no-progress",
         "--workers", "0", "--epochs", "1"]
 
 
 def make_method(*argv):
-    args = parse_args(PCL, ["--arch", "resnet20", "--dataset", "synthetic", *argv])
-    PCL.check_args(args)
-    return PCL(args, 10, 100)
+    return build_method(PCL, ["--arch", "resnet20", "--dataset", "synthetic", *argv])
 
 
 def test_decay_schedule():

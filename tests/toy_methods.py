@@ -1,11 +1,20 @@
 """Small methods that exercise the engine's hooks (train_step, after_step, on_epoch_end, TemporalMean).
-Used by tests/test_method_hooks.py, in process and under torchrun through tests/ddp_worker.py."""
+Used by tests/test_method_hooks.py, in process and under torchrun through tests/ddp_worker.py. Also
+:func:`build_method`, which the method tests use to build a real method without a Trainer."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, OptimGroup
+from engine import Method, OptimGroup, parse_args
 from engine.ema import TemporalMean
+
+
+def build_method(cls, argv, num_classes: int = 10, n_train: int = 100, image_size: int = 32, **kwargs):
+    """``cls`` built outside the Trainer from command-line ``argv``: parsed, checked by its ``check_args``,
+    then constructed (``kwargs``: e.g. ``train_labels``)."""
+    args = parse_args(cls, argv)
+    cls.check_args(args)
+    return cls(args, num_classes, n_train, image_size, **kwargs)
 
 
 class TinyNet(nn.Module):
