@@ -363,12 +363,16 @@ def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None
     try:
         train(method_cls, argv)
     except (UserError, DatasetError, UnknownModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one write per line: under torchrun every rank shares stderr, and print's separate "\n" lets the
+        # ranks' lines run together
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         sys.exit(2)
     except KeyboardInterrupt as e:
         message = getattr(e, "message", "") or (f"interrupted ({getattr(e, 'signal_name', 'SIGINT')}) while "
                                                 "starting: nothing was written")
-        print("\n" + message, file=sys.stderr)
+        sys.stderr.write("\n" + message + "\n")
+        sys.stderr.flush()
         sys.exit(130 if getattr(e, "signal_name", "SIGINT") == "SIGINT" else 143)
     finally:
         signal.signal(signal.SIGTERM, previous)
