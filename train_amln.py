@@ -1,22 +1,26 @@
 """AMLN: Adversarial-based Mutual Learning Network for online knowledge distillation (Zhang, Lu, Gong, Luo & Liu,
-ECCV 2020, LNCS 12357 pp. 158-173). No official code; only the abstract and the introduction of the paper could
-be read, so the block-wise module follows AFD (Chung, Park, Kim & Kwak, "Feature-map-level Online Adversarial
-Knowledge Distillation", ICML 2020) where the paper could not be read. docs/amln.md says which choice is whose.
+ECCV 2020, LNCS 12357 pp. 158-173). No official code. Of the paper only the abstract and the introduction could be
+read, and a third-party summary of the whole paper (its block-wise module: a discriminator and an "alignment
+container" per block); where neither says, the design follows AFD (Chung, Park, Kim & Kwak, "Feature-map-level
+Online Adversarial Knowledge Distillation", ICML 2020). docs/amln.md says which choice is whose.
 
 N >= 2 independent peers. Peer i learns from its target peer t(i) = i - 1 (mod N): the other peer for N = 2,
 AFD's cyclic scheme beyond. At every block b (backbone stage; heterogeneous peers pair their last stages) the
 stage map F_ib of peer i goes through an adaptation module A_ib (the identity when it already has the target's
 shape; else pooling to the smaller spatial size + 1x1 conv + BN to the target's width) and a discriminator D_ib
-tells A_ib(F_ib) ("fake") from the target's map F_t(i)b ("real", pooled to the smaller size where larger):
+tells A_ib(F_ib) ("fake") from the target's map F_t(i)b ("real", pooled to the smaller size where larger). After
+every intermediate block b < L an alignment container C_ib (strided convs + a 1x1 projection) maps F_ib to the
+shape of the target's final map F_t(i)L:
 
     L_D    = sum_i sum_b  d(D_ib(sg F_t(i)b), D_ib(sg A_ib(F_ib)))                      discriminators' step
     L_peer = sum_i CE(z_i, y) + 1/(N-1) sum_i sum_{j != i} KD_T(z_i <- sg z_j)           outcome-driven (DML)
              + lambda_adv sum_i sum_b g(D_ib(A_ib(F_ib)))                               process-driven, block-wise
+             + lambda_final sum_i sum_{b<L} |C_ib(F_ib) - sg F_t(i)L|_1 (mean)          intermediate-to-final
              + lambda_align sum_i sum_b |A_ib(F_ib) - sg F_t(i)b|_1 (mean)              optional direct alignment
 
 d, g: least-squares GAN losses (--gan-loss lsgan, AFD) or cross-entropy ones (bce); sg = stop-gradient. Each
-training step first updates the discriminators (Adam) on the detached maps, then the peers and adaptation
-modules (the run's SGD) through the just-updated, frozen discriminators.
+training step first updates the discriminators (Adam) on the detached maps, then the peers, adaptation modules
+and containers (the run's SGD) through the just-updated, frozen discriminators.
 
     python train_amln.py --arch resnet32 --gpu 0                 # two ResNet-32 peers, CIFAR-100
     python train_amln.py --arch resnet32 --num-peers 3 --gpu 0   # three peers, cyclic (AFD)
@@ -105,18 +109,43 @@ class Discriminator(nn.Module):
         return self.net(x).mean(dim=(1, 2, 3))
 
 
+class AlignmentContainer(nn.Sequential):
+    """C_ib: peer i's (c, h, w) map after an intermediate block -> the (c_L, h_L, w_L) of its target's final map:
+    a 3x3 conv (stride 2) + BN + ReLU per halving of the spatial size, widening to min(2c, c_L) each time (to c_L
+    at once when c >= c_L), adaptive average pooling for what halving cannot reach, then a 1x1 conv + BN to c_L
+    (no ReLU at the end: the pre-activation WRN's stage maps are not rectified)."""
+
+    def __init__(self, own: tuple[int, int, int], final: tuple[int, int, int]):
+        (c, h, w), (c_out, h_out, w_out) = own, final
+        layers: list[nn.Module] = []
+        while h >= 2 * h_out and w >= 2 * w_out:
+            width = c_out if c >= c_out else min(2 * c, c_out)
+            layers += [nn.Conv2d(c, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            c, h, w = width, (h + 1) // 2, (w + 1) // 2
+        if (h, w) != (h_out, w_out):
+            layers.append(nn.AdaptiveAvgPool2d((h_out, w_out)))
+        layers += [nn.Conv2d(c, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        for conv in layers:
+            if isinstance(conv, nn.Conv2d):
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        super().__init__(*layers)
+
+
 class AMLNOutput(NamedTuple):
     logits: list[torch.Tensor]                   # z_i, one B x C tensor per peer
     fake: Optional[list[list[torch.Tensor]]]     # per peer i, per block b: A_ib(F_ib) (with gradient)
     real: Optional[list[list[torch.Tensor]]]     # per peer i, per block b: F_t(i)b, pooled to the block's size
                                                  # where larger (with gradient; detach to use)
+    aligned: Optional[list[list[torch.Tensor]]] = None   # per peer i, per intermediate block b: C_ib(F_ib)
+    final: Optional[list[list[torch.Tensor]]] = None     # the same: F_t(i)L, pooled to C_ib's output size
 
 
 class AMLNNet(nn.Module):
-    """The N peers and their adaptation modules (everything the peers' SGD trains). ``forward(x)`` returns an
-    :class:`AMLNOutput`; ``blocks=False`` (evaluation) skips the stage maps and adapters."""
+    """The N peers, their adaptation modules and, with ``containers``, their alignment containers (everything the
+    peers' SGD trains). ``forward(x)`` returns an :class:`AMLNOutput`; ``blocks=False`` (evaluation) skips the
+    stage maps, adapters and containers."""
 
-    def __init__(self, peers: Peers, image_size: int):
+    def __init__(self, peers: Peers, image_size: int, containers: bool = True):
         super().__init__()
         self.peers = peers
         self.targets = cyclic_targets(peers.num_peers)
@@ -128,6 +157,13 @@ class AMLNNet(nn.Module):
         self.adapters = nn.ModuleList(
             nn.ModuleList(Adapter(shapes[i][s], shape) for (s, _), shape in zip(self.pairs[i], self.block_shapes[i]))
             for i in range(peers.num_peers))
+        # per peer i: C_ib for every paired block but the last, from the own stage map to the target's final map
+        # (at the smaller spatial size where the own map is smaller)
+        self.final_shapes = [[block_shape(shapes[i][s], shapes[t][-1]) for s, _ in pairs[:-1]] if containers else []
+                             for i, (t, pairs) in enumerate(zip(self.targets, self.pairs))]
+        self.containers = nn.ModuleList(
+            nn.ModuleList(AlignmentContainer(shapes[i][s], shape) for (s, _), shape in zip(self.pairs[i], finals))
+            for i, finals in enumerate(self.final_shapes))
 
     def forward(self, x: torch.Tensor, blocks: bool = True) -> AMLNOutput:
         out = self.peers(x, return_stages=blocks)
@@ -137,7 +173,11 @@ class AMLNNet(nn.Module):
                 for i in range(len(self.adapters))]
         real = [[_pool_to(out.stages[t][ts], shape[1:]) for (_, ts), shape in zip(self.pairs[i], self.block_shapes[i])]
                 for i, t in enumerate(self.targets)]
-        return AMLNOutput(out.logits, fake, real)
+        aligned = [[container(out.stages[i][s]) for container, (s, _) in zip(self.containers[i], self.pairs[i])]
+                   for i in range(len(self.containers))]
+        final = [[_pool_to(out.stages[t][-1], shape[1:]) for shape in self.final_shapes[i]]
+                 for i, t in enumerate(self.targets)]
+        return AMLNOutput(out.logits, fake, real, aligned, final)
 
 
 def _pool_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -162,7 +202,10 @@ def adversarial_loss(discriminators: nn.ModuleList, fake, kind: str) -> torch.Te
 
 
 def alignment_loss(fake, real) -> torch.Tensor:
-    """sum_i sum_b mean |fake_ib - sg real_ib| (the direct L1 alignment AFD compares against)."""
+    """sum_i sum_b mean |fake_ib - sg real_ib|: the mean absolute difference of each pair of maps, the target's
+    side detached. On the same blocks (``fake``, ``real``) it is the direct L1 alignment AFD compares against;
+    on the containers' outputs and the targets' final maps (``aligned``, ``final``) the intermediate-to-final
+    alignment. Computed in float32."""
     return sum(F.l1_loss(f.float(), r.detach().float()) for fs, rs in zip(fake, real) for f, r in zip(fs, rs))
 
 
@@ -179,8 +222,9 @@ def average_gradients(module: nn.Module) -> None:
 
 
 class AMLN(Method):
-    """AMLN: peers learn from each other's logits (DML) and, block by block, adversarially from each other's
-    stage maps through per-peer discriminators (AFD's scheme where the AMLN paper could not be read)."""
+    """AMLN: peers learn from each other's logits (DML) and, block by block, from each other's stage maps:
+    adversarially through per-peer discriminators (AFD's scheme), and from each intermediate block towards the
+    target's final map through alignment containers."""
 
     name = "amln"
     num_peers = 2
@@ -193,6 +237,10 @@ class AMLN(Method):
         parser.add_argument("--kd-T", type=float, default=1.0, help="temperature of the mutual KL (DML: 1)")
         parser.add_argument("--adv-weight", type=float, default=1.0,
                             help="lambda_adv, weight of the peers' block-wise adversarial loss")
+        parser.add_argument("--final-weight", type=float, default=1.0,
+                            help="lambda_final, weight of the intermediate-to-final alignment: each intermediate "
+                                 "block's map, through its alignment container, against the target peer's final "
+                                 "map (0: off, and no containers are built)")
         parser.add_argument("--align-weight", type=float, default=0.0,
                             help="lambda_align, weight of a direct L1 alignment of the same maps (0: off)")
         parser.add_argument("--gan-loss", choices=GAN_LOSSES, default="lsgan",
@@ -207,13 +255,14 @@ class AMLN(Method):
     def check_args(cls, args):
         if args.kd_T <= 0 or args.disc_lr <= 0:
             raise UserError("--kd-T and --disc-lr must be positive")
-        if args.adv_weight < 0 or args.align_weight < 0 or args.disc_weight_decay < 0:
-            raise UserError("--adv-weight, --align-weight and --disc-weight-decay must be >= 0")
+        if min(args.adv_weight, args.final_weight, args.align_weight, args.disc_weight_decay) < 0:
+            raise UserError("--adv-weight, --final-weight, --align-weight and --disc-weight-decay must be >= 0")
         if not all(0 <= b < 1 for b in args.disc_betas):
             raise UserError("--disc-betas must lie in [0, 1), e.g. --disc-betas 0.5 0.999")
 
     def build(self, args, num_classes):
-        net = AMLNNet(Peers(args.arch, num_classes, args.num_peers, image_size=self.image_size), self.image_size)
+        net = AMLNNet(Peers(args.arch, num_classes, args.num_peers, image_size=self.image_size), self.image_size,
+                      containers=args.final_weight > 0)
         self.discriminators = build_discriminators(net.block_shapes)
         return net
 
@@ -235,6 +284,8 @@ class AMLN(Method):
         with step.autocast():
             terms = {"ce": ce, "kd": kd,
                      "adv": a.adv_weight * adversarial_loss(self.discriminators, out.fake, a.gan_loss)}
+            if a.final_weight > 0:
+                terms["final"] = a.final_weight * alignment_loss(out.aligned, out.final)
             if a.align_weight > 0:
                 terms["align"] = a.align_weight * alignment_loss(out.fake, out.real)
         step.zero_grad("model")

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from engine import parse_args
 from losses.adversarial import discriminator_loss, generator_loss
-from train_amln import (AMLN, Adapter, Discriminator, adversarial_loss, alignment_loss, cyclic_targets,
-                        discriminators_loss, paired_stages, stage_shapes)
+from train_amln import (AMLN, Adapter, AlignmentContainer, Discriminator, adversarial_loss, alignment_loss,
+                        cyclic_targets, discriminators_loss, paired_stages, stage_shapes)
 from toy_methods import build_method
 
 
@@ -137,6 +137,8 @@ def test_modules_sized_from_every_family(arch, blocks):
     for i, t in enumerate(net.targets):
         for f, r, shape in zip(out.fake[i], out.real[i], net.block_shapes[i]):
             assert f.shape[1:] == r.shape[1:] == shape
+        for a, f, shape in zip(out.aligned[i], out.final[i], net.final_shapes[i]):
+            assert a.shape[1:] == f.shape[1:] == shape
     # evaluation runs no block
     assert net(torch.randn(2, 3, 32, 32), blocks=False).fake is None
 
@@ -149,11 +151,14 @@ def test_three_peers_are_cyclic():
     out = m.model(x)
     stages = m.model.peers(x, return_stages=True).stages
     assert torch.equal(out.real[0][1], stages[2][1]) and torch.equal(out.fake[1][2], stages[1][2])
+    # the intermediate-to-final alignment of peer 1 targets peer 3's final map, of peer 2 peer 1's
+    assert torch.equal(out.final[0][0], stages[2][2]) and torch.equal(out.final[1][1], stages[0][2])
 
 
 def test_bad_flags_are_one_line_errors():
     from engine import UserError
-    for argv in (["--kd-T", "0"], ["--disc-lr", "-1"], ["--adv-weight", "-1"], ["--disc-betas", "1", "0.9"]):
+    for argv in (["--kd-T", "0"], ["--disc-lr", "-1"], ["--adv-weight", "-1"], ["--final-weight", "-1"],
+                 ["--disc-betas", "1", "0.9"]):
         with pytest.raises(UserError):   # the engine's parser or AMLN.check_args
             AMLN.check_args(parse_args(AMLN, ["--gpu", "-1"] + argv))
 
@@ -194,9 +199,60 @@ def test_each_players_step_leaves_the_other_alone(arch):
         terms = m.train_step(m.model, batch, 0, step)
     # per step: discriminators first (peers untouched), then the model (discriminators untouched)
     assert log == [(("discriminators",), True, False), (("model",), False, True)] * 2
-    assert set(terms) == {"ce", "kd", "adv", "align", "disc"}
+    assert set(terms) == {"ce", "kd", "adv", "final", "align", "disc"}
     assert all(torch.isfinite(v) and v.dim() == 0 for v in terms.values())
     assert all(p.requires_grad for p in m.discriminators.parameters())    # unfrozen after the step
+
+
+@pytest.mark.parametrize("own,final,widths,pooled", [
+    ((16, 32, 32), (64, 8, 8), [32, 64], False),                    # ResNet-32 block 1 -> final map
+    ((32, 16, 16), (64, 8, 8), [64], False),                        # block 2
+    ((16, 32, 32), (512, 1, 1), [32, 64, 128, 256, 512], False),    # towards VGG-16's final map
+    ((256, 4, 4), (64, 4, 4), [], False),                           # same size: the 1x1 conv alone
+    ((16, 12, 12), (64, 5, 5), [32], True),                         # 12 -> 6 by a stride, then pooled to 5
+])
+def test_alignment_container_shapes(own, final, widths, pooled):
+    container = AlignmentContainer(own, final)
+    convs = [m for m in container if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs if c.stride == (2, 2)] == widths
+    assert convs[-1].kernel_size == (1, 1) and convs[-1].out_channels == final[0]
+    assert isinstance(container[-1], torch.nn.BatchNorm2d)          # linear end: no ReLU after the projection
+    assert any(isinstance(m, torch.nn.AdaptiveAvgPool2d) for m in container) == pooled
+    assert container(torch.randn(2, *own)).shape == (2, *final)
+
+
+def test_intermediate_to_final_alignment_matches_float64_and_its_gradients():
+    """The `final` term: sum over peers i and intermediate blocks b of mean |C_ib(F_ib) - F_t(i)L|, re-stated in
+    float64 from the peers' stage maps; its gradient reaches peer i's blocks before the last and C_i, never the
+    target peer (a stop-gradient) nor peer i's last stage."""
+    import copy
+    m = _method(["--arch", "resnet20"])
+    net = m.model.eval()                      # running BN statistics: every forward gives the same maps
+    assert net.final_shapes == [[(64, 8, 8), (64, 8, 8)]] * 2 and net.targets == [1, 0]
+    x = torch.randn(3, 3, 32, 32)
+    out = net(x)
+    stages = net.peers(x, return_stages=True).stages
+    ref = 0.0
+    for i, t in enumerate(net.targets):
+        for b, container in enumerate(net.containers[i]):
+            aligned = copy.deepcopy(container).double()(stages[i][b].double()).detach().numpy()
+            ref += np.abs(aligned - stages[t][-1].double().detach().numpy()).mean()
+    assert alignment_loss(out.aligned, out.final).item() == pytest.approx(ref, rel=1e-5)
+
+    net.train()
+    out = net(x)
+    alignment_loss(out.aligned[:1], out.final[:1]).backward()          # peer 1's term only (its target: peer 2)
+    peer1, peer2 = net.peers.single_network(0), net.peers.single_network(1)
+    has_grad = lambda module: [p.grad is not None for p in module.parameters()]
+    assert all(has_grad(peer1.stem)) and all(has_grad(peer1.stages[0])) and all(has_grad(peer1.stages[1]))
+    assert not any(has_grad(peer1.stages[2])) and not any(has_grad(peer1.head))
+    assert not any(has_grad(peer2)) and not any(has_grad(net.containers[1]))
+    assert all(has_grad(net.containers[0]))
+
+
+def test_final_weight_zero_builds_no_containers():
+    assert sum(p.numel() for p in _method(["--arch", "resnet20", "--final-weight", "0"]).model.containers.parameters()) == 0
+    assert len(_method(["--arch", "resnet20"]).model.containers[0]) == 2      # blocks 1 and 2 of 3
 
 
 def _optimizer_for(group):
@@ -218,8 +274,8 @@ def test_one_epoch_every_family(arch, tmp_path):
     from engine.checkpoint import load_checkpoint
     results = train(AMLN, FAST + ["--arch", arch, "--epochs", "1", "--out", str(tmp_path)])
     last = results["last"]
-    assert set(last["train"]) >= {"ce", "kd", "adv", "disc", "loss"} and "align" not in last["train"]
-    assert all(math.isfinite(last["train"][k]) for k in ("ce", "kd", "adv", "disc"))
+    assert set(last["train"]) >= {"ce", "kd", "adv", "final", "disc", "loss"} and "align" not in last["train"]
+    assert all(math.isfinite(last["train"][k]) for k in ("ce", "kd", "adv", "final", "disc"))
     assert {"peer1/top1", "peer2/top1", "ensemble/top1"} <= set(last["test"])
     assert set(last["lr"]) == {"model", "discriminators"} and last["lr"]["discriminators"] == pytest.approx(2e-4)
     ckpt = load_checkpoint(tmp_path / "last.pt")
@@ -247,7 +303,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
     resumed = train(AMLN, args + ["--out", str(tmp_path / "cut"), "--resume", "auto"])
     assert resumed["history"][1]["test"] == full["history"][1]["test"]
-    for term in ("ce", "kd", "adv", "disc", "loss"):
+    for term in ("ce", "kd", "adv", "final", "disc", "loss"):
         assert resumed["history"][1]["train"][term] == full["history"][1]["train"][term]
     a, b = (load_checkpoint(tmp_path / d / "last.pt") for d in ("full", "cut"))
     for part in ("model", "discriminators"):
@@ -268,6 +324,9 @@ def test_heterogeneous_pairs_are_adapted():
     net = m.model
     assert net.pairs == [[(0, 1), (1, 2), (2, 3)], [(1, 0), (2, 1), (3, 2)]]
     assert net.block_shapes == [[(256, 4, 4), (512, 2, 2), (512, 1, 1)], [(16, 4, 4), (32, 2, 2), (64, 1, 1)]]
+    # the containers of the intermediate blocks end at the target's final map: VGG's 512x1x1 for the ResNet, the
+    # ResNet's 64x8x8 pooled down to VGG's smaller 4x4 and 2x2 maps
+    assert net.final_shapes == [[(512, 1, 1), (512, 1, 1)], [(64, 4, 4), (64, 2, 2)]]
     assert [type(l).__name__ for l in net.adapters[0][2]] == ["AdaptiveAvgPool2d", "Conv2d", "BatchNorm2d"]
     assert [type(l).__name__ for l in net.adapters[1][0]] == ["Conv2d", "BatchNorm2d"]     # 4x4 already
     x = torch.randn(2, 3, 32, 32)
@@ -275,6 +334,8 @@ def test_heterogeneous_pairs_are_adapted():
     for i in range(2):
         for f, r, shape in zip(out.fake[i], out.real[i], net.block_shapes[i]):
             assert f.shape[1:] == r.shape[1:] == shape
+        for a, f, shape in zip(out.aligned[i], out.final[i], net.final_shapes[i]):
+            assert a.shape[1:] == f.shape[1:] == shape
     net.eval()
     stages = net.peers(x, return_stages=True).stages
     # peer 2 (VGG) imitates peer 1 (ResNet): ResNet's 16x32x32 stage-1 map average-pooled to 4x4 is "real"
@@ -311,7 +372,7 @@ def test_grouped_peers_give_the_same_blocks():
     a, b = plain(x), grouped(x)
     for za, zb in zip(a.logits, b.logits):
         assert torch.allclose(za, zb, atol=1e-5)
-    for part in ("fake", "real"):
+    for part in ("fake", "real", "aligned", "final"):
         for ra, rb in zip(getattr(a, part), getattr(b, part)):
             assert all(torch.allclose(u, v, atol=1e-5) for u, v in zip(ra, rb))
 
@@ -321,19 +382,21 @@ FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not __import__("os").path.exists(FASHION), reason="apt-get install dataset-fashion-mnist")
-def test_fashion_mnist_two_epochs_well_above_chance(tmp_path):
-    """Real data: 2 epochs of two ResNet-20 peers on 4,000 Fashion-MNIST images (stratified), tested on 2,000.
-    Measured (seed 0, CPU): epoch 1 all heads 10 % (the peers start behind the adversarial game), epoch 2 peer1
-    26.4 %, peer2 32.0 %, ensemble 41.1 % top-1, train CE 1.56 per peer (2.36 at epoch 1), the
-    discriminators' L_D 2.59 and the peers' adversarial term 2.30 over 2 peers x 3 blocks. Chance is 10 %."""
+def test_fashion_mnist_three_epochs_clear_chance(tmp_path):
+    """Real data, the issue's check: 3 epochs of two ResNet-20 peers on 6,000 Fashion-MNIST training images
+    (stratified), tested on 2,000 (stratified); every head and every loss term is recorded at every epoch.
+    Measured (seed 0, CPU, one thread): peer1/peer2/ensemble top-1 13.9/20.5/19.0 % after epoch 1, 43.5/50.3/49.1
+    after epoch 2, 51.6/42.9/47.5 after epoch 3; train CE per peer 2.10 -> 1.14. Chance is 10 %. For scale, the
+    same budget without the block-wise terms (--adv-weight 0 --final-weight 0, i.e. DML) measured 55.8/40.2/50.9:
+    62 steps at lr 0.1 are too few for any mutual-learning method to settle (docs/amln.md, "Measured here")."""
     from engine import train
-    results = train(AMLN, ["--arch", "resnet20", "--dataset", "fashion-mnist", "--subset", "4000", "--eval-subset",
-                           "2000", "--epochs", "2", "--gpu", "-1", "--no-progress", "--workers", "0",
+    results = train(AMLN, ["--arch", "resnet20", "--dataset", "fashion-mnist", "--subset", "6000", "--eval-subset",
+                           "2000", "--epochs", "3", "--gpu", "-1", "--no-progress", "--workers", "0",
                            "--out", str(tmp_path)])
     for record in results["history"]:
         assert {f"{h}/{k}" for h in ("peer1", "peer2", "ensemble") for k in ("top1", "top5")} <= set(record["test"])
-        assert {"ce", "kd", "adv", "disc", "loss"} <= set(record["train"])
+        assert {"ce", "kd", "adv", "final", "disc", "loss"} <= set(record["train"])
         assert set(record["lr"]) == {"model", "discriminators"}
     last = results["last"]
-    assert last["test"]["ensemble/top1"] > 30 and max(last["test"]["peer1/top1"], last["test"]["peer2/top1"]) > 20
-    assert last["train"]["ce"] / 2 < 1.9 and results["history"][0]["train"]["ce"] > last["train"]["ce"]
+    assert last["test"]["ensemble/top1"] > 30 and max(last["test"]["peer1/top1"], last["test"]["peer2/top1"]) > 30
+    assert last["train"]["ce"] / 2 < 1.6 and results["history"][0]["train"]["ce"] > last["train"]["ce"]
