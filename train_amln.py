@@ -10,7 +10,7 @@ stage map F_ib of peer i goes through an adaptation module A_ib (the identity wh
 shape; else pooling to the smaller spatial size + 1x1 conv + BN to the target's width) and a discriminator D_ib
 tells A_ib(F_ib) ("fake") from the target's map F_t(i)b ("real", pooled to the smaller size where larger). After
 every intermediate block b < L an alignment container C_ib (strided convs + a 1x1 projection) maps F_ib to the
-shape of the target's final map F_t(i)L:
+shape of the target's final map F_t(i)L (that map pooled down to F_ib's size where F_ib is smaller):
 
     L_D    = sum_i sum_b  d(D_ib(sg F_t(i)b), D_ib(sg A_ib(F_ib)))                      discriminators' step
     L_peer = sum_i CE(z_i, y) + 1/(N-1) sum_i sum_{j != i} KD_T(z_i <- sg z_j)           outcome-driven (DML)
@@ -110,7 +110,8 @@ class Discriminator(nn.Module):
 
 
 class AlignmentContainer(nn.Sequential):
-    """C_ib: peer i's (c, h, w) map after an intermediate block -> the (c_L, h_L, w_L) of its target's final map:
+    """C_ib: peer i's (c, h, w) map after an intermediate block -> the (c_L, h_L, w_L) of its target's final map
+    (pooled down to (h, w) where the own map is smaller; ``final`` is that size):
     a 3x3 conv (stride 2) + BN + ReLU per halving of the spatial size, widening to min(2c, c_L) each time (to c_L
     at once when c >= c_L), adaptive average pooling for what halving cannot reach, then a 1x1 conv + BN to c_L
     (no ReLU at the end: the pre-activation WRN's stage maps are not rectified)."""
@@ -125,9 +126,9 @@ class AlignmentContainer(nn.Sequential):
         if (h, w) != (h_out, w_out):
             layers.append(nn.AdaptiveAvgPool2d((h_out, w_out)))
         layers += [nn.Conv2d(c, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
-        for conv in layers:
-            if isinstance(conv, nn.Conv2d):
-                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        for layer in layers:
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
         super().__init__(*layers)
 
 
@@ -137,7 +138,8 @@ class AMLNOutput(NamedTuple):
     real: Optional[list[list[torch.Tensor]]]     # per peer i, per block b: F_t(i)b, pooled to the block's size
                                                  # where larger (with gradient; detach to use)
     aligned: Optional[list[list[torch.Tensor]]] = None   # per peer i, per intermediate block b: C_ib(F_ib)
-    final: Optional[list[list[torch.Tensor]]] = None     # the same: F_t(i)L, pooled to C_ib's output size
+    final: Optional[list[list[torch.Tensor]]] = None     # per peer i, per intermediate block b: F_t(i)L, pooled
+                                                         # to C_ib's output size where larger
 
 
 class AMLNNet(nn.Module):
@@ -157,13 +159,15 @@ class AMLNNet(nn.Module):
         self.adapters = nn.ModuleList(
             nn.ModuleList(Adapter(shapes[i][s], shape) for (s, _), shape in zip(self.pairs[i], self.block_shapes[i]))
             for i in range(peers.num_peers))
-        # per peer i: C_ib for every paired block but the last, from the own stage map to the target's final map
-        # (at the smaller spatial size where the own map is smaller)
-        self.final_shapes = [[block_shape(shapes[i][s], shapes[t][-1]) for s, _ in pairs[:-1]] if containers else []
-                             for i, (t, pairs) in enumerate(zip(self.targets, self.pairs))]
+        # per peer i: the own stages of its intermediate blocks (every paired block but the last), each mapped by a
+        # container C_ib to the target's final map (pooled down where the own map is smaller); none without
+        # ``containers``
+        self.intermediate = [[s for s, _ in pairs[:-1]] if containers else [] for pairs in self.pairs]
+        self.final_shapes = [[block_shape(shapes[i][s], shapes[t][-1]) for s in own]
+                             for i, (t, own) in enumerate(zip(self.targets, self.intermediate))]
         self.containers = nn.ModuleList(
-            nn.ModuleList(AlignmentContainer(shapes[i][s], shape) for (s, _), shape in zip(self.pairs[i], finals))
-            for i, finals in enumerate(self.final_shapes))
+            nn.ModuleList(AlignmentContainer(shapes[i][s], shape) for s, shape in zip(own, self.final_shapes[i]))
+            for i, own in enumerate(self.intermediate))
 
     def forward(self, x: torch.Tensor, blocks: bool = True) -> AMLNOutput:
         out = self.peers(x, return_stages=blocks)
@@ -173,8 +177,8 @@ class AMLNNet(nn.Module):
                 for i in range(len(self.adapters))]
         real = [[_pool_to(out.stages[t][ts], shape[1:]) for (_, ts), shape in zip(self.pairs[i], self.block_shapes[i])]
                 for i, t in enumerate(self.targets)]
-        aligned = [[container(out.stages[i][s]) for container, (s, _) in zip(self.containers[i], self.pairs[i])]
-                   for i in range(len(self.containers))]
+        aligned = [[container(out.stages[i][s]) for container, s in zip(self.containers[i], own)]
+                   for i, own in enumerate(self.intermediate)]
         final = [[_pool_to(out.stages[t][-1], shape[1:]) for shape in self.final_shapes[i]]
                  for i, t in enumerate(self.targets)]
         return AMLNOutput(out.logits, fake, real, aligned, final)

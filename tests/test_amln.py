@@ -188,17 +188,18 @@ def test_each_players_step_leaves_the_other_alone(arch):
     real_step = step.step
 
     def watched(*names):
-        before = (_snapshot(m.model), _snapshot(m.discriminators))
+        before = (_snapshot(m.model), _snapshot(m.discriminators), _snapshot(m.model.containers))
         real_step(*names)
-        after = (_snapshot(m.model), _snapshot(m.discriminators))
-        log.append((names, _same(before[0], after[0]), _same(before[1], after[1])))
+        after = (_snapshot(m.model), _snapshot(m.discriminators), _snapshot(m.model.containers))
+        log.append((names, _same(before[0], after[0]), _same(before[1], after[1]), _same(before[2], after[2])))
 
     step.step = watched
     batch = Batch(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)), torch.arange(8))
     for _ in range(2):
         terms = m.train_step(m.model, batch, 0, step)
     # per step: discriminators first (peers untouched), then the model (discriminators untouched)
-    assert log == [(("discriminators",), True, False), (("model",), False, True)] * 2
+    # (the containers are trained by the model's step)
+    assert log == [(("discriminators",), True, False, True), (("model",), False, True, False)] * 2
     assert set(terms) == {"ce", "kd", "adv", "final", "align", "disc"}
     assert all(torch.isfinite(v) and v.dim() == 0 for v in terms.values())
     assert all(p.requires_grad for p in m.discriminators.parameters())    # unfrozen after the step
@@ -223,7 +224,8 @@ def test_alignment_container_shapes(own, final, widths, pooled):
 
 def test_intermediate_to_final_alignment_matches_float64_and_its_gradients():
     """The `final` term: sum over peers i and intermediate blocks b of mean |C_ib(F_ib) - F_t(i)L|, re-stated in
-    float64 from the peers' stage maps; its gradient reaches peer i's blocks before the last and C_i, never the
+    float64 from the peers' stage maps (the wiring and the L1 mean; the containers' own layers are reused, their
+    shapes are tested above and the heterogeneous pooling below); its gradient reaches peer i's blocks before the last and C_i, never the
     target peer (a stop-gradient) nor peer i's last stage."""
     import copy
     m = _method(["--arch", "resnet20"])
@@ -250,9 +252,29 @@ def test_intermediate_to_final_alignment_matches_float64_and_its_gradients():
     assert all(has_grad(net.containers[0]))
 
 
-def test_final_weight_zero_builds_no_containers():
-    assert sum(p.numel() for p in _method(["--arch", "resnet20", "--final-weight", "0"]).model.containers.parameters()) == 0
-    assert len(_method(["--arch", "resnet20"]).model.containers[0]) == 2      # blocks 1 and 2 of 3
+def _step_terms(m, batch):
+    from engine.method import StepContext
+    optimizers = {g.name: _optimizer_for(g) for g in m.optim_groups()}
+    return m.train_step(m.model, batch, 0, StepContext(optimizers, torch.amp.GradScaler("cpu", enabled=False), "cpu"))
+
+
+def test_final_term_is_weighted_and_off_at_zero():
+    """`final` = lambda_final x the L1 sum on the step's own forward (train mode, batch statistics); with
+    --final-weight 0 there are no containers and no `final` term."""
+    from data import Batch
+    torch.manual_seed(0)
+    batch = Batch(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)), torch.arange(8))
+    m = _method(["--arch", "resnet20", "--final-weight", "0.5"])
+    trained = {id(p) for p in m.optim_groups()[0].params}                    # the peers' SGD group
+    assert len(m.model.containers[0]) == 2 and all(id(p) in trained for p in m.model.containers.parameters())
+    with torch.no_grad():
+        out = m.model.train()(batch.images)
+        expected = 0.5 * alignment_loss(out.aligned, out.final).item()
+    assert _step_terms(m, batch)["final"].item() == pytest.approx(expected, rel=1e-5)
+
+    off = _method(["--arch", "resnet20", "--final-weight", "0"])
+    assert sum(p.numel() for p in off.model.containers.parameters()) == 0
+    assert "final" not in _step_terms(off, batch)
 
 
 def _optimizer_for(group):
@@ -338,8 +360,12 @@ def test_heterogeneous_pairs_are_adapted():
             assert a.shape[1:] == f.shape[1:] == shape
     net.eval()
     stages = net.peers(x, return_stages=True).stages
-    # peer 2 (VGG) imitates peer 1 (ResNet): ResNet's 16x32x32 stage-1 map average-pooled to 4x4 is "real"
-    assert torch.allclose(net(x).real[1][0], F.adaptive_avg_pool2d(stages[0][0], 4))
+    # peer 2 (VGG) imitates peer 1 (ResNet): ResNet's 16x32x32 stage-1 map average-pooled to 4x4 is "real", and
+    # its 64x8x8 final map average-pooled to 4x4 is what VGG's first intermediate block is aligned with
+    out = net(x)
+    assert torch.allclose(out.real[1][0], F.adaptive_avg_pool2d(stages[0][0], 4))
+    assert torch.allclose(out.final[1][0], F.adaptive_avg_pool2d(stages[0][2], 4))
+    assert torch.allclose(out.final[1][1], F.adaptive_avg_pool2d(stages[0][2], 2))
 
 
 def test_heterogeneous_pair_one_epoch(tmp_path):
@@ -388,7 +414,7 @@ def test_fashion_mnist_three_epochs_clear_chance(tmp_path):
     Measured (seed 0, CPU, one thread): peer1/peer2/ensemble top-1 13.9/20.5/19.0 % after epoch 1, 43.5/50.3/49.1
     after epoch 2, 51.6/42.9/47.5 after epoch 3; train CE per peer 2.10 -> 1.14. Chance is 10 %. For scale, the
     same budget without the block-wise terms (--adv-weight 0 --final-weight 0, i.e. DML) measured 55.8/40.2/50.9:
-    62 steps at lr 0.1 are too few for any mutual-learning method to settle (docs/amln.md, "Measured here")."""
+    138 steps at lr 0.1 are too few for any mutual-learning method to settle (docs/amln.md, "Measured here")."""
     from engine import train
     results = train(AMLN, ["--arch", "resnet20", "--dataset", "fashion-mnist", "--subset", "6000", "--eval-subset",
                            "2000", "--epochs", "3", "--gpu", "-1", "--no-progress", "--workers", "0",
