@@ -28,11 +28,11 @@ class DatasetError(RuntimeError):
 
 
 class DatasetNotFoundError(DatasetError):
-    """A dataset's files are missing. The message says what is missing, every path looked at, and the fix."""
+    """A dataset's files are missing. One line: what is missing, every path looked at, and the fix."""
 
     def __init__(self, name: str, missing: str, looked_at: Sequence[os.PathLike | str], fix: str):
-        paths = "\n".join(f"  - {Path(p).absolute()}" for p in looked_at)
-        super().__init__(f"dataset {name!r}: {missing}.\nLooked at:\n{paths}\nTo get it: {fix}")
+        paths = ", ".join(str(Path(p).absolute()) for p in looked_at)
+        super().__init__(f"dataset {name!r}: {missing}; looked at {paths}. To get it: {fix}")
         self.name, self.missing, self.looked_at, self.fix = name, missing, [str(p) for p in looked_at], fix
 
     def __reduce__(self):  # picklable, e.g. out of a spawned worker

@@ -152,6 +152,9 @@ def load_checkpoint(path: Path, required: Iterable[str] = REQUIRED_KEYS) -> dict
     """Load a checkpoint written by this engine. A missing, empty, truncated, foreign or damaged file (its
     content no longer matches the checksum written with it) is a one-line UserError naming the path."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder, not a file; name the file ({path / 'last.pt'} or "
+                        f"{path / 'best.pt'}), or continue a run with --out {path} --resume auto")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
@@ -160,10 +163,9 @@ def load_checkpoint(path: Path, required: Iterable[str] = REQUIRED_KEYS) -> dict
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, unsafe pickle...
-        detail = (str(e).splitlines() or [""])[0][:200]
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}{': ' + detail if detail else ''}). "
-                        "It may be truncated, damaged or not a checkpoint of this repository; use another one "
-                        "(best.pt / last.pt of the run) or start a new run with --out.") from None
+        raise UserError(f"checkpoint {path} cannot be read: torch.load refused it ({type(e).__name__}), so it is "
+                        "truncated, damaged or not a checkpoint of this repository; use another one (best.pt / "
+                        "last.pt of the run) or start a new run with --out.") from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this repository (format {FORMAT}; "

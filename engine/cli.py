@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import re
 import sys
 import warnings
@@ -239,14 +240,21 @@ def is_temperature(dest: str) -> bool:
 
 def check_values(args: argparse.Namespace) -> None:
     """Refuse values no run could use, in one line each, right after parsing (before any data or model):
-    negative lr, momentum, weight decay (every ``*weight_decay`` flag), seed or workers; a temperature
-    (every ``*_T``/``*_t`` flag) <= 0. Warns when multistep milestones lie beyond --epochs."""
+    NaN or infinite numbers in any flag; negative lr, momentum, weight decay (every ``*weight_decay`` flag),
+    seed or workers; momentum >= 1; a temperature (every ``*_T``/``*_t`` flag) <= 0. Warns when multistep
+    milestones lie beyond --epochs."""
     from .errors import UserError
 
     for dest, value in vars(args).items():
+        flag = "--" + dest.replace("_", "-")
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            shown = " ".join(map(str, numbers))
+            raise UserError(f"{flag} must be a finite number; got {shown}")
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
-        flag = "--" + dest.replace("_", "-")
+        if dest == "momentum" and value >= 1:
+            raise UserError(f"--momentum must lie in [0, 1); got {value} (1 and above never forget a gradient)")
         if (dest in NON_NEGATIVE or dest.endswith("weight_decay")) and value < 0:
             raise UserError(f"{flag} must be >= 0; got {value}")
         if is_temperature(dest) and not value > 0:
@@ -273,6 +281,9 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     args = parser.parse_args(argv, argparse.Namespace(num_peers=None))   # num_peers None: not on the command line
     _peer_list(parser, args, method_cls)
     check_values(args)
+    if args.lr_schedule != "multistep" and args.milestones != parser.get_default("milestones"):
+        warnings.warn(f"--milestones apply to --lr-schedule multistep only; this run's schedule is {args.lr_schedule}, "
+                      "so they are ignored (add --lr-schedule multistep to use them)")
     return args
 
 

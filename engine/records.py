@@ -191,7 +191,7 @@ def load_training_state(trainer, path: Path) -> bool:
     already finished (then nothing is loaded or written)."""
     ckpt = load_checkpoint(path)
     if ckpt["method"] != trainer.method_cls.name:
-        raise UserError(f"{path} is a {ckpt['method']} checkpoint; resume it with train_{ckpt['method']}.py")
+        raise UserError(f"{path} was saved by train_{ckpt['method']}.py; resume it with that script")
     if written_grouped(ckpt) and not trainer.args.grouped_peers:
         raise UserError(f"{path} was written by an older version in the grouped layout; resume it with "
                         "--grouped-peers (its next checkpoint is in the plain layout, which resumes either way)")
@@ -262,6 +262,7 @@ def repair_best(trainer, path: Path, ckpt: dict) -> None:
     except UserError:
         pass   # a damaged best.pt is rewritten below when it can be
     source_best = path.parent / "best.pt"
+    existed = best.exists()      # a stale or damaged best.pt of this run, not a new --out's first one
     if epoch == ckpt["epoch"]:
         atomic_copy(path, best)
     elif path.parent != trainer.out and source_best.is_file() and load_checkpoint(source_best)["epoch"] == epoch:
@@ -270,7 +271,8 @@ def repair_best(trainer, path: Path, ckpt: dict) -> None:
         warnings.warn(f"{best} does not hold the best epoch ({epoch}) and it cannot be rebuilt; it will be "
                       "written again when an epoch improves on it")
         return
-    trainer.report.log(f"{best} repaired: it now holds the best epoch, {epoch}")
+    trainer.report.log(f"{best} repaired: it now holds the best epoch, {epoch}" if existed else
+                       f"{best} written from the resumed run: it holds the best epoch, {epoch}")
 
 
 # ---- the run directory: one writer, start and end of a process ---------------------------------------
@@ -299,6 +301,22 @@ def lock(trainer) -> None:
             trainer.report.log(f"removed {tmp}, left by an interrupted write")
 
 
+def earlier_run_files(out: Path) -> list[str]:
+    """What of an earlier run ``out`` holds besides last.pt: best.pt, and a results.json unless it is this
+    repository's record of a run that saved no epoch (one stopped in its first epoch, which a new run simply
+    replaces). A new run there would overwrite them."""
+    found = ["best.pt"] if (out / "best.pt").exists() else []
+    record = out / "results.json"
+    if record.exists():
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, ValueError):
+            saved = None                     # unreadable: keep it, it may be all that is left of a run
+        if not (isinstance(saved, dict) and "method" in saved and saved.get("history") == []):
+            found.append("results.json")
+    return found
+
+
 def open_run(trainer) -> bool:
     """Lock the run directory, then resume or start the run (never overwriting one); False when it is
     already finished."""
@@ -307,6 +325,12 @@ def open_run(trainer) -> bool:
     if resume is None and (trainer.out / "last.pt").exists():
         raise UserError(f"{trainer.out} already holds a run (last.pt). Continue it with --resume auto, "
                         "or start a new run with another --out; nothing is overwritten.")
+    if resume is None:
+        earlier = earlier_run_files(trainer.out)
+        if earlier:
+            raise UserError(f"{trainer.out} holds {' and '.join(earlier)} of an earlier run but no last.pt to "
+                            "continue it from; start this run with another --out (or move that folder away); "
+                            "nothing is overwritten.")
     if resume is not None:
         if not load_training_state(trainer, resume):
             return False
@@ -418,12 +442,15 @@ def evaluated_state(trainer, ckpt: dict, path: Path) -> dict:
 
 
 def write_evaluation(trainer, result: dict) -> None:
-    """``eval-<checkpoint>-<dataset>[-<hash of --data>].json`` in the run directory (rank 0): evaluations of
-    another dataset, or of another copy of it, never overwrite each other."""
+    """``eval-<checkpoint>-<dataset>[-test<N>][-<hash of --data>].json`` in the run directory (rank 0):
+    evaluations of another dataset, of another --eval-subset or of another copy of the data never overwrite each
+    other."""
     if not trainer.is_main:
         return
     a = trainer.args
     name = f"eval-{Path(a.eval_only).stem}-{a.dataset}"
+    if a.eval_subset:
+        name += f"-test{a.eval_subset}"
     if a.data:
         name += "-" + hashlib.sha256(str(Path(a.data).resolve()).encode()).hexdigest()[:6]
     atomic_write_text(json.dumps(result, indent=2) + "\n", trainer.out / f"{name}.json")

@@ -226,7 +226,7 @@ def as_trained(method_cls, args, argv: Sequence[str], ckpt: dict) -> argparse.Na
     is an error, except where the data is read from and how it is evaluated."""
     path = Path(args.eval_only)
     if ckpt["method"] != method_cls.name:
-        raise UserError(f"{path} is a {ckpt['method']} checkpoint; evaluate it with train_{ckpt['method']}.py")
+        raise UserError(f"{path} was saved by train_{ckpt['method']}.py; evaluate it with that script")
     given = run_dir.given_options(method_cls, argv)
     saved = run_dir.training_options(ckpt["args"])
     free = run_dir.NOT_TRAINING | run_dir.SPEED | run_dir.BUNDLES | {"amp", "loader", "eval_subset"}
@@ -236,4 +236,6 @@ def as_trained(method_cls, args, argv: Sequence[str], ckpt: dict) -> argparse.Na
             f"it was trained with {run_dir.flag(k)} {s}, not {n}" for k, s, n in wrong)
             + ". Leave these flags out (only --data and evaluation options may be given)")
     values = args.as_dict() if hasattr(args, "as_dict") else vars(args)
-    return argparse.Namespace(**{**values, **{k: v for k, v in saved.items() if k in values}})
+    # the checkpoint's options, except the evaluation options this command gives (e.g. --eval-subset, --amp)
+    kept = {k: v for k, v in saved.items() if k in values and not (k in given and k in free)}
+    return argparse.Namespace(**{**values, **kept})

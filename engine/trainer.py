@@ -188,13 +188,29 @@ class Trainer:
         self.history.train_samples += samples
         stats["images_per_s"] = samples / max(seconds, 1e-9)
         stats["epoch_s"] = seconds
-        if not math.isfinite(stats["loss"]):
-            bad = ", ".join(f"{n}={v}" for n, v in stats.items() if isinstance(v, float) and not math.isfinite(v))
-            raise UserError(
-                f"the training loss became non-finite in epoch {epoch + 1} ({bad}). Nothing of that epoch was "
-                f"saved; {self.out / 'last.pt'} still holds the last good epoch. Lower --lr, use --amp off or "
-                f"bf16 instead of fp16, then continue with --resume auto.")
+        bad = [f"{n}={v}" for n, v in stats.items() if isinstance(v, float) and not math.isfinite(v)]
+        bad += [f"{name} holds NaN or inf" for name in self._non_finite_weights()]
+        if bad:
+            raise UserError(self._non_finite_message(epoch, ", ".join(bad)))
         return stats
+
+    def _non_finite_weights(self) -> list[str]:
+        """Names of the model and the method's extra modules whose parameters or buffers hold a NaN or inf
+        (a loss can stay finite while the epoch's last step writes NaN into the weights)."""
+        modules = {"the model": self.method.model, **self.method.extra_modules()}
+        return [name for name, module in modules.items()
+                if not all(bool(t.isfinite().all()) for t in [*module.parameters(), *module.buffers()]
+                           if t.is_floating_point())]
+
+    def _non_finite_message(self, epoch: int, what: str) -> str:
+        saved = self.out / "last.pt"
+        kept = (f"{saved} still holds the last good epoch; after the fix continue with --resume auto"
+                if saved.exists() else "no earlier epoch was saved, so start again once it is fixed")
+        fixes = "lower --lr, or check the flags of this command for out-of-range values"
+        if self.args.amp == "fp16":
+            fixes += ", or use --amp bf16 (or off) instead of fp16"
+        return (f"training became non-finite in epoch {epoch + 1} ({what}). Nothing of that epoch was saved; "
+                f"{kept}. To fix it: {fixes}.")
 
     # ---- evaluation -----------------------------------------------------------------------------
     def _eval_batches(self, loader):
@@ -321,10 +337,11 @@ class Trainer:
         layout, with or without --grouped-peers) on the test split, and on the held-out split with
         --val-split. What is evaluated is loaded: the model and the temporal means; training state
         (optimizers, MCL-OKD's memory banks) need not be in the file. Writes
-        ``eval-<checkpoint>-<dataset>.json``, naming the dataset and the splits."""
+        ``eval-<checkpoint>-<dataset>[-test<N>].json`` (N: --eval-subset), naming the dataset and the splits."""
         path, ckpt, a = Path(self.args.eval_only), self.eval_ckpt, self.args
         records.load_method_state(self.method, dict(ckpt, state=records.evaluated_state(self, ckpt, path)), path)
-        splits = {"test": f"the {a.dataset} test set"}
+        splits = {"test": f"the {a.dataset} test set" if not a.eval_subset else
+                  f"{a.eval_subset} images of the {a.dataset} test set (stratified, seed {a.seed})"}
         result = {"checkpoint": str(path), "method": ckpt["method"], "epoch": ckpt["epoch"], "arch": a.arch,
                   "dataset": a.dataset, "data": a.data, "splits": splits, "test": self.evaluate(self.loaders.test)}
         if self.loaders.val is not None:

@@ -88,9 +88,45 @@ def test_every_distilling_method_has_its_temperatures_found():
 BAD = [("dml", ["--lr", "-0.1"], "--lr must be >= 0"), ("dml", ["--momentum", "-0.9"], "--momentum must be >= 0"),
        ("dml", ["--weight-decay", "-1e-4"], "--weight-decay must be >= 0"), ("dml", ["--seed", "-1"], "--seed"),
        ("dml", ["--seed", str(2 ** 32)], "--seed"),
-       ("cmff", ["--fusion-weight-decay", "-1"], "--fusion-weight-decay must be >= 0")]
+       ("cmff", ["--fusion-weight-decay", "-1"], "--fusion-weight-decay must be >= 0"),
+       ("dml", ["--momentum", "1.5"], "--momentum must lie in [0, 1)"),
+       ("dml", ["--lr", "nan"], "--lr must be a finite number; got nan"),
+       ("amln", ["--adv-weight", "nan"], "--adv-weight must be a finite number"),
+       ("amln", ["--disc-weight-decay", "inf"], "--disc-weight-decay must be a finite number"),
+       ("amln", ["--disc-betas", "0.5", "nan"], "--disc-betas must be a finite number; got 0.5 nan")]
 BAD += [(m, [flag, value], f"{flag} is a temperature") for m in METHODS for flag in temperature_flags(load_method(m))
         for value in ("0", "-1")]
+
+
+def _float_flags():
+    """(method, flag, nargs) of every float-valued flag of every method script."""
+    found = []
+    for m in METHODS:
+        cls = load_method(m)
+        for action in build_parser(cls, cls.recipe, None, None)._actions:
+            if action.type is float and action.option_strings:
+                found.append((m, action.option_strings[-1], action.nargs))
+    return found
+
+
+@pytest.mark.parametrize("method,flag,nargs", _float_flags(), ids=lambda v: str(v))
+def test_every_float_flag_refuses_nan_and_inf(method, flag, nargs):
+    """No NaN or infinity reaches a run through any number flag (a NaN passes every `< 0` check)."""
+    from engine.errors import UserError
+    cls = load_method(method)
+    width = nargs if isinstance(nargs, int) else 1
+    for bad in ("nan", "inf"):
+        with pytest.raises(UserError, match="must be a finite number"):
+            parse_args(cls, ["--gpu", "-1", flag] + ["0.5"] * (width - 1) + [bad])
+    if width == 1:
+        with pytest.raises(UserError, match="must be a finite number"):
+            parse_args(cls, ["--gpu", "-1", f"{flag}=-inf"])
+
+
+def test_milestones_without_multistep_warn():
+    with pytest.warns(UserWarning, match="--milestones apply to --lr-schedule multistep only; this run's schedule "
+                                         "is cosine"):
+        parse_args(load_method("dml"), ["--gpu", "-1", "--milestones", "5", "10"])
 
 
 @pytest.mark.parametrize("method,argv,message", BAD, ids=[f"{m}{' '.join(a)}" for m, a, _ in BAD])
@@ -346,6 +382,7 @@ def test_missing_dataset_message_gives_absolute_paths(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError) as err:
         load_dataset("cifar100")
     assert str(tmp_path / "datasets" / "cifar100") in str(err.value)
+    assert "\n" not in str(err.value) and "To get it: pass --download" in str(err.value)     # one line
     assert not (tmp_path / "datasets").exists()
 
 

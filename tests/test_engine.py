@@ -90,6 +90,27 @@ def test_existing_run_is_never_overwritten(dml_run):
     assert (out / "last.pt").stat().st_mtime_ns == before
 
 
+def test_a_run_without_checkpoints_is_never_overwritten(dml_run, tmp_path):
+    """The checkpoints of a finished run deleted to save disk: its results.json (and a best.pt left alone) still
+    stop a new run in that folder, with or without --resume auto; a record of no epoch is replaced."""
+    import shutil
+    out = tmp_path / "kept"
+    shutil.copytree(dml_run[0], out)
+    (out / "last.pt").unlink()
+    record = (out / "results.json").read_bytes()
+    for resume in ([], ["--resume", "auto"]):
+        with pytest.raises(UserError, match="holds best.pt and results.json of an earlier run but no last.pt"):
+            train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out)] + resume)
+    (out / "best.pt").unlink()
+    with pytest.raises(UserError, match="holds results.json of an earlier run"):
+        train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out)])
+    assert (out / "results.json").read_bytes() == record
+    # a folder whose record holds no epoch (a run stopped in its first epoch) is simply started again
+    (out / "results.json").write_text('{"method": "dml", "history": []}')
+    train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out)])
+    assert (out / "last.pt").exists()
+
+
 def test_eval_only_reproduces_best(dml_run, tmp_path):
     out, results = dml_run
     evaluated = train(train_dml.DML, FAST + ["--eval-only", str(out / "best.pt"), "--out", str(tmp_path)])
@@ -108,9 +129,27 @@ class _NaNDML(train_dml.DML):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     train(train_dml.DML, FAST + ["--epochs", "2", "--out", str(tmp_path)])
     # The same run extended, but its loss now turns NaN: a clear error, and last.pt keeps epoch 2.
-    with pytest.raises(UserError, match="non-finite"):
+    with pytest.raises(UserError, match="non-finite") as err:
         train(_NaNDML, FAST + ["--epochs", "3", "--extend-epochs", "--out", str(tmp_path), "--resume", "auto"])
+    assert "kd=nan" in str(err.value) and "last.pt still holds the last good epoch" in str(err.value)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+
+
+class _NaNWeightsDML(train_dml.DML):
+    """Finite losses, but the epoch's steps leave NaN in a weight (as an out-of-range flag can)."""
+    def after_step(self, model, batch, epoch):
+        next(model.parameters()).fill_(float("nan"))
+
+
+def test_nan_weights_stop_the_run_before_anything_is_saved(tmp_path, capsys):
+    """A loss that stays finite does not hide NaN weights: the epoch is not saved (no last.pt, no "finished"
+    results.json), and the error says no earlier epoch exists rather than pointing at a last.pt that does not."""
+    with pytest.raises(UserError, match="non-finite") as err:
+        train(_NaNWeightsDML, FAST + ["--epochs", "1", "--out", str(tmp_path)])
+    message = str(err.value)
+    assert "the model holds NaN or inf" in message and "no earlier epoch was saved" in message
+    assert "last.pt still holds" not in message and "--amp" not in message      # amp is off: no fp16 advice
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
 
 
 @pytest.mark.slow
@@ -170,6 +209,12 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     r = run_cli("train_dml.py", *FAST, "--epochs", "1", "--out", str(tmp_path), "--resume", "auto")
     assert r.returncode == 2 and "cannot be read" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "last.pt").read_bytes() == b"not a checkpoint"
+    assert r.stderr.count("\n") == 1 and "weights_only" not in r.stderr     # one line, not torch's essay
+
+
+def test_a_folder_given_as_a_checkpoint_names_the_files(tmp_path):
+    with pytest.raises(UserError, match="is a folder, not a file; name the file .*last.pt.* --resume auto"):
+        load_checkpoint(tmp_path)
 
 
 @pytest.mark.slow

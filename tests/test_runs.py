@@ -224,10 +224,22 @@ def test_eval_only_takes_the_checkpoint_options(run, tmp_path):
     assert len(list(tmp_path.glob("eval-best-synthetic*.json"))) == 2
 
 
+def test_eval_only_honours_the_evaluation_options_it_is_given(run, tmp_path):
+    """--eval-subset (an evaluation option) given with --eval-only wins over the checkpoint's, is said in the
+    record and gets its own file: the full-test-set evaluation beside it is not overwritten."""
+    full = train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--out", str(tmp_path)])
+    part = train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--out", str(tmp_path), "--eval-subset", "50"])
+    whole = json.loads((tmp_path / "eval-best-synthetic.json").read_text())
+    fifty = json.loads((tmp_path / "eval-best-synthetic-test50.json").read_text())
+    assert whole["test"] == full["test"] and fifty["test"] == part["test"]
+    assert fifty["splits"]["test"].startswith("50 images of the synthetic test set")
+    assert whole["splits"]["test"] == "the synthetic test set"
+
+
 def test_eval_only_refuses_a_flag_that_disagrees(run):
     with pytest.raises(UserError, match="trained with --dataset synthetic, not fashion-mnist"):
         train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--dataset", "fashion-mnist"])
-    with pytest.raises(UserError, match="is a dml checkpoint; evaluate it with train_dml.py"):
+    with pytest.raises(UserError, match="was saved by train_dml.py; evaluate it with that script"):
         train(Baseline, EVAL + ["--eval-only", str(run / "best.pt")])
 
 
