@@ -6,6 +6,9 @@ Usage::
     python scripts/export_peer.py runs/dml-resnet32-cifar100-n2-s0/best.pt --peer 2 -o peer2.pt
     python scripts/export_peer.py RUN/best.pt --peer 1 --from mean_teacher --head mean_peer1 -o pcl.pt   # PCL's EMA
 
+An existing ``-o`` file is never replaced without ``--force``; the file is written whole or not at all (a
+temporary file in its folder, then a rename).
+
 The file is ``{"arch", "num_classes", "model_kwargs", "format", "state_dict", "source"}``:
 
 * ``format == "models"``: load it with ``models.create_model(arch, num_classes=..., **model_kwargs)`` and
@@ -21,8 +24,12 @@ checkpoint's epoch recorded for it (test, and val with --val-split).
 from __future__ import annotations
 
 import argparse
+import errno
+import io
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -31,7 +38,7 @@ import engine  # noqa: E402,F401  (first: --help without torch, engine/fast_help
 
 import torch  # noqa: E402
 
-from engine.checkpoint import atomic_save, load_checkpoint  # noqa: E402
+from engine.checkpoint import content_digest, load_checkpoint  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from models import create_model  # noqa: E402
 from models.peers import Peers, peer_archs  # noqa: E402
@@ -122,22 +129,79 @@ def load_exported(path: Path) -> torch.nn.Module:
     return net
 
 
+def check_output(path: Path, force: bool) -> None:
+    """Refuse (one-line UserError naming the file) an output that exists without ``force``, or is a folder."""
+    if path.is_dir():
+        raise UserError(f"-o {path} is a folder; give a file name (e.g. {path / 'peer.pt'})")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise UserError(f"-o {path} exists; add --force to replace it, or give another file name")
+
+
+def write_export(obj: dict, path: Path, force: bool = False) -> None:
+    """Write the export (with its content checksum, as checkpoints carry) to ``path`` atomically: a temporary
+    file in the same folder, fsync, then a rename, so ``path`` is the old file or the whole new one. Without
+    ``force`` the rename never replaces a file (a hard link, which fails when one appeared meanwhile). OS
+    errors: a one-line UserError naming the file."""
+    obj = dict(obj, sha256=content_digest(obj))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)          # fails if the name exists: no file is replaced
+            except OSError as e:
+                if e.errno == errno.EEXIST:
+                    raise UserError(f"-o {path} exists (it appeared while exporting); add --force to replace "
+                                    "it, or give another file name") from None
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if path.exists():           # a file system without hard links: check, then rename
+                    raise UserError(f"-o {path} exists; add --force to replace it, or give another file name")
+                os.replace(tmp, path)
+    except OSError as e:
+        where = e.filename or path
+        problem = (f"{where} is a file, not a folder" if e.errno in (errno.EEXIST, errno.ENOTDIR)
+                   else f"{e.strerror or e} ({where})")
+        raise UserError(f"cannot write -o {path}: {problem}; choose another file name or folder") from None
+    finally:
+        if tmp is not None and os.path.lexists(tmp):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", type=Path, help="a run's best.pt or last.pt")
     p.add_argument("--peer", type=int, required=True, help="which peer, 1-based (head peerN)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="file to write")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="file to write (an existing file is refused unless --force)")
+    p.add_argument("--force", action="store_true", help="replace the -o file if it exists")
     p.add_argument("--from", dest="source", default="model",
                    help="which state of the checkpoint: 'model' (the trained network) or an extra module such "
                         "as PCL's 'mean_teacher'")
     p.add_argument("--head", default=None, help="head whose recorded accuracy to report (default: peerN)")
     a = p.parse_args(argv)
     try:
+        check_output(a.output, a.force)         # before the checkpoint is read
         out = export_peer(a.checkpoint, a.peer, a.source, a.head)
+        write_export(out, a.output, a.force)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    atomic_save(out, a.output)
     s = out["source"]
     acc = ", ".join(f"{split} top-1 {v:.2f}" for split, v in s["top1"].items()) or "no accuracy recorded"
     load = (f"torchvision.models.{out['arch']}(num_classes={out['num_classes']})" if out["format"] == "torchvision"

@@ -16,7 +16,10 @@ The tables and the flags of each cell are in ``scripts/tables.py``. Run ``s`` of
 * a finished run (``results.json`` status "finished" with all its epochs) is skipped;
 * an unfinished one (interrupted, killed, pre-empted) continues from its ``last.pt``;
 * Ctrl-C stops the runs in flight after their checkpoint and leaves each one resumable: re-run the same
-  command to continue.
+  command to continue;
+* a folder that holds a run trained with other training flags than the command (``--extra`` flags that change
+  training, e.g. a shortened ``--subset 64 --epochs 1`` check) is reported as "differs: <flags>" and never
+  started (the engine would refuse to resume it): run it with the same ``--extra``, or move it away.
 
 A cell whose method script does not exist yet is listed as "not built" and never run; it becomes live as
 soon as ``train_<method>.py`` lands. ``--launcher slurm`` submits one job-array task per run through
@@ -35,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,19 +155,72 @@ def parse_run_args(run: Run, extra: Sequence[str] = ()):
     return parse_args(method_class(run.script), run.train_argv() + list(extra))
 
 
-def run_state(run: Run, extra: Sequence[str] = ()) -> str:
-    """"not built", "finished", "resume" (a checkpoint to continue from) or "new"."""
+_OPTIONS: dict[tuple, tuple] = {}
+
+
+def command_options(run: Run, extra: Sequence[str] = ()) -> tuple[dict, dict, bool]:
+    """(arguments, method defaults, --extend-epochs) of the command that trains ``run`` with ``extra``, resolved
+    as the engine resolves them (recipe, preset, method defaults). Raises SystemExit (a bad flag, argparse's
+    line) or engine.errors.UserError (flags that conflict)."""
+    key = (run.script, tuple(run.argv), run.seed, tuple(extra))
+    if key not in _OPTIONS:
+        import warnings
+        from engine.config import resolve
+        from engine.setup import default_options
+        cls = method_class(run.script)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")            # the script warns once, when it runs
+            args = resolve(cls, parse_run_args(run, extra))
+            _OPTIONS[key] = (args.as_dict(), default_options(cls, args), bool(args.extend_epochs))
+    return _OPTIONS[key]
+
+
+def recorded_differences(run: Run, recorded: dict, extra: Sequence[str] = (),
+                         world_size: int = 1) -> list[tuple[str, object, object]]:
+    """The training options (every option but engine.run_dir's NOT_TRAINING and speed options) on which a run's
+    ``results.json`` (``recorded``) differs from the command that trains ``run`` with ``extra`` on
+    ``world_size`` processes, as (option, recorded value, command's value): the same comparison the engine
+    makes before it resumes a run, so a run reported here is one the command would refuse to continue."""
+    from engine import run_dir
+    args, defaults, extend = command_options(run, extra)
+    saved = dict(recorded.get("args") or {}, world_size=recorded.get("world_size", 1))
+    if saved.get("loader") is None:          # as the engine reads a checkpoint's arguments
+        saved.pop("loader", None)
+    return run_dir.config_differences(saved, dict(args, world_size=world_size), defaults, extend_epochs=extend)
+
+
+def describe_differences(diffs: Sequence[tuple[str, object, object]], against: str = "this command") -> str:
+    """``--subset 64 (this command: 512), --epochs 1 (this command: 2)``."""
+    def show(value):
+        return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return ", ".join(f"{'world size' if key == 'world_size' else '--' + key.replace('_', '-')} {show(before)} "
+                     f"({against}: {show(after)})" for key, before, after in diffs)
+
+
+def read_results(path: Path) -> Optional[dict]:
+    """A run's results.json as a dict with its arguments, or None (absent, unreadable, not a run's)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("args"), dict) else None
+
+
+def run_state(run: Run, extra: Sequence[str] = (), world_size: int = 1) -> str:
+    """"not built"; "differs: <flags>" (the folder holds a run trained with other training flags than this
+    command: the engine would refuse to resume it, and a finished one is not the table's number); "finished";
+    "resume" (a checkpoint to continue from); or "new"."""
     if not run.built:
         return "not built"
-    results = run.out / "results.json"
-    if results.is_file():
-        try:
-            r = json.loads(results.read_text())
-            epochs = parse_run_args(run, extra).epochs
-            if r.get("status") == "finished" and r.get("epochs_done", 0) >= epochs:
-                return "finished"
-        except (ValueError, OSError):
-            pass   # unreadable: the run is redone or resumed from its checkpoint
+    recorded = read_results(run.out / "results.json")
+    if recorded is not None:
+        diffs = recorded_differences(run, recorded, extra, world_size)
+        if diffs:
+            return "differs: " + describe_differences(diffs)
+        epochs = command_options(run, extra)[0]["epochs"]
+        if recorded.get("status") == "finished" and recorded.get("epochs_done", 0) >= epochs:
+            return "finished"
+    # an unreadable results.json: the run is redone or resumed from its checkpoint (the engine checks it)
     return "resume" if (run.out / "last.pt").is_file() else "new"
 
 
@@ -196,10 +253,13 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
 
     Each run is its own process (``python train_x.py ... --resume auto``) started in its own session, so Ctrl-C
     reaches this launcher only; it forwards one SIGINT to every run in flight and returns once they have
-    stopped. With one job the run's output goes to the terminal, otherwise to ``<run>/train.log``.
-    Returns {"finished": [...], "skipped": [...], "failed": [...], "not built": [...], "interrupted": [...]}.
+    stopped. With one job the run's output goes to the terminal, otherwise to ``<run>/train.log``. A run whose
+    folder holds a run trained with other flags ("differs") is never started (main() refuses those up front).
+    Returns {"finished": [...], "skipped": [...], "failed": [...], "not built": [...], "differs": [...],
+    "interrupted": [...]}.
     """
-    outcome: dict[str, list] = {k: [] for k in ("finished", "skipped", "failed", "not built", "interrupted")}
+    outcome: dict[str, list] = {k: [] for k in ("finished", "skipped", "failed", "not built", "differs",
+                                                "interrupted")}
     slots = list(gpus) if gpus else [None] * max(1, jobs)
     queue = []
     for run in runs:
@@ -209,6 +269,9 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
         elif state == "finished":
             outcome["skipped"].append(run)
             log(f"skip (finished): {display_path(run.out)}")
+        elif state.startswith("differs"):
+            outcome["differs"].append(run)
+            log(f"not run ({state}): {display_path(run.out)}")
         else:
             queue.append((run, state))
     procs: dict[subprocess.Popen, tuple] = {}
@@ -229,10 +292,16 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
                     args += ["--no-progress"]
                 args += extra           # last: the user's flags win
                 cmd = run.command(python, args)
-                run.out.mkdir(parents=True, exist_ok=True)
                 stream = None
-                if len(slots) > 1:
-                    stream = open(run.out / "train.log", "a")
+                try:
+                    run.out.mkdir(parents=True, exist_ok=True)
+                    if len(slots) > 1:
+                        stream = open(run.out / "train.log", "a")
+                except OSError as e:
+                    outcome["failed"].append(run)
+                    free.append(slot)
+                    log(f"FAILED (cannot write {e.filename or run.out}: {e.strerror or e}): {display_path(run.out)}")
+                    continue
                 where = f" on GPU {slot}" if slot is not None else ""
                 log(f"{'resume' if state == 'resume' else 'start'}{where}: {shlex.join(cmd[1:])}")
                 proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT if stream
@@ -353,7 +422,7 @@ def slurm_executor(folder: Path, opts: argparse.Namespace, cluster: str = "slurm
 def submit_slurm(runs: Sequence[Run], opts: argparse.Namespace, folder: Path, extra: Sequence[str] = (),
                  python: str = sys.executable, cluster: str = "slurm", log=say):
     """One job array, one task per unfinished built run. Returns the submitit jobs."""
-    todo = [r for r in runs if run_state(r, extra) in ("new", "resume")]
+    todo = [r for r in runs if run_state(r, extra, opts.gpus_per_run) in ("new", "resume")]
     if not todo:
         log("nothing to submit: every selected run is finished or not built")
         return []
@@ -374,12 +443,57 @@ def submit_slurm(runs: Sequence[Run], opts: argparse.Namespace, folder: Path, ex
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (the usage is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def _integer(minimum: int, what: str):
+    """An argparse type: an integer >= ``minimum``; ``what`` says what the values are."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum} ({what})")
+        return value
+    return parse
+
+
+def _slurm_time(text: str) -> str:
+    try:
+        minutes = parse_minutes(text)
+    except ValueError:
+        minutes = 0
+    if minutes <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a time limit above 0 as minutes, HH:MM:SS, HH:MM or "
+                                         "D-HH:MM:SS (e.g. 24:00:00)")
+    return text
+
+
+def _gpu_list(text: str) -> str:
+    ids = [g.strip() for g in text.split(",")]
+    if not all(ids) or any(" " in g for g in ids):
+        raise argparse.ArgumentTypeError(f"{text!r}: write the GPU indices separated by commas, e.g. 0,1,2,3")
+    return ",".join(ids)
+
+
+SEED = _integer(0, "seeds are 0, 1, 2, ...: every training script refuses a negative --seed")
+LOCAL_FLAGS = ("gpus", "jobs")
+SLURM_FLAGS = ("partition", "account", "qos", "constraint", "time", "gpus_per_run", "cpus_per_run", "mem_gb",
+               "array_parallelism", "max_requeues", "signal_delay", "setup", "job_name")
+RESERVED = ("seed", "out", "tag", "resume")       # reproduce.py sets them per run
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                                epilog="tables: " + ", ".join(TABLES))
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+               epilog="tables: " + ", ".join(TABLES))
     p.add_argument("table", nargs="?", help="a table name (--list shows them)")
     p.add_argument("--list", action="store_true", help="list the tables and their number of cells and runs")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every cell (default 0 1 2)")
+    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2], help="seeds of every cell (default 0 1 2)")
     p.add_argument("--only", nargs="+", metavar="KEY=VALUE",
                    help="keep the cells whose KEY matches one of the values, for every KEY given: "
                         f"{', '.join(FILTER_KEYS)} (shell patterns; e.g. method=dml,one arch=resnet32)")
@@ -387,30 +501,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the table folders go (default: $OKD_RUNS, else runs/ in the repository)")
     p.add_argument("--extra", default="", metavar="FLAGS",
                    help='flags added to every command, e.g. --extra="--data /data/imagenet --amp bf16" '
-                        "(write --extra=... when they start with a dash; they do not change the run directory)")
+                        "(write --extra=... when they start with a dash). They do not change the run\n"
+                        "directory; a run's folder that holds a run trained with other training flags is\n"
+                        "reported as 'differs' and never continued (see README: Reproducing the papers)")
     p.add_argument("--dry-run", action="store_true", help="print every command and its state; run nothing")
     p.add_argument("--markdown", action="store_true",
                    help="print the page docs/reproducing.md (every published number, its command, its state)")
     p.add_argument("--launcher", choices=("local", "slurm"), default="local")
     g = p.add_argument_group("local launcher")
-    g.add_argument("--gpus", default=None, metavar="0,1,2,3",
+    g.add_argument("--gpus", type=_gpu_list, default=None, metavar="0,1,2,3",
                    help="a queue over these GPUs, one run per GPU (CUDA_VISIBLE_DEVICES, --gpu 0)")
-    g.add_argument("--jobs", type=int, default=1, help="runs at a time without --gpus (CPU); default 1")
+    g.add_argument("--jobs", type=_integer(1, "runs at a time"), default=1,
+                   help="runs at a time without --gpus (CPU); default 1")
     s = p.add_argument_group("slurm launcher (submitit)")
     s.add_argument("--partition", default=None)
     s.add_argument("--account", default=None)
     s.add_argument("--qos", default=None)
     s.add_argument("--constraint", default=None)
-    s.add_argument("--time", default="24:00:00", help="time limit per job (HH:MM:SS or minutes); a run that "
+    s.add_argument("--time", type=_slurm_time, default="24:00:00", help="time limit per job (HH:MM:SS or minutes); a run that "
                                                       "needs longer is re-queued and continues")
-    s.add_argument("--gpus-per-run", type=int, default=1,
+    s.add_argument("--gpus-per-run", type=_integer(1, "GPUs per run"), default=1,
                    help="GPUs per run; above 1 the run is started with torchrun (--batch-size is per GPU)")
-    s.add_argument("--cpus-per-run", type=int, default=8)
-    s.add_argument("--mem-gb", type=int, default=None)
-    s.add_argument("--array-parallelism", type=int, default=64, help="array tasks running at once")
-    s.add_argument("--max-requeues", type=int, default=20, help="re-queues after a time-out (pre-emptions are "
+    s.add_argument("--cpus-per-run", type=_integer(1, "CPU cores per run"), default=8)
+    s.add_argument("--mem-gb", type=_integer(1, "GB of memory per run"), default=None)
+    s.add_argument("--array-parallelism", type=_integer(1, "array tasks at once"), default=64,
+                   help="array tasks running at once")
+    s.add_argument("--max-requeues", type=_integer(0, "re-queues"), default=20, help="re-queues after a time-out (pre-emptions are "
                                                                 "always re-queued)")
-    s.add_argument("--signal-delay", type=int, default=120,
+    s.add_argument("--signal-delay", type=_integer(0, "seconds"), default=120,
                    help="seconds before the time limit at which SLURM warns the job (USR2)")
     s.add_argument("--setup", action="append", default=[], metavar="LINE",
                    help="a shell line run before each job (e.g. 'module load cuda'); repeatable")
@@ -427,10 +545,11 @@ def list_tables() -> str:
     return "\n".join(lines)
 
 
-def dry_run(table: Table, runs: Sequence[Run], cells: Sequence[Cell], extra: Sequence[str]) -> str:
+def dry_run(table: Table, runs: Sequence[Run], cells: Sequence[Cell], extra: Sequence[str],
+            world_size: int = 1) -> str:
     lines = [f"# {table.title}: {len(cells)} cell(s), {len(runs)} run(s)"]
     for run in runs:
-        state = run_state(run, extra)
+        state = run_state(run, extra, world_size)
         cmd = shlex.join(["python", run.script] + run.train_argv() + list(extra))
         lines.append(f"{cmd}  # {state}; {', '.join(run.cells)}")
     return "\n".join(lines)
@@ -494,8 +613,74 @@ def markdown_page() -> str:
     return "\n".join(out)
 
 
+def check_launcher_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[str]:
+    """One line when a flag of the other launcher is given (it would be ignored: --partition without
+    --launcher slurm would train every run here) or the SLURM warning comes after the time limit."""
+    other = SLURM_FLAGS if args.launcher == "local" else LOCAL_FLAGS
+    given = [d for d in other if getattr(args, d) != parser.get_default(d)]
+    if given:
+        flags = ", ".join("--" + d.replace("_", "-") for d in given)
+        if args.launcher == "local":
+            return (f"error: {flags}: for --launcher slurm only (without it every run trains on this machine); "
+                    "add --launcher slurm, or leave them out")
+        return f"error: {flags}: for --launcher local only (SLURM places the runs; see --gpus-per-run); leave them out"
+    if args.gpus and args.jobs != parser.get_default("jobs"):
+        return "error: --jobs is for runs on the CPU; with --gpus one run goes on each GPU listed: leave out --jobs"
+    if args.launcher == "slurm" and args.signal_delay >= parse_minutes(args.time) * 60:
+        return (f"error: --signal-delay {args.signal_delay} s is not shorter than --time {args.time}: give a "
+                "smaller --signal-delay (SLURM warns the job that many seconds before its time limit)")
+    return None
+
+
+def check_extra(runs: Sequence[Run], extra: Sequence[str], text: str) -> Optional[str]:
+    """One line when ``--extra`` does not parse for a run's script, sets what reproduce.py sets per run, or
+    conflicts with a cell's flags; None when every built run takes it."""
+    import contextlib
+    import io
+    from engine.errors import UserError
+    for run in runs:
+        if not run.built:
+            continue
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                args = parse_run_args(run, extra)
+                command_options(run, extra)
+        except SystemExit:
+            problem = (err.getvalue().strip().splitlines() or ["a flag the script refuses"])[-1]
+            problem = problem.removeprefix(f"{run.script}: error: ").removesuffix(" (--help lists the options)")
+            return f"error: --extra={text!r}: {problem} (python {run.script} --help lists its options)"
+        except UserError as e:
+            return f"error: --extra={text!r}: {e} (in {run.script})"
+        clash = [k for k in RESERVED if str(getattr(args, k)) != str(parse_run_args(run).__dict__[k])]
+        if clash:
+            return (f"error: --extra={text!r} sets {', '.join('--' + k for k in clash)}, which reproduce.py sets "
+                    "for every run (--seed from --seeds, --out from --runs-dir and the table); leave it out")
+    return None
+
+
+def check_folders(runs: Sequence[Run], runs_dir: Path) -> Optional[str]:
+    """Create the table folders (one line naming the path when that fails: a file in the way, no permission, a
+    read-only disk) and check that no run folder is a file."""
+    for folder in sorted({r.out.parent for r in runs}):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.TemporaryFile(dir=folder)      # a writable folder, not only an existing one
+            probe.close()
+        except OSError as e:
+            where = e.filename or folder
+            return f"error: --runs-dir {display_path(runs_dir)}: cannot write {where}: {e.strerror or e}; " \
+                   "choose another --runs-dir (or fix the path)"
+    for run in runs:
+        if run.out.exists() and not run.out.is_dir():
+            return (f"error: {display_path(run.out)} is a file, not a run folder; move it away or choose another "
+                    "--runs-dir")
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.list:
         print(list_tables())
         return 0
@@ -508,18 +693,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.table not in TABLES:
         print(f"error: no table {args.table!r}; the tables are: {', '.join(TABLES)}", file=sys.stderr)
         return 2
+    problem = check_launcher_flags(parser, args)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     table = TABLES[args.table]
-    extra = shlex.split(args.extra)
-    runs, cells = plan(table, args.seeds, Path(args.runs_dir).resolve(), parse_only(args.only))
+    try:
+        extra = shlex.split(args.extra)
+    except ValueError as e:
+        print(f"error: --extra={args.extra!r}: {e} (quote the flags as one shell word)", file=sys.stderr)
+        return 2
+    runs_dir = Path(args.runs_dir).resolve()
+    runs, cells = plan(table, args.seeds, runs_dir, parse_only(args.only))
     if not cells:
         print(f"error: --only {' '.join(args.only)} selects no cell of {table.name}", file=sys.stderr)
         return 2
+    if extra:                  # a bad --extra flag: one line now, not after hours of other runs
+        problem = check_extra(runs, extra, args.extra)
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
+    world_size = args.gpus_per_run if args.launcher == "slurm" else 1
     if args.dry_run:
-        print(dry_run(table, runs, cells, extra))
+        print(dry_run(table, runs, cells, extra, world_size))
         return 0
-    for run in runs:           # a bad --extra flag: argparse's one line now, not after hours of other runs
-        if run.built:
-            parse_run_args(run, extra)
+    differing = [(r, s) for r in runs for s in [run_state(r, extra, world_size)] if s.startswith("differs")]
+    if differing:
+        shown = "; ".join(f"{r.out.name}: {s.removeprefix('differs: ')}" for r, s in differing[:3])
+        more = f"; and {len(differing) - 3} more (--dry-run lists them)" if len(differing) > 3 else ""
+        print(f"error: {len(differing)} run folder(s) under {display_path(runs_dir)} hold runs trained with other "
+              f"training flags than this command ({shown}{more}): re-run with the --extra they were trained with "
+              "to continue them, or move those folders away (or choose another --runs-dir) to train the "
+              "table's command", file=sys.stderr)
+        return 2
+    problem = check_folders([r for r in runs if r.built], runs_dir)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     not_built = sorted({r.script for r in runs if not r.built})
     if not_built:
         print(f"not built (listed, not run): {', '.join(not_built)}")
@@ -529,16 +739,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("error: --launcher slurm needs SLURM's sbatch (run it on the cluster's login node); "
                   "here use --launcher local", file=sys.stderr)
             return 2
-        submit_slurm(runs, opts, Path(args.runs_dir).resolve() / table.name / ".submitit", extra)
+        submit_slurm(runs, opts, runs_dir / table.name / ".submitit", extra)
         print(f"when they are done: python scripts/summarize.py {args.runs_dir} --table {table.name}")
         return 0
-    gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else None
+    gpus = args.gpus.split(",") if args.gpus else None
     outcome = run_local(runs, gpus, args.jobs, extra)
     print(", ".join(f"{len(v)} {k}" for k, v in outcome.items() if v) or "nothing to do")
     if outcome["interrupted"]:
         print("every interrupted run continues from its last.pt: re-run the same command")
         return 130
-    return 1 if outcome["failed"] else 0
+    return 1 if outcome["failed"] or outcome["differs"] else 0
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ For a named table (``scripts/tables.py``) each cell gathers the runs tagged ``<t
 ``scripts/reproduce.py`` passes) and shows, in the table's unit (top-1 error or accuracy, %): the mean ±
 sample standard deviation (n - 1) over seeds at the best epoch and at the last epoch, the number of finished
 seeds, the published value and ours (best) minus it. Unfinished runs are counted and marked, never averaged;
-a cell without runs is marked missing, a cell whose script does not exist yet "not built". A results.json
-that cannot be read (corrupt, truncated, not a run's) is reported by path and skipped.
+a cell without runs is marked missing, a cell whose script does not exist yet "not built". A cell whose runs
+were trained with other training flags than the table's command (``reproduce.py --extra="--subset 64"``; the
+options compared are the engine's, ``engine/run_dir.py``) is marked "other flags", with the flags. A
+results.json that cannot be read (corrupt, truncated, not a run's) is reported by path and skipped.
 
 Where the table has a baseline, each method's single number is also set against the baseline on the same
 backbone: the gain in top-1 points and whether it exceeds twice its standard error over seeds.
@@ -151,6 +153,15 @@ class CellSummary:
     finished: list
     unfinished: list
     metrics: list
+    other_flags: list = field(default_factory=list)   # (run, its training flags that differ from the table's)
+
+    @property
+    def other_flags_text(self) -> str:
+        """``other flags in s0, s1: --subset 64 (table: 512)`` (one part per distinct difference), or ''."""
+        seeds: dict[str, list] = {}
+        for r, text in self.other_flags:
+            seeds.setdefault(text, []).append(f"s{r.seed}")
+        return "; ".join(f"other flags in {', '.join(s)}: {text}" for text, s in seeds.items())
 
     @property
     def status(self) -> str:
@@ -161,7 +172,7 @@ class CellSummary:
         parts = [f"{len(self.finished)} finished"] if self.finished else []
         if self.unfinished:
             parts.append(f"{len(self.unfinished)} unfinished ({', '.join(r.progress for r in self.unfinished)} ep)")
-        return ", ".join(parts)
+        return ", ".join(parts) + (f"; {self.other_flags_text}" if self.other_flags else "")
 
 
 def dedupe(runs: Sequence[RunResult], warn=None) -> list[RunResult]:
@@ -177,9 +188,24 @@ def dedupe(runs: Sequence[RunResult], warn=None) -> list[RunResult]:
     return [by_seed[s] for s in sorted(by_seed, key=str)]
 
 
+def flags_against_table(table: Table, cell: Cell, run: RunResult) -> str:
+    """The training options (engine.run_dir: every option but where the run lives, labels, devices, speed) on
+    which ``run``'s recorded arguments differ from the cell's command, as ``--subset 64 (table: 512), ...``;
+    '' when they are the table's (or the cell's script is not there to tell)."""
+    if not (REPO / cell.script).is_file() or not isinstance(run.seed, int) or run.seed < 0:
+        return ""
+    from scripts import reproduce
+    spec = reproduce.Run(cell.runs_table or table.name, cell.run, cell.script, cell.argv, run.seed, run.path.parent, [])
+    return reproduce.describe_differences(reproduce.recorded_differences(spec, run.data), "table")
+
+
 def summarize_cell(table: Table, cell: Cell, by_tag: dict, warn=None) -> CellSummary:
     tag = f"{cell.runs_table or table.name}/{cell.run}"
     runs = dedupe(by_tag.get(tag, []), warn)
+    other = [(r, text) for r in runs for text in [flags_against_table(table, cell, r)] if text]
+    for r, text in other:
+        if warn:
+            warn(f"{r.path.parent} was trained with {text}: its numbers are marked 'other flags' in {table.name}")
     finished = [r for r in runs if r.finished]
     unfinished = [r for r in runs if not r.finished]
     metrics = []
@@ -188,7 +214,7 @@ def summarize_cell(table: Table, cell: Cell, by_tag: dict, warn=None) -> CellSum
         last = [in_unit(r.value(m.head, "last"), table.unit) for r in finished]
         best, last = [v for v in best if v is not None], [v for v in last if v is not None]
         metrics.append(MetricSummary(m, table.unit, mean_std(best), mean_std(last), best))
-    return CellSummary(cell, (REPO / cell.script).is_file(), finished, unfinished, metrics)
+    return CellSummary(cell, (REPO / cell.script).is_file(), finished, unfinished, metrics, other)
 
 
 def summarize_table(table: Table, runs: Sequence[RunResult], warn=None) -> list[CellSummary]:
@@ -209,6 +235,8 @@ def grid_text(s: CellSummary) -> str:
         ours = pair([fmt(*m.best) for m in s.metrics]) + (f" n={len(s.finished)}")
         if s.unfinished:
             ours += f" +{len(s.unfinished)} unfinished"
+        if s.other_flags:
+            ours += " *other flags*"
     else:
         ours = {"not built": "*not built*", "missing": "*missing*"}.get(s.status, f"*{s.status}*")
     return f"{ours}<br>paper {paper}" if any(m.metric.published is not None for m in s.metrics) else ours
@@ -242,6 +270,10 @@ def markdown_table(table: Table, summaries: Sequence[CellSummary]) -> str:
                       "se = sqrt(s₁²/n₁ + s₂²/n₂) over the seeds; \"beyond noise\" when |gain| > 2 se (with 2-3 seeds a "
                       "rough screen, not a test).", "",
                   "| row | column | number | gain | se | reading |", "|---|---|---|---|---|---|"] + against
+    if any(s.other_flags for s in summaries):
+        lines += ["", "*other flags*: runs of the cell were trained with other training flags than the table's "
+                      "command (a changed budget, e.g. `reproduce.py --extra`): their numbers are not the table's. "
+                      "The runs column lists the flags."]
     if table.notes:
         lines += [""] + [f"- {n}" for n in table.notes]
     return "\n".join(lines)
@@ -280,7 +312,8 @@ def against_baseline(table: Table, summaries: Sequence[CellSummary]) -> list[str
 
 
 CSV_FIELDS = ["table", "row", "column", "run", "script", "number", "head", "unit", "n_finished", "n_unfinished",
-              "best_mean", "best_std", "last_mean", "last_std", "paper", "paper_std", "diff", "status", "values"]
+              "best_mean", "best_std", "last_mean", "last_std", "paper", "paper_std", "diff", "status", "values",
+              "other_flags"]
 
 
 def csv_rows(table: Table, summaries: Sequence[CellSummary]) -> list[dict]:
@@ -292,7 +325,8 @@ def csv_rows(table: Table, summaries: Sequence[CellSummary]) -> list[dict]:
                              n_finished=len(s.finished), n_unfinished=len(s.unfinished),
                              best_mean=m.best[0], best_std=m.best[1], last_mean=m.last[0], last_std=m.last[1],
                              paper=m.metric.published, paper_std=m.metric.published_std, diff=m.diff,
-                             status=s.status, values=" ".join(f"{v:.2f}" for v in m.values)))
+                             status=s.status, values=" ".join(f"{v:.2f}" for v in m.values),
+                             other_flags=s.other_flags_text))
     return rows
 
 
@@ -397,7 +431,8 @@ def plot_paper_vs_ours(table: Table, summaries: Sequence[CellSummary], path: Pat
         labels, paper, ours, err = [], [], [], []
         for s in cells:
             for m in s.metrics:
-                labels.append(label_of(s.cell) + (" (ens.)" if m.metric.kind == "ensemble" else ""))
+                labels.append(label_of(s.cell) + (" (ens.)" if m.metric.kind == "ensemble" else "")
+                              + (" [other flags]" if s.other_flags else ""))
                 paper.append(np.nan if m.metric.published is None else m.metric.published)
                 ours.append(np.nan if m.best[0] is None else m.best[0])
                 err.append(0.0 if m.best[1] is None else m.best[1])
@@ -442,7 +477,8 @@ def write_plots(out: Path, table: Optional[Table], summaries, groups) -> list[Pa
         for s in summaries:
             runs = [r for r in s.finished + s.unfinished if r.data.get("history")]
             if runs and s.cell.runs_table is None:
-                written.append(plot_curves(runs, f"{table.name}: {s.cell.row} / {s.cell.column}",
+                flags = " [other flags than the table]" if s.other_flags else ""
+                written.append(plot_curves(runs, f"{table.name}: {s.cell.row} / {s.cell.column}{flags}",
                                            out / table.name / f"{s.cell.run}.png"))
         if any(m.metric.published is not None for s in summaries for m in s.metrics) or any(s.finished for s in summaries):
             p = plot_paper_vs_ours(table, summaries, out / f"{table.name}-paper-vs-ours.png")
@@ -456,8 +492,26 @@ def write_plots(out: Path, table: Optional[Table], summaries, groups) -> list[Pa
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (the usage is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def plots_folder(path: Path) -> Optional[str]:
+    """Create the --plots folder; one line naming the path when that is not possible."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"error: --plots {path} is a file, not a folder; give a folder for the plots"
+    except OSError as e:
+        return f"error: --plots {path}: cannot create {e.filename or path}: {e.strerror or e}; choose another folder"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="tables: " + ", ".join(TABLES))
+    p = Parser(description=__doc__.split("\n\n")[0], epilog="tables: " + ", ".join(TABLES))
     p.add_argument("runs_dir", help="folder searched (recursively) for results.json files")
     p.add_argument("--table", choices=list(TABLES), help="summarise this table in the paper's layout")
     p.add_argument("--csv", action="store_true", help="CSV (one line per cell and number) instead of markdown")
@@ -472,6 +526,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not root.is_dir():
         print(f"error: {root} is not a folder", file=sys.stderr)
         return 2
+    if args.into:                 # before anything is read or drawn: the page must take the block
+        try:
+            read_block_page(Path(args.into))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if args.plots:
+        problem = plots_folder(Path(args.plots))
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
 
     def warn(text):
         print(f"warning: {text}", file=sys.stderr)
@@ -507,7 +572,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(markdown_runs(groups, warn))
         else:
             print(f"no results.json under {root}")
-    plots = write_plots(Path(args.plots), table, summaries, groups) if args.plots else []
+    plots = []
+    if args.plots:
+        try:
+            plots = write_plots(Path(args.plots), table, summaries, groups)
+        except OSError as e:
+            print(f"error: --plots {args.plots}: cannot write {e.filename or args.plots}: {e.strerror or e}; "
+                  "choose another folder", file=sys.stderr)
+            return 2
     for path in plots:
         print(f"plot: {path}", file=sys.stderr)
     if args.into:
@@ -523,16 +595,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 BEGIN, END = "<!-- summarize.py: begin -->", "<!-- summarize.py: end -->"
 
 
-def fill_block(path: Path, text: str, plots: Sequence[Path] = ()) -> None:
-    """Replace what lies between the BEGIN and END marker lines of ``path`` with ``text`` and image links."""
-    import os
-    page = path.read_text()
+def read_block_page(path: Path) -> str:
+    """The text of ``path``, which must hold one BEGIN and, after it, one END marker line (ValueError: one line
+    naming the file)."""
+    try:
+        page = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise ValueError(f"--into {path}: cannot read it ({reason}); give an existing markdown file with the "
+                         f"lines '{BEGIN}' and '{END}'") from None
     if page.count(BEGIN) != 1 or page.count(END) != 1 or page.index(BEGIN) > page.index(END):
         raise ValueError(f"{path} needs one line '{BEGIN}' and, after it, one line '{END}'")
+    return page
+
+
+def fill_block(path: Path, text: str, plots: Sequence[Path] = ()) -> None:
+    """Replace what lies between the BEGIN and END marker lines of ``path`` with ``text`` and image links. The
+    page is replaced at once (a temporary file in its folder, then a rename): it is the old page or the new one,
+    never half of one. ValueError (one line naming the file) when it cannot be read or written."""
+    import os
+    import tempfile
+    page = read_block_page(path)
     links = [f"![{p.stem}]({Path(os.path.relpath(p.resolve(), path.resolve().parent)).as_posix()})" for p in plots]
     body = text + ("\n\n" + "\n\n".join(links) if links else "")
     head, rest = page.split(BEGIN)
-    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}")
+    new = f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}"
+    target = path.resolve()           # a link to the page: the page it points to is replaced, the link kept
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(new)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, target.stat().st_mode & 0o7777)
+        os.replace(tmp, target)
+    except OSError as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        raise ValueError(f"--into {path}: cannot write {e.filename or path}: {e.strerror or e}; the page is "
+                         "unchanged") from None
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ from typing import Optional
 
 def results(tag: Optional[str], seed: int, curves: dict[str, list[float]], best_epoch: Optional[int] = None,
             epochs: Optional[int] = None, method: str = "dml", arch: str = "resnet32", selection: str = "ensemble",
-            terms: Optional[dict[str, list[float]]] = None) -> dict:
+            terms: Optional[dict[str, list[float]]] = None, args: Optional[dict] = None) -> dict:
     """``curves``: head -> test top-1 per finished epoch. ``epochs``: the planned epochs (default: as many as
-    finished, i.e. a finished run). ``best_epoch`` (1-based) defaults to the epoch of the highest ``selection``."""
+    finished, i.e. a finished run). ``best_epoch`` (1-based) defaults to the epoch of the highest ``selection``.
+    ``args``: more recorded arguments (an option left out counts as the method's default, as in the engine)."""
     done = len(next(iter(curves.values())))
     epochs = epochs or done
     terms = terms or {"ce": [2.0 / (e + 1) for e in range(done)], "kd": [0.5 / (e + 1) for e in range(done)]}
@@ -32,7 +33,7 @@ def results(tag: Optional[str], seed: int, curves: dict[str, list[float]], best_
         "epochs_done": done, "epochs": epochs, "recipe": {"name": "okd"},
         "selection": {"split": "test", "metric": f"{selection}/top1"},
         "best": best, "last": history[-1] if history else None, "max_over_epochs_test": {},
-        "args": {"arch": arch, "seed": seed, "tag": tag, "epochs": epochs}, "history": history,
+        "args": {"arch": arch, "seed": seed, "tag": tag, "epochs": epochs, **(args or {})}, "history": history,
     }
 
 

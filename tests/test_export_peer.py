@@ -87,3 +87,46 @@ def test_bad_peer_is_one_line(tmp_path, capsys):
     assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "3", "-o", str(tmp_path / "x.pt")]) == 2
     assert capsys.readouterr().err.strip() == "error: --peer 3: the run has peers 1..2"
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_existing_output_is_refused_without_force(tmp_path, capsys):
+    fake_checkpoint(tmp_path / "c.pt", Peers("resnet20", 10, 2), "resnet20", 2)
+    out = tmp_path / "peer.pt"
+    out.write_bytes(b"an earlier export")
+    assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "1", "-o", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: -o {out} exists; add --force to replace it, or give another file name\n"
+    assert out.read_bytes() == b"an earlier export"
+    assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "1", "-o", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: -o {tmp_path} is a folder")
+    assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "1", "-o", str(out), "--force"]) == 0
+    assert torch.load(out, weights_only=True)["source"]["peer"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "peer.pt"]        # no temporary file left
+
+
+def test_write_is_atomic_and_never_replaces_without_force(tmp_path, capsys, monkeypatch):
+    """A write that fails half-way (a full disk) leaves the old file whole and no temporary file; a file that
+    appears under the name while exporting is not replaced without --force."""
+    import errno
+    import os
+    fake_checkpoint(tmp_path / "c.pt", Peers("resnet20", 10, 2), "resnet20", 2)
+    out = tmp_path / "peer.pt"
+    out.write_bytes(b"an earlier export")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "1", "-o", str(out), "--force"]) == 2
+    assert capsys.readouterr().err == (f"error: cannot write -o {out}: No space left on device ({out}); choose "
+                                       "another file name or folder\n")
+    assert out.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "peer.pt"]
+    monkeypatch.undo()
+
+    exported = export_peer.export_peer(tmp_path / "c.pt", 2)
+    with pytest.raises(export_peer.UserError, match=r"appeared while exporting\); add --force"):
+        export_peer.write_export(exported, out)                  # the name was taken after the first check
+    assert out.read_bytes() == b"an earlier export"
+    fresh = tmp_path / "sub" / "peer2.pt"
+    export_peer.write_export(exported, fresh)
+    assert torch.load(fresh, weights_only=True)["source"]["peer"] == 2
+    assert sorted(p.name for p in fresh.parent.iterdir()) == ["peer2.pt"]

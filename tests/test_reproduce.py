@@ -211,7 +211,10 @@ def test_ctrl_c_leaves_the_run_resumable(tmp_path):
     assert (out / "last.pt").is_file()
     assert json.loads((out / "results.json").read_text())["status"] == "interrupted"
     run = reproduce.plan(TABLES["smoke"], [0], tmp_path, {"method": ["dml"]})[0][0]
-    assert reproduce.run_state(run, ["--epochs", "40"]) == "resume"
+    assert reproduce.run_state(run, cmd[-1].split()) == "resume"
+    # without the same --extra the run is not the command's: the engine would refuse to resume it
+    assert reproduce.run_state(run, ["--gpu", "-1"]) == ("differs: --subset 64 (this command: 512), --epochs 40 "
+                                                         "(this command: 2), --batch-size 32 (this command: 64)")
 
 
 # ---- SLURM through submitit, without a cluster -------------------------------------------------------------------
@@ -347,3 +350,124 @@ def test_slurm_task_ignores_the_warning_signal_and_stops_on_checkpoint(tmp_path)
     worker.join(60)
     assert codes == [0] and (tmp_path / "log").read_text() == "alive after USR2\nstopped by SIGINT\n"
     assert again.function.command == job.command
+
+
+# ---- bad input: one line, before anything runs ------------------------------------------------------------------
+def no_training(monkeypatch):
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a run was started"))
+
+
+def error_line(argv, capsys) -> str:
+    """main(argv)'s exit status must be 2 and its stderr one line (no traceback); returns that line."""
+    try:
+        code = reproduce.main(argv)
+    except SystemExit as e:                # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, (argv, code, err)
+    return err.strip()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--seeds", "-1", "--dry-run"], "--seeds: '-1'"),
+    (["--seeds", "0", "one", "--dry-run"], "--seeds: 'one'"),
+    (["--jobs", "0"], "--jobs: '0'"),
+    (["--gpus", "0,,1"], "--gpus: '0,,1'"),
+    (["--gpus", "0,1", "--jobs", "2"], "--jobs is for runs on the CPU"),
+    (["--partition", "gpu"], "--partition: for --launcher slurm only"),
+    (["--launcher", "slurm", "--gpus", "0,1"], "--gpus: for --launcher local only"),
+    (["--launcher", "slurm", "--gpus-per-run", "0"], "--gpus-per-run: '0'"),
+    (["--launcher", "slurm", "--cpus-per-run", "-2"], "--cpus-per-run: '-2'"),
+    (["--launcher", "slurm", "--mem-gb", "0"], "--mem-gb: '0'"),
+    (["--launcher", "slurm", "--array-parallelism", "0"], "--array-parallelism: '0'"),
+    (["--launcher", "slurm", "--max-requeues", "-1"], "--max-requeues: '-1'"),
+    (["--launcher", "slurm", "--time", "soon"], "--time: 'soon'"),
+    (["--launcher", "slurm", "--time", "0"], "--time: '0'"),
+    (["--launcher", "slurm", "--time", "2", "--signal-delay", "120"], "--signal-delay 120 s is not shorter"),
+    (["--extra=--lr 'x", "--dry-run"], "--extra=\"--lr 'x\": No closing quotation"),
+    (["--extra=--bogus 3", "--dry-run"], "unrecognized arguments: --bogus 3"),
+    (["--extra=--lr -1", "--dry-run"], "--lr must be >= 0"),
+    (["--extra=--seed 7", "--dry-run"], "sets --seed, which reproduce.py sets"),
+    (["--extra=--out /tmp/x --tag y", "--dry-run"], "sets --out, --tag, which reproduce.py sets"),
+])
+def test_bad_arguments_are_one_line_before_anything_runs(argv, named, tmp_path, capsys, monkeypatch):
+    no_training(monkeypatch)
+    line = error_line(["smoke", "--runs-dir", str(tmp_path), *argv], capsys)
+    assert named in line, line
+    assert list(tmp_path.iterdir()) == []                 # nothing created
+
+
+def test_unwritable_runs_dir_is_one_line(tmp_path, capsys, monkeypatch):
+    no_training(monkeypatch)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    line = error_line(["smoke", "--runs-dir", str(a_file)], capsys)
+    assert line.startswith(f"error: --runs-dir {a_file}: cannot write {a_file / 'smoke'}"), line
+    (tmp_path / "runs" / "smoke").mkdir(parents=True)
+    (tmp_path / "runs" / "smoke" / "dml-resnet20-s1").write_text("in the way")
+    line = error_line(["smoke", "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert line.startswith(f"error: {tmp_path / 'runs' / 'smoke' / 'dml-resnet20-s1'} is a file"), line
+    assert a_file.read_text() == "keep"
+    # run_local on its own: a run folder it cannot create is that run's failure, in one line
+    run = reproduce.Run("t", "baseline-resnet20", "train_baseline.py", ["--arch", "resnet20"], 0, a_file / "r", [])
+    lines = []
+    outcome = reproduce.run_local([run], log=lines.append)
+    assert outcome["failed"] == [run] and lines == [f"FAILED (cannot write {a_file / 'r'}: Not a directory): {a_file / 'r'}"]
+
+
+# ---- a run folder that holds a run trained with other flags ------------------------------------------------------
+def engine_record(run: reproduce.Run, extra=(), epochs_done=None) -> dict:
+    """results.json as the engine writes it for ``run`` trained with ``extra`` (its resolved arguments)."""
+    args = reproduce.command_options(run, list(extra))[0]
+    done = args["epochs"] if epochs_done is None else epochs_done
+    return {"status": "finished" if done >= args["epochs"] else "interrupted", "epochs_done": done,
+            "epochs": args["epochs"], "world_size": 1, "args": args, "history": [], "best": None}
+
+
+def test_run_trained_with_other_flags_is_reported_not_resumed(tmp_path, capsys, monkeypatch):
+    """smoke with --extra="--subset 64 --epochs 1" wrote into the table's folder: the plain command (no --extra)
+    lists the run as "differs" (not "resume"), refuses to start in one line instead of a failed resume, and
+    summarize marks its numbers; the command with the same --extra still sees it finished."""
+    no_training(monkeypatch)
+    runs, _ = reproduce.plan(TABLES["smoke"], [0], tmp_path, {"method": ["dml"]})
+    run = runs[0]
+    short = ["--subset", "64", "--epochs", "1", "--gpu", "-1", "--no-progress"]
+    run.out.mkdir(parents=True)
+    (run.out / "results.json").write_text(json.dumps(engine_record(run, short)))
+    (run.out / "last.pt").write_bytes(b"checkpoint")
+    assert reproduce.run_state(run, short) == "finished"
+    assert reproduce.run_state(run, ["--gpu", "0", "--workers", "2"]) == \
+        "differs: --subset 64 (this command: 512), --epochs 1 (this command: 2)"
+    assert reproduce.run_state(run, ["--subset", "64", "--epochs", "3", "--extend-epochs"]) == "resume"
+    assert reproduce.run_state(run, short, world_size=2) == "differs: world size 1 (this command: 2)"
+
+    base = ["smoke", "--only", "method=dml", "--seeds", "0", "--runs-dir", str(tmp_path)]
+    assert reproduce.main(base + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--resume auto  # differs: --subset 64 (this command: 512), --epochs 1 (this command: 2); DML" in out
+    line = error_line(base, capsys)
+    assert line.startswith(f"error: 1 run folder(s) under {tmp_path} hold runs trained with other training flags "
+                           "than this command (dml-resnet20-s0: --subset 64 (this command: 512), --epochs 1 "
+                           "(this command: 2)): re-run with the --extra they were trained with"), line
+    assert reproduce.main(base + ["--extra=" + " ".join(short)]) == 0          # finished: skipped, nothing run
+    assert "skip (finished)" in capsys.readouterr().out
+    outcome = reproduce.run_local(runs, log=lambda *_: None)                  # the launcher alone never starts it
+    assert outcome["differs"] == [run] and not outcome["failed"]
+
+    assert summarize.main([str(tmp_path), "--table", "smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "other flags in s0: --subset 64 (table: 512), --epochs 1 (table: 2)" in out
+
+
+def test_engine_record_of_the_command_is_not_a_difference(tmp_path):
+    """No false alarm: for every built cell of a table, the record of its own command (with flags that do not
+    change training) matches, so finished runs are skipped and unfinished ones resumed."""
+    for table in ("smoke", "pcl-cifar100", "mcl-okd-imagenet"):
+        runs, _ = reproduce.plan(TABLES[table], [1], tmp_path)
+        for run in [r for r in runs if r.built]:
+            extra = ["--gpu", "-1", "--workers", "0", "--data", "/data", "--no-progress", "--channels-last"]
+            assert reproduce.recorded_differences(run, engine_record(run, extra)) == [], run.name
+            run.out.mkdir(parents=True)
+            (run.out / "results.json").write_text(json.dumps(engine_record(run, epochs_done=1)))
+            (run.out / "last.pt").write_bytes(b"checkpoint")
+            assert reproduce.run_state(run) == "resume"

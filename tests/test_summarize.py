@@ -14,11 +14,13 @@ from scripts.tables import TABLES, Table, cell
 from tests.results_factory import results, write
 
 
-def table_mcl() -> Table:
-    """A two-cell error table: MCL-OKD reads the last peer, DML the peer mean; published single (ensemble)."""
+def table_mcl(epochs: int = 3) -> Table:
+    """A two-cell error table: MCL-OKD reads the last peer, DML the peer mean; published single (ensemble). Its
+    commands train ``epochs`` epochs, as the hand-made runs record (the other options: the defaults)."""
+    budget = ("--epochs", str(epochs))
     return Table("t", "test table", "test", "error", ["ResNet-32"], ["DML", "MCL-OKD"], [
-        cell("ResNet-32", "DML", "dml", "resnet32", single=25.0, ensemble=23.0),
-        cell("ResNet-32", "MCL-OKD", "mcl_okd", "resnet32", single=24.52, ensemble=22.0)])
+        cell("ResNet-32", "DML", "dml", "resnet32", budget, single=25.0, ensemble=23.0),
+        cell("ResNet-32", "MCL-OKD", "mcl_okd", "resnet32", budget, single=24.52, ensemble=22.0)])
 
 
 def write_dml(root, seed, peer1, peer2, ens, tag="t/dml-resnet32", **kw):
@@ -63,7 +65,7 @@ def test_head_rules(tmp_path):
 def test_corrupt_partial_and_running_files_are_reported_and_skipped(tmp_path, capsys):
     write_dml(tmp_path, 0, [60, 70], [60, 70], [62, 72])
     write_dml(tmp_path, 1, [61, 71], [61, 71], [63, 73])
-    write_dml(tmp_path, 2, [40], [40], [45], epochs=300)                       # running: epoch 1 of 300
+    write_dml(tmp_path, 2, [40], [40], [45], epochs=2)                         # running: epoch 1 of 2
     corrupt = tmp_path / "dml-resnet32-s3" / "results.json"
     corrupt.parent.mkdir()
     corrupt.write_text('{"status": "running", "history": [')                    # cut mid-write
@@ -80,11 +82,11 @@ def test_corrupt_partial_and_running_files_are_reported_and_skipped(tmp_path, ca
 
     runs, bad = summarize.load_runs(tmp_path)
     assert {p for p, _ in bad} == {corrupt, stranger, broken}
-    dml, _ = summarize.summarize_table(table_mcl(), runs)
+    dml, _ = summarize.summarize_table(table_mcl(2), runs)
     assert len(dml.finished) == 2 and len(dml.unfinished) == 1
-    assert dml.status == "2 finished, 1 unfinished (1/300 ep)"
+    assert dml.status == "2 finished, 1 unfinished (1/2 ep)"
     assert dml.metrics[1].best[0] == pytest.approx(100 - 72.5)                  # the running seed is not averaged
-    text = summarize.markdown_table(table_mcl(), [dml, _])
+    text = summarize.markdown_table(table_mcl(2), [dml, _])
     assert "+1 unfinished" in text and "*missing*" in text
     assert "| ResNet-32 | DML | single | `peers` | 2 | 29.50 ± 0.71 | 29.50 ± 0.71 | 25.00 | +4.50 |" in text
 
@@ -118,12 +120,15 @@ def test_table_layout_csv_and_untabled_runs(tmp_path, capsys):
     assert float(row["best_mean"]) == pytest.approx(25.0) and float(row["best_std"]) == pytest.approx(math.sqrt(2))
     assert float(row["paper"]) == 24.52 and float(row["diff"]) == pytest.approx(0.48)
     assert row["n_finished"] == "2" and row["values"] == "26.00 24.00"
+    # one epoch each, where the table's command trains 300: marked, in the CSV too
+    assert row["other_flags"] == "other flags in s0, s1: --epochs 1 (table: 300)"
+    assert row["status"] == "2 finished; other flags in s0, s1: --epochs 1 (table: 300)"
 
     assert summarize.main([str(tmp_path), "--table", t.name]) == 0
     out = capsys.readouterr().out
     grid = [l for l in out.splitlines() if l.startswith("| ResNet-32 |")][0]
     assert grid.count("|") == len(t.columns) + 2                               # the paper's layout: 6 methods
-    assert "25.00 ± 1.41 (21.00 ± 1.41) n=2<br>paper 24.52 (22.00)" in grid
+    assert "25.00 ± 1.41 (21.00 ± 1.41) n=2 *other flags*<br>paper 24.52 (22.00)" in grid
 
     assert summarize.main([str(tmp_path)]) == 0                                   # whatever runs are there
     out = capsys.readouterr().out
@@ -172,3 +177,85 @@ def test_into_replaces_the_marked_block(tmp_path, capsys):
     page.write_text("no markers")
     assert summarize.main([str(tmp_path / "runs"), "--table", "smoke", "--into", str(page)]) == 2
     assert "needs one line" in capsys.readouterr().err
+
+
+SMOKE = {"dataset": "synthetic", "subset": 512, "batch_size": 64, "epochs": 2}     # the smoke table's budget
+
+
+def test_runs_trained_with_other_flags_are_marked(tmp_path, capsys):
+    """A run of the table's folder trained with a changed budget (reproduce.py --extra="--subset 64 --epochs 1")
+    is marked in the grid, the runs column, the CSV and on stderr; runs of the table's command are not, and
+    flags that cannot change training (--gpu, --workers, --data) never mark a run."""
+    curves = {"net": [40.0, 50.0]}
+    write(tmp_path / "baseline-resnet20-s0" / "results.json",
+          results("smoke/baseline-resnet20", 0, curves, method="baseline", arch="resnet20", selection="net",
+                  args=dict(SMOKE, gpu=-1, workers=0, data="/elsewhere", no_progress=True)))
+    write(tmp_path / "dml-resnet20-s0" / "results.json",
+          results("smoke/dml-resnet20", 0, {"peer1": [60.0], "peer2": [62.0], "ensemble": [65.0]},
+                  arch="resnet20", args=dict(SMOKE, subset=64, epochs=1)))
+    assert summarize.main([str(tmp_path), "--table", "smoke"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert "| Baseline | 50.00 n=1 |" in lines                                  # the table's command: no mark
+    assert "| DML | 61.00 (65.00) n=1 *other flags* |" in lines
+    assert ("| DML | ResNet-20 | single | `peers` | 1 | 61.00 | 61.00 | 1 finished; other flags in s0: "
+            "--subset 64 (table: 512), --epochs 1 (table: 2) |") in out
+    assert err.splitlines() == [f"warning: {tmp_path / 'dml-resnet20-s0'} was trained with --subset 64 (table: 512), "
+                                "--epochs 1 (table: 2): its numbers are marked 'other flags' in smoke"]
+    assert summarize.main([str(tmp_path), "--table", "smoke", "--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["other_flags"] for r in rows] == ["", "other flags in s0: --subset 64 (table: 512), --epochs 1 (table: 2)",
+                                                "other flags in s0: --subset 64 (table: 512), --epochs 1 (table: 2)"]
+
+
+def test_output_path_errors_are_one_line(tmp_path, capsys):
+    """--plots on a file, under a file or where a plot's folder is a file, and an --into page that cannot be
+    read or has no markers: one line naming the path, no traceback, and nothing drawn before the page check."""
+    write_dml(tmp_path / "runs", 0, [60], [62], [65], tag="smoke/dml-resnet20")
+    runs = str(tmp_path / "runs")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    plots = tmp_path / "plots"
+    page = tmp_path / "page.md"
+    page.write_text("no markers")
+    cases = [([runs, "--plots", str(a_file)], f"--plots {a_file} is a file"),
+             ([runs, "--plots", str(a_file / "sub")], f"--plots {a_file / 'sub'}: cannot create"),
+             ([runs, "--table", "smoke", "--into", str(tmp_path / "absent.md"), "--plots", str(plots)],
+              f"--into {tmp_path / 'absent.md'}: cannot read it"),
+             ([runs, "--table", "smoke", "--into", str(tmp_path), "--plots", str(plots)],
+              f"--into {tmp_path}: cannot read it"),
+             ([runs, "--table", "smoke", "--into", str(page), "--plots", str(plots)], f"{page} needs one line")]
+    for argv, message in cases:
+        assert summarize.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, (argv, err)
+    assert not plots.exists() and a_file.read_text() == "keep" and page.read_text() == "no markers"
+    plots.mkdir()
+    (plots / "smoke").write_text("in the way")                  # the folder of the cells' curves is a file
+    assert summarize.main([runs, "--table", "smoke", "--plots", str(plots)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"error: --plots {plots}: cannot write {plots / 'smoke'}")
+    assert not any("Traceback" in line for line in err)
+
+
+def test_into_page_is_replaced_atomically(tmp_path, capsys, monkeypatch):
+    """A write that fails half-way (a full disk) leaves the page as it was and no temporary file behind."""
+    import errno
+    import os
+    write_dml(tmp_path / "runs", 0, [60], [62], [65], tag="smoke/dml-resnet20")
+    page = tmp_path / "docs" / "page.md"
+    page.parent.mkdir()
+    before = f"# head\n\n{summarize.BEGIN}\nold text\n{summarize.END}\n\nfoot\n"
+    page.write_text(before)
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    assert summarize.main([str(tmp_path / "runs"), "--table", "smoke", "--into", str(page)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"error: --into {page}: cannot write {page}: No space left on device; the page "
+                                    "is unchanged")
+    assert page.read_text() == before and os.listdir(page.parent) == ["page.md"]
+    monkeypatch.undo()
+    assert summarize.main([str(tmp_path / "runs"), "--table", "smoke", "--into", str(page)]) == 0
+    assert "old text" not in page.read_text() and os.listdir(page.parent) == ["page.md"]
