@@ -429,16 +429,16 @@ def write_results(trainer, status: str, **extra) -> None:
 # ---- --eval-only ---------------------------------------------------------------------------------------
 
 def evaluated_state(trainer, ckpt: dict, path: Path) -> dict:
-    """The checkpoint's method state, with this method's own state standing in for the training-only
-    modules it lacks (memory banks: never evaluated). The model and temporal means must be there."""
+    """What --eval-only loads: the checkpoint's model and temporal means (they must be there), and this
+    method's own state for the training-only modules (memory banks, discriminators: never evaluated, so never
+    read from the file, and a method may build them empty for evaluation)."""
     from .ema import TemporalMean
-    state, needed = dict(ckpt["state"]), {"model"}
-    needed |= {k for k, m in trainer.method.extra_modules().items() if isinstance(m, TemporalMean)}
-    missing = sorted(needed - set(state))
+    needed = {"model"} | {k for k, m in trainer.method.extra_modules().items() if isinstance(m, TemporalMean)}
+    missing = sorted(needed - set(ckpt["state"]))
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}, which --eval-only evaluates")
     own = plain_method_state(trainer.method)
-    return {**{k: v for k, v in own.items() if k not in state}, **state}
+    return {**{k: v for k, v in own.items() if k not in needed}, **{k: ckpt["state"][k] for k in needed}}
 
 
 def write_evaluation(trainer, result: dict) -> None:

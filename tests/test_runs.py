@@ -253,6 +253,15 @@ def test_eval_only_never_needs_mcl_memory_banks(tmp_path):
     atomic_save(weights, tmp_path / "weights.pt")
     result = train(method_cls, EVAL + ["--eval-only", str(tmp_path / "weights.pt")])
     assert {"peer1/top1", "peer4/top1", "ensemble/top1"} <= set(result["test"])
+    # a complete checkpoint, banks included, evaluates the same; --eval-only builds the banks empty
+    atomic_save(dict(weights, state={"model": method.model.state_dict(), "memory": method.memory.state_dict()}),
+                tmp_path / "full.pt")
+    assert train(method_cls, EVAL + ["--eval-only", str(tmp_path / "full.pt")])["test"] == result["test"]
+    eval_args = parse_args(method_cls, ["--dataset", "synthetic", "--arch", "resnet20", "--eval-only",
+                                        str(tmp_path / "full.pt")])
+    method_cls.check_args(eval_args)
+    evaluating = method_cls(eval_args, 10, 64, 32, train_labels=torch.arange(64) % 10)
+    assert evaluating.memory.banks.shape == (4, 0, args.feat_dim)
 
 
 # ---- 6./7. the record and signals -------------------------------------------------------------------------
