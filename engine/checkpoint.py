@@ -153,8 +153,8 @@ def load_checkpoint(path: Path, required: Iterable[str] = REQUIRED_KEYS) -> dict
     content no longer matches the checksum written with it) is a one-line UserError naming the path."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder, not a file; name the file ({path / 'last.pt'} or "
-                        f"{path / 'best.pt'}), or continue a run with --out {path} --resume auto")
+        raise UserError(f"checkpoint {path} is a folder, not a file; name the checkpoint in it ({path / 'last.pt'} "
+                        f"or {path / 'best.pt'}; to continue that run: --out {path} --resume auto)")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:

@@ -52,6 +52,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
 def _milestones(text: str) -> list[int]:
     try:
         return [int(m) for m in text.replace(",", " ").split()]
@@ -129,8 +136,9 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     g.add_argument("--num-classes", type=int, default=None, help="inferred from the dataset; a check if given")
     g.add_argument("--subset", type=_positive_int, default=None, metavar="N",
                    help="train on N training samples, a seeded stratified random subset (quick checks)")
-    g.add_argument("--eval-subset", type=_positive_int, default=None, metavar="N",
-                   help="test on N test samples, a seeded stratified random subset (quick checks)")
+    g.add_argument("--eval-subset", type=_non_negative_int, default=None, metavar="N",
+                   help="test on N test samples, a seeded stratified random subset (quick checks); 0: the whole "
+                        "test set (e.g. --eval-only of a run trained with a subset)")
     g.add_argument("--pad-mode", choices=("zero", "reflect"), default="zero",
                    help="padding of the training RandomCrop: zeros (torchvision's default), or the border "
                         "reflected as FFL/DCCL/CMFF's Pad(4, reflect) (their presets' default)")
@@ -281,7 +289,8 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     args = parser.parse_args(argv, argparse.Namespace(num_peers=None))   # num_peers None: not on the command line
     _peer_list(parser, args, method_cls)
     check_values(args)
-    if args.lr_schedule != "multistep" and args.milestones != parser.get_default("milestones"):
+    given = any(t == "--milestones" or t.startswith("--milestones=") for t in argv)
+    if args.lr_schedule != "multistep" and given:
         warnings.warn(f"--milestones apply to --lr-schedule multistep only; this run's schedule is {args.lr_schedule}, "
                       "so they are ignored (add --lr-schedule multistep to use them)")
     return args

@@ -3,6 +3,7 @@ layout, see engine/layout.py), resuming from one, and results.json with the reco
 trained the run; the run directory's lock (engine/run_dir.py) around all of it."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -11,7 +12,7 @@ import subprocess
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -166,6 +167,15 @@ def save_epoch(trainer, epochs_done: int, improved: bool) -> None:
     if trainer.is_main:
         paths = [trainer.out / "last.pt"] + ([trainer.out / "best.pt"] if improved else [])
         atomic_save(checkpoint(trainer, epochs_done), *paths)
+    trainer.saved = Saved(epochs_done, trainer.out / "last.pt", copy.deepcopy(trainer.history))
+
+
+class Saved(NamedTuple):
+    """What the run can continue from: ``epochs`` finished and checkpointed in ``path`` (None: nothing yet),
+    and the history as it stood then. results.json of a run that stops lists these epochs, no later one."""
+    epochs: int
+    path: Optional[Path]
+    history: "History"
 
 
 def resume_path(args, out: Path) -> Optional[Path]:
@@ -336,6 +346,7 @@ def open_run(trainer) -> bool:
             return False
     elif trainer.args.resume == "auto":
         trainer.report.log(f"--resume auto: no checkpoint in {trainer.out}, starting a new run")
+    trainer.saved = Saved(trainer.start_epoch, resume, copy.deepcopy(trainer.history))
     trainer.process = run_dir.new_process(trainer.command, trainer.start_epoch)
     trainer.processes.append(trainer.process)
     return True
@@ -347,14 +358,12 @@ def close_run(trainer, error: Optional[BaseException]) -> Optional[str]:
     message = None
     try:
         if trainer.process is not None and error is not None:
-            epochs = len(trainer.history.records)
+            # the record keeps the checkpointed epochs only: an epoch whose save was cut short is trained again
+            trainer.history = trainer.saved.history
             if isinstance(error, KeyboardInterrupt):
                 sig = getattr(error, "signal_name", "SIGINT")
-                state = (f"{trainer.out / 'last.pt'} holds epoch {epochs}" if epochs
-                         else "no epoch had finished, nothing was saved")
-                message = (f"interrupted ({sig}) during epoch {epochs + 1}: {state}. Continue with: "
-                           + run_dir.continue_command(trainer.argv, trainer.script_name, trainer.out,
-                                                      trainer.dist.world_size))
+                message = (f"interrupted ({sig}) during epoch {trainer.saved.epochs + 1}: {saved_state(trainer)}. "
+                           "Continue with: " + continue_command(trainer))
                 _record_end(trainer, "interrupted", signal=sig)
             else:
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -367,6 +376,22 @@ def close_run(trainer, error: Optional[BaseException]) -> Optional[str]:
             trainer.lock.release()
             trainer.lock = None
     return message
+
+
+def saved_state(trainer) -> str:
+    """What a stopped run keeps, for the user: '<checkpoint> holds epoch N' or 'no epoch had been saved'."""
+    epochs, path, _ = trainer.saved
+    return f"{path} holds epoch {epochs}" if epochs else "no epoch had been saved"
+
+
+def continue_command(trainer) -> str:
+    """The command that continues a stopped run: from its own last.pt (--resume auto), or, while it has none
+    yet, from the checkpoint it was resumed from (--resume PATH --out OUT, e.g. after --extend-epochs into a
+    new --out)."""
+    path = trainer.saved.path
+    source = path if path is not None and path != trainer.out / "last.pt" else None
+    return run_dir.continue_command(trainer.argv, trainer.script_name, trainer.out, trainer.dist.world_size,
+                                    resume=source)
 
 
 def _record_end(trainer, status: str, **extra) -> None:
@@ -442,15 +467,17 @@ def evaluated_state(trainer, ckpt: dict, path: Path) -> dict:
 
 
 def write_evaluation(trainer, result: dict) -> None:
-    """``eval-<checkpoint>-<dataset>[-test<N>][-<hash of --data>].json`` in the run directory (rank 0):
-    evaluations of another dataset, of another --eval-subset or of another copy of the data never overwrite each
-    other."""
+    """``eval-<checkpoint>-<dataset>[-test<N>][-<amp>][-<hash of --data>].json`` in the run directory (rank 0):
+    evaluations of another dataset, of another --eval-subset, in another precision or of another copy of the
+    data never overwrite each other."""
     if not trainer.is_main:
         return
     a = trainer.args
     name = f"eval-{Path(a.eval_only).stem}-{a.dataset}"
     if a.eval_subset:
         name += f"-test{a.eval_subset}"
+    if a.amp in ("bf16", "fp16"):
+        name += f"-{a.amp}"
     if a.data:
         name += "-" + hashlib.sha256(str(Path(a.data).resolve()).encode()).hexdigest()[:6]
     atomic_write_text(json.dumps(result, indent=2) + "\n", trainer.out / f"{name}.json")

@@ -116,9 +116,11 @@ def describe_differences(path: Path, diffs: Sequence[tuple[str, object, object]]
             "run (leave out --resume, or give another --out)")
 
 
-def continue_command(argv: Sequence[str], script: str, out: Path, world_size: int = 1) -> str:
-    """The command that continues the run in ``out``: this command with ``--out OUT --resume auto`` in place
-    of any ``--out``/``--resume`` it had."""
+def continue_command(argv: Sequence[str], script: str, out: Path, world_size: int = 1,
+                     resume: Optional[Path] = None) -> str:
+    """The command that continues the run in ``out``: this command with ``--out OUT --resume auto`` (or
+    ``--resume RESUME`` when given: a run that has no last.pt of its own yet) in place of any
+    ``--out``/``--resume`` it had."""
     rest, i = [], 0
     argv = list(argv)
     while i < len(argv):
@@ -135,7 +137,7 @@ def continue_command(argv: Sequence[str], script: str, out: Path, world_size: in
         rest.append(token)
         i += 1
     launcher = ["python"] if world_size <= 1 else ["torchrun", f"--nproc_per_node={world_size}"]
-    return shlex.join(launcher + [script, *rest, "--out", str(out), "--resume", "auto"])
+    return shlex.join(launcher + [script, *rest, "--out", str(out), "--resume", str(resume or "auto")])
 
 
 # ---- one writer per run directory -------------------------------------------------------------------

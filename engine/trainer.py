@@ -188,29 +188,31 @@ class Trainer:
         self.history.train_samples += samples
         stats["images_per_s"] = samples / max(seconds, 1e-9)
         stats["epoch_s"] = seconds
-        bad = [f"{n}={v}" for n, v in stats.items() if isinstance(v, float) and not math.isfinite(v)]
-        bad += [f"{name} holds NaN or inf" for name in self._non_finite_weights()]
-        if bad:
-            raise UserError(self._non_finite_message(epoch, ", ".join(bad)))
         return stats
 
-    def _non_finite_weights(self) -> list[str]:
-        """Names of the model and the method's extra modules whose parameters or buffers hold a NaN or inf
-        (a loss can stay finite while the epoch's last step writes NaN into the weights)."""
+    def _stop_if_non_finite(self, epoch: int, stats: dict) -> None:
+        """After an epoch (and the method's on_epoch_end), before anything of it is saved: a NaN or inf in the
+        epoch's mean losses (the same on every rank), or in any parameter or buffer of the model or the
+        method's extra modules (a loss stays finite when the epoch's last step writes NaN into the weights),
+        stops the run on every rank with one line."""
+        bad = [f"{n}={v}" for n, v in stats.items() if isinstance(v, float) and not math.isfinite(v)]
         modules = {"the model": self.method.model, **self.method.extra_modules()}
-        return [name for name, module in modules.items()
-                if not all(bool(t.isfinite().all()) for t in [*module.parameters(), *module.buffers()]
-                           if t.is_floating_point())]
-
-    def _non_finite_message(self, epoch: int, what: str) -> str:
-        saved = self.out / "last.pt"
-        kept = (f"{saved} still holds the last good epoch; after the fix continue with --resume auto"
-                if saved.exists() else "no earlier epoch was saved, so start again once it is fixed")
+        zero = torch.zeros((), device=self.device)
+        # a sum is NaN or inf when any of its terms is (float32 sums: one scalar per tensor, no full-size temporary)
+        sums = torch.stack([sum((t.detach().sum(dtype=torch.float32) for t in [*m.parameters(), *m.buffers()]
+                                 if t.is_floating_point()), zero) for m in modules.values()])
+        flagged = all_reduce_sum((~sums.isfinite()).float())   # BN buffers differ between ranks: agree first
+        bad += [f"{name} holds NaN or inf" for name, f in zip(modules, flagged.tolist()) if f > 0]
+        if not bad:
+            return
+        epochs, path, _ = self.saved
+        kept = (f"{records.saved_state(self)}; after the fix continue with: {records.continue_command(self)}"
+                if epochs else "no earlier epoch was saved, so start again once it is fixed")
         fixes = "lower --lr, or check the flags of this command for out-of-range values"
         if self.args.amp == "fp16":
             fixes += ", or use --amp bf16 (or off) instead of fp16"
-        return (f"training became non-finite in epoch {epoch + 1} ({what}). Nothing of that epoch was saved; "
-                f"{kept}. To fix it: {fixes}.")
+        raise UserError(f"training became non-finite in epoch {epoch + 1} ({', '.join(bad)}). Nothing of that "
+                        f"epoch was saved; {kept}. To fix it: {fixes}.")
 
     # ---- evaluation -----------------------------------------------------------------------------
     def _eval_batches(self, loader):
@@ -315,6 +317,7 @@ class Trainer:
             lr = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
             record = {"epoch": epoch + 1, "lr": lr, "train": self.train_epoch(epoch)}
             self.method.on_epoch_end(epoch, self)
+            self._stop_if_non_finite(epoch, record["train"])
             record["test"] = self.evaluate(self.loaders.test)
             if self.loaders.val is not None:
                 record["val"] = self.evaluate(self.loaders.val)
@@ -337,13 +340,15 @@ class Trainer:
         layout, with or without --grouped-peers) on the test split, and on the held-out split with
         --val-split. What is evaluated is loaded: the model and the temporal means; training state
         (optimizers, MCL-OKD's memory banks) need not be in the file. Writes
-        ``eval-<checkpoint>-<dataset>[-test<N>].json`` (N: --eval-subset), naming the dataset and the splits."""
+        ``eval-<checkpoint>-<dataset>[-test<N>][-<amp>].json`` (N: --eval-subset; amp: bf16 or fp16), naming the
+        dataset, the splits and the precision."""
         path, ckpt, a = Path(self.args.eval_only), self.eval_ckpt, self.args
         records.load_method_state(self.method, dict(ckpt, state=records.evaluated_state(self, ckpt, path)), path)
         splits = {"test": f"the {a.dataset} test set" if not a.eval_subset else
                   f"{a.eval_subset} images of the {a.dataset} test set (stratified, seed {a.seed})"}
         result = {"checkpoint": str(path), "method": ckpt["method"], "epoch": ckpt["epoch"], "arch": a.arch,
-                  "dataset": a.dataset, "data": a.data, "splits": splits, "test": self.evaluate(self.loaders.test)}
+                  "dataset": a.dataset, "data": a.data, "splits": splits, "amp": a.amp,
+                  "test": self.evaluate(self.loaders.test)}
         if self.loaders.val is not None:
             splits["val"] = f"{a.val_split} samples held out of the {a.dataset} training set (seed {a.seed})"
             result["val"] = self.evaluate(self.loaders.val)

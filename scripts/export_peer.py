@@ -9,7 +9,8 @@ Usage::
 An existing ``-o`` file is never replaced without ``--force``; the file is written whole or not at all (a
 temporary file in its folder, then a rename).
 
-The file is ``{"arch", "num_classes", "model_kwargs", "format", "state_dict", "source"}``:
+The file is ``{"arch", "num_classes", "model_kwargs", "format", "state_dict", "source", "sha256"}`` (``sha256``:
+the content's checksum, as the engine's checkpoints carry):
 
 * ``format == "models"``: load it with ``models.create_model(arch, num_classes=..., **model_kwargs)`` and
   ``load_state_dict(state_dict)`` (``load_exported`` below does both);

@@ -196,7 +196,10 @@ def flags_against_table(table: Table, cell: Cell, run: RunResult) -> str:
         return ""
     from scripts import reproduce
     spec = reproduce.Run(cell.runs_table or table.name, cell.run, cell.script, cell.argv, run.seed, run.path.parent, [])
-    return reproduce.describe_differences(reproduce.recorded_differences(spec, run.data), "table")
+    # the number of processes is how the run was launched, not the table's protocol: compare the rest
+    same_world = run.data.get("world_size", 1)
+    return reproduce.describe_differences(reproduce.recorded_differences(spec, run.data, world_size=same_world),
+                                          "table")
 
 
 def summarize_cell(table: Table, cell: Cell, by_tag: dict, warn=None) -> CellSummary:

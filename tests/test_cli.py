@@ -127,6 +127,8 @@ def test_milestones_without_multistep_warn():
     with pytest.warns(UserWarning, match="--milestones apply to --lr-schedule multistep only; this run's schedule "
                                          "is cosine"):
         parse_args(load_method("dml"), ["--gpu", "-1", "--milestones", "5", "10"])
+    with pytest.warns(UserWarning, match="--milestones apply to --lr-schedule multistep only"):
+        parse_args(load_method("ffl"), ["--gpu", "-1", "--lr-schedule", "cosine", "--milestones", "150", "225"])
 
 
 @pytest.mark.parametrize("method,argv,message", BAD, ids=[f"{m}{' '.join(a)}" for m, a, _ in BAD])

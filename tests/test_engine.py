@@ -131,25 +131,40 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # The same run extended, but its loss now turns NaN: a clear error, and last.pt keeps epoch 2.
     with pytest.raises(UserError, match="non-finite") as err:
         train(_NaNDML, FAST + ["--epochs", "3", "--extend-epochs", "--out", str(tmp_path), "--resume", "auto"])
-    assert "kd=nan" in str(err.value) and "last.pt still holds the last good epoch" in str(err.value)
+    assert "kd=nan" in str(err.value) and "last.pt holds epoch 2; after the fix continue with: " in str(err.value)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
 
 
-class _NaNWeightsDML(train_dml.DML):
-    """Finite losses, but the epoch's steps leave NaN in a weight (as an out-of-range flag can)."""
-    def after_step(self, model, batch, epoch):
-        next(model.parameters()).fill_(float("nan"))
+class _Junk(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("value", torch.zeros(3))
 
 
-def test_nan_weights_stop_the_run_before_anything_is_saved(tmp_path, capsys):
-    """A loss that stays finite does not hide NaN weights: the epoch is not saved (no last.pt, no "finished"
-    results.json), and the error says no earlier epoch exists rather than pointing at a last.pt that does not."""
+class _NaNStateDML(train_dml.DML):
+    """Finite losses throughout, but an extra module (outside the model, like a memory bank) turns NaN in the
+    last step of the epoch, after the loss was measured."""
+    state_keys = ("junk",)
+
+    def build(self, args, num_classes):
+        self.junk = _Junk()
+        return super().build(args, num_classes)
+
+    def on_epoch_end(self, epoch, evaluator):
+        self.junk.value.fill_(float("nan"))
+
+
+def test_non_finite_weights_with_a_finite_loss_stop_the_run(tmp_path):
+    """The loss of every step is finite, yet the epoch leaves NaN in the method's state: the run stops before
+    anything of the epoch is saved (no last.pt, no "finished" record), naming the module, and the message says
+    no earlier epoch exists rather than pointing at a last.pt that does not."""
     with pytest.raises(UserError, match="non-finite") as err:
-        train(_NaNWeightsDML, FAST + ["--epochs", "1", "--out", str(tmp_path)])
+        train(_NaNStateDML, FAST + ["--epochs", "1", "--out", str(tmp_path)])
     message = str(err.value)
-    assert "the model holds NaN or inf" in message and "no earlier epoch was saved" in message
-    assert "last.pt still holds" not in message and "--amp" not in message      # amp is off: no fp16 advice
+    assert "(junk holds NaN or inf)" in message and "no earlier epoch was saved" in message
+    assert "loss=" not in message and "--amp" not in message       # the loss was finite; amp off: no fp16 advice
     assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
 
 
 @pytest.mark.slow
@@ -213,7 +228,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_a_folder_given_as_a_checkpoint_names_the_files(tmp_path):
-    with pytest.raises(UserError, match="is a folder, not a file; name the file .*last.pt.* --resume auto"):
+    with pytest.raises(UserError, match="is a folder, not a file; name the checkpoint in it .*last.pt.* --resume auto"):
         load_checkpoint(tmp_path)
 
 

@@ -234,6 +234,17 @@ def test_eval_only_honours_the_evaluation_options_it_is_given(run, tmp_path):
     assert whole["test"] == full["test"] and fifty["test"] == part["test"]
     assert fifty["splits"]["test"].startswith("50 images of the synthetic test set")
     assert whole["splits"]["test"] == "the synthetic test set"
+    # another precision (an evaluation option too) gets its own file and says so
+    train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--out", str(tmp_path), "--amp", "bf16"])
+    assert json.loads((tmp_path / "eval-best-synthetic-bf16.json").read_text())["amp"] == "bf16"
+    assert whole["amp"] == "off"
+    # a run trained on a test subset is evaluated on its whole test set with --eval-subset 0
+    subset_run = tmp_path / "subset_run"
+    train(DML, TINY + ["--eval-subset", "40", "--out", str(subset_run)])
+    train(DML, EVAL + ["--eval-only", str(subset_run / "best.pt"), "--eval-subset", "0"])
+    assert json.loads((subset_run / "eval-best-synthetic.json").read_text())["splits"]["test"] == \
+        "the synthetic test set"
+    assert not (subset_run / "eval-best-synthetic-test40.json").exists()
 
 
 def test_eval_only_refuses_a_flag_that_disagrees(run):
@@ -290,6 +301,43 @@ def test_the_record_keeps_every_process(tmp_path):
         assert p["command"].startswith("train_baseline.py --dataset synthetic")
 
 
+def test_an_interrupt_while_the_first_checkpoint_is_written_leaves_a_run_that_continues(tmp_path, monkeypatch):
+    """SIGTERM (or a full disk) while epoch 1's last.pt is being written: the record lists no epoch (none is in a
+    checkpoint), the message says so, and the printed --resume auto command starts the run again."""
+    from engine import records
+    real_save = records.atomic_save
+
+    def interrupted_save(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(records, "atomic_save", interrupted_save)
+    args = TINY + ["--epochs", "1", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt) as e:
+        train(Baseline, args)
+    assert "during epoch 1: no epoch had been saved" in e.value.message and "--resume auto" in e.value.message
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (saved["status"], saved["history"], saved["epochs_done"]) == ("interrupted", [], 0)
+    monkeypatch.setattr(records, "atomic_save", real_save)
+    assert train(Baseline, args + ["--resume", "auto"])["history"][0]["epoch"] == 1
+
+
+def test_a_run_resumed_into_a_new_out_continues_from_its_source_until_it_has_its_own(run, tmp_path):
+    """--extend-epochs from another run's last.pt into a new --out, stopped in its first epoch: the new folder
+    has no last.pt yet, so the printed command resumes from the source again, and that command works."""
+    args = TINY + ["--epochs", "2", "--extend-epochs", "--out", str(tmp_path / "longer")]
+    with pytest.raises(KeyboardInterrupt) as e:
+        train(_StopInEpoch2Dml, args + ["--resume", str(run / "last.pt")])
+    assert f"{run / 'last.pt'} holds epoch 1" in e.value.message
+    assert f"--out {tmp_path / 'longer'} --resume {run / 'last.pt'}" in e.value.message
+    assert len(json.loads((tmp_path / "longer" / "results.json").read_text())["history"]) == 1
+    assert train(DML, args + ["--resume", str(run / "last.pt")])["history"][1]["epoch"] == 2
+
+
+class _StopInEpoch2Dml(DML):
+    def on_epoch_start(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+
 def test_a_process_that_ended_without_a_record_is_marked_killed():
     running = {"pid": 1, "host": "h", "started": "t0", "started_unix": 0.0, "status": "running", "wall_s": 5.0}
     done = dict(running, pid=2, started="t1", started_unix=1.0, status="finished", wall_s=2.0)
@@ -310,7 +358,7 @@ class _StopWhileBuilding(Baseline):
 
 @pytest.mark.parametrize("method_cls, expected", [
     (_StopWhileBuilding, "interrupted (SIGINT) while starting: nothing was written"),
-    (_StopBeforeEpoch1, "interrupted (SIGINT) during epoch 1: no epoch had finished, nothing was saved. "
+    (_StopBeforeEpoch1, "interrupted (SIGINT) during epoch 1: no epoch had been saved. "
                         "Continue with: python train_baseline.py"),
 ])
 def test_ctrl_c_is_one_line_that_says_what_was_saved(tmp_path, capsys, method_cls, expected):

@@ -185,11 +185,12 @@ SMOKE = {"dataset": "synthetic", "subset": 512, "batch_size": 64, "epochs": 2}  
 def test_runs_trained_with_other_flags_are_marked(tmp_path, capsys):
     """A run of the table's folder trained with a changed budget (reproduce.py --extra="--subset 64 --epochs 1")
     is marked in the grid, the runs column, the CSV and on stderr; runs of the table's command are not, and
-    flags that cannot change training (--gpu, --workers, --data) never mark a run."""
+    flags that cannot change training (--gpu, --workers, --data) or the number of processes never mark a run."""
     curves = {"net": [40.0, 50.0]}
+    # trained on 2 processes (reproduce.py --gpus-per-run 2): how it was launched, not another protocol
     write(tmp_path / "baseline-resnet20-s0" / "results.json",
-          results("smoke/baseline-resnet20", 0, curves, method="baseline", arch="resnet20", selection="net",
-                  args=dict(SMOKE, gpu=-1, workers=0, data="/elsewhere", no_progress=True)))
+          dict(results("smoke/baseline-resnet20", 0, curves, method="baseline", arch="resnet20", selection="net",
+                       args=dict(SMOKE, gpu=-1, workers=0, data="/elsewhere", no_progress=True)), world_size=2))
     write(tmp_path / "dml-resnet20-s0" / "results.json",
           results("smoke/dml-resnet20", 0, {"peer1": [60.0], "peer2": [62.0], "ensemble": [65.0]},
                   arch="resnet20", args=dict(SMOKE, subset=64, epochs=1)))
