@@ -90,6 +90,7 @@ BAD = [("dml", ["--lr", "-0.1"], "--lr must be >= 0"), ("dml", ["--momentum", "-
        ("dml", ["--seed", str(2 ** 32)], "--seed"),
        ("cmff", ["--fusion-weight-decay", "-1"], "--fusion-weight-decay must be >= 0"),
        ("dml", ["--momentum", "1.5"], "--momentum must lie in [0, 1)"),
+       ("dml", ["--momentum", "1"], "--momentum must lie in [0, 1)"),
        ("dml", ["--lr", "nan"], "--lr must be a finite number; got nan"),
        ("amln", ["--adv-weight", "nan"], "--adv-weight must be a finite number"),
        ("amln", ["--disc-weight-decay", "inf"], "--disc-weight-decay must be a finite number"),
