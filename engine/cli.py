@@ -289,8 +289,10 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     args = parser.parse_args(argv, argparse.Namespace(num_peers=None))   # num_peers None: not on the command line
     _peer_list(parser, args, method_cls)
     check_values(args)
-    given = any(t == "--milestones" or t.startswith("--milestones=") for t in argv)
-    if args.lr_schedule != "multistep" and given:
+    if args.eval_subset == 0:
+        args.eval_subset = None             # the whole test set, as when the flag is left out
+    from .run_dir import given_options     # (run_dir imports this module)
+    if args.lr_schedule != "multistep" and "milestones" in given_options(method_cls, argv):
         warnings.warn(f"--milestones apply to --lr-schedule multistep only; this run's schedule is {args.lr_schedule}, "
                       "so they are ignored (add --lr-schedule multistep to use them)")
     return args

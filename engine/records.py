@@ -162,11 +162,19 @@ def checkpoint(trainer, epochs_done: int) -> dict:
 
 
 def save_epoch(trainer, epochs_done: int, improved: bool) -> None:
-    """last.pt (and best.pt when ``improved``), written atomically by rank 0. last.pt first: a kill between
-    the two leaves an older best.pt, which resume rebuilds from last.pt (that epoch is then the best one)."""
+    """last.pt (and best.pt when ``improved``), written atomically by rank 0, which then records what it
+    holds (``trainer.saved``); Ctrl-C and SIGTERM wait for both. last.pt first: a kill between the two leaves an
+    older best.pt, which resume rebuilds from last.pt (that epoch is then the best one). The other ranks
+    record it after the barrier that follows (``epoch_saved``), so none claims a file still being written."""
     if trainer.is_main:
         paths = [trainer.out / "last.pt"] + ([trainer.out / "best.pt"] if improved else [])
-        atomic_save(checkpoint(trainer, epochs_done), *paths)
+        with run_dir.signals_held():
+            atomic_save(checkpoint(trainer, epochs_done), *paths)
+            epoch_saved(trainer, epochs_done)
+
+
+def epoch_saved(trainer, epochs_done: int) -> None:
+    """Record that ``trainer.out``/last.pt holds ``epochs_done`` epochs and the history as it stands."""
     trainer.saved = Saved(epochs_done, trainer.out / "last.pt", copy.deepcopy(trainer.history))
 
 
@@ -360,7 +368,13 @@ def close_run(trainer, error: Optional[BaseException]) -> Optional[str]:
         if trainer.process is not None and error is not None:
             # the record keeps the checkpointed epochs only: an epoch whose save was cut short is trained again
             trainer.history = trainer.saved.history
-            if isinstance(error, KeyboardInterrupt):
+            if isinstance(error, KeyboardInterrupt) and trainer.saved.epochs >= trainer.args.epochs:
+                # stopped after its last epoch was saved: the run is complete, whatever the process was doing
+                sig = getattr(error, "signal_name", "SIGINT")
+                message = (f"interrupted ({sig}) after the last epoch was saved: {saved_state(trainer)}; "
+                           "the run is finished")
+                _record_end(trainer, "finished")
+            elif isinstance(error, KeyboardInterrupt):
                 sig = getattr(error, "signal_name", "SIGINT")
                 message = (f"interrupted ({sig}) during epoch {trainer.saved.epochs + 1}: {saved_state(trainer)}. "
                            "Continue with: " + continue_command(trainer))

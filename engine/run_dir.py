@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -22,6 +23,7 @@ import os
 import shlex
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -310,6 +312,31 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signal_name: str = "SIGINT", message: str = ""):
         super().__init__(message or signal_name)
         self.signal_name, self.message = signal_name, message
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block ends, then arrive as usual: a checkpoint write and the record
+    of what it holds happen together or not at all. (The handlers are swapped for a recorder: blocking the
+    signals would not do, since any other thread, TensorBoard's writer for one, can take them.) Main thread
+    only, as Python's handlers; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if pending:                                   # delivered now, to the handler it was meant for
+        handler = previous[pending[0]]
+        if callable(handler):
+            handler(pending[0], None)
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), pending[0])
 
 
 def raise_interrupted(signum, frame):

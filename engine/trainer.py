@@ -205,14 +205,11 @@ class Trainer:
         bad += [f"{name} holds NaN or inf" for name, f in zip(modules, flagged.tolist()) if f > 0]
         if not bad:
             return
-        epochs, path, _ = self.saved
-        kept = (f"{records.saved_state(self)}; after the fix continue with: {records.continue_command(self)}"
-                if epochs else "no earlier epoch was saved, so start again once it is fixed")
-        fixes = "lower --lr, or check the flags of this command for out-of-range values"
-        if self.args.amp == "fp16":
-            fixes += ", or use --amp bf16 (or off) instead of fp16"
+        kept = records.saved_state(self) if self.saved.epochs else "no earlier epoch was saved"
+        fixes = "a lower --lr" + (", or --amp bf16 (or off) instead of fp16" if self.args.amp == "fp16" else "")
         raise UserError(f"training became non-finite in epoch {epoch + 1} ({', '.join(bad)}). Nothing of that "
-                        f"epoch was saved; {kept}. To fix it: {fixes}.")
+                        f"epoch was saved; {kept}. Start a new run (another --out) with {fixes}, after checking "
+                        "this command's flags for out-of-range values (a resumed run keeps its training flags).")
 
     # ---- evaluation -----------------------------------------------------------------------------
     def _eval_batches(self, loader):
@@ -328,6 +325,8 @@ class Trainer:
             records.save_epoch(self, epoch + 1, improved)
             records.write_results(self, "finished" if epoch + 1 == a.epochs else "running")
             barrier()  # no rank starts the next epoch before rank 0 has written this one's checkpoint
+            if not self.is_main:
+                records.epoch_saved(self, epoch + 1)
         records.write_results(self, "finished")
         self.report.close()
         barrier()

@@ -130,6 +130,9 @@ def test_milestones_without_multistep_warn():
         parse_args(load_method("dml"), ["--gpu", "-1", "--milestones", "5", "10"])
     with pytest.warns(UserWarning, match="--milestones apply to --lr-schedule multistep only"):
         parse_args(load_method("ffl"), ["--gpu", "-1", "--lr-schedule", "cosine", "--milestones", "150", "225"])
+    with pytest.warns(UserWarning, match="--milestones apply to --lr-schedule multistep only"):
+        parse_args(load_method("dml"), ["--gpu", "-1", "--mil", "5"])           # argparse's abbreviation too
+    assert parse_args(load_method("dml"), ["--gpu", "-1", "--eval-subset", "0"]).eval_subset is None
 
 
 @pytest.mark.parametrize("method,argv,message", BAD, ids=[f"{m}{' '.join(a)}" for m, a, _ in BAD])

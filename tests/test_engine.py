@@ -131,7 +131,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # The same run extended, but its loss now turns NaN: a clear error, and last.pt keeps epoch 2.
     with pytest.raises(UserError, match="non-finite") as err:
         train(_NaNDML, FAST + ["--epochs", "3", "--extend-epochs", "--out", str(tmp_path), "--resume", "auto"])
-    assert "kd=nan" in str(err.value) and "last.pt holds epoch 2; after the fix continue with: " in str(err.value)
+    assert "kd=nan" in str(err.value) and "last.pt holds epoch 2. Start a new run (another --out)" in str(err.value)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
 
 

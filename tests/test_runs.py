@@ -332,6 +332,39 @@ def test_a_run_resumed_into_a_new_out_continues_from_its_source_until_it_has_its
     assert train(DML, args + ["--resume", str(run / "last.pt")])["history"][1]["epoch"] == 2
 
 
+def test_a_signal_waits_for_the_checkpoint_write():
+    """SIGTERM during a checkpoint write (run_dir.signals_held) arrives when the write and its record are done."""
+    previous = signal.signal(signal.SIGTERM, run_dir.raise_interrupted)
+    done = []
+    try:
+        with pytest.raises(run_dir.Interrupted):
+            with run_dir.signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                done.append("written")
+        assert done == ["written"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stop_after_the_last_epoch_was_saved_leaves_a_finished_run(tmp_path, monkeypatch):
+    from engine import records
+    real = records.write_results
+    calls = []
+
+    def stopped_while_recording(trainer, status, **extra):
+        calls.append(status)
+        if status == "finished" and len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(trainer, status, **extra)
+    monkeypatch.setattr(records, "write_results", stopped_while_recording)
+    with pytest.raises(KeyboardInterrupt) as e:
+        train(Baseline, TINY + ["--out", str(tmp_path)])
+    assert "after the last epoch was saved" in e.value.message and "the run is finished" in e.value.message
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (saved["status"], saved["epochs_done"]) == ("finished", 1)
+
+
 class _StopInEpoch2Dml(DML):
     def on_epoch_start(self, epoch):
         if epoch == 1:
