@@ -229,3 +229,18 @@ def test_two_ranks_hold_identical_temporal_means(tmp_path):
     top1 = (probe["val_logits"].argmax(1) == probe["val_labels"]).double().mean().item() * 100
     assert top1 == pytest.approx(results["history"][-1]["val"]["net/top1"], abs=1e-4)
     assert probe["val_logits"].abs().sum(1).gt(0).all()
+
+
+@pytest.mark.slow
+def test_non_finite_state_on_one_rank_stops_both(tmp_path):
+    """NaN in an extra module of rank 1 only (BN buffers, too, may differ between ranks): both ranks stop with
+    the one-line error in the same epoch, none hangs in a collective, and nothing of the epoch is saved."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "ddp_worker.py"), "toy_methods:NaNStateOnOneRank", *FAST, "--epochs", "1",
+           "--out", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert (r.stdout + r.stderr).count("training became non-finite in epoch 1 (junk holds NaN or inf)") == 2, \
+        r.stderr[-3000:]
+    assert not (tmp_path / "last.pt").exists()

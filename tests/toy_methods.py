@@ -118,3 +118,26 @@ class MeanTeacherToy(Method):
             logits, labels = evaluator.predict("val")
             self.probe.val_logits.copy_(logits["net"])
             self.probe.val_labels.copy_(labels)
+
+
+class NaNStateOnOneRank(Method):
+    """A network whose extra module (a buffer outside the model, like a memory bank) turns NaN at the end of
+    each epoch on rank 1 only, while every loss stays finite: the engine's non-finite check must stop every rank
+    together (its verdict is all-reduced), not leave rank 0 waiting in the evaluation's collectives."""
+
+    name = "toy_nan_rank1"
+    num_peers = None
+    best_metric = "net"
+    state_keys = ("junk",)
+
+    def build(self, args, num_classes):
+        self.junk = nn.Module()
+        self.junk.register_buffer("value", torch.zeros(3))
+        return TinyNet(num_classes)
+
+    def loss(self, model, batch, epoch):
+        return {"ce": F.cross_entropy(model(batch.images), batch.labels)}
+
+    def on_epoch_end(self, epoch, evaluator):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == 1:
+            self.junk.value.fill_(float("nan"))
