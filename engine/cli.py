@@ -293,8 +293,8 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
         args.eval_subset = None             # the whole test set, as when the flag is left out
     from .run_dir import given_options     # (run_dir imports this module)
     if args.lr_schedule != "multistep" and "milestones" in given_options(method_cls, argv):
-        warnings.warn(f"--milestones apply to --lr-schedule multistep only; this run's schedule is {args.lr_schedule}, "
-                      "so they are ignored (add --lr-schedule multistep to use them)")
+        warnings.warn("--milestones apply to --lr-schedule multistep only; this run's schedule is "
+                      f"{args.lr_schedule}, so they are ignored (add --lr-schedule multistep to use them)")
     return args
 
 
