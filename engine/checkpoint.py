@@ -1,6 +1,6 @@
 """Checkpoints: atomic writes (temporary file, then rename), a content checksum, ``weights_only`` loading.
 
-Every file the engine writes goes through :func:`_atomic_write`: a temporary ``.<name>.<random>.tmp`` in the
+Every file the engine writes goes through :func:`write_atomically`: a temporary ``.<name>.<random>.tmp`` in the
 same folder, fsync, then ``os.replace`` over the target, so a reader (or a resumed run after a kill) sees the
 old file or the new one, never half of one. The file gets the permissions of the user's umask (``mkstemp``
 alone makes it 0600). A write that fails (full disk, read-only folder) leaves the previous file as it was
@@ -59,9 +59,15 @@ def os_error_message(path: Path, e: OSError) -> str:
     return f"cannot write {path}: {e.strerror or type(e).__name__} ({hint})"
 
 
-def _atomic_write(path: Path, mode: str, write) -> None:
-    """``write(file)`` into a temporary file in the same folder, fsync, then rename over ``path``:
-    a reader sees the old file or the new one, never half of one. OS errors become one-line UserErrors."""
+class NameTaken(FileExistsError):
+    """``write_atomically(..., replace=False)`` found a file already under the name."""
+
+
+def write_atomically(path: Path, mode: str, write, replace: bool = True) -> None:
+    """``write(file)`` into a temporary file in the same folder, fsync, then publish it as ``path``: a reader
+    sees the old file or the new one, never half of one. ``replace=False`` never replaces a file: the name is
+    taken with a hard link, which fails (:class:`NameTaken`) when it exists, even if it appeared meanwhile (a
+    file system without hard links: checked, then renamed). Raises OSError; the temporary file never stays."""
     path = Path(path)
     tmp = None
     try:
@@ -72,13 +78,32 @@ def _atomic_write(path: Path, mode: str, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+            tmp = None
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise NameTaken(errno.EEXIST, "File exists", str(path)) from None
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if path.exists():
+                raise NameTaken(errno.EEXIST, "File exists", str(path)) from None
+            os.replace(tmp, path)
+            tmp = None
+    finally:
+        _unlink_quietly(tmp)
+
+
+def _atomic_write(path: Path, mode: str, write) -> None:
+    """:func:`write_atomically` over ``path``; OS errors become one-line UserErrors."""
+    try:
+        write_atomically(path, mode, write)
     except OSError as e:
-        _unlink_quietly(tmp)
-        raise UserError(os_error_message(path, e) + f"; the previous {path.name}, if any, is unchanged") from None
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+        raise UserError(os_error_message(Path(path), e) + f"; the previous {Path(path).name}, if any, is "
+                        "unchanged") from None
 
 
 def _unlink_quietly(path) -> None:
@@ -127,13 +152,19 @@ def content_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def atomic_save(obj: dict, *paths: Path) -> None:
-    """Add the content checksum (``sha256``), serialise ``obj`` once and write it atomically to every path,
-    in the order given."""
+def checksummed(obj: dict) -> io.BytesIO:
+    """``obj`` with its content checksum (``sha256``, replacing any it had), serialised by ``torch.save``."""
     obj = {k: v for k, v in obj.items() if k != "sha256"}
     obj["sha256"] = content_digest(obj)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
+    return buffer
+
+
+def atomic_save(obj: dict, *paths: Path) -> None:
+    """Add the content checksum (``sha256``), serialise ``obj`` once and write it atomically to every path,
+    in the order given."""
+    buffer = checksummed(obj)
     for path in paths:
         _atomic_write(path, "wb", lambda f: f.write(buffer.getbuffer()))
 

@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import argparse
 import errno
-import io
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -39,7 +36,7 @@ import engine  # noqa: E402,F401  (first: --help without torch, engine/fast_help
 
 import torch  # noqa: E402
 
-from engine.checkpoint import content_digest, load_checkpoint  # noqa: E402
+from engine.checkpoint import NameTaken, checksummed, load_checkpoint, write_atomically  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from models import create_model  # noqa: E402
 from models.peers import Peers, peer_archs  # noqa: E402
@@ -139,49 +136,20 @@ def check_output(path: Path, force: bool) -> None:
 
 
 def write_export(obj: dict, path: Path, force: bool = False) -> None:
-    """Write the export (with its content checksum, as checkpoints carry) to ``path`` atomically: a temporary
-    file in the same folder, fsync, then a rename, so ``path`` is the old file or the whole new one. Without
-    ``force`` the rename never replaces a file (a hard link, which fails when one appeared meanwhile). OS
-    errors: a one-line UserError naming the file."""
-    obj = dict(obj, sha256=content_digest(obj))
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    tmp = None
+    """Write the export (with its content checksum, as checkpoints carry) to ``path`` atomically (engine's
+    ``write_atomically``: ``path`` is the old file or the whole new one). Without ``force`` no file is ever
+    replaced, not even one that appeared meanwhile. OS errors: a one-line UserError naming the file."""
+    buffer = checksummed(obj)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)          # fails if the name exists: no file is replaced
-            except OSError as e:
-                if e.errno == errno.EEXIST:
-                    raise UserError(f"-o {path} exists (it appeared while exporting); add --force to replace "
-                                    "it, or give another file name") from None
-                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                    raise
-                if path.exists():           # a file system without hard links: check, then rename
-                    raise UserError(f"-o {path} exists; add --force to replace it, or give another file name")
-                os.replace(tmp, path)
+        write_atomically(path, "wb", lambda f: f.write(buffer.getbuffer()), replace=force)
+    except NameTaken:
+        raise UserError(f"-o {path} exists (it appeared while exporting); add --force to replace it, or give "
+                        "another file name") from None
     except OSError as e:
         where = e.filename or path
         problem = (f"{where} is a file, not a folder" if e.errno in (errno.EEXIST, errno.ENOTDIR)
                    else f"{e.strerror or e} ({where})")
         raise UserError(f"cannot write -o {path}: {problem}; choose another file name or folder") from None
-    finally:
-        if tmp is not None and os.path.lexists(tmp):
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -26,7 +26,6 @@ backbone: the gain in top-1 points and whether it exceeds twice its standard err
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -42,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts.tables import TABLES, Cell, Metric, Table  # noqa: E402
+from scripts import reproduce  # noqa: E402  (its one-line-error Parser, and the engine's option comparison)
 
 PEER = re.compile(r"^peer(\d+)$")
 NOT_TERMS = ("images_per_s", "epoch_s")
@@ -194,7 +194,6 @@ def flags_against_table(table: Table, cell: Cell, run: RunResult) -> str:
     '' when they are the table's (or the cell's script is not there to tell)."""
     if not (REPO / cell.script).is_file() or not isinstance(run.seed, int) or run.seed < 0:
         return ""
-    from scripts import reproduce
     spec = reproduce.Run(cell.runs_table or table.name, cell.run, cell.script, cell.argv, run.seed, run.path.parent, [])
     # the number of processes is how the run was launched, not the table's protocol: compare the rest
     same_world = run.data.get("world_size", 1)
@@ -495,13 +494,6 @@ def write_plots(out: Path, table: Optional[Table], summaries, groups) -> list[Pa
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors in one line (the usage is what --help is for)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
-
-
 def plots_folder(path: Path) -> Optional[str]:
     """Create the --plots folder; one line naming the path when that is not possible."""
     try:
@@ -514,7 +506,7 @@ def plots_folder(path: Path) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = Parser(description=__doc__.split("\n\n")[0], epilog="tables: " + ", ".join(TABLES))
+    p = reproduce.Parser(description=__doc__.split("\n\n")[0], epilog="tables: " + ", ".join(TABLES))
     p.add_argument("runs_dir", help="folder searched (recursively) for results.json files")
     p.add_argument("--table", choices=list(TABLES), help="summarise this table in the paper's layout")
     p.add_argument("--csv", action="store_true", help="CSV (one line per cell and number) instead of markdown")
