@@ -30,13 +30,13 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-from engine import Method, OptimGroup, UserError, main, peer_heads  # first: --help without torch (engine/fast_help.py)
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine import Method, OptimGroup, fraction, main, non_negative, peer_heads, positive, temperature
 from losses.adversarial import GAN_LOSSES, discriminator_loss, generator_loss
 from losses.peer_targets import mutual_kd
 from models.base import Backbone, run_stages
@@ -230,7 +230,6 @@ class AMLN(Method):
     adversarially through per-peer discriminators (AFD's scheme), and from each intermediate block towards the
     target's final map through alignment containers."""
 
-    name = "amln"
     num_peers = 2
     min_peers = 2
     mixed_archs = True       # --arch a,b: heterogeneous peers, paired by their last stages through the adapters
@@ -238,35 +237,27 @@ class AMLN(Method):
 
     @classmethod
     def add_arguments(cls, parser):
-        parser.add_argument("--kd-T", type=float, default=1.0, help="temperature of the mutual KL (DML: 1)")
-        parser.add_argument("--adv-weight", type=float, default=1.0,
+        parser.add_argument("--kd-T", type=temperature, default=1.0, help="temperature of the mutual KL (DML: 1)")
+        parser.add_argument("--adv-weight", type=non_negative, default=1.0,
                             help="lambda_adv, weight of the peers' block-wise adversarial loss")
-        parser.add_argument("--final-weight", type=float, default=1.0,
+        parser.add_argument("--final-weight", type=non_negative, default=1.0,
                             help="lambda_final, weight of the intermediate-to-final alignment: each intermediate "
                                  "block's map, through its alignment container, against the target peer's final "
                                  "map (0: off, and no containers are built)")
-        parser.add_argument("--align-weight", type=float, default=0.0,
+        parser.add_argument("--align-weight", type=non_negative, default=0.0,
                             help="lambda_align, weight of a direct L1 alignment of the same maps (0: off)")
         parser.add_argument("--gan-loss", choices=GAN_LOSSES, default="lsgan",
                             help="least-squares (AFD) or binary cross-entropy adversarial losses")
-        parser.add_argument("--disc-lr", type=float, default=2e-4, help="Adam lr of the discriminators (constant)")
-        parser.add_argument("--disc-betas", type=float, nargs=2, default=(0.5, 0.999), metavar=("B1", "B2"),
+        parser.add_argument("--disc-lr", type=positive, default=2e-4, help="Adam lr of the discriminators (constant)")
+        parser.add_argument("--disc-betas", type=fraction, nargs=2, default=(0.5, 0.999), metavar=("B1", "B2"),
                             help="Adam betas of the discriminators")
-        parser.add_argument("--disc-weight-decay", type=float, default=0.0,
+        parser.add_argument("--disc-weight-decay", type=non_negative, default=0.0,
                             help="weight decay of the discriminators")
 
-    @classmethod
-    def check_args(cls, args):
-        if args.kd_T <= 0 or args.disc_lr <= 0:
-            raise UserError("--kd-T and --disc-lr must be positive")
-        if min(args.adv_weight, args.final_weight, args.align_weight, args.disc_weight_decay) < 0:
-            raise UserError("--adv-weight, --final-weight, --align-weight and --disc-weight-decay must be >= 0")
-        if not all(0 <= b < 1 for b in args.disc_betas):
-            raise UserError("--disc-betas must lie in [0, 1), e.g. --disc-betas 0.5 0.999")
-
-    def build(self, args, num_classes):
-        net = AMLNNet(Peers(args.arch, num_classes, args.num_peers, image_size=self.image_size), self.image_size,
-                      containers=args.final_weight > 0)
+    def build(self):
+        a = self.args
+        net = AMLNNet(Peers(a.arch, self.num_classes, a.num_peers, image_size=self.image_size), self.image_size,
+                      containers=a.final_weight > 0)
         self.discriminators = build_discriminators(net.block_shapes)
         return net
 

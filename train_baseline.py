@@ -2,10 +2,10 @@
 
     python train_baseline.py --arch resnet32 --gpu 0
 """
-from engine import Method, main  # first: --help without torch (engine/fast_help.py)
 
 import torch.nn.functional as F
 
+from engine import Method, main
 from models import create_model
 
 
@@ -15,8 +15,8 @@ class Baseline(Method):
     num_peers = None
     best_metric = "net"
 
-    def build(self, args, num_classes):
-        return create_model(args.arch, num_classes=num_classes, image_size=self.image_size)
+    def build(self):
+        return create_model(self.args.arch, num_classes=self.num_classes, image_size=self.image_size)
 
     def loss(self, model, batch, epoch):
         return {"ce": F.cross_entropy(model(batch.images), batch.labels)}

@@ -11,11 +11,11 @@ others' mean.
 """
 import math
 
-from engine import Method, main  # first: --help without torch (engine/fast_help.py)
 
 import torch
 import torch.nn.functional as F
 
+from engine import Method, main, temperature
 from losses.peer_targets import kd_towards, mean_of_others
 from models.peers import Peers
 
@@ -44,13 +44,13 @@ class CLILR(Method):
 
     @classmethod
     def add_arguments(cls, parser):
-        parser.add_argument("--kd-T", type=float, default=2.0, help="distillation temperature T")
+        parser.add_argument("--kd-T", type=temperature, default=2.0, help="distillation temperature T")
         parser.add_argument("--soft-target", choices=("logits", "probs"), default="logits",
                             help="target of head i: softmax of the others' mean logits (MCL-OKD code) or "
                                  "the mean of the others' softmax (the paper)")
 
-    def build(self, args, num_classes):
-        return Peers(args.arch, num_classes, args.num_peers, "tree", image_size=self.image_size)
+    def build(self):
+        return Peers(self.args.arch, self.num_classes, self.args.num_peers, "tree", image_size=self.image_size)
 
     def loss(self, model, batch, epoch):
         return cl_ilr_loss(model(batch.images).logits, batch.labels, self.args.kd_T, self.args.soft_target)

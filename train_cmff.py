@@ -25,12 +25,12 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional
 
-from engine import Method, OptimGroup, UserError, main, peer_heads  # first: --help without torch (engine/fast_help.py)
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import Method, OptimGroup, UserError, fraction, main, non_negative, peer_heads, positive, positive_int, temperature
 from losses import sigmoid_rampup
 from losses.peer_targets import mutual_kd
 from losses.rotation_ssl import ROTATIONS, rotate_batch, upright_contrast_loss
@@ -204,19 +204,19 @@ class CMFF(Method):
 
     @classmethod
     def add_arguments(cls, parser):
-        parser.add_argument("--lambda-rot", type=float, help="weight of the rotation CE (peer 1)")
-        parser.add_argument("--lambda-sim", type=float, help="weight of the rotation contrast L_sim (peer 2)")
-        parser.add_argument("--sim-T", type=float, default=1.0, help="temperature of L_sim (official: 1)")
-        parser.add_argument("--kd-T", type=float, default=3.0, help="temperature of the six KL terms")
-        parser.add_argument("--rampup", type=float, default=80.0, help="epochs of the sigmoid ramp-up of the KL")
-        parser.add_argument("--fusion-grid", type=int, default=None, metavar="S",
+        parser.add_argument("--lambda-rot", type=non_negative, help="weight of the rotation CE (peer 1)")
+        parser.add_argument("--lambda-sim", type=non_negative, help="weight of the rotation contrast L_sim (peer 2)")
+        parser.add_argument("--sim-T", type=temperature, default=1.0, help="temperature of L_sim (official: 1)")
+        parser.add_argument("--kd-T", type=temperature, default=3.0, help="temperature of the six KL terms")
+        parser.add_argument("--rampup", type=non_negative, default=80.0, help="epochs of the sigmoid ramp-up of the KL")
+        parser.add_argument("--fusion-grid", type=positive_int, default=None, metavar="S",
                             help="pool the last-stage map to S x S before flattening (d = channels*S^2); "
                                  "default: largest of 8/4/2/1 fitting the map with d <= 4096 (CIFAR ResNet: 8)")
-        parser.add_argument("--attention-heads", type=int, default=4, help="chunks of the cross-attention")
-        parser.add_argument("--mlp-ratio", type=float, default=2.0, help="cross-attention MLP width / d")
-        parser.add_argument("--attention-dropout", type=float, default=0.1,
+        parser.add_argument("--attention-heads", type=positive_int, default=4, help="chunks of the cross-attention")
+        parser.add_argument("--mlp-ratio", type=positive, default=2.0, help="cross-attention MLP width / d")
+        parser.add_argument("--attention-dropout", type=fraction, default=0.1,
                             help="dropout on the attention weights, its output and the MLP output")
-        parser.add_argument("--fusion-weight-decay", type=float, default=1e-5,
+        parser.add_argument("--fusion-weight-decay", type=non_negative, default=1e-5,
                             help="weight decay of the fusion module's own optimizer")
         parser.add_argument("--fusion-input", choices=("map", "vector"), default="map",
                             help="fusion module on the attended vectors reshaped to (channels, S, S) maps (FFL), "
@@ -234,17 +234,14 @@ class CMFF(Method):
         if args.num_peers != 2:
             raise UserError(f"CMFF has exactly two peers (a rotation peer and a contrast peer); got --num-peers "
                             f"{args.num_peers}")
-        if args.fusion_grid is not None and args.fusion_grid < 1:
-            raise UserError("--fusion-grid must be >= 1")
-        if args.attention_heads < 1 or args.mlp_ratio <= 0 or args.sim_T <= 0 or args.kd_T <= 0:
-            raise UserError("--attention-heads, --mlp-ratio, --sim-T and --kd-T must be positive")
 
-    def build(self, args, num_classes):
-        self.use_rot = not (args.no_ssl or args.no_rot)
-        self.use_sim = not (args.no_ssl or args.no_sim)
-        return CMFFNet(args.arch, num_classes, self.image_size, args.fusion_grid, args.attention_heads,
-                       args.mlp_ratio, args.attention_dropout, not args.no_cross_attention,
-                       self.use_rot, self.use_sim, args.fusion_input)
+    def build(self):
+        a = self.args
+        self.use_rot = not (a.no_ssl or a.no_rot)
+        self.use_sim = not (a.no_ssl or a.no_sim)
+        return CMFFNet(a.arch, self.num_classes, self.image_size, a.fusion_grid, a.attention_heads,
+                       a.mlp_ratio, a.attention_dropout, not a.no_cross_attention,
+                       self.use_rot, self.use_sim, a.fusion_input)
 
     def loss(self, model, batch, epoch):
         a = self.args

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-from engine import Method, UserError, main, peer_heads  # first: --help without torch (engine/fast_help.py)
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import Method, UserError, main, peer_heads
 from losses import sigmoid_rampup
 from losses.peer_targets import kd_towards, mutual_kd
 from models.fusion import FusionModule, peer_maps, stage_shapes
 from models.peers import Peers
-from train_ffl import add_fusion_teacher_arguments, check_fusion_teacher_args, fusion_optim_groups
+from train_ffl import add_fusion_teacher_arguments, fusion_optim_groups
 
 
 def projection(in_shape: tuple, out_shape: tuple, pre_norm: bool) -> nn.Sequential:
@@ -124,12 +124,8 @@ class DCCL(Method):
     def add_arguments(cls, parser):
         add_fusion_teacher_arguments(parser, fusion_decay=False)
 
-    @classmethod
-    def check_args(cls, args):
-        check_fusion_teacher_args(args)
-
-    def build(self, args, num_classes):
-        return DCCLNet(args.arch, num_classes, args.num_peers, self.image_size)
+    def build(self):
+        return DCCLNet(self.args.arch, self.num_classes, self.args.num_peers, self.image_size)
 
     def loss(self, model, batch, epoch):
         a = self.args

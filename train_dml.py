@@ -7,10 +7,10 @@ every other peer.
     python train_dml.py --arch resnet32 --gpu 0 --preset mcl-okd     # MCL-OKD repository: 4 branches, shared trunk, T=2
     python train_dml.py --arch resnet32,wrn_16_2 --gpu 0             # two peers of different architectures
 """
-from engine import Method, UserError, main  # first: --help without torch (engine/fast_help.py)
 
 import torch.nn.functional as F
 
+from engine import Method, UserError, main, temperature
 from losses.peer_targets import mutual_kd
 from models.peers import Peers
 
@@ -28,7 +28,7 @@ class DML(Method):
 
     @classmethod
     def add_arguments(cls, parser):
-        parser.add_argument("--kd-T", type=float, help="distillation temperature T")
+        parser.add_argument("--kd-T", type=temperature, help="distillation temperature T")
         parser.add_argument("--topology", choices=("independent", "shared"),
                             help="independent networks, or a shared trunk of all but the last two stages (the "
                                  "MCL-OKD repository's DML models)")
@@ -39,9 +39,10 @@ class DML(Method):
             raise UserError(f"--arch {args.arch} with --topology shared: shared-trunk peers have one architecture; "
                             "use --topology independent or one name")
 
-    def build(self, args, num_classes):
-        split = "dml" if args.topology == "shared" else None
-        return Peers(args.arch, num_classes, args.num_peers, args.topology, split, image_size=self.image_size)
+    def build(self):
+        a = self.args
+        split = "dml" if a.topology == "shared" else None
+        return Peers(a.arch, self.num_classes, a.num_peers, a.topology, split, image_size=self.image_size)
 
     def loss(self, model, batch, epoch):
         logits = model(batch.images).logits

@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 from typing import NamedTuple
 
-from engine import Method, OptimGroup, UserError, main, peer_heads  # first: --help without torch (engine/fast_help.py)
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import Method, OptimGroup, main, non_negative, peer_heads, temperature
 from losses import kd_loss, sigmoid_rampup
 from losses.peer_targets import kd_towards
 from models.fusion import FusionModule, peer_maps
@@ -65,21 +65,16 @@ def ffl_loss(logits, fused, labels, T: float, weight: float = 1.0, target_eps: f
 
 def add_fusion_teacher_arguments(parser, fusion_decay: bool) -> None:
     """The flags FFL and DCCL share: temperature, ramp-up, the official KL's eps and the fusion optimizer."""
-    parser.add_argument("--kd-T", type=float, default=3.0, help="temperature T of every KD term")
-    parser.add_argument("--rampup", type=float, default=80.0, metavar="EPOCHS",
+    parser.add_argument("--kd-T", type=temperature, default=3.0, help="temperature T of every KD term")
+    parser.add_argument("--rampup", type=non_negative, default=80.0, metavar="EPOCHS",
                         help="sigmoid ramp-up length of the KD weight w(e), in epochs (0: weight 1 throughout)")
-    parser.add_argument("--kd-eps", type=float, default=0.0, metavar="EPS",
+    parser.add_argument("--kd-eps", type=non_negative, default=0.0, metavar="EPS",
                         help="added to the KD target probabilities, not renormalised: 1e-7 is the official "
                              "KLLoss exactly; 0 is the exact KL divergence")
-    parser.add_argument("--fusion-weight-decay", type=float, default=1e-5,
+    parser.add_argument("--fusion-weight-decay", type=non_negative, default=1e-5,
                         help="weight decay of the fusion module's own SGD")
     parser.add_argument("--fusion-decay", action=argparse.BooleanOptionalAction, default=fusion_decay,
                         help="decay the fusion module's lr with the run's schedule (--no-fusion-decay: constant)")
-
-
-def check_fusion_teacher_args(args) -> None:
-    if args.kd_T <= 0 or args.rampup < 0 or args.kd_eps < 0 or args.fusion_weight_decay < 0:
-        raise UserError("--kd-T must be positive; --rampup, --kd-eps and --fusion-weight-decay must be >= 0")
 
 
 def fusion_optim_groups(model: nn.Module, args) -> list[OptimGroup]:
@@ -108,12 +103,8 @@ class FFL(Method):
                                  "code), or parallel independent networks (the paper's other variant)")
         add_fusion_teacher_arguments(parser, fusion_decay=True)
 
-    @classmethod
-    def check_args(cls, args):
-        check_fusion_teacher_args(args)
-
-    def build(self, args, num_classes):
-        return FFLNet(args.arch, num_classes, args.num_peers, args.topology, self.image_size)
+    def build(self):
+        return FFLNet(self.args.arch, self.num_classes, self.args.num_peers, self.args.topology, self.image_size)
 
     def loss(self, model, batch, epoch):
         a = self.args

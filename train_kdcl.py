@@ -20,12 +20,12 @@ z_t built from their logits and detached:
     python train_kdcl.py --arch resnet32 --gpu 0 --ensemble general --val-split 5000
     python train_kdcl.py --arch resnet50,mobilenet_v2 --dataset imagenet --data DIR --recipe imagenet   # T = 4
 """
-from engine import Method, UserError, main  # first: --help without torch (engine/fast_help.py)
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import Method, UserError, main, non_negative, temperature
 from losses import kd_loss
 from models.peers import Peers
 
@@ -112,7 +112,6 @@ class GeneralWeights(nn.Module):
 class KDCL(Method):
     """KDCL: independent students on their own augmented views, distilled from one detached ensemble target."""
 
-    name = "kdcl"
     recipe = "okddip"           # the protocol under which PCL's paper re-ran KDCL (its table's KDCL column)
     num_peers = 2
     min_peers = 2
@@ -122,8 +121,8 @@ class KDCL(Method):
     @classmethod
     def add_arguments(cls, parser):
         parser.add_argument("--ensemble", choices=ENSEMBLES, default="minlogit", help="how the soft target is made")
-        parser.add_argument("--kd-T", type=float, default=None, help="temperature T (default: 4 on ImageNet, else 2)")
-        parser.add_argument("--kd-lambda", type=float, default=1.0, help="weight lambda of the distillation term")
+        parser.add_argument("--kd-T", type=temperature, default=None, help="temperature T (default: 4 on ImageNet, else 2)")
+        parser.add_argument("--kd-lambda", type=non_negative, default=1.0, help="weight lambda of the distillation term")
         parser.add_argument("--same-view", action="store_true",
                             help="ablation: every student sees the same augmented image (no per-student views)")
 
@@ -131,16 +130,15 @@ class KDCL(Method):
     def check_args(cls, args):
         if args.kd_T is None:
             args.kd_T = 4.0 if args.dataset == "imagenet" else 2.0
-        if args.kd_T <= 0 or args.kd_lambda < 0:
-            raise UserError("--kd-T must be > 0 and --kd-lambda >= 0")
         if args.ensemble == "general" and not args.val_split:
             raise UserError("--ensemble general weighs the students by their error correlation on a hold-out set: "
                             "add --val-split N (e.g. --val-split 5000)")
         args.views = 1 if args.same_view else args.num_peers     # one augmented view per student
 
-    def build(self, args, num_classes):
-        self.general = GeneralWeights(args.num_peers)
-        return Peers(args.arch, num_classes, args.num_peers, "independent", image_size=self.image_size)
+    def build(self):
+        a = self.args
+        self.general = GeneralWeights(a.num_peers)
+        return Peers(a.arch, self.num_classes, a.num_peers, "independent", image_size=self.image_size)
 
     @torch.no_grad()
     def target(self, logits: list, labels: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,12 @@ d=128, tau=0.1 (0.07 on ImageNet), m=0.5, K=256 for the CIFAR ResNets and DenseN
 """
 import warnings
 
-from engine import Method, UserError, main, peer_heads  # first: --help without torch (engine/fast_help.py)
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import Method, main, non_negative, peer_heads, positive_int, temperature, unit_interval
 from losses import kd_loss
 from losses.contrast_memory import ClassNegativeSampler, MemoryBanks, all_gather_cat, bank_scores, nce_loss
 from models.peers import Peers
@@ -76,16 +76,16 @@ class MCLOKD(Method):
 
     @classmethod
     def add_arguments(cls, parser):
-        parser.add_argument("--kd-T", type=float, default=3.0, help="DOT temperature T")
-        parser.add_argument("--gamma", type=float, default=1.0, help="weight of sum_i CE")
-        parser.add_argument("--alpha", type=float, default=1.0, help="weight of DOT (0: the '+MCL' ablation)")
-        parser.add_argument("--beta", type=float, default=0.025, help="weight of the MCL (contrastive) loss")
-        parser.add_argument("--feat-dim", type=int, default=128, help="embedding dimension d")
-        parser.add_argument("--nce-k", type=int, default=None,
+        parser.add_argument("--kd-T", type=temperature, default=3.0, help="DOT temperature T")
+        parser.add_argument("--gamma", type=non_negative, default=1.0, help="weight of sum_i CE")
+        parser.add_argument("--alpha", type=non_negative, default=1.0, help="weight of DOT (0: the '+MCL' ablation)")
+        parser.add_argument("--beta", type=non_negative, default=0.025, help="weight of the MCL (contrastive) loss")
+        parser.add_argument("--feat-dim", type=positive_int, default=128, help="embedding dimension d")
+        parser.add_argument("--nce-k", type=positive_int, default=None,
                             help="negatives per anchor K; unset: 256 for CIFAR ResNets and DenseNet, else 16384")
-        parser.add_argument("--nce-t", type=float, default=None,
+        parser.add_argument("--nce-t", type=temperature, default=None,
                             help="contrastive temperature tau; unset: 0.07 on ImageNet, else 0.1")
-        parser.add_argument("--nce-m", type=float, default=0.5, help="memory momentum m")
+        parser.add_argument("--nce-m", type=unit_interval, default=0.5, help="memory momentum m")
         parser.add_argument("--mode", choices=("exact", "relax"), default="exact",
                             help="positive: the sample itself, or a random sample of its class")
 
@@ -95,24 +95,19 @@ class MCLOKD(Method):
             args.nce_k = default_nce_k(args.arch)
         if args.nce_t is None:
             args.nce_t = 0.07 if args.dataset == "imagenet" else 0.1
-        if args.nce_k < 1 or args.feat_dim < 1:
-            raise UserError("--nce-k and --feat-dim must be >= 1")
-        if args.nce_t <= 0 or args.kd_T <= 0:
-            raise UserError("--nce-t and --kd-T must be > 0")
-        if not 0.0 <= args.nce_m <= 1.0:
-            raise UserError(f"--nce-m is a momentum in [0, 1]; got {args.nce_m}")
         if args.dataset == "imagenet" and args.recipe == "mcl-okd":
             warnings.warn("the paper's ImageNet protocol is --recipe mcl-okd-imagenet (100 epochs, batch 128, "
                           "wd 1e-4); running the CIFAR recipe")
 
-    def build(self, args, num_classes):
+    def build(self):
+        a = self.args
         if self.train_labels is None or len(self.train_labels) != self.n_train:
             raise ValueError("MCL-OKD samples negatives by class: build it with train_labels (every training label)")
-        peers = Peers(args.arch, num_classes, args.num_peers, "shared", "dml", image_size=self.image_size)
+        peers = Peers(a.arch, self.num_classes, a.num_peers, "shared", "dml", image_size=self.image_size)
         # --eval-only never reads the banks (n_train x feat_dim per peer: 2.6 GB for 4 peers on ImageNet)
-        self.memory = MemoryBanks(args.num_peers, 0 if args.eval_only else self.n_train, args.feat_dim)
-        self.sampler = ClassNegativeSampler(self.train_labels, args.nce_k, args.mode, num_classes)
-        return MCLNet(peers, args.feat_dim)
+        self.memory = MemoryBanks(a.num_peers, 0 if a.eval_only else self.n_train, a.feat_dim)
+        self.sampler = ClassNegativeSampler(self.train_labels, a.nce_k, a.mode, self.num_classes)
+        return MCLNet(peers, a.feat_dim)
 
     def mcl_loss(self, emb, index, contrast):
         """sum over ordered pairs a != b of NCE(<M_a[contrast], e_b>) against the banks as they are; the

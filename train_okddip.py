@@ -18,12 +18,12 @@ initial values); --detach-targets peers: no gradient into the peers through the 
 """
 from typing import NamedTuple
 
-from engine import Method, main, peer_heads  # first: --help without torch (engine/fast_help.py)
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import Method, main, non_negative, peer_heads, temperature
 from losses import sigmoid_rampup
 from losses.peer_targets import kd_towards
 from models.peers import Peers
@@ -56,6 +56,9 @@ class OKDDipNet(nn.Module):
         super().__init__()
         self.peers, self.detach = peers, detach
         self.attention = PeerAttention(peers.feature_dim)
+        # constant targets: W_q and W_k get no gradient and keep their initial values (frozen, so that neither
+        # DDP nor the optimizer waits for one)
+        self.attention.requires_grad_(detach != "all")
 
     def forward(self, x):
         out = self.peers(x, return_features=True)
@@ -88,19 +91,18 @@ class OKDDip(Method):
 
     @classmethod
     def add_arguments(cls, parser):
-        parser.add_argument("--kd-T", type=float, default=3.0, help="distillation temperature T")
-        parser.add_argument("--rampup", type=float, default=80.0, metavar="EPOCHS",
+        parser.add_argument("--kd-T", type=temperature, default=3.0, help="distillation temperature T")
+        parser.add_argument("--rampup", type=non_negative, default=80.0, metavar="EPOCHS",
                             help="sigmoid ramp-up length of the KD weight, in epochs (0: weight 1 throughout)")
         parser.add_argument("--detach-targets", choices=("none", "all", "peers"), default="none",
                             help="none: gradients flow through the targets (official code); all: constant "
                                  "targets (the attention is not trained); peers: no gradient into the peers "
                                  "through the targets, the attention still learns")
 
-    def build(self, args, num_classes):
-        # With constant targets the attention gets no gradient: DDP must be told.
-        self.find_unused_parameters = args.detach_targets == "all"
-        peers = Peers(args.arch, num_classes, args.num_peers, "shared", "one", image_size=self.image_size)
-        return OKDDipNet(peers, args.detach_targets)
+    def build(self):
+        a = self.args
+        peers = Peers(a.arch, self.num_classes, a.num_peers, "shared", "one", image_size=self.image_size)
+        return OKDDipNet(peers, a.detach_targets)
 
     def loss(self, model, batch, epoch):
         out = model(batch.images)

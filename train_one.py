@@ -13,12 +13,12 @@ logits into a teacher, which every branch distils from.
 """
 from typing import NamedTuple
 
-from engine import Method, main, peer_heads  # first: --help without torch (engine/fast_help.py)
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import Method, main, non_negative, peer_heads, temperature
 from losses import sigmoid_rampup
 from losses.peer_targets import kd_towards
 from models.peers import Peers
@@ -74,12 +74,13 @@ class ONE(Method):
 
     @classmethod
     def add_arguments(cls, parser):
-        parser.add_argument("--kd-T", type=float, help="distillation temperature T")
-        parser.add_argument("--rampup", type=float, metavar="EPOCHS",
+        parser.add_argument("--kd-T", type=temperature, help="distillation temperature T")
+        parser.add_argument("--rampup", type=non_negative, metavar="EPOCHS",
                             help="sigmoid ramp-up length of the KD weight, in epochs (0: weight 1 throughout)")
 
-    def build(self, args, num_classes):
-        return ONENet(Peers(args.arch, num_classes, args.num_peers, "shared", "one", image_size=self.image_size))
+    def build(self):
+        a = self.args
+        return ONENet(Peers(a.arch, self.num_classes, a.num_peers, "shared", "one", image_size=self.image_size))
 
     def loss(self, model, batch, epoch):
         out = model(batch.images)

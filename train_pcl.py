@@ -16,15 +16,15 @@ statistics, computed when it runs (in train mode) on the training views.
     python train_pcl.py --arch resnet32 --gpu 0          # CIFAR-100, the OKDDip protocol; target 74.14 (paper)
     python train_pcl.py --arch wrn_20_8 --gpu 0          # 80.51
 """
-from engine import Method, UserError, main  # first: --help without torch (engine/fast_help.py)
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.ema import TemporalMean
+from engine import Method, main, non_negative, temperature, unit_interval
 from losses import kd_loss, sigmoid_rampup
 from models.peers import Peers
+from models.temporal_mean import TemporalMean
 
 
 def mean_teacher_decay(n: int, limit: float = 0.999) -> float:
@@ -63,7 +63,6 @@ class PCL(Method):
     """PCL: peers on a shared trunk, each on its own view, taught by a learned ensemble teacher and by the
     temporal mean of the other peers."""
 
-    name = "pcl"
     recipe = "okddip"
     num_peers = 3
     min_peers = 2
@@ -73,22 +72,21 @@ class PCL(Method):
 
     @classmethod
     def add_arguments(cls, parser):
-        parser.add_argument("--kd-T", type=float, default=3.0, help="distillation temperature T")
-        parser.add_argument("--rampup", type=float, default=80.0, metavar="EPOCHS",
+        parser.add_argument("--kd-T", type=temperature, default=3.0, help="distillation temperature T")
+        parser.add_argument("--rampup", type=non_negative, default=80.0, metavar="EPOCHS",
                             help="sigmoid ramp-up length of the two KD weights, in epochs (0: weight 1)")
-        parser.add_argument("--ema-decay", type=float, default=0.999,
+        parser.add_argument("--ema-decay", type=unit_interval, default=0.999,
                             help="upper limit of the mean teacher's decay min(1 - 1/(n+1), limit)")
 
     @classmethod
     def check_args(cls, args):
-        if args.kd_T <= 0 or args.rampup < 0 or not 0.0 <= args.ema_decay <= 1.0:
-            raise UserError("--kd-T must be > 0, --rampup >= 0 and --ema-decay in [0, 1]")
         args.views = args.num_peers          # one augmented view per peer
 
-    def build(self, args, num_classes):
-        model = PCLNet(Peers(args.arch, num_classes, args.num_peers, "shared", "one", image_size=self.image_size),
-                       num_classes)
-        limit = args.ema_decay
+    def build(self):
+        a = self.args
+        model = PCLNet(Peers(a.arch, self.num_classes, a.num_peers, "shared", "one", image_size=self.image_size),
+                       self.num_classes)
+        limit = a.ema_decay
         self.mean_teacher = TemporalMean(model, lambda n: mean_teacher_decay(n, limit), buffers="own")
         return model
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +41,7 @@ from PIL import Image
 
 from .common import (ArraySplit, BadDatasetError, DatasetNotFoundError, datasets_root, decode_rgb, dataset_info,
                      download_or_explain, image_files, is_hidden, visible_dirs)
+from .files import write_atomically
 
 FOLDER = "tiny-imagenet-200"
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -233,16 +233,9 @@ def _load(root: Path) -> tuple[ArraySplit, ArraySplit]:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    """Write to a temp file in the same folder, then ``os.replace``; warn (and go on) if that fails."""
+    """Write the cache atomically (data.files); warn (and go on) if that fails."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomically(path, "wb", lambda f: torch.save(obj, f))
     except OSError as err:
         warnings.warn(f"could not write the decoded-image cache {path} ({err}); "
                       "the JPEGs will be decoded again next time")

@@ -1,37 +1,12 @@
-"""The shared engine: CLI, device, AMP, DDP, schedules, evaluation, checkpoints, logging, results."""
-import sys as _sys
+"""The shared engine: the command line (cli), the run's configuration (config), the method contract
+(method), the loop (trainer), the run directory and its record (run), checkpoint files (checkpoint),
+optimizers (optim), and the pieces the loop uses (distributed, cuda_graph, reporting). docs/engine.md."""
+from .cli import (RECIPES, build_parser, fraction, non_negative, non_negative_int, number, parse_args, positive,
+                  positive_int, temperature, unit_interval)
+from .errors import UserError
+from .method import Method, OptimGroup, StepContext, peer_heads
+from .trainer import Trainer, main, train
 
-from . import fast_help
-
-fast_help.install()  # `--help`: stand-ins for torch & co. before anything imports them (engine/fast_help.py)
-
-
-def _one_line_interrupt(kind, value, traceback, _previous=_sys.excepthook):
-    """Ctrl-C outside engine.main (a method script still importing): one line, no traceback."""
-    if issubclass(kind, KeyboardInterrupt):
-        print("\ninterrupted (SIGINT)", file=_sys.stderr)
-    else:
-        _previous(kind, value, traceback)
-
-
-_sys.excepthook = _one_line_interrupt
-from .cli import RECIPES, build_parser, parse_args  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .method import Method, OptimGroup, StepContext, peer_heads  # noqa: E402
-from .trainer import Trainer, lr_factor, main, one_line_warning, train  # noqa: E402
-
-
-def _run_as_a_command() -> bool:
-    """True when the process runs one of this repository's scripts (train_*.py or scripts/*.py)."""
-    from pathlib import Path
-    path = getattr(_sys.modules.get("__main__"), "__file__", None)
-    repo = Path(__file__).resolve().parent.parent
-    return bool(path) and Path(path).resolve().parent in (repo, repo / "scripts")
-
-
-if _run_as_a_command():   # warnings as one line `warning: ...` in every script, not only in main()
-    import warnings as _warnings
-    _warnings.formatwarning = one_line_warning
-
-__all__ = ["RECIPES", "build_parser", "parse_args", "UserError", "Method", "OptimGroup", "StepContext", "peer_heads",
-           "Trainer", "lr_factor", "main", "train"]
+__all__ = ["RECIPES", "build_parser", "parse_args", "number", "non_negative", "positive", "temperature", "fraction",
+           "unit_interval", "positive_int", "non_negative_int", "UserError", "Method", "OptimGroup", "StepContext", "peer_heads",
+           "Trainer", "main", "train"]

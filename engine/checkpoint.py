@@ -1,10 +1,8 @@
-"""Checkpoints: atomic writes (temporary file, then rename), a content checksum, ``weights_only`` loading.
+"""Checkpoint files: atomic writes, a content checksum, ``weights_only`` loading.
 
-Every file the engine writes goes through :func:`write_atomically`: a temporary ``.<name>.<random>.tmp`` in the
-same folder, fsync, then ``os.replace`` over the target, so a reader (or a resumed run after a kill) sees the
-old file or the new one, never half of one. The file gets the permissions of the user's umask (``mkstemp``
-alone makes it 0600). A write that fails (full disk, read-only folder) leaves the previous file as it was
-and is reported as a :class:`UserError` naming the path.
+Every file the engine writes goes through ``data.files.write_atomically`` (the old file or the new one,
+never half of one); a write that fails (full disk, read-only folder) leaves the previous file as it was and
+is reported as a :class:`UserError` naming the path.
 
 A checkpoint carries ``sha256``: a digest of its content (every tensor's dtype, shape and bytes, and every
 other value), checked on load, so bytes flipped on disk after the write are refused instead of trained on.
@@ -12,117 +10,29 @@ It is still a plain ``torch.save`` dict: ``torch.load(path)["state"]["model"]`` 
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
-import os
-import random
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 import torch
+
+from data.files import os_error_message, write_atomically
 
 from .errors import UserError
 
 FORMAT = 1
-TMP_SUFFIX = ".tmp"
 # Keys every training checkpoint of this engine holds (a dict without them is not one).
 REQUIRED_KEYS = ("format", "method", "epoch", "state", "args")
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (Linux: /proc; elsewhere set-and-restore)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def os_error_message(path: Path, e: OSError) -> str:
-    """One line for an OS error while writing ``path``: the path, the problem and what to do."""
-    hint = {errno.ENOSPC: "the disk is full; free space",
-            errno.EDQUOT: "the disk quota is exceeded; free space",
-            errno.EROFS: "the file system is read-only; choose another --out",
-            errno.EACCES: "no permission to write there; choose another --out or fix its permissions",
-            errno.EPERM: "no permission to write there; choose another --out or fix its permissions",
-            errno.ENOTDIR: "a part of the path is a file, not a folder; choose another --out",
-            errno.EEXIST: "a file of that name is in the way; choose another --out",
-            }.get(e.errno, "choose another --out")
-    return f"cannot write {path}: {e.strerror or type(e).__name__} ({hint})"
-
-
-class NameTaken(FileExistsError):
-    """``write_atomically(..., replace=False)`` found a file already under the name."""
-
-
-def write_atomically(path: Path, mode: str, write, replace: bool = True) -> None:
-    """``write(file)`` into a temporary file in the same folder, fsync, then publish it as ``path``: a reader
-    sees the old file or the new one, never half of one. ``replace=False`` never replaces a file: the name is
-    taken with a hard link, which fails (:class:`NameTaken`) when it exists, even if it appeared meanwhile (a
-    file system without hard links: checked, then renamed). Raises OSError; the temporary file never stays."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-            tmp = None
-            return
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise NameTaken(errno.EEXIST, "File exists", str(path)) from None
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            if path.exists():
-                raise NameTaken(errno.EEXIST, "File exists", str(path)) from None
-            os.replace(tmp, path)
-            tmp = None
-    finally:
-        _unlink_quietly(tmp)
-
-
 def _atomic_write(path: Path, mode: str, write) -> None:
-    """:func:`write_atomically` over ``path``; OS errors become one-line UserErrors."""
+    """:func:`~data.files.write_atomically` over ``path``; OS errors become one-line UserErrors."""
     try:
         write_atomically(path, mode, write)
     except OSError as e:
         raise UserError(os_error_message(Path(path), e) + f"; the previous {Path(path).name}, if any, is "
                         "unchanged") from None
-
-
-def _unlink_quietly(path) -> None:
-    if path is not None:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-def clean_temp_files(folder: Path) -> list[Path]:
-    """Remove the temporary files that interrupted atomic writes left in ``folder`` (call it only while
-    holding the run directory's lock, so no live writer owns them). Returns what was removed."""
-    removed = []
-    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
-        if tmp.is_file():
-            _unlink_quietly(tmp)
-            removed.append(tmp)
-    return removed
 
 
 def _feed(h, obj) -> None:
@@ -207,28 +117,3 @@ def load_checkpoint(path: Path, required: Iterable[str] = REQUIRED_KEYS) -> dict
                         "(the file changed on disk after it was saved); use another checkpoint of the run "
                         "(best.pt / last.pt) or start a new run with --out")
     return ckpt
-
-
-def rng_state(device: torch.device) -> dict:
-    """Every RNG the training may draw from, in a form ``weights_only`` loading accepts. For CUDA only the
-    training device's generator (all ranks share one state, so rank 0's stands for every rank)."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,11 +1,17 @@
-"""The command line every method script shares, and the papers' training protocols ("recipes")."""
+"""The command line every method script shares: its flags, each with its valid range, and the papers'
+training protocols ("recipes") that set their defaults.
+
+A flag's range is declared once, with the flag, by its ``type``: :func:`number` and its shorthands
+(``non_negative``, ``positive``, ``temperature``, ``fraction``, ``positive_int``, ...). A value outside
+the range stops the command in one line before anything is read; so does NaN or infinity in any float
+flag, ``type=float`` included (the parser registers a finite-float type for it).
+"""
 from __future__ import annotations
 
 import argparse
 import copy
 import math
 import re
-import sys
 import warnings
 from typing import Optional, Sequence
 
@@ -45,25 +51,60 @@ RECIPES: dict[str, dict] = {
 RECIPE_KEYS = tuple(dict.fromkeys(key for recipe in RECIPES.values() for key in recipe))
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+# ---- value types: a flag's range, declared with the flag ---------------------------------------------------
+
+def number(kind=float, *, at_least=None, above=None, below=None, at_most=None, why: str = ""):
+    """An argparse ``type``: a ``kind`` (float or int) within the given bounds, finite for floats. A value
+    outside is refused with one line, ``argument --x: must lie in [0, 1); got 1.5`` (and ``why``, if given)."""
+    low = f"[{at_least}" if at_least is not None else f"({above}" if above is not None else None
+    high = f"{below})" if below is not None else f"{at_most}]" if at_most is not None else None
+    rule = (f"must lie in {low}, {high}" if low and high else
+            f"must be {'>=' if low[0] == '[' else '>'} {low[1:]}" if low else
+            f"must be {'<' if high[-1] == ')' else '<='} {high[:-1]}" if high else "")
+
+    def parse(text: str):
+        value = kind(text)                       # ValueError: argparse's "invalid float value: 'x'"
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number; got {text}")
+        if ((at_least is not None and value < at_least) or (above is not None and not value > above)
+                or (below is not None and not value < below) or (at_most is not None and value > at_most)):
+            raise argparse.ArgumentTypeError(f"{rule}; got {text}" + (f" ({why})" if why else ""))
+        return value
+    parse.__name__ = kind.__name__               # argparse names the type in "invalid <type> value"
+    parse.kind = kind
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
-    return value
+non_negative = number(at_least=0)                # loss weights, weight decays, ramp-up lengths
+positive = number(above=0)                       # learning rates, ratios
+temperature = number(above=0, why="a temperature: the softmax divides by it")
+fraction = number(at_least=0, below=1)           # momenta, dropout probabilities, Adam betas
+unit_interval = number(at_least=0, at_most=1)    # decays and momenta that may reach 1
+positive_int = number(int, at_least=1)
+non_negative_int = number(int, at_least=0)
+
+
+def _archs(text: str) -> str:
+    """``--arch``: one registered backbone name, or one per peer separated by commas."""
+    from models import UnknownModelError, model_entry
+    from models.peers import arch_names
+    try:
+        names = arch_names(text)
+        for name in names:
+            model_entry(name)
+    except (ValueError, UnknownModelError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return ",".join(names)
 
 
 def _milestones(text: str) -> list[int]:
     try:
-        return [int(m) for m in text.replace(",", " ").split()]
+        values = [int(m) for m in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"milestones are epochs such as '150 225' or '150,225'; got {text!r}")
+    if any(m < 1 for m in values):
+        raise argparse.ArgumentTypeError(f"milestones are epochs >= 1; got {text!r}")
+    return values
 
 
 class _Milestones(argparse.Action):
@@ -99,11 +140,12 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with its errors in one line (the usage is what --help is for), and negative numbers in
-    scientific notation (``--weight-decay -1e-4``) read as values, not as flags."""
+    """argparse with its errors in one line (the usage is what --help is for), every ``type=float`` finite,
+    and negative numbers in scientific notation (``--weight-decay -1e-4``) read as values, not as flags."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.register("type", float, number())          # argument groups share this registry
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)
 
     def error(self, message: str):
@@ -117,65 +159,65 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     from data import DATASET_NAMES
     from models import list_models
 
-    p = Parser(
-        prog=f"train_{method_cls.name}.py",
-        description=method_cls.describe(),
-        formatter_class=HelpFormatter)
+    p = Parser(prog=f"train_{method_cls.name}.py", description=(method_cls.__doc__ or "").strip(),
+               formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--arch", default="resnet32", metavar="NAME[,NAME...]",
+    g.add_argument("--arch", type=_archs, default="resnet32", metavar="NAME[,NAME...]",
                    help="backbone; a comma list gives one architecture per peer (independent peers; its length "
                         f"is the number of peers). One of: {', '.join(list_models())}")
     if method_cls.num_peers is not None:
-        g.add_argument("--num-peers", type=_positive_int, default=method_cls.num_peers,
-                       help="number of peer networks (branches)")
+        g.add_argument("--num-peers", type=number(int, at_least=method_cls.min_peers),
+                       default=method_cls.num_peers, help="number of peer networks (branches)")
     g.add_argument("--dataset", default="cifar100", choices=DATASET_NAMES, help="training and test data")
     g.add_argument("--data", default=None, metavar="DIR",
                    help="dataset folder (default: datasets/<name> under $OKD_DATASETS, else under the current "
                         "directory)")
     g.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
-    g.add_argument("--num-classes", type=int, default=None, help="inferred from the dataset; a check if given")
-    g.add_argument("--subset", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--num-classes", type=positive_int, default=None, help="inferred from the dataset; a check if "
+                                                                           "given")
+    g.add_argument("--subset", type=positive_int, default=None, metavar="N",
                    help="train on N training samples, a seeded stratified random subset (quick checks)")
-    g.add_argument("--eval-subset", type=_non_negative_int, default=None, metavar="N",
+    g.add_argument("--eval-subset", type=non_negative_int, default=None, metavar="N",
                    help="test on N test samples, a seeded stratified random subset (quick checks); 0: the whole "
                         "test set (e.g. --eval-only of a run trained with a subset)")
     g.add_argument("--pad-mode", choices=("zero", "reflect"), default="zero",
                    help="padding of the training RandomCrop: zeros (torchvision's default), or the border "
                         "reflected as FFL/DCCL/CMFF's Pad(4, reflect) (their presets' default)")
-    g.add_argument("--val-split", type=int, default=0, metavar="N",
+    g.add_argument("--val-split", type=non_negative_int, default=0, metavar="N",
                    help="hold out N training samples (stratified, seeded) to select `best`; "
                         "the test set is then only reported")
 
     o = p.add_argument_group(f"optimisation (defaults: recipe '{recipe}')")
     o.add_argument("--recipe", default=recipe, choices=sorted(RECIPES),
                    help="a paper's protocol; its values are the defaults of the options below")
-    o.add_argument("--epochs", type=_positive_int, help="training epochs")
-    o.add_argument("--batch-size", type=_positive_int, help="training batch per process (per GPU under torchrun)")
-    o.add_argument("--eval-batch-size", type=_positive_int, default=None, help="default: 2 x batch size")
-    o.add_argument("--lr", type=float, help="peak learning rate")
+    o.add_argument("--epochs", type=positive_int, help="training epochs")
+    o.add_argument("--batch-size", type=positive_int, help="training batch per process (per GPU under torchrun)")
+    o.add_argument("--eval-batch-size", type=positive_int, default=None, help="default: 2 x batch size")
+    o.add_argument("--lr", type=non_negative, help="peak learning rate")
     o.add_argument("--lr-schedule", choices=("cosine", "multistep", "sgdr"),
                    help="per-epoch cosine to 0; x0.1 at each milestone; or cosine with warm restarts (SGDR)")
     o.add_argument("--milestones", type=_milestones, nargs="+", action=_Milestones, metavar="E",
                    help="epochs of the multistep decay, as '150 225' or '150,225'")
-    o.add_argument("--sgdr-t0", type=_positive_int, metavar="E",
+    o.add_argument("--sgdr-t0", type=positive_int, metavar="E",
                    help="SGDR: epochs of the first cosine cycle; each later cycle is twice as long, so the lr "
                         "restarts at T0, 3 T0, 7 T0, ... (unset: --epochs, one cosine without restart)")
-    o.add_argument("--weight-decay", type=float, help="SGD weight decay (L2)")
-    o.add_argument("--momentum", type=float, help="SGD momentum")
+    o.add_argument("--weight-decay", type=non_negative, help="SGD weight decay (L2)")
+    o.add_argument("--momentum", type=number(at_least=0, below=1, why="1 and above never forget a gradient"),
+                   help="SGD momentum")
     o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum")
     p.set_defaults(**RECIPES[recipe])
 
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=0,
+    r.add_argument("--seed", type=number(int, at_least=0, below=2 ** 32, why="numpy's seed range"), default=0,
                    help="seeds python, numpy and torch: initial weights, data order, augmentation")
-    r.add_argument("--workers", type=int, default=4, help="DataLoader workers (torch loader only)")
+    r.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader workers (torch loader only)")
     r.add_argument("--loader", choices=("device", "torch"), default=None,
                    help="'device': uint8 data kept on the training device, augmented there in batch "
                         "(the default where the dataset fits); 'torch': a DataLoader with workers (the default "
                         "for ImageNet)")
     r.add_argument("--gpu", type=int, default=0, help="CUDA device index; -1 for the CPU (used anyway, with a "
                                                       "warning, when CUDA is absent). Under torchrun: LOCAL_RANK")
-    r.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    r.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads of torch's operators (torch.set_num_threads); unset: torch's choice, "
                         "the number of cores or $OMP_NUM_THREADS")
     r.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
@@ -237,46 +279,11 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     return p
 
 
-# Flags whose values are never negative (numpy refuses negative seeds; SGD refuses the rest).
-NON_NEGATIVE = ("lr", "momentum", "weight_decay", "seed", "workers")
-
-
-def is_temperature(dest: str) -> bool:
-    """A softmax temperature flag, by the repository's naming: ``--kd-T``, ``--sim-T``, ``--nce-t``."""
-    return dest == "T" or dest.lower().endswith("_t")
-
-
-def check_values(args: argparse.Namespace) -> None:
-    """Refuse values no run could use, in one line each, right after parsing (before any data or model):
-    NaN or infinite numbers in any flag; negative lr, momentum, weight decay (every ``*weight_decay`` flag),
-    seed or workers; momentum >= 1; a temperature (every ``*_T``/``*_t`` flag) <= 0. Warns when multistep
-    milestones lie beyond --epochs."""
-    from .errors import UserError
-
-    for dest, value in vars(args).items():
-        flag = "--" + dest.replace("_", "-")
-        numbers = value if isinstance(value, (list, tuple)) else [value]
-        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-            shown = " ".join(map(str, numbers))
-            raise UserError(f"{flag} must be a finite number; got {shown}")
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            continue
-        if dest == "momentum" and value >= 1:
-            raise UserError(f"--momentum must lie in [0, 1); got {value} (1 and above never forget a gradient)")
-        if (dest in NON_NEGATIVE or dest.endswith("weight_decay")) and value < 0:
-            raise UserError(f"{flag} must be >= 0; got {value}")
-        if is_temperature(dest) and not value > 0:
-            raise UserError(f"{flag} is a temperature and must be > 0; got {value} (the softmax divides by it)")
-    if args.seed >= 2 ** 32:
-        raise UserError(f"--seed must be below 2**32 (numpy's limit); got {args.seed}")
-    if args.lr_schedule == "multistep":
-        late = [m for m in args.milestones if m >= args.epochs]
-        if late:
-            warnings.warn(f"--milestones {' '.join(map(str, late))} lie at or beyond --epochs {args.epochs}, so the "
-                          "lr never decays there; pass milestones below --epochs")
-
-
 def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line of ``method_cls``'s script: a value outside its flag's range, an unknown flag or a
+    malformed --arch list exits with argparse's one line (SystemExit 2). Warns about --milestones that
+    cannot act."""
+    import sys
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe", default=method_cls.recipe)
@@ -288,29 +295,38 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     parser = build_parser(method_cls, recipe, preset, known.arch)
     args = parser.parse_args(argv, argparse.Namespace(num_peers=None))   # num_peers None: not on the command line
     _peer_list(parser, args, method_cls)
-    check_values(args)
     if args.eval_subset == 0:
         args.eval_subset = None             # the whole test set, as when the flag is left out
-    from .run_dir import given_options     # (run_dir imports this module)
     if args.lr_schedule != "multistep" and "milestones" in given_options(method_cls, argv):
         warnings.warn("--milestones apply to --lr-schedule multistep only; this run's schedule is "
                       f"{args.lr_schedule}, so they are ignored (add --lr-schedule multistep to use them)")
+    elif args.lr_schedule == "multistep" and any(m >= args.epochs for m in args.milestones):
+        late = " ".join(str(m) for m in args.milestones if m >= args.epochs)
+        warnings.warn(f"--milestones {late} lie at or beyond --epochs {args.epochs}, so the lr never decays there; "
+                      "pass milestones below --epochs")
     return args
+
+
+def given_options(method_cls, argv: Sequence[str]) -> dict:
+    """The options given explicitly in ``argv`` (not left to a default), by argument name."""
+    parser = build_parser(method_cls, method_cls.recipe)
+    parser._defaults.clear()             # recipe and preset defaults (shared by the argument groups)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    known, _ = parser.parse_known_args(list(argv))
+    return vars(known)
 
 
 def _peer_list(parser: argparse.ArgumentParser, args: argparse.Namespace, method_cls) -> None:
     """``--arch a,b,c``: one architecture per peer. The list's length is the number of peers; an explicit
     --num-peers must agree. A list of one repeated name is that name (N copies)."""
-    from models.peers import arch_names, normalize_arch
+    from models.peers import normalize_arch
     explicit = args.num_peers
     if method_cls.num_peers is None:
         del args.num_peers                  # a single-network method has no such flag
     elif args.num_peers is None:
         args.num_peers = parser.get_default("num_peers")
-    try:
-        names = arch_names(args.arch)
-    except ValueError as e:
-        parser.error(str(e))
+    names = args.arch.split(",")
     args.arch = normalize_arch(names)
     if len(names) == 1:
         return

@@ -1,34 +1,62 @@
-"""The run's configuration, read-only once resolved.
+"""The run's configuration, read-only once resolved, and the run's identity, which is its configuration.
 
-``parse_args`` gives an argparse namespace; the Trainer resolves every default that depends on other
-flags, on the method or on the dataset (the method's ``check_args`` fills in its own, e.g. MCL-OKD's
-``--nce-k`` from ``--arch``), then freezes it into a :class:`RunConfig`. Method code reads it as before
-(``self.args.kd_T``); assigning to it raises, and so does reading a field that does not exist, so a
-misspelt name fails at once instead of silently falling back to a default.
+``resolve`` fills in every default that depends on other flags, on the method or on the dataset (the
+method's ``check_args`` fills in its own, e.g. MCL-OKD's ``--nce-k`` from ``--arch``), checks the flags that
+conflict, then freezes the result into a :class:`RunConfig`. Method code reads it (``self.args.kd_T``);
+assigning to it raises, and so does reading a field that does not exist, so a misspelt name fails at once.
+
+**Identity.** The default run directory is ``runs/<method>-<arch>-<dataset>-n<peers>-s<seed>``, followed by
+``-<hash>`` (8 hex digits of sha256) when any other *training option* differs from the method's defaults
+(:func:`run_name`): two commands that train differently never share a directory. Training options are
+every option except :data:`NOT_TRAINING` (what cannot change what is trained) and :data:`SPEED` (the same
+maths by other kernels); a resumed run must agree on every one (:func:`differences`), except ``--epochs``,
+which may grow with ``--extend-epochs``.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
-from typing import Any, Iterator
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .cli import given_options, parse_args
+from .errors import UserError
+
+# Options that cannot change what is trained: where the run lives and what this process does (--out,
+# --resume, --eval-only, --extend-epochs), a label (--tag), the device index (--gpu; -1 = the CPU), CPU
+# threads, DataLoader processes (--workers: the augmentation of a sample does not depend on them, see
+# data/loaders.py), the progress bar, where the dataset is read from (--data, --download: the dataset is
+# --dataset), a check (--num-classes), and the evaluation batch (--eval-batch-size: batch norm runs in eval
+# mode, so a prediction does not depend on the batch it is in).
+NOT_TRAINING = frozenset({"out", "resume", "eval_only", "extend_epochs", "tag", "gpu", "workers", "threads",
+                          "no_progress", "data", "download", "num_classes", "eval_batch_size"})
+# Speed options: the same maths computed by other kernels (the rounding of floats may differ, the
+# experiment does not). A run keeps its directory when one is switched on, and may be resumed with another
+# (checkpoints hold the plain layout of --grouped-peers either way).
+SPEED = frozenset({"channels_last", "compile", "cuda_graph", "sgd_impl", "grouped_peers"})
+# Names of bundles of defaults (the values they set are compared, not the names), and what the engine fills in.
+BUNDLES_AND_DERIVED = frozenset({"recipe", "preset", "views"})
+# What --eval-only may set besides NOT_TRAINING and SPEED: how a checkpoint is evaluated.
+EVALUATION = frozenset({"amp", "loader", "eval_subset"})
+# Options shown in the readable part of the name (not hashed).
+NAMED = ("arch", "dataset", "num_peers", "seed")
 
 
-class RunConfig:
-    """Frozen attribute access to the resolved flags of one run (``config.lr``, ``config.kd_T``)."""
-
-    __slots__ = ("_fields",)
+class RunConfig(argparse.Namespace):
+    """The resolved flags of one run (``config.lr``, ``config.kd_T``), read-only: assigning raises, and so
+    does reading a field that does not exist (with the closest names)."""
 
     def __init__(self, fields: dict):
-        object.__setattr__(self, "_fields", dict(fields))
+        self.__dict__.update(fields)
 
-    def __getattr__(self, name: str) -> Any:
-        fields = object.__getattribute__(self, "_fields")
-        try:
-            return fields[name]
-        except KeyError:
-            close = difflib.get_close_matches(name, list(fields), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise AttributeError(f"the run's configuration has no field {name!r}{hint}") from None
+    def __getattr__(self, name: str) -> Any:          # only for names that are not fields
+        close = difflib.get_close_matches(name, list(self.__dict__), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise AttributeError(f"the run's configuration has no field {name!r}{hint}")
 
     def __setattr__(self, name: str, value) -> None:
         raise AttributeError(f"the run's configuration is read-only once resolved (setting {name!r}); resolve "
@@ -37,45 +65,32 @@ class RunConfig:
     def __delattr__(self, name: str) -> None:
         raise AttributeError("the run's configuration is read-only once resolved")
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._fields
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._fields)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, RunConfig) and self._fields == other._fields
-
-    def __repr__(self) -> str:
-        return "RunConfig(" + ", ".join(f"{k}={v!r}" for k, v in self._fields.items()) + ")"
-
-    def __reduce__(self):
-        # copy, deepcopy and pickle rebuild through __init__ (the default path assigns the slot and is refused)
-        return (RunConfig, (self._fields,))
-
     def as_dict(self) -> dict:
         """A copy of every field (for checkpoints and results.json)."""
-        return dict(self._fields)
+        return dict(vars(self))
 
     def replace(self, **changes) -> "RunConfig":
         """A new configuration with ``changes`` (existing fields only)."""
-        unknown = [k for k in changes if k not in self._fields]
-        if unknown:
-            getattr(self, unknown[0])   # the AttributeError with its suggestion
-        return RunConfig({**self._fields, **changes})
+        for name in changes:
+            getattr(self, name)   # an unknown field: the AttributeError with its suggestion
+        return RunConfig({**vars(self), **changes})
 
 
 def resolve(method_cls, args) -> RunConfig:
-    """Resolve and freeze a parsed namespace (not modified; a RunConfig is accepted too): the method's
-    ``check_args`` (validation and its own defaults), then ``views`` (from the method), ``num_classes``
-    (from the dataset; a given value must agree), ``loader`` ('torch' for ImageNet, else 'device') and
-    ``eval_batch_size`` (2 x ``batch_size``). Raises ``UserError`` for flags that conflict."""
+    """Resolve and freeze a parsed namespace (not modified; a RunConfig is accepted too): the engine's
+    checks of flags that conflict, the method's ``check_args`` (its checks and its own defaults), then
+    ``views`` (1 unless the method set it), ``num_classes`` (from the dataset; a given value must agree),
+    ``loader`` ('torch' for ImageNet, else 'device') and ``eval_batch_size`` (2 x ``batch_size``). Raises
+    ``UserError`` for flags that conflict."""
     from data import dataset_info
-    from .errors import UserError
 
-    ns = argparse.Namespace(**(args.as_dict() if isinstance(args, RunConfig) else vars(args)))
+    ns = argparse.Namespace(**vars(args))
+    _check_engine_flags(ns)
+    if "," in ns.arch and not method_cls.mixed_archs:
+        raise UserError(f"--arch {ns.arch}: {method_cls.name}'s peers share layers, so they have one architecture; "
+                        "give one name")
     method_cls.check_args(ns)
-    ns.views = getattr(ns, "views", None) or method_cls.views   # check_args may set it (KDCL, PCL: one per peer)
+    ns.views = getattr(ns, "views", None) or 1
     num_classes = dataset_info(ns.dataset).num_classes
     if ns.num_classes is not None and ns.num_classes != num_classes:
         raise UserError(f"--num-classes {ns.num_classes} disagrees with {ns.dataset}, which has "
@@ -84,3 +99,165 @@ def resolve(method_cls, args) -> RunConfig:
     ns.loader = ns.loader or ("torch" if ns.dataset == "imagenet" else "device")
     ns.eval_batch_size = ns.eval_batch_size or 2 * ns.batch_size
     return RunConfig(vars(ns))
+
+
+def _check_engine_flags(a: argparse.Namespace) -> None:
+    """Engine flags that conflict with each other or with this machine (one line each)."""
+    import torch
+    gpu = torch.cuda.is_available() and a.gpu >= 0
+    if a.resume and a.eval_only:
+        raise UserError("--resume and --eval-only conflict: --eval-only evaluates a checkpoint without training")
+    if a.extend_epochs and not (a.resume and (a.out or a.resume != "auto")):
+        raise UserError("--extend-epochs continues an existing run: name it with --resume PATH/TO/last.pt (or "
+                        "--out DIR --resume auto); the default run directory depends on --epochs")
+    if a.lr_schedule == "multistep" and not a.milestones:
+        raise UserError("--lr-schedule multistep needs --milestones, e.g. --milestones 150 225")
+    if a.sync_bn and not gpu:
+        raise UserError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation); leave it out")
+    if a.amp == "fp16" and not gpu:
+        raise UserError("--amp fp16 needs a CUDA GPU; on the CPU use --amp bf16 or --amp off")
+    if a.cuda_graph:
+        if not gpu:
+            raise UserError("--cuda-graph needs a CUDA GPU; leave it out on the CPU")
+        if a.amp == "fp16":
+            raise UserError("--cuda-graph and --amp fp16 conflict: the fp16 loss scaler reads its overflow "
+                            "check on the host every step; use --amp bf16")
+        if a.compile:
+            raise UserError("--cuda-graph and --compile conflict: for compiled graphs use --compile "
+                            "reduce-overhead")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--cuda-graph is single-process for now (DDP's gradient all-reduce is not captured); "
+                            "leave it out under torchrun")
+
+
+def as_trained(method_cls, args: argparse.Namespace, argv: Sequence[str], saved: Mapping,
+               path: Path) -> argparse.Namespace:
+    """--eval-only: the parsed flags with the checkpoint's training options ``saved`` (arch, dataset, peers,
+    subset, method flags...) in place of the command's defaults. An option given on the command line that
+    disagrees is an error, except where the data is read from and how it is evaluated."""
+    given = given_options(method_cls, argv)
+    saved = training_options(saved)
+    free = NOT_TRAINING | SPEED | BUNDLES_AND_DERIVED | EVALUATION
+    wrong = [(k, saved[k], given[k]) for k in given if k in saved and k not in free and given[k] != saved[k]]
+    if wrong:
+        raise UserError(f"--eval-only evaluates {path} as trained: " + "; ".join(
+            f"it was trained with {flag(k)} {s}, not {n}" for k, s, n in wrong)
+            + ". Leave these flags out (only --data and evaluation options may be given)")
+    values = vars(args)
+    # the checkpoint's options, except the evaluation options this command gives (e.g. --eval-subset, --amp)
+    kept = {k: v for k, v in saved.items() if k in values and not (k in given and k in free)}
+    return argparse.Namespace(**{**values, **kept})
+
+
+# ---- identity ----------------------------------------------------------------------------------------------
+
+def flag(key: str) -> str:
+    """The command-line flag of an argument name: ``batch_size`` -> ``--batch-size``."""
+    return "--" + key.replace("_", "-")
+
+
+def training_options(args: Mapping) -> dict:
+    """The options of ``args`` (argument values, with the ``world_size`` they ran on) that can change what is
+    trained. ``--milestones`` and ``--sgdr-t0`` are left out under the schedules that do not read them, and
+    a ``loader`` left unset (older records) is left out."""
+    skip = NOT_TRAINING | SPEED | BUNDLES_AND_DERIVED
+    options = {k: v for k, v in args.items() if k not in skip}
+    if options.get("lr_schedule") != "multistep":
+        options.pop("milestones", None)
+    if options.get("lr_schedule") != "sgdr":
+        options.pop("sgdr_t0", None)
+    if options.get("loader", "") is None:
+        options.pop("loader")
+    return options
+
+
+def _canonical(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def default_options(method_cls, args) -> dict:
+    """The method's default training options for ``args``' arch and dataset, resolved as a run resolves
+    them (MCL-OKD's K and tau depend on them), for one process."""
+    defaults = parse_args(method_cls, ["--arch", args.arch, "--dataset", args.dataset])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            defaults = resolve(method_cls, defaults).as_dict()
+    except UserError:
+        defaults = vars(defaults)
+    return training_options({**defaults, "world_size": 1})
+
+
+def run_name(method_cls, config: RunConfig, world_size: int = 1) -> str:
+    """``<method>-<arch>-<dataset>[-n<peers>]-s<seed>[-<hash>]``: the hash (8 hex digits of sha256) covers
+    every training option other than the named ones whose value differs from the method's defaults for this
+    arch and dataset, so adding an option with a default keeps existing names."""
+    from models.peers import arch_tag      # resnet20,resnet20,wrn_16_2 -> resnet20x2+wrn_16_2
+    options = training_options({**config.as_dict(), "world_size": world_size})
+    defaults = default_options(method_cls, config)
+    peers = f"-n{options['num_peers']}" if "num_peers" in options else ""
+    name = f"{method_cls.name}-{arch_tag(options['arch'])}-{options['dataset']}{peers}-s{options['seed']}"
+    changed = {k: _canonical(v) for k, v in options.items()
+               if k not in NAMED and (k not in defaults or _canonical(defaults[k]) != _canonical(v))}
+    if changed:
+        text = json.dumps(changed, sort_keys=True, default=str)
+        name += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return name
+
+
+def runs_root() -> Path:
+    """Where run directories go without --out: ``$OKD_RUNS`` if set, else ``./runs`` in the current directory
+    (the same rule as the datasets' ``$OKD_DATASETS`` / ``./datasets``)."""
+    return Path(os.environ.get("OKD_RUNS") or "runs")
+
+
+def run_directory(method_cls, config: RunConfig, world_size: int) -> Path:
+    """--out; else the directory of the checkpoint given to --resume or --eval-only; else runs/<name>."""
+    if config.out:
+        return Path(config.out)
+    if config.eval_only:
+        return Path(config.eval_only).parent
+    if config.resume and config.resume != "auto":
+        return Path(config.resume).parent
+    return runs_root() / run_name(method_cls, config, world_size)
+
+
+def differences(saved: Mapping, now: Mapping, defaults: Mapping,
+                extend_epochs: bool = False) -> list[tuple[str, object, object]]:
+    """Training options that differ between a checkpoint's arguments ``saved`` and this run's ``now`` (each
+    with its ``world_size``), as (key, saved value, new value). An option the checkpoint predates counts as
+    its default. ``--epochs`` may grow when ``extend_epochs``."""
+    saved_opts, now_opts = training_options(saved), training_options(now)
+    diffs = []
+    for key in list(now_opts) + [k for k in saved_opts if k not in now_opts]:
+        before = _canonical(saved_opts.get(key, defaults.get(key)))
+        after = _canonical(now_opts.get(key, defaults.get(key)))
+        if key == "epochs" and extend_epochs and after is not None and before is not None and after > before:
+            continue
+        if before != after:
+            diffs.append((key, before, after))
+    return diffs
+
+
+def describe_differences(diffs: Sequence[tuple[str, object, object]], against: str = "this command",
+                         hint: bool = True) -> str:
+    """``--subset 64 (this command: 512), --epochs 1 (this command: 2)``, and with ``hint`` the flag that
+    trains a run longer after a grown --epochs."""
+    def show(value):
+        return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    parts = []
+    for key, before, after in diffs:
+        part = f"{'world size' if key == 'world_size' else flag(key)} {show(before)} ({against}: {show(after)})"
+        if hint and key == "epochs" and isinstance(before, int) and isinstance(after, int) and after > before:
+            part += " [to train longer, add --extend-epochs]"
+        parts.append(part)
+    return ", ".join(parts)
+
+
+def recorded_differences(method_cls, config: RunConfig, recorded: Mapping,
+                         world_size: int = 1) -> list[tuple[str, object, object]]:
+    """How a run's recorded arguments (a checkpoint's or results.json's ``args``, and ``world_size``) differ
+    from ``config`` on ``world_size`` processes: the comparison a resume makes."""
+    saved = dict(recorded.get("args") or {}, world_size=recorded.get("world_size", 1))
+    return differences(saved, {**config.as_dict(), "world_size": world_size}, default_options(method_cls, config),
+                       extend_epochs=config.extend_epochs)

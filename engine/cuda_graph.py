@@ -9,9 +9,9 @@ the pattern of the PyTorch CUDA-graph notes ("whole-network capture"):
 * every batch is copied into static input tensors, then the graph is replayed.
 
 The captured step is the engine's ``Trainer._step``: the method's ``train_step`` (its own or the default
-one), the loss scaler's update and the method's ``after_step``. The temporal means (``engine/ema.py``)
+one), the loss scaler's update and the method's ``after_step``. The temporal means (``models/temporal_mean.py``)
 are updated after each replay, eagerly. Python numbers read during the step (the lr, the ramp-up
-weights of ``on_epoch_start``) are frozen into the capture, so the step is captured again at the start
+weights computed from the epoch) are frozen into the capture, so the step is captured again at the start
 of every epoch; a capture costs about one step. Everything inside the step must stay on the device: no
 ``.item()``, no host-side randomness, no shapes or Python branches that depend on the data (the rules
 for method authors are in ``engine/method.py``). A batch of another shape (a last partial batch) runs eagerly. A step that cannot
@@ -21,32 +21,15 @@ a process whose capture failed is not safe.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
-
-
-def tree_map(fn: Callable[[torch.Tensor], Any], obj):
-    """``fn`` on every tensor of a (named) tuple / list / dict tree."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: tree_map(fn, v) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(tree_map(fn, v) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(tree_map(fn, v) for v in obj)
-    return obj
-
-
-def tree_tensors(obj) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    tree_map(out.append, obj)
-    return out
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 def shapes(obj) -> list[tuple]:
-    return [(t.shape, t.dtype, t.stride()) for t in tree_tensors(obj)]
+    """Shape, dtype and strides of every tensor of a (named) tuple / list / dict tree: a new capture when they change."""
+    return [(t.shape, t.dtype, t.stride()) for t in tree_leaves(obj)]
 
 
 class CaptureError(RuntimeError):
@@ -104,7 +87,7 @@ class GraphedStep:
             self.eager_batches += 1
             return self.step(batch, epoch)
         else:
-            for static, new in zip(tree_tensors(self.static_in), tree_tensors(batch)):
+            for static, new in zip(tree_leaves(self.static_in), tree_leaves(batch)):
                 static.copy_(new, non_blocking=True)
         self.graph.replay()
         self.replays += 1

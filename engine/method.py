@@ -1,12 +1,12 @@
-"""The contract between a method script and the engine.
+"""The contract between a method script and the engine: docs/engine.md has every attribute and hook with the
+methods that use it, one training step in order, and the rules a step follows.
 
 A method says how to build its modules, the loss of one batch as named terms, and which logits to
 evaluate. Everything else (data, loop, precision, devices, checkpoints, logging) is the engine's.
 
     class DML(Method):
-        name = "dml"
-        def build(self, args, num_classes):
-            return Peers(args.arch, num_classes, args.num_peers)
+        def build(self):
+            return Peers(self.args.arch, self.num_classes, self.args.num_peers)
         def loss(self, model, batch, epoch):
             out = model(batch.images)
             return {"ce": ..., "kd": ...}
@@ -14,48 +14,11 @@ evaluate. Everything else (data, loop, precision, devices, checkpoints, logging)
 ``model`` is ``self.model``, possibly wrapped (DDP), so a method always calls it rather than
 ``self.model`` in ``loss``, ``train_step`` and ``eval_logits``.
 
-One training step, in the order the engine runs it:
-
-1. ``method.train_step(model, batch, epoch, step)``: the default computes ``loss`` under autocast,
-   zeroes every optimizer, back-propagates the sum of the terms through the AMP scaler and steps every
-   optimizer. A method with its own step (several backward passes, optimizers stepped alternately,
-   GAN-style updates) overrides it and uses the :class:`StepContext` ``step`` for autocast, backward
-   and optimizer steps, so AMP (the fp16 loss scaler), DDP and CUDA graphs keep working. It returns the
-   named terms to log (tensors; their sum is logged as ``loss`` and checked for NaN each epoch).
-2. the engine's ``scaler.update()`` (once, fp16 only).
-3. ``method.after_step(model, batch, epoch)`` under ``torch.no_grad()``: updates that must see the
-   stepped weights or must not disturb this step's backward (memory banks, queues).
-4. every :class:`engine.ema.TemporalMean` among ``extra_modules()`` is updated from its live module.
-
-Rules for ``loss``, ``train_step`` and ``after_step`` (``--cuda-graph`` captures 1-3 as one CUDA
-graph per epoch and replays it for every batch; without ``--cuda-graph`` they keep the GPU busy):
-
-* **No host synchronisation**: no ``.item()``, ``.tolist()``, ``bool(tensor)``, ``if tensor > 0:``,
-  ``print(tensor)`` or ``.cpu()``; keep everything a tensor on the device (``torch.where`` instead of
-  ``if``). Step statistics go into the returned terms, which the engine averages on the device.
-* **No CPU randomness**: draw from torch's device generator (``torch.rand(..., device=...)``), never
-  ``random`` / ``numpy`` / a CPU tensor, whose draws a replayed graph would repeat.
-* **No data-dependent Python control flow or shapes**: the same kernels must run for every batch of a
-  given shape. Python numbers read in the step (the lr, ramp-up weights set in ``on_epoch_start``, the
-  epoch) are fixed for the epoch, which is when the graph is captured again.
-* Optimizers are stepped through ``step.step(...)`` and gradients scaled through ``step.backward``;
-  never call ``optimizer.step()`` or ``loss.backward()`` directly (the fp16 scaler would be bypassed).
-* State changed in the step lives in tensors updated in place (``buffer.copy_``), not in new Python
-  attributes, except references to tensors of this step handed from ``train_step`` to ``after_step``.
-
-Per epoch: ``on_epoch_start(epoch)`` before it, ``on_epoch_end(epoch, evaluator)`` after it (every rank,
-before the epoch's evaluation and checkpoint); ``evaluator.predict("val")`` gives every head's logits on
-the held-out ``--val-split`` set.
-
-**``name`` is the method's identity**: the default run directory ``runs/<name>-<arch>-...``, the ``method``
-of its checkpoints and results, and the script a checkpoint must be resumed or evaluated with
-(``train_<name>.py``). Left unset, it is the file name of the script that defines the class, without
-``train_`` (``train_dml.py`` -> ``dml``; a class defined in the script being run, ``python my_idea.py``,
--> ``my_idea``); a subclass defined elsewhere (a test, a helper module) keeps its parent's. So a copy of
-``train_dml.py`` saved as ``train_dml_mykd.py`` is a new method, ``dml_mykd``: its runs and checkpoints
-never mix with DML's. Set ``name`` in the class only to say that a script trains the same method as
-another one (its checkpoints are interchangeable with that method's); leave it unset when you copy a
-script to try an idea.
+**A method's identity is its file name**: ``train_dml.py`` is the method ``dml``, the name of its default
+run directory, the ``method`` of its checkpoints and results, and the script they are resumed and evaluated
+with. A class defined in the script being run (``python my_idea.py``) is named after that file; a subclass
+defined elsewhere (a test, a helper module) keeps its parent's. So a copy of ``train_dml.py`` saved as
+``train_dml_mykd.py`` is a new method, ``dml_mykd``. A class cannot set ``name`` itself.
 """
 from __future__ import annotations
 
@@ -68,6 +31,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+from .errors import UserError
 
 
 @dataclass
@@ -93,11 +58,10 @@ def peer_heads(logits: list[torch.Tensor], ensemble: bool = True) -> dict[str, t
     return heads
 
 
-def script_method_name(module_name: str) -> Optional[str]:
+def _name_from_file(module_name: str) -> Optional[str]:
     """The method name a class defined in module ``module_name`` gets from its file: ``train_<x>.py`` -> x,
     the script being run (``__main__``) -> its file name; None for any other module (a test, a library)."""
-    module = sys.modules.get(module_name)
-    path = getattr(module, "__file__", None)
+    path = getattr(sys.modules.get(module_name), "__file__", None)
     if not path:
         return None
     stem = Path(path).stem
@@ -152,29 +116,30 @@ class StepContext:
 
 
 class Method:
-    """Base class of every method. Subclasses set the class attributes and implement ``build`` and ``loss``."""
+    """Base class of every method. Subclasses set the class attributes they need and implement ``build``
+    and ``loss``."""
 
-    name: str = "method"                # the method's identity; unset in a subclass: see the module docstring
-    script: Optional[str] = None        # the file of the train_*.py script (or __main__) that defines the method
+    name: str = "method"                # the method's identity: its file name, set here (module docstring)
+    script: Optional[str] = None        # the train_*.py script (or __main__) that defines the method
     recipe: str = "okd"                 # default protocol (engine.cli.RECIPES)
     num_peers: Optional[int] = 2        # default --num-peers; None: a single network, no such flag
-    min_peers: int = 1
+    min_peers: int = 1                  # the smallest --num-peers the method can train
     best_metric: str = "ensemble"       # head whose top-1 selects best.pt
-    views: int = 1                      # augmented views per sample the loader should deliver
-    find_unused_parameters: bool = False
     presets: dict = {}                  # name -> defaults of the method's flags (a published variant); first = default
-    state_keys: tuple = ()             # attributes (nn.Modules outside the model, e.g. memory banks) checkpointed too
+    state_keys: tuple = ()              # attributes holding modules outside the model (memory banks, discriminators,
+                                        # temporal means): moved to the device and checkpointed with the model
     groupable_peers: bool = True        # False when the method reaches into the peers' layers (--grouped-peers)
     mixed_archs: bool = False           # True: independent peers that may differ in architecture (--arch a,b)
     needs_every_class: bool = False     # True: the loss needs training samples of every class (a --subset leaving one out is refused)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        derived = script_method_name(cls.__module__)
+        if "name" in cls.__dict__:
+            raise TypeError(f"{cls.__qualname__} sets `name`: a method's identity is its file name "
+                            "(train_<name>.py); remove the line")
+        derived = _name_from_file(cls.__module__)
         if derived is not None:
-            cls.script = sys.modules[cls.__module__].__file__
-            if "name" not in cls.__dict__:
-                cls.name = derived
+            cls.name, cls.script = derived, sys.modules[cls.__module__].__file__
 
     def __init__(self, args: argparse.Namespace, num_classes: int, n_train: int, image_size: int = 32,
                  train_labels: Optional[torch.Tensor] = None):
@@ -185,16 +150,12 @@ class Method:
         # CPU int64 label of every training sample, in sample-index (Batch.index) order; None when the
         # method is built outside the Trainer. Class-aware negative sampling (MCL-OKD) needs it from step 1.
         self.train_labels = train_labels
-        self.model: nn.Module = self.build(args, num_classes)
+        self.model: nn.Module = self.build()
 
     # ---- to implement -------------------------------------------------------------------------
     @classmethod
     def add_arguments(cls, parser: argparse._ArgumentGroup) -> None:
-        """Add the method's own flags."""
-
-    @classmethod
-    def describe(cls) -> str:
-        return (cls.__doc__ or cls.name).strip()
+        """Add the method's own flags, each with its valid range as its ``type`` (``engine.cli.number``)."""
 
     @classmethod
     def preset_values(cls, preset: str, arch: str) -> dict:
@@ -204,12 +165,14 @@ class Method:
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> None:
-        """Raise engine.UserError for flags that conflict (beyond what argparse checks), and fill in the
-        defaults of the method's flags that depend on others (``args.nce_k = ...``): it runs on the parsed
-        namespace before the run's configuration is frozen (engine/config.py); ``self.args`` is read-only."""
+        """Raise engine.UserError for flags that conflict with each other (a single flag's range is its
+        ``type``), and fill in the defaults of the method's flags that depend on others (``args.nce_k =
+        ...``; ``args.views``: augmented views per sample, default 1). It runs on the parsed namespace
+        before the run's configuration is frozen (engine/config.py); ``self.args`` is read-only."""
 
-    def build(self, args: argparse.Namespace, num_classes: int) -> nn.Module:
-        """Return one nn.Module holding every trainable part (peers, gates, heads, fusion modules)."""
+    def build(self) -> nn.Module:
+        """Return one nn.Module holding every trainable part (peers, gates, heads, fusion modules), from
+        ``self.args``, ``self.num_classes`` and ``self.image_size``."""
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch, epoch: int) -> dict[str, torch.Tensor]:
@@ -231,7 +194,12 @@ class Method:
     def train_step(self, model: nn.Module, batch, epoch: int, step: StepContext) -> dict[str, torch.Tensor]:
         """One optimisation step; returns the named terms to log (their sum is logged as ``loss``).
         Default: the terms of ``loss`` under autocast, one backward of their sum, every optimizer.
-        Follow the rules in this module's docstring when overriding."""
+
+        ``loss``, ``train_step`` and ``after_step`` may be captured as one CUDA graph (``--cuda-graph``), so
+        they never synchronise with the host (no ``.item()``, ``bool(tensor)``, ``.cpu()``), never draw from
+        CPU generators, have no data-dependent Python branches or shapes, step optimizers through
+        ``step.step`` and back-propagate through ``step.backward`` (the fp16 scaler), and keep state in
+        tensors updated in place (docs/engine.md)."""
         with step.autocast():
             terms = self.loss(model, batch, epoch)
         step.zero_grad()
@@ -243,9 +211,6 @@ class Method:
         """Called after the optimizers of every step, under ``torch.no_grad()`` (memory-bank updates and
         the like). Default: nothing."""
 
-    def on_epoch_start(self, epoch: int) -> None:
-        """Called before each training epoch (ramp-ups and the like)."""
-
     def on_epoch_end(self, epoch: int, evaluator) -> None:
         """Called on every rank after each training epoch, before the epoch's evaluation and checkpoint.
         ``evaluator.predict(split)`` (split "val" or "test") returns ``(logits, labels)``: head name ->
@@ -253,37 +218,10 @@ class Method:
         split's order, gathered over every rank; ``UserError`` if the run has no such split (``--val-split
         0``). Default: nothing."""
 
-    def extra_modules(self) -> dict[str, nn.Module]:
-        """Stateful modules outside the model (not trained by back-propagation, e.g. memory banks)."""
-        return {key: getattr(self, key) for key in self.state_keys}
-
-    def to(self, device: torch.device, memory_format=None) -> "Method":
-        from .ema import TemporalMean
-        self.model.to(device)
-        if memory_format is not None:
-            self.model.to(memory_format=memory_format)
-        for module in self.extra_modules().values():
-            module.to(device)
-            if memory_format is not None and isinstance(module, TemporalMean):
-                module.to(memory_format=memory_format)   # a copy of (part of) the model: same layout
-        return self
-
-    def state_dict(self) -> dict:
-        state = {"model": self.model.state_dict()}
-        state.update({key: module.state_dict() for key, module in self.extra_modules().items()})
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        for key, module in self.extra_modules().items():
-            module.load_state_dict(state[key])
-
 
 def load_method(name: str) -> type[Method]:
     """The Method class of ``train_<name>.py`` (the repository root must be on ``sys.path``)."""
     import importlib
-
-    from .errors import UserError
     try:
         module = importlib.import_module(f"train_{name}")
     except ModuleNotFoundError as e:

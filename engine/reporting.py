@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 
 class Reporter:
@@ -17,7 +16,7 @@ class Reporter:
             print(text, flush=True)
 
     def tensorboard(self, epoch: int, record: dict) -> None:
-        """Every training term, lr and evaluated metric of 0-based ``epoch``, at step epoch + 1."""
+        """Every training term, speed figure, lr and evaluated metric of 0-based ``epoch``, at step epoch + 1."""
         if not self.is_main:
             return
         if self.writer is None:
@@ -25,6 +24,8 @@ class Reporter:
             self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=epoch + 1)
         for name, value in record["train"].items():
             self.writer.add_scalar(f"train/{name}", value, epoch + 1)
+        for name, value in record["speed"].items():
+            self.writer.add_scalar(f"speed/{name}", value, epoch + 1)
         for name, value in record["lr"].items():
             self.writer.add_scalar(f"lr/{name}", value, epoch + 1)
         for split in ("val", "test"):
@@ -37,30 +38,33 @@ class Reporter:
             self.writer.close()
 
     def summary_line(self, record: dict) -> str:
-        train = record["train"]
-        terms = " ".join(f"{k} {v:.3f}" for k, v in train.items() if k not in ("loss", "images_per_s", "epoch_s"))
+        train, speed = record["train"], record["speed"]
+        terms = " ".join(f"{k} {v:.3f}" for k, v in train.items() if k != "loss")
         heads = " ".join(f"{k[:-5]} {v:.2f}" for k, v in record["test"].items() if k.endswith("/top1"))
         val = ""
         if "val" in record:
             val = f" | val {record['val'][self.best_head + '/top1']:.2f}"
         lr = next(iter(record["lr"].values()))
         return (f"epoch {record['epoch']}/{self.epochs} lr {lr:.4g} loss {train['loss']:.3f} ({terms}) | "
-                f"test top1 {heads}{val} | {train['epoch_s']:.1f}s {train['images_per_s']:.0f} img/s")
+                f"test top1 {heads}{val} | {speed['epoch_s']:.1f}s {speed['images_per_s']:.0f} img/s")
 
     def epoch(self, epoch: int, record: dict) -> None:
         self.tensorboard(epoch, record)
         self.log(self.summary_line(record))
 
-    def final_table(self, history, archs: Optional[dict] = None) -> None:
-        """Best and last top-1 (and last top-5) of every head; ``archs``: head -> architecture, printed after it."""
-        if not history.records or history.best is None:
+    def final_table(self, results: dict) -> None:
+        """Best and last top-1 (and last top-5) of every head of a run's ``results`` (results.json), each
+        peer's architecture after it when the peers differ."""
+        best, last = results["best"], results["last"]
+        if not best or not last:
             return
-        last = history.records[-1]["test"]
-        best = history.best
-        heads = [k[:-5] for k in last if k.endswith("/top1")]
+        archs = results.get("peer_archs") or {}
+        archs = archs if len(set(archs.values())) > 1 else {}
+        heads = [k[:-5] for k in last["test"] if k.endswith("/top1")]
+        selection = results["selection"]
         lines = [f"{'head':<12} {'best top1':>9} {'last top1':>9} {'last top5':>9}   "
-                 f"(best = epoch {best['epoch']}, selected on {history.split} {history.metric})"]
+                 f"(best = epoch {best['epoch']}, selected on {selection['split']} {selection['metric']})"]
         for h in heads:
-            lines.append(f"{h:<12} {best['test'][h + '/top1']:9.2f} {last[h + '/top1']:9.2f} "
-                         f"{last[h + '/top5']:9.2f}" + (f"   {archs[h]}" if archs and h in archs else ""))
+            lines.append(f"{h:<12} {best['test'][h + '/top1']:9.2f} {last['test'][h + '/top1']:9.2f} "
+                         f"{last['test'][h + '/top5']:9.2f}" + (f"   {archs[h]}" if h in archs else ""))
         self.log("\n".join(lines) + f"\nresults: {self.out / 'results.json'}")

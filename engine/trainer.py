@@ -1,41 +1,38 @@
 """The one training loop every method uses.
 
-``Trainer(method_cls, args)`` sets a run up (engine/setup.py: device, seeding, DDP, optimizers; the
-configuration resolved and frozen, engine/config.py); ``fit()`` trains: for every epoch ``train_epoch``,
-the method's ``on_epoch_end``, ``evaluate`` on the test (and validation) split, then the run's records
-(engine/records.py: checkpoints, results.json) and reports (engine/reporting.py: console, TensorBoard).
-``evaluate_only()`` evaluates a checkpoint.
+``Trainer(method_cls, args)`` sets a run up: the configuration resolved and frozen (engine/config.py), the
+device, seeding and DDP, the data, the method's model and its optimizers (engine/optim.py), and the
+:class:`~engine.run.Run` that owns the run directory. ``fit()`` trains: for every epoch ``train_epoch``,
+the method's ``on_epoch_end``, ``evaluate`` on the test (and validation) split, the console and TensorBoard
+line (engine/reporting.py), then the Run saves the state the loop hands it. ``evaluate_only()`` evaluates
+a checkpoint. ``main()`` is the command line: errors that are the user's to fix, interrupts and warnings
+print as one line.
 """
 from __future__ import annotations
 
-import json
 import math
-import shlex
+import random
 import signal
 import sys
 import time
-import uuid
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
+from torch import nn
 
-from . import records
 from .checkpoint import load_checkpoint
 from .cli import parse_args
-from .config import resolve
-from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
-from .ema import temporal_means
+from .config import as_trained, resolve, run_directory
+from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
+from models.temporal_mean import TemporalMean
 from .errors import UserError
 from .method import Method, StepContext
-from .run_dir import Interrupted, raise_interrupted
+from .optim import Optimization
 from .reporting import Reporter
-from .setup import (Optimization, as_trained, check_args, group_peers, lr_factor, run_directory, seed_everything,
-                    select_device, sgd_implementation, wrap)
-
-__all__ = ["Trainer", "train", "main", "lr_factor", "sgd_implementation", "topk_correct"]
+from .run import Run, library_versions
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -46,27 +43,27 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torc
 
 
 class Trainer:
-    """Builds data, method and optimizers from the parsed arguments; ``fit()`` trains, ``evaluate_only()`` evaluates."""
+    """Builds data, method and optimizers from the parsed arguments; ``fit()`` trains, ``evaluate_only()``
+    evaluates."""
 
     def __init__(self, method_cls: type[Method], args, argv: Optional[Sequence[str]] = None):
         from data import build_loaders
-        from models import model_entry
-        from models.peers import arch_names
+        from models.peers import peer_archs
 
         self.method_cls = method_cls
-        self.argv = list(sys.argv[1:] if argv is None else argv)   # the command, for the record
+        argv = list(sys.argv[1:] if argv is None else argv)   # the command, for the record
         self.eval_ckpt = None
         if args.eval_only and not args.resume:   # evaluated as trained: the checkpoint's options
             self.eval_ckpt = load_checkpoint(args.eval_only)
-            args = as_trained(method_cls, args, self.argv, self.eval_ckpt)
-        check_args(args, method_cls)
+            if self.eval_ckpt["method"] != method_cls.name:
+                raise UserError(f"{args.eval_only} was saved by train_{self.eval_ckpt['method']}.py; evaluate it "
+                                "with that script")
+            args = as_trained(method_cls, args, argv, self.eval_ckpt["args"], Path(args.eval_only))
         self.args = args = resolve(method_cls, args)   # read-only from here on
-        for name in arch_names(args.arch):
-            model_entry(name)  # unknown architecture: the listing error before anything heavy
         if args.threads:
             torch.set_num_threads(args.threads)
         self.device = select_device(args)
-        self.dist: DistEnv = init_distributed(self.device.type == "cuda")
+        self.dist = init_distributed(self.device.type == "cuda")
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.is_main = self.dist.is_main
@@ -80,48 +77,40 @@ class Trainer:
         self.method = method_cls(args, info.num_classes, self.loaders.n_train, info.image_size,
                                  train_labels=self.loaders.train.labels)
         if args.grouped_peers:
-            group_peers(self.method, args.arch)
+            group_peers(self.method, self.modules, args.arch)
         self.memory_format = torch.channels_last if args.channels_last else None
-        self.method.to(self.device, self.memory_format)
+        for key, module in self.modules.items():
+            module.to(self.device)
+            if self.memory_format is not None and (key == "model" or isinstance(module, TemporalMean)):
+                module.to(memory_format=self.memory_format)   # a temporal mean is a copy of (part of) the model
         self.model = wrap(self.method, args, self.dist, self.device)
         if args.compile:
             self.model = torch.compile(self.model, mode=None if args.compile == "default" else args.compile)
         self.optimization = Optimization(self.method.optim_groups(), args, self.dist.world_size, self.device)
-        self.optimizers, self.schedulers = self.optimization.optimizers, self.optimization.schedulers
+        self.optimizers = self.optimization.optimizers
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-        self.step_context = StepContext(self.optimizers, self.scaler, self.device.type, self.autocast_dtype)
-        self.means = temporal_means(self.method.extra_modules())
+        self.step_context = StepContext(self.optimizers, self.scaler, self.device.type,
+                                        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp))
+        self.means = [m for m in self.modules.values() if isinstance(m, TemporalMean)]
         self.graphed = None
         if args.cuda_graph:
             from .cuda_graph import GraphedStep
             self.graphed = GraphedStep(self._step, list(self.optimizers.values()), self.device)
         self.best_head = args.best_metric or method_cls.best_metric
-        self.out = run_directory(method_cls, args, self.dist.world_size).absolute()
-        self.start_epoch = 0
-        self.history = records.History("val" if self.loaders.val is not None else "test", f"{self.best_head}/top1")
-        self.report = Reporter(self.out, self.is_main, args.epochs, self.best_head)
-        self.provenance = {"git_commit": records.git_commit(),   # once, not per epoch
-                           "versions": records.library_versions(self.device)}
-        self.run_id = uuid.uuid4().hex      # a resumed run takes its checkpoint's
-        self.processes: list[dict] = []     # every process that trained the run (results.json)
-        self.process: Optional[dict] = None
-        self.lock = None
+        out = run_directory(method_cls, args, self.dist.world_size)
+        archs = ({f"peer{i + 1}": n for i, n in enumerate(peer_archs(args.arch, args.num_peers))}
+                 if method_cls.num_peers is not None else None)
+        self.run = Run(out, method_cls, args, argv, self.dist.world_size, self.dist.rank,
+                       about={"peer_archs": archs, "data": self.loaders.record,
+                              "versions": library_versions(self.device)})
+        self.report = Reporter(self.run.folder, self.is_main, args.epochs, self.best_head)
 
     @property
-    def script_name(self) -> str:
-        return Path(self.method_cls.script or sys.argv[0]).name
-
-    @property
-    def command(self) -> str:
-        return shlex.join([self.script_name] + self.argv)
+    def modules(self) -> dict[str, nn.Module]:
+        """The method's state: its model and the modules named in its ``state_keys``."""
+        return {"model": self.method.model, **{k: getattr(self.method, k) for k in self.method.state_keys}}
 
     # ---- one step -------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def _format(self, images):
         if self.memory_format is None:
             return images
@@ -153,15 +142,16 @@ class Trainer:
             return self.graphed(batch, epoch)
         except CaptureError as e:
             raise UserError(f"--cuda-graph: {self.method_cls.name}'s training step could not be captured as a CUDA "
-                            f"graph ({e}). {self.out / 'last.pt'} holds the last finished epoch: continue "
+                            f"graph ({e}). {self.run.folder / 'last.pt'} holds the last finished epoch: continue "
                             "without --cuda-graph (--resume auto)") from None
 
     # ---- one epoch ------------------------------------------------------------------------------
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def train_epoch(self, epoch: int) -> tuple[dict[str, float], dict[str, float]]:
+        """Train one epoch; returns the mean of every loss term (and ``loss``, their sum) over the epoch and
+        every rank, and its speed: ``images`` trained (all ranks), ``epoch_s`` and ``images_per_s``."""
         from tqdm import tqdm
 
         self.model.train()
-        self.method.on_epoch_start(epoch)
         loader = self.loaders.train
         loader.set_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
@@ -171,32 +161,27 @@ class Trainer:
         start = time.perf_counter()
         for batch in bar:
             terms, total = self.train_step(batch, epoch)
-            for name, value in terms.items():  # accumulated on the device: no host sync per step
+            for name, value in {**terms, "loss": total}.items():  # accumulated on the device: no host sync per step
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
-            sums["loss"] = sums.get("loss", 0.0) + total.detach().float()
             steps += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        for sched in self.schedulers.values():
+        for sched in self.optimization.schedulers.values():
             sched.step()
         names = list(sums)
         values = all_reduce_sum(torch.stack([sums[n] for n in names])) / (max(steps, 1) * self.dist.world_size)
-        stats = dict(zip(names, values.tolist()))
-        samples = loader.num_samples * self.dist.world_size
-        self.history.train_seconds += seconds
-        self.history.train_samples += samples
-        stats["images_per_s"] = samples / max(seconds, 1e-9)
-        stats["epoch_s"] = seconds
-        return stats
+        images = loader.num_samples * self.dist.world_size
+        return (dict(zip(names, values.tolist())),
+                {"images": images, "epoch_s": seconds, "images_per_s": images / max(seconds, 1e-9)})
 
-    def _stop_if_non_finite(self, epoch: int, stats: dict) -> None:
+    def _stop_if_non_finite(self, epoch: int, terms: dict) -> None:
         """After an epoch (and the method's on_epoch_end), before anything of it is saved: a NaN or inf in the
-        epoch's mean losses (the same on every rank), or in any parameter or buffer of the model or the
-        method's extra modules (a loss stays finite when the epoch's last step writes NaN into the weights),
-        stops the run on every rank with one line."""
-        bad = [f"{n}={v}" for n, v in stats.items() if isinstance(v, float) and not math.isfinite(v)]
-        modules = {"the model": self.method.model, **self.method.extra_modules()}
+        epoch's mean losses (the same on every rank), or in any parameter or buffer of the method's modules (a
+        loss stays finite when the epoch's last step writes NaN into the weights), stops the run on every rank
+        with one line."""
+        bad = [f"{n}={v}" for n, v in terms.items() if not math.isfinite(v)]
+        modules = {"the model" if k == "model" else k: m for k, m in self.modules.items()}
         zero = torch.zeros((), device=self.device)
         # a sum is NaN or inf when any of its terms is (float32 sums: one scalar per tensor, no full-size temporary)
         sums = torch.stack([sum((t.detach().sum(dtype=torch.float32) for t in [*m.parameters(), *m.buffers()]
@@ -205,7 +190,7 @@ class Trainer:
         bad += [f"{name} holds NaN or inf" for name, f in zip(modules, flagged.tolist()) if f > 0]
         if not bad:
             return
-        kept = records.saved_state(self) if self.saved.epochs else "no earlier epoch was saved"
+        kept = self.run.saved_state() if self.run.epochs else "no earlier epoch was saved"
         fixes = "a lower --lr" + (", or --amp bf16 (or off) instead of fp16" if self.args.amp == "fp16" else "")
         raise UserError(f"training became non-finite in epoch {epoch + 1} ({', '.join(bad)}). Nothing of that "
                         f"epoch was saved; {kept}. Start a new run (another --out) with {fixes}, after checking "
@@ -226,7 +211,7 @@ class Trainer:
         try:
             with torch.no_grad():
                 for batch in loader:
-                    with self._autocast():
+                    with self.step_context.autocast():
                         heads = self.method.eval_logits(model, self._format(batch.images))
                     yield heads, batch
         finally:
@@ -237,9 +222,9 @@ class Trainer:
         """Every head's float32 logits (N x C, on the device) and the labels (N) of split "val" or "test",
         in the split's order, gathered over every rank (each sample is evaluated by one rank). The
         ``evaluator`` of ``Method.on_epoch_end``."""
-        loader = {"val": self.loaders.val, "test": self.loaders.test}.get(split)
         if split not in ("val", "test"):
             raise UserError(f"predict: the split is 'val' or 'test'; got {split!r}")
+        loader = self.loaders.val if split == "val" else self.loaders.test
         if loader is None:
             raise UserError(f"{self.method_cls.name} needs the held-out split: pass --val-split N "
                             "(N training images held out for validation)")
@@ -265,24 +250,48 @@ class Trainer:
             seen += batch.labels.numel()
         names = list(counts)
         totals = all_reduce_sum(torch.cat([torch.stack([counts[n] for n in names]).flatten().float(), seen[None]]))
-        n = totals[-1].item()
-        acc = (totals[:-1].view(-1, 2) * 100.0 / max(n, 1)).tolist()
-        metrics = {}
-        for name, (top1, top5) in zip(names, acc):
-            metrics[f"{name}/top1"] = top1
-            metrics[f"{name}/top5"] = top5
-        return metrics
+        acc = (totals[:-1].view(-1, 2) * 100.0 / max(totals[-1].item(), 1)).tolist()
+        return {f"{name}/{k}": v for name, (top1, top5) in zip(names, acc)
+                for k, v in (("top1", top1), ("top5", top5))}
 
     def _check_heads(self) -> None:
         batch = next(iter(self.loaders.test))
+        model = self.method.model
         with torch.no_grad():
-            was = self.method.model.training
-            self.method.model.eval()
-            heads = self.method.eval_logits(self.method.model, self._format(batch.images[:2]))
-            self.method.model.train(was)
+            was = model.training
+            model.eval()
+            heads = self.method.eval_logits(model, self._format(batch.images[:2]))
+            model.train(was)
         if self.best_head not in heads:
             raise UserError(f"--best-metric {self.best_head!r} is not an evaluated head; "
                             f"choose one of: {', '.join(heads)}")
+
+    # ---- the state a checkpoint holds -------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run continues from: the method's modules (in the plain layout of
+        ``--grouped-peers``, so either layout resumes), the optimizers and schedules, the fp16 scaler and
+        every random generator."""
+        from models.grouped import plain_state
+        return {"state": {k: plain_state(m, m.state_dict()) for k, m in self.modules.items()},
+                **self.optimization.state_dict(self.method.model),
+                "scaler": self.scaler.state_dict(), "rng": rng_state(self.device)}
+
+    def load_method_state(self, state: dict, path) -> None:
+        """Load the method's modules from a checkpoint's ``state``, in either layout."""
+        from models.grouped import convert_state, peer_blocks
+        try:
+            for key, module in self.modules.items():
+                module.load_state_dict(convert_state(state[key], module.state_dict(), peer_blocks(module)))
+        except (RuntimeError, KeyError) as e:
+            raise UserError(f"{path} does not fit this model ({str(e).splitlines()[0][:300]}); "
+                            "check --arch, --num-peers and the method's flags") from None
+
+    def load_state_dict(self, ckpt: dict, path) -> None:
+        self.load_method_state(ckpt["state"], path)
+        self.optimization.load_state_dict(ckpt, self.method.model)
+        if ckpt["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], self.device)
 
     # ---- entry points ---------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -290,59 +299,60 @@ class Trainer:
         process ended (finished, interrupted, failed) is recorded in results.json."""
         self._check_heads()   # before the RNG state of a resumed run is restored
         try:
-            if records.open_run(self):
-                results = self._train()
-            else:   # already finished: what it recorded
-                recorded = self.out / "results.json"
-                results = json.loads(recorded.read_text()) if recorded.is_file() else records.results(self, "finished")
+            ckpt = self.run.open()
+            if ckpt is not None and self.run.done_after(ckpt["epoch"]):
+                self.run.close(None)
+                return self.run.recorded()
+            if ckpt is not None:
+                self.load_state_dict(ckpt, self.run.resume_from)
+            self.run.begin(ckpt)
+            return self._train(ckpt["epoch"] if ckpt else 0)
         except BaseException as e:
-            message = records.close_run(self, e)
+            message = self.run.close(e)
             if message is not None:
                 raise Interrupted(getattr(e, "signal_name", "SIGINT"), message) from None
             raise
-        records.close_run(self, None)
-        return results
 
-    def _train(self) -> dict:
+    def _train(self, start_epoch: int) -> dict:
         a = self.args
         n_params = sum(p.numel() for p in self.method.model.parameters())
         self.report.log(f"{self.method_cls.name}: {a.arch} on {a.dataset} ({self.loaders.n_train} train images), "
                         f"{n_params / 1e6:.3f}M parameters, device {self.device}, amp {a.amp}, "
                         f"global batch {a.batch_size * self.dist.world_size} "
-                        f"({a.batch_size} x {self.dist.world_size} process(es)), recipe {a.recipe}, out {self.out}")
-        for epoch in range(self.start_epoch, a.epochs):
+                        f"({a.batch_size} x {self.dist.world_size} process(es)), recipe {a.recipe}, "
+                        f"out {self.run.folder}")
+        for epoch in range(start_epoch, a.epochs):
             lr = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
-            record = {"epoch": epoch + 1, "lr": lr, "train": self.train_epoch(epoch)}
+            terms, speed = self.train_epoch(epoch)
+            record = {"epoch": epoch + 1, "lr": lr, "train": terms, "speed": speed}
             self.method.on_epoch_end(epoch, self)
-            self._stop_if_non_finite(epoch, record["train"])
+            self._stop_if_non_finite(epoch, terms)
             record["test"] = self.evaluate(self.loaders.test)
             if self.loaders.val is not None:
                 record["val"] = self.evaluate(self.loaders.val)
-            improved = self.history.add(record)
             # TensorBoard and the console first: an epoch in a checkpoint or results.json is always in the
             # event file too (a resumed run purges the steps after its checkpoint).
             self.report.epoch(epoch, record)
-            records.save_epoch(self, epoch + 1, improved)
-            records.write_results(self, "finished" if epoch + 1 == a.epochs else "running")
-            barrier()  # no rank starts the next epoch before rank 0 has written this one's checkpoint
-            if not self.is_main:
-                records.epoch_saved(self, epoch + 1)
-        records.write_results(self, "finished")
+            self.run.save(record, self.state_dict())
+        results = self.run.finish()
         self.report.close()
         barrier()
-        self.report.final_table(self.history, records.peer_archs(self.method_cls, self.args) if "," in self.args.arch
-                                else None)
-        return records.results(self, "finished")
+        self.report.final_table(results)
+        return results
 
     def evaluate_only(self) -> dict:
         """Evaluate the --eval-only checkpoint as trained (the Trainer was built with its options; either
         layout, with or without --grouped-peers) on the test split, and on the held-out split with
-        --val-split. What is evaluated is loaded: the model and the temporal means; training state
-        (optimizers, MCL-OKD's memory banks) need not be in the file. Writes
-        ``eval-<checkpoint>-<dataset>[-test<N>][-<amp>].json`` (N: --eval-subset; amp: bf16 or fp16), naming the
-        dataset, the splits and the precision."""
+        --val-split. Only what is evaluated is read from it: the model and the temporal means (training
+        state such as optimizers or MCL-OKD's memory banks need not be in the file). Writes the result into
+        the checkpoint's folder (:meth:`Run.write_evaluation`), naming the dataset, the splits and the precision."""
         path, ckpt, a = Path(self.args.eval_only), self.eval_ckpt, self.args
-        records.load_method_state(self.method, dict(ckpt, state=records.evaluated_state(self, ckpt, path)), path)
+        evaluated = ["model"] + [k for k in self.method.state_keys if isinstance(getattr(self.method, k), TemporalMean)]
+        missing = [k for k in evaluated if k not in ckpt["state"]]
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)}, which --eval-only evaluates")
+        own = {k: m.state_dict() for k, m in self.modules.items()}   # training-only modules keep their own
+        self.load_method_state({**own, **{k: ckpt["state"][k] for k in evaluated}}, path)
         splits = {"test": f"the {a.dataset} test set" if not a.eval_subset else
                   f"{a.eval_subset} images of the {a.dataset} test set (stratified, seed {a.seed})"}
         result = {"checkpoint": str(path), "method": ckpt["method"], "epoch": ckpt["epoch"], "arch": a.arch,
@@ -354,8 +364,106 @@ class Trainer:
         for split in ("val", "test"):
             if split in result:
                 self.report.log(f"{split}: " + " ".join(f"{k} {v:.2f}" for k, v in result[split].items()))
-        records.write_evaluation(self, result)
+        self.run.write_evaluation(result)
         return result
+
+
+# ---- setting a run up ----------------------------------------------------------------------------------
+
+def select_device(args) -> torch.device:
+    """``--gpu -1``: the CPU; else the CUDA device (LOCAL_RANK under torchrun), with cuDNN autotuning and TF32."""
+    if args.gpu < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        warnings.warn("CUDA is not available: training on the CPU (pass --gpu -1 to silence this).")
+        return torch.device("cpu")
+    if args.gpu >= torch.cuda.device_count():
+        raise UserError(f"--gpu {args.gpu} does not exist: this machine has "
+                        f"{torch.cuda.device_count()} CUDA device(s)")
+    import os
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", args.gpu)))
+    torch.cuda.set_device(device)   # streams, graphs and new tensors without a device go to this GPU
+    torch.backends.cudnn.benchmark = True
+    if args.tf32 is not None:     # unset: PyTorch's defaults (float32 matmuls, TF32 cuDNN convolutions)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every RNG the training may draw from, in a form ``weights_only`` loading accepts. For CUDA only the
+    training device's generator (all ranks share one state, so rank 0's stands for every rank)."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                       int(np_state[3]), float(np_state[4])],
+             "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def group_peers(method: Method, modules: dict, arch: str) -> None:
+    """--grouped-peers: every Peers of the method's ``modules`` (its model, a temporal mean of it, ...) runs
+    its branches as one grouped network."""
+    from models.grouped import NotGroupableError
+    from models.peers import Peers
+    if not method.groupable_peers:
+        raise UserError(f"{method.name} reaches into its peers' layers, so it cannot run them grouped; "
+                        "leave out --grouped-peers")
+    peers = [m for module in modules.values() for m in module.modules() if isinstance(m, Peers)]
+    if not any(isinstance(m, Peers) for m in method.model.modules()):
+        raise UserError(f"{method.name} trains a single network: --grouped-peers has nothing to group; leave it out")
+    try:
+        for p in peers:
+            p.group_branches()
+    except NotGroupableError as e:
+        raise UserError(f"--grouped-peers with --arch {arch}: {e}") from None
+
+
+def wrap(method: Method, args, dist, device: torch.device) -> nn.Module:
+    """The module the loop calls: the method's model, in DistributedDataParallel under torchrun (parameters
+    that never get a gradient, such as a frozen module's, have ``requires_grad=False`` and are skipped)."""
+    model = method.model
+    if not dist.enabled:
+        if args.sync_bn:
+            warnings.warn("--sync-bn does nothing in a single process")
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        method.model = model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ---- the command line -------------------------------------------------------------------------------------
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM (SLURM, Kubernetes); ``message`` is the line for the user."""
+
+    def __init__(self, signal_name: str = "SIGINT", message: str = ""):
+        super().__init__(message or signal_name)
+        self.signal_name, self.message = signal_name, message
+
+
+def raise_interrupted(signum, frame):
+    """A signal handler: SIGTERM stops the run where it is, as Ctrl-C does."""
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def train(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> dict:
@@ -375,12 +483,12 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None:
-    """Command-line entry point: errors that are the user's to fix print as one line, not a traceback.
-    SIGTERM (what SLURM and Kubernetes send before a kill) stops the run as Ctrl-C does."""
+    """Command-line entry point: errors that are the user's to fix print as one line, not a traceback;
+    so do warnings. SIGTERM (what SLURM and Kubernetes send before a kill) stops the run as Ctrl-C does."""
     from data import DatasetError
     from models import UnknownModelError
+    previous = signal.signal(signal.SIGTERM, raise_interrupted), warnings.formatwarning
     warnings.formatwarning = one_line_warning
-    previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         train(method_cls, argv)
     except (UserError, DatasetError, UnknownModelError) as e:
@@ -396,4 +504,5 @@ def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None
         sys.stderr.flush()
         sys.exit(130 if getattr(e, "signal_name", "SIGINT") == "SIGINT" else 143)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        warnings.formatwarning = previous[1]

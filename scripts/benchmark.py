@@ -34,7 +34,7 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from engine import Method, Trainer, UserError, parse_args  # noqa: E402  (first: --help without torch)
+from engine import Method, Trainer, UserError, parse_args  # noqa: E402
 from engine.method import load_method  # noqa: E402
 from engine.cli import HelpFormatter  # noqa: E402
 
@@ -105,7 +105,7 @@ def reference_step(method: Method, images, labels, info, args, device, warmup: i
     tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
     negatives = method.args.nce_k if method.name == "mcl_okd" else 0
-    loader = DataLoader(PILImages(images, labels, tf, method.views, negatives), batch_size=args.batch_size,
+    loader = DataLoader(PILImages(images, labels, tf, method.args.views, negatives), batch_size=args.batch_size,
                         shuffle=True, num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=args.workers > 0)
     opts = [torch.optim.SGD(g.params, lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True, foreach=False)
@@ -169,9 +169,9 @@ def engine_step(trainer: Trainer, steps: int) -> tuple[float, Optional[int]]:
     trainer.train_epoch(0)   # warm-up: cuDNN autotuning, compilation, graph capture
     done, seconds, epoch = 0, 0.0, 1
     while done < steps:
-        stats = trainer.train_epoch(epoch)
+        _, speed = trainer.train_epoch(epoch)
         done += len(trainer.loaders.train)
-        seconds += stats["epoch_s"]
+        seconds += speed["epoch_s"]
         epoch += 1
     ops = None
     if trainer.device.type == "cpu":

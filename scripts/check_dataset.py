@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import engine  # noqa: E402,F401  (first: --help without torch, engine/fast_help.py)
 
 from data.common import DATASET_NAMES, DatasetError, image_problem  # noqa: E402
 

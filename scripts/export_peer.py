@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import engine  # noqa: E402,F401  (first: --help without torch, engine/fast_help.py)
 
 import torch  # noqa: E402
 
-from engine.checkpoint import NameTaken, checksummed, load_checkpoint, write_atomically  # noqa: E402
+from data.files import NameTaken, write_atomically  # noqa: E402
+from engine.checkpoint import checksummed, load_checkpoint  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from models import create_model  # noqa: E402
 from models.peers import Peers, peer_archs  # noqa: E402
@@ -136,7 +136,7 @@ def check_output(path: Path, force: bool) -> None:
 
 
 def write_export(obj: dict, path: Path, force: bool = False) -> None:
-    """Write the export (with its content checksum, as checkpoints carry) to ``path`` atomically (engine's
+    """Write the export (with its content checksum, as checkpoints carry) to ``path`` atomically (data.files'
     ``write_atomically``: ``path`` is the old file or the whole new one). Without ``force`` no file is ever
     replaced, not even one that appeared meanwhile. OS errors: a one-line UserError naming the file."""
     buffer = checksummed(obj)

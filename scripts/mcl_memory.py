@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import engine  # noqa: E402,F401  (first: --help without torch, engine/fast_help.py)
 from engine.cli import HelpFormatter  # noqa: E402
 
 import torch  # noqa: E402

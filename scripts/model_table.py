@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import engine  # noqa: E402,F401  (first: --help without torch, engine/fast_help.py)
 from engine.cli import HelpFormatter  # noqa: E402
 
 import torch  # noqa: E402

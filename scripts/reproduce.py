@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import importlib.util
-import json
 import os
 import shlex
 import shutil
@@ -129,24 +127,10 @@ def plan(table: Table, seeds: Sequence[int], runs_dir: Path, only: Optional[dict
 
 
 # ---- the state of a run on disk --------------------------------------------------------------------------------
-_METHODS: dict[str, object] = {}
-
-
 def method_class(script: str):
-    """The Method subclass a ``train_<name>.py`` hands to the engine (imported once)."""
-    if script not in _METHODS:
-        from engine import Method
-        spec = importlib.util.spec_from_file_location(f"_reproduce_{Path(script).stem}", REPO / script)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module       # Method.__init_subclass__ names the method from its module's file
-        spec.loader.exec_module(module)
-        classes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, Method)
-                   and v is not Method and v.__module__ == module.__name__]
-        named = [c for c in classes if c.name == Path(script).stem.removeprefix("train_")]
-        if len(classes) != 1 and len(named) != 1:
-            raise RuntimeError(f"{script}: cannot tell its Method class among {[c.__name__ for c in classes]}")
-        _METHODS[script] = classes[0] if len(classes) == 1 else named[0]
-    return _METHODS[script]
+    """The Method subclass a ``train_<name>.py`` hands to the engine (engine.method.load_method)."""
+    from engine.method import load_method
+    return load_method(Path(script).stem.removeprefix("train_"))
 
 
 def parse_run_args(run: Run, extra: Sequence[str] = ()):
@@ -155,55 +139,31 @@ def parse_run_args(run: Run, extra: Sequence[str] = ()):
     return parse_args(method_class(run.script), run.train_argv() + list(extra))
 
 
-_OPTIONS: dict[tuple, tuple] = {}
+_OPTIONS: dict[tuple, object] = {}
 
 
-def command_options(run: Run, extra: Sequence[str] = ()) -> tuple[dict, dict, bool]:
-    """(arguments, method defaults, --extend-epochs) of the command that trains ``run`` with ``extra``, resolved
-    as the engine resolves them (recipe, preset, method defaults). Raises SystemExit (a bad flag, argparse's
+def command_config(run: Run, extra: Sequence[str] = ()):
+    """The resolved configuration (engine.config.RunConfig) of the command that trains ``run`` with ``extra``,
+    as the engine resolves it (recipe, preset, method defaults). Raises SystemExit (a bad flag, argparse's
     line) or engine.errors.UserError (flags that conflict)."""
     key = (run.script, tuple(run.argv), run.seed, tuple(extra))
     if key not in _OPTIONS:
         import warnings
         from engine.config import resolve
-        from engine.setup import default_options
-        cls = method_class(run.script)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")            # the script warns once, when it runs
-            args = resolve(cls, parse_run_args(run, extra))
-            _OPTIONS[key] = (args.as_dict(), default_options(cls, args), bool(args.extend_epochs))
+            _OPTIONS[key] = resolve(method_class(run.script), parse_run_args(run, extra))
     return _OPTIONS[key]
 
 
 def recorded_differences(run: Run, recorded: dict, extra: Sequence[str] = (),
                          world_size: int = 1) -> list[tuple[str, object, object]]:
-    """The training options (every option but engine.run_dir's NOT_TRAINING and speed options) on which a run's
-    ``results.json`` (``recorded``) differs from the command that trains ``run`` with ``extra`` on
-    ``world_size`` processes, as (option, recorded value, command's value): the same comparison the engine
-    makes before it resumes a run, so a run reported here is one the command would refuse to continue."""
-    from engine import run_dir
-    args, defaults, extend = command_options(run, extra)
-    saved = dict(recorded.get("args") or {}, world_size=recorded.get("world_size", 1))
-    if saved.get("loader") is None:          # as the engine reads a checkpoint's arguments
-        saved.pop("loader", None)
-    return run_dir.config_differences(saved, dict(args, world_size=world_size), defaults, extend_epochs=extend)
-
-
-def describe_differences(diffs: Sequence[tuple[str, object, object]], against: str = "this command") -> str:
-    """``--subset 64 (this command: 512), --epochs 1 (this command: 2)``."""
-    def show(value):
-        return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-    return ", ".join(f"{'world size' if key == 'world_size' else '--' + key.replace('_', '-')} {show(before)} "
-                     f"({against}: {show(after)})" for key, before, after in diffs)
-
-
-def read_results(path: Path) -> Optional[dict]:
-    """A run's results.json as a dict with its arguments, or None (absent, unreadable, not a run's)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("args"), dict) else None
+    """The training options on which a run's ``results.json`` (``recorded``) differs from the command that
+    trains ``run`` with ``extra`` on ``world_size`` processes, as (option, recorded value, command's value):
+    the engine's own comparison before it resumes a run (engine.config.recorded_differences), so a run
+    reported here is one the command would refuse to continue."""
+    from engine.config import recorded_differences as differences
+    return differences(method_class(run.script), command_config(run, extra), recorded, world_size)
 
 
 def run_state(run: Run, extra: Sequence[str] = (), world_size: int = 1) -> str:
@@ -212,12 +172,14 @@ def run_state(run: Run, extra: Sequence[str] = (), world_size: int = 1) -> str:
     "resume" (a checkpoint to continue from); or "new"."""
     if not run.built:
         return "not built"
-    recorded = read_results(run.out / "results.json")
+    from engine.config import describe_differences
+    from engine.run import read_record
+    recorded = read_record(run.out / "results.json")
     if recorded is not None:
         diffs = recorded_differences(run, recorded, extra, world_size)
         if diffs:
-            return "differs: " + describe_differences(diffs)
-        epochs = command_options(run, extra)[0]["epochs"]
+            return "differs: " + describe_differences(diffs, hint=False)
+        epochs = command_config(run, extra).epochs
         if recorded.get("status") == "finished" and recorded.get("epochs_done", 0) >= epochs:
             return "finished"
     # an unreadable results.json: the run is redone or resumed from its checkpoint (the engine checks it)
@@ -645,7 +607,7 @@ def check_extra(runs: Sequence[Run], extra: Sequence[str], text: str) -> Optiona
         try:
             with contextlib.redirect_stderr(err):
                 args = parse_run_args(run, extra)
-                command_options(run, extra)
+                command_config(run, extra)
         except SystemExit:
             problem = (err.getvalue().strip().splitlines() or ["a flag the script refuses"])[-1]
             problem = problem.removeprefix(f"{run.script}: error: ").removesuffix(" (--help lists the options)")

@@ -14,7 +14,7 @@ sample standard deviation (n - 1) over seeds at the best epoch and at the last e
 seeds, the published value and ours (best) minus it. Unfinished runs are counted and marked, never averaged;
 a cell without runs is marked missing, a cell whose script does not exist yet "not built". A cell whose runs
 were trained with other training flags than the table's command (``reproduce.py --extra="--subset 64"``; the
-options compared are the engine's, ``engine/run_dir.py``) is marked "other flags", with the flags. A
+options compared are the engine's, ``engine/config.py``) is marked "other flags", with the flags. A
 results.json that cannot be read (corrupt, truncated, not a run's) is reported by path and skipped.
 
 Where the table has a baseline, each method's single number is also set against the baseline on the same
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 import statistics
@@ -44,7 +43,6 @@ from scripts.tables import TABLES, Cell, Metric, Table  # noqa: E402
 from scripts import reproduce  # noqa: E402  (its one-line-error Parser, and the engine's option comparison)
 
 PEER = re.compile(r"^peer(\d+)$")
-NOT_TERMS = ("images_per_s", "epoch_s")
 
 
 # ---- reading runs ----------------------------------------------------------------------------------------------
@@ -92,16 +90,12 @@ class RunResult:
 
 def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
     """Every readable run under ``root`` and, separately, (path, reason) for every results.json that is not."""
+    from engine.run import read_record
     runs, bad = [], []
     for path in sorted(root.rglob("results.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            bad.append((path, f"unreadable ({type(e).__name__}: {str(e)[:80]})"))
-            continue
-        if not isinstance(data, dict) or not isinstance(data.get("history"), list) or "status" not in data \
-                or not isinstance(data.get("args"), dict):
-            bad.append((path, "not a run's results.json (no status, args or history)"))
+        data = read_record(path)
+        if data is None or not isinstance(data.get("history"), list) or "status" not in data:
+            bad.append((path, "unreadable, or not a run's results.json (no status, args or history)"))
             continue
         if not all(isinstance(h, dict) and {"epoch", "train", "test"} <= set(h) for h in data["history"]):
             bad.append((path, "partial: an epoch record without epoch, train or test"))
@@ -189,7 +183,7 @@ def dedupe(runs: Sequence[RunResult], warn=None) -> list[RunResult]:
 
 
 def flags_against_table(table: Table, cell: Cell, run: RunResult) -> str:
-    """The training options (engine.run_dir: every option but where the run lives, labels, devices, speed) on
+    """The training options (engine.config: every option but where the run lives, labels, devices, speed) on
     which ``run``'s recorded arguments differ from the cell's command, as ``--subset 64 (table: 512), ...``;
     '' when they are the table's (or the cell's script is not there to tell)."""
     if not (REPO / cell.script).is_file() or not isinstance(run.seed, int) or run.seed < 0:
@@ -197,8 +191,9 @@ def flags_against_table(table: Table, cell: Cell, run: RunResult) -> str:
     spec = reproduce.Run(cell.runs_table or table.name, cell.run, cell.script, cell.argv, run.seed, run.path.parent, [])
     # the number of processes is how the run was launched, not the table's protocol: compare the rest
     same_world = run.data.get("world_size", 1)
-    return reproduce.describe_differences(reproduce.recorded_differences(spec, run.data, world_size=same_world),
-                                          "table")
+    from engine.config import describe_differences
+    return describe_differences(reproduce.recorded_differences(spec, run.data, world_size=same_world), "table",
+                                hint=False)
 
 
 def summarize_cell(table: Table, cell: Cell, by_tag: dict, warn=None) -> CellSummary:
@@ -384,7 +379,7 @@ def plot_curves(runs: Sequence[RunResult], title: str, path: Path) -> Path:
         _band(acc_ax, [{h["epoch"]: h["test"][f"{head}/top1"] for h in r.data["history"]
                         if f"{head}/top1" in h.get("test", {})} for r in runs], head,
               lw=1.0 if PEER.match(head) else 2.2)       # the peers thin, ensembles and teachers bold
-    terms = [k for k in runs[0].data["history"][-1]["train"] if k not in NOT_TERMS]
+    terms = list(runs[0].data["history"][-1]["train"])
     for term in terms:
         _band(loss_ax, [{h["epoch"]: h["train"][term] for h in r.data["history"] if term in h.get("train", {})}
                         for r in runs], "total" if term == "loss" else term)
@@ -609,28 +604,18 @@ def fill_block(path: Path, text: str, plots: Sequence[Path] = ()) -> None:
     page is replaced at once (a temporary file in its folder, then a rename): it is the old page or the new one,
     never half of one. ValueError (one line naming the file) when it cannot be read or written."""
     import os
-    import tempfile
+    from data.files import write_atomically
     page = read_block_page(path)
     links = [f"![{p.stem}]({Path(os.path.relpath(p.resolve(), path.resolve().parent)).as_posix()})" for p in plots]
     body = text + ("\n\n" + "\n\n".join(links) if links else "")
     head, rest = page.split(BEGIN)
     new = f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}"
     target = path.resolve()           # a link to the page: the page it points to is replaced, the link kept
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(new)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, target.stat().st_mode & 0o7777)
-        os.replace(tmp, target)
+        mode = target.stat().st_mode & 0o7777
+        write_atomically(target, "w", lambda f: f.write(new))
+        os.chmod(target, mode)
     except OSError as e:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
         raise ValueError(f"--into {path}: cannot write {e.filename or path}: {e.strerror or e}; the page is "
                          "unchanged") from None
 

@@ -25,7 +25,8 @@ def main():
             trainer.evaluate_only()
         else:
             trainer.fit()
-        state = {"model": trainer.method.state_dict(), "world_size": trainer.dist.world_size}
+        state = {"model": {k: m.state_dict() for k, m in trainer.modules.items()},
+                 "world_size": trainer.dist.world_size}
         Path(args.out).mkdir(parents=True, exist_ok=True)  # rank 0 may not have created it yet
         torch.save(state, Path(args.out) / f"rank{os.environ.get('RANK', '0')}.pt")
     finally:

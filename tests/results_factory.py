@@ -1,4 +1,4 @@
-"""Hand-made results.json files in the engine's format (engine/trainer.py ``Trainer._results``), for the
+"""Hand-made results.json files in the engine's format (engine/run.py ``Run.results``), for the
 summary tests: no training needed, every number known in advance."""
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def results(tag: Optional[str], seed: int, curves: dict[str, list[float]], best_
             test[f"{head}/top1"] = values[e]
             test[f"{head}/top5"] = min(100.0, values[e] + 20)
         train = {k: v[e] for k, v in terms.items()}
-        train.update(loss=sum(train.values()), images_per_s=1000.0, epoch_s=1.0)
-        history.append({"epoch": e + 1, "lr": {"model": 0.1}, "train": train, "test": test})
+        train.update(loss=sum(train.values()))
+        speed = {"images": 1000, "epoch_s": 1.0, "images_per_s": 1000.0}
+        history.append({"epoch": e + 1, "lr": {"model": 0.1}, "train": train, "speed": speed, "test": test})
     if best_epoch is None and history:
         best_epoch = max(range(done), key=lambda e: curves[selection][e]) + 1
     best = {"epoch": best_epoch, "test": history[best_epoch - 1]["test"]} if history else None

@@ -12,7 +12,7 @@ from engine import parse_args
 from losses.adversarial import discriminator_loss, generator_loss
 from train_amln import (AMLN, Adapter, AlignmentContainer, Discriminator, adversarial_loss, alignment_loss,
                         cyclic_targets, discriminators_loss, paired_stages, stage_shapes)
-from toy_methods import build_method
+from toy_methods import build_method, interrupted
 
 
 def _method(argv, num_classes=10, image_size=32):
@@ -306,10 +306,7 @@ def test_one_epoch_every_family(arch, tmp_path):
     assert set(ckpt["state"]) == {"model", "discriminators"}
 
 
-class _InterruptedAMLN(AMLN):
-    def on_epoch_start(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
+_InterruptedAMLN = interrupted(AMLN, 1)
 
 
 @pytest.mark.slow

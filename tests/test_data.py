@@ -2,6 +2,7 @@
 against torchvision's, splits, determinism, sharding, views and subsets. CPU only, seconds."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,9 +126,13 @@ def test_tinyimagenet_read_only_folder_still_loads(tmp_path, monkeypatch):
     write_tinyimagenet(tmp_path)
     import data.tinyimagenet as tiny
 
-    def refuse(*a, **k):
-        raise PermissionError("read-only file system")
-    monkeypatch.setattr(tiny.tempfile, "mkstemp", refuse)
+    real_open = os.open
+
+    def refuse(path, flags, *a, **k):
+        if flags & os.O_CREAT:
+            raise PermissionError("read-only file system")
+        return real_open(path, flags, *a, **k)
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.warns(UserWarning, match="could not write"):
         train, _ = load_dataset("tinyimagenet", tmp_path)
     assert len(train.labels) == 200 and not (tmp_path / "tiny-imagenet-200" / tiny.CACHE).exists()

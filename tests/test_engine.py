@@ -10,8 +10,10 @@ import torch
 
 import train_baseline
 import train_dml
-from engine import UserError, lr_factor, train
+from engine import UserError, train
+from engine.optim import lr_factor
 from engine.checkpoint import load_checkpoint
+from toy_methods import interrupted
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "512", "--batch-size", "64",
@@ -61,10 +63,7 @@ def test_tensorboard_has_every_term(dml_run):
     assert {"train/ce", "train/kd", "train/loss", "lr/model", "test/peer1/top1", "test/ensemble/top1"} <= tags
 
 
-class _InterruptedDML(train_dml.DML):
-    def on_epoch_start(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
+_InterruptedDML = interrupted(train_dml.DML, 2)
 
 
 @pytest.mark.slow
@@ -146,9 +145,9 @@ class _NaNStateDML(train_dml.DML):
     last step of the epoch, after the loss was measured."""
     state_keys = ("junk",)
 
-    def build(self, args, num_classes):
+    def build(self):
         self.junk = _Junk()
-        return super().build(args, num_classes)
+        return super().build()
 
     def on_epoch_end(self, epoch, evaluator):
         self.junk.value.fill_(float("nan"))
@@ -208,7 +207,7 @@ def test_help_reads_well():
     (["--arch", "resnet_nope"], "Valid names: densenet40_12"),
     (["--dataset", "cifar100", "--data", "/nonexistent/cifar"], "/nonexistent/cifar"),
     (["--resume", "auto", "--eval-only", "x.pt"], "conflict"),
-    (["--num-peers", "1"], "--num-peers >= 2"),
+    (["--num-peers", "1"], "argument --num-peers: must be >= 2"),
     (["--eval-only", "/nonexistent/ckpt.pt"], "does not exist"),
 ])
 @pytest.mark.slow

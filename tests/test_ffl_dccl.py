@@ -18,6 +18,7 @@ from models.fusion import FusionModule, peer_maps
 from train_cmff import CMFF
 from train_dccl import DCCL, DCCLNet, dccl_loss
 from train_ffl import FFL, FFLNet, ffl_loss
+from toy_methods import interrupted
 
 FAST = ["--dataset", "synthetic", "--gpu", "-1", "--no-progress", "--workers", "0"]
 
@@ -273,10 +274,7 @@ def test_three_peers_run(tiny_synthetic, tmp_path):
 
 
 # ---- two optimizers: schedules and resume -------------------------------------------------------------
-class _Interrupted(FFL):
-    def on_epoch_start(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
+_Interrupted = interrupted(FFL, 1)
 
 
 def test_resume_with_two_optimizers_equals_uninterrupted(tiny_synthetic, tmp_path):

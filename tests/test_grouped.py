@@ -122,7 +122,7 @@ def test_plain_layout_of_weights_and_momentum_in_float64(topology, split_at, n):
     """Checkpoints hold the plain layout: a grouped model's weights, BN statistics and SGD momentum, split
     per peer, are the plain model's (float64, after the same steps), and the conversions are exact inverses
     in both directions (grouped -> plain -> grouped and plain -> grouped -> plain are bit-identical)."""
-    from engine.layout import grouped_optimizer_state, param_names, plain_optimizer_state
+    from models.grouped import grouped_optimizer_state, param_names, plain_optimizer_state
     from models.grouped import convert_state, peer_blocks, plain_state
     plain, grouped = plain_and_grouped("resnet20", {}, topology, split_at, n)
     sgd = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)

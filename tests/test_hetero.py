@@ -109,7 +109,7 @@ def test_heterogeneous_dml_runs_resumes_and_refuses_another_list(tmp_path, monke
     # The default run directory names both architectures, shortly (then the hash of FAST's non-default options).
     monkeypatch.chdir(tmp_path)
     args = parse_args(train_dml.DML, FAST + ["--arch", "resnet20,resnet20,wrn_16_2"])
-    name = Trainer(train_dml.DML, args).out.name
+    name = Trainer(train_dml.DML, args).run.folder.name
     assert re.fullmatch(r"dml-resnet20x2\+wrn_16_2-synthetic-n3-s0-[0-9a-f]{8}", name), name
 
 

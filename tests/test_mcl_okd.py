@@ -18,7 +18,7 @@ from engine import parse_args, train
 from engine.checkpoint import load_checkpoint
 from losses.contrast_memory import ClassNegativeSampler, bank_scores, nce_equal_scores, nce_loss
 from train_mcl_okd import MCLOKD
-from toy_methods import build_method
+from toy_methods import build_method, interrupted
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "128", "--batch-size", "32",
@@ -298,18 +298,17 @@ def test_end_to_end_run(two_epochs):
     assert "embed.3.linear.weight" in state["model"]
 
 
-class _InterruptedMCL(MCLOKD):
-    def on_epoch_start(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
+_InterruptedMCL = interrupted(MCLOKD, 1)
 
 
 class _RecordingMCL(MCLOKD):
     seen = {}
 
-    def on_epoch_start(self, epoch):
-        _RecordingMCL.seen[epoch] = (self.memory.banks.clone(),
-                                   {k: v.clone() for k, v in self.model.embed.state_dict().items()})
+    def train_step(self, model, batch, epoch, step):
+        if epoch not in _RecordingMCL.seen:   # the state the epoch starts from
+            _RecordingMCL.seen[epoch] = (self.memory.banks.clone(),
+                                       {k: v.clone() for k, v in self.model.embed.state_dict().items()})
+        return super().train_step(model, batch, epoch, step)
 
 
 @pytest.mark.slow

@@ -14,22 +14,14 @@ from torch import nn
 
 from engine import UserError, train
 from engine.checkpoint import load_checkpoint
-from engine.ema import TemporalMean
 from engine.method import StepContext
-from toy_methods import AlternatingToy, MeanTeacherToy, mean_teacher_decay
+from models.temporal_mean import TemporalMean
+from toy_methods import AlternatingToy, MeanTeacherToy, interrupted, mean_teacher_decay
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "256", "--batch-size", "64",
         "--gpu", "-1", "--no-progress", "--workers", "0", "--lr", "0.05"]
 STEPS_PER_EPOCH = 256 // 64
-
-
-def interrupted(cls, at_epoch):
-    class Interrupted(cls):
-        def on_epoch_start(self, epoch):
-            if epoch == at_epoch:
-                raise KeyboardInterrupt
-    return Interrupted
 
 
 def assert_same_state(a: dict, b: dict):

@@ -111,7 +111,8 @@ def test_run_heads_and_resume(tmp_path):
     net = create_model("resnet20", num_classes=10)
     net.load_state_dict(exported["state_dict"])
     method = make_method()
-    method.load_state_dict(ckpt["state"])
+    method.model.load_state_dict(ckpt["state"]["model"])
+    method.mean_teacher.load_state_dict(ckpt["state"]["mean_teacher"])
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x), method.eval_logits(method.model.eval(), x)["mean_peer1"])

@@ -137,17 +137,18 @@ def tiny_table() -> Table:
 
 def interrupt_after_first_epoch(run: reproduce.Run, monkeypatch):
     """Train ``run`` in this process and stop it like Ctrl-C right after epoch 1 was saved."""
-    from engine import records, trainer
-    real = records.write_results             # the last write of an epoch (after its checkpoint)
+    from engine import train
+    from engine.run import Run
+    real = Run.write_results                 # the last write of an epoch (after its checkpoint)
 
-    def stop(trainer_, status, **extra):
-        real(trainer_, status, **extra)
+    def stop(self, status, **extra):
+        real(self, status, **extra)
         if status == "running":
             raise KeyboardInterrupt
-    monkeypatch.setattr(records, "write_results", stop)
+    monkeypatch.setattr(Run, "write_results", stop)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(reproduce.method_class(run.script), [*run.train_argv()])
-    monkeypatch.setattr(records, "write_results", real)
+        train(reproduce.method_class(run.script), [*run.train_argv()])
+    monkeypatch.setattr(Run, "write_results", real)
 
 
 @pytest.mark.slow
@@ -293,12 +294,12 @@ def test_markdown_page_lists_every_published_number():
 
 def test_tag_is_recorded_but_does_not_name_the_run():
     from engine.cli import parse_args
-    from engine.setup import default_run_name
+    from engine.config import resolve, run_name
     dml = reproduce.method_class("train_dml.py")
     tagged = parse_args(dml, ["--arch", "resnet20", "--tag", "pcl-cifar100/dml-resnet20"])
     plain = parse_args(dml, ["--arch", "resnet20"])
     assert tagged.tag == "pcl-cifar100/dml-resnet20" and plain.tag is None
-    name = [default_run_name(dml, a) for a in (tagged, plain)]
+    name = [run_name(dml, resolve(dml, a)) for a in (tagged, plain)]
     assert name[0] == name[1] == "dml-resnet20-cifar100-n2-s0"
 
 
@@ -418,7 +419,7 @@ def test_unwritable_runs_dir_is_one_line(tmp_path, capsys, monkeypatch):
 # ---- a run folder that holds a run trained with other flags ------------------------------------------------------
 def engine_record(run: reproduce.Run, extra=(), epochs_done=None) -> dict:
     """results.json as the engine writes it for ``run`` trained with ``extra`` (its resolved arguments)."""
-    args = reproduce.command_options(run, list(extra))[0]
+    args = reproduce.command_config(run, list(extra)).as_dict()
     done = args["epochs"] if epochs_done is None else epochs_done
     return {"status": "finished" if done >= args["epochs"] else "interrupted", "epochs_done": done,
             "epochs": args["epochs"], "world_size": 1, "args": args, "history": [], "best": None}

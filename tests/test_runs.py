@@ -1,5 +1,5 @@
-"""Runs you can trust: one run, one directory, one true record (engine/run_dir.py, engine/checkpoint.py and
-their use in engine/trainer.py). Tiny synthetic runs: 64 training images, 1 or 2 epochs."""
+"""Runs you can trust: one run, one directory, one true record (engine/run.py, engine/config.py,
+engine/checkpoint.py and their use in engine/trainer.py). Tiny synthetic runs: 64 training images, 1 or 2 epochs."""
 import errno
 import importlib.util
 import json
@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,9 +19,11 @@ import train_cl_ilr
 import train_cmff
 import train_dml
 import train_mcl_okd
-from engine import UserError, main, parse_args, run_dir, train
+from engine import UserError, main, parse_args, train
 from engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint
-from engine.setup import default_run_name
+from engine import run as run_module
+from engine.config import differences, resolve, run_name
+from toy_methods import interrupted
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "64", "--batch-size", "32", "--gpu", "-1",
@@ -38,7 +39,7 @@ def _env():
 def _files(folder: Path) -> dict:
     """Every file the run wrote, by name, with its bytes and mtime (the lock file aside)."""
     return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in folder.rglob("*") if p.is_file() and p.name != run_dir.LOCK_NAME}
+            for p in folder.rglob("*") if p.is_file() and p.name != run_module.LOCK_NAME}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def run(tmp_path_factory):
 # ---- 1. identity -------------------------------------------------------------------------------------
 
 def _name(method_cls, argv, world_size=1):
-    return default_run_name(method_cls, parse_args(method_cls, argv), world_size)
+    return run_name(method_cls, resolve(method_cls, parse_args(method_cls, argv)), world_size)
 
 
 @pytest.mark.parametrize("method_cls, flags", [
@@ -80,25 +81,47 @@ def test_options_that_cannot_change_training_keep_the_directory():
     assert _name(Baseline, []) == "baseline-resnet32-cifar100-s0"
 
 
-def test_a_copied_script_is_another_method(tmp_path):
-    copy = tmp_path / "train_dml_mykd.py"
-    shutil.copy(REPO / "train_dml.py", copy)
-    spec = importlib.util.spec_from_file_location("train_dml_mykd", copy)
+def _copy_of(script: str, tmp_path: Path):
+    """The Method class of a copy of ``script`` saved as ``train_<method>_copy.py``, imported as a script is."""
+    copy = tmp_path / script.replace(".py", "_copy.py")
+    shutil.copy(REPO / script, copy)
+    spec = importlib.util.spec_from_file_location(copy.stem, copy)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["train_dml_mykd"] = module
+    sys.modules[copy.stem] = module
     try:
         spec.loader.exec_module(module)
     finally:
-        del sys.modules["train_dml_mykd"]
-    assert module.DML.name == "dml_mykd" and DML.name == "dml"
-    assert _name(module.DML, []).startswith("dml_mykd-resnet32")
+        del sys.modules[copy.stem]
+    from engine import Method
+    [cls] = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Method)
+             and c.__module__ == copy.stem]
+    return cls
 
+
+@pytest.mark.parametrize("script", sorted(p.name for p in REPO.glob("train_*.py")))
+def test_a_copied_script_is_another_method(script, tmp_path):
+    """Every script: its copy is a new method, named after the copy's file, with run directories of its own."""
+    method = script[len("train_"):-3]
+    cls = _copy_of(script, tmp_path)
+    assert cls.name == f"{method}_copy" and cls.script == str(tmp_path / f"train_{method}_copy.py")
+    assert _name(cls, ["--dataset", "synthetic"]).startswith(f"{method}_copy-")
+
+
+def test_a_copy_never_resumes_its_originals_checkpoint(run, tmp_path):
+    cls = _copy_of("train_dml.py", tmp_path)
+    with pytest.raises(UserError, match=r"was saved by train_dml\.py; resume it with that script"):
+        train(cls, TINY + ["--resume", str(run / "last.pt"), "--out", str(tmp_path / "copy")])
+    with pytest.raises(UserError, match=r"was saved by train_dml\.py; evaluate it with that script"):
+        train(cls, EVAL + ["--eval-only", str(run / "best.pt")])
+
+
+def test_a_method_cannot_name_itself():
     class Variant(DML):          # a subclass outside a script (a test, a helper module) stays the method
         pass
-
-    class SaysSo(module.DML):    # ... and a script may say it trains the same method as another
-        name = "dml"
-    assert Variant.name == "dml" and SaysSo.name == "dml"
+    assert Variant.name == "dml"
+    with pytest.raises(TypeError, match="identity is its file name"):
+        class SaysSo(DML):
+            name = "other"
 
 
 # ---- 2. resume checks the whole configuration -----------------------------------------------------------
@@ -106,17 +129,16 @@ def test_a_copied_script_is_another_method(tmp_path):
 def test_config_differences():
     saved = vars(parse_args(DML, ["--arch", "resnet20", "--epochs", "10"]))
     same = dict(saved, workers=0, gpu=-1, no_progress=True, sgd_impl="for-loop", out="x", resume="auto")
-    assert run_dir.config_differences(saved, same, {}) == []
-    assert run_dir.config_differences(saved, dict(saved, lr=0.2, kd_T=3.0), {}) == [("lr", 0.1, 0.2),
-                                                                                   ("kd_T", 1.0, 3.0)]
+    assert differences(saved, same, {}) == []
+    assert differences(saved, dict(saved, lr=0.2, kd_T=3.0), {}) == [("lr", 0.1, 0.2), ("kd_T", 1.0, 3.0)]
     longer = dict(saved, epochs=20)
-    assert run_dir.config_differences(saved, longer, {}) == [("epochs", 10, 20)]
-    assert run_dir.config_differences(saved, longer, {}, extend_epochs=True) == []
-    assert run_dir.config_differences(saved, dict(saved, epochs=5), {}, extend_epochs=True) == [("epochs", 10, 5)]
+    assert differences(saved, longer, {}) == [("epochs", 10, 20)]
+    assert differences(saved, longer, {}, extend_epochs=True) == []
+    assert differences(saved, dict(saved, epochs=5), {}, extend_epochs=True) == [("epochs", 10, 5)]
     # An option the checkpoint predates counts as its default.
     old = {k: v for k, v in saved.items() if k != "val_split"}
-    assert run_dir.config_differences(old, saved, {"val_split": 0}) == []
-    assert run_dir.config_differences(old, dict(saved, val_split=100), {"val_split": 0}) == [("val_split", 0, 100)]
+    assert differences(old, saved, {"val_split": 0}) == []
+    assert differences(old, dict(saved, val_split=100), {"val_split": 0}) == [("val_split", 0, 100)]
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -185,7 +207,7 @@ def test_never_writes_into_another_runs_directory(run, tmp_path):
 
 def test_one_writer_per_run_directory(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from engine.run_dir import RunLock; "
+        [sys.executable, "-c", "import sys, time; from engine.run import RunLock; "
                                "RunLock(sys.argv[1], 'holder').acquire(); print('locked', flush=True); time.sleep(300)",
          str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True, env=_env())
     try:
@@ -197,18 +219,18 @@ def test_one_writer_per_run_directory(tmp_path):
         holder.wait()
     assert not (tmp_path / "last.pt").exists()
     # The holder died without unlocking: the kernel released its flock, the lock file is stale.
-    lock = run_dir.RunLock(tmp_path).acquire()
+    lock = run_module.RunLock(tmp_path).acquire()
     assert lock.stale["pid"] == holder.pid
     lock.release()
 
 
 def test_lock_is_released_on_errors(tmp_path):
-    lock = run_dir.RunLock(tmp_path / "new").acquire()
+    lock = run_module.RunLock(tmp_path / "new").acquire()
     with pytest.raises(UserError, match="in use by process"):
-        run_dir.RunLock(tmp_path / "new").acquire()    # a second open file description: refused
+        run_module.RunLock(tmp_path / "new").acquire()    # a second open file description: refused
     lock.release()
     assert not (tmp_path / "new").exists()            # nothing was written: no empty run directory left
-    run_dir.RunLock(tmp_path / "new").acquire().release()
+    run_module.RunLock(tmp_path / "new").acquire().release()
 
 
 # ---- 5. --eval-only evaluates the checkpoint as trained --------------------------------------------------
@@ -277,10 +299,7 @@ def test_eval_only_never_needs_mcl_memory_banks(tmp_path):
 
 # ---- 6./7. the record and signals -------------------------------------------------------------------------
 
-class _StopInEpoch2(Baseline):
-    def on_epoch_start(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
+_StopInEpoch2 = interrupted(Baseline, 1)
 
 
 def test_the_record_keeps_every_process(tmp_path):
@@ -304,19 +323,18 @@ def test_the_record_keeps_every_process(tmp_path):
 def test_an_interrupt_while_the_first_checkpoint_is_written_leaves_a_run_that_continues(tmp_path, monkeypatch):
     """SIGTERM (or a full disk) while epoch 1's last.pt is being written: the record lists no epoch (none is in a
     checkpoint), the message says so, and the printed --resume auto command starts the run again."""
-    from engine import records
-    real_save = records.atomic_save
+    real_save = run_module.atomic_save
 
     def interrupted_save(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(records, "atomic_save", interrupted_save)
+    monkeypatch.setattr(run_module, "atomic_save", interrupted_save)
     args = TINY + ["--epochs", "1", "--out", str(tmp_path)]
     with pytest.raises(KeyboardInterrupt) as e:
         train(Baseline, args)
     assert "during epoch 1: no epoch had been saved" in e.value.message and "--resume auto" in e.value.message
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (saved["status"], saved["history"], saved["epochs_done"]) == ("interrupted", [], 0)
-    monkeypatch.setattr(records, "atomic_save", real_save)
+    monkeypatch.setattr(run_module, "atomic_save", real_save)
     assert train(Baseline, args + ["--resume", "auto"])["history"][0]["epoch"] == 1
 
 
@@ -333,12 +351,13 @@ def test_a_run_resumed_into_a_new_out_continues_from_its_source_until_it_has_its
 
 
 def test_a_signal_waits_for_the_checkpoint_write():
-    """SIGTERM during a checkpoint write (run_dir.signals_held) arrives when the write and its record are done."""
-    previous = signal.signal(signal.SIGTERM, run_dir.raise_interrupted)
+    """SIGTERM during a checkpoint write (run.signals_held) arrives when the write and its record are done."""
+    from engine.trainer import Interrupted, raise_interrupted
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
     done = []
     try:
-        with pytest.raises(run_dir.Interrupted):
-            with run_dir.signals_held():
+        with pytest.raises(Interrupted):
+            with run_module.signals_held():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.05)
                 done.append("written")
@@ -348,16 +367,15 @@ def test_a_signal_waits_for_the_checkpoint_write():
 
 
 def test_a_stop_after_the_last_epoch_was_saved_leaves_a_finished_run(tmp_path, monkeypatch):
-    from engine import records
-    real = records.write_results
+    real = run_module.Run.write_results
     calls = []
 
-    def stopped_while_recording(trainer, status, **extra):
+    def stopped_while_recording(self, status, **extra):
         calls.append(status)
         if status == "finished" and len(calls) == 1:
             raise KeyboardInterrupt
-        return real(trainer, status, **extra)
-    monkeypatch.setattr(records, "write_results", stopped_while_recording)
+        return real(self, status, **extra)
+    monkeypatch.setattr(run_module.Run, "write_results", stopped_while_recording)
     with pytest.raises(KeyboardInterrupt) as e:
         train(Baseline, TINY + ["--out", str(tmp_path)])
     assert "after the last epoch was saved" in e.value.message and "the run is finished" in e.value.message
@@ -365,27 +383,22 @@ def test_a_stop_after_the_last_epoch_was_saved_leaves_a_finished_run(tmp_path, m
     assert (saved["status"], saved["epochs_done"]) == ("finished", 1)
 
 
-class _StopInEpoch2Dml(DML):
-    def on_epoch_start(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
+_StopInEpoch2Dml = interrupted(DML, 1)
 
 
 def test_a_process_that_ended_without_a_record_is_marked_killed():
     running = {"pid": 1, "host": "h", "started": "t0", "started_unix": 0.0, "status": "running", "wall_s": 5.0}
     done = dict(running, pid=2, started="t1", started_unix=1.0, status="finished", wall_s=2.0)
-    merged = run_dir.merge_processes([running], [dict(running, wall_s=7.0), done])
+    merged = run_module.merge_processes([running], [dict(running, wall_s=7.0), done])
     assert [(p["pid"], p["status"]) for p in merged] == [(1, "killed"), (2, "finished")]
-    assert run_dir.wall_time(merged) == 9.0
+    assert [p["wall_s"] for p in merged] == [7.0, 2.0]          # the newer record of each process
 
 
-class _StopBeforeEpoch1(Baseline):
-    def on_epoch_start(self, epoch):
-        raise KeyboardInterrupt
+_StopBeforeEpoch1 = interrupted(Baseline, 0)
 
 
 class _StopWhileBuilding(Baseline):
-    def build(self, args, num_classes):
+    def build(self):
         raise KeyboardInterrupt
 
 
@@ -458,7 +471,6 @@ def test_empty_or_bare_checkpoint_is_one_line(tmp_path, content, expected):
 
 
 def test_a_kill_between_last_and_best_is_repaired(tmp_path, monkeypatch, capsys):
-    import engine.records as records_module
     import engine.trainer as trainer_module
     calls = []
 
@@ -466,7 +478,7 @@ def test_a_kill_between_last_and_best_is_repaired(tmp_path, monkeypatch, capsys)
         calls.append(1)
         return {"net/top1": float(len(calls)), "net/top5": 100.0}
 
-    real_save = records_module.atomic_save
+    real_save = run_module.atomic_save
 
     def killed_after_last(obj, *paths):
         if obj["epoch"] == 2:
@@ -475,13 +487,13 @@ def test_a_kill_between_last_and_best_is_repaired(tmp_path, monkeypatch, capsys)
         real_save(obj, *paths)
 
     monkeypatch.setattr(trainer_module.Trainer, "evaluate", evaluate)
-    monkeypatch.setattr(records_module, "atomic_save", killed_after_last)
+    monkeypatch.setattr(run_module, "atomic_save", killed_after_last)
     args = TINY + ["--epochs", "2", "--out", str(tmp_path)]
     with pytest.raises(SystemExit):
         train(Baseline, args)
     assert load_checkpoint(tmp_path / "last.pt")["best"]["epoch"] == 2
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1             # stale
-    monkeypatch.setattr(records_module, "atomic_save", real_save)
+    monkeypatch.setattr(run_module, "atomic_save", real_save)
     train(Baseline, args + ["--resume", "auto"])
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
     assert "best.pt repaired" in capsys.readouterr().out
@@ -512,14 +524,14 @@ def test_out_that_is_a_file(tmp_path):
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     args = TINY + ["--out", str(tmp_path)]
     train(Baseline, args)
-    real = tempfile.mkstemp
+    real = os.open
 
-    def full(*a, **k):
-        if k.get("prefix", "").startswith(".last.pt"):
+    def full(path, flags, *a, **k):
+        if Path(path).name.startswith(".last.pt"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(*a, **k)
+        return real(path, flags, *a, **k)
 
-    monkeypatch.setattr(tempfile, "mkstemp", full)
+    monkeypatch.setattr(os, "open", full)
     with pytest.raises(UserError) as e:
         train(Baseline, args + ["--epochs", "2", "--extend-epochs", "--resume", "auto"])
     assert str(e.value).startswith(f"cannot write {tmp_path / 'last.pt'}: No space left on device (the disk is full")
@@ -531,12 +543,12 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_read_only_out_is_one_line(tmp_path, monkeypatch):
     """A folder without write permission. Root ignores permission bits (and the venv's interpreter is not
     reachable by an unprivileged user here), so as root the kernel's answer to a non-root user, EACCES for
-    files created in that folder, is reproduced by wrapping os.open and tempfile.mkstemp."""
+    files created in that folder, is reproduced by wrapping os.open."""
     out = tmp_path / "read_only"
     out.mkdir()
     os.chmod(out, 0o555)
     if os.geteuid() == 0:
-        real_open, real_mkstemp = os.open, tempfile.mkstemp
+        real_open = os.open
 
         def refuse(path):
             if Path(path).resolve().is_relative_to(out.resolve()):
@@ -547,12 +559,7 @@ def test_read_only_out_is_one_line(tmp_path, monkeypatch):
                 refuse(path)
             return real_open(path, flags, *a, **k)
 
-        def guarded_mkstemp(*a, dir=None, **k):
-            refuse(dir)
-            return real_mkstemp(*a, dir=dir, **k)
-
         monkeypatch.setattr(os, "open", guarded_open)
-        monkeypatch.setattr(tempfile, "mkstemp", guarded_mkstemp)
     try:
         with pytest.raises(UserError) as e:
             train(Baseline, TINY + ["--out", str(out)])

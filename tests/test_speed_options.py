@@ -4,7 +4,7 @@ import torch
 
 import train_dml
 from engine import train
-from engine.trainer import sgd_implementation
+from engine.optim import sgd_implementation
 
 
 def sgd_reference(params, grads_per_step, lr, momentum, wd, nesterov):
@@ -68,7 +68,9 @@ def test_cuda_graph_flags_are_checked(tmp_path):
 
 def test_graph_inputs_are_compared_and_copied_by_tree():
     from data.loaders import Batch
-    from engine.cuda_graph import shapes, tree_map, tree_tensors
+    from torch.utils._pytree import tree_leaves as tree_tensors, tree_map
+
+    from engine.cuda_graph import shapes
     batch = Batch([torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)], torch.arange(2), torch.arange(2))
     copy = tree_map(lambda t: t.clone(), batch)
     assert isinstance(copy, Batch) and isinstance(copy.images, list) and len(tree_tensors(copy)) == 4
@@ -107,7 +109,9 @@ def test_graphed_step_bookkeeping_on_the_cpu(tmp_path, monkeypatch):
 
     from engine import Trainer, parse_args
     from engine import cuda_graph
-    from engine.cuda_graph import GraphedStep, tree_tensors
+    from torch.utils._pytree import tree_leaves as tree_tensors
+
+    from engine.cuda_graph import GraphedStep
 
     class FakeGraph:
         def __init__(self):
@@ -152,7 +156,7 @@ def test_graphed_step_bookkeeping_on_the_cpu(tmp_path, monkeypatch):
     graphed = Trainer(train_dml.DML, parse_args(train_dml.DML, argv))
     graphed.graphed = CPUGraphedStep(graphed._step, list(graphed.optimizers.values()), graphed.device)
     for epoch in range(3):
-        a, b = eager.train_epoch(epoch), graphed.train_epoch(epoch)
+        (a, _), (b, _) = eager.train_epoch(epoch), graphed.train_epoch(epoch)
         for key in ("ce", "kd", "loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-6), (epoch, key)
     steps = len(graphed.loaders.train)

@@ -1,4 +1,5 @@
-"""Small methods that exercise the engine's hooks (train_step, after_step, on_epoch_end, TemporalMean).
+"""Small methods that exercise the engine's hooks (train_step, after_step, on_epoch_end, TemporalMean), and
+:func:`interrupted`, a method stopped by Ctrl-C at the start of an epoch.
 Used by tests/test_method_hooks.py, in process and under torchrun through tests/ddp_worker.py. Also
 :func:`build_method`, which the method tests use to build a real method without a Trainer."""
 import torch
@@ -6,7 +7,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import Method, OptimGroup, parse_args
-from engine.ema import TemporalMean
+from models.temporal_mean import TemporalMean
+
+
+def interrupted(cls, at_epoch: int):
+    """``cls`` stopped by Ctrl-C at the first step of 0-based epoch ``at_epoch`` (after the previous epoch
+    was saved): the method keeps its name, so the run resumes with ``cls``."""
+    class Interrupted(cls):
+        def train_step(self, model, batch, epoch, step):
+            if epoch == at_epoch:
+                raise KeyboardInterrupt
+            return super().train_step(model, batch, epoch, step)
+    return Interrupted
 
 
 def build_method(cls, argv, num_classes: int = 10, n_train: int = 100, image_size: int = 32, **kwargs):
@@ -50,14 +62,13 @@ class AlternatingToy(Method):
     """Two optimizers stepped one after the other in every step, GAN-style: the critic on the network's
     detached logits, then the network against the (not stepped) critic; an after_step counter."""
 
-    name = "toy_alternating"
     num_peers = None
     best_metric = "net"
     state_keys = ("counter",)
 
-    def build(self, args, num_classes):
+    def build(self):
         self.counter = StepCounter()
-        return NetAndCritic(num_classes)
+        return NetAndCritic(self.num_classes)
 
     def optim_groups(self):
         return [OptimGroup("net", list(self.model.net.parameters())),
@@ -92,17 +103,16 @@ class MeanTeacherToy(Method):
     """A network, a temporal mean of it (own BN statistics: run in train mode on every batch) evaluated
     as the head "mean", and with --val-split the val logits of on_epoch_end's evaluator kept in a buffer."""
 
-    name = "toy_mean"
     num_peers = None
     best_metric = "net"
     state_keys = ("mean", "probe")
 
-    def build(self, args, num_classes):
-        net = TinyNet(num_classes)
+    def build(self):
+        net = TinyNet(self.num_classes)
         self.mean = TemporalMean(net, mean_teacher_decay, buffers="own")
         self.probe = nn.Module()
-        self.probe.register_buffer("val_logits", torch.zeros(args.val_split, num_classes))
-        self.probe.register_buffer("val_labels", torch.zeros(args.val_split, dtype=torch.int64))
+        self.probe.register_buffer("val_logits", torch.zeros(self.args.val_split, self.num_classes))
+        self.probe.register_buffer("val_labels", torch.zeros(self.args.val_split, dtype=torch.int64))
         return net
 
     def loss(self, model, batch, epoch):
@@ -125,15 +135,14 @@ class NaNStateOnOneRank(Method):
     each epoch on rank 1 only, while every loss stays finite: the engine's non-finite check must stop every rank
     together (its verdict is all-reduced), not leave rank 0 waiting in the evaluation's collectives."""
 
-    name = "toy_nan_rank1"
     num_peers = None
     best_metric = "net"
     state_keys = ("junk",)
 
-    def build(self, args, num_classes):
+    def build(self):
         self.junk = nn.Module()
         self.junk.register_buffer("value", torch.zeros(3))
-        return TinyNet(num_classes)
+        return TinyNet(self.num_classes)
 
     def loss(self, model, batch, epoch):
         return {"ce": F.cross_entropy(model(batch.images), batch.labels)}

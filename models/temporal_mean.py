@@ -7,7 +7,7 @@ src/utils/ema.py and src/trainer.py) stores one as an attribute named in ``state
 
     class PCL(Method):
         state_keys = ("mean_teacher",)
-        def build(self, args, num_classes):
+        def build(self):
             model = Peers(...)
             self.mean_teacher = TemporalMean(model, lambda n: min(1 - 1 / (n + 1), 0.999))
             return model
@@ -104,8 +104,3 @@ class TemporalMean(AveragedModel):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._steps = int(self.n_averaged)
         return result
-
-
-def temporal_means(modules: dict) -> list[TemporalMean]:
-    """The TemporalMean instances among a method's ``extra_modules()`` values."""
-    return [m for m in modules.values() if isinstance(m, TemporalMean)]

@@ -1,0 +1,75 @@
+"""Writing files so that nothing is ever half-written: every file this repository writes (checkpoints,
+``results.json``, exports, caches, summary pages) goes through :func:`write_atomically`.
+
+The content goes to a temporary ``.<name>.<random>.tmp`` in the same folder, is flushed to disk, then
+replaces the target in one ``os.replace``: a reader (or a run resumed after a kill) sees the old file or the
+new one, never half of one. The file gets the permissions of the user's umask. A failed write leaves the
+previous file as it was and no temporary file behind.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from pathlib import Path
+
+TMP_SUFFIX = ".tmp"
+
+
+class NameTaken(FileExistsError):
+    """``write_atomically(..., replace=False)`` found a file already under the name."""
+
+
+def write_atomically(path: Path, mode: str, write, replace: bool = True) -> None:
+    """``write(file)`` (``mode`` "w" or "wb") into a temporary file in ``path``'s folder, fsync, then publish it
+    as ``path``. ``replace=False`` never replaces a file: the name is taken with a hard link, which fails
+    (:class:`NameTaken`) when it exists, even if it appeared meanwhile (a file system without hard links:
+    checked, then renamed). Raises OSError."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)     # the umask applies, as to any new file
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise NameTaken(errno.EEXIST, "File exists", str(path)) from None
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if path.exists():
+                raise NameTaken(errno.EEXIST, "File exists", str(path)) from None
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def clean_temp_files(folder: Path) -> list[Path]:
+    """Remove the temporary files that interrupted writes left in ``folder`` (only while no writer can own
+    them, e.g. under a run directory's lock). Returns what was removed."""
+    removed = [tmp for tmp in Path(folder).glob(f".*{TMP_SUFFIX}") if tmp.is_file()]
+    for tmp in removed:
+        tmp.unlink(missing_ok=True)
+    return removed
+
+
+def os_error_message(path: Path, e: OSError, flag: str = "--out") -> str:
+    """One line for an OS error while writing ``path``: the path, the problem and what to do (``flag``: the
+    option that chooses the place)."""
+    hint = {errno.ENOSPC: "the disk is full; free space",
+            errno.EDQUOT: "the disk quota is exceeded; free space",
+            errno.EROFS: f"the file system is read-only; choose another {flag}",
+            errno.EACCES: f"no permission to write there; choose another {flag} or fix its permissions",
+            errno.EPERM: f"no permission to write there; choose another {flag} or fix its permissions",
+            errno.ENOTDIR: f"a part of the path is a file, not a folder; choose another {flag}",
+            errno.EEXIST: f"a file of that name is in the way; choose another {flag}",
+            }.get(e.errno, f"choose another {flag}")
+    return f"cannot write {path}: {e.strerror or type(e).__name__} ({hint})"

@@ -1,0 +1,595 @@
+"""One run, one directory, one true record: the :class:`Run` owns the run directory, its lock, the per-epoch
+history, the record of every process that trained it (``results.json``), the checks before a resume, and
+the life of its checkpoints on disk. The training loop hands it a state to save; it never sees the loop.
+
+* **One writer.** :class:`RunLock` holds an exclusive ``fcntl.flock`` on ``<run>/.lock`` while a process
+  trains the run; the kernel releases it when the process ends, however it ends.
+* **Nothing overwritten.** A new run never starts in a folder that holds another run's files; a resumed
+  one only where its checkpoint belongs (the training options must agree: engine/config.py).
+* **Checkpoints.** ``last.pt`` every epoch and ``best.pt`` when the selection metric improves, last.pt
+  first, each written atomically and checksummed (engine/checkpoint.py) while SIGINT/SIGTERM wait. A kill
+  between the two leaves an older best.pt, which the next resume rebuilds: ``best.pt`` is never stale.
+* **The record.** ``results.json`` is rewritten after every epoch and when the process ends (finished,
+  interrupted, failed); it lists every process that trained the run, and a stopped run lists only the
+  epochs its last.pt holds.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from data.files import clean_temp_files, os_error_message
+
+from .checkpoint import FORMAT, atomic_copy, atomic_save, atomic_write_text, load_checkpoint
+from .cli import RECIPE_KEYS, RECIPES
+from .config import RunConfig, describe_differences, recorded_differences
+from .distributed import any_rank, barrier
+from .errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+LOCK_NAME = ".lock"
+
+
+@dataclass
+class History:
+    """Per-epoch records, the best epoch (selected on ``split``'s ``metric``), the per-head maximum test
+    accuracy over epochs, and the training time and images for the throughput."""
+    split: str
+    metric: str
+    records: list = field(default_factory=list)
+    best: Optional[dict] = None
+    max_test: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    train_samples: int = 0
+
+    def add(self, record: dict) -> bool:
+        """Append an epoch's record; True when it is the new best epoch."""
+        for k, v in record["test"].items():
+            self.max_test[k] = max(v, self.max_test.get(k, -1.0))
+        self.train_seconds += record["speed"]["epoch_s"]
+        self.train_samples += record["speed"]["images"]
+        improved = self.best is None or record[self.split][self.metric] > self.best[self.split][self.metric]
+        if improved:
+            self.best = {"epoch": record["epoch"], "test": record["test"],
+                         **({"val": record["val"]} if "val" in record else {})}
+        self.records.append(record)
+        return improved
+
+    def state(self) -> dict:
+        return {"best": self.best, "max_test": self.max_test, "history": self.records,
+                "train_seconds": self.train_seconds, "train_samples": self.train_samples}
+
+    def load(self, ckpt: dict) -> None:
+        self.best, self.max_test, self.records = ckpt["best"], ckpt["max_test"], ckpt["history"]
+        self.train_seconds, self.train_samples = ckpt["train_seconds"], ckpt["train_samples"]
+
+
+class Run:
+    """The run directory ``folder`` of ``method_cls`` trained with ``config`` by ``argv`` on ``world_size``
+    processes (this one ``rank``). ``about``: what results.json says of the run besides its record (the
+    peers' architectures, the data used, the library versions). Only rank 0 writes."""
+
+    def __init__(self, folder: Path, method_cls, config: RunConfig, argv: Sequence[str], world_size: int = 1,
+                 rank: int = 0, about: Optional[dict] = None):
+        self.folder = Path(folder).absolute()
+        self.method_cls, self.config, self.argv = method_cls, config, list(argv)
+        self.world_size, self.is_main = world_size, rank == 0
+        self.about = about or {}
+        best_head = config.best_metric or method_cls.best_metric
+        self.history = History("val" if config.val_split else "test", f"{best_head}/top1")
+        self.run_id = uuid.uuid4().hex          # a resumed run takes its checkpoint's
+        self.processes: list[dict] = []         # every process that trained the run
+        self.process: Optional[dict] = None     # this one's entry, while it trains
+        self.lock: Optional[RunLock] = None
+        self.resume_from: Optional[Path] = None  # the checkpoint this process continues
+        self.saved: Optional[Path] = None        # the checkpoint that holds the history's epochs
+        self.git_commit = _git_commit()
+
+    @property
+    def script(self) -> str:
+        return Path(self.method_cls.script or "train_method.py").name
+
+    @property
+    def command(self) -> str:
+        return shlex.join([self.script] + self.argv)
+
+    def log(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    # ---- opening: lock, then a new run or the checkpoint to continue ------------------------------------
+
+    def open(self) -> Optional[dict]:
+        """Lock the folder (every rank stops if rank 0 could not), then check what it holds: None for a new
+        run, else the checkpoint to continue from, checked against this command (``self.done`` when it
+        already holds every epoch: then nothing is to be loaded or written). Raises UserError rather than
+        overwrite anything."""
+        self._lock()
+        resume = self._resume_path()
+        if resume is None:
+            if (self.folder / "last.pt").exists():
+                raise UserError(f"{self.folder} already holds a run (last.pt). Continue it with --resume auto, "
+                                "or start a new run with another --out; nothing is overwritten.")
+            earlier = self._earlier_run_files()
+            if earlier:
+                raise UserError(f"{self.folder} holds {' and '.join(earlier)} of an earlier run but no last.pt to "
+                                "continue it from; start this run with another --out (or move that folder away); "
+                                "nothing is overwritten.")
+            if self.config.resume == "auto":
+                self.log(f"--resume auto: no checkpoint in {self.folder}, starting a new run")
+            return None
+        ckpt = load_checkpoint(resume)
+        if ckpt["method"] != self.method_cls.name:
+            raise UserError(f"{resume} was saved by train_{ckpt['method']}.py; resume it with that script")
+        diffs = recorded_differences(self.method_cls, self.config, ckpt, self.world_size)
+        if diffs:
+            raise UserError(f"{resume} was trained with {describe_differences(diffs)}. Resume with the "
+                            "checkpoint's values, or start a new run (leave out --resume, or give another --out)")
+        self._check_target(resume, ckpt)
+        if self.is_main:
+            self._repair_best(resume, ckpt)
+        self.resume_from = resume
+        self.history.load(ckpt)
+        if self.done_after(ckpt["epoch"]):
+            self.log(f"{resume}: the run is already finished ({ckpt['epoch']} of {self.config.epochs} epochs); "
+                     "nothing to do, nothing changed. To train longer: a larger --epochs with --extend-epochs")
+        return ckpt
+
+    def done_after(self, epochs: int) -> bool:
+        return epochs >= self.config.epochs
+
+    def begin(self, ckpt: Optional[dict]) -> None:
+        """Start this process's entry in the record, after the loop has loaded ``ckpt`` (None: a new run)."""
+        if ckpt is not None:
+            self.run_id = ckpt.get("run_id", self.run_id)
+            self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes())
+            self.saved = self.resume_from
+            self.log(f"resumed from {self.resume_from} after epoch {ckpt['epoch']}")
+        self.process = _new_process(self.command, self.epochs)
+        self.processes.append(self.process)
+
+    @property
+    def epochs(self) -> int:
+        """Epochs trained and saved (the history holds an epoch once its checkpoint is written)."""
+        return len(self.history.records)
+
+    def _resume_path(self) -> Optional[Path]:
+        resume = self.config.resume
+        if not resume:
+            return None
+        if resume == "auto":
+            path = self.folder / "last.pt"
+            return path if path.is_file() else None
+        return Path(resume)
+
+    def _lock(self) -> None:
+        """Rank 0 takes the folder's lock, then removes the temporary files of interrupted writes."""
+        error = None
+        if self.is_main:
+            try:
+                self.lock = RunLock(self.folder, self.command).acquire()
+            except UserError as e:
+                error = e
+        failed = any_rank(error is not None)
+        if error is not None:
+            raise error
+        if failed:
+            raise UserError(f"rank 0 could not lock {self.folder}; see its message")
+        if self.is_main:
+            if self.lock.stale:
+                self.log(f"{self.folder}: process {self.lock.stale.get('pid')} that held it ended without "
+                         "unlocking (stale lock taken over)")
+            for tmp in clean_temp_files(self.folder):
+                self.log(f"removed {tmp}, left by an interrupted write")
+
+    def _earlier_run_files(self) -> list[str]:
+        """What of an earlier run the folder holds besides last.pt: best.pt, and a results.json unless it is
+        this repository's record of a run that saved no epoch (one stopped in its first epoch, which a new
+        run simply replaces)."""
+        found = ["best.pt"] if (self.folder / "best.pt").exists() else []
+        record = self.folder / "results.json"
+        if record.exists():
+            try:
+                saved = json.loads(record.read_text())
+            except (OSError, ValueError):
+                saved = None                     # unreadable: keep it, it may be all that is left of a run
+            if not (isinstance(saved, dict) and "method" in saved and saved.get("history") == []):
+                found.append("results.json")
+        return found
+
+    def _check_target(self, path: Path, ckpt: dict) -> None:
+        """Never write into a folder that holds another run's last.pt (or a later state of this run)."""
+        last = self.folder / "last.pt"
+        if not last.is_file() or os.path.samefile(last, path):
+            return
+        other = load_checkpoint(last)
+        same_run = other.get("run_id") == ckpt.get("run_id") is not None
+        if same_run and other["epoch"] == ckpt["epoch"]:
+            return   # a copy of the same state
+        what = ("a later state of this run" if same_run
+                else f"another run ({other['method']}, {other['args'].get('arch')} on {other['args'].get('dataset')})")
+        raise UserError(f"{self.folder} holds {what} in last.pt (epoch {other['epoch']}); continuing {path} "
+                        f"(epoch {ckpt['epoch']}) there would overwrite it. Give another --out to continue {path}")
+
+    def _repair_best(self, path: Path, ckpt: dict) -> None:
+        """best.pt must hold the best epoch that last.pt names. A kill between the writes of last.pt and
+        best.pt leaves an older best.pt: then the best epoch is last.pt's own epoch, and last.pt is copied."""
+        if not ckpt["best"]:
+            return
+        epoch, best = ckpt["best"]["epoch"], self.folder / "best.pt"
+        if _checkpoint_epoch(best) == epoch:
+            return
+        source_best = path.parent / "best.pt"
+        existed = best.exists()      # a stale or damaged best.pt of this run, not a new --out's first one
+        if epoch == ckpt["epoch"]:
+            atomic_copy(path, best)
+        elif path.parent != self.folder and _checkpoint_epoch(source_best) == epoch:
+            atomic_copy(source_best, best)
+        else:
+            warnings.warn(f"{best} does not hold the best epoch ({epoch}) and it cannot be rebuilt; it will be "
+                          "written again when an epoch improves on it")
+            return
+        self.log(f"{best} repaired: it now holds the best epoch, {epoch}" if existed else
+                 f"{best} written from the resumed run: it holds the best epoch, {epoch}")
+
+    def _recorded_processes(self) -> Optional[list]:
+        """The processes results.json lists, if it is this run's record."""
+        recorded = read_record(self.folder / "results.json") or {}
+        return recorded.get("processes") if recorded.get("run_id") == self.run_id else None
+
+    # ---- every epoch -----------------------------------------------------------------------------------
+
+    def save(self, record: dict, state: dict) -> None:
+        """Add an epoch's ``record`` (``epoch``, ``lr``, ``train`` terms, ``speed``, ``test`` and ``val``
+        metrics) with the loop's ``state``: last.pt (and best.pt when the epoch improved) written atomically by
+        rank 0 while Ctrl-C and SIGTERM wait, then results.json. The history holds the epoch only once its
+        checkpoint is written; every rank waits for rank 0 and the others take the epoch after it."""
+        history = copy.deepcopy(self.history)
+        improved = history.add(record)
+        if self.is_main:
+            paths = [self.folder / "last.pt"] + ([self.folder / "best.pt"] if improved else [])
+            ckpt = {"format": FORMAT, "layout": "plain", "method": self.method_cls.name, "epoch": record["epoch"],
+                    **state, **history.state(), "args": self.config.as_dict(), "run_id": self.run_id,
+                    "world_size": self.world_size, "processes": self.processes}
+            with signals_held():
+                atomic_save(ckpt, *paths)
+                self.history, self.saved = history, paths[0]
+        self.write_results("finished" if self.done_after(record["epoch"]) else "running")
+        barrier()   # no rank starts the next epoch before rank 0 has written this one's checkpoint
+        self.history, self.saved = history, self.folder / "last.pt"
+
+    # ---- the end of a process ----------------------------------------------------------------------------
+
+    def finish(self) -> dict:
+        """The run trained its last epoch: record it and unlock; returns the record."""
+        self.close(None)
+        return self.results("finished")
+
+    def close(self, error: Optional[BaseException]) -> Optional[str]:
+        """Record how this process ended in results.json (rank 0) and unlock. For an interrupt (Ctrl-C,
+        SIGTERM) returns the one line for the user: what is saved and the command that continues the run."""
+        message = None
+        try:
+            if self.process is not None and error is None:
+                self.write_results("finished")
+            elif self.process is not None:
+                # the record holds the checkpointed epochs only: an epoch whose save was cut short is trained again
+                sig = getattr(error, "signal_name", "SIGINT")
+                if isinstance(error, KeyboardInterrupt) and self.done_after(self.epochs):
+                    # stopped after its last epoch was saved: the run is complete, whatever the process was doing
+                    message = (f"interrupted ({sig}) after the last epoch was saved: {self.saved_state()}; "
+                               "the run is finished")
+                    self._record_end("finished")
+                elif isinstance(error, KeyboardInterrupt):
+                    message = (f"interrupted ({sig}) during epoch {self.epochs + 1}: {self.saved_state()}. "
+                               "Continue with: " + self.continue_command())
+                    self._record_end("interrupted", signal=sig)
+                else:
+                    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                    if not isinstance(error, UserError):
+                        reason = f"{type(error).__name__}: {reason}"
+                    self._record_end("failed", reason=reason)
+        finally:
+            self.process = None
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+        return message
+
+    def saved_state(self) -> str:
+        """What a stopped run keeps, for the user: '<checkpoint> holds epoch N' or 'no epoch had been saved'."""
+        return f"{self.saved} holds epoch {self.epochs}" if self.epochs else "no epoch had been saved"
+
+    def continue_command(self) -> str:
+        """The command that continues a stopped run: this command with ``--out OUT --resume auto`` in place of
+        any ``--out``/``--resume`` it had, or ``--resume PATH`` while the run has no last.pt of its own yet
+        (e.g. after --extend-epochs into a new --out)."""
+        resume = self.saved if self.saved not in (None, self.folder / "last.pt") else "auto"
+        rest, i, argv = [], 0, self.argv
+        while i < len(argv):
+            token = argv[i]
+            if token == "--out":
+                i += 2
+            elif token == "--resume":
+                i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("-") else 1
+            elif token.startswith(("--out=", "--resume=")):
+                i += 1
+            else:
+                rest.append(token)
+                i += 1
+        launcher = ["python"] if self.world_size <= 1 else ["torchrun", f"--nproc_per_node={self.world_size}"]
+        return shlex.join(launcher + [self.script, *rest, "--out", str(self.folder), "--resume", str(resume)])
+
+    def _record_end(self, status: str, **extra) -> None:
+        try:
+            self.write_results(status, **extra)
+        except UserError:
+            pass   # the disk that failed the run may fail its record too; the one-line error says why
+
+    # ---- results.json ----------------------------------------------------------------------------------------
+
+    def results(self, status: str) -> dict:
+        a, h = self.config, self.history
+        final = self.processes[-1] if self.processes else {}
+        return {
+            "status": status, **{k: final[k] for k in ("signal", "reason") if k in final},
+            "method": self.method_cls.name, "arch": a.arch, "peer_archs": self.about.get("peer_archs"),
+            "dataset": a.dataset, "run_id": self.run_id,
+            "epochs_done": len(h.records), "epochs": a.epochs,
+            "recipe": {"name": a.recipe, **{k: getattr(a, k) for k in RECIPE_KEYS},
+                       "same_as_recipe": all(getattr(a, k) == RECIPES[a.recipe].get(k) for k in RECIPE_KEYS)},
+            "selection": {"split": h.split, "metric": h.metric,
+                          "note": "best = the epoch with the highest selection metric; its test metrics are "
+                                  "reported. max_over_epochs_test is what the official codes report when "
+                                  "selecting on the test set."},
+            "best": h.best,
+            "last": h.records[-1] if h.records else None,
+            "max_over_epochs_test": h.max_test,
+            "wall_time_s": sum(p.get("wall_s", 0.0) for p in self.processes),
+            "train_time_s": h.train_seconds,
+            "train_images_per_s": h.train_samples / max(h.train_seconds, 1e-9),
+            "world_size": self.world_size,
+            "data": self.about.get("data"),
+            "git_commit": self.git_commit, "versions": self.about.get("versions"),
+            "command": self.command,
+            "processes": self.processes,
+            "args": a.as_dict(),
+            "history": h.records,
+        }
+
+    def write_results(self, status: str, **extra) -> None:
+        """Bring this process's entry up to date (its status, and the signal or reason it ended with), then
+        write results.json (rank 0)."""
+        if self.process is not None:
+            t = time.time()
+            self.process.update(end_epoch=len(self.history.records), updated=_now_iso(t),
+                                wall_s=t - self.process["started_unix"], status=status, **extra)
+            if status != "running":
+                self.process["ended"] = _now_iso(t)
+        if self.is_main:
+            atomic_write_text(json.dumps(self.results(status), indent=2, default=str) + "\n",
+                              self.folder / "results.json")
+
+    def recorded(self) -> dict:
+        """results.json as written, or this run's record if there is none."""
+        return read_record(self.folder / "results.json") or self.results("finished")
+
+    def write_evaluation(self, result: dict) -> Path:
+        """``eval-<checkpoint>-<dataset>[-test<N>][-<amp>][-<hash of --data>].json`` in the folder (rank 0):
+        evaluations of another dataset, of another --eval-subset, in another precision or of another copy of
+        the data never overwrite each other."""
+        a = self.config
+        name = f"eval-{Path(a.eval_only).stem}-{a.dataset}"
+        if a.eval_subset:
+            name += f"-test{a.eval_subset}"
+        if a.amp in ("bf16", "fp16"):
+            name += f"-{a.amp}"
+        if a.data:
+            name += "-" + hashlib.sha256(str(Path(a.data).resolve()).encode()).hexdigest()[:6]
+        path = self.folder / f"{name}.json"
+        if self.is_main:
+            atomic_write_text(json.dumps(result, indent=2) + "\n", path)
+            self.log(f"results: {path}")
+        return path
+
+
+def read_record(path: Path) -> Optional[dict]:
+    """A run's results.json as a dict with its arguments, or None (absent, unreadable, not a run's)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("args"), dict) else None
+
+
+def _checkpoint_epoch(path: Path) -> Optional[int]:
+    """The epoch ``path`` holds; None when it is missing or damaged."""
+    try:
+        return load_checkpoint(path)["epoch"] if path.is_file() else None
+    except UserError:
+        return None
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=REPO,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions(device) -> dict:
+    import numpy as np
+    import torch
+    import torchvision
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "numpy": np.__version__,
+                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    cuda = device.type == "cuda"
+    versions["device"] = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
+    return versions
+
+
+# ---- the process record ------------------------------------------------------------------------------------
+
+def _now_iso(t: Optional[float] = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() if t is None else t))
+
+
+def _new_process(command: str, start_epoch: int) -> dict:
+    """The record of this process training the run, from ``start_epoch`` (epochs already done)."""
+    t = time.time()
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "start_epoch": start_epoch,
+            "end_epoch": start_epoch, "started": _now_iso(t), "ended": None, "updated": _now_iso(t),
+            "started_unix": t, "wall_s": 0.0, "status": "running"}
+
+
+def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequence[dict]]) -> list[dict]:
+    """The processes of a run being resumed: the checkpoint's list, with each entry replaced by the newer
+    one ``results.json`` holds (written later: its final status) and the processes ``results.json`` adds
+    (those that ended before finishing an epoch). An entry still 'running' belongs to a process that ended
+    without writing its end (SIGKILL, out of memory, power loss): it becomes 'killed'."""
+    def key(p: Mapping) -> tuple:
+        return p.get("host"), p.get("pid"), p.get("started")
+    merged = {key(p): dict(p) for p in from_checkpoint}
+    merged.update({key(p): dict(p) for p in from_results or ()})
+    processes = sorted(merged.values(), key=lambda p: p.get("started_unix", 0.0))
+    for p in processes:
+        if p.get("status") == "running":
+            p.update(status="killed", ended=None,
+                     reason="the process ended without recording it (SIGKILL, out of memory or power loss); "
+                            "times are as of its last write")
+    return processes
+
+
+# ---- one writer per run directory ---------------------------------------------------------------------------
+
+class RunLock:
+    """An exclusive lock on a run directory, held by the one process that writes it.
+
+    ``acquire()`` creates the directory if needed and takes ``fcntl.flock(LOCK_EX | LOCK_NB)`` on
+    ``<dir>/.lock``, then writes its holder (pid, host, start time, command) into it. The kernel releases
+    a flock when its process ends, however it ends (exception, signal, SIGKILL), so a lock file left by a
+    dead process is stale and simply taken over (``stale`` then holds the dead holder's record). A second
+    process gets a UserError naming the holder's pid.
+    """
+
+    def __init__(self, folder: Path, command: str = ""):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.command = command
+        self.fd: Optional[int] = None
+        self.stale: Optional[dict] = None
+        self.created_folder = False
+
+    def _read_holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "RunLock":
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"--out {self.folder} is a file, not a folder; choose another --out")
+        try:
+            self.created_folder = not self.folder.exists()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise UserError(os_error_message(self.folder, e)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UserError(os_error_message(self.path, e)) from None
+            holder = self._read_holder()
+            who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
+            if holder.get("started"):
+                who += f" (since {holder['started']}: {holder.get('command', '')})"
+            if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+                    and not _pid_alive(holder["pid"]):
+                raise UserError(f"{self.folder} is locked by {who}, which is no longer running, yet its lock "
+                                f"is still held (a network file system?); if no other machine trains this run, "
+                                f"delete {self.path}")
+            raise UserError(f"{self.folder} is in use by {who}: one process writes a run at a time; wait for it "
+                            "to end, or choose another --out")
+        self.fd = fd
+        holder = self._read_holder()
+        if holder.get("pid"):
+            self.stale = holder
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now_iso(), "command": self.command}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        return self
+
+    def release(self) -> None:
+        """Unlock (emptying the holder record). The lock file stays: removing it could let two processes
+        lock two different files of the same name."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+        if self.created_folder and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
+            # Nothing was written (the run stopped before it began): leave no empty run directory behind.
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+                self.folder.rmdir()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- signals -------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block ends, then arrive as usual: a checkpoint write and the record
+    of what it holds happen together or not at all. (The handlers are swapped for a recorder: blocking the
+    signals would not do, since any other thread, TensorBoard's writer for one, can take them.) Main thread
+    only, as Python's handlers; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if pending:                                   # delivered now, to the handler it was meant for
+        handler = previous[pending[0]]
+        if callable(handler):
+            handler(pending[0], None)
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), pending[0])
