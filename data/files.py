@@ -1,5 +1,6 @@
-"""Writing files so that nothing is ever half-written: every file this repository writes (checkpoints,
-``results.json``, exports, caches, summary pages) goes through :func:`write_atomically`.
+"""Writing files so that nothing is ever half-written or silently damaged: every file this repository writes
+(checkpoints, ``results.json``, exports, caches, summary pages) goes through :func:`write_atomically`, and
+every torch file it writes carries a checksum of its content (:func:`checksummed`, :func:`verified`).
 
 The content goes to a temporary ``.<name>.<random>.tmp`` in the same folder, is flushed to disk, then
 replaces the target in one ``os.replace``: a reader (or a run resumed after a kill) sees the old file or the
@@ -9,9 +10,13 @@ previous file as it was and no temporary file behind.
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import os
 import secrets
 from pathlib import Path
+
+import torch
 
 TMP_SUFFIX = ".tmp"
 
@@ -73,3 +78,47 @@ def os_error_message(path: Path, e: OSError, flag: str = "--out") -> str:
             errno.EEXIST: f"a file of that name is in the way; choose another {flag}",
             }.get(e.errno, f"choose another {flag}")
     return f"cannot write {path}: {e.strerror or type(e).__name__} ({hint})"
+
+
+def _feed(h, obj) -> None:
+    """Feed a canonical byte form of ``obj`` (nested dicts/lists/tuples of tensors and plain values) to ``h``."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"{%d" % len(obj))
+        for key, value in obj.items():
+            h.update(repr(key).encode())
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"(" if isinstance(obj, tuple) else b"[")
+        h.update(b"%d" % len(obj))
+        for value in obj:
+            _feed(h, value)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def content_digest(obj) -> str:
+    """sha256 (hex) of a torch file's content: tensors by dtype, shape and bytes, other values by repr."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def checksummed(obj: dict) -> io.BytesIO:
+    """``obj`` with the checksum of its content (``sha256``, replacing any it had), serialised by
+    ``torch.save``: still a plain dict for ``torch.load``."""
+    obj = {k: v for k, v in obj.items() if k != "sha256"}
+    obj["sha256"] = content_digest(obj)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer
+
+
+def verified(obj: dict) -> bool:
+    """Pop a loaded dict's ``sha256`` and tell whether its content still matches it (True for a dict written
+    without one): bytes flipped on disk after the write are refused instead of used."""
+    saved = obj.pop("sha256", None)
+    return saved is None or content_digest(obj) == saved

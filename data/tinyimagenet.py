@@ -21,7 +21,8 @@ folder is present but damaged, ``--download`` extracts the zip again (fetching i
   into uint8 N x 3 x 64 x 64; every file that does not decode is listed in one error, and nothing is
   cached then. The result is cached in ``tiny-imagenet-200/okd_uint8_cache.pt``, keyed on what it holds:
   the path, size and modification time of every image, ``wnids.txt`` and ``val_annotations.txt``; any
-  change rebuilds it. Written atomically; skipped with a warning when the folder is read-only.
+  change rebuilds it, and so does a damaged one (it carries a checksum). Written atomically; skipped with a warning
+  when the folder is read-only.
 
 Training augmentation (in :mod:`data.loaders`): RandomCrop(64, padding=4, zero fill) +
 RandomHorizontalFlip(0.5), then /255 and Normalize with the ImageNet mean (0.485, 0.456, 0.406) and std
@@ -41,7 +42,7 @@ from PIL import Image
 
 from .common import (ArraySplit, BadDatasetError, DatasetNotFoundError, datasets_root, decode_rgb, dataset_info,
                      download_or_explain, image_files, is_hidden, visible_dirs)
-from .files import write_atomically
+from .files import checksummed, verified, write_atomically
 
 FOLDER = "tiny-imagenet-200"
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -221,9 +222,11 @@ def _load(root: Path) -> tuple[ArraySplit, ArraySplit]:
     if cache.is_file():
         try:
             blob = torch.load(cache, weights_only=True)
+            if not verified(blob):
+                raise ValueError("its content does not match its checksum")
             if blob.get("version") == CACHE_VERSION and blob.get("key") == key:
                 return ArraySplit(*blob["train"]), ArraySplit(*blob["test"])
-        except Exception as err:  # noqa: BLE001 -- a truncated or foreign file: rebuild it
+        except Exception as err:  # noqa: BLE001 -- a truncated, damaged or foreign file: rebuild it
             warnings.warn(f"ignoring unreadable cache {cache}: {err}")
     (train, bad_train), (test, bad_val) = _decode_all(train_items), _decode_all(val_items)
     if bad_train or bad_val:                     # nothing is cached
@@ -233,9 +236,10 @@ def _load(root: Path) -> tuple[ArraySplit, ArraySplit]:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    """Write the cache atomically (data.files); warn (and go on) if that fails."""
+    """Write the cache atomically and checksummed (data.files); warn (and go on) if that fails."""
     try:
-        write_atomically(path, "wb", lambda f: torch.save(obj, f))
+        buffer = checksummed(obj)
+        write_atomically(path, "wb", lambda f: f.write(buffer.getbuffer()))
     except OSError as err:
         warnings.warn(f"could not write the decoded-image cache {path} ({err}); "
                       "the JPEGs will be decoded again next time")

@@ -10,14 +10,12 @@ It is still a plain ``torch.save`` dict: ``torch.load(path)["state"]["model"]`` 
 """
 from __future__ import annotations
 
-import hashlib
-import io
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
-from data.files import os_error_message, write_atomically
+from data.files import checksummed, os_error_message, verified, write_atomically
 
 from .errors import UserError
 
@@ -33,42 +31,6 @@ def _atomic_write(path: Path, mode: str, write) -> None:
     except OSError as e:
         raise UserError(os_error_message(Path(path), e) + f"; the previous {Path(path).name}, if any, is "
                         "unchanged") from None
-
-
-def _feed(h, obj) -> None:
-    """Feed a canonical byte form of ``obj`` (nested dicts/lists/tuples of tensors and plain values) to ``h``."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(obj, dict):
-        h.update(b"{%d" % len(obj))
-        for key, value in obj.items():
-            h.update(repr(key).encode())
-            _feed(h, value)
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"(" if isinstance(obj, tuple) else b"[")
-        h.update(b"%d" % len(obj))
-        for value in obj:
-            _feed(h, value)
-    else:
-        h.update(f"{type(obj).__name__}:{obj!r};".encode())
-
-
-def content_digest(obj: Any) -> str:
-    """sha256 (hex) of a checkpoint's content: tensors by dtype, shape and bytes, other values by repr."""
-    h = hashlib.sha256()
-    _feed(h, obj)
-    return h.hexdigest()
-
-
-def checksummed(obj: dict) -> io.BytesIO:
-    """``obj`` with its content checksum (``sha256``, replacing any it had), serialised by ``torch.save``."""
-    obj = {k: v for k, v in obj.items() if k != "sha256"}
-    obj["sha256"] = content_digest(obj)
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer
 
 
 def atomic_save(obj: dict, *paths: Path) -> None:
@@ -111,8 +73,7 @@ def load_checkpoint(path: Path, required: Iterable[str] = REQUIRED_KEYS) -> dict
     if missing or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this repository (format {FORMAT}; "
                         + (f"missing {', '.join(missing)})" if missing else f"format {ckpt.get('format')})"))
-    saved = ckpt.pop("sha256", None)
-    if saved is not None and content_digest(ckpt) != saved:
+    if not verified(ckpt):
         raise UserError(f"checkpoint {path} is damaged: its content does not match the sha256 written with it "
                         "(the file changed on disk after it was saved); use another checkpoint of the run "
                         "(best.pt / last.pt) or start a new run with --out")

@@ -9,7 +9,6 @@ flag, ``type=float`` included (the parser registers a finite-float type for it).
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import re
 import warnings
@@ -131,12 +130,6 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         return " ".join(filter(None, (action.help, self._default(action))))
-
-    def _format_action(self, action: argparse.Action) -> str:
-        if not action.help and self._default(action):      # no help text: argparse would print nothing
-            action = copy.copy(action)
-            action.help = self._default(action)
-        return super()._format_action(action)
 
 
 class Parser(argparse.ArgumentParser):

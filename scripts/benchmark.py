@@ -248,7 +248,7 @@ def main(argv=None):
     start_mib = torch.cuda.memory_allocated(a.device) / 2**20 if a.device.type == "cuda" else 0.0
     first = make_trainer(method_cls, a, [])
     first_mib = (torch.cuda.memory_allocated(a.device) / 2**20 - start_mib) if a.device.type == "cuda" else 0.0
-    init_state = copy.deepcopy(first.method.state_dict())
+    init_state = copy.deepcopy({k: m.state_dict() for k, m in first.modules.items()})
     rows = []
     def memory_mark() -> float:
         """Reset the peak; the memory already held (MiB) is not counted in the next row's peak."""
@@ -274,7 +274,7 @@ def main(argv=None):
         held = memory_mark() - (first_mib if config == "default" else 0.0)   # default: the first trainer itself
         trainer = first if config == "default" else make_trainer(method_cls, a, config_flags(config))
         if "grouped" not in config.split("+"):
-            trainer.method.load_state_dict(init_state)   # grouped: the same initial weights, by the same seed
+            trainer.load_method_state(init_state, "the first trainer's weights")   # grouped: converted
         sec, ops = engine_step(trainer, a.steps)
         rows.append(row(f"engine {config}", sec, ops, held))
         del trainer

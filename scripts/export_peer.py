@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from data.files import NameTaken, write_atomically  # noqa: E402
-from engine.checkpoint import checksummed, load_checkpoint  # noqa: E402
+from data.files import NameTaken, checksummed, write_atomically  # noqa: E402
+from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from models import create_model  # noqa: E402
 from models.peers import Peers, peer_archs  # noqa: E402

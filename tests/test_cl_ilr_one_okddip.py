@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from data import Batch
-from engine import UserError, parse_args, train
+from engine import parse_args, train
 from losses import sigmoid_rampup
 from models import create_model
 from models.peers import PeerOutput
@@ -175,9 +175,10 @@ def test_okddip_attention_shapes_and_heads():
     assert torch.equal(heads["ensemble"].argmax(1), total.argmax(1))   # the official sum, same argmax
 
 
-def test_okddip_needs_two_peers_and_a_leader(tmp_path):
-    with pytest.raises(UserError, match="num-peers >= 3"):
+def test_okddip_needs_two_peers_and_a_leader(tmp_path, capsys):
+    with pytest.raises(SystemExit):
         train(OKDDip, FAST + ["--num-peers", "2", "--out", str(tmp_path)])
+    assert "argument --num-peers: must be >= 3; got 2" in capsys.readouterr().err
 
 
 # ---- gradients --------------------------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def test_importing_any_module_changes_nothing_global():
                        timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr
     count, unchanged = r.stdout.split()
-    assert int(count) > 60 and unchanged == "True"
+    assert int(count) >= 60 and unchanged == "True"
 
 
 def test_main_prints_warnings_as_one_line_and_puts_the_format_back(capsys):

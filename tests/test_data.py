@@ -15,6 +15,7 @@ from torchvision import transforms
 from data import (DATASET_NAMES, DatasetInfo, DatasetNotFoundError, DeviceLoader, build_loaders, dataset_info,
                   load_dataset, stratified_split)
 from data.common import ArraySplit
+from data.files import checksummed
 from data.fashion_mnist import read_idx
 from data.loaders import array_transforms, crop_flip
 from datasets_on_disk import (TINY_VAL, colour, idx_bytes, loader_args, write_cifar10, write_cifar100,
@@ -117,7 +118,12 @@ def test_tinyimagenet_val_labels_come_from_annotations_and_are_cached(tmp_path):
     assert (root / "okd_uint8_cache.pt").is_file()
     cache = torch.load(root / "okd_uint8_cache.pt", weights_only=True)
     cache["train"] = (cache["train"][0] + 1, cache["train"][1])                  # marks a cache hit
-    torch.save(cache, root / "okd_uint8_cache.pt")
+    torch.save(cache, root / "okd_uint8_cache.pt")                               # ... but the checksum is stale
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        assert torch.equal(load_dataset("tinyimagenet", root)[0].images, train.images)   # rebuilt from the JPEGs
+    cache = torch.load(root / "okd_uint8_cache.pt", weights_only=True)
+    cache["train"] = (cache["train"][0] + 1, cache["train"][1])
+    (root / "okd_uint8_cache.pt").write_bytes(checksummed(cache).getvalue())     # a cache written as the loader does
     train2, test2 = load_dataset("tinyimagenet", root)                           # served from the cache
     assert torch.equal(train2.images, train.images + 1) and torch.equal(test2.labels, test.labels)
 

@@ -387,7 +387,7 @@ def error_line(argv, capsys) -> str:
     (["--launcher", "slurm", "--time", "2", "--signal-delay", "120"], "--signal-delay 120 s is not shorter"),
     (["--extra=--lr 'x", "--dry-run"], "--extra=\"--lr 'x\": No closing quotation"),
     (["--extra=--bogus 3", "--dry-run"], "unrecognized arguments: --bogus 3"),
-    (["--extra=--lr -1", "--dry-run"], "--lr must be >= 0"),
+    (["--extra=--lr -1", "--dry-run"], "argument --lr: must be >= 0"),
     (["--extra=--seed 7", "--dry-run"], "sets --seed, which reproduce.py sets"),
     (["--extra=--out /tmp/x --tag y", "--dry-run"], "sets --out, --tag, which reproduce.py sets"),
 ])
