@@ -37,61 +37,54 @@ def sgd_implementation(choice: str, device: torch.device) -> dict:
 
 
 class Optimization:
-    """One SGD optimizer and one per-epoch lr schedule per :class:`~engine.method.OptimGroup`."""
+    """One optimizer per :class:`~engine.method.OptimGroup`, the run's SGD unless the group names its own. The
+    lr is not optimizer state: :meth:`set_epoch` sets it for each epoch from the current flags' schedule, so a
+    resumed run (an extended one included) needs no scheduler state."""
 
     def __init__(self, groups, args, world_size: int, device: torch.device):
-        self.groups, self.args, self.world_size = groups, args, world_size
-        self.kernels = sgd_implementation(args.sgd_impl, device)   # probed once, used by every sgd()
+        self.groups, self.args = groups, args
+        self.scale = world_size if args.lr_scale == "linear" else 1
+        self.kernels = sgd_implementation(args.sgd_impl, device)   # probed once, used by every SGD
         self.optimizers = {g.name: self.optimizer(g) for g in groups}
-        self.schedulers = {
-            g.name: torch.optim.lr_scheduler.LambdaLR(
-                self.optimizers[g.name], (lambda e: lr_factor(e, args)) if g.scheduled else (lambda e: 1.0))
-            for g in groups}
+        self.set_epoch(0)
 
     def optimizer(self, group) -> torch.optim.Optimizer:
         """The group's own optimizer class (``OptimGroup.optimizer``), or the run's SGD (momentum, Nesterov,
         --sgd-impl kernels)."""
         a = self.args
-        scale = self.world_size if a.lr_scale == "linear" else 1
-        lr = scale * (group.lr if group.lr is not None else a.lr)
         weight_decay = group.weight_decay if group.weight_decay is not None else a.weight_decay
         if group.optimizer is not None:
-            return group.optimizer(group.params, lr=lr, weight_decay=weight_decay, **group.extra)
-        return torch.optim.SGD(group.params, lr=lr, momentum=a.momentum, nesterov=a.nesterov and a.momentum > 0,
-                               weight_decay=weight_decay, **{**self.kernels, **group.extra})
+            return group.optimizer(group.params, lr=self.peak_lr(group), weight_decay=weight_decay, **group.extra)
+        return torch.optim.SGD(group.params, lr=self.peak_lr(group), momentum=a.momentum,
+                               nesterov=a.nesterov and a.momentum > 0, weight_decay=weight_decay,
+                               **{**self.kernels, **group.extra})
 
-    def apply_current_hyperparameters(self) -> None:
-        """The optimizer state (momentum buffers) comes from the checkpoint, the hyper-parameters from the
-        current flags. They are the checkpoint's (resume checks it) except two: --epochs grown with
-        --extend-epochs (from the resumed epoch on, the lr follows the schedule of the new --epochs; without
-        this the first resumed epoch would keep the old schedule's lr) and the SGD kernels (--sgd-impl)."""
+    def peak_lr(self, group) -> float:
+        return self.scale * (group.lr if group.lr is not None else self.args.lr)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Every optimizer's lr for 0-based ``epoch``: the peak lr times :func:`lr_factor`, or constant for a
+        group with ``scheduled=False``."""
         for group in self.groups:
-            fresh = self.optimizer(group).param_groups[0]
-            sched = self.schedulers[group.name]
+            lr = self.peak_lr(group) * (lr_factor(epoch, self.args) if group.scheduled else 1.0)
             for g in self.optimizers[group.name].param_groups:
-                for key, value in fresh.items():   # weight decay, momentum / betas, kernels, ...
-                    if key not in ("params", "lr", "initial_lr"):
-                        g[key] = value
-                g["initial_lr"] = fresh["lr"]
-                g["lr"] = fresh["lr"] * sched.lr_lambdas[0](sched.last_epoch)
-            sched.base_lrs = [fresh["lr"]] * len(sched.base_lrs)
+                g["lr"] = lr
 
     def state_dict(self, model) -> dict:
-        """The optimizers (in the plain layout of ``--grouped-peers``, so either layout resumes) and the
-        schedules, for a checkpoint."""
+        """Every optimizer's state dict, in the plain layout of ``--grouped-peers`` (so either layout resumes)."""
         from models.grouped import is_grouped, param_names, plain_optimizer_state
-        return {"optimizers": {name: plain_optimizer_state(opt.state_dict(), param_names(opt, model), model)
-                               if is_grouped(model) else opt.state_dict() for name, opt in self.optimizers.items()},
-                "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()}}
+        return {name: plain_optimizer_state(opt.state_dict(), param_names(opt, model), model)
+                if is_grouped(model) else opt.state_dict() for name, opt in self.optimizers.items()}
 
-    def load_state_dict(self, ckpt: dict, model) -> None:
-        """Load a checkpoint's optimizers and schedules (:meth:`state_dict`) into ``model``'s layout, then
-        the hyper-parameters of the current flags (:meth:`apply_current_hyperparameters`)."""
+    def load_state_dict(self, states: dict, model) -> None:
+        """Load the optimizers' state (momentum buffers, Adam moments) from a checkpoint, in ``model``'s layout;
+        the hyper-parameters stay those of the current flags, which resume checks against the checkpoint's
+        (they differ only in the SGD kernels of --sgd-impl; the lr is set each epoch)."""
         from models.grouped import grouped_optimizer_state, is_grouped, param_names
         for name, opt in self.optimizers.items():
-            state = ckpt["optimizers"][name]
+            state = states[name]
+            current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             opt.load_state_dict(grouped_optimizer_state(state, param_names(opt, model), model)
                                 if is_grouped(model) else state)
-        for name, s in self.schedulers.items():
-            s.load_state_dict(ckpt["schedulers"][name])
-        self.apply_current_hyperparameters()
+            for g, hyper in zip(opt.param_groups, current):
+                g.update(hyper)

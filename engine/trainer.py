@@ -167,8 +167,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        for sched in self.optimization.schedulers.values():
-            sched.step()
         names = list(sums)
         values = all_reduce_sum(torch.stack([sums[n] for n in names])) / (max(steps, 1) * self.dist.world_size)
         images = loader.num_samples * self.dist.world_size
@@ -269,11 +267,11 @@ class Trainer:
     # ---- the state a checkpoint holds -------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a resumed run continues from: the method's modules (in the plain layout of
-        ``--grouped-peers``, so either layout resumes), the optimizers and schedules, the fp16 scaler and
-        every random generator."""
+        ``--grouped-peers``, so either layout resumes), the optimizers, the fp16 scaler and every random
+        generator."""
         from models.grouped import plain_state
         return {"state": {k: plain_state(m, m.state_dict()) for k, m in self.modules.items()},
-                **self.optimization.state_dict(self.method.model),
+                "optimizers": self.optimization.state_dict(self.method.model),
                 "scaler": self.scaler.state_dict(), "rng": rng_state(self.device)}
 
     def load_method_state(self, state: dict, path) -> None:
@@ -288,7 +286,7 @@ class Trainer:
 
     def load_state_dict(self, ckpt: dict, path) -> None:
         self.load_method_state(ckpt["state"], path)
-        self.optimization.load_state_dict(ckpt, self.method.model)
+        self.optimization.load_state_dict(ckpt["optimizers"], self.method.model)
         if ckpt["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], self.device)
@@ -322,6 +320,7 @@ class Trainer:
                         f"({a.batch_size} x {self.dist.world_size} process(es)), recipe {a.recipe}, "
                         f"out {self.run.folder}")
         for epoch in range(start_epoch, a.epochs):
+            self.optimization.set_epoch(epoch)
             lr = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
             terms, speed = self.train_epoch(epoch)
             record = {"epoch": epoch + 1, "lr": lr, "train": terms, "speed": speed}

@@ -298,9 +298,7 @@ def test_fusion_optimizer_groups_and_constant_lr_flag(tmp_path):
     assert {id(p) for p in trainer.method.model.attention.parameters()} <= {id(p) for p in model_opt.param_groups[0]["params"]}
     assert fusion_opt.param_groups[0]["weight_decay"] == 1e-5 and model_opt.param_groups[0]["weight_decay"] == 2e-4
     assert fusion_opt.param_groups[0]["nesterov"] and fusion_opt.param_groups[0]["momentum"] == 0.9
-    for _ in range(2):
-        trainer.optimization.schedulers["model"].step()
-        trainer.optimization.schedulers["fusion"].step()
+    trainer.optimization.set_epoch(2)
     assert model_opt.param_groups[0]["lr"] == pytest.approx(0.01)
     assert fusion_opt.param_groups[0]["lr"] == pytest.approx(0.1)       # the official code's behaviour
 
