@@ -85,10 +85,7 @@ def resolve(method_cls, args) -> RunConfig:
     from data import dataset_info
 
     ns = argparse.Namespace(**vars(args))
-    _check_engine_flags(ns)
-    if "," in ns.arch and not method_cls.mixed_archs:
-        raise UserError(f"--arch {ns.arch}: {method_cls.name}'s peers share layers, so they have one architecture; "
-                        "give one name")
+    _check_engine_flags(ns, method_cls)
     method_cls.check_args(ns)
     ns.views = getattr(ns, "views", None) or 1
     num_classes = dataset_info(ns.dataset).num_classes
@@ -101,10 +98,21 @@ def resolve(method_cls, args) -> RunConfig:
     return RunConfig(vars(ns))
 
 
-def _check_engine_flags(a: argparse.Namespace) -> None:
-    """Engine flags that conflict with each other or with this machine (one line each)."""
+def _check_engine_flags(a: argparse.Namespace, method_cls) -> None:
+    """Engine flags that conflict with each other, with the method or with this machine (one line each)."""
     import torch
     gpu = torch.cuda.is_available() and a.gpu >= 0
+    name = method_cls.name
+    if "," in a.arch and not method_cls.mixed_archs:
+        raise UserError(f"--arch {a.arch}: {name}'s peers share layers, so they have one architecture; give one name")
+    if a.grouped_peers and method_cls.num_peers is None:
+        raise UserError(f"{name} trains a single network: --grouped-peers has nothing to group; leave it out")
+    if a.grouped_peers and not method_cls.groupable_peers:
+        raise UserError(f"{name} reaches into its peers' layers, so it cannot run them grouped; leave out "
+                        "--grouped-peers")
+    if a.grouped_peers and "," in a.arch:
+        raise UserError(f"--grouped-peers with --arch {a.arch}: the peers have different architectures; grouping "
+                        "needs one")
     if a.resume and a.eval_only:
         raise UserError("--resume and --eval-only conflict: --eval-only evaluates a checkpoint without training")
     if a.extend_epochs and not (a.resume and (a.out or a.resume != "auto")):

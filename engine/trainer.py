@@ -48,7 +48,8 @@ class Trainer:
 
     def __init__(self, method_cls: type[Method], args, argv: Optional[Sequence[str]] = None):
         from data import build_loaders
-        from models.peers import peer_archs
+        from models.grouped import NotGroupableError
+        from models.peers import Peers, peer_archs
 
         self.method_cls = method_cls
         argv = list(sys.argv[1:] if argv is None else argv)   # the command, for the record
@@ -76,8 +77,12 @@ class Trainer:
         info = self.loaders.info
         self.method = method_cls(args, info.num_classes, self.loaders.n_train, info.image_size,
                                  train_labels=self.loaders.train.labels)
-        if args.grouped_peers:
-            group_peers(self.method, self.modules, args.arch)
+        if args.grouped_peers:   # every Peers of the method's modules (a temporal mean of the model too)
+            try:
+                for peers in [m for module in self.modules.values() for m in module.modules() if isinstance(m, Peers)]:
+                    peers.group_branches()
+            except NotGroupableError as e:
+                raise UserError(f"--grouped-peers with --arch {args.arch}: {e}") from None
         self.memory_format = torch.channels_last if args.channels_last else None
         for key, module in self.modules.items():
             module.to(self.device)
@@ -253,13 +258,10 @@ class Trainer:
                 for k, v in (("top1", top1), ("top5", top5))}
 
     def _check_heads(self) -> None:
-        batch = next(iter(self.loaders.test))
-        model = self.method.model
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            heads = self.method.eval_logits(model, self._format(batch.images[:2]))
-            model.train(was)
+        """--best-metric names a head the method evaluates (one test batch, on every rank)."""
+        batches = self._eval_batches(self.loaders.test)
+        heads, _ = next(batches)
+        batches.close()
         if self.best_head not in heads:
             raise UserError(f"--best-metric {self.best_head!r} is not an evaluated head; "
                             f"choose one of: {', '.join(heads)}")
@@ -415,24 +417,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def group_peers(method: Method, modules: dict, arch: str) -> None:
-    """--grouped-peers: every Peers of the method's ``modules`` (its model, a temporal mean of it, ...) runs
-    its branches as one grouped network."""
-    from models.grouped import NotGroupableError
-    from models.peers import Peers
-    if not method.groupable_peers:
-        raise UserError(f"{method.name} reaches into its peers' layers, so it cannot run them grouped; "
-                        "leave out --grouped-peers")
-    peers = [m for module in modules.values() for m in module.modules() if isinstance(m, Peers)]
-    if not any(isinstance(m, Peers) for m in method.model.modules()):
-        raise UserError(f"{method.name} trains a single network: --grouped-peers has nothing to group; leave it out")
-    try:
-        for p in peers:
-            p.group_branches()
-    except NotGroupableError as e:
-        raise UserError(f"--grouped-peers with --arch {arch}: {e}") from None
 
 
 def wrap(method: Method, args, dist, device: torch.device) -> nn.Module:
