@@ -73,8 +73,9 @@ class History:
         return improved
 
     def state(self) -> dict:
-        return {"best": self.best, "max_test": self.max_test, "history": self.records,
-                "train_seconds": self.train_seconds, "train_samples": self.train_samples}
+        return {"selection": {"split": self.split, "metric": self.metric}, "best": self.best,
+                "max_test": self.max_test, "history": self.records, "train_seconds": self.train_seconds,
+                "train_samples": self.train_samples}
 
     def load(self, ckpt: dict) -> None:
         self.best, self.max_test, self.records = ckpt["best"], ckpt["max_test"], ckpt["history"]
@@ -145,6 +146,7 @@ class Run:
         self._check_target(resume, ckpt)
         if self.is_main:
             self._repair_best(resume, ckpt)
+            self._repair_record(resume, ckpt)
         self.resume_from = resume
         self.history.load(ckpt)
         if self.done_after(ckpt["epoch"]):
@@ -249,6 +251,18 @@ class Run:
         self.log(f"{best} repaired: it now holds the best epoch, {epoch}" if existed else
                  f"{best} written from the resumed run: it holds the best epoch, {epoch}")
 
+    def _repair_record(self, path: Path, ckpt: dict) -> None:
+        """results.json must list every epoch of the last.pt it is continued from: a kill between the two
+        writes left it an epoch behind (or without its end), and it is rebuilt from the checkpoint."""
+        if path != self.folder / "last.pt":
+            return
+        recorded = read_record(self.folder / "results.json")
+        rebuilt = _in_line(recorded, ckpt)
+        if rebuilt is not recorded:
+            atomic_write_text(json.dumps(rebuilt, indent=2, default=str) + "\n", self.folder / "results.json")
+            self.log(f"{self.folder / 'results.json'} listed {recorded['epochs_done'] if recorded else 'no'} of the "
+                     f"{ckpt['epoch']} epochs in last.pt (a process was killed while saving): rebuilt from last.pt")
+
     def _recorded_processes(self) -> Optional[list]:
         """The processes results.json lists, if it is this run's record."""
         recorded = read_record(self.folder / "results.json") or {}
@@ -265,9 +279,8 @@ class Run:
         improved = history.add(record)
         if self.is_main:
             paths = [self.folder / "last.pt"] + ([self.folder / "best.pt"] if improved else [])
-            ckpt = {"format": FORMAT, "layout": "plain", "method": self.method_cls.name, "epoch": record["epoch"],
-                    **state, **history.state(), "args": self.config.as_dict(), "run_id": self.run_id,
-                    "world_size": self.world_size, "processes": self.processes}
+            ckpt = {"format": FORMAT, "layout": "plain", "epoch": record["epoch"], **state,
+                    **self.record(history)}
             with signals_held():
                 atomic_save(ckpt, *paths)
                 self.history, self.saved = history, paths[0]
@@ -345,34 +358,16 @@ class Run:
 
     # ---- results.json ----------------------------------------------------------------------------------------
 
+    def record(self, history: Optional[History] = None) -> dict:
+        """What results.json renders (:func:`results_of`); every checkpoint holds it too, so that the record
+        of a run killed between its two writes is rebuilt from its last.pt (:func:`read_run`)."""
+        return {"method": self.method_cls.name, "run_id": self.run_id, "args": self.config.as_dict(),
+                "world_size": self.world_size, "processes": self.processes,
+                **(history or self.history).state(), **self.about, "git_commit": self.git_commit,
+                "command": self.command}
+
     def results(self, status: str) -> dict:
-        a, h = self.config, self.history
-        final = self.processes[-1] if self.processes else {}
-        return {
-            "status": status, **{k: final[k] for k in ("signal", "reason") if k in final},
-            "method": self.method_cls.name, "arch": a.arch, "peer_archs": self.about.get("peer_archs"),
-            "dataset": a.dataset, "run_id": self.run_id,
-            "epochs_done": len(h.records), "epochs": a.epochs,
-            "recipe": {"name": a.recipe, **{k: getattr(a, k) for k in RECIPE_KEYS},
-                       "same_as_recipe": all(getattr(a, k) == RECIPES[a.recipe].get(k) for k in RECIPE_KEYS)},
-            "selection": {"split": h.split, "metric": h.metric,
-                          "note": "best = the epoch with the highest selection metric; its test metrics are "
-                                  "reported. max_over_epochs_test is what the official codes report when "
-                                  "selecting on the test set."},
-            "best": h.best,
-            "last": h.records[-1] if h.records else None,
-            "max_over_epochs_test": h.max_test,
-            "wall_time_s": sum(p.get("wall_s", 0.0) for p in self.processes),
-            "train_time_s": h.train_seconds,
-            "train_images_per_s": h.train_samples / max(h.train_seconds, 1e-9),
-            "world_size": self.world_size,
-            "data": self.about.get("data"),
-            "git_commit": self.git_commit, "versions": self.about.get("versions"),
-            "command": self.command,
-            "processes": self.processes,
-            "args": a.as_dict(),
-            "history": h.records,
-        }
+        return results_of(self.record(), status)
 
     def write_results(self, status: str, **extra) -> None:
         """Bring this process's entry up to date (its status, and the signal or reason it ended with), then
@@ -419,6 +414,66 @@ def read_record(path: Path) -> Optional[dict]:
     return data if isinstance(data, dict) and isinstance(data.get("args"), dict) else None
 
 
+def results_of(record: Mapping, status: str) -> dict:
+    """results.json of a run whose ``record`` (:meth:`Run.record`, or a checkpoint) ends in ``status``."""
+    a, history, processes = record["args"], record["history"], record["processes"]
+    final = processes[-1] if processes else {}
+    seconds = record["train_seconds"]
+    return {
+        "status": status, **{k: final[k] for k in ("signal", "reason") if k in final},
+        "method": record["method"], "arch": a["arch"], "peer_archs": record.get("peer_archs"),
+        "dataset": a["dataset"], "run_id": record["run_id"], "epochs_done": len(history), "epochs": a["epochs"],
+        "recipe": {"name": a["recipe"], **{k: a.get(k) for k in RECIPE_KEYS},
+                   "same_as_recipe": all(a.get(k) == RECIPES[a["recipe"]].get(k) for k in RECIPE_KEYS)},
+        "selection": {**record["selection"],
+                      "note": "best = the epoch with the highest selection metric; its test metrics are "
+                              "reported. max_over_epochs_test is what the official codes report when "
+                              "selecting on the test set."},
+        "best": record["best"], "last": history[-1] if history else None,
+        "max_over_epochs_test": record["max_test"],
+        "wall_time_s": sum(p.get("wall_s", 0.0) for p in processes),
+        "train_time_s": seconds, "train_images_per_s": record["train_samples"] / max(seconds, 1e-9),
+        "world_size": record["world_size"], "data": record.get("data"), "git_commit": record.get("git_commit"),
+        "versions": record.get("versions"), "command": record.get("command"), "processes": processes,
+        "args": a, "history": history,
+    }
+
+
+def read_run(folder: Path) -> Optional[dict]:
+    """The record of the run in ``folder``: its results.json, or, when last.pt holds epochs results.json
+    does not list (the process was killed between the two writes) and no live process holds the folder,
+    the record rebuilt from last.pt. None when there is neither. What reproduce.py and summarize.py read."""
+    folder = Path(folder)
+    recorded = read_record(folder / "results.json")
+    if (recorded and recorded.get("status") == "finished") or _held_by_a_live_process(folder):
+        return recorded
+    try:
+        ckpt = load_checkpoint(folder / "last.pt") if (folder / "last.pt").is_file() else None
+    except UserError:
+        ckpt = None
+    return _in_line(recorded, ckpt) if ckpt is not None else recorded
+
+
+def _in_line(recorded: Optional[dict], ckpt: dict) -> Optional[dict]:
+    """``recorded`` when it lists every epoch of the checkpoint ``ckpt``, else the checkpoint's own record
+    (its processes merged with results.json's): 'finished' when it holds every epoch, else 'killed'."""
+    same_run = recorded is not None and recorded.get("run_id") == ckpt.get("run_id")
+    if (same_run and recorded.get("epochs_done", 0) >= ckpt["epoch"]) or "selection" not in ckpt:
+        return recorded   # (a checkpoint of an older version holds no record to rebuild from)
+    processes = merge_processes(ckpt.get("processes", []), recorded["processes"] if same_run else None)
+    return results_of({**ckpt, "processes": processes},
+                      "finished" if ckpt["epoch"] >= ckpt["args"]["epochs"] else "killed")
+
+
+def _held_by_a_live_process(folder: Path) -> bool:
+    """The folder's lock names a process that may still be writing it (this host: alive; another: unknown)."""
+    try:
+        holder = json.loads((folder / LOCK_NAME).read_text() or "{}")
+    except (OSError, ValueError):
+        return False
+    return bool(holder.get("pid")) and (holder.get("host") != socket.gethostname() or _pid_alive(holder["pid"]))
+
+
 def _checkpoint_epoch(path: Path) -> Optional[int]:
     """The epoch ``path`` holds; None when it is missing or damaged."""
     try:
@@ -437,6 +492,8 @@ def _git_commit() -> str:
 
 
 def library_versions(device) -> dict:
+    """The versions of python, torch, torchvision, numpy, CUDA and cuDNN, and the device's name (plain types:
+    a checkpoint holds them)."""
     import numpy as np
     import torch
     import torchvision
@@ -445,7 +502,7 @@ def library_versions(device) -> dict:
                 "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
     cuda = device.type == "cuda"
     versions["device"] = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
-    return versions
+    return {k: str(v) if isinstance(v, str) else v for k, v in versions.items()}   # TorchVersion: a str
 
 
 # ---- the process record ------------------------------------------------------------------------------------

@@ -173,8 +173,8 @@ def run_state(run: Run, extra: Sequence[str] = (), world_size: int = 1) -> str:
     if not run.built:
         return "not built"
     from engine.config import describe_differences
-    from engine.run import read_record
-    recorded = read_record(run.out / "results.json")
+    from engine.run import read_run
+    recorded = read_run(run.out)
     if recorded is not None:
         diffs = recorded_differences(run, recorded, extra, world_size)
         if diffs:

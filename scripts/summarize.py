@@ -90,10 +90,10 @@ class RunResult:
 
 def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
     """Every readable run under ``root`` and, separately, (path, reason) for every results.json that is not."""
-    from engine.run import read_record
+    from engine.run import read_run
     runs, bad = [], []
     for path in sorted(root.rglob("results.json")):
-        data = read_record(path)
+        data = read_run(path.parent)           # brought in line with last.pt, as reproduce.py reads it
         if data is None or not isinstance(data.get("history"), list) or "status" not in data:
             bad.append((path, "unreadable, or not a run's results.json (no status, args or history)"))
             continue

@@ -567,3 +567,72 @@ def test_read_only_out_is_one_line(tmp_path, monkeypatch):
         assert list(out.iterdir()) == []
     finally:
         os.chmod(out, 0o755)
+
+
+# ---- 10. a kill between last.pt and results.json -----------------------------------------------------------
+
+def _killed_after_the_checkpoint(monkeypatch, at_status: str):
+    """Run.write_results of the epoch whose status is ``at_status`` never happens: the process dies right after
+    last.pt was written (the lock is released, as the kernel does, and nothing else of the process's end is
+    recorded)."""
+    from engine.run import Run
+    real_write, real_close = Run.write_results, Run.close
+
+    def write(self, status, **extra):
+        if status == at_status and self.process is not None:
+            raise SystemExit("killed")
+        return real_write(self, status, **extra)
+
+    def vanish(self, error):
+        self.lock.release()
+    monkeypatch.setattr(Run, "write_results", write)
+    monkeypatch.setattr(Run, "close", vanish)
+    return lambda: (monkeypatch.setattr(Run, "write_results", real_write),
+                    monkeypatch.setattr(Run, "close", real_close))
+
+
+def test_a_kill_after_the_last_checkpoint_leaves_a_finished_run(tmp_path, monkeypatch, capsys):
+    """Killed after the last epoch's last.pt and before its results.json: results.json says 'running', one epoch
+    short. reproduce.py and summarize.py read the run as finished with every epoch (they agree), and the next
+    start of the run rewrites results.json from last.pt, says so in one line, and trains nothing."""
+    import scripts.reproduce as reproduce
+    import scripts.summarize as summarize
+    from engine.run import read_run
+    out = tmp_path / "runs" / "t" / "baseline-resnet20-s0"
+    args = TINY + ["--epochs", "2", "--seed", "0", "--out", str(out)]
+    restore = _killed_after_the_checkpoint(monkeypatch, "finished")
+    with pytest.raises(SystemExit):
+        train(Baseline, args)
+    restore()
+    stale = json.loads((out / "results.json").read_text())
+    assert (stale["status"], stale["epochs_done"]) == ("running", 1) and load_checkpoint(out / "last.pt")["epoch"] == 2
+    record = read_run(out)
+    assert (record["status"], record["epochs_done"], [h["epoch"] for h in record["history"]]) == ("finished", 2, [1, 2])
+    assert record["processes"][-1]["status"] == "killed"
+    run = reproduce.Run("t", "baseline-resnet20", "train_baseline.py", TINY[:-2] + ["--epochs", "2"], 0, out, [])
+    assert reproduce.run_state(run) == "finished"
+    runs, bad = summarize.load_runs(tmp_path / "runs")
+    assert not bad and [r.finished for r in runs] == [True]
+    capsys.readouterr()
+    again = train(Baseline, args + ["--resume", "auto"])
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("rebuilt from last.pt" in line for line in lines) == 1 and any("already finished" in l for l in lines)
+    saved = json.loads((out / "results.json").read_text())
+    assert (saved["status"], saved["epochs_done"], again["epochs_done"]) == ("finished", 2, 2)
+    assert saved["history"] == record["history"]
+
+
+def test_a_kill_mid_run_after_a_checkpoint_resumes_with_every_epoch(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = TINY + ["--epochs", "3", "--out", str(out)]
+    restore = _killed_after_the_checkpoint(monkeypatch, "running")
+    with pytest.raises(SystemExit):
+        train(Baseline, args)
+    restore()
+    from engine.run import read_run
+    assert not (out / "results.json").exists()                                       # written after the checkpoint
+    assert (read_run(out)["status"], read_run(out)["epochs_done"]) == ("killed", 1)  # last.pt holds epoch 1
+    resumed = train(Baseline, args + ["--resume", "auto"])
+    assert "rebuilt from last.pt" in capsys.readouterr().out
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3] and resumed["status"] == "finished"
+    assert [p["status"] for p in resumed["processes"]] == ["killed", "finished"]
