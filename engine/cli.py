@@ -243,14 +243,16 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     r.add_argument("--tag", default=None, metavar="TEXT",
                    help="a label recorded in results.json (args.tag), e.g. TABLE/CELL by scripts/reproduce.py; "
                         "it does not change the run directory")
-    r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
-                   help="continue from a checkpoint; 'auto' = the run directory's last.pt")
+    once = r.add_mutually_exclusive_group()
+    once.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
+                      help="continue from a checkpoint, with its training options unless given again; 'auto' = "
+                           "the run directory's last.pt (a new run if there is none)")
     r.add_argument("--extend-epochs", action="store_true",
                    help="with --resume: train a run to a larger --epochs than it was started with. The lr "
                         "schedule becomes the one of the new --epochs from the resumed epoch on (cosine: the lr "
                         "rises to the new curve's value; multistep: the same milestones)")
-    r.add_argument("--eval-only", default=None, metavar="CHECKPOINT",
-                   help="evaluate a checkpoint on the test (and --val-split) set and exit")
+    once.add_argument("--eval-only", default=None, metavar="CHECKPOINT",
+                      help="evaluate a checkpoint, as it was trained, on the test (and --val-split) set and exit")
     r.add_argument("--best-metric", default=None, metavar="HEAD",
                    help=f"head whose top-1 selects best.pt (default: {method_cls.best_metric})")
     r.add_argument("--no-progress", action="store_true",
@@ -274,8 +276,8 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
 
 def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line of ``method_cls``'s script: a value outside its flag's range, an unknown flag or a
-    malformed --arch list exits with argparse's one line (SystemExit 2). Warns about --milestones that
-    cannot act."""
+    malformed --arch list exits with argparse's one line (SystemExit 2). A recipe's step schedule follows a
+    shortened --epochs (``schedule_note`` says how); --milestones given that cannot act draw a warning."""
     import sys
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
@@ -290,14 +292,33 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     _peer_list(parser, args, method_cls)
     if args.eval_subset == 0:
         args.eval_subset = None             # the whole test set, as when the flag is left out
-    if args.lr_schedule != "multistep" and "milestones" in given_options(method_cls, argv):
+    given = given_options(method_cls, argv)
+    args.schedule_note = _shorten_schedule(args, given, parser.get_default("epochs"))
+    if "milestones" in given and args.lr_schedule != "multistep":
         warnings.warn("--milestones apply to --lr-schedule multistep only; this run's schedule is "
                       f"{args.lr_schedule}, so they are ignored (add --lr-schedule multistep to use them)")
-    elif args.lr_schedule == "multistep" and any(m >= args.epochs for m in args.milestones):
+    elif "milestones" in given and any(m >= args.epochs for m in args.milestones):
         late = " ".join(str(m) for m in args.milestones if m >= args.epochs)
         warnings.warn(f"--milestones {late} lie at or beyond --epochs {args.epochs}, so the lr never decays there; "
                       "pass milestones below --epochs")
     return args
+
+
+def _shorten_schedule(args: argparse.Namespace, given: dict, default_epochs: int) -> Optional[str]:
+    """A run given another --epochs than its recipe's keeps the recipe's schedule in proportion: the multistep
+    milestones (or the first SGDR cycle) it does not set are scaled by --epochs / the recipe's epochs, as a
+    cosine is. Returns the sentence the run's first line shows, or None."""
+    if "epochs" not in given or args.epochs == default_epochs:
+        return None
+    scale = args.epochs / default_epochs
+    if args.lr_schedule == "multistep" and "milestones" not in given:
+        recipe, args.milestones = args.milestones, [max(1, round(m * scale)) for m in args.milestones]
+        return (f"the recipe's x0.1 at epochs {' '.join(map(str, recipe))} of {default_epochs}, scaled to "
+                f"{' '.join(map(str, args.milestones))} of {args.epochs}")
+    if args.lr_schedule == "sgdr" and args.sgdr_t0 and "sgdr_t0" not in given:
+        recipe, args.sgdr_t0 = args.sgdr_t0, max(1, round(args.sgdr_t0 * scale))
+        return f"the recipe's first SGDR cycle of {recipe} of {default_epochs} epochs, scaled to {args.sgdr_t0}"
+    return None
 
 
 def given_options(method_cls, argv: Sequence[str]) -> dict:
@@ -306,8 +327,11 @@ def given_options(method_cls, argv: Sequence[str]) -> dict:
     parser._defaults.clear()             # recipe and preset defaults (shared by the argument groups)
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    known, _ = parser.parse_known_args(list(argv))
-    return vars(known)
+    known = vars(parser.parse_known_args(list(argv))[0])
+    if "arch" in known:                  # as parse_args holds it: a list of one repeated name is that name
+        from models.peers import normalize_arch
+        known["arch"] = normalize_arch(known["arch"].split(","))
+    return known
 
 
 def _peer_list(parser: argparse.ArgumentParser, args: argparse.Namespace, method_cls) -> None:

@@ -39,7 +39,7 @@ NOT_TRAINING = frozenset({"out", "resume", "eval_only", "extend_epochs", "tag", 
 # (checkpoints hold the plain layout of --grouped-peers either way).
 SPEED = frozenset({"channels_last", "compile", "cuda_graph", "sgd_impl", "grouped_peers"})
 # Names of bundles of defaults (the values they set are compared, not the names), and what the engine fills in.
-BUNDLES_AND_DERIVED = frozenset({"recipe", "preset", "views"})
+BUNDLES_AND_DERIVED = frozenset({"recipe", "preset", "views", "schedule_note"})
 # What --eval-only may set besides NOT_TRAINING and SPEED: how a checkpoint is evaluated.
 EVALUATION = frozenset({"amp", "loader", "eval_subset"})
 # Options shown in the readable part of the name (not hashed).
@@ -113,8 +113,6 @@ def _check_engine_flags(a: argparse.Namespace, method_cls) -> None:
     if a.grouped_peers and "," in a.arch:
         raise UserError(f"--grouped-peers with --arch {a.arch}: the peers have different architectures; grouping "
                         "needs one")
-    if a.resume and a.eval_only:
-        raise UserError("--resume and --eval-only conflict: --eval-only evaluates a checkpoint without training")
     if a.extend_epochs and not (a.resume and (a.out or a.resume != "auto")):
         raise UserError("--extend-epochs continues an existing run: name it with --resume PATH/TO/last.pt (or "
                         "--out DIR --resume auto); the default run directory depends on --epochs")
@@ -138,23 +136,31 @@ def _check_engine_flags(a: argparse.Namespace, method_cls) -> None:
                             "leave it out under torchrun")
 
 
-def as_trained(method_cls, args: argparse.Namespace, argv: Sequence[str], saved: Mapping,
-               path: Path) -> argparse.Namespace:
-    """--eval-only: the parsed flags with the checkpoint's training options ``saved`` (arch, dataset, peers,
-    subset, method flags...) in place of the command's defaults. An option given on the command line that
-    disagrees is an error, except where the data is read from and how it is evaluated."""
+def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], saved: Mapping, path: Path,
+                    evaluating: bool) -> argparse.Namespace:
+    """--eval-only and --resume of a checkpoint: the parsed flags with the checkpoint's training options
+    ``saved`` (arch, dataset, peers, subset, method flags, schedule...) in place of the command's defaults,
+    so a run is continued or evaluated without repeating its flags. A training option given on the command
+    line must agree with the checkpoint (one line naming each that does not), except --epochs grown with
+    --extend-epochs and, for --eval-only, how it is evaluated."""
     given = given_options(method_cls, argv)
-    saved = training_options(saved)
-    free = NOT_TRAINING | SPEED | BUNDLES_AND_DERIVED | EVALUATION
-    wrong = [(k, saved[k], given[k]) for k in given if k in saved and k not in free and given[k] != saved[k]]
-    if wrong:
+    options = training_options(saved)
+    free = NOT_TRAINING | SPEED | BUNDLES_AND_DERIVED | (EVALUATION if evaluating else frozenset())
+    if args.extend_epochs and given.get("epochs", 0) > options.get("epochs", 0):
+        free |= {"epochs"}
+    wrong = [(k, options[k], given[k]) for k in given
+             if k in options and k not in free and _canonical(given[k]) != _canonical(options[k])]
+    if wrong and evaluating:
         raise UserError(f"--eval-only evaluates {path} as trained: " + "; ".join(
             f"it was trained with {flag(k)} {s}, not {n}" for k, s, n in wrong)
             + ". Leave these flags out (only --data and evaluation options may be given)")
-    values = vars(args)
-    # the checkpoint's options, except the evaluation options this command gives (e.g. --eval-subset, --amp)
-    kept = {k: v for k, v in saved.items() if k in values and not (k in given and k in free)}
-    return argparse.Namespace(**{**values, **kept})
+    if wrong:
+        raise UserError(f"{path} was trained with {describe_differences(wrong)}. Resume with the checkpoint's "
+                        "values (leave these flags out), or start a new run (leave out --resume, or give another --out)")
+    kept = {k: v for k, v in options.items() if k in vars(args) and not (k in given and k in free)}
+    if "milestones" not in given and "sgdr_t0" not in given:   # the checkpoint's schedule, as it was shortened
+        kept["schedule_note"] = saved.get("schedule_note")
+    return argparse.Namespace(**{**vars(args), **kept})
 
 
 # ---- identity ----------------------------------------------------------------------------------------------

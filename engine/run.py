@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import socket
@@ -117,11 +118,10 @@ class Run:
 
     # ---- opening: lock, then a new run or the checkpoint to continue ------------------------------------
 
-    def open(self) -> Optional[dict]:
+    def open(self, ckpt: Optional[dict] = None) -> Optional[dict]:
         """Lock the folder (every rank stops if rank 0 could not), then check what it holds: None for a new
-        run, else the checkpoint to continue from, checked against this command (``self.done`` when it
-        already holds every epoch: then nothing is to be loaded or written). Raises UserError rather than
-        overwrite anything."""
+        run, else the checkpoint to continue from (``ckpt``, when the loop has read it already), checked
+        against this command. Raises UserError rather than overwrite anything."""
         self._lock()
         resume = self._resume_path()
         if resume is None:
@@ -134,9 +134,10 @@ class Run:
                                 "continue it from; start this run with another --out (or move that folder away); "
                                 "nothing is overwritten.")
             if self.config.resume == "auto":
+                self._refuse_a_sibling_run()
                 self.log(f"--resume auto: no checkpoint in {self.folder}, starting a new run")
             return None
-        ckpt = load_checkpoint(resume)
+        ckpt = ckpt if ckpt is not None else load_checkpoint(resume)
         if ckpt["method"] != self.method_cls.name:
             raise UserError(f"{resume} was saved by train_{ckpt['method']}.py; resume it with that script")
         diffs = recorded_differences(self.method_cls, self.config, ckpt, self.world_size)
@@ -153,6 +154,22 @@ class Run:
             self.log(f"{resume}: the run is already finished ({ckpt['epoch']} of {self.config.epochs} epochs); "
                      "nothing to do, nothing changed. To train longer: a larger --epochs with --extend-epochs")
         return ckpt
+
+    def _refuse_a_sibling_run(self) -> None:
+        """--resume auto without --out finds its run by its options. A run of the same method, backbone, data and
+        seed whose options differ at most in --epochs (one trained to another length, or extended in place)
+        is named, with the command that continues it, instead of starting a new run beside it."""
+        if self.config.out or not self.folder.parent.is_dir():
+            return
+        readable = re.sub(r"-[0-9a-f]{8}$", "", self.folder.name)        # the name without its options' hash
+        for other in sorted([self.folder.parent / readable, *self.folder.parent.glob(f"{readable}-????????")]):
+            recorded = read_run(other) if (other / "last.pt").is_file() and other != self.folder else None
+            diffs = recorded and recorded_differences(self.method_cls, self.config, recorded, self.world_size)
+            if recorded and all(key == "epochs" for key, _, _ in diffs):
+                command = self.continue_command(other) + (" --extend-epochs" if diffs else "")
+                trained = f"trained for {recorded['epochs']} epochs ({recorded['epochs_done']} done)"
+                raise UserError(f"--resume auto: {other} holds this run, {trained}; continue it with: {command} "
+                                "(or leave out --resume to start a new run)")
 
     def done_after(self, epochs: int) -> bool:
         return epochs >= self.config.epochs
@@ -330,11 +347,12 @@ class Run:
         """What a stopped run keeps, for the user: '<checkpoint> holds epoch N' or 'no epoch had been saved'."""
         return f"{self.saved} holds epoch {self.epochs}" if self.epochs else "no epoch had been saved"
 
-    def continue_command(self) -> str:
-        """The command that continues a stopped run: this command with ``--out OUT --resume auto`` in place of
-        any ``--out``/``--resume`` it had, or ``--resume PATH`` while the run has no last.pt of its own yet
-        (e.g. after --extend-epochs into a new --out)."""
-        resume = self.saved if self.saved not in (None, self.folder / "last.pt") else "auto"
+    def continue_command(self, folder: Optional[Path] = None) -> str:
+        """The command that continues a stopped run (or the run in ``folder``): this command with ``--out OUT
+        --resume auto`` in place of any ``--out``/``--resume`` it had, or ``--resume PATH`` while the run has no
+        last.pt of its own yet (e.g. after --extend-epochs into a new --out)."""
+        folder = folder or self.folder
+        resume = self.saved if self.saved not in (None, folder / "last.pt") and folder == self.folder else "auto"
         rest, i, argv = [], 0, self.argv
         while i < len(argv):
             token = argv[i]
@@ -348,7 +366,7 @@ class Run:
                 rest.append(token)
                 i += 1
         launcher = ["python"] if self.world_size <= 1 else ["torchrun", f"--nproc_per_node={self.world_size}"]
-        return shlex.join(launcher + [self.script, *rest, "--out", str(self.folder), "--resume", str(resume)])
+        return shlex.join(launcher + [self.script, *rest, "--out", str(folder), "--resume", str(resume)])
 
     def _record_end(self, status: str, **extra) -> None:
         try:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .cli import parse_args
-from .config import as_trained, resolve, run_directory
+from .config import from_checkpoint, resolve, run_directory
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
 from models.temporal_mean import TemporalMean
 from .errors import UserError
@@ -53,13 +53,16 @@ class Trainer:
 
         self.method_cls = method_cls
         argv = list(sys.argv[1:] if argv is None else argv)   # the command, for the record
-        self.eval_ckpt = None
-        if args.eval_only and not args.resume:   # evaluated as trained: the checkpoint's options
-            self.eval_ckpt = load_checkpoint(args.eval_only)
-            if self.eval_ckpt["method"] != method_cls.name:
-                raise UserError(f"{args.eval_only} was saved by train_{self.eval_ckpt['method']}.py; evaluate it "
-                                "with that script")
-            args = as_trained(method_cls, args, argv, self.eval_ckpt["args"], Path(args.eval_only))
+        self.ckpt = None                           # the checkpoint the command names, read once
+        source = args.eval_only or args.resume     # trained or evaluated as its checkpoint was
+        if source == "auto":                       # the run's folder is known before the options only with --out
+            source = Path(args.out) / "last.pt" if args.out and (Path(args.out) / "last.pt").is_file() else None
+        if source:
+            self.ckpt = ckpt = load_checkpoint(source)
+            if ckpt["method"] != method_cls.name:
+                raise UserError(f"{source} was saved by train_{ckpt['method']}.py; "
+                                f"{'evaluate' if args.eval_only else 'resume'} it with that script")
+            args = from_checkpoint(method_cls, args, argv, ckpt["args"], Path(source), bool(args.eval_only))
         self.args = args = resolve(method_cls, args)   # read-only from here on
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -299,7 +302,7 @@ class Trainer:
         process ended (finished, interrupted, failed) is recorded in results.json."""
         self._check_heads()   # before the RNG state of a resumed run is restored
         try:
-            ckpt = self.run.open()
+            ckpt = self.run.open(self.ckpt)
             if ckpt is not None and self.run.done_after(ckpt["epoch"]):
                 self.run.close(None)
                 return self.run.recorded()
@@ -319,8 +322,8 @@ class Trainer:
         self.report.log(f"{self.method_cls.name}: {a.arch} on {a.dataset} ({self.loaders.n_train} train images), "
                         f"{n_params / 1e6:.3f}M parameters, device {self.device}, amp {a.amp}, "
                         f"global batch {a.batch_size * self.dist.world_size} "
-                        f"({a.batch_size} x {self.dist.world_size} process(es)), recipe {a.recipe}, "
-                        f"out {self.run.folder}")
+                        f"({a.batch_size} x {self.dist.world_size} process(es)), recipe {a.recipe}"
+                        + (f" ({a.schedule_note})" if a.schedule_note else "") + f", out {self.run.folder}")
         for epoch in range(start_epoch, a.epochs):
             self.optimization.set_epoch(epoch)
             lr = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
@@ -347,7 +350,7 @@ class Trainer:
         --val-split. Only what is evaluated is read from it: the model and the temporal means (training
         state such as optimizers or MCL-OKD's memory banks need not be in the file). Writes the result into
         the checkpoint's folder (:meth:`Run.write_evaluation`), naming the dataset, the splits and the precision."""
-        path, ckpt, a = Path(self.args.eval_only), self.eval_ckpt, self.args
+        path, ckpt, a = Path(self.args.eval_only), self.ckpt, self.args
         evaluated = ["model"] + [k for k in self.method.state_keys if isinstance(getattr(self.method, k), TemporalMean)]
         missing = [k for k in evaluated if k not in ckpt["state"]]
         if missing:

@@ -36,6 +36,8 @@ def documented_commands():
     for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         blocks = re.findall(r"```[a-z]*\n(.*?)```", doc.read_text(), flags=re.S)
         for block in blocks:
+            copies = dict(re.findall(r"^cp (train_\w+)\.py (train_\w+)\.py", block, flags=re.M))
+            copies = {copy: original for original, copy in copies.items()}    # a copy parses as its original
             for line in block.replace("\\\n", " ").splitlines():
                 if not re.match(r"\s*(python|torchrun)\b.*\btrain_\w+\.py", line):
                     continue
@@ -43,7 +45,8 @@ def documented_commands():
                 scripts = [i for i, w in enumerate(words) if re.fullmatch(r"train_\w+\.py", w)]
                 placeholder = any(re.fullmatch(r"[A-Z]|\{.*\}|<.*>", w) for w in words)   # --seed S, {off,bf16}
                 if scripts and words[0] in ("python", "torchrun") and not placeholder:
-                    found.append((doc.name, words[scripts[0]][len("train_"):-3], words[scripts[0] + 1:]))
+                    script = words[scripts[0]][:-3]
+                    found.append((doc.name, copies.get(script, script)[len("train_"):], words[scripts[0] + 1:]))
     return found
 
 
@@ -431,3 +434,22 @@ def test_model_table_small_stem_rows_and_method(capsys):
     assert f"| resnet18 | 32x32 | 100 | {count_parameters(peers):,} |" in text.split("train_dml.py")[1]
     with pytest.raises(SystemExit):
         table.main(["--arch", "resnet20", "--method", "no_such_method"])
+
+
+# ---- 11. a shortened recipe: its schedule in proportion, no warning the user did not cause -------------------
+def test_a_shortened_step_recipe_keeps_its_schedule_in_proportion(recwarn):
+    pcl = load_method("pcl")
+    a = parse_args(pcl, ["--epochs", "30"])                       # okddip recipe: x0.1 at 150 and 225 of 300
+    assert (a.milestones, a.schedule_note) == ([15, 22], "the recipe's x0.1 at epochs 150 225 of 300, scaled to "
+                                                         "15 22 of 30")
+    assert parse_args(pcl, ["--epochs", "3"]).milestones == [2, 2]
+    assert parse_args(pcl, []).schedule_note is None and parse_args(pcl, []).milestones == [150, 225]
+    assert parse_args(pcl, ["--epochs", "30", "--milestones", "10"]).milestones == [10]   # given: kept
+    cmff = load_method("cmff")                                    # a preset's own length (301) is not a shortening
+    assert parse_args(cmff, ["--preset", "official"]).milestones == [150, 225]
+    base = load_method("baseline")
+    sgdr = parse_args(base, ["--recipe", "imagenet", "--epochs", "30"])
+    assert (sgdr.sgdr_t0, sgdr.schedule_note) == (10, "the recipe's first SGDR cycle of 100 of 300 epochs, scaled to 10")
+    assert not recwarn.list                                       # nothing the user set: no warning
+    with pytest.warns(UserWarning, match="--milestones 40 lie at or beyond --epochs 30"):
+        parse_args(pcl, ["--epochs", "30", "--milestones", "10", "40"])

@@ -206,7 +206,7 @@ def test_help_reads_well():
 @pytest.mark.parametrize("args, expected", [
     (["--arch", "resnet_nope"], "Valid names: densenet40_12"),
     (["--dataset", "cifar100", "--data", "/nonexistent/cifar"], "/nonexistent/cifar"),
-    (["--resume", "auto", "--eval-only", "x.pt"], "conflict"),
+    (["--resume", "auto", "--eval-only", "x.pt"], "not allowed with argument"),
     (["--num-peers", "1"], "argument --num-peers: must be >= 2"),
     (["--eval-only", "/nonexistent/ckpt.pt"], "does not exist"),
 ])

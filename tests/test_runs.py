@@ -636,3 +636,39 @@ def test_a_kill_mid_run_after_a_checkpoint_resumes_with_every_epoch(tmp_path, mo
     assert "rebuilt from last.pt" in capsys.readouterr().out
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3] and resumed["status"] == "finished"
     assert [p["status"] for p in resumed["processes"]] == ["killed", "finished"]
+
+
+# ---- 11. resume finds its run ---------------------------------------------------------------------------------
+
+def test_resume_path_takes_the_checkpoints_options(run, tmp_path, monkeypatch):
+    """--resume PATH without the training flags: the checkpoint's (the default dataset, cifar100, is not read);
+    a training flag given that disagrees is named in one line, with both values."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    resumed = train(DML, ["--gpu", "-1", "--no-progress", "--workers", "0", "--epochs", "2", "--extend-epochs",
+                          "--resume", str(copy / "last.pt")])
+    assert (resumed["epochs_done"], resumed["dataset"], resumed["args"]["subset"]) == (2, "synthetic", 64)
+    assert resumed["args"]["epochs"] == resumed["epochs"] == 2                      # the true length, recorded
+    with pytest.raises(UserError) as e:
+        train(DML, EVAL + ["--resume", str(copy / "last.pt"), "--lr", "0.2", "--subset", "32", "--batch-size", "32"])
+    assert str(e.value).startswith(f"{copy / 'last.pt'} was trained with --lr 0.1 (this command: 0.2), --subset 64 "
+                                   "(this command: 32)") and "\n" not in str(e.value)
+
+
+def test_resume_auto_names_the_run_trained_to_another_length(run, tmp_path, monkeypatch):
+    """--epochs N --resume auto, the run being in its default folder with other --epochs: the run and the
+    command that extends it are named (no new run starts beside it); extended in place, it is found again."""
+    monkeypatch.setenv("OKD_RUNS", str(tmp_path / "runs"))
+    args = TINY[:-2] + ["--epochs", "1"]
+    train(DML, args)
+    [folder] = list((tmp_path / "runs").glob("dml-resnet20-synthetic-n2-s0-*"))
+    with pytest.raises(UserError) as e:
+        train(DML, TINY[:-2] + ["--epochs", "2", "--resume", "auto"])
+    message = str(e.value)
+    assert message.startswith(f"--resume auto: {folder} holds this run, trained for 1 epochs (1 done); continue it "
+                              "with: python train_dml.py") and message.count(f"--out {folder} --resume auto") == 1
+    assert "--epochs 2" in message and "--extend-epochs" in message
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [folder.name]     # nothing new started
+    train(DML, TINY[:-2] + ["--epochs", "2", "--out", str(folder), "--resume", "auto", "--extend-epochs"])
+    with pytest.raises(UserError, match=f"{folder} holds this run, trained for 2 epochs \\(2 done\\)"):
+        train(DML, TINY[:-2] + ["--epochs", "2", "--resume", "auto"])
