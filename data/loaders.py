@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import warnings
 from typing import NamedTuple, Optional, Union
 
@@ -298,6 +299,14 @@ class _BatchKeys:
             yield list(zip(positions[i * bs:(i + 1) * bs], seeds[i * bs:(i + 1) * bs]))
 
 
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A worker ignores SIGINT, SIGTERM and SIGHUP: sent to the whole process group (Ctrl-C, SLURM's pre-emption,
+    a closed terminal), they stop the training process, which then shuts its workers down; a worker killed by
+    one would fail the run instead."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class TorchLoader(_Loader):
     """``torch.utils.data.DataLoader`` over ``source[indices]`` with ``transform`` (module docstring)."""
 
@@ -311,7 +320,7 @@ class TorchLoader(_Loader):
             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             # only for the workers' base seed, which the per-sample seeds make irrelevant; passing it keeps
             # the creation of an iterator from drawing on the global RNG
-            generator=_generator(seed, _WORKERS))
+            generator=_generator(seed, _WORKERS), worker_init_fn=_leave_stop_signals_to_the_main_process)
 
     def __iter__(self):
         move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731

@@ -321,13 +321,13 @@ class Run:
                 self.write_results("finished")
             elif self.process is not None:
                 # the record holds the checkpointed epochs only: an epoch whose save was cut short is trained again
-                sig = getattr(error, "signal_name", "SIGINT")
-                if isinstance(error, KeyboardInterrupt) and self.done_after(self.epochs):
+                sig = stop_signal(error)
+                if sig and self.done_after(self.epochs):
                     # stopped after its last epoch was saved: the run is complete, whatever the process was doing
                     message = (f"interrupted ({sig}) after the last epoch was saved: {self.saved_state()}; "
                                "the run is finished")
                     self._record_end("finished")
-                elif isinstance(error, KeyboardInterrupt):
+                elif sig:
                     message = (f"interrupted ({sig}) during epoch {self.epochs + 1}: {self.saved_state()}. "
                                "Continue with: " + self.continue_command())
                     self._record_end("interrupted", signal=sig)
@@ -645,9 +645,17 @@ def _pid_alive(pid: int) -> bool:
 
 # ---- signals -------------------------------------------------------------------------------------------------
 
+def stop_signal(error: BaseException) -> Optional[str]:
+    """The signal that stopped a run, by the exception it raised: an interrupt (SIGINT, SIGTERM, SIGHUP), or a
+    closed output pipe (``... | head``: SIGPIPE); None for an error."""
+    if isinstance(error, BrokenPipeError):
+        return "SIGPIPE"
+    return getattr(error, "signal_name", "SIGINT") if isinstance(error, KeyboardInterrupt) else None
+
+
 @contextlib.contextmanager
 def signals_held():
-    """SIGINT and SIGTERM wait until the block ends, then arrive as usual: a checkpoint write and the record
+    """SIGINT, SIGTERM and SIGHUP wait until the block ends, then arrive as usual: a checkpoint write and the record
     of what it holds happen together or not at all. (The handlers are swapped for a recorder: blocking the
     signals would not do, since any other thread, TensorBoard's writer for one, can take them.) Main thread
     only, as Python's handlers; elsewhere a no-op."""
@@ -655,7 +663,7 @@ def signals_held():
         yield
         return
     pending: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
     try:
         yield

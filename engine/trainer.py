@@ -11,6 +11,7 @@ print as one line.
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import sys
@@ -32,7 +33,7 @@ from .errors import UserError
 from .method import Method, StepContext
 from .optim import Optimization
 from .reporting import Reporter
-from .run import Run, library_versions
+from .run import Run, library_versions, stop_signal
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -313,7 +314,7 @@ class Trainer:
         except BaseException as e:
             message = self.run.close(e)
             if message is not None:
-                raise Interrupted(getattr(e, "signal_name", "SIGINT"), message) from None
+                raise Interrupted(stop_signal(e), message) from None
             raise
 
     def _train(self, start_epoch: int) -> dict:
@@ -384,7 +385,6 @@ def select_device(args) -> torch.device:
     if args.gpu >= torch.cuda.device_count():
         raise UserError(f"--gpu {args.gpu} does not exist: this machine has "
                         f"{torch.cuda.device_count()} CUDA device(s)")
-    import os
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", args.gpu)))
     torch.cuda.set_device(device)   # streams, graphs and new tensors without a device go to this GPU
     torch.backends.cudnn.benchmark = True
@@ -439,8 +439,12 @@ def wrap(method: Method, args, dist, device: torch.device) -> nn.Module:
 
 # ---- the command line -------------------------------------------------------------------------------------
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class Interrupted(KeyboardInterrupt):
-    """A run stopped by SIGINT (Ctrl-C) or SIGTERM (SLURM, Kubernetes); ``message`` is the line for the user."""
+    """A run stopped by a signal: SIGINT (Ctrl-C), SIGTERM (SLURM, Kubernetes), SIGHUP (a closed terminal) or
+    SIGPIPE (a closed output pipe); ``message`` is the line for the user."""
 
     def __init__(self, signal_name: str = "SIGINT", message: str = ""):
         super().__init__(message or signal_name)
@@ -448,7 +452,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def raise_interrupted(signum, frame):
-    """A signal handler: SIGTERM stops the run where it is, as Ctrl-C does."""
+    """main()'s handler of SIGINT, SIGTERM and SIGHUP: the first one stops the run where it is; the next ones
+    are ignored while the run records how it stopped (a second Ctrl-C cannot cut that short)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     raise Interrupted(signal.Signals(signum).name)
 
 
@@ -469,26 +476,40 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None:
-    """Command-line entry point: errors that are the user's to fix print as one line, not a traceback;
-    so do warnings. SIGTERM (what SLURM and Kubernetes send before a kill) stops the run as Ctrl-C does."""
+    """Command-line entry point: errors that are the user's to fix print as one line, not a traceback; so do
+    warnings. SIGTERM (what SLURM and Kubernetes send before a kill) and SIGHUP (a closed terminal or ssh
+    session) stop the run as Ctrl-C does; so does a closed output pipe (``... | head``). The exit status is
+    2 for bad input, 128 + the signal's number for a stopped run."""
     from data import DatasetError
     from models import UnknownModelError
-    previous = signal.signal(signal.SIGTERM, raise_interrupted), warnings.formatwarning
+    previous = {s: signal.signal(s, raise_interrupted) for s in STOP_SIGNALS}, warnings.formatwarning
     warnings.formatwarning = one_line_warning
     try:
         train(method_cls, argv)
     except (UserError, DatasetError, UnknownModelError) as e:
-        # one write per line: under torchrun every rank shares stderr, and print's separate "\n" lets the
-        # ranks' lines run together
-        sys.stderr.write(f"error: {e}\n")
-        sys.stderr.flush()
+        _say(f"error: {e}")
         sys.exit(2)
-    except KeyboardInterrupt as e:
-        message = getattr(e, "message", "") or (f"interrupted ({getattr(e, 'signal_name', 'SIGINT')}) while "
-                                                "starting: nothing was written")
-        sys.stderr.write("\n" + message + "\n")
-        sys.stderr.flush()
-        sys.exit(130 if getattr(e, "signal_name", "SIGINT") == "SIGINT" else 143)
+    except (KeyboardInterrupt, BrokenPipeError) as e:
+        sig = stop_signal(e)
+        _say("\n" + (getattr(e, "message", "") or f"interrupted ({sig}) while starting: nothing was written"))
+        sys.exit(128 + signal.Signals[sig].value)
     finally:
-        signal.signal(signal.SIGTERM, previous[0])
+        for s, handler in previous[0].items():
+            if signal.getsignal(s) is not signal.SIG_IGN:   # stopped by a signal: the next ones stay ignored
+                signal.signal(s, handler)
         warnings.formatwarning = previous[1]
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write (under torchrun every rank shares stderr, and print's separate "\n"
+    lets the ranks' lines run together); a closed terminal or pipe takes nothing and raises nothing (stdout,
+    if it is the closed pipe, is sent to /dev/null so that the exit's flush raises nothing either)."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+    try:
+        sys.stdout.flush()
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

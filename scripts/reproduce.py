@@ -307,6 +307,7 @@ class TrainRun:
     def __init__(self, command: list[str], cwd: str, log_path: str):
         self.command, self.cwd, self.log_path = command, cwd, log_path
         self._proc = None
+        self._requeued = False      # checkpoint() stopped the training for a requeue
 
     def __call__(self) -> int:
         with open(self.log_path, "a") as log:
@@ -315,13 +316,14 @@ class TrainRun:
             self._proc = subprocess.Popen(self.command, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                           preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
             code = self._proc.wait()
-        if code != 0:
+        if code != 0 and not self._requeued:   # a clean stop for the requeue is not a failure
             raise RuntimeError(f"{shlex.join(self.command)} exited with {code}; its output is in {self.log_path}")
         return code
 
     def checkpoint(self, *args, **kwargs):
         import submitit
         if self._proc is not None and self._proc.poll() is None:
+            self._requeued = True
             self._proc.send_signal(signal.SIGINT)
             try:
                 self._proc.wait(timeout=60)
@@ -335,7 +337,7 @@ class TrainRun:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._proc = None
+        self._proc, self._requeued = None, False
 
 
 def parse_minutes(text: str) -> int:

@@ -334,10 +334,14 @@ def test_gpu_queue_one_run_per_gpu(tmp_path, monkeypatch):
         assert p.cmd[1:] == run.command("python", ["--gpu", "0", "--no-progress"])[1:]
 
 
-def test_slurm_task_ignores_the_warning_signal_and_stops_on_checkpoint(tmp_path):
-    """The training process survives SLURM's USR2 (submitit handles it) and checkpoint() stops it with SIGINT."""
+@pytest.mark.parametrize("exit_code", [0, 130])
+def test_slurm_task_ignores_the_warning_signal_and_stops_on_checkpoint(tmp_path, exit_code):
+    """The training process survives SLURM's USR2 (submitit handles it) and checkpoint() stops it with SIGINT; a
+    stop for the requeue is not a failure, whatever status the stopped process exits with (the engine's is
+    130)."""
     script = ("import os, signal, time\nos.kill(os.getpid(), signal.SIGUSR2)\nprint('alive after USR2', flush=True)\n"
-              "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('stopped by SIGINT', flush=True)\n")
+              "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('stopped by SIGINT', flush=True)\n"
+              f"    raise SystemExit({exit_code})\n")
     job = reproduce.TrainRun([sys.executable, "-c", script], str(tmp_path), str(tmp_path / "log"))
     import threading
     codes = []
@@ -349,7 +353,7 @@ def test_slurm_task_ignores_the_warning_signal_and_stops_on_checkpoint(tmp_path)
         time.sleep(0.1)
     again = job.checkpoint()
     worker.join(60)
-    assert codes == [0] and (tmp_path / "log").read_text() == "alive after USR2\nstopped by SIGINT\n"
+    assert codes == [exit_code] and (tmp_path / "log").read_text() == "alive after USR2\nstopped by SIGINT\n"
     assert again.function.command == job.command
 
 

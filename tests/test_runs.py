@@ -435,6 +435,62 @@ def test_sigterm_mid_epoch_stops_like_ctrl_c(tmp_path):
     assert saved["processes"][-1]["status"] == "interrupted" and saved["processes"][-1]["ended"]
 
 
+
+def _stopped(tmp_path, stop, workers: int = 0, epochs: int = 4):
+    """A training process (``--loader torch --workers N`` when N > 0, in a process group of its own) stopped by
+    ``stop(process)`` once its first last.pt exists; returns (process, stdout, stderr, out folder)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train_baseline.py", "--dataset", "synthetic", "--arch", "resnet20", "--subset", "512",
+           "--batch-size", "32", "--gpu", "-1", "--no-progress", "--workers", str(workers), "--epochs", str(epochs),
+           "--out", str(out)] + (["--loader", "torch"] if workers else [])
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                         start_new_session=True)
+    deadline = time.time() + 600
+    while not (out / "last.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    stop(p)
+    stdout, err = p.communicate(timeout=300)
+    return p, stdout, err, out
+
+
+def _assert_one_line_and_a_resumable_record(p, err, out, sig: str, code: int):
+    assert p.returncode == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    epoch = load_checkpoint(out / "last.pt")["epoch"]
+    assert f"interrupted ({sig}) during epoch {epoch + 1}: {out / 'last.pt'} holds epoch {epoch}." in err
+    assert err.strip().endswith(f"--out {out} --resume auto")
+    saved = json.loads((out / "results.json").read_text())
+    assert (saved["status"], saved["signal"], saved["epochs_done"]) == ("interrupted", sig, epoch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how, sig, code", [
+    ("sighup", "SIGHUP", 129),                  # a closed terminal or ssh session
+    ("twice", "SIGINT", 130),                   # two quick Ctrl-C: the second one waits for nothing
+    ("group", "SIGTERM", 143),                  # SLURM pre-emption: SIGTERM to the whole process group, workers too
+])
+def test_every_way_of_stopping_ends_in_one_line_and_a_resumable_record(tmp_path, how, sig, code):
+    def stop(p):
+        if how == "sighup":
+            p.send_signal(signal.SIGHUP)
+        elif how == "twice":
+            p.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+            p.send_signal(signal.SIGINT)
+        else:
+            time.sleep(1.0)                       # the DataLoader workers of the next epoch are up
+            os.killpg(p.pid, signal.SIGTERM)
+    p, _, err, out = _stopped(tmp_path, stop, workers=2 if how == "group" else 0)
+    _assert_one_line_and_a_resumable_record(p, err, out, sig, code)
+
+
+@pytest.mark.slow
+def test_a_closed_output_pipe_stops_the_run_resumably(tmp_path):
+    """``python train_x.py ... | head -1``: the pipe closes after the first line; the run stops at its next line
+    with a resumable record and one line on stderr, no BrokenPipeError traceback."""
+    p, _, err, out = _stopped(tmp_path, lambda p: p.stdout.close())
+    _assert_one_line_and_a_resumable_record(p, err, out, "SIGPIPE", 141)
+
 # ---- 8. checkpoint consistency and integrity ------------------------------------------------------------
 
 def _small_checkpoint(path):
