@@ -17,6 +17,7 @@ import secrets
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_map
 
 TMP_SUFFIX = ".tmp"
 
@@ -108,9 +109,10 @@ def content_digest(obj) -> str:
 
 
 def checksummed(obj: dict) -> io.BytesIO:
-    """``obj`` with the checksum of its content (``sha256``, replacing any it had), serialised by
-    ``torch.save``: still a plain dict for ``torch.load``."""
-    obj = {k: v for k, v in obj.items() if k != "sha256"}
+    """``obj`` with every tensor on the CPU and the checksum of its content (``sha256``, replacing any it had),
+    serialised by ``torch.save``: a plain dict that a bare ``torch.load`` opens on a machine without a GPU."""
+    obj = tree_map(lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v,
+                   {k: v for k, v in obj.items() if k != "sha256"})
     obj["sha256"] = content_digest(obj)
     buffer = io.BytesIO()
     torch.save(obj, buffer)

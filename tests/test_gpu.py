@@ -1,5 +1,7 @@
 """What only a GPU can check: --cuda-graph, --grouped-peers, bf16 and compile on CUDA give the eager fp32
 numbers. Skipped without CUDA (CI); run on a GPU machine with ``python -m pytest tests/test_gpu.py``."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,7 +47,7 @@ def test_cuda_graph_is_captured_every_epoch_and_replayed(tmp_path):
     trainer = Trainer(train_dml.DML, args)
     steps = len(trainer.loaders.train)
     for epoch in range(3):
-        assert torch.isfinite(torch.tensor(trainer.train_epoch(epoch)["loss"]))
+        assert torch.isfinite(torch.tensor(trainer.train_epoch(epoch)[0]["loss"]))
     graph = trainer.graphed
     assert graph.captures == 3 and graph.eager_batches == 0
     assert graph.replays == 3 * steps - 3            # all but the three warm-up steps
@@ -65,3 +67,18 @@ def test_bf16_channels_last_compile_train(tmp_path):
     fp32 = train(train_dml.DML, FAST + ["--out", str(tmp_path / "fp32")])
     fast = train(train_dml.DML, FAST + ["--amp", "bf16", "--channels-last", "--compile", "--out", str(tmp_path / "bf16")])
     assert_same_run(fp32, fast, 5e-2)
+
+
+def test_a_checkpoint_written_on_a_gpu_opens_without_one(tmp_path):
+    """Every tensor of last.pt, best.pt and an export is stored on the CPU: a bare torch.load opens them in a
+    process that sees no GPU (the engine's own loaders pass map_location; other code does not)."""
+    import subprocess
+    import sys
+    from test_runs import assert_every_tensor_on_the_cpu
+    train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(tmp_path)])
+    export = subprocess.run([sys.executable, "scripts/export_peer.py", str(tmp_path / "best.pt"), "--peer", "1",
+                             "-o", str(tmp_path / "peer1.pt")], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert export.returncode == 0, export.stderr
+    for name in ("last.pt", "best.pt", "peer1.pt"):
+        assert_every_tensor_on_the_cpu(tmp_path / name)

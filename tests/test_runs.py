@@ -728,3 +728,27 @@ def test_resume_auto_names_the_run_trained_to_another_length(run, tmp_path, monk
     train(DML, TINY[:-2] + ["--epochs", "2", "--out", str(folder), "--resume", "auto", "--extend-epochs"])
     with pytest.raises(UserError, match=f"{folder} holds this run, trained for 2 epochs \\(2 done\\)"):
         train(DML, TINY[:-2] + ["--epochs", "2", "--resume", "auto"])
+
+
+
+# ---- 12. a checkpoint opens anywhere ---------------------------------------------------------------------------
+
+def assert_every_tensor_on_the_cpu(path: Path):
+    """Every tensor of the file ``path`` is stored on the CPU, and a bare ``torch.load(path)`` opens it in a
+    process that sees no GPU (tests/test_gpu.py writes the file on one)."""
+    from torch.utils._pytree import tree_leaves
+    devices = {t.device.type for t in tree_leaves(torch.load(path, map_location=None, weights_only=True))
+               if isinstance(t, torch.Tensor)}
+    assert devices == {"cpu"}, (path, devices)
+    probe = f"import torch; print(sorted(torch.load({str(path)!r}, weights_only=True)))"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                       env=dict(_env(), CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 0 and "state" in r.stdout, r.stderr
+
+
+def test_checkpoints_and_exports_hold_cpu_tensors(run, tmp_path):
+    export = subprocess.run([sys.executable, "scripts/export_peer.py", str(run / "best.pt"), "--peer", "2", "-o",
+                             str(tmp_path / "peer2.pt")], cwd=REPO, capture_output=True, text=True, env=_env())
+    assert export.returncode == 0, export.stderr
+    for path in (run / "last.pt", run / "best.pt", tmp_path / "peer2.pt"):
+        assert_every_tensor_on_the_cpu(path)
