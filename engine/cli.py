@@ -96,6 +96,13 @@ def _archs(text: str) -> str:
     return ",".join(names)
 
 
+def _path(text: str) -> str:
+    """A file or folder name: anything but empty (``--out ''`` would otherwise mean the default folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a file or folder; got an empty string")
+    return text
+
+
 def _milestones(text: str) -> list[int]:
     try:
         values = [int(m) for m in text.replace(",", " ").split()]
@@ -162,7 +169,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
         g.add_argument("--num-peers", type=number(int, at_least=method_cls.min_peers),
                        default=method_cls.num_peers, help="number of peer networks (branches)")
     g.add_argument("--dataset", default="cifar100", choices=DATASET_NAMES, help="training and test data")
-    g.add_argument("--data", default=None, metavar="DIR",
+    g.add_argument("--data", type=_path, default=None, metavar="DIR",
                    help="dataset folder (default: datasets/<name> under $OKD_DATASETS, else under the current "
                         "directory)")
     g.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
@@ -208,7 +215,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                    help="'device': uint8 data kept on the training device, augmented there in batch "
                         "(the default where the dataset fits); 'torch': a DataLoader with workers (the default "
                         "for ImageNet)")
-    r.add_argument("--gpu", type=int, default=0, help="CUDA device index; -1 for the CPU (used anyway, with a "
+    r.add_argument("--gpu", type=number(int, at_least=-1), default=0, help="CUDA device index; -1 for the CPU (used anyway, with a "
                                                       "warning, when CUDA is absent). Under torchrun: LOCAL_RANK")
     r.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads of torch's operators (torch.set_num_threads); unset: torch's choice, "
@@ -237,21 +244,21 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                    help="under torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)")
     r.add_argument("--lr-scale", choices=("none", "linear"), default="none",
                    help="under torchrun: 'linear' multiplies the lr by the number of processes")
-    r.add_argument("--out", default=None, metavar="DIR",
+    r.add_argument("--out", type=_path, default=None, metavar="DIR",
                    help="run directory (default: runs/<method>-<arch>-<dataset>-n<peers>-s<seed> under "
                         "$OKD_RUNS, else under the current directory)")
     r.add_argument("--tag", default=None, metavar="TEXT",
                    help="a label recorded in results.json (args.tag), e.g. TABLE/CELL by scripts/reproduce.py; "
                         "it does not change the run directory")
     once = r.add_mutually_exclusive_group()
-    once.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
+    once.add_argument("--resume", type=_path, nargs="?", const="auto", default=None, metavar="PATH|auto",
                       help="continue from a checkpoint, with its training options unless given again; 'auto' = "
                            "the run directory's last.pt (a new run if there is none)")
     r.add_argument("--extend-epochs", action="store_true",
                    help="with --resume: train a run to a larger --epochs than it was started with. The lr "
                         "schedule becomes the one of the new --epochs from the resumed epoch on (cosine: the lr "
                         "rises to the new curve's value; multistep: the same milestones)")
-    once.add_argument("--eval-only", default=None, metavar="CHECKPOINT",
+    once.add_argument("--eval-only", type=_path, default=None, metavar="CHECKPOINT",
                       help="evaluate a checkpoint, as it was trained, on the test (and --val-split) set and exit")
     r.add_argument("--best-metric", default=None, metavar="HEAD",
                    help=f"head whose top-1 selects best.pt (default: {method_cls.best_metric})")

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from engine import Method, Trainer, UserError, parse_args  # noqa: E402
 from engine.method import load_method  # noqa: E402
-from engine.cli import HelpFormatter  # noqa: E402
+from engine.cli import HelpFormatter, Parser, non_negative_int, positive_int  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -213,21 +213,21 @@ def profile(trainer: Trainer, steps: int, device) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--method", default="dml", help="train_<method>.py to benchmark: dml, mcl_okd, one, okddip, ...")
     p.add_argument("--arch", default="resnet32")
-    p.add_argument("--peers", type=int, default=None, help="--num-peers (default: the method's)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--peers", type=positive_int, default=None, help="--num-peers (default: the method's)")
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--method-args", default="", help="more flags for the method, e.g. '--topology independent'")
-    p.add_argument("--steps", type=int, default=100, help="timed steps per configuration")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=100, help="timed steps per configuration")
+    p.add_argument("--workers", type=non_negative_int, default=None,
                    help="reference DataLoader workers (default: the official code's, 8 for mcl_okd, else 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--configs", default="default,grouped,bf16,channels_last,bf16+channels_last+grouped",
                    help="engine configurations, comma-separated: 'default' or options joined by '+': "
                         + ", ".join(OPTIONS))
     p.add_argument("--skip-reference", action="store_true", help="engine rows only")
-    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+    p.add_argument("--profile", type=non_negative_int, default=0, metavar="STEPS",
                    help="profile STEPS steps of the fastest engine configuration")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
     a = p.parse_args(argv)

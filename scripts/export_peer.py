@@ -24,7 +24,6 @@ checkpoint's epoch recorded for it (test, and val with --val-split).
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import re
 import sys
@@ -37,6 +36,7 @@ import torch  # noqa: E402
 
 from data.files import NameTaken, checksummed, write_atomically  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
+from engine.cli import Parser, positive_int  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from models import create_model  # noqa: E402
 from models.peers import Peers, peer_archs  # noqa: E402
@@ -75,11 +75,13 @@ def rebuild_peers(state: dict, arch: str, num_classes: int, num_peers: int) -> P
     raise UserError(f"the checkpoint's peers do not fit {arch} ({errors[-1][:200]})")
 
 
-def recorded_accuracy(ckpt: dict, head: str) -> dict[str, float]:
-    """Top-1 of ``head`` at the checkpoint's epoch, per split (empty when the run did not evaluate it)."""
-    record = next((r for r in ckpt.get("history", []) if r["epoch"] == ckpt["epoch"]), None)
-    if record is None:
-        return {}
+def recorded_accuracy(ckpt: dict, head: str, given: bool = False) -> dict[str, float]:
+    """Top-1 of ``head`` at the checkpoint's epoch, per split (empty when the run did not evaluate it). A head
+    ``given`` by the user that the run did not evaluate is a UserError naming the ones it did."""
+    record = next((r for r in ckpt.get("history", []) if r["epoch"] == ckpt["epoch"]), {})
+    heads = [k[:-len("/top1")] for k in record.get("test", {}) if k.endswith("/top1")]
+    if given and heads and head not in heads:
+        raise UserError(f"--head {head}: the run evaluated {', '.join(heads)}; choose one of them")
     return {split: record[split][f"{head}/top1"] for split in ("test", "val")
             if f"{head}/top1" in record.get(split, {})}
 
@@ -88,6 +90,8 @@ def export_peer(checkpoint: Path, peer: int, source: str = "model", head: Option
     """The stand-alone peer ``peer`` (1-based) of a run's checkpoint as the dictionary the script writes."""
     ckpt = load_checkpoint(checkpoint)
     args = ckpt["args"]
+    top1 = recorded_accuracy(ckpt, head or f"peer{peer}", given=head is not None)
+    head = head or f"peer{peer}"
     if source not in ckpt["state"]:
         raise UserError(f"{checkpoint} has no '{source}' state; --from one of: {', '.join(ckpt['state'])}")
     state = ckpt["state"][source]
@@ -108,11 +112,10 @@ def export_peer(checkpoint: Path, peer: int, source: str = "model", head: Option
     fmt = "models"
     if arch in TORCHVISION:
         weights, fmt = to_torchvision_state(arch, weights, args["num_classes"]), "torchvision"
-    head = head or f"peer{peer}"
     return {"arch": arch, "num_classes": args["num_classes"], "model_kwargs": kwargs, "format": fmt,
             "state_dict": weights,
             "source": {"checkpoint": str(checkpoint), "method": ckpt["method"], "epoch": ckpt["epoch"],
-                       "peer": peer, "from": source, "head": head, "top1": recorded_accuracy(ckpt, head),
+                       "peer": peer, "from": source, "head": head, "top1": top1,
                        "run_arch": args["arch"]}}
 
 
@@ -153,9 +156,9 @@ def write_export(obj: dict, path: Path, force: bool = False) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", type=Path, help="a run's best.pt or last.pt")
-    p.add_argument("--peer", type=int, required=True, help="which peer, 1-based (head peerN)")
+    p.add_argument("--peer", type=positive_int, required=True, help="which peer, 1-based (head peerN)")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="file to write (an existing file is refused unless --force)")
     p.add_argument("--force", action="store_true", help="replace the -o file if it exists")

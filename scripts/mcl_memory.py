@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.cli import HelpFormatter  # noqa: E402
+from engine.cli import HelpFormatter, Parser, positive_int, temperature  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -87,14 +87,14 @@ def measure(variant: str, a) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--k", type=int, default=16384)
-    p.add_argument("--peers", type=int, default=4)
-    p.add_argument("--feat-dim", type=int, default=128)
-    p.add_argument("--n-data", type=int, default=50000)
-    p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--device", default="cpu")
+    p = Parser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.add_argument("--batch", type=positive_int, default=64)
+    p.add_argument("--k", type=positive_int, default=16384)
+    p.add_argument("--peers", type=positive_int, default=4)
+    p.add_argument("--feat-dim", type=positive_int, default=128)
+    p.add_argument("--n-data", type=positive_int, default=50000)
+    p.add_argument("--tau", type=temperature, default=0.1)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--variant", choices=("official", "ours"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.variant:                                    # child process: one measurement

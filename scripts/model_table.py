@@ -25,7 +25,6 @@ its members, each of which gets its backbone row.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.cli import HelpFormatter  # noqa: E402
+from engine.cli import HelpFormatter, Parser, positive_int  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -148,10 +147,10 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    parser = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--arch", nargs="+", default=None, metavar="NAME",
                         help="backbones to tabulate (default: every registered one)")
-    parser.add_argument("--peers", nargs="+", type=int, default=[2, 4], metavar="N",
+    parser.add_argument("--peers", nargs="+", type=positive_int, default=[2, 4], metavar="N",
                         help="peer counts for the topology table")
     parser.add_argument("--method", default=None, metavar="NAME",
                         help="also count train_NAME.py's whole model (default flags) on each backbone")

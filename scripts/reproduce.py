@@ -45,6 +45,7 @@ from typing import Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from engine.cli import Parser, non_negative_int, number, positive_int  # noqa: E402
 from scripts.tables import PAPER_TABLES, TABLES, Cell, Table  # noqa: E402
 
 FILTER_KEYS = ("method", "arch", "row", "column", "run")
@@ -407,26 +408,6 @@ def submit_slurm(runs: Sequence[Run], opts: argparse.Namespace, folder: Path, ex
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors in one line (the usage is what --help is for)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
-
-
-def _integer(minimum: int, what: str):
-    """An argparse type: an integer >= ``minimum``; ``what`` says what the values are."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum} ({what})")
-        return value
-    return parse
-
-
 def _slurm_time(text: str) -> str:
     try:
         minutes = parse_minutes(text)
@@ -445,7 +426,7 @@ def _gpu_list(text: str) -> str:
     return ",".join(ids)
 
 
-SEED = _integer(0, "seeds are 0, 1, 2, ...: every training script refuses a negative --seed")
+SEED = number(int, at_least=0, below=2 ** 32, why="the training scripts' --seed")
 LOCAL_FLAGS = ("gpus", "jobs")
 SLURM_FLAGS = ("partition", "account", "qos", "constraint", "time", "gpus_per_run", "cpus_per_run", "mem_gb",
                "array_parallelism", "max_requeues", "signal_delay", "setup", "job_name")
@@ -475,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("local launcher")
     g.add_argument("--gpus", type=_gpu_list, default=None, metavar="0,1,2,3",
                    help="a queue over these GPUs, one run per GPU (CUDA_VISIBLE_DEVICES, --gpu 0)")
-    g.add_argument("--jobs", type=_integer(1, "runs at a time"), default=1,
+    g.add_argument("--jobs", type=number(int, at_least=1, why="runs at a time"), default=1,
                    help="runs at a time without --gpus (CPU); default 1")
     s = p.add_argument_group("slurm launcher (submitit)")
     s.add_argument("--partition", default=None)
@@ -484,15 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--constraint", default=None)
     s.add_argument("--time", type=_slurm_time, default="24:00:00", help="time limit per job (HH:MM:SS or minutes); a run that "
                                                       "needs longer is re-queued and continues")
-    s.add_argument("--gpus-per-run", type=_integer(1, "GPUs per run"), default=1,
+    s.add_argument("--gpus-per-run", type=positive_int, default=1,
                    help="GPUs per run; above 1 the run is started with torchrun (--batch-size is per GPU)")
-    s.add_argument("--cpus-per-run", type=_integer(1, "CPU cores per run"), default=8)
-    s.add_argument("--mem-gb", type=_integer(1, "GB of memory per run"), default=None)
-    s.add_argument("--array-parallelism", type=_integer(1, "array tasks at once"), default=64,
+    s.add_argument("--cpus-per-run", type=positive_int, default=8)
+    s.add_argument("--mem-gb", type=positive_int, default=None)
+    s.add_argument("--array-parallelism", type=positive_int, default=64,
                    help="array tasks running at once")
-    s.add_argument("--max-requeues", type=_integer(0, "re-queues"), default=20, help="re-queues after a time-out (pre-emptions are "
+    s.add_argument("--max-requeues", type=non_negative_int, default=20, help="re-queues after a time-out (pre-emptions are "
                                                                 "always re-queued)")
-    s.add_argument("--signal-delay", type=_integer(0, "seconds"), default=120,
+    s.add_argument("--signal-delay", type=non_negative_int, default=120,
                    help="seconds before the time limit at which SLURM warns the job (USR2)")
     s.add_argument("--setup", action="append", default=[], metavar="LINE",
                    help="a shell line run before each job (e.g. 'module load cuda'); repeatable")

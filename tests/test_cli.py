@@ -453,3 +453,18 @@ def test_a_shortened_step_recipe_keeps_its_schedule_in_proportion(recwarn):
     assert not recwarn.list                                       # nothing the user set: no warning
     with pytest.warns(UserWarning, match="--milestones 40 lie at or beyond --epochs 30"):
         parse_args(pcl, ["--epochs", "30", "--milestones", "10", "40"])
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--out", ""], "argument --out: must name a file or folder"),
+    (["--data", " "], "argument --data: must name a file or folder"),
+    (["--resume", ""], "argument --resume: must name a file or folder"),
+    (["--gpu", "-2"], "argument --gpu: must be >= -1"),
+    (["--milestones", "-5", "10", "--lr-schedule", "multistep"], "argument --milestones: milestones are epochs >= 1"),
+    (["--arch", "resnet_nope"], "argument --arch: unknown architecture 'resnet_nope'"),
+])
+def test_engine_flags_refuse_values_no_run_can_use(argv, named, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(load_method("dml"), argv)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err, err

@@ -130,3 +130,12 @@ def test_write_is_atomic_and_never_replaces_without_force(tmp_path, capsys, monk
     export_peer.write_export(exported, fresh)
     assert torch.load(fresh, weights_only=True)["source"]["peer"] == 2
     assert sorted(p.name for p in fresh.parent.iterdir()) == ["peer2.pt"]
+
+
+def test_an_unknown_head_is_refused_and_nothing_is_written(tmp_path, capsys):
+    ckpt = tmp_path / "best.pt"
+    fake_checkpoint(ckpt, Peers("resnet20", 10, 2, "independent"), "resnet20", 2, history_head="mean_peer1")
+    assert export_peer.main([str(ckpt), "--peer", "1", "--head", "peer9", "-o", str(tmp_path / "p.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --head peer9: the run evaluated mean_peer1; choose") and err.count("\n") == 1
+    assert not (tmp_path / "p.pt").exists()

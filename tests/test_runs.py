@@ -306,7 +306,7 @@ def test_the_record_keeps_every_process(tmp_path):
     args = TINY + ["--epochs", "2", "--out", str(tmp_path)]
     with pytest.raises(KeyboardInterrupt) as e:
         train(_StopInEpoch2, args)
-    assert f"holds epoch 1. Continue with: python train_baseline.py" in e.value.message
+    assert "holds epoch 1. Continue with: python train_baseline.py" in e.value.message
     assert f"--out {tmp_path} --resume auto" in e.value.message
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (saved["status"], saved["signal"], saved["epochs_done"]) == ("interrupted", "SIGINT", 1)
