@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 from PIL import Image
 
 from .common import (ArraySplit, BadDatasetError, DatasetNotFoundError, datasets_root, decode_rgb, dataset_info,
-                     download_or_explain, image_files, is_hidden, visible_dirs)
+                     download_or_explain, image_files, is_hidden, save_or_warn, visible_dirs)
 
 FOLDER = "tiny-imagenet-200"
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -228,21 +227,5 @@ def _load(root: Path) -> tuple[ArraySplit, ArraySplit]:
     (train, bad_train), (test, bad_val) = _decode_all(train_items), _decode_all(val_items)
     if bad_train or bad_val:                     # nothing is cached
         raise BadDatasetError.files("tinyimagenet", bad_train + bad_val, _fix(root), what="images")
-    _atomic_save({"version": CACHE_VERSION, "key": key, "train": tuple(train), "test": tuple(test)}, cache)
+    save_or_warn({"version": CACHE_VERSION, "key": key, "train": tuple(train), "test": tuple(test)}, cache)
     return train, test
-
-
-def _atomic_save(obj, path: Path) -> None:
-    """Write to a temp file in the same folder, then ``os.replace``; warn (and go on) if that fails."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as err:
-        warnings.warn(f"could not write the decoded-image cache {path} ({err}); "
-                      "the JPEGs will be decoded again next time")

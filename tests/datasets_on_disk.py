@@ -18,7 +18,8 @@ IMAGENET_WNIDS = [f"n{i:08d}" for i in range(1000)]
 def loader_args(**kw) -> argparse.Namespace:
     """Every field ``data.build_loaders`` reads, at the engine's defaults (synthetic data), with ``kw`` on top."""
     base = dict(dataset="synthetic", data=None, download=False, subset=None, eval_subset=None, val_split=0,
-                batch_size=64, eval_batch_size=None, workers=0, loader=None, seed=0, views=1, pad_mode="zero")
+                batch_size=64, eval_batch_size=None, workers=0, loader=None, seed=0, views=1, pad_mode="zero",
+                image_size=None, classes=None)
     base.update(kw)
     return argparse.Namespace(**base)
 

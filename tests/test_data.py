@@ -123,11 +123,13 @@ def test_tinyimagenet_val_labels_come_from_annotations_and_are_cached(tmp_path):
 
 def test_tinyimagenet_read_only_folder_still_loads(tmp_path, monkeypatch):
     write_tinyimagenet(tmp_path)
+    import tempfile
+
     import data.tinyimagenet as tiny
 
     def refuse(*a, **k):
         raise PermissionError("read-only file system")
-    monkeypatch.setattr(tiny.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.warns(UserWarning, match="could not write"):
         train, _ = load_dataset("tinyimagenet", tmp_path)
     assert len(train.labels) == 200 and not (tmp_path / "tiny-imagenet-200" / tiny.CACHE).exists()
@@ -450,7 +452,8 @@ def test_subset_and_batch_counts():
 
 
 def test_dataset_info_and_names():
-    assert set(DATASET_NAMES) == {"cifar10", "cifar100", "tinyimagenet", "imagenet", "fashion-mnist", "synthetic"}
+    assert set(DATASET_NAMES) == {"cifar10", "cifar100", "tinyimagenet", "imagenet", "fashion-mnist", "synthetic",
+                                  "folder"}
     assert dataset_info("imagenet").crop_padding == 0 and dataset_info("tinyimagenet").image_size == 64
     assert dataset_info("cifar100").mean == (0.5071, 0.4867, 0.4408)
     with pytest.raises(ValueError, match="cifar100"):
