@@ -76,11 +76,12 @@ def resolve(method_cls, args) -> RunConfig:
     ns = argparse.Namespace(**(args.as_dict() if isinstance(args, RunConfig) else vars(args)))
     method_cls.check_args(ns)
     ns.views = getattr(ns, "views", None) or method_cls.views   # check_args may set it (KDCL, PCL: one per peer)
-    num_classes = dataset_info(ns.dataset).num_classes
+    info = dataset_info(ns.dataset, ns.data, image_size=ns.image_size, classes=ns.classes)   # folder data
+    num_classes = info.num_classes
     if ns.num_classes is not None and ns.num_classes != num_classes:
         raise UserError(f"--num-classes {ns.num_classes} disagrees with {ns.dataset}, which has "
                         f"{num_classes} classes; leave --num-classes out")
     ns.num_classes = num_classes
-    ns.loader = ns.loader or ("torch" if ns.dataset == "imagenet" else "device")
+    ns.loader = ns.loader or info.default_loader   # folder data: 'torch' for streamed folders
     ns.eval_batch_size = ns.eval_batch_size or 2 * ns.batch_size
     return RunConfig(vars(ns))

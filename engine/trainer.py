@@ -49,8 +49,8 @@ class Trainer:
     """Builds data, method and optimizers from the parsed arguments; ``fit()`` trains, ``evaluate_only()`` evaluates."""
 
     def __init__(self, method_cls: type[Method], args, argv: Optional[Sequence[str]] = None):
-        from data import build_loaders
-        from models import model_entry
+        from data import build_loaders, dataset_info
+        from models import check_image_size, model_entry
         from models.peers import arch_names
 
         self.method_cls = method_cls
@@ -61,8 +61,10 @@ class Trainer:
             args = as_trained(method_cls, args, self.argv, self.eval_ckpt)
         check_args(args, method_cls)
         self.args = args = resolve(method_cls, args)   # read-only from here on
+        size = dataset_info(args.dataset, args.data, image_size=args.image_size, classes=args.classes).image_size
         for name in arch_names(args.arch):
             model_entry(name)  # unknown architecture: the listing error before anything heavy
+            check_image_size(name, size)  # folder data: a backbone that cannot take the size, before decoding
         if args.threads:
             torch.set_num_threads(args.threads)
         self.device = select_device(args)
