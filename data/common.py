@@ -161,6 +161,25 @@ def some(names, k: int = 5) -> str:
     return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
+def class_difference(trained: Sequence[str], found: Sequence[str]) -> Optional[str]:
+    """None when ``found`` is ``trained`` (the same class names in the same label order), else one phrase
+    naming the difference, for the engine's refusal to evaluate a checkpoint on other classes, e.g.
+    ``"it was trained on 3 classes, this data has 4: yak is new"`` or ``"... the same 3 classes in another
+    order: label 0 is dog here, cat in training"``."""
+    trained, found = list(trained), list(found)
+    if trained == found:
+        return None
+    head = f"it was trained on {len(trained)} classes, this data has {len(found)}"
+    new, gone = [c for c in found if c not in set(trained)], [c for c in trained if c not in set(found)]
+    if new or gone:
+        return head + "".join([f": {some(new, 3)} {'is' if len(new) == 1 else 'are'} new" if new else "",
+                               f"{'; ' if new else ': '}{some(gone, 3)} {'is' if len(gone) == 1 else 'are'} missing"
+                               if gone else ""])
+    k = next(i for i, (a, b) in enumerate(zip(trained, found)) if a != b)
+    return (f"it was trained on the same {len(trained)} classes in another order: label {k} is {found[k]} here, "
+            f"{trained[k]} in training")
+
+
 def download_or_explain(name: str, target, fetch) -> None:
     """Run ``fetch()`` (a torchvision download); a failure (no internet, a proxy, a full disk) becomes one
     DatasetNotFoundError that says so, instead of a traceback. Folders the failed download created (``target``
