@@ -64,8 +64,8 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
-from .common import (ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError, check_image_size_flag,
-                     default_dir, is_hidden, read_class_list, save_or_warn, some, visible_dirs)
+from .common import (ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError,
+                     check_image_size_flag, default_dir, is_hidden, read_class_list, save_or_warn, some, visible_dirs)
 
 NAME = "folder"
 SPLITS = ("train", "val", "test")
@@ -411,8 +411,8 @@ def _read_cache(path: Path, key: str):
         if blob.get("version") == CACHE_VERSION and blob.get("key") == key:
             return blob
     except Exception as err:  # noqa: BLE001 -- a truncated or foreign file: rebuilt
-        warnings.warn(f"folder: ignoring the unreadable cache {path} ({str(err).splitlines()[0][:120] if str(err) else type(err).__name__}); "
-                      "rebuilding it")
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        warnings.warn(f"folder: ignoring the unreadable cache {path} ({reason}); rebuilding it")
     return None
 
 
@@ -461,7 +461,8 @@ def load_folder(data=None, image_size: Optional[int] = None, classes=None, loade
                             f"{info.image_size} px (above {SMALL_MAX}) the ImageNet protocol crops the full-resolution "
                             "files (RandomResizedCrop). Fix: leave --loader out (or --loader torch), or pass "
                             f"--image-size {SMALL_MAX} or less")
-    in_memory = info.protocol == "cifar" and (loader == "device" or decoded_bytes(tree, info.image_size) <= MEMORY_BYTES)
+    in_memory = info.protocol == "cifar" and \
+        (loader == "device" or decoded_bytes(tree, info.image_size) <= MEMORY_BYTES)
     folder = cache_dir(tree.root)
     stem = f"{info.image_size}px-{_classes_digest(tree.classes)}"
     if in_memory:
@@ -493,8 +494,9 @@ def _in_memory(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem
         raise BadDatasetError.files(NAME, bad, check_fix(tree.root), what="images")
     mean, std = channel_stats(splits["train"].images)
     if path:
-        save_or_warn({"version": CACHE_VERSION, "key": key, "classes": list(tree.classes), "image_size": info.image_size,
-                      "mean": list(mean), "std": list(std), "splits": {s: tuple(a) for s, a in splits.items()}}, path)
+        save_or_warn({"version": CACHE_VERSION, "key": key, "classes": list(tree.classes),
+                      "image_size": info.image_size, "mean": list(mean), "std": list(std),
+                      "splits": {s: tuple(a) for s, a in splits.items()}}, path)
     return splits, mean, std
 
 

@@ -32,8 +32,8 @@ offsets uniform on 0..2*padding in each axis, flip with p = 0.5, padding before 
 ``torch`` loader: a DataLoader over the same uint8 arrays with torchvision transforms (RandomCrop(size,
 padding, padding_mode) + RandomHorizontalFlip on uint8 tensors, ConvertImageDtype (/255), Normalize), or the PIL
 ImageNet transforms of :mod:`data.imagenet`, or for a folder streamed from its files the same steps after
-decoding and framing each file (:func:`data.folder.transform`). Each sample's transform runs under its own seed, drawn
-from the (seed, epoch, rank) generator, so augmentation does not depend on the number of workers or on
+decoding and framing each file (:func:`data.folder.transform`). Each sample's transform runs under its own
+seed, drawn from the (seed, epoch, rank) generator, so augmentation does not depend on the number of workers or on
 persistent workers, and the training process's global RNG is left untouched.
 """
 from __future__ import annotations
@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision import transforms
 
-from .common import DATASET_NAMES, ArraySplit, BadDatasetError, DataFlagError, DatasetError, DatasetInfo, dataset_info
+from .common import (DATASET_NAMES, ArraySplit, BadDatasetError, DataFlagError, DatasetError, DatasetInfo,
+                     dataset_info)
 
 # Tags that keep the random streams derived from one seed apart.
 _ORDER, _AUG, _WORKERS, _VAL, _SUBSET, _EVAL_SUBSET = range(6)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import train_dml
 import train_one
 from data import (BadDatasetError, DataFlagError, DatasetError, DatasetNotFoundError, DeviceLoader, TorchLoader,
                   build_loaders, class_difference, dataset_info)
+from data.imagenet import ImageFiles
 from datasets_on_disk import FOLDER_CLASSES, folder_image, image_bytes, loader_args, write, write_folder
 from engine import train
 from engine.trainer import main
@@ -212,8 +212,7 @@ def test_cifar_protocol_in_memory_and_streamed_give_the_same_batches(tmp_path, m
     monkeypatch.setattr(folder, "MEMORY_BYTES", 0)
     assert dataset_info("folder", root).default_loader == "torch"
     streamed = build_loaders(args_for(root, workers=1), "cpu")
-    assert isinstance(streamed.train, TorchLoader) and isinstance(streamed.train.dataloader.dataset.source,
-                                                                  __import__("data.imagenet").imagenet.ImageFiles)
+    assert isinstance(streamed.train, TorchLoader) and isinstance(streamed.train.dataloader.dataset.source, ImageFiles)
     assert streamed.record["folder"]["decoded_in_memory"] is False and streamed.info.mean == in_memory.info.mean
     for a, b, c in zip(in_memory.test, streamed.test, device.test, strict=True):
         assert torch.allclose(a.images, b.images, atol=1e-5) and torch.allclose(a.images, c.images, atol=1e-5)
@@ -269,7 +268,8 @@ def test_sixteen_bit_images_are_refused_in_one_line(tmp_path):
 
 def test_corrupt_files_are_all_named_before_training_and_nothing_is_cached(tmp_path):
     root = write_folder(tmp_path / "tree")
-    bad = [write(root / "train" / "cat" / "cut.png", truncated_png()), write(root / "val" / "dog" / "junk.jpg", GARBAGE)]
+    bad = [write(root / "train" / "cat" / "cut.png", truncated_png()),
+           write(root / "val" / "dog" / "junk.jpg", GARBAGE)]
     with pytest.raises(BadDatasetError, match="2 images cannot be read") as err:
         build_loaders(args_for(root), "cpu")
     assert all(str(p) in one_line(err) for p in bad) and "check_dataset.py --dataset folder" in str(err.value)
@@ -452,7 +452,8 @@ def test_check_dataset_takes_folder(tmp_path, capsys):
     root = write_folder(tmp_path / "tree", mixed=True)
     code, out, _ = run_check(capsys, "--dataset", "folder", "--data", str(root), "--workers", "0")
     assert code == 0 and "3 classes" in out and "all 24 images decode" in out
-    bad = [write(root / "train" / "cat" / "cut.png", truncated_png()), write(root / "val" / "dog" / "junk.jpg", GARBAGE)]
+    bad = [write(root / "train" / "cat" / "cut.png", truncated_png()),
+           write(root / "val" / "dog" / "junk.jpg", GARBAGE)]
     Image.fromarray(np.zeros((4, 4), np.uint16)).save(root / "train" / "dog" / "deep.png")
     bad.append(root / "train" / "dog" / "deep.png")
     write(root / "train" / ".ipynb_checkpoints" / "x.png", GARBAGE)                 # hidden: not checked
