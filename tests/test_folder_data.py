@@ -435,6 +435,27 @@ def test_the_engine_refuses_a_backbone_for_the_size_before_decoding(tmp_path, ca
     assert "\n" not in err and err.startswith("error: dataset 'folder': the folder train/ is missing")
 
 
+@pytest.mark.slow   # two torchrun processes
+@pytest.mark.parametrize("image_size", ["32", "72"])
+def test_two_ranks_under_torchrun_train_on_a_folder(tmp_path, image_size):
+    """Rank 0 checks and decodes (and writes the cache), the other rank then reads it; the same for a streamed
+    folder, whose statistics rank 0 measures. Both ranks see the same classes and sizes."""
+    import subprocess
+    import sys
+    root = write_folder(tmp_path / "tree", size=40, per_split=(("train", 8), ("val", 2)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "ddp_worker.py"), "train_dml", "--dataset", "folder", "--data", str(root),
+           "--image-size", image_size, "--arch", "resnet20", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+           "--gpu", "-1", "--no-progress", "--out", str(tmp_path / "run")]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["data"]["classes"] == list(FOLDER_CLASSES) and saved["data"]["folder"]["image_size"] == int(image_size)
+    kind = "images" if image_size == "32" else "stats"
+    assert len(list((root / ".okd_cache").glob(f"{kind}-{image_size}px-*"))) == 1
+
+
 # --------------------------------------------------------------------------- scripts/check_dataset.py
 
 def run_check(capsys, *args) -> tuple[int, str, str]:
