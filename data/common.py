@@ -1,7 +1,8 @@
 """What every dataset shares: its static description, where its files live, the error when they don't.
 
 Every dataset family module returns a training and a test :class:`ArraySplit` (or, for ImageNet, two
-``ImageFolder`` datasets); :mod:`data.loaders` turns them into loaders.
+``ImageFolder`` datasets; for ``folder``, a :class:`data.folder.FolderData`); :mod:`data.loaders` turns them
+into loaders.
 
 Where files are looked for: ``--data`` if given, else ``$OKD_DATASETS/<name>`` if that variable is
 set, else ``./datasets/<name>`` relative to the current directory (Fashion-MNIST additionally falls
@@ -11,13 +12,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
-DATASET_NAMES = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "fashion-mnist", "synthetic")
+from .files import checksummed, write_atomically
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,6 +28,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class DatasetError(RuntimeError):
     """A dataset problem that is the user's to fix; ``engine.trainer.main`` prints it without a traceback."""
+
+
+class DataFlagError(DatasetError, ValueError):
+    """A data flag that does not fit the dataset (``--image-size`` on CIFAR, ``--classes`` naming a class the
+    tree has not, ``--val-split`` beside a ``val/`` and a ``test/`` folder). One line: the flag and the fix.
+    A ValueError too, as :func:`data.build_loaders` promises for flags that do not fit."""
 
 
 class DatasetNotFoundError(DatasetError):
@@ -107,6 +116,66 @@ def _reason(e: BaseException) -> str:
     return text if len(text) < 160 else text[:157] + "..."
 
 
+def save_or_warn(obj, path: Path) -> None:
+    """Write a cache atomically, with the checksum of its content (data/files.py); warn (and go on) when that
+    fails: a cache that cannot be written is rebuilt next time, never half-written, and one damaged on disk is
+    refused when read (:func:`~data.files.verified`)."""
+    try:
+        buffer = checksummed(obj)
+        write_atomically(path, "wb", lambda f: f.write(buffer.getbuffer()))
+    except OSError as err:
+        warnings.warn(f"could not write the decoded-image cache {path} ({err}); "
+                      "the images will be decoded again next time")
+
+
+def read_class_list(path: os.PathLike | str) -> list[str]:
+    """The class folder names of a ``--classes`` file: one a line (a folder name may hold spaces), blank
+    lines and lines starting with ``#`` skipped, in the file's order. Checked: the file exists, no name twice,
+    no hidden or nested name, at least 2 names; each problem is one :class:`DataFlagError` line."""
+    file = Path(path).absolute()
+    if not file.is_file():
+        raise DataFlagError(f"--classes {file}: no such file. Fix: pass a text file that lists the class "
+                            "folders to use, one name a line (e.g. the 100 wnids of an ImageNet-100 list)")
+    names = [line.strip() for line in file.read_text(errors="replace").splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    odd = [n for n in names if is_hidden(n) or "/" in n or "\\" in n]
+    if odd:
+        raise DataFlagError(f"--classes {file}: {odd[0]!r} is not a class folder name (hidden or a path). Fix: "
+                            "list the folder names under train/, one a line")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataFlagError(f"--classes {file} lists {', '.join(twice[:5])} more than once. Fix: list each class once")
+    if len(names) < 2:
+        raise DataFlagError(f"--classes {file} lists {len(names)} class{'es' if len(names) != 1 else ''}; a "
+                            "classifier needs at least 2. Fix: list the class folders to use, one a line")
+    return names
+
+
+def some(names, k: int = 5) -> str:
+    """The first ``k`` of ``names`` (sorted, as text) and how many more."""
+    names = sorted(str(n) for n in names)
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def class_difference(trained: Sequence[str], found: Sequence[str]) -> Optional[str]:
+    """None when ``found`` is ``trained`` (the same class names in the same label order), else one phrase
+    naming the difference, for the engine's refusal to evaluate a checkpoint on other classes, e.g.
+    ``"it was trained on 3 classes, this data has 4: yak is new"`` or ``"... the same 3 classes in another
+    order: label 0 is dog here, cat in training"``."""
+    trained, found = list(trained), list(found)
+    if trained == found:
+        return None
+    head = f"it was trained on {len(trained)} classes, this data has {len(found)}"
+    new, gone = [c for c in found if c not in set(trained)], [c for c in trained if c not in set(found)]
+    if new or gone:
+        return head + "".join([f": {some(new, 3)} {'is' if len(new) == 1 else 'are'} new" if new else "",
+                               f"{'; ' if new else ': '}{some(gone, 3)} {'is' if len(gone) == 1 else 'are'} missing"
+                               if gone else ""])
+    k = next(i for i, (a, b) in enumerate(zip(trained, found)) if a != b)
+    return (f"it was trained on the same {len(trained)} classes in another order: label {k} is {found[k]} here, "
+            f"{trained[k]} in training")
+
+
 def download_or_explain(name: str, target, fetch) -> None:
     """Run ``fetch()`` (a torchvision download); a failure (no internet, a proxy, a full disk) becomes one
     DatasetNotFoundError that says so, instead of a traceback. Folders the failed download created (``target``
@@ -128,20 +197,40 @@ def download_or_explain(name: str, target, fetch) -> None:
                       "(README, 'Datasets').") from None
 
 
+PROTOCOLS = ("cifar", "imagenet")
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Static facts about a dataset. ``mean``/``std`` are per-channel on the [0, 1] scale (the
-    ``Normalize`` after ``ToTensor``); ``crop_padding`` is the zero padding of the training
-    ``RandomCrop(image_size, padding)`` (0 for ImageNet, which uses ``RandomResizedCrop``);
-    ``official_train``/``official_test`` are the image counts of the official release (None: no release)."""
+    """Facts about a dataset. ``mean``/``std`` are per-channel on the [0, 1] scale (the ``Normalize``
+    after ``ToTensor``); ``crop_padding`` is the zero padding of the training ``RandomCrop(image_size,
+    padding)`` (0 for ImageNet, which uses ``RandomResizedCrop``); ``official_train``/``official_test`` are
+    the image counts of the official release (None: no release).
+
+    ``classes``: the class names in label order where the data names them (``folder``, and ImageNet once
+    loaded or with ``--classes``), else None (the dataset's fixed classes). ``protocol``: ``'cifar'``
+    (RandomCrop with padding + flip on images of ``image_size``) or ``'imagenet'`` (RandomResizedCrop +
+    flip; test Resize(``test_resize``) + CenterCrop). ``default_loader``: the loader ``--loader`` defaults
+    to (``'device'``: decoded images resident on the device; ``'torch'``: DataLoader workers).
+
+    For ``folder``, :func:`dataset_info` gives ``mean = std = None`` (measured when the images are read:
+    ``Loaders.info`` has them)."""
     name: str
     num_classes: int
     image_size: int
-    mean: tuple
-    std: tuple
+    mean: Optional[tuple]
+    std: Optional[tuple]
     crop_padding: int
     official_train: Optional[int] = None
     official_test: Optional[int] = None
+    classes: Optional[tuple] = None
+    protocol: str = "cifar"
+    default_loader: str = "device"
+
+    @property
+    def test_resize(self) -> int:
+        """The ImageNet protocol's test Resize: ``image_size * 8 / 7`` rounded (256 for 224)."""
+        return round(self.image_size * 8 / 7)
 
 
 _INFOS = {
@@ -152,22 +241,59 @@ _INFOS = {
     "cifar100": DatasetInfo("cifar100", 100, 32, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), 4,
                             50000, 10000),
     "tinyimagenet": DatasetInfo("tinyimagenet", 200, 64, IMAGENET_MEAN, IMAGENET_STD, 4, 100000, 10000),
-    "imagenet": DatasetInfo("imagenet", 1000, 224, IMAGENET_MEAN, IMAGENET_STD, 0, 1281167, 50000),
+    "imagenet": DatasetInfo("imagenet", 1000, 224, IMAGENET_MEAN, IMAGENET_STD, 0, 1281167, 50000,
+                            protocol="imagenet", default_loader="torch"),
     # Grey 28x28 zero-padded to 32x32 and replicated to 3 channels (see data/fashion_mnist.py); the
     # usual Fashion-MNIST statistics, measured on the 28x28 originals, replicated to the 3 channels.
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, 32, (0.2860,) * 3, (0.3530,) * 3, 4, 60000, 10000),
     # Synthetic images are built to have roughly this mean and spread (data/synthetic.py).
     "synthetic": DatasetInfo("synthetic", 10, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 4),
 }
-assert tuple(_INFOS) == DATASET_NAMES
+# "folder": any class-folder tree (data/folder.py); its facts come from the files.
+DATASET_NAMES = tuple(_INFOS) + ("folder",)
+MIN_IMAGE_SIZE = 8
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``name`` (one of :data:`DATASET_NAMES`)."""
+def check_image_size_flag(image_size) -> int:
+    """``--image-size`` as an int of at least :data:`MIN_IMAGE_SIZE` (DataFlagError otherwise)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+        raise DataFlagError(f"--image-size must be a whole number of pixels, at least {MIN_IMAGE_SIZE}; "
+                            f"got {image_size!r}")
+    return image_size
+
+
+def dataset_info(name: str, data: Optional[os.PathLike | str] = None, *, image_size: Optional[int] = None,
+                 classes: Optional[os.PathLike | str] = None) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name`` (one of :data:`DATASET_NAMES`) under ``--image-size`` and
+    ``--classes`` (None: not given).
+
+    Built-in datasets: their static facts, no file read; ``--image-size`` (any size of at least 8) and
+    ``--classes FILE`` (a subset of the class folders, checked against ``train/`` and ``val/`` by listing
+    them) are for ImageNet only, and another dataset refuses them (:class:`DataFlagError`). ``folder``:
+    read from ``--data`` by listing the tree and reading up to 1,000 image headers, nothing decoded
+    (:func:`data.folder.describe`): classes, image size, protocol, loader; the layout problems raise
+    :class:`DatasetError` (one line), as ``build_loaders`` would."""
+    if name == "folder":
+        from .folder import describe
+        return describe(data, image_size, classes)
     try:
-        return _INFOS[name]
+        info = _INFOS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}") from None
+    if image_size is not None and image_size != info.image_size:
+        if name != "imagenet":
+            raise DataFlagError(f"--image-size {image_size}: {name}'s images are {info.image_size}x{info.image_size}; "
+                                "--image-size is for --dataset folder and imagenet. Fix: leave it out")
+        info = replace(info, image_size=check_image_size_flag(image_size))
+    if classes is not None:
+        if name != "imagenet":
+            raise DataFlagError(f"--classes picks class folders of --dataset folder or imagenet; {name} has fixed "
+                                "classes. Fix: leave --classes out (or save the classes as a folder tree and use "
+                                "--dataset folder)")
+        from .imagenet import subset_classes
+        names = subset_classes(data, classes)
+        info = replace(info, num_classes=len(names), classes=tuple(names), official_train=None, official_test=None)
+    return info
 
 
 class ArraySplit(NamedTuple):

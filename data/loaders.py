@@ -20,7 +20,8 @@ indexed by ``Batch.index``).
   ``--subset`` that leaves one out. The counts found, the official counts and the subsets are printed and
   returned as ``Loaders.record`` (results.json's ``data``).
 
-``device`` loader (all datasets but ImageNet): uint8 images and labels live on the device; per epoch the
+``device`` loader (all datasets but ImageNet and the folders that are streamed from their files, see
+:mod:`data.folder`): uint8 images and labels live on the device; per epoch the
 order, crop offsets and flip flags are drawn on the CPU and moved once; per batch a gather does
 pad + crop + flip, then float, /255 and Normalize, all on the device, with no host sync. Its
 distribution equals torchvision's RandomCrop(size, padding, padding_mode) + RandomHorizontalFlip(0.5):
@@ -30,8 +31,9 @@ offsets uniform on 0..2*padding in each axis, flip with p = 0.5, padding before 
 
 ``torch`` loader: a DataLoader over the same uint8 arrays with torchvision transforms (RandomCrop(size,
 padding, padding_mode) + RandomHorizontalFlip on uint8 tensors, ConvertImageDtype (/255), Normalize), or the PIL
-ImageNet transforms of :mod:`data.imagenet`. Each sample's transform runs under its own seed, drawn
-from the (seed, epoch, rank) generator, so augmentation does not depend on the number of workers or on
+ImageNet transforms of :mod:`data.imagenet`, or for a folder streamed from its files the same steps after
+decoding and framing each file (:func:`data.folder.transform`). Each sample's transform runs under its own
+seed, drawn from the (seed, epoch, rank) generator, so augmentation does not depend on the number of workers or on
 persistent workers, and the training process's global RNG is left untouched.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ import contextlib
 import math
 import signal
 import warnings
+from dataclasses import replace
 from typing import NamedTuple, Optional, Union
 
 import numpy as np
@@ -48,7 +51,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision import transforms
 
-from .common import ArraySplit, BadDatasetError, DatasetError, DatasetInfo, dataset_info
+from .common import (DATASET_NAMES, ArraySplit, BadDatasetError, DataFlagError, DatasetError, DatasetInfo,
+                     dataset_info)
 
 # Tags that keep the random streams derived from one seed apart.
 _ORDER, _AUG, _WORKERS, _VAL, _SUBSET, _EVAL_SUBSET = range(6)
@@ -341,9 +345,19 @@ def array_transforms(info: DatasetInfo, train: bool, pad_mode: str = "zero"):
                                        transforms.Normalize(info.mean, info.std)])
 
 
-def load_dataset(name: str, data=None, download: bool = False):
-    """(train, test) of ``name``: :class:`ArraySplit` pairs, or ImageFolder pairs for ImageNet."""
-    dataset_info(name)  # validates the name
+def load_dataset(name: str, data=None, download: bool = False, *, image_size: Optional[int] = None,
+                 classes=None, loader: Optional[str] = None):
+    """(train, test) of ``name``: :class:`ArraySplit` pairs, or ImageFolder pairs for ImageNet (``classes``:
+    a ``--classes`` file, a subset of its class folders); for ``folder`` a :class:`data.folder.FolderData`
+    (``image_size``, ``classes`` and ``loader`` as ``--image-size``, ``--classes``, ``--loader``)."""
+    if name not in DATASET_NAMES:
+        dataset_info(name)  # the unknown-name error
+    if name == "folder":
+        if download:
+            raise DataFlagError("--download: a folder dataset is your own files, there is nothing to download. "
+                                "Fix: leave --download out")
+        from .folder import load_folder
+        return load_folder(data, image_size, classes, loader)
     if name in ("cifar10", "cifar100"):
         from .cifar import load_cifar
         return load_cifar(name, data, download)
@@ -357,20 +371,20 @@ def load_dataset(name: str, data=None, download: bool = False):
         from .synthetic import make_synthetic
         return make_synthetic()
     from .imagenet import load_imagenet
-    return load_imagenet(data)
+    return load_imagenet(data, classes)
 
 
-def _load_once(name: str, data, download: bool, rank: int, world_size: int):
+def _load_once(name: str, data, download: bool, rank: int, world_size: int, **options):
     """Under an initialised process group rank 0 loads first (it alone downloads, checks the files, and
-    writes the TinyImageNet cache the others then read); the other ranks wait for its verdict, and when
-    rank 0 found the dataset missing or damaged they stop with the same one-line error instead of waiting."""
+    writes the TinyImageNet or folder cache the others then read); the other ranks wait for its verdict, and
+    when rank 0 found the dataset missing or damaged they stop with the same one-line error instead of waiting."""
     import torch.distributed as dist
     if not (world_size > 1 and dist.is_available() and dist.is_initialized()):
-        return load_dataset(name, data, download)
+        return load_dataset(name, data, download, **options)
     verdict = [None]
     if rank == 0:
         try:
-            result = load_dataset(name, data, download)
+            result = load_dataset(name, data, download, **options)
         except DatasetError as e:
             verdict = [str(e)]
             dist.broadcast_object_list(verdict, src=0)
@@ -380,7 +394,7 @@ def _load_once(name: str, data, download: bool, rank: int, world_size: int):
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
         raise BadDatasetError(verdict[0].replace("\n", " "))
-    return load_dataset(name, data, False)
+    return load_dataset(name, data, False, **options)
 
 
 def _subset(labels: torch.Tensor, idx: torch.Tensor, n: Optional[int], seed: int, stream: int, flag: str,
@@ -414,14 +428,15 @@ def _check_every_class(labels: torch.Tensor, pool: torch.Tensor, train_idx: torc
                      "use a smaller --val-split")
 
 
-def _describe(info: DatasetInfo, found: dict, used: dict, subsets: dict, rank: int) -> dict:
-    """Print the counts found and used (rank 0), warn where they differ from the official release, and
-    return the record for results.json."""
+def _describe(info: DatasetInfo, found: dict, used: dict, subsets: dict, rank: int, notes: tuple = ()) -> dict:
+    """Print the counts found and used (rank 0), warn where they differ from the official release (and the
+    dataset's own ``notes``), and return the record for results.json."""
     official = {"train": info.official_train, "test": info.official_test}
     notes = [f"{info.name}: found {found[k]} {k} images, the official release has {official[k]}; results are "
-             "not comparable with published ones" for k in found if official[k] is not None and found[k] != official[k]]
+             "not comparable with published ones" for k in found if official.get(k) is not None
+             and found[k] != official[k]] + list(notes)
     if rank == 0:
-        line = f"{info.name}: found {found['train']} train / {found['test']} test images"
+        line = f"{info.name}: found " + " / ".join(f"{n} {k}" for k, n in found.items()) + " images"
         if official["train"] is not None:
             line += f" (official {official['train']} / {official['test']})"
         line += f"; using {used['train']} train, {used['val']} val, {used['test']} test"
@@ -435,6 +450,41 @@ def _describe(info: DatasetInfo, found: dict, used: dict, subsets: dict, rank: i
             "images_used": used, **subsets, "warnings": notes}
 
 
+def _targets(split) -> torch.Tensor:
+    return torch.as_tensor(split.labels if isinstance(split, ArraySplit) else split.targets, dtype=torch.int64)
+
+
+def _folder_splits(args, tree) -> dict:
+    """Which folder serves which loader (module docstring of data.folder), refusing before anything is
+    decoded a tree without an evaluation folder and no --val-split, and a --val-split beside val/ and test/."""
+    root, n = tree.root, args.val_split
+    evals = tree.eval_splits
+    if not evals and not n:
+        raise BadDatasetError(f"dataset 'folder': {root} has no val/ or test/ folder to evaluate on. Fix: add "
+                              f"{root}/val/<class>/ with images, or pass --val-split N to hold out N training images "
+                              "(stratified, seeded) as the evaluation set")
+    if len(evals) == 2 and n:
+        raise DataFlagError(f"--val-split {n}: {root} has val/, which chooses the best epoch, and test/, which is "
+                            "reported; a hold-out of train/ would be a third set. Fix: leave --val-split out (or move "
+                            "val/ away)")
+    held = f"--val-split {n}: {n} images held out of train/ (stratified, seeded)"
+    if len(evals) == 2:
+        return {"train": "train/", "val": "val/ (chooses best)", "test": "test/ (reported)"}
+    if evals:
+        return {"train": "train/", "val": f"{held}, chooses best" if n else None, "test": f"{evals[0]}/"}
+    return {"train": "train/", "val": None, "test": f"{held}: the evaluation set"}
+
+
+def _folder_record(loaded, splits: dict, args) -> dict:
+    from .folder import protocol_text
+    info, tree = loaded.info, loaded.tree
+    return {"root": str(tree.root), "classes_file": str(tree.classes_file) if tree.classes_file else None,
+            "splits": splits, "image_size": info.image_size,
+            "image_size_from": "--image-size" if args.image_size is not None else tree.size_note,
+            "protocol": protocol_text(info), "mean": list(info.mean), "std": list(info.std),
+            "decoded_in_memory": loaded.in_memory}
+
+
 def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_class: bool = False) -> Loaders:
     """Training, validation (or None) and test loaders for ``args`` (see the module docstring).
 
@@ -442,35 +492,65 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     the hold-out), ``eval_subset`` (test on N samples, stratified random), ``val_split`` (hold out N
     training samples, stratified; evaluated with test-time transforms), all seeded by ``seed``,
     ``batch_size`` (per process), ``eval_batch_size`` (default 2 x batch_size), ``workers``, ``loader``
-    ('device' default, 'torch' for ImageNet), ``views`` (default 1), ``pad_mode`` ('zero'
-    default, or 'reflect'; ImageNet's RandomResizedCrop does not pad). ``needs_every_class``: refuse (ValueError)
-    a subset that leaves a class without training samples. Dataset problems raise DatasetNotFoundError or
-    BadDatasetError; flags that do not fit the dataset raise ValueError. Every field must exist (a missing one
-    is an AttributeError, not a silent default); None means the default where stated.
+    (None: the dataset's ``default_loader``: 'torch' for ImageNet and for folders streamed from their files,
+    else 'device'), ``views`` (default 1), ``pad_mode`` ('zero' default, or 'reflect'; ImageNet's
+    RandomResizedCrop does not pad), ``image_size`` (``--image-size``; None: the dataset's, or for ``folder``
+    chosen from the images) and ``classes`` (``--classes FILE``, folder and ImageNet; None: every class
+    folder). ``needs_every_class``: refuse (ValueError) a subset that leaves a class without training samples.
+    Dataset problems raise DatasetNotFoundError or BadDatasetError; flags that do not fit the dataset raise
+    ValueError (DataFlagError is both). Every field must exist (a missing one is an AttributeError, not a
+    silent default); None means the default where stated.
+
+    ``Loaders.info`` is the dataset's :class:`DatasetInfo` as loaded: for ``folder`` with the class names, the
+    chosen size and the measured mean and std; for ImageNet with its class names (wnids). For ``folder`` the
+    evaluation split is ``val/`` or ``test/``; with both, ``val/`` is the validation loader and ``test/`` the
+    test loader; with neither, ``--val-split N`` holds out the test loader's samples (see data/folder.py).
+    ``Loaders.record`` adds ``classes`` (when the info has them) and, for ``folder``, ``folder`` (its root,
+    which folder serves which split, the size and how it was chosen, the protocol, mean and std).
     """
     name = args.dataset
-    info = dataset_info(name)
-    kind = args.loader or ("torch" if name == "imagenet" else "device")
+    info = dataset_info(name, args.data, image_size=args.image_size, classes=args.classes)
+    kind = args.loader or info.default_loader
     if kind not in ("device", "torch"):
         raise ValueError(f"unknown loader {kind!r}; choose 'device' or 'torch'")
     if name == "imagenet" and kind == "device":
         raise ValueError("ImageNet does not fit in device memory as decoded images; use --loader torch")
+    folder_splits = None
+    if name == "folder":
+        from .folder import scan
+        folder_splits = _folder_splits(args, scan(args.data, args.classes))   # before anything is decoded
     batch_size = args.batch_size
     eval_batch_size = args.eval_batch_size or 2 * batch_size
     views, seed, workers, pad_mode = args.views, args.seed, args.workers, args.pad_mode
 
-    train_set, test_set = _load_once(name, args.data, bool(args.download), rank, world_size)
-    imagefolder = name == "imagenet"
-    labels = torch.as_tensor(train_set.targets if imagefolder else train_set.labels, dtype=torch.int64)
-    test_labels = torch.as_tensor(test_set.targets if imagefolder else test_set.labels, dtype=torch.int64)
+    loaded = _load_once(name, args.data, bool(args.download), rank, world_size, image_size=args.image_size,
+                        classes=args.classes, loader=args.loader)
+    val_set, notes = None, ()
+    if name == "folder":
+        info, notes = loaded.info, loaded.tree.warnings
+        train_set = loaded.train
+        if loaded.val is not None and loaded.test is not None:
+            val_set, test_set = loaded.val, loaded.test
+        else:
+            test_set = loaded.val if loaded.val is not None else loaded.test     # None: held out of train/
+    else:
+        train_set, test_set = loaded
+        if name == "imagenet":
+            info = replace(info, classes=tuple(train_set.classes))
+    labels = _targets(train_set)
     train_idx, val_idx = torch.arange(len(labels)), None
     if args.val_split:
         train_idx, val_idx = stratified_split(labels, args.val_split, seed)
+    if test_set is None:                      # the held-out samples are the evaluation set
+        test_set, test_labels, test_pool, val_idx = train_set, labels, val_idx, None
+    else:
+        test_labels = _targets(test_set)
+        test_pool = torch.arange(len(test_labels))
     pool = train_idx
     train_idx, subset = _subset(labels, pool, args.subset, seed, _SUBSET, "--subset",
                                 "available training")
-    test_idx, eval_subset = _subset(test_labels, torch.arange(len(test_labels)), args.eval_subset,
-                                    seed, _EVAL_SUBSET, "--eval-subset", "test")
+    test_idx, eval_subset = _subset(test_labels, test_pool, args.eval_subset, seed, _EVAL_SUBSET, "--eval-subset",
+                                    "test")
     if needs_every_class:
         _check_every_class(labels, pool, train_idx, info.num_classes, args.subset)
 
@@ -481,19 +561,36 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
             whole = len(idx) == len(split_labels)  # skip a copy of the whole set
             sub = split if whole else ArraySplit(split.images[idx], split_labels[idx])
             return DeviceLoader(sub, info, bs, device, pad_mode=pad_mode, **common)
-        if imagefolder:
-            from .imagenet import test_transform, train_transform
-            source, transform = split, (train_transform() if train else test_transform())
-        else:
+        if isinstance(split, ArraySplit):
             source, transform = ArraySource(split), array_transforms(info, train, pad_mode)
+        elif name == "folder":
+            from .folder import transform as folder_transform
+            source, transform = split, folder_transform(info, train, streamed=True, pad_mode=pad_mode)
+        else:
+            from .imagenet import test_transform, train_transform
+            source = split
+            transform = train_transform(info.image_size, info.mean, info.std) if train else \
+                test_transform(info.image_size, info.test_resize, info.mean, info.std)
         return TorchLoader(source, idx, split_labels[idx], transform, bs, device, workers=workers, **common)
 
     train = make(train_set, labels, train_idx, True)
     if len(train) == 0:
         raise ValueError(f"{len(train_idx)} training samples over {world_size} process(es) give no full "
                          f"batch of {batch_size}; lower --batch-size")
-    val = make(train_set, labels, val_idx, False) if val_idx is not None else None
-    record = _describe(info, {"train": len(labels), "test": len(test_labels)},
-                       {"train": len(train_idx), "val": 0 if val_idx is None else len(val_idx), "test": len(test_idx)},
-                       {"subset": subset, "eval_subset": eval_subset}, rank)
+    if val_set is not None:
+        val_labels = _targets(val_set)
+        val = make(val_set, val_labels, torch.arange(len(val_labels)), False)
+    else:
+        val = make(train_set, labels, val_idx, False) if val_idx is not None else None
+    found = {"train": len(labels)}
+    if name != "folder":
+        found["test"] = len(test_labels)
+    else:
+        found.update({s: len(loaded.tree.samples[s]) for s in loaded.tree.eval_splits})
+    used = {"train": len(train_idx), "val": 0 if val is None else len(val.labels), "test": len(test_idx)}
+    record = _describe(info, found, used, {"subset": subset, "eval_subset": eval_subset}, rank, notes)
+    if info.classes is not None:
+        record["classes"] = list(info.classes)
+    if name == "folder":
+        record["folder"] = _folder_record(loaded, folder_splits, args)
     return Loaders(train, val, make(test_set, test_labels, test_idx, False), info, len(train_idx), record)

@@ -41,8 +41,8 @@ import torch
 from PIL import Image
 
 from .common import (ArraySplit, BadDatasetError, DatasetNotFoundError, datasets_root, decode_rgb, dataset_info,
-                     download_or_explain, image_files, is_hidden, visible_dirs)
-from .files import checksummed, verified, write_atomically
+                     download_or_explain, image_files, is_hidden, save_or_warn, visible_dirs)
+from .files import verified
 
 FOLDER = "tiny-imagenet-200"
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -231,15 +231,5 @@ def _load(root: Path) -> tuple[ArraySplit, ArraySplit]:
     (train, bad_train), (test, bad_val) = _decode_all(train_items), _decode_all(val_items)
     if bad_train or bad_val:                     # nothing is cached
         raise BadDatasetError.files("tinyimagenet", bad_train + bad_val, _fix(root), what="images")
-    _atomic_save({"version": CACHE_VERSION, "key": key, "train": tuple(train), "test": tuple(test)}, cache)
+    save_or_warn({"version": CACHE_VERSION, "key": key, "train": tuple(train), "test": tuple(test)}, cache)
     return train, test
-
-
-def _atomic_save(obj, path: Path) -> None:
-    """Write the cache atomically and checksummed (data.files); warn (and go on) if that fails."""
-    try:
-        buffer = checksummed(obj)
-        write_atomically(path, "wb", lambda f: f.write(buffer.getbuffer()))
-    except OSError as err:
-        warnings.warn(f"could not write the decoded-image cache {path} ({err}); "
-                      "the JPEGs will be decoded again next time")

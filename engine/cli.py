@@ -171,7 +171,17 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     g.add_argument("--dataset", default="cifar100", choices=DATASET_NAMES, help="training and test data")
     g.add_argument("--data", type=_path, default=None, metavar="DIR",
                    help="dataset folder (default: datasets/<name> under $OKD_DATASETS, else under the current "
-                        "directory)")
+                        "directory); --dataset folder: DIR/train/<class>/<image> and the evaluation images in "
+                        "DIR/val/<class>/ or DIR/test/<class>/ (both: val/ chooses best, test/ is reported; "
+                        "neither: pass --val-split N)")
+    g.add_argument("--image-size", type=number(int, at_least=8), default=None, metavar="S",
+                   help="--dataset folder or imagenet: the input size S. S <= 64: images resized to SxS, "
+                        "RandomCrop(S, padding S/8) + flip; above: RandomResizedCrop(S) + flip, test "
+                        "Resize(S*8/7) + CenterCrop(S) (default: folder: the median image side rounded to 32, "
+                        "64 or 224; imagenet: 224)")
+    g.add_argument("--classes", type=_path, default=None, metavar="FILE",
+                   help="--dataset folder or imagenet: use only the class folders listed in FILE, one name a "
+                        "line (e.g. ImageNet-100 over an ILSVRC tree), without copying images")
     g.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
     g.add_argument("--num-classes", type=positive_int, default=None, help="inferred from the dataset; a check if "
                                                                            "given")

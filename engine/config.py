@@ -80,20 +80,28 @@ def resolve(method_cls, args) -> RunConfig:
     """Resolve and freeze a parsed namespace (not modified; a RunConfig is accepted too): the engine's
     checks of flags that conflict, the method's ``check_args`` (its checks and its own defaults), then
     ``views`` (1 unless the method set it), ``num_classes`` (from the dataset; a given value must agree),
-    ``loader`` ('torch' for ImageNet, else 'device') and ``eval_batch_size`` (2 x ``batch_size``). Raises
-    ``UserError`` for flags that conflict."""
+    ``loader`` (the dataset's default: 'torch' for ImageNet and for folders too large to decode, else
+    'device') and ``eval_batch_size`` (2 x ``batch_size``). Raises ``UserError`` for flags that conflict,
+    ``data.DatasetError`` for a dataset that is not there or does not fit its flags, and
+    ``models.ImageSizeError`` for a backbone that cannot take the dataset's image size (a folder dataset is
+    listed and a few image headers read, nothing decoded)."""
     from data import dataset_info
+    from models import check_image_size
+    from models.peers import arch_names
 
     ns = argparse.Namespace(**vars(args))
     _check_engine_flags(ns, method_cls)
     method_cls.check_args(ns)
     ns.views = getattr(ns, "views", None) or 1
-    num_classes = dataset_info(ns.dataset).num_classes
+    info = dataset_info(ns.dataset, ns.data, image_size=ns.image_size, classes=ns.classes)
+    for name in arch_names(ns.arch):
+        check_image_size(name, info.image_size)
+    num_classes = info.num_classes
     if ns.num_classes is not None and ns.num_classes != num_classes:
         raise UserError(f"--num-classes {ns.num_classes} disagrees with {ns.dataset}, which has "
                         f"{num_classes} classes; leave --num-classes out")
     ns.num_classes = num_classes
-    ns.loader = ns.loader or ("torch" if ns.dataset == "imagenet" else "device")
+    ns.loader = ns.loader or info.default_loader
     ns.eval_batch_size = ns.eval_batch_size or 2 * ns.batch_size
     return RunConfig(vars(ns))
 
@@ -192,12 +200,14 @@ def _canonical(value):
 def default_options(method_cls, args) -> dict:
     """The method's default training options for ``args``' arch and dataset, resolved as a run resolves
     them (MCL-OKD's K and tau depend on them), for one process."""
-    defaults = parse_args(method_cls, ["--arch", args.arch, "--dataset", args.dataset])
+    defaults = parse_args(method_cls, ["--arch", args.arch, "--dataset", args.dataset]
+                          + (["--data", args.data] if args.data else []))
+    from data import DatasetError
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             defaults = resolve(method_cls, defaults).as_dict()
-    except UserError:
+    except (UserError, DatasetError):
         defaults = vars(defaults)
     return training_options({**defaults, "world_size": 1})
 
@@ -210,7 +220,8 @@ def run_name(method_cls, config: RunConfig, world_size: int = 1) -> str:
     options = training_options({**config.as_dict(), "world_size": world_size})
     defaults = default_options(method_cls, config)
     peers = f"-n{options['num_peers']}" if "num_peers" in options else ""
-    name = f"{method_cls.name}-{arch_tag(options['arch'])}-{options['dataset']}{peers}-s{options['seed']}"
+    data = f"folder-{Path(config.data).resolve().name}" if config.dataset == "folder" else config.dataset
+    name = f"{method_cls.name}-{arch_tag(options['arch'])}-{data}{peers}-s{options['seed']}"
     changed = {k: _canonical(v) for k, v in options.items()
                if k not in NAMED and (k not in defaults or _canonical(defaults[k]) != _canonical(v))}
     if changed:

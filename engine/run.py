@@ -144,6 +144,7 @@ class Run:
         if diffs:
             raise UserError(f"{resume} was trained with {describe_differences(diffs)}. Resume with the "
                             "checkpoint's values, or start a new run (leave out --resume, or give another --out)")
+        self.check_data(ckpt, resume)
         self._check_target(resume, ckpt)
         if self.is_main:
             self._repair_best(resume, ckpt)
@@ -154,6 +155,19 @@ class Run:
             self.log(f"{resume}: the run is already finished ({ckpt['epoch']} of {self.config.epochs} epochs); "
                      "nothing to do, nothing changed. To train longer: a larger --epochs with --extend-epochs")
         return ckpt
+
+    def check_data(self, ckpt: dict, path: Path) -> None:
+        """The data must be the checkpoint's: the same class names in the same label order (a folder dataset,
+        an ImageNet subset) and the same image size."""
+        from data import class_difference
+        if ckpt.get("classes") and self.about.get("classes") is not None:
+            difference = class_difference(ckpt["classes"], self.about["classes"])
+            if difference:
+                raise UserError(f"{path} does not fit this data: {difference}; give the --data (or --classes) it "
+                                "was trained on")
+        if ckpt.get("image_size") not in (None, self.about.get("image_size")):
+            raise UserError(f"{path} was trained on {ckpt['image_size']} px images, this data gives "
+                            f"{self.about.get('image_size')} px; pass --image-size {ckpt['image_size']}")
 
     def _refuse_a_sibling_run(self) -> None:
         """--resume auto without --out finds its run by its options. A run of the same method, backbone, data and
@@ -440,6 +454,7 @@ def results_of(record: Mapping, status: str) -> dict:
     return {
         "status": status, **{k: final[k] for k in ("signal", "reason") if k in final},
         "method": record["method"], "arch": a["arch"], "peer_archs": record.get("peer_archs"),
+        "classes": record.get("classes"), "image_size": record.get("image_size"),
         "dataset": a["dataset"], "run_id": record["run_id"], "epochs_done": len(history), "epochs": a["epochs"],
         "recipe": {"name": a["recipe"], **{k: a.get(k) for k in RECIPE_KEYS},
                    "same_as_recipe": all(a.get(k) == RECIPES[a["recipe"]].get(k) for k in RECIPE_KEYS)},

@@ -110,7 +110,8 @@ class Trainer:
         archs = ({f"peer{i + 1}": n for i, n in enumerate(peer_archs(args.arch, args.num_peers))}
                  if method_cls.num_peers is not None else None)
         self.run = Run(out, method_cls, args, argv, self.dist.world_size, self.dist.rank,
-                       about={"peer_archs": archs, "data": self.loaders.record,
+                       about={"peer_archs": archs, "classes": list(info.classes) if info.classes else None,
+                              "image_size": info.image_size, "data": self.loaders.record,
                               "versions": library_versions(self.device)})
         self.report = Reporter(self.run.folder, self.is_main, args.epochs, self.best_head)
 
@@ -352,6 +353,7 @@ class Trainer:
         state such as optimizers or MCL-OKD's memory banks need not be in the file). Writes the result into
         the checkpoint's folder (:meth:`Run.write_evaluation`), naming the dataset, the splits and the precision."""
         path, ckpt, a = Path(self.args.eval_only), self.ckpt, self.args
+        self.run.check_data(ckpt, path)
         evaluated = ["model"] + [k for k in self.method.state_keys if isinstance(getattr(self.method, k), TemporalMean)]
         missing = [k for k in evaluated if k not in ckpt["state"]]
         if missing:

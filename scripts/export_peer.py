@@ -112,8 +112,8 @@ def export_peer(checkpoint: Path, peer: int, source: str = "model", head: Option
     fmt = "models"
     if arch in TORCHVISION:
         weights, fmt = to_torchvision_state(arch, weights, args["num_classes"]), "torchvision"
-    return {"arch": arch, "num_classes": args["num_classes"], "model_kwargs": kwargs, "format": fmt,
-            "state_dict": weights,
+    return {"arch": arch, "num_classes": args["num_classes"], "classes": ckpt.get("classes"),
+            "model_kwargs": kwargs, "format": fmt, "state_dict": weights,
             "source": {"checkpoint": str(checkpoint), "method": ckpt["method"], "epoch": ckpt["epoch"],
                        "peer": peer, "from": source, "head": head, "top1": top1,
                        "run_arch": args["arch"]}}

@@ -18,7 +18,8 @@ IMAGENET_WNIDS = [f"n{i:08d}" for i in range(1000)]
 def loader_args(**kw) -> argparse.Namespace:
     """Every field ``data.build_loaders`` reads, at the engine's defaults (synthetic data), with ``kw`` on top."""
     base = dict(dataset="synthetic", data=None, download=False, subset=None, eval_subset=None, val_split=0,
-                batch_size=64, eval_batch_size=None, workers=0, loader=None, seed=0, views=1, pad_mode="zero")
+                batch_size=64, eval_batch_size=None, workers=0, loader=None, seed=0, views=1, pad_mode="zero",
+                image_size=None, classes=None)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -134,4 +135,63 @@ def write_imagenet(root: Path, train_per_class: int = 1, val_per_class: int = 1,
         for k in range(val_per_class):
             name = f"ILSVRC2012_val_{k * 1000 + c + 1:08d}.JPEG"
             write(root / "val" / ("" if flat_val else w) / name, blob)
+    return root
+
+
+# --------------------------------------------------------------------------- class folders (--dataset folder)
+
+FOLDER_CLASSES = ("cat", "dog", "zebra")
+# (PIL format, PIL mode, extension) in turn for the k-th image of a class in a mixed tree
+MIXED = (("JPEG", "RGB", ".jpg"), ("PNG", "L", ".png"), ("PNG", "RGBA", ".PNG"), ("JPEG", "L", ".jpeg"),
+         ("PNG", "P", ".png"), ("BMP", "RGB", ".bmp"))
+
+
+def folder_image(c: int, k: int, fmt: str = "PNG", mode: str = "RGB", size=(20, 20)) -> bytes:
+    """Class ``c``'s colour with a little noise seeded by (c, k), so every image differs; saved as ``fmt`` after
+    converting to ``mode`` (greyscale 'L', 'RGBA' with a half-transparent alpha, palette 'P')."""
+    w, h = size
+    rng = np.random.default_rng(1000 * c + k)
+    rgb = np.clip(np.array(colour(c))[None, None] + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(rgb, "RGB")
+    if mode == "RGBA":
+        image.putalpha(128)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def write_folder(root: Path, classes=FOLDER_CLASSES, per_split=(("train", 6), ("val", 2)), size: int = 20,
+                 mixed: bool = False) -> Path:
+    """``root/<split>/<class>/<k>.<ext>``: PNG RGB images of ``size`` x ``size``, or with ``mixed`` JPEG, PNG and
+    BMP in turn, greyscale, RGBA and palette, and odd sizes around ``size`` (w = size + k % 5, h = size + 2 k % 7)."""
+    for split, n in per_split:
+        for c, name in enumerate(classes):
+            for k in range(n):
+                fmt, mode, ext = MIXED[k % len(MIXED)] if mixed else ("PNG", "RGB", ".png")
+                shape = (size + k % 5, size + 2 * k % 7) if mixed else (size, size)
+                write(root / split / name / f"{name}_{k}{ext}", folder_image(c, k + 100 * len(split), fmt, mode, shape))
+    return root
+
+
+def fashion_mnist_as_folders(root: Path, subset: int, eval_subset: int, seed: int = 0) -> Path:
+    """Debian's Fashion-MNIST as PNG class folders: the ``subset`` training and ``eval_subset`` test images that
+    ``--dataset fashion-mnist --subset N --eval-subset M --seed S`` trains and tests on (the same stratified
+    draws), as their 28 x 28 greyscale originals in ``root/train/<class>/`` and ``root/val/<class>/``. Class
+    folders are named ``<index>-<name>`` so that ImageFolder's sorted order is the built-in label order."""
+    import torch
+    from torchvision.datasets import FashionMNIST
+
+    from data.fashion_mnist import SYSTEM_DIR, read_idx
+    from data.loaders import _EVAL_SUBSET, _SUBSET, stratified_split
+    names = [f"{i}-{c.replace('/', '-').replace(' ', '_')}" for i, c in enumerate(FashionMNIST.classes)]
+    for split, prefix, n, stream in (("train", "train", subset, _SUBSET), ("val", "t10k", eval_subset, _EVAL_SUBSET)):
+        images = read_idx(SYSTEM_DIR / f"{prefix}-images-idx3-ubyte.gz")
+        labels = torch.from_numpy(read_idx(SYSTEM_DIR / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
+        chosen = stratified_split(labels, n, seed, stream)[1] if n < len(labels) else torch.arange(len(labels))
+        for i in chosen.tolist():
+            folder = root / split / names[int(labels[i])]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i], "L").save(folder / f"{i:05d}.png")
     return root

@@ -461,7 +461,8 @@ def test_subset_and_batch_counts():
 
 
 def test_dataset_info_and_names():
-    assert set(DATASET_NAMES) == {"cifar10", "cifar100", "tinyimagenet", "imagenet", "fashion-mnist", "synthetic"}
+    assert set(DATASET_NAMES) == {"cifar10", "cifar100", "tinyimagenet", "imagenet", "fashion-mnist", "synthetic",
+                                  "folder"}
     assert dataset_info("imagenet").crop_padding == 0 and dataset_info("tinyimagenet").image_size == 64
     assert dataset_info("cifar100").mean == (0.5071, 0.4867, 0.4408)
     with pytest.raises(ValueError, match="cifar100"):

@@ -1,0 +1,532 @@
+"""Your own images: any class-folder tree (``--dataset folder --data DIR``), any number of classes, any size.
+
+**Layout** (torchvision ``ImageFolder``'s): ``DIR/train/<class>/<image>``, and the evaluation images in
+``DIR/val/<class>/`` or ``DIR/test/<class>/``. Classes are the folders of ``train/`` in sorted order (label =
+position), images are the files with one of torchvision's ``IMG_EXTENSIONS`` (.jpg .jpeg .png .ppm .bmp .pgm
+.tif .tiff .webp, any case), found recursively under each class folder, in sorted order
+(``torchvision.datasets.folder.make_dataset``). ``--classes FILE`` keeps only the listed class folders
+(still in sorted order), e.g. ImageNet-100 over an ILSVRC tree, without copying an image.
+
+**Splits.** ``val/`` or ``test/``: the evaluation set (reported, and it chooses ``best`` unless
+``--val-split N`` holds out N training images to choose it, as for the other datasets). Both: ``val/``
+chooses ``best``, ``test/`` is reported (``--val-split`` is then refused). Neither: the run refuses, unless
+``--val-split N`` holds out N training images (stratified, seeded), which then are the evaluation set.
+
+**Checked before anything is decoded** (:func:`scan`; each problem one :class:`~data.common.DatasetError`
+line naming the folder or file and the fix): ``train/`` exists and holds at least 2 class folders; hidden
+entries (``.ipynb_checkpoints``, ``.DS_Store``, ``._x.jpg``) are ignored at every depth; symlinked folders and
+files are followed; every class folder holds an image (the empty ones are named); a class folder of ``val/``
+or ``test/`` that ``train/`` has not is refused (the model could not predict it), a class of ``train/``
+without a folder there is named in a warning (it is not evaluated); images of 16 bits or floats (PIL modes
+I;16, I, F), which torchvision's RGB conversion clips at 255, are refused.
+
+**Image size and protocol.** ``--image-size S``; default: the median shorter side of up to 1,000 training
+images (evenly spread over the sorted list; headers only) rounded to 32, 64 or 224, whichever is nearest on
+a log scale (sides below 45 give 32, below 120 give 64, from 120 on 224). S <= 64: the CIFAR protocol, every
+image resized to S x S (PIL bilinear, antialiased), RandomCrop(S, padding round(S / 8)) + flip; S > 64: the
+ImageNet protocol, RandomResizedCrop(S) + flip, test Resize(round(S * 8 / 7)) + CenterCrop(S). Greyscale,
+palette and RGBA images are converted to RGB as ``ImageFolder`` does (PIL ``convert('RGB')``: alpha dropped).
+Normalisation: the dataset's own per-channel mean and std, measured on the training images at size S (all
+of them when they are decoded into memory, else up to 10,000 evenly spread ones, centre-framed as the test
+transform frames them), cached.
+
+**Memory or files.** CIFAR protocol and the decoded set (train + val + test, 3 x S x S bytes each) within
+4 GiB: every image is decoded once before training (all unreadable files listed in one line), kept as uint8
+and served by the device-resident loader (``--loader device``, the default; ``--loader torch`` serves the
+same arrays through a DataLoader). Larger, or the ImageNet protocol: the files are decoded by DataLoader
+workers as training meets them, and an unreadable one stops the run with one line naming it (the last
+finished epoch's checkpoint is intact). The ImageNet protocol always reads the files: RandomResizedCrop takes
+its crops from the full-resolution image, which a copy decoded at S would not have.
+
+**Cache** (``DIR/.okd_cache/``, or ``$XDG_CACHE_HOME/okd/<hash of DIR>/`` when DIR is read-only): the decoded
+arrays with their mean and std (``images-<S>px-<classes>.pt``), keyed on a SHA-256 of the class list, S and
+every image's relative path, size, modification time and label; the streamed sets' mean and std with the
+class list (``stats-<S>px-<classes>.json``), keyed on the class list, S and every image's path and label.
+Any change to the tree re-reads it. Written atomically; a damaged cache is ignored and rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+
+from .common import (ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError,
+                     check_image_size_flag, default_dir, is_hidden, read_class_list, save_or_warn, some, visible_dirs)
+from .files import verified, write_atomically
+
+NAME = "folder"
+SPLITS = ("train", "val", "test")
+SIZES = (32, 64, 224)              # what the automatic size rounds to: CIFAR, TinyImageNet, ImageNet
+SMALL_MAX = 64                     # S <= 64: the CIFAR protocol; above, the ImageNet protocol
+MEMORY_BYTES = 4 * 2 ** 30         # decoded sets up to this size are held in memory (the device loader)
+SIZE_SAMPLE = 1000                 # image headers read to choose the size
+STATS_SAMPLE = 10000               # streamed sets: images decoded to measure the mean and std
+CACHE_DIR = ".okd_cache"
+CACHE_VERSION = 1
+HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+EXTENSIONS = " ".join(IMG_EXTENSIONS)
+
+
+# --------------------------------------------------------------------------- the tree
+
+@dataclass
+class FolderTree:
+    """What :func:`scan` found: ``classes`` in label order, ``samples[split]`` = [(path, label), ...] for
+    each split folder present (``train`` always; ``val``, ``test`` when there), warnings to show."""
+    root: Path
+    classes: tuple
+    samples: dict
+    classes_file: Optional[Path] = None
+    warnings: tuple = ()
+    size_note: Optional[str] = field(default=None, compare=False)     # how the automatic size was chosen
+    median_side: Optional[int] = field(default=None, compare=False)
+
+    @property
+    def eval_splits(self) -> list[str]:
+        return [s for s in ("val", "test") if s in self.samples]
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.samples.values())
+
+
+def layout_fix(root: Path) -> str:
+    return (f"put each class's images in its own folder, {root}/train/<class>/<image>, and the evaluation "
+            f"images in {root}/val/<class>/ (or test/); then pass --data {root}")
+
+
+def _is_image(split_dir: str):
+    """``make_dataset``'s ``is_valid_file``: an image extension, and no hidden name below ``split_dir``."""
+    start = len(split_dir) + 1
+
+    def valid(path: str) -> bool:
+        return has_file_allowed_extension(path, IMG_EXTENSIONS) and \
+            not any(is_hidden(part) for part in path[start:].split(os.sep))
+    return valid
+
+
+def _loose_images(folder: Path) -> int:
+    with os.scandir(folder) as it:
+        return sum(1 for e in it if not is_hidden(e.name) and e.is_file() and
+                   has_file_allowed_extension(e.name, IMG_EXTENSIONS))
+
+
+def _scan(root: Path, classes_file: Optional[Path]) -> FolderTree:
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DatasetNotFoundError(NAME, "the folder train/ is missing", [train_dir], layout_fix(root))
+    train_classes = visible_dirs(train_dir)
+    if classes_file is not None:
+        listed = read_class_list(classes_file)
+        missing = set(listed) - set(train_classes)
+        if missing:
+            raise DataFlagError(f"--classes {classes_file} names {len(missing)} class(es) with no folder in "
+                                f"{train_dir}: {some(missing)}. Fix: correct the names (one class folder a line)")
+        classes = sorted(listed)
+    else:
+        classes = train_classes
+    if len(classes) < 2:
+        loose = _loose_images(train_dir)
+        found = (f"{len(classes)} class folder ({classes[0]})" if classes else "no class folder") + \
+            (f" and {loose} images directly" if loose else "")
+        raise BadDatasetError(f"dataset 'folder': {train_dir} holds {found}; a classifier needs at least 2 classes. "
+                              f"Fix: {layout_fix(root)}")
+    notes, samples, empty = [], {}, []
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            continue
+        folders = set(train_classes if split == "train" else visible_dirs(split_dir))
+        if split != "train":
+            extra = folders - set(train_classes)
+            if extra:
+                raise BadDatasetError(
+                    f"dataset 'folder': {split_dir} holds {len(extra)} class folder(s) that train/ has not: "
+                    f"{some(extra)}; the model could not predict them. Fix: add {train_dir}/<class>/ with images "
+                    f"for each, or move them out of {split}/")
+            if not folders & set(classes):
+                raise BadDatasetError(
+                    f"dataset 'folder': {split_dir} holds none of the {len(classes)} class folders of train/"
+                    f"{' listed by --classes' if classes_file else ''}. Fix: {layout_fix(root)}, or remove "
+                    f"{split}/ and pass --val-split N")
+            absent = [c for c in classes if c not in folders]
+            if absent:
+                notes.append(f"folder: {len(absent)} of {len(classes)} classes have no folder in {split_dir} and are "
+                             f"not evaluated there: {some(absent)}")
+        index = {c: i for i, c in enumerate(classes) if c in folders}
+        found = make_dataset(str(split_dir), index, is_valid_file=_is_image(str(split_dir)), allow_empty=True)
+        counts = Counter(label for _, label in found)
+        empty += [split_dir / c for c, i in index.items() if not counts[i]]
+        samples[split] = found
+    if empty:
+        raise BadDatasetError(f"dataset 'folder': {len(empty)} class folder{'s hold' if len(empty) > 1 else ' holds'} "
+                              f"no image ({EXTENSIONS}): {some(empty)}. Fix: add the images, or delete the empty "
+                              "folder(s)")
+    return FolderTree(root, tuple(classes), samples, classes_file, tuple(notes))
+
+
+_SCANS: dict = {}
+
+
+def _stamp(root: Path, classes_file: Optional[Path]):
+    """Modification times of the split and class folders (and the --classes file): a file added, removed or
+    renamed in a class folder changes its folder's time, so a memoised scan is not reused after that."""
+    stamps = []
+    for split in SPLITS:
+        split_dir = root / split
+        try:
+            stamps.append((split, split_dir.stat().st_mtime_ns))
+            with os.scandir(split_dir) as it:
+                stamps += sorted((e.name, e.stat().st_mtime_ns) for e in it if e.is_dir())
+        except OSError:
+            stamps.append((split, None))
+    if classes_file is not None:
+        st = classes_file.stat() if classes_file.is_file() else None
+        stamps.append(("--classes", st and (st.st_mtime_ns, st.st_size)))
+    return tuple(stamps)
+
+
+def scan(data=None, classes=None) -> FolderTree:
+    """List and check the tree under ``--data`` (default ``datasets/folder``): the module docstring's layout
+    checks, nothing decoded. Memoised in this process while the split and class folders are unchanged (the
+    engine asks for the description before it builds the loaders)."""
+    root = default_dir(NAME, data).absolute()
+    classes_file = Path(classes).absolute() if classes is not None else None
+    key = (str(root), str(classes_file))
+    stamp = _stamp(root, classes_file)
+    hit = _SCANS.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    tree = _scan(root, classes_file)
+    _SCANS[key] = (stamp, tree)
+    return tree
+
+
+# --------------------------------------------------------------------------- size, protocol, description
+
+def nearest_size(side: float) -> int:
+    """32, 64 or 224, whichever is nearest to ``side`` on a log scale."""
+    return min(SIZES, key=lambda s: abs(math.log(max(side, 1) / s)))
+
+
+def high_bit_error(path, mode: str) -> BadDatasetError:
+    return BadDatasetError(f"dataset 'folder': {path} is a {'float' if mode == 'F' else '16/32-bit'} image (PIL mode "
+                           f"{mode}), which the conversion to 8-bit RGB clips at 255. Fix: convert the images to "
+                           "8-bit (e.g. scale each to 0..255 and save as PNG)")
+
+
+def _header(path: str):
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except Exception as e:  # noqa: BLE001 -- OSError, UnidentifiedImageError, DecompressionBombError
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _evenly(items: list, k: int) -> list:
+    """``k`` items spread evenly over ``items`` (every class of a class-sorted list is visited)."""
+    n = len(items)
+    return items if n <= k else [items[i * n // k] for i in range(k)]
+
+
+def median_side(tree: FolderTree) -> int:
+    """The median shorter side of up to :data:`SIZE_SAMPLE` training images (headers only). Unreadable
+    headers are skipped here (the decoding lists them); a high-bit-depth image is refused."""
+    if tree.median_side is None:
+        picks = [p for p, _ in _evenly(tree.samples["train"], SIZE_SAMPLE)]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            headers = list(pool.map(_header, picks))
+        sides, bad = [], []
+        for path, h in zip(picks, headers):
+            if isinstance(h, str):
+                bad.append((path, h))
+                continue
+            (w, hgt), mode = h
+            if mode in HIGH_BIT_MODES:
+                raise high_bit_error(path, mode)
+            sides.append(min(w, hgt))
+        if not sides:
+            raise BadDatasetError.files(NAME, bad, check_fix(tree.root), what="images")
+        tree.median_side = statistics.median_low(sides)
+        tree.size_note = (f"the median shorter side of {len(sides)} training images is {tree.median_side} px: "
+                          f"{nearest_size(tree.median_side)}")
+    return tree.median_side
+
+
+def crop_padding(size: int) -> int:
+    return max(1, round(size / 8))
+
+
+def decoded_bytes(tree: FolderTree, size: int) -> int:
+    return tree.count() * 3 * size * size
+
+
+def describe(data=None, image_size: Optional[int] = None, classes=None) -> DatasetInfo:
+    """The folder's :class:`DatasetInfo` from a listing and at most :data:`SIZE_SAMPLE` image headers, no
+    decoding (what ``data.dataset_info('folder', ...)`` returns): classes, image size, protocol and default
+    loader; ``mean``/``std`` are None (measured by :func:`load_folder`)."""
+    tree = scan(data, classes)
+    size = check_image_size_flag(image_size) if image_size is not None else nearest_size(median_side(tree))
+    small = size <= SMALL_MAX
+    return DatasetInfo(NAME, len(tree.classes), size, None, None, crop_padding(size) if small else 0,
+                       classes=tree.classes, protocol="cifar" if small else "imagenet",
+                       default_loader="device" if small and decoded_bytes(tree, size) <= MEMORY_BYTES else "torch")
+
+
+def protocol_text(info: DatasetInfo) -> str:
+    s = info.image_size
+    if info.protocol == "cifar":
+        return f"resize to {s}x{s}, RandomCrop({s}, padding {info.crop_padding}) + flip; test: resize to {s}x{s}"
+    return f"RandomResizedCrop({s}) + flip; test: Resize({info.test_resize}) + CenterCrop({s})"
+
+
+# --------------------------------------------------------------------------- decoding and statistics
+
+def decode_image(path) -> Image.Image:
+    """An RGB ``PIL.Image`` of ``path``, decoded completely (:func:`data.common.decode_rgb`'s rules), refusing
+    16-bit and float images (``OSError``: reported as the file's problem). Module-level: picklable for
+    DataLoader workers."""
+    with Image.open(path) as im:
+        if im.mode in HIGH_BIT_MODES:
+            raise OSError(f"a {'float' if im.mode == 'F' else '16/32-bit'} image (PIL mode {im.mode}), which the "
+                          "conversion to 8-bit RGB clips at 255; convert it to 8-bit")
+        im.load()                         # the whole file: a truncated image fails here, not later
+        return im.convert("RGB")
+
+
+def image_problem(path) -> Optional[str]:
+    """None if ``path`` decodes as a folder image, else a short reason (scripts/check_dataset.py)."""
+    try:
+        decode_image(path)
+    except Exception as e:  # noqa: BLE001
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return text if len(text) < 160 else text[:157] + "..."
+    return None
+
+
+def frame(info: DatasetInfo):
+    """PIL -> PIL: how an image is framed at the test transform's size, before any tensor: resize to S x S
+    (CIFAR protocol) or Resize(S * 8 / 7) + CenterCrop(S) (ImageNet protocol)."""
+    s = info.image_size
+    if info.protocol == "cifar":
+        return transforms.Resize((s, s))
+    return transforms.Compose([transforms.Resize(info.test_resize), transforms.CenterCrop(s)])
+
+
+def _decode_into(path: str, framing, out: torch.Tensor):
+    try:
+        image = framing(decode_image(path))
+    except Exception as e:  # noqa: BLE001 -- OSError, UnidentifiedImageError, DecompressionBombError
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    out.copy_(torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()))
+    return None
+
+
+def decode_all(items: list, info: DatasetInfo) -> tuple[Optional[ArraySplit], list]:
+    """uint8 N x 3 x S x S of ``items`` = [(path, label), ...] framed by :func:`frame`, decoded by threads (PIL
+    decodes without the GIL) into one preallocated tensor; or (None, [(path, reason), ...])."""
+    s = info.image_size
+    images = torch.empty(len(items), 3, s, s, dtype=torch.uint8)
+    framing = frame(info)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        reasons = list(pool.map(lambda k: _decode_into(items[k][0], framing, images[k]), range(len(items))))
+    bad = [(items[k][0], r) for k, r in enumerate(reasons) if r is not None]
+    if bad:
+        return None, bad
+    return ArraySplit(images, torch.tensor([y for _, y in items], dtype=torch.int64)), []
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of uint8 N x 3 x H x W images on the [0, 1] scale (float64 sums, in chunks)."""
+    total, squares, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for chunk in images.split(4096):
+        x = chunk.to(torch.float64).div_(255)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+        count += x.numel() // 3
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+# --------------------------------------------------------------------------- cache
+
+def _classes_digest(classes) -> str:
+    return hashlib.sha256("\n".join(classes).encode()).hexdigest()[:12]
+
+
+def fingerprint(tree: FolderTree, size: int, with_files: bool) -> str:
+    """SHA-256 of the class list, ``size`` and every image's relative path and label, with its size and
+    modification time when ``with_files`` (the decoded cache; the statistics of a streamed set skip the
+    ``stat`` of every file)."""
+    h = hashlib.sha256(f"v{CACHE_VERSION} {size}\n".encode())
+    h.update(("\n".join(tree.classes) + "\n\n").encode())
+    for split, items in tree.samples.items():
+        for path, label in items:
+            line = f"{os.path.relpath(path, tree.root)}\t{label}"
+            if with_files:
+                st = os.stat(path)
+                line += f"\t{st.st_size}\t{st.st_mtime_ns}"
+            h.update((line + "\n").encode())
+    return h.hexdigest()
+
+
+def cache_dir(root: Path) -> Optional[Path]:
+    """``root/.okd_cache`` if it can be written, else ``$XDG_CACHE_HOME/okd/<hash of root>`` (default
+    ``~/.cache``), else None (no cache, with a warning)."""
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "okd" / \
+        hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    for folder in (root / CACHE_DIR, home):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    warnings.warn(f"folder: neither {root / CACHE_DIR} nor {home} can be written: no cache, so the images are read "
+                  "again next time")
+    return None
+
+
+def _read_cache(path: Path, key: str):
+    if not path.is_file():
+        return None
+    try:
+        if path.suffix == ".json":
+            blob = json.loads(path.read_text())
+        else:
+            blob = torch.load(path, weights_only=True)
+            if not verified(blob):
+                raise ValueError("its content does not match its checksum")
+        if blob.get("version") == CACHE_VERSION and blob.get("key") == key:
+            return blob
+    except Exception as err:  # noqa: BLE001 -- a truncated, damaged or foreign file: rebuilt
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        warnings.warn(f"folder: ignoring the unreadable cache {path} ({reason}); rebuilding it")
+    return None
+
+
+def _write_json(blob: dict, path: Path) -> None:
+    try:
+        write_atomically(path, "w", lambda f: f.write(json.dumps(blob, indent=1)))
+    except OSError as err:
+        warnings.warn(f"could not write {path} ({err}); the statistics will be measured again next time")
+
+
+# --------------------------------------------------------------------------- loading
+
+def check_fix(root: Path) -> str:
+    return (f"replace or delete them; python scripts/check_dataset.py --dataset folder --data {root} lists every "
+            "bad file")
+
+
+def stream_fix(root: Path) -> str:
+    return ("replace it (or delete it), then continue with --resume auto: the last finished epoch's checkpoint is "
+            f"intact; python scripts/check_dataset.py --dataset folder --data {root} lists every bad file")
+
+
+class FolderData(NamedTuple):
+    """What :func:`load_folder` returns. ``train``/``val``/``test``: :class:`~data.common.ArraySplit` (decoded
+    in memory) or :class:`~data.imagenet.ImageFiles` (streamed), None for a split folder that is not there;
+    ``info`` with the measured ``mean``/``std``; ``tree`` the listing; ``in_memory`` which of the two."""
+    train: object
+    val: object
+    test: object
+    info: DatasetInfo
+    tree: FolderTree
+    in_memory: bool
+
+
+def load_folder(data=None, image_size: Optional[int] = None, classes=None, loader: Optional[str] = None) -> FolderData:
+    """Scan, check and read the tree under ``data`` (module docstring). ``loader``: ``--loader`` (None: the
+    default of :func:`describe`). Decodes into memory (CIFAR protocol within :data:`MEMORY_BYTES`, or
+    ``--loader device``) or lists the files for DataLoader workers; raises DatasetError / DataFlagError."""
+    info = describe(data, image_size, classes)
+    tree = scan(data, classes)
+    if loader == "device" and info.protocol == "imagenet":
+        raise DataFlagError(f"--loader device keeps images decoded at {info.image_size}x{info.image_size}, but at "
+                            f"{info.image_size} px (above {SMALL_MAX}) the ImageNet protocol crops the full-resolution "
+                            "files (RandomResizedCrop). Fix: leave --loader out (or --loader torch), or pass "
+                            f"--image-size {SMALL_MAX} or less")
+    in_memory = info.protocol == "cifar" and \
+        (loader == "device" or decoded_bytes(tree, info.image_size) <= MEMORY_BYTES)
+    folder = cache_dir(tree.root)
+    stem = f"{info.image_size}px-{_classes_digest(tree.classes)}"
+    if in_memory:
+        splits, mean, std = _in_memory(tree, info, folder, stem)
+    else:
+        mean, std = _streamed_stats(tree, info, folder, stem)
+        splits = {s: _files(tree, s) for s in tree.samples}
+    info = replace(info, mean=mean, std=std)
+    return FolderData(splits.get("train"), splits.get("val"), splits.get("test"), info, tree, in_memory)
+
+
+def _files(tree: FolderTree, split: str):
+    from .imagenet import ImageFiles
+    return ImageFiles([(Path(p), y) for p, y in tree.samples[split]], list(tree.classes), tree.root, name=NAME,
+                      fix=stream_fix(tree.root), decode=decode_image)
+
+
+def _in_memory(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem: str):
+    key = fingerprint(tree, info.image_size, with_files=True)
+    path = folder / f"images-{stem}.pt" if folder else None
+    blob = _read_cache(path, key) if path else None
+    if blob is not None:
+        return {s: ArraySplit(*blob["splits"][s]) for s in blob["splits"]}, tuple(blob["mean"]), tuple(blob["std"])
+    splits, bad = {}, []
+    for split, items in tree.samples.items():
+        arrays, problems = decode_all(items, info)
+        splits[split], bad = arrays, bad + problems
+    if bad:                                         # nothing is cached
+        raise BadDatasetError.files(NAME, bad, check_fix(tree.root), what="images")
+    mean, std = channel_stats(splits["train"].images)
+    if path:
+        save_or_warn({"version": CACHE_VERSION, "key": key, "classes": list(tree.classes),
+                      "image_size": info.image_size, "mean": list(mean), "std": list(std),
+                      "splits": {s: tuple(a) for s, a in splits.items()}}, path)
+    return splits, mean, std
+
+
+def _streamed_stats(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem: str):
+    key = fingerprint(tree, info.image_size, with_files=False)
+    path = folder / f"stats-{stem}.json" if folder else None
+    blob = _read_cache(path, key) if path else None
+    if blob is not None:
+        return tuple(blob["mean"]), tuple(blob["std"])
+    sample = _evenly(tree.samples["train"], STATS_SAMPLE)
+    print(f"folder: measuring the mean and std of {len(sample)} training images at {info.image_size} px (once; cached)",
+          flush=True)
+    arrays, bad = decode_all(sample, info)
+    if bad:
+        raise BadDatasetError.files(NAME, bad, check_fix(tree.root), what="images")
+    mean, std = channel_stats(arrays.images)
+    if path:
+        _write_json({"version": CACHE_VERSION, "key": key, "classes": list(tree.classes), "image_size": info.image_size,
+                     "sampled": len(sample), "of": len(tree.samples["train"]), "mean": list(mean), "std": list(std)},
+                    path)
+    return mean, std
+
+
+def transform(info: DatasetInfo, train: bool, streamed: bool, pad_mode: str = "zero"):
+    """The per-sample transform of a split: on uint8 arrays (CIFAR protocol in memory) the arrays' transform;
+    on files, the frame and then the same steps (CIFAR protocol), or the ImageNet protocol's PIL transforms."""
+    from .imagenet import test_transform, train_transform
+    from .loaders import array_transforms
+    if info.protocol == "imagenet":
+        return train_transform(info.image_size, info.mean, info.std) if train else \
+            test_transform(info.image_size, info.test_resize, info.mean, info.std)
+    steps = array_transforms(info, train, pad_mode)
+    return transforms.Compose([frame(info), transforms.PILToTensor(), steps]) if streamed else steps
