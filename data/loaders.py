@@ -6,8 +6,11 @@ indexed by ``Batch.index``).
 
 * **Order.** Training: one permutation per epoch from a generator seeded by (seed, epoch), the same on
   every rank; rank r takes ``perm[r : (n // world_size) * world_size : world_size]`` (the
-  ``DistributedSampler(drop_last=True)`` contract) and the last incomplete batch is dropped (static
-  shapes). Evaluation: no shuffling, nothing dropped, rank r gets samples ``r::world_size``.
+  ``DistributedSampler(drop_last=True)`` contract: every rank the same number of samples, hence of steps).
+  The last incomplete batch is kept, as the official codes' DataLoaders keep it (CIFAR-100 at batch 128:
+  391 steps, the last of 80 images), unless ``drop_last`` (``--cuda-graph``, which needs one batch shape)
+  or it would hold a single sample (batch norm cannot train on one). Evaluation: no shuffling, nothing
+  dropped, rank r gets samples ``r::world_size``.
 * **Augmentation** of epoch e on rank r is drawn from a generator seeded by (seed, e, r), so the data of
   an epoch is a pure function of (seed, epoch, rank): a resumed run sees what an uninterrupted one saw.
   Call ``set_epoch`` before iterating (it is not advanced automatically, as ``DistributedSampler``).
@@ -109,14 +112,17 @@ class Schedule:
     generator; see the module docstring. Its own object so that a DataLoader's batch sampler can hold
     it without a reference cycle back to the loader (a cycle would leave worker shutdown to the GC)."""
 
-    def __init__(self, n: int, batch_size: int, train: bool, seed: int, rank: int, world_size: int):
+    def __init__(self, n: int, batch_size: int, train: bool, seed: int, rank: int, world_size: int,
+                 drop_last: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.n, self.batch_size, self.train = n, batch_size, train
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
         if train:
-            self.num_batches = n // world_size // batch_size
-            self.num_samples = self.num_batches * batch_size
+            full, rest = divmod(n // world_size, batch_size)
+            keep_rest = not drop_last and rest > 1          # one sample cannot train batch norm
+            self.num_batches = full + keep_rest
+            self.num_samples = full * batch_size + (rest if keep_rest else 0)
         else:
             self.num_samples = len(range(rank, n, world_size))
             self.num_batches = math.ceil(self.num_samples / batch_size)
@@ -136,9 +142,9 @@ class _Loader:
     """What both loader kinds share: ``labels``, ``num_samples``, ``set_epoch``, ``__len__``."""
 
     def __init__(self, labels: torch.Tensor, batch_size: int, train: bool, seed: int, rank: int,
-                 world_size: int, views: int):
+                 world_size: int, views: int, drop_last: bool = False):
         self.labels, self.batch_size, self.train, self.views = labels, batch_size, train, max(1, views)
-        self.schedule = Schedule(len(labels), batch_size, train, seed, rank, world_size)
+        self.schedule = Schedule(len(labels), batch_size, train, seed, rank, world_size, drop_last)
         self.num_samples, self.num_batches = self.schedule.num_samples, self.schedule.num_batches
 
     @property
@@ -196,8 +202,9 @@ class DeviceLoader(_Loader):
     """Whole split resident on ``device`` as uint8; augmentation batched on the device (module docstring)."""
 
     def __init__(self, split: ArraySplit, info: DatasetInfo, batch_size: int, device, *, train: bool,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, views: int = 1, pad_mode: str = "zero"):
-        super().__init__(split.labels, batch_size, train, seed, rank, world_size, views)
+                 seed: int = 0, rank: int = 0, world_size: int = 1, views: int = 1, pad_mode: str = "zero",
+                 drop_last: bool = False):
+        super().__init__(split.labels, batch_size, train, seed, rank, world_size, views, drop_last)
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}; got {pad_mode!r}")
         self.device = torch.device(device)
@@ -316,8 +323,8 @@ class TorchLoader(_Loader):
 
     def __init__(self, source, indices: torch.Tensor, labels: torch.Tensor, transform, batch_size: int, device,
                  *, train: bool, seed: int = 0, rank: int = 0, world_size: int = 1, views: int = 1,
-                 workers: int = 0):
-        super().__init__(labels, batch_size, train, seed, rank, world_size, views)
+                 workers: int = 0, drop_last: bool = False):
+        super().__init__(labels, batch_size, train, seed, rank, world_size, views, drop_last)
         self.device = torch.device(device)
         self.dataloader = DataLoader(
             _TransformedSubset(source, indices, transform, self.views), batch_sampler=_BatchKeys(self.schedule),
@@ -485,18 +492,20 @@ def _folder_record(loaded, splits: dict, args) -> dict:
             "decoded_in_memory": loaded.in_memory}
 
 
-def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_class: bool = False) -> Loaders:
+def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_class: bool = False,
+                  drop_last: bool = False) -> Loaders:
     """Training, validation (or None) and test loaders for ``args`` (see the module docstring).
 
     Reads ``args.dataset``, ``data``, ``download``, ``subset`` (train on N samples, stratified random, after
     the hold-out), ``eval_subset`` (test on N samples, stratified random), ``val_split`` (hold out N
     training samples, stratified; evaluated with test-time transforms), all seeded by ``seed``,
-    ``batch_size`` (per process), ``eval_batch_size`` (default 2 x batch_size), ``workers``, ``loader``
+    ``batch_size`` (per process), ``eval_batch_size``, ``workers``, ``loader``
     (None: the dataset's ``default_loader``: 'torch' for ImageNet and for folders streamed from their files,
     else 'device'), ``views`` (default 1), ``pad_mode`` ('zero' default, or 'reflect'; ImageNet's
     RandomResizedCrop does not pad), ``image_size`` (``--image-size``; None: the dataset's, or for ``folder``
     chosen from the images) and ``classes`` (``--classes FILE``, folder and ImageNet; None: every class
-    folder). ``needs_every_class``: refuse (ValueError) a subset that leaves a class without training samples.
+    folder). ``needs_every_class``: refuse (ValueError) a subset that leaves a class without training samples;
+    ``drop_last``: drop the last incomplete training batch (one batch shape for ``--cuda-graph``).
     Dataset problems raise DatasetNotFoundError or BadDatasetError; flags that do not fit the dataset raise
     ValueError (DataFlagError is both). Every field must exist (a missing one is an AttributeError, not a
     silent default); None means the default where stated.
@@ -520,7 +529,7 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
         from .folder import scan
         folder_splits = _folder_splits(args, scan(args.data, args.classes))   # before anything is decoded
     batch_size = args.batch_size
-    eval_batch_size = args.eval_batch_size or 2 * batch_size
+    eval_batch_size = args.eval_batch_size
     views, seed, workers, pad_mode = args.views, args.seed, args.workers, args.pad_mode
 
     loaded = _load_once(name, args.data, bool(args.download), rank, world_size, image_size=args.image_size,
@@ -555,7 +564,8 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
         _check_every_class(labels, pool, train_idx, info.num_classes, args.subset)
 
     def make(split, split_labels, idx: torch.Tensor, train: bool):
-        common = dict(train=train, seed=seed, rank=rank, world_size=world_size, views=views if train else 1)
+        common = dict(train=train, seed=seed, rank=rank, world_size=world_size, views=views if train else 1,
+                      drop_last=drop_last)
         bs = batch_size if train else eval_batch_size
         if kind == "device":
             whole = len(idx) == len(split_labels)  # skip a copy of the whole set

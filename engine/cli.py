@@ -243,7 +243,8 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                                         "the compile")
     r.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole training step (forward, loss, backward, SGD) as one CUDA graph, "
-                        "again each epoch; single GPU, static batch shapes")
+                        "again each epoch; single GPU. It needs one batch shape, so the last incomplete batch "
+                        "of every epoch is dropped (without it, it is trained on, as in the official codes)")
     r.add_argument("--sgd-impl", choices=("fused", "foreach", "for-loop"), default="fused",
                    help="SGD kernels: one fused kernel (falls back to foreach where torch lacks it), multi-tensor "
                         "foreach, or one parameter at a time; the same update")

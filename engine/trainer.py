@@ -75,7 +75,7 @@ class Trainer:
         seed_everything(args.seed)
         try:
             self.loaders = build_loaders(args, self.device, self.dist.rank, self.dist.world_size,
-                                         needs_every_class=method_cls.needs_every_class)
+                                         needs_every_class=method_cls.needs_every_class, drop_last=args.cuda_graph)
         except ValueError as e:  # a data flag that does not fit the dataset (--val-split, --subset, --loader)
             raise UserError(str(e)) from None
         info = self.loaders.info
@@ -158,7 +158,8 @@ class Trainer:
     # ---- one epoch ------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[dict[str, float], dict[str, float]]:
         """Train one epoch; returns the mean of every loss term (and ``loss``, their sum) over the epoch and
-        every rank, and its speed: ``images`` trained (all ranks), ``epoch_s`` and ``images_per_s``."""
+        every rank, and its speed: the ``steps`` of one rank, the ``images`` trained (all ranks), ``epoch_s`` and
+        ``images_per_s``."""
         from tqdm import tqdm
 
         self.model.train()
@@ -180,8 +181,8 @@ class Trainer:
         names = list(sums)
         values = all_reduce_sum(torch.stack([sums[n] for n in names])) / (max(steps, 1) * self.dist.world_size)
         images = loader.num_samples * self.dist.world_size
-        return (dict(zip(names, values.tolist())),
-                {"images": images, "epoch_s": seconds, "images_per_s": images / max(seconds, 1e-9)})
+        return (dict(zip(names, values.tolist())), {"steps": steps, "images": images, "epoch_s": seconds,
+                                                    "images_per_s": images / max(seconds, 1e-9)})
 
     def _stop_if_non_finite(self, epoch: int, terms: dict) -> None:
         """After an epoch (and the method's on_epoch_end), before anything of it is saved: a NaN or inf in the

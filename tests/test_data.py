@@ -521,3 +521,24 @@ def test_download_skipped_when_files_exist(monkeypatch):
     monkeypatch.setattr(tv_utils, "download_url", no_network)
     train, test = load_dataset("fashion-mnist", None, download=True)
     assert len(train.labels) == 60000
+
+
+# --- the last incomplete batch
+
+def test_the_last_incomplete_batch_is_kept_as_the_official_codes_keep_it():
+    """CIFAR-100 at batch 128: 391 steps, the last of 80 images (DataLoader(drop_last=False) in every official
+    code); under DDP every rank takes the same number of steps; --cuda-graph (drop_last) drops it; a last batch
+    of one sample is dropped (batch norm cannot train on one)."""
+    from data.loaders import Schedule
+    one = Schedule(50000, 128, True, 0, 0, 1)
+    assert (one.num_batches, one.num_samples, len(one.positions())) == (391, 50000, 50000)
+    two = [Schedule(50000, 128, True, 0, r, 2) for r in (0, 1)]
+    assert [s.num_batches for s in two] == [196, 196] and [s.num_samples for s in two] == [25000, 25000]
+    graphed = Schedule(50000, 128, True, 0, 0, 1, drop_last=True)
+    assert (graphed.num_batches, graphed.num_samples) == (390, 49920)
+    assert Schedule(257, 128, True, 0, 0, 1).num_batches == 2                    # 128 + 128 (+ 1 dropped)
+    loader = DeviceLoader(ArraySplit(torch.zeros(100, 3, 8, 8, dtype=torch.uint8), torch.arange(100) % 10),
+                          dataset_info("synthetic"), 32, "cpu", train=True)
+    sizes = [len(b.labels) for b in loader]
+    assert sizes == [32, 32, 32, 4] and len(loader) == 4
+    assert sorted(torch.cat([b.index for b in loader]).tolist()) == list(range(100))   # every sample, once
