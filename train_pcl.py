@@ -84,7 +84,8 @@ class PCL(Method):
                             help="upper limit of the mean teacher's decay min(1 - 1/(n+1), limit)")
         parser.add_argument("--mean-view", choices=("own", "student"), default="own",
                             help="the view the mean teacher's peer j sees when it teaches peer i: own (view j, its "
-                                 "own peer's: the paper's figure and the re-implementation) or student (view i)")
+                                 "own peer's: the method's overview figure and the re-implementation) or "
+                                 "student (view i)")
 
     @classmethod
     def check_args(cls, args):
