@@ -9,9 +9,10 @@ trunk runs once per view). Per view-batch:
     z~_j  = peer j of the peer mean teacher (a temporal mean of the whole network) on view j, no gradient
     L     = CE(z_en) + sum_i [ CE(z_i) + w(e) KD_T(z_i <- stopgrad z_en) + w(e) 1/(m-1) sum_{j != i} KD_T(z_i <- z~_j) ]
 
-The mean teacher's peer j sees its own peer's view j (``--mean-view own``, the default: the paper's overview
+The mean teacher's peer j sees its own peer's view j (``--mean-view own``, the default: the method's overview
 figure, where X^j enters the temporal mean network of branch j, and the re-implementation's
-``self.mean_model(img1, img2, img3)``); ``--mean-view student`` runs it on view i of the peer it teaches.
+``self.mean_model(img1, img2, img3)``); ``--mean-view student`` runs it on view i of the peer it teaches
+(docs/pcl.md).
 
 T = 3, w(e) = exp(-5 (1 - min(e, 80)/80)^2) (e = 0-based epoch). The mean teacher is updated after every step:
 theta~ <- d theta~ + (1 - d) theta, d = min(1 - 1/(n + 1), 0.999), n = updates so far; it keeps its own BatchNorm
