@@ -11,8 +11,10 @@ flattened: v_i in R^d, d = channels * s^2 (s = --fusion-grid; 8 for CIFAR ResNet
           + lambda_rot * CE(RotHead(v_1 of all 4B), 4y+k)           Feature Enhancement Network (peer 1)
           + lambda_sim * L_sim(ProjHead(v_2 of all 4B))              Feature Contrast Network (peer 2)
 
-T = 3, w(e) = exp(-5 (1 - min(e, 80)/80)^2), lambda_rot = 1, lambda_sim = 5 (the rn110 preset: 3, 2).
-The fusion module (not the cross-attention) has its own SGD, weight decay 1e-5.
+T = 3, w(e) = exp(-5 (1 - min(e, 80)/80)^2), lambda_rot = 1, lambda_sim = 5 (the rn110 preset: 3, 2). KD_T is
+the exact KL; ``--kd-eps 1e-7`` (part of ``--preset official``) is the official KLLoss (target softmax + 1e-7, not
+renormalised). The fusion module (not the cross-attention) has its own SGD, weight decay 1e-5; its flags and
+optimizers are the fusion teacher's of FFL and DCCL (fusion_teacher.py).
 
     python train_cmff.py --arch resnet32 --gpu 0                        # CIFAR-100, the official recipe
     python train_cmff.py --arch resnet110 --gpu 0 --preset rn110        # the official ResNet-110 weights
@@ -30,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, OptimGroup, UserError, fraction, main, non_negative, peer_heads, positive, positive_int, temperature
+from engine import Method, UserError, fraction, main, non_negative, peer_heads, positive, positive_int, temperature
+from fusion_teacher import add_fusion_teacher_arguments, fusion_optim_groups
 from losses import sigmoid_rampup
 from losses.peer_targets import mutual_kd
 from losses.rotation_ssl import ROTATIONS, rotate_batch, upright_contrast_loss
@@ -184,10 +187,11 @@ class CMFF(Method):
     presets = {   # the official data pipeline pads by reflection (utils.get_cifar100_dataloaders)
         "paper": dict(lambda_rot=1.0, lambda_sim=5.0, pad_mode="reflect"),   # train_rn32 / vgg / Densenet / tiny
         "rn110": dict(lambda_rot=3.0, lambda_sim=2.0, pad_mode="reflect"),   # train_rn110.py
-        # The official scripts as they run: the fusion module on (d, 1, 1) vectors, its lr never decayed, and
-        # their loops' epoch count (e = 0..E inclusive); per backbone in preset_values.
-        "official": dict(lambda_rot=1.0, lambda_sim=5.0, fusion_input="vector", no_fusion_decay=True, epochs=301,
-                         pad_mode="reflect"),
+        # The official scripts as they run: the fusion module on (d, 1, 1) vectors, its lr never decayed, the
+        # KLLoss's target softmax + 1e-7, and their loops' epoch count (e = 0..E inclusive); per backbone in
+        # preset_values.
+        "official": dict(lambda_rot=1.0, lambda_sim=5.0, fusion_input="vector", fusion_decay=False, kd_eps=1e-7,
+                         epochs=301, pad_mode="reflect"),
     }
 
     @classmethod
@@ -207,8 +211,7 @@ class CMFF(Method):
         parser.add_argument("--lambda-rot", type=non_negative, help="weight of the rotation CE (peer 1)")
         parser.add_argument("--lambda-sim", type=non_negative, help="weight of the rotation contrast L_sim (peer 2)")
         parser.add_argument("--sim-T", type=temperature, default=1.0, help="temperature of L_sim (official: 1)")
-        parser.add_argument("--kd-T", type=temperature, default=3.0, help="temperature of the six KL terms")
-        parser.add_argument("--rampup", type=non_negative, default=80.0, help="epochs of the sigmoid ramp-up of the KL")
+        add_fusion_teacher_arguments(parser, fusion_decay=True)     # --kd-T --rampup --kd-eps, the fusion SGD
         parser.add_argument("--fusion-grid", type=positive_int, default=None, metavar="S",
                             help="pool the last-stage map to S x S before flattening (d = channels*S^2); "
                                  "default: largest of 8/4/2/1 fitting the map with d <= 4096 (CIFAR ResNet: 8)")
@@ -216,13 +219,9 @@ class CMFF(Method):
         parser.add_argument("--mlp-ratio", type=positive, default=2.0, help="cross-attention MLP width / d")
         parser.add_argument("--attention-dropout", type=fraction, default=0.1,
                             help="dropout on the attention weights, its output and the MLP output")
-        parser.add_argument("--fusion-weight-decay", type=non_negative, default=1e-5,
-                            help="weight decay of the fusion module's own optimizer")
         parser.add_argument("--fusion-input", choices=("map", "vector"), default="map",
                             help="fusion module on the attended vectors reshaped to (channels, S, S) maps (FFL), "
                                  "or on (d, 1, 1) maps as the official CMFF files (unstable at lr 0.1 for d=4096)")
-        parser.add_argument("--no-fusion-decay", action="store_true",
-                            help="keep the fusion module's lr constant (the official code never steps it)")
         parser.add_argument("--no-ssl", action="store_true", help="ablation: no rotations at all (plain batches)")
         parser.add_argument("--no-rot", action="store_true", help="ablation: no rotation CE (peer 1)")
         parser.add_argument("--no-sim", action="store_true", help="ablation: no L_sim (peer 2)")
@@ -255,7 +254,7 @@ class CMFF(Method):
         (o1, o2), f = out.logits, out.fused
         terms = {"ce": F.cross_entropy(o1, labels) + F.cross_entropy(o2, labels),
                  "ce_fused": F.cross_entropy(f, labels),
-                 "kl": sigmoid_rampup(epoch, a.rampup) * mutual_kd([o1, o2, f], a.kd_T)}
+                 "kl": sigmoid_rampup(epoch, a.rampup) * mutual_kd([o1, o2, f], a.kd_T, a.kd_eps)}
         if out.rotation is not None:
             terms["rot"] = a.lambda_rot * F.cross_entropy(out.rotation, joint)
         if out.projection is not None:
@@ -267,11 +266,7 @@ class CMFF(Method):
         return {**peer_heads(out.logits), "fused": out.fused}
 
     def optim_groups(self):
-        fusion = list(self.model.fusion.parameters())
-        ids = {id(p) for p in fusion}
-        return [OptimGroup("model", [p for p in self.model.parameters() if id(p) not in ids]),
-                OptimGroup("fusion", fusion, weight_decay=self.args.fusion_weight_decay,
-                           scheduled=not self.args.no_fusion_decay)]
+        return fusion_optim_groups(self.model, self.args)     # the fusion module alone in the second SGD
 
 
 if __name__ == "__main__":

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import Method, UserError, main, peer_heads
+from fusion_teacher import add_fusion_teacher_arguments, fusion_optim_groups
 from losses import sigmoid_rampup
 from losses.peer_targets import kd_towards, mutual_kd
 from models.fusion import FusionModule, peer_maps, stage_shapes
 from models.peers import Peers
-from train_ffl import add_fusion_teacher_arguments, fusion_optim_groups
 
 
 def projection(in_shape: tuple, out_shape: tuple, pre_norm: bool) -> nn.Sequential:

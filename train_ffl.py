@@ -18,15 +18,14 @@ follows the schedule, as both of the official code's schedulers are stepped.
 """
 from __future__ import annotations
 
-import argparse
 from typing import NamedTuple
-
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, OptimGroup, main, non_negative, peer_heads, temperature
+from engine import Method, main, peer_heads
+from fusion_teacher import add_fusion_teacher_arguments, fusion_optim_groups
 from losses import kd_loss, sigmoid_rampup
 from losses.peer_targets import kd_towards
 from models.fusion import FusionModule, peer_maps
@@ -61,29 +60,6 @@ def ffl_loss(logits, fused, labels, T: float, weight: float = 1.0, target_eps: f
             "ce_fused": F.cross_entropy(fused, labels),
             "kd": weight * kd_towards(logits, fused, T, target_eps=target_eps),           # fused -> sub-networks
             "kd_fused": weight * kd_loss(fused, ensemble, T, target_eps=target_eps)}      # ensemble -> fused
-
-
-def add_fusion_teacher_arguments(parser, fusion_decay: bool) -> None:
-    """The flags FFL and DCCL share: temperature, ramp-up, the official KL's eps and the fusion optimizer."""
-    parser.add_argument("--kd-T", type=temperature, default=3.0, help="temperature T of every KD term")
-    parser.add_argument("--rampup", type=non_negative, default=80.0, metavar="EPOCHS",
-                        help="sigmoid ramp-up length of the KD weight w(e), in epochs (0: weight 1 throughout)")
-    parser.add_argument("--kd-eps", type=non_negative, default=0.0, metavar="EPS",
-                        help="added to the KD target probabilities, not renormalised: 1e-7 is the official "
-                             "KLLoss exactly; 0 is the exact KL divergence")
-    parser.add_argument("--fusion-weight-decay", type=non_negative, default=1e-5,
-                        help="weight decay of the fusion module's own SGD")
-    parser.add_argument("--fusion-decay", action=argparse.BooleanOptionalAction, default=fusion_decay,
-                        help="decay the fusion module's lr with the run's schedule (--no-fusion-decay: constant)")
-
-
-def fusion_optim_groups(model: nn.Module, args) -> list[OptimGroup]:
-    """Two SGDs, as the official codes: ``model`` (everything but the fusion module, the run's weight decay)
-    and ``fusion`` (weight decay ``--fusion-weight-decay``, lr decayed only with ``--fusion-decay``)."""
-    fusion = list(model.fusion.parameters())
-    ids = {id(p) for p in fusion}
-    return [OptimGroup("model", [p for p in model.parameters() if id(p) not in ids]),
-            OptimGroup("fusion", fusion, weight_decay=args.fusion_weight_decay, scheduled=args.fusion_decay)]
 
 
 class FFL(Method):

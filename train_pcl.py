@@ -6,8 +6,13 @@ trunk runs once per view). Per view-batch:
 
     z_i   = peer i on view i;  f_i its pooled feature
     z_en  = FC([f_1, ..., f_m])                           peer ensemble teacher (a learned classifier)
-    z~_j  = peer j of the peer mean teacher (a temporal mean of the whole network) on view i, no gradient
+    z~_j  = peer j of the peer mean teacher (a temporal mean of the whole network) on view j, no gradient
     L     = CE(z_en) + sum_i [ CE(z_i) + w(e) KD_T(z_i <- stopgrad z_en) + w(e) 1/(m-1) sum_{j != i} KD_T(z_i <- z~_j) ]
+
+The mean teacher's peer j sees its own peer's view j (``--mean-view own``, the default: the method's overview
+figure, where X^j enters the temporal mean network of branch j, and the re-implementation's
+``self.mean_model(img1, img2, img3)``); ``--mean-view student`` runs it on view i of the peer it teaches
+(docs/pcl.md).
 
 T = 3, w(e) = exp(-5 (1 - min(e, 80)/80)^2) (e = 0-based epoch). The mean teacher is updated after every step:
 theta~ <- d theta~ + (1 - d) theta, d = min(1 - 1/(n + 1), 0.999), n = updates so far; it keeps its own BatchNorm
@@ -47,8 +52,9 @@ class PCLNet(nn.Module):
 
 
 def pcl_loss(logits, teacher, mean_logits, labels, T: float, weight: float) -> dict:
-    """The PCL loss terms. ``logits[i]``: peer i on view i; ``teacher``: z_en; ``mean_logits[i][j]``: peer j of
-    the mean teacher on view i (no gradient)."""
+    """The PCL loss terms. ``logits[i]``: peer i on view i; ``teacher``: z_en; ``mean_logits[i][j]``: the target
+    peer j of the mean teacher gives peer i (no gradient): on view j (``--mean-view own``, then the same for
+    every i) or on view i (``student``)."""
     m = len(logits)
     kd_en = sum(kd_loss(z, teacher, T) for z in logits)
     kd_mean = sum(sum(kd_loss(z, mean_logits[i][j], T) for j in range(m) if j != i) / (m - 1)
@@ -77,6 +83,10 @@ class PCL(Method):
                             help="sigmoid ramp-up length of the two KD weights, in epochs (0: weight 1)")
         parser.add_argument("--ema-decay", type=unit_interval, default=0.999,
                             help="upper limit of the mean teacher's decay min(1 - 1/(n+1), limit)")
+        parser.add_argument("--mean-view", choices=("own", "student"), default="own",
+                            help="the view the mean teacher's peer j sees when it teaches peer i: own (view j, its "
+                                 "own peer's: the method's overview figure and the re-implementation) or "
+                                 "student (view i)")
 
     @classmethod
     def check_args(cls, args):
@@ -96,7 +106,10 @@ class PCL(Method):
         logits, teacher = model(views)
         self.mean_teacher.train()         # its own BN statistics, from the training views
         with torch.no_grad():
-            mean_logits = [self.mean_teacher(v)[0] for v in views]      # peer j of the mean teacher on view i
+            if a.mean_view == "own":      # peer j of the mean teacher on view j, the target of every i != j
+                mean_logits = [self.mean_teacher(views)[0]] * len(views)
+            else:                         # peer j of the mean teacher on view i, the target of peer i
+                mean_logits = [self.mean_teacher(v)[0] for v in views]
         return pcl_loss(logits, teacher, mean_logits, batch.labels, a.kd_T, sigmoid_rampup(epoch, a.rampup))
 
     def eval_logits(self, model, images):

@@ -196,7 +196,7 @@ repo = Path.cwd()
 modules = [p.relative_to(repo).with_suffix("") for p in sorted(repo.glob("*/*.py"))]
 names = [m.as_posix().replace("/", ".") for m in modules
          if m.parts[0] in ("engine", "data", "models", "losses", "scripts") and m.name != "__init__"]
-names += [p.stem for p in sorted(repo.glob("train_*.py"))]
+names += [p.stem for p in sorted(repo.glob("*.py"))]          # the method scripts and fusion_teacher.py
 for name in names:
     importlib.import_module(name)
 print(len(names), state() == before)
@@ -297,7 +297,8 @@ def test_sgdr_matches_torch_warm_restarts_and_the_official_values():
 def test_cmff_preset_official():
     cmff = load_method("cmff")
     a = parse_args(cmff, ["--preset", "official"])
-    assert (a.fusion_input, a.no_fusion_decay, a.epochs, a.lambda_rot, a.lambda_sim) == ("vector", True, 301, 1.0, 5.0)
+    assert (a.fusion_input, a.fusion_decay, a.kd_eps, a.epochs, a.lambda_rot, a.lambda_sim) == (
+        "vector", False, 1e-7, 301, 1.0, 5.0)                  # the official KLLoss: target softmax + 1e-7
     assert (a.recipe, a.lr, a.milestones, a.weight_decay, a.fusion_weight_decay, a.kd_T) == (
         "dccl", 0.1, [150, 225], 2e-4, 1e-5, 3.0)
     a = parse_args(cmff, ["--preset", "official", "--arch", "resnet110"])
@@ -305,8 +306,12 @@ def test_cmff_preset_official():
     for arch in ("vgg16", "densenet40_12"):
         assert parse_args(cmff, ["--arch", arch, "--preset", "official"]).epochs == 401
     a = parse_args(cmff, ["--preset", "official", "--epochs", "5", "--lambda-sim", "1"])
-    assert (a.epochs, a.lambda_sim, a.no_fusion_decay) == (5, 1.0, True)            # explicit flags win
-    assert parse_args(cmff, ["--arch", "resnet110"]).lambda_rot == 1.0                # only under the preset
+    assert (a.epochs, a.lambda_sim, a.fusion_decay) == (5, 1.0, False)              # explicit flags win
+    a = parse_args(cmff, ["--preset", "official", "--kd-eps", "0", "--fusion-decay"])
+    assert (a.kd_eps, a.fusion_decay) == (0.0, True)
+    a = parse_args(cmff, ["--arch", "resnet110"])
+    assert (a.lambda_rot, a.kd_eps, a.fusion_decay) == (1.0, 0.0, True)              # only under the preset
+    assert parse_args(cmff, ["--no-fusion-decay"]).fusion_decay is False
 
 
 def test_cmff_preset_official_trains_the_fusion_module_at_a_constant_lr(tmp_path):

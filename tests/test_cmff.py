@@ -81,7 +81,9 @@ def test_upright_contrast_loss_lower_bound_at_temperature_one():
 
 
 # ---- KL6 and its ramp-up ----------------------------------------------------------------------------
-def _kl6_reference(logits, T):
+def _kl6_reference(logits, T, eps=0.0):
+    """sum over ordered pairs of T^2 mean_n sum_c t (log t - log softmax(s/T)), t = softmax(teacher/T) + eps
+    (eps = 0: the KL; 1e-7: the official KLLoss, not renormalised)."""
     zs = [np.asarray(z, dtype=np.float64) for z in logits]
 
     def softmax(v):
@@ -94,7 +96,7 @@ def _kl6_reference(logits, T):
                 continue
             kl = 0.0
             for n in range(zs[a].shape[0]):
-                p_s, p_t = softmax(zs[a][n]), softmax(zs[b][n])
+                p_s, p_t = softmax(zs[a][n]), softmax(zs[b][n]) + eps
                 kl += sum(p_t[c] * (math.log(p_t[c]) - math.log(p_s[c])) for c in range(len(p_t)))
             total += T * T * kl / zs[a].shape[0]
     return total
@@ -117,6 +119,34 @@ def test_kl6_matches_float64_statement_and_official_form():
     x2 = o1.clone().requires_grad_()
     kd_loss(x2, o2, 3.0).backward()
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_kd_eps_gives_the_official_kl_form_in_the_loss():
+    """--kd-eps 1e-7 (part of --preset official) makes the "kl" term the official KLLoss over (o_1, o_2, f),
+    re-stated in float64 from the model's own outputs; the default is the exact KL. Only the student side of
+    each pair gets gradients in the official form too."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    values = {}
+    for eps in ("0", "1e-7"):
+        method = _method(FAST + ["--no-ssl", "--attention-dropout", "0", "--fusion-grid", "1", "--kd-eps", eps])
+        assert method.args.kd_eps == float(eps)
+        torch.manual_seed(1)
+        method.model.load_state_dict(_method(FAST + ["--no-ssl", "--fusion-grid", "1"]).model.state_dict())
+        terms = method.loss(method.model, Batch(images, labels, torch.arange(6)), epoch=80)   # w(80) = 1
+        with torch.no_grad():
+            out = method.model(images)                    # train mode, batch statistics: the same outputs
+        logits = [z.detach().numpy() for z in (*out.logits, out.fused)]
+        values[eps] = terms["kl"].item()
+        assert values[eps] == pytest.approx(_kl6_reference(logits, 3.0, float(eps)), rel=1e-5)
+    # 10 classes: the official form exceeds the KL by about 1e-7 * 9 * 10 per term (measured gaps: docs/cmff.md)
+    assert 1e-6 < values["1e-7"] - values["0"] < 1e-4
+    x, y = (torch.randn(4, 6).requires_grad_() for _ in range(2))
+    mutual_kd([x, y], 3.0, 1e-7).backward()
+    x2 = x.detach().clone().requires_grad_()
+    kd_loss(x2, y, 3.0, target_eps=1e-7).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    assert not torch.equal(x.grad, torch.zeros_like(x.grad))
 
 
 def test_rampup_values():

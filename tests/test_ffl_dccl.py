@@ -57,6 +57,24 @@ def test_kd_loss_with_the_official_target_eps(eps):
         assert abs(kd_loss(s, t, 3.0, target_eps=eps).item() - kd_loss(s, t, 3.0).item()) < 1e-5
 
 
+def test_kl_gap_script_forms_by_hand_and_against_kd_loss():
+    """scripts/kl_gap.py's float64 forms: equal uniform rows of K entries give exact 0 and official
+    T^2 (1 + eps K) log(1 + eps K) (by hand: t = 1/K + eps, q = 1/K), with no gradient on either; random rows
+    agree with kd_loss with and without target_eps."""
+    from scripts.kl_gap import EPS, kd_forms
+    K, T = 100_000, 3.0
+    x = torch.zeros(2, K)
+    exact, official, g2, dg2 = kd_forms(x, x, T)
+    assert exact == pytest.approx(0.0, abs=1e-12)
+    assert official == pytest.approx(T * T * (1 + EPS * K) * math.log(1 + EPS * K), rel=1e-9)
+    assert g2 == pytest.approx(0.0, abs=1e-20) and dg2 == pytest.approx(0.0, abs=1e-20)
+    (s, t), _ = _logits(2, B=3, C=7)
+    exact, official, g2, dg2 = kd_forms(s, t, T)
+    assert exact == pytest.approx(kd_loss(s, t, T).item(), rel=1e-5)
+    assert official == pytest.approx(kd_loss(s, t, T, target_eps=EPS).item(), rel=1e-5)
+    assert g2 > 0 and 0 < dg2 < 1e-6 * g2
+
+
 @pytest.mark.parametrize("n,eps,w", [(2, 0.0, 1.0), (2, 1e-7, 0.3), (3, 0.0, 0.7)])
 def test_ffl_loss_matches_float64_statement(n, eps, w):
     logits, y = _logits(n + 1, seed=n)
@@ -235,7 +253,7 @@ def test_recipes_presets_and_flags(capsys):
         (400, [50, 150, 225, 300], 2e-4, True, "zero", 1e-7)
     a = parse_args(CMFF, [])
     assert (a.recipe, a.weight_decay, a.pad_mode) == ("dccl", 2e-4, "reflect")
-    for cls in (FFL, DCCL):
+    for cls in (FFL, DCCL):     # a temperature's range is its argparse type: refused while parsing
         with pytest.raises(SystemExit):
             parse_args(cls, ["--kd-T", "0"])
         assert "argument --kd-T: must be > 0" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """PCL (train_pcl.py): the mean teacher's weights after k updates against the decay schedule re-stated in float64,
-each branch (and the mean teacher's target for it) on its own view, the loss against a float64 re-statement, the
+each branch on its own view, the mean teacher's peer j on view j (or on the student's view with --mean-view
+student), the loss against a float64 re-statement, the
 detached teachers, the ramp-up, and a run end to end with every head."""
 import math
 
@@ -46,25 +47,57 @@ def test_mean_teacher_after_k_updates_equals_the_schedule_in_float64():
         assert not p.requires_grad
 
 
-def test_each_branch_and_its_mean_target_use_its_own_view(monkeypatch):
-    torch.manual_seed(0)
-    method = make_method()
+def _mean_targets(method, views, monkeypatch):
+    """The mean-teacher targets ``mean_logits[i][j]`` that ``method.loss`` hands to pcl_loss."""
+    seen = {}
+    monkeypatch.setattr(train_pcl, "pcl_loss", lambda logits, teacher, mean_logits, *a: seen.update(m=mean_logits) or {})
+    batch = type("Batch", (), {"images": views, "labels": torch.zeros(4, dtype=torch.long)})
+    method.loss(method.model, batch, 0)
+    return seen["m"]
+
+
+def _views():
     base = torch.randn(4, 3, 32, 32)
-    views = [base[torch.randperm(4)] + 0.1 * i for i in range(3)]    # views differ by sample
+    return [base[torch.randperm(4)] + 0.1 * i for i in range(3)]    # views differ by sample
+
+
+def test_each_branch_sees_its_own_view():
+    torch.manual_seed(0)
+    method, views = make_method(), _views()
     model = method.model.eval()
     with torch.no_grad():
         logits, _ = model(views)
         for i in range(3):
             torch.testing.assert_close(logits[i], model.peers.single_network(i)(views[i]))
-    seen = {}
-    monkeypatch.setattr(train_pcl, "pcl_loss", lambda logits, teacher, mean_logits, *a: seen.update(m=mean_logits) or {})
-    batch = type("Batch", (), {"images": views, "labels": torch.zeros(4, dtype=torch.long)})
-    method.loss(model, batch, 0)
+
+
+def test_mean_teacher_peer_j_sees_its_own_view_j_by_default(monkeypatch):
+    """The paper's overview figure (X^j into the temporal mean network of branch j) and the re-implementation
+    (src/controller.py: mean_model(img1, img2, img3)): peer i's target from peer j is mean peer j on view j."""
+    torch.manual_seed(0)
+    method, views = make_method(), _views()
+    assert method.args.mean_view == "own"
+    targets = _mean_targets(method, views, monkeypatch)
+    mean_net = method.mean_teacher.module.peers
+    with torch.no_grad():                # train mode: batch statistics, so each output depends on its batch only
+        for j in range(3):
+            expected = mean_net.single_network(j)(views[j])          # trunk + branch j of the mean, on view j
+            assert not torch.allclose(expected, mean_net.single_network(j)(views[(j + 1) % 3]), atol=1e-4)
+            for i in range(3):
+                torch.testing.assert_close(targets[i][j], expected)
+                assert not targets[i][j].requires_grad
+
+
+def test_mean_view_student_runs_mean_peer_j_on_the_students_view(monkeypatch):
+    torch.manual_seed(0)
+    method, views = make_method("--mean-view", "student"), _views()
+    targets = _mean_targets(method, views, monkeypatch)
+    mean_net = method.mean_teacher.module.peers
     with torch.no_grad():
         for i in range(3):
-            again, _ = method.mean_teacher(views[i])             # train mode: depends on the batch only
             for j in range(3):
-                torch.testing.assert_close(seen["m"][i][j], again[j])
+                torch.testing.assert_close(targets[i][j], mean_net.single_network(j)(views[i]))
+                assert not targets[i][j].requires_grad
 
 
 def test_loss_matches_a_float64_restatement_and_teachers_are_detached():

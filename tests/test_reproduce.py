@@ -79,6 +79,14 @@ def test_cells_use_the_published_variants(tmp_path):
     assert TABLES["mcl-okd-ablation"].cell("ResNet-32", "+MCL+DOT").runs_table == "mcl-okd-cifar100"
     c, a = args_of("cmff-cifar100", "CMFF", "ResNet-110")
     assert (a.arch, a.lambda_rot, a.lambda_sim) == ("resnet110", 3.0, 2.0)
+    # FFL's and DCCL's cells reproduce their codes' protocols: their KLLoss too (the gap exceeds 1e-3: docs/dccl.md)
+    for table, row, column in (("cmff-cifar100", "DCCL", "ResNet-32"), ("cmff-cifar100", "DCCL", "WRN-20-8"),
+                               ("cmff-cifar100", "FFL", "WRN-20-8"), ("cmff-tinyimagenet", "ResNet-18", "DCCL"),
+                               ("cmff-tinyimagenet", "ResNet-34", "FFL")):
+        c, a = args_of(table, row, column)
+        assert c.method in ("ffl", "dccl") and a.kd_eps == 1e-7, (table, row, column)
+    assert args_of("cmff-cifar100", "CMFF", "ResNet-32")[1].kd_eps == 0.0     # this repository's defaults
+    assert args_of("pcl-cifar100", "ResNet-32", "FFL-S")[1].kd_eps == 0.0     # PCL's protocol, not the FFL code's
     c, a = args_of("cmff-cifar100", "DML", "WRN-20-8")
     assert a.arch == "wrn_22_8" and c.metrics[0].published == 79.76
     c, a = args_of("cmff-cifar100", "Student (baseline)", "ResNet-32 (2nd)")

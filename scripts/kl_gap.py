@@ -1,0 +1,129 @@
+"""How far the official KLLoss is from the exact KL on DCCL's real terms: logits and flattened feature maps.
+
+The FFL/DCCL/CMFF codes' ``utils.KLLoss`` (``Jangho-Kim/FFL-pytorch``, ``nanxiaotong/DCCL``, ``Coralmss/CMFF``)
+distils with the target t = softmax(teacher/T) + 1e-7, not renormalised:
+
+    official(s <- t) = T^2 mean_n sum_k t_nk (log t_nk - log softmax(s_n/T)_k)
+    exact(s <- t)    = the same with eps = 0 = T^2 KL(softmax(t/T) || softmax(s/T))
+
+Per sample the gap is T^2 [sum_k p_k log(1 + eps/p_k) + eps sum_k log((p_k + eps)/q_k)], about T^2 eps K for K
+entries, so it grows with the size K of what the softmax runs over: 100 for CIFAR-100 logits, C*H*W for DCCL's
+flattened stage maps (16,384 for ResNet-32's first stage, 131,072 for WRN-22-8's). This script measures it on
+real networks (DCCL's two peers with their cross-stage projections, ``train_dccl.DCCLNet``) and real images, both
+forms re-stated here in float64, and prints one row per term: K, the exact value, the official value, the
+relative gap (official - exact) / exact, and the relative gap of the gradient each gives the student (the
+difference of the two gradients over the exact one, in the Euclidean norm over the whole batch; for logits
+about eps * K, far larger on flattened maps).
+
+    python scripts/kl_gap.py --arch resnet32 wrn_22_8                     # at initialisation (seed 0)
+    python scripts/kl_gap.py --checkpoint runs/dccl-resnet32-.../last.pt  # a trained DCCL run
+
+Images: a training batch of ``--dataset`` with the training augmentation, as the loss sees it (train-mode
+BatchNorm). Offline, ``--dataset fashion-mnist`` reads Debian's copy. docs/dccl.md quotes the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import DeviceLoader, dataset_info, load_dataset  # noqa: E402
+from train_dccl import DCCLNet  # noqa: E402
+
+EPS = 1e-7
+
+
+def kd_forms(student: torch.Tensor, teacher: torch.Tensor, T: float) -> tuple[float, float, float, float]:
+    """KD_T(student <- teacher) over dim 1 in float64: (exact, official, |g_exact|^2, |g_official - g_exact|^2),
+    g the gradient with respect to the student (the teacher is detached in both forms)."""
+    s = student.detach().double().flatten(1).requires_grad_()
+    t = teacher.detach().double().flatten(1) / T
+    log_q = F.log_softmax(s / T, 1)
+    p = F.softmax(t, 1)
+    exact = (p * (F.log_softmax(t, 1) - log_q)).sum(1).mean() * T * T
+    target = p + EPS
+    official = (target * (target.log() - log_q)).sum(1).mean() * T * T
+    g_exact, = torch.autograd.grad(exact, s, retain_graph=True)
+    g_official, = torch.autograd.grad(official, s)
+    return exact.item(), official.item(), g_exact.square().sum().item(), (g_official - g_exact).square().sum().item()
+
+
+def summed(pairs: list[tuple]) -> tuple:
+    return tuple(sum(p[k] for p in pairs) for k in range(4))
+
+
+def mutual(tensors: list[torch.Tensor], T: float) -> tuple:
+    """Both forms summed over ordered pairs i != j (DCCL's peer and feature terms)."""
+    return summed([kd_forms(a, b, T) for i, a in enumerate(tensors) for j, b in enumerate(tensors) if i != j])
+
+
+def measure(model: DCCLNet, images: torch.Tensor, T: float) -> list[tuple]:
+    """(term, K, exact, official, |g|^2, |dg|^2) of every KD term of DCCL's loss (unweighted by the ramp-up)."""
+    model.train()
+    with torch.no_grad():
+        out = model(images, features=True)
+    rows = [("kd: peer logits", out.logits[0].shape[1], *mutual(out.logits, T))]
+    for t in range(len(out.features[0])):
+        maps = [f[t] for f in out.features]
+        rows.append((f"kd_feat: stage {t + 1} ({'x'.join(map(str, maps[0].shape[1:]))})", maps[0][0].numel(),
+                     *mutual(maps, T)))
+    fused = [kd_forms(z, out.fused, T) for z in out.logits] + [kd_forms(out.fused, z, T) for z in out.logits]
+    rows.append(("kd_fused: peers <-> fused", out.fused.shape[1], *summed(fused)))
+    return rows
+
+
+def batch_of(dataset: str, size: int, seed: int):
+    train, _ = load_dataset(dataset)
+    info = dataset_info(dataset)
+    loader = DeviceLoader(train, info, size, "cpu", train=True, seed=seed, pad_mode="reflect")
+    loader.set_epoch(0)
+    return next(iter(loader)).images, info.num_classes
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", nargs="*", default=[], help="DCCL networks at initialisation")
+    p.add_argument("--checkpoint", nargs="*", default=[], type=Path, help="DCCL checkpoints (last.pt, best.pt)")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the networks built at initialisation (default: the dataset's; 100 sizes the logit "
+                        "terms as on CIFAR-100)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--kd-T", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    images, num_classes = batch_of(a.dataset, a.batch_size, a.seed)
+    nets = []
+    for arch in a.arch:
+        torch.manual_seed(a.seed)
+        classes = a.num_classes or num_classes
+        nets.append((f"{arch}, initialisation (seed {a.seed}, {classes} classes)",
+                     DCCLNet(arch, classes, 2, images.shape[-1])))
+    for path in a.checkpoint:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        args = ckpt["args"]
+        net = DCCLNet(args["arch"], num_classes, args["num_peers"], images.shape[-1])
+        net.load_state_dict(ckpt["state"]["model"])
+        nets.append((f"{args['arch']}, {path} (epoch {len(ckpt.get('history', [])) or '?'})", net))
+    print(f"{a.dataset}: one augmented training batch of {a.batch_size}, T = {a.kd_T}, eps = {EPS}, float64\n")
+    for title, net in nets:
+        print(f"### {title}\n")
+        print("| term | K | exact | official | (official - exact) / exact | gradient: abs(g_off - g) / abs(g) |")
+        print("|---|---|---|---|---|---|")
+        rows = measure(net, images, a.kd_T)
+        for term, k, exact, official, g2, dg2 in rows + [("all KD terms", None, *summed([r[2:] for r in rows]))]:
+            print(f"| {term} | {'' if k is None else f'{k:,}'} | {exact:.6g} | {official:.6g} | "
+                  f"{(official - exact) / exact:.2e} | {(dg2 / g2) ** 0.5:.2e} |")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
