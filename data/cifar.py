@@ -103,7 +103,7 @@ def _read(name: str, cls, folder: Path) -> tuple[ArraySplit, ArraySplit]:
         raise BadDatasetError.files(name, bad, _fix(cls, folder.parent), what="pickle files")
     train = [parts[f] for f, _ in cls.train_list]
     test = [parts[f] for f, _ in cls.test_list]
-    return _to_split(train), _to_split(test)
+    return _to_split(train, folder), _to_split(test, folder)
 
 
 def _pickle_reason(e: Exception) -> str:
@@ -144,7 +144,7 @@ def _parse_meta(path: Path, key: str, num_classes: int) -> list:
     return names
 
 
-def _to_split(batches: list[tuple[np.ndarray, np.ndarray]]) -> ArraySplit:
+def _to_split(batches: list[tuple[np.ndarray, np.ndarray]], folder: Path) -> ArraySplit:
     data = np.concatenate([d for d, _ in batches]).reshape(-1, 3, 32, 32)       # rows are R, G, B planes
     labels = np.concatenate([y for _, y in batches])
-    return ArraySplit(torch.from_numpy(data.copy()), torch.from_numpy(labels))
+    return ArraySplit(torch.from_numpy(data.copy()), torch.from_numpy(labels), str(folder.absolute()))

@@ -297,9 +297,11 @@ def dataset_info(name: str, data: Optional[os.PathLike | str] = None, *, image_s
 
 
 class ArraySplit(NamedTuple):
-    """One split held in memory: ``images`` uint8 N x 3 x H x W, ``labels`` int64 N."""
+    """One split held in memory: ``images`` uint8 N x 3 x H x W, ``labels`` int64 N, and where they were read
+    (``source``: a folder, or how they were made)."""
     images: torch.Tensor
     labels: torch.Tensor
+    source: Optional[str] = None
 
 
 def datasets_root() -> Path:

@@ -178,4 +178,4 @@ def _split(images_path: Path, labels_path: Path, images: np.ndarray, labels: np.
                               "Fix: copy it again from https://github.com/zalandoresearch/fashion-mnist")
     x = F.pad(torch.from_numpy(images.copy()), (2, 2, 2, 2))          # 28x28 -> 32x32, zeros
     x = x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()             # grey -> 3 equal channels
-    return ArraySplit(x, torch.from_numpy(labels.astype(np.int64)))
+    return ArraySplit(x, torch.from_numpy(labels.astype(np.int64)), str(Path(images_path).parent.absolute()))

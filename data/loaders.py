@@ -46,6 +46,7 @@ import math
 import signal
 import warnings
 from dataclasses import replace
+from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
 import numpy as np
@@ -435,15 +436,16 @@ def _check_every_class(labels: torch.Tensor, pool: torch.Tensor, train_idx: torc
                      "use a smaller --val-split")
 
 
-def _describe(info: DatasetInfo, found: dict, used: dict, subsets: dict, rank: int, notes: tuple = ()) -> dict:
-    """Print the counts found and used (rank 0), warn where they differ from the official release (and the
-    dataset's own ``notes``), and return the record for results.json."""
+def _describe(info: DatasetInfo, source: Optional[str], found: dict, used: dict, subsets: dict, rank: int,
+              notes: tuple = ()) -> dict:
+    """Print where the data came from and the counts found and used (rank 0), warn where they differ from the
+    official release (and the dataset's own ``notes``), and return the record for results.json."""
     official = {"train": info.official_train, "test": info.official_test}
     notes = [f"{info.name}: found {found[k]} {k} images, the official release has {official[k]}; results are "
              "not comparable with published ones" for k in found if official.get(k) is not None
              and found[k] != official[k]] + list(notes)
     if rank == 0:
-        line = f"{info.name}: found " + " / ".join(f"{n} {k}" for k, n in found.items()) + " images"
+        line = f"{info.name} from {source}: found " + " / ".join(f"{n} {k}" for k, n in found.items()) + " images"
         if official["train"] is not None:
             line += f" (official {official['train']} / {official['test']})"
         line += f"; using {used['train']} train, {used['val']} val, {used['test']} test"
@@ -453,7 +455,7 @@ def _describe(info: DatasetInfo, found: dict, used: dict, subsets: dict, rank: i
         print(line, flush=True)
         for note in notes:
             warnings.warn(note)
-    return {"images_found": found, "official": official if official["train"] is not None else None,
+    return {"source": source, "images_found": found, "official": official if official["train"] is not None else None,
             "images_used": used, **subsets, "warnings": notes}
 
 
@@ -585,8 +587,8 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
 
     train = make(train_set, labels, train_idx, True)
     if len(train) == 0:
-        raise ValueError(f"{len(train_idx)} training samples over {world_size} process(es) give no full "
-                         f"batch of {batch_size}; lower --batch-size")
+        raise ValueError(f"{len(train_idx)} training samples over {world_size} process(es) give no training batch "
+                         f"(a batch of {batch_size} under --cuda-graph, else of 2 or more); lower --batch-size")
     if val_set is not None:
         val_labels = _targets(val_set)
         val = make(val_set, val_labels, torch.arange(len(val_labels)), False)
@@ -598,7 +600,8 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     else:
         found.update({s: len(loaded.tree.samples[s]) for s in loaded.tree.eval_splits})
     used = {"train": len(train_idx), "val": 0 if val is None else len(val.labels), "test": len(test_idx)}
-    record = _describe(info, found, used, {"subset": subset, "eval_subset": eval_subset}, rank, notes)
+    source = getattr(train_set, "source", None) or str(Path(getattr(train_set, "root", args.data)).absolute())
+    record = _describe(info, source, found, used, {"subset": subset, "eval_subset": eval_subset}, rank, notes)
     if info.classes is not None:
         record["classes"] = list(info.classes)
     if name == "folder":

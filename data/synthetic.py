@@ -38,6 +38,7 @@ def make_synthetic(num_classes: int = 10, n_train: int = 2048, n_test: int = 512
         labels = torch.arange(n) % num_classes
         x = 0.5 + 0.18 * prototypes[labels] + 0.12 * _smooth(n, image_size, g) \
             + 0.05 * torch.randn(n, 3, image_size, image_size, generator=g)
-        return ArraySplit((x.clamp(0, 1) * 255).round().to(torch.uint8), labels)
+        return ArraySplit((x.clamp(0, 1) * 255).round().to(torch.uint8), labels,
+                          f"generated in memory (data/synthetic.py, seed {dataset_seed})")
 
     return split(n_train), split(n_test)

@@ -225,11 +225,13 @@ def _load(root: Path) -> tuple[ArraySplit, ArraySplit]:
             if not verified(blob):
                 raise ValueError("its content does not match its checksum")
             if blob.get("version") == CACHE_VERSION and blob.get("key") == key:
-                return ArraySplit(*blob["train"]), ArraySplit(*blob["test"])
+                source = f"{root.absolute()} (its decoded cache {CACHE})"
+                return ArraySplit(*blob["train"][:2], source), ArraySplit(*blob["test"][:2], source)
         except Exception as err:  # noqa: BLE001 -- a truncated, damaged or foreign file: rebuild it
             warnings.warn(f"ignoring unreadable cache {cache}: {err}")
     (train, bad_train), (test, bad_val) = _decode_all(train_items), _decode_all(val_items)
     if bad_train or bad_val:                     # nothing is cached
         raise BadDatasetError.files("tinyimagenet", bad_train + bad_val, _fix(root), what="images")
+    train, test = train._replace(source=str(root.absolute())), test._replace(source=str(root.absolute()))
     save_or_warn({"version": CACHE_VERSION, "key": key, "train": tuple(train), "test": tuple(test)}, cache)
     return train, test

@@ -16,11 +16,14 @@ IMAGENET_WNIDS = [f"n{i:08d}" for i in range(1000)]
 
 
 def loader_args(**kw) -> argparse.Namespace:
-    """Every field ``data.build_loaders`` reads, at the engine's defaults (synthetic data), with ``kw`` on top."""
+    """Every field ``data.build_loaders`` reads, at the engine's defaults (synthetic data), with ``kw`` on top
+    (the evaluation batch resolved as the engine resolves it: twice the training batch)."""
     base = dict(dataset="synthetic", data=None, download=False, subset=None, eval_subset=None, val_split=0,
-                batch_size=64, eval_batch_size=None, workers=0, loader=None, seed=0, views=1, pad_mode="zero",
-                image_size=None, classes=None)
+                batch_size=64, workers=0, loader=None, seed=0, views=1, pad_mode="zero", image_size=None,
+                classes=None)
     base.update(kw)
+    base.setdefault("eval_batch_size", None)
+    base["eval_batch_size"] = base["eval_batch_size"] or 2 * base["batch_size"]
     return argparse.Namespace(**base)
 
 

@@ -407,7 +407,8 @@ def test_ddp_shards(kind):
 
     (l0, train0, val0, test0), (l1, train1, val1, test1) = shards(0), shards(1)
     n = l0.n_train                                                                # 1947
-    assert len(train0) == len(train1) == l0.train.num_samples == (n // 2 // 100) * 100
+    assert len(train0) == len(train1) == l0.train.num_samples == n // 2            # the last partial batch kept
+    assert len(l0.train) == len(l1.train) == 10                                   # the same steps on each rank
     assert not set(train0.tolist()) & set(train1.tolist())
     assert torch.equal(torch.cat([val0, val1]).sort().values, torch.arange(101))  # each exactly once
     assert (l0.val.num_samples, l1.val.num_samples) == (51, 50)
@@ -452,12 +453,13 @@ def test_views_are_independent(kind):
 
 def test_subset_and_batch_counts():
     loaders = build_loaders(make_args(subset=300, batch_size=64, eval_batch_size=100), "cpu")
-    assert loaders.n_train == 300 and len(loaders.train) == 4 and loaders.train.num_samples == 256
+    assert loaders.n_train == 300 and len(loaders.train) == 5 and loaders.train.num_samples == 300
     indices = torch.cat([b.index for b in loaders.train])
-    assert indices.max() < 300 and len(set(indices.tolist())) == 256
+    assert indices.max() < 300 and len(set(indices.tolist())) == 300                # the last batch of 44 too
     assert len(loaders.test) == 6 and [len(b.labels) for b in loaders.test][-1] == 12
-    with pytest.raises(ValueError, match="no full batch"):
-        build_loaders(make_args(subset=10, batch_size=64), "cpu")
+    assert [len(b.labels) for b in build_loaders(make_args(subset=10, batch_size=64), "cpu").train] == [10]
+    with pytest.raises(ValueError, match="give no training batch"):                 # --cuda-graph: full batches
+        build_loaders(make_args(subset=10, batch_size=64), "cpu", drop_last=True)
 
 
 def test_dataset_info_and_names():

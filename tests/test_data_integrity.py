@@ -503,8 +503,11 @@ def test_counts_are_printed_and_differences_from_the_official_counts_warned(tmp_
     with pytest.warns(UserWarning, match="cifar10: found 20 train images, the official release has 50000"):
         loaders = build_loaders(make_args(dataset="cifar10", data=str(tmp_path), val_split=10, batch_size=2), "cpu")
     out = capsys.readouterr().out
-    assert "cifar10: found 20 train / 6 test images (official 50000 / 10000); using 10 train, 10 val, 6 test" in out
+    folder = tmp_path.absolute() / "cifar-10-batches-py"               # the run says where its data came from
+    assert (f"cifar10 from {folder}: found 20 train / 6 test images (official 50000 / 10000); using 10 train, 10 val, "
+            "6 test") in out
     assert loaders.record["images_used"] == {"train": 10, "val": 10, "test": 6}
+    assert loaders.record["source"] == str(folder)
 
 
 # --------------------------------------------------------------------------- the CLI and the check script

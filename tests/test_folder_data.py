@@ -223,7 +223,7 @@ def test_cifar_protocol_in_memory_and_streamed_give_the_same_batches(tmp_path, m
         for a, b in zip(in_memory.train, streamed.train, strict=True):
             assert torch.equal(a.index, b.index) and torch.allclose(a.images, b.images, atol=1e-5)
             seen.append(a.images)
-    assert len(seen) == 8 and not torch.allclose(seen[0], seen[4])               # 4 batches an epoch, each its own
+    assert len(seen) == 10 and not torch.allclose(seen[0], seen[5])              # 5 batches an epoch, each its own
 
 
 def test_imagenet_protocol_above_64_streams_the_files(tmp_path):
