@@ -1,8 +1,10 @@
-"""Real-data checks on Fashion-MNIST (Debian's dataset-fashion-mnist): two epochs on 4,000 training images
-(stratified), tested on 2,000 test images (stratified), of DML, FFL and DCCL (whose fused head must be recorded in
-results.json). A budget that CI affords (about a minute or two each on one core); the full table is
-scripts/reproduce.py fashion-mnist (docs/results.md)."""
+"""Real-data checks on Fashion-MNIST (Debian's dataset-fashion-mnist): the README's first command (DML), and two
+epochs on 4,000 training images (stratified), tested on 2,000 test images (stratified), of FFL and DCCL (whose
+fused head must be recorded in results.json). A budget that CI affords (about a minute or two each on one core);
+the full table is scripts/reproduce.py fashion-mnist (docs/results.md)."""
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -22,17 +24,18 @@ BUDGET = ["--arch", "resnet20", "--dataset", "fashion-mnist", "--subset", "4000"
 @pytest.mark.slow
 @pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
                     reason="apt-get install dataset-fashion-mnist")
-def test_dml_fashion_mnist_two_epochs_well_above_chance(tmp_path):
-    results = train(train_dml.DML, BUDGET + ["--out", str(tmp_path)])
-    first, last = results["history"][0], results["history"][-1]
-    # 10 classes: chance is 10 % and a CE of ln 10 = 2.30 per peer. Two epochs are 62 steps at lr 0.1, in which
-    # DML starts slowly: with the KL term added to the first steps' gradients one peer's logits blow up (a probe
-    # outside the engine, seed 0: max |logit| 60 at step 6, against 5 without the term) and that peer recovers
-    # slowly. Measured (seed 0, CPU):
-    # epoch 1 peer1/peer2/ensemble 10.5/32.3/11.2 % top-1, per-peer training CE 2.44; epoch 2 20.9/51.0/49.0 %, CE
-    # 1.94. (A baseline ResNet-20 on 6,000 images learns faster: 45 % after one epoch, 78 % after 3.)
-    assert last["test"]["ensemble/top1"] > 35 and max(last["test"]["peer1/top1"], last["test"]["peer2/top1"]) > 30
-    assert last["train"]["ce"] < first["train"]["ce"] and last["train"]["ce"] / 2 < 2.1
+def test_the_readmes_first_command_learns(tmp_path):
+    """The first training command of the README, as written (plus the CPU, one thread, a folder of the test's):
+    each peer and the ensemble end far above chance (10 %). Measured (seed 0, CPU, one thread, about a minute):
+    peer1/peer2/ensemble top-1 46.8/49.8/48.7 % after epoch 1, 68.2/47.7/60.2 after epoch 2, 75.2/74.8/75.0 after
+    epoch 3; the ensemble after epoch 3 over seeds 0-2: 75.0, 75.9, 75.5 (tests/test_folder_data.py)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = re.search(r"^(?:pip install .*&& )?python (train_dml\.py .*)$", readme, flags=re.M).group(1)
+    argv = shlex.split(command)[1:]
+    results = train(train_dml.DML, argv + ["--gpu", "-1", "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+    last = results["history"][-1]["test"]
+    assert min(last["peer1/top1"], last["peer2/top1"], last["ensemble/top1"]) > 60, last
+    assert results["data"]["images_used"]["test"] < 10000                      # a stratified part of the test set
 
 
 @pytest.mark.slow
