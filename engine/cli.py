@@ -225,8 +225,9 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                    help="'device': uint8 data kept on the training device, augmented there in batch "
                         "(the default where the dataset fits); 'torch': a DataLoader with workers (the default "
                         "for ImageNet)")
-    r.add_argument("--gpu", type=number(int, at_least=-1), default=0, help="CUDA device index; -1 for the CPU (used anyway, with a "
-                                                      "warning, when CUDA is absent). Under torchrun: LOCAL_RANK")
+    r.add_argument("--gpu", type=number(int, at_least=-1), default=None,
+                   help="CUDA device index; -1 for the CPU (used anyway, with a warning, when CUDA is absent); unset: "
+                        "GPU 0, or the CPU where there is no GPU. Under torchrun: LOCAL_RANK")
     r.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads of torch's operators (torch.set_num_threads); unset: torch's choice, "
                         "the number of cores or $OMP_NUM_THREADS")

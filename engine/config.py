@@ -110,7 +110,7 @@ def resolve(method_cls, args) -> RunConfig:
 def _check_engine_flags(a: argparse.Namespace, method_cls) -> None:
     """Engine flags that conflict with each other, with the method or with this machine (one line each)."""
     import torch
-    gpu = torch.cuda.is_available() and a.gpu >= 0
+    gpu = torch.cuda.is_available() and (a.gpu is None or a.gpu >= 0)
     name = method_cls.name
     if "," in a.arch and not method_cls.mixed_archs:
         raise UserError(f"--arch {a.arch}: {name}'s peers share layers, so they have one architecture; give one name")

@@ -379,16 +379,19 @@ class Trainer:
 # ---- setting a run up ----------------------------------------------------------------------------------
 
 def select_device(args) -> torch.device:
-    """``--gpu -1``: the CPU; else the CUDA device (LOCAL_RANK under torchrun), with cuDNN autotuning and TF32."""
-    if args.gpu < 0:
+    """``--gpu -1``: the CPU; else the CUDA device (LOCAL_RANK under torchrun), with cuDNN autotuning and TF32.
+    Without CUDA the CPU, with a warning only where a GPU was asked for (``--gpu N``)."""
+    if args.gpu is not None and args.gpu < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        warnings.warn("CUDA is not available: training on the CPU (pass --gpu -1 to silence this).")
+        if args.gpu is not None:
+            warnings.warn(f"CUDA is not available: training on the CPU (--gpu {args.gpu}; pass --gpu -1 to silence "
+                          "this).")
         return torch.device("cpu")
-    if args.gpu >= torch.cuda.device_count():
-        raise UserError(f"--gpu {args.gpu} does not exist: this machine has "
-                        f"{torch.cuda.device_count()} CUDA device(s)")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", args.gpu)))
+    gpu = args.gpu or 0
+    if gpu >= torch.cuda.device_count():
+        raise UserError(f"--gpu {gpu} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", gpu)))
     torch.cuda.set_device(device)   # streams, graphs and new tensors without a device go to this GPU
     torch.backends.cudnn.benchmark = True
     if args.tf32 is not None:     # unset: PyTorch's defaults (float32 matmuls, TF32 cuDNN convolutions)

@@ -366,6 +366,7 @@ def test_heterogeneous_pairs_are_adapted():
     assert torch.allclose(out.final[1][1], F.adaptive_avg_pool2d(stages[0][2], 2))
 
 
+@pytest.mark.slow
 def test_heterogeneous_pair_one_epoch(tmp_path):
     from engine import train
     results = train(AMLN, FAST + ["--arch", "resnet20,wrn_16_2", "--epochs", "1", "--out", str(tmp_path)])

@@ -203,6 +203,7 @@ print(len(names), state() == before)
 """
 
 
+@pytest.mark.slow
 def test_importing_any_module_changes_nothing_global():
     """No import hook, stand-in module, exception hook, warning format or signal handler is installed by
     importing any module of the repository: one-line errors and warnings are main()'s business."""
@@ -473,3 +474,12 @@ def test_engine_flags_refuse_values_no_run_can_use(argv, named, capsys):
         parse_args(load_method("dml"), argv)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and named in err, err
+
+
+def test_the_cpu_is_used_without_a_warning_unless_a_gpu_was_asked_for(monkeypatch, recwarn):
+    from engine.trainer import select_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    dml = load_method("dml")
+    assert select_device(parse_args(dml, [])).type == "cpu" and not recwarn.list       # the default: no warning
+    with pytest.warns(UserWarning, match="CUDA is not available: training on the CPU \\(--gpu 0;"):
+        assert select_device(parse_args(dml, ["--gpu", "0"])).type == "cpu"

@@ -252,7 +252,7 @@ def test_fusion_grid_larger_than_the_map_is_a_clear_error():
 
 FAMILIES = [("resnet20", 32), ("resnet32", 32), ("resnet56", 32), ("resnet110", 32), ("resnet110_bottleneck", 32),
             ("wrn_16_2", 32), ("wrn_20_8", 32), ("vgg16", 32), ("densenet40_12", 32), ("hcgnet_a1", 32),
-            ("resnet18", 32), ("resnet18", 64), ("resnet34", 32)]
+            ("resnet18", 32), pytest.param("resnet18", 64, marks=pytest.mark.slow), ("resnet34", 32)]   # 3 s and more
 
 
 @pytest.mark.parametrize("arch,size", FAMILIES)

@@ -270,6 +270,7 @@ def _chi_square_uniform(codes: torch.Tensor, k: int = 162) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pad_mode", ["zero", "reflect"])
 def test_device_crop_flip_matches_torchvision_distribution(pad_mode):
     image, n = _coordinate_image(), 16200

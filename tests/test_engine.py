@@ -54,6 +54,7 @@ def test_loop_learns_and_writes_everything(dml_run):
     assert ckpt["epoch"] == 3 and set(ckpt["optimizers"]) == {"model"} and "rng" in ckpt
 
 
+@pytest.mark.slow
 def test_tensorboard_has_every_term(dml_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out, _ = dml_run
@@ -81,6 +82,7 @@ def test_resume_equals_uninterrupted(dml_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_existing_run_is_never_overwritten(dml_run):
     out, _ = dml_run
     before = (out / "last.pt").stat().st_mtime_ns
@@ -89,6 +91,7 @@ def test_existing_run_is_never_overwritten(dml_run):
     assert (out / "last.pt").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_a_run_without_checkpoints_is_never_overwritten(dml_run, tmp_path):
     """The checkpoints of a finished run deleted to save disk: its results.json (and a best.pt left alone) still
     stop a new run in that folder, with or without --resume auto; a record of no epoch is replaced."""
@@ -110,6 +113,7 @@ def test_a_run_without_checkpoints_is_never_overwritten(dml_run, tmp_path):
     assert (out / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_eval_only_reproduces_best(dml_run, tmp_path):
     out, results = dml_run
     evaluated = train(train_dml.DML, FAST + ["--eval-only", str(out / "best.pt"), "--out", str(tmp_path)])
@@ -153,6 +157,7 @@ class _NaNStateDML(train_dml.DML):
         self.junk.value.fill_(float("nan"))
 
 
+@pytest.mark.slow
 def test_non_finite_weights_with_a_finite_loss_stop_the_run(tmp_path):
     """The loss of every step is finite, yet the epoch leaves NaN in the method's state: the run stops before
     anything of the epoch is saved (no last.pt, no "finished" record), naming the module, and the message says
@@ -195,6 +200,7 @@ def test_recipe_and_preset_defaults():
     assert (a.topology, a.num_peers, a.kd_T) == ("shared", 4, 4.0)
 
 
+@pytest.mark.slow
 def test_help_reads_well():
     r = run_cli("train_dml.py", "--help")
     assert r.returncode == 0

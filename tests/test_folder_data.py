@@ -410,6 +410,7 @@ def test_two_methods_train_end_to_end_on_a_folder_and_record_the_classes(tmp_pat
         assert saved["classes"] == checkpoint["classes"] == list(FOLDER_CLASSES)     # the classes travel with the run
 
 
+@pytest.mark.slow
 def test_the_classes_travel_with_the_run(tmp_path, monkeypatch):
     """The class names and their order are in results.json, every checkpoint and an export; --eval-only and a
     resume on a folder with other classes refuse in one line naming the difference; two folders get their own
@@ -439,6 +440,7 @@ def test_the_classes_travel_with_the_run(tmp_path, monkeypatch):
                               "--extend-epochs", "--out", str(tmp_path / "elsewhere")])
 
 
+@pytest.mark.slow
 def test_an_imagenet_protocol_folder_trains_streamed(tmp_path):
     root = write_folder(tmp_path / "tree", size=90, per_split=(("train", 4), ("val", 1)))
     out = tmp_path / "run"

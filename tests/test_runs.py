@@ -194,6 +194,7 @@ def test_resume_path_continues_in_its_own_directory(run, tmp_path, capsys):
     assert load_checkpoint(copy / "last.pt")["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_never_writes_into_another_runs_directory(run, tmp_path):
     other = tmp_path / "other"
     train(DML, TINY + ["--seed", "1", "--out", str(other)])
@@ -205,6 +206,7 @@ def test_never_writes_into_another_runs_directory(run, tmp_path):
 
 # ---- 4. one writer per run directory -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_one_writer_per_run_directory(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from engine.run import RunLock; "
@@ -235,6 +237,7 @@ def test_lock_is_released_on_errors(tmp_path):
 
 # ---- 5. --eval-only evaluates the checkpoint as trained --------------------------------------------------
 
+@pytest.mark.slow
 def test_eval_only_takes_the_checkpoint_options(run, tmp_path):
     # Neither --arch (default resnet32) nor --dataset (default cifar100) nor --subset given: the checkpoint's.
     result = train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--out", str(tmp_path)])
@@ -246,6 +249,7 @@ def test_eval_only_takes_the_checkpoint_options(run, tmp_path):
     assert len(list(tmp_path.glob("eval-best-synthetic*.json"))) == 2
 
 
+@pytest.mark.slow
 def test_eval_only_honours_the_evaluation_options_it_is_given(run, tmp_path):
     """--eval-subset (an evaluation option) given with --eval-only wins over the checkpoint's, is said in the
     record and gets its own file: the full-test-set evaluation beside it is not overwritten."""
@@ -276,6 +280,7 @@ def test_eval_only_refuses_a_flag_that_disagrees(run):
         train(Baseline, EVAL + ["--eval-only", str(run / "best.pt")])
 
 
+@pytest.mark.slow
 def test_eval_only_never_needs_mcl_memory_banks(tmp_path):
     method_cls = train_mcl_okd.MCLOKD
     args = parse_args(method_cls, ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "64"])
@@ -338,6 +343,7 @@ def test_an_interrupt_while_the_first_checkpoint_is_written_leaves_a_run_that_co
     assert train(Baseline, args + ["--resume", "auto"])["history"][0]["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_a_run_resumed_into_a_new_out_continues_from_its_source_until_it_has_its_own(run, tmp_path):
     """--extend-epochs from another run's last.pt into a new --out, stopped in its first epoch: the new folder
     has no last.pt yet, so the printed command resumes from the source again, and that command works."""
@@ -647,6 +653,7 @@ def _killed_after_the_checkpoint(monkeypatch, at_status: str):
                     monkeypatch.setattr(Run, "close", real_close))
 
 
+@pytest.mark.slow
 def test_a_kill_after_the_last_checkpoint_leaves_a_finished_run(tmp_path, monkeypatch, capsys):
     """Killed after the last epoch's last.pt and before its results.json: results.json says 'running', one epoch
     short. reproduce.py and summarize.py read the run as finished with every epoch (they agree), and the next
@@ -678,6 +685,7 @@ def test_a_kill_after_the_last_checkpoint_leaves_a_finished_run(tmp_path, monkey
     assert saved["history"] == record["history"]
 
 
+@pytest.mark.slow
 def test_a_kill_mid_run_after_a_checkpoint_resumes_with_every_epoch(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     args = TINY + ["--epochs", "3", "--out", str(out)]
@@ -711,6 +719,7 @@ def test_resume_path_takes_the_checkpoints_options(run, tmp_path, monkeypatch):
                                    "(this command: 32)") and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_resume_auto_names_the_run_trained_to_another_length(run, tmp_path, monkeypatch):
     """--epochs N --resume auto, the run being in its default folder with other --epochs: the run and the
     command that extends it are named (no new run starts beside it); extended in place, it is found again."""
@@ -746,6 +755,7 @@ def assert_every_tensor_on_the_cpu(path: Path):
     assert r.returncode == 0 and "state" in r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_checkpoints_and_exports_hold_cpu_tensors(run, tmp_path):
     export = subprocess.run([sys.executable, "scripts/export_peer.py", str(run / "best.pt"), "--peer", "2", "-o",
                              str(tmp_path / "peer2.pt")], cwd=REPO, capture_output=True, text=True, env=_env())
