@@ -1,12 +1,10 @@
-"""Checkpoint files: atomic writes, a content checksum, ``weights_only`` loading.
-
-Every file the engine writes goes through ``data.files.write_atomically`` (the old file or the new one,
-never half of one); a write that fails (full disk, read-only folder) leaves the previous file as it was and
-is reported as a :class:`UserError` naming the path.
+"""Checkpoint files: written atomically (``data.files``; a failed write, a full disk or a read-only folder, is a
+:class:`UserError` naming the path and leaves the previous file as it was), checksummed, loaded ``weights_only``.
 
 A checkpoint carries ``sha256``: a digest of its content (every tensor's dtype, shape and bytes, and every
-other value), checked on load, so bytes flipped on disk after the write are refused instead of trained on.
-It is still a plain ``torch.save`` dict: ``torch.load(path)["state"]["model"]`` works outside this repository.
+other value), checked on load, so bytes flipped on disk after the write are refused instead of trained on. It
+is a plain ``torch.save`` dict with every tensor on the CPU: ``torch.load(path)["state"]["model"]`` works outside
+this repository, on a machine without a GPU too.
 """
 from __future__ import annotations
 

@@ -10,29 +10,24 @@ the life of its checkpoints on disk. The training loop hands it a state to save;
   first, each written atomically and checksummed (engine/checkpoint.py) while SIGINT/SIGTERM wait. A kill
   between the two leaves an older best.pt, which the next resume rebuilds: ``best.pt`` is never stale.
 * **The record.** ``results.json`` is rewritten after every epoch and when the process ends (finished,
-  interrupted, failed); it lists every process that trained the run, and a stopped run lists only the
-  epochs its last.pt holds.
+  interrupted, failed); it lists every process that trained the run, and only the epochs its last.pt holds.
+  Every checkpoint holds the record too: a process killed between the two writes is read back from it.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import fcntl
-import hashlib
 import json
 import os
-import platform
 import re
 import shlex
 import signal
 import socket
-import subprocess
 import threading
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -44,43 +39,21 @@ from .config import RunConfig, describe_differences, recorded_differences
 from .distributed import any_rank, barrier
 from .errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
 LOCK_NAME = ".lock"
 
 
-@dataclass
-class History:
-    """Per-epoch records, the best epoch (selected on ``split``'s ``metric``), the per-head maximum test
-    accuracy over epochs, and the training time and images for the throughput."""
-    split: str
-    metric: str
-    records: list = field(default_factory=list)
-    best: Optional[dict] = None
-    max_test: dict = field(default_factory=dict)
-    train_seconds: float = 0.0
-    train_samples: int = 0
-
-    def add(self, record: dict) -> bool:
-        """Append an epoch's record; True when it is the new best epoch."""
-        for k, v in record["test"].items():
-            self.max_test[k] = max(v, self.max_test.get(k, -1.0))
-        self.train_seconds += record["speed"]["epoch_s"]
-        self.train_samples += record["speed"]["images"]
-        improved = self.best is None or record[self.split][self.metric] > self.best[self.split][self.metric]
-        if improved:
-            self.best = {"epoch": record["epoch"], "test": record["test"],
-                         **({"val": record["val"]} if "val" in record else {})}
-        self.records.append(record)
-        return improved
-
-    def state(self) -> dict:
-        return {"selection": {"split": self.split, "metric": self.metric}, "best": self.best,
-                "max_test": self.max_test, "history": self.records, "train_seconds": self.train_seconds,
-                "train_samples": self.train_samples}
-
-    def load(self, ckpt: dict) -> None:
-        self.best, self.max_test, self.records = ckpt["best"], ckpt["max_test"], ckpt["history"]
-        self.train_seconds, self.train_samples = ckpt["train_seconds"], ckpt["train_samples"]
+def history_state(records: Sequence[dict], split: str, metric: str) -> dict:
+    """What a run's per-epoch ``records`` say, as a checkpoint and results.json hold it: the records, the best
+    epoch (the highest ``split``'s ``metric``, the first of equals; its test metrics are reported), the
+    per-head maximum test accuracy over epochs, and the training time and images for the throughput."""
+    best = max(records, key=lambda r: r[split][metric], default=None)
+    heads = records[-1]["test"] if records else {}
+    speeds = [r.get("speed", {}) for r in records]         # (records of older versions have none)
+    return {"selection": {"split": split, "metric": metric}, "history": list(records),
+            "best": best and {k: best[k] for k in ("epoch", "test", "val") if k in best},
+            "max_test": {k: max(r["test"][k] for r in records if k in r["test"]) for k in heads},
+            "train_seconds": sum(v.get("epoch_s", 0.0) for v in speeds),
+            "train_samples": sum(v.get("images", 0) for v in speeds)}
 
 
 class Run:
@@ -94,15 +67,14 @@ class Run:
         self.method_cls, self.config, self.argv = method_cls, config, list(argv)
         self.world_size, self.is_main = world_size, rank == 0
         self.about = about or {}
-        best_head = config.best_metric or method_cls.best_metric
-        self.history = History("val" if config.val_split else "test", f"{best_head}/top1")
+        self.selection = ("val" if config.val_split else "test", f"{config.best_metric or method_cls.best_metric}/top1")
+        self.records: list[dict] = []           # every epoch's record, once its checkpoint is written
         self.run_id = uuid.uuid4().hex          # a resumed run takes its checkpoint's
         self.processes: list[dict] = []         # every process that trained the run
         self.process: Optional[dict] = None     # this one's entry, while it trains
         self.lock: Optional[RunLock] = None
         self.resume_from: Optional[Path] = None  # the checkpoint this process continues
-        self.saved: Optional[Path] = None        # the checkpoint that holds the history's epochs
-        self.git_commit = _git_commit()
+        self.saved: Optional[Path] = None        # the checkpoint that holds the recorded epochs
 
     @property
     def script(self) -> str:
@@ -150,7 +122,7 @@ class Run:
             self._repair_best(resume, ckpt)
             self._repair_record(resume, ckpt)
         self.resume_from = resume
-        self.history.load(ckpt)
+        self.records = list(ckpt["history"])
         if self.done_after(ckpt["epoch"]):
             self.log(f"{resume}: the run is already finished ({ckpt['epoch']} of {self.config.epochs} epochs); "
                      "nothing to do, nothing changed. To train longer: a larger --epochs with --extend-epochs")
@@ -200,8 +172,8 @@ class Run:
 
     @property
     def epochs(self) -> int:
-        """Epochs trained and saved (the history holds an epoch once its checkpoint is written)."""
-        return len(self.history.records)
+        """Epochs trained and saved (an epoch is recorded once its checkpoint is written)."""
+        return len(self.records)
 
     def _resume_path(self) -> Optional[Path]:
         resume = self.config.resume
@@ -306,18 +278,17 @@ class Run:
         metrics) with the loop's ``state``: last.pt (and best.pt when the epoch improved) written atomically by
         rank 0 while Ctrl-C and SIGTERM wait, then results.json. The history holds the epoch only once its
         checkpoint is written; every rank waits for rank 0 and the others take the epoch after it."""
-        history = copy.deepcopy(self.history)
-        improved = history.add(record)
+        records = self.records + [record]
+        improved = history_state(records, *self.selection)["best"]["epoch"] == record["epoch"]
         if self.is_main:
             paths = [self.folder / "last.pt"] + ([self.folder / "best.pt"] if improved else [])
-            ckpt = {"format": FORMAT, "layout": "plain", "epoch": record["epoch"], **state,
-                    **self.record(history)}
+            ckpt = {"format": FORMAT, "layout": "plain", "epoch": record["epoch"], **state, **self.record(records)}
             with signals_held():
                 atomic_save(ckpt, *paths)
-                self.history, self.saved = history, paths[0]
+                self.records, self.saved = records, paths[0]
         self.write_results("finished" if self.done_after(record["epoch"]) else "running")
         barrier()   # no rank starts the next epoch before rank 0 has written this one's checkpoint
-        self.history, self.saved = history, self.folder / "last.pt"
+        self.records, self.saved = records, self.folder / "last.pt"
 
     # ---- the end of a process ----------------------------------------------------------------------------
 
@@ -390,12 +361,13 @@ class Run:
 
     # ---- results.json ----------------------------------------------------------------------------------------
 
-    def record(self, history: Optional[History] = None) -> dict:
-        """What results.json renders (:func:`results_of`); every checkpoint holds it too, so that the record
-        of a run killed between its two writes is rebuilt from its last.pt (:func:`read_run`)."""
+    def record(self, records: Optional[list] = None) -> dict:
+        """What results.json renders (:func:`results_of`): the epochs' ``records`` (default: the saved ones) and
+        what the run is; every checkpoint holds it too, so that the record of a run killed between its two
+        writes is rebuilt from its last.pt (:func:`read_run`)."""
         return {"method": self.method_cls.name, "run_id": self.run_id, "args": self.config.as_dict(),
                 "world_size": self.world_size, "processes": self.processes,
-                **(history or self.history).state(), **self.about, "git_commit": self.git_commit,
+                **history_state(self.records if records is None else records, *self.selection), **self.about,
                 "command": self.command}
 
     def results(self, status: str) -> dict:
@@ -406,7 +378,7 @@ class Run:
         write results.json (rank 0)."""
         if self.process is not None:
             t = time.time()
-            self.process.update(end_epoch=len(self.history.records), updated=_now_iso(t),
+            self.process.update(end_epoch=len(self.records), updated=_now_iso(t),
                                 wall_s=t - self.process["started_unix"], status=status, **extra)
             if status != "running":
                 self.process["ended"] = _now_iso(t)
@@ -417,24 +389,6 @@ class Run:
     def recorded(self) -> dict:
         """results.json as written, or this run's record if there is none."""
         return read_record(self.folder / "results.json") or self.results("finished")
-
-    def write_evaluation(self, result: dict) -> Path:
-        """``eval-<checkpoint>-<dataset>[-test<N>][-<amp>][-<hash of --data>].json`` in the folder (rank 0):
-        evaluations of another dataset, of another --eval-subset, in another precision or of another copy of
-        the data never overwrite each other."""
-        a = self.config
-        name = f"eval-{Path(a.eval_only).stem}-{a.dataset}"
-        if a.eval_subset:
-            name += f"-test{a.eval_subset}"
-        if a.amp in ("bf16", "fp16"):
-            name += f"-{a.amp}"
-        if a.data:
-            name += "-" + hashlib.sha256(str(Path(a.data).resolve()).encode()).hexdigest()[:6]
-        path = self.folder / f"{name}.json"
-        if self.is_main:
-            atomic_write_text(json.dumps(result, indent=2) + "\n", path)
-            self.log(f"results: {path}")
-        return path
 
 
 def read_record(path: Path) -> Optional[dict]:
@@ -515,29 +469,6 @@ def _checkpoint_epoch(path: Path) -> Optional[int]:
         return None
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=REPO,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def library_versions(device) -> dict:
-    """The versions of python, torch, torchvision, numpy, CUDA and cuDNN, and the device's name (plain types:
-    a checkpoint holds them)."""
-    import numpy as np
-    import torch
-    import torchvision
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "torchvision": torchvision.__version__, "numpy": np.__version__,
-                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
-    cuda = device.type == "cuda"
-    versions["device"] = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
-    return {k: str(v) if isinstance(v, str) else v for k, v in versions.items()}   # TorchVersion: a str
-
-
 # ---- the process record ------------------------------------------------------------------------------------
 
 def _now_iso(t: Optional[float] = None) -> str:
@@ -573,14 +504,11 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
 # ---- one writer per run directory ---------------------------------------------------------------------------
 
 class RunLock:
-    """An exclusive lock on a run directory, held by the one process that writes it.
-
-    ``acquire()`` creates the directory if needed and takes ``fcntl.flock(LOCK_EX | LOCK_NB)`` on
-    ``<dir>/.lock``, then writes its holder (pid, host, start time, command) into it. The kernel releases
-    a flock when its process ends, however it ends (exception, signal, SIGKILL), so a lock file left by a
-    dead process is stale and simply taken over (``stale`` then holds the dead holder's record). A second
-    process gets a UserError naming the holder's pid.
-    """
+    """The one writer of a run directory: ``acquire()`` creates the folder if needed, takes an exclusive
+    ``fcntl.flock`` on ``<dir>/.lock`` (a second process gets a UserError naming the holder's pid) and writes
+    the holder (pid, host, start time, command) into it. The kernel releases a flock however its process ends
+    (exception, signal, SIGKILL), so a lock file left by a dead process is stale and taken over (``stale``
+    then holds the dead holder's record)."""
 
     def __init__(self, folder: Path, command: str = ""):
         self.folder = Path(folder)

@@ -10,10 +10,14 @@ print as one line.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import platform
 import random
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_write_text, load_checkpoint
 from .cli import parse_args
 from .config import from_checkpoint, resolve, run_directory
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
@@ -33,7 +37,7 @@ from .errors import UserError
 from .method import Method, StepContext
 from .optim import Optimization
 from .reporting import Reporter
-from .run import Run, library_versions, stop_signal
+from .run import Run, stop_signal
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -112,7 +116,7 @@ class Trainer:
         self.run = Run(out, method_cls, args, argv, self.dist.world_size, self.dist.rank,
                        about={"peer_archs": archs, "classes": list(info.classes) if info.classes else None,
                               "image_size": info.image_size, "data": self.loaders.record,
-                              "versions": library_versions(self.device)})
+                              "git_commit": git_commit(), "versions": library_versions(self.device)})
         self.report = Reporter(self.run.folder, self.is_main, args.epochs, self.best_head)
 
     @property
@@ -372,8 +376,24 @@ class Trainer:
         for split in ("val", "test"):
             if split in result:
                 self.report.log(f"{split}: " + " ".join(f"{k} {v:.2f}" for k, v in result[split].items()))
-        self.run.write_evaluation(result)
+        self._write_evaluation(result)
         return result
+
+    def _write_evaluation(self, result: dict) -> None:
+        """``eval-<checkpoint>-<dataset>[-test<N>][-<amp>][-<hash of --data>].json`` in the checkpoint's folder
+        (rank 0): evaluations of another dataset, of another --eval-subset, in another precision or of another
+        copy of the data never overwrite each other."""
+        a = self.args
+        name = f"eval-{Path(a.eval_only).stem}-{a.dataset}"
+        if a.eval_subset:
+            name += f"-test{a.eval_subset}"
+        if a.amp in ("bf16", "fp16"):
+            name += f"-{a.amp}"
+        if a.data:
+            name += "-" + hashlib.sha256(str(Path(a.data).resolve()).encode()).hexdigest()[:6]
+        if self.is_main:
+            atomic_write_text(json.dumps(result, indent=2) + "\n", self.run.folder / f"{name}.json")
+            self.report.log(f"results: {self.run.folder / name}.json")
 
 
 # ---- setting a run up ----------------------------------------------------------------------------------
@@ -397,6 +417,28 @@ def select_device(args) -> torch.device:
     if args.tf32 is not None:     # unset: PyTorch's defaults (float32 matmuls, TF32 cuDNN convolutions)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     return device
+
+
+def git_commit() -> str:
+    """The repository's commit (``-dirty`` when it has changes), for the record; "unknown" outside git."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"],
+                             cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions(device: torch.device) -> dict:
+    """The versions of python, torch, torchvision, numpy, CUDA and cuDNN, and the device's name (plain types:
+    a checkpoint holds them)."""
+    import torchvision
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "numpy": np.__version__,
+                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    cuda = device.type == "cuda"
+    versions["device"] = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
+    return {k: str(v) if isinstance(v, str) else v for k, v in versions.items()}   # TorchVersion: a str
 
 
 def seed_everything(seed: int) -> None:
