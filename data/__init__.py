@@ -7,8 +7,9 @@ augmentation and normalisation. Files live under ``--data``, else ``$OKD_DATASET
 else ``./datasets/<name>``.
 """
 from .common import (DATASET_NAMES, ArraySplit, BadDatasetError, DataFlagError, DatasetError, DatasetInfo,
-                     DatasetNotFoundError, class_difference, dataset_info, datasets_root)
-from .loaders import Batch, DeviceLoader, Loaders, TorchLoader, build_loaders, load_dataset, stratified_split
+                     DatasetNotFoundError, class_difference, datasets_root)
+from .loaders import (Batch, DeviceLoader, Loaders, TorchLoader, build_loaders, dataset_info, load_dataset,
+                      stratified_split)
 
 __all__ = ["DATASET_NAMES", "ArraySplit", "BadDatasetError", "Batch", "DataFlagError", "DatasetError", "DatasetInfo",
            "DatasetNotFoundError", "DeviceLoader", "Loaders", "TorchLoader", "build_loaders", "class_difference",

@@ -14,7 +14,7 @@ labels in range; a damaged file is one :class:`~data.common.BadDatasetError` nam
 Both splits are returned whole as uint8 N x 3 x 32 x 32 plus int64 labels (CIFAR-100: fine labels).
 Training augmentation (in :mod:`data.loaders`): RandomCrop(32, padding=4, zero fill) +
 RandomHorizontalFlip(0.5); then ToTensor-style /255 and Normalize with the mean/std of
-:func:`data.common.dataset_info` (CIFAR-100 (0.5071, 0.4867, 0.4408) / (0.2675, 0.2565, 0.2761);
+:func:`data.dataset_info` (CIFAR-100 (0.5071, 0.4867, 0.4408) / (0.2675, 0.2565, 0.2761);
 CIFAR-10 (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616)). Test: /255 + Normalize only.
 """
 from __future__ import annotations

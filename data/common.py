@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple, Optional, Sequence
 
@@ -262,38 +262,29 @@ def check_image_size_flag(image_size) -> int:
     return image_size
 
 
-def dataset_info(name: str, data: Optional[os.PathLike | str] = None, *, image_size: Optional[int] = None,
-                 classes: Optional[os.PathLike | str] = None) -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``name`` (one of :data:`DATASET_NAMES`) under ``--image-size`` and
-    ``--classes`` (None: not given).
-
-    Built-in datasets: their static facts, no file read; ``--image-size`` (any size of at least 8) and
-    ``--classes FILE`` (a subset of the class folders, checked against ``train/`` and ``val/`` by listing
-    them) are for ImageNet only, and another dataset refuses them (:class:`DataFlagError`). ``folder``:
-    read from ``--data`` by listing the tree and reading up to 1,000 image headers, nothing decoded
-    (:func:`data.folder.describe`): classes, image size, protocol, loader; the layout problems raise
-    :class:`DatasetError` (one line), as ``build_loaders`` would."""
-    if name == "folder":
-        from .folder import describe
-        return describe(data, image_size, classes)
+def static_info(name: str) -> DatasetInfo:
+    """The fixed facts of built-in dataset ``name`` (no file read); ``data.dataset_info`` adds what the files
+    and the flags say."""
     try:
-        info = _INFOS[name]
+        return _INFOS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}") from None
-    if image_size is not None and image_size != info.image_size:
-        if name != "imagenet":
-            raise DataFlagError(f"--image-size {image_size}: {name}'s images are {info.image_size}x{info.image_size}; "
-                                "--image-size is for --dataset folder and imagenet. Fix: leave it out")
-        info = replace(info, image_size=check_image_size_flag(image_size))
-    if classes is not None:
-        if name != "imagenet":
-            raise DataFlagError(f"--classes picks class folders of --dataset folder or imagenet; {name} has fixed "
-                                "classes. Fix: leave --classes out (or save the classes as a folder tree and use "
-                                "--dataset folder)")
-        from .imagenet import subset_classes
-        names = subset_classes(data, classes)
-        info = replace(info, num_classes=len(names), classes=tuple(names), official_train=None, official_test=None)
-    return info
+
+
+PAD_MODES = ("zero", "reflect")
+
+
+def array_transforms(info: DatasetInfo, train: bool, pad_mode: str = "zero"):
+    """torchvision transforms on uint8 C x H x W tensors: [RandomCrop(size, padding, padding_mode) + flip]
+    + /255 + Normalize; ``pad_mode`` 'zero' (torchvision's 'constant' 0) or 'reflect'."""
+    from torchvision import transforms
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}; got {pad_mode!r}")
+    steps = [transforms.RandomCrop(info.image_size, padding=info.crop_padding,
+                                   padding_mode="constant" if pad_mode == "zero" else pad_mode),
+             transforms.RandomHorizontalFlip()] if train else []
+    return transforms.Compose(steps + [transforms.ConvertImageDtype(torch.float32),
+                                       transforms.Normalize(info.mean, info.std)])
 
 
 class ArraySplit(NamedTuple):

@@ -64,7 +64,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
-from .common import (ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError,
+from .common import (ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError, array_transforms,
                      check_image_size_flag, default_dir, is_hidden, read_class_list, save_or_warn, some, visible_dirs)
 from .files import verified, write_atomically
 
@@ -524,7 +524,6 @@ def transform(info: DatasetInfo, train: bool, streamed: bool, pad_mode: str = "z
     """The per-sample transform of a split: on uint8 arrays (CIFAR protocol in memory) the arrays' transform;
     on files, the frame and then the same steps (CIFAR protocol), or the ImageNet protocol's PIL transforms."""
     from .imagenet import test_transform, train_transform
-    from .loaders import array_transforms
     if info.protocol == "imagenet":
         return train_transform(info.image_size, info.mean, info.std) if train else \
             test_transform(info.image_size, info.test_resize, info.mean, info.std)

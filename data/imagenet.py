@@ -32,11 +32,11 @@ from typing import Callable, Optional
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from .common import (IMAGENET_MEAN, IMAGENET_STD, BadDatasetError, DataFlagError, DatasetNotFoundError, dataset_info,
+from .common import (IMAGENET_MEAN, IMAGENET_STD, BadDatasetError, DataFlagError, DatasetNotFoundError, static_info,
                      decode_rgb, default_dir, image_files, read_class_list, some, visible_dirs)
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-NUM_CLASSES = dataset_info("imagenet").num_classes
+NUM_CLASSES = static_info("imagenet").num_classes
 CHECK = "python scripts/check_dataset.py --dataset imagenet --data {root} lists every bad file"
 FIX = ("download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org, "
        "extract them to <root>/train/<wnid>/*.JPEG and <root>/val/, run "

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import warnings
 from dataclasses import replace
@@ -53,10 +54,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
-from torchvision import transforms
 
-from .common import (DATASET_NAMES, ArraySplit, BadDatasetError, DataFlagError, DatasetError, DatasetInfo,
-                     dataset_info)
+from .common import (DATASET_NAMES, PAD_MODES, ArraySplit, BadDatasetError, DataFlagError, DatasetError,
+                     DatasetInfo, array_transforms, check_image_size_flag, static_info)
 
 # Tags that keep the random streams derived from one seed apart.
 _ORDER, _AUG, _WORKERS, _VAL, _SUBSET, _EVAL_SUBSET = range(6)
@@ -160,9 +160,6 @@ class _Loader:
 
     def positions(self) -> torch.Tensor:
         return self.schedule.positions()
-
-
-PAD_MODES = ("zero", "reflect")
 
 
 def crop_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
@@ -341,16 +338,35 @@ class TorchLoader(_Loader):
             yield Batch(images, move(labels), move(index))
 
 
-def array_transforms(info: DatasetInfo, train: bool, pad_mode: str = "zero"):
-    """torchvision transforms on uint8 C x H x W tensors: [RandomCrop(size, padding, padding_mode) + flip]
-    + /255 + Normalize; ``pad_mode`` 'zero' (torchvision's 'constant' 0) or 'reflect'."""
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}; got {pad_mode!r}")
-    steps = [transforms.RandomCrop(info.image_size, padding=info.crop_padding,
-                                   padding_mode="constant" if pad_mode == "zero" else pad_mode),
-             transforms.RandomHorizontalFlip()] if train else []
-    return transforms.Compose(steps + [transforms.ConvertImageDtype(torch.float32),
-                                       transforms.Normalize(info.mean, info.std)])
+def dataset_info(name: str, data: Optional[os.PathLike | str] = None, *, image_size: Optional[int] = None,
+                 classes: Optional[os.PathLike | str] = None) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name`` (one of :data:`DATASET_NAMES`) under ``--image-size`` and
+    ``--classes`` (None: not given).
+
+    Built-in datasets: their static facts, no file read; ``--image-size`` (any size of at least 8) and
+    ``--classes FILE`` (a subset of the class folders, checked against ``train/`` and ``val/`` by listing
+    them) are for ImageNet only, and another dataset refuses them (:class:`DataFlagError`). ``folder``:
+    read from ``--data`` by listing the tree and reading up to 1,000 image headers, nothing decoded
+    (:func:`data.folder.describe`): classes, image size, protocol, loader; the layout problems raise
+    :class:`DatasetError` (one line), as ``build_loaders`` would."""
+    if name == "folder":
+        from .folder import describe
+        return describe(data, image_size, classes)
+    info = static_info(name)
+    if image_size is not None and image_size != info.image_size:
+        if name != "imagenet":
+            raise DataFlagError(f"--image-size {image_size}: {name}'s images are {info.image_size}x{info.image_size}; "
+                                "--image-size is for --dataset folder and imagenet. Fix: leave it out")
+        info = replace(info, image_size=check_image_size_flag(image_size))
+    if classes is not None:
+        if name != "imagenet":
+            raise DataFlagError(f"--classes picks class folders of --dataset folder or imagenet; {name} has fixed "
+                                "classes. Fix: leave --classes out (or save the classes as a folder tree and use "
+                                "--dataset folder)")
+        from .imagenet import subset_classes
+        names = subset_classes(data, classes)
+        info = replace(info, num_classes=len(names), classes=tuple(names), official_train=None, official_test=None)
+    return info
 
 
 def load_dataset(name: str, data=None, download: bool = False, *, image_size: Optional[int] = None,

@@ -2,7 +2,7 @@
 
 Each class has a smooth random RGB prototype (4x4 Gaussian noise upsampled bilinearly to the image
 size); a sample is ``0.5 + 0.18 * prototype + 0.12 * smooth noise + 0.05 * pixel noise``, clipped to
-[0, 1] and stored as uint8 (pixel mean about 0.48, std about 0.21; :func:`data.common.dataset_info`
+[0, 1] and stored as uint8 (pixel mean about 0.48, std about 0.21; :func:`data.dataset_info`
 normalises with the round 0.5 / 0.25). Labels cycle through the classes, so the set is class-balanced.
 The content depends only on ``dataset_seed`` (fixed, independent of the training seed), so every run
 sees the same images.

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .common import (ArraySplit, BadDatasetError, DatasetNotFoundError, datasets_root, decode_rgb, dataset_info,
+from .common import (ArraySplit, BadDatasetError, DatasetNotFoundError, datasets_root, decode_rgb, static_info,
                      download_or_explain, image_files, is_hidden, save_or_warn, visible_dirs)
 from .files import verified
 
@@ -50,7 +50,7 @@ MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 CACHE = "okd_uint8_cache.pt"
 CACHE_VERSION = 2
 SIZE = 64
-NUM_CLASSES = dataset_info("tinyimagenet").num_classes
+NUM_CLASSES = static_info("tinyimagenet").num_classes
 
 
 REEXTRACT = f"extract {FOLDER}.zip again (or run with --download, which re-extracts it and checks its MD5)"

@@ -8,5 +8,6 @@ from .method import Method, OptimGroup, StepContext, peer_heads
 from .trainer import Trainer, main, train
 
 __all__ = ["RECIPES", "build_parser", "parse_args", "number", "non_negative", "positive", "temperature", "fraction",
-           "unit_interval", "positive_int", "non_negative_int", "UserError", "Method", "OptimGroup", "StepContext", "peer_heads",
+           "unit_interval", "positive_int", "non_negative_int", "UserError", "Method", "OptimGroup", "StepContext",
+           "peer_heads",
            "Trainer", "main", "train"]

@@ -312,7 +312,7 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     if args.eval_subset == 0:
         args.eval_subset = None             # the whole test set, as when the flag is left out
     given = given_options(method_cls, argv)
-    args.schedule_note = _shorten_schedule(args, given, parser.get_default("epochs"))
+    args.schedule_note = _shorten_schedule(args, given, RECIPES[args.recipe]["epochs"])
     if "milestones" in given and args.lr_schedule != "multistep":
         warnings.warn("--milestones apply to --lr-schedule multistep only; this run's schedule is "
                       f"{args.lr_schedule}, so they are ignored (add --lr-schedule multistep to use them)")
@@ -324,10 +324,10 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
 
 
 def _shorten_schedule(args: argparse.Namespace, given: dict, default_epochs: int) -> Optional[str]:
-    """A run given another --epochs than its recipe's keeps the recipe's schedule in proportion: the multistep
+    """A run given fewer --epochs than its recipe's keeps the recipe's schedule in proportion: the multistep
     milestones (or the first SGDR cycle) it does not set are scaled by --epochs / the recipe's epochs, as a
     cosine is. Returns the sentence the run's first line shows, or None."""
-    if "epochs" not in given or args.epochs == default_epochs:
+    if "epochs" not in given or args.epochs >= default_epochs:
         return None
     scale = args.epochs / default_epochs
     if args.lr_schedule == "multistep" and "milestones" not in given:
@@ -347,6 +347,8 @@ def given_options(method_cls, argv: Sequence[str]) -> dict:
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     known = vars(parser.parse_known_args(list(argv))[0])
+    if known.get("eval_subset") == 0:
+        known["eval_subset"] = None        # 0: the whole test set, as when the flag is left out
     if "arch" in known:                  # as parse_args holds it: a list of one repeated name is that name
         from models.peers import normalize_arch
         known["arch"] = normalize_arch(known["arch"].split(","))

@@ -165,8 +165,11 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], s
             + ". Leave these flags out (only --data and evaluation options may be given)")
     if wrong:
         raise UserError(f"{path} was trained with {describe_differences(wrong)}. Resume with the checkpoint's "
-                        "values (leave these flags out), or start a new run (leave out --resume, or give another --out)")
+                        "values (leave these flags out), or start a new run (leave out --resume, or another --out)")
     kept = {k: v for k, v in options.items() if k in vars(args) and not (k in given and k in free)}
+    kept.update({k: saved[k] for k in ("recipe", "preset") if k in saved and k in vars(args) and k not in given})
+    if evaluating:
+        kept.pop("cuda_graph", None)     # nothing is trained: the step is not captured
     if "milestones" not in given and "sgdr_t0" not in given:   # the checkpoint's schedule, as it was shortened
         kept["schedule_note"] = saved.get("schedule_note")
     return argparse.Namespace(**{**vars(args), **kept})
@@ -221,7 +224,11 @@ def run_name(method_cls, config: RunConfig, world_size: int = 1) -> str:
     options = training_options({**config.as_dict(), "world_size": world_size})
     defaults = default_options(method_cls, config)
     peers = f"-n{options['num_peers']}" if "num_peers" in options else ""
-    data = f"folder-{Path(config.data).resolve().name}" if config.dataset == "folder" else config.dataset
+    data = config.dataset
+    if data == "folder":                 # the folder's name, and a hash of where it is (two data/ folders differ)
+        from data.common import default_dir
+        where = default_dir("folder", config.data).resolve()
+        data = f"folder-{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:6]}"
     name = f"{method_cls.name}-{arch_tag(options['arch'])}-{data}{peers}-s{options['seed']}"
     changed = {k: _canonical(v) for k, v in options.items()
                if k not in NAMED and (k not in defaults or _canonical(defaults[k]) != _canonical(v))}

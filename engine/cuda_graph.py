@@ -14,13 +14,12 @@ are updated after each replay, eagerly. Python numbers read during the step (the
 weights computed from the epoch) are frozen into the capture, so the step is captured again at the start
 of every epoch; a capture costs about one step. Everything inside the step must stay on the device: no
 ``.item()``, no host-side randomness, no shapes or Python branches that depend on the data (the rules
-for method authors are in ``engine/method.py``). A batch of another shape (a last partial batch) runs eagerly. A step that cannot
-be captured stops the run with a clear error (the last epoch's checkpoint is intact): continuing eagerly in
-a process whose capture failed is not safe.
+for method authors are in ``engine/method.py``). A graph has one batch shape: the training loader drops the
+last incomplete batch under ``--cuda-graph``. A step that cannot be captured stops the run with a clear error
+(the last epoch's checkpoint is intact): continuing eagerly in a process whose capture failed is not safe.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -28,7 +27,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 
 def shapes(obj) -> list[tuple]:
-    """Shape, dtype and strides of every tensor of a (named) tuple / list / dict tree: a new capture when they change."""
+    """Shape, dtype and strides of every tensor of a (named) tuple / list / dict tree: what a capture fixes."""
     return [(t.shape, t.dtype, t.stride()) for t in tree_leaves(obj)]
 
 
@@ -48,7 +47,7 @@ class GraphedStep:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.epoch: Optional[int] = None
         self.static_in = self.static_out = None
-        self.captures = self.replays = self.eager_batches = 0
+        self.captures = self.replays = 0
 
     def _eager_on_side_stream(self, batch, epoch):
         side = torch.cuda.Stream(self.device)
@@ -82,10 +81,8 @@ class GraphedStep:
             except RuntimeError as e:                          # a host sync or CPU work inside the step
                 raise CaptureError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
         elif shapes(batch) != shapes(self.static_in):
-            if not self.eager_batches:
-                warnings.warn("--cuda-graph: a batch of another shape runs eagerly (use drop_last loaders)")
-            self.eager_batches += 1
-            return self.step(batch, epoch)
+            raise CaptureError("a batch of another shape than the captured one (the loader must drop the last "
+                               "incomplete batch)")
         else:
             for static, new in zip(tree_leaves(self.static_in), tree_leaves(batch)):
                 static.copy_(new, non_blocking=True)

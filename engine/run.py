@@ -58,16 +58,17 @@ def history_state(records: Sequence[dict], split: str, metric: str) -> dict:
 
 class Run:
     """The run directory ``folder`` of ``method_cls`` trained with ``config`` by ``argv`` on ``world_size``
-    processes (this one ``rank``). ``about``: what results.json says of the run besides its record (the
-    peers' architectures, the data used, the library versions). Only rank 0 writes."""
+    processes (this one ``rank``); ``selection``: the split and metric that choose the best epoch. ``about``:
+    what results.json says of the run besides its record (the peers' architectures, the data used, the library
+    versions). Only rank 0 writes."""
 
-    def __init__(self, folder: Path, method_cls, config: RunConfig, argv: Sequence[str], world_size: int = 1,
-                 rank: int = 0, about: Optional[dict] = None):
+    def __init__(self, folder: Path, method_cls, config: RunConfig, argv: Sequence[str], selection: tuple,
+                 world_size: int = 1, rank: int = 0, about: Optional[dict] = None):
         self.folder = Path(folder).absolute()
         self.method_cls, self.config, self.argv = method_cls, config, list(argv)
         self.world_size, self.is_main = world_size, rank == 0
         self.about = about or {}
-        self.selection = ("val" if config.val_split else "test", f"{config.best_metric or method_cls.best_metric}/top1")
+        self.selection = selection
         self.records: list[dict] = []           # every epoch's record, once its checkpoint is written
         self.run_id = uuid.uuid4().hex          # a resumed run takes its checkpoint's
         self.processes: list[dict] = []         # every process that trained the run
@@ -90,10 +91,12 @@ class Run:
 
     # ---- opening: lock, then a new run or the checkpoint to continue ------------------------------------
 
-    def open(self, ckpt: Optional[dict] = None) -> Optional[dict]:
+    def open(self, ckpt: Optional[dict] = None, stamp: Optional[tuple] = None) -> Optional[dict]:
         """Lock the folder (every rank stops if rank 0 could not), then check what it holds: None for a new
-        run, else the checkpoint to continue from (``ckpt``, when the loop has read it already), checked
-        against this command. Raises UserError rather than overwrite anything."""
+        run, else the checkpoint to continue from, checked against this command: ``ckpt`` when the loop read it
+        before the lock and the file is still the one it read (``stamp``: :func:`file_stamp`), else read again
+        (another process may have saved a later epoch meanwhile). Raises UserError rather than overwrite
+        anything."""
         self._lock()
         resume = self._resume_path()
         if resume is None:
@@ -109,7 +112,8 @@ class Run:
                 self._refuse_a_sibling_run()
                 self.log(f"--resume auto: no checkpoint in {self.folder}, starting a new run")
             return None
-        ckpt = ckpt if ckpt is not None else load_checkpoint(resume)
+        if ckpt is None or file_stamp(resume) != stamp:
+            ckpt = load_checkpoint(resume)
         if ckpt["method"] != self.method_cls.name:
             raise UserError(f"{resume} was saved by train_{ckpt['method']}.py; resume it with that script")
         diffs = recorded_differences(self.method_cls, self.config, ckpt, self.world_size)
@@ -459,6 +463,12 @@ def _held_by_a_live_process(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return bool(holder.get("pid")) and (holder.get("host") != socket.gethostname() or _pid_alive(holder["pid"]))
+
+
+def file_stamp(path: Path) -> tuple:
+    """What tells a file from the one written in its place (an atomic write makes a new inode)."""
+    stat = Path(path).stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _checkpoint_epoch(path: Path) -> Optional[int]:

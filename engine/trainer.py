@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,12 @@ from .errors import UserError
 from .method import Method, StepContext
 from .optim import Optimization
 from .reporting import Reporter
-from .run import Run, stop_signal
+from .run import Run, file_stamp, stop_signal
+
+
+class Evaluator(NamedTuple):
+    """What ``Method.on_epoch_end`` gets: ``predict(split)``, every head's logits on a split (Trainer.predict)."""
+    predict: Callable[[str], tuple]
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -58,16 +63,19 @@ class Trainer:
 
         self.method_cls = method_cls
         argv = list(sys.argv[1:] if argv is None else argv)   # the command, for the record
-        self.ckpt = None                           # the checkpoint the command names, read once
+        self.ckpt, self.ckpt_stamp = None, None    # the checkpoint the command names, read once
         source = args.eval_only or args.resume     # trained or evaluated as its checkpoint was
-        if source == "auto":                       # the run's folder is known before the options only with --out
+        if args.resume == "auto":                  # the run's folder is known before the options only with --out
             source = Path(args.out) / "last.pt" if args.out and (Path(args.out) / "last.pt").is_file() else None
         if source:
+            self.ckpt_stamp = file_stamp(source)
             self.ckpt = ckpt = load_checkpoint(source)
             if ckpt["method"] != method_cls.name:
                 raise UserError(f"{source} was saved by train_{ckpt['method']}.py; "
                                 f"{'evaluate' if args.eval_only else 'resume'} it with that script")
             args = from_checkpoint(method_cls, args, argv, ckpt["args"], Path(source), bool(args.eval_only))
+            if args.eval_only and args.image_size is None and args.dataset == "folder":
+                args.image_size = ckpt.get("image_size")   # evaluated at the size it was trained at
         self.args = args = resolve(method_cls, args)   # read-only from here on
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -113,7 +121,8 @@ class Trainer:
         out = run_directory(method_cls, args, self.dist.world_size)
         archs = ({f"peer{i + 1}": n for i, n in enumerate(peer_archs(args.arch, args.num_peers))}
                  if method_cls.num_peers is not None else None)
-        self.run = Run(out, method_cls, args, argv, self.dist.world_size, self.dist.rank,
+        selection = ("val" if self.loaders.val is not None else "test", f"{self.best_head}/top1")
+        self.run = Run(out, method_cls, args, argv, selection, self.dist.world_size, self.dist.rank,
                        about={"peer_archs": archs, "classes": list(info.classes) if info.classes else None,
                               "image_size": info.image_size, "data": self.loaders.record,
                               "git_commit": git_commit(), "versions": library_versions(self.device)})
@@ -156,8 +165,9 @@ class Trainer:
             return self.graphed(batch, epoch)
         except CaptureError as e:
             raise UserError(f"--cuda-graph: {self.method_cls.name}'s training step could not be captured as a CUDA "
-                            f"graph ({e}). {self.run.folder / 'last.pt'} holds the last finished epoch: continue "
-                            "without --cuda-graph (--resume auto)") from None
+                            f"graph ({e}). {self.run.folder / 'last.pt'} holds the last finished epoch; a run trained "
+                            "with --cuda-graph continues only with it (it drops each epoch's last incomplete batch): "
+                            "start a new run without it (another --out)") from None
 
     # ---- one epoch ------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -309,7 +319,7 @@ class Trainer:
         process ended (finished, interrupted, failed) is recorded in results.json."""
         self._check_heads()   # before the RNG state of a resumed run is restored
         try:
-            ckpt = self.run.open(self.ckpt)
+            ckpt = self.run.open(self.ckpt, self.ckpt_stamp)
             if ckpt is not None and self.run.done_after(ckpt["epoch"]):
                 self.run.close(None)
                 return self.run.recorded()
@@ -336,7 +346,7 @@ class Trainer:
             lr = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
             terms, speed = self.train_epoch(epoch)
             record = {"epoch": epoch + 1, "lr": lr, "train": terms, "speed": speed}
-            self.method.on_epoch_end(epoch, self)
+            self.method.on_epoch_end(epoch, Evaluator(self.predict))
             self._stop_if_non_finite(epoch, terms)
             record["test"] = self.evaluate(self.loaders.test)
             if self.loaders.val is not None:
@@ -371,7 +381,8 @@ class Trainer:
                   "dataset": a.dataset, "data": a.data, "splits": splits, "amp": a.amp,
                   "test": self.evaluate(self.loaders.test)}
         if self.loaders.val is not None:
-            splits["val"] = f"{a.val_split} samples held out of the {a.dataset} training set (seed {a.seed})"
+            splits["val"] = (self.loaders.record.get("folder", {}).get("splits", {}).get("val")
+                             or f"{a.val_split} samples held out of the {a.dataset} training set (seed {a.seed})")
             result["val"] = self.evaluate(self.loaders.val)
         for split in ("val", "test"):
             if split in result:
@@ -530,7 +541,10 @@ def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None
     2 for bad input, 128 + the signal's number for a stopped run."""
     from data import DatasetError
     from models import UnknownModelError
-    previous = {s: signal.signal(s, raise_interrupted) for s in STOP_SIGNALS}, warnings.formatwarning
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}, warnings.formatwarning
+    for s, handler in previous[0].items():
+        if handler is not signal.SIG_IGN:     # one the shell ignores (nohup: SIGHUP) stays ignored
+            signal.signal(s, raise_interrupted)
     warnings.formatwarning = one_line_warning
     try:
         train(method_cls, argv)

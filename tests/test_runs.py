@@ -372,6 +372,26 @@ def test_a_signal_waits_for_the_checkpoint_write():
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_a_stop_signal_the_shell_ignores_stays_ignored(monkeypatch):
+    """``nohup python train_x.py ...`` ignores SIGHUP: main() keeps it ignored (the run survives the closed
+    terminal, as asked) and still stops on SIGINT and SIGTERM; the shell's handlers come back afterwards."""
+    import engine.trainer as trainer_module
+    seen = {}
+    monkeypatch.setattr(trainer_module, "train", lambda cls, argv: seen.update(
+        {s: signal.getsignal(s) for s in trainer_module.STOP_SIGNALS}))
+    before = {s: signal.getsignal(s) for s in trainer_module.STOP_SIGNALS}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        main(Baseline, [])
+        assert seen[signal.SIGHUP] is signal.SIG_IGN
+        assert seen[signal.SIGINT] is seen[signal.SIGTERM] is trainer_module.raise_interrupted
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def test_a_stop_after_the_last_epoch_was_saved_leaves_a_finished_run(tmp_path, monkeypatch):
     real = run_module.Run.write_results
     calls = []
@@ -442,6 +462,13 @@ def test_sigterm_mid_epoch_stops_like_ctrl_c(tmp_path):
 
 
 
+def _default_stop_signals():
+    """In the child: a SIGHUP or SIGINT that this test's own shell ignores (nohup, a background job) is not
+    inherited, since a run keeps an ignored stop signal ignored."""
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def _stopped(tmp_path, stop, workers: int = 0, epochs: int = 4):
     """A training process (``--loader torch --workers N`` when N > 0, in a process group of its own) stopped by
     ``stop(process)`` once its first last.pt exists; returns (process, stdout, stderr, out folder)."""
@@ -450,7 +477,7 @@ def _stopped(tmp_path, stop, workers: int = 0, epochs: int = 4):
            "--batch-size", "32", "--gpu", "-1", "--no-progress", "--workers", str(workers), "--epochs", str(epochs),
            "--out", str(out)] + (["--loader", "torch"] if workers else [])
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=_default_stop_signals)
     deadline = time.time() + 600
     while not (out / "last.pt").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
