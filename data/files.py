@@ -15,6 +15,7 @@ import io
 import os
 import secrets
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.utils._pytree import tree_map
@@ -26,11 +27,11 @@ class NameTaken(FileExistsError):
     """``write_atomically(..., replace=False)`` found a file already under the name."""
 
 
-def write_atomically(path: Path, mode: str, write, replace: bool = True) -> None:
+def write_atomically(path: Path, mode: str, write, replace: bool = True, permissions: Optional[int] = None) -> None:
     """``write(file)`` (``mode`` "w" or "wb") into a temporary file in ``path``'s folder, fsync, then publish it
-    as ``path``. ``replace=False`` never replaces a file: the name is taken with a hard link, which fails
-    (:class:`NameTaken`) when it exists, even if it appeared meanwhile (a file system without hard links:
-    checked, then renamed). Raises OSError."""
+    as ``path`` (with ``permissions``, e.g. the replaced file's, else the umask's). ``replace=False`` never
+    replaces a file: the name is taken with a hard link, which fails (:class:`NameTaken`) when it exists, even
+    if it appeared meanwhile (a file system without hard links: checked, then renamed). Raises OSError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
@@ -40,6 +41,8 @@ def write_atomically(path: Path, mode: str, write, replace: bool = True) -> None
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if permissions is not None:
+            os.chmod(tmp, permissions)
         if replace:
             os.replace(tmp, path)
             return

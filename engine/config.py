@@ -70,12 +70,6 @@ class RunConfig(argparse.Namespace):
         """A copy of every field (for checkpoints and results.json)."""
         return dict(vars(self))
 
-    def replace(self, **changes) -> "RunConfig":
-        """A new configuration with ``changes`` (existing fields only)."""
-        for name in changes:
-            getattr(self, name)   # an unknown field: the AttributeError with its suggestion
-        return RunConfig({**vars(self), **changes})
-
 
 def resolve(method_cls, args) -> RunConfig:
     """Resolve and freeze a parsed namespace (not modified; a RunConfig is accepted too): the engine's

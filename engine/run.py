@@ -122,7 +122,8 @@ class Run:
                             "checkpoint's values, or start a new run (leave out --resume, or give another --out)")
         self.check_data(ckpt, resume)
         self._check_target(resume, ckpt)
-        if self.is_main:
+        if self.is_main and (resume.parent == self.folder or not self.done_after(ckpt["epoch"])):
+            # (a finished run "resumed" into another --out changes nothing, there or here)
             self._repair_best(resume, ckpt)
             self._repair_record(resume, ckpt)
         self.resume_from = resume
@@ -143,7 +144,8 @@ class Run:
                                 "was trained on")
         if ckpt.get("image_size") not in (None, self.about.get("image_size")):
             raise UserError(f"{path} was trained on {ckpt['image_size']} px images, this data gives "
-                            f"{self.about.get('image_size')} px; pass --image-size {ckpt['image_size']}")
+                            f"{self.about.get('image_size')} px; give the data it was trained on, or "
+                            f"--image-size {ckpt['image_size']}")
 
     def _refuse_a_sibling_run(self) -> None:
         """--resume auto without --out finds its run by its options. A run of the same method, backbone, data and
@@ -284,13 +286,15 @@ class Run:
         checkpoint is written; every rank waits for rank 0 and the others take the epoch after it."""
         records = self.records + [record]
         improved = history_state(records, *self.selection)["best"]["epoch"] == record["epoch"]
+        status = "finished" if self.done_after(record["epoch"]) else "running"
         if self.is_main:
+            self._update_process("running", len(records))  # the checkpoint's own record counts this epoch
             paths = [self.folder / "last.pt"] + ([self.folder / "best.pt"] if improved else [])
             ckpt = {"format": FORMAT, "layout": "plain", "epoch": record["epoch"], **state, **self.record(records)}
             with signals_held():
                 atomic_save(ckpt, *paths)
                 self.records, self.saved = records, paths[0]
-        self.write_results("finished" if self.done_after(record["epoch"]) else "running")
+        self.write_results(status)
         barrier()   # no rank starts the next epoch before rank 0 has written this one's checkpoint
         self.records, self.saved = records, self.folder / "last.pt"
 
@@ -380,15 +384,18 @@ class Run:
     def write_results(self, status: str, **extra) -> None:
         """Bring this process's entry up to date (its status, and the signal or reason it ended with), then
         write results.json (rank 0)."""
-        if self.process is not None:
-            t = time.time()
-            self.process.update(end_epoch=len(self.records), updated=_now_iso(t),
-                                wall_s=t - self.process["started_unix"], status=status, **extra)
-            if status != "running":
-                self.process["ended"] = _now_iso(t)
+        self._update_process(status, len(self.records), **extra)
         if self.is_main:
             atomic_write_text(json.dumps(self.results(status), indent=2, default=str) + "\n",
                               self.folder / "results.json")
+
+    def _update_process(self, status: str, epochs: int, **extra) -> None:
+        if self.process is not None:
+            t = time.time()
+            self.process.update(end_epoch=epochs, updated=_now_iso(t), wall_s=t - self.process["started_unix"],
+                                status=status, **extra)
+            if status != "running":
+                self.process["ended"] = _now_iso(t)
 
     def recorded(self) -> dict:
         """results.json as written, or this run's record if there is none."""
@@ -436,20 +443,33 @@ def read_run(folder: Path) -> Optional[dict]:
     the record rebuilt from last.pt. None when there is neither. What reproduce.py and summarize.py read."""
     folder = Path(folder)
     recorded = read_record(folder / "results.json")
-    if (recorded and recorded.get("status") == "finished") or _held_by_a_live_process(folder):
+    if _held_by_a_live_process(folder):
         return recorded
+    last = folder / "last.pt"
+    if recorded and recorded.get("status") == "finished" and not _newer(last, folder / "results.json"):
+        return recorded                                    # (no checkpoint to read: summaries stay fast)
     try:
-        ckpt = load_checkpoint(folder / "last.pt") if (folder / "last.pt").is_file() else None
+        ckpt = load_checkpoint(last) if last.is_file() else None
     except UserError:
         ckpt = None
-    return _in_line(recorded, ckpt) if ckpt is not None else recorded
+    return _in_line(recorded, ckpt)
 
 
-def _in_line(recorded: Optional[dict], ckpt: dict) -> Optional[dict]:
-    """``recorded`` when it lists every epoch of the checkpoint ``ckpt``, else the checkpoint's own record
-    (its processes merged with results.json's): 'finished' when it holds every epoch, else 'killed'."""
-    same_run = recorded is not None and recorded.get("run_id") == ckpt.get("run_id")
-    if (same_run and recorded.get("epochs_done", 0) >= ckpt["epoch"]) or "selection" not in ckpt:
+def _newer(path: Path, than: Path) -> bool:
+    try:
+        return path.stat().st_mtime_ns > than.stat().st_mtime_ns
+    except OSError:
+        return False
+
+
+def _in_line(recorded: Optional[dict], ckpt: Optional[dict]) -> Optional[dict]:
+    """The record of a run no live process holds: ``recorded`` when it lists every epoch of the checkpoint
+    ``ckpt`` ('killed' if it still says 'running'), else the checkpoint's own record (its processes merged with
+    results.json's): 'finished' when it holds every epoch, else 'killed'."""
+    if recorded is not None and recorded.get("status") == "running":
+        recorded = {**recorded, "status": "killed"}        # its process died without a word (SIGKILL, power)
+    same_run = recorded is not None and ckpt is not None and recorded.get("run_id") == ckpt.get("run_id")
+    if ckpt is None or (same_run and recorded.get("epochs_done", 0) >= ckpt["epoch"]) or "selection" not in ckpt:
         return recorded   # (a checkpoint of an older version holds no record to rebuild from)
     processes = merge_processes(ckpt.get("processes", []), recorded["processes"] if same_run else None)
     return results_of({**ckpt, "processes": processes},
@@ -494,14 +514,17 @@ def _new_process(command: str, start_epoch: int) -> dict:
 
 
 def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequence[dict]]) -> list[dict]:
-    """The processes of a run being resumed: the checkpoint's list, with each entry replaced by the newer
-    one ``results.json`` holds (written later: its final status) and the processes ``results.json`` adds
+    """The processes of a run being resumed: the checkpoint's list, with each entry replaced by the one
+    ``results.json`` holds unless that one counts fewer epochs (results.json is written after the checkpoint,
+    with the process's end; a kill between the two leaves it behind), and the processes ``results.json`` adds
     (those that ended before finishing an epoch). An entry still 'running' belongs to a process that ended
     without writing its end (SIGKILL, out of memory, power loss): it becomes 'killed'."""
     def key(p: Mapping) -> tuple:
         return p.get("host"), p.get("pid"), p.get("started")
     merged = {key(p): dict(p) for p in from_checkpoint}
-    merged.update({key(p): dict(p) for p in from_results or ()})
+    for p in from_results or ():
+        if p.get("end_epoch", 0) >= merged.get(key(p), {}).get("end_epoch", 0):
+            merged[key(p)] = dict(p)
     processes = sorted(merged.values(), key=lambda p: p.get("started_unix", 0.0))
     for p in processes:
         if p.get("status") == "running":

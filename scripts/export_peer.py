@@ -88,6 +88,10 @@ def recorded_accuracy(ckpt: dict, head: str, given: bool = False) -> dict[str, f
 
 def export_peer(checkpoint: Path, peer: int, source: str = "model", head: Optional[str] = None) -> dict:
     """The stand-alone peer ``peer`` (1-based) of a run's checkpoint as the dictionary the script writes."""
+    named = re.search(r"peer(\d+)$", head or "")
+    if named and int(named.group(1)) != peer:
+        raise UserError(f"--head {head} is the head of peer {named.group(1)}, but --peer is {peer}: give "
+                        f"--peer {named.group(1)}, or the head of peer {peer}")
     ckpt = load_checkpoint(checkpoint)
     args = ckpt["args"]
     top1 = recorded_accuracy(ckpt, head or f"peer{peer}", given=head is not None)

@@ -90,13 +90,16 @@ class RunResult:
 
 
 def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
-    """Every readable run under ``root`` and, separately, (path, reason) for every results.json that is not."""
+    """Every readable run under ``root`` (a folder with a results.json or a last.pt) and, separately, (path,
+    reason) for every results.json that is not."""
     from engine.run import read_run
     runs, bad = [], []
-    for path in sorted(root.rglob("results.json")):
+    folders = {p.parent for p in root.rglob("results.json")} | {p.parent for p in root.rglob("last.pt")}
+    for path in sorted(folder / "results.json" for folder in folders):
         data = read_run(path.parent)           # brought in line with last.pt, as reproduce.py reads it
         if data is None or not isinstance(data.get("history"), list) or "status" not in data:
-            bad.append((path, "unreadable, or not a run's results.json (no status, args or history)"))
+            bad.append((path, "unreadable, or not a run's results.json (no status, args or history), "
+                              "and no readable last.pt to rebuild it from"))
             continue
         if not all(isinstance(h, dict) and {"epoch", "train", "test"} <= set(h) for h in data["history"]):
             bad.append((path, "partial: an epoch record without epoch, train or test"))
@@ -613,9 +616,7 @@ def fill_block(path: Path, text: str, plots: Sequence[Path] = ()) -> None:
     new = f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}"
     target = path.resolve()           # a link to the page: the page it points to is replaced, the link kept
     try:
-        mode = target.stat().st_mode & 0o7777
-        write_atomically(target, "w", lambda f: f.write(new))
-        os.chmod(target, mode)
+        write_atomically(target, "w", lambda f: f.write(new), permissions=target.stat().st_mode & 0o7777)
     except OSError as e:
         raise ValueError(f"--into {path}: cannot write {e.filename or path}: {e.strerror or e}; the page is "
                          "unchanged") from None

@@ -135,7 +135,11 @@ def test_write_is_atomic_and_never_replaces_without_force(tmp_path, capsys, monk
 def test_an_unknown_head_is_refused_and_nothing_is_written(tmp_path, capsys):
     ckpt = tmp_path / "best.pt"
     fake_checkpoint(ckpt, Peers("resnet20", 10, 2, "independent"), "resnet20", 2, history_head="mean_peer1")
-    assert export_peer.main([str(ckpt), "--peer", "1", "--head", "peer9", "-o", str(tmp_path / "p.pt")]) == 2
+    assert export_peer.main([str(ckpt), "--peer", "1", "--head", "leader", "-o", str(tmp_path / "p.pt")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --head peer9: the run evaluated mean_peer1; choose") and err.count("\n") == 1
+    assert err.startswith("error: --head leader: the run evaluated mean_peer1; choose") and err.count("\n") == 1
+    # the head of another peer would report that peer's accuracy beside this one's weights
+    assert export_peer.main([str(ckpt), "--peer", "1", "--head", "mean_peer2", "-o", str(tmp_path / "p.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --head mean_peer2 is the head of peer 2, but --peer is 1") and err.count("\n") == 1
     assert not (tmp_path / "p.pt").exists()

@@ -699,6 +699,7 @@ def test_a_kill_after_the_last_checkpoint_leaves_a_finished_run(tmp_path, monkey
     record = read_run(out)
     assert (record["status"], record["epochs_done"], [h["epoch"] for h in record["history"]]) == ("finished", 2, [1, 2])
     assert record["processes"][-1]["status"] == "killed"
+    assert record["processes"][-1]["end_epoch"] == 2          # the checkpoint's own entry counts its epoch
     run = reproduce.Run("t", "baseline-resnet20", "train_baseline.py", TINY[:-2] + ["--epochs", "2"], 0, out, [])
     assert reproduce.run_state(run) == "finished"
     runs, bad = summarize.load_runs(tmp_path / "runs")
@@ -727,6 +728,36 @@ def test_a_kill_mid_run_after_a_checkpoint_resumes_with_every_epoch(tmp_path, mo
     assert "rebuilt from last.pt" in capsys.readouterr().out
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3] and resumed["status"] == "finished"
     assert [p["status"] for p in resumed["processes"]] == ["killed", "finished"]
+
+
+def test_a_record_no_process_finished_is_read_as_killed(run, tmp_path):
+    """results.json saying 'running' with no live process behind it (SIGKILL right after the write) is read as
+    'killed'; a finished run extended in place and killed before its record caught up is read from last.pt;
+    a run folder whose results.json is gone is still found by summarize.py."""
+    import scripts.summarize as summarize
+    from engine.run import read_run
+    copy = tmp_path / "runs" / "copy"
+    shutil.copytree(run, copy)
+    saved = json.loads((copy / "results.json").read_text())
+    (copy / "results.json").write_text(json.dumps({**saved, "status": "running"}))
+    os.utime(copy / "last.pt", ns=(0, 0))                     # older than the record
+    assert (read_run(copy)["status"], read_run(copy)["epochs_done"]) == ("killed", 1)
+    ckpt = load_checkpoint(copy / "last.pt")                  # the same run, extended to 2 epochs: last.pt ahead
+    later = {**ckpt["history"][0], "epoch": 2}
+    atomic_save({**ckpt, "epoch": 2, "history": ckpt["history"] + [later],
+                 "args": {**ckpt["args"], "epochs": 2}}, copy / "last.pt")
+    (copy / "results.json").write_text(json.dumps(saved))     # 'finished' with 1 epoch, written before last.pt
+    os.utime(copy / "results.json", ns=(1, 1))
+    assert (read_run(copy)["status"], read_run(copy)["epochs_done"]) == ("finished", 2)
+    (copy / "results.json").unlink()
+    runs, bad = summarize.load_runs(tmp_path / "runs")
+    assert not bad and [r.data["epochs_done"] for r in runs] == [2]
+
+
+def test_a_finished_run_resumed_into_another_out_writes_nothing_there(run, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    train(DML, EVAL + ["--resume", str(run / "last.pt"), "--out", str(elsewhere)])
+    assert "already finished" in capsys.readouterr().out and not elsewhere.exists()
 
 
 # ---- 11. resume finds its run ---------------------------------------------------------------------------------
