@@ -68,8 +68,8 @@ class Trainer:
         if args.resume == "auto":                  # the run's folder is known before the options only with --out
             source = Path(args.out) / "last.pt" if args.out and (Path(args.out) / "last.pt").is_file() else None
         if source:
-            self.ckpt_stamp = file_stamp(source)
-            self.ckpt = ckpt = load_checkpoint(source)
+            self.ckpt_stamp = file_stamp(source) if Path(source).is_file() else None   # stamped before it is read
+            self.ckpt = ckpt = load_checkpoint(source)     # a missing or damaged file: one line naming it
             if ckpt["method"] != method_cls.name:
                 raise UserError(f"{source} was saved by train_{ckpt['method']}.py; "
                                 f"{'evaluate' if args.eval_only else 'resume'} it with that script")

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.common import DATASET_NAMES, DataFlagError, DatasetError, image_problem  # noqa: E402
-from engine.cli import Parser, positive_int  # noqa: E402
+from engine.cli import Parser, non_negative_int  # noqa: E402
 
 
 def image_list(dataset: str, data: Optional[str], classes: Optional[str] = None) -> list[Path]:
@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dataset", required=True, choices=[n for n in DATASET_NAMES if n != "synthetic"])
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="dataset folder, as for training (default: $OKD_DATASETS/<name> or ./datasets/<name>)")
-    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=non_negative_int, default=os.cpu_count() or 1,
                         help="decoding processes (0: decode in this process)")
     parser.add_argument("--classes", default=None, metavar="FILE",
                         help="folder, imagenet: only the class folders listed in FILE, as for training")

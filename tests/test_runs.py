@@ -380,13 +380,17 @@ def test_a_stop_signal_the_shell_ignores_stays_ignored(monkeypatch):
     monkeypatch.setattr(trainer_module, "train", lambda cls, argv: seen.update(
         {s: signal.getsignal(s) for s in trainer_module.STOP_SIGNALS}))
     before = {s: signal.getsignal(s) for s in trainer_module.STOP_SIGNALS}
+    # A job started with `&` by a non-interactive shell (as CI runs) inherits SIGINT ignored: set what an
+    # interactive `nohup` gives, SIGHUP ignored and the other two at their defaults.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         main(Baseline, [])
         assert seen[signal.SIGHUP] is signal.SIG_IGN
         assert seen[signal.SIGINT] is seen[signal.SIGTERM] is trainer_module.raise_interrupted
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)

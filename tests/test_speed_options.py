@@ -93,7 +93,7 @@ def test_a_step_that_cannot_be_captured_stops_with_a_clear_error(tmp_path):
                                       "--batch-size", "64", "--gpu", "-1", "--no-progress", "--out", str(tmp_path)])
     trainer = Trainer(train_dml.DML, args)
     trainer.graphed = FailingGraph()
-    with pytest.raises(UserError, match=r"could not be captured .*operation not permitted.*without --cuda-graph"):
+    with pytest.raises(UserError, match=r"could not be captured .*operation not permitted.*start a new run without it"):
         trainer.train_epoch(0)
 
 
