@@ -22,9 +22,7 @@ import json
 import os
 import re
 import shlex
-import signal
 import socket
-import threading
 import time
 import uuid
 import warnings
@@ -38,6 +36,7 @@ from .cli import RECIPE_KEYS, RECIPES
 from .config import RunConfig, describe_differences, recorded_differences
 from .distributed import any_rank, barrier
 from .errors import UserError
+from .signals import signals_held, stop_signal
 
 LOCK_NAME = ".lock"
 
@@ -617,38 +616,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-# ---- signals -------------------------------------------------------------------------------------------------
-
-def stop_signal(error: BaseException) -> Optional[str]:
-    """The signal that stopped a run, by the exception it raised: an interrupt (SIGINT, SIGTERM, SIGHUP), or a
-    closed output pipe (``... | head``: SIGPIPE); None for an error."""
-    if isinstance(error, BrokenPipeError):
-        return "SIGPIPE"
-    return getattr(error, "signal_name", "SIGINT") if isinstance(error, KeyboardInterrupt) else None
-
-
-@contextlib.contextmanager
-def signals_held():
-    """SIGINT, SIGTERM and SIGHUP wait until the block ends, then arrive as usual: a checkpoint write and the record
-    of what it holds happen together or not at all. (The handlers are swapped for a recorder: blocking the
-    signals would not do, since any other thread, TensorBoard's writer for one, can take them.) Main thread
-    only, as Python's handlers; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if pending:                                   # delivered now, to the handler it was meant for
-        handler = previous[pending[0]]
-        if callable(handler):
-            handler(pending[0], None)
-        elif handler == signal.SIG_DFL:
-            os.kill(os.getpid(), pending[0])

@@ -37,7 +37,8 @@ from .errors import UserError
 from .method import Method, StepContext
 from .optim import Optimization
 from .reporting import Reporter
-from .run import Run, file_stamp, stop_signal
+from .run import Run, file_stamp
+from .signals import Interrupted, stop_on_signals, stop_signal
 
 
 class Evaluator(NamedTuple):
@@ -498,26 +499,6 @@ def wrap(method: Method, args, dist, device: torch.device) -> nn.Module:
 
 # ---- the command line -------------------------------------------------------------------------------------
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class Interrupted(KeyboardInterrupt):
-    """A run stopped by a signal: SIGINT (Ctrl-C), SIGTERM (SLURM, Kubernetes), SIGHUP (a closed terminal) or
-    SIGPIPE (a closed output pipe); ``message`` is the line for the user."""
-
-    def __init__(self, signal_name: str = "SIGINT", message: str = ""):
-        super().__init__(message or signal_name)
-        self.signal_name, self.message = signal_name, message
-
-
-def raise_interrupted(signum, frame):
-    """main()'s handler of SIGINT, SIGTERM and SIGHUP: the first one stops the run where it is; the next ones
-    are ignored while the run records how it stopped (a second Ctrl-C cannot cut that short)."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    raise Interrupted(signal.Signals(signum).name)
-
-
 def train(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> dict:
     """Parse ``argv`` (default: sys.argv), then train or evaluate. Raises UserError on bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -541,13 +522,11 @@ def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None
     2 for bad input, 128 + the signal's number for a stopped run."""
     from data import DatasetError
     from models import UnknownModelError
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}, warnings.formatwarning
-    for s, handler in previous[0].items():
-        if handler is not signal.SIG_IGN:     # one the shell ignores (nohup: SIGHUP) stays ignored
-            signal.signal(s, raise_interrupted)
+    previous = warnings.formatwarning
     warnings.formatwarning = one_line_warning
     try:
-        train(method_cls, argv)
+        with stop_on_signals():
+            train(method_cls, argv)
     except (UserError, DatasetError, UnknownModelError) as e:
         _say(f"error: {e}")
         sys.exit(2)
@@ -556,10 +535,7 @@ def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None
         _say("\n" + (getattr(e, "message", "") or f"interrupted ({sig}) while starting: nothing was written"))
         sys.exit(128 + signal.Signals[sig].value)
     finally:
-        for s, handler in previous[0].items():
-            if signal.getsignal(s) is not signal.SIG_IGN:   # stopped by a signal: the next ones stay ignored
-                signal.signal(s, handler)
-        warnings.formatwarning = previous[1]
+        warnings.formatwarning = previous
 
 
 def _say(line: str) -> None:

@@ -357,13 +357,13 @@ def test_a_run_resumed_into_a_new_out_continues_from_its_source_until_it_has_its
 
 
 def test_a_signal_waits_for_the_checkpoint_write():
-    """SIGTERM during a checkpoint write (run.signals_held) arrives when the write and its record are done."""
-    from engine.trainer import Interrupted, raise_interrupted
+    """SIGTERM during a checkpoint write (signals.signals_held) arrives when the write and its record are done."""
+    from engine.signals import Interrupted, raise_interrupted, signals_held
     previous = signal.signal(signal.SIGTERM, raise_interrupted)
     done = []
     try:
         with pytest.raises(Interrupted):
-            with run_module.signals_held():
+            with signals_held():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.05)
                 done.append("written")
@@ -376,10 +376,11 @@ def test_a_stop_signal_the_shell_ignores_stays_ignored(monkeypatch):
     """``nohup python train_x.py ...`` ignores SIGHUP: main() keeps it ignored (the run survives the closed
     terminal, as asked) and still stops on SIGINT and SIGTERM; the shell's handlers come back afterwards."""
     import engine.trainer as trainer_module
+    from engine.signals import STOP_SIGNALS, raise_interrupted
     seen = {}
     monkeypatch.setattr(trainer_module, "train", lambda cls, argv: seen.update(
-        {s: signal.getsignal(s) for s in trainer_module.STOP_SIGNALS}))
-    before = {s: signal.getsignal(s) for s in trainer_module.STOP_SIGNALS}
+        {s: signal.getsignal(s) for s in STOP_SIGNALS}))
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     # A job started with `&` by a non-interactive shell (as CI runs) inherits SIGINT ignored: set what an
     # interactive `nohup` gives, SIGHUP ignored and the other two at their defaults.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -388,7 +389,7 @@ def test_a_stop_signal_the_shell_ignores_stays_ignored(monkeypatch):
     try:
         main(Baseline, [])
         assert seen[signal.SIGHUP] is signal.SIG_IGN
-        assert seen[signal.SIGINT] is seen[signal.SIGTERM] is trainer_module.raise_interrupted
+        assert seen[signal.SIGINT] is seen[signal.SIGTERM] is raise_interrupted
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
