@@ -297,6 +297,14 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
 
 
 # ---- SLURM launcher (submitit) ---------------------------------------------------------------------------------
+def _training_signals() -> None:
+    """In a SLURM job's training process, before it starts: SLURM's warning signal (USR2) is submitit's to handle,
+    so the training process ignores it; checkpoint() stops it with SIGINT (a clean exit), which it must therefore
+    take even where the job's own process was started ignoring SIGINT (a background job of a script does)."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class TrainRun:
     """A submitit job: one training process (``--resume auto``); re-queued on pre-emption or time-out.
 
@@ -312,10 +320,8 @@ class TrainRun:
 
     def __call__(self) -> int:
         with open(self.log_path, "a") as log:
-            # SLURM's warning signal (USR2) is submitit's to handle: the training process ignores it, and
-            # checkpoint() below stops it with SIGINT (a clean exit) instead of the signal's default kill
             self._proc = subprocess.Popen(self.command, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
-                                          preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN))
+                                          preexec_fn=_training_signals)
             code = self._proc.wait()
         if code != 0 and not self._requeued:   # a clean stop for the requeue is not a failure
             raise RuntimeError(f"{shlex.join(self.command)} exited with {code}; its output is in {self.log_path}")

@@ -13,6 +13,7 @@ from PIL import Image
 
 TINY_WNIDS = [f"n{i:08d}" for i in range(200)][::-1]      # wnids.txt is not sorted in the release either
 IMAGENET_WNIDS = [f"n{i:08d}" for i in range(1000)]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def loader_args(**kw) -> argparse.Namespace:
@@ -198,3 +199,15 @@ def fashion_mnist_as_folders(root: Path, subset: int, eval_subset: int, seed: in
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[i], "L").save(folder / f"{i:05d}.png")
     return root
+
+
+def run_check(capsys, *args) -> tuple[int, str, str]:
+    """scripts/check_dataset.py's main in this process (a subprocess would pay torch's import again)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("check_dataset", REPO / "scripts" / "check_dataset.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    capsys.readouterr()
+    code = script.main(["--no-progress", *args])
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -22,8 +22,8 @@ import train_baseline
 import train_dml
 import train_mcl_okd
 from data import BadDatasetError, DatasetError, DatasetNotFoundError, build_loaders, load_dataset
-from datasets_on_disk import (TINY_VAL, colour, idx_bytes, image_bytes, loader_args, write, write_cifar10,
-                              write_cifar100, write_fashion_mnist, write_imagenet, write_tinyimagenet)
+from datasets_on_disk import (TINY_VAL, colour, idx_bytes, image_bytes, loader_args, run_check, write,
+                              write_cifar10, write_cifar100, write_fashion_mnist, write_imagenet, write_tinyimagenet)
 from engine import UserError, train
 from engine.trainer import main
 
@@ -521,18 +521,6 @@ def test_main_prints_a_bad_dataset_as_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "\n" not in err and str(bad) in err and err.startswith("error: dataset")
     assert issubclass(BadDatasetError, DatasetError) and issubclass(DatasetNotFoundError, DatasetError)
-
-
-def run_check(capsys, *args) -> tuple[int, str, str]:
-    """scripts/check_dataset.py's main in this process (a subprocess would pay torch's import again)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("check_dataset", REPO / "scripts" / "check_dataset.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    capsys.readouterr()
-    code = script.main(["--no-progress", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_check_dataset_lists_every_bad_file(tmp_path, capsys):

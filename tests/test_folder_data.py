@@ -21,7 +21,7 @@ import train_one
 from data import (BadDatasetError, DataFlagError, DatasetError, DatasetNotFoundError, DeviceLoader, TorchLoader,
                   build_loaders, class_difference, dataset_info)
 from data.imagenet import ImageFiles
-from datasets_on_disk import FOLDER_CLASSES, folder_image, image_bytes, loader_args, write, write_folder
+from datasets_on_disk import FOLDER_CLASSES, folder_image, image_bytes, loader_args, run_check, write, write_folder
 from engine import UserError, train
 from engine.trainer import main
 from models import ImageSizeError, check_image_size
@@ -491,17 +491,6 @@ def test_two_ranks_under_torchrun_train_on_a_folder(tmp_path, image_size):
 
 
 # --------------------------------------------------------------------------- scripts/check_dataset.py
-
-def run_check(capsys, *args) -> tuple[int, str, str]:
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("check_dataset", REPO / "scripts" / "check_dataset.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    capsys.readouterr()
-    code = script.main(["--no-progress", *args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def test_check_dataset_takes_folder(tmp_path, capsys):
     root = write_folder(tmp_path / "tree", mixed=True)

@@ -207,8 +207,11 @@ def test_ctrl_c_leaves_the_run_resumable(tmp_path):
     out = tmp_path / "smoke" / "dml-resnet20-s0"
     cmd = [sys.executable, "scripts/reproduce.py", "smoke", "--only", "method=dml", "--seeds", "0", "--runs-dir",
            str(tmp_path), "--extra", "--epochs 40 --subset 64 --batch-size 32 --gpu -1 --no-progress"]
+    # preexec_fn: Ctrl-C's SIGINT at its default, as a terminal gives it (a background job of a script, as CI may
+    # run this test in, inherits SIGINT ignored, and a launcher started so keeps ignoring it, as Python does)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (out / "results.json").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
