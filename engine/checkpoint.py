@@ -69,8 +69,8 @@ def load_checkpoint(path: Path, required: Iterable[str] = REQUIRED_KEYS) -> dict
                         "last.pt of the run) or start a new run with --out.") from None
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing or ckpt.get("format") != FORMAT:
-        raise UserError(f"{path} is not a checkpoint of this repository (format {FORMAT}; "
-                        + (f"missing {', '.join(missing)})" if missing else f"format {ckpt.get('format')})"))
+        raise UserError(f"{path} is not a checkpoint of this repository (expected format {FORMAT}; "
+                        + (f"it has no {', '.join(missing)})" if missing else f"it has format {ckpt.get('format')})"))
     if not verified(ckpt):
         raise UserError(f"checkpoint {path} is damaged: its content does not match the sha256 written with it "
                         "(the file changed on disk after it was saved); use another checkpoint of the run "

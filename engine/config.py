@@ -271,6 +271,8 @@ def describe_differences(diffs: Sequence[tuple[str, object, object]], against: s
     """``--subset 64 (this command: 512), --epochs 1 (this command: 2)``, and with ``hint`` the flag that
     trains a run longer after a grown --epochs."""
     def show(value):
+        if value is None:
+            return "not given"
         return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
     parts = []
     for key, before, after in diffs:

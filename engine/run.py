@@ -264,12 +264,17 @@ class Run:
         writes left it an epoch behind (or without its end), and it is rebuilt from the checkpoint."""
         if path != self.folder / "last.pt":
             return
-        recorded = read_record(self.folder / "results.json")
+        record = self.folder / "results.json"
+        recorded = read_record(record)
         rebuilt = _in_line(recorded, ckpt)
         if rebuilt is not recorded:
-            atomic_write_text(json.dumps(rebuilt, indent=2, default=str) + "\n", self.folder / "results.json")
-            self.log(f"{self.folder / 'results.json'} listed {recorded['epochs_done'] if recorded else 'no'} of the "
-                     f"{ckpt['epoch']} epochs in last.pt (a process was killed while saving): rebuilt from last.pt")
+            what = (f"held no run's record ({why_not_a_record(record)})" if not recorded else
+                    "said 'running' but no process holds the run (it was killed)" if rebuilt["status"] == "killed"
+                    and recorded.get("epochs_done", 0) >= ckpt["epoch"] else
+                    f"listed {recorded.get('epochs_done', 0)} of the {ckpt['epoch']} epochs in last.pt (a process was "
+                    "killed while saving)")
+            atomic_write_text(json.dumps(rebuilt, indent=2, default=str) + "\n", record)
+            self.log(f"{record} {what}: rebuilt from last.pt")
 
     def _recorded_processes(self) -> Optional[list]:
         """The processes results.json lists, if it is this run's record."""
@@ -402,12 +407,55 @@ class Run:
 
 
 def read_record(path: Path) -> Optional[dict]:
-    """A run's results.json as a dict with its arguments, or None (absent, unreadable, not a run's)."""
+    """A run's results.json, or None: absent, unreadable, or not a run's record (:func:`record_problem`)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    return data if isinstance(data, dict) and isinstance(data.get("args"), dict) else None
+    return None if record_problem(data) else data
+
+
+def why_not_a_record(path: Path) -> str:
+    """Why :func:`read_record` finds no record in ``path``, in a few words for the user."""
+    try:
+        return record_problem(json.loads(Path(path).read_text())) or "a run's record"
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "unreadable, or not JSON (empty, truncated or damaged)"
+
+
+_FIELD_TYPES = {"args": dict, "status": str, "history": list, "method": str, "epochs": int, "epochs_done": int,
+                "processes": list, "selection": dict, "best": (dict, type(None)), "last": (dict, type(None))}
+
+
+def record_problem(data) -> Optional[str]:
+    """What keeps ``data`` (a parsed results.json) from being a run's record, or None. A hand-edited file may
+    hold anything: every field the engine and the scripts read must have its type (``args``, ``status`` and
+    ``history`` are required), every epoch its ``epoch``, ``train`` and ``test``, and every metric a number."""
+    if not isinstance(data, dict) or any(k not in data for k in ("args", "status", "history")):
+        return "not a run's record (no status, args or history)"
+    for key, kind in _FIELD_TYPES.items():
+        if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+            return f"its {key!r} is a JSON {type(data[key]).__name__}, not what the engine writes"
+    if not all(isinstance(p, dict) for p in data.get("processes", [])):
+        return "partial: a process entry that is not a JSON object"
+    for h in data["history"]:
+        if not (isinstance(h, dict) and {"epoch", "train", "test"} <= set(h)):
+            return "partial: an epoch record without epoch, train or test"
+        if not all(_metrics(h.get(k)) for k in ("train", "test", "val") if k in h):
+            return f"epoch {h['epoch']}: a train, test or val value that is not a number"
+    if data["history"] and not data.get("best"):
+        return "partial: history without a best epoch"
+    if data.get("best") and not _metrics(data["best"].get("test")):
+        return "best: a test value that is not a number"
+    return None
+
+
+def _metrics(values) -> bool:
+    """A dict of numbers (metrics or loss terms, as the engine writes them)."""
+    return isinstance(values, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                            for v in values.values())
 
 
 def results_of(record: Mapping, status: str) -> dict:

@@ -92,20 +92,13 @@ class RunResult:
 def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
     """Every readable run under ``root`` (a folder with a results.json or a last.pt) and, separately, (path,
     reason) for every results.json that is not."""
-    from engine.run import read_run
+    from engine.run import read_run, why_not_a_record
     runs, bad = [], []
     folders = {p.parent for p in root.rglob("results.json")} | {p.parent for p in root.rglob("last.pt")}
     for path in sorted(folder / "results.json" for folder in folders):
         data = read_run(path.parent)           # brought in line with last.pt, as reproduce.py reads it
-        if data is None or not isinstance(data.get("history"), list) or "status" not in data:
-            bad.append((path, "unreadable, or not a run's results.json (no status, args or history), "
-                              "and no readable last.pt to rebuild it from"))
-            continue
-        if not all(isinstance(h, dict) and {"epoch", "train", "test"} <= set(h) for h in data["history"]):
-            bad.append((path, "partial: an epoch record without epoch, train or test"))
-            continue
-        if data["history"] and not isinstance(data.get("best"), dict):
-            bad.append((path, "partial: history without a best epoch"))
+        if data is None:
+            bad.append((path, f"{why_not_a_record(path)}, and no readable last.pt to rebuild it from"))
             continue
         runs.append(RunResult(path, data))
     return runs, bad
@@ -565,7 +558,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif groups:
             print(markdown_runs(groups, warn))
         else:
-            print(f"no results.json under {root}")
+            print(f"no readable results.json under {root}" if bad else f"no results.json under {root}")
     plots = []
     if args.plots:
         try:

@@ -512,6 +512,16 @@ def test_counts_are_printed_and_differences_from_the_official_counts_warned(tmp_
 
 # --------------------------------------------------------------------------- the CLI and the check script
 
+@pytest.mark.parametrize("dataset", ["cifar10", "folder", "fashion-mnist"])
+def test_data_that_is_a_file_is_one_line(tmp_path, capsys, dataset):
+    not_a_folder = write(tmp_path / "data.bin", b"x")
+    with pytest.raises(SystemExit) as exit_:
+        main(train_dml.DML, ["--dataset", dataset, "--data", str(not_a_folder), "--gpu", "-1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err == f"train_dml.py: error: argument --data: {not_a_folder} is a file, not a " \
+                                          "folder: give the folder that holds the dataset (--help lists the options)"
+
+
 def test_main_prints_a_bad_dataset_as_one_line(tmp_path, capsys):
     root = write_tinyimagenet(tmp_path)
     bad = root / "train" / "n00000100" / "images" / "n00000100_0.JPEG"

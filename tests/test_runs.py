@@ -550,7 +550,7 @@ def test_flipped_bytes_are_refused(tmp_path):
 
 @pytest.mark.parametrize("content, expected", [
     (b"", "is an empty file"), ({}, "not a checkpoint of this repository"),
-    ({"format": 1}, "missing method, epoch, state, args"),
+    ({"format": 1}, r"expected format 1; it has no method, epoch, state, args"), ({**{k: 1 for k in ("method", "epoch", "state", "args")}, "format": 0}, "expected format 1; it has format 0"),
 ])
 def test_empty_or_bare_checkpoint_is_one_line(tmp_path, content, expected):
     path = tmp_path / "last.pt"
@@ -757,6 +757,37 @@ def test_a_record_no_process_finished_is_read_as_killed(run, tmp_path):
     (copy / "results.json").unlink()
     runs, bad = summarize.load_runs(tmp_path / "runs")
     assert not bad and [r.data["epochs_done"] for r in runs] == [2]
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda r: r.update(processes="y"), "its 'processes' is a JSON str"),
+    (lambda r: r.update(epochs="3"), "its 'epochs' is a JSON str"),
+    (lambda r: r["best"]["test"].update({"peer1/top1": "abc"}), "best: a test value that is not a number"),
+    (lambda r: r["history"][0]["train"].update(ce=None), "epoch 1: a train, test or val value that is not a number"),
+    (lambda r: r.clear(), "not a run's record"),
+])
+def test_a_results_json_of_the_wrong_shape_is_no_record(run, tmp_path, capsys, edit, problem):
+    """A hand-edited results.json whose fields have other types than the engine writes is no record: read_run
+    and a resume rebuild it from last.pt (saying why), and summarize.py skips it, naming the field, when there is
+    no last.pt to rebuild it from."""
+    import scripts.summarize as summarize
+    from engine.run import read_run
+    copy = tmp_path / "runs" / "copy"
+    shutil.copytree(run, copy)
+    saved = json.loads((copy / "results.json").read_text())
+    edit(saved)
+    (copy / "results.json").write_text(json.dumps(saved))
+    assert (read_run(copy)["status"], read_run(copy)["epochs_done"]) == ("finished", 1)
+    capsys.readouterr()
+    train(DML, TINY + ["--out", str(copy), "--resume", "auto", "--epochs", "2", "--extend-epochs"])
+    out = capsys.readouterr().out
+    assert f"held no run's record ({problem}" in out and "rebuilt from last.pt" in out
+    assert json.loads((copy / "results.json").read_text())["epochs_done"] == 2
+    bare = tmp_path / "bare" / "run"
+    bare.mkdir(parents=True)
+    (bare / "results.json").write_text(json.dumps(saved))
+    runs, bad = summarize.load_runs(tmp_path / "bare")
+    assert not runs and len(bad) == 1 and bad[0][1].startswith(problem)
 
 
 def test_a_finished_run_resumed_into_another_out_writes_nothing_there(run, tmp_path, capsys):
