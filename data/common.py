@@ -133,6 +133,9 @@ def read_class_list(path: os.PathLike | str) -> list[str]:
     lines and lines starting with ``#`` skipped, in the file's order. Checked: the file exists, no name twice,
     no hidden or nested name, at least 2 names; each problem is one :class:`DataFlagError` line."""
     file = Path(path).absolute()
+    if file.is_dir():
+        raise DataFlagError(f"--classes {file} is a folder. Fix: pass a text file that lists the class folders to "
+                            "use, one name a line")
     if not file.is_file():
         raise DataFlagError(f"--classes {file}: no such file. Fix: pass a text file that lists the class "
                             "folders to use, one name a line (e.g. the 100 wnids of an ImageNet-100 list)")

@@ -70,7 +70,9 @@ def _is_root(path: Path) -> bool:
         (path / "val" / "val_annotations.txt").is_file()
 
 
-def _fetch(parent: Path) -> None:
+def fetch(parent: Path) -> None:
+    """Download tiny-imagenet-200.zip into ``parent`` (again if its MD5 differs) and extract it there; one
+    DatasetNotFoundError line when that cannot be done (no internet)."""
     from torchvision.datasets import utils
     download_or_explain("tinyimagenet", parent,
                         lambda: utils.download_and_extract_archive(URL, str(parent), md5=MD5))
@@ -84,7 +86,7 @@ def find_root(data=None, download: bool = False) -> Path:
     """The ``tiny-imagenet-200`` folder, downloading it first when asked."""
     candidates = _candidates(data)
     if download and not any(_is_root(c) for c in candidates):
-        _fetch(_download_parent(candidates))
+        fetch(_download_parent(candidates))
     for c in candidates:
         if _is_root(c):
             return c
@@ -211,7 +213,7 @@ def load_tinyimagenet(data=None, download: bool = False) -> tuple[ArraySplit, Ar
         if not download:
             raise
         print(f"tinyimagenet: {err}\n--download: extracting {FOLDER}.zip again", flush=True)
-        _fetch(root.parent)
+        fetch(root.parent)
         return _load(root)
 
 

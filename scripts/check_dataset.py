@@ -12,9 +12,13 @@ run stopped on a bad file, to find every bad file at once::
     python scripts/check_dataset.py --dataset tinyimagenet --data datasets/tinyimagenet --out bad.txt
     python scripts/check_dataset.py --dataset folder --data ~/my_images [--classes subset.txt]
 
-For CIFAR and Fashion-MNIST it parses every file (and with ``--download`` compares them with the published
-checksums, as training does). Exit status: 0 all good, 1 bad files (listed), 2 a layout or missing-data
-problem (one line).
+For CIFAR and Fashion-MNIST it parses every file. ``--download`` does what it does in training, for the datasets
+training downloads: CIFAR and Fashion-MNIST files are compared with the published checksums and fetched again
+when they differ; TinyImageNet is fetched when it is missing and extracted again from its zip when its layout
+is damaged or an image does not decode (then decoded again). ImageNet and folder datasets have nothing to
+download: ``--download`` is refused for them. ``--out FILE`` is checked before anything is read (an existing
+file is refused without ``--force``) and written whole or not at all. Exit status: 0 all good, 1 bad files
+(listed), 2 bad input, a layout or missing-data problem (one line).
 """
 from __future__ import annotations
 
@@ -26,12 +30,70 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.common import DATASET_NAMES, DataFlagError, DatasetError, image_problem  # noqa: E402
+from data.common import DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, image_problem  # noqa: E402
+from data.files import NameTaken, os_error_message, write_atomically  # noqa: E402
 from engine.cli import Parser, non_negative_int  # noqa: E402
 
+NOT_DOWNLOADABLE = {      # the training loaders download CIFAR, Fashion-MNIST and TinyImageNet
+    "imagenet": "ImageNet cannot be downloaded by a script (it needs a login at https://image-net.org)",
+    "folder": "a folder dataset is your own files, there is nothing to download",
+}
 
-def image_list(dataset: str, data: Optional[str], classes: Optional[str] = None) -> list[Path]:
-    """Every image the loaders would read, after their layout checks (DatasetError otherwise)."""
+
+def check_out(path: Path, force: bool) -> None:
+    """Refuse, before anything is read, an ``--out`` that cannot be written or would replace a file without
+    ``force``: a folder, an existing file (without ``force``), something that is not a regular file, a parent
+    that is not a folder (a file), or a folder without write permission. Missing parent folders are created
+    when the list is written. One DataFlagError line naming the path."""
+    if path.is_dir():
+        raise DataFlagError(f"--out {path} is a folder; give a file name (e.g. {path / 'bad.txt'})")
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise DataFlagError(f"--out {path} exists; add --force to replace it, or give another file name")
+        if path.exists() and not path.is_file():
+            raise DataFlagError(f"--out {path} is not a regular file (a device, a pipe...); give a file name")
+    parent = path.absolute().parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DataFlagError(f"--out {path}: {parent} is not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataFlagError(f"--out {path}: no permission to write in {parent}; choose another --out")
+
+
+def check_flags(args) -> None:
+    """The flag combinations refused before anything is read (one DataFlagError line each)."""
+    if args.classes and args.dataset not in ("imagenet", "folder"):
+        raise DataFlagError(f"--classes picks class folders of --dataset folder or imagenet, not {args.dataset}")
+    if args.download and args.dataset in NOT_DOWNLOADABLE:
+        raise DataFlagError(f"--download: {NOT_DOWNLOADABLE[args.dataset]}. Fix: leave --download out")
+    if args.out is not None and args.dataset not in ("imagenet", "tinyimagenet", "folder"):
+        raise DataFlagError(f"--out lists the images that do not decode, for --dataset imagenet, tinyimagenet or "
+                            f"folder; {args.dataset}'s files are parsed whole and a bad one is named in the error. "
+                            "Fix: leave --out out")
+    if args.force and args.out is None:
+        raise DataFlagError("--force replaces an existing --out file; give --out FILE too, or leave --force out")
+    if args.out is not None:
+        check_out(args.out, args.force)
+
+
+def tinyimagenet_root(data: Optional[str], download: bool = False) -> Path:
+    """The tiny-imagenet-200 folder (fetched first with ``download`` when missing, as training does)."""
+    from data.tinyimagenet import find_root
+    return find_root(data, download)
+
+
+def reextract_tinyimagenet(root: Path) -> None:
+    """--download on a damaged TinyImageNet: extract the zip again (fetched again if its MD5 differs), as
+    training does (data.tinyimagenet.load_tinyimagenet)."""
+    from data import tinyimagenet
+    print(f"--download: extracting {tinyimagenet.FOLDER}.zip again into {root.parent}", flush=True)
+    tinyimagenet.fetch(root.parent)
+
+
+def image_list(dataset: str, data: Optional[str], classes: Optional[str] = None, download: bool = False) -> list[Path]:
+    """Every image the loaders would read, after their layout checks (DatasetError otherwise); ``download``:
+    TinyImageNet fetched when missing and extracted again when its layout is damaged, as in training."""
     if dataset == "imagenet":
         from data.imagenet import load_imagenet
         train, val = load_imagenet(data, classes)
@@ -45,8 +107,16 @@ def image_list(dataset: str, data: Optional[str], classes: Optional[str] = None)
         print(f"folder: {len(tree.classes)} classes ({shown}); "
               + ", ".join(f"{len(items)} images in {split}/" for split, items in tree.samples.items()))
         return [Path(p) for items in tree.samples.values() for p, _ in items]
-    from data.tinyimagenet import file_lists, find_root
-    train, val = file_lists(find_root(data))
+    from data.tinyimagenet import file_lists
+    root = tinyimagenet_root(data, download)
+    try:
+        train, val = file_lists(root)
+    except BadDatasetError as e:
+        if not download:
+            raise
+        print(f"tinyimagenet: {e}", flush=True)
+        reextract_tinyimagenet(root)
+        train, val = file_lists(root)
     return [p for p, _ in train + val]
 
 
@@ -84,35 +154,53 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--classes", default=None, metavar="FILE",
                         help="folder, imagenet: only the class folders listed in FILE, as for training")
     parser.add_argument("--download", action="store_true",
-                        help="CIFAR / Fashion-MNIST: also compare with the published checksums, fetch bad files again")
-    parser.add_argument("--out", type=Path, default=None, help="also write the bad files' paths here, one a line")
+                        help="as in training: CIFAR / Fashion-MNIST: also compare with the published checksums, "
+                             "fetch bad files again; TinyImageNet: fetch it when missing, extract its zip again "
+                             "when damaged (not for imagenet or folder)")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE",
+                        help="imagenet, tinyimagenet, folder: also write the bad files' paths here, one a line "
+                             "(an existing file is refused unless --force; written whole or not at all)")
+    parser.add_argument("--force", action="store_true", help="replace the --out file if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
     try:
-        if args.classes and args.dataset not in ("imagenet", "folder"):
-            raise DataFlagError(f"--classes picks class folders of --dataset folder or imagenet, not {args.dataset}")
+        check_flags(args)                       # before anything is read or decoded
         if args.dataset not in ("imagenet", "tinyimagenet", "folder"):
             from data import load_dataset
             train, test = load_dataset(args.dataset, args.data, args.download)
             print(f"{args.dataset}: every file parses: {len(train.labels)} train and {len(test.labels)} test images")
             return 0
-        paths = image_list(args.dataset, args.data, args.classes)
+        paths = image_list(args.dataset, args.data, args.classes, args.download)
+        print(f"{args.dataset}: layout good; decoding {len(paths)} images with {args.workers} worker(s)", flush=True)
+        if args.dataset == "folder":
+            from data.folder import image_problem as folder_problem   # also refuses 16-bit images, as training does
+            bad = decode_all(paths, args.workers, not args.no_progress, folder_problem)
+        else:
+            bad = decode_all(paths, args.workers, not args.no_progress)
+        if bad and args.download and args.dataset == "tinyimagenet":   # as training: extract again, then decode
+            print(f"tinyimagenet: {len(bad)} of {len(paths)} images cannot be decoded", flush=True)
+            reextract_tinyimagenet(tinyimagenet_root(args.data))
+            paths = image_list(args.dataset, args.data, download=False)
+            bad = decode_all(paths, args.workers, not args.no_progress)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.dataset}: layout good; decoding {len(paths)} images with {args.workers} worker(s)", flush=True)
-    if args.dataset == "folder":
-        from data.folder import image_problem as folder_problem   # also refuses 16-bit images, as training does
-        bad = decode_all(paths, args.workers, not args.no_progress, folder_problem)
-    else:
-        bad = decode_all(paths, args.workers, not args.no_progress)
     for path, reason in bad:
         print(f"{path}: {reason}")
-    if args.out is not None:
-        args.out.write_text("".join(f"{p}\n" for p, _ in bad))
     print(f"{len(bad)} of {len(paths)} images cannot be decoded" if bad else f"all {len(paths)} images decode",
           file=sys.stderr if bad else sys.stdout)
+    if args.out is not None:
+        text = "".join(f"{p}\n" for p, _ in bad)
+        try:                                    # without --force never replaces a file, even one that appeared
+            write_atomically(args.out, "w", lambda f: f.write(text), replace=args.force)
+        except NameTaken:
+            print(f"error: --out {args.out} appeared while decoding; the list is above (add --force to replace "
+                  "the file, or give another name)", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"error: {os_error_message(args.out, e)}; the list is above", file=sys.stderr)
+            return 2
     return 1 if bad else 0
 
 

@@ -7,7 +7,8 @@ Usage::
     python scripts/export_peer.py RUN/best.pt --peer 1 --from mean_teacher --head mean_peer1 -o pcl.pt   # PCL's EMA
 
 An existing ``-o`` file is never replaced without ``--force``; the file is written whole or not at all (a
-temporary file in its folder, then a rename).
+temporary file in its folder, then a rename). Even with ``--force``, ``-o`` may not be the checkpoint read, nor
+be named ``last.pt`` or ``best.pt`` (a run's checkpoints: ``last.pt`` is its resume point).
 
 The file is ``{"arch", "num_classes", "model_kwargs", "format", "state_dict", "source", "sha256"}`` (``sha256``:
 the content's checksum, as the engine's checkpoints carry):
@@ -25,6 +26,7 @@ checkpoint's epoch recorded for it (test, and val with --val-split).
 from __future__ import annotations
 
 import errno
+import os
 import re
 import sys
 from pathlib import Path
@@ -134,10 +136,29 @@ def load_exported(path: Path) -> torch.nn.Module:
     return net
 
 
-def check_output(path: Path, force: bool) -> None:
-    """Refuse (one-line UserError naming the file) an output that exists without ``force``, or is a folder."""
+RUN_CHECKPOINTS = ("last.pt", "best.pt")     # the names a run gives its checkpoints (engine.run)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (hard links and symbolic links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:                              # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def check_output(path: Path, force: bool, checkpoint: Optional[Path] = None) -> None:
+    """Refuse (one-line UserError naming the file) an output that is a folder, exists without ``force``, or,
+    even with ``force``, is the ``checkpoint`` read or is named like a run's checkpoint (last.pt, best.pt)."""
     if path.is_dir():
         raise UserError(f"-o {path} is a folder; give a file name (e.g. {path / 'peer.pt'})")
+    if checkpoint is not None and same_file(path, checkpoint):
+        raise UserError(f"-o {path} is the checkpoint being read ({checkpoint}); write the export to another file "
+                        "(e.g. peer.pt), --force or not")
+    if path.name.lower() in RUN_CHECKPOINTS:        # (a case-insensitive disk: LAST.PT is last.pt)
+        role = "its resume point" if path.name.lower() == "last.pt" else "its best epoch"
+        raise UserError(f"-o {path}: {path.name} is the name of a run's checkpoint ({role}), which an export must "
+                        "not replace or pose as; give another file name (e.g. peer.pt), --force or not")
     if (path.exists() or path.is_symlink()) and not force:
         raise UserError(f"-o {path} exists; add --force to replace it, or give another file name")
 
@@ -164,7 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("checkpoint", type=Path, help="a run's best.pt or last.pt")
     p.add_argument("--peer", type=positive_int, required=True, help="which peer, 1-based (head peerN)")
     p.add_argument("-o", "--output", type=Path, required=True,
-                   help="file to write (an existing file is refused unless --force)")
+                   help="file to write (an existing file is refused unless --force; never the checkpoint read, "
+                        "nor a file named last.pt or best.pt)")
     p.add_argument("--force", action="store_true", help="replace the -o file if it exists")
     p.add_argument("--from", dest="source", default="model",
                    help="which state of the checkpoint: 'model' (the trained network) or an extra module such "
@@ -172,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--head", default=None, help="head whose recorded accuracy to report (default: peerN)")
     a = p.parse_args(argv)
     try:
-        check_output(a.output, a.force)         # before the checkpoint is read
+        check_output(a.output, a.force, a.checkpoint)     # before the checkpoint is read
         out = export_peer(a.checkpoint, a.peer, a.source, a.head)
         write_export(out, a.output, a.force)
     except UserError as e:

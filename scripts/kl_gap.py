@@ -19,23 +19,30 @@ about eps * K, far larger on flattened maps).
     python scripts/kl_gap.py --checkpoint runs/dccl-resnet32-.../last.pt  # a trained DCCL run
 
 Images: a training batch of ``--dataset`` with the training augmentation, as the loss sees it (train-mode
-BatchNorm). Offline, ``--dataset fashion-mnist`` reads Debian's copy. docs/dccl.md quotes the numbers.
+BatchNorm); default: the checkpoints' dataset, else fashion-mnist (offline, it reads Debian's copy).
+Checkpoints are read as the engine reads them (a missing, truncated or damaged file, or one that train_dccl.py
+did not save, is refused in one line before any data is loaded). docs/dccl.md quotes the numbers.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import DeviceLoader, dataset_info, load_dataset  # noqa: E402
-from train_dccl import DCCLNet  # noqa: E402
+from data import DeviceLoader, DatasetError, dataset_info, load_dataset  # noqa: E402
+from engine.checkpoint import load_checkpoint  # noqa: E402
+from engine.cli import Parser, non_negative_int, positive, positive_int  # noqa: E402
+from engine.errors import UserError  # noqa: E402
+from train_dccl import DCCL, DCCLNet  # noqa: E402
 
 EPS = 1e-7
+METHOD = DCCL.name            # the checkpoints this script reads: train_dccl.py's
+DEFAULT_DATASET = "fashion-mnist"
 
 
 def kd_forms(student: torch.Tensor, teacher: torch.Tensor, T: float) -> tuple[float, float, float, float]:
@@ -85,34 +92,77 @@ def batch_of(dataset: str, size: int, seed: int):
     return next(iter(loader)).images, info.num_classes
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def read_checkpoint(path: Path) -> dict:
+    """A DCCL checkpoint, loaded as the engine loads one (engine.checkpoint.load_checkpoint: a missing, empty,
+    truncated or damaged file is a one-line UserError); a checkpoint of another method is refused."""
+    ckpt = load_checkpoint(path)
+    if ckpt["method"] != METHOD:
+        raise UserError(f"--checkpoint {path} was saved by train_{ckpt['method']}.py; kl_gap.py reads {METHOD} "
+                        f"checkpoints (train_{METHOD}.py's last.pt / best.pt)")
+    return ckpt
+
+
+def checkpoint_dataset(checkpoints: dict, given: Optional[str]) -> str:
+    """The dataset to draw the batch from: ``given`` (--dataset), which must be the one every checkpoint was
+    trained on, else theirs, else the default."""
+    trained = {path: ckpt["args"].get("dataset") for path, ckpt in checkpoints.items()}
+    for path, dataset in trained.items():
+        if dataset is not None and given is not None and dataset != given:
+            raise UserError(f"--checkpoint {path} was trained on {dataset}, not --dataset {given}; give --dataset "
+                            f"{dataset} (its networks take that data's images and classes)")
+    found = sorted({d for d in trained.values() if d is not None})
+    if given is None and len(found) > 1:
+        raise UserError(f"the checkpoints were trained on {', '.join(found)}; measure those of one dataset at a time")
+    return given or (found[0] if found else DEFAULT_DATASET)
+
+
+def checkpoint_net(path: Path, ckpt: dict, image_size: int) -> DCCLNet:
+    args = ckpt["args"]
+    net = DCCLNet(args["arch"], args["num_classes"], args["num_peers"], image_size)
+    try:
+        net.load_state_dict(ckpt["state"]["model"])
+    except RuntimeError as e:
+        raise UserError(f"--checkpoint {path}: its weights do not fit DCCL's {args['arch']} network "
+                        f"({str(e).splitlines()[0][:200]}); was it saved by this version of train_dccl.py?") from None
+    return net
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", nargs="*", default=[], help="DCCL networks at initialisation")
     p.add_argument("--checkpoint", nargs="*", default=[], type=Path, help="DCCL checkpoints (last.pt, best.pt)")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--num-classes", type=int, default=None,
+    p.add_argument("--dataset", default=None,
+                   help=f"default: the checkpoints' dataset, else {DEFAULT_DATASET}")
+    p.add_argument("--num-classes", type=positive_int, default=None,
                    help="classes of the networks built at initialisation (default: the dataset's; 100 sizes the logit "
                         "terms as on CIFAR-100)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--kd-T", type=float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--kd-T", type=positive, default=3.0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--threads", type=positive_int, default=1)
     a = p.parse_args(argv)
+    try:
+        return measure_and_print(a)
+    except (UserError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def measure_and_print(a) -> int:
     torch.set_num_threads(a.threads)
-    images, num_classes = batch_of(a.dataset, a.batch_size, a.seed)
+    checkpoints = {path: read_checkpoint(path) for path in a.checkpoint}      # before any data is loaded
+    dataset = checkpoint_dataset(checkpoints, a.dataset)
+    images, num_classes = batch_of(dataset, a.batch_size, a.seed)
     nets = []
     for arch in a.arch:
         torch.manual_seed(a.seed)
         classes = a.num_classes or num_classes
         nets.append((f"{arch}, initialisation (seed {a.seed}, {classes} classes)",
                      DCCLNet(arch, classes, 2, images.shape[-1])))
-    for path in a.checkpoint:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        args = ckpt["args"]
-        net = DCCLNet(args["arch"], num_classes, args["num_peers"], images.shape[-1])
-        net.load_state_dict(ckpt["state"]["model"])
-        nets.append((f"{args['arch']}, {path} (epoch {len(ckpt.get('history', [])) or '?'})", net))
-    print(f"{a.dataset}: one augmented training batch of {a.batch_size}, T = {a.kd_T}, eps = {EPS}, float64\n")
+    for path, ckpt in checkpoints.items():
+        net = checkpoint_net(path, ckpt, images.shape[-1])
+        nets.append((f"{ckpt['args']['arch']}, {path} (epoch {ckpt['epoch']})", net))
+    print(f"{dataset}: one augmented training batch of {a.batch_size}, T = {a.kd_T}, eps = {EPS}, float64\n")
     for title, net in nets:
         print(f"### {title}\n")
         print("| term | K | exact | official | (official - exact) / exact | gradient: abs(g_off - g) / abs(g) |")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -426,10 +427,18 @@ def _slurm_time(text: str) -> str:
 
 
 def _gpu_list(text: str) -> str:
-    ids = [g.strip() for g in text.split(",")]
-    if not all(ids) or any(" " in g for g in ids):
+    """``--gpus``: GPU indices (non-negative integers, as nvidia-smi numbers them) separated by commas or spaces,
+    returned as ``0,1,2,3``. Anything else is refused in one line: CUDA_VISIBLE_DEVICES=a hides every GPU, so
+    the runs would train on the CPU without a word."""
+    pieces = [piece.split() for piece in text.split(",")]
+    if not all(pieces):                          # '', '0,,1', '0,' : an index left out
         raise argparse.ArgumentTypeError(f"{text!r}: write the GPU indices separated by commas, e.g. 0,1,2,3")
-    return ",".join(ids)
+    ids = [g for piece in pieces for g in piece]
+    odd = [g for g in ids if not re.fullmatch(r"[0-9]+", g)]
+    if odd:
+        raise argparse.ArgumentTypeError(f"{text!r}: {odd[0]!r} is not a GPU index; write non-negative integers "
+                                         "(as nvidia-smi numbers the GPUs) separated by commas, e.g. 0,1,2,3")
+    return ",".join(str(int(g)) for g in ids)
 
 
 SEED = number(int, at_least=0, below=2 ** 32, why="the training scripts' --seed")
@@ -461,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=("local", "slurm"), default="local")
     g = p.add_argument_group("local launcher")
     g.add_argument("--gpus", type=_gpu_list, default=None, metavar="0,1,2,3",
-                   help="a queue over these GPUs, one run per GPU (CUDA_VISIBLE_DEVICES, --gpu 0)")
+                   help="a queue over these GPUs, one run per GPU (CUDA_VISIBLE_DEVICES, --gpu 0); GPU indices, "
+                        "non-negative integers separated by commas or spaces")
     g.add_argument("--jobs", type=number(int, at_least=1, why="runs at a time"), default=1,
                    help="runs at a time without --gpus (CPU); default 1")
     s = p.add_argument_group("slurm launcher (submitit)")

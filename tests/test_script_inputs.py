@@ -1,0 +1,244 @@
+"""Bad input to the helper scripts (check_dataset, export_peer, reproduce, kl_gap): one line naming the file or flag
+and the fix, exit status 2, before anything heavy runs; nothing written is lost or overwritten."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import train_dccl
+import train_dml
+from datasets_on_disk import image_bytes, run_check, write_folder, write_tinyimagenet
+from engine import train
+from scripts import reproduce
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--dataset", "synthetic", "--subset", "64", "--eval-subset", "64", "--epochs", "1", "--batch-size", "32",
+        "--arch", "resnet20", "--gpu", "-1", "--no-progress", "--workers", "0"]
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_line(code: int, err: str) -> str:
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, (code, err)
+    return err.strip()
+
+
+def trained(tmp_path_factory, method_cls, name: str) -> Path:
+    """A real run of ``method_cls`` (synthetic data, one epoch of 64 images: about a second)."""
+    out = tmp_path_factory.mktemp("runs") / name
+    train(method_cls, FAST + ["--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def dml_run(tmp_path_factory):
+    return trained(tmp_path_factory, train_dml.DML, "dml")
+
+
+@pytest.fixture(scope="module")
+def dccl_run(tmp_path_factory):
+    return trained(tmp_path_factory, train_dccl.DCCL, "dccl")
+
+
+# ---- scripts/check_dataset.py: --out, --classes, --download ----------------------------------------------------
+def test_check_dataset_out_refuses_an_existing_file_without_force(tmp_path, capsys):
+    tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
+    image = tree / "train" / "cat" / "cat_0.png"               # e.g. the dataset's own image given by mistake
+    before = image.read_bytes()
+    code, out, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0",
+                               "--out", str(image))
+    line = one_line(code, err)
+    assert line == f"error: --out {image} exists; add --force to replace it, or give another file name"
+    assert "decoding" not in out and image.read_bytes() == before
+    listing = tmp_path / "bad.txt"
+    listing.write_text("an earlier list\n")
+    code, out, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0",
+                               "--out", str(listing), "--force")
+    assert code == 0 and "all 9 images decode" in out and listing.read_text() == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "tree"]          # no temporary file left
+    code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--force")
+    assert "--force replaces an existing --out file" in one_line(code, err)
+
+
+def test_check_dataset_out_write_is_atomic(tmp_path, capsys, monkeypatch):
+    """A write that fails half-way (a full disk) keeps the old file whole, leaves no temporary file and is one
+    line after the list was printed."""
+    import errno
+    tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
+    bad = tree / "train" / "dog" / "dog_1.png"
+    bad.write_bytes(b"not an image")
+    listing = tmp_path / "bad.txt"
+    listing.write_text("an earlier list\n")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full_disk)
+    code, out, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0",
+                               "--out", str(listing), "--force")
+    assert f"{bad}: " in out and "1 of 9 images cannot be decoded" in err
+    assert code == 2 and err.splitlines()[-1].startswith(f"error: cannot write {listing}: No space left on device")
+    assert listing.read_text() == "an earlier list\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "tree"]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("folder", "error: --out {out} is a folder; give a file name (e.g. {out}/bad.txt)"),
+    ("under a file", "error: --out {out}: {tmp}/afile is not a folder; choose another --out"),
+    ("under a file, deeper", "error: --out {out}: {tmp}/afile is not a folder; choose another --out"),
+])
+def test_check_dataset_out_checked_before_the_dataset_is_read(tmp_path, capsys, where, message):
+    (tmp_path / "afile").write_text("keep me\n")
+    (tmp_path / "adir").mkdir()
+    out = {"folder": tmp_path / "adir", "under a file": tmp_path / "afile" / "x",
+           "under a file, deeper": tmp_path / "afile" / "x" / "y.txt"}[where]
+    # --data does not exist: the --out check comes first, before the layout is read or anything decoded
+    code, stdout, err = run_check(capsys, "--dataset", "folder", "--data", str(tmp_path / "nowhere"),
+                                  "--out", str(out))
+    assert one_line(code, err) == message.format(out=out, tmp=tmp_path) and stdout == ""
+    assert (tmp_path / "afile").read_text() == "keep me\n" and list((tmp_path / "adir").iterdir()) == []
+
+
+def test_check_dataset_out_in_a_missing_folder_is_created(tmp_path, capsys):
+    tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
+    out = tmp_path / "reports" / "today" / "bad.txt"
+    code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out))
+    assert code == 0 and err == "" and out.read_text() == ""
+
+
+def test_check_dataset_out_for_parsed_datasets_is_refused(tmp_path, capsys):
+    code, _, err = run_check(capsys, "--dataset", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path / "b"))
+    assert "Fix: leave --out out" in one_line(code, err) and not (tmp_path / "b").exists()
+
+
+def test_check_dataset_classes_folder_is_named_a_folder(tmp_path, capsys):
+    tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
+    code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--classes", str(tree / "train"))
+    line = one_line(code, err)
+    assert line.startswith(f"error: --classes {tree / 'train'} is a folder. Fix: pass a text file") and \
+        "no such file" not in line
+
+
+def fake_tinyimagenet_zip(calls: list):
+    """data.tinyimagenet.fetch without the internet: 'extracts' a fresh copy into the folder given."""
+    def fetch(parent):
+        calls.append(Path(parent))
+        shutil.rmtree(Path(parent) / "tiny-imagenet-200", ignore_errors=True)
+        write_tinyimagenet(Path(parent))
+    return fetch
+
+
+def test_check_dataset_download_tinyimagenet_as_training_does(tmp_path, capsys, monkeypatch):
+    """--download fetches a missing TinyImageNet, extracts a damaged one again (layout or an image), then checks
+    it; no message asks for the --download that was given."""
+    import data.tinyimagenet
+    calls = []
+    monkeypatch.setattr(data.tinyimagenet, "fetch", fake_tinyimagenet_zip(calls))
+    code, out, err = run_check(capsys, "--dataset", "tinyimagenet", "--data", str(tmp_path), "--workers", "0",
+                               "--download")
+    assert code == 0 and "all 204 images decode" in out and "--download" not in err, err
+    assert calls == [tmp_path]
+    root = tmp_path / "tiny-imagenet-200"
+    (root / "val" / "val_annotations.txt").write_text("cut")                        # a damaged layout
+    code, out, err = run_check(capsys, "--dataset", "tinyimagenet", "--data", str(tmp_path), "--workers", "0",
+                               "--download")
+    assert code == 0 and "extracting tiny-imagenet-200.zip again" in out and len(calls) == 2, (out, err)
+    (root / "val" / "images" / "val_0.JPEG").write_bytes(image_bytes()[:40])          # an image cut short
+    code, out, err = run_check(capsys, "--dataset", "tinyimagenet", "--data", str(tmp_path), "--workers", "0",
+                               "--download")
+    assert code == 0 and "1 of 204 images cannot be decoded" in out and "all 204 images decode" in out, (out, err)
+    assert len(calls) == 3
+    shutil.rmtree(root)                                                               # without --download: the advice
+    code, _, err = run_check(capsys, "--dataset", "tinyimagenet", "--data", str(tmp_path))
+    assert "pass --download" in one_line(code, err) and len(calls) == 3
+
+
+@pytest.mark.parametrize("dataset", ["imagenet", "folder"])
+def test_check_dataset_download_refused_where_there_is_nothing_to_download(tmp_path, capsys, dataset):
+    code, _, err = run_check(capsys, "--dataset", dataset, "--data", str(tmp_path), "--download")
+    assert one_line(code, err).startswith("error: --download: ") and err.strip().endswith("Fix: leave --download out")
+
+
+def test_check_dataset_help_names_every_dataset_download_serves(capsys):
+    with pytest.raises(SystemExit):
+        script("check_dataset").main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "TinyImageNet: fetch it when missing" in text and "(not for imagenet or folder)" in text
+
+
+# ---- scripts/export_peer.py: never over the checkpoint read, nor over a run's checkpoints ----------------------
+def test_export_peer_never_writes_over_a_checkpoint(dml_run, tmp_path, capsys):
+    export_peer = script("export_peer")
+    run = dml_run
+    saved = {name: (run / name).read_bytes() for name in ("last.pt", "best.pt")}
+    copy = tmp_path / "c.pt"
+    copy.write_bytes(saved["last.pt"])
+    (tmp_path / "link.pt").symlink_to(copy)
+    cases = [
+        ([str(copy), "-o", str(copy)], f"-o {copy} is the checkpoint being read"),
+        ([str(copy), "-o", str(tmp_path / "." / "c.pt")], "is the checkpoint being read"),
+        ([str(tmp_path / "link.pt"), "-o", str(copy)], "is the checkpoint being read"),
+        ([str(run / "best.pt"), "-o", str(run / "last.pt")], f"-o {run / 'last.pt'}: last.pt is the name of a run's "
+                                                             "checkpoint (its resume point)"),
+        ([str(copy), "-o", str(run / "best.pt")], "best.pt is the name of a run's checkpoint (its best epoch)"),
+        ([str(copy), "-o", str(tmp_path / "new" / "last.pt")], "last.pt is the name of a run's checkpoint"),
+    ]
+    for argv, named in cases:
+        code = export_peer.main([*argv, "--peer", "1", "--force"])
+        line = one_line(code, capsys.readouterr().err)
+        assert named in line and line.endswith("--force or not"), line
+    assert {name: (run / name).read_bytes() for name in saved} == saved and copy.read_bytes() == saved["last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "link.pt"]
+    assert export_peer.main([str(copy), "--peer", "1", "-o", str(tmp_path / "peer1.pt")]) == 0     # the way it works
+
+
+# ---- scripts/reproduce.py --gpus ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("gpus, bad", [("a,b", "a"), ("0,x", "x"), ("-1", "-1"), ("1.5", "1.5"), ("0 gpu1", "gpu1"),
+                                       ("cuda:0", "cuda:0")])
+def test_reproduce_gpus_are_integer_ids(capsys, monkeypatch, gpus, bad):
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a run was started"))
+    with pytest.raises(SystemExit) as exit_:
+        reproduce.main(["smoke", "--gpus", gpus])
+    line = one_line(exit_.value.code, capsys.readouterr().err)
+    assert f"argument --gpus: {gpus!r}: {bad!r} is not a GPU index; write non-negative integers" in line
+
+
+@pytest.mark.parametrize("gpus", ["0,1", "0, 1", "0 1", " 0,01 "])
+def test_reproduce_gpus_separated_by_commas_or_spaces(gpus):
+    assert reproduce.build_parser().parse_args(["smoke", "--gpus", gpus]).gpus == "0,1"
+
+
+# ---- scripts/kl_gap.py --checkpoint ------------------------------------------------------------------------------
+def test_kl_gap_checkpoint_refused_in_one_line_before_data_is_loaded(dml_run, dccl_run, tmp_path, capsys, monkeypatch):
+    kl_gap = script("kl_gap")
+    monkeypatch.setattr(kl_gap, "batch_of", lambda *a: pytest.fail("data loaded before the checkpoint was checked"))
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes((dccl_run / "last.pt").read_bytes()[:5000])
+    line = one_line(kl_gap.main(["--checkpoint", str(truncated)]), capsys.readouterr().err)
+    assert line.startswith(f"error: checkpoint {truncated} cannot be read") and "truncated" in line
+    dml = dml_run / "last.pt"
+    line = one_line(kl_gap.main(["--checkpoint", str(dml)]), capsys.readouterr().err)
+    assert line.startswith(f"error: --checkpoint {dml} was saved by train_dml.py; kl_gap.py reads dccl checkpoints")
+    dccl = dccl_run / "last.pt"
+    line = one_line(kl_gap.main(["--checkpoint", str(dccl), "--dataset", "cifar10"]), capsys.readouterr().err)
+    assert "was trained on synthetic, not --dataset cifar10; give --dataset synthetic" in line
+    with pytest.raises(SystemExit) as exit_:
+        kl_gap.main(["--batch-size", "0"])
+    one_line(exit_.value.code, capsys.readouterr().err)
+
+
+def test_kl_gap_measures_a_dccl_checkpoint_on_its_own_data(dccl_run, capsys):
+    kl_gap = script("kl_gap")
+    assert kl_gap.main(["--checkpoint", str(dccl_run / "last.pt"), "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("synthetic: one augmented training batch of 8") and "(epoch 1)" in out
+    assert "| kd_feat: stage 1 (16x32x32) | 16,384 |" in out
