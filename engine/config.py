@@ -272,7 +272,7 @@ def describe_differences(diffs: Sequence[tuple[str, object, object]], against: s
     trains a run longer after a grown --epochs."""
     def show(value):
         if value is None:
-            return "not given"
+            return "default"
         return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
     parts = []
     for key, before, after in diffs:

@@ -268,13 +268,18 @@ class Run:
         recorded = read_record(record)
         rebuilt = _in_line(recorded, ckpt)
         if rebuilt is not recorded:
-            what = (f"held no run's record ({why_not_a_record(record)})" if not recorded else
-                    "said 'running' but no process holds the run (it was killed)" if rebuilt["status"] == "killed"
-                    and recorded.get("epochs_done", 0) >= ckpt["epoch"] else
+            kept = ""
+            if recorded is None and record.exists():    # not a run's record (damaged, hand-edited): kept aside
+                atomic_copy(record, record.with_name("results.rejected.json"))
+                kept = f" (the old file is kept as {record.with_name('results.rejected.json').name})"
+            what = ("was missing" if not record.exists() else
+                    f"held no run's record ({why_not_a_record(record)})" if recorded is None else
+                    "said 'running' but no process holds the run (it was killed)"
+                    if recorded.get("status") == "running" and recorded.get("epochs_done", 0) >= ckpt["epoch"] else
                     f"listed {recorded.get('epochs_done', 0)} of the {ckpt['epoch']} epochs in last.pt (a process was "
                     "killed while saving)")
             atomic_write_text(json.dumps(rebuilt, indent=2, default=str) + "\n", record)
-            self.log(f"{record} {what}: rebuilt from last.pt")
+            self.log(f"{record} {what}: rebuilt from last.pt{kept}")
 
     def _recorded_processes(self) -> Optional[list]:
         """The processes results.json lists, if it is this run's record."""
@@ -429,15 +434,20 @@ _FIELD_TYPES = {"args": dict, "status": str, "history": list, "method": str, "ep
                 "processes": list, "selection": dict, "best": (dict, type(None)), "last": (dict, type(None))}
 
 
+_JSON_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
 def record_problem(data) -> Optional[str]:
     """What keeps ``data`` (a parsed results.json) from being a run's record, or None. A hand-edited file may
-    hold anything: every field the engine and the scripts read must have its type (``args``, ``status`` and
-    ``history`` are required), every epoch its ``epoch``, ``train`` and ``test``, and every metric a number."""
+    hold anything; checked: ``args``, ``status`` and ``history`` are present, the top-level fields the engine
+    and the scripts read have the engine's types, every epoch has its ``epoch``, ``train`` and ``test``, every
+    process entry is an object, and every train, test and val value of the epochs and of ``best`` is a number."""
     if not isinstance(data, dict) or any(k not in data for k in ("args", "status", "history")):
         return "not a run's record (no status, args or history)"
     for key, kind in _FIELD_TYPES.items():
         if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
-            return f"its {key!r} is a JSON {type(data[key]).__name__}, not what the engine writes"
+            return f"its {key!r} is {_JSON_NAMES.get(type(data[key]), 'of another type')}, not what the engine writes"
     if not all(isinstance(p, dict) for p in data.get("processes", [])):
         return "partial: a process entry that is not a JSON object"
     for h in data["history"]:
@@ -518,7 +528,7 @@ def _in_line(recorded: Optional[dict], ckpt: Optional[dict]) -> Optional[dict]:
     same_run = recorded is not None and ckpt is not None and recorded.get("run_id") == ckpt.get("run_id")
     if ckpt is None or (same_run and recorded.get("epochs_done", 0) >= ckpt["epoch"]) or "selection" not in ckpt:
         return recorded   # (a checkpoint of an older version holds no record to rebuild from)
-    processes = merge_processes(ckpt.get("processes", []), recorded["processes"] if same_run else None)
+    processes = merge_processes(ckpt.get("processes", []), recorded.get("processes") if same_run else None)
     return results_of({**ckpt, "processes": processes},
                       "finished" if ckpt["epoch"] >= ckpt["args"]["epochs"] else "killed")
 

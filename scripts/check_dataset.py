@@ -30,7 +30,8 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.common import DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, image_problem  # noqa: E402
+from data.common import (DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, image_problem,  # noqa: E402
+                         read_class_list)
 from data.files import NameTaken, os_error_message, write_atomically  # noqa: E402
 from engine.cli import Parser, non_negative_int  # noqa: E402
 
@@ -65,6 +66,8 @@ def check_flags(args) -> None:
     """The flag combinations refused before anything is read (one DataFlagError line each)."""
     if args.classes and args.dataset not in ("imagenet", "folder"):
         raise DataFlagError(f"--classes picks class folders of --dataset folder or imagenet, not {args.dataset}")
+    if args.classes:
+        read_class_list(args.classes)           # a missing file, a folder, a bad list: one line
     if args.download and args.dataset in NOT_DOWNLOADABLE:
         raise DataFlagError(f"--download: {NOT_DOWNLOADABLE[args.dataset]}. Fix: leave --download out")
     if args.out is not None and args.dataset not in ("imagenet", "tinyimagenet", "folder"):
@@ -180,9 +183,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bad = decode_all(paths, args.workers, not args.no_progress)
         if bad and args.download and args.dataset == "tinyimagenet":   # as training: extract again, then decode
             print(f"tinyimagenet: {len(bad)} of {len(paths)} images cannot be decoded", flush=True)
-            reextract_tinyimagenet(tinyimagenet_root(args.data))
-            paths = image_list(args.dataset, args.data, download=False)
-            bad = decode_all(paths, args.workers, not args.no_progress)
+            try:
+                reextract_tinyimagenet(tinyimagenet_root(args.data))
+            except DatasetError as e:           # (no internet, a bad zip): report the first pass's list
+                print(f"error: {e}", file=sys.stderr)
+            else:
+                paths = image_list(args.dataset, args.data, download=False)
+                bad = decode_all(paths, args.workers, not args.no_progress)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ from data import DeviceLoader, DatasetError, dataset_info, load_dataset  # noqa:
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.cli import Parser, non_negative_int, positive, positive_int  # noqa: E402
 from engine.errors import UserError  # noqa: E402
+from models import ImageSizeError, UnknownModelError, model_entry  # noqa: E402
 from train_dccl import DCCL, DCCLNet  # noqa: E402
 
 EPS = 1e-7
@@ -84,8 +85,11 @@ def measure(model: DCCLNet, images: torch.Tensor, T: float) -> list[tuple]:
     return rows
 
 
-def batch_of(dataset: str, size: int, seed: int):
-    train, _ = load_dataset(dataset)
+def batch_of(dataset: str, data: Optional[str], size: int, seed: int):
+    if dataset in ("folder", "imagenet"):
+        raise UserError(f"kl_gap.py draws its batch from a built-in small-image dataset (cifar10, cifar100, "
+                        f"fashion-mnist, tinyimagenet, synthetic), not {dataset}")
+    train, _ = load_dataset(dataset, data)
     info = dataset_info(dataset)
     loader = DeviceLoader(train, info, size, "cpu", train=True, seed=seed, pad_mode="reflect")
     loader.set_epoch(0)
@@ -133,6 +137,8 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--checkpoint", nargs="*", default=[], type=Path, help="DCCL checkpoints (last.pt, best.pt)")
     p.add_argument("--dataset", default=None,
                    help=f"default: the checkpoints' dataset, else {DEFAULT_DATASET}")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="the dataset's folder, as for training (default: the checkpoints' --data, else the usual place)")
     p.add_argument("--num-classes", type=positive_int, default=None,
                    help="classes of the networks built at initialisation (default: the dataset's; 100 sizes the logit "
                         "terms as on CIFAR-100)")
@@ -143,7 +149,7 @@ def main(argv: Optional[list] = None) -> int:
     a = p.parse_args(argv)
     try:
         return measure_and_print(a)
-    except (UserError, DatasetError) as e:
+    except (UserError, DatasetError, UnknownModelError, ImageSizeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -151,8 +157,11 @@ def main(argv: Optional[list] = None) -> int:
 def measure_and_print(a) -> int:
     torch.set_num_threads(a.threads)
     checkpoints = {path: read_checkpoint(path) for path in a.checkpoint}      # before any data is loaded
+    for arch in a.arch:
+        model_entry(arch)                                                    # an unknown name: one line, first
     dataset = checkpoint_dataset(checkpoints, a.dataset)
-    images, num_classes = batch_of(dataset, a.batch_size, a.seed)
+    data = a.data or next((c["args"].get("data") for c in checkpoints.values() if c["args"].get("data")), None)
+    images, num_classes = batch_of(dataset, data, a.batch_size, a.seed)
     nets = []
     for arch in a.arch:
         torch.manual_seed(a.seed)

@@ -62,7 +62,7 @@ def test_trainer_hands_the_frozen_config_to_the_method(tmp_path):
         trainer.method.args.kd_T = 2.0
 
 
-def test_a_difference_shows_an_option_left_out_as_not_given():
+def test_a_difference_shows_an_option_left_out_as_its_default():
     from engine.config import describe_differences
     assert describe_differences([("eval_subset", None, 128), ("milestones", [150, 225], [100])]) == \
-        "--eval-subset not given (this command: 128), --milestones 150 225 (this command: 100)"
+        "--eval-subset default (this command: 128), --milestones 150 225 (this command: 100)"

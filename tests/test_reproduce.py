@@ -357,7 +357,13 @@ def test_slurm_task_ignores_the_warning_signal_and_stops_on_checkpoint(tmp_path,
     import threading
     codes = []
     worker = threading.Thread(target=lambda: codes.append(job()))
-    worker.start()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started ignoring SIGINT: its training still stops
+    try:
+        worker.start()
+        while job._proc is None and worker.is_alive():
+            time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 60
     while "alive" not in ((tmp_path / "log").read_text() if (tmp_path / "log").exists() else "") \
             and time.time() < deadline:

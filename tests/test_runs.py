@@ -550,7 +550,8 @@ def test_flipped_bytes_are_refused(tmp_path):
 
 @pytest.mark.parametrize("content, expected", [
     (b"", "is an empty file"), ({}, "not a checkpoint of this repository"),
-    ({"format": 1}, r"expected format 1; it has no method, epoch, state, args"), ({**{k: 1 for k in ("method", "epoch", "state", "args")}, "format": 0}, "expected format 1; it has format 0"),
+    ({"format": 1}, r"expected format 1; it has no method, epoch, state, args"),
+    ({**{k: 1 for k in ("method", "epoch", "state", "args")}, "format": 0}, "expected format 1; it has format 0"),
 ])
 def test_empty_or_bare_checkpoint_is_one_line(tmp_path, content, expected):
     path = tmp_path / "last.pt"
@@ -760,8 +761,8 @@ def test_a_record_no_process_finished_is_read_as_killed(run, tmp_path):
 
 
 @pytest.mark.parametrize("edit, problem", [
-    (lambda r: r.update(processes="y"), "its 'processes' is a JSON str"),
-    (lambda r: r.update(epochs="3"), "its 'epochs' is a JSON str"),
+    (lambda r: r.update(processes="y"), "its 'processes' is a string"),
+    (lambda r: r.update(epochs="3"), "its 'epochs' is a string"),
     (lambda r: r["best"]["test"].update({"peer1/top1": "abc"}), "best: a test value that is not a number"),
     (lambda r: r["history"][0]["train"].update(ce=None), "epoch 1: a train, test or val value that is not a number"),
     (lambda r: r.clear(), "not a run's record"),
@@ -781,8 +782,10 @@ def test_a_results_json_of_the_wrong_shape_is_no_record(run, tmp_path, capsys, e
     capsys.readouterr()
     train(DML, TINY + ["--out", str(copy), "--resume", "auto", "--epochs", "2", "--extend-epochs"])
     out = capsys.readouterr().out
-    assert f"held no run's record ({problem}" in out and "rebuilt from last.pt" in out
+    assert f"held no run's record ({problem}" in out and "rebuilt from last.pt (the old file is kept as " \
+        "results.rejected.json)" in out
     assert json.loads((copy / "results.json").read_text())["epochs_done"] == 2
+    assert json.loads((copy / "results.rejected.json").read_text()) == saved     # the hand-edited file, not lost
     bare = tmp_path / "bare" / "run"
     bare.mkdir(parents=True)
     (bare / "results.json").write_text(json.dumps(saved))

@@ -162,6 +162,25 @@ def test_check_dataset_download_tinyimagenet_as_training_does(tmp_path, capsys, 
     assert "pass --download" in one_line(code, err) and len(calls) == 3
 
 
+def test_check_dataset_keeps_its_list_when_extracting_again_fails(tmp_path, capsys, monkeypatch):
+    """--download on a TinyImageNet with a bad image, offline: the zip cannot be fetched again, and the bad file
+    is still listed (and written to --out)."""
+    import data.tinyimagenet
+    from data import DatasetNotFoundError
+    root = write_tinyimagenet(tmp_path)
+    bad = root / "val" / "images" / "val_0.JPEG"
+    bad.write_bytes(image_bytes()[:40])
+
+    def offline(parent):
+        raise DatasetNotFoundError("tinyimagenet", "the download failed (no internet)", [parent], "try later")
+    monkeypatch.setattr(data.tinyimagenet, "fetch", offline)
+    listed = tmp_path / "bad.txt"
+    code, out, err = run_check(capsys, "--dataset", "tinyimagenet", "--data", str(tmp_path), "--workers", "0",
+                               "--download", "--out", str(listed))
+    assert code == 1 and "no internet" in err and f"{bad}:" in out and "1 of 204 images cannot be decoded" in err
+    assert listed.read_text() == f"{bad}\n"
+
+
 @pytest.mark.parametrize("dataset", ["imagenet", "folder"])
 def test_check_dataset_download_refused_where_there_is_nothing_to_download(tmp_path, capsys, dataset):
     code, _, err = run_check(capsys, "--dataset", dataset, "--data", str(tmp_path), "--download")
