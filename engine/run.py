@@ -270,8 +270,12 @@ class Run:
         if rebuilt is not recorded:
             kept = ""
             if recorded is None and record.exists():    # not a run's record (damaged, hand-edited): kept aside
-                atomic_copy(record, record.with_name("results.rejected.json"))
-                kept = f" (the old file is kept as {record.with_name('results.rejected.json').name})"
+                aside, k = record.with_name("results.rejected.json"), 1
+                while aside.exists():                    # an earlier one is kept too
+                    k += 1
+                    aside = record.with_name(f"results.rejected-{k}.json")
+                atomic_copy(record, aside)
+                kept = f" (the old file is kept as {aside.name})"
             what = ("was missing" if not record.exists() else
                     f"held no run's record ({why_not_a_record(record)})" if recorded is None else
                     "said 'running' but no process holds the run (it was killed)"

@@ -786,6 +786,11 @@ def test_a_results_json_of_the_wrong_shape_is_no_record(run, tmp_path, capsys, e
         "results.rejected.json)" in out
     assert json.loads((copy / "results.json").read_text())["epochs_done"] == 2
     assert json.loads((copy / "results.rejected.json").read_text()) == saved     # the hand-edited file, not lost
+    (copy / "results.json").write_text(json.dumps(saved))                          # again: the first copy stays
+    train(DML, TINY + ["--out", str(copy), "--resume", "auto", "--epochs", "3", "--extend-epochs"])
+    assert "kept as results.rejected-2.json" in capsys.readouterr().out
+    assert json.loads((copy / "results.rejected-2.json").read_text()) == saved
+    assert json.loads((copy / "results.rejected.json").read_text()) == saved
     bare = tmp_path / "bare" / "run"
     bare.mkdir(parents=True)
     (bare / "results.json").write_text(json.dumps(saved))
