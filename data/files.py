@@ -27,6 +27,29 @@ class NameTaken(FileExistsError):
     """``write_atomically(..., replace=False)`` found a file already under the name."""
 
 
+def output_problem(path: Path, flag: str, force: bool, example: str) -> Optional[str]:
+    """Why the output file ``path`` (given as ``flag``, e.g. ``-o``) cannot be written by
+    :func:`write_atomically`, checked before any work is done: a folder (``example``: a file name to suggest
+    in it), an existing file without ``force``, something that is not a regular file, a parent that is a
+    file, a folder without write permission. None when it can (missing parent folders are created)."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{flag} {path} is a folder; give a file name (e.g. {path / example})"
+    if path.exists() or path.is_symlink():
+        if not force:
+            return f"{flag} {path} exists; add --force to replace it, or give another file name"
+        if path.exists() and not path.is_file():
+            return f"{flag} {path} is not a regular file (a device, a pipe...); give a file name"
+    parent = path.absolute().parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{flag} {path}: {parent} is not a folder; choose another {flag}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag} {path}: no permission to write in {parent}; choose another {flag}"
+    return None
+
+
 def write_atomically(path: Path, mode: str, write, replace: bool = True, permissions: Optional[int] = None) -> None:
     """``write(file)`` (``mode`` "w" or "wb") into a temporary file in ``path``'s folder, fsync, then publish it
     as ``path`` (with ``permissions``, e.g. the replaced file's, else the umask's). ``replace=False`` never

@@ -104,7 +104,7 @@ def _path(text: str) -> str:
     return text
 
 
-def _folder(text: str) -> str:
+def dataset_folder(text: str) -> str:
     """A folder name (``--data``): a path that is not a file (it may not exist yet: ``--download`` makes it)."""
     if Path(_path(text)).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: give the folder that holds the dataset")
@@ -177,7 +177,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
         g.add_argument("--num-peers", type=number(int, at_least=method_cls.min_peers),
                        default=method_cls.num_peers, help="number of peer networks (branches)")
     g.add_argument("--dataset", default="cifar100", choices=DATASET_NAMES, help="training and test data")
-    g.add_argument("--data", type=_folder, default=None, metavar="DIR",
+    g.add_argument("--data", type=dataset_folder, default=None, metavar="DIR",
                    help="dataset folder (default: datasets/<name> under $OKD_DATASETS, else under the current "
                         "directory); --dataset folder: DIR/train/<class>/<image> and the evaluation images in "
                         "DIR/val/<class>/ or DIR/test/<class>/ (both: val/ chooses best, test/ is reported; "

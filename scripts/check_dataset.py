@@ -32,34 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.common import (DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, image_problem,  # noqa: E402
                          read_class_list)
-from data.files import NameTaken, os_error_message, write_atomically  # noqa: E402
-from engine.cli import Parser, non_negative_int  # noqa: E402
+from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
+from engine.cli import Parser, dataset_folder, non_negative_int  # noqa: E402
 
 NOT_DOWNLOADABLE = {      # the training loaders download CIFAR, Fashion-MNIST and TinyImageNet
     "imagenet": "ImageNet cannot be downloaded by a script (it needs a login at https://image-net.org)",
     "folder": "a folder dataset is your own files, there is nothing to download",
 }
-
-
-def check_out(path: Path, force: bool) -> None:
-    """Refuse, before anything is read, an ``--out`` that cannot be written or would replace a file without
-    ``force``: a folder, an existing file (without ``force``), something that is not a regular file, a parent
-    that is not a folder (a file), or a folder without write permission. Missing parent folders are created
-    when the list is written. One DataFlagError line naming the path."""
-    if path.is_dir():
-        raise DataFlagError(f"--out {path} is a folder; give a file name (e.g. {path / 'bad.txt'})")
-    if path.exists() or path.is_symlink():
-        if not force:
-            raise DataFlagError(f"--out {path} exists; add --force to replace it, or give another file name")
-        if path.exists() and not path.is_file():
-            raise DataFlagError(f"--out {path} is not a regular file (a device, a pipe...); give a file name")
-    parent = path.absolute().parent
-    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise DataFlagError(f"--out {path}: {parent} is not a folder; choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DataFlagError(f"--out {path}: no permission to write in {parent}; choose another --out")
 
 
 def check_flags(args) -> None:
@@ -76,8 +55,9 @@ def check_flags(args) -> None:
                             "Fix: leave --out out")
     if args.force and args.out is None:
         raise DataFlagError("--force replaces an existing --out file; give --out FILE too, or leave --force out")
-    if args.out is not None:
-        check_out(args.out, args.force)
+    problem = args.out is not None and output_problem(args.out, "--out", args.force, "bad.txt")
+    if problem:
+        raise DataFlagError(problem)
 
 
 def tinyimagenet_root(data: Optional[str], download: bool = False) -> Path:
@@ -150,7 +130,7 @@ def decode_all(paths: Sequence[Path], workers: int, progress: bool = True,
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, choices=[n for n in DATASET_NAMES if n != "synthetic"])
-    parser.add_argument("--data", default=None, metavar="DIR",
+    parser.add_argument("--data", type=dataset_folder, default=None, metavar="DIR",
                         help="dataset folder, as for training (default: $OKD_DATASETS/<name> or ./datasets/<name>)")
     parser.add_argument("--workers", type=non_negative_int, default=os.cpu_count() or 1,
                         help="decoding processes (0: decode in this process)")

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from data.files import NameTaken, checksummed, write_atomically  # noqa: E402
+from data.files import NameTaken, checksummed, output_problem, write_atomically  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.cli import Parser, positive_int  # noqa: E402
 from engine.errors import UserError  # noqa: E402
@@ -148,10 +148,9 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def check_output(path: Path, force: bool, checkpoint: Optional[Path] = None) -> None:
-    """Refuse (one-line UserError naming the file) an output that is a folder, exists without ``force``, or,
-    even with ``force``, is the ``checkpoint`` read or is named like a run's checkpoint (last.pt, best.pt)."""
-    if path.is_dir():
-        raise UserError(f"-o {path} is a folder; give a file name (e.g. {path / 'peer.pt'})")
+    """Refuse (one-line UserError naming the file) an output that is the ``checkpoint`` read or is named like a
+    run's checkpoint (last.pt, best.pt), even with ``force``, or that cannot be written (data.files.output_problem:
+    a folder, an existing file without ``force``, ...)."""
     if checkpoint is not None and same_file(path, checkpoint):
         raise UserError(f"-o {path} is the checkpoint being read ({checkpoint}); write the export to another file "
                         "(e.g. peer.pt), --force or not")
@@ -159,8 +158,9 @@ def check_output(path: Path, force: bool, checkpoint: Optional[Path] = None) -> 
         role = "its resume point" if path.name.lower() == "last.pt" else "its best epoch"
         raise UserError(f"-o {path}: {path.name} is the name of a run's checkpoint ({role}), which an export must "
                         "not replace or pose as; give another file name (e.g. peer.pt), --force or not")
-    if (path.exists() or path.is_symlink()) and not force:
-        raise UserError(f"-o {path} exists; add --force to replace it, or give another file name")
+    problem = output_problem(path, "-o", force, "peer.pt")
+    if problem:
+        raise UserError(problem)
 
 
 def write_export(obj: dict, path: Path, force: bool = False) -> None:
