@@ -216,8 +216,11 @@ class Run:
         found = ["best.pt"] if (self.folder / "best.pt").exists() else []
         record = self.folder / "results.json"
         if record.exists():
-            saved = read_record(record)          # None when unreadable: kept, it may be all that is left of a run
-            if not (saved and "method" in saved and saved["history"] == []):
+            try:
+                saved = json.loads(record.read_text())
+            except (OSError, ValueError):
+                saved = None                     # unreadable: keep it, it may be all that is left of a run
+            if not (isinstance(saved, dict) and "method" in saved and saved.get("history") == []):
                 found.append("results.json")
         return found
 
