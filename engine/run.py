@@ -644,6 +644,9 @@ class RunLock:
                                 f"delete {self.path}")
             raise UserError(f"{self.folder} is in use by {who}: one process writes a run at a time; wait for it "
                             "to end, or choose another --out")
+        if not _names(self.path, fd):         # a holder that left no run removed this file after we opened it
+            os.close(fd)
+            return self.acquire()
         self.fd = fd
         holder = self._read_holder()
         if holder.get("pid"):
@@ -655,19 +658,27 @@ class RunLock:
 
     def release(self) -> None:
         """Unlock (emptying the holder record). The lock file stays: removing it could let two processes
-        lock two different files of the same name."""
+        lock two different files of the same name. Only a folder this lock created and nothing else was
+        written to goes, with its lock file, while still locked (a process that opened the file meanwhile
+        finds it gone once it has the lock, and starts again: :func:`_names`)."""
         if self.fd is None:
             return
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, 0)
+            if self.created_folder and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
+                self.path.unlink()      # the run stopped before it began: leave no empty run directory behind
+                self.folder.rmdir()
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
-        if self.created_folder and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
-            # Nothing was written (the run stopped before it began): leave no empty run directory behind.
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-                self.folder.rmdir()
+
+
+def _names(path: Path, fd: int) -> bool:
+    """``path`` still names the file open as ``fd`` (it was not removed or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(fd))
+    except FileNotFoundError:
+        return False
 
 
 def _pid_alive(pid: int) -> bool:

@@ -235,6 +235,26 @@ def test_lock_is_released_on_errors(tmp_path):
     run_module.RunLock(tmp_path / "new").acquire().release()
 
 
+def test_a_lock_file_removed_after_it_was_opened_is_not_taken(tmp_path, monkeypatch):
+    """The holder of a new, empty run folder leaves (removing the folder and its lock file) between another
+    process's open of the lock file and its flock: that process must not count the removed file as the lock,
+    or a third could lock a new file of the same name beside it."""
+    import fcntl
+    folder = tmp_path / "new"
+    first = run_module.RunLock(folder).acquire()
+    real_flock, left = fcntl.flock, []
+
+    def flock(fd, operation):
+        if not left:
+            left.append(True)
+            first.release()
+        return real_flock(fd, operation)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    second = run_module.RunLock(folder).acquire()
+    assert left and second.path.is_file() and os.path.samestat(os.stat(second.path), os.fstat(second.fd))
+    second.release()
+
+
 # ---- 5. --eval-only evaluates the checkpoint as trained --------------------------------------------------
 
 @pytest.mark.slow
