@@ -22,10 +22,12 @@ FORMAT = 1
 REQUIRED_KEYS = ("format", "method", "epoch", "state", "args")
 
 
-def _atomic_write(path: Path, mode: str, write) -> None:
-    """:func:`~data.files.write_atomically` over ``path``; OS errors become one-line UserErrors."""
+def atomic_write(path: Path, data) -> None:
+    """Write ``data`` (bytes, or text) to ``path`` atomically (:func:`~data.files.write_atomically`). An OS
+    error (a full disk, a read-only folder) is a one-line UserError naming the path; the previous file, if
+    any, is left as it was."""
     try:
-        write_atomically(path, mode, write)
+        write_atomically(path, "w" if isinstance(data, str) else "wb", lambda f: f.write(data))
     except OSError as e:
         raise UserError(os_error_message(Path(path), e) + f"; the previous {Path(path).name}, if any, is "
                         "unchanged") from None
@@ -34,19 +36,9 @@ def _atomic_write(path: Path, mode: str, write) -> None:
 def atomic_save(obj: dict, *paths: Path) -> None:
     """Add the content checksum (``sha256``), serialise ``obj`` once and write it atomically to every path,
     in the order given."""
-    buffer = checksummed(obj)
+    data = checksummed(obj).getbuffer()
     for path in paths:
-        _atomic_write(path, "wb", lambda f: f.write(buffer.getbuffer()))
-
-
-def atomic_copy(source: Path, target: Path) -> None:
-    """Copy a file atomically (the same guarantees as a save)."""
-    data = Path(source).read_bytes()
-    _atomic_write(target, "wb", lambda f: f.write(data))
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    _atomic_write(path, "w", lambda f: f.write(text))
+        atomic_write(path, data)
 
 
 def load_checkpoint(path: Path, required: Iterable[str] = REQUIRED_KEYS) -> dict:

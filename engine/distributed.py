@@ -13,7 +13,6 @@ import torch.distributed as dist
 class DistEnv:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -25,16 +24,12 @@ class DistEnv:
 
 
 def init_distributed(use_cuda: bool) -> DistEnv:
-    """Join the process group that torchrun describes (NCCL on GPUs, gloo on CPU)."""
+    """Join the process group that torchrun describes (NCCL on GPUs, gloo on CPU). Each process's GPU is the
+    one ``select_device`` set (LOCAL_RANK)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistEnv()
-    env = DistEnv(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(env.local_rank)
+    if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return env
+    return DistEnv(int(os.environ.get("RANK", "0")), world_size)
 
 
 def shutdown_distributed() -> None:

@@ -31,7 +31,7 @@ from typing import Mapping, Optional, Sequence
 
 from data.files import clean_temp_files, os_error_message
 
-from .checkpoint import FORMAT, atomic_copy, atomic_save, atomic_write_text, load_checkpoint
+from .checkpoint import FORMAT, atomic_save, atomic_write, load_checkpoint
 from .cli import RECIPE_KEYS, RECIPES
 from .config import RunConfig, describe_differences, recorded_differences
 from .distributed import any_rank, barrier
@@ -249,9 +249,9 @@ class Run:
         source_best = path.parent / "best.pt"
         existed = best.exists()      # a stale or damaged best.pt of this run, not a new --out's first one
         if epoch == ckpt["epoch"]:
-            atomic_copy(path, best)
+            atomic_write(best, path.read_bytes())
         elif path.parent != self.folder and _checkpoint_epoch(source_best) == epoch:
-            atomic_copy(source_best, best)
+            atomic_write(best, source_best.read_bytes())
         else:
             warnings.warn(f"{best} does not hold the best epoch ({epoch}) and it cannot be rebuilt; it will be "
                           "written again when an epoch improves on it")
@@ -274,7 +274,7 @@ class Run:
                 while aside.exists():                    # an earlier one is kept too
                     k += 1
                     aside = record.with_name(f"results.rejected-{k}.json")
-                atomic_copy(record, aside)
+                atomic_write(aside, record.read_bytes())
                 kept = f" (the old file is kept as {aside.name})"
             what = ("was missing" if not record.exists() else
                     f"held no run's record ({why_not_a_record(record)})" if recorded is None else
@@ -282,7 +282,7 @@ class Run:
                     if recorded.get("status") == "running" and recorded.get("epochs_done", 0) >= ckpt["epoch"] else
                     f"listed {recorded.get('epochs_done', 0)} of the {ckpt['epoch']} epochs in last.pt (a process was "
                     "killed while saving)")
-            atomic_write_text(json.dumps(rebuilt, indent=2, default=str) + "\n", record)
+            atomic_write(record, json.dumps(rebuilt, indent=2, default=str) + "\n")
             self.log(f"{record} {what}: rebuilt from last.pt{kept}")
 
     def _recorded_processes(self) -> Optional[list]:
@@ -312,11 +312,6 @@ class Run:
         self.records, self.saved = records, self.folder / "last.pt"
 
     # ---- the end of a process ----------------------------------------------------------------------------
-
-    def finish(self) -> dict:
-        """The run trained its last epoch: record it and unlock; returns the record."""
-        self.close(None)
-        return self.results("finished")
 
     def close(self, error: Optional[BaseException]) -> Optional[str]:
         """Record how this process ended in results.json (rank 0) and unlock. For an interrupt (Ctrl-C,
@@ -399,8 +394,8 @@ class Run:
         write results.json (rank 0)."""
         self._update_process(status, len(self.records), **extra)
         if self.is_main:
-            atomic_write_text(json.dumps(self.results(status), indent=2, default=str) + "\n",
-                              self.folder / "results.json")
+            atomic_write(self.folder / "results.json",
+                         json.dumps(self.results(status), indent=2, default=str) + "\n")
 
     def _update_process(self, status: str, epochs: int, **extra) -> None:
         if self.process is not None:

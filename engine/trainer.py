@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write_text, load_checkpoint
+from .checkpoint import atomic_write, load_checkpoint
 from .cli import parse_args
 from .config import from_checkpoint, resolve, run_directory
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
@@ -82,8 +82,6 @@ class Trainer:
             torch.set_num_threads(args.threads)
         self.device = select_device(args)
         self.dist = init_distributed(self.device.type == "cuda")
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
         self.is_main = self.dist.is_main
         seed_everything(args.seed)
         try:
@@ -356,7 +354,8 @@ class Trainer:
             # event file too (a resumed run purges the steps after its checkpoint).
             self.report.epoch(epoch, record)
             self.run.save(record, self.state_dict())
-        results = self.run.finish()
+        self.run.close(None)
+        results = self.run.results("finished")
         self.report.close()
         barrier()
         self.report.final_table(results)
@@ -404,7 +403,7 @@ class Trainer:
         if a.data:
             name += "-" + hashlib.sha256(str(Path(a.data).resolve()).encode()).hexdigest()[:6]
         if self.is_main:
-            atomic_write_text(json.dumps(result, indent=2) + "\n", self.run.folder / f"{name}.json")
+            atomic_write(self.run.folder / f"{name}.json", json.dumps(result, indent=2) + "\n")
             self.report.log(f"results: {self.run.folder / name}.json")
 
 

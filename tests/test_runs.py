@@ -20,7 +20,7 @@ import train_cmff
 import train_dml
 import train_mcl_okd
 from engine import UserError, main, parse_args, train
-from engine.checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from engine.checkpoint import atomic_save, atomic_write, load_checkpoint
 from engine import run as run_module
 from engine.config import differences, resolve, run_name
 from toy_methods import interrupted
@@ -619,7 +619,7 @@ def test_files_follow_the_umask_and_interrupted_writes_are_cleaned(tmp_path):
     old = os.umask(0o027)
     try:
         train(Baseline, TINY + ["--out", str(tmp_path), "--resume", "auto"])
-        atomic_write_text("x", tmp_path / "note.txt")
+        atomic_write(tmp_path / "note.txt", "x")
     finally:
         os.umask(old)
     assert not list(tmp_path.glob(".*.tmp"))
