@@ -121,7 +121,7 @@ class Method:
 
     name: str = "method"                # the method's identity: its file name, set here (module docstring)
     script: Optional[str] = None        # the train_*.py script (or __main__) that defines the method
-    recipe: str = "okd"                 # default protocol (engine.cli.RECIPES)
+    recipe: str = "okd"                 # default protocol (recipes.py)
     num_peers: Optional[int] = 2        # default --num-peers; None: a single network, no such flag
     min_peers: int = 1                  # the smallest --num-peers the method can train
     best_metric: str = "ensemble"       # head whose top-1 selects best.pt

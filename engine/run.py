@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from data.files import clean_temp_files, os_error_message
+from recipes import RECIPE_KEYS, RECIPES
 
 from .checkpoint import FORMAT, atomic_save, atomic_write, load_checkpoint
-from .cli import RECIPE_KEYS, RECIPES
 from .config import RunConfig, describe_differences, recorded_differences
 from .distributed import any_rank, barrier
 from .errors import UserError

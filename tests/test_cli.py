@@ -17,7 +17,8 @@ import torch
 
 import data
 from engine import build_parser, main, parse_args
-from engine.cli import RECIPES, temperature
+from engine.cli import temperature
+from recipes import RECIPES
 from engine.method import load_method
 from engine.optim import lr_factor
 from engine.trainer import one_line_warning
@@ -196,7 +197,7 @@ repo = Path.cwd()
 modules = [p.relative_to(repo).with_suffix("") for p in sorted(repo.glob("*/*.py"))]
 names = [m.as_posix().replace("/", ".") for m in modules
          if m.parts[0] in ("engine", "data", "models", "losses", "scripts") and m.name != "__init__"]
-names += [p.stem for p in sorted(repo.glob("*.py"))]          # the method scripts and fusion_teacher.py
+names += [p.stem for p in sorted(repo.glob("*.py"))]          # the method scripts, fusion_teacher.py, recipes.py
 for name in names:
     importlib.import_module(name)
 print(len(names), state() == before)
