@@ -19,6 +19,9 @@ from recipes import RECIPES
 
 
 
+MAX_PEERS = 256     # far above any published cohort (2 to 8); a larger --num-peers is a typo that would sit building
+
+
 # ---- value types: a flag's range, declared with the flag ---------------------------------------------------
 
 def number(kind=float, *, at_least=None, above=None, below=None, at_most=None, why: str = ""):
@@ -50,6 +53,14 @@ fraction = number(at_least=0, below=1)           # momenta, dropout probabilitie
 unit_interval = number(at_least=0, at_most=1)    # decays and momenta that may reach 1
 positive_int = number(int, at_least=1)
 non_negative_int = number(int, at_least=0)
+
+
+def _count_or_all(text: str) -> Optional[int]:
+    """``--eval-subset``: N >= 0 samples; 0 is the whole set, as when the flag is left out (None)."""
+    return non_negative_int(text) or None
+
+
+_count_or_all.__name__ = "int"                   # argparse's "invalid int value: 'x'"
 
 
 def _archs(text: str) -> str:
@@ -142,7 +153,8 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                    help="backbone; a comma list gives one architecture per peer (independent peers; its length "
                         f"is the number of peers). One of: {', '.join(list_models())}")
     if method_cls.num_peers is not None:
-        g.add_argument("--num-peers", type=number(int, at_least=method_cls.min_peers),
+        g.add_argument("--num-peers", type=number(int, at_least=method_cls.min_peers, at_most=MAX_PEERS,
+                                                  why="the peers are networks built and trained together"),
                        default=method_cls.num_peers, help="number of peer networks (branches)")
     g.add_argument("--dataset", default="cifar100", choices=DATASET_NAMES, help="training and test data")
     g.add_argument("--data", type=dataset_folder, default=None, metavar="DIR",
@@ -163,7 +175,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                                                                            "given")
     g.add_argument("--subset", type=positive_int, default=None, metavar="N",
                    help="train on N training samples, a seeded stratified random subset (quick checks)")
-    g.add_argument("--eval-subset", type=non_negative_int, default=None, metavar="N",
+    g.add_argument("--eval-subset", type=_count_or_all, default=None, metavar="N",
                    help="test on N test samples, a seeded stratified random subset (quick checks); 0: the whole "
                         "test set (e.g. --eval-only of a run trained with a subset)")
     g.add_argument("--pad-mode", choices=("zero", "reflect"), default="zero",
@@ -285,8 +297,6 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     parser = build_parser(method_cls, recipe, preset, known.arch)
     args = parser.parse_args(argv, argparse.Namespace(num_peers=None))   # num_peers None: not on the command line
     _peer_list(parser, args, method_cls)
-    if args.eval_subset == 0:
-        args.eval_subset = None             # the whole test set, as when the flag is left out
     given = given_options(method_cls, argv)
     args.schedule_note = _shorten_schedule(args, given, RECIPES[args.recipe]["epochs"])
     if "milestones" in given and args.lr_schedule != "multistep":
@@ -323,8 +333,6 @@ def given_options(method_cls, argv: Sequence[str]) -> dict:
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     known = vars(parser.parse_known_args(list(argv))[0])
-    if known.get("eval_subset") == 0:
-        known["eval_subset"] = None        # 0: the whole test set, as when the flag is left out
     if "arch" in known:                  # as parse_args holds it: a list of one repeated name is that name
         from models.peers import normalize_arch
         known["arch"] = normalize_arch(known["arch"].split(","))
