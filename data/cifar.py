@@ -85,8 +85,9 @@ def load_cifar(name: str, data=None, download: bool = False) -> tuple[ArraySplit
         looked_at = [Path(r) / cls.base_folder for r in roots]
         raise DatasetNotFoundError(
             name, f"the python-pickle files ({', '.join(f for f, _ in _required_files(cls))}) are missing", looked_at,
-            f"pass --download to fetch {cls.url} into {roots[0]}, or download and untar it yourself "
-            f"and point --data at the folder that holds {cls.base_folder}/ (or at that folder itself).")
+            ("" if download else f"pass --download to fetch {cls.url} into {roots[0]}, or ") + "download and untar "
+            f"{cls.url} yourself and point --data at the folder that holds {cls.base_folder}/ (or at that folder "
+            "itself).")
     return _read(name, cls, Path(root) / cls.base_folder)
 
 

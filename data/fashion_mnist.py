@@ -130,7 +130,8 @@ def load_fashion_mnist(data=None, download: bool = False) -> tuple[ArraySplit, A
     raise DatasetNotFoundError(
         "fashion-mnist", f"the IDX files {', '.join(wanted)} (optionally .gz) are missing", dirs,
         "on Debian/Ubuntu `apt-get install dataset-fashion-mnist` (installs /usr/share/datasets/fashion-mnist), "
-        "or pass --download, or put the files from https://github.com/zalandoresearch/fashion-mnist "
+        + ("" if download else "or pass --download, ") + "or put the files from "
+        "https://github.com/zalandoresearch/fashion-mnist "
         "into a folder and point --data at it.")
 
 
@@ -153,7 +154,7 @@ def _download_bad_or_missing(folder, dirs: list[Path], wanted: list[str]):
             old.unlink()                                    # else _find would keep preferring it
         name = stem + ".gz"
         download_or_explain("fashion-mnist", target, lambda: _fetch(FashionMNIST.mirrors, name, target))
-    return target
+    return target if all(_find(target, stem) for stem in wanted) else None
 
 
 def _fetch(mirrors: list[str], name: str, target: Path) -> None:

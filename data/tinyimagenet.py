@@ -92,7 +92,8 @@ def find_root(data=None, download: bool = False) -> Path:
             return c
     raise DatasetNotFoundError(
         "tinyimagenet", "wnids.txt, train/ or val/val_annotations.txt is missing", candidates,
-        f"pass --download, or download {URL}, unzip it and point --data at {FOLDER}/ (or its parent).")
+        ("" if download else "pass --download, or ") + f"download {URL}, unzip it and point --data at {FOLDER}/ "
+        "(or its parent).")
 
 
 def _bad(problem: str) -> BadDatasetError:

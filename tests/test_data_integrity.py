@@ -607,3 +607,17 @@ def test_prepare_imagenet_val_checks_the_label_file_before_moving(tmp_path, dama
         csv.write_text(text.replace("n99999999", "n00000002"))
         assert script.main(["--val-dir", str(tmp_path / "val"), "--labels", str(csv)]) == 0
         assert len(list((tmp_path / "val").glob("n0000000*/*.JPEG"))) == 4
+
+
+@pytest.mark.parametrize("name, module, fetcher", [("cifar10", "data.cifar", "download_or_explain"),
+                                                   ("fashion-mnist", "data.fashion_mnist", "download_or_explain"),
+                                                   ("tinyimagenet", "data.tinyimagenet", "fetch")])
+def test_a_download_that_leaves_no_dataset_does_not_ask_for_download(tmp_path, monkeypatch, name, module, fetcher):
+    """--download that went through yet left no dataset (a mirror serving another layout) is named in one line
+    that does not ask for the --download just given; without --download the line offers it."""
+    import importlib
+    monkeypatch.setattr(importlib.import_module(module), fetcher, lambda *a, **k: None)   # fetches nothing
+    for download in (True, False):
+        with pytest.raises(DatasetNotFoundError) as e:
+            load_dataset(name, tmp_path, download=download)
+        assert ("--download" in str(e.value)) is not download and "\n" not in str(e.value), str(e.value)
