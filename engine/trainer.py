@@ -366,7 +366,7 @@ class Trainer:
         layout, with or without --grouped-peers) on the test split, and on the held-out split with
         --val-split. Only what is evaluated is read from it: the model and the temporal means (training
         state such as optimizers or MCL-OKD's memory banks need not be in the file). Writes the result into
-        the checkpoint's folder (:meth:`Run.write_evaluation`), naming the dataset, the splits and the precision."""
+        the checkpoint's folder (:meth:`_write_evaluation`), naming the dataset, the splits and the precision."""
         path, ckpt, a = Path(self.args.eval_only), self.ckpt, self.args
         self.run.check_data(ckpt, path)
         evaluated = ["model"] + [k for k in self.method.state_keys if isinstance(getattr(self.method, k), TemporalMean)]

@@ -178,7 +178,7 @@ def test_okddip_attention_shapes_and_heads():
 def test_okddip_needs_two_peers_and_a_leader(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train(OKDDip, FAST + ["--num-peers", "2", "--out", str(tmp_path)])
-    assert "argument --num-peers: must be >= 3; got 2" in capsys.readouterr().err
+    assert "argument --num-peers: must lie in [3, 256]; got 2" in capsys.readouterr().err
 
 
 # ---- gradients --------------------------------------------------------------------------------------------------

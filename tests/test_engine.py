@@ -213,7 +213,7 @@ def test_help_reads_well():
     (["--arch", "resnet_nope"], "Valid names: densenet40_12"),
     (["--dataset", "cifar100", "--data", "/nonexistent/cifar"], "/nonexistent/cifar"),
     (["--resume", "auto", "--eval-only", "x.pt"], "not allowed with argument"),
-    (["--num-peers", "1"], "argument --num-peers: must be >= 2"),
+    (["--num-peers", "1"], "argument --num-peers: must lie in [2, 256]; got 1"),
     (["--eval-only", "/nonexistent/ckpt.pt"], "does not exist"),
 ])
 @pytest.mark.slow
