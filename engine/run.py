@@ -169,7 +169,8 @@ class Run:
         """Start this process's entry in the record, after the loop has loaded ``ckpt`` (None: a new run)."""
         if ckpt is not None:
             self.run_id = ckpt.get("run_id", self.run_id)
-            self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes())
+            self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes(),
+                                             ckpt["args"].get("epochs"))
             self.saved = self.resume_from
             self.log(f"resumed from {self.resume_from} after epoch {ckpt['epoch']}")
         self.process = _new_process(self.command, self.epochs)
@@ -527,7 +528,8 @@ def _in_line(recorded: Optional[dict], ckpt: Optional[dict]) -> Optional[dict]:
     same_run = recorded is not None and ckpt is not None and recorded.get("run_id") == ckpt.get("run_id")
     if ckpt is None or (same_run and recorded.get("epochs_done", 0) >= ckpt["epoch"]) or "selection" not in ckpt:
         return recorded   # (a checkpoint of an older version holds no record to rebuild from)
-    processes = merge_processes(ckpt.get("processes", []), recorded.get("processes") if same_run else None)
+    processes = merge_processes(ckpt.get("processes", []), recorded.get("processes") if same_run else None,
+                                ckpt["args"]["epochs"])
     return results_of({**ckpt, "processes": processes},
                       "finished" if ckpt["epoch"] >= ckpt["args"]["epochs"] else "killed")
 
@@ -569,12 +571,14 @@ def _new_process(command: str, start_epoch: int) -> dict:
             "started_unix": t, "wall_s": 0.0, "status": "running"}
 
 
-def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequence[dict]]) -> list[dict]:
+def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequence[dict]],
+                    epochs: Optional[int] = None) -> list[dict]:
     """The processes of a run being resumed: the checkpoint's list, with each entry replaced by the one
     ``results.json`` holds unless that one counts fewer epochs (results.json is written after the checkpoint,
     with the process's end; a kill between the two leaves it behind), and the processes ``results.json`` adds
     (those that ended before finishing an epoch). An entry still 'running' belongs to a process that ended
-    without writing its end (SIGKILL, out of memory, power loss): it becomes 'killed'."""
+    without writing its end: it becomes 'finished' if it saved the run's last epoch (of ``epochs``), as a
+    process stopped by a signal at that point is, else 'killed' (SIGKILL, out of memory, power loss)."""
     def key(p: Mapping) -> tuple:
         return p.get("host"), p.get("pid"), p.get("started")
     merged = {key(p): dict(p) for p in from_checkpoint}
@@ -583,7 +587,10 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
             merged[key(p)] = dict(p)
     processes = sorted(merged.values(), key=lambda p: p.get("started_unix", 0.0))
     for p in processes:
-        if p.get("status") == "running":
+        if p.get("status") == "running" and epochs is not None and p.get("end_epoch", 0) >= epochs:
+            p.update(status="finished", ended=p.get("updated"),
+                     note="it saved the run's last epoch; how it ended was not recorded (times are as of its last write)")
+        elif p.get("status") == "running":
             p.update(status="killed", ended=None,
                      reason="the process ended without recording it (SIGKILL, out of memory or power loss); "
                             "times are as of its last write")

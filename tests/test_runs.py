@@ -443,6 +443,10 @@ def test_a_process_that_ended_without_a_record_is_marked_killed():
     merged = run_module.merge_processes([running], [dict(running, wall_s=7.0), done])
     assert [(p["pid"], p["status"]) for p in merged] == [(1, "killed"), (2, "finished")]
     assert [p["wall_s"] for p in merged] == [7.0, 2.0]          # the newer record of each process
+    last = dict(running, end_epoch=3, updated="t2")               # it saved the run's last epoch (of 3)
+    merged = run_module.merge_processes([last], None, epochs=3)
+    assert (merged[0]["status"], merged[0]["ended"]) == ("finished", "t2") and "reason" not in merged[0]
+    assert run_module.merge_processes([dict(last, end_epoch=2)], None, epochs=3)[0]["status"] == "killed"
 
 
 _StopBeforeEpoch1 = interrupted(Baseline, 0)
@@ -724,7 +728,7 @@ def test_a_kill_after_the_last_checkpoint_leaves_a_finished_run(tmp_path, monkey
     assert (stale["status"], stale["epochs_done"]) == ("running", 1) and load_checkpoint(out / "last.pt")["epoch"] == 2
     record = read_run(out)
     assert (record["status"], record["epochs_done"], [h["epoch"] for h in record["history"]]) == ("finished", 2, [1, 2])
-    assert record["processes"][-1]["status"] == "killed"
+    assert record["processes"][-1]["status"] == "finished"    # it saved the last epoch, as a Ctrl-C there would
     assert record["processes"][-1]["end_epoch"] == 2          # the checkpoint's own entry counts its epoch
     run = reproduce.Run("t", "baseline-resnet20", "train_baseline.py", TINY[:-2] + ["--epochs", "2"], 0, out, [])
     assert reproduce.run_state(run) == "finished"
