@@ -17,8 +17,6 @@ from typing import Optional, Sequence
 
 from recipes import RECIPES
 
-
-
 MAX_PEERS = 256     # far above any published cohort (2 to 8); a larger --num-peers is a typo that would sit building
 
 

@@ -170,7 +170,7 @@ class Run:
         if ckpt is not None:
             self.run_id = ckpt.get("run_id", self.run_id)
             self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes(),
-                                             ckpt["args"].get("epochs"))
+                                             ckpt["args"]["epochs"])
             self.saved = self.resume_from
             self.log(f"resumed from {self.resume_from} after epoch {ckpt['epoch']}")
         self.process = _new_process(self.command, self.epochs)
@@ -589,7 +589,8 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
     for p in processes:
         if p.get("status") == "running" and epochs is not None and p.get("end_epoch", 0) >= epochs:
             p.update(status="finished", ended=p.get("updated"),
-                     note="it saved the run's last epoch; how it ended was not recorded (times are as of its last write)")
+                     note="it saved the run's last epoch; how it ended was not recorded (times are as of its "
+                          "last write)")
         elif p.get("status") == "running":
             p.update(status="killed", ended=None,
                      reason="the process ended without recording it (SIGKILL, out of memory or power loss); "
