@@ -74,7 +74,7 @@ def _archs(text: str) -> str:
     return ",".join(names)
 
 
-def _path(text: str) -> str:
+def non_empty_path(text: str) -> str:
     """A file or folder name: anything but empty (``--out ''`` would otherwise mean the default folder)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a file or folder; got an empty string")
@@ -83,7 +83,7 @@ def _path(text: str) -> str:
 
 def dataset_folder(text: str) -> str:
     """A folder name (``--data``): a path that is not a file (it may not exist yet: ``--download`` makes it)."""
-    if Path(_path(text)).exists() and not Path(text).is_dir():
+    if Path(non_empty_path(text)).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: give the folder that holds the dataset")
     return text
 
@@ -165,7 +165,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                         "RandomCrop(S, padding S/8) + flip; above: RandomResizedCrop(S) + flip, test "
                         "Resize(S*8/7) + CenterCrop(S) (default: folder: the median image side rounded to 32, "
                         "64 or 224; imagenet: 224)")
-    g.add_argument("--classes", type=_path, default=None, metavar="FILE",
+    g.add_argument("--classes", type=non_empty_path, default=None, metavar="FILE",
                    help="--dataset folder or imagenet: use only the class folders listed in FILE, one name a "
                         "line (e.g. ImageNet-100 over an ILSVRC tree), without copying images")
     g.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")
@@ -242,21 +242,21 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                    help="under torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)")
     r.add_argument("--lr-scale", choices=("none", "linear"), default="none",
                    help="under torchrun: 'linear' multiplies the lr by the number of processes")
-    r.add_argument("--out", type=_path, default=None, metavar="DIR",
+    r.add_argument("--out", type=non_empty_path, default=None, metavar="DIR",
                    help="run directory (default: runs/<method>-<arch>-<dataset>-n<peers>-s<seed> under "
                         "$OKD_RUNS, else under the current directory)")
     r.add_argument("--tag", default=None, metavar="TEXT",
                    help="a label recorded in results.json (args.tag), e.g. TABLE/CELL by scripts/reproduce.py; "
                         "it does not change the run directory")
     once = r.add_mutually_exclusive_group()
-    once.add_argument("--resume", type=_path, nargs="?", const="auto", default=None, metavar="PATH|auto",
+    once.add_argument("--resume", type=non_empty_path, nargs="?", const="auto", default=None, metavar="PATH|auto",
                       help="continue from a checkpoint, with its training options unless given again; 'auto' = "
                            "the run directory's last.pt (a new run if there is none)")
     r.add_argument("--extend-epochs", action="store_true",
                    help="with --resume: train a run to a larger --epochs than it was started with. The lr "
                         "schedule becomes the one of the new --epochs from the resumed epoch on (cosine: the lr "
                         "rises to the new curve's value; multistep: the same milestones)")
-    once.add_argument("--eval-only", type=_path, default=None, metavar="CHECKPOINT",
+    once.add_argument("--eval-only", type=non_empty_path, default=None, metavar="CHECKPOINT",
                       help="evaluate a checkpoint, as it was trained, on the test (and --val-split) set and exit")
     r.add_argument("--best-metric", default=None, metavar="HEAD",
                    help=f"head whose top-1 selects best.pt (default: {method_cls.best_metric})")

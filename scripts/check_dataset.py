@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.common import (DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, image_problem,  # noqa: E402
                          read_class_list)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
-from engine.cli import Parser, dataset_folder, non_negative_int  # noqa: E402
+from engine.cli import Parser, dataset_folder, non_empty_path, non_negative_int  # noqa: E402
 
 NOT_DOWNLOADABLE = {      # the training loaders download CIFAR, Fashion-MNIST and TinyImageNet
     "imagenet": "ImageNet cannot be downloaded by a script (it needs a login at https://image-net.org)",
@@ -134,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="dataset folder, as for training (default: $OKD_DATASETS/<name> or ./datasets/<name>)")
     parser.add_argument("--workers", type=non_negative_int, default=os.cpu_count() or 1,
                         help="decoding processes (0: decode in this process)")
-    parser.add_argument("--classes", default=None, metavar="FILE",
+    parser.add_argument("--classes", type=non_empty_path, default=None, metavar="FILE",
                         help="folder, imagenet: only the class folders listed in FILE, as for training")
     parser.add_argument("--download", action="store_true",
                         help="as in training: CIFAR / Fashion-MNIST: also compare with the published checksums, "

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import DeviceLoader, DatasetError, dataset_info, load_dataset  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.cli import Parser, non_negative_int, positive, positive_int  # noqa: E402
+from engine.cli import Parser, dataset_folder, non_negative_int, positive_int, temperature  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from models import ImageSizeError, UnknownModelError, model_entry  # noqa: E402
 from train_dccl import DCCL, DCCLNet  # noqa: E402
@@ -137,13 +137,13 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--checkpoint", nargs="*", default=[], type=Path, help="DCCL checkpoints (last.pt, best.pt)")
     p.add_argument("--dataset", default=None,
                    help=f"default: the checkpoints' dataset, else {DEFAULT_DATASET}")
-    p.add_argument("--data", default=None, metavar="DIR",
+    p.add_argument("--data", type=dataset_folder, default=None, metavar="DIR",
                    help="the dataset's folder, as for training (default: the checkpoints' --data, else the usual place)")
     p.add_argument("--num-classes", type=positive_int, default=None,
                    help="classes of the networks built at initialisation (default: the dataset's; 100 sizes the logit "
                         "terms as on CIFAR-100)")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--kd-T", type=positive, default=3.0)
+    p.add_argument("--kd-T", type=temperature, default=3.0)
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--threads", type=positive_int, default=1)
     a = p.parse_args(argv)

@@ -126,6 +126,10 @@ def test_check_dataset_classes_folder_is_named_a_folder(tmp_path, capsys):
     line = one_line(code, err)
     assert line.startswith(f"error: --classes {tree / 'train'} is a folder. Fix: pass a text file") and \
         "no such file" not in line
+    with pytest.raises(SystemExit) as e:         # an empty name is refused, as training refuses it, not ignored
+        run_check(capsys, "--dataset", "folder", "--data", str(tree), "--classes", "")
+    assert e.value.code == 2 and "argument --classes: must name a file or folder; got an empty string" in \
+        capsys.readouterr().err
 
 
 def fake_tinyimagenet_zip(calls: list):
@@ -253,6 +257,11 @@ def test_kl_gap_checkpoint_refused_in_one_line_before_data_is_loaded(dml_run, dc
     with pytest.raises(SystemExit) as exit_:
         kl_gap.main(["--batch-size", "0"])
     one_line(exit_.value.code, capsys.readouterr().err)
+    for argv, message in ((["--data", str(truncated)], "is a file, not a folder"),        # the engine's flag types
+                          (["--kd-T", "0"], "must be > 0; got 0 (a temperature")):
+        with pytest.raises(SystemExit) as exit_:
+            kl_gap.main(argv)
+        assert message in one_line(exit_.value.code, capsys.readouterr().err)
 
 
 def test_kl_gap_measures_a_dccl_checkpoint_on_its_own_data(dccl_run, capsys):
