@@ -9,7 +9,6 @@ this repository, on a machine without a GPU too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -41,7 +40,7 @@ def atomic_save(obj: dict, *paths: Path) -> None:
         atomic_write(path, data)
 
 
-def load_checkpoint(path: Path, required: Iterable[str] = REQUIRED_KEYS) -> dict:
+def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint written by this engine. A missing, empty, truncated, foreign or damaged file (its
     content no longer matches the checksum written with it) is a one-line UserError naming the path."""
     path = Path(path)
@@ -59,7 +58,7 @@ def load_checkpoint(path: Path, required: Iterable[str] = REQUIRED_KEYS) -> dict
         raise UserError(f"checkpoint {path} cannot be read: torch.load refused it ({type(e).__name__}), so it is "
                         "truncated, damaged or not a checkpoint of this repository; use another one (best.pt / "
                         "last.pt of the run) or start a new run with --out.") from None
-    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this repository (expected format {FORMAT}; "
                         + (f"it has no {', '.join(missing)})" if missing else f"it has format {ckpt.get('format')})"))

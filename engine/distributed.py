@@ -14,14 +14,6 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def init_distributed(use_cuda: bool) -> DistEnv:
     """Join the process group that torchrun describes (NCCL on GPUs, gloo on CPU). Each process's GPU is the

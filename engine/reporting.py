@@ -1,36 +1,24 @@
 """What a run shows while it runs: console lines (rank 0 only), TensorBoard scalars, the final table."""
 from __future__ import annotations
 
-from pathlib import Path
-
 
 class Reporter:
-    """Console and TensorBoard output of rank 0 (every other rank stays silent)."""
+    """Console and TensorBoard output of ``run`` (its folder, selection and --epochs), by rank 0 only."""
 
-    def __init__(self, out: Path, is_main: bool, epochs: int, best_head: str):
-        self.out, self.is_main, self.epochs, self.best_head = out, is_main, epochs, best_head
+    def __init__(self, run):
+        self.run = run
         self.writer = None
-
-    def log(self, text: str) -> None:
-        if self.is_main:
-            print(text, flush=True)
 
     def tensorboard(self, epoch: int, record: dict) -> None:
         """Every training term, speed figure, lr and evaluated metric of 0-based ``epoch``, at step epoch + 1."""
-        if not self.is_main:
+        if not self.run.is_main:
             return
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=epoch + 1)
-        for name, value in record["train"].items():
-            self.writer.add_scalar(f"train/{name}", value, epoch + 1)
-        for name, value in record["speed"].items():
-            self.writer.add_scalar(f"speed/{name}", value, epoch + 1)
-        for name, value in record["lr"].items():
-            self.writer.add_scalar(f"lr/{name}", value, epoch + 1)
-        for split in ("val", "test"):
-            for name, value in record.get(split, {}).items():
-                self.writer.add_scalar(f"{split}/{name}", value, epoch + 1)
+            self.writer = SummaryWriter(str(self.run.folder / "tensorboard"), purge_step=epoch + 1)
+        for group in ("train", "speed", "lr", "val", "test"):
+            for name, value in record.get(group, {}).items():
+                self.writer.add_scalar(f"{group}/{name}", value, epoch + 1)
         self.writer.flush()
 
     def close(self) -> None:
@@ -43,14 +31,14 @@ class Reporter:
         heads = " ".join(f"{k[:-5]} {v:.2f}" for k, v in record["test"].items() if k.endswith("/top1"))
         val = ""
         if "val" in record:
-            val = f" | val {record['val'][self.best_head + '/top1']:.2f}"
+            val = f" | val {record['val'][self.run.selection[1]]:.2f}"
         lr = next(iter(record["lr"].values()))
-        return (f"epoch {record['epoch']}/{self.epochs} lr {lr:.4g} loss {train['loss']:.3f} ({terms}) | "
-                f"test top1 {heads}{val} | {speed['epoch_s']:.1f}s {speed['images_per_s']:.0f} img/s")
+        return (f"epoch {record['epoch']}/{self.run.config.epochs} lr {lr:.4g} loss {train['loss']:.3f} "
+                f"({terms}) | test top1 {heads}{val} | {speed['epoch_s']:.1f}s {speed['images_per_s']:.0f} img/s")
 
     def epoch(self, epoch: int, record: dict) -> None:
         self.tensorboard(epoch, record)
-        self.log(self.summary_line(record))
+        self.run.log(self.summary_line(record))
 
     def final_table(self, results: dict) -> None:
         """Best and last top-1 (and last top-5) of every head of a run's ``results`` (results.json), each
@@ -67,4 +55,4 @@ class Reporter:
         for h in heads:
             lines.append(f"{h:<12} {best['test'][h + '/top1']:9.2f} {last['test'][h + '/top1']:9.2f} "
                          f"{last['test'][h + '/top5']:9.2f}" + (f"   {archs[h]}" if h in archs else ""))
-        self.log("\n".join(lines) + f"\nresults: {self.out / 'results.json'}")
+        self.run.log("\n".join(lines) + f"\nresults: {self.run.folder / 'results.json'}")

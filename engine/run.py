@@ -15,6 +15,7 @@ the life of its checkpoints on disk. The training loop hands it a state to save;
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import fcntl
@@ -73,8 +74,7 @@ class Run:
         self.processes: list[dict] = []         # every process that trained the run
         self.process: Optional[dict] = None     # this one's entry, while it trains
         self.lock: Optional[RunLock] = None
-        self.resume_from: Optional[Path] = None  # the checkpoint this process continues
-        self.saved: Optional[Path] = None        # the checkpoint that holds the recorded epochs
+        self.saved: Optional[Path] = None        # the checkpoint that holds the recorded epochs (resumed: its own)
 
     @property
     def script(self) -> str:
@@ -97,7 +97,7 @@ class Run:
         (another process may have saved a later epoch meanwhile). Raises UserError rather than overwrite
         anything."""
         self._lock()
-        resume = self._resume_path()
+        resume = resume_path(self.config.resume, self.folder)
         if resume is None:
             if (self.folder / "last.pt").exists():
                 raise UserError(f"{self.folder} already holds a run (last.pt). Continue it with --resume auto, "
@@ -125,7 +125,7 @@ class Run:
             # (a finished run "resumed" into another --out changes nothing, there or here)
             self._repair_best(resume, ckpt)
             self._repair_record(resume, ckpt)
-        self.resume_from = resume
+        self.saved = resume
         self.records = list(ckpt["history"])
         if self.done_after(ckpt["epoch"]):
             self.log(f"{resume}: the run is already finished ({ckpt['epoch']} of {self.config.epochs} epochs); "
@@ -171,8 +171,7 @@ class Run:
             self.run_id = ckpt.get("run_id", self.run_id)
             self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes(),
                                              ckpt["args"]["epochs"])
-            self.saved = self.resume_from
-            self.log(f"resumed from {self.resume_from} after epoch {ckpt['epoch']}")
+            self.log(f"resumed from {self.saved} after epoch {ckpt['epoch']}")
         self.process = _new_process(self.command, self.epochs)
         self.processes.append(self.process)
 
@@ -180,15 +179,6 @@ class Run:
     def epochs(self) -> int:
         """Epochs trained and saved (an epoch is recorded once its checkpoint is written)."""
         return len(self.records)
-
-    def _resume_path(self) -> Optional[Path]:
-        resume = self.config.resume
-        if not resume:
-            return None
-        if resume == "auto":
-            path = self.folder / "last.pt"
-            return path if path.is_file() else None
-        return Path(resume)
 
     def _lock(self) -> None:
         """Rank 0 takes the folder's lock, then removes the temporary files of interrupted writes."""
@@ -245,13 +235,13 @@ class Run:
         if not ckpt["best"]:
             return
         epoch, best = ckpt["best"]["epoch"], self.folder / "best.pt"
-        if _checkpoint_epoch(best) == epoch:
+        if (_readable_checkpoint(best) or {}).get("epoch") == epoch:
             return
         source_best = path.parent / "best.pt"
         existed = best.exists()      # a stale or damaged best.pt of this run, not a new --out's first one
         if epoch == ckpt["epoch"]:
             atomic_write(best, path.read_bytes())
-        elif path.parent != self.folder and _checkpoint_epoch(source_best) == epoch:
+        elif path.parent != self.folder and (_readable_checkpoint(source_best) or {}).get("epoch") == epoch:
             atomic_write(best, source_best.read_bytes())
         else:
             warnings.warn(f"{best} does not hold the best epoch ({epoch}) and it cannot be rebuilt; it will be "
@@ -299,12 +289,12 @@ class Run:
         rank 0 while Ctrl-C and SIGTERM wait, then results.json. The history holds the epoch only once its
         checkpoint is written; every rank waits for rank 0 and the others take the epoch after it."""
         records = self.records + [record]
-        improved = history_state(records, *self.selection)["best"]["epoch"] == record["epoch"]
         status = "finished" if self.done_after(record["epoch"]) else "running"
         if self.is_main:
             self._update_process("running", len(records))  # the checkpoint's own record counts this epoch
-            paths = [self.folder / "last.pt"] + ([self.folder / "best.pt"] if improved else [])
             ckpt = {"format": FORMAT, "layout": "plain", "epoch": record["epoch"], **state, **self.record(records)}
+            improved = ckpt["best"]["epoch"] == record["epoch"]
+            paths = [self.folder / "last.pt"] + ([self.folder / "best.pt"] if improved else [])
             with signals_held():
                 atomic_save(ckpt, *paths)
                 self.records, self.saved = records, paths[0]
@@ -355,18 +345,10 @@ class Run:
         last.pt of its own yet (e.g. after --extend-epochs into a new --out)."""
         folder = folder or self.folder
         resume = self.saved if self.saved not in (None, folder / "last.pt") and folder == self.folder else "auto"
-        rest, i, argv = [], 0, self.argv
-        while i < len(argv):
-            token = argv[i]
-            if token == "--out":
-                i += 2
-            elif token == "--resume":
-                i += 2 if i + 1 < len(argv) and not argv[i + 1].startswith("-") else 1
-            elif token.startswith(("--out=", "--resume=")):
-                i += 1
-            else:
-                rest.append(token)
-                i += 1
+        strip = argparse.ArgumentParser(add_help=False)   # as the script's parser reads them (``--resu`` too);
+        strip.add_argument("--out")                        # every other token is left as it was
+        strip.add_argument("--resume", nargs="?")
+        rest = strip.parse_known_args(self.argv)[1]
         launcher = ["python"] if self.world_size <= 1 else ["torchrun", f"--nproc_per_node={self.world_size}"]
         return shlex.join(launcher + [self.script, *rest, "--out", str(folder), "--resume", str(resume)])
 
@@ -505,11 +487,7 @@ def read_run(folder: Path) -> Optional[dict]:
     last = folder / "last.pt"
     if recorded and recorded.get("status") == "finished" and not _newer(last, folder / "results.json"):
         return recorded                                    # (no checkpoint to read: summaries stay fast)
-    try:
-        ckpt = load_checkpoint(last) if last.is_file() else None
-    except UserError:
-        ckpt = None
-    return _in_line(recorded, ckpt)
+    return _in_line(recorded, _readable_checkpoint(last))
 
 
 def _newer(path: Path, than: Path) -> bool:
@@ -536,11 +514,17 @@ def _in_line(recorded: Optional[dict], ckpt: Optional[dict]) -> Optional[dict]:
 
 def _held_by_a_live_process(folder: Path) -> bool:
     """The folder's lock names a process that may still be writing it (this host: alive; another: unknown)."""
-    try:
-        holder = json.loads((folder / LOCK_NAME).read_text() or "{}")
-    except (OSError, ValueError):
-        return False
+    holder = lock_holder(folder / LOCK_NAME)
     return bool(holder.get("pid")) and (holder.get("host") != socket.gethostname() or _pid_alive(holder["pid"]))
+
+
+def resume_path(resume: Optional[str], folder: Optional[Path]) -> Optional[Path]:
+    """The checkpoint ``--resume`` names: PATH, or for 'auto' the last.pt of ``folder`` if it has one (None:
+    a new run, or no folder known yet)."""
+    if resume != "auto":
+        return Path(resume) if resume else None
+    last = Path(folder) / "last.pt" if folder else None
+    return last if last and last.is_file() else None
 
 
 def file_stamp(path: Path) -> tuple:
@@ -549,10 +533,10 @@ def file_stamp(path: Path) -> tuple:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def _checkpoint_epoch(path: Path) -> Optional[int]:
-    """The epoch ``path`` holds; None when it is missing or damaged."""
+def _readable_checkpoint(path: Path) -> Optional[dict]:
+    """The checkpoint ``path`` holds; None when it is missing or damaged."""
     try:
-        return load_checkpoint(path)["epoch"] if path.is_file() else None
+        return load_checkpoint(path) if path.is_file() else None
     except UserError:
         return None
 
@@ -615,12 +599,6 @@ class RunLock:
         self.stale: Optional[dict] = None
         self.created_folder = False
 
-    def _read_holder(self) -> dict:
-        try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return {}
-
     def acquire(self) -> "RunLock":
         if self.folder.exists() and not self.folder.is_dir():
             raise UserError(f"--out {self.folder} is a file, not a folder; choose another --out")
@@ -636,7 +614,7 @@ class RunLock:
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise UserError(os_error_message(self.path, e)) from None
-            holder = self._read_holder()
+            holder = lock_holder(self.path)
             who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
             if holder.get("started"):
                 who += f" (since {holder['started']}: {holder.get('command', '')})"
@@ -651,7 +629,7 @@ class RunLock:
             os.close(fd)
             return self.acquire()
         self.fd = fd
-        holder = self._read_holder()
+        holder = lock_holder(self.path)
         if holder.get("pid"):
             self.stale = holder
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now_iso(), "command": self.command}
@@ -674,6 +652,14 @@ class RunLock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
+
+
+def lock_holder(path: Path) -> dict:
+    """The holder record a lock file holds (pid, host, start time, command); {} when empty or unreadable."""
+    try:
+        return json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
 
 
 def _names(path: Path, fd: int) -> bool:

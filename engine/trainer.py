@@ -37,7 +37,7 @@ from .errors import UserError
 from .method import Method, StepContext
 from .optim import Optimization
 from .reporting import Reporter
-from .run import Run, file_stamp
+from .run import Run, file_stamp, resume_path
 from .signals import Interrupted, stop_on_signals, stop_signal
 
 
@@ -65,9 +65,8 @@ class Trainer:
         self.method_cls = method_cls
         argv = list(sys.argv[1:] if argv is None else argv)   # the command, for the record
         self.ckpt, self.ckpt_stamp = None, None    # the checkpoint the command names, read once
-        source = args.eval_only or args.resume     # trained or evaluated as its checkpoint was
-        if args.resume == "auto":                  # the run's folder is known before the options only with --out
-            source = Path(args.out) / "last.pt" if args.out and (Path(args.out) / "last.pt").is_file() else None
+        # trained or evaluated as its checkpoint was (--resume auto: the run's folder is known here only with --out)
+        source = args.eval_only or resume_path(args.resume, args.out)
         if source:
             self.ckpt_stamp = file_stamp(source) if Path(source).is_file() else None   # stamped before it is read
             self.ckpt = ckpt = load_checkpoint(source)     # a missing or damaged file: one line naming it
@@ -82,7 +81,7 @@ class Trainer:
             torch.set_num_threads(args.threads)
         self.device = select_device(args)
         self.dist = init_distributed(self.device.type == "cuda")
-        self.is_main = self.dist.is_main
+        self.is_main = self.dist.rank == 0
         seed_everything(args.seed)
         try:
             self.loaders = build_loaders(args, self.device, self.dist.rank, self.dist.world_size,
@@ -125,7 +124,7 @@ class Trainer:
                        about={"peer_archs": archs, "classes": list(info.classes) if info.classes else None,
                               "image_size": info.image_size, "data": self.loaders.record,
                               "git_commit": git_commit(), "versions": library_versions(self.device)})
-        self.report = Reporter(self.run.folder, self.is_main, args.epochs, self.best_head)
+        self.report = Reporter(self.run)
 
     @property
     def modules(self) -> dict[str, nn.Module]:
@@ -323,7 +322,7 @@ class Trainer:
                 self.run.close(None)
                 return self.run.recorded()
             if ckpt is not None:
-                self.load_state_dict(ckpt, self.run.resume_from)
+                self.load_state_dict(ckpt, self.run.saved)
             self.run.begin(ckpt)
             return self._train(ckpt["epoch"] if ckpt else 0)
         except BaseException as e:
@@ -335,11 +334,11 @@ class Trainer:
     def _train(self, start_epoch: int) -> dict:
         a = self.args
         n_params = sum(p.numel() for p in self.method.model.parameters())
-        self.report.log(f"{self.method_cls.name}: {a.arch} on {a.dataset} ({self.loaders.n_train} train images), "
-                        f"{n_params / 1e6:.3f}M parameters, device {self.device}, amp {a.amp}, "
-                        f"global batch {a.batch_size * self.dist.world_size} "
-                        f"({a.batch_size} x {self.dist.world_size} process(es)), recipe {a.recipe}"
-                        + (f" ({a.schedule_note})" if a.schedule_note else "") + f", out {self.run.folder}")
+        self.run.log(f"{self.method_cls.name}: {a.arch} on {a.dataset} ({self.loaders.n_train} train images), "
+                     f"{n_params / 1e6:.3f}M parameters, device {self.device}, amp {a.amp}, "
+                     f"global batch {a.batch_size * self.dist.world_size} "
+                     f"({a.batch_size} x {self.dist.world_size} process(es)), recipe {a.recipe}"
+                     + (f" ({a.schedule_note})" if a.schedule_note else "") + f", out {self.run.folder}")
         for epoch in range(start_epoch, a.epochs):
             self.optimization.set_epoch(epoch)
             lr = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
@@ -386,7 +385,7 @@ class Trainer:
             result["val"] = self.evaluate(self.loaders.val)
         for split in ("val", "test"):
             if split in result:
-                self.report.log(f"{split}: " + " ".join(f"{k} {v:.2f}" for k, v in result[split].items()))
+                self.run.log(f"{split}: " + " ".join(f"{k} {v:.2f}" for k, v in result[split].items()))
         self._write_evaluation(result)
         return result
 
@@ -404,7 +403,7 @@ class Trainer:
             name += "-" + hashlib.sha256(str(Path(a.data).resolve()).encode()).hexdigest()[:6]
         if self.is_main:
             atomic_write(self.run.folder / f"{name}.json", json.dumps(result, indent=2) + "\n")
-            self.report.log(f"results: {self.run.folder / name}.json")
+            self.run.log(f"results: {self.run.folder / name}.json")
 
 
 # ---- setting a run up ----------------------------------------------------------------------------------
@@ -485,7 +484,7 @@ def wrap(method: Method, args, dist, device: torch.device) -> nn.Module:
     """The module the loop calls: the method's model, in DistributedDataParallel under torchrun (parameters
     that never get a gradient, such as a frozen module's, have ``requires_grad=False`` and are skipped)."""
     model = method.model
-    if not dist.enabled:
+    if dist.world_size <= 1:
         if args.sync_bn:
             warnings.warn("--sync-bn does nothing in a single process")
         return model
@@ -500,7 +499,6 @@ def wrap(method: Method, args, dist, device: torch.device) -> nn.Module:
 
 def train(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> dict:
     """Parse ``argv`` (default: sys.argv), then train or evaluate. Raises UserError on bad input."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(method_cls, argv)
     try:
         trainer = Trainer(method_cls, args, argv)

@@ -865,6 +865,20 @@ def test_resume_auto_names_the_run_trained_to_another_length(run, tmp_path, monk
         train(DML, TINY[:-2] + ["--epochs", "2", "--resume", "auto"])
 
 
+@pytest.mark.parametrize("argv, kept", [
+    (["--arch", "resnet20", "--resu", "auto", "--gpu", "-1", "--milestones", "150", "225"],
+     "--arch resnet20 --gpu -1 --milestones 150 225"),
+    (["--out=old", "--resume=old/last.pt", "--lr", "1e-3"], "--lr 1e-3"),
+    (["--resume", "--compile", "--ou", "old", "--lr", ".1"], "--compile --lr .1"),
+])
+def test_the_continue_command_replaces_out_and_resume_as_the_parser_reads_them(argv, kept, tmp_path):
+    """Whatever spelling named --out and --resume (``=``, an abbreviation, --resume without a value), they
+    are replaced by the run's folder and ``auto``; every other token stays, in order (negative numbers too)."""
+    config = parse_args(DML, argv)
+    stopped = run_module.Run(tmp_path, DML, config, argv, ("test", "ensemble/top1"))
+    assert stopped.continue_command() == f"python train_dml.py {kept} --out {tmp_path} --resume auto"
+
+
 
 # ---- 12. a checkpoint opens anywhere ---------------------------------------------------------------------------
 
