@@ -378,8 +378,11 @@ def fingerprint(tree: FolderTree, size: int, with_files: bool) -> str:
         for path, label in items:
             line = f"{os.path.relpath(path, tree.root)}\t{label}"
             if with_files:
-                st = os.stat(path)
-                line += f"\t{st.st_size}\t{st.st_mtime_ns}"
+                try:
+                    st = os.stat(path)
+                    line += f"\t{st.st_size}\t{st.st_mtime_ns}"
+                except OSError:             # a broken link, a file gone: decoding names it as unreadable
+                    line += "\tunreadable"
             h.update((line + "\n").encode())
     return h.hexdigest()
 

@@ -153,6 +153,8 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], s
         free |= {"epochs"}
     wrong = [(k, options[k], given[k]) for k in given
              if k in options and k not in free and _canonical(given[k]) != _canonical(options[k])]
+    wrong += [(k, saved[k], given[k]) for k in ("recipe", "preset")   # bundles: their names are recorded
+              if k in given and given[k] != saved.get(k, given[k])]
     if wrong and evaluating:
         raise UserError(f"--eval-only evaluates {path} as trained: " + "; ".join(
             f"it was trained with {flag(k)} {s}, not {n}" for k, s, n in wrong)

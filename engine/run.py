@@ -121,6 +121,10 @@ class Run:
                             "checkpoint's values, or start a new run (leave out --resume, or give another --out)")
         self.check_data(ckpt, resume)
         self._check_target(resume, ckpt)
+        earlier = [] if (self.folder / "last.pt").exists() else self._earlier_run_files(ckpt.get("run_id"))
+        if earlier:
+            raise UserError(f"{self.folder} holds {' and '.join(earlier)} of another run; continuing {resume} there "
+                            f"would overwrite it. Give another --out to continue {resume}")
         if self.is_main and (resume.parent == self.folder or not self.done_after(ckpt["epoch"])):
             # (a finished run "resumed" into another --out changes nothing, there or here)
             self._repair_best(resume, ckpt)
@@ -200,18 +204,21 @@ class Run:
             for tmp in clean_temp_files(self.folder):
                 self.log(f"removed {tmp}, left by an interrupted write")
 
-    def _earlier_run_files(self) -> list[str]:
-        """What of an earlier run the folder holds besides last.pt: best.pt, and a results.json unless it is
-        this repository's record of a run that saved no epoch (one stopped in its first epoch, which a new
-        run simply replaces)."""
-        found = ["best.pt"] if (self.folder / "best.pt").exists() else []
+    def _earlier_run_files(self, run_id: Optional[str] = None) -> list[str]:
+        """What of another run than ``run_id`` (the run being continued, if any) the folder holds besides
+        last.pt: best.pt, and a results.json unless it is this repository's record of a run that saved no
+        epoch (one stopped in its first epoch, which a new run simply replaces)."""
+        best = self.folder / "best.pt"
+        of_this_run = run_id is not None and (_readable_checkpoint(best) or {}).get("run_id") == run_id
+        found = ["best.pt"] if best.exists() and not of_this_run else []
         record = self.folder / "results.json"
         if record.exists():
             try:
                 saved = json.loads(record.read_text())
             except (OSError, ValueError):
                 saved = None                     # unreadable: keep it, it may be all that is left of a run
-            if not (isinstance(saved, dict) and "method" in saved and saved.get("history") == []):
+            if not (isinstance(saved, dict) and "method" in saved
+                    and (saved.get("history") == [] or (run_id is not None and saved.get("run_id") == run_id))):
                 found.append("results.json")
         return found
 

@@ -277,6 +277,15 @@ def test_corrupt_files_are_all_named_before_training_and_nothing_is_cached(tmp_p
     assert not list((root / ".okd_cache").glob("images-*"))
 
 
+def test_a_broken_link_is_named_as_an_image_that_cannot_be_read(tmp_path):
+    root = write_folder(tmp_path / "tree")
+    broken = root / "train" / "cat" / "gone.png"
+    broken.symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(BadDatasetError, match="1 image cannot be read") as err:
+        build_loaders(args_for(root), "cpu")
+    assert str(broken) in one_line(err)
+
+
 def test_a_corrupt_file_met_by_the_streaming_loader_is_one_line_naming_it(tmp_path, monkeypatch):
     root = write_folder(tmp_path / "tree", size=130, per_split=(("train", 3), ("val", 1)))
     bad = write(root / "train" / "dog" / "dog_9.png", truncated_png(1))

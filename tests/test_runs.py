@@ -152,6 +152,9 @@ def test_config_differences():
     (["--num-peers", "3"], "--num-peers 2 (this command: 3)"),
     (["--subset", "32"], "--subset 64 (this command: 32)"),
     (["--val-split", "16"], "--val-split 0 (this command: 16)"),
+    # a bundle of defaults: the run's record names it, so another one is refused too
+    (["--recipe", "one"], "--recipe okd (this command: one)"),
+    (["--preset", "mcl-okd"], "--preset paper (this command: mcl-okd)"),
 ])
 def test_resume_with_another_training_option_stops(run, flags, named):
     before = _files(run)
@@ -296,6 +299,8 @@ def test_eval_only_honours_the_evaluation_options_it_is_given(run, tmp_path):
 def test_eval_only_refuses_a_flag_that_disagrees(run):
     with pytest.raises(UserError, match="trained with --dataset synthetic, not fashion-mnist"):
         train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--dataset", "fashion-mnist"])
+    with pytest.raises(UserError, match="trained with --recipe okd, not one"):
+        train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--recipe", "one"])
     with pytest.raises(UserError, match="was saved by train_dml.py; evaluate it with that script"):
         train(Baseline, EVAL + ["--eval-only", str(run / "best.pt")])
 
@@ -374,6 +379,28 @@ def test_a_run_resumed_into_a_new_out_continues_from_its_source_until_it_has_its
     assert f"--out {tmp_path / 'longer'} --resume {run / 'last.pt'}" in e.value.message
     assert len(json.loads((tmp_path / "longer" / "results.json").read_text())["history"]) == 1
     assert train(DML, args + ["--resume", str(run / "last.pt")])["history"][1]["epoch"] == 2
+
+
+@pytest.mark.parametrize("held", ["results.json", "best.pt", "an unreadable results.json"])
+def test_a_resume_into_another_out_never_overwrites_another_runs_files(run, tmp_path, held):
+    """A run continued into a new --out that holds another run's record or best.pt (but no last.pt) is
+    refused, and the folder is left as it was."""
+    target = tmp_path / "other"
+    target.mkdir()
+    if held == "results.json":
+        record = json.loads((run / "results.json").read_text())
+        (target / "results.json").write_text(json.dumps({**record, "run_id": "another run"}))
+    elif held == "best.pt":
+        ckpt = load_checkpoint(run / "best.pt")
+        ckpt.pop("sha256", None)
+        atomic_save({**ckpt, "run_id": "another run"}, target / "best.pt")
+    else:
+        (target / "results.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    with pytest.raises(UserError, match=f"{target} holds .* of another run; continuing .*last.pt there would "
+                                        "overwrite it. Give another --out"):
+        train(DML, TINY + ["--epochs", "2", "--extend-epochs", "--out", str(target), "--resume", str(run / "last.pt")])
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.name != ".lock"} == before
 
 
 def test_a_signal_waits_for_the_checkpoint_write():
