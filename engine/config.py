@@ -164,6 +164,8 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], s
                         "values (leave these flags out), or start a new run (leave out --resume, or another --out)")
     kept = {k: v for k, v in options.items() if k in vars(args) and not (k in given and k in free)}
     kept.update({k: saved[k] for k in ("recipe", "preset") if k in saved and k in vars(args) and k not in given})
+    if "data" not in given and saved.get("data") and Path(saved["data"]).is_dir():
+        kept["data"] = saved["data"]     # where it was read from, if it is still there (else: the default place)
     if evaluating:
         kept.pop("cuda_graph", None)     # nothing is trained: the step is not captured
     if "milestones" not in given and "sgdr_t0" not in given:   # the checkpoint's schedule, as it was shortened

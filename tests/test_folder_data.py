@@ -449,6 +449,12 @@ def test_the_classes_travel_with_the_run(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="does not fit this data"):
         train(train_dml.DML, ["--gpu", "-1", "--resume", str(run / "last.pt"), "--data", str(other), "--epochs", "2",
                               "--extend-epochs", "--out", str(tmp_path / "elsewhere")])
+    # without --data: the folder it was trained from, still there (the default place holds no dataset)
+    monkeypatch.chdir(tmp_path)
+    assert train(train_dml.DML, ["--gpu", "-1", "--eval-only", str(run / "best.pt")])["dataset"] == "folder"
+    longer = train(train_dml.DML, ["--gpu", "-1", "--threads", "1", "--no-progress", "--resume", str(run / "last.pt"),
+                                   "--epochs", "2", "--extend-epochs", "--out", str(tmp_path / "longer")])
+    assert longer["epochs_done"] == 2 and longer["args"]["data"] == str(root)
 
 
 @pytest.mark.slow
