@@ -161,7 +161,9 @@ class Run:
             recorded = read_run(other) if (other / "last.pt").is_file() and other != self.folder else None
             diffs = recorded and recorded_differences(self.method_cls, self.config, recorded, self.world_size)
             if recorded and all(key == "epochs" for key, _, _ in diffs):
-                command = self.continue_command(other) + (" --extend-epochs" if diffs else "")
+                longer, shorter = self.config.epochs > recorded["epochs"], self.config.epochs < recorded["epochs"]
+                command = (self.continue_command(other, epochs=recorded["epochs"] if shorter else None)   # its own
+                           + (" --extend-epochs" if longer else ""))
                 trained = f"trained for {recorded['epochs']} epochs ({recorded['epochs_done']} done)"
                 raise UserError(f"--resume auto: {other} holds this run, {trained}; continue it with: {command} "
                                 "(or leave out --resume to start a new run)")
@@ -346,16 +348,18 @@ class Run:
         """What a stopped run keeps, for the user: '<checkpoint> holds epoch N' or 'no epoch had been saved'."""
         return f"{self.saved} holds epoch {self.epochs}" if self.epochs else "no epoch had been saved"
 
-    def continue_command(self, folder: Optional[Path] = None) -> str:
-        """The command that continues a stopped run (or the run in ``folder``): this command with ``--out OUT
-        --resume auto`` in place of any ``--out``/``--resume`` it had, or ``--resume PATH`` while the run has no
-        last.pt of its own yet (e.g. after --extend-epochs into a new --out)."""
+    def continue_command(self, folder: Optional[Path] = None, epochs: Optional[int] = None) -> str:
+        """The command that continues a stopped run (or the run in ``folder``, to ``epochs`` if given): this
+        command with ``--out OUT --resume auto`` in place of any ``--out``/``--resume`` it had, or ``--resume
+        PATH`` while the run has no last.pt of its own yet (e.g. after --extend-epochs into a new --out)."""
         folder = folder or self.folder
         resume = self.saved if self.saved not in (None, folder / "last.pt") and folder == self.folder else "auto"
         strip = argparse.ArgumentParser(add_help=False)   # as the script's parser reads them (``--resu`` too);
         strip.add_argument("--out")                        # every other token is left as it was
         strip.add_argument("--resume", nargs="?")
-        rest = strip.parse_known_args(self.argv)[1]
+        if epochs is not None:
+            strip.add_argument("--epochs")
+        rest = strip.parse_known_args(self.argv)[1] + (["--epochs", str(epochs)] if epochs is not None else [])
         launcher = ["python"] if self.world_size <= 1 else ["torchrun", f"--nproc_per_node={self.world_size}"]
         return shlex.join(launcher + [self.script, *rest, "--out", str(folder), "--resume", str(resume)])
 

@@ -4,6 +4,7 @@ import errno
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -890,6 +891,14 @@ def test_resume_auto_names_the_run_trained_to_another_length(run, tmp_path, monk
     train(DML, TINY[:-2] + ["--epochs", "2", "--out", str(folder), "--resume", "auto", "--extend-epochs"])
     with pytest.raises(UserError, match=f"{folder} holds this run, trained for 2 epochs \\(2 done\\)"):
         train(DML, TINY[:-2] + ["--epochs", "2", "--resume", "auto"])
+    train(DML, TINY[:-2] + ["--epochs", "2", "--seed", "1"])
+    [folder] = list((tmp_path / "runs").glob("dml-resnet20-synthetic-n2-s1-*"))
+    with pytest.raises(UserError) as e:                  # fewer --epochs: the command names the run's own length
+        train(DML, TINY[:-2] + ["--epochs", "1", "--seed", "1", "--resume", "auto"])
+    command = str(e.value).split("continue it with: ")[1].split(" (or leave out")[0]
+    assert command.endswith(f"--epochs 2 --out {folder} --resume auto") and "--epochs 1" not in command
+    argv = shlex.split(command)[2:]
+    assert train(DML, argv)["epochs_done"] == 2           # and it works: the run is finished, nothing changes
 
 
 @pytest.mark.parametrize("argv, kept", [
