@@ -280,15 +280,19 @@ class Run:
                     f"held no run's record ({why_not_a_record(record)})" if recorded is None else
                     "said 'running' but no process holds the run (it was killed)"
                     if recorded.get("status") == "running" and recorded.get("epochs_done", 0) >= ckpt["epoch"] else
-                    f"listed {recorded.get('epochs_done', 0)} of the {ckpt['epoch']} epochs in last.pt (a process was "
-                    "killed while saving)")
+                    f"listed {recorded.get('epochs_done', 0)} of the {ckpt['epoch']} epochs in last.pt (a process "
+                    "ended between the writes of the two)")
             atomic_write(record, json.dumps(rebuilt, indent=2, default=str) + "\n")
             self.log(f"{record} {what}: rebuilt from last.pt{kept}")
 
-    def _recorded_processes(self) -> Optional[list]:
-        """The processes results.json lists, if it is this run's record."""
-        recorded = read_record(self.folder / "results.json") or {}
-        return recorded.get("processes") if recorded.get("run_id") == self.run_id else None
+    def _recorded_processes(self) -> list:
+        """The processes that the results.json of this folder and of the resumed checkpoint's folder list, where
+        it is this run's record (a run continued into a new --out: its processes are recorded in the old one)."""
+        found = []
+        for folder in dict.fromkeys([self.saved.parent.absolute(), self.folder]):
+            recorded = read_record(folder / "results.json") or {}
+            found += recorded.get("processes", []) if recorded.get("run_id") == self.run_id else []
+        return found
 
     # ---- every epoch -----------------------------------------------------------------------------------
 
@@ -511,7 +515,8 @@ def _newer(path: Path, than: Path) -> bool:
 def _in_line(recorded: Optional[dict], ckpt: Optional[dict]) -> Optional[dict]:
     """The record of a run no live process holds: ``recorded`` when it lists every epoch of the checkpoint
     ``ckpt`` ('killed' if it still says 'running'), else the checkpoint's own record (its processes merged with
-    results.json's): 'finished' when it holds every epoch, else 'killed'."""
+    results.json's): 'finished' when it holds every epoch, else how its last process ended where results.json
+    says (interrupted, failed), else 'killed'."""
     if recorded is not None and recorded.get("status") == "running":
         recorded = {**recorded, "status": "killed"}        # its process died without a word (SIGKILL, power)
     same_run = recorded is not None and ckpt is not None and recorded.get("run_id") == ckpt.get("run_id")
@@ -519,8 +524,9 @@ def _in_line(recorded: Optional[dict], ckpt: Optional[dict]) -> Optional[dict]:
         return recorded   # (a checkpoint of an older version holds no record to rebuild from)
     processes = merge_processes(ckpt.get("processes", []), recorded.get("processes") if same_run else None,
                                 ckpt["args"]["epochs"])
-    return results_of({**ckpt, "processes": processes},
-                      "finished" if ckpt["epoch"] >= ckpt["args"]["epochs"] else "killed")
+    ended = processes[-1].get("status") if processes else None      # how the last process ended, if recorded
+    return results_of({**ckpt, "processes": processes}, "finished" if ckpt["epoch"] >= ckpt["args"]["epochs"]
+                      else ended if ended in ("interrupted", "failed") else "killed")
 
 
 def _held_by_a_live_process(folder: Path) -> bool:
@@ -570,16 +576,22 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
                     epochs: Optional[int] = None) -> list[dict]:
     """The processes of a run being resumed: the checkpoint's list, with each entry replaced by the one
     ``results.json`` holds unless that one counts fewer epochs (results.json is written after the checkpoint,
-    with the process's end; a kill between the two leaves it behind), and the processes ``results.json`` adds
-    (those that ended before finishing an epoch). An entry still 'running' belongs to a process that ended
-    without writing its end: it becomes 'finished' if it saved the run's last epoch (of ``epochs``), as a
-    process stopped by a signal at that point is, else 'killed' (SIGKILL, out of memory, power loss)."""
+    with the process's end; a kill between the two leaves it behind, and so does a failed best.pt write after
+    last.pt's: then the checkpoint's count is kept with how results.json says the process ended), and the
+    processes ``results.json`` adds (those that ended before finishing an epoch). An entry still 'running'
+    belongs to a process that ended without writing its end: it becomes 'finished' if it saved the run's last
+    epoch (of ``epochs``), as a process stopped by a signal at that point is, else 'killed' (SIGKILL, out of
+    memory, power loss)."""
     def key(p: Mapping) -> tuple:
         return p.get("host"), p.get("pid"), p.get("started")
     merged = {key(p): dict(p) for p in from_checkpoint}
     for p in from_results or ():
-        if p.get("end_epoch", 0) >= merged.get(key(p), {}).get("end_epoch", 0):
+        saved = merged.get(key(p), {})
+        if p.get("end_epoch", 0) >= saved.get("end_epoch", 0):
             merged[key(p)] = dict(p)
+        elif p.get("status") not in (None, "running"):
+            saved.update({k: v for k, v in p.items()
+                          if k in ("status", "ended", "updated", "wall_s", "signal", "reason", "note")})
     processes = sorted(merged.values(), key=lambda p: p.get("started_unix", 0.0))
     for p in processes:
         if p.get("status") == "running" and epochs is not None and p.get("end_epoch", 0) >= epochs:

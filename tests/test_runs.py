@@ -404,6 +404,18 @@ def test_a_resume_into_another_out_never_overwrites_another_runs_files(run, tmp_
     assert {p.name: p.read_bytes() for p in target.iterdir() if p.name != ".lock"} == before
 
 
+@pytest.mark.slow
+def test_a_run_continued_into_a_new_out_keeps_how_its_processes_ended(tmp_path):
+    """The record of a run continued into another --out lists the earlier processes as they ended (the
+    source folder's results.json), not as the checkpoint saw them while they ran."""
+    args = TINY + ["--epochs", "2"]
+    with pytest.raises(KeyboardInterrupt):
+        train(_StopInEpoch2Dml, args + ["--out", str(tmp_path / "first")])
+    results = train(DML, args + ["--resume", str(tmp_path / "first" / "last.pt"), "--out", str(tmp_path / "second")])
+    assert [(p["status"], p.get("signal")) for p in results["processes"]] == [("interrupted", "SIGINT"),
+                                                                              ("finished", None)]
+
+
 def test_a_signal_waits_for_the_checkpoint_write():
     """SIGTERM during a checkpoint write (signals.signals_held) arrives when the write and its record are done."""
     from engine.signals import Interrupted, raise_interrupted, signals_held
@@ -475,6 +487,11 @@ def test_a_process_that_ended_without_a_record_is_marked_killed():
     merged = run_module.merge_processes([last], None, epochs=3)
     assert (merged[0]["status"], merged[0]["ended"]) == ("finished", "t2") and "reason" not in merged[0]
     assert run_module.merge_processes([dict(last, end_epoch=2)], None, epochs=3)[0]["status"] == "killed"
+    # last.pt written, then best.pt's write failed (a full disk): results.json recorded the failure, one epoch behind
+    failed = dict(running, end_epoch=0, status="failed", ended="t3", reason="cannot write best.pt")
+    [merged] = run_module.merge_processes([dict(running, end_epoch=1)], [failed], epochs=3)
+    assert (merged["status"], merged["end_epoch"], merged["reason"], merged["ended"]) == \
+        ("failed", 1, "cannot write best.pt", "t3")
 
 
 _StopBeforeEpoch1 = interrupted(Baseline, 0)
