@@ -41,8 +41,9 @@ NOT_TRAINING = frozenset({"out", "resume", "eval_only", "extend_epochs", "tag", 
 SPEED = frozenset({"channels_last", "compile", "sgd_impl", "grouped_peers"})
 # Names of bundles of defaults (the values they set are compared, not the names), and what the engine fills in.
 BUNDLES_AND_DERIVED = frozenset({"recipe", "preset", "views", "schedule_note"})
-# What --eval-only may set besides NOT_TRAINING and SPEED: how a checkpoint is evaluated.
-EVALUATION = frozenset({"amp", "loader", "eval_subset"})
+# What --eval-only may set besides NOT_TRAINING and SPEED: how a checkpoint is evaluated (--best-metric chooses
+# the best epoch while training; an evaluation reports every head).
+EVALUATION = frozenset({"amp", "loader", "eval_subset", "best_metric"})
 # Options shown in the readable part of the name (not hashed).
 NAMED = ("arch", "dataset", "num_peers", "seed")
 
@@ -157,7 +158,7 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], s
               if k in given and given[k] != saved.get(k, given[k])]
     if wrong and evaluating:
         raise UserError(f"--eval-only evaluates {path} as trained: " + "; ".join(
-            f"it was trained with {flag(k)} {s}, not {n}" for k, s, n in wrong)
+            f"it was trained with {flag(k)} {_shown(s)}, not {_shown(n)}" for k, s, n in wrong)
             + ". Leave these flags out (only --data and evaluation options may be given)")
     if wrong:
         raise UserError(f"{path} was trained with {describe_differences(wrong)}. Resume with the checkpoint's "
@@ -274,17 +275,20 @@ def describe_differences(diffs: Sequence[tuple[str, object, object]], against: s
                          hint: bool = True) -> str:
     """``--subset 64 (this command: 512), --epochs 1 (this command: 2)``, and with ``hint`` the flag that
     trains a run longer after a grown --epochs."""
-    def show(value):
-        if value is None:
-            return "default"
-        return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
     parts = []
     for key, before, after in diffs:
-        part = f"{'world size' if key == 'world_size' else flag(key)} {show(before)} ({against}: {show(after)})"
+        part = f"{'world size' if key == 'world_size' else flag(key)} {_shown(before)} ({against}: {_shown(after)})"
         if hint and key == "epochs" and isinstance(before, int) and isinstance(after, int) and after > before:
             part += " [to train longer, add --extend-epochs]"
         parts.append(part)
     return ", ".join(parts)
+
+
+def _shown(value) -> str:
+    """An option's value as typed: lists space-separated, None as 'default'."""
+    if value is None:
+        return "default"
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def recorded_differences(method_cls, config: RunConfig, recorded: Mapping,

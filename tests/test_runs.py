@@ -302,6 +302,9 @@ def test_eval_only_refuses_a_flag_that_disagrees(run):
         train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--dataset", "fashion-mnist"])
     with pytest.raises(UserError, match="trained with --recipe okd, not one"):
         train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--recipe", "one"])
+    with pytest.raises(UserError, match="trained with --image-size default, not 32"):     # as typed, never None
+        train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--image-size", "32"])
+    assert train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--best-metric", "peer1"])["epoch"] == 1
     with pytest.raises(UserError, match="was saved by train_dml.py; evaluate it with that script"):
         train(Baseline, EVAL + ["--eval-only", str(run / "best.pt")])
 
