@@ -514,9 +514,9 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point: errors that are the user's to fix print as one line, not a traceback; so do
-    warnings. SIGTERM (what SLURM and Kubernetes send before a kill) and SIGHUP (a closed terminal or ssh
-    session) stop the run as Ctrl-C does; so does a closed output pipe (``... | head``). The exit status is
-    2 for bad input, 128 + the signal's number for a stopped run."""
+    warnings, and running out of memory. SIGTERM (what SLURM and Kubernetes send before a kill) and SIGHUP (a
+    closed terminal or ssh session) stop the run as Ctrl-C does; so does a closed output pipe (``... | head``).
+    The exit status is 2 for bad input, 1 for out of memory, 128 + the signal's number for a stopped run."""
     from data import DatasetError
     from models import UnknownModelError
     previous = warnings.formatwarning
@@ -527,12 +527,26 @@ def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None
     except (UserError, DatasetError, UnknownModelError) as e:
         _say(f"error: {e}")
         sys.exit(2)
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        _say(f"error: out of memory ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); lower "
+             "--batch-size or --eval-batch-size, or what this command makes large (--image-size, --num-peers, the "
+             "method's sizes such as a memory bank or the number of heads)")
+        sys.exit(1)
     except (KeyboardInterrupt, BrokenPipeError) as e:
         sig = stop_signal(e)
         _say("\n" + (getattr(e, "message", "") or f"interrupted ({sig}) while starting: nothing was written"))
         sys.exit(128 + signal.Signals[sig].value)
     finally:
         warnings.formatwarning = previous
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError
+    (which has no class of its own: "DefaultCPUAllocator: can't allocate memory")."""
+    return (isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError))
+            or "can't allocate memory" in str(error) or "out of memory" in str(error).lower())
 
 
 def _say(line: str) -> None:

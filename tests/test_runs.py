@@ -435,6 +435,26 @@ def test_a_signal_waits_for_the_checkpoint_write():
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 2560000000000 bytes."),
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    MemoryError()])
+def test_running_out_of_memory_is_one_line_naming_what_to_lower(monkeypatch, capsys, error):
+    import engine.trainer as trainer_module
+    def allocate(cls, argv):
+        raise error
+    monkeypatch.setattr(trainer_module, "train", allocate)
+    with pytest.raises(SystemExit) as e:
+        main(Baseline, [])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: out of memory (") and err.count("\n") == 1
+    assert "--batch-size" in err and "--image-size" in err
+    monkeypatch.setattr(trainer_module, "train", lambda cls, argv: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):                 # any other error stays a traceback
+        main(Baseline, [])
+
+
 def test_a_stop_signal_the_shell_ignores_stays_ignored(monkeypatch):
     """``nohup python train_x.py ...`` ignores SIGHUP: main() keeps it ignored (the run survives the closed
     terminal, as asked) and still stops on SIGINT and SIGTERM; the shell's handlers come back afterwards."""
