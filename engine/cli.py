@@ -297,6 +297,13 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     _peer_list(parser, args, method_cls)
     given = given_options(method_cls, argv)
     args.schedule_note = _shorten_schedule(args, given, RECIPES[args.recipe]["epochs"])
+    if not (args.eval_only or resume_path(args.resume, args.out)):    # else: once the checkpoint's are known
+        warn_unused_milestones(args, given)
+    return args
+
+
+def warn_unused_milestones(args: argparse.Namespace, given: dict) -> None:
+    """A warning for --milestones given that cannot act: under another schedule, or at or beyond --epochs."""
     if "milestones" in given and args.lr_schedule != "multistep":
         warnings.warn("--milestones apply to --lr-schedule multistep only; this run's schedule is "
                       f"{args.lr_schedule}, so they are ignored (add --lr-schedule multistep to use them)")
@@ -304,7 +311,15 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
         late = " ".join(str(m) for m in args.milestones if m >= args.epochs)
         warnings.warn(f"--milestones {late} lie at or beyond --epochs {args.epochs}, so the lr never decays there; "
                       "pass milestones below --epochs")
-    return args
+
+
+def resume_path(resume: Optional[str], folder: Optional[str]) -> Optional[Path]:
+    """The checkpoint ``--resume`` names: PATH, or for 'auto' the last.pt of ``folder`` if it has one (None:
+    a new run, or no folder known yet)."""
+    if resume != "auto":
+        return Path(resume) if resume else None
+    last = Path(folder) / "last.pt" if folder else None
+    return last if last and last.is_file() else None
 
 
 def _shorten_schedule(args: argparse.Namespace, given: dict, default_epochs: int) -> Optional[str]:

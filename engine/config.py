@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .cli import given_options, parse_args
+from .cli import given_options, parse_args, warn_unused_milestones
 from .errors import UserError
 
 # Options that cannot change what is trained: where the run lives and what this process does (--out,
@@ -171,7 +171,9 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], s
         kept.pop("cuda_graph", None)     # nothing is trained: the step is not captured
     if "milestones" not in given and "sgdr_t0" not in given:   # the checkpoint's schedule, as it was shortened
         kept["schedule_note"] = saved.get("schedule_note")
-    return argparse.Namespace(**{**vars(args), **kept})
+    merged = argparse.Namespace(**{**vars(args), **kept})
+    warn_unused_milestones(merged, given)
+    return merged
 
 
 # ---- identity ----------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from data.files import clean_temp_files, os_error_message
 from recipes import RECIPE_KEYS, RECIPES
 
 from .checkpoint import FORMAT, atomic_save, atomic_write, load_checkpoint
+from .cli import resume_path
 from .config import RunConfig, describe_differences, recorded_differences
 from .distributed import any_rank, barrier
 from .errors import UserError
@@ -533,15 +534,6 @@ def _held_by_a_live_process(folder: Path) -> bool:
     """The folder's lock names a process that may still be writing it (this host: alive; another: unknown)."""
     holder = lock_holder(folder / LOCK_NAME)
     return bool(holder.get("pid")) and (holder.get("host") != socket.gethostname() or _pid_alive(holder["pid"]))
-
-
-def resume_path(resume: Optional[str], folder: Optional[Path]) -> Optional[Path]:
-    """The checkpoint ``--resume`` names: PATH, or for 'auto' the last.pt of ``folder`` if it has one (None:
-    a new run, or no folder known yet)."""
-    if resume != "auto":
-        return Path(resume) if resume else None
-    last = Path(folder) / "last.pt" if folder else None
-    return last if last and last.is_file() else None
 
 
 def file_stamp(path: Path) -> tuple:

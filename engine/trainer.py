@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write, load_checkpoint
-from .cli import parse_args
+from .cli import parse_args, resume_path
 from .config import from_checkpoint, resolve, run_directory
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
 from models.temporal_mean import TemporalMean
@@ -37,7 +37,7 @@ from .errors import UserError
 from .method import Method, StepContext
 from .optim import Optimization
 from .reporting import Reporter
-from .run import Run, file_stamp, resume_path
+from .run import Run, file_stamp
 from .signals import Interrupted, stop_on_signals, stop_signal
 
 

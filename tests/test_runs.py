@@ -419,6 +419,19 @@ def test_a_run_continued_into_a_new_out_keeps_how_its_processes_ended(tmp_path):
                                                                               ("finished", None)]
 
 
+@pytest.mark.slow
+def test_milestones_given_again_on_resume_are_checked_against_the_checkpoints_schedule(tmp_path, recwarn):
+    """--milestones repeated on resume follow the checkpoint's multistep schedule: no warning that they are
+    ignored (the command alone, without --lr-schedule, would be the recipe's cosine)."""
+    out = ["--out", str(tmp_path)]
+    train(DML, TINY + out + ["--lr-schedule", "multistep", "--milestones", "2"])
+    recwarn.clear()
+    resumed = train(DML, TINY + out + ["--resume", "auto", "--milestones", "2", "--epochs", "3", "--extend-epochs"])
+    assert not [w for w in recwarn if "milestones" in str(w.message)]
+    lrs = [h["lr"]["model"] for h in resumed["history"]]
+    assert lrs[1] == lrs[0] and lrs[2] == pytest.approx(0.1 * lrs[0])          # x0.1 from epoch 3: applied
+
+
 def test_a_signal_waits_for_the_checkpoint_write():
     """SIGTERM during a checkpoint write (signals.signals_held) arrives when the write and its record are done."""
     from engine.signals import Interrupted, raise_interrupted, signals_held
