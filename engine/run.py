@@ -111,6 +111,7 @@ class Run:
             if self.config.resume == "auto":
                 self._refuse_a_sibling_run()
                 self.log(f"--resume auto: no checkpoint in {self.folder}, starting a new run")
+            self._continue_a_record_without_epochs()
             return None
         if ckpt is None or file_stamp(resume) != stamp:
             ckpt = load_checkpoint(resume)
@@ -150,6 +151,16 @@ class Run:
             raise UserError(f"{path} was trained on {ckpt['image_size']} px images, this data gives "
                             f"{self.about.get('image_size')} px; give the data it was trained on, or "
                             f"--image-size {ckpt['image_size']}")
+
+    def _continue_a_record_without_epochs(self) -> None:
+        """A run stopped in its first epoch left a record without epochs. The same method with the same options
+        in that folder (the command it printed) is that run started again: it keeps the record's id and
+        processes, so that the record lists every process that trained it."""
+        recorded = read_record(self.folder / "results.json")
+        if (recorded and recorded.get("method") == self.method_cls.name and recorded.get("run_id")
+                and not recorded_differences(self.method_cls, self.config, recorded, self.world_size)):
+            self.run_id = recorded["run_id"]
+            self.processes = merge_processes(recorded["processes"], None, self.config.epochs)
 
     def _refuse_a_sibling_run(self) -> None:
         """--resume auto without --out finds its run by its options. A run of the same method, backbone, data and

@@ -369,7 +369,9 @@ def test_an_interrupt_while_the_first_checkpoint_is_written_leaves_a_run_that_co
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (saved["status"], saved["history"], saved["epochs_done"]) == ("interrupted", [], 0)
     monkeypatch.setattr(run_module, "atomic_save", real_save)
-    assert train(Baseline, args + ["--resume", "auto"])["history"][0]["epoch"] == 1
+    again = train(Baseline, args + ["--resume", "auto"])
+    assert again["history"][0]["epoch"] == 1 and again["run_id"] == saved["run_id"]
+    assert [(p["status"], p["end_epoch"]) for p in again["processes"]] == [("interrupted", 0), ("finished", 1)]
 
 
 @pytest.mark.slow
