@@ -99,10 +99,11 @@ def _milestones(text: str) -> list[int]:
 
 
 class _Milestones(argparse.Action):
-    """``--milestones 150 225``, ``--milestones 150,225`` and ``--milestones '150 225'``: one flat list."""
+    """``--milestones 150 225``, ``--milestones 150,225`` and ``--milestones '150 225'``: one flat list, in
+    order (``225 150`` is the same schedule, so the same run)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, [m for chunk in values for m in chunk])
+        setattr(namespace, self.dest, sorted(m for chunk in values for m in chunk))
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -303,7 +304,11 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
 
 
 def warn_unused_milestones(args: argparse.Namespace, given: dict) -> None:
-    """A warning for --milestones given that cannot act: under another schedule, or at or beyond --epochs."""
+    """A warning for --milestones (or --sgdr-t0) given that cannot act: under another schedule, or at or
+    beyond --epochs."""
+    if "sgdr_t0" in given and args.lr_schedule != "sgdr":
+        warnings.warn(f"--sgdr-t0 applies to --lr-schedule sgdr only; this run's schedule is {args.lr_schedule}, so "
+                      "it is ignored (add --lr-schedule sgdr to use it)")
     if "milestones" in given and args.lr_schedule != "multistep":
         warnings.warn("--milestones apply to --lr-schedule multistep only; this run's schedule is "
                       f"{args.lr_schedule}, so they are ignored (add --lr-schedule multistep to use them)")
