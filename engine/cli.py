@@ -299,11 +299,11 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     given = given_options(method_cls, argv)
     args.schedule_note = _shorten_schedule(args, given, RECIPES[args.recipe]["epochs"])
     if not (args.eval_only or resume_path(args.resume, args.out)):    # else: once the checkpoint's are known
-        warn_unused_milestones(args, given)
+        warn_unused_schedule_flags(args, given)
     return args
 
 
-def warn_unused_milestones(args: argparse.Namespace, given: dict) -> None:
+def warn_unused_schedule_flags(args: argparse.Namespace, given: dict) -> None:
     """A warning for --milestones (or --sgdr-t0) given that cannot act: under another schedule, or at or
     beyond --epochs."""
     if "sgdr_t0" in given and args.lr_schedule != "sgdr":

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .cli import given_options, parse_args, warn_unused_milestones
+from .cli import given_options, parse_args, warn_unused_schedule_flags
 from .errors import UserError
 
 # Options that cannot change what is trained: where the run lives and what this process does (--out,
@@ -172,7 +172,7 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], s
     if "milestones" not in given and "sgdr_t0" not in given:   # the checkpoint's schedule, as it was shortened
         kept["schedule_note"] = saved.get("schedule_note")
     merged = argparse.Namespace(**{**vars(args), **kept})
-    warn_unused_milestones(merged, given)
+    warn_unused_schedule_flags(merged, given)
     return merged
 
 
