@@ -92,7 +92,8 @@ def display_path(path: Path) -> str:
 def parse_only(tokens: Optional[Sequence[str]]) -> dict[str, list[str]]:
     """``method=dml,one arch=resnet32`` -> {"method": ["dml", "one"], "arch": ["resnet32"]}.
     Pairs are separated by spaces or commas; inside one word, a comma-separated value without '=' is one more
-    value of the key before it. Values are shell patterns (``arch=resnet*``)."""
+    value of the key before it. Values are shell patterns (``arch=resnet*``). A word that is not KEY=VALUE, or
+    an unknown key, raises ValueError."""
     wanted: dict[str, list[str]] = {}
     for token in tokens or ():
         key = None
@@ -100,9 +101,9 @@ def parse_only(tokens: Optional[Sequence[str]]) -> dict[str, list[str]]:
             if "=" in word:
                 key, value = word.split("=", 1)
                 if key not in FILTER_KEYS:
-                    raise SystemExit(f"error: --only {key}=...: the keys are {', '.join(FILTER_KEYS)}")
+                    raise ValueError(f"--only {key}=...: the keys are {', '.join(FILTER_KEYS)}")
             elif key is None:
-                raise SystemExit(f"error: --only {word!r}: write KEY=VALUE, e.g. method=dml,arch=resnet32")
+                raise ValueError(f"--only {word!r}: write KEY=VALUE, e.g. method=dml,arch=resnet32")
             else:
                 value = word
             wanted.setdefault(key, []).append(value)
@@ -664,8 +665,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"error: --extra={args.extra!r}: {e} (quote the flags as one shell word)", file=sys.stderr)
         return 2
+    try:
+        only = parse_only(args.only)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     runs_dir = Path(args.runs_dir).resolve()
-    runs, cells = plan(table, args.seeds, runs_dir, parse_only(args.only))
+    runs, cells = plan(table, args.seeds, runs_dir, only)
     if not cells:
         print(f"error: --only {' '.join(args.only)} selects no cell of {table.name}", file=sys.stderr)
         return 2

@@ -511,7 +511,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     root = Path(args.runs_dir)
     if not root.is_dir():
-        print(f"error: {root} is not a folder", file=sys.stderr)
+        print(f"error: {root} " + ("is a file, not a folder of runs" if root.exists() else "does not exist")
+              + "; give the folder that holds the run directories (e.g. runs)", file=sys.stderr)
         return 2
     if args.into:                 # before anything is read or drawn: the page must take the block
         try:

@@ -107,10 +107,17 @@ def test_only_filters(tmp_path):
     assert {(c.method, c.arch) for c in cells} == {("dml", "resnet32"), ("one", "resnet32")}
     _, cells = reproduce.plan(TABLES["cmff-cifar100"], [0], tmp_path, reproduce.parse_only(["column=resnet-110"]))
     assert len(cells) == 9
-    with pytest.raises(SystemExit, match="keys are"):
+    with pytest.raises(ValueError, match="keys are"):
         reproduce.parse_only(["model=dml"])
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
+    with pytest.raises(ValueError, match="KEY=VALUE"):
         reproduce.parse_only(["method=dml", "resnet32"])
+
+
+@pytest.mark.parametrize("only", [["foo"], ["model=dml"]])
+def test_a_malformed_only_is_one_line_and_exit_status_2(only, capsys):
+    assert reproduce.main(["smoke", "--only", *only]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --only") and err.count("\n") == 1
 
 
 def test_check_table_refuses_one_run_name_for_two_commands():

@@ -224,7 +224,9 @@ def test_output_path_errors_are_one_line(tmp_path, capsys):
               f"--into {tmp_path / 'absent.md'}: cannot read it"),
              ([runs, "--table", "smoke", "--into", str(tmp_path), "--plots", str(plots)],
               f"--into {tmp_path}: cannot read it"),
-             ([runs, "--table", "smoke", "--into", str(page), "--plots", str(plots)], f"{page} needs one line")]
+             ([runs, "--table", "smoke", "--into", str(page), "--plots", str(plots)], f"{page} needs one line"),
+             ([str(tmp_path / "absent")], f"{tmp_path / 'absent'} does not exist"),
+             ([str(a_file)], f"{a_file} is a file, not a folder of runs")]
     for argv, message in cases:
         assert summarize.main(argv) == 2, argv
         err = capsys.readouterr().err
