@@ -66,7 +66,7 @@ def _name_from_file(module_name: str) -> Optional[str]:
         return None
     stem = Path(path).stem
     if stem.startswith("train_"):
-        return stem[len("train_"):]
+        return stem[len("train_"):] or stem          # (train_.py: the method "train_", never an empty name)
     return stem if module_name == "__main__" else None
 
 

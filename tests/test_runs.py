@@ -82,9 +82,10 @@ def test_options_that_cannot_change_training_keep_the_directory():
     assert _name(Baseline, []) == "baseline-resnet32-cifar100-s0"
 
 
-def _copy_of(script: str, tmp_path: Path):
-    """The Method class of a copy of ``script`` saved as ``train_<method>_copy.py``, imported as a script is."""
-    copy = tmp_path / script.replace(".py", "_copy.py")
+def _copy_of(script: str, tmp_path: Path, name: str = ""):
+    """The Method class of a copy of ``script`` saved as ``name`` (default ``train_<method>_copy.py``), imported
+    as a script is."""
+    copy = tmp_path / (name or script.replace(".py", "_copy.py"))
     shutil.copy(REPO / script, copy)
     spec = importlib.util.spec_from_file_location(copy.stem, copy)
     module = importlib.util.module_from_spec(spec)
@@ -106,6 +107,12 @@ def test_a_copied_script_is_another_method(script, tmp_path):
     cls = _copy_of(script, tmp_path)
     assert cls.name == f"{method}_copy" and cls.script == str(tmp_path / f"train_{method}_copy.py")
     assert _name(cls, ["--dataset", "synthetic"]).startswith(f"{method}_copy-")
+
+
+def test_a_copy_named_train_py_is_a_method_with_a_name(tmp_path):
+    cls = _copy_of("train_dml.py", tmp_path, name="train_.py")
+    assert cls.name == "train_"
+    assert _name(cls, ["--dataset", "synthetic"]).startswith("train_-resnet32-synthetic")
 
 
 def test_a_copy_never_resumes_its_originals_checkpoint(run, tmp_path):
