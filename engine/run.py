@@ -220,11 +220,12 @@ class Run:
 
     def _earlier_run_files(self, run_id: Optional[str] = None) -> list[str]:
         """What of another run than ``run_id`` (the run being continued, if any) the folder holds besides
-        last.pt: best.pt, and a results.json unless it is this repository's record of a run that saved no
-        epoch (one stopped in its first epoch, which a new run simply replaces)."""
+        last.pt: best.pt and the evaluations of its checkpoints (eval-*.json), and a results.json unless it is
+        this repository's record of a run that saved no epoch (one stopped in its first epoch, which a new run
+        simply replaces)."""
         best = self.folder / "best.pt"
         of_this_run = run_id is not None and (_readable_checkpoint(best) or {}).get("run_id") == run_id
-        found = ["best.pt"] if best.exists() and not of_this_run else []
+        found = [] if of_this_run else [p.name for p in [best, *sorted(self.folder.glob("eval-*.json"))] if p.exists()]
         record = self.folder / "results.json"
         if record.exists():
             try:

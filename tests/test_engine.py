@@ -93,8 +93,9 @@ def test_existing_run_is_never_overwritten(dml_run):
 
 @pytest.mark.slow
 def test_a_run_without_checkpoints_is_never_overwritten(dml_run, tmp_path):
-    """The checkpoints of a finished run deleted to save disk: its results.json (and a best.pt left alone) still
-    stop a new run in that folder, with or without --resume auto; a record of no epoch is replaced."""
+    """The checkpoints of a finished run deleted to save disk: its results.json (and a best.pt or an evaluation
+    left alone) still stop a new run in that folder, with or without --resume auto; a record of no epoch is
+    replaced."""
     import shutil
     out = tmp_path / "kept"
     shutil.copytree(dml_run[0], out)
@@ -107,6 +108,12 @@ def test_a_run_without_checkpoints_is_never_overwritten(dml_run, tmp_path):
     with pytest.raises(UserError, match="holds results.json of an earlier run"):
         train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out)])
     assert (out / "results.json").read_bytes() == record
+    (out / "results.json").unlink()
+    (out / "eval-best-synthetic.json").write_text("kept")     # what --eval-only wrote of its best.pt
+    with pytest.raises(UserError, match="holds eval-best-synthetic.json of an earlier run"):
+        train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out)])
+    assert (out / "eval-best-synthetic.json").read_text() == "kept"
+    (out / "eval-best-synthetic.json").unlink()
     # a folder whose record holds no epoch (a run stopped in its first epoch) is simply started again
     (out / "results.json").write_text('{"method": "dml", "history": []}')
     train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out)])
