@@ -166,6 +166,10 @@ def _scan(root: Path, classes_file: Optional[Path]) -> FolderTree:
             if absent:
                 notes.append(f"folder: {len(absent)} of {len(classes)} classes have no folder in {split_dir} and are "
                              f"not evaluated there: {some(absent)}")
+        loose = _loose_images(split_dir)
+        if loose:
+            notes.append(f"folder: {loose} image(s) directly in {split_dir} belong to no class folder and are not "
+                         f"used; move them into {split_dir}/<class>/")
         index = {c: i for i, c in enumerate(classes) if c in folders}
         found = make_dataset(str(split_dir), index, is_valid_file=_is_image(str(split_dir)), allow_empty=True)
         counts = Counter(label for _, label in found)

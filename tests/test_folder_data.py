@@ -135,6 +135,17 @@ def test_a_class_only_in_val_is_refused_and_one_missing_from_val_is_named(tmp_pa
     assert loaders.record["warnings"] and "zebra" in loaders.record["warnings"][0]
 
 
+def test_images_outside_the_class_folders_are_named(tmp_path):
+    root = write_folder(tmp_path / "tree")
+    write(root / "train" / "stray.png", folder_image(5, 0))
+    write(root / "train" / "notes.txt", b"not an image")
+    with pytest.warns(UserWarning, match=r"1 image\(s\) directly in .*train belong to no class folder and are not "
+                                         "used; move them into"):
+        loaders = build_loaders(args_for(root), "cpu")
+    assert len(loaders.train.labels) == 3 * 6            # the class folders' images only
+    assert "belong to no class folder" in loaders.record["warnings"][0]
+
+
 @pytest.mark.parametrize("classes", [("only",), ()])
 def test_fewer_than_two_classes_is_refused(tmp_path, classes):
     root = write_folder(tmp_path / "tree", classes=classes)
