@@ -582,18 +582,26 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
     ``results.json`` holds unless that one counts fewer epochs (results.json is written after the checkpoint,
     with the process's end; a kill between the two leaves it behind, and so does a failed best.pt write after
     last.pt's: then the checkpoint's count is kept with how results.json says the process ended), and the
-    processes ``results.json`` adds (those that ended before finishing an epoch). An entry still 'running'
-    belongs to a process that ended without writing its end: it becomes 'finished' if it saved the run's last
-    epoch (of ``epochs``), as a process stopped by a signal at that point is, else 'killed' (SIGKILL, out of
-    memory, power loss)."""
+    processes ``results.json`` adds (those that ended before finishing an epoch). Epochs after the checkpoint's
+    (results.json of a run continued from its best.pt) are another line of the run's history: a process that
+    trained them keeps the checkpoint's count and times, with how it ended and a note; one that only trained
+    them is left out. An entry still 'running' belongs to a process that ended without writing its end: it
+    becomes 'finished' if it saved the run's last epoch (of ``epochs``), as a process stopped by a signal at
+    that point is, else 'killed' (SIGKILL, out of memory, power loss)."""
     def key(p: Mapping) -> tuple:
         return p.get("host"), p.get("pid"), p.get("started")
     merged = {key(p): dict(p) for p in from_checkpoint}
+    saved_epochs = max((p.get("end_epoch", 0) for p in from_checkpoint), default=float("inf"))   # (older: no list)
     for p in from_results or ():
-        saved = merged.get(key(p), {})
-        if p.get("end_epoch", 0) >= saved.get("end_epoch", 0):
+        saved, ended = merged.get(key(p)), p.get("status") not in (None, "running")
+        if p.get("end_epoch", 0) > saved_epochs and saved is not None:
+            saved.update(note=f"it went on to epoch {p['end_epoch']} after this checkpoint; those epochs are "
+                              "not in this run", **({"status": p["status"], "ended": p.get("ended")} if ended else {}))
+        elif p.get("end_epoch", 0) > saved_epochs:
+            continue
+        elif p.get("end_epoch", 0) >= (saved or {}).get("end_epoch", 0):
             merged[key(p)] = dict(p)
-        elif p.get("status") not in (None, "running"):
+        elif ended:
             saved.update({k: v for k, v in p.items()
                           if k in ("status", "ended", "updated", "wall_s", "signal", "reason", "note")})
     processes = sorted(merged.values(), key=lambda p: p.get("started_unix", 0.0))

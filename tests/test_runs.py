@@ -205,6 +205,34 @@ def test_resume_path_continues_in_its_own_directory(run, tmp_path, capsys):
     assert load_checkpoint(copy / "last.pt")["epoch"] == 2
 
 
+def test_a_run_continued_from_an_earlier_checkpoint_lists_only_its_own_processes(run, tmp_path):
+    """A checkpoint older than its folder's record (a best.pt, a kept copy of last.pt) continued into another
+    --out: the process that trained only the epochs after it is another line of the run's history."""
+    line = tmp_path / "line"
+    shutil.copytree(run, line)
+    shutil.copy(line / "last.pt", line / "epoch1.pt")
+    train(DML, TINY + ["--epochs", "2", "--extend-epochs", "--resume", str(line / "last.pt")])
+    first = json.loads((line / "results.json").read_text())["processes"][0]
+    fork = tmp_path / "fork"
+    train(DML, TINY + ["--epochs", "3", "--extend-epochs", "--resume", str(line / "epoch1.pt"), "--out", str(fork)])
+    saved = json.loads((fork / "results.json").read_text())
+    processes = saved["processes"]
+    assert [(p["start_epoch"], p["end_epoch"], p["status"]) for p in processes] == [(0, 1, "finished"),
+                                                                                     (1, 3, "finished")]
+    assert processes[0] == first
+    assert saved["wall_time_s"] == pytest.approx(sum(p["wall_s"] for p in processes))
+
+
+def test_a_process_that_went_on_past_the_checkpoint_keeps_the_checkpoints_count():
+    at_best = {"pid": 1, "host": "h", "started": "t0", "started_unix": 0.0, "start_epoch": 0, "end_epoch": 1,
+               "updated": "t1", "wall_s": 5.0, "status": "running"}          # as best.pt (epoch 1) holds it
+    went_on = dict(at_best, end_epoch=2, updated="t2", wall_s=9.0, status="finished", ended="t2")  # results.json
+    later = dict(at_best, pid=2, started="t3", started_unix=3.0, start_epoch=2, end_epoch=3, status="finished")
+    [merged] = run_module.merge_processes([at_best], [went_on, later], epochs=3)
+    assert (merged["end_epoch"], merged["wall_s"], merged["updated"]) == (1, 5.0, "t1")
+    assert (merged["status"], merged["ended"]) == ("finished", "t2") and "went on to epoch 2" in merged["note"]
+
+
 @pytest.mark.slow
 def test_never_writes_into_another_runs_directory(run, tmp_path):
     other = tmp_path / "other"
