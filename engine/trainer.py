@@ -368,6 +368,7 @@ class Trainer:
         the checkpoint's folder (:meth:`_write_evaluation`), naming the dataset, the splits and the precision."""
         path, ckpt, a = Path(self.args.eval_only), self.ckpt, self.args
         self.run.check_data(ckpt, path)
+        self._check_evaluation_file(path, ckpt)
         evaluated = ["model"] + [k for k in self.method.state_keys if isinstance(getattr(self.method, k), TemporalMean)]
         missing = [k for k in evaluated if k not in ckpt["state"]]
         if missing:
@@ -376,7 +377,8 @@ class Trainer:
         self.load_method_state({**own, **{k: ckpt["state"][k] for k in evaluated}}, path)
         splits = {"test": f"the {a.dataset} test set" if not a.eval_subset else
                   f"{a.eval_subset} images of the {a.dataset} test set (stratified, seed {a.seed})"}
-        result = {"checkpoint": str(path), "method": ckpt["method"], "epoch": ckpt["epoch"], "arch": a.arch,
+        result = {"checkpoint": str(path), "run_id": ckpt.get("run_id"), "method": ckpt["method"],
+                  "epoch": ckpt["epoch"], "arch": a.arch,
                   "dataset": a.dataset, "data": a.data, "splits": splits, "amp": a.amp,
                   "test": self.evaluate(self.loaders.test)}
         if self.loaders.val is not None:
@@ -389,9 +391,9 @@ class Trainer:
         self._write_evaluation(result)
         return result
 
-    def _write_evaluation(self, result: dict) -> None:
+    def _evaluation_file(self) -> Path:
         """``eval-<checkpoint>-<dataset>[-test<N>][-<amp>][-<hash of --data>].json`` in the checkpoint's folder
-        (rank 0): evaluations of another dataset, of another --eval-subset, in another precision or of another
+        (or --out): evaluations of another dataset, of another --eval-subset, in another precision or of another
         copy of the data never overwrite each other."""
         a = self.args
         name = f"eval-{Path(a.eval_only).stem}-{a.dataset}"
@@ -401,9 +403,30 @@ class Trainer:
             name += f"-{a.amp}"
         if a.data:
             name += "-" + hashlib.sha256(str(Path(a.data).resolve()).encode()).hexdigest()[:6]
+        return self.run.folder / f"{name}.json"
+
+    def _check_evaluation_file(self, path: Path, ckpt: dict) -> None:
+        """Before evaluating: the evaluation file may only replace an evaluation of the same run's checkpoint (a
+        later epoch of it too), never another run's (``--eval-only OTHER/best.pt --out RUN``)."""
+        target = self._evaluation_file()
+        if not target.exists():
+            return
+        try:
+            earlier = json.loads(target.read_text())
+        except (OSError, ValueError):
+            earlier = None
+        earlier = earlier if isinstance(earlier, dict) else {}     # unreadable: kept, as another run's
+        if ("run_id" in earlier and earlier["run_id"] == ckpt.get("run_id")
+                or "run_id" not in earlier and earlier.get("checkpoint") == str(path)):   # (older evaluations)
+            return
+        raise UserError(f"{target} holds the evaluation of another checkpoint ({earlier.get('checkpoint', 'unknown')})"
+                        f"; evaluating {path} would replace it. Give another --out for this evaluation")
+
+    def _write_evaluation(self, result: dict) -> None:
+        """The evaluation file (:meth:`_evaluation_file`), written by rank 0."""
         if self.is_main:
-            atomic_write(self.run.folder / f"{name}.json", json.dumps(result, indent=2) + "\n")
-            self.run.log(f"results: {self.run.folder / name}.json")
+            atomic_write(self._evaluation_file(), json.dumps(result, indent=2) + "\n")
+            self.run.log(f"results: {self._evaluation_file()}")
 
 
 # ---- setting a run up ----------------------------------------------------------------------------------

@@ -330,6 +330,13 @@ def test_eval_only_honours_the_evaluation_options_it_is_given(run, tmp_path):
     assert json.loads((subset_run / "eval-best-synthetic.json").read_text())["splits"]["test"] == \
         "the synthetic test set"
     assert not (subset_run / "eval-best-synthetic-test40.json").exists()
+    # another run's checkpoint evaluated into this folder would replace its evaluation: refused, before evaluating
+    before = (subset_run / "eval-best-synthetic.json").read_bytes()
+    with pytest.raises(UserError, match=r"eval-best-synthetic.json holds the evaluation of another checkpoint .*"
+                                        "Give another --out"):
+        train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--eval-subset", "0", "--out", str(subset_run)])
+    assert (subset_run / "eval-best-synthetic.json").read_bytes() == before
+    train(DML, EVAL + ["--eval-only", str(subset_run / "best.pt"), "--eval-subset", "0"])    # its own: replaced
 
 
 def test_eval_only_refuses_a_flag_that_disagrees(run):
