@@ -19,6 +19,10 @@ from .errors import UserError
 FORMAT = 1
 # Keys every training checkpoint of this engine holds (a dict without them is not one).
 REQUIRED_KEYS = ("format", "method", "epoch", "state", "args")
+# What to do instead of using a checkpoint that cannot be read (a damaged last.pt stays where it is: its folder
+# takes no other state of the run).
+INSTEAD = ("use the run's other checkpoint (best.pt / last.pt: --eval-only it, or continue it with --resume IT "
+           "--out NEW_DIR) or start a new run with another --out")
 
 
 def atomic_write(path: Path, data) -> None:
@@ -51,19 +55,17 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is an empty file (0 bytes): a copy or a write that did not finish; "
-                        "use another checkpoint of the run (last.pt / best.pt) or start a new run with --out")
+                        + INSTEAD)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, unsafe pickle...
         raise UserError(f"checkpoint {path} cannot be read: torch.load refused it ({type(e).__name__}), so it is "
-                        "truncated, damaged or not a checkpoint of this repository; use another one (best.pt / "
-                        "last.pt of the run) or start a new run with --out.") from None
+                        "truncated, damaged or not a checkpoint of this repository; " + INSTEAD) from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this repository (expected format {FORMAT}; "
                         + (f"it has no {', '.join(missing)})" if missing else f"it has format {ckpt.get('format')})"))
     if not verified(ckpt):
         raise UserError(f"checkpoint {path} is damaged: its content does not match the sha256 written with it "
-                        "(the file changed on disk after it was saved); use another checkpoint of the run "
-                        "(best.pt / last.pt) or start a new run with --out")
+                        "(the file changed on disk after it was saved); " + INSTEAD)
     return ckpt

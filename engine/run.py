@@ -242,7 +242,10 @@ class Run:
         last = self.folder / "last.pt"
         if not last.is_file() or os.path.samefile(last, path):
             return
-        other = load_checkpoint(last)
+        other = _readable_checkpoint(last)
+        if other is None:
+            raise UserError(f"{last} cannot be read (damaged, or not a checkpoint); continuing {path} there would "
+                            f"replace it. Give another --out to continue {path}")
         same_run = other.get("run_id") == ckpt.get("run_id") is not None
         if same_run and other["epoch"] == ckpt["epoch"]:
             return   # a copy of the same state

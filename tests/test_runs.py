@@ -714,6 +714,22 @@ def test_empty_or_bare_checkpoint_is_one_line(tmp_path, content, expected):
         train(Baseline, EVAL + ["--eval-only", str(path)])
 
 
+def test_a_damaged_last_pt_names_a_fix_that_works(run, tmp_path):
+    """A damaged last.pt: the message names the run's other checkpoint, continued into another --out; continuing it
+    in place is refused (it would replace last.pt), and the suggested command works."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / "last.pt").write_bytes((run / "last.pt").read_bytes()[:5000])
+    with pytest.raises(UserError, match=r"continue it with --resume IT --out NEW_DIR"):
+        train(DML, TINY + ["--out", str(damaged), "--resume", "auto"])
+    with pytest.raises(UserError, match=r"last.pt cannot be read .*Give another --out to continue"):
+        train(DML, TINY + ["--epochs", "2", "--extend-epochs", "--resume", str(damaged / "best.pt")])
+    assert len((damaged / "last.pt").read_bytes()) == 5000
+    results = train(DML, TINY + ["--epochs", "2", "--extend-epochs", "--resume", str(damaged / "best.pt"),
+                                 "--out", str(tmp_path / "new")])
+    assert results["epochs_done"] == 2
+
+
 def test_a_kill_between_last_and_best_is_repaired(tmp_path, monkeypatch, capsys):
     import engine.trainer as trainer_module
     calls = []
