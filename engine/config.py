@@ -162,7 +162,7 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], s
             + ". Leave these flags out (only --data and evaluation options may be given)")
     if wrong:
         raise UserError(f"{path} was trained with {describe_differences(wrong)}. Resume with the checkpoint's "
-                        "values (leave these flags out), or start a new run (leave out --resume, or another --out)")
+                        "values (leave these flags out), or start a new run with another --out")
     kept = {k: v for k, v in options.items() if k in vars(args) and not (k in given and k in free)}
     kept.update({k: saved[k] for k in ("recipe", "preset") if k in saved and k in vars(args) and k not in given})
     if "data" not in given and saved.get("data") and Path(saved["data"]).is_dir():

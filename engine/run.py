@@ -118,9 +118,11 @@ class Run:
         if ckpt["method"] != self.method_cls.name:
             raise UserError(f"{resume} was saved by train_{ckpt['method']}.py; resume it with that script")
         diffs = recorded_differences(self.method_cls, self.config, ckpt, self.world_size)
+        if diffs and all(key == "epochs" for key, _, _ in diffs) and resume == self.folder / "last.pt":
+            raise self._continue_instead(self.folder, ckpt["args"]["epochs"], ckpt["epoch"], "another --out")
         if diffs:
             raise UserError(f"{resume} was trained with {describe_differences(diffs)}. Resume with the "
-                            "checkpoint's values, or start a new run (leave out --resume, or give another --out)")
+                            "checkpoint's values, or start a new run with another --out")
         self.check_data(ckpt, resume)
         self._check_target(resume, ckpt)
         earlier = [] if (self.folder / "last.pt").exists() else self._earlier_run_files(ckpt.get("run_id"))
@@ -173,12 +175,16 @@ class Run:
             recorded = read_run(other) if (other / "last.pt").is_file() and other != self.folder else None
             diffs = recorded and recorded_differences(self.method_cls, self.config, recorded, self.world_size)
             if recorded and all(key == "epochs" for key, _, _ in diffs):
-                longer, shorter = self.config.epochs > recorded["epochs"], self.config.epochs < recorded["epochs"]
-                command = (self.continue_command(other, epochs=recorded["epochs"] if shorter else None)   # its own
-                           + (" --extend-epochs" if longer else ""))
-                trained = f"trained for {recorded['epochs']} epochs ({recorded['epochs_done']} done)"
-                raise UserError(f"--resume auto: {other} holds this run, {trained}; continue it with: {command} "
-                                "(or leave out --resume to start a new run)")
+                raise self._continue_instead(other, recorded["epochs"], recorded["epochs_done"], "leave out --resume")
+
+    def _continue_instead(self, folder: Path, epochs: int, done: int, new_run: str) -> UserError:
+        """The line naming the run in ``folder`` that this command would continue but for its --epochs (the run's
+        are ``epochs``, ``done`` of them trained), with the command that does: its own --epochs when this
+        command asks fewer, --extend-epochs when it asks more; ``new_run``: how to start a new run instead."""
+        command = (self.continue_command(folder, epochs=epochs if self.config.epochs < epochs else None)
+                   + (" --extend-epochs" if self.config.epochs > epochs else ""))
+        return UserError(f"--resume auto: {folder} holds this run, trained for {epochs} epochs ({done} done); "
+                         f"continue it with: {command} (or {new_run} to start a new run)")
 
     def done_after(self, epochs: int) -> bool:
         return epochs >= self.config.epochs

@@ -1004,6 +1004,12 @@ def test_resume_auto_names_the_run_trained_to_another_length(run, tmp_path, monk
     train(DML, TINY[:-2] + ["--epochs", "2", "--out", str(folder), "--resume", "auto", "--extend-epochs"])
     with pytest.raises(UserError, match=f"{folder} holds this run, trained for 2 epochs \\(2 done\\)"):
         train(DML, TINY[:-2] + ["--epochs", "2", "--resume", "auto"])
+    with pytest.raises(UserError) as e:      # the first command again: the run it made, now 2 epochs long
+        train(DML, args + ["--resume", "auto"])
+    assert f"{folder} holds this run, trained for 2 epochs (2 done)" in str(e.value)
+    assert str(e.value).endswith("(or another --out to start a new run)")
+    command = str(e.value).split("continue it with: ")[1].split(" (or another")[0]
+    assert train(DML, shlex.split(command)[2:])["epochs_done"] == 2
     train(DML, TINY[:-2] + ["--epochs", "2", "--seed", "1"])
     [folder] = list((tmp_path / "runs").glob("dml-resnet20-synthetic-n2-s1-*"))
     with pytest.raises(UserError) as e:                  # fewer --epochs: the command names the run's own length
