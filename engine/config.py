@@ -167,6 +167,9 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], s
     kept.update({k: saved[k] for k in ("recipe", "preset") if k in saved and k in vars(args) and k not in given})
     if "data" not in given and saved.get("data") and Path(saved["data"]).is_dir():
         kept["data"] = saved["data"]     # where it was read from, if it is still there (else: the default place)
+    elif "data" not in given and saved.get("data") and saved.get("dataset") == "folder":   # (no default place)
+        raise UserError(f"{path} was trained on --data {saved['data']}, which is no longer there; give --data with "
+                        "where that dataset is now")
     if evaluating:
         kept.pop("cuda_graph", None)     # nothing is trained: the step is not captured
     if "milestones" not in given and "sgdr_t0" not in given:   # the checkpoint's schedule, as it was shortened

@@ -466,6 +466,12 @@ def test_the_classes_travel_with_the_run(tmp_path, monkeypatch):
     longer = train(train_dml.DML, ["--gpu", "-1", "--threads", "1", "--no-progress", "--resume", str(run / "last.pt"),
                                    "--epochs", "2", "--extend-epochs", "--out", str(tmp_path / "longer")])
     assert longer["epochs_done"] == 2 and longer["args"]["data"] == str(root)
+    # moved away: the message names where it was trained from and the flag that says where it is now
+    root.rename(tmp_path / "moved")
+    with pytest.raises(UserError, match=f"was trained on --data {root}, which is no longer there; give --data"):
+        train(train_dml.DML, ["--gpu", "-1", "--eval-only", str(run / "best.pt")])
+    assert train(train_dml.DML, ["--gpu", "-1", "--eval-only", str(run / "best.pt"), "--data",
+                                 str(tmp_path / "moved")])["dataset"] == "folder"
 
 
 @pytest.mark.slow
