@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, UserError, fraction, main, non_negative, peer_heads, positive, positive_int, temperature
+from engine import Method, UserError, fraction, main, non_negative, number, peer_heads, positive_int, temperature
 from fusion_teacher import add_fusion_teacher_arguments, fusion_optim_groups
 from losses import sigmoid_rampup
 from losses.peer_targets import mutual_kd
@@ -216,7 +216,8 @@ class CMFF(Method):
                             help="pool the last-stage map to S x S before flattening (d = channels*S^2); "
                                  "default: largest of 8/4/2/1 fitting the map with d <= 4096 (CIFAR ResNet: 8)")
         parser.add_argument("--attention-heads", type=positive_int, default=4, help="chunks of the cross-attention")
-        parser.add_argument("--mlp-ratio", type=positive, default=2.0, help="cross-attention MLP width / d")
+        parser.add_argument("--mlp-ratio", type=number(above=0, at_most=64, why="the MLP is ratio x d wide"),
+                            default=2.0, help="cross-attention MLP width / d")
         parser.add_argument("--attention-dropout", type=fraction, default=0.1,
                             help="dropout on the attention weights, its output and the MLP output")
         parser.add_argument("--fusion-input", choices=("map", "vector"), default="map",

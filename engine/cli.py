@@ -17,13 +17,15 @@ from typing import Optional, Sequence
 
 from recipes import RECIPES
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: a float flag beyond it would be inf in training
+MAX_PROCESSES = 1024                 # --workers, --threads: far above any machine's cores (more exhaust memory)
 MAX_PEERS = 256     # far above any published cohort (2 to 8); a larger --num-peers is a typo that would sit building
 
 
 # ---- value types: a flag's range, declared with the flag ---------------------------------------------------
 
 def number(kind=float, *, at_least=None, above=None, below=None, at_most=None, why: str = ""):
-    """An argparse ``type``: a ``kind`` (float or int) within the given bounds, finite for floats. A value
+    """An argparse ``type``: a ``kind`` (float or int) within the given bounds, a finite float32 for floats. A value
     outside is refused with one line, ``argument --x: must lie in [0, 1); got 1.5`` (and ``why``, if given)."""
     low = f"[{at_least}" if at_least is not None else f"({above}" if above is not None else None
     high = f"{below})" if below is not None else f"{at_most}]" if at_most is not None else None
@@ -33,8 +35,10 @@ def number(kind=float, *, at_least=None, above=None, below=None, at_most=None, w
 
     def parse(text: str):
         value = kind(text)                       # ValueError: argparse's "invalid float value: 'x'"
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number; got {text}")
+        if kind is float and not abs(value) <= FLOAT32_MAX:      # training computes in float32: no inf, no NaN
+            raise argparse.ArgumentTypeError(f"must be a finite number; got {text}" + (
+                f", which is infinite in float32, as training computes (at most {FLOAT32_MAX:.4g})"
+                if math.isfinite(value) else ""))
         if ((at_least is not None and value < at_least) or (above is not None and not value > above)
                 or (below is not None and not value < below) or (at_most is not None and value > at_most)):
             raise argparse.ArgumentTypeError(f"{rule}; got {text}" + (f" ({why})" if why else ""))
@@ -207,7 +211,8 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=number(int, at_least=0, below=2 ** 32, why="numpy's seed range"), default=0,
                    help="seeds python, numpy and torch: initial weights, data order, augmentation")
-    r.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader workers (torch loader only)")
+    r.add_argument("--workers", type=number(int, at_least=0, at_most=MAX_PROCESSES, why="one process each"), default=4,
+                   help="DataLoader workers (torch loader only)")
     r.add_argument("--loader", choices=("device", "torch"), default=None,
                    help="'device': uint8 data kept on the training device, augmented there in batch "
                         "(the default where the dataset fits); 'torch': a DataLoader with workers (the default "
@@ -215,7 +220,8 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     r.add_argument("--gpu", type=number(int, at_least=-1), default=None,
                    help="CUDA device index; -1 for the CPU (used anyway, with a warning, when CUDA is absent); unset: "
                         "GPU 0, or the CPU where there is no GPU. Under torchrun: LOCAL_RANK")
-    r.add_argument("--threads", type=positive_int, default=None, metavar="N",
+    r.add_argument("--threads", type=number(int, at_least=1, at_most=MAX_PROCESSES, why="far above any CPU's cores"),
+                   default=None, metavar="N",
                    help="CPU threads of torch's operators (torch.set_num_threads); unset: torch's choice, "
                         "the number of cores or $OMP_NUM_THREADS")
     r.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,

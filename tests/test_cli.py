@@ -104,6 +104,10 @@ BAD = [("dml", ["--lr", "-0.1"], "argument --lr: must be >= 0; got -0.1"),
        ("dml", ["--momentum", "1"], "argument --momentum: must lie in [0, 1)"),
        ("dml", ["--num-peers", "100000"], "argument --num-peers: must lie in [2, 256]; got 100000 (the peers are"),
        ("dml", ["--eval-subset", "-1"], "argument --eval-subset: must be >= 0; got -1"),
+       ("dml", ["--threads", "100000"], "argument --threads: must lie in [1, 1024]; got 100000"),
+       ("dml", ["--workers", "100000"], "argument --workers: must lie in [0, 1024]; got 100000"),
+       ("cmff", ["--mlp-ratio", "1e30"], "argument --mlp-ratio: must lie in (0, 64]; got 1e30 (the MLP is ratio x d"),
+       ("dml", ["--lr", "1e39"], "argument --lr: must be a finite number; got 1e39, which is infinite in float32"),
        ("dml", ["--lr", "nan"], "argument --lr: must be a finite number; got nan"),
        ("amln", ["--adv-weight", "nan"], "argument --adv-weight: must be a finite number"),
        ("amln", ["--disc-weight-decay", "inf"], "argument --disc-weight-decay: must be a finite number"),
@@ -125,10 +129,11 @@ def _float_flags():
 
 @pytest.mark.parametrize("method,flag,nargs", _float_flags(), ids=lambda v: str(v))
 def test_every_float_flag_refuses_nan_and_inf(method, flag, nargs, capsys):
-    """No NaN or infinity reaches a run through any number flag (a NaN passes every `< 0` check)."""
+    """No NaN or infinity reaches a run through any number flag (a NaN passes every `< 0` check), nor a number
+    that float32, in which training computes, holds as infinity (1e308: an overflow in an optimizer or a size)."""
     cls = load_method(method)
     width = nargs if isinstance(nargs, int) else 1
-    bad_values = [["--gpu", "-1", flag] + ["0.5"] * (width - 1) + [bad] for bad in ("nan", "inf")]
+    bad_values = [["--gpu", "-1", flag] + ["0.5"] * (width - 1) + [bad] for bad in ("nan", "inf", "1e308")]
     if width == 1:
         bad_values.append(["--gpu", "-1", f"{flag}=-inf"])
     for argv in bad_values:
