@@ -107,7 +107,11 @@ class _Milestones(argparse.Action):
     order (``225 150`` is the same schedule, so the same run)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, sorted(m for chunk in values for m in chunk))
+        milestones = sorted(m for chunk in values for m in chunk)
+        repeated = sorted({m for m in milestones if milestones.count(m) > 1})
+        if repeated:           # (MultiStepLR would decay twice there, x0.01: a typo, not a schedule)
+            raise argparse.ArgumentError(self, f"epoch {' '.join(map(str, repeated))} given twice; give each once")
+        setattr(namespace, self.dest, milestones)
 
 
 class HelpFormatter(argparse.HelpFormatter):

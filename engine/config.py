@@ -285,6 +285,8 @@ def describe_differences(diffs: Sequence[tuple[str, object, object]], against: s
         part = f"{'world size' if key == 'world_size' else flag(key)} {_shown(before)} ({against}: {_shown(after)})"
         if hint and key == "epochs" and isinstance(before, int) and isinstance(after, int) and after > before:
             part += " [to train longer, add --extend-epochs]"
+        if hint and key == "world_size":
+            part += f" [run it with torchrun --nproc_per_node={before}]" if before != 1 else " [run it without torchrun]"
         parts.append(part)
     return ", ".join(parts)
 

@@ -97,6 +97,10 @@ class Run:
         before the lock and the file is still the one it read (``stamp``: :func:`file_stamp`), else read again
         (another process may have saved a later epoch meanwhile). Raises UserError rather than overwrite
         anything."""
+        inside = next((p for p in self.folder.parents if (p / "last.pt").is_file() or (p / "results.json").is_file()),
+                      None)
+        if inside is not None:        # (--out RUN/tensorboard: its files would pass for RUN's)
+            raise UserError(f"--out {self.folder} lies inside the run directory {inside}; give a folder outside it")
         self._lock()
         resume = resume_path(self.config.resume, self.folder)
         if resume is None:

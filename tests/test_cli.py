@@ -142,9 +142,12 @@ def test_every_float_flag_refuses_nan_and_inf(method, flag, nargs, capsys):
         assert f"argument {flag}: must be a finite number" in capsys.readouterr().err
 
 
-def test_milestones_are_one_schedule_in_any_order_and_sgdr_t0_without_sgdr_warns():
+def test_milestones_are_one_schedule_in_any_order_and_sgdr_t0_without_sgdr_warns(capsys):
     dml = load_method("dml")
     assert parse_args(dml, ["--lr-schedule", "multistep", "--milestones", "225", "150"]).milestones == [150, 225]
+    with pytest.raises(SystemExit):           # a repeated epoch would decay the lr twice there (x0.01)
+        parse_args(dml, ["--lr-schedule", "multistep", "--milestones", "1,1", "5"])
+    assert "argument --milestones: epoch 1 given twice; give each once" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="--sgdr-t0 applies to --lr-schedule sgdr only; this run's schedule is "
                                          "cosine, so it is ignored"):
         parse_args(dml, ["--gpu", "-1", "--sgdr-t0", "10"])

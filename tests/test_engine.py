@@ -89,6 +89,9 @@ def test_existing_run_is_never_overwritten(dml_run):
     with pytest.raises(UserError, match="--resume auto"):
         train(train_dml.DML, FAST + ["--epochs", "3", "--out", str(out)])
     assert (out / "last.pt").stat().st_mtime_ns == before
+    with pytest.raises(UserError, match="lies inside the run directory"):       # nor in a folder of the run
+        train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out / "runs" / "inner")])
+    assert not (out / "runs").exists()
 
 
 @pytest.mark.slow
