@@ -97,10 +97,9 @@ class Run:
         before the lock and the file is still the one it read (``stamp``: :func:`file_stamp`), else read again
         (another process may have saved a later epoch meanwhile). Raises UserError rather than overwrite
         anything."""
-        inside = next((p for p in self.folder.parents if (p / "last.pt").is_file() or (p / "results.json").is_file()),
-                      None)
+        inside = next((p for p in self.folder.parents if _holds_a_run(p)), None)
         if inside is not None:        # (--out RUN/tensorboard: its files would pass for RUN's)
-            raise UserError(f"--out {self.folder} lies inside the run directory {inside}; give a folder outside it")
+            raise UserError(f"{self.folder} lies inside the run directory {inside}; give an --out outside it")
         self._lock()
         resume = resume_path(self.config.resume, self.folder)
         if resume is None:
@@ -235,7 +234,8 @@ class Run:
         simply replaces)."""
         best = self.folder / "best.pt"
         of_this_run = run_id is not None and (_readable_checkpoint(best) or {}).get("run_id") == run_id
-        found = [] if of_this_run else [p.name for p in [best, *sorted(self.folder.glob("eval-*.json"))] if p.exists()]
+        evaluations = sorted(p.name for p in self.folder.glob("eval-*.json"))
+        found = [] if of_this_run else (["best.pt"] if best.exists() else []) + evaluations
         record = self.folder / "results.json"
         if record.exists():
             try:
@@ -555,6 +555,11 @@ def _in_line(recorded: Optional[dict], ckpt: Optional[dict]) -> Optional[dict]:
                       else ended if ended in ("interrupted", "failed") else "killed")
 
 
+def _holds_a_run(folder: Path) -> bool:
+    """``folder`` is a run directory of this repository: its lock file, and a checkpoint or a record."""
+    return (folder / LOCK_NAME).is_file() and ((folder / "last.pt").is_file() or (folder / "results.json").is_file())
+
+
 def _held_by_a_live_process(folder: Path) -> bool:
     """The folder's lock names a process that may still be writing it (this host: alive; another: unknown)."""
     holder = lock_holder(folder / LOCK_NAME)
@@ -607,11 +612,12 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
     saved_epochs = max((p.get("end_epoch", 0) for p in from_checkpoint), default=float("inf"))   # (older: no list)
     for p in from_results or ():
         saved, ended = merged.get(key(p)), p.get("status") not in (None, "running")
-        if p.get("end_epoch", 0) > saved_epochs and saved is not None:
-            saved.update(note=f"it went on to epoch {p['end_epoch']} after this checkpoint; those epochs are "
-                              "not in this run", **({"status": p["status"], "ended": p.get("ended")} if ended else {}))
-        elif p.get("end_epoch", 0) > saved_epochs:
-            continue
+        if p.get("end_epoch", 0) > saved_epochs:          # it trained epochs after the checkpoint's
+            if saved is not None:
+                saved["note"] = (f"it went on to epoch {p['end_epoch']} after this checkpoint; those epochs are "
+                                 "not in this run")
+                if ended:
+                    saved.update(status=p["status"], ended=p.get("ended"))
         elif p.get("end_epoch", 0) >= (saved or {}).get("end_epoch", 0):
             merged[key(p)] = dict(p)
         elif ended:

@@ -416,8 +416,10 @@ class Trainer:
         except (OSError, ValueError):
             earlier = None
         earlier = earlier if isinstance(earlier, dict) else {}     # unreadable: kept, as another run's
-        if ("run_id" in earlier and earlier["run_id"] == ckpt.get("run_id")
-                or "run_id" not in earlier and earlier.get("checkpoint") == str(path)):   # (older evaluations)
+        if "run_id" in earlier:
+            if earlier["run_id"] == ckpt.get("run_id"):
+                return
+        elif earlier.get("checkpoint") == str(path):                  # (an evaluation of an older version)
             return
         raise UserError(f"{target} holds the evaluation of another checkpoint ({earlier.get('checkpoint', 'unknown')})"
                         f"; evaluating {path} would replace it. Give another --out for this evaluation")
