@@ -286,7 +286,7 @@ def describe_differences(diffs: Sequence[tuple[str, object, object]], against: s
         if hint and key == "epochs" and isinstance(before, int) and isinstance(after, int) and after > before:
             part += " [to train longer, add --extend-epochs]"
         if hint and key == "world_size":
-            part += " [run it without torchrun]" if before == 1 else f" [run it with torchrun --nproc_per_node={before}]"
+            part += f" [run it with torchrun --nproc_per_node={before}]" if before > 1 else " [without torchrun]"
         parts.append(part)
     return ", ".join(parts)
 

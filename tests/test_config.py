@@ -68,4 +68,4 @@ def test_a_difference_shows_an_option_left_out_as_its_default():
         "--eval-subset default (this command: 128), --milestones 150 225 (this command: 100)"
     assert describe_differences([("world_size", 2, 1)]) == \
         "world size 2 (this command: 1) [run it with torchrun --nproc_per_node=2]"
-    assert describe_differences([("world_size", 1, 4)]) == "world size 1 (this command: 4) [run it without torchrun]"
+    assert describe_differences([("world_size", 1, 4)]) == "world size 1 (this command: 4) [without torchrun]"
