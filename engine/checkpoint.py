@@ -8,6 +8,7 @@ this repository, on a machine without a GPU too.
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import torch
@@ -69,3 +70,12 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"checkpoint {path} is damaged: its content does not match the sha256 written with it "
                         "(the file changed on disk after it was saved); " + INSTEAD)
     return ckpt
+
+
+def check_saved_by(ckpt: dict, path: Path, method: str, doing: str) -> None:
+    """Refuse (one line) a checkpoint that another method than ``method`` saved, naming the script that saved it
+    (the first word of its record's command; train_<method>.py for older checkpoints) and what to ``do`` with it."""
+    if ckpt["method"] != method:
+        command = shlex.split(ckpt.get("command") or "")
+        script = command[0] if command else f"train_{ckpt['method']}.py"
+        raise UserError(f"{path} was saved by {script}; {doing} it with that script")

@@ -70,6 +70,11 @@ def _name_from_file(module_name: str) -> Optional[str]:
     return stem if module_name == "__main__" else None
 
 
+def script_name(method_cls) -> str:
+    """The file name of the script that defines ``method_cls`` (``train_dml.py``), as it is run and recorded."""
+    return Path(method_cls.script).name if method_cls.script else f"train_{method_cls.name}.py"
+
+
 class StepContext:
     """What the engine hands to :meth:`Method.train_step`: the optimizers and the run's precision.
 

@@ -33,11 +33,12 @@ from typing import Mapping, Optional, Sequence
 from data.files import clean_temp_files, os_error_message
 from recipes import RECIPE_KEYS, RECIPES
 
-from .checkpoint import FORMAT, atomic_save, atomic_write, load_checkpoint
+from .checkpoint import FORMAT, atomic_save, atomic_write, check_saved_by, load_checkpoint
 from .cli import resume_path
 from .config import RunConfig, describe_differences, recorded_differences
 from .distributed import any_rank, barrier
 from .errors import UserError
+from .method import script_name
 from .signals import signals_held, stop_signal
 
 LOCK_NAME = ".lock"
@@ -79,7 +80,7 @@ class Run:
 
     @property
     def script(self) -> str:
-        return Path(self.method_cls.script or "train_method.py").name
+        return script_name(self.method_cls)
 
     @property
     def command(self) -> str:
@@ -118,8 +119,7 @@ class Run:
             return None
         if ckpt is None or file_stamp(resume) != stamp:
             ckpt = load_checkpoint(resume)
-        if ckpt["method"] != self.method_cls.name:
-            raise UserError(f"{resume} was saved by train_{ckpt['method']}.py; resume it with that script")
+        check_saved_by(ckpt, resume, self.method_cls.name, "resume")
         diffs = recorded_differences(self.method_cls, self.config, ckpt, self.world_size)
         if diffs and all(key == "epochs" for key, _, _ in diffs) and resume == self.folder / "last.pt":
             raise self._continue_instead(self.folder, ckpt["args"]["epochs"], ckpt["epoch"], "another --out")

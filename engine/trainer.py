@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write, load_checkpoint
+from .checkpoint import atomic_write, check_saved_by, load_checkpoint
 from .cli import parse_args, resume_path
 from .config import from_checkpoint, resolve, run_directory
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
@@ -70,9 +70,7 @@ class Trainer:
         if source:
             self.ckpt_stamp = file_stamp(source) if Path(source).is_file() else None   # stamped before it is read
             self.ckpt = ckpt = load_checkpoint(source)     # a missing or damaged file: one line naming it
-            if ckpt["method"] != method_cls.name:
-                raise UserError(f"{source} was saved by train_{ckpt['method']}.py; "
-                                f"{'evaluate' if args.eval_only else 'resume'} it with that script")
+            check_saved_by(ckpt, source, method_cls.name, "evaluate" if args.eval_only else "resume")
             args = from_checkpoint(method_cls, args, argv, ckpt["args"], Path(source), bool(args.eval_only))
             if args.eval_only and args.image_size is None and args.dataset == "folder":
                 args.image_size = ckpt.get("image_size")   # evaluated at the size it was trained at
