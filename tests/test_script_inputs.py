@@ -210,9 +210,9 @@ def test_export_peer_never_writes_over_a_checkpoint(dml_run, tmp_path, capsys):
         ([str(copy), "-o", str(copy)], f"-o {copy} is the checkpoint being read"),
         ([str(copy), "-o", str(tmp_path / "." / "c.pt")], "is the checkpoint being read"),
         ([str(tmp_path / "link.pt"), "-o", str(copy)], "is the checkpoint being read"),
-        ([str(run / "best.pt"), "-o", str(run / "last.pt")], f"-o {run / 'last.pt'}: last.pt is the name of a run's "
-                                                             "checkpoint (its resume point)"),
-        ([str(copy), "-o", str(run / "best.pt")], "best.pt is the name of a run's checkpoint (its best epoch)"),
+        ([str(run / "best.pt"), "-o", str(run / "last.pt")], f"-o {run / 'last.pt'}: {run} holds a run and last.pt "
+                                                             "is its latest checkpoint (its resume point)"),
+        ([str(copy), "-o", str(run / "best.pt")], "holds a run and best.pt is its best epoch's checkpoint"),
         ([str(copy), "-o", str(tmp_path / "new" / "last.pt")], "last.pt is the name of a run's checkpoint"),
     ]
     for argv, named in cases:
