@@ -1,5 +1,6 @@
-"""Bad input to the helper scripts (check_dataset, export_peer, reproduce, kl_gap): one line naming the file or flag
-and the fix, exit status 2, before anything heavy runs; nothing written is lost or overwritten."""
+"""Bad input to the helper scripts (check_dataset, export_peer, benchmark, reproduce, kl_gap, mcl_memory,
+prepare_imagenet_val): one line naming the file or flag and the fix, exit status 2, before anything heavy runs;
+nothing written is lost or overwritten."""
 from __future__ import annotations
 
 import importlib.util
@@ -58,10 +59,15 @@ def test_check_dataset_out_refuses_an_existing_file_without_force(tmp_path, caps
     code, out, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0",
                                "--out", str(image))
     line = one_line(code, err)
-    assert line == f"error: --out {image} exists; add --force to replace it, or give another file name"
+    assert line.startswith(f"error: --out {image} lies inside the dataset folder being checked ({tree})")
     assert "decoding" not in out and image.read_bytes() == before
     listing = tmp_path / "bad.txt"
     listing.write_text("an earlier list\n")
+    code, out, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0",
+                               "--out", str(listing))
+    line = one_line(code, err)
+    assert line == f"error: --out {listing} exists; add --force to replace it, or give another file name"
+    assert "decoding" not in out and listing.read_text() == "an earlier list\n"
     code, out, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0",
                                "--out", str(listing), "--force")
     assert code == 0 and "all 9 images decode" in out and listing.read_text() == ""
