@@ -230,6 +230,93 @@ def test_export_peer_never_writes_over_a_checkpoint(dml_run, tmp_path, capsys):
     assert export_peer.main([str(copy), "--peer", "1", "-o", str(tmp_path / "peer1.pt")]) == 0     # the way it works
 
 
+# ---- every script that writes a file: never one of a run directory's own files, --force or not ------------------
+RUN_OWN_FILES = ["last.pt", "best.pt", "results.json", ".lock", "eval-best-synthetic.json", "LAST.PT",
+                 "tensorboard/peer.json"]
+
+
+def fake_run_folder(folder: Path) -> dict:
+    """A run directory's files (any content will do: the rule goes by the names a run gives them)."""
+    (folder / "tensorboard").mkdir(parents=True)
+    for name in ("last.pt", "best.pt", "results.json", "eval-best-synthetic.json", "tensorboard/events.out"):
+        (folder / name).write_text(f"the run's {name}\n")
+    (folder / ".lock").write_text("")
+    return snapshot(folder)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", RUN_OWN_FILES)
+def test_no_script_writes_over_a_run_directorys_own_files(dml_run, tmp_path, capsys, monkeypatch, name):
+    run = tmp_path / "run"
+    before = fake_run_folder(run)
+    out = run / name
+    tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
+    benchmark = script("benchmark")
+    monkeypatch.setattr(benchmark, "make_trainer", lambda *a: pytest.fail("the benchmark ran"))
+    export_peer = script("export_peer")
+    calls = [
+        ("-o", lambda: export_peer.main([str(dml_run / "best.pt"), "--peer", "1", "-o", str(out), "--force"])),
+        ("--out", lambda: script("check_dataset").main(["--dataset", "folder", "--data", str(tree), "--workers", "0",
+                                                        "--out", str(out), "--force"])),
+        ("--json", lambda: benchmark.main(["--device", "cpu", "--json", str(out), "--force"])),
+    ]
+    for flag, call in calls:
+        capsys.readouterr()
+        try:
+            code = call()
+        except SystemExit as e:
+            code = e.code
+        line = one_line(code, capsys.readouterr().err)
+        assert line.startswith(f"error: {flag} {out}") and line.endswith("--force or not"), line
+        assert "holds a run" in line or "tensorboard/ folder of the run" in line, line
+    assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run", "tree"]
+
+
+def test_a_run_file_name_outside_a_run_is_an_ordinary_output(tmp_path, capsys):
+    """The rule is about a run's folder: results.json in a folder that holds no run is a file like any other."""
+    tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
+    out = tmp_path / "reports" / "results.json"
+    code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out))
+    assert code == 0 and err == "" and out.read_text() == ""
+
+
+@pytest.mark.parametrize("inside", ["train/cat/cat_0.png", "bad.txt", "train/cat/new.txt"])
+def test_check_dataset_out_inside_the_dataset_checked_is_refused(tmp_path, capsys, inside):
+    tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
+    before = snapshot(tree)
+    out = tree / inside
+    (tmp_path / "link").symlink_to(tree)
+    for given, data in ((out, tree), (tmp_path / "link" / inside, tree), (out, tmp_path / "link")):
+        code, stdout, err = run_check(capsys, "--dataset", "folder", "--data", str(data), "--workers", "0",
+                                      "--out", str(given), "--force")
+        line = one_line(code, err)
+        assert line.startswith(f"error: --out {given} lies inside the dataset folder being checked ({data})") or \
+            line.startswith(f"error: --out {given} is"), line
+        assert line.endswith("--force or not") and "decoding" not in stdout
+    assert snapshot(tree) == before                              # the training image is still an image
+
+
+def test_check_dataset_out_inside_tinyimagenet_found_in_data_is_refused(tmp_path, capsys):
+    """--data may be the parent of tiny-imagenet-200: a list beside it is fine, one inside it is refused."""
+    root = write_tinyimagenet(tmp_path)
+    inside = root / "wnids.txt"
+    before = inside.read_bytes()
+    code, _, err = run_check(capsys, "--dataset", "tinyimagenet", "--data", str(tmp_path), "--out", str(inside),
+                             "--force")
+    assert one_line(code, err).startswith(f"error: --out {inside} lies inside the dataset folder being checked ({root})")
+    assert inside.read_bytes() == before
+
+
+def test_check_dataset_workers_are_bounded(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_check(capsys, "--dataset", "folder", "--data", str(tmp_path), "--workers", "100000")
+    line = one_line(exit_.value.code, capsys.readouterr().err)
+    assert "argument --workers: must lie in [0, " in line and "got 100000 (decoding processes started at once" in line
+
+
 # ---- scripts/reproduce.py --gpus ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("gpus, bad", [("a,b", "a"), ("0,x", "x"), ("-1", "-1"), ("1.5", "1.5"), ("0 gpu1", "gpu1"),
                                        ("cuda:0", "cuda:0")])
