@@ -363,3 +363,84 @@ def test_kl_gap_measures_a_dccl_checkpoint_on_its_own_data(dccl_run, capsys):
     out = capsys.readouterr().out
     assert out.startswith("synthetic: one augmented training batch of 8") and "(epoch 1)" in out
     assert "| kd_feat: stage 1 (16x32x32) | 16,384 |" in out
+
+
+# ---- scripts/kl_gap.py: choices and ranges declared with the flags -----------------------------------------------
+@pytest.mark.parametrize("argv, named", [
+    (["--dataset", "bogus"], "argument --dataset: invalid choice: 'bogus' (choose from 'cifar10', 'cifar100'"),
+    (["--dataset", "folder"], "argument --dataset: invalid choice: 'folder'"),
+    (["--num-classes", "100000000"], "argument --num-classes: must lie in [1, 100000]; got 100000000"),
+    (["--threads", "100000"], "argument --threads: must lie in [1, "),
+    (["--seed", "99999999999999999999999"], "argument --seed: must lie in [0, 4294967296)"),
+])
+def test_kl_gap_flags_are_checked_when_read(argv, named, capsys, monkeypatch):
+    kl_gap = script("kl_gap")
+    monkeypatch.setattr(kl_gap, "measure_and_print", lambda a: pytest.fail("it ran"))
+    with pytest.raises(SystemExit) as exit_:
+        kl_gap.main(["--arch", "resnet20", *argv])
+    assert named in one_line(exit_.value.code, capsys.readouterr().err)
+
+
+# ---- scripts/mcl_memory.py: sizes checked before any process starts ---------------------------------------------
+def mcl_memory_error(argv, capsys, monkeypatch) -> str:
+    """The one line mcl_memory.py refuses ``argv`` with (1 GiB free), no measurement started."""
+    mcl_memory = script("mcl_memory")
+    monkeypatch.setattr(mcl_memory, "available_bytes", lambda device: 2 ** 30)
+    monkeypatch.setattr(mcl_memory.subprocess, "run", lambda *a, **k: pytest.fail("a measurement started"))
+    with pytest.raises(SystemExit) as exit_:
+        mcl_memory.main(argv)
+    return one_line(exit_.value.code, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--peers", "1"], "argument --peers: must lie in [2, 256]; got 1 (the contrastive step scores the pairs"),
+    (["--k", "100000000"], "argument --k: must lie in [1, 1048576]; got 100000000"),
+    (["--batch", "0"], "argument --batch: must lie in [1, "),
+    (["--k", "1000000"], "the official step needs about 377.8 GiB, and 1.0 GiB is free on the cpu; lower --k"),
+])
+def test_mcl_memory_sizes_are_one_line_before_anything_runs(argv, named, capsys, monkeypatch):
+    assert named in mcl_memory_error(argv, capsys, monkeypatch)
+
+
+def test_mcl_memory_without_cuda_and_a_failed_measurement_are_one_line(capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device cuda: this machine has no CUDA GPU" in mcl_memory_error(["--device", "cuda"], capsys, monkeypatch)
+    mcl_memory = script("mcl_memory")
+    killed = subprocess.CompletedProcess([], -9, stdout="", stderr="")
+    monkeypatch.setattr(mcl_memory.subprocess, "run", lambda *a, **k: killed)      # the kernel's OOM killer
+    with pytest.raises(SystemExit) as exit_:
+        mcl_memory.main(["--k", "64", "--n-data", "1000"])
+    line = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and line.count("\n") == 0 and "Traceback" not in line
+    assert line == ("error: the official measurement failed (killed by signal 9, most likely for lack of memory: "
+                    "lower --k or --batch)")
+
+
+@pytest.mark.slow
+def test_mcl_memory_measures_both_variants(capsys):
+    assert script("mcl_memory").main(["--k", "64", "--n-data", "1000", "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "B=8 K=64 N=4" in out and out.count("\nofficial ") == 1 and out.count("\nours ") == 1
+
+
+# ---- scripts/prepare_imagenet_val.py -----------------------------------------------------------------------------
+def test_prepare_imagenet_val_missing_files_are_one_line_and_nothing_is_replaced(tmp_path, capsys):
+    prepare = script("prepare_imagenet_val")
+    (tmp_path / "val" / "n00000001").mkdir(parents=True)
+    labels = tmp_path / "LOC_val_solution.csv"
+    labels.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n00000001 1 2 3 4\n"
+                      "ILSVRC2012_val_00000002,n00000001 1 2 3 4\n")
+    for val_dir, csv, named in ((tmp_path / "nowhere", labels, f"--val-dir {tmp_path / 'nowhere'} is not a folder"),
+                                (tmp_path / "val", tmp_path / "x.csv", f"--labels {tmp_path / 'x.csv'} is not a file")):
+        with pytest.raises(SystemExit) as exit_:
+            prepare.main(["--val-dir", str(val_dir), "--labels", str(csv)])
+        assert named in one_line(exit_.value.code, capsys.readouterr().err)
+    (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"the flat copy")
+    (tmp_path / "val" / "ILSVRC2012_val_00000002.JPEG").write_bytes(b"image 2")
+    (tmp_path / "val" / "n00000001" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"already sorted")
+    assert prepare.main(["--val-dir", str(tmp_path / "val"), "--labels", str(labels)]) == 1
+    assert "1 stay put because their class folder already holds a file of that name" in capsys.readouterr().out
+    assert (tmp_path / "val" / "n00000001" / "ILSVRC2012_val_00000001.JPEG").read_bytes() == b"already sorted"
+    assert (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").read_bytes() == b"the flat copy"
+    assert (tmp_path / "val" / "n00000001" / "ILSVRC2012_val_00000002.JPEG").read_bytes() == b"image 2"
