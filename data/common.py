@@ -116,6 +116,18 @@ def _reason(e: BaseException) -> str:
     return text if len(text) < 160 else text[:157] + "..."
 
 
+class DamagedCache(ValueError):
+    """A cache file that loads but whose content does not match its checksum."""
+
+
+def unreadable_cache(path: Path, err: BaseException) -> str:
+    """The warning for a cache file that cannot be read and is therefore rebuilt: it names the file and says
+    plainly what is wrong with it, not the loader's own message (torch's, about ``weights_only``, for a file cut
+    short), which says neither."""
+    why = str(err) if isinstance(err, DamagedCache) else "damaged, cut short or written by another version"
+    return f"the cache file {path} cannot be read ({why}); it is rebuilt from the images"
+
+
 def save_or_warn(obj, path: Path) -> None:
     """Write a cache atomically, with the checksum of its content (data/files.py); warn (and go on) when that
     fails: a cache that cannot be written is rebuilt next time, never half-written, and one damaged on disk is

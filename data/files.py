@@ -10,12 +10,13 @@ previous file as it was and no temporary file behind.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import hashlib
 import io
 import os
 import secrets
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.utils._pytree import tree_map
@@ -27,12 +28,64 @@ class NameTaken(FileExistsError):
     """``write_atomically(..., replace=False)`` found a file already under the name."""
 
 
-def output_problem(path: Path, flag: str, force: bool, example: str) -> Optional[str]:
+RUN_CHECKPOINTS = ("last.pt", "best.pt")          # engine.run: the resume point and the best epoch
+RUN_FILES = {"last.pt": "its latest checkpoint (its resume point)", "best.pt": "its best epoch's checkpoint",
+             "results.json": "its record", ".lock": "its lock file"}
+RUN_EVALUATIONS = "eval-*.json"                    # engine.trainer: --eval-only's results, beside the checkpoint
+RUN_TENSORBOARD = "tensorboard"                    # engine.reporting: the run's event files
+
+
+def run_file_role(name: str) -> Optional[str]:
+    """What a file named ``name`` is in a run directory (engine.run), e.g. "its record"; None for
+    a name a run does not use. Case-insensitive: on such a disk LAST.PT is last.pt."""
+    name = name.lower()
+    if name in RUN_FILES:
+        return RUN_FILES[name]
+    return "an evaluation of its checkpoints" if fnmatch.fnmatch(name, RUN_EVALUATIONS) else None
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` is a run directory: one of a run's files (last.pt, best.pt, results.json, .lock,
+    eval-*.json) is in it."""
+    folder = Path(folder)
+    return folder.is_dir() and (any((folder / name).exists() for name in RUN_FILES)
+                                or any(folder.glob(RUN_EVALUATIONS)))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def output_problem(path: Path, flag: str, force: bool, example: str,
+                   reads: Sequence[tuple[str, Path]] = ()) -> Optional[str]:
     """Why the output file ``path`` (given as ``flag``, e.g. ``-o``) cannot be written by
-    :func:`write_atomically`, checked before any work is done: a folder (``example``: a file name to suggest
-    in it), an existing file without ``force``, something that is not a regular file, a parent that is a
-    file, a folder without write permission. None when it can (missing parent folders are created)."""
+    :func:`write_atomically`, checked before any work is done; None when it can (missing parent folders are
+    created). Every script that writes a file asks this first, so that what one command wrote is never lost
+    to another.
+
+    Refused whatever ``force`` says: one of the files or folders the command reads (``reads``: (what, path)
+    pairs such as ("the checkpoint being read", ckpt)), or a file inside such a folder; one of a run
+    directory's own files (:func:`run_file_role`) in a folder that holds a run, or a file in the run's
+    tensorboard/ folder (a run's checkpoint, record, lock or evaluations would be replaced by something else).
+    Refused unless ``force``: an existing file. Always refused: a folder (``example``: a file name to
+    suggest in it), something that is not a regular file, a parent that is a file, a folder without write
+    permission."""
     path = Path(path)
+    real = Path(os.path.realpath(path.parent)) / path.name     # through links to folders, as the write goes
+    for what, read in reads:
+        read_real = Path(os.path.realpath(read))
+        if real == read_real or (path.exists() and Path(read).exists() and os.path.samefile(path, read)):
+            return f"{flag} {path} is {what} ({read}); write to another file (e.g. {example}), --force or not"
+        if Path(read).is_dir() and _inside(real, read_real):
+            return (f"{flag} {path} lies inside {what} ({read}); write it outside that folder (e.g. {example} "
+                    "elsewhere), --force or not")
+    role = run_file_role(path.name)
+    if role and holds_run(real.parent):
+        return (f"{flag} {path}: {path.parent} holds a run and {path.name} is {role}; give another file name "
+                f"(e.g. {path.parent / example}), --force or not")
+    if real.parent.name.lower() == RUN_TENSORBOARD and holds_run(real.parent.parent):
+        return (f"{flag} {path} is inside the tensorboard/ folder of the run in {path.parent.parent}; give a file "
+                f"outside it (e.g. {path.parent.parent / example}), --force or not")
     if path.is_dir():
         return f"{flag} {path} is a folder; give a file name (e.g. {path / example})"
     if path.exists() or path.is_symlink():

@@ -64,8 +64,9 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
-from .common import (ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError, array_transforms,
-                     check_image_size_flag, default_dir, is_hidden, read_class_list, save_or_warn, some, visible_dirs)
+from .common import (ArraySplit, BadDatasetError, DamagedCache, DataFlagError, DatasetInfo, DatasetNotFoundError,
+                     array_transforms, check_image_size_flag, default_dir, is_hidden, read_class_list, save_or_warn,
+                     some, unreadable_cache, visible_dirs)
 from .files import verified, write_atomically
 
 NAME = "folder"
@@ -409,6 +410,8 @@ def cache_dir(root: Path) -> Optional[Path]:
 
 
 def _read_cache(path: Path, key: str):
+    """The cache blob at ``path`` when it is this version's for ``key``; else None (it is rebuilt). A file that
+    cannot be read is named in a warning (data.common.unreadable_cache)."""
     if not path.is_file():
         return None
     try:
@@ -417,12 +420,11 @@ def _read_cache(path: Path, key: str):
         else:
             blob = torch.load(path, weights_only=True)
             if not verified(blob):
-                raise ValueError("its content does not match its checksum")
+                raise DamagedCache("its content does not match its checksum")
         if blob.get("version") == CACHE_VERSION and blob.get("key") == key:
             return blob
     except Exception as err:  # noqa: BLE001 -- a truncated, damaged or foreign file: rebuilt
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        warnings.warn(f"folder: ignoring the unreadable cache {path} ({reason}); rebuilding it")
+        warnings.warn(f"folder: {unreadable_cache(path, err)}")
     return None
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .common import ArraySplit
 
 DATASET_SEED = 1234
+N_TRAIN, N_TEST = 2048, 512          # images per split
 
 
 def _smooth(n: int, size: int, g: torch.Generator) -> torch.Tensor:
@@ -27,7 +28,7 @@ def _smooth(n: int, size: int, g: torch.Generator) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def make_synthetic(num_classes: int = 10, n_train: int = 2048, n_test: int = 512, image_size: int = 32,
+def make_synthetic(num_classes: int = 10, n_train: int = N_TRAIN, n_test: int = N_TEST, image_size: int = 32,
                    dataset_seed: int = DATASET_SEED) -> tuple[ArraySplit, ArraySplit]:
     """Return (train, test) as uint8 N x 3 x S x S and int64 labels (cached: treat them as read-only)."""
     g = torch.Generator().manual_seed(dataset_seed)

@@ -40,8 +40,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .common import (ArraySplit, BadDatasetError, DatasetNotFoundError, datasets_root, decode_rgb, static_info,
-                     download_or_explain, image_files, is_hidden, save_or_warn, visible_dirs)
+from .common import (ArraySplit, BadDatasetError, DamagedCache, DatasetNotFoundError, datasets_root, decode_rgb,
+                     static_info, download_or_explain, image_files, is_hidden, save_or_warn, unreadable_cache,
+                     visible_dirs)
 from .files import verified
 
 FOLDER = "tiny-imagenet-200"
@@ -226,12 +227,12 @@ def _load(root: Path) -> tuple[ArraySplit, ArraySplit]:
         try:
             blob = torch.load(cache, weights_only=True)
             if not verified(blob):
-                raise ValueError("its content does not match its checksum")
+                raise DamagedCache("its content does not match its checksum")
             if blob.get("version") == CACHE_VERSION and blob.get("key") == key:
                 source = f"{root.absolute()} (its decoded cache {CACHE})"
                 return ArraySplit(*blob["train"][:2], source), ArraySplit(*blob["test"][:2], source)
         except Exception as err:  # noqa: BLE001 -- a truncated, damaged or foreign file: rebuild it
-            warnings.warn(f"ignoring unreadable cache {cache}: {err}")
+            warnings.warn(f"tinyimagenet: {unreadable_cache(cache, err)}")
     (train, bad_train), (test, bad_val) = _decode_all(train_items), _decode_all(val_items)
     if bad_train or bad_val:                     # nothing is cached
         raise BadDatasetError.files("tinyimagenet", bad_train + bad_val, _fix(root), what="images")

@@ -30,13 +30,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from engine import Method, Trainer, UserError, parse_args  # noqa: E402
 from engine.method import load_method  # noqa: E402
-from engine.cli import HelpFormatter, Parser, non_negative_int, positive_int  # noqa: E402
+from engine.cli import MAX_PEERS, HelpFormatter, Parser, non_negative_int, number, positive_int  # noqa: E402
+from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
+from scripts.limits import process_count  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -46,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from data.loaders import Batch  # noqa: E402
+from data.synthetic import N_TRAIN as SYNTHETIC_TRAIN  # noqa: E402
 
 class RawDescriptionHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and every option's default once."""
@@ -147,15 +150,23 @@ def config_flags(config: str) -> list[str]:
     return [] if config == "default" else [flag for option in config.split("+") for flag in OPTIONS[option]]
 
 
+def fail(message: str) -> NoReturn:
+    """Stop with one line on stderr and exit status 2, as every script does on bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def make_trainer(method_cls, args, extra: list[str]) -> Trainer:
     try:
         return _make_trainer(method_cls, args, extra)
     except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
 
 
 def _make_trainer(method_cls, args, extra: list[str]) -> Trainer:
-    steps_per_epoch = min(args.steps, 100)
+    """A Trainer of ``method_cls`` on synthetic data: epochs of min(--steps, 100) steps, as many as the synthetic
+    training set holds (engine_step runs as many epochs as --steps needs)."""
+    steps_per_epoch = min(args.steps, 100, SYNTHETIC_TRAIN // args.batch_size)
     argv = ["--dataset", "synthetic", "--arch", args.arch, "--batch-size", str(args.batch_size),
             "--gpu", "0" if args.device.type == "cuda" else "-1", "--no-progress", "--epochs", "1000",
             "--subset", str(args.batch_size * steps_per_epoch), "--lr", "0.05"]
@@ -212,15 +223,53 @@ def profile(trainer: Trainer, steps: int, device) -> None:
               f"{kernels / len(batches):.0f} device ops/step")
 
 
+def check_arguments(a) -> None:
+    """What is refused before anything is built or timed (one line, exit status 2): --force without --json, a
+    --json file that cannot be written (data.files.output_problem), --device cuda without a GPU, a --configs
+    option that does not exist or a --configs that names none."""
+    if a.force and a.json is None:
+        fail("--force replaces an existing --json file; give --json PATH too, or leave --force out")
+    problem = a.json is not None and output_problem(a.json, "--json", a.force, "benchmark.json")
+    if problem:
+        fail(problem)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: this machine has no CUDA GPU that torch can use (torch.cuda.is_available() is False); "
+             "use --device cpu, or run it on a GPU machine")
+    configs = [c for c in a.configs.split(",") if c]
+    if not configs:
+        fail(f"--configs {a.configs!r} names no configuration; e.g. --configs default,grouped")
+    for c in configs:
+        unknown = [o for o in c.split("+") if o not in OPTIONS and c != "default"]
+        if unknown:
+            fail(f"unknown option(s) {unknown} in --configs; known: default, {', '.join(OPTIONS)}")
+
+
+def write_json(path: Path, content: dict, force: bool) -> None:
+    """The rows as JSON, whole or not at all (data.files.write_atomically; missing folders are created). Without
+    ``force`` no file is replaced, not even one that appeared while the benchmark ran. A failure is one line: the
+    table is printed above, so nothing measured is lost."""
+    text = json.dumps(content, indent=2) + "\n"
+    try:
+        write_atomically(path, "w", lambda f: f.write(text), replace=force)
+    except NameTaken:
+        fail(f"--json {path} appeared while the benchmark ran; the table is above (add --force to replace the "
+             "file, or give another name)")
+    except OSError as e:
+        fail(f"{os_error_message(path, e, '--json')}; the table is above")
+
+
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--method", default="dml", help="train_<method>.py to benchmark: dml, mcl_okd, one, okddip, ...")
     p.add_argument("--arch", default="resnet32")
-    p.add_argument("--peers", type=positive_int, default=None, help="--num-peers (default: the method's)")
-    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--peers", type=number(int, at_least=1, at_most=MAX_PEERS, why="the training scripts' bound"),
+                   default=None, help="--num-peers (default: the method's)")
+    p.add_argument("--batch-size", type=number(int, at_least=1, at_most=SYNTHETIC_TRAIN,
+                                               why="the synthetic training images a batch is drawn from"),
+                   default=128)
     p.add_argument("--method-args", default="", help="more flags for the method, e.g. '--topology independent'")
     p.add_argument("--steps", type=positive_int, default=100, help="timed steps per configuration")
-    p.add_argument("--workers", type=non_negative_int, default=None,
+    p.add_argument("--workers", type=process_count("reference DataLoader workers"), default=None,
                    help="reference DataLoader workers (default: the official code's, 8 for mcl_okd, else 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--configs", default="default,grouped,bf16,channels_last,bf16+channels_last+grouped",
@@ -229,8 +278,12 @@ def main(argv=None):
     p.add_argument("--skip-reference", action="store_true", help="engine rows only")
     p.add_argument("--profile", type=non_negative_int, default=0, metavar="STEPS",
                    help="profile STEPS steps of the fastest engine configuration")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="also write the rows as JSON (checked before the benchmark runs; an existing file is "
+                        "refused unless --force, a run directory's own files always)")
+    p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     a = p.parse_args(argv)
+    check_arguments(a)
     a.device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                             "cpu" if a.device == "auto" else a.device)
     if a.workers is None:
@@ -238,12 +291,8 @@ def main(argv=None):
     try:
         method_cls = load_method(a.method)
     except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
     configs = [c for c in a.configs.split(",") if c]
-    for c in configs:
-        unknown = [o for o in c.split("+") if o not in OPTIONS and c != "default"]
-        if unknown:
-            raise SystemExit(f"unknown option(s) {unknown} in --configs; known: default, {', '.join(OPTIONS)}")
 
     start_mib = torch.cuda.memory_allocated(a.device) / 2**20 if a.device.type == "cuda" else 0.0
     first = make_trainer(method_cls, a, [])
@@ -297,9 +346,8 @@ def main(argv=None):
         print(f"{r['loop']:<44} {r['images_per_s']:9.0f} {r['s_per_step'] * 1e3:8.2f} {r['s_per_epoch']:8.2f} "
               f"{r['minutes_300_epochs']:7.1f}m {ops:>8} {mem:>9} {ratio:>7}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"method": method_cls.name, "arch": a.arch, "peers": peers,
-                                            "batch_size": a.batch_size, "device": name, "torch": torch.__version__,
-                                            "rows": rows}, indent=2) + "\n")
+        write_json(a.json, {"method": method_cls.name, "arch": a.arch, "peers": peers, "batch_size": a.batch_size,
+                            "device": name, "torch": torch.__version__, "rows": rows}, a.force)
     if a.profile:
         best = min(rows[0 if a.skip_reference else 1:], key=lambda r: r["s_per_step"])["loop"][len("engine "):]
         trainer = make_trainer(method_cls, a, config_flags(best))

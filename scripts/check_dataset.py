@@ -17,7 +17,8 @@ training downloads: CIFAR and Fashion-MNIST files are compared with the publishe
 when they differ; TinyImageNet is fetched when it is missing and extracted again from its zip when its layout
 is damaged or an image does not decode (then decoded again). ImageNet and folder datasets have nothing to
 download: ``--download`` is refused for them. ``--out FILE`` is checked before anything is read (an existing
-file is refused without ``--force``) and written whole or not at all. Exit status: 0 all good, 1 bad files
+file is refused without ``--force``; a file inside the dataset folder, or one of a run directory's own files,
+is refused even with it) and written whole or not at all. Exit status: 0 all good, 1 bad files
 (listed), 2 bad input, a layout or missing-data problem (one line).
 """
 from __future__ import annotations
@@ -30,10 +31,11 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.common import (DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, image_problem,  # noqa: E402
-                         read_class_list)
+from data.common import (DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, default_dir,  # noqa: E402
+                         image_problem, read_class_list)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
-from engine.cli import Parser, dataset_folder, non_empty_path, non_negative_int  # noqa: E402
+from engine.cli import Parser, dataset_folder, non_empty_path  # noqa: E402
+from scripts.limits import process_count  # noqa: E402
 
 NOT_DOWNLOADABLE = {      # the training loaders download CIFAR, Fashion-MNIST and TinyImageNet
     "imagenet": "ImageNet cannot be downloaded by a script (it needs a login at https://image-net.org)",
@@ -55,9 +57,22 @@ def check_flags(args) -> None:
                             "Fix: leave --out out")
     if args.force and args.out is None:
         raise DataFlagError("--force replaces an existing --out file; give --out FILE too, or leave --force out")
-    problem = args.out is not None and output_problem(args.out, "--out", args.force, "bad.txt")
+    reads = [("the dataset folder being checked", checked_folder(args.dataset, args.data))]
+    problem = args.out is not None and output_problem(args.out, "--out", args.force, "bad.txt", reads)
     if problem:
         raise DataFlagError(problem)
+
+
+def checked_folder(dataset: str, data: Optional[str]) -> Path:
+    """The folder whose files are checked, which --out may not write into (a list written over an image turns a
+    training image into text): --data or its default, or for TinyImageNet the tiny-imagenet-200 folder found in
+    it (--data may be its parent, a place for the list as good as any)."""
+    if dataset == "tinyimagenet":
+        try:
+            return tinyimagenet_root(data)
+        except DatasetError:                    # not there (yet): nothing in it to protect beyond --data itself
+            pass
+    return default_dir(dataset, data)
 
 
 def tinyimagenet_root(data: Optional[str], download: bool = False) -> Path:
@@ -132,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dataset", required=True, choices=[n for n in DATASET_NAMES if n != "synthetic"])
     parser.add_argument("--data", type=dataset_folder, default=None, metavar="DIR",
                         help="dataset folder, as for training (default: $OKD_DATASETS/<name> or ./datasets/<name>)")
-    parser.add_argument("--workers", type=non_negative_int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=process_count("decoding processes"), default=os.cpu_count() or 1,
                         help="decoding processes (0: decode in this process)")
     parser.add_argument("--classes", type=non_empty_path, default=None, metavar="FILE",
                         help="folder, imagenet: only the class folders listed in FILE, as for training")
@@ -142,7 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "when damaged (not for imagenet or folder)")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE",
                         help="imagenet, tinyimagenet, folder: also write the bad files' paths here, one a line "
-                             "(an existing file is refused unless --force; written whole or not at all)")
+                             "(an existing file is refused unless --force, a file inside --data always; written "
+                             "whole or not at all)")
     parser.add_argument("--force", action="store_true", help="replace the --out file if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -4,11 +4,12 @@
 Usage::
 
     python scripts/export_peer.py runs/dml-resnet32-cifar100-n2-s0/best.pt --peer 2 -o peer2.pt
-    python scripts/export_peer.py RUN/best.pt --peer 1 --from mean_teacher --head mean_peer1 -o pcl.pt   # PCL's EMA
+    python scripts/export_peer.py RUN/best.pt --peer 1 --from mean_teacher -o pcl.pt   # PCL's mean teacher
 
 An existing ``-o`` file is never replaced without ``--force``; the file is written whole or not at all (a
 temporary file in its folder, then a rename). Even with ``--force``, ``-o`` may not be the checkpoint read, nor
-be named ``last.pt`` or ``best.pt`` (a run's checkpoints: ``last.pt`` is its resume point).
+be named ``last.pt`` or ``best.pt`` (a run's checkpoints: ``last.pt`` is its resume point), nor be one of a run
+directory's own files (``results.json``, ``.lock``, ``eval-*.json``) in a folder that holds a run.
 
 The file is ``{"arch", "num_classes", "model_kwargs", "format", "state_dict", "source", "sha256"}`` (``sha256``:
 the content's checksum, as the engine's checkpoints carry):
@@ -21,12 +22,14 @@ the content's checksum, as the engine's checkpoints carry):
 Peer i of independent peers is network i; of a shared trunk (ONE, OKDDip, PCL, MCL-OKD...) or the CL-ILR tree
 it is the trunk + (its group +) branch i, i.e. exactly the single backbone; grouped runs (--grouped-peers) are
 split back into the plain network. The script prints which head of the run the peer is and the top-1 that the
-checkpoint's epoch recorded for it (test, and val with --val-split).
+checkpoint's epoch recorded for it (test, and val with --val-split), and stores both in the export's ``source``.
+That head follows ``--from``: peer N of ``model`` is head ``peerN``, peer N of PCL's ``mean_teacher`` is head
+``mean_peerN`` (the weights written are the mean teacher's, so is the accuracy); a ``--head`` of another peer
+or of another state is refused.
 """
 from __future__ import annotations
 
 import errno
-import os
 import re
 import sys
 from pathlib import Path
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from data.files import NameTaken, checksummed, output_problem, write_atomically  # noqa: E402
+from data.files import RUN_CHECKPOINTS, NameTaken, checksummed, output_problem, write_atomically  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.cli import Parser, positive_int  # noqa: E402
 from engine.errors import UserError  # noqa: E402
@@ -88,18 +91,45 @@ def recorded_accuracy(ckpt: dict, head: str, given: bool = False) -> dict[str, f
             if f"{head}/top1" in record.get(split, {})}
 
 
+HEAD_PREFIX = {"model": "", "mean_teacher": "mean_"}
+"""How the run names the evaluated heads of each state of a checkpoint (--from): peer N of the trained model is
+head peerN; peer N of PCL's temporal mean network (train_pcl.py's eval_logits) is head mean_peerN."""
+
+
+def default_head(source: str, peer: int) -> str:
+    """The head whose recorded accuracy belongs to peer ``peer`` of state ``source``: the weights exported and the
+    accuracy printed beside them are one network's. A state whose heads the script does not know needs --head."""
+    if source not in HEAD_PREFIX:
+        raise UserError(f"--from {source}: which head of the run evaluated these weights is not known to this "
+                        f"script; name it with --head (e.g. --head <name>peer{peer})")
+    return f"{HEAD_PREFIX[source]}peer{peer}"
+
+
+def check_head(head: str, source: str, peer: int) -> None:
+    """Refuse a --head that is another peer's, or (for the states of HEAD_PREFIX) another state's: its accuracy
+    would be printed and stored beside weights it was not measured on."""
+    named = re.match(r"^(.*)peer(\d+)$", head)
+    if named and int(named.group(2)) != peer:
+        raise UserError(f"--head {head} is the head of peer {named.group(2)}, but --peer is {peer}: give "
+                        f"--peer {named.group(2)}, or the head of peer {peer}")
+    owner = next((state for state, prefix in HEAD_PREFIX.items() if named and named.group(1) == prefix), None)
+    if source in HEAD_PREFIX and owner is not None and owner != source:
+        raise UserError(f"--head {head} is a head of the '{owner}' state, but --from is '{source}': give --from "
+                        f"{owner}, or --head {default_head(source, peer)} (the default)")
+
+
 def export_peer(checkpoint: Path, peer: int, source: str = "model", head: Optional[str] = None) -> dict:
-    """The stand-alone peer ``peer`` (1-based) of a run's checkpoint as the dictionary the script writes."""
-    named = re.search(r"peer(\d+)$", head or "")
-    if named and int(named.group(1)) != peer:
-        raise UserError(f"--head {head} is the head of peer {named.group(1)}, but --peer is {peer}: give "
-                        f"--peer {named.group(1)}, or the head of peer {peer}")
+    """The stand-alone peer ``peer`` (1-based) of a run's checkpoint as the dictionary the script writes; ``head``
+    (default: the head of that peer of ``source``, :func:`default_head`) names whose recorded accuracy goes with it."""
+    if head is not None:
+        check_head(head, source, peer)
     ckpt = load_checkpoint(checkpoint)
     args = ckpt["args"]
-    top1 = recorded_accuracy(ckpt, head or f"peer{peer}", given=head is not None)
-    head = head or f"peer{peer}"
     if source not in ckpt["state"]:
         raise UserError(f"{checkpoint} has no '{source}' state; --from one of: {', '.join(ckpt['state'])}")
+    given = head is not None
+    head = head or default_head(source, peer)
+    top1 = recorded_accuracy(ckpt, head, given=given)
     state = ckpt["state"][source]
     state = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")} or state  # AveragedModel
     _, sub = find_peers(state)
@@ -136,31 +166,19 @@ def load_exported(path: Path) -> torch.nn.Module:
     return net
 
 
-RUN_CHECKPOINTS = ("last.pt", "best.pt")     # the names a run gives its checkpoints (engine.run)
-
-
-def same_file(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` name one file (hard links and symbolic links included)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:                              # one of them does not exist (yet)
-        return Path(a).resolve() == Path(b).resolve()
-
-
 def check_output(path: Path, force: bool, checkpoint: Optional[Path] = None) -> None:
-    """Refuse (one-line UserError naming the file) an output that is the ``checkpoint`` read or is named like a
-    run's checkpoint (last.pt, best.pt), even with ``force``, or that cannot be written (data.files.output_problem:
-    a folder, an existing file without ``force``, ...)."""
-    if checkpoint is not None and same_file(path, checkpoint):
-        raise UserError(f"-o {path} is the checkpoint being read ({checkpoint}); write the export to another file "
-                        "(e.g. peer.pt), --force or not")
-    if path.name.lower() in RUN_CHECKPOINTS:        # (a case-insensitive disk: LAST.PT is last.pt)
-        role = "its resume point" if path.name.lower() == "last.pt" else "its best epoch"
-        raise UserError(f"-o {path}: {path.name} is the name of a run's checkpoint ({role}), which an export must "
-                        "not replace or pose as; give another file name (e.g. peer.pt), --force or not")
-    problem = output_problem(path, "-o", force, "peer.pt")
+    """Refuse (one-line UserError naming the file) an output that data.files.output_problem refuses (the
+    ``checkpoint`` read, a run directory's own file, a folder, an existing file without ``force``, ...) or
+    that is named like a run's checkpoint (last.pt, best.pt) anywhere, even with ``force``: an export posing
+    as a checkpoint would be taken for one (``--resume auto`` reads a folder's last.pt)."""
+    reads = [("the checkpoint being read", checkpoint)] if checkpoint is not None else []
+    problem = output_problem(path, "-o", force, "peer.pt", reads)
     if problem:
         raise UserError(problem)
+    if path.name.lower() in RUN_CHECKPOINTS:        # (a case-insensitive disk: LAST.PT is last.pt)
+        raise UserError(f"-o {path}: {path.name} is the name of a run's checkpoint, which an export must not pose "
+                        "as (--resume auto reads a folder's last.pt); give another file name (e.g. peer.pt), "
+                        "--force or not")
 
 
 def write_export(obj: dict, path: Path, force: bool = False) -> None:
@@ -186,12 +204,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--peer", type=positive_int, required=True, help="which peer, 1-based (head peerN)")
     p.add_argument("-o", "--output", type=Path, required=True,
                    help="file to write (an existing file is refused unless --force; never the checkpoint read, "
-                        "nor a file named last.pt or best.pt)")
+                        "a file named last.pt or best.pt, nor one of a run directory's own files)")
     p.add_argument("--force", action="store_true", help="replace the -o file if it exists")
     p.add_argument("--from", dest="source", default="model",
                    help="which state of the checkpoint: 'model' (the trained network) or an extra module such "
                         "as PCL's 'mean_teacher'")
-    p.add_argument("--head", default=None, help="head whose recorded accuracy to report (default: peerN)")
+    p.add_argument("--head", default=None,
+                   help="head whose recorded accuracy to report and store with the weights (default: the head of "
+                        "peer N of the --from state: peerN for 'model', mean_peerN for 'mean_teacher'); the head "
+                        "of another peer or of another state is refused")
     a = p.parse_args(argv)
     try:
         check_output(a.output, a.force, a.checkpoint)     # before the checkpoint is read

@@ -18,9 +18,9 @@ if [ -d .gpu_deps ]; then export PYTHONPATH="$PWD/.gpu_deps${PYTHONPATH:+:$PYTHO
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
 
-bench() {  # bench NAME ARGS...: one table, its log and its JSON
+bench() {  # bench NAME ARGS...: one table, its log and its JSON (a re-run of a part replaces both: --force)
     local name=$1; shift
-    python scripts/benchmark.py "$@" --json "$out/$name.json" 2>&1 | grep -v -i warn | tee "$out/$name.log"
+    python scripts/benchmark.py "$@" --json "$out/$name.json" --force 2>&1 | grep -v -i warn | tee "$out/$name.log"
 }
 
 configs=default,grouped,bf16+channels_last,bf16+channels_last+grouped,cudagraph,grouped+cudagraph,bf16+channels_last+grouped+cudagraph

@@ -34,16 +34,20 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import DeviceLoader, DatasetError, dataset_info, load_dataset  # noqa: E402
+from data import DATASET_NAMES, DeviceLoader, DatasetError, dataset_info, load_dataset  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.cli import Parser, dataset_folder, non_negative_int, positive_int, temperature  # noqa: E402
+from engine.cli import Parser, dataset_folder, number, positive_int, temperature  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from models import ImageSizeError, UnknownModelError, model_entry  # noqa: E402
+from scripts.limits import process_count  # noqa: E402
 from train_dccl import DCCL, DCCLNet  # noqa: E402
 
 EPS = 1e-7
 METHOD = DCCL.name            # the checkpoints this script reads: train_dccl.py's
 DEFAULT_DATASET = "fashion-mnist"
+FILE_DATASETS = ("folder", "imagenet")     # large images read from files: not what the batch is drawn from
+SMALL_DATASETS = [name for name in DATASET_NAMES if name not in FILE_DATASETS]
+MAX_CLASSES = 100_000                      # ImageNet-21k has 21,841
 
 
 def kd_forms(student: torch.Tensor, teacher: torch.Tensor, T: float) -> tuple[float, float, float, float]:
@@ -86,9 +90,9 @@ def measure(model: DCCLNet, images: torch.Tensor, T: float) -> list[tuple]:
 
 
 def batch_of(dataset: str, data: Optional[str], size: int, seed: int):
-    if dataset in ("folder", "imagenet"):
-        raise UserError(f"kl_gap.py draws its batch from a built-in small-image dataset (cifar10, cifar100, "
-                        f"fashion-mnist, tinyimagenet, synthetic), not {dataset}")
+    if dataset in FILE_DATASETS:                # a checkpoint trained on one (--dataset itself has choices)
+        raise UserError(f"kl_gap.py draws its batch from a built-in small-image dataset "
+                        f"({', '.join(SMALL_DATASETS)}), not {dataset}")
     train, _ = load_dataset(dataset, data)
     info = dataset_info(dataset)
     loader = DeviceLoader(train, info, size, "cpu", train=True, seed=seed, pad_mode="reflect")
@@ -135,17 +139,20 @@ def main(argv: Optional[list] = None) -> int:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", nargs="*", default=[], help="DCCL networks at initialisation")
     p.add_argument("--checkpoint", nargs="*", default=[], type=Path, help="DCCL checkpoints (last.pt, best.pt)")
-    p.add_argument("--dataset", default=None,
+    p.add_argument("--dataset", default=None, choices=SMALL_DATASETS,
                    help=f"default: the checkpoints' dataset, else {DEFAULT_DATASET}")
     p.add_argument("--data", type=dataset_folder, default=None, metavar="DIR",
                    help="the dataset's folder, as for training (default: the checkpoints' --data, else the usual place)")
-    p.add_argument("--num-classes", type=positive_int, default=None,
+    p.add_argument("--num-classes", type=number(int, at_least=1, at_most=MAX_CLASSES,
+                                                why="classes of a classification head; ImageNet-21k has 21,841"),
+                   default=None,
                    help="classes of the networks built at initialisation (default: the dataset's; 100 sizes the logit "
                         "terms as on CIFAR-100)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--kd-T", type=temperature, default=3.0)
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--seed", type=number(int, at_least=0, below=2 ** 32, why="the training scripts' --seed range"),
+                   default=0)
+    p.add_argument("--threads", type=process_count("CPU threads", at_least=1), default=1)
     a = p.parse_args(argv)
     try:
         return measure_and_print(a)

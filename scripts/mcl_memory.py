@@ -7,6 +7,8 @@ the official way (each gathered block of memory rows kept for backward) against 
 
 On the CPU each variant runs in a fresh process and the number is the peak resident set size during the
 step minus the resident size just before it (the banks, embeddings and contrast indices already exist).
+Sizes whose official step would not fit in the free memory (it grows with N(N-1) B (K+1) d) are refused in one
+line before any process starts, as is --device cuda without a GPU.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.cli import HelpFormatter, Parser, positive_int, temperature  # noqa: E402
+from engine.cli import MAX_PEERS, HelpFormatter, Parser, number, temperature  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -86,26 +89,82 @@ def measure(variant: str, a) -> dict:
             "grad_norm": emb.grad.norm().item()}
 
 
-def main():
+def available_bytes(device: str) -> int:
+    """Memory a step may use: the GPU's free memory, or the system's MemAvailable (all of RAM if unknown)."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def needed_bytes(a) -> int:
+    """About what the official variant holds at its peak: the banks and embeddings, and per directed pair the
+    gathered block B x (K+1) x d and a few B x (K+1) score tensors (all float32)."""
+    pairs = a.peers * (a.peers - 1)
+    return 4 * (a.peers * (a.n_data + a.batch) * a.feat_dim + pairs * a.batch * (a.k + 1) * (a.feat_dim + 4))
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """One line on stderr, then exit with ``code`` (2: the sizes asked for; 1: the measurement itself)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def check_size(a) -> None:
+    """Refuse (one line, exit status 2) a size whose step cannot fit, before any process starts: the official
+    variant's peak grows with N(N-1) B (K+1) d, so a large --k or --peers would otherwise die mid-step."""
+    if a.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: this machine has no CUDA GPU that torch can use; use --device cpu", 2)
+    needed, free = needed_bytes(a), available_bytes(a.device)
+    if needed > free:
+        fail(f"B={a.batch} K={a.k} N={a.peers} d={a.feat_dim} n_data={a.n_data}: the official step needs about "
+             f"{needed / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB is free on the {a.device}; lower --k, --batch, "
+             "--peers or --feat-dim", 2)
+
+
+def measure_in_child(variant: str, argv: list) -> dict:
+    """One measurement in a fresh process (its RSS is the variant's own); a failure there is one line here."""
+    out = subprocess.run([sys.executable, __file__, *argv, "--variant", variant], capture_output=True, text=True)
+    if out.returncode != 0:
+        said = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        if said:
+            fail(said[-1].removeprefix("error: "), 2)
+        how = (f"killed by signal {-out.returncode}, most likely for lack of memory: lower --k or --batch"
+               if out.returncode < 0 else f"exit status {out.returncode}: "
+               + (out.stderr.strip().splitlines() or ["no message"])[-1])
+        fail(f"the {variant} measurement failed ({how})", 1)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
     p = Parser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    p.add_argument("--batch", type=positive_int, default=64)
-    p.add_argument("--k", type=positive_int, default=16384)
-    p.add_argument("--peers", type=positive_int, default=4)
-    p.add_argument("--feat-dim", type=positive_int, default=128)
-    p.add_argument("--n-data", type=positive_int, default=50000)
+    p.add_argument("--batch", type=number(int, at_least=1, at_most=1 << 16, why="embeddings per step"), default=64)
+    p.add_argument("--k", type=number(int, at_least=1, at_most=1 << 20, why="negatives per sample; MCL-OKD: 16384"),
+                   default=16384)
+    p.add_argument("--peers", type=number(int, at_least=2, at_most=MAX_PEERS,
+                                          why="the contrastive step scores the pairs of peers"), default=4)
+    p.add_argument("--feat-dim", type=number(int, at_least=1, at_most=1 << 14, why="embedding width"), default=128)
+    p.add_argument("--n-data", type=number(int, at_least=1, at_most=1 << 24, why="rows of each memory bank"),
+                   default=50000)
     p.add_argument("--tau", type=temperature, default=0.1)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--variant", choices=("official", "ours"), help=argparse.SUPPRESS)
-    a = p.parse_args()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = p.parse_args(argv)
     if a.variant:                                    # child process: one measurement
-        print(json.dumps(measure(a.variant, a)))
-        return
-    argv = [arg for arg in sys.argv[1:]]
-    rows = []
-    for variant in ("official", "ours"):
-        out = subprocess.run([sys.executable, __file__, *argv, "--variant", variant], capture_output=True,
-                             text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        try:
+            print(json.dumps(measure(a.variant, a)))
+        except (torch.OutOfMemoryError, RuntimeError) as e:     # the CPU allocator raises a RuntimeError
+            if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
+                raise
+            fail(f"out of memory on the {a.device} during the {a.variant} step; lower --k, --batch or --peers", 2)
+        return 0
+    check_size(a)                                    # before any process starts
+    rows = [measure_in_child(variant, argv) for variant in ("official", "ours")]
     pairs = a.peers * (a.peers - 1)
     block = a.batch * (a.k + 1) * a.feat_dim * 4 / MIB
     scores = a.batch * (a.k + 1) * 4 / MIB
@@ -115,8 +174,11 @@ def main():
     print(f"{'variant':<10} {'peak MiB':>10} {'loss':>12} {'|grad|':>10}")
     for r in rows:
         print(f"{r['variant']:<10} {r['peak_mib']:10.1f} {r['loss']:12.5f} {r['grad_norm']:10.5f}")
-    assert math.isclose(rows[0]["loss"], rows[1]["loss"], rel_tol=1e-4), "the two variants disagree"
+    if not math.isclose(rows[0]["loss"], rows[1]["loss"], rel_tol=1e-4):
+        print(f"error: the two variants disagree (loss {rows[0]['loss']} against {rows[1]['loss']})", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.cli import HelpFormatter, Parser, positive_int  # noqa: E402
+from engine.cli import MAX_PEERS, HelpFormatter, Parser, number  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -150,7 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--arch", nargs="+", default=None, metavar="NAME",
                         help="backbones to tabulate (default: every registered one)")
-    parser.add_argument("--peers", nargs="+", type=positive_int, default=[2, 4], metavar="N",
+    parser.add_argument("--peers", nargs="+", default=[2, 4], metavar="N",
+                        type=number(int, at_least=1, at_most=MAX_PEERS, why="the training scripts' --num-peers range"),
                         help="peer counts for the topology table")
     parser.add_argument("--method", default=None, metavar="NAME",
                         help="also count train_NAME.py's whole model (default flags) on each backbone")
@@ -163,8 +164,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model_entry(name)
         except UnknownModelError as err:
             parser.error(str(err))
-    if any(n < 1 for n in args.peers):
-        parser.error("--peers needs positive peer counts")
     method_cls = None
     if args.method:
         from engine import UserError

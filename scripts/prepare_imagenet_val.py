@@ -15,20 +15,31 @@ Usage::
         --labels ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt --dry-run
 
 ``--dry-run`` prints what would move and changes nothing. Images already in class folders are left alone,
-so the script can be re-run after an interruption. The label file is checked before anything moves: a
-malformed row (a file cut short) or a wnid with no class folder in the sibling ``train/`` stops the script
-with one line; flat images without a label are counted and left in place (exit status 1).
+so the script can be re-run after an interruption; a flat image whose class folder already holds a file of
+its name stays put (counted, exit status 1): nothing is replaced. The label file is checked before anything
+moves: a missing file, a malformed row (a file cut short) or a wnid with no class folder in the sibling
+``train/`` stops the script with one line (exit status 2); flat images without a label are counted and left
+in place (exit status 1).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.cli import Parser, non_empty_path  # noqa: E402
 
 
 WNID = re.compile(r"n\d{8}")
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr naming the file and the fix, exit status 2, before anything moves."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def labels_from_csv(path: Path) -> dict[str, str]:
@@ -38,14 +49,14 @@ def labels_from_csv(path: Path) -> dict[str, str]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-            sys.exit(f"error: {path} has no 'ImageId,PredictionString' header: is it LOC_val_solution.csv?")
+            fail(f"{path} has no 'ImageId,PredictionString' header: is it LOC_val_solution.csv?")
         for row in reader:
             words = (row.get("PredictionString") or "").split()
             if not row.get("ImageId") or not words or not WNID.fullmatch(words[0]):
-                sys.exit(f"error: {path} line {reader.line_num} is malformed ({','.join(map(str, row.values()))[:80]!r}): "
+                fail(f"{path} line {reader.line_num} is malformed ({','.join(map(str, row.values()))[:80]!r}): "
                          "expected ImageId,<wnid> <box> ...; the file may be cut short: download it again")
             if row["ImageId"] in labels:
-                sys.exit(f"error: {path} line {reader.line_num} labels {row['ImageId']} a second time")
+                fail(f"{path} line {reader.line_num} labels {row['ImageId']} a second time")
             labels[row["ImageId"]] = words[0]
     return labels
 
@@ -57,7 +68,7 @@ def check_known(labels: dict[str, str], train_dir: Path, source: Path) -> None:
     known = {p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
     unknown = sorted({w for w in labels.values() if w not in known})
     if unknown:
-        sys.exit(f"error: {source} names {len(unknown)} wnid(s) with no class folder in {train_dir}: "
+        fail(f"{source} names {len(unknown)} wnid(s) with no class folder in {train_dir}: "
                  f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; nothing was moved")
 
 
@@ -66,10 +77,21 @@ def labels_from_devkit(ground_truth: Path, meta: Path) -> dict[str, str]:
     try:
         from scipy.io import loadmat
     except ImportError:
-        sys.exit("reading meta.mat needs scipy (pip install scipy), or use LOC_val_solution.csv instead")
-    synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
-    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
-    ids = [int(line) for line in ground_truth.read_text().split()]
+        fail("reading meta.mat needs scipy (pip install scipy), or use LOC_val_solution.csv instead")
+    try:
+        synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+        id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    except FileNotFoundError:
+        fail(f"--meta {meta} does not exist; give the devkit's meta.mat with --meta (default: next to --labels)")
+    except Exception as e:  # noqa: BLE001 -- whatever scipy raises on a file that is not the devkit's meta.mat
+        fail(f"--meta {meta} cannot be read as the devkit's meta.mat ({type(e).__name__}); give that file")
+    ids = []
+    for number, line in enumerate(ground_truth.read_text().splitlines(), start=1):
+        if line.strip() and (not line.strip().isdigit() or int(line) not in id_to_wnid):
+            fail(f"{ground_truth} line {number} is not an ILSVRC2012_ID of {meta} ({line.strip()[:40]!r}); is it "
+                 "ILSVRC2012_validation_ground_truth.txt?")
+        if line.strip():
+            ids.append(int(line))
     return {f"ILSVRC2012_val_{i:08d}": id_to_wnid[c] for i, c in enumerate(ids, start=1)}
 
 
@@ -87,23 +109,39 @@ def plan_moves(val_dir: Path, labels: dict[str, str]) -> tuple[list[tuple[Path, 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--val-dir", type=Path, required=True, help="folder holding the flat validation images")
-    parser.add_argument("--labels", type=Path, required=True,
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--val-dir", type=non_empty_path, required=True,
+                        help="folder holding the flat validation images")
+    parser.add_argument("--labels", type=non_empty_path, required=True,
                         help="LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt")
-    parser.add_argument("--meta", type=Path, default=None, help="the devkit's meta.mat (with a .txt --labels)")
+    parser.add_argument("--meta", type=non_empty_path, default=None,
+                        help="the devkit's meta.mat (with a .txt --labels)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
     args = parser.parse_args(argv)
+    args.val_dir, args.labels = Path(args.val_dir), Path(args.labels)
+    if not args.val_dir.is_dir():
+        fail(f"--val-dir {args.val_dir} is not a folder; give the folder that holds the flat validation images")
+    if not args.labels.is_file():
+        fail(f"--labels {args.labels} is not a file; give LOC_val_solution.csv or the devkit's "
+             "ILSVRC2012_validation_ground_truth.txt")
 
-    if args.labels.suffix.lower() == ".csv":
-        labels = labels_from_csv(args.labels)
-    else:
-        labels = labels_from_devkit(args.labels, args.meta or args.labels.parent / "meta.mat")
+    try:
+        if args.labels.suffix.lower() == ".csv":
+            labels = labels_from_csv(args.labels)
+        else:
+            labels = labels_from_devkit(args.labels, Path(args.meta) if args.meta else args.labels.parent / "meta.mat")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        fail(f"--labels {args.labels} cannot be read ({reason}); give the label file itself")
     check_known(labels, args.val_dir.parent / "train", args.labels)
     moves, unlabelled = plan_moves(args.val_dir, labels)
+    taken = [(src, dst) for src, dst in moves if dst.exists() or dst.is_symlink()]     # never replaced
+    moves = [(src, dst) for src, dst in moves if (src, dst) not in taken]
     classes = sorted({dst.parent.name for _, dst in moves})
     print(f"{len(moves)} images into {len(classes)} class folders under {args.val_dir}"
-          + (f"; {len(unlabelled)} images have no label and stay put" if unlabelled else ""))
+          + (f"; {len(unlabelled)} images have no label and stay put" if unlabelled else "")
+          + (f"; {len(taken)} stay put because their class folder already holds a file of that name (e.g. "
+             f"{taken[0][1]}): compare them and remove one" if taken else ""))
     if args.dry_run:
         for src, dst in moves[:10]:
             print(f"  {src.name} -> {dst.parent.name}/")
@@ -114,7 +152,7 @@ def main(argv=None) -> int:
         (args.val_dir / wnid).mkdir(exist_ok=True)
     for src, dst in moves:
         src.replace(dst)
-    return 1 if unlabelled else 0
+    return 1 if unlabelled or taken else 0
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ from typing import Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.cli import Parser, non_negative_int, number, positive_int  # noqa: E402
+from engine.cli import Parser, non_empty_path, non_negative_int, number, positive_int  # noqa: E402
+from scripts.limits import process_count  # noqa: E402
 from scripts.tables import PAPER_TABLES, TABLES, Cell, Table  # noqa: E402
 
 FILTER_KEYS = ("method", "arch", "row", "column", "run")
@@ -454,11 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
                epilog="tables: " + ", ".join(TABLES))
     p.add_argument("table", nargs="?", help="a table name (--list shows them)")
     p.add_argument("--list", action="store_true", help="list the tables and their number of cells and runs")
-    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2], help="seeds of every cell (default 0 1 2)")
+    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2],
+                   help="seeds of every cell, each once (default 0 1 2)")
     p.add_argument("--only", nargs="+", metavar="KEY=VALUE",
                    help="keep the cells whose KEY matches one of the values, for every KEY given: "
                         f"{', '.join(FILTER_KEYS)} (shell patterns; e.g. method=dml,one arch=resnet32)")
-    p.add_argument("--runs-dir", default=os.environ.get("OKD_RUNS") or str(REPO / "runs"),
+    p.add_argument("--runs-dir", type=non_empty_path, default=os.environ.get("OKD_RUNS") or str(REPO / "runs"),
                    help="where the table folders go (default: $OKD_RUNS, else runs/ in the repository)")
     p.add_argument("--extra", default="", metavar="FLAGS",
                    help='flags added to every command, e.g. --extra="--data /data/imagenet --amp bf16" '
@@ -473,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus", type=_gpu_list, default=None, metavar="0,1,2,3",
                    help="a queue over these GPUs, one run per GPU (CUDA_VISIBLE_DEVICES, --gpu 0); GPU indices, "
                         "non-negative integers separated by commas or spaces")
-    g.add_argument("--jobs", type=number(int, at_least=1, why="runs at a time"), default=1,
+    g.add_argument("--jobs", type=process_count("training runs", at_least=1), default=1,
                    help="runs at a time without --gpus (CPU); default 1")
     s = p.add_argument_group("slurm launcher (submitit)")
     s.add_argument("--partition", default=None)
@@ -594,6 +596,16 @@ def check_launcher_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
     return None
 
 
+def repeated_seeds(seeds: Sequence[int]) -> Optional[str]:
+    """One line when a seed is given twice: it would be one run listed, trained and counted twice."""
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        named = f"seed {twice[0]} is" if len(twice) == 1 else f"seeds {', '.join(map(str, twice))} are"
+        return (f"error: --seeds {' '.join(map(str, seeds))}: {named} given more than once; list each seed once "
+                f"(e.g. --seeds {' '.join(map(str, dict.fromkeys(seeds)))})")
+    return None
+
+
 def check_extra(runs: Sequence[Run], extra: Sequence[str], text: str) -> Optional[str]:
     """One line when ``--extra`` does not parse for a run's script, sets what reproduce.py sets per run, or
     conflicts with a cell's flags; None when every built run takes it."""
@@ -655,7 +667,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.table not in TABLES:
         print(f"error: no table {args.table!r}; the tables are: {', '.join(TABLES)}", file=sys.stderr)
         return 2
-    problem = check_launcher_flags(parser, args)
+    problem = check_launcher_flags(parser, args) or repeated_seeds(args.seeds)
     if problem:
         print(problem, file=sys.stderr)
         return 2

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from scripts.tables import TABLES, Cell, Metric, Table  # noqa: E402
 from engine.cli import Parser  # noqa: E402  (one-line errors)
+from data.files import output_problem  # noqa: E402  (what a script may write)
 from scripts import reproduce  # noqa: E402  (the tables' runs and the engine's option comparison)
 
 PEER = re.compile(r"^peer(\d+)$")
@@ -91,7 +92,8 @@ class RunResult:
 
 def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
     """Every readable run under ``root`` (a folder with a results.json or a last.pt) and, separately, (path,
-    reason) for every results.json that is not."""
+    reason) for every results.json that is not, and for every folder that holds only a best.pt (a run whose
+    record and resume point were removed or not copied: it would otherwise be left out without a word)."""
     from engine.run import read_run, why_not_a_record
     runs, bad = [], []
     folders = {p.parent for p in root.rglob("results.json")} | {p.parent for p in root.rglob("last.pt")}
@@ -101,6 +103,9 @@ def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
             bad.append((path, f"{why_not_a_record(path)}, and no readable last.pt to rebuild it from"))
             continue
         runs.append(RunResult(path, data))
+    for folder in sorted({p.parent for p in root.rglob("best.pt")} - folders):
+        bad.append((folder, "it holds a best.pt but neither results.json nor last.pt, which a run's numbers are "
+                            "read from (a run copied in part?); copy its results.json or last.pt beside it"))
     return runs, bad
 
 
@@ -519,6 +524,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             read_block_page(Path(args.into))
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        problem = output_problem(Path(args.into), "--into", True, "results.md")    # never a run's own file
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
             return 2
     if args.plots:
         problem = plots_folder(Path(args.plots))

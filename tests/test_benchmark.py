@@ -1,10 +1,13 @@
-"""scripts/benchmark.py runs on the CPU at a tiny size, for any method, and prints its table."""
+"""scripts/benchmark.py runs on the CPU at a tiny size, for any method, and prints its table; bad input (a --json
+it cannot write, --device cuda without a GPU, unknown --configs) is one line before anything is measured."""
+import importlib.util
 import json
 import runpy
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
 
@@ -40,6 +43,73 @@ def test_benchmark_other_methods(capsys, monkeypatch, method):
     assert len([line for line in out.splitlines() if line.startswith(("reference", "engine"))]) == 2
 
 
+def load():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def refused(monkeypatch, capsys, *args) -> str:
+    """The one line (exit status 2) the benchmark refuses ``args`` with, before any trainer is built."""
+    benchmark = load()
+    monkeypatch.setattr(benchmark, "make_trainer", lambda *a: pytest.fail("the benchmark ran"))
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main(["--arch", "resnet20", "--steps", "2", *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
 def test_benchmark_rejects_unknown_options(capsys, monkeypatch):
-    with pytest.raises(SystemExit, match="unknown option"):
-        run(monkeypatch, capsys, "--configs", "default,turbo")
+    assert refused(monkeypatch, capsys, "--device", "cpu", "--configs", "default,turbo").startswith(
+        "error: unknown option(s) ['turbo'] in --configs")
+    assert "names no configuration" in refused(monkeypatch, capsys, "--device", "cpu", "--configs", ",")
+    assert refused(monkeypatch, capsys, "--method", "nope") == ("error: no train_nope.py: the methods are the "
+                                                                "train_<method>.py scripts")
+
+
+def test_benchmark_without_cuda_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert refused(monkeypatch, capsys, "--device", "cuda").startswith(
+        "error: --device cuda: this machine has no CUDA GPU that torch can use")
+
+
+def test_benchmark_json_is_checked_before_it_runs(capsys, monkeypatch, tmp_path):
+    """A --json that cannot be written is one line before anything is measured, not a traceback after it."""
+    existing = tmp_path / "old.json"
+    existing.write_text("earlier rows\n")
+    assert refused(monkeypatch, capsys, "--device", "cpu", "--json", str(tmp_path)).startswith(
+        f"error: --json {tmp_path} is a folder; give a file name (e.g. {tmp_path / 'benchmark.json'})")
+    assert refused(monkeypatch, capsys, "--device", "cpu", "--json", str(existing)) == (
+        f"error: --json {existing} exists; add --force to replace it, or give another file name")
+    assert refused(monkeypatch, capsys, "--device", "cpu", "--json", str(existing / "x.json")).startswith(
+        f"error: --json {existing / 'x.json'}: {existing} is not a folder")
+    assert "give --json PATH too" in refused(monkeypatch, capsys, "--device", "cpu", "--force")
+    assert existing.read_text() == "earlier rows\n"
+
+
+def test_benchmark_json_in_missing_folders_is_written(capsys, monkeypatch, tmp_path):
+    out = tmp_path / "missing" / "parent" / "b.json"
+    run(monkeypatch, capsys, "--skip-reference", "--configs", "default", "--json", str(out))
+    assert [r["loop"] for r in json.loads(out.read_text())["rows"]] == ["engine default"]
+    with pytest.raises(SystemExit):                   # written: a second run needs --force
+        run(monkeypatch, capsys, "--skip-reference", "--configs", "default", "--json", str(out))
+    run(monkeypatch, capsys, "--skip-reference", "--configs", "default", "--json", str(out), "--force")
+
+
+def test_benchmark_epochs_fit_the_synthetic_set(monkeypatch):
+    """The default batch (128) and --steps (100) once asked for 12,800 of the 2,048 synthetic training images
+    (a one-line refusal of every default command): an epoch is as many steps as the set holds."""
+    benchmark = load()
+    seen = []
+    monkeypatch.setattr(benchmark, "parse_args", lambda cls, argv: seen.append(argv))
+    monkeypatch.setattr(benchmark, "Trainer", lambda cls, args: None)
+    for batch, steps in ((128, 100), (8, 2), (2048, 1)):
+        args = benchmark.argparse.Namespace(arch="resnet20", batch_size=batch, steps=steps, peers=None,
+                                            device=torch.device("cpu"), method_args="")
+        benchmark._make_trainer(benchmark.load_method("dml"), args, [])
+        subset = int(seen[-1][seen[-1].index("--subset") + 1])
+        assert subset == batch * min(steps, 100, 2048 // batch) <= 2048
+    with pytest.raises(SystemExit):
+        benchmark.main(["--batch-size", "2049"])

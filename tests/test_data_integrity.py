@@ -215,8 +215,11 @@ def test_tinyimagenet_truncated_cache_is_rebuilt(tmp_path):
     load_dataset("tinyimagenet", root)
     cache = root / "okd_uint8_cache.pt"
     cache.write_bytes(cache.read_bytes()[:100])
-    with pytest.warns(UserWarning, match="ignoring unreadable cache"):
+    with pytest.warns(UserWarning) as caught:
         train, _ = load_dataset("tinyimagenet", root)
+    said = [str(w.message) for w in caught if "cache" in str(w.message)]
+    assert said == [f"tinyimagenet: the cache file {cache} cannot be read (damaged, cut short or written by another "
+                    "version); it is rebuilt from the images"]
     assert len(train.labels) == 200 and cache.stat().st_size > 1000
 
 
@@ -580,7 +583,7 @@ def test_damaged_dataset_under_torchrun_stops_every_rank_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["cut mid-line", "unknown wnid"])
-def test_prepare_imagenet_val_checks_the_label_file_before_moving(tmp_path, damage):
+def test_prepare_imagenet_val_checks_the_label_file_before_moving(tmp_path, damage, capsys):
     import importlib.util
     spec = importlib.util.spec_from_file_location("prepare_imagenet_val", REPO / "scripts" / "prepare_imagenet_val.py")
     script = importlib.util.module_from_spec(spec)
@@ -599,8 +602,8 @@ def test_prepare_imagenet_val_checks_the_label_file_before_moving(tmp_path, dama
     csv = write(tmp_path / "LOC_val_solution.csv", text.encode())
     with pytest.raises(SystemExit) as exit_:
         script.main(["--val-dir", str(tmp_path / "val"), "--labels", str(csv)])
-    msg = str(exit_.value.code)
-    assert "\n" not in msg and str(csv) in msg
+    msg = capsys.readouterr().err
+    assert exit_.value.code == 2 and msg.count("\n") == 1 and msg.startswith("error: ") and str(csv) in msg
     assert ("line 5 is malformed" in msg) if damage == "cut mid-line" else ("n99999999" in msg and "nothing was moved" in msg)
     assert len(list((tmp_path / "val").glob("ILSVRC*.JPEG"))) == 4                   # nothing moved
     if damage == "unknown wnid":                                                  # repaired: all four move

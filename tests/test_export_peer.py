@@ -143,3 +143,46 @@ def test_an_unknown_head_is_refused_and_nothing_is_written(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --head mean_peer2 is the head of peer 2, but --peer is 1") and err.count("\n") == 1
     assert not (tmp_path / "p.pt").exists()
+
+
+def pcl_checkpoint(path):
+    """A PCL-like checkpoint: the live peers ('model') and the mean teacher's ('mean_teacher', other weights), each
+    with its own recorded heads (peerN, mean_peerN) and accuracies, as train_pcl.py records them."""
+    torch.manual_seed(0)
+    live = Peers("resnet20", 10, 2, "shared", "one")
+    mean = Peers("resnet20", 10, 2, "shared", "one")
+    record = {"peer1/top1": 18.75, "peer2/top1": 12.5, "teacher/top1": 20.0, "mean_peer1/top1": 15.62,
+              "mean_peer2/top1": 10.0}
+    atomic_save({"format": FORMAT, "method": "pcl", "epoch": 1,
+                 "state": {"model": live.state_dict(), "mean_teacher": mean.state_dict()},
+                 "args": {"arch": "resnet20", "num_classes": 10, "num_peers": 2},
+                 "history": [{"epoch": 1, "test": record}]}, path)
+    return live, mean
+
+
+def test_the_head_follows_from(tmp_path, capsys):
+    """--from mean_teacher writes the mean teacher's weights, so the accuracy printed and stored with them is its
+    head's (mean_peerN), not the live peer's; a --head of the other state is refused."""
+    ckpt = tmp_path / "best.pt"
+    live, mean = pcl_checkpoint(ckpt)
+    out = tmp_path / "pcl.pt"
+    assert export_peer.main([str(ckpt), "--peer", "1", "--from", "mean_teacher", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "head mean_peer1 of the pcl run" in printed and "test top-1 15.62" in printed
+    exported = torch.load(out, weights_only=True)
+    assert exported["source"]["head"] == "mean_peer1" and exported["source"]["top1"] == {"test": 15.62}
+    net = create_model("resnet20", num_classes=10)
+    net.load_state_dict(exported["state_dict"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), mean.eval()(x).logits[0], rtol=1e-5, atol=1e-5)
+    assert export_peer.export_peer(ckpt, 2)["source"]["top1"] == {"test": 12.5}          # --from model: peer2
+    assert export_peer.export_peer(ckpt, 2, "mean_teacher")["source"]["head"] == "mean_peer2"
+    for argv, message in ((["--from", "mean_teacher", "--head", "peer1"],
+                           "error: --head peer1 is a head of the 'model' state, but --from is 'mean_teacher'"),
+                          (["--head", "mean_peer1"],
+                           "error: --head mean_peer1 is a head of the 'mean_teacher' state, but --from is 'model'")):
+        assert export_peer.main([str(ckpt), "--peer", "1", *argv, "-o", str(tmp_path / "x.pt")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "x.pt").exists()

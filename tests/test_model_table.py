@@ -139,3 +139,12 @@ def test_model_table_script_rejects_unknown_arch(capsys):
     assert err.value.code == 2
     assert "resnet32" in capsys.readouterr().err     # the listing error names the valid architectures
 
+
+
+def test_model_table_peer_counts_are_the_training_scripts(capsys):
+    """--peers takes the counts the training scripts take (engine.cli.MAX_PEERS): a larger one is a typo."""
+    for peers in ("0", "257"):
+        with pytest.raises(SystemExit) as err:
+            load_script().main(["--arch", "resnet20", "--peers", peers])
+        line = capsys.readouterr().err
+        assert err.value.code == 2 and line.count("\n") == 1 and "argument --peers: must lie in [1, 256]" in line

@@ -1,5 +1,6 @@
-"""Bad input to the helper scripts (check_dataset, export_peer, reproduce, kl_gap): one line naming the file or flag
-and the fix, exit status 2, before anything heavy runs; nothing written is lost or overwritten."""
+"""Bad input to the helper scripts (check_dataset, export_peer, benchmark, reproduce, kl_gap, mcl_memory,
+prepare_imagenet_val): one line naming the file or flag and the fix, exit status 2, before anything heavy runs;
+nothing written is lost or overwritten."""
 from __future__ import annotations
 
 import importlib.util
@@ -58,10 +59,15 @@ def test_check_dataset_out_refuses_an_existing_file_without_force(tmp_path, caps
     code, out, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0",
                                "--out", str(image))
     line = one_line(code, err)
-    assert line == f"error: --out {image} exists; add --force to replace it, or give another file name"
+    assert line.startswith(f"error: --out {image} lies inside the dataset folder being checked ({tree})")
     assert "decoding" not in out and image.read_bytes() == before
     listing = tmp_path / "bad.txt"
     listing.write_text("an earlier list\n")
+    code, out, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0",
+                               "--out", str(listing))
+    line = one_line(code, err)
+    assert line == f"error: --out {listing} exists; add --force to replace it, or give another file name"
+    assert "decoding" not in out and listing.read_text() == "an earlier list\n"
     code, out, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0",
                                "--out", str(listing), "--force")
     assert code == 0 and "all 9 images decode" in out and listing.read_text() == ""
@@ -210,9 +216,9 @@ def test_export_peer_never_writes_over_a_checkpoint(dml_run, tmp_path, capsys):
         ([str(copy), "-o", str(copy)], f"-o {copy} is the checkpoint being read"),
         ([str(copy), "-o", str(tmp_path / "." / "c.pt")], "is the checkpoint being read"),
         ([str(tmp_path / "link.pt"), "-o", str(copy)], "is the checkpoint being read"),
-        ([str(run / "best.pt"), "-o", str(run / "last.pt")], f"-o {run / 'last.pt'}: last.pt is the name of a run's "
-                                                             "checkpoint (its resume point)"),
-        ([str(copy), "-o", str(run / "best.pt")], "best.pt is the name of a run's checkpoint (its best epoch)"),
+        ([str(run / "best.pt"), "-o", str(run / "last.pt")], f"-o {run / 'last.pt'}: {run} holds a run and last.pt "
+                                                             "is its latest checkpoint (its resume point)"),
+        ([str(copy), "-o", str(run / "best.pt")], "holds a run and best.pt is its best epoch's checkpoint"),
         ([str(copy), "-o", str(tmp_path / "new" / "last.pt")], "last.pt is the name of a run's checkpoint"),
     ]
     for argv, named in cases:
@@ -222,6 +228,93 @@ def test_export_peer_never_writes_over_a_checkpoint(dml_run, tmp_path, capsys):
     assert {name: (run / name).read_bytes() for name in saved} == saved and copy.read_bytes() == saved["last.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "link.pt"]
     assert export_peer.main([str(copy), "--peer", "1", "-o", str(tmp_path / "peer1.pt")]) == 0     # the way it works
+
+
+# ---- every script that writes a file: never one of a run directory's own files, --force or not ------------------
+RUN_OWN_FILES = ["last.pt", "best.pt", "results.json", ".lock", "eval-best-synthetic.json", "LAST.PT",
+                 "tensorboard/peer.json"]
+
+
+def fake_run_folder(folder: Path) -> dict:
+    """A run directory's files (any content will do: the rule goes by the names a run gives them)."""
+    (folder / "tensorboard").mkdir(parents=True)
+    for name in ("last.pt", "best.pt", "results.json", "eval-best-synthetic.json", "tensorboard/events.out"):
+        (folder / name).write_text(f"the run's {name}\n")
+    (folder / ".lock").write_text("")
+    return snapshot(folder)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", RUN_OWN_FILES)
+def test_no_script_writes_over_a_run_directorys_own_files(dml_run, tmp_path, capsys, monkeypatch, name):
+    run = tmp_path / "run"
+    before = fake_run_folder(run)
+    out = run / name
+    tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
+    benchmark = script("benchmark")
+    monkeypatch.setattr(benchmark, "make_trainer", lambda *a: pytest.fail("the benchmark ran"))
+    export_peer = script("export_peer")
+    calls = [
+        ("-o", lambda: export_peer.main([str(dml_run / "best.pt"), "--peer", "1", "-o", str(out), "--force"])),
+        ("--out", lambda: script("check_dataset").main(["--dataset", "folder", "--data", str(tree), "--workers", "0",
+                                                        "--out", str(out), "--force"])),
+        ("--json", lambda: benchmark.main(["--device", "cpu", "--json", str(out), "--force"])),
+    ]
+    for flag, call in calls:
+        capsys.readouterr()
+        try:
+            code = call()
+        except SystemExit as e:
+            code = e.code
+        line = one_line(code, capsys.readouterr().err)
+        assert line.startswith(f"error: {flag} {out}") and line.endswith("--force or not"), line
+        assert "holds a run" in line or "tensorboard/ folder of the run" in line, line
+    assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run", "tree"]
+
+
+def test_a_run_file_name_outside_a_run_is_an_ordinary_output(tmp_path, capsys):
+    """The rule is about a run's folder: results.json in a folder that holds no run is a file like any other."""
+    tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
+    out = tmp_path / "reports" / "results.json"
+    code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out))
+    assert code == 0 and err == "" and out.read_text() == ""
+
+
+@pytest.mark.parametrize("inside", ["train/cat/cat_0.png", "bad.txt", "train/cat/new.txt"])
+def test_check_dataset_out_inside_the_dataset_checked_is_refused(tmp_path, capsys, inside):
+    tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
+    before = snapshot(tree)
+    out = tree / inside
+    (tmp_path / "link").symlink_to(tree)
+    for given, data in ((out, tree), (tmp_path / "link" / inside, tree), (out, tmp_path / "link")):
+        code, stdout, err = run_check(capsys, "--dataset", "folder", "--data", str(data), "--workers", "0",
+                                      "--out", str(given), "--force")
+        line = one_line(code, err)
+        assert line.startswith(f"error: --out {given} lies inside the dataset folder being checked ({data})") or \
+            line.startswith(f"error: --out {given} is"), line
+        assert line.endswith("--force or not") and "decoding" not in stdout
+    assert snapshot(tree) == before                              # the training image is still an image
+
+
+def test_check_dataset_out_inside_tinyimagenet_found_in_data_is_refused(tmp_path, capsys):
+    """--data may be the parent of tiny-imagenet-200: a list beside it is fine, one inside it is refused."""
+    root = write_tinyimagenet(tmp_path)
+    inside = root / "wnids.txt"
+    before = inside.read_bytes()
+    code, _, err = run_check(capsys, "--dataset", "tinyimagenet", "--data", str(tmp_path), "--out", str(inside),
+                             "--force")
+    assert one_line(code, err).startswith(f"error: --out {inside} lies inside the dataset folder being checked ({root})")
+    assert inside.read_bytes() == before
+
+
+def test_check_dataset_workers_are_bounded(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_check(capsys, "--dataset", "folder", "--data", str(tmp_path), "--workers", "100000")
+    line = one_line(exit_.value.code, capsys.readouterr().err)
+    assert "argument --workers: must lie in [0, " in line and "got 100000 (decoding processes started at once" in line
 
 
 # ---- scripts/reproduce.py --gpus ---------------------------------------------------------------------------------
@@ -270,3 +363,84 @@ def test_kl_gap_measures_a_dccl_checkpoint_on_its_own_data(dccl_run, capsys):
     out = capsys.readouterr().out
     assert out.startswith("synthetic: one augmented training batch of 8") and "(epoch 1)" in out
     assert "| kd_feat: stage 1 (16x32x32) | 16,384 |" in out
+
+
+# ---- scripts/kl_gap.py: choices and ranges declared with the flags -----------------------------------------------
+@pytest.mark.parametrize("argv, named", [
+    (["--dataset", "bogus"], "argument --dataset: invalid choice: 'bogus' (choose from 'cifar10', 'cifar100'"),
+    (["--dataset", "folder"], "argument --dataset: invalid choice: 'folder'"),
+    (["--num-classes", "100000000"], "argument --num-classes: must lie in [1, 100000]; got 100000000"),
+    (["--threads", "100000"], "argument --threads: must lie in [1, "),
+    (["--seed", "99999999999999999999999"], "argument --seed: must lie in [0, 4294967296)"),
+])
+def test_kl_gap_flags_are_checked_when_read(argv, named, capsys, monkeypatch):
+    kl_gap = script("kl_gap")
+    monkeypatch.setattr(kl_gap, "measure_and_print", lambda a: pytest.fail("it ran"))
+    with pytest.raises(SystemExit) as exit_:
+        kl_gap.main(["--arch", "resnet20", *argv])
+    assert named in one_line(exit_.value.code, capsys.readouterr().err)
+
+
+# ---- scripts/mcl_memory.py: sizes checked before any process starts ---------------------------------------------
+def mcl_memory_error(argv, capsys, monkeypatch) -> str:
+    """The one line mcl_memory.py refuses ``argv`` with (1 GiB free), no measurement started."""
+    mcl_memory = script("mcl_memory")
+    monkeypatch.setattr(mcl_memory, "available_bytes", lambda device: 2 ** 30)
+    monkeypatch.setattr(mcl_memory.subprocess, "run", lambda *a, **k: pytest.fail("a measurement started"))
+    with pytest.raises(SystemExit) as exit_:
+        mcl_memory.main(argv)
+    return one_line(exit_.value.code, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--peers", "1"], "argument --peers: must lie in [2, 256]; got 1 (the contrastive step scores the pairs"),
+    (["--k", "100000000"], "argument --k: must lie in [1, 1048576]; got 100000000"),
+    (["--batch", "0"], "argument --batch: must lie in [1, "),
+    (["--k", "1000000"], "the official step needs about 377.8 GiB, and 1.0 GiB is free on the cpu; lower --k"),
+])
+def test_mcl_memory_sizes_are_one_line_before_anything_runs(argv, named, capsys, monkeypatch):
+    assert named in mcl_memory_error(argv, capsys, monkeypatch)
+
+
+def test_mcl_memory_without_cuda_and_a_failed_measurement_are_one_line(capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device cuda: this machine has no CUDA GPU" in mcl_memory_error(["--device", "cuda"], capsys, monkeypatch)
+    mcl_memory = script("mcl_memory")
+    killed = subprocess.CompletedProcess([], -9, stdout="", stderr="")
+    monkeypatch.setattr(mcl_memory.subprocess, "run", lambda *a, **k: killed)      # the kernel's OOM killer
+    with pytest.raises(SystemExit) as exit_:
+        mcl_memory.main(["--k", "64", "--n-data", "1000"])
+    line = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and line.count("\n") == 0 and "Traceback" not in line
+    assert line == ("error: the official measurement failed (killed by signal 9, most likely for lack of memory: "
+                    "lower --k or --batch)")
+
+
+@pytest.mark.slow
+def test_mcl_memory_measures_both_variants(capsys):
+    assert script("mcl_memory").main(["--k", "64", "--n-data", "1000", "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "B=8 K=64 N=4" in out and out.count("\nofficial ") == 1 and out.count("\nours ") == 1
+
+
+# ---- scripts/prepare_imagenet_val.py -----------------------------------------------------------------------------
+def test_prepare_imagenet_val_missing_files_are_one_line_and_nothing_is_replaced(tmp_path, capsys):
+    prepare = script("prepare_imagenet_val")
+    (tmp_path / "val" / "n00000001").mkdir(parents=True)
+    labels = tmp_path / "LOC_val_solution.csv"
+    labels.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n00000001 1 2 3 4\n"
+                      "ILSVRC2012_val_00000002,n00000001 1 2 3 4\n")
+    for val_dir, csv, named in ((tmp_path / "nowhere", labels, f"--val-dir {tmp_path / 'nowhere'} is not a folder"),
+                                (tmp_path / "val", tmp_path / "x.csv", f"--labels {tmp_path / 'x.csv'} is not a file")):
+        with pytest.raises(SystemExit) as exit_:
+            prepare.main(["--val-dir", str(val_dir), "--labels", str(csv)])
+        assert named in one_line(exit_.value.code, capsys.readouterr().err)
+    (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"the flat copy")
+    (tmp_path / "val" / "ILSVRC2012_val_00000002.JPEG").write_bytes(b"image 2")
+    (tmp_path / "val" / "n00000001" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"already sorted")
+    assert prepare.main(["--val-dir", str(tmp_path / "val"), "--labels", str(labels)]) == 1
+    assert "1 stay put because their class folder already holds a file of that name" in capsys.readouterr().out
+    assert (tmp_path / "val" / "n00000001" / "ILSVRC2012_val_00000001.JPEG").read_bytes() == b"already sorted"
+    assert (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").read_bytes() == b"the flat copy"
+    assert (tmp_path / "val" / "n00000001" / "ILSVRC2012_val_00000002.JPEG").read_bytes() == b"image 2"

@@ -90,6 +90,21 @@ def test_corrupt_partial_and_running_files_are_reported_and_skipped(tmp_path, ca
     assert "| ResNet-32 | DML | single | `peers` | 2 | 29.50 ± 0.71 | 29.50 ± 0.71 | 25.00 | +4.50 |" in text
 
 
+def test_a_folder_with_only_best_pt_is_reported_not_skipped_silently(tmp_path, capsys):
+    """A run folder that kept best.pt but lost results.json and last.pt (copied in part) cannot be read: it is
+    named in a warning as an unreadable results.json is, not left out of the summary without a word."""
+    write_dml(tmp_path, 0, [60, 70], [60, 70], [62, 72])
+    partial = tmp_path / "dml-resnet32-s1"
+    partial.mkdir()
+    (partial / "best.pt").write_bytes(b"a checkpoint")
+    assert summarize.main([str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert err == (f"warning: skipped {partial}: it holds a best.pt but neither results.json nor last.pt, which a "
+                   "run's numbers are read from (a run copied in part?); copy its results.json or last.pt beside it\n")
+    runs, bad = summarize.load_runs(tmp_path)
+    assert len(runs) == 1 and [p for p, _ in bad] == [partial]
+
+
 def test_not_built_mark(tmp_path):
     t = Table("t", "t", "t", "accuracy", ["X"], ["R"], [cell("X", "R", "dml", "resnet20")])
     s = summarize.summarize_table(t, [])[0]
