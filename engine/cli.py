@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from recipes import RECIPES
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: a float flag beyond it would be inf in training
-MAX_PROCESSES = 1024                 # --workers, --threads: far above any machine's cores (more exhaust memory)
+MAX_PROCESSES = 1024                 # process and thread counts: far above any machine's cores (process_count)
 MAX_PEERS = 256     # far above any published cohort (2 to 8); a larger --num-peers is a typo that would sit building
 
 
@@ -55,6 +55,13 @@ fraction = number(at_least=0, below=1)           # momenta, dropout probabilitie
 unit_interval = number(at_least=0, at_most=1)    # decays and momenta that may reach 1
 positive_int = number(int, at_least=1)
 non_negative_int = number(int, at_least=0)
+
+
+def process_count(what: str, at_least: int = 0):
+    """An argparse ``type``: how many processes or threads (``what``, e.g. "DataLoader workers") to start at
+    once, ``at_least`` .. :data:`MAX_PROCESSES`. Without a bound a typo (``--workers 100000``) starts that many
+    and exhausts the machine's memory instead of failing."""
+    return number(int, at_least=at_least, at_most=MAX_PROCESSES, why=f"{what} started at once")
 
 
 def _count_or_all(text: str) -> Optional[int]:
@@ -216,7 +223,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=number(int, at_least=0, below=2 ** 32, why="numpy's seed range"), default=0,
                    help="seeds python, numpy and torch: initial weights, data order, augmentation")
-    r.add_argument("--workers", type=number(int, at_least=0, at_most=MAX_PROCESSES, why="one process each"), default=4,
+    r.add_argument("--workers", type=process_count("DataLoader workers"), default=4,
                    help="DataLoader workers (torch loader only)")
     r.add_argument("--loader", choices=("device", "torch"), default=None,
                    help="'device': uint8 data kept on the training device, augmented there in batch "
@@ -225,8 +232,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     r.add_argument("--gpu", type=number(int, at_least=-1), default=None,
                    help="CUDA device index; -1 for the CPU (used anyway, with a warning, when CUDA is absent); unset: "
                         "GPU 0, or the CPU where there is no GPU. Under torchrun: LOCAL_RANK")
-    r.add_argument("--threads", type=number(int, at_least=1, at_most=MAX_PROCESSES, why="far above any CPU's cores"),
-                   default=None, metavar="N",
+    r.add_argument("--threads", type=process_count("CPU threads", at_least=1), default=None, metavar="N",
                    help="CPU threads of torch's operators (torch.set_num_threads); unset: torch's choice, "
                         "the number of cores or $OMP_NUM_THREADS")
     r.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,

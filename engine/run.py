@@ -556,8 +556,9 @@ def _in_line(recorded: Optional[dict], ckpt: Optional[dict]) -> Optional[dict]:
 
 
 def _holds_a_run(folder: Path) -> bool:
-    """``folder`` is a run directory of this repository: its lock file, and a checkpoint or a record."""
-    return (folder / LOCK_NAME).is_file() and ((folder / "last.pt").is_file() or (folder / "results.json").is_file())
+    """``folder`` is a run directory: it holds a last.pt, or a results.json that is a run's record (another
+    tool's results.json above a run directory does not make it one)."""
+    return (folder / "last.pt").is_file() or read_record(folder / "results.json") is not None
 
 
 def _held_by_a_live_process(folder: Path) -> bool:

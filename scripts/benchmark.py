@@ -36,9 +36,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from engine import Method, Trainer, UserError, parse_args  # noqa: E402
 from engine.method import load_method  # noqa: E402
-from engine.cli import MAX_PEERS, HelpFormatter, Parser, non_negative_int, number, positive_int  # noqa: E402
+from engine.cli import (MAX_PEERS, HelpFormatter, Parser, non_negative_int, number, positive_int,  # noqa: E402
+                        process_count)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
-from scripts.limits import process_count  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

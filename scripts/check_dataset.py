@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.common import (DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, default_dir,  # noqa: E402
                          image_problem, read_class_list)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
-from engine.cli import Parser, dataset_folder, non_empty_path  # noqa: E402
-from scripts.limits import process_count  # noqa: E402
+from engine.cli import Parser, dataset_folder, non_empty_path, process_count  # noqa: E402
 
 NOT_DOWNLOADABLE = {      # the training loaders download CIFAR, Fashion-MNIST and TinyImageNet
     "imagenet": "ImageNet cannot be downloaded by a script (it needs a login at https://image-net.org)",

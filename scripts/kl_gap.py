@@ -36,10 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import DATASET_NAMES, DeviceLoader, DatasetError, dataset_info, load_dataset  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.cli import Parser, dataset_folder, number, positive_int, temperature  # noqa: E402
+from engine.cli import Parser, dataset_folder, number, positive_int, process_count, temperature  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from models import ImageSizeError, UnknownModelError, model_entry  # noqa: E402
-from scripts.limits import process_count  # noqa: E402
 from train_dccl import DCCL, DCCLNet  # noqa: E402
 
 EPS = 1e-7

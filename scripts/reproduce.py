@@ -46,8 +46,7 @@ from typing import Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from engine.cli import Parser, non_empty_path, non_negative_int, number, positive_int  # noqa: E402
-from scripts.limits import process_count  # noqa: E402
+from engine.cli import Parser, non_empty_path, non_negative_int, number, positive_int, process_count  # noqa: E402
 from scripts.tables import PAPER_TABLES, TABLES, Cell, Table  # noqa: E402
 
 FILTER_KEYS = ("method", "arch", "row", "column", "run")

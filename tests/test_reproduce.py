@@ -401,7 +401,7 @@ def error_line(argv, capsys) -> str:
     (["--seeds", "-1", "--dry-run"], "argument --seeds: must lie in [0, 4294967296); got -1"),
     (["--seeds", "0", "one", "--dry-run"], "argument --seeds: invalid int value: 'one'"),
     (["--jobs", "0"], "argument --jobs: must lie in [1, "),
-    (["--jobs", "100000"], "got 100000 (training runs started at once: the bound is 8 per CPU core"),
+    (["--jobs", "100000"], "must lie in [1, 1024]; got 100000 (training runs started at once)"),
     (["--runs-dir", ""], "argument --runs-dir: must name a file or folder; got an empty string"),
     (["--seeds", "0", "0"], "error: --seeds 0 0: seed 0 is given more than once; list each seed once (e.g. --seeds 0)"),
     (["--seeds", "2", "1", "2", "1", "--dry-run"], "seeds 1, 2 are given more than once"),
