@@ -24,6 +24,7 @@ from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.cli import MAX_PEERS, HelpFormatter, Parser, number, temperature  # noqa: E402
+from engine.trainer import out_of_memory  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -158,8 +159,8 @@ def main(argv=None) -> int:
     if a.variant:                                    # child process: one measurement
         try:
             print(json.dumps(measure(a.variant, a)))
-        except (torch.OutOfMemoryError, RuntimeError) as e:     # the CPU allocator raises a RuntimeError
-            if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
+        except (MemoryError, RuntimeError) as e:     # (CUDA's OutOfMemoryError and the CPU allocator's: RuntimeError)
+            if not out_of_memory(e):
                 raise
             fail(f"out of memory on the {a.device} during the {a.variant} step; lower --k, --batch or --peers", 2)
         return 0
