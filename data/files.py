@@ -28,9 +28,11 @@ class NameTaken(FileExistsError):
     """``write_atomically(..., replace=False)`` found a file already under the name."""
 
 
-RUN_CHECKPOINTS = ("last.pt", "best.pt")          # engine.run: the resume point and the best epoch
+# The files of a run directory (engine/run.py), named once here, below the engine, for every writer to respect.
+RUN_LOCK = ".lock"                                 # the one writer's lock file; every run directory keeps it
+RUN_CHECKPOINTS = ("last.pt", "best.pt")          # the resume point and the best epoch
 RUN_FILES = {"last.pt": "its latest checkpoint (its resume point)", "best.pt": "its best epoch's checkpoint",
-             "results.json": "its record", ".lock": "its lock file"}
+             "results.json": "its record", RUN_LOCK: "its lock file"}
 RUN_EVALUATIONS = "eval-*.json"                    # engine.trainer: --eval-only's results, beside the checkpoint
 RUN_TENSORBOARD = "tensorboard"                    # engine.reporting: the run's event files
 
@@ -45,11 +47,10 @@ def run_file_role(name: str) -> Optional[str]:
 
 
 def holds_run(folder: Path) -> bool:
-    """Whether ``folder`` is a run directory: one of a run's files (last.pt, best.pt, results.json, .lock,
-    eval-*.json) is in it."""
+    """Whether ``folder`` is a run directory: the lock file every run keeps, with a checkpoint or a record beside
+    it (a last.pt or results.json alone, a kept copy or another tool's, does not make one)."""
     folder = Path(folder)
-    return folder.is_dir() and (any((folder / name).exists() for name in RUN_FILES)
-                                or any(folder.glob(RUN_EVALUATIONS)))
+    return (folder / RUN_LOCK).is_file() and any((folder / name).is_file() for name in RUN_FILES if name != RUN_LOCK)
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -21,7 +21,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from .cli import given_options, parse_args, warn_unused_schedule_flags
 from .errors import UserError
@@ -162,7 +162,7 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], s
             + ". Leave these flags out (only --data and evaluation options may be given)")
     if wrong:
         raise UserError(f"{path} was trained with {describe_differences(wrong)}. Resume with the checkpoint's "
-                        "values (leave these flags out), or start a new run with another --out")
+                        f"values (leave these flags out), or {new_run_hint(args.resume)}")
     kept = {k: v for k, v in options.items() if k in vars(args) and not (k in given and k in free)}
     kept.update({k: saved[k] for k in ("recipe", "preset") if k in saved and k in vars(args) and k not in given})
     if "data" not in given and saved.get("data") and Path(saved["data"]).is_dir():
@@ -289,6 +289,13 @@ def describe_differences(diffs: Sequence[tuple[str, object, object]], against: s
             part += f" [run it with torchrun --nproc_per_node={before}]" if before > 1 else " [without torchrun]"
         parts.append(part)
     return ", ".join(parts)
+
+
+def new_run_hint(resume: Optional[str]) -> str:
+    """How to start a new run instead of resuming one (``resume``: the --resume given): another --out, and
+    without --resume PATH, which compares its checkpoint's options whatever the --out."""
+    return ("start a new run with another --out" if resume == "auto" else
+            "start a new run: leave out --resume and give another --out")
 
 
 def _shown(value) -> str:

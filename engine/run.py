@@ -30,18 +30,16 @@ import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from data.files import clean_temp_files, os_error_message
+from data.files import RUN_EVALUATIONS, RUN_LOCK, clean_temp_files, holds_run, os_error_message
 from recipes import RECIPE_KEYS, RECIPES
 
 from .checkpoint import FORMAT, atomic_save, atomic_write, check_saved_by, load_checkpoint
 from .cli import resume_path
-from .config import RunConfig, describe_differences, recorded_differences
+from .config import RunConfig, describe_differences, new_run_hint, recorded_differences
 from .distributed import any_rank, barrier
 from .errors import UserError
 from .method import script_name
 from .signals import signals_held, stop_signal
-
-LOCK_NAME = ".lock"
 
 
 def history_state(records: Sequence[dict], split: str, metric: str) -> dict:
@@ -98,7 +96,7 @@ class Run:
         before the lock and the file is still the one it read (``stamp``: :func:`file_stamp`), else read again
         (another process may have saved a later epoch meanwhile). Raises UserError rather than overwrite
         anything."""
-        inside = next((p for p in self.folder.parents if _holds_a_run(p)), None)
+        inside = next((p for p in self.folder.parents if holds_run(p)), None)
         if inside is not None:        # (--out RUN/tensorboard: its files would pass for RUN's)
             raise UserError(f"{self.folder} lies inside the run directory {inside}; give an --out outside it")
         self._lock()
@@ -121,11 +119,11 @@ class Run:
             ckpt = load_checkpoint(resume)
         check_saved_by(ckpt, resume, self.method_cls.name, "resume")
         diffs = recorded_differences(self.method_cls, self.config, ckpt, self.world_size)
-        if diffs and all(key == "epochs" for key, _, _ in diffs) and resume == self.folder / "last.pt":
+        if diffs and all(key == "epochs" for key, _, _ in diffs) and self.config.resume == "auto":
             raise self._continue_instead(self.folder, ckpt["args"]["epochs"], ckpt["epoch"], "another --out")
         if diffs:
             raise UserError(f"{resume} was trained with {describe_differences(diffs)}. Resume with the "
-                            "checkpoint's values, or start a new run with another --out")
+                            f"checkpoint's values, or {new_run_hint(self.config.resume)}")
         self.check_data(ckpt, resume)
         self._check_target(resume, ckpt)
         earlier = [] if (self.folder / "last.pt").exists() else self._earlier_run_files(ckpt.get("run_id"))
@@ -234,15 +232,13 @@ class Run:
         simply replaces)."""
         best = self.folder / "best.pt"
         of_this_run = run_id is not None and (_readable_checkpoint(best) or {}).get("run_id") == run_id
-        evaluations = sorted(p.name for p in self.folder.glob("eval-*.json"))
-        found = [] if of_this_run else (["best.pt"] if best.exists() else []) + evaluations
+        evaluations = sorted(p.name for p in self.folder.glob(RUN_EVALUATIONS)
+                             if run_id is None or _json_object(p).get("run_id") != run_id)
+        found = (["best.pt"] if best.exists() and not of_this_run else []) + evaluations
         record = self.folder / "results.json"
         if record.exists():
-            try:
-                saved = json.loads(record.read_text())
-            except (OSError, ValueError):
-                saved = None                     # unreadable: keep it, it may be all that is left of a run
-            if not (isinstance(saved, dict) and "method" in saved
+            saved = _json_object(record)         # unreadable ({}): kept, it may be all that is left of a run
+            if not ("method" in saved
                     and (saved.get("history") == [] or (run_id is not None and saved.get("run_id") == run_id))):
                 found.append("results.json")
         return found
@@ -436,10 +432,7 @@ class Run:
 
 def read_record(path: Path) -> Optional[dict]:
     """A run's results.json, or None: absent, unreadable, or not a run's record (:func:`record_problem`)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
+    data = _json_object(path)
     return None if record_problem(data) else data
 
 
@@ -555,15 +548,9 @@ def _in_line(recorded: Optional[dict], ckpt: Optional[dict]) -> Optional[dict]:
                       else ended if ended in ("interrupted", "failed") else "killed")
 
 
-def _holds_a_run(folder: Path) -> bool:
-    """``folder`` is a run directory: it holds a last.pt, or a results.json that is a run's record (another
-    tool's results.json above a run directory does not make it one)."""
-    return (folder / "last.pt").is_file() or read_record(folder / "results.json") is not None
-
-
 def _held_by_a_live_process(folder: Path) -> bool:
     """The folder's lock names a process that may still be writing it (this host: alive; another: unknown)."""
-    holder = lock_holder(folder / LOCK_NAME)
+    holder = _json_object(folder / RUN_LOCK)
     return bool(holder.get("pid")) and (holder.get("host") != socket.gethostname() or _pid_alive(holder["pid"]))
 
 
@@ -571,6 +558,15 @@ def file_stamp(path: Path) -> tuple:
     """What tells a file from the one written in its place (an atomic write makes a new inode)."""
     stat = Path(path).stat()
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object a file holds; {} when it is unreadable or holds something else."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _readable_checkpoint(path: Path) -> Optional[dict]:
@@ -618,7 +614,7 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
                 saved["note"] = (f"it went on to epoch {p['end_epoch']} after this checkpoint; those epochs are "
                                  "not in this run")
                 if ended:
-                    saved.update(status=p["status"], ended=p.get("ended"))
+                    saved.update({k: v for k, v in p.items() if k in ("status", "ended", "signal", "reason")})
         elif p.get("end_epoch", 0) >= (saved or {}).get("end_epoch", 0):
             merged[key(p)] = dict(p)
         elif ended:
@@ -648,7 +644,7 @@ class RunLock:
 
     def __init__(self, folder: Path, command: str = ""):
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / RUN_LOCK
         self.command = command
         self.fd: Optional[int] = None
         self.stale: Optional[dict] = None
@@ -669,7 +665,7 @@ class RunLock:
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise UserError(os_error_message(self.path, e)) from None
-            holder = lock_holder(self.path)
+            holder = _json_object(self.path)
             who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
             if holder.get("started"):
                 who += f" (since {holder['started']}: {holder.get('command', '')})"
@@ -684,7 +680,7 @@ class RunLock:
             os.close(fd)
             return self.acquire()
         self.fd = fd
-        holder = lock_holder(self.path)
+        holder = _json_object(self.path)
         if holder.get("pid"):
             self.stale = holder
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now_iso(), "command": self.command}
@@ -701,20 +697,12 @@ class RunLock:
             return
         with contextlib.suppress(OSError):
             os.ftruncate(self.fd, 0)
-            if self.created_folder and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
+            if self.created_folder and [p.name for p in self.folder.iterdir()] == [RUN_LOCK]:
                 self.path.unlink()      # the run stopped before it began: leave no empty run directory behind
                 self.folder.rmdir()
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
-
-
-def lock_holder(path: Path) -> dict:
-    """The holder record a lock file holds (pid, host, start time, command); {} when empty or unreadable."""
-    try:
-        return json.loads(Path(path).read_text() or "{}")
-    except (OSError, ValueError):
-        return {}
 
 
 def _names(path: Path, fd: int) -> bool:

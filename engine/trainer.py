@@ -417,8 +417,8 @@ class Trainer:
         if "run_id" in earlier:
             if earlier["run_id"] == ckpt.get("run_id"):
                 return
-        elif earlier.get("checkpoint") == str(path):                  # (an evaluation of an older version)
-            return
+        elif path.absolute().parent == self.run.folder or earlier.get("checkpoint") == str(path):
+            return                           # (an evaluation of an older version: in its checkpoint's folder)
         raise UserError(f"{target} holds the evaluation of another checkpoint ({earlier.get('checkpoint', 'unknown')})"
                         f"; evaluating {path} would replace it. Give another --out for this evaluation")
 

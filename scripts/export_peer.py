@@ -171,14 +171,14 @@ def check_output(path: Path, force: bool, checkpoint: Optional[Path] = None) -> 
     ``checkpoint`` read, a run directory's own file, a folder, an existing file without ``force``, ...) or
     that is named like a run's checkpoint (last.pt, best.pt) anywhere, even with ``force``: an export posing
     as a checkpoint would be taken for one (``--resume auto`` reads a folder's last.pt)."""
-    reads = [("the checkpoint being read", checkpoint)] if checkpoint is not None else []
-    problem = output_problem(path, "-o", force, "peer.pt", reads)
-    if problem:
-        raise UserError(problem)
     if path.name.lower() in RUN_CHECKPOINTS:        # (a case-insensitive disk: LAST.PT is last.pt)
         raise UserError(f"-o {path}: {path.name} is the name of a run's checkpoint, which an export must not pose "
                         "as (--resume auto reads a folder's last.pt); give another file name (e.g. peer.pt), "
                         "--force or not")
+    reads = [("the checkpoint being read", checkpoint)] if checkpoint is not None else []
+    problem = output_problem(path, "-o", force, "peer.pt", reads)
+    if problem:
+        raise UserError(problem)
 
 
 def write_export(obj: dict, path: Path, force: bool = False) -> None:

@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     check_known(labels, args.val_dir.parent / "train", args.labels)
     moves, unlabelled = plan_moves(args.val_dir, labels)
     taken = [(src, dst) for src, dst in moves if dst.exists() or dst.is_symlink()]     # never replaced
-    moves = [(src, dst) for src, dst in moves if (src, dst) not in taken]
+    kept = set(taken)
+    moves = [(src, dst) for src, dst in moves if (src, dst) not in kept]
     classes = sorted({dst.parent.name for _, dst in moves})
     print(f"{len(moves)} images into {len(classes)} class folders under {args.val_dir}"
           + (f"; {len(unlabelled)} images have no label and stay put" if unlabelled else "")

@@ -92,6 +92,11 @@ def test_existing_run_is_never_overwritten(dml_run):
     with pytest.raises(UserError, match="lies inside the run directory"):       # nor in a folder of the run
         train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out / "runs" / "inner")])
     assert not (out / "runs").exists()
+    kept = out.parent / "kept_copy"           # a kept last.pt (or another tool's), without a run's lock file
+    kept.mkdir()
+    (kept / "last.pt").write_bytes((out / "last.pt").read_bytes())
+    (kept / "results.json").write_text("{}")
+    train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(kept / "runs" / "inner")])
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import train_cl_ilr
 import train_cmff
 import train_dml
 import train_mcl_okd
+from data.files import RUN_LOCK
 from engine import UserError, main, parse_args, train
 from engine.checkpoint import atomic_save, atomic_write, load_checkpoint
 from engine import run as run_module
@@ -40,7 +41,7 @@ def _env():
 def _files(folder: Path) -> dict:
     """Every file the run wrote, by name, with its bytes and mtime (the lock file aside)."""
     return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in folder.rglob("*") if p.is_file() and p.name != run_module.LOCK_NAME}
+            for p in folder.rglob("*") if p.is_file() and p.name != RUN_LOCK}
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +175,7 @@ def test_resume_with_another_training_option_stops(run, flags, named):
     with pytest.raises(UserError) as e:
         train(DML, TINY + flags + ["--out", str(run), "--resume", "auto"])
     assert named in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).endswith("or start a new run with another --out")
     assert _files(run) == before
 
 
@@ -342,6 +344,13 @@ def test_eval_only_honours_the_evaluation_options_it_is_given(run, tmp_path):
         train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--eval-subset", "0", "--out", str(subset_run)])
     assert (subset_run / "eval-best-synthetic.json").read_bytes() == before
     train(DML, EVAL + ["--eval-only", str(subset_run / "best.pt"), "--eval-subset", "0"])    # its own: replaced
+    evaluation = subset_run / "eval-best-synthetic.json"    # one of an older version (no run_id), in its folder
+    evaluation.write_text(json.dumps({k: v for k, v in json.loads(evaluation.read_text()).items() if k != "run_id"}))
+    train(DML, EVAL + ["--eval-only", str((subset_run / "best.pt").absolute()), "--eval-subset", "0"])
+    # an evaluation of the run continued into a folder is the run's own there, not another run's
+    train(DML, EVAL + ["--eval-only", str(subset_run / "best.pt"), "--eval-subset", "0", "--out", str(tmp_path / "on")])
+    assert train(DML, TINY + ["--eval-subset", "40", "--epochs", "2", "--extend-epochs", "--resume",
+                              str(subset_run / "last.pt"), "--out", str(tmp_path / "on")])["epochs_done"] == 2
 
 
 def test_eval_only_refuses_a_flag_that_disagrees(run):
@@ -989,6 +998,11 @@ def test_resume_path_takes_the_checkpoints_options(run, tmp_path, monkeypatch):
         train(DML, EVAL + ["--resume", str(copy / "last.pt"), "--lr", "0.2", "--subset", "32", "--batch-size", "32"])
     assert str(e.value).startswith(f"{copy / 'last.pt'} was trained with --lr 0.1 (this command: 0.2), --subset 64 "
                                    "(this command: 32)") and "\n" not in str(e.value)
+    # the new run it suggests: without --resume PATH (compared whatever the --out), in another --out
+    assert str(e.value).endswith("or start a new run: leave out --resume and give another --out")
+    argv = EVAL + ["--lr", "0.2", "--subset", "32", "--batch-size", "32", "--dataset", "synthetic", "--arch",
+                   "resnet20", "--epochs", "1"]
+    assert train(DML, argv + ["--out", str(tmp_path / "another")])["epochs_done"] == 1
 
 
 @pytest.mark.slow

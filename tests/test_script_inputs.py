@@ -119,6 +119,10 @@ def test_check_dataset_out_in_a_missing_folder_is_created(tmp_path, capsys):
     out = tmp_path / "reports" / "today" / "bad.txt"
     code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out))
     assert code == 0 and err == "" and out.read_text() == ""
+    (out.parent / "last.pt").write_text("a kept copy")             # a run's file names, but no run's lock file
+    code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out),
+                             "--force")                            # the script's own earlier output, replaced
+    assert code == 0 and err == ""
 
 
 def test_check_dataset_out_for_parsed_datasets_is_refused(tmp_path, capsys):
@@ -212,13 +216,16 @@ def test_export_peer_never_writes_over_a_checkpoint(dml_run, tmp_path, capsys):
     copy = tmp_path / "c.pt"
     copy.write_bytes(saved["last.pt"])
     (tmp_path / "link.pt").symlink_to(copy)
+    (tmp_path / "Best.pt").write_text("an existing file of that name, outside any run: the name is refused first")
     cases = [
+        ([str(copy), "-o", str(tmp_path / "Best.pt")], "Best.pt is the name of a run's checkpoint"),
         ([str(copy), "-o", str(copy)], f"-o {copy} is the checkpoint being read"),
         ([str(copy), "-o", str(tmp_path / "." / "c.pt")], "is the checkpoint being read"),
         ([str(tmp_path / "link.pt"), "-o", str(copy)], "is the checkpoint being read"),
-        ([str(run / "best.pt"), "-o", str(run / "last.pt")], f"-o {run / 'last.pt'}: {run} holds a run and last.pt "
-                                                             "is its latest checkpoint (its resume point)"),
-        ([str(copy), "-o", str(run / "best.pt")], "holds a run and best.pt is its best epoch's checkpoint"),
+        ([str(run / "best.pt"), "-o", str(run / "last.pt")], f"-o {run / 'last.pt'}: last.pt is the name of a run's "
+                                                             "checkpoint"),
+        ([str(copy), "-o", str(run / "best.pt")], "best.pt is the name of a run's checkpoint"),
+        ([str(copy), "-o", str(run / "results.json")], "holds a run and results.json is its record"),
         ([str(copy), "-o", str(tmp_path / "new" / "last.pt")], "last.pt is the name of a run's checkpoint"),
     ]
     for argv, named in cases:
@@ -226,7 +233,7 @@ def test_export_peer_never_writes_over_a_checkpoint(dml_run, tmp_path, capsys):
         line = one_line(code, capsys.readouterr().err)
         assert named in line and line.endswith("--force or not"), line
     assert {name: (run / name).read_bytes() for name in saved} == saved and copy.read_bytes() == saved["last.pt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "link.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Best.pt", "c.pt", "link.pt"]
     assert export_peer.main([str(copy), "--peer", "1", "-o", str(tmp_path / "peer1.pt")]) == 0     # the way it works
 
 
@@ -271,7 +278,8 @@ def test_no_script_writes_over_a_run_directorys_own_files(dml_run, tmp_path, cap
             code = e.code
         line = one_line(code, capsys.readouterr().err)
         assert line.startswith(f"error: {flag} {out}") and line.endswith("--force or not"), line
-        assert "holds a run" in line or "tensorboard/ folder of the run" in line, line
+        assert ("holds a run" in line or "tensorboard/ folder of the run" in line
+                or flag == "-o" and "is the name of a run's checkpoint" in line), line   # (export_peer: anywhere)
     assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run", "tree"]
 
 
@@ -281,6 +289,10 @@ def test_a_run_file_name_outside_a_run_is_an_ordinary_output(tmp_path, capsys):
     out = tmp_path / "reports" / "results.json"
     code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out))
     assert code == 0 and err == "" and out.read_text() == ""
+    (out.parent / "last.pt").write_text("a kept copy")             # a run's file names, but no run's lock file
+    code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out),
+                             "--force")                            # the script's own earlier output, replaced
+    assert code == 0 and err == ""
 
 
 @pytest.mark.parametrize("inside", ["train/cat/cat_0.png", "bad.txt", "train/cat/new.txt"])
