@@ -10,6 +10,7 @@ back to the Debian package's ``/usr/share/datasets/fashion-mnist``).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import warnings
@@ -19,7 +20,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
-from .files import checksummed, write_atomically
+from .files import checksummed, verified, write_atomically
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -116,16 +117,27 @@ def _reason(e: BaseException) -> str:
     return text if len(text) < 160 else text[:157] + "..."
 
 
-class DamagedCache(ValueError):
-    """A cache file that loads but whose content does not match its checksum."""
-
-
-def unreadable_cache(path: Path, err: BaseException) -> str:
-    """The warning for a cache file that cannot be read and is therefore rebuilt: it names the file and says
-    plainly what is wrong with it, not the loader's own message (torch's, about ``weights_only``, for a file cut
-    short), which says neither."""
-    why = str(err) if isinstance(err, DamagedCache) else "damaged, cut short or written by another version"
-    return f"the cache file {path} cannot be read ({why}); it is rebuilt from the images"
+def load_or_warn(path: Path, version: int, key: str, who: str) -> Optional[dict]:
+    """The cache blob at ``path`` (a checksummed torch file of :func:`save_or_warn`, or JSON) when it is of
+    ``version`` and ``key``; else None, and it is rebuilt. A file that cannot be read is named in a warning for
+    dataset ``who``, in plain words: damaged, cut short, another version's, or its checksum does not match (not
+    the loader's own message, torch's about ``weights_only`` for a file cut short, which says neither)."""
+    if not path.is_file():
+        return None
+    why = "damaged, cut short or written by another version"
+    try:
+        if path.suffix == ".json":
+            blob = json.loads(path.read_text())
+        else:
+            blob = torch.load(path, weights_only=True)
+            if not verified(blob):
+                why = "its content does not match its checksum"
+                raise ValueError(why)
+        if blob.get("version") == version and blob.get("key") == key:
+            return blob
+    except Exception:  # noqa: BLE001 -- a truncated, damaged or foreign file: rebuilt
+        warnings.warn(f"{who}: the cache file {path} cannot be read ({why}); it is rebuilt from the images")
+    return None
 
 
 def save_or_warn(obj, path: Path) -> None:

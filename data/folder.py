@@ -64,10 +64,10 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
-from .common import (ArraySplit, BadDatasetError, DamagedCache, DataFlagError, DatasetInfo, DatasetNotFoundError,
-                     array_transforms, check_image_size_flag, default_dir, is_hidden, read_class_list, save_or_warn,
-                     some, unreadable_cache, visible_dirs)
-from .files import verified, write_atomically
+from .common import (ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError,
+                     array_transforms, check_image_size_flag, default_dir, is_hidden, load_or_warn, read_class_list,
+                     save_or_warn, some, visible_dirs)
+from .files import write_atomically
 
 NAME = "folder"
 SPLITS = ("train", "val", "test")
@@ -409,25 +409,6 @@ def cache_dir(root: Path) -> Optional[Path]:
     return None
 
 
-def _read_cache(path: Path, key: str):
-    """The cache blob at ``path`` when it is this version's for ``key``; else None (it is rebuilt). A file that
-    cannot be read is named in a warning (data.common.unreadable_cache)."""
-    if not path.is_file():
-        return None
-    try:
-        if path.suffix == ".json":
-            blob = json.loads(path.read_text())
-        else:
-            blob = torch.load(path, weights_only=True)
-            if not verified(blob):
-                raise DamagedCache("its content does not match its checksum")
-        if blob.get("version") == CACHE_VERSION and blob.get("key") == key:
-            return blob
-    except Exception as err:  # noqa: BLE001 -- a truncated, damaged or foreign file: rebuilt
-        warnings.warn(f"folder: {unreadable_cache(path, err)}")
-    return None
-
-
 def _write_json(blob: dict, path: Path) -> None:
     try:
         write_atomically(path, "w", lambda f: f.write(json.dumps(blob, indent=1)))
@@ -492,7 +473,7 @@ def _files(tree: FolderTree, split: str):
 def _in_memory(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem: str):
     key = fingerprint(tree, info.image_size, with_files=True)
     path = folder / f"images-{stem}.pt" if folder else None
-    blob = _read_cache(path, key) if path else None
+    blob = load_or_warn(path, CACHE_VERSION, key, "folder") if path else None
     if blob is not None:
         return {s: ArraySplit(*blob["splits"][s]) for s in blob["splits"]}, tuple(blob["mean"]), tuple(blob["std"])
     splits, bad = {}, []
@@ -512,7 +493,7 @@ def _in_memory(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem
 def _streamed_stats(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem: str):
     key = fingerprint(tree, info.image_size, with_files=False)
     path = folder / f"stats-{stem}.json" if folder else None
-    blob = _read_cache(path, key) if path else None
+    blob = load_or_warn(path, CACHE_VERSION, key, "folder") if path else None
     if blob is not None:
         return tuple(blob["mean"]), tuple(blob["std"])
     sample = _evenly(tree.samples["train"], STATS_SAMPLE)

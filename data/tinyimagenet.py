@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,10 +39,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .common import (ArraySplit, BadDatasetError, DamagedCache, DatasetNotFoundError, datasets_root, decode_rgb,
-                     static_info, download_or_explain, image_files, is_hidden, save_or_warn, unreadable_cache,
+from .common import (ArraySplit, BadDatasetError, DatasetNotFoundError, datasets_root, decode_rgb,
+                     static_info, download_or_explain, image_files, is_hidden, load_or_warn, save_or_warn,
                      visible_dirs)
-from .files import verified
 
 FOLDER = "tiny-imagenet-200"
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -223,16 +221,10 @@ def _load(root: Path) -> tuple[ArraySplit, ArraySplit]:
     train_items, val_items = file_lists(root)
     key = fingerprint(root, train_items + val_items)
     cache = root / CACHE
-    if cache.is_file():
-        try:
-            blob = torch.load(cache, weights_only=True)
-            if not verified(blob):
-                raise DamagedCache("its content does not match its checksum")
-            if blob.get("version") == CACHE_VERSION and blob.get("key") == key:
-                source = f"{root.absolute()} (its decoded cache {CACHE})"
-                return ArraySplit(*blob["train"][:2], source), ArraySplit(*blob["test"][:2], source)
-        except Exception as err:  # noqa: BLE001 -- a truncated, damaged or foreign file: rebuild it
-            warnings.warn(f"tinyimagenet: {unreadable_cache(cache, err)}")
+    blob = load_or_warn(cache, CACHE_VERSION, key, "tinyimagenet")
+    if blob is not None:
+        source = f"{root.absolute()} (its decoded cache {CACHE})"
+        return ArraySplit(*blob["train"][:2], source), ArraySplit(*blob["test"][:2], source)
     (train, bad_train), (test, bad_val) = _decode_all(train_items), _decode_all(val_items)
     if bad_train or bad_val:                     # nothing is cached
         raise BadDatasetError.files("tinyimagenet", bad_train + bad_val, _fix(root), what="images")

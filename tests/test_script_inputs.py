@@ -119,10 +119,6 @@ def test_check_dataset_out_in_a_missing_folder_is_created(tmp_path, capsys):
     out = tmp_path / "reports" / "today" / "bad.txt"
     code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out))
     assert code == 0 and err == "" and out.read_text() == ""
-    (out.parent / "last.pt").write_text("a kept copy")             # a run's file names, but no run's lock file
-    code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out),
-                             "--force")                            # the script's own earlier output, replaced
-    assert code == 0 and err == ""
 
 
 def test_check_dataset_out_for_parsed_datasets_is_refused(tmp_path, capsys):
