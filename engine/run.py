@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -325,6 +326,11 @@ class Run:
         checkpoint is written; every rank waits for rank 0 and the others take the epoch after it."""
         records = self.records + [record]
         status = "finished" if self.done_after(record["epoch"]) else "running"
+        if self.is_main and not self.lock.held():
+            self.process = None      # nothing more is written: the folder may have another writer now
+            raise UserError(f"{self.lock.path} was removed or replaced while this process trained the run, so "
+                            f"another process may be writing it; epoch {record['epoch']} was not saved and "
+                            f"{self.saved_state()}. Once no other process trains it: {self.continue_command()}")
         if self.is_main:
             self._update_process("running", len(records))  # the checkpoint's own record counts this epoch
             ckpt = {"format": FORMAT, "layout": "plain", "epoch": record["epoch"], **state, **self.record(records)}
@@ -394,6 +400,42 @@ class Run:
             self.write_results(status, **extra)
         except UserError:
             pass   # the disk that failed the run may fail its record too; the one-line error says why
+
+    # ---- --eval-only: the evaluation of a checkpoint, beside the run's files -------------------------------
+
+    def evaluation_file(self) -> Path:
+        """``eval-<checkpoint>-<dataset>[-test<N>][-<amp>][-<hash of --data>].json`` in the checkpoint's folder
+        (or --out): evaluations of another dataset, of another --eval-subset, in another precision or of another
+        copy of the data never overwrite each other."""
+        a = self.config
+        name = f"eval-{Path(a.eval_only).stem}-{a.dataset}"
+        if a.eval_subset:
+            name += f"-test{a.eval_subset}"
+        if a.amp in ("bf16", "fp16"):
+            name += f"-{a.amp}"
+        if a.data:
+            name += "-" + hashlib.sha256(str(Path(a.data).resolve()).encode()).hexdigest()[:6]
+        return self.folder / f"{name}.json"
+
+    def check_evaluation(self, path: Path, ckpt: dict) -> None:
+        """Before evaluating ``ckpt`` (read from ``path``): the evaluation file may only replace an evaluation of
+        the same run's checkpoint (a later epoch of it too), never another run's (``--eval-only OTHER/best.pt
+        --out RUN``). An unreadable one is kept, as another run's."""
+        target = self.evaluation_file()
+        earlier = _json_object(target)
+        if not target.exists() or earlier.get("run_id", False) == ckpt.get("run_id"):
+            return
+        if "run_id" not in earlier and (path.absolute().parent == self.folder
+                                        or earlier.get("checkpoint") == str(path)):
+            return                           # (an evaluation of an older version: in its checkpoint's folder)
+        raise UserError(f"{target} holds the evaluation of another checkpoint ({earlier.get('checkpoint', 'unknown')})"
+                        f"; evaluating {path} would replace it. Give another --out for this evaluation")
+
+    def write_evaluation(self, result: dict) -> None:
+        """The evaluation file (:meth:`evaluation_file`), written by rank 0."""
+        if self.is_main:
+            atomic_write(self.evaluation_file(), json.dumps(result, indent=2) + "\n")
+            self.log(f"results: {self.evaluation_file()}")
 
     # ---- results.json ----------------------------------------------------------------------------------------
 
@@ -687,6 +729,11 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         return self
+
+    def held(self) -> bool:
+        """The lock file is still the one this lock holds: not removed or replaced (by hand) since it was taken,
+        when a second process could lock a new file of the same name."""
+        return self.fd is not None and _names(self.path, self.fd)
 
     def release(self) -> None:
         """Unlock (emptying the holder record). The lock file stays: removing it could let two processes

@@ -10,8 +10,6 @@ print as one line.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import platform
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write, check_saved_by, load_checkpoint
+from .checkpoint import check_saved_by, load_checkpoint
 from .cli import parse_args, resume_path
 from .config import from_checkpoint, resolve, run_directory
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
@@ -363,10 +361,10 @@ class Trainer:
         layout, with or without --grouped-peers) on the test split, and on the held-out split with
         --val-split. Only what is evaluated is read from it: the model and the temporal means (training
         state such as optimizers or MCL-OKD's memory banks need not be in the file). Writes the result into
-        the checkpoint's folder (:meth:`_write_evaluation`), naming the dataset, the splits and the precision."""
+        the checkpoint's folder (:meth:`Run.write_evaluation`), naming the dataset, the splits and the precision."""
         path, ckpt, a = Path(self.args.eval_only), self.ckpt, self.args
         self.run.check_data(ckpt, path)
-        self._check_evaluation_file(path, ckpt)
+        self.run.check_evaluation(path, ckpt)
         evaluated = ["model"] + [k for k in self.method.state_keys if isinstance(getattr(self.method, k), TemporalMean)]
         missing = [k for k in evaluated if k not in ckpt["state"]]
         if missing:
@@ -386,48 +384,8 @@ class Trainer:
         for split in ("val", "test"):
             if split in result:
                 self.run.log(f"{split}: " + " ".join(f"{k} {v:.2f}" for k, v in result[split].items()))
-        self._write_evaluation(result)
+        self.run.write_evaluation(result)
         return result
-
-    def _evaluation_file(self) -> Path:
-        """``eval-<checkpoint>-<dataset>[-test<N>][-<amp>][-<hash of --data>].json`` in the checkpoint's folder
-        (or --out): evaluations of another dataset, of another --eval-subset, in another precision or of another
-        copy of the data never overwrite each other."""
-        a = self.args
-        name = f"eval-{Path(a.eval_only).stem}-{a.dataset}"
-        if a.eval_subset:
-            name += f"-test{a.eval_subset}"
-        if a.amp in ("bf16", "fp16"):
-            name += f"-{a.amp}"
-        if a.data:
-            name += "-" + hashlib.sha256(str(Path(a.data).resolve()).encode()).hexdigest()[:6]
-        return self.run.folder / f"{name}.json"
-
-    def _check_evaluation_file(self, path: Path, ckpt: dict) -> None:
-        """Before evaluating: the evaluation file may only replace an evaluation of the same run's checkpoint (a
-        later epoch of it too), never another run's (``--eval-only OTHER/best.pt --out RUN``)."""
-        target = self._evaluation_file()
-        if not target.exists():
-            return
-        try:
-            earlier = json.loads(target.read_text())
-        except (OSError, ValueError):
-            earlier = None
-        earlier = earlier if isinstance(earlier, dict) else {}     # unreadable: kept, as another run's
-        if "run_id" in earlier:
-            if earlier["run_id"] == ckpt.get("run_id"):
-                return
-        elif path.absolute().parent == self.run.folder or earlier.get("checkpoint") == str(path):
-            return                           # (an evaluation of an older version: in its checkpoint's folder)
-        raise UserError(f"{target} holds the evaluation of another checkpoint ({earlier.get('checkpoint', 'unknown')})"
-                        f"; evaluating {path} would replace it. Give another --out for this evaluation")
-
-    def _write_evaluation(self, result: dict) -> None:
-        """The evaluation file (:meth:`_evaluation_file`), written by rank 0."""
-        if self.is_main:
-            atomic_write(self._evaluation_file(), json.dumps(result, indent=2) + "\n")
-            self.run.log(f"results: {self._evaluation_file()}")
-
 
 # ---- setting a run up ----------------------------------------------------------------------------------
 

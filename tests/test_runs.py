@@ -301,6 +301,27 @@ def test_a_lock_file_removed_after_it_was_opened_is_not_taken(tmp_path, monkeypa
     second.release()
 
 
+@pytest.mark.slow
+def test_a_run_whose_lock_file_was_removed_stops_before_its_next_save(tmp_path):
+    """Removing .lock by hand lets a second process lock the folder: the first stops at its next save, without
+    writing a checkpoint or a record (the folder may have another writer), and says how to continue."""
+    out = tmp_path / "run"
+
+    class LockRemoved(DML):
+        def on_epoch_end(self, epoch, evaluator):
+            if epoch == 1:
+                (out / RUN_LOCK).unlink()
+    train(DML, TINY + ["--out", str(out)])
+    saved = ("last.pt", "best.pt", "results.json")
+    before = {name: (out / name).read_bytes() for name in saved}
+    with pytest.raises(UserError, match=r"\.lock was removed or replaced .* epoch 2 was not saved and .*last\.pt "
+                                        r"holds epoch 1\. Once no other process trains it: python train_dml\.py"):
+        train(LockRemoved, TINY[:-2] + ["--epochs", "2", "--extend-epochs", "--resume", "auto", "--out", str(out)])
+    assert {name: (out / name).read_bytes() for name in saved} == before
+    assert train(DML, TINY[:-2] + ["--epochs", "2", "--extend-epochs", "--resume", "auto",
+                                   "--out", str(out)])["epochs_done"] == 2
+
+
 # ---- 5. --eval-only evaluates the checkpoint as trained --------------------------------------------------
 
 @pytest.mark.slow
