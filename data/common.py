@@ -88,9 +88,22 @@ def image_files(folder: os.PathLike | str, suffixes: Iterable[str] = (".jpeg", "
     """Every non-hidden image file under ``folder`` (recursively, hidden sub-folders skipped), sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        check_link_loop(dirpath, str(folder))
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         found += [Path(dirpath, f) for f in filenames if not is_hidden(f) and f.lower().endswith(tuple(suffixes))]
     return sorted(found)
+
+
+def check_link_loop(folder: str, top: str) -> None:
+    """Raise :class:`BadDatasetError` when ``folder``, a folder below ``top`` reached by a walk that follows
+    symbolic links, is one of its own ancestors: a link loop, through which the walk would list the same images
+    again and again, up to the system's limit of 40 links (each image then counted some 40 times)."""
+    real, parent = os.path.realpath(folder), os.path.dirname(folder)
+    while len(parent) >= len(top):
+        if os.path.realpath(parent) == real:
+            raise BadDatasetError(f"{folder} is a symbolic link back to {parent}, a folder above it: its images "
+                                  "would be listed again and again; remove the link")
+        parent = os.path.dirname(parent)
 
 
 def decode_rgb(path: os.PathLike | str):

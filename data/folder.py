@@ -65,8 +65,8 @@ from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
 from .common import (ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError,
-                     array_transforms, check_image_size_flag, default_dir, is_hidden, load_or_warn, read_class_list,
-                     save_or_warn, some, visible_dirs)
+                     array_transforms, check_image_size_flag, check_link_loop, default_dir, is_hidden, load_or_warn,
+                     read_class_list, save_or_warn, some, visible_dirs)
 from .files import write_atomically
 
 NAME = "folder"
@@ -110,10 +110,15 @@ def layout_fix(root: Path) -> str:
 
 
 def _is_image(split_dir: str):
-    """``make_dataset``'s ``is_valid_file``: an image extension, and no hidden name below ``split_dir``."""
-    start = len(split_dir) + 1
+    """``make_dataset``'s ``is_valid_file``: an image extension, and no hidden name below ``split_dir``. A folder
+    that is a symbolic link back to one above it is refused (:func:`~data.common.check_link_loop`)."""
+    start, folders = len(split_dir) + 1, set()
 
     def valid(path: str) -> bool:
+        folder = os.path.dirname(path)
+        if folder not in folders:
+            check_link_loop(folder, split_dir)
+            folders.add(folder)
         return has_file_allowed_extension(path, IMG_EXTENSIONS) and \
             not any(is_hidden(part) for part in path[start:].split(os.sep))
     return valid

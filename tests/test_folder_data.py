@@ -111,6 +111,26 @@ def test_hidden_entries_are_ignored_and_symlinks_followed(tmp_path):
     assert torch.bincount(loaders.train.labels).tolist() == [7, 6, 3]
 
 
+@pytest.mark.parametrize("link", ["train/cat/loop", "train/cat/deeper/loop", "val/dog/loop"])
+def test_a_symbolic_link_loop_is_refused_not_walked(tmp_path, link):
+    """A link back to a folder above it would list that folder's images some 40 times (the system's limit of
+    links): refused, naming the link, before anything is trained."""
+    root = write_folder(tmp_path / "tree")
+    (root / link).parent.mkdir(exist_ok=True)
+    (root / link).symlink_to((root / link).parent.parent if "deeper" in link else (root / link).parent)
+    with pytest.raises(BadDatasetError, match=f"{root / link} is a symbolic link back to .*; remove the link"):
+        build_loaders(args_for(root), "cpu")
+
+
+def test_a_symbolic_link_loop_is_refused_in_a_tinyimagenet_walk(tmp_path):
+    from data.common import image_files
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    write(tmp_path / "images" / "a" / "x.png", GARBAGE)
+    (tmp_path / "images" / "a" / "up").symlink_to(tmp_path / "images")
+    with pytest.raises(BadDatasetError, match="up is a symbolic link back to"):
+        image_files(tmp_path / "images")
+
+
 def test_empty_class_folder_is_named(tmp_path):
     root = write_folder(tmp_path / "tree")
     for f in (root / "val" / "dog").iterdir():
