@@ -517,7 +517,8 @@ def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None
         sys.exit(1)
     except (KeyboardInterrupt, BrokenPipeError) as e:
         sig = stop_signal(e)
-        _say("\n" + (getattr(e, "message", "") or f"interrupted ({sig}) while starting: nothing was written"))
+        if os.environ.get("RANK", "0") == "0":    # (under torchrun every rank stops the same way: one says so)
+            _say("\n" + (getattr(e, "message", "") or f"interrupted ({sig}) while starting: nothing was written"))
         sys.exit(128 + signal.Signals[sig].value)
     finally:
         warnings.formatwarning = previous

@@ -84,3 +84,24 @@ def test_module_with_its_own_optimizer_stays_identical(tmp_path):
     torchrun("train_cmff", *ARGS, "--subset", "256", "--epochs", "1", "--fusion-grid", "1", "--out", str(tmp_path))
     a, b = _weights(tmp_path / "rank0.pt"), _weights(tmp_path / "rank1.pt")
     assert any("fusion" in k for k in a) and _same(a, b)
+
+
+@pytest.mark.slow
+def test_a_stopped_two_rank_run_says_how_to_continue_once(tmp_path):
+    """SIGTERM to torchrun (what SLURM sends) stops every rank; the line saying what is saved and how to continue
+    is printed once, by rank 0, and the command it names continues the run."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_dml.py",
+           *ARGS, "--epochs", "30", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "last.pt").exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=300)
+    assert stderr.count("Continue with:") == 1, stderr[-3000:]
+    command = stderr.split("Continue with: ", 1)[1].splitlines()[0]
+    assert command.startswith("torchrun --nproc_per_node=2 train_dml.py") and "--resume auto" in command
