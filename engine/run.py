@@ -131,6 +131,11 @@ class Run:
         if earlier:
             raise UserError(f"{self.folder} holds {' and '.join(earlier)} of another run; continuing {resume} there "
                             f"would overwrite it. Give another --out to continue {resume}")
+        recorded = {} if (self.folder / "last.pt").exists() else read_record(self.folder / "results.json") or {}
+        if recorded.get("run_id") == ckpt.get("run_id") and recorded.get("epochs_done", 0) > ckpt["epoch"]:
+            raise UserError(f"{self.folder / 'results.json'} records {recorded['epochs_done']} epochs of this run; "
+                            f"continuing {resume} (epoch {ckpt['epoch']}) there would replace the record of the "
+                            f"later ones. Give another --out to continue {resume}")
         if self.is_main and (resume.parent == self.folder or not self.done_after(ckpt["epoch"])):
             # (a finished run "resumed" into another --out changes nothing, there or here)
             self._repair_best(resume, ckpt)

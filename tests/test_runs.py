@@ -765,6 +765,25 @@ def test_a_damaged_last_pt_names_a_fix_that_works(run, tmp_path):
     assert results["epochs_done"] == 2
 
 
+def test_best_pt_continued_in_place_never_replaces_the_record_of_later_epochs(tmp_path):
+    """last.pt deleted (to keep only best.pt), then best.pt continued in its own folder: the record of the epochs
+    after it would be replaced, so it is refused, and nothing changes; into another --out it continues."""
+    out = tmp_path / "run"
+    train(DML, TINY + ["--out", str(out)])
+    shutil.copy(out / "last.pt", out / "epoch1.pt")       # (an earlier best.pt: a checkpoint of epoch 1)
+    train(DML, TINY[:-2] + ["--epochs", "2", "--extend-epochs", "--resume", "auto", "--out", str(out)])
+    (out / "last.pt").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for extra in ([], ["--epochs", "4", "--extend-epochs"]):
+        with pytest.raises(UserError, match=r"results.json records 2 epochs of this run; continuing .*epoch1.pt "
+                                            r"\(epoch 1\) there would replace the record of the later ones"):
+            train(DML, EVAL + ["--resume", str(out / "epoch1.pt")] + extra)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    fork = train(DML, EVAL + ["--resume", str(out / "epoch1.pt"), "--epochs", "2", "--extend-epochs", "--out",
+                              str(tmp_path / "fork")])
+    assert fork["epochs_done"] == 2
+
+
 def test_a_kill_between_last_and_best_is_repaired(tmp_path, monkeypatch, capsys):
     import engine.trainer as trainer_module
     calls = []
