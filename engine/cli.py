@@ -265,7 +265,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                         "$OKD_RUNS, else under the current directory)")
     r.add_argument("--tag", default=None, metavar="TEXT",
                    help="a label recorded in results.json (args.tag), e.g. TABLE/CELL by scripts/reproduce.py; "
-                        "it does not change the run directory")
+                        "it does not change the run directory; a resumed run keeps its own unless one is given")
     once = r.add_mutually_exclusive_group()
     once.add_argument("--resume", type=non_empty_path, nargs="?", const="auto", default=None, metavar="PATH|auto",
                       help="continue from a checkpoint, with its training options unless given again; 'auto' = "

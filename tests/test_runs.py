@@ -765,6 +765,17 @@ def test_a_damaged_last_pt_names_a_fix_that_works(run, tmp_path):
     assert results["epochs_done"] == 2
 
 
+def test_a_resumed_run_keeps_its_tag(tmp_path):
+    """--tag labels the run (reproduce.py's TABLE/CELL, by which summarize.py finds a table's runs): continued
+    without it, the run keeps its checkpoint's; a --tag given again replaces it."""
+    out = tmp_path / "run"
+    train(DML, TINY + ["--out", str(out), "--tag", "smoke/dml-resnet20"])
+    resumed = train(DML, EVAL + ["--resume", str(out / "last.pt"), "--epochs", "2", "--extend-epochs"])
+    assert resumed["args"]["tag"] == "smoke/dml-resnet20"
+    again = train(DML, EVAL + ["--out", str(out), "--resume", "auto", "--epochs", "3", "--extend-epochs", "--tag", "x"])
+    assert again["args"]["tag"] == "x"
+
+
 def test_best_pt_continued_in_place_never_replaces_the_record_of_later_epochs(tmp_path):
     """last.pt deleted (to keep only best.pt), then best.pt continued in its own folder: the record of the epochs
     after it would be replaced, so it is refused, and nothing changes; into another --out it continues."""
