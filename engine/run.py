@@ -203,7 +203,7 @@ class Run:
             self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes(),
                                              ckpt["args"]["epochs"])
             self.log(f"resumed from {self.saved} after epoch {ckpt['epoch']}")
-        self.process = _new_process(self.command, self.epochs)
+        self.process = _new_process(self.command, self.epochs, self.about.get("git_commit"))
         self.processes.append(self.process)
 
     @property
@@ -630,10 +630,12 @@ def _now_iso(t: Optional[float] = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() if t is None else t))
 
 
-def _new_process(command: str, start_epoch: int) -> dict:
-    """The record of this process training the run, from ``start_epoch`` (epochs already done)."""
+def _new_process(command: str, start_epoch: int, commit: Optional[str] = None) -> dict:
+    """The record of this process training the run, from ``start_epoch`` (epochs already done), with the
+    repository's ``commit`` it ran (a run resumed after a change of the code records both)."""
     t = time.time()
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "start_epoch": start_epoch,
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "git_commit": commit,
+            "start_epoch": start_epoch,
             "end_epoch": start_epoch, "started": _now_iso(t), "ended": None, "updated": _now_iso(t),
             "started_unix": t, "wall_s": 0.0, "status": "running"}
 

@@ -119,7 +119,8 @@ class Trainer:
         self.run = Run(out, method_cls, args, argv, selection, self.dist.world_size, self.dist.rank,
                        about={"peer_archs": archs, "classes": list(info.classes) if info.classes else None,
                               "image_size": info.image_size, "data": self.loaders.record,
-                              "git_commit": git_commit(), "versions": library_versions(self.device)})
+                              "git_commit": git_commit(method_cls.script),
+                              "versions": library_versions(self.device)})
         self.report = Reporter(self.run)
 
     @property
@@ -410,14 +411,20 @@ def select_device(args) -> torch.device:
     return device
 
 
-def git_commit() -> str:
-    """The repository's commit (``-dirty`` when it has changes), for the record; "unknown" outside git."""
+def git_commit(script: Optional[str] = None) -> str:
+    """The repository's commit, for the record, with ``-dirty`` when the code that runs may differ from it: a
+    changed or untracked ``.py`` file in the repository (a method copied and not yet committed), or the method's
+    ``script`` outside it; "unknown" outside git."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"],
-                             cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
+        commit, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "-uall", "--", "*.py")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    outside = script is not None and root not in Path(script).resolve().parents
+    return "unknown" if not commit else commit + ("-dirty" if changed or outside else "")
 
 
 def library_versions(device: torch.device) -> dict:

@@ -124,7 +124,8 @@ def test_a_copy_never_resumes_its_originals_checkpoint(run, tmp_path):
         train(cls, EVAL + ["--eval-only", str(run / "best.pt")])
     # and the original never resumes the copy's: the message names the script that saved it, as it was run
     copy_run = tmp_path / "copy_run"
-    train(cls, TINY + ["--out", str(copy_run)])
+    # the commit recorded does not hold the copy's code (outside the repository, or untracked in it)
+    assert train(cls, TINY + ["--out", str(copy_run)])["git_commit"].endswith("-dirty")
     with pytest.raises(UserError, match=r"was saved by train_dml_copy\.py; resume it with that script"):
         train(DML, TINY + ["--epochs", "2", "--extend-epochs", "--resume", str(copy_run / "last.pt")])
 
