@@ -100,17 +100,15 @@ class Run:
         inside = next((p for p in self.folder.parents if holds_run(p)), None)
         if inside is not None:        # (--out RUN/tensorboard: its files would pass for RUN's)
             raise UserError(f"{self.folder} lies inside the run directory {inside}; give an --out outside it")
+        in_the_way = _a_folder_in_the_way(self.folder)
+        if in_the_way:
+            raise UserError(in_the_way)
         self._lock()
         resume = resume_path(self.config.resume, self.folder)
         if resume is None:
-            if (self.folder / "last.pt").exists():
-                raise UserError(f"{self.folder} already holds a run (last.pt). Continue it with --resume auto, "
-                                "or start a new run with another --out; nothing is overwritten.")
-            earlier = self._earlier_run_files()
-            if earlier:
-                raise UserError(f"{self.folder} holds {' and '.join(earlier)} of an earlier run but no last.pt to "
-                                "continue it from; start this run with another --out (or move that folder away); "
-                                "nothing is overwritten.")
+            problem = new_run_problem(self.folder)
+            if problem:
+                raise UserError(problem)
             if self.config.resume == "auto":
                 self._refuse_a_sibling_run()
                 self.log(f"--resume auto: no checkpoint in {self.folder}, starting a new run")
@@ -127,7 +125,7 @@ class Run:
                             f"checkpoint's values, or {new_run_hint(self.config.resume)}")
         self.check_data(ckpt, resume)
         self._check_target(resume, ckpt)
-        earlier = [] if (self.folder / "last.pt").exists() else self._earlier_run_files(ckpt.get("run_id"))
+        earlier = [] if (self.folder / "last.pt").exists() else _earlier_run_files(self.folder, ckpt.get("run_id"))
         if earlier:
             raise UserError(f"{self.folder} holds {' and '.join(earlier)} of another run; continuing {resume} there "
                             f"would overwrite it. Give another --out to continue {resume}")
@@ -230,24 +228,6 @@ class Run:
                          "unlocking (stale lock taken over)")
             for tmp in clean_temp_files(self.folder):
                 self.log(f"removed {tmp}, left by an interrupted write")
-
-    def _earlier_run_files(self, run_id: Optional[str] = None) -> list[str]:
-        """What of another run than ``run_id`` (the run being continued, if any) the folder holds besides
-        last.pt: best.pt and the evaluations of its checkpoints (eval-*.json), and a results.json unless it is
-        this repository's record of a run that saved no epoch (one stopped in its first epoch, which a new run
-        simply replaces)."""
-        best = self.folder / "best.pt"
-        of_this_run = run_id is not None and (_readable_checkpoint(best) or {}).get("run_id") == run_id
-        evaluations = sorted(p.name for p in self.folder.glob(RUN_EVALUATIONS)
-                             if run_id is None or _json_object(p).get("run_id") != run_id)
-        found = (["best.pt"] if best.exists() and not of_this_run else []) + evaluations
-        record = self.folder / "results.json"
-        if record.exists():
-            saved = _json_object(record)         # unreadable ({}): kept, it may be all that is left of a run
-            if not ("method" in saved
-                    and (saved.get("history") == [] or (run_id is not None and saved.get("run_id") == run_id))):
-                found.append("results.json")
-        return found
 
     def _check_target(self, path: Path, ckpt: dict) -> None:
         """Never write into a folder that holds another run's last.pt (or a later state of this run)."""
@@ -425,8 +405,17 @@ class Run:
     def check_evaluation(self, path: Path, ckpt: dict) -> None:
         """Before evaluating ``ckpt`` (read from ``path``): the evaluation file may only replace an evaluation of
         the same run's checkpoint (a later epoch of it too), never another run's (``--eval-only OTHER/best.pt
-        --out RUN``). An unreadable one is kept, as another run's."""
+        --out RUN``). An unreadable one is kept, as another run's. An --out of its own must not hold another run."""
         target = self.evaluation_file()
+        if target.is_dir():
+            raise UserError(f"{target} is a folder where the evaluation is written; move it away, or give another "
+                            "--out")
+        if path.absolute().parent != self.folder and holds_run(self.folder):
+            other = (_json_object(self.folder / "results.json").get("run_id")
+                     or (_readable_checkpoint(self.folder / "last.pt") or {}).get("run_id"))
+            if other != ckpt.get("run_id"):
+                raise UserError(f"--out {self.folder} holds another run; give this evaluation an --out of its own (or "
+                                f"leave --out out: it is written beside {path})")
         earlier = _json_object(target)
         if not target.exists() or earlier.get("run_id", False) == ckpt.get("run_id"):
             return
@@ -475,6 +464,48 @@ class Run:
     def recorded(self) -> dict:
         """results.json as written, or this run's record if there is none."""
         return read_record(self.folder / "results.json") or self.results("finished")
+
+
+def new_run_problem(folder: Path) -> Optional[str]:
+    """Why a new run cannot start in ``folder``, or None: it holds another run's last.pt, or what an earlier run
+    left (:func:`_earlier_run_files`), or a folder where the run writes a file. Checked before the data are read,
+    and again under the run's lock."""
+    in_the_way = _a_folder_in_the_way(folder)
+    if in_the_way:
+        return in_the_way
+    if (folder / "last.pt").exists():
+        return (f"{folder} already holds a run (last.pt). Continue it with --resume auto, or start a new run with "
+                "another --out; nothing is overwritten.")
+    earlier = _earlier_run_files(folder)
+    if earlier:
+        return (f"{folder} holds {' and '.join(earlier)} of an earlier run but no last.pt to continue it from; start "
+                "this run with another --out (or move that folder away); nothing is overwritten.")
+    return None
+
+
+def _a_folder_in_the_way(folder: Path) -> Optional[str]:
+    """The line for a folder named as a file the run writes (last.pt, best.pt, results.json), or None."""
+    taken = next((folder / name for name in ("last.pt", "best.pt", "results.json") if (folder / name).is_dir()), None)
+    return taken and f"{taken} is a folder where the run writes a file; move it away, or give another --out"
+
+
+def _earlier_run_files(folder: Path, run_id: Optional[str] = None) -> list[str]:
+    """What of another run than ``run_id`` (the run being continued, if any) ``folder`` holds besides last.pt:
+    best.pt and the evaluations of its checkpoints (eval-*.json), and a results.json unless it is this
+    repository's record of a run that saved no epoch (one stopped in its first epoch, which a new run simply
+    replaces)."""
+    best = folder / "best.pt"
+    of_this_run = run_id is not None and (_readable_checkpoint(best) or {}).get("run_id") == run_id
+    evaluations = sorted(p.name for p in folder.glob(RUN_EVALUATIONS)
+                         if run_id is None or _json_object(p).get("run_id") != run_id)
+    found = (["best.pt"] if best.exists() and not of_this_run else []) + evaluations
+    record = folder / "results.json"
+    if record.exists():
+        saved = _json_object(record)         # unreadable ({}): kept, it may be all that is left of a run
+        if not ("method" in saved
+                and (saved.get("history") == [] or (run_id is not None and saved.get("run_id") == run_id))):
+            found.append("results.json")
+    return found
 
 
 def read_record(path: Path) -> Optional[dict]:
@@ -700,8 +731,6 @@ class RunLock:
         self.created_folder = False
 
     def acquire(self) -> "RunLock":
-        if self.folder.exists() and not self.folder.is_dir():
-            raise UserError(f"--out {self.folder} is a file, not a folder; choose another --out")
         try:
             self.created_folder = not self.folder.exists()
             self.folder.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from .errors import UserError
 from .method import Method, StepContext
 from .optim import Optimization
 from .reporting import Reporter
-from .run import Run, file_stamp
+from .run import Run, file_stamp, new_run_problem
 from .signals import Interrupted, stop_on_signals, stop_signal
 
 
@@ -62,6 +62,8 @@ class Trainer:
 
         self.method_cls = method_cls
         argv = list(sys.argv[1:] if argv is None else argv)   # the command, for the record
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise UserError(f"--out {args.out} is a file, not a folder; choose another --out")
         self.ckpt, self.ckpt_stamp = None, None    # the checkpoint the command names, read once
         # trained or evaluated as its checkpoint was (--resume auto: the run's folder is known here only with --out)
         source = args.eval_only or resume_path(args.resume, args.out)
@@ -72,6 +74,10 @@ class Trainer:
             args = from_checkpoint(method_cls, args, argv, ckpt["args"], Path(source), bool(args.eval_only))
             if args.eval_only and args.image_size is None and args.dataset == "folder":
                 args.image_size = ckpt.get("image_size")   # evaluated at the size it was trained at
+        elif args.out:             # a new run in --out: its folder is checked before the data are read
+            problem = new_run_problem(Path(args.out))
+            if problem:
+                raise UserError(problem)
         self.args = args = resolve(method_cls, args)   # read-only from here on
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -847,6 +847,45 @@ def test_out_that_is_a_file(tmp_path):
         train(Baseline, TINY + ["--out", str(path)])
 
 
+@pytest.mark.parametrize("name", ["last.pt", "best.pt", "results.json"])
+def test_a_run_file_that_is_a_folder_is_one_line(run, tmp_path, name):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / name).unlink()
+    (copy / name).mkdir()
+    with pytest.raises(UserError, match=f"{copy / name} is a folder where the run writes a file; move it away"):
+        train(DML, EVAL + ["--out", str(copy), "--resume", "auto", "--epochs", "2", "--extend-epochs"])
+
+
+def test_an_eval_only_out_is_checked_before_evaluating(run, tmp_path, capsys):
+    """--eval-only --out: a file, a folder of another run, or an evaluation file name taken by a folder, each
+    stop in one line before anything is evaluated; the other run's files are untouched."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    with pytest.raises(UserError, match=f"--out {a_file} is a file, not a folder"):
+        train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--out", str(a_file)])
+    other = tmp_path / "other"
+    train(Baseline, TINY + ["--out", str(other)])
+    before = _files(other)
+    with pytest.raises(UserError, match=f"--out {other} holds another run; give this evaluation an --out of its own"):
+        train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--out", str(other)])
+    assert _files(other) == before
+    (tmp_path / "evals" / "eval-best-synthetic.json").mkdir(parents=True)
+    with pytest.raises(UserError, match="eval-best-synthetic.json is a folder where the evaluation is written"):
+        train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--out", str(tmp_path / "evals")])
+    assert "test:" not in capsys.readouterr().out
+
+
+def test_a_new_run_in_a_folder_of_an_earlier_run_is_refused_before_the_data_are_read(run, tmp_path):
+    """--out DIR --resume auto with no flags, DIR without last.pt but with best.pt: the folder's problem, not the
+    default dataset's (CIFAR-100, absent here)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "last.pt").unlink()
+    with pytest.raises(UserError, match="holds best.pt and results.json of an earlier run but no last.pt"):
+        train(DML, ["--out", str(copy), "--resume", "auto", "--gpu", "-1"])
+
+
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     args = TINY + ["--out", str(tmp_path)]
     train(Baseline, args)
