@@ -39,7 +39,7 @@ from .cli import resume_path
 from .config import RunConfig, describe_differences, new_run_hint, recorded_differences
 from .distributed import any_rank, barrier
 from .errors import UserError
-from .method import script_name
+from .method import script_path
 from .signals import signals_held, stop_signal
 
 
@@ -79,7 +79,7 @@ class Run:
 
     @property
     def script(self) -> str:
-        return script_name(self.method_cls)
+        return script_path(self.method_cls)
 
     @property
     def command(self) -> str:

@@ -126,7 +126,7 @@ def test_a_copy_never_resumes_its_originals_checkpoint(run, tmp_path):
     copy_run = tmp_path / "copy_run"
     # the commit recorded does not hold the copy's code (outside the repository, or untracked in it)
     assert train(cls, TINY + ["--out", str(copy_run)])["git_commit"].endswith("-dirty")
-    with pytest.raises(UserError, match=r"was saved by train_dml_copy\.py; resume it with that script"):
+    with pytest.raises(UserError, match=f"was saved by {tmp_path / 'train_dml_copy.py'}; resume it with that script"):
         train(DML, TINY + ["--epochs", "2", "--extend-epochs", "--resume", str(copy_run / "last.pt")])
 
 
@@ -1143,6 +1143,20 @@ def test_the_continue_command_replaces_out_and_resume_as_the_parser_reads_them(a
     stopped = run_module.Run(tmp_path, DML, config, argv, ("test", "ensemble/top1"))
     assert stopped.continue_command() == f"python train_dml.py {kept} --out {tmp_path} --resume auto"
 
+
+
+def test_the_commands_a_run_suggests_name_its_script_from_the_current_directory(tmp_path, monkeypatch):
+    """Run from another directory (``python /path/to/train_dml.py``), the commands a run records and suggests
+    name the script so that they run from there; from the repository's root, as ``train_dml.py``."""
+    argv = ["--arch", "resnet20"]
+    config = parse_args(DML, argv)
+    assert run_module.Run(tmp_path, DML, config, argv, ("test", "ensemble/top1")).command == \
+        "train_dml.py --arch resnet20"
+    monkeypatch.chdir(tmp_path)
+    stopped = run_module.Run(tmp_path / "run", DML, config, argv, ("test", "ensemble/top1"))
+    assert stopped.command == f"{REPO / 'train_dml.py'} --arch resnet20"
+    assert stopped.continue_command() == f"python {REPO / 'train_dml.py'} --arch resnet20 --out {tmp_path / 'run'} " \
+                                         "--resume auto"
 
 
 # ---- 12. a checkpoint opens anywhere ---------------------------------------------------------------------------
