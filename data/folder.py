@@ -110,15 +110,10 @@ def layout_fix(root: Path) -> str:
 
 
 def _is_image(split_dir: str):
-    """``make_dataset``'s ``is_valid_file``: an image extension, and no hidden name below ``split_dir``. A folder
-    that is a symbolic link back to one above it is refused (:func:`~data.common.check_link_loop`)."""
-    start, folders = len(split_dir) + 1, set()
+    """``make_dataset``'s ``is_valid_file``: an image extension, and no hidden name below ``split_dir``."""
+    start = len(split_dir) + 1
 
     def valid(path: str) -> bool:
-        folder = os.path.dirname(path)
-        if folder not in folders:
-            check_link_loop(folder, split_dir)
-            folders.add(folder)
         return has_file_allowed_extension(path, IMG_EXTENSIONS) and \
             not any(is_hidden(part) for part in path[start:].split(os.sep))
     return valid
@@ -177,6 +172,9 @@ def _scan(root: Path, classes_file: Optional[Path]) -> FolderTree:
             notes.append(f"folder: {loose} image(s) directly in {split_dir} belong to no class folder and are not "
                          f"used; move them into {split_dir}/<class>/")
         index = {c: i for i, c in enumerate(classes) if c in folders}
+        for c in index:    # (make_dataset lists a class folder's whole walk first: a link loop would never end)
+            for folder, _, _ in os.walk(split_dir / c, followlinks=True):
+                check_link_loop(folder, str(split_dir))
         found = make_dataset(str(split_dir), index, is_valid_file=_is_image(str(split_dir)), allow_empty=True)
         counts = Counter(label for _, label in found)
         empty += [split_dir / c for c, i in index.items() if not counts[i]]

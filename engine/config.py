@@ -165,8 +165,6 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], s
                         f"values (leave these flags out), or {new_run_hint(args.resume)}")
     kept = {k: v for k, v in options.items() if k in vars(args) and not (k in given and k in free)}
     kept.update({k: saved[k] for k in ("recipe", "preset") if k in saved and k in vars(args) and k not in given})
-    if "tag" not in given and saved.get("tag") is not None:
-        kept["tag"] = saved["tag"]       # the run's label (reproduce.py's TABLE/CELL, which summarize.py reads)
     if "data" not in given and saved.get("data") and Path(saved["data"]).is_dir():
         kept["data"] = saved["data"]     # where it was read from, if it is still there (else: the default place)
     elif "data" not in given and saved.get("data") and saved.get("dataset") == "folder":   # (no default place)

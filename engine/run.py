@@ -76,6 +76,7 @@ class Run:
         self.process: Optional[dict] = None     # this one's entry, while it trains
         self.lock: Optional[RunLock] = None
         self.saved: Optional[Path] = None        # the checkpoint that holds the recorded epochs (resumed: its own)
+        self.tag = config.tag                   # the run's label (--tag); continued in its folder: kept unless given
 
     @property
     def script(self) -> str:
@@ -100,15 +101,12 @@ class Run:
         inside = next((p for p in self.folder.parents if holds_run(p)), None)
         if inside is not None:        # (--out RUN/tensorboard: its files would pass for RUN's)
             raise UserError(f"{self.folder} lies inside the run directory {inside}; give an --out outside it")
-        in_the_way = _a_folder_in_the_way(self.folder)
-        if in_the_way:
-            raise UserError(in_the_way)
         self._lock()
         resume = resume_path(self.config.resume, self.folder)
+        problem = new_run_problem(self.folder) if resume is None else _a_folder_in_the_way(self.folder)
+        if problem:
+            raise UserError(problem)
         if resume is None:
-            problem = new_run_problem(self.folder)
-            if problem:
-                raise UserError(problem)
             if self.config.resume == "auto":
                 self._refuse_a_sibling_run()
                 self.log(f"--resume auto: no checkpoint in {self.folder}, starting a new run")
@@ -140,6 +138,8 @@ class Run:
             self._repair_record(resume, ckpt)
         self.saved = resume
         self.records = list(ckpt["history"])
+        if self.tag is None and resume.absolute().parent == self.folder:   # (a copy in a new --out: another run)
+            self.tag = ckpt["args"].get("tag")
         if self.done_after(ckpt["epoch"]):
             self.log(f"{resume}: the run is already finished ({ckpt['epoch']} of {self.config.epochs} epochs); "
                      "nothing to do, nothing changed. To train longer: a larger --epochs with --extend-epochs")
@@ -311,11 +311,10 @@ class Run:
         checkpoint is written; every rank waits for rank 0 and the others take the epoch after it."""
         records = self.records + [record]
         status = "finished" if self.done_after(record["epoch"]) else "running"
-        if self.is_main and not self.lock.held():
-            self.process = None      # nothing more is written: the folder may have another writer now
-            raise UserError(f"{self.lock.path} was removed or replaced while this process trained the run, so "
-                            f"another process may be writing it; epoch {record['epoch']} was not saved and "
-                            f"{self.saved_state()}. Once no other process trains it: {self.continue_command()}")
+        lost = self._lock_lost()
+        if any_rank(lost is not None):
+            raise UserError(f"{lost or 'rank 0 lost the lock of the run'}; epoch {record['epoch']} was not saved. "
+                            f"Once no other process trains it: {self.continue_command()}")
         if self.is_main:
             self._update_process("running", len(records))  # the checkpoint's own record counts this epoch
             ckpt = {"format": FORMAT, "layout": "plain", "epoch": record["epoch"], **state, **self.record(records)}
@@ -335,7 +334,10 @@ class Run:
         SIGTERM) returns the one line for the user: what is saved and the command that continues the run."""
         message = None
         try:
-            if self.process is not None and error is None:
+            lost = self._lock_lost()
+            if lost and stop_signal(error):
+                message = f"interrupted ({stop_signal(error)}): {lost}"
+            elif self.process is not None and error is None:
                 self.write_results("finished")
             elif self.process is not None:
                 # the record holds the checkpointed epochs only: an epoch whose save was cut short is trained again
@@ -360,6 +362,15 @@ class Run:
                 self.lock.release()
                 self.lock = None
         return message
+
+    def _lock_lost(self) -> Optional[str]:
+        """Rank 0's lock file was removed or replaced (by hand) while this process trained the run: another
+        process may be writing the run now, so this one writes nothing more. The line for the user, or None."""
+        if not (self.is_main and self.process is not None and self.lock is not None and not self.lock.held()):
+            return None
+        self.process = None
+        return (f"{self.lock.path} was removed or replaced while this process trained the run, so another process "
+                f"may be writing it; nothing more was written by this one, and {self.saved_state()}")
 
     def saved_state(self) -> str:
         """What a stopped run keeps, for the user: '<checkpoint> holds epoch N' or 'no epoch had been saved'."""
@@ -405,7 +416,9 @@ class Run:
     def check_evaluation(self, path: Path, ckpt: dict) -> None:
         """Before evaluating ``ckpt`` (read from ``path``): the evaluation file may only replace an evaluation of
         the same run's checkpoint (a later epoch of it too), never another run's (``--eval-only OTHER/best.pt
-        --out RUN``). An unreadable one is kept, as another run's. An --out of its own must not hold another run."""
+        --out RUN``); one that cannot be read is kept as another run's, except in the checkpoint's own folder (an
+        evaluation written there before evaluations recorded their run). An --out of its own must not hold another
+        run."""
         target = self.evaluation_file()
         if target.is_dir():
             raise UserError(f"{target} is a folder where the evaluation is written; move it away, or give another "
@@ -437,8 +450,9 @@ class Run:
         """What results.json renders (:func:`results_of`): the epochs' ``records`` (default: the saved ones) and
         what the run is; every checkpoint holds it too, so that the record of a run killed between its two
         writes is rebuilt from its last.pt (:func:`read_run`)."""
-        return {"method": self.method_cls.name, "run_id": self.run_id, "args": self.config.as_dict(),
-                "world_size": self.world_size, "processes": self.processes,
+        return {"method": self.method_cls.name, "run_id": self.run_id,
+                "args": {**self.config.as_dict(), "tag": self.tag}, "world_size": self.world_size,
+                "processes": self.processes,
                 **history_state(self.records if records is None else records, *self.selection), **self.about,
                 "command": self.command}
 

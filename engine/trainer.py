@@ -426,7 +426,8 @@ def git_commit(script: Optional[str] = None) -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        commit, changed = git("rev-parse", "HEAD"), git("status", "--porcelain", "-uall", "--", "*.py")
+        commit = git("rev-parse", "--verify", "-q", "HEAD")
+        changed = git("status", "--porcelain", "-uall", "--", "*.py")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     outside = script is not None and root not in Path(script).resolve().parents

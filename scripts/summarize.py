@@ -15,7 +15,8 @@ seeds, the published value and ours (best) minus it. Unfinished runs are counted
 a cell without runs is marked missing, a cell whose script does not exist yet "not built". A cell whose runs
 were trained with other training flags than the table's command (``reproduce.py --extra="--subset 64"``; the
 options compared are the engine's, ``engine/config.py``) is marked "other flags", with the flags. A
-results.json that cannot be read (corrupt, truncated, not a run's) is reported by path and skipped.
+results.json that cannot be read (corrupt, truncated, not a run's) is read from its run's last.pt, and reported
+by path and skipped where there is none.
 
 Where the table has a baseline, each method's single number is also set against the baseline on the same
 backbone: the gain in top-1 points and whether it exceeds twice its standard error over seeds.

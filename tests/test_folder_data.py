@@ -111,14 +111,23 @@ def test_hidden_entries_are_ignored_and_symlinks_followed(tmp_path):
     assert torch.bincount(loaders.train.labels).tolist() == [7, 6, 3]
 
 
-@pytest.mark.parametrize("link", ["train/cat/loop", "train/cat/deeper/loop", "val/dog/loop"])
-def test_a_symbolic_link_loop_is_refused_not_walked(tmp_path, link):
+@pytest.mark.parametrize("links", [["train/cat/loop"], ["train/cat/deeper/loop"], ["val/dog/loop"],
+                                   ["train/cat/a", "train/cat/b"], ["train/cat/nested/loop"]])
+def test_a_symbolic_link_loop_is_refused_not_walked(tmp_path, links):
     """A link back to a folder above it would list that folder's images some 40 times (the system's limit of
-    links): refused, naming the link, before anything is trained."""
+    links), and two such links 2^40 times: refused, naming a link, before anything is trained. Also
+    where the looped folder holds only sub-folders of images."""
     root = write_folder(tmp_path / "tree")
-    (root / link).parent.mkdir(exist_ok=True)
-    (root / link).symlink_to((root / link).parent.parent if "deeper" in link else (root / link).parent)
-    with pytest.raises(BadDatasetError, match=f"{root / link} is a symbolic link back to .*; remove the link"):
+    if "nested" in links[0]:
+        (root / "train" / "cat").rename(tmp_path / "images")
+        (root / "train" / "cat").mkdir()
+        (tmp_path / "images").rename(root / "train" / "cat" / "nested")
+        links = ["train/cat/loop"]
+    for link in links:
+        (root / link).parent.mkdir(exist_ok=True)
+        (root / link).symlink_to((root / link).parent.parent if "deeper" in link else (root / link).parent)
+    named = "|".join(re.escape(str(root / link)) for link in links)          # (the walk's order: either link)
+    with pytest.raises(BadDatasetError, match=f"({named}) is a symbolic link back to .*; remove the link"):
         build_loaders(args_for(root), "cpu")
 
 

@@ -110,6 +110,24 @@ def test_a_copied_script_is_another_method(script, tmp_path):
     assert _name(cls, ["--dataset", "synthetic"]).startswith(f"{method}_copy-")
 
 
+def test_the_recorded_commit_is_dirty_when_the_code_that_ran_is_not_in_it(monkeypatch):
+    """git_commit: HEAD's commit, '-dirty' when git lists a changed or untracked .py file or the script lies
+    outside the repository; 'unknown' outside git (git answered as by a stand-in)."""
+    import engine.trainer as trainer_module
+    answers = {}
+
+    def git(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 0, stdout=answers[cmd[1]], stderr="")
+    monkeypatch.setattr(trainer_module.subprocess, "run", git)
+    answers.update({"rev-parse": "abc\n", "status": ""})
+    assert trainer_module.git_commit(str(REPO / "train_dml.py")) == "abc"
+    assert trainer_module.git_commit("/elsewhere/my_idea.py") == "abc-dirty"
+    answers["status"] = "?? train_dml_x.py\n"                       # a copied method, not yet committed
+    assert trainer_module.git_commit(str(REPO / "train_dml_x.py")) == "abc-dirty"
+    answers.update({"rev-parse": "", "status": ""})                  # not a git repository (or no commit)
+    assert trainer_module.git_commit(str(REPO / "train_dml.py")) == "unknown"
+
+
 def test_a_copy_named_train_py_is_a_method_with_a_name(tmp_path):
     cls = _copy_of("train_dml.py", tmp_path, name="train_.py")
     assert cls.name == "train_"
@@ -315,12 +333,29 @@ def test_a_run_whose_lock_file_was_removed_stops_before_its_next_save(tmp_path):
     train(DML, TINY + ["--out", str(out)])
     saved = ("last.pt", "best.pt", "results.json")
     before = {name: (out / name).read_bytes() for name in saved}
-    with pytest.raises(UserError, match=r"\.lock was removed or replaced .* epoch 2 was not saved and .*last\.pt "
-                                        r"holds epoch 1\. Once no other process trains it: python train_dml\.py"):
+    with pytest.raises(UserError, match=r"\.lock was removed or replaced .* nothing more was written by this one, "
+                                        r"and .*last\.pt holds epoch 1; epoch 2 was not saved\. Once no other "
+                                        r"process trains it: python train_dml\.py"):
         train(LockRemoved, TINY[:-2] + ["--epochs", "2", "--extend-epochs", "--resume", "auto", "--out", str(out)])
     assert {name: (out / name).read_bytes() for name in saved} == before
     assert train(DML, TINY[:-2] + ["--epochs", "2", "--extend-epochs", "--resume", "auto",
                                    "--out", str(out)])["epochs_done"] == 2
+
+    other = run_module.RunLock(out, "another process")
+
+    class TakenOverThenStopped(DML):      # another process locks the folder and writes; then Ctrl-C on this one
+        def on_epoch_end(self, epoch, evaluator):
+            (out / RUN_LOCK).unlink()
+            other.acquire()
+            (out / "results.json").write_text("the other process's record")
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt) as e:
+        train(TakenOverThenStopped, TINY[:-2] + ["--epochs", "3", "--extend-epochs", "--resume", "auto", "--out",
+                                                 str(out)])
+    other.release()
+    assert "removed or replaced while this process trained the run" in e.value.message
+    assert "Continue with" not in e.value.message
+    assert (out / "results.json").read_text() == "the other process's record"
 
 
 # ---- 5. --eval-only evaluates the checkpoint as trained --------------------------------------------------
@@ -361,10 +396,16 @@ def test_eval_only_honours_the_evaluation_options_it_is_given(run, tmp_path):
     assert not (subset_run / "eval-best-synthetic-test40.json").exists()
     # another run's checkpoint evaluated into this folder would replace its evaluation: refused, before evaluating
     before = (subset_run / "eval-best-synthetic.json").read_bytes()
-    with pytest.raises(UserError, match=r"eval-best-synthetic.json holds the evaluation of another checkpoint .*"
-                                        "Give another --out"):
+    with pytest.raises(UserError, match=f"--out {subset_run} holds another run"):
         train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--eval-subset", "0", "--out", str(subset_run)])
     assert (subset_run / "eval-best-synthetic.json").read_bytes() == before
+    # and so in a folder of evaluations (no run): each checkpoint's evaluation is only replaced by its own
+    train(DML, EVAL + ["--eval-only", str(subset_run / "best.pt"), "--eval-subset", "0", "--out", str(tmp_path / "evals")])
+    before = (tmp_path / "evals" / "eval-best-synthetic.json").read_bytes()
+    with pytest.raises(UserError, match=r"eval-best-synthetic.json holds the evaluation of another checkpoint .*"
+                                        "Give another --out"):
+        train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--eval-subset", "0", "--out", str(tmp_path / "evals")])
+    assert (tmp_path / "evals" / "eval-best-synthetic.json").read_bytes() == before
     train(DML, EVAL + ["--eval-only", str(subset_run / "best.pt"), "--eval-subset", "0"])    # its own: replaced
     evaluation = subset_run / "eval-best-synthetic.json"    # one of an older version (no run_id), in its folder
     evaluation.write_text(json.dumps({k: v for k, v in json.loads(evaluation.read_text()).items() if k != "run_id"}))
@@ -766,15 +807,25 @@ def test_a_damaged_last_pt_names_a_fix_that_works(run, tmp_path):
     assert results["epochs_done"] == 2
 
 
-def test_a_resumed_run_keeps_its_tag(tmp_path):
+def test_a_resumed_run_keeps_its_tag(tmp_path, monkeypatch):
     """--tag labels the run (reproduce.py's TABLE/CELL, by which summarize.py finds a table's runs): continued
-    without it, the run keeps its checkpoint's; a --tag given again replaces it."""
+    in its folder without it, however the folder is found, the run keeps its checkpoint's; a --tag given again
+    replaces it; a copy continued in another --out is another run and has none unless given."""
     out = tmp_path / "run"
     train(DML, TINY + ["--out", str(out), "--tag", "smoke/dml-resnet20"])
     resumed = train(DML, EVAL + ["--resume", str(out / "last.pt"), "--epochs", "2", "--extend-epochs"])
     assert resumed["args"]["tag"] == "smoke/dml-resnet20"
+    assert load_checkpoint(out / "last.pt")["args"]["tag"] == "smoke/dml-resnet20"
+    fork = train(DML, EVAL + ["--resume", str(out / "last.pt"), "--epochs", "3", "--extend-epochs", "--out",
+                              str(tmp_path / "fork")])
+    assert fork["args"]["tag"] is None
     again = train(DML, EVAL + ["--out", str(out), "--resume", "auto", "--epochs", "3", "--extend-epochs", "--tag", "x"])
     assert again["args"]["tag"] == "x"
+    monkeypatch.setenv("OKD_RUNS", str(tmp_path / "runs"))       # found by its flags (no --out)
+    interrupted_dml = interrupted(DML, 1)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted_dml, TINY[:-2] + ["--epochs", "2", "--tag", "t/cell"])
+    assert train(DML, TINY[:-2] + ["--epochs", "2", "--resume", "auto"])["args"]["tag"] == "t/cell"
 
 
 def test_best_pt_continued_in_place_never_replaces_the_record_of_later_epochs(tmp_path):
@@ -876,9 +927,10 @@ def test_an_eval_only_out_is_checked_before_evaluating(run, tmp_path, capsys):
     assert "test:" not in capsys.readouterr().out
 
 
-def test_a_new_run_in_a_folder_of_an_earlier_run_is_refused_before_the_data_are_read(run, tmp_path):
+def test_a_new_run_in_a_folder_of_an_earlier_run_is_refused_before_the_data_are_read(run, tmp_path, monkeypatch):
     """--out DIR --resume auto with no flags, DIR without last.pt but with best.pt: the folder's problem, not the
-    default dataset's (CIFAR-100, absent here)."""
+    default dataset's (CIFAR-100, absent from an empty $OKD_DATASETS)."""
+    monkeypatch.setenv("OKD_DATASETS", str(tmp_path / "no_datasets"))
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     (copy / "last.pt").unlink()
@@ -1150,6 +1202,7 @@ def test_the_commands_a_run_suggests_name_its_script_from_the_current_directory(
     name the script so that they run from there; from the repository's root, as ``train_dml.py``."""
     argv = ["--arch", "resnet20"]
     config = parse_args(DML, argv)
+    monkeypatch.chdir(REPO)
     assert run_module.Run(tmp_path, DML, config, argv, ("test", "ensemble/top1")).command == \
         "train_dml.py --arch resnet20"
     monkeypatch.chdir(tmp_path)
