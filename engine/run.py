@@ -680,9 +680,8 @@ def _new_process(command: str, start_epoch: int, commit: Optional[str] = None) -
     repository's ``commit`` it ran (a run resumed after a change of the code records both)."""
     t = time.time()
     return {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "git_commit": commit,
-            "start_epoch": start_epoch,
-            "end_epoch": start_epoch, "started": _now_iso(t), "ended": None, "updated": _now_iso(t),
-            "started_unix": t, "wall_s": 0.0, "status": "running"}
+            "start_epoch": start_epoch, "end_epoch": start_epoch, "started": _now_iso(t), "ended": None,
+            "updated": _now_iso(t), "started_unix": t, "wall_s": 0.0, "status": "running"}
 
 
 def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequence[dict]],
