@@ -33,7 +33,7 @@ RUN_LOCK = ".lock"                                 # the one writer's lock file;
 RUN_CHECKPOINTS = ("last.pt", "best.pt")          # the resume point and the best epoch
 RUN_FILES = {"last.pt": "its latest checkpoint (its resume point)", "best.pt": "its best epoch's checkpoint",
              "results.json": "its record", RUN_LOCK: "its lock file"}
-RUN_EVALUATIONS = "eval-*.json"                    # engine.trainer: --eval-only's results, beside the checkpoint
+RUN_EVALUATIONS = "eval-*.json"                    # engine.run: --eval-only's results, beside the checkpoint
 RUN_TENSORBOARD = "tensorboard"                    # engine.reporting: the run's event files
 
 

@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from data.files import RUN_EVALUATIONS, RUN_LOCK, clean_temp_files, holds_run, os_error_message
+from data.files import RUN_EVALUATIONS, RUN_FILES, RUN_LOCK, clean_temp_files, holds_run, os_error_message
 from recipes import RECIPE_KEYS, RECIPES
 
 from .checkpoint import FORMAT, atomic_save, atomic_write, check_saved_by, load_checkpoint
@@ -499,7 +499,7 @@ def new_run_problem(folder: Path) -> Optional[str]:
 
 def _a_folder_in_the_way(folder: Path) -> Optional[str]:
     """The line for a folder named as a file the run writes (last.pt, best.pt, results.json), or None."""
-    taken = next((folder / name for name in ("last.pt", "best.pt", "results.json") if (folder / name).is_dir()), None)
+    taken = next((folder / name for name in RUN_FILES if name != RUN_LOCK and (folder / name).is_dir()), None)
     return taken and f"{taken} is a folder where the run writes a file; move it away, or give another --out"
 
 
