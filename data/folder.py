@@ -4,7 +4,8 @@
 ``DIR/val/<class>/`` or ``DIR/test/<class>/``. Classes are the folders of ``train/`` in sorted order (label =
 position), images are the files with one of torchvision's ``IMG_EXTENSIONS`` (.jpg .jpeg .png .ppm .bmp .pgm
 .tif .tiff .webp, any case), found recursively under each class folder, in sorted order
-(``torchvision.datasets.folder.make_dataset``). ``--classes FILE`` keeps only the listed class folders
+(``torchvision.datasets.folder.make_dataset``'s order, listed in one walk that also stops at a symbolic link
+loop). ``--classes FILE`` keeps only the listed class folders
 (still in sorted order), e.g. ImageNet-100 over an ILSVRC tree, without copying an image.
 
 **Splits.** ``val/`` or ``test/``: the evaluation set (reported, and it chooses ``best`` unless
@@ -62,7 +63,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .common import (ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError,
                      array_transforms, check_image_size_flag, check_link_loop, default_dir, is_hidden, load_or_warn,
@@ -109,14 +110,21 @@ def layout_fix(root: Path) -> str:
             f"images in {root}/val/<class>/ (or test/); then pass --data {root}")
 
 
-def _is_image(split_dir: str):
-    """``make_dataset``'s ``is_valid_file``: an image extension, and no hidden name below ``split_dir``."""
-    start = len(split_dir) + 1
-
-    def valid(path: str) -> bool:
-        return has_file_allowed_extension(path, IMG_EXTENSIONS) and \
-            not any(is_hidden(part) for part in path[start:].split(os.sep))
-    return valid
+def _images(split_dir: Path, index: dict[str, int]) -> list[tuple[str, int]]:
+    """(path, label) of every image (an ``IMG_EXTENSIONS`` file) below the class folders ``index`` names in
+    ``split_dir``, in torchvision's ``make_dataset`` order (classes, then folders, then files, by name), hidden
+    files and folders left out. One walk per class folder, which stops at a symbolic link loop
+    (:func:`~data.common.check_link_loop`; make_dataset would list the whole walk first, and never end)."""
+    found = []
+    for c in sorted(index):
+        walk = []
+        for folder, dirnames, filenames in os.walk(split_dir / c, followlinks=True):
+            check_link_loop(folder, str(split_dir))
+            dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+            walk.append((folder, filenames))
+        found += [(os.path.join(folder, f), index[c]) for folder, files in sorted(walk) for f in sorted(files)
+                  if not is_hidden(f) and has_file_allowed_extension(f, IMG_EXTENSIONS)]
+    return found
 
 
 def _loose_images(folder: Path) -> int:
@@ -172,10 +180,7 @@ def _scan(root: Path, classes_file: Optional[Path]) -> FolderTree:
             notes.append(f"folder: {loose} image(s) directly in {split_dir} belong to no class folder and are not "
                          f"used; move them into {split_dir}/<class>/")
         index = {c: i for i, c in enumerate(classes) if c in folders}
-        for c in index:    # (make_dataset lists a class folder's whole walk first: a link loop would never end)
-            for folder, _, _ in os.walk(split_dir / c, followlinks=True):
-                check_link_loop(folder, str(split_dir))
-        found = make_dataset(str(split_dir), index, is_valid_file=_is_image(str(split_dir)), allow_empty=True)
+        found = _images(split_dir, index)
         counts = Counter(label for _, label in found)
         empty += [split_dir / c for c, i in index.items() if not counts[i]]
         samples[split] = found
