@@ -80,11 +80,17 @@ def rebuild_peers(state: dict, arch: str, num_classes: int, num_peers: int) -> P
     raise UserError(f"the checkpoint's peers do not fit {arch} ({errors[-1][:200]})")
 
 
+def evaluated_heads(ckpt: dict) -> list[str]:
+    """The heads the run evaluated at the checkpoint's epoch (empty for a checkpoint without its record)."""
+    record = next((r for r in ckpt.get("history", []) if r["epoch"] == ckpt["epoch"]), {})
+    return [k[:-len("/top1")] for k in record.get("test", {}) if k.endswith("/top1")]
+
+
 def recorded_accuracy(ckpt: dict, head: str, given: bool = False) -> dict[str, float]:
     """Top-1 of ``head`` at the checkpoint's epoch, per split (empty when the run did not evaluate it). A head
     ``given`` by the user that the run did not evaluate is a UserError naming the ones it did."""
     record = next((r for r in ckpt.get("history", []) if r["epoch"] == ckpt["epoch"]), {})
-    heads = [k[:-len("/top1")] for k in record.get("test", {}) if k.endswith("/top1")]
+    heads = evaluated_heads(ckpt)
     if given and heads and head not in heads:
         raise UserError(f"--head {head}: the run evaluated {', '.join(heads)}; choose one of them")
     return {split: record[split][f"{head}/top1"] for split in ("test", "val")
@@ -151,7 +157,7 @@ def export_peer(checkpoint: Path, peer: int, source: str = "model", head: Option
     return {"arch": arch, "num_classes": args["num_classes"], "classes": ckpt.get("classes"),
             "model_kwargs": kwargs, "format": fmt, "state_dict": weights,
             "source": {"checkpoint": str(checkpoint), "method": ckpt["method"], "epoch": ckpt["epoch"],
-                       "peer": peer, "from": source, "head": head, "top1": top1,
+                       "peer": peer, "from": source, "head": head, "top1": top1, "evaluated": evaluated_heads(ckpt),
                        "run_arch": args["arch"]}}
 
 
@@ -222,7 +228,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = out["source"]
-    acc = ", ".join(f"{split} top-1 {v:.2f}" for split, v in s["top1"].items()) or "no accuracy recorded"
+    acc = ", ".join(f"{split} top-1 {v:.2f}" for split, v in s["top1"].items()) or (
+        f"no accuracy recorded (the run evaluated {', '.join(s['evaluated'])}: --head names this peer's, e.g. "
+        "OKDDip's leader, the last peer)" if s["evaluated"] else "no accuracy recorded")
     load = (f"torchvision.models.{out['arch']}(num_classes={out['num_classes']})" if out["format"] == "torchvision"
             else f"models.create_model('{out['arch']}', num_classes={out['num_classes']}"
                  + "".join(f", {k}={v!r}" for k, v in out["model_kwargs"].items()) + ")")

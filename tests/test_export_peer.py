@@ -89,6 +89,18 @@ def test_bad_peer_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_a_peer_whose_head_has_another_name_is_exported_with_the_heads_named(tmp_path, capsys):
+    """OKDDip's last peer is its group leader, evaluated as head ``leader``, not ``peer3``: the export says no
+    accuracy is recorded under peer3 and names the heads the run did evaluate; --head leader gives its top-1."""
+    fake_checkpoint(tmp_path / "c.pt", Peers("resnet20", 10, 3), "resnet20", 3, history_head="leader")
+    assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "3", "-o", str(tmp_path / "a.pt")]) == 0
+    assert "no accuracy recorded (the run evaluated leader: --head names this peer's" in capsys.readouterr().out
+    assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "3", "--head", "leader", "-o",
+                             str(tmp_path / "b.pt")]) == 0
+    assert "head leader of the dml run (resnet20, epoch 1): resnet20, test top-1 42.50" in capsys.readouterr().out
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["source"]["evaluated"] == ["leader"]
+
+
 def test_existing_output_is_refused_without_force(tmp_path, capsys):
     fake_checkpoint(tmp_path / "c.pt", Peers("resnet20", 10, 2), "resnet20", 2)
     out = tmp_path / "peer.pt"
