@@ -31,11 +31,14 @@ from losses.contrast_memory import ClassNegativeSampler, MemoryBanks, all_gather
 from models.peers import Peers
 
 
+CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet110_bottleneck")
+
+
 def default_nce_k(arch: str) -> int:
     """The official README's K: 256 for ResNet-32/110 and DenseNet-40-12 (here every CIFAR ResNet and
-    DenseNet), 16384 (the official default) for VGG-16, HCGNet and everything else."""
-    cifar_resnet = arch.startswith("resnet") and arch not in ("resnet18", "resnet34")
-    return 256 if cifar_resnet or arch.startswith("densenet") else 16384
+    DenseNet), 16384 (the official default) for VGG-16, HCGNet and everything else (the ImageNet ResNets
+    resnet18/34/50 included)."""
+    return 256 if arch in CIFAR_RESNETS or arch.startswith("densenet") else 16384
 
 
 class EmbedHead(nn.Module):

@@ -219,8 +219,8 @@ def test_defaults_resolve_from_arch_and_dataset():
     assert (a.nce_k, a.nce_t, a.nce_m, a.feat_dim, a.kd_T, a.gamma, a.alpha, a.beta, a.num_peers, a.mode) == \
         (256, 0.1, 0.5, 128, 3.0, 1.0, 1.0, 0.025, 4, "exact")
     assert (a.recipe, a.lr, a.batch_size, a.epochs, a.weight_decay, a.nesterov) == ("mcl-okd", 0.05, 64, 300, 5e-4, True)
-    assert [resolved(["--arch", x]).nce_k for x in ("resnet110_bottleneck", "densenet40_12", "vgg16", "hcgnet_a1")] \
-        == [256, 256, 16384, 16384]
+    assert [resolved(["--arch", x]).nce_k for x in ("resnet110_bottleneck", "densenet40_12", "vgg16", "hcgnet_a1",
+                                                    "resnet18", "resnet50")] == [256, 256, 16384, 16384, 16384, 16384]
     with pytest.warns(UserWarning, match="mcl-okd-imagenet"):
         a = resolved(["--arch", "resnet34", "--dataset", "imagenet"])
     assert (a.nce_t, a.nce_k) == (0.07, 16384)
