@@ -292,6 +292,17 @@ _INFOS = {
 # "folder": any class-folder tree (data/folder.py); its facts come from the files.
 DATASET_NAMES = tuple(_INFOS) + ("folder",)
 MIN_IMAGE_SIZE = 8
+NOT_DOWNLOADABLE = {      # the loaders download CIFAR, Fashion-MNIST and TinyImageNet
+    "imagenet": "ImageNet cannot be downloaded by a script (it needs a login at https://image-net.org)",
+    "folder": "a folder dataset is your own files, there is nothing to download",
+    "synthetic": "synthetic data are generated, there is nothing to download",
+}
+
+
+def check_download(name: str, download: bool) -> None:
+    """``--download`` of a dataset that cannot be downloaded: one :class:`DataFlagError` line."""
+    if download and name in NOT_DOWNLOADABLE:
+        raise DataFlagError(f"--download: {NOT_DOWNLOADABLE[name]}. Fix: leave --download out")
 
 
 def check_image_size_flag(image_size) -> int:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .common import (DATASET_NAMES, PAD_MODES, ArraySplit, BadDatasetError, DataFlagError, DatasetError,
-                     DatasetInfo, array_transforms, check_image_size_flag, static_info)
+                     DatasetInfo, array_transforms, check_download, check_image_size_flag, static_info)
 
 # Tags that keep the random streams derived from one seed apart.
 _ORDER, _AUG, _WORKERS, _VAL, _SUBSET, _EVAL_SUBSET = range(6)
@@ -376,10 +376,8 @@ def load_dataset(name: str, data=None, download: bool = False, *, image_size: Op
     (``image_size``, ``classes`` and ``loader`` as ``--image-size``, ``--classes``, ``--loader``)."""
     if name not in DATASET_NAMES:
         dataset_info(name)  # the unknown-name error
+    check_download(name, download)
     if name == "folder":
-        if download:
-            raise DataFlagError("--download: a folder dataset is your own files, there is nothing to download. "
-                                "Fix: leave --download out")
         from .folder import load_folder
         return load_folder(data, image_size, classes, loader)
     if name in ("cifar10", "cifar100"):

@@ -31,16 +31,10 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.common import (DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, default_dir,  # noqa: E402
-                         image_problem, read_class_list)
+from data.common import (DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, check_download,  # noqa: E402
+                         default_dir, image_problem, read_class_list)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
 from engine.cli import Parser, dataset_folder, non_empty_path, process_count  # noqa: E402
-
-NOT_DOWNLOADABLE = {      # the training loaders download CIFAR, Fashion-MNIST and TinyImageNet
-    "imagenet": "ImageNet cannot be downloaded by a script (it needs a login at https://image-net.org)",
-    "folder": "a folder dataset is your own files, there is nothing to download",
-}
-
 
 def check_flags(args) -> None:
     """The flag combinations refused before anything is read (one DataFlagError line each)."""
@@ -48,8 +42,7 @@ def check_flags(args) -> None:
         raise DataFlagError(f"--classes picks class folders of --dataset folder or imagenet, not {args.dataset}")
     if args.classes:
         read_class_list(args.classes)           # a missing file, a folder, a bad list: one line
-    if args.download and args.dataset in NOT_DOWNLOADABLE:
-        raise DataFlagError(f"--download: {NOT_DOWNLOADABLE[args.dataset]}. Fix: leave --download out")
+    check_download(args.dataset, args.download)
     if args.out is not None and args.dataset not in ("imagenet", "tinyimagenet", "folder"):
         raise DataFlagError(f"--out lists the images that do not decode, for --dataset imagenet, tinyimagenet or "
                             f"folder; {args.dataset}'s files are parsed whole and a bad one is named in the error. "

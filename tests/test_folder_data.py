@@ -533,6 +533,21 @@ def test_the_engine_refuses_a_backbone_for_the_size_before_decoding(tmp_path, ca
     assert "\n" not in err and err.startswith("error: dataset 'folder': the folder train/ is missing")
 
 
+@pytest.mark.parametrize("dataset", ["imagenet", "folder", "synthetic"])
+def test_training_refuses_download_where_there_is_nothing_to_download(tmp_path, capsys, dataset):
+    """As check_dataset.py does: --download of ImageNet (a login), a folder (your files) or synthetic data is one
+    line, not silently ignored, and nothing is trained."""
+    root = write_folder(tmp_path / "tree") if dataset == "folder" else tmp_path
+    data = ["--data", str(root)] if dataset != "synthetic" else []
+    with pytest.raises(SystemExit) as exit_:
+        main(train_dml.DML, ["--dataset", dataset, *data, "--download", "--arch", "resnet20", "--gpu", "-1",
+                             "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err, err
+    assert err.startswith("error: --download: ") and err.endswith("Fix: leave --download out")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow   # two torchrun processes
 @pytest.mark.parametrize("image_size", ["32", "72"])
 def test_two_ranks_under_torchrun_train_on_a_folder(tmp_path, image_size):
