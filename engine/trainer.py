@@ -397,8 +397,8 @@ class Trainer:
 # ---- setting a run up ----------------------------------------------------------------------------------
 
 def select_device(args) -> torch.device:
-    """``--gpu -1``: the CPU; else the CUDA device (LOCAL_RANK under torchrun), with cuDNN autotuning and TF32.
-    Without CUDA the CPU, with a warning only where a GPU was asked for (``--gpu N``)."""
+    """``--gpu -1``: the CPU; else the CUDA device ``--gpu`` (under torchrun: ``LOCAL_RANK``, whatever --gpu),
+    with cuDNN autotuning and TF32. Without CUDA the CPU, with a warning only where a GPU was asked for."""
     if args.gpu is not None and args.gpu < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -406,10 +406,13 @@ def select_device(args) -> torch.device:
             warnings.warn(f"CUDA is not available: training on the CPU (--gpu {args.gpu}; pass --gpu -1 to silence "
                           "this).")
         return torch.device("cpu")
-    gpu = args.gpu or 0
-    if gpu >= torch.cuda.device_count():
-        raise UserError(f"--gpu {gpu} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", gpu)))
+    local_rank, count = os.environ.get("LOCAL_RANK"), torch.cuda.device_count()
+    gpu = int(local_rank) if local_rank is not None else args.gpu or 0
+    if gpu >= count:
+        raise UserError(f"--gpu {gpu} does not exist: this machine has {count} CUDA device(s)" if local_rank is None
+                        else f"torchrun started a process for GPU {gpu} (LOCAL_RANK), but this machine has {count} "
+                             f"CUDA device(s): give --nproc_per_node={count} or fewer")
+    device = torch.device("cuda", gpu)
     torch.cuda.set_device(device)   # streams, graphs and new tensors without a device go to this GPU
     torch.backends.cudnn.benchmark = True
     if args.tf32 is not None:     # unset: PyTorch's defaults (float32 matmuls, TF32 cuDNN convolutions)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import data
-from engine import build_parser, main, parse_args
+from engine import UserError, build_parser, main, parse_args
 from engine.cli import temperature
 from recipes import RECIPES
 from engine.method import load_method
@@ -502,3 +502,25 @@ def test_the_cpu_is_used_without_a_warning_unless_a_gpu_was_asked_for(monkeypatc
     assert select_device(parse_args(dml, [])).type == "cpu" and not recwarn.list       # the default: no warning
     with pytest.warns(UserWarning, match="CUDA is not available: training on the CPU \\(--gpu 0;"):
         assert select_device(parse_args(dml, ["--gpu", "0"])).type == "cpu"
+
+
+def test_under_torchrun_each_rank_takes_its_local_rank_gpu_whatever_gpu_says(monkeypatch):
+    """docs/distributed.md: each rank uses GPU LOCAL_RANK (--gpu N is ignored, --gpu -1 is the CPU); a LOCAL_RANK
+    beyond the GPUs (--nproc_per_node too large) is one line. CUDA is faked: no tensor is made on it."""
+    from engine.trainer import select_device
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    dml = load_method("dml")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert select_device(parse_args(dml, ["--gpu", "5"])) == torch.device("cuda", 1) == chosen[-1]
+    assert select_device(parse_args(dml, [])) == torch.device("cuda", 1)
+    assert select_device(parse_args(dml, ["--gpu", "-1"])).type == "cpu"
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(UserError, match="^torchrun started a process for GPU 2 .*give --nproc_per_node=2 or fewer$"):
+        select_device(parse_args(dml, []))
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(UserError, match="^--gpu 5 does not exist: this machine has 2 CUDA device"):
+        select_device(parse_args(dml, ["--gpu", "5"]))
