@@ -20,7 +20,7 @@ optimizers are the fusion teacher's of FFL and DCCL (fusion_teacher.py).
     python train_cmff.py --arch resnet110 --gpu 0 --preset rn110        # the official ResNet-110 weights
     python train_cmff.py --arch resnet18 --dataset tinyimagenet --gpu 0 # real ResNet-18, official val split
     python train_cmff.py --arch resnet32 --gpu 0 --no-ssl --no-cross-attention   # ablation: FFL teacher + KL6
-    python train_cmff.py --arch resnet110 --gpu 0 --preset official     # exactly the official train_rn110.py
+    python train_cmff.py --arch resnet110 --gpu 0 --preset official     # the official train_rn110.py's settings
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ I;16, I, F), which torchvision's RGB conversion clips at 255, are refused.
 
 **Image size and protocol.** ``--image-size S``; default: the median shorter side of up to 1,000 training
 images (evenly spread over the sorted list; headers only) rounded to 32, 64 or 224, whichever is nearest on
-a log scale (sides below 45 give 32, below 120 give 64, from 120 on 224). S <= 64: the CIFAR protocol, every
+a log scale (sides up to 45 give 32, up to 119 give 64, from 120 on 224). S <= 64: the CIFAR protocol, every
 image resized to S x S (PIL bilinear, antialiased), RandomCrop(S, padding round(S / 8)) + flip; S > 64: the
 ImageNet protocol, RandomResizedCrop(S) + flip, test Resize(round(S * 8 / 7)) + CenterCrop(S). Greyscale,
 palette and RGBA images are converted to RGB as ``ImageFolder`` does (PIL ``convert('RGB')``: alpha dropped).
