@@ -415,10 +415,11 @@ class Run:
 
     def check_evaluation(self, path: Path, ckpt: dict) -> None:
         """Before evaluating ``ckpt`` (read from ``path``): the evaluation file may only replace an evaluation of
-        the same run's checkpoint (a later epoch of it too), never another run's (``--eval-only OTHER/best.pt
-        --out RUN``); one that cannot be read is kept as another run's, except in the checkpoint's own folder (an
-        evaluation written there before evaluations recorded their run). An --out of its own must not hold another
-        run."""
+        the same run's same checkpoint file (whatever epoch it held then; in the checkpoint's own folder, the file
+        of that name, the folder may have moved), never another run's (``--eval-only OTHER/best.pt --out RUN``) nor
+        another checkpoint file of this run (a copy continued into another folder, evaluated into this one). One
+        that cannot be read is kept, except in the checkpoint's own folder. An --out of its own must not hold
+        another run."""
         target = self.evaluation_file()
         if target.is_dir():
             raise UserError(f"{target} is a folder where the evaluation is written; move it away, or give another "
@@ -429,12 +430,12 @@ class Run:
             if other != ckpt.get("run_id"):
                 raise UserError(f"--out {self.folder} holds another run; give this evaluation an --out of its own (or "
                                 f"leave --out out: it is written beside {path})")
-        earlier = _json_object(target)
-        if not target.exists() or earlier.get("run_id", False) == ckpt.get("run_id"):
+        earlier = _json_object(target)       # (older versions recorded no run_id: taken as this run's)
+        same_run = earlier.get("run_id", ckpt.get("run_id")) == ckpt.get("run_id")
+        same_file = (path.absolute().parent == self.folder
+                     or Path(earlier.get("checkpoint") or "").absolute() == path.absolute())
+        if not target.exists() or (same_run and same_file):
             return
-        if "run_id" not in earlier and (path.absolute().parent == self.folder
-                                        or earlier.get("checkpoint") == str(path)):
-            return                           # (an evaluation of an older version: in its checkpoint's folder)
         raise UserError(f"{target} holds the evaluation of another checkpoint ({earlier.get('checkpoint', 'unknown')})"
                         f"; evaluating {path} would replace it. Give another --out for this evaluation")
 

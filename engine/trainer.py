@@ -380,7 +380,7 @@ class Trainer:
         self.load_method_state({**own, **{k: ckpt["state"][k] for k in evaluated}}, path)
         splits = {"test": f"the {a.dataset} test set" if not a.eval_subset else
                   f"{a.eval_subset} images of the {a.dataset} test set (stratified, seed {a.seed})"}
-        result = {"checkpoint": str(path), "run_id": ckpt.get("run_id"), "method": ckpt["method"],
+        result = {"checkpoint": str(path.absolute()), "run_id": ckpt.get("run_id"), "method": ckpt["method"],
                   "epoch": ckpt["epoch"], "arch": a.arch,
                   "dataset": a.dataset, "data": a.data, "splits": splits, "amp": a.amp,
                   "test": self.evaluate(self.loaders.test)}

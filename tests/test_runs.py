@@ -416,6 +416,29 @@ def test_eval_only_honours_the_evaluation_options_it_is_given(run, tmp_path):
                               str(subset_run / "last.pt"), "--out", str(tmp_path / "on")])["epochs_done"] == 2
 
 
+@pytest.mark.slow
+def test_an_evaluation_is_replaced_only_by_one_of_its_own_checkpoint_file(tmp_path):
+    """Two checkpoints of one run (the run continued into another --out, one epoch further): evaluating the first
+    into the folder of the second does not replace the second's evaluation, nor does a folder of evaluations take
+    both under one name. The same file evaluated again, and a run folder moved, replace their own."""
+    first, second, evals = tmp_path / "first", tmp_path / "second", tmp_path / "evals"
+    train(DML, TINY + ["--out", str(first)])
+    train(DML, TINY + ["--resume", str(first / "last.pt"), "--out", str(second), "--epochs", "2", "--extend-epochs"])
+    train(DML, EVAL + ["--eval-only", str(second / "last.pt")])
+    own = (second / "eval-last-synthetic.json").read_bytes()
+    assert json.loads(own)["checkpoint"] == str(second / "last.pt") and json.loads(own)["epoch"] == 2
+    with pytest.raises(UserError, match=f"eval-last-synthetic.json holds the evaluation of another checkpoint "
+                                        f"\\({second / 'last.pt'}\\); evaluating {first / 'last.pt'} would replace it"):
+        train(DML, EVAL + ["--eval-only", str(first / "last.pt"), "--out", str(second)])
+    assert (second / "eval-last-synthetic.json").read_bytes() == own
+    train(DML, EVAL + ["--eval-only", str(first / "last.pt"), "--out", str(evals)])
+    with pytest.raises(UserError, match="holds the evaluation of another checkpoint"):
+        train(DML, EVAL + ["--eval-only", str(second / "last.pt"), "--out", str(evals)])
+    assert train(DML, EVAL + ["--eval-only", str(first / "last.pt"), "--out", str(evals)])["epoch"] == 1
+    second.rename(tmp_path / "moved")
+    assert train(DML, EVAL + ["--eval-only", str(tmp_path / "moved" / "last.pt")])["epoch"] == 2
+
+
 def test_eval_only_refuses_a_flag_that_disagrees(run):
     with pytest.raises(UserError, match="trained with --dataset synthetic, not fashion-mnist"):
         train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--dataset", "fashion-mnist"])
