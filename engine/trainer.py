@@ -57,6 +57,7 @@ class Trainer:
 
     def __init__(self, method_cls: type[Method], args, argv: Optional[Sequence[str]] = None):
         from data import build_loaders
+        from data.common import inside_the_classes
         from models.grouped import NotGroupableError
         from models.peers import Peers, peer_archs
 
@@ -78,6 +79,9 @@ class Trainer:
             problem = new_run_problem(Path(args.out))
             if problem:
                 raise UserError(problem)
+        problem = args.out and inside_the_classes(args.dataset, args.data, args.out)
+        if problem:
+            raise UserError(problem)
         self.args = args = resolve(method_cls, args)   # read-only from here on
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -533,6 +533,22 @@ def test_the_engine_refuses_a_backbone_for_the_size_before_decoding(tmp_path, ca
     assert "\n" not in err and err.startswith("error: dataset 'folder': the folder train/ is missing")
 
 
+@pytest.mark.parametrize("out", ["train/runs", "val", "test/a/b"])
+def test_an_out_inside_the_class_folders_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, out):
+    """A run directory inside train/ (or val/, test/) would be listed as a class of its own, an empty one, and no
+    later run on the data (this one resumed included) could start: refused in one line, nothing created."""
+    root = write_folder(tmp_path / "tree")
+    monkeypatch.setattr(folder, "scan", lambda *a: pytest.fail("the data were read before the refusal"))
+    with pytest.raises(SystemExit) as exit_:
+        main(train_dml.DML, ["--dataset", "folder", "--data", str(root), "--gpu", "-1", "--out", str(root / out)])
+    err = capsys.readouterr().err.strip()
+    split = root / out.split("/")[0]
+    assert exit_.value.code == 2 and err == (f"error: --out {root / out} lies inside {split}, where each folder is a "
+                                             "class of the dataset: the run's folder would be read as a class of "
+                                             f"images. Give an --out outside {split}")
+    assert not (root / out).exists() or out == "val"
+
+
 @pytest.mark.parametrize("dataset", ["imagenet", "folder", "synthetic"])
 def test_training_refuses_download_where_there_is_nothing_to_download(tmp_path, capsys, dataset):
     """As check_dataset.py does: --download of ImageNet (a login), a folder (your files) or synthetic data is one
