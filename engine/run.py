@@ -59,17 +59,17 @@ def history_state(records: Sequence[dict], split: str, metric: str) -> dict:
 
 class Run:
     """The run directory ``folder`` of ``method_cls`` trained with ``config`` by ``argv`` on ``world_size``
-    processes (this one ``rank``); ``selection``: the split and metric that choose the best epoch. ``about``:
-    what results.json says of the run besides its record (the peers' architectures, the data used, the library
-    versions). Only rank 0 writes."""
+    processes (this one ``rank``). Made before the data are read, so that :meth:`check` refuses a folder before
+    anything heavy runs; :meth:`describe` then adds what the data and the model tell. Only rank 0 writes."""
 
-    def __init__(self, folder: Path, method_cls, config: RunConfig, argv: Sequence[str], selection: tuple,
-                 world_size: int = 1, rank: int = 0, about: Optional[dict] = None):
+    def __init__(self, folder: Path, method_cls, config: RunConfig, argv: Sequence[str], world_size: int = 1,
+                 rank: int = 0):
         self.folder = Path(folder).absolute()
         self.method_cls, self.config, self.argv = method_cls, config, list(argv)
         self.world_size, self.is_main = world_size, rank == 0
-        self.about = about or {}
-        self.selection = selection
+        self.about: dict = {}
+        self.selection = ("test", f"{config.best_metric or method_cls.best_metric}/top1")
+        self.read: tuple = (None, None, None)   # (path, file stamp, contents) of the checkpoint check() read
         self.records: list[dict] = []           # every epoch's record, once its checkpoint is written
         self.run_id = uuid.uuid4().hex          # a resumed run takes its checkpoint's
         self.processes: list[dict] = []         # every process that trained the run
@@ -90,30 +90,35 @@ class Run:
         if self.is_main:
             print(text, flush=True)
 
-    # ---- opening: lock, then a new run or the checkpoint to continue ------------------------------------
+    def describe(self, selection: tuple, about: dict) -> None:
+        """What the data and the model tell, once built: ``selection``, the split and metric that choose the best
+        epoch; ``about``, what results.json says of the run besides its record (the peers' architectures, the
+        classes and image size, the data used, the code and library versions)."""
+        self.selection, self.about = selection, about
 
-    def open(self, ckpt: Optional[dict] = None, stamp: Optional[tuple] = None) -> Optional[dict]:
-        """Lock the folder (every rank stops if rank 0 could not), then check what it holds: None for a new
-        run, else the checkpoint to continue from, checked against this command: ``ckpt`` when the loop read it
-        before the lock and the file is still the one it read (``stamp``: :func:`file_stamp`), else read again
-        (another process may have saved a later epoch meanwhile). Raises UserError rather than overwrite
-        anything."""
-        inside = next((p for p in self.folder.parents if holds_run(p)), None)
-        if inside is not None:        # (--out RUN/tensorboard: its files would pass for RUN's)
-            raise UserError(f"{self.folder} lies inside the run directory {inside}; give an --out outside it")
-        self._lock()
+    # ---- opening: the checks, the lock, then a new run or the checkpoint to continue -------------------------
+
+    def check(self, ckpt: Optional[dict] = None, stamp: Optional[tuple] = None) -> Optional[dict]:
+        """Check the folder against this command, reading no data and writing nothing: None for a new run, else
+        the checkpoint to continue from: ``ckpt`` when the caller read it and the file is still the one it read
+        (``stamp``: :func:`file_stamp`), else read again (another process may have saved a later epoch
+        meanwhile). Raises UserError rather than overwrite anything. Made before the data are read, and again
+        by :meth:`open` under the lock."""
+        problem = self._inside_a_run()
+        if self.is_main and self.lock is None and not problem:      # (before the lock: who holds it)
+            RunLock(self.folder).check_free()
         resume = resume_path(self.config.resume, self.folder)
-        problem = new_run_problem(self.folder) if resume is None else _a_folder_in_the_way(self.folder)
+        problem = problem or (new_run_problem(self.folder) if resume is None else _a_folder_in_the_way(self.folder))
         if problem:
             raise UserError(problem)
         if resume is None:
             if self.config.resume == "auto":
                 self._refuse_a_sibling_run()
-                self.log(f"--resume auto: no checkpoint in {self.folder}, starting a new run")
-            self._continue_a_record_without_epochs()
             return None
         if ckpt is None or file_stamp(resume) != stamp:
+            stamp = file_stamp(resume) if resume.is_file() else None
             ckpt = load_checkpoint(resume)
+        self.read = (resume, stamp, ckpt)
         check_saved_by(ckpt, resume, self.method_cls.name, "resume")
         diffs = recorded_differences(self.method_cls, self.config, ckpt, self.world_size)
         if diffs and all(key == "epochs" for key, _, _ in diffs) and self.config.resume == "auto":
@@ -121,7 +126,6 @@ class Run:
         if diffs:
             raise UserError(f"{resume} was trained with {describe_differences(diffs)}. Resume with the "
                             f"checkpoint's values, or {new_run_hint(self.config.resume)}")
-        self.check_data(ckpt, resume)
         self._check_target(resume, ckpt)
         earlier = [] if (self.folder / "last.pt").exists() else _earlier_run_files(self.folder, ckpt.get("run_id"))
         if earlier:
@@ -132,6 +136,29 @@ class Run:
             raise UserError(f"{self.folder / 'results.json'} records {recorded['epochs_done']} epochs of this run; "
                             f"continuing {resume} (epoch {ckpt['epoch']}) there would replace the record of the "
                             f"later ones. Give another --out to continue {resume}")
+        return ckpt
+
+    def _inside_a_run(self) -> Optional[str]:
+        inside = next((p for p in self.folder.parents if holds_run(p)), None)
+        return inside and f"{self.folder} lies inside the run directory {inside}; give an --out outside it"
+
+    def open(self) -> Optional[dict]:
+        """Lock the folder (every rank stops if rank 0 could not), check it again (:meth:`check`, with the
+        checkpoint it read if the file is unchanged) and against the data: None for a new run, else the checkpoint
+        to continue from. Repairs what a kill left behind (best.pt, results.json)."""
+        problem = self._inside_a_run()       # (--out RUN/tensorboard: its files would pass for RUN's)
+        if problem:
+            raise UserError(problem)
+        self._lock()
+        resume = resume_path(self.config.resume, self.folder)
+        path, stamp, ckpt = self.read
+        ckpt = self.check(ckpt if path == resume else None, stamp)
+        if resume is None:
+            if self.config.resume == "auto":
+                self.log(f"--resume auto: no checkpoint in {self.folder}, starting a new run")
+            self._continue_a_record_without_epochs()
+            return None
+        self.check_data(ckpt, resume)
         if self.is_main and (resume.parent == self.folder or not self.done_after(ckpt["epoch"])):
             # (a finished run "resumed" into another --out changes nothing, there or here)
             self._repair_best(resume, ckpt)
@@ -755,19 +782,7 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(os_error_message(self.path, e)) from None
-            holder = _json_object(self.path)
-            who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
-            if holder.get("started"):
-                who += f" (since {holder['started']}: {holder.get('command', '')})"
-            if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-                    and not _pid_alive(holder["pid"]):
-                raise UserError(f"{self.folder} is locked by {who}, which is no longer running, yet its lock "
-                                f"is still held (a network file system?); if no other machine trains this run, "
-                                f"delete {self.path}")
-            raise UserError(f"{self.folder} is in use by {who}: one process writes a run at a time; wait for it "
-                            "to end, or choose another --out")
+            raise self._not_taken(e) from None
         if not _names(self.path, fd):         # a holder that left no run removed this file after we opened it
             os.close(fd)
             return self.acquire()
@@ -779,6 +794,37 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         return self
+
+    def check_free(self) -> None:
+        """Raise the UserError :meth:`acquire` would for a folder another process holds, taking nothing and
+        creating nothing: an existing lock file is locked and unlocked at once. (Not for a lock this process
+        holds: a second lock of one file conflicts with the first.)"""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return                  # no lock file yet, or none that opens: acquire() says what is wrong
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise self._not_taken(e) from None
+        finally:
+            os.close(fd)            # (closing releases a lock taken here)
+
+    def _not_taken(self, error: OSError) -> UserError:
+        """The line for a lock that could not be taken: held by another process (named from the lock file), or
+        the system's error."""
+        if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return UserError(os_error_message(self.path, error))
+        holder = _json_object(self.path)
+        who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
+        if holder.get("started"):
+            who += f" (since {holder['started']}: {holder.get('command', '')})"
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
+                and not _pid_alive(holder["pid"]):
+            return UserError(f"{self.folder} is locked by {who}, which is no longer running, yet its lock is still "
+                             f"held (a network file system?); if no other machine trains this run, delete {self.path}")
+        return UserError(f"{self.folder} is in use by {who}: one process writes a run at a time; wait for it to end, "
+                         "or choose another --out")
 
     def held(self) -> bool:
         """The lock file is still the one this lock holds: not removed or replaced (by hand) since it was taken,

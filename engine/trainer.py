@@ -35,7 +35,7 @@ from .errors import UserError
 from .method import Method, StepContext
 from .optim import Optimization
 from .reporting import Reporter
-from .run import Run, file_stamp, new_run_problem
+from .run import Run, file_stamp
 from .signals import Interrupted, stop_on_signals, stop_signal
 
 
@@ -75,10 +75,6 @@ class Trainer:
             args = from_checkpoint(method_cls, args, argv, ckpt["args"], Path(source), bool(args.eval_only))
             if args.eval_only and args.image_size is None and args.dataset == "folder":
                 args.image_size = ckpt.get("image_size")   # evaluated at the size it was trained at
-        elif args.out:             # a new run in --out: its folder is checked before the data are read
-            problem = new_run_problem(Path(args.out))
-            if problem:
-                raise UserError(problem)
         problem = args.out and inside_the_classes(args.dataset, args.data, args.out)
         if problem:
             raise UserError(problem)
@@ -89,6 +85,13 @@ class Trainer:
         self.dist = init_distributed(self.device.type == "cuda")
         self.is_main = self.dist.rank == 0
         seed_everything(args.seed)
+        # the run directory, checked against this command before the data are read
+        self.run = Run(run_directory(method_cls, args, self.dist.world_size), method_cls, args, argv,
+                       self.dist.world_size, self.dist.rank)
+        if args.eval_only:
+            self.run.check_evaluation(Path(args.eval_only), self.ckpt)
+        else:
+            self.run.check(self.ckpt, self.ckpt_stamp)
         try:
             self.loaders = build_loaders(args, self.device, self.dist.rank, self.dist.world_size,
                                          needs_every_class=method_cls.needs_every_class, drop_last=args.cuda_graph)
@@ -122,15 +125,12 @@ class Trainer:
             from .cuda_graph import GraphedStep
             self.graphed = GraphedStep(self._step, list(self.optimizers.values()), self.device)
         self.best_head = args.best_metric or method_cls.best_metric
-        out = run_directory(method_cls, args, self.dist.world_size)
         archs = ({f"peer{i + 1}": n for i, n in enumerate(peer_archs(args.arch, args.num_peers))}
                  if method_cls.num_peers is not None else None)
-        selection = ("val" if self.loaders.val is not None else "test", f"{self.best_head}/top1")
-        self.run = Run(out, method_cls, args, argv, selection, self.dist.world_size, self.dist.rank,
-                       about={"peer_archs": archs, "classes": list(info.classes) if info.classes else None,
-                              "image_size": info.image_size, "data": self.loaders.record,
-                              "git_commit": git_commit(method_cls.script),
-                              "versions": library_versions(self.device)})
+        self.run.describe(("val" if self.loaders.val is not None else "test", f"{self.best_head}/top1"),
+                          {"peer_archs": archs, "classes": list(info.classes) if info.classes else None,
+                           "image_size": info.image_size, "data": self.loaders.record,
+                           "git_commit": git_commit(method_cls.script), "versions": library_versions(self.device)})
         self.report = Reporter(self.run)
 
     @property
@@ -324,7 +324,7 @@ class Trainer:
         process ended (finished, interrupted, failed) is recorded in results.json."""
         self._check_heads()   # before the RNG state of a resumed run is restored
         try:
-            ckpt = self.run.open(self.ckpt, self.ckpt_stamp)
+            ckpt = self.run.open()
             if ckpt is not None and self.run.done_after(ckpt["epoch"]):
                 self.run.close(None)
                 return self.run.recorded()
@@ -375,7 +375,6 @@ class Trainer:
         the checkpoint's folder (:meth:`Run.write_evaluation`), naming the dataset, the splits and the precision."""
         path, ckpt, a = Path(self.args.eval_only), self.ckpt, self.args
         self.run.check_data(ckpt, path)
-        self.run.check_evaluation(path, ckpt)
         evaluated = ["model"] + [k for k in self.method.state_keys if isinstance(getattr(self.method, k), TemporalMean)]
         missing = [k for k in evaluated if k not in ckpt["state"]]
         if missing:

@@ -416,6 +416,36 @@ def test_eval_only_honours_the_evaluation_options_it_is_given(run, tmp_path):
                               str(subset_run / "last.pt"), "--out", str(tmp_path / "on")])["epochs_done"] == 2
 
 
+@pytest.mark.parametrize("case", ["inside a run", "another run's last.pt", "world size", "in use"])
+def test_the_run_folder_is_refused_before_the_data_are_read(run, tmp_path, monkeypatch, case):
+    """Every check of the run folder against the command runs before the data are read (a large folder dataset
+    takes minutes to decode), and again under the lock."""
+    import data
+    monkeypatch.setattr(data, "build_loaders", lambda *a, **k: pytest.fail("the data were read before the refusal"))
+    argv = TINY + ["--out", str(run / "tensorboard")]
+    match = f"{run / 'tensorboard'} lies inside the run directory {run}"
+    if case == "another run's last.pt":
+        other = tmp_path / "other"
+        other.mkdir()
+        ckpt = load_checkpoint(run / "last.pt")
+        atomic_save({**ckpt, "run_id": "another"}, other / "last.pt")
+        argv, match = TINY + ["--resume", str(run / "last.pt"), "--out", str(other)], "holds another run"
+    if case == "world size":
+        ckpt = load_checkpoint(run / "last.pt")
+        atomic_save({**ckpt, "world_size": 2}, tmp_path / "last.pt")
+        argv = TINY + ["--resume", str(tmp_path / "last.pt")]
+        match = r"world size 2 \(this command: 1\) \[run it with torchrun --nproc_per_node=2\]"
+    lock = run_module.RunLock(run, "the test").acquire() if case == "in use" else None
+    if lock:
+        argv, match = TINY + ["--out", str(run), "--resume", "auto"], f"{run} is in use by process {os.getpid()}"
+    try:
+        with pytest.raises(UserError, match=match):
+            train(DML, argv)
+    finally:
+        if lock:
+            lock.release()
+
+
 @pytest.mark.slow
 def test_an_evaluation_is_replaced_only_by_one_of_its_own_checkpoint_file(tmp_path):
     """Two checkpoints of one run (the run continued into another --out, one epoch further): evaluating the first
@@ -1217,7 +1247,7 @@ def test_the_continue_command_replaces_out_and_resume_as_the_parser_reads_them(a
     """Whatever spelling named --out and --resume (``=``, an abbreviation, --resume without a value), they
     are replaced by the run's folder and ``auto``; every other token stays, in order (negative numbers too)."""
     config = parse_args(DML, argv)
-    stopped = run_module.Run(tmp_path, DML, config, argv, ("test", "ensemble/top1"))
+    stopped = run_module.Run(tmp_path, DML, config, argv)
     assert stopped.continue_command() == f"python train_dml.py {kept} --out {tmp_path} --resume auto"
 
 
@@ -1228,10 +1258,10 @@ def test_the_commands_a_run_suggests_name_its_script_from_the_current_directory(
     argv = ["--arch", "resnet20"]
     config = parse_args(DML, argv)
     monkeypatch.chdir(REPO)
-    assert run_module.Run(tmp_path, DML, config, argv, ("test", "ensemble/top1")).command == \
+    assert run_module.Run(tmp_path, DML, config, argv).command == \
         "train_dml.py --arch resnet20"
     monkeypatch.chdir(tmp_path)
-    stopped = run_module.Run(tmp_path / "run", DML, config, argv, ("test", "ensemble/top1"))
+    stopped = run_module.Run(tmp_path / "run", DML, config, argv)
     assert stopped.command == f"{REPO / 'train_dml.py'} --arch resnet20"
     assert stopped.continue_command() == f"python {REPO / 'train_dml.py'} --arch resnet20 --out {tmp_path / 'run'} " \
                                          "--resume auto"
