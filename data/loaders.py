@@ -483,9 +483,10 @@ def _folder_splits(args, tree) -> dict:
     root, n = tree.root, args.val_split
     evals = tree.eval_splits
     if not evals and not n:
+        hold_out = ("" if args.eval_only else   # (--eval-only: the checkpoint's --val-split is its own)
+                    ", or pass --val-split N to hold out N training images (stratified, seeded) as the evaluation set")
         raise BadDatasetError(f"dataset 'folder': {root} has no val/ or test/ folder to evaluate on. Fix: add "
-                              f"{root}/val/<class>/ with images, or pass --val-split N to hold out N training images "
-                              "(stratified, seeded) as the evaluation set")
+                              f"{root}/val/<class>/ with images{hold_out}")
     if len(evals) == 2 and n:
         raise DataFlagError(f"--val-split {n}: {root} has val/, which chooses the best epoch, and test/, which is "
                             "reported; a hold-out of train/ would be a third set. Fix: leave --val-split out (or move "
@@ -520,7 +521,7 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     else 'device'), ``views`` (default 1), ``pad_mode`` ('zero' default, or 'reflect'; ImageNet's
     RandomResizedCrop does not pad), ``image_size`` (``--image-size``; None: the dataset's, or for ``folder``
     chosen from the images) and ``classes`` (``--classes FILE``, folder and ImageNet; None: every class
-    folder). ``needs_every_class``: refuse (ValueError) a subset that leaves a class without training samples;
+    folder), ``eval_only`` (a checkpoint is evaluated: no advice to change its --val-split). ``needs_every_class``: refuse (ValueError) a subset that leaves a class without training samples;
     ``drop_last``: drop the last incomplete training batch (one batch shape for ``--cuda-graph``).
     Dataset problems raise DatasetNotFoundError or BadDatasetError; flags that do not fit the dataset raise
     ValueError (DataFlagError is both). Every field must exist (a missing one is an AttributeError, not a

@@ -21,7 +21,7 @@ def loader_args(**kw) -> argparse.Namespace:
     (the evaluation batch resolved as the engine resolves it: twice the training batch)."""
     base = dict(dataset="synthetic", data=None, download=False, subset=None, eval_subset=None, val_split=0,
                 batch_size=64, workers=0, loader=None, seed=0, views=1, pad_mode="zero", image_size=None,
-                classes=None)
+                classes=None, eval_only=None)
     base.update(kw)
     base.setdefault("eval_batch_size", None)
     base["eval_batch_size"] = base["eval_batch_size"] or 2 * base["batch_size"]

@@ -200,6 +200,9 @@ def test_no_val_or_test_folder_is_refused_unless_val_split_holds_out_the_evaluat
     with pytest.raises(BadDatasetError, match="no val/ or test/ folder") as err:
         build_loaders(args_for(root), "cpu")
     assert "--val-split N" in one_line(err) and "val/<class>/" in str(err.value)
+    with pytest.raises(BadDatasetError, match="no val/ or test/ folder") as err:   # a checkpoint keeps its own
+        build_loaders(args_for(root, eval_only="RUN/best.pt"), "cpu")               # --val-split: not advised
+    assert "--val-split" not in one_line(err) and str(err.value).endswith(f"{root}/val/<class>/ with images")
     monkeypatch.undo()
     loaders = build_loaders(args_for(root, val_split=6), "cpu")
     assert loaders.val is None and loaders.n_train == 24
