@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -341,7 +342,7 @@ def resume_path(resume: Optional[str], folder: Optional[str]) -> Optional[Path]:
     if resume != "auto":
         return Path(resume) if resume else None
     last = Path(folder) / "last.pt" if folder else None
-    return last if last and last.is_file() else None
+    return last if last and os.path.isfile(last) else None      # (no OSError: a name too long is no file)
 
 
 def _shorten_schedule(args: argparse.Namespace, given: dict, default_epochs: int) -> Optional[str]:

@@ -107,6 +107,7 @@ class Run:
         problem = self._inside_a_run()
         if self.is_main and self.lock is None and not problem:      # (before the lock: who holds it)
             RunLock(self.folder).check_free()
+            problem = _cannot_create(self.folder)
         resume = resume_path(self.config.resume, self.folder)
         problem = problem or (new_run_problem(self.folder) if resume is None else _a_folder_in_the_way(self.folder))
         if problem:
@@ -522,6 +523,27 @@ def new_run_problem(folder: Path) -> Optional[str]:
     if earlier:
         return (f"{folder} holds {' and '.join(earlier)} of an earlier run but no last.pt to continue it from; start "
                 "this run with another --out (or move that folder away); nothing is overwritten.")
+    return None
+
+
+def _cannot_create(folder: Path) -> Optional[str]:
+    """Why ``folder`` cannot be created (a read-only disk, a file in its path, a name too long), or None (also
+    when it exists); found by creating it, and the folders above it that are missing, and removing them again."""
+    missing = []
+    for p in [folder, *folder.parents]:
+        with contextlib.suppress(OSError):      # (a name too long cannot even be looked up)
+            if p.exists():
+                break
+        missing.append(p)
+    if not missing:
+        return None
+    try:
+        folder.mkdir(parents=True)
+    except OSError as e:
+        return os_error_message(folder, e)
+    for p in missing:
+        with contextlib.suppress(OSError):
+            p.rmdir()
     return None
 
 

@@ -63,7 +63,7 @@ class Trainer:
 
         self.method_cls = method_cls
         argv = list(sys.argv[1:] if argv is None else argv)   # the command, for the record
-        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):   # (no OSError: a name too long)
             raise UserError(f"--out {args.out} is a file, not a folder; choose another --out")
         self.ckpt, self.ckpt_stamp = None, None    # the checkpoint the command names, read once
         # trained or evaluated as its checkpoint was (--resume auto: the run's folder is known here only with --out)

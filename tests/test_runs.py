@@ -416,7 +416,8 @@ def test_eval_only_honours_the_evaluation_options_it_is_given(run, tmp_path):
                               str(subset_run / "last.pt"), "--out", str(tmp_path / "on")])["epochs_done"] == 2
 
 
-@pytest.mark.parametrize("case", ["inside a run", "another run's last.pt", "world size", "in use"])
+@pytest.mark.parametrize("case", ["inside a run", "another run's last.pt", "world size", "in use", "under a file",
+                                  "name too long", "--resume auto, name too long"])
 def test_the_run_folder_is_refused_before_the_data_are_read(run, tmp_path, monkeypatch, case):
     """Every check of the run folder against the command runs before the data are read (a large folder dataset
     takes minutes to decode), and again under the lock."""
@@ -435,6 +436,11 @@ def test_the_run_folder_is_refused_before_the_data_are_read(run, tmp_path, monke
         atomic_save({**ckpt, "world_size": 2}, tmp_path / "last.pt")
         argv = TINY + ["--resume", str(tmp_path / "last.pt")]
         match = r"world size 2 \(this command: 1\) \[run it with torchrun --nproc_per_node=2\]"
+    if "under a file" in case or "too long" in case:
+        (tmp_path / "a_file").write_text("")
+        out = tmp_path / ("a_file/run" if case == "under a file" else "r" * 300)
+        argv = TINY + ["--out", str(out)] + (["--resume", "auto"] if "--resume" in case else [])
+        match = f"^cannot write {out}: " + ("Not a directory" if case == "under a file" else "File name too long")
     lock = run_module.RunLock(run, "the test").acquire() if case == "in use" else None
     if lock:
         argv, match = TINY + ["--out", str(run), "--resume", "auto"], f"{run} is in use by process {os.getpid()}"
