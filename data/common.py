@@ -80,14 +80,24 @@ def is_hidden(name: str) -> bool:
 
 def visible_dirs(folder: os.PathLike | str) -> list[str]:
     """Sorted names of the non-hidden sub-folders of ``folder``."""
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if not is_hidden(e.name) and e.is_dir())
+    try:
+        with os.scandir(folder) as it:
+            return sorted(e.name for e in it if not is_hidden(e.name) and e.is_dir())
+    except PermissionError as e:
+        unreadable_folder(e)
+
+
+def unreadable_folder(error: OSError) -> None:
+    """``os.walk``'s ``onerror``: a folder of a dataset that cannot be listed stops with one line naming it (a
+    walk would skip it, and its images would be missing from the dataset without a word)."""
+    raise BadDatasetError(f"cannot list the folder {error.filename}: {error.strerror}. Fix: make it readable (e.g. "
+                          "chmod -R a+rX), or move it out of the dataset")
 
 
 def image_files(folder: os.PathLike | str, suffixes: Iterable[str] = (".jpeg", ".jpg", ".png")) -> list[Path]:
     """Every non-hidden image file under ``folder`` (recursively, hidden sub-folders skipped), sorted."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable_folder, followlinks=True):
         check_link_loop(dirpath, str(folder))
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         found += [Path(dirpath, f) for f in filenames if not is_hidden(f) and f.lower().endswith(tuple(suffixes))]

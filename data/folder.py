@@ -67,7 +67,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 
 from .common import (ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError,
                      array_transforms, check_image_size_flag, check_link_loop, default_dir, is_hidden, load_or_warn,
-                     read_class_list, save_or_warn, some, visible_dirs)
+                     read_class_list, save_or_warn, some, unreadable_folder, visible_dirs)
 from .files import write_atomically
 
 NAME = "folder"
@@ -118,7 +118,7 @@ def _images(split_dir: Path, index: dict[str, int]) -> list[tuple[str, int]]:
     found = []
     for c in sorted(index):
         walk = []
-        for folder, dirnames, filenames in os.walk(split_dir / c, followlinks=True):
+        for folder, dirnames, filenames in os.walk(split_dir / c, onerror=unreadable_folder, followlinks=True):
             check_link_loop(folder, str(split_dir))
             dirnames[:] = [d for d in dirnames if not is_hidden(d)]
             walk.append((folder, filenames))
@@ -161,6 +161,11 @@ def _scan(root: Path, classes_file: Optional[Path]) -> FolderTree:
         folders = set(train_classes if split == "train" else visible_dirs(split_dir))
         if split != "train":
             extra = folders - set(train_classes)
+            files = sorted(str(train_dir / c) for c in extra if (train_dir / c).is_file())
+            if files:
+                raise BadDatasetError(f"dataset 'folder': {some(files)} {'is a file' if len(files) == 1 else 'are files'}"
+                                      f", not a class folder, beside {split_dir}/{Path(files[0]).name}/. Fix: put the "
+                                      f"class's training images in {train_dir}/<class>/")
             if extra:
                 raise BadDatasetError(
                     f"dataset 'folder': {split_dir} holds {len(extra)} class folder(s) that train/ has not: "

@@ -485,8 +485,9 @@ def _folder_splits(args, tree) -> dict:
     if not evals and not n:
         hold_out = ("" if args.eval_only else   # (--eval-only: the checkpoint's --val-split is its own)
                     ", or pass --val-split N to hold out N training images (stratified, seeded) as the evaluation set")
-        raise BadDatasetError(f"dataset 'folder': {root} has no val/ or test/ folder to evaluate on. Fix: add "
-                              f"{root}/val/<class>/ with images{hold_out}")
+        files = " and ".join(f"{s}/ is a file" for s in ("val", "test") if (root / s).is_file())
+        raise BadDatasetError(f"dataset 'folder': {root} has no val/ or test/ folder to evaluate on"
+                              f"{f' ({files})' if files else ''}. Fix: add {root}/val/<class>/ with images{hold_out}")
     if len(evals) == 2 and n:
         raise DataFlagError(f"--val-split {n}: {root} has val/, which chooses the best epoch, and test/, which is "
                             "reported; a hold-out of train/ would be a third set. Fix: leave --val-split out (or move "

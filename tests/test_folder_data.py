@@ -164,6 +164,24 @@ def test_a_class_only_in_val_is_refused_and_one_missing_from_val_is_named(tmp_pa
     assert loaders.record["warnings"] and "zebra" in loaders.record["warnings"][0]
 
 
+def test_a_file_where_a_folder_belongs_is_named_a_file(tmp_path):
+    """train/cat a file beside val/cat/, or val a file: the message says which file is in the way, not that
+    train/ lacks the class or that there is no val/."""
+    root = write_folder(tmp_path / "tree")
+    shutil.rmtree(root / "train" / "cat")
+    (root / "train" / "cat").write_bytes(b"")
+    with pytest.raises(BadDatasetError) as err:
+        folder.scan(root)
+    assert one_line(err).startswith(f"dataset 'folder': {root / 'train' / 'cat'} is a file, not a class folder, "
+                                    f"beside {root / 'val'}/cat/.")
+    root = write_folder(tmp_path / "tree2")
+    shutil.rmtree(root / "val")
+    (root / "val").write_bytes(b"")
+    with pytest.raises(BadDatasetError) as err:
+        build_loaders(args_for(root), "cpu")
+    assert f"{root} has no val/ or test/ folder to evaluate on (val/ is a file). Fix:" in one_line(err)
+
+
 def test_images_outside_the_class_folders_are_named(tmp_path):
     root = write_folder(tmp_path / "tree")
     write(root / "train" / "stray.png", folder_image(5, 0))
@@ -318,6 +336,25 @@ def test_corrupt_files_are_all_named_before_training_and_nothing_is_cached(tmp_p
         build_loaders(args_for(root), "cpu")
     assert all(str(p) in one_line(err) for p in bad) and "check_dataset.py --dataset folder" in str(err.value)
     assert not list((root / ".okd_cache").glob("images-*"))
+
+
+@pytest.mark.parametrize("unreadable", ["val/dog", "train/cat/nested", "train"])
+def test_a_folder_that_cannot_be_listed_is_named_not_taken_for_empty(tmp_path, monkeypatch, unreadable):
+    """A class folder without read permission (faked: the tests may run as root) was reported as holding no
+    image, and the fix advised deleting it; it is named as unreadable."""
+    root = write_folder(tmp_path / "tree")
+    (root / "train" / "cat" / "nested").mkdir()
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(root / unreadable):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(BadDatasetError) as err:
+        folder.scan(root)
+    assert one_line(err) == (f"cannot list the folder {root / unreadable}: Permission denied. Fix: make it readable "
+                             "(e.g. chmod -R a+rX), or move it out of the dataset")
 
 
 def test_a_broken_link_is_named_as_an_image_that_cannot_be_read(tmp_path):
