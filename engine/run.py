@@ -384,6 +384,9 @@ class Run:
                     if not isinstance(error, UserError):
                         reason = f"{type(error).__name__}: {reason}"
                     self._record_end("failed", reason=reason)
+            elif stop_signal(error) and self.lock is not None:      # opened (maybe repaired), not yet training
+                message = (f"interrupted ({stop_signal(error)}) while starting: {self.saved_state()}. Continue with: "
+                           + self.continue_command())
         finally:
             self.process = None
             if self.lock is not None:

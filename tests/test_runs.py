@@ -730,6 +730,25 @@ def test_ctrl_c_is_one_line_that_says_what_was_saved(tmp_path, capsys, method_cl
     assert e.value.code == 130 and "\n" not in err and err.startswith(expected) and "last.pt" not in err
 
 
+def test_ctrl_c_while_a_run_opens_says_what_is_saved(run, tmp_path, capsys, monkeypatch):
+    """Interrupted after the run's folder was opened (and perhaps repaired) but before this process trained: the
+    line says what the folder holds and how to continue, not that nothing was written."""
+    from engine.trainer import Trainer
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+
+    def interrupted_load(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "load_state_dict", interrupted_load)
+    with pytest.raises(SystemExit) as e:
+        main(DML, TINY[:-2] + ["--epochs", "2", "--extend-epochs", "--out", str(out), "--resume", "auto"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and "\n" not in err, err
+    assert err.startswith(f"interrupted (SIGINT) while starting: {out / 'last.pt'} holds epoch 1. Continue with: "
+                          "python train_dml.py ")
+    assert err.endswith(f"--epochs 2 --extend-epochs --out {out} --resume auto")
+
+
 @pytest.mark.slow
 def test_sigterm_mid_epoch_stops_like_ctrl_c(tmp_path):
     out = tmp_path / "run"
