@@ -524,8 +524,10 @@ def new_run_problem(folder: Path) -> Optional[str]:
                 "another --out; nothing is overwritten.")
     earlier = _earlier_run_files(folder)
     if earlier:
-        return (f"{folder} holds {' and '.join(earlier)} of an earlier run but no last.pt to continue it from; start "
-                "this run with another --out (or move that folder away); nothing is overwritten.")
+        best = (f" (its best.pt continues into a new folder: --resume {folder / 'best.pt'} --out NEW_DIR)"
+                if "best.pt" in earlier else "")
+        return (f"{folder} holds {' and '.join(earlier)} of an earlier run but no last.pt to continue it from{best}; "
+                "start this run with another --out (or move that folder away); nothing is overwritten.")
     return None
 
 

@@ -110,7 +110,9 @@ def test_a_run_without_checkpoints_is_never_overwritten(dml_run, tmp_path):
     (out / "last.pt").unlink()
     record = (out / "results.json").read_bytes()
     for resume in ([], ["--resume", "auto"]):
-        with pytest.raises(UserError, match="holds best.pt and results.json of an earlier run but no last.pt"):
+        with pytest.raises(UserError, match="holds best.pt and results.json of an earlier run but no last.pt to "
+                                            f"continue it from \\(its best.pt continues into a new folder: --resume "
+                                            f"{out / 'best.pt'} --out NEW_DIR\\); start this run with another --out"):
             train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out)] + resume)
     (out / "best.pt").unlink()
     with pytest.raises(UserError, match="holds results.json of an earlier run"):
