@@ -213,7 +213,12 @@ class Run:
     def _continue_instead(self, folder: Path, epochs: int, done: int, new_run: str) -> UserError:
         """The line naming the run in ``folder`` that this command would continue but for its --epochs (the run's
         are ``epochs``, ``done`` of them trained), with the command that does: its own --epochs when this
-        command asks fewer, --extend-epochs when it asks more; ``new_run``: how to start a new run instead."""
+        command asks fewer, --extend-epochs when it asks more; ``new_run``: how to start a new run instead. A run
+        finished with more epochs than this command asks has nothing to continue: its results are named."""
+        if done >= epochs > self.config.epochs:
+            return UserError(f"--resume auto: {folder} holds this run, finished after {epochs} epochs (more than "
+                             f"--epochs {self.config.epochs} asks); its results: {folder / 'results.json'} (or "
+                             f"{new_run} to start a new run)")
         command = (self.continue_command(folder, epochs=epochs if self.config.epochs < epochs else None)
                    + (" --extend-epochs" if self.config.epochs > epochs else ""))
         return UserError(f"--resume auto: {folder} holds this run, trained for {epochs} epochs ({done} done); "

@@ -1246,20 +1246,28 @@ def test_resume_auto_names_the_run_trained_to_another_length(run, tmp_path, monk
     train(DML, TINY[:-2] + ["--epochs", "2", "--out", str(folder), "--resume", "auto", "--extend-epochs"])
     with pytest.raises(UserError, match=f"{folder} holds this run, trained for 2 epochs \\(2 done\\)"):
         train(DML, TINY[:-2] + ["--epochs", "2", "--resume", "auto"])
-    with pytest.raises(UserError) as e:      # the first command again: the run it made, now 2 epochs long
+    with pytest.raises(UserError) as e:      # the first command again: the run it made, now 2 epochs long, finished
         train(DML, args + ["--resume", "auto"])
-    assert f"{folder} holds this run, trained for 2 epochs (2 done)" in str(e.value)
-    assert str(e.value).endswith("(or another --out to start a new run)")
-    command = str(e.value).split("continue it with: ")[1].split(" (or another")[0]
-    assert train(DML, shlex.split(command)[2:])["epochs_done"] == 2
+    assert str(e.value) == (f"--resume auto: {folder} holds this run, finished after 2 epochs (more than --epochs 1 "
+                            f"asks); its results: {folder / 'results.json'} (or another --out to start a new run)")
+    assert json.loads((folder / "results.json").read_text())["epochs_done"] == 2
     train(DML, TINY[:-2] + ["--epochs", "2", "--seed", "1"])
     [folder] = list((tmp_path / "runs").glob("dml-resnet20-synthetic-n2-s1-*"))
-    with pytest.raises(UserError) as e:                  # fewer --epochs: the command names the run's own length
+    with pytest.raises(UserError) as e:                  # fewer --epochs than the finished run's: it is named
         train(DML, TINY[:-2] + ["--epochs", "1", "--seed", "1", "--resume", "auto"])
+    assert str(e.value) == (f"--resume auto: {folder} holds this run, finished after 2 epochs (more than --epochs 1 "
+                            f"asks); its results: {folder / 'results.json'} (or leave out --resume to start a new run)")
+    train(DML, TINY[:-2] + ["--epochs", "2", "--seed", "2"])    # one not finished: the command continues it
+    [stopped] = list((tmp_path / "runs").glob("dml-resnet20-synthetic-n2-s2-*"))
+    last = load_checkpoint(stopped / "last.pt")
+    atomic_save({**last, "epoch": 1, "history": last["history"][:1]}, stopped / "last.pt")
+    (stopped / "best.pt").unlink()
+    (stopped / "results.json").unlink()
+    with pytest.raises(UserError) as e:                  # fewer --epochs: the command names the run's own length
+        train(DML, TINY[:-2] + ["--epochs", "1", "--seed", "2", "--resume", "auto"])
     command = str(e.value).split("continue it with: ")[1].split(" (or leave out")[0]
-    assert command.endswith(f"--epochs 2 --out {folder} --resume auto") and "--epochs 1" not in command
-    argv = shlex.split(command)[2:]
-    assert train(DML, argv)["epochs_done"] == 2           # and it works: the run is finished, nothing changes
+    assert command.endswith(f"--epochs 2 --out {stopped} --resume auto") and "--epochs 1" not in command
+    assert train(DML, shlex.split(command)[2:])["epochs_done"] == 2
 
 
 @pytest.mark.parametrize("argv, kept", [
