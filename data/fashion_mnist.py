@@ -127,8 +127,11 @@ def load_fashion_mnist(data=None, download: bool = False) -> tuple[ArraySplit, A
                 "(fetches the published files and checks their MD5), or copy them again from "
                 "https://github.com/zalandoresearch/fashion-mnist", what="IDX files")
         return tuple(_split(paths[i], paths[l], parsed[i], parsed[l]) for i, l in FILES.values())
+    partial = next((d for d in dirs if any(_find(d, stem) for stem in wanted)), None)   # (some files copied)
+    missing = [stem for stem in wanted if partial is None or not _find(partial, stem)]
     raise DatasetNotFoundError(
-        "fashion-mnist", f"the IDX files {', '.join(wanted)} (optionally .gz) are missing", dirs,
+        "fashion-mnist", f"the IDX file{'s' if len(missing) > 1 else ''} {', '.join(missing)} (optionally .gz) "
+        f"{'are' if len(missing) > 1 else 'is'} missing" + (f" from {partial}" if partial else ""), dirs,
         "on Debian/Ubuntu `apt-get install dataset-fashion-mnist` (installs /usr/share/datasets/fashion-mnist), "
         + ("" if download else "or pass --download, ") + "or put the files from "
         "https://github.com/zalandoresearch/fashion-mnist "

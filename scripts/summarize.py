@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts.tables import TABLES, Cell, Metric, Table  # noqa: E402
-from engine.cli import Parser  # noqa: E402  (one-line errors)
+from engine.cli import Parser, non_empty_path  # noqa: E402  (one-line errors)
 from data.files import output_problem  # noqa: E402  (what a script may write)
 from scripts import reproduce  # noqa: E402  (the tables' runs and the engine's option comparison)
 
@@ -505,7 +505,7 @@ def plots_folder(path: Path) -> Optional[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = Parser(description=__doc__.split("\n\n")[0], epilog="tables: " + ", ".join(TABLES))
-    p.add_argument("runs_dir", help="folder searched (recursively) for results.json files")
+    p.add_argument("runs_dir", type=non_empty_path, help="folder searched (recursively) for results.json files")
     p.add_argument("--table", choices=list(TABLES), help="summarise this table in the paper's layout")
     p.add_argument("--csv", action="store_true", help="CSV (one line per cell and number) instead of markdown")
     p.add_argument("--plots", metavar="DIR", help="write PNG plots here")

@@ -311,6 +311,15 @@ def test_fashion_mnist_truncated_gz_is_one_line_naming_it(tmp_path):
     assert str(path) in msg and "damaged gzip stream" in msg and "--download" in msg
 
 
+def test_fashion_mnist_names_the_one_file_missing(tmp_path):
+    write_fashion_mnist(tmp_path, compress=True)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("fashion-mnist", tmp_path)
+    assert f"the IDX file t10k-labels-idx1-ubyte (optionally .gz) is missing from {tmp_path}" in one_line(err)
+    assert "train-images" not in str(err.value)
+
+
 def test_fashion_mnist_every_bad_file_is_listed(tmp_path):
     write_fashion_mnist(tmp_path, compress=False)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"")
