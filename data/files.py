@@ -88,7 +88,9 @@ def output_problem(path: Path, flag: str, force: bool, example: str,
         return (f"{flag} {path} is inside the tensorboard/ folder of the run in {path.parent.parent}; give a file "
                 f"outside it (e.g. {path.parent.parent / example}), --force or not")
     if path.is_dir():
-        return f"{flag} {path} is a folder; give a file name (e.g. {path / example})"
+        in_tensorboard = real.name.lower() == RUN_TENSORBOARD and holds_run(real.parent)   # (not a file there)
+        suggested = (path.parent if in_tensorboard else path) / example
+        return f"{flag} {path} is a folder; give a file name (e.g. {suggested})"
     if path.exists() or path.is_symlink():
         if not force:
             return f"{flag} {path} exists; add --force to replace it, or give another file name"

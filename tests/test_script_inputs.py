@@ -231,6 +231,10 @@ def test_export_peer_never_writes_over_a_checkpoint(dml_run, tmp_path, capsys):
     assert {name: (run / name).read_bytes() for name in saved} == saved and copy.read_bytes() == saved["last.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Best.pt", "c.pt", "link.pt"]
     assert export_peer.main([str(copy), "--peer", "1", "-o", str(tmp_path / "peer1.pt")]) == 0     # the way it works
+    assert (run / "tensorboard").is_dir()          # the run's tensorboard/ folder: the file named is beside it
+    assert export_peer.main([str(copy), "--peer", "1", "-o", str(run / "tensorboard")]) == 2
+    assert one_line(2, capsys.readouterr().err) == (f"error: -o {run / 'tensorboard'} is a folder; give a file name "
+                                                    f"(e.g. {run / 'peer.pt'})")
 
 
 # ---- every script that writes a file: never one of a run directory's own files, --force or not ------------------
