@@ -24,8 +24,9 @@ it is the trunk + (its group +) branch i, i.e. exactly the single backbone; grou
 split back into the plain network. The script prints which head of the run the peer is and the top-1 that the
 checkpoint's epoch recorded for it (test, and val with --val-split), and stores both in the export's ``source``.
 That head follows ``--from``: peer N of ``model`` is head ``peerN``, peer N of PCL's ``mean_teacher`` is head
-``mean_peerN`` (the weights written are the mean teacher's, so is the accuracy); a ``--head`` of another peer
-or of another state is refused.
+``mean_peerN`` (the weights written are the mean teacher's, so is the accuracy); OKDDip's last peer, its group
+leader, is head ``leader``. A ``--head`` of another peer, of another state, or one that combines the peers
+(``ensemble``, ``fused``, ``teacher``) is refused.
 """
 from __future__ import annotations
 
@@ -111,9 +112,16 @@ def default_head(source: str, peer: int) -> str:
     return f"{HEAD_PREFIX[source]}peer{peer}"
 
 
+COMBINED = ("ensemble", "fused", "teacher")
+"""Heads that combine the peers (their ensemble, FFL/DCCL/CMFF's fusion, ONE's and PCL's teachers): no one network's."""
+
+
 def check_head(head: str, source: str, peer: int) -> None:
-    """Refuse a --head that is another peer's, or (for the states of HEAD_PREFIX) another state's: its accuracy
-    would be printed and stored beside weights it was not measured on."""
+    """Refuse a --head that is another peer's, a combination of the peers (:data:`COMBINED`), or (for the states of
+    HEAD_PREFIX) another state's: its accuracy would be printed and stored beside weights it was not measured on."""
+    if head in COMBINED:
+        raise UserError(f"--head {head} combines the peers, it is not one network's: its accuracy would be stored "
+                        f"beside peer {peer}'s weights; give the head of peer {peer}")
     named = re.match(r"^(.*)peer(\d+)$", head)
     if named and int(named.group(2)) != peer:
         raise UserError(f"--head {head} is the head of peer {named.group(2)}, but --peer is {peer}: give "
@@ -133,15 +141,17 @@ def export_peer(checkpoint: Path, peer: int, source: str = "model", head: Option
     args = ckpt["args"]
     if source not in ckpt["state"]:
         raise UserError(f"{checkpoint} has no '{source}' state; --from one of: {', '.join(ckpt['state'])}")
-    given = head is not None
-    head = head or default_head(source, peer)
-    top1 = recorded_accuracy(ckpt, head, given=given)
     state = ckpt["state"][source]
     state = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")} or state  # AveragedModel
     _, sub = find_peers(state)
     n = args.get("num_peers") or len({k.split(".")[1] for k in sub if re.match(r"branches\.\d+\.", k)})
     if not 1 <= peer <= n:
         raise UserError(f"--peer {peer}: the run has peers 1..{n}")
+    given, evaluated = head is not None, evaluated_heads(ckpt)
+    head = head or default_head(source, peer)
+    if not given and head not in evaluated and "leader" in evaluated and source == "model" and peer == n:
+        head = "leader"                  # OKDDip's group leader is its last branch (train_okddip.py's eval_logits)
+    top1 = recorded_accuracy(ckpt, head, given=given)
     arch = peer_archs(args["arch"], n)[peer - 1]
     peers = rebuild_peers(sub, args["arch"], args["num_classes"], n)
     net = peers.single_network(peer - 1)
@@ -157,7 +167,7 @@ def export_peer(checkpoint: Path, peer: int, source: str = "model", head: Option
     return {"arch": arch, "num_classes": args["num_classes"], "classes": ckpt.get("classes"),
             "model_kwargs": kwargs, "format": fmt, "state_dict": weights,
             "source": {"checkpoint": str(checkpoint), "method": ckpt["method"], "epoch": ckpt["epoch"],
-                       "peer": peer, "from": source, "head": head, "top1": top1, "evaluated": evaluated_heads(ckpt),
+                       "peer": peer, "from": source, "head": head, "top1": top1, "evaluated": evaluated,
                        "run_arch": args["arch"]}}
 
 
@@ -228,9 +238,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = out["source"]
+    single = [h for h in s["evaluated"] if h not in COMBINED]
     acc = ", ".join(f"{split} top-1 {v:.2f}" for split, v in s["top1"].items()) or (
-        f"no accuracy recorded (the run evaluated {', '.join(s['evaluated'])}: --head names this peer's, e.g. "
-        "OKDDip's leader, the last peer)" if s["evaluated"] else "no accuracy recorded")
+        f"no accuracy recorded under head {s['head']} (the run evaluated {', '.join(single)} as single networks: "
+        "--head names this peer's)" if single else "no accuracy recorded")
     load = (f"torchvision.models.{out['arch']}(num_classes={out['num_classes']})" if out["format"] == "torchvision"
             else f"models.create_model('{out['arch']}', num_classes={out['num_classes']}"
                  + "".join(f", {k}={v!r}" for k, v in out["model_kwargs"].items()) + ")")

@@ -89,16 +89,29 @@ def test_bad_peer_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "x.pt").exists()
 
 
-def test_a_peer_whose_head_has_another_name_is_exported_with_the_heads_named(tmp_path, capsys):
-    """OKDDip's last peer is its group leader, evaluated as head ``leader``, not ``peer3``: the export says no
-    accuracy is recorded under peer3 and names the heads the run did evaluate; --head leader gives its top-1."""
-    fake_checkpoint(tmp_path / "c.pt", Peers("resnet20", 10, 3), "resnet20", 3, history_head="leader")
+def test_a_peer_whose_head_has_another_name_is_exported_with_its_accuracy(tmp_path, capsys):
+    """OKDDip's last peer is its group leader, evaluated as head ``leader``, not ``peerN``: exported with the
+    leader's top-1. A head that combines the peers is refused (its accuracy is no one network's); a head of no
+    known name leaves the accuracy out and names the single-network heads the run evaluated."""
+    peers = Peers("resnet20", 10, 3)
+    atomic_save({"format": FORMAT, "method": "okddip", "epoch": 1, "state": {"model": peers.state_dict()},
+                 "args": {"arch": "resnet20", "num_classes": 10, "num_peers": 3},
+                 "history": [{"epoch": 1, "test": {"peer1/top1": 40.0, "peer2/top1": 41.0, "leader/top1": 42.5,
+                                                   "ensemble/top1": 45.0}}]}, tmp_path / "c.pt")
     assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "3", "-o", str(tmp_path / "a.pt")]) == 0
-    assert "no accuracy recorded (the run evaluated leader: --head names this peer's" in capsys.readouterr().out
-    assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "3", "--head", "leader", "-o",
-                             str(tmp_path / "b.pt")]) == 0
-    assert "head leader of the dml run (resnet20, epoch 1): resnet20, test top-1 42.50" in capsys.readouterr().out
-    assert torch.load(tmp_path / "b.pt", weights_only=True)["source"]["evaluated"] == ["leader"]
+    assert "head leader of the okddip run (resnet20, epoch 1): resnet20, test top-1 42.50" in capsys.readouterr().out
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["source"]["top1"] == {"test": 42.5}
+    assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "2", "-o", str(tmp_path / "b.pt")]) == 0
+    assert "head peer2 of the okddip run (resnet20, epoch 1): resnet20, test top-1 41.00" in capsys.readouterr().out
+    assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "3", "--head", "ensemble", "-o",
+                             str(tmp_path / "e.pt")]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --head ensemble combines the peers, it is not one network's: "
+                                               "its accuracy would be stored beside peer 3's weights; give the head "
+                                               "of peer 3")
+    fake_checkpoint(tmp_path / "d.pt", peers, "resnet20", 3, history_head="student")
+    assert export_peer.main([str(tmp_path / "d.pt"), "--peer", "3", "-o", str(tmp_path / "d3.pt")]) == 0
+    assert ("no accuracy recorded under head peer3 (the run evaluated student as single networks: --head names this "
+            "peer's)") in capsys.readouterr().out
 
 
 def test_existing_output_is_refused_without_force(tmp_path, capsys):
