@@ -367,12 +367,12 @@ def default_dir(name: str, data: Optional[os.PathLike | str]) -> Path:
 
 
 def inside_the_classes(name: str, data: Optional[os.PathLike | str], folder: os.PathLike | str) -> Optional[str]:
-    """Why a run's ``--out`` ``folder`` cannot lie where it does, or None: inside a split folder (train/, val/,
-    test/) of a class-folder dataset (folder, imagenet), where it would be listed as a class of its own (then
-    an empty one: no later run on the data could start)."""
+    """Why a run's (or an evaluation's) ``folder`` cannot lie where it does, or None: inside a split folder
+    (train/, val/, test/) of a class-folder dataset (folder, imagenet), where it would be listed as a class of
+    its own (then an empty one: no later run on the data could start)."""
     if name not in ("folder", "imagenet"):
         return None
     where, root = Path(folder).resolve(), default_dir(name, data).resolve()
     split = next((root / s for s in ("train", "val", "test") if where == root / s or root / s in where.parents), None)
-    return split and (f"--out {folder} lies inside {split}, where each folder is a class of the dataset: the run's "
+    return split and (f"{folder} lies inside {split}, where each folder is a class of the dataset: the run's "
                       f"folder would be read as a class of images. Give an --out outside {split}")

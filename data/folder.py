@@ -164,9 +164,9 @@ def _scan(root: Path, classes_file: Optional[Path]) -> FolderTree:
             files = sorted(str(train_dir / c) for c in extra if (train_dir / c).is_file())
             if files:
                 are = "is a file" if len(files) == 1 else "are files"
-                raise BadDatasetError(f"dataset 'folder': {some(files)} {are}, not a class folder, beside "
-                                      f"{split_dir}/{Path(files[0]).name}/. Fix: put the class's training images in "
-                                      f"{train_dir}/<class>/")
+                raise BadDatasetError(f"dataset 'folder': {some(files)} {are}, where {split_dir}/"
+                                      f"{Path(files[0]).name}/ needs a class folder of training images. Fix: put the "
+                                      f"class's training images in {train_dir}/<class>/")
             if extra:
                 raise BadDatasetError(
                     f"dataset 'folder': {split_dir} holds {len(extra)} class folder(s) that train/ has not: "

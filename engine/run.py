@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from data.common import inside_the_classes
 from data.files import RUN_EVALUATIONS, RUN_FILES, RUN_LOCK, clean_temp_files, holds_run, os_error_message
 from recipes import RECIPE_KEYS, RECIPES
 
@@ -98,16 +99,17 @@ class Run:
 
     # ---- opening: the checks, the lock, then a new run or the checkpoint to continue -------------------------
 
-    def check(self, ckpt: Optional[dict] = None, stamp: Optional[tuple] = None) -> Optional[dict]:
-        """Check the folder against this command, reading no data and writing nothing: None for a new run, else
+    def check(self, ckpt: Optional[dict] = None, stamp: Optional[tuple] = None, before_lock: bool = True
+              ) -> Optional[dict]:
+        """Check the folder against this command, reading no data and changing nothing: None for a new run, else
         the checkpoint to continue from: ``ckpt`` when the caller read it and the file is still the one it read
         (``stamp``: :func:`file_stamp`), else read again (another process may have saved a later epoch
-        meanwhile). Raises UserError rather than overwrite anything. Made before the data are read, and again
-        by :meth:`open` under the lock."""
-        problem = self._inside_a_run()
-        if self.is_main and self.lock is None and not problem:      # (before the lock: who holds it)
-            RunLock(self.folder).check_free()
-            problem = _cannot_create(self.folder)
+        meanwhile). Raises UserError rather than overwrite anything. Made before the data are read (every rank;
+        ``before_lock``: rank 0 also finds whether another process holds the folder or it cannot be created, and
+        every rank stops with it), and again by :meth:`open` under the lock."""
+        problem = self._inside_a_run() or inside_the_classes(self.config.dataset, self.config.data, self.folder)
+        if before_lock and not problem:
+            self._refuse_an_unusable_folder(lock=True)
         resume = resume_path(self.config.resume, self.folder)
         problem = problem or (new_run_problem(self.folder) if resume is None else _a_folder_in_the_way(self.folder))
         if problem:
@@ -116,8 +118,8 @@ class Run:
             if self.config.resume == "auto":
                 self._refuse_a_sibling_run()
             return None
-        if ckpt is None or file_stamp(resume) != stamp:
-            stamp = file_stamp(resume) if resume.is_file() else None
+        if ckpt is None or _stamp_or_none(resume) != stamp:
+            stamp = _stamp_or_none(resume)          # (taken before the read: a later write changes it)
             ckpt = load_checkpoint(resume)
         self.read = (resume, stamp, ckpt)
         check_saved_by(ckpt, resume, self.method_cls.name, "resume")
@@ -139,6 +141,20 @@ class Run:
                             f"later ones. Give another --out to continue {resume}")
         return ckpt
 
+    def _refuse_an_unusable_folder(self, lock: bool) -> None:
+        """Rank 0 finds whether the folder cannot be created (:func:`_cannot_create`) or, with ``lock``, another
+        process holds it (:meth:`RunLock.check_free`); every rank stops with its line."""
+        problem = None
+        if self.is_main:
+            try:
+                if lock:
+                    RunLock(self.folder).check_free()
+                problem = _cannot_create(self.folder)
+            except UserError as e:
+                problem = str(e)
+        if any_rank(problem is not None):
+            raise UserError(problem or f"rank 0 cannot use {self.folder}; see its message")
+
     def _inside_a_run(self) -> Optional[str]:
         inside = next((p for p in self.folder.parents if holds_run(p)), None)
         return inside and f"{self.folder} lies inside the run directory {inside}; give an --out outside it"
@@ -153,7 +169,9 @@ class Run:
         self._lock()
         resume = resume_path(self.config.resume, self.folder)
         path, stamp, ckpt = self.read
-        ckpt = self.check(ckpt if path == resume else None, stamp)
+        ckpt = self.check(ckpt if path == resume else None, stamp, before_lock=False)
+        if ckpt is not None:
+            self.saved, self.records = resume, list(ckpt["history"])    # what the folder holds, from here on
         if resume is None:
             if self.config.resume == "auto":
                 self.log(f"--resume auto: no checkpoint in {self.folder}, starting a new run")
@@ -164,8 +182,6 @@ class Run:
             # (a finished run "resumed" into another --out changes nothing, there or here)
             self._repair_best(resume, ckpt)
             self._repair_record(resume, ckpt)
-        self.saved = resume
-        self.records = list(ckpt["history"])
         if self.tag is None and resume.absolute().parent == self.folder:   # (a copy in a new --out: another run)
             self.tag = ckpt["args"].get("tag")
         if self.done_after(ckpt["epoch"]):
@@ -217,8 +233,8 @@ class Run:
         finished with more epochs than this command asks has nothing to continue: its results are named."""
         if done >= epochs > self.config.epochs:
             return UserError(f"--resume auto: {folder} holds this run, finished after {epochs} epochs (more than "
-                             f"--epochs {self.config.epochs} asks); its results: {folder / 'results.json'} (or "
-                             f"{new_run} to start a new run)")
+                             f"--epochs {self.config.epochs} asks): nothing to continue, its results are in {folder} "
+                             f"(or {new_run} to start a new run)")
         command = (self.continue_command(folder, epochs=epochs if self.config.epochs < epochs else None)
                    + (" --extend-epochs" if self.config.epochs > epochs else ""))
         return UserError(f"--resume auto: {folder} holds this run, trained for {epochs} epochs ({done} done); "
@@ -390,7 +406,9 @@ class Run:
                         reason = f"{type(error).__name__}: {reason}"
                     self._record_end("failed", reason=reason)
             elif stop_signal(error) and self.lock is not None:      # opened (maybe repaired), not yet training
-                message = (f"interrupted ({stop_signal(error)}) while starting: {self.saved_state()}. Continue with: "
+                known = self.saved is not None or resume_path(self.config.resume, self.folder) is None
+                message = (f"interrupted ({stop_signal(error)}) while starting: "
+                           f"{self.saved_state() if known else 'the run is as it was'}. Continue with: "
                            + self.continue_command())
         finally:
             self.process = None
@@ -457,6 +475,10 @@ class Run:
         that cannot be read is kept, except in the checkpoint's own folder. An --out of its own must not hold
         another run."""
         target = self.evaluation_file()
+        problem = inside_the_classes(self.config.dataset, self.config.data, self.folder)
+        if problem:
+            raise UserError(problem)
+        self._refuse_an_unusable_folder(lock=False)
         if target.is_dir():
             raise UserError(f"{target} is a folder where the evaluation is written; move it away, or give another "
                             "--out")
@@ -468,8 +490,10 @@ class Run:
                                 f"leave --out out: it is written beside {path})")
         earlier = _json_object(target)       # (older versions recorded no run_id: taken as this run's)
         same_run = earlier.get("run_id", ckpt.get("run_id")) == ckpt.get("run_id")
-        same_file = (path.absolute().parent == self.folder
-                     or Path(earlier.get("checkpoint") or "").absolute() == path.absolute())
+        recorded = Path(earlier.get("checkpoint") or "")
+        own_folder = path.absolute().parent == self.folder      # (its file of that name; the folder may have moved)
+        same_file = (os.path.samefile(recorded, path) if recorded.is_absolute() and recorded.exists() else
+                     own_folder or (not recorded.is_absolute() and str(recorded) == str(path)))   # (older: as given)
         if not target.exists() or (same_run and same_file):
             return
         raise UserError(f"{target} holds the evaluation of another checkpoint ({earlier.get('checkpoint', 'unknown')})"
@@ -547,13 +571,15 @@ def _cannot_create(folder: Path) -> Optional[str]:
         missing.append(p)
     if not missing:
         return None
-    try:
-        folder.mkdir(parents=True)
-    except OSError as e:
-        return os_error_message(folder, e)
-    for p in missing:
-        with contextlib.suppress(OSError):
-            p.rmdir()
+    with signals_held():                        # (Ctrl-C: after the folders made are removed again)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return os_error_message(folder, e)
+        finally:
+            for p in missing:                   # deepest first; one another process filled stays
+                with contextlib.suppress(OSError):
+                    p.rmdir()
     return None
 
 
@@ -704,6 +730,14 @@ def _held_by_a_live_process(folder: Path) -> bool:
     """The folder's lock names a process that may still be writing it (this host: alive; another: unknown)."""
     holder = _json_object(folder / RUN_LOCK)
     return bool(holder.get("pid")) and (holder.get("host") != socket.gethostname() or _pid_alive(holder["pid"]))
+
+
+def _stamp_or_none(path: Path) -> Optional[tuple]:
+    """:func:`file_stamp`, or None for a file that is gone (it is then read again, and named if missing)."""
+    try:
+        return file_stamp(path)
+    except OSError:
+        return None
 
 
 def file_stamp(path: Path) -> tuple:

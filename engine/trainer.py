@@ -57,7 +57,6 @@ class Trainer:
 
     def __init__(self, method_cls: type[Method], args, argv: Optional[Sequence[str]] = None):
         from data import build_loaders
-        from data.common import inside_the_classes
         from models.grouped import NotGroupableError
         from models.peers import Peers, peer_archs
 
@@ -75,9 +74,6 @@ class Trainer:
             args = from_checkpoint(method_cls, args, argv, ckpt["args"], Path(source), bool(args.eval_only))
             if args.eval_only and args.image_size is None and args.dataset == "folder":
                 args.image_size = ckpt.get("image_size")   # evaluated at the size it was trained at
-        problem = args.out and inside_the_classes(args.dataset, args.data, args.out)
-        if problem:
-            raise UserError(problem)
         self.args = args = resolve(method_cls, args)   # read-only from here on
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,27 @@ def test_module_with_its_own_optimizer_stays_identical(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.slow   # two torchrun processes
+def test_a_folder_another_process_holds_stops_every_rank_in_one_line(tmp_path):
+    """Rank 0 alone finds that another process holds the run folder (before the data are read); every rank stops
+    with a line (rank 0's reason, the other ranks' pointer to it), none with a traceback or a hang."""
+    from engine.run import RunLock
+    out = tmp_path / "run"
+    lock = RunLock(out, "the test").acquire()
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_dml.py",
+               *ARGS, "--epochs", "1", "--out", str(out)]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        lock.release()
+    errors = sorted(line for line in r.stderr.splitlines() if line.startswith("error: "))
+    assert r.returncode != 0 and "build_loaders" not in r.stderr, r.stderr[-3000:]     # (no rank went on)
+    assert errors == [f"error: {out} is in use by process {os.getpid()} on {socket.gethostname()} (since "
+                      f"{errors[0].split('(since ')[1]}",
+                      f"error: rank 0 cannot use {out}; see its message"], r.stderr[-3000:]
+
+
 def test_a_stopped_two_rank_run_says_how_to_continue_once(tmp_path):
     """SIGTERM to torchrun (what SLURM sends) stops every rank; the line saying what is saved and how to continue
     is printed once, by rank 0, and the command it names continues the run."""

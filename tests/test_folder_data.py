@@ -172,8 +172,8 @@ def test_a_file_where_a_folder_belongs_is_named_a_file(tmp_path):
     (root / "train" / "cat").write_bytes(b"")
     with pytest.raises(BadDatasetError) as err:
         folder.scan(root)
-    assert one_line(err).startswith(f"dataset 'folder': {root / 'train' / 'cat'} is a file, not a class folder, "
-                                    f"beside {root / 'val'}/cat/.")
+    assert one_line(err).startswith(f"dataset 'folder': {root / 'train' / 'cat'} is a file, where {root / 'val'}/cat/ "
+                                    "needs a class folder of training images. Fix:")
     root = write_folder(tmp_path / "tree2")
     shutil.rmtree(root / "val")
     (root / "val").write_bytes(b"")
@@ -576,17 +576,25 @@ def test_the_engine_refuses_a_backbone_for_the_size_before_decoding(tmp_path, ca
 @pytest.mark.parametrize("out", ["train/runs", "val", "test/a/b"])
 def test_an_out_inside_the_class_folders_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, out):
     """A run directory inside train/ (or val/, test/) would be listed as a class of its own, an empty one, and no
-    later run on the data (this one resumed included) could start: refused in one line, nothing created."""
+    later run on the data (this one resumed included) could start: refused in one line before anything is decoded,
+    nothing created; so is an evaluation's --out there, and a default run folder there (the working directory)."""
     root = write_folder(tmp_path / "tree")
-    monkeypatch.setattr(folder, "scan", lambda *a: pytest.fail("the data were read before the refusal"))
+    monkeypatch.setattr(folder, "decode_all", lambda *a: pytest.fail("decoded before the refusal"))
     with pytest.raises(SystemExit) as exit_:
         main(train_dml.DML, ["--dataset", "folder", "--data", str(root), "--gpu", "-1", "--out", str(root / out)])
     err = capsys.readouterr().err.strip()
     split = root / out.split("/")[0]
-    assert exit_.value.code == 2 and err == (f"error: --out {root / out} lies inside {split}, where each folder is a "
+    assert exit_.value.code == 2 and err == (f"error: {root / out} lies inside {split}, where each folder is a "
                                              "class of the dataset: the run's folder would be read as a class of "
                                              f"images. Give an --out outside {split}")
     assert not (root / out).exists() or out == "val"
+    if out != "train/runs":
+        return
+    monkeypatch.chdir(root / "train")
+    with pytest.raises(SystemExit):
+        main(train_dml.DML, ["--dataset", "folder", "--data", str(root), "--gpu", "-1"])
+    assert f"runs/dml-resnet32-folder-tree-" in capsys.readouterr().err
+    assert not (root / "train" / "runs").exists()
 
 
 @pytest.mark.parametrize("dataset", ["imagenet", "folder", "synthetic"])

@@ -438,7 +438,7 @@ def test_the_run_folder_is_refused_before_the_data_are_read(run, tmp_path, monke
         match = r"world size 2 \(this command: 1\) \[run it with torchrun --nproc_per_node=2\]"
     if "under a file" in case or "too long" in case:
         (tmp_path / "a_file").write_text("")
-        out = tmp_path / ("a_file/run" if case == "under a file" else "r" * 300)
+        out = tmp_path / ("a_file/run" if case == "under a file" else "new/er/" + "r" * 300)
         argv = TINY + ["--out", str(out)] + (["--resume", "auto"] if "--resume" in case else [])
         match = f"^cannot write {out}: " + ("Not a directory" if case == "under a file" else "File name too long")
     lock = run_module.RunLock(run, "the test").acquire() if case == "in use" else None
@@ -450,6 +450,10 @@ def test_the_run_folder_is_refused_before_the_data_are_read(run, tmp_path, monke
     finally:
         if lock:
             lock.release()
+    assert not (tmp_path / "new").exists()        # the folders a probe made are removed, whatever it found
+    if case == "under a file":                     # an evaluation's --out too, before anything is evaluated
+        with pytest.raises(UserError, match=match.replace("/run", "/evals")):
+            train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--out", str(tmp_path / "a_file" / "evals")])
 
 
 @pytest.mark.slow
@@ -467,6 +471,11 @@ def test_an_evaluation_is_replaced_only_by_one_of_its_own_checkpoint_file(tmp_pa
                                         f"\\({second / 'last.pt'}\\); evaluating {first / 'last.pt'} would replace it"):
         train(DML, EVAL + ["--eval-only", str(first / "last.pt"), "--out", str(second)])
     assert (second / "eval-last-synthetic.json").read_bytes() == own
+    train(DML, EVAL + ["--eval-only", str(second / "last.pt"), "--out", str(first)])    # in first's folder: the
+    with pytest.raises(UserError, match="holds the evaluation of another checkpoint"):  # first's own is refused
+        train(DML, EVAL + ["--eval-only", str(first / "last.pt")])
+    assert json.loads((first / "eval-last-synthetic.json").read_text())["epoch"] == 2
+    (first / "eval-last-synthetic.json").unlink()
     train(DML, EVAL + ["--eval-only", str(first / "last.pt"), "--out", str(evals)])
     with pytest.raises(UserError, match="holds the evaluation of another checkpoint"):
         train(DML, EVAL + ["--eval-only", str(second / "last.pt"), "--out", str(evals)])
@@ -730,16 +739,21 @@ def test_ctrl_c_is_one_line_that_says_what_was_saved(tmp_path, capsys, method_cl
     assert e.value.code == 130 and "\n" not in err and err.startswith(expected) and "last.pt" not in err
 
 
-def test_ctrl_c_while_a_run_opens_says_what_is_saved(run, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("where", ["loading the state", "repairing best.pt"])
+def test_ctrl_c_while_a_run_opens_says_what_is_saved(run, tmp_path, capsys, monkeypatch, where):
     """Interrupted after the run's folder was opened (and perhaps repaired) but before this process trained: the
     line says what the folder holds and how to continue, not that nothing was written."""
     from engine.trainer import Trainer
     out = tmp_path / "run"
     shutil.copytree(run, out)
 
-    def interrupted_load(*args):
+    def interrupted(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(Trainer, "load_state_dict", interrupted_load)
+    if where == "repairing best.pt":
+        (out / "best.pt").unlink()
+        monkeypatch.setattr(run_module.Run, "_repair_best", interrupted)
+    else:
+        monkeypatch.setattr(Trainer, "load_state_dict", interrupted)
     with pytest.raises(SystemExit) as e:
         main(DML, TINY[:-2] + ["--epochs", "2", "--extend-epochs", "--out", str(out), "--resume", "auto"])
     err = capsys.readouterr().err.strip()
@@ -1249,14 +1263,16 @@ def test_resume_auto_names_the_run_trained_to_another_length(run, tmp_path, monk
     with pytest.raises(UserError) as e:      # the first command again: the run it made, now 2 epochs long, finished
         train(DML, args + ["--resume", "auto"])
     assert str(e.value) == (f"--resume auto: {folder} holds this run, finished after 2 epochs (more than --epochs 1 "
-                            f"asks); its results: {folder / 'results.json'} (or another --out to start a new run)")
+                            f"asks): nothing to continue, its results are in {folder} (or another --out to start a "
+                            "new run)")
     assert json.loads((folder / "results.json").read_text())["epochs_done"] == 2
     train(DML, TINY[:-2] + ["--epochs", "2", "--seed", "1"])
     [folder] = list((tmp_path / "runs").glob("dml-resnet20-synthetic-n2-s1-*"))
     with pytest.raises(UserError) as e:                  # fewer --epochs than the finished run's: it is named
         train(DML, TINY[:-2] + ["--epochs", "1", "--seed", "1", "--resume", "auto"])
     assert str(e.value) == (f"--resume auto: {folder} holds this run, finished after 2 epochs (more than --epochs 1 "
-                            f"asks); its results: {folder / 'results.json'} (or leave out --resume to start a new run)")
+                            f"asks): nothing to continue, its results are in {folder} (or leave out --resume to start "
+                            "a new run)")
     train(DML, TINY[:-2] + ["--epochs", "2", "--seed", "2"])    # one not finished: the command continues it
     [stopped] = list((tmp_path / "runs").glob("dml-resnet20-synthetic-n2-s2-*"))
     last = load_checkpoint(stopped / "last.pt")
