@@ -561,16 +561,17 @@ def new_run_problem(folder: Path) -> Optional[str]:
 
 
 def _cannot_create(folder: Path) -> Optional[str]:
-    """Why ``folder`` cannot be created (a read-only disk, a file in its path, a name too long), or None (also
-    when it exists); found by creating it, and the folders above it that are missing, and removing them again."""
+    """Why ``folder`` cannot be created (a read-only disk, a file in its path, a name too long) or, if it exists,
+    written to, or None; found by creating it, and the folders above it that are missing, and removing them again."""
     missing = []
     for p in [folder, *folder.parents]:
         with contextlib.suppress(OSError):      # (a name too long cannot even be looked up)
             if p.exists():
                 break
         missing.append(p)
-    if not missing:
-        return None
+    if not missing:                             # (it exists: it must take the run's files)
+        return None if os.access(folder, os.W_OK | os.X_OK) else os_error_message(
+            folder, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
     with signals_held():                        # (Ctrl-C: after the folders made are removed again)
         try:
             folder.mkdir(parents=True, exist_ok=True)
