@@ -81,17 +81,20 @@ def rebuild_peers(state: dict, arch: str, num_classes: int, num_peers: int) -> P
     raise UserError(f"the checkpoint's peers do not fit {arch} ({errors[-1][:200]})")
 
 
+def _epoch_record(ckpt: dict) -> dict:
+    """The record of the checkpoint's epoch in its history ({} for a checkpoint without its record)."""
+    return next((r for r in ckpt.get("history", []) if r["epoch"] == ckpt["epoch"]), {})
+
+
 def evaluated_heads(ckpt: dict) -> list[str]:
     """The heads the run evaluated at the checkpoint's epoch (empty for a checkpoint without its record)."""
-    record = next((r for r in ckpt.get("history", []) if r["epoch"] == ckpt["epoch"]), {})
-    return [k[:-len("/top1")] for k in record.get("test", {}) if k.endswith("/top1")]
+    return [k[:-len("/top1")] for k in _epoch_record(ckpt).get("test", {}) if k.endswith("/top1")]
 
 
 def recorded_accuracy(ckpt: dict, head: str, given: bool = False) -> dict[str, float]:
     """Top-1 of ``head`` at the checkpoint's epoch, per split (empty when the run did not evaluate it). A head
     ``given`` by the user that the run did not evaluate is a UserError naming the ones it did."""
-    record = next((r for r in ckpt.get("history", []) if r["epoch"] == ckpt["epoch"]), {})
-    heads = evaluated_heads(ckpt)
+    record, heads = _epoch_record(ckpt), evaluated_heads(ckpt)
     if given and heads and head not in heads:
         raise UserError(f"--head {head}: the run evaluated {', '.join(heads)}; choose one of them")
     return {split: record[split][f"{head}/top1"] for split in ("test", "val")
