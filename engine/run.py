@@ -69,7 +69,7 @@ class Run:
         self.method_cls, self.config, self.argv = method_cls, config, list(argv)
         self.world_size, self.is_main = world_size, rank == 0
         self.about: dict = {}
-        self.selection = ("test", f"{config.best_metric or method_cls.best_metric}/top1")
+        self.selection: Optional[tuple] = None  # (split, metric) choosing the best epoch: describe() gives it
         self.read: tuple = (None, None, None)   # (path, file stamp, contents) of the checkpoint check() read
         self.records: list[dict] = []           # every epoch's record, once its checkpoint is written
         self.run_id = uuid.uuid4().hex          # a resumed run takes its checkpoint's
