@@ -144,16 +144,26 @@ class Run:
     def _refuse_an_unusable_folder(self, lock: bool) -> None:
         """Rank 0 finds whether the folder cannot be created (:func:`_cannot_create`) or, with ``lock``, another
         process holds it (:meth:`RunLock.check_free`); every rank stops with its line."""
-        problem = None
+        def check_usable() -> None:
+            if lock:
+                RunLock(self.folder).check_free()
+            problem = _cannot_create(self.folder)
+            if problem:
+                raise UserError(problem)
+        self._on_rank_0(check_usable)
+
+    def _on_rank_0(self, action):
+        """``action()`` on rank 0, its result there (None elsewhere); a UserError it raises stops every rank,
+        rank 0 with its line."""
+        result = error = None
         if self.is_main:
             try:
-                if lock:
-                    RunLock(self.folder).check_free()
-                problem = _cannot_create(self.folder)
+                result = action()
             except UserError as e:
-                problem = str(e)
-        if any_rank(problem is not None):
-            raise UserError(problem or f"rank 0 cannot use {self.folder}; see its message")
+                error = e
+        if any_rank(error is not None):
+            raise error or UserError(f"rank 0 cannot use {self.folder}; see its message")
+        return result
 
     def _inside_a_run(self) -> Optional[str]:
         inside = next((p for p in self.folder.parents if holds_run(p)), None)
@@ -163,9 +173,6 @@ class Run:
         """Lock the folder (every rank stops if rank 0 could not), check it again (:meth:`check`, with the
         checkpoint it read if the file is unchanged) and against the data: None for a new run, else the checkpoint
         to continue from. Repairs what a kill left behind (best.pt, results.json)."""
-        problem = self._inside_a_run()       # (--out RUN/tensorboard: its files would pass for RUN's)
-        if problem:
-            raise UserError(problem)
         self._lock()
         resume = resume_path(self.config.resume, self.folder)
         path, stamp, ckpt = self.read
@@ -260,17 +267,7 @@ class Run:
 
     def _lock(self) -> None:
         """Rank 0 takes the folder's lock, then removes the temporary files of interrupted writes."""
-        error = None
-        if self.is_main:
-            try:
-                self.lock = RunLock(self.folder, self.command).acquire()
-            except UserError as e:
-                error = e
-        failed = any_rank(error is not None)
-        if error is not None:
-            raise error
-        if failed:
-            raise UserError(f"rank 0 could not lock {self.folder}; see its message")
+        self.lock = self._on_rank_0(RunLock(self.folder, self.command).acquire)
         if self.is_main:
             if self.lock.stale:
                 self.log(f"{self.folder}: process {self.lock.stale.get('pid')} that held it ended without "
