@@ -193,7 +193,7 @@ class Run:
             self.tag = ckpt["args"].get("tag")
         if self.done_after(ckpt["epoch"]):
             self.log(f"{resume}: the run is already finished ({ckpt['epoch']} of {self.config.epochs} epochs); "
-                     "nothing to do, nothing changed. To train longer: a larger --epochs with --extend-epochs")
+                     "nothing to train. To train longer: a larger --epochs with --extend-epochs")
         return ckpt
 
     def check_data(self, ckpt: dict, path: Path) -> None:
@@ -256,6 +256,12 @@ class Run:
             self.run_id = ckpt.get("run_id", self.run_id)
             self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes(),
                                              ckpt["args"]["epochs"])
+            stale = self.lock.stale if self.lock else None
+            if stale and all((p.get("host"), p.get("pid")) != (stale.get("host"), stale["pid"])
+                             for p in self.processes):
+                # the holder of a stale lock that saved no epoch (killed in its first one): known from its lock only
+                self.processes.append({**stale, "start_epoch": ckpt["epoch"], "end_epoch": ckpt["epoch"],
+                                       "ended": None, "status": "killed", "reason": _KILLED})
             self.log(f"resumed from {self.saved} after epoch {ckpt['epoch']}")
         self.process = _new_process(self.command, self.epochs, self.about.get("git_commit"))
         self.processes.append(self.process)
@@ -402,6 +408,9 @@ class Run:
                     if not isinstance(error, UserError):
                         reason = f"{type(error).__name__}: {reason}"
                     self._record_end("failed", reason=reason)
+            elif stop_signal(error) and self.done_after(self.epochs):    # finished, or found finished: closed
+                message = (f"interrupted ({stop_signal(error)}) after the last epoch was saved: {self.saved_state()}; "
+                           "the run is finished")
             elif stop_signal(error) and self.lock is not None:      # opened (maybe repaired), not yet training
                 known = self.saved is not None or resume_path(self.config.resume, self.folder) is None
                 message = (f"interrupted ({stop_signal(error)}) while starting: "
@@ -692,12 +701,24 @@ def read_run(folder: Path) -> Optional[dict]:
     the record rebuilt from last.pt. None when there is neither. What reproduce.py and summarize.py read."""
     folder = Path(folder)
     recorded = read_record(folder / "results.json")
-    if _held_by_a_live_process(folder):
-        return recorded
+    try:
+        RunLock(folder).check_free()
+    except UserError:
+        return recorded                  # a process trains it now (or its lock cannot be read): as it says
     last = folder / "last.pt"
     if recorded and recorded.get("status") == "finished" and not _newer(last, folder / "results.json"):
         return recorded                                    # (no checkpoint to read: summaries stay fast)
-    return _in_line(recorded, _readable_checkpoint(last))
+    rebuilt = _in_line(recorded, _readable_checkpoint(last))
+    if rebuilt is recorded or rebuilt.get("status") != "finished" or not rebuilt["best"]:
+        return rebuilt
+    if (_readable_checkpoint(folder / "best.pt") or {}).get("epoch") != rebuilt["best"]["epoch"]:
+        # stopped between the writes of last.pt and best.pt of the last epoch: not finished until a resume
+        # rebuilds best.pt (reproduce.py resumes it)
+        ended = rebuilt["processes"][-1].get("status") if rebuilt["processes"] else None
+        rebuilt = {**rebuilt, "status": ended if ended in ("interrupted", "failed") else "killed",
+                   "reason": f"its process ended before best.pt held the best epoch ({rebuilt['best']['epoch']}); "
+                             "--resume auto rebuilds it"}
+    return rebuilt
 
 
 def _newer(path: Path, than: Path) -> bool:
@@ -722,12 +743,6 @@ def _in_line(recorded: Optional[dict], ckpt: Optional[dict]) -> Optional[dict]:
     ended = processes[-1].get("status") if processes else None      # how the last process ended, if recorded
     return results_of({**ckpt, "processes": processes}, "finished" if ckpt["epoch"] >= ckpt["args"]["epochs"]
                       else ended if ended in ("interrupted", "failed") else "killed")
-
-
-def _held_by_a_live_process(folder: Path) -> bool:
-    """The folder's lock names a process that may still be writing it (this host: alive; another: unknown)."""
-    holder = _json_object(folder / RUN_LOCK)
-    return bool(holder.get("pid")) and (holder.get("host") != socket.gethostname() or _pid_alive(holder["pid"]))
 
 
 def _stamp_or_none(path: Path) -> Optional[tuple]:
@@ -776,6 +791,9 @@ def _new_process(command: str, start_epoch: int, commit: Optional[str] = None) -
             "updated": _now_iso(t), "started_unix": t, "wall_s": 0.0, "status": "running"}
 
 
+_KILLED = "the process ended without recording it (SIGKILL, out of memory or power loss)"
+
+
 def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequence[dict]],
                     epochs: Optional[int] = None) -> list[dict]:
     """The processes of a run being resumed: the checkpoint's list, with each entry replaced by the one
@@ -812,9 +830,7 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
                      note="it saved the run's last epoch; how it ended was not recorded (times are as of its "
                           "last write)")
         elif p.get("status") == "running":
-            p.update(status="killed", ended=None,
-                     reason="the process ended without recording it (SIGKILL, out of memory or power loss); "
-                            "times are as of its last write")
+            p.update(status="killed", ended=None, reason=_KILLED + "; times are as of its last write")
     return processes
 
 
@@ -842,11 +858,15 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise UserError(os_error_message(self.folder, e)) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            raise self._not_taken(e) from None
+        for wait in (0.01, 0.1, 0.5, None):     # (check_free and read_run hold it for an instant)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if wait is None or e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise self._not_taken(e) from None
+                time.sleep(wait)
         if not _names(self.path, fd):         # a holder that left no run removed this file after we opened it
             os.close(fd)
             return self.acquire()
@@ -854,7 +874,9 @@ class RunLock:
         holder = _json_object(self.path)
         if holder.get("pid"):
             self.stale = holder
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now_iso(), "command": self.command}
+        t = time.time()
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now_iso(t), "started_unix": t,
+                  "command": self.command}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         return self
@@ -864,7 +886,7 @@ class RunLock:
         creating nothing: an existing lock file is locked and unlocked at once. (Not for a lock this process
         holds: a second lock of one file conflicts with the first.)"""
         try:
-            fd = os.open(self.path, os.O_RDWR)
+            fd = os.open(self.path, os.O_RDONLY)      # (a reader without write permission probes too)
         except OSError:
             return                  # no lock file yet, or none that opens: acquire() says what is wrong
         try:

@@ -35,7 +35,7 @@ from .errors import UserError
 from .method import Method, StepContext
 from .optim import Optimization
 from .reporting import Reporter
-from .run import Run, file_stamp
+from .run import Run, file_stamp, read_run
 from .signals import Interrupted, stop_on_signals, stop_signal
 
 
@@ -371,6 +371,10 @@ class Trainer:
         the checkpoint's folder (:meth:`Run.write_evaluation`), naming the dataset, the splits and the precision."""
         path, ckpt, a = Path(self.args.eval_only), self.ckpt, self.args
         self.run.check_data(ckpt, path)
+        best = ((read_run(path.parent) or {}).get("best") or {}).get("epoch") if path.name == "best.pt" else None
+        if best not in (None, ckpt["epoch"]):
+            warnings.warn(f"{path} holds epoch {ckpt['epoch']}, but its run's best epoch is {best} (its process ended "
+                          f"between the writes of last.pt and best.pt); --out {path.parent} --resume auto rebuilds it")
         evaluated = ["model"] + [k for k in self.method.state_keys if isinstance(getattr(self.method, k), TemporalMean)]
         missing = [k for k in evaluated if k not in ckpt["state"]]
         if missing:

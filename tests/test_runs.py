@@ -699,6 +699,63 @@ def test_a_stop_after_the_last_epoch_was_saved_leaves_a_finished_run(tmp_path, m
     assert (saved["status"], saved["epochs_done"]) == ("finished", 1)
 
 
+def test_a_stop_after_the_run_was_closed_says_it_is_finished(tmp_path, monkeypatch):
+    """A signal while the final table prints (the run closed as finished) says so, not "nothing was written"."""
+    from engine.reporting import Reporter
+
+    def stopped(self, results):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Reporter, "final_table", stopped)
+    with pytest.raises(KeyboardInterrupt) as e:
+        train(Baseline, TINY + ["--out", str(tmp_path)])
+    assert e.value.message == (f"interrupted (SIGINT) after the last epoch was saved: {tmp_path / 'last.pt'} holds "
+                               "epoch 1; the run is finished")
+
+
+def test_a_process_killed_before_it_saved_an_epoch_is_listed_from_its_lock(tmp_path):
+    import socket
+    train(Baseline, TINY + ["--out", str(tmp_path)])
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    (tmp_path / RUN_LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "t1",
+                                                 "started_unix": time.time(), "command": "train_baseline.py ..."}))
+    result = train(Baseline, TINY + ["--epochs", "2", "--out", str(tmp_path), "--resume", "auto", "--extend-epochs"])
+    processes = [(p["pid"], p["status"], p["start_epoch"], p["end_epoch"]) for p in result["processes"]]
+    assert processes == [(processes[0][0], "finished", 0, 1), (dead.pid, "killed", 1, 1),
+                         (os.getpid(), "finished", 1, 2)]
+    assert "SIGKILL" in result["processes"][1]["reason"]
+
+
+def test_a_run_is_live_while_its_lock_is_held_whatever_pid_the_lock_file_names(run, tmp_path):
+    from engine.run import RunLock, read_run
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    record = json.loads((folder / "results.json").read_text())
+    (folder / "results.json").write_text(json.dumps({**record, "status": "running"}))
+    (folder / RUN_LOCK).write_text(json.dumps({"pid": os.getpid(), "host": "h"}))    # a live pid, no lock held
+    assert read_run(folder)["status"] == "killed"
+    lock = RunLock(folder).acquire()
+    try:
+        assert read_run(folder)["status"] == "running"                    # held: as the record says
+    finally:
+        lock.release()
+
+
+def test_the_lock_waits_out_a_probe_that_holds_it_for_an_instant(tmp_path, monkeypatch):
+    import fcntl
+    real, probed = fcntl.flock, []
+
+    def flock(fd, operation):
+        if operation & fcntl.LOCK_NB and not probed:
+            probed.append(True)
+            raise BlockingIOError(errno.EWOULDBLOCK, "held by a probe")
+        return real(fd, operation)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    lock = run_module.RunLock(tmp_path).acquire()
+    assert probed and lock.held()
+    lock.release()
+
+
 _StopInEpoch2Dml = interrupted(DML, 1)
 
 
@@ -955,17 +1012,28 @@ def test_a_kill_between_last_and_best_is_repaired(tmp_path, monkeypatch, capsys)
             raise SystemExit("killed")
         real_save(obj, *paths)
 
+    import scripts.reproduce as reproduce
+    from engine.run import read_run
     monkeypatch.setattr(trainer_module.Trainer, "evaluate", evaluate)
     monkeypatch.setattr(run_module, "atomic_save", killed_after_last)
+    monkeypatch.setattr(run_module.Run, "close", lambda self, error: self.lock.release())   # SIGKILL: no record
     args = TINY + ["--epochs", "2", "--out", str(tmp_path)]
     with pytest.raises(SystemExit):
         train(Baseline, args)
     assert load_checkpoint(tmp_path / "last.pt")["best"]["epoch"] == 2
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1             # stale
-    monkeypatch.setattr(run_module, "atomic_save", real_save)
+    # every epoch is saved, yet the run is not finished until best.pt is rebuilt: reproduce.py resumes it
+    record = read_run(tmp_path)
+    assert (record["status"], record["epochs_done"]) == ("killed", 2) and "best.pt" in record["reason"]
+    run = reproduce.Run("t", "baseline-resnet20", "train_baseline.py", TINY[:-2] + ["--epochs", "2"], 0, tmp_path, [])
+    assert reproduce.run_state(run) == "resume"
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="holds epoch 1, but its run's best epoch is 2"):
+        train(Baseline, EVAL + ["--eval-only", str(tmp_path / "best.pt")])
     train(Baseline, args + ["--resume", "auto"])
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
     assert "best.pt repaired" in capsys.readouterr().out
+    assert read_run(tmp_path)["status"] == "finished"
 
 
 def test_files_follow_the_umask_and_interrupted_writes_are_cleaned(tmp_path):
