@@ -136,7 +136,9 @@ def _loose_images(folder: Path) -> int:
 def _scan(root: Path, classes_file: Optional[Path]) -> FolderTree:
     train_dir = root / "train"
     if not train_dir.is_dir():
-        raise DatasetNotFoundError(NAME, "the folder train/ is missing", [train_dir], layout_fix(root))
+        above = root.parent if root.name in ("train", "val", "test") and (root.parent / "train").is_dir() else None
+        raise DatasetNotFoundError(NAME, "the folder train/ is missing", [train_dir], layout_fix(root) if above is None
+                                   else f"pass --data {above}, the folder that holds train/, not {root.name}/ itself")
     train_classes = visible_dirs(train_dir)
     if classes_file is not None:
         listed = read_class_list(classes_file)

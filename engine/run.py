@@ -481,7 +481,8 @@ class Run:
         that cannot be read is kept, except in the checkpoint's own folder. An --out of its own must not hold
         another run."""
         target = self.evaluation_file()
-        problem = inside_the_classes(self.config.dataset, self.config.data, self.folder)
+        problem = ((self.config.out and self._inside_a_run())       # (the default: the checkpoint's own folder)
+                   or inside_the_classes(self.config.dataset, self.config.data, self.folder))
         if problem:
             raise UserError(problem)
         self._refuse_an_unusable_folder(lock=False)
@@ -557,10 +558,15 @@ def new_run_problem(folder: Path) -> Optional[str]:
     if (folder / "last.pt").exists():
         return (f"{folder} already holds a run (last.pt). Continue it with --resume auto, or start a new run with "
                 "another --out; nothing is overwritten.")
+    inner = next((p.parent for depth in (1, 2, 3) for p in sorted(folder.glob("*/" * depth + RUN_LOCK))
+                  if holds_run(p.parent)), None)
+    if inner:                                   # (--out runs, --out .: every run below would lie inside this one)
+        return (f"{folder} holds the run directory {inner}; a run there would enclose it. Give this run an --out "
+                "of its own")
     earlier = _earlier_run_files(folder)
     if earlier:
         best = (f" (its best.pt continues into a new folder: --resume {folder / 'best.pt'} --out NEW_DIR)"
-                if "best.pt" in earlier else "")
+                if "best.pt" in earlier and _readable_checkpoint(folder / "best.pt") else "")
         return (f"{folder} holds {' and '.join(earlier)} of an earlier run but no last.pt to continue it from{best}; "
                 "start this run with another --out (or move that folder away); nothing is overwritten.")
     return None

@@ -114,6 +114,10 @@ def test_a_run_without_checkpoints_is_never_overwritten(dml_run, tmp_path):
                                             f"continue it from \\(its best.pt continues into a new folder: --resume "
                                             f"{out / 'best.pt'} --out NEW_DIR\\); start this run with another --out"):
             train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out)] + resume)
+    (out / "best.pt").write_text("not a checkpoint")          # no command that cannot work is suggested
+    with pytest.raises(UserError) as e:
+        train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out)])
+    assert "holds best.pt and results.json of an earlier run but no last.pt to continue it from; start" in str(e.value)
     (out / "best.pt").unlink()
     with pytest.raises(UserError, match="holds results.json of an earlier run"):
         train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out)])

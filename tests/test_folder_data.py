@@ -208,6 +208,10 @@ def test_missing_tree_names_the_folder_and_the_layout(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="the folder train/ is missing") as err:
         dataset_info("folder", tmp_path / "nowhere")
     assert "train/<class>/<image>" in one_line(err)
+    root = write_folder(tmp_path / "tree")                    # --data given the train/ folder itself
+    with pytest.raises(DatasetNotFoundError) as err:
+        dataset_info("folder", root / "train")
+    assert one_line(err).endswith(f"To get it: pass --data {root}, the folder that holds train/, not train/ itself")
 
 
 # --------------------------------------------------------------------------- the evaluation split

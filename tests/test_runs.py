@@ -741,6 +741,17 @@ def test_a_run_is_live_while_its_lock_is_held_whatever_pid_the_lock_file_names(r
         lock.release()
 
 
+@pytest.mark.parametrize("out", [".", "runs"])
+def test_a_folder_that_holds_runs_is_refused(run, tmp_path, out):
+    """--out runs (or .) would make every run below lie inside a run: none could be resumed or started."""
+    shutil.copytree(run, tmp_path / "runs" / "dml-a")
+    with pytest.raises(UserError) as e:
+        train(DML, TINY + ["--out", str(tmp_path / out)])
+    assert str(e.value) == (f"{(tmp_path / out).absolute()} holds the run directory {tmp_path / 'runs' / 'dml-a'}; "
+                            "a run there would enclose it. Give this run an --out of its own")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
 def test_the_lock_waits_out_a_probe_that_holds_it_for_an_instant(tmp_path, monkeypatch):
     import fcntl
     real, probed = fcntl.flock, []
@@ -1080,7 +1091,9 @@ def test_an_eval_only_out_is_checked_before_evaluating(run, tmp_path, capsys):
     before = _files(other)
     with pytest.raises(UserError, match=f"--out {other} holds another run; give this evaluation an --out of its own"):
         train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--out", str(other)])
-    assert _files(other) == before
+    with pytest.raises(UserError, match=f"lies inside the run directory {other}; give an --out outside it"):
+        train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--out", str(other / "sub")])
+    assert _files(other) == before and not (other / "sub").exists()
     (tmp_path / "evals" / "eval-best-synthetic.json").mkdir(parents=True)
     with pytest.raises(UserError, match="eval-best-synthetic.json is a folder where the evaluation is written"):
         train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--out", str(tmp_path / "evals")])
