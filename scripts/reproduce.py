@@ -46,6 +46,7 @@ from typing import Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from data.files import holds_run  # noqa: E402
 from engine.cli import Parser, non_empty_path, non_negative_int, number, positive_int, process_count  # noqa: E402
 from scripts.tables import PAPER_TABLES, TABLES, Cell, Table  # noqa: E402
 
@@ -221,10 +222,10 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
     stopped. With one job the run's output goes to the terminal, otherwise to ``<run>/train.log``. A run whose
     folder holds a run trained with other flags ("differs") is never started (main() refuses those up front).
     Returns {"finished": [...], "skipped": [...], "failed": [...], "not built": [...], "differs": [...],
-    "interrupted": [...]}.
+    "interrupted": [...], "not started": [...]} (the last two after a Ctrl-C).
     """
     outcome: dict[str, list] = {k: [] for k in ("finished", "skipped", "failed", "not built", "differs",
-                                                "interrupted")}
+                                                "interrupted", "not started")}
     slots = list(gpus) if gpus else [None] * max(1, jobs)
     queue = []
     for run in runs:
@@ -290,11 +291,11 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
     except KeyboardInterrupt:
         log(f"\ninterrupted: stopping {len(procs)} run(s); each keeps its last finished epoch in last.pt ...")
         _stop(list(procs))
-        for run, _, stream in procs.values():
+        for proc, (run, _, stream) in procs.items():
             if stream:
                 stream.close()
-            outcome["interrupted"].append(run)
-        outcome["interrupted"] += [run for run, _ in queue]
+            outcome["finished" if proc.returncode == 0 else "interrupted"].append(run)   # (done as Ctrl-C came)
+        outcome["not started"] += [run for run, _ in queue]
     return outcome
 
 
@@ -635,6 +636,10 @@ def check_extra(runs: Sequence[Run], extra: Sequence[str], text: str) -> Optiona
 def check_folders(runs: Sequence[Run], runs_dir: Path) -> Optional[str]:
     """Create the table folders (one line naming the path when that fails: a file in the way, no permission, a
     read-only disk) and check that no run folder is a file."""
+    inside = next((p for p in [runs_dir, *runs_dir.parents] if holds_run(p)), None)
+    if inside:                              # (its runs would lie inside that run: the engine refuses each)
+        return f"error: --runs-dir {display_path(runs_dir)} lies inside the run directory {display_path(inside)}; " \
+               "choose another --runs-dir"
     for folder in sorted({r.out.parent for r in runs}):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -723,8 +728,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gpus = args.gpus.split(",") if args.gpus else None
     outcome = run_local(runs, gpus, args.jobs, extra)
     print(", ".join(f"{len(v)} {k}" for k, v in outcome.items() if v) or "nothing to do")
-    if outcome["interrupted"]:
-        print("every interrupted run continues from its last.pt: re-run the same command")
+    if outcome["interrupted"] or outcome["not started"]:
+        print("every interrupted run continues from its last.pt, and the others start: re-run the same command")
         return 130
     return 1 if outcome["failed"] or outcome["differs"] else 0
 

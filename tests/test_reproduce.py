@@ -212,7 +212,7 @@ def test_ctrl_c_leaves_the_run_resumable(tmp_path):
     """SIGINT to the launcher: the training process stops after a checkpoint, the launcher exits 130, and the
     run is left as "resume" (last.pt + results.json status interrupted)."""
     out = tmp_path / "smoke" / "dml-resnet20-s0"
-    cmd = [sys.executable, "scripts/reproduce.py", "smoke", "--only", "method=dml", "--seeds", "0", "--runs-dir",
+    cmd = [sys.executable, "scripts/reproduce.py", "smoke", "--only", "method=dml", "--seeds", "0", "1", "--runs-dir",
            str(tmp_path), "--extra", "--epochs 40 --subset 64 --batch-size 32 --gpu -1 --no-progress"]
     # preexec_fn: Ctrl-C's SIGINT at its default, as a terminal gives it (a background job of a script, as CI may
     # run this test in, inherits SIGINT ignored, and a launcher started so keeps ignoring it, as Python does)
@@ -226,8 +226,8 @@ def test_ctrl_c_leaves_the_run_resumable(tmp_path):
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, output
-    assert "re-run the same command" in output
-    assert (out / "last.pt").is_file()
+    assert "1 interrupted, 1 not started\n" in output and "re-run the same command" in output   # (seed 1 queued)
+    assert (out / "last.pt").is_file() and not (tmp_path / "smoke" / "dml-resnet20-s1").exists()
     assert json.loads((out / "results.json").read_text())["status"] == "interrupted"
     run = reproduce.plan(TABLES["smoke"], [0], tmp_path, {"method": ["dml"]})[0][0]
     assert reproduce.run_state(run, cmd[-1].split()) == "resume"
@@ -441,6 +441,14 @@ def test_unwritable_runs_dir_is_one_line(tmp_path, capsys, monkeypatch):
     line = error_line(["smoke", "--runs-dir", str(tmp_path / "runs")], capsys)
     assert line.startswith(f"error: {tmp_path / 'runs' / 'smoke' / 'dml-resnet20-s1'} is a file"), line
     assert a_file.read_text() == "keep"
+    a_run = tmp_path / "a_run"                                # a run directory: its runs would lie inside it
+    a_run.mkdir()
+    for name in (".lock", "results.json"):
+        (a_run / name).write_text("")
+    line = error_line(["smoke", "--runs-dir", str(a_run / "tables")], capsys)
+    assert line == (f"error: --runs-dir {a_run / 'tables'} lies inside the run directory {a_run}; choose another "
+                    "--runs-dir"), line
+    assert sorted(p.name for p in a_run.iterdir()) == [".lock", "results.json"]
     # run_local on its own: a run folder it cannot create is that run's failure, in one line
     run = reproduce.Run("t", "baseline-resnet20", "train_baseline.py", ["--arch", "resnet20"], 0, a_file / "r", [])
     lines = []
