@@ -111,7 +111,12 @@ class Run:
         if before_lock and not problem:
             self._refuse_an_unusable_folder(lock=True)
         resume = resume_path(self.config.resume, self.folder)
-        problem = problem or (new_run_problem(self.folder) if resume is None else _a_folder_in_the_way(self.folder))
+        if resume is None:
+            problem = problem or new_run_problem(self.folder)
+        elif resume.absolute().parent != self.folder:     # (continued into another folder: it must not hold runs)
+            problem = problem or _a_folder_in_the_way(self.folder) or _a_run_below(self.folder)
+        else:
+            problem = problem or _a_folder_in_the_way(self.folder)
         if problem:
             raise UserError(problem)
         if resume is None:
@@ -257,13 +262,14 @@ class Run:
             self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes(),
                                              ckpt["args"]["epochs"])
             stale = self.lock.stale if self.lock else None
-            if stale and all((p.get("host"), p.get("pid")) != (stale.get("host"), stale["pid"])
-                             for p in self.processes):
+            if stale and not any(_holder_of(stale, p) for p in self.processes):
                 # the holder of a stale lock that saved no epoch (killed in its first one): known from its lock only
-                self.processes.append({**stale, "start_epoch": ckpt["epoch"], "end_epoch": ckpt["epoch"],
-                                       "ended": None, "status": "killed", "reason": _KILLED})
+                self.processes.append({"started_unix": time.time(), **stale, "start_epoch": ckpt["epoch"],
+                                       "end_epoch": ckpt["epoch"], "ended": None, "status": "killed",
+                                       "reason": _KILLED})
             self.log(f"resumed from {self.saved} after epoch {ckpt['epoch']}")
-        self.process = _new_process(self.command, self.epochs, self.about.get("git_commit"))
+        self.process = _new_process(self.command, self.epochs, self.about.get("git_commit"),
+                                    self.lock.started if self.lock else None)
         self.processes.append(self.process)
 
     @property
@@ -558,11 +564,9 @@ def new_run_problem(folder: Path) -> Optional[str]:
     if (folder / "last.pt").exists():
         return (f"{folder} already holds a run (last.pt). Continue it with --resume auto, or start a new run with "
                 "another --out; nothing is overwritten.")
-    inner = next((p.parent for depth in (1, 2, 3) for p in sorted(folder.glob("*/" * depth + RUN_LOCK))
-                  if holds_run(p.parent)), None)
-    if inner:                                   # (--out runs, --out .: every run below would lie inside this one)
-        return (f"{folder} holds the run directory {inner}; a run there would enclose it. Give this run an --out "
-                "of its own")
+    enclosed = _a_run_below(folder)
+    if enclosed:
+        return enclosed
     earlier = _earlier_run_files(folder)
     if earlier:
         best = (f" (its best.pt continues into a new folder: --resume {folder / 'best.pt'} --out NEW_DIR)"
@@ -594,6 +598,15 @@ def _cannot_create(folder: Path) -> Optional[str]:
                 with contextlib.suppress(OSError):
                     p.rmdir()
     return None
+
+
+def _a_run_below(folder: Path) -> Optional[str]:
+    """The line for a folder that holds a run directory (up to 3 levels down: --out runs, --out .): a run there
+    would enclose it, and no run inside a run can be resumed or started. None otherwise."""
+    inner = next((p.parent for depth in (1, 2, 3) for p in sorted(folder.glob("*/" * depth + RUN_LOCK))
+                  if holds_run(p.parent)), None)
+    return inner and (f"{folder} holds the run directory {inner}; a run there would enclose it. Give this run an "
+                      "--out of its own")
 
 
 def _a_folder_in_the_way(folder: Path) -> Optional[str]:
@@ -788,13 +801,21 @@ def _now_iso(t: Optional[float] = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() if t is None else t))
 
 
-def _new_process(command: str, start_epoch: int, commit: Optional[str] = None) -> dict:
+def _new_process(command: str, start_epoch: int, commit: Optional[str] = None, t: Optional[float] = None) -> dict:
     """The record of this process training the run, from ``start_epoch`` (epochs already done), with the
-    repository's ``commit`` it ran (a run resumed after a change of the code records both)."""
-    t = time.time()
+    repository's ``commit`` it ran (a run resumed after a change of the code records both), started at unix time
+    ``t`` (default: now; rank 0: when it locked the run, as its lock file says)."""
+    t = time.time() if t is None else t
     return {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "git_commit": commit,
             "start_epoch": start_epoch, "end_epoch": start_epoch, "started": _now_iso(t), "ended": None,
             "updated": _now_iso(t), "started_unix": t, "wall_s": 0.0, "status": "running"}
+
+
+def _holder_of(lock: dict, process: dict) -> bool:
+    """The lock record ``lock`` was written by the process of entry ``process``: the same host and pid (a pid
+    is reused, in a restarted container for one) and the same start (a lock of older versions has none)."""
+    return ((lock.get("host"), lock.get("pid")) == (process.get("host"), process.get("pid"))
+            and lock.get("started_unix") in (None, process.get("started_unix")))
 
 
 _KILLED = "the process ended without recording it (SIGKILL, out of memory or power loss)"
@@ -856,6 +877,7 @@ class RunLock:
         self.fd: Optional[int] = None
         self.stale: Optional[dict] = None
         self.created_folder = False
+        self.started: Optional[float] = None    # when acquired (unix time): this process's start in the record
 
     def acquire(self) -> "RunLock":
         try:
@@ -864,7 +886,7 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise UserError(os_error_message(self.folder, e)) from None
-        for wait in (0.01, 0.1, 0.5, None):     # (check_free and read_run hold it for an instant)
+        for wait in (0.01, 0.1, 0.5, None):     # (a probe, check_free, holds it for an instant)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
@@ -880,7 +902,7 @@ class RunLock:
         holder = _json_object(self.path)
         if holder.get("pid"):
             self.stale = holder
-        t = time.time()
+        self.started = t = time.time()
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now_iso(t), "started_unix": t,
                   "command": self.command}
         os.ftruncate(fd, 0)
@@ -888,15 +910,18 @@ class RunLock:
         return self
 
     def check_free(self) -> None:
-        """Raise the UserError :meth:`acquire` would for a folder another process holds, taking nothing and
-        creating nothing: an existing lock file is locked and unlocked at once. (Not for a lock this process
-        holds: a second lock of one file conflicts with the first.)"""
+        """Raise the UserError :meth:`acquire` would for a folder another process holds (or whose lock file this
+        user cannot read), taking nothing and creating nothing: an existing lock file is share-locked and unlocked
+        at once (read-only, so a reader without write permission probes too; NFS takes a shared lock of a file
+        open for reading, not an exclusive one). Not for a lock this process holds: the two would conflict."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)      # (a reader without write permission probes too)
+            fd = os.open(self.path, os.O_RDONLY)
+        except PermissionError as e:
+            raise UserError(os_error_message(self.path, e)) from None
         except OSError:
-            return                  # no lock file yet, or none that opens: acquire() says what is wrong
+            return                  # no lock file yet (or no folder): acquire() says what is wrong
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as e:
             raise self._not_taken(e) from None
         finally:

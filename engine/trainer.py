@@ -371,8 +371,9 @@ class Trainer:
         the checkpoint's folder (:meth:`Run.write_evaluation`), naming the dataset, the splits and the precision."""
         path, ckpt, a = Path(self.args.eval_only), self.ckpt, self.args
         self.run.check_data(ckpt, path)
-        best = ((read_run(path.parent) or {}).get("best") or {}).get("epoch") if path.name == "best.pt" else None
-        if best not in (None, ckpt["epoch"]):
+        recorded = (read_run(path.parent) or {}) if path.name == "best.pt" and self.is_main else {}
+        best = (recorded.get("best") or {}).get("epoch")
+        if best not in (None, ckpt["epoch"]) and recorded["status"] != "running":   # (a live run may be saving)
             warnings.warn(f"{path} holds epoch {ckpt['epoch']}, but its run's best epoch is {best} (its process ended "
                           f"between the writes of last.pt and best.pt); --out {path.parent} --resume auto rebuilds it")
         evaluated = ["model"] + [k for k in self.method.state_keys if isinstance(getattr(self.method, k), TemporalMean)]

@@ -294,7 +294,7 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
         for proc, (run, _, stream) in procs.items():
             if stream:
                 stream.close()
-            outcome["finished" if proc.returncode == 0 else "interrupted"].append(run)   # (done as Ctrl-C came)
+            outcome["finished" if run_state(run, extra) == "finished" else "interrupted"].append(run)
         outcome["not started"] += [run for run, _ in queue]
     return outcome
 

@@ -713,17 +713,29 @@ def test_a_stop_after_the_run_was_closed_says_it_is_finished(tmp_path, monkeypat
 
 
 def test_a_process_killed_before_it_saved_an_epoch_is_listed_from_its_lock(tmp_path):
+    """The lock file a SIGKILLed process leaves names it: the next process lists it as killed, unless it is an
+    entry already listed (the same host, pid and start; a pid alone is reused, in a restarted container)."""
     import socket
     train(Baseline, TINY + ["--out", str(tmp_path)])
+    first = json.loads((tmp_path / "results.json").read_text())["processes"][0]
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
-    (tmp_path / RUN_LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "t1",
-                                                 "started_unix": time.time(), "command": "train_baseline.py ..."}))
-    result = train(Baseline, TINY + ["--epochs", "2", "--out", str(tmp_path), "--resume", "auto", "--extend-epochs"])
-    processes = [(p["pid"], p["status"], p["start_epoch"], p["end_epoch"]) for p in result["processes"]]
-    assert processes == [(processes[0][0], "finished", 0, 1), (dead.pid, "killed", 1, 1),
-                         (os.getpid(), "finished", 1, 2)]
-    assert "SIGKILL" in result["processes"][1]["reason"]
+
+    def resume_after_a_kill(epochs, pid, started_unix):
+        (tmp_path / RUN_LOCK).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "t",
+                                                     "started_unix": started_unix, "command": "train_baseline.py"}))
+        result = train(Baseline, TINY + ["--epochs", str(epochs), "--out", str(tmp_path), "--resume", "auto",
+                                         "--extend-epochs"])
+        return [(p["pid"], p["status"], p["start_epoch"], p["end_epoch"]) for p in result["processes"]]
+    me = os.getpid()
+    # the first process, killed after it saved its epoch: listed once
+    assert resume_after_a_kill(2, me, first["started_unix"]) == [(me, "finished", 0, 1), (me, "finished", 1, 2)]
+    processes = resume_after_a_kill(3, dead.pid, time.time())
+    assert processes[2:] == [(dead.pid, "killed", 2, 2), (me, "finished", 2, 3)]
+    processes = resume_after_a_kill(4, me, time.time())         # a listed pid, another start: another process
+    assert len(processes) == 6 and processes[4:] == [(me, "killed", 3, 3), (me, "finished", 3, 4)]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert "SIGKILL" in record["processes"][2]["reason"] and record["processes"][2]["started"] == "t"
 
 
 def test_a_run_is_live_while_its_lock_is_held_whatever_pid_the_lock_file_names(run, tmp_path):
@@ -741,12 +753,33 @@ def test_a_run_is_live_while_its_lock_is_held_whatever_pid_the_lock_file_names(r
         lock.release()
 
 
-@pytest.mark.parametrize("out", [".", "runs"])
-def test_a_folder_that_holds_runs_is_refused(run, tmp_path, out):
-    """--out runs (or .) would make every run below lie inside a run: none could be resumed or started."""
+def test_a_run_on_nfs_is_probed_with_a_shared_lock(run, tmp_path, monkeypatch):
+    """NFS takes no exclusive lock of a file open for reading (flock(2)): the probe of a run's lock (is it live?
+    may this command start?) takes a shared one, which conflicts with a trainer's exclusive lock only."""
+    import fcntl
+    from engine.run import read_run
+    real = fcntl.flock
+
+    def nfs_flock(fd, operation):
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real(fd, operation)
+    monkeypatch.setattr(fcntl, "flock", nfs_flock)
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    assert read_run(folder)["status"] == "finished"
+    result = train(DML, TINY + ["--epochs", "2", "--out", str(folder), "--resume", "auto", "--extend-epochs"])
+    assert result["epochs_done"] == 2
+
+
+@pytest.mark.parametrize("out, resume", [(".", []), ("runs", []), ("runs", ["--resume", "best.pt"])])
+def test_a_folder_that_holds_runs_is_refused(run, tmp_path, out, resume):
+    """--out runs (or .) would make every run below lie inside a run: none could be resumed or started; so would
+    a run continued into it."""
     shutil.copytree(run, tmp_path / "runs" / "dml-a")
+    resume = [str(tmp_path / "runs" / "dml-a" / r) if r.endswith(".pt") else r for r in resume]
     with pytest.raises(UserError) as e:
-        train(DML, TINY + ["--out", str(tmp_path / out)])
+        train(DML, TINY + ["--out", str(tmp_path / out)] + resume)
     assert str(e.value) == (f"{(tmp_path / out).absolute()} holds the run directory {tmp_path / 'runs' / 'dml-a'}; "
                             "a run there would enclose it. Give this run an --out of its own")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
