@@ -291,7 +291,7 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
     except KeyboardInterrupt:
         log(f"\ninterrupted: stopping {len(procs)} run(s); each keeps its last finished epoch in last.pt ...")
         _stop(list(procs))
-        for proc, (run, _, stream) in procs.items():
+        for run, _, stream in procs.values():
             if stream:
                 stream.close()
             outcome["finished" if run_state(run, extra) == "finished" else "interrupted"].append(run)
