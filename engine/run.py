@@ -833,8 +833,8 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
     them is left out. An entry still 'running' belongs to a process that ended without writing its end: it
     becomes 'finished' if it saved the run's last epoch (of ``epochs``), as a process stopped by a signal at
     that point is, else 'killed' (SIGKILL, out of memory, power loss)."""
-    def key(p: Mapping) -> tuple:
-        return p.get("host"), p.get("pid"), p.get("started")
+    def key(p: Mapping) -> tuple:     # (the start to the microsecond: two starts in one second are two processes)
+        return p.get("host"), p.get("pid"), p.get("started_unix", p.get("started"))
     merged = {key(p): dict(p) for p in from_checkpoint}
     saved_epochs = max((p.get("end_epoch", 0) for p in from_checkpoint), default=float("inf"))   # (older: no list)
     for p in from_results or ():

@@ -809,6 +809,8 @@ def test_a_process_that_ended_without_a_record_is_marked_killed():
     merged = run_module.merge_processes([running], [dict(running, wall_s=7.0), done])
     assert [(p["pid"], p["status"]) for p in merged] == [(1, "killed"), (2, "finished")]
     assert [p["wall_s"] for p in merged] == [7.0, 2.0]          # the newer record of each process
+    again = dict(running, started_unix=0.5, status="finished")   # the same pid started again in the same second
+    assert len(run_module.merge_processes([running, again], [again])) == 2
     last = dict(running, end_epoch=3, updated="t2")               # it saved the run's last epoch (of 3)
     merged = run_module.merge_processes([last], None, epochs=3)
     assert (merged[0]["status"], merged[0]["ended"]) == ("finished", "t2") and "reason" not in merged[0]
