@@ -616,16 +616,6 @@ def test_training_refuses_download_where_there_is_nothing_to_download(tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
-def test_synthetic_data_refuse_a_data_folder(tmp_path, capsys):
-    """--data with --dataset synthetic would be ignored, yet recorded in results.json as where the data came from."""
-    with pytest.raises(SystemExit) as exit_:
-        main(train_dml.DML, ["--dataset", "synthetic", "--data", str(tmp_path), "--arch", "resnet20", "--gpu", "-1",
-                             "--epochs", "1", "--subset", "64", "--no-progress", "--out", str(tmp_path / "run")])
-    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == (
-        f"error: --data {tmp_path}: synthetic data are generated in memory, no folder is read. Fix: leave --data out")
-    assert not (tmp_path / "run").exists()
-
-
 @pytest.mark.slow   # two torchrun processes
 @pytest.mark.parametrize("image_size", ["32", "72"])
 def test_two_ranks_under_torchrun_train_on_a_folder(tmp_path, image_size):
