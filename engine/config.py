@@ -140,20 +140,23 @@ def _check_engine_flags(a: argparse.Namespace, method_cls) -> None:
                             "leave it out under torchrun")
 
 
-def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], saved: Mapping, path: Path,
+def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], ckpt: Mapping, path: Path,
                     evaluating: bool) -> argparse.Namespace:
     """--eval-only and --resume of a checkpoint: the parsed flags with the checkpoint's training options
-    ``saved`` (arch, dataset, peers, subset, method flags, schedule...) in place of the command's defaults,
+    of ``ckpt`` (arch, dataset, peers, subset, method flags, schedule...) in place of the command's defaults,
     so a run is continued or evaluated without repeating its flags. A training option given on the command
-    line must agree with the checkpoint (one line naming each that does not), except --epochs grown with
-    --extend-epochs and, for --eval-only, how it is evaluated."""
+    line must agree with the checkpoint (one line naming each that does not; an --image-size it left unset is
+    the size it was trained at, ``ckpt["image_size"]``), except --epochs grown with --extend-epochs and, for
+    --eval-only, how it is evaluated."""
     given = given_options(method_cls, argv)
+    saved = ckpt["args"]
     options = training_options(saved)
+    trained = {**options, "image_size": options.get("image_size") or ckpt.get("image_size")}   # (unset: the data's)
     free = NOT_TRAINING | SPEED | BUNDLES_AND_DERIVED | (EVALUATION if evaluating else frozenset())
     if args.extend_epochs and given.get("epochs", 0) > options.get("epochs", 0):
         free |= {"epochs"}
-    wrong = [(k, options[k], given[k]) for k in given
-             if k in options and k not in free and _canonical(given[k]) != _canonical(options[k])]
+    wrong = [(k, trained[k], given[k]) for k in given
+             if k in options and k not in free and _canonical(given[k]) != _canonical(trained[k])]
     wrong += [(k, saved[k], given[k]) for k in ("recipe", "preset")   # bundles: their names are recorded
               if k in given and given[k] != saved.get(k, given[k])]
     if wrong and evaluating:

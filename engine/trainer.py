@@ -71,7 +71,7 @@ class Trainer:
             self.ckpt_stamp = file_stamp(source) if Path(source).is_file() else None   # stamped before it is read
             self.ckpt = ckpt = load_checkpoint(source)     # a missing or damaged file: one line naming it
             check_saved_by(ckpt, source, method_cls.name, "evaluate" if args.eval_only else "resume")
-            args = from_checkpoint(method_cls, args, argv, ckpt["args"], Path(source), bool(args.eval_only))
+            args = from_checkpoint(method_cls, args, argv, ckpt, Path(source), bool(args.eval_only))
             if args.eval_only and args.image_size is None and args.dataset == "folder":
                 args.image_size = ckpt.get("image_size")   # evaluated at the size it was trained at
         self.args = args = resolve(method_cls, args)   # read-only from here on

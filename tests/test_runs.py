@@ -489,11 +489,20 @@ def test_eval_only_refuses_a_flag_that_disagrees(run):
         train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--dataset", "fashion-mnist"])
     with pytest.raises(UserError, match="trained with --recipe okd, not one"):
         train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--recipe", "one"])
-    with pytest.raises(UserError, match="trained with --image-size default, not 32"):     # as typed, never None
-        train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--image-size", "32"])
     assert train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--best-metric", "peer1"])["epoch"] == 1
     with pytest.raises(UserError, match="was saved by train_dml.py; evaluate it with that script"):
         train(Baseline, EVAL + ["--eval-only", str(run / "best.pt")])
+
+
+def test_an_image_size_left_unset_is_the_size_it_was_trained_at(run):
+    """A run trained without --image-size was trained at its data's size: --eval-only and --resume name that size
+    when another is given (never 'default'), and accept it given."""
+    with pytest.raises(UserError, match="trained with --image-size 32, not 64"):
+        train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--image-size", "64"])
+    assert train(DML, EVAL + ["--eval-only", str(run / "best.pt"), "--image-size", "32"])["epoch"] == 1
+    with pytest.raises(UserError, match=r"trained with --image-size 32 \(this command: 64\)"):
+        train(DML, EVAL + ["--out", str(run), "--resume", "auto", "--image-size", "64"])
+    assert train(DML, EVAL + ["--out", str(run), "--resume", "auto", "--image-size", "32"])["epochs_done"] == 1
 
 
 @pytest.mark.slow
