@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Multi-node DDP under SLURM: one torchrun per node, rendezvous on the first node of the allocation.
-#   sbatch --nodes 2 scripts/slurm_ddp.sh train_mcl_okd.py --arch resnet34 --dataset imagenet --data /data/imagenet
+#   sbatch --nodes 2 scripts/slurm_ddp.sh train_mcl_okd.py --arch resnet34 --dataset imagenet --data /data/imagenet \
+#       --batch-size 16     # per process: 2 nodes x 8 GPUs x 16 = 256
 #SBATCH --job-name=okd
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

@@ -168,7 +168,9 @@ def _mcl_okd_imagenet() -> Table:
 # CMFF README: CIFAR-100 top-1 accuracy (%). Every method with its own script's defaults (its paper's recipe and
 # variant), which is what the README quotes; the baseline at the CMFF repository's protocol.
 # --------------------------------------------------------------------------------------------------------------
-CMFF_RECIPE = ("--recipe", "dccl")   # the DCCL code's protocol, which the CMFF code keeps: steps 150/225, wd 2e-4
+# The CMFF README's baseline ("Student"): the CMFF code's protocol, which is the DCCL code's (steps 150/225, wd 2e-4,
+# reflect-padded crops); the README does not say how its baselines were trained, and its code has no baseline script.
+CMFF_RECIPE = ("--recipe", "dccl", "--pad-mode", "reflect")
 # The FFL and DCCL codes' KLLoss (target softmax + 1e-7, not renormalised) is more than 1e-3 (relative) away from
 # the exact KL on DCCL's flattened feature maps of real ResNet-32 and WRN networks, and on 100-class WRN logits at
 # initialisation (scripts/kl_gap.py; docs/dccl.md, docs/ffl.md): the cells that reproduce those codes' protocols
@@ -198,12 +200,13 @@ CMFF_ACCURACY = {   # per method, the 7 columns in CMFF_COLUMNS order; None = "-
 
 def _cmff_column_flags(method: str, arch: str) -> tuple:
     """The official CMFF per-backbone scripts: ResNet-110 loss weights (train_rn110.py), 400 epochs for VGG and
-    DenseNet (train_vgg.py, train_Densenet.py), 400 epochs with steps at 50/150/225/300 for WRN (train_wrn.py)."""
+    DenseNet (train_vgg.py, train_Densenet.py), 400 epochs with steps at 50/150/225/300 for WRN (train_wrn.py, which
+    the DCCL code has too: DCCL's WRN cell follows it as well)."""
     if method == "cmff" and arch == "resnet110":
         return ("--preset", "rn110")
     if method == "cmff" and arch in ("vgg16", "densenet40_12"):
         return ("--epochs", "400")
-    if method == "cmff" and arch == "wrn_22_8":
+    if method in ("cmff", "dccl") and arch == "wrn_22_8":
         return ("--recipe", "dccl-wrn")
     return ()
 
@@ -222,14 +225,15 @@ def _cmff_cifar100() -> Table:
         "\"WRN-20-8\" is trained as WRN-22-8 (`wrn_22_8`): the CMFF/DCCL WRN scripts build depth 22 (depth 20 "
         "fails their constructor), without their dropout 0.3; \"ResNet-110\" is the basic-block `resnet110`.",
         "Each method runs with its own script's defaults (its paper's recipe and variant), as the README quotes "
-        "each method's paper; ONE with its paper's 3 branches and run scripts (`--preset paper --recipe one`), "
+        "each method's paper; the baseline with the CMFF code's protocol (`--recipe dccl --pad-mode reflect`); ONE with its paper's 3 branches and run scripts (`--preset paper --recipe one`), "
         "OKDDip with its paper's step schedule, KDCL with the MinLogit target, FFL and DCCL with their codes' KL form "
         "(`--kd-eps 1e-7`, which is more than 1e-3 from the exact KL on DCCL's feature maps: docs/dccl.md). CMFF "
         "runs this repository's defaults, not `--preset official`, so the exact KL. Single = the mean over the peers "
         "(PCL: the head it deploys); the README does not say which head it reports.",
         "CMFF's own cells follow its per-backbone scripts: `--preset rn110` on ResNet-110, `--epochs 400` on VGG-16 "
         "and DenseNet-40-12, `--recipe dccl-wrn` (400 epochs, steps at 50/150/225/300) on WRN. The official WRN script trains "
-        "FFL + DCCL terms without the rotation task or the attention; ours trains the whole CMFF method there.",
+        "FFL + DCCL terms without the rotation task or the attention; ours trains the whole CMFF method there. "
+        "DCCL's WRN cell follows its own code's WRN script too (`--recipe dccl-wrn`).",
     ]
     return t
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -30,6 +32,38 @@ EXPECTED = {
     "fashion-mnist": (12, 12),
     "smoke": (2, 2),
 }
+
+
+def test_a_command_beside_a_published_number_trains_that_numbers_cell():
+    """Where the README or a method page puts a paper's number beside a command, the command trains what
+    scripts/tables.py trains for that number (the same training options as one of the method's cells with that
+    published value), so no page targets a number with another network or protocol than reproduce.py runs.
+    A line that says it is "our reading" of a table (docs/amln.md) is the exception it states."""
+    from engine.cli import parse_args
+    from engine.config import training_options
+    cells: dict[tuple, list] = {}       # (script, "74.14") -> the cells that publish it
+    for c in (c for name in PAPER_TABLES for c in TABLES[name].cells):
+        for m in c.metrics:
+            if m.published is not None:
+                cells.setdefault((f"train_{c.method}.py", f"{m.published:.2f}"), []).append(c)
+
+    def options(script: str, argv: list) -> dict:
+        return training_options({**vars(parse_args(reproduce.method_class(script), argv)), "world_size": 1})
+    checked = 0
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            command = re.search(r"python (train_\w+\.py) ([^`#|]*)", line)
+            if page.name == "reproducing.md" or not command or "our reading" in line:
+                continue
+            script = command.group(1)
+            targets = [c for value in re.findall(r"\b\d\d\.\d\d\b", line) for c in cells.get((script, value), [])]
+            if targets:
+                quoted = options(script, shlex.split(command.group(2)))
+                assert any(options(script, ["--arch", c.arch, *c.flags]) == quoted for c in targets), \
+                    f"{page.name}:{number}: {line.strip()} -- reproduce.py runs " + "; ".join(
+                        f"--arch {c.arch} {' '.join(c.flags)}" for c in targets)
+                checked += 1
+    assert checked >= 15
 
 
 def test_tables_listed():
