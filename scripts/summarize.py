@@ -3,7 +3,7 @@
 
 Usage::
 
-    python scripts/summarize.py runs                                   # every run found, grouped by cell
+    python scripts/summarize.py runs                                   # every run found, seeds grouped
     python scripts/summarize.py runs --table mcl-okd-cifar100          # the paper's layout, paper next to ours
     python scripts/summarize.py runs --table pcl-cifar100 --csv > pcl.csv
     python scripts/summarize.py runs --table fashion-mnist --plots docs/results --into docs/results.md
@@ -19,7 +19,13 @@ results.json that cannot be read (corrupt, truncated, not a run's) is read from 
 by path and skipped where there is none.
 
 Where the table has a baseline, each method's single number is also set against the baseline on the same
-backbone: the gain in top-1 points and whether it exceeds twice its standard error over seeds.
+backbone: the gain in top-1 points and whether it exceeds twice its standard error over seeds (marked when
+either side was trained with other flags).
+
+Without ``--table``, the runs found are grouped as the seeds of one run by their tag, else by their folder name
+without ``-s<seed>``, and only with runs that trained the same (the method and every training option but the
+seed): runs of one name that did not are rows of their own (``NAME [1]``, ``NAME [2]``), with a warning.
+Symbolic links to run or table folders are followed.
 ``--into FILE`` writes the markdown between two marker lines of FILE (docs/results.md) instead of printing it.
 
 ``--plots DIR`` writes, per cell, test top-1 of every head and the training-loss terms against the epoch
@@ -29,7 +35,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -97,17 +105,35 @@ def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
     record and resume point were removed or not copied: it would otherwise be left out without a word)."""
     from engine.run import read_run, why_not_a_record
     runs, bad = [], []
-    folders = {p.parent for p in root.rglob("results.json")} | {p.parent for p in root.rglob("last.pt")}
+    holding = _folders_holding(root, ("results.json", "last.pt", "best.pt"))
+    folders = holding["results.json"] | holding["last.pt"]
     for path in sorted(folder / "results.json" for folder in folders):
         data = read_run(path.parent)           # brought in line with last.pt, as reproduce.py reads it
         if data is None:
             bad.append((path, f"{why_not_a_record(path)}, and no readable last.pt to rebuild it from"))
             continue
         runs.append(RunResult(path, data))
-    for folder in sorted({p.parent for p in root.rglob("best.pt")} - folders):
+    for folder in sorted(holding["best.pt"] - folders):
         bad.append((folder, "it holds a best.pt but neither results.json nor last.pt, which a run's numbers are "
                             "read from (a run copied in part?); copy its results.json or last.pt beside it"))
     return runs, bad
+
+
+def _folders_holding(root: Path, names: Sequence[str]) -> dict[str, set[Path]]:
+    """For each file name of ``names``, the folders under ``root`` that hold it, following symbolic links (a table
+    folder or a run linked in from another disk, as reproduce.py follows them), each real folder once."""
+    found: dict[str, set[Path]] = {name: set() for name in names}
+    seen = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:                 # (a link back up, or a second link to one folder)
+            subfolders.clear()
+            continue
+        seen.add(real)
+        for name in names:
+            if name in files:
+                found[name].add(Path(folder))
+    return found
 
 
 # ---- statistics ------------------------------------------------------------------------------------------------
@@ -306,6 +332,9 @@ def against_baseline(table: Table, summaries: Sequence[CellSummary]) -> list[str
                 reading = "better, beyond noise" if gain > 0 else "worse, beyond noise"
             else:
                 reading = "within noise"
+            if s.other_flags or ref.other_flags:    # not the table's protocol: said here too, not only in the cell
+                reading += "; other flags in " + " and ".join(f"{c.cell.row} {c.cell.column}" for c in (s, ref)
+                                                              if c.other_flags)
             rows.append(f"| {s.cell.row} | {s.cell.column} | {ours.metric.kind} | {gain:+.2f} | {fmt(se)} | "
                         f"{reading} |")
     return rows
@@ -330,12 +359,28 @@ def csv_rows(table: Table, summaries: Sequence[CellSummary]) -> list[dict]:
     return rows
 
 
-def group_runs(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
-    """Untabled runs grouped by their tag, or by their folder name without the ``-s<seed>`` suffix."""
-    groups: dict[str, list] = {}
+def group_runs(runs: Sequence[RunResult], warn=None) -> dict[str, list[RunResult]]:
+    """Untabled runs grouped as the seeds of one run: by their tag, or by their folder name without the
+    ``-s<seed>`` suffix, and within that by what they trained (the method and every training option but the seed,
+    engine/config.py). Runs of one name that trained differently are not seeds of one run: each kind is a group
+    of its own, ``NAME [1]``, ``NAME [2]``, ..., with a warning naming their folders."""
+    from engine.config import training_options
+    by_name: dict[str, dict[str, list]] = {}
     for r in runs:
-        key = r.tag or re.sub(r"-s\d+$", "", r.path.parent.name)
-        groups.setdefault(key, []).append(r)
+        name = r.tag or re.sub(r"-s\d+$", "", r.path.parent.name)
+        args = {**(r.data.get("args") or {}), "world_size": r.data.get("world_size", 1)}
+        options = {k: v for k, v in training_options(args).items() if k != "seed"}
+        trained = json.dumps([r.data.get("method"), options], sort_keys=True, default=str)
+        by_name.setdefault(name, {}).setdefault(trained, []).append(r)
+    groups = {}
+    for name, kinds in by_name.items():
+        keys = [name] if len(kinds) == 1 else [f"{name} [{i}]" for i in range(1, len(kinds) + 1)]
+        groups.update(zip(keys, kinds.values()))
+        if len(kinds) > 1 and warn:
+            warn(f"the runs named {name} did not all train the same (method or training options other than the "
+                 "seed), so they are not averaged together: " + "; ".join(
+                     f"{key}: {', '.join(str(r.path.parent) for r in members)}"
+                     for key, members in zip(keys, kinds.values())))
     return groups
 
 
@@ -350,11 +395,11 @@ def markdown_runs(groups: dict[str, list[RunResult]], warn=None) -> str:
                                                 f"{', '.join(r.progress for r in unfinished)} ep)" if unfinished else "")
         first = runs[0].data
         heads = list(runs[0].heads("last")) or ["-"]
-        for head in heads:
-            best = mean_std([r.heads("best")[head] for r in finished if head in r.heads("best")])
-            last = mean_std([r.heads("last")[head] for r in finished if head in r.heads("last")])
+        for head in heads:       # n: the finished runs that hold the head
+            best = [r.heads("best")[head] for r in finished if head in r.heads("best")]
+            last = [r.heads("last")[head] for r in finished if head in r.heads("last")]
             lines.append(f"| {key} | {first.get('method')} | {first.get('arch')} | {first.get('dataset')} | {head} | "
-                         f"{len(finished)} | {fmt(*best)} | {fmt(*last)} | {status} |")
+                         f"{len(best)} | {fmt(*mean_std(best))} | {fmt(*mean_std(last))} | {status} |")
     return "\n".join(lines)
 
 
@@ -555,7 +600,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif not args.into:
             print(markdown_table(table, summaries))
     else:
-        groups = group_runs(runs)
+        groups = group_runs(runs, warn)
         if args.csv:
             buffer = io.StringIO()
             writer = csv.writer(buffer, lineterminator="\n")

@@ -149,6 +149,45 @@ def test_table_layout_csv_and_untabled_runs(tmp_path, capsys):
     assert "| c | baseline |" in out and "| mcl-okd-cifar100/mcl_okd-resnet32 | mcl_okd |" in out
 
 
+def test_untabled_runs_are_averaged_only_with_runs_that_trained_the_same(tmp_path, capsys):
+    """Folders named alike (``x-s0``, ``x-s1``) in different places are seeds of one run only when they trained the
+    same: another method or other training options is a row of its own, with a warning naming the folders; n
+    counts the runs that give the row's number."""
+    dml = {"peer1": [60.0], "peer2": [62.0], "ensemble": [65.0]}
+    write(tmp_path / "exp1" / "x-s0" / "results.json", results(None, 0, dml))
+    write(tmp_path / "exp2" / "x-s1" / "results.json", results(None, 1, {"net": [50.0]}, method="baseline",
+                                                                   selection="net"))
+    write(tmp_path / "exp3" / "y-s0" / "results.json", results(None, 0, dml))
+    write(tmp_path / "exp4" / "y-s1" / "results.json", results(None, 1, {k: [v[0] + 2] for k, v in dml.items()}))
+    write(tmp_path / "exp5" / "y-s2" / "results.json", results(None, 2, dml, args={"lr": 0.01}))
+    assert summarize.main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    rows = [line for line in out.splitlines() if line.startswith("| x") or line.startswith("| y")]
+    assert "| x [1] | dml | resnet32 | cifar100 | peer1 | 1 | 60.00 | 60.00 | 1 finished |" in rows
+    assert "| x [2] | baseline | resnet32 | cifar100 | net | 1 | 50.00 | 50.00 | 1 finished |" in rows
+    assert "| y [1] | dml | resnet32 | cifar100 | peer1 | 2 | 61.00 ± 1.41 | 61.00 ± 1.41 | 2 finished |" in rows
+    assert "| y [2] | dml | resnet32 | cifar100 | peer1 | 1 | 60.00 | 60.00 | 1 finished |" in rows
+    assert len(rows) == 3 + 1 + 3 + 3
+    assert (f"warning: the runs named x did not all train the same (method or training options other than the seed), "
+            f"so they are not averaged together: x [1]: {tmp_path / 'exp1' / 'x-s0'}; x [2]: "
+            f"{tmp_path / 'exp2' / 'x-s1'}") in err.splitlines()
+
+
+def test_runs_are_found_through_symbolic_links(tmp_path, capsys):
+    """A table folder or a run folder linked in from elsewhere is read (reproduce.py follows the links too); a
+    link back up is read once."""
+    real = tmp_path / "disk"
+    write_dml(real / "t", 0, [60], [62], [65], tag="smoke/dml-resnet20", arch="resnet20", args=SMOKE)
+    write_dml(real / "other", 1, [70], [72], [75], tag="smoke/dml-resnet20", arch="resnet20", args=SMOKE)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "smoke").symlink_to(real / "t")                                        # a linked table folder
+    (runs / "dml-resnet32-s1").symlink_to(real / "other" / "dml-resnet32-s1")      # a linked run folder
+    (real / "t" / "up").symlink_to(runs)                                           # a cycle
+    assert summarize.main([str(runs), "--table", "smoke"]) == 0
+    assert "| DML | 66.00 ± 7.07 (70.00 ± 7.07) n=2 |" in capsys.readouterr().out.splitlines()
+
+
 def test_plots_written(tmp_path, capsys):
     write_dml(tmp_path / "runs", 0, [50, 70, 69], [52, 74, 73], [55, 76, 75], tag="smoke/dml-resnet20")
     write_dml(tmp_path / "runs", 1, [51, 72, 71], [53, 76, 70], [56, 78, 77], tag="smoke/dml-resnet20")
@@ -161,9 +200,10 @@ def test_plots_written(tmp_path, capsys):
 
 
 def test_against_baseline_reading(tmp_path):
+    budget = ("--epochs", "1")       # what the runs record: the table's command
     t = Table("t", "t", "t", "error", ["ResNet-32"], ["Baseline", "DML"], [
-        cell("ResNet-32", "Baseline", "baseline", "resnet32", single=29.0),
-        cell("ResNet-32", "DML", "dml", "resnet32", single=25.0, ensemble=23.0)])
+        cell("ResNet-32", "Baseline", "baseline", "resnet32", budget, single=29.0),
+        cell("ResNet-32", "DML", "dml", "resnet32", budget, single=25.0, ensemble=23.0)])
     for seed, acc in enumerate([70.0, 72.0]):
         write(tmp_path / f"b{seed}" / "results.json",
               results("t/baseline-resnet32", seed, {"net": [acc]}, method="baseline", selection="net"))
@@ -176,6 +216,10 @@ def test_against_baseline_reading(tmp_path):
     # ensemble error 20, 20: gain +9, se = sqrt(0 + 2 / 2) = 1
     assert rows == [f"| ResNet-32 | DML | single | +5.00 | {math.sqrt(2):.2f} | better, beyond noise |",
                     "| ResNet-32 | DML | ensemble | +9.00 | 1.00 | better, beyond noise |"]
+    t.cells[0] = cell("ResNet-32", "Baseline", "baseline", "resnet32", single=29.0)    # 300 epochs: not the runs'
+    rows = summarize.against_baseline(t, summarize.summarize_table(t, runs))
+    assert rows[0] == (f"| ResNet-32 | DML | single | +5.00 | {math.sqrt(2):.2f} | better, beyond noise; other flags "
+                       "in ResNet-32 Baseline |")
 
 
 def test_into_replaces_the_marked_block(tmp_path, capsys):
