@@ -321,6 +321,18 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     return args
 
 
+def run_tool(main) -> None:
+    """``sys.exit(main())`` for a tool of scripts/: Ctrl-C ends it with one line and exit status 130 (128 + SIGINT),
+    not a traceback (the train scripts: engine.trainer.main)."""
+    import sys
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        print("\ninterrupted (SIGINT)", file=sys.stderr)
+        status = 130
+    sys.exit(status)
+
+
 def warn_unused_schedule_flags(args: argparse.Namespace, given: dict) -> None:
     """A warning for --milestones (or --sgdr-t0) given that cannot act: under another schedule, or at or
     beyond --epochs."""

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from engine import Method, Trainer, UserError, parse_args  # noqa: E402
 from engine.method import load_method  # noqa: E402
 from engine.cli import (MAX_PEERS, HelpFormatter, Parser, non_negative_int, number, positive_int,  # noqa: E402
-                        process_count)
+                        process_count, run_tool)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -356,4 +356,4 @@ def main(argv=None):
         profile(trainer, a.profile, a.device)
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

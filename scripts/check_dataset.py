@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.common import (DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, check_download,  # noqa: E402
                          default_dir, image_problem, read_class_list)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
-from engine.cli import Parser, dataset_folder, non_empty_path, process_count  # noqa: E402
+from engine.cli import Parser, dataset_folder, non_empty_path, process_count, run_tool  # noqa: E402
 
 def check_flags(args) -> None:
     """The flag combinations refused before anything is read (one DataFlagError line each)."""
@@ -200,4 +200,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from data.files import RUN_CHECKPOINTS, NameTaken, checksummed, output_problem, write_atomically  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.cli import Parser, positive_int  # noqa: E402
+from engine.cli import Parser, positive_int, run_tool  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from models import create_model  # noqa: E402
 from models.peers import Peers, peer_archs  # noqa: E402
@@ -254,4 +254,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import DATASET_NAMES, DeviceLoader, DatasetError, dataset_info, load_dataset  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.cli import Parser, dataset_folder, number, positive_int, process_count, temperature  # noqa: E402
+from engine.cli import (Parser, dataset_folder, number, positive_int, process_count, run_tool,  # noqa: E402
+                        temperature)
 from engine.errors import UserError  # noqa: E402
 from models import ImageSizeError, UnknownModelError, model_entry  # noqa: E402
 from train_dccl import DCCL, DCCLNet  # noqa: E402
@@ -142,8 +143,9 @@ def main(argv: Optional[list] = None) -> int:
                    help=f"default: the checkpoints' dataset, else {DEFAULT_DATASET}")
     p.add_argument("--data", type=dataset_folder, default=None, metavar="DIR",
                    help="the dataset's folder, as for training (default: the checkpoints' --data, else the usual place)")
-    p.add_argument("--num-classes", type=number(int, at_least=1, at_most=MAX_CLASSES,
-                                                why="classes of a classification head; ImageNet-21k has 21,841"),
+    p.add_argument("--num-classes", type=number(int, at_least=2, at_most=MAX_CLASSES,
+                                                why="classes of a classification head (over one class every KL is "
+                                                    "0); ImageNet-21k has 21,841"),
                    default=None,
                    help="classes of the networks built at initialisation (default: the dataset's; 100 sizes the logit "
                         "terms as on CIFAR-100)")
@@ -153,6 +155,8 @@ def main(argv: Optional[list] = None) -> int:
                    default=0)
     p.add_argument("--threads", type=process_count("CPU threads", at_least=1), default=1)
     a = p.parse_args(argv)
+    if not (a.arch or a.checkpoint):
+        p.error("nothing to measure: give --arch NAME ... (networks at initialisation) or --checkpoint PATH ...")
     try:
         return measure_and_print(a)
     except (UserError, DatasetError, UnknownModelError, ImageSizeError) as e:
@@ -177,7 +181,8 @@ def measure_and_print(a) -> int:
     for path, ckpt in checkpoints.items():
         net = checkpoint_net(path, ckpt, images.shape[-1])
         nets.append((f"{ckpt['args']['arch']}, {path} (epoch {ckpt['epoch']})", net))
-    print(f"{dataset}: one augmented training batch of {a.batch_size}, T = {a.kd_T}, eps = {EPS}, float64\n")
+    whole = f" (the whole training set: --batch-size {a.batch_size} is more)" if len(images) < a.batch_size else ""
+    print(f"{dataset}: one augmented training batch of {len(images)}{whole}, T = {a.kd_T}, eps = {EPS}, float64\n")
     for title, net in nets:
         print(f"### {title}\n")
         print("| term | K | exact | official | (official - exact) / exact | gradient: abs(g_off - g) / abs(g) |")
@@ -191,4 +196,4 @@ def measure_and_print(a) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

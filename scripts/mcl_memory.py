@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from engine.cli import MAX_PEERS, HelpFormatter, Parser, number, temperature  # noqa: E402
+from engine.cli import MAX_PEERS, HelpFormatter, Parser, number, run_tool, temperature  # noqa: E402
 from engine.trainer import out_of_memory  # noqa: E402
 
 import torch  # noqa: E402
@@ -182,4 +182,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.cli import MAX_PEERS, HelpFormatter, Parser, number  # noqa: E402
+from engine.cli import MAX_PEERS, HelpFormatter, Parser, number, run_tool  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -219,4 +219,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.cli import Parser, non_empty_path  # noqa: E402
+from engine.cli import Parser, non_empty_path, run_tool  # noqa: E402
 
 
 WNID = re.compile(r"n\d{8}")
@@ -157,4 +157,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from scripts.tables import TABLES, Cell, Metric, Table  # noqa: E402
-from engine.cli import Parser, non_empty_path  # noqa: E402  (one-line errors)
+from engine.cli import Parser, non_empty_path, run_tool  # noqa: E402  (one-line errors)
 from data.files import output_problem  # noqa: E402  (what a script may write)
 from scripts import reproduce  # noqa: E402  (the tables' runs and the engine's option comparison)
 
@@ -672,4 +672,4 @@ def fill_block(path: Path, text: str, plots: Sequence[Path] = ()) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -51,6 +51,27 @@ def dccl_run(tmp_path_factory):
     return trained(tmp_path_factory, train_dccl.DCCL, "dccl")
 
 
+# ---- every tool: Ctrl-C ------------------------------------------------------------------------------------------
+def test_ctrl_c_in_a_tool_is_one_line_and_status_130(capsys):
+    """A tool of scripts/ stopped by Ctrl-C says so in one line, exit status 130, not a traceback: each runs its
+    main() through engine.cli.run_tool (reproduce.py stops its runs itself, and says what each keeps)."""
+    from engine.cli import run_tool
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_:
+        run_tool(interrupted)
+    assert exit_.value.code == 130 and capsys.readouterr().err == "\ninterrupted (SIGINT)\n"
+    with pytest.raises(SystemExit) as exit_:
+        run_tool(lambda: 2)
+    assert exit_.value.code == 2
+    tools = [p for p in (REPO / "scripts").glob("*.py") if 'if __name__ == "__main__":' in p.read_text()]
+    assert len(tools) >= 9
+    for path in tools:
+        main_block = path.read_text().split('if __name__ == "__main__":')[1]
+        assert "run_tool(main)" in main_block or path.name == "reproduce.py", path.name
+
+
 # ---- scripts/check_dataset.py: --out, --classes, --download ----------------------------------------------------
 def test_check_dataset_out_refuses_an_existing_file_without_force(tmp_path, capsys):
     tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
@@ -381,7 +402,9 @@ def test_kl_gap_measures_a_dccl_checkpoint_on_its_own_data(dccl_run, capsys):
 @pytest.mark.parametrize("argv, named", [
     (["--dataset", "bogus"], "argument --dataset: invalid choice: 'bogus' (choose from 'cifar10', 'cifar100'"),
     (["--dataset", "folder"], "argument --dataset: invalid choice: 'folder'"),
-    (["--num-classes", "100000000"], "argument --num-classes: must lie in [1, 100000]; got 100000000"),
+    (["--num-classes", "100000000"], "argument --num-classes: must lie in [2, 100000]; got 100000000"),
+    (["--num-classes", "1"], "argument --num-classes: must lie in [2, 100000]; got 1 (classes of a classification "
+                             "head (over one class every KL is 0)"),
     (["--threads", "100000"], "argument --threads: must lie in [1, "),
     (["--seed", "99999999999999999999999"], "argument --seed: must lie in [0, 4294967296)"),
 ])
@@ -391,6 +414,19 @@ def test_kl_gap_flags_are_checked_when_read(argv, named, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         kl_gap.main(["--arch", "resnet20", *argv])
     assert named in one_line(exit_.value.code, capsys.readouterr().err)
+
+
+def test_kl_gap_says_what_it_measures(capsys, monkeypatch):
+    """Nothing to measure is one line; a --batch-size above the training set prints the batch measured."""
+    import torch
+    kl_gap = script("kl_gap")
+    with pytest.raises(SystemExit) as exit_:
+        kl_gap.main(["--dataset", "synthetic"])
+    assert "nothing to measure: give --arch NAME" in one_line(exit_.value.code, capsys.readouterr().err)
+    monkeypatch.setattr(kl_gap, "batch_of", lambda *a: (torch.rand(5, 3, 32, 32), 10))   # a training set of 5
+    assert kl_gap.main(["--dataset", "synthetic", "--arch", "resnet20", "--batch-size", "8"]) == 0
+    assert capsys.readouterr().out.startswith("synthetic: one augmented training batch of 5 (the whole training set: "
+                                              "--batch-size 8 is more)")
 
 
 # ---- scripts/mcl_memory.py: sizes checked before any process starts ---------------------------------------------
