@@ -19,7 +19,9 @@ The tables and the flags of each cell are in ``scripts/tables.py``. Run ``s`` of
   command to continue;
 * a folder that holds a run trained with other training flags than the command (``--extra`` flags that change
   training, e.g. a shortened ``--subset 64 --epochs 1`` check) is reported as "differs: <flags>" and never
-  started (the engine would refuse to resume it): run it with the same ``--extra``, or move it away.
+  started (the engine would refuse to resume it): run it with the same ``--extra``, or move it away; so is one
+  that holds another script's run ("differs: a run of train_dml.py");
+* a run another process trains (a second reproduce.py) is "busy": skipped, also when it is taken while queued.
 
 A cell whose method script does not exist yet is listed as "not built" and never run; it becomes live as
 soon as ``train_<method>.py`` lands. ``--launcher slurm`` submits one job-array task per run through
@@ -171,14 +173,22 @@ def recorded_differences(run: Run, recorded: dict, extra: Sequence[str] = (),
 
 
 def run_state(run: Run, extra: Sequence[str] = (), world_size: int = 1) -> str:
-    """"not built"; "differs: <flags>" (the folder holds a run trained with other training flags than this
+    """"not built"; "busy: <who>" (another process trains it now, e.g. a second reproduce.py); "differs:
+    <flags>" (the folder holds a run of another script, or one trained with other training flags than this
     command: the engine would refuse to resume it, and a finished one is not the table's number); "finished";
     "resume" (a checkpoint to continue from); or "new"."""
     if not run.built:
         return "not built"
     from engine.config import describe_differences
-    from engine.run import read_run
+    from engine.errors import UserError
+    from engine.run import RunLock, read_run
+    try:
+        RunLock(run.out).check_free()
+    except UserError as e:
+        return f"busy: {e}"
     recorded = read_run(run.out)
+    if recorded is not None and recorded.get("method") not in (None, Path(run.script).stem.removeprefix("train_")):
+        return f"differs: a run of train_{recorded.get('method')}.py"
     if recorded is not None:
         diffs = recorded_differences(run, recorded, extra, world_size)
         if diffs:
@@ -215,7 +225,8 @@ def say(text: str) -> None:
 
 def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int = 1, extra: Sequence[str] = (),
               python: str = sys.executable, log=say) -> dict[str, list]:
-    """Run every built, unfinished run: one after another, or ``jobs`` at a time (one per GPU of ``gpus``).
+    """Run every built, unfinished run: one after another, or ``jobs`` at a time (one per GPU of ``gpus``); a run
+    another process trains (or has finished) by the time its turn comes is skipped, "busy" (or "skipped").
 
     Each run is its own process (``python train_x.py ... --resume auto``) started in its own session, so Ctrl-C
     reaches this launcher only; it forwards one SIGINT to every run in flight and returns once they have
@@ -224,7 +235,7 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
     Returns {"finished": [...], "skipped": [...], "failed": [...], "not built": [...], "differs": [...],
     "interrupted": [...], "not started": [...]} (the last two after a Ctrl-C).
     """
-    outcome: dict[str, list] = {k: [] for k in ("finished", "skipped", "failed", "not built", "differs",
+    outcome: dict[str, list] = {k: [] for k in ("finished", "skipped", "busy", "failed", "not built", "differs",
                                                 "interrupted", "not started")}
     slots = list(gpus) if gpus else [None] * max(1, jobs)
     queue = []
@@ -235,8 +246,8 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
         elif state == "finished":
             outcome["skipped"].append(run)
             log(f"skip (finished): {display_path(run.out)}")
-        elif state.startswith("differs"):
-            outcome["differs"].append(run)
+        elif state.startswith("differs") or state.startswith("busy"):
+            outcome[state.split(":")[0]].append(run)
             log(f"not run ({state}): {display_path(run.out)}")
         else:
             queue.append((run, state))
@@ -246,6 +257,11 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
         while queue or procs:
             while queue and free:
                 run, state = queue.pop(0)
+                state = run_state(run, extra)       # again: another process may have taken or finished it since
+                if state == "finished" or state.startswith("busy"):
+                    outcome["skipped" if state == "finished" else "busy"].append(run)
+                    log(f"skip ({state}): {display_path(run.out)}")
+                    continue
                 slot = free.pop(0)
                 env = dict(os.environ)
                 if slot is None and len(slots) > 1:   # CPU runs side by side: share the cores
@@ -284,6 +300,9 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
                 if proc.returncode == 0:
                     outcome["finished"].append(run)
                     log(f"finished: {display_path(run.out)}")
+                elif run_state(run, extra).startswith("busy"):     # another process took it in the meantime
+                    outcome["busy"].append(run)
+                    log(f"skip (busy: another process took it first): {display_path(run.out)}")
                 else:
                     outcome["failed"].append(run)
                     where = f"; its output is in {display_path(run.out / 'train.log')}" if stream else ""
@@ -440,6 +459,10 @@ def _gpu_list(text: str) -> str:
     if odd:
         raise argparse.ArgumentTypeError(f"{text!r}: {odd[0]!r} is not a GPU index; write non-negative integers "
                                          "(as nvidia-smi numbers the GPUs) separated by commas, e.g. 0,1,2,3")
+    repeated = sorted({int(g) for g in ids if [int(i) for i in ids].count(int(g)) > 1})
+    if repeated:                                 # (two runs at once on one GPU would share its memory)
+        raise argparse.ArgumentTypeError(f"{text!r}: GPU {repeated[0]} is listed twice; list each GPU once (one run "
+                                         "at a time per GPU)")
     return ",".join(str(int(g)) for g in ids)
 
 
@@ -687,6 +710,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     runs_dir = Path(args.runs_dir).resolve()
+    if runs_dir.exists() and not runs_dir.is_dir():       # (--dry-run too: it would list runs that cannot start)
+        print(f"error: --runs-dir {display_path(runs_dir)} is a file, not a folder; choose another --runs-dir",
+              file=sys.stderr)
+        return 2
     runs, cells = plan(table, args.seeds, runs_dir, only)
     if not cells:
         print(f"error: --only {' '.join(args.only)} selects no cell of {table.name}", file=sys.stderr)
@@ -704,10 +731,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if differing:
         shown = "; ".join(f"{r.out.name}: {s.removeprefix('differs: ')}" for r, s in differing[:3])
         more = f"; and {len(differing) - 3} more (--dry-run lists them)" if len(differing) > 3 else ""
-        print(f"error: {len(differing)} run folder(s) under {display_path(runs_dir)} hold runs trained with other "
-              f"training flags than this command ({shown}{more}): re-run with the --extra they were trained with "
-              "to continue them, or move those folders away (or choose another --runs-dir) to train the "
-              "table's command", file=sys.stderr)
+        other_script = any(state.startswith("differs: a run of train_") for _, state in differing)
+        what = ("runs this command would not continue" if other_script else    # (no --extra continues those)
+                "runs trained with other training flags than this command")
+        fix = ("move those folders away (or choose another --runs-dir) to train the table's command; a run trained "
+               "with other flags continues when re-run with them" if other_script else
+               "re-run with the --extra they were trained with to continue them, or move those folders away (or "
+               "choose another --runs-dir) to train the table's command")
+        print(f"error: {len(differing)} run folder(s) under {display_path(runs_dir)} hold {what} ({shown}{more}): "
+              f"{fix}", file=sys.stderr)
         return 2
     problem = check_folders([r for r in runs if r.built], runs_dir)
     if problem:
@@ -731,7 +763,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if outcome["interrupted"] or outcome["not started"]:
         print("every interrupted run continues from its last.pt, and the others start: re-run the same command")
         return 130
-    return 1 if outcome["failed"] or outcome["differs"] else 0
+    if outcome["busy"]:
+        print("the busy runs are trained by another process: once it ends, re-run the same command for the rest")
+    return 1 if outcome["failed"] or outcome["differs"] or outcome["busy"] else 0
 
 
 if __name__ == "__main__":

@@ -440,6 +440,7 @@ def error_line(argv, capsys) -> str:
     (["--seeds", "0", "0"], "error: --seeds 0 0: seed 0 is given more than once; list each seed once (e.g. --seeds 0)"),
     (["--seeds", "2", "1", "2", "1", "--dry-run"], "seeds 1, 2 are given more than once"),
     (["--gpus", "0,,1"], "--gpus: '0,,1'"),
+    (["--gpus", "0,1,0"], "argument --gpus: '0,1,0': GPU 0 is listed twice; list each GPU once"),
     (["--gpus", "0,1", "--jobs", "2"], "--jobs is for runs on the CPU"),
     (["--partition", "gpu"], "--partition: for --launcher slurm only"),
     (["--launcher", "slurm", "--gpus", "0,1"], "--gpus: for --launcher local only"),
@@ -468,8 +469,11 @@ def test_unwritable_runs_dir_is_one_line(tmp_path, capsys, monkeypatch):
     no_training(monkeypatch)
     a_file = tmp_path / "a_file"
     a_file.write_text("keep")
-    line = error_line(["smoke", "--runs-dir", str(a_file)], capsys)
-    assert line.startswith(f"error: --runs-dir {a_file}: cannot write {a_file / 'smoke'}"), line
+    for dry_run in ([], ["--dry-run"]):                     # (a dry run would list runs that cannot start)
+        line = error_line(["smoke", "--runs-dir", str(a_file), *dry_run], capsys)
+        assert line == f"error: --runs-dir {a_file} is a file, not a folder; choose another --runs-dir", line
+    line = error_line(["smoke", "--runs-dir", str(a_file / "runs")], capsys)
+    assert line.startswith(f"error: --runs-dir {a_file / 'runs'}: cannot write {a_file / 'runs'}"), line
     (tmp_path / "runs" / "smoke").mkdir(parents=True)
     (tmp_path / "runs" / "smoke" / "dml-resnet20-s1").write_text("in the way")
     line = error_line(["smoke", "--runs-dir", str(tmp_path / "runs")], capsys)
@@ -532,6 +536,58 @@ def test_run_trained_with_other_flags_is_reported_not_resumed(tmp_path, capsys, 
     assert summarize.main([str(tmp_path), "--table", "smoke"]) == 0
     out = capsys.readouterr().out
     assert "other flags in s0: --subset 64 (table: 512), --epochs 1 (table: 2)" in out
+
+
+def test_a_run_of_another_script_or_held_by_another_process_is_named(tmp_path, capsys, monkeypatch):
+    """A cell's folder holding another script's run is "differs: a run of train_dml.py" (no --extra continues it);
+    one that another process trains (a second reproduce.py) is "busy", skipped and said so, never "failed"."""
+    from engine.run import RunLock
+    no_training(monkeypatch)
+    runs, _ = reproduce.plan(TABLES["smoke"], [0], tmp_path, {"method": ["baseline", "dml"]})
+    baseline, dml = sorted(runs, key=lambda r: r.script)
+    baseline.out.mkdir(parents=True)
+    (baseline.out / "results.json").write_text(json.dumps({**engine_record(dml), "method": "dml"}))
+    assert reproduce.run_state(baseline) == "differs: a run of train_dml.py"
+    line = error_line(["smoke", "--only", "method=baseline", "--seeds", "0", "--runs-dir", str(tmp_path)], capsys)
+    assert line == (f"error: 1 run folder(s) under {tmp_path} hold runs this command would not continue "
+                    "(baseline-resnet20-s0: a run of train_dml.py): move those folders away (or choose another "
+                    "--runs-dir) to train the table's command; a run trained with other flags continues when re-run "
+                    "with them")
+    lock = RunLock(dml.out, "python train_dml.py ...").acquire()       # another process trains it
+    try:
+        assert reproduce.run_state(dml).startswith(f"busy: {dml.out} is in use by process {os.getpid()}")
+        outcome = reproduce.run_local([dml], log=lambda *_: None)
+        assert outcome["busy"] == [dml] and not outcome["failed"]
+        assert reproduce.main(["smoke", "--only", "method=dml", "--seeds", "0", "--runs-dir", str(tmp_path)]) == 1
+        out = capsys.readouterr().out
+        assert f"not run (busy: {dml.out} is in use by process {os.getpid()}" in out and "1 busy" in out
+        assert "the busy runs are trained by another process" in out
+    finally:
+        lock.release()
+
+
+def test_a_run_taken_by_another_process_while_queued_is_skipped(tmp_path, monkeypatch):
+    """Each run's state is read again when its turn comes: one another process took meanwhile is "busy"."""
+    from engine.run import RunLock
+    runs, _ = reproduce.plan(TABLES["smoke"], [0], tmp_path, {"method": ["baseline", "dml"]})
+    first, second = runs
+    taken = []
+
+    class Finished:                 # the first run: while it trains, another process takes the second one
+        returncode = 0
+
+        def __init__(self, cmd, **kwargs):
+            taken.append(RunLock(second.out, "another reproduce.py").acquire())
+
+        def poll(self):
+            return 0
+    monkeypatch.setattr(subprocess, "Popen", Finished)
+    try:
+        outcome = reproduce.run_local(runs, log=lambda *_: None)
+    finally:
+        for lock in taken:
+            lock.release()
+    assert (outcome["finished"], outcome["busy"], outcome["failed"]) == ([first], [second], [])
 
 
 def test_engine_record_of_the_command_is_not_a_difference(tmp_path):
