@@ -110,21 +110,23 @@ def layout_fix(root: Path) -> str:
             f"images in {root}/val/<class>/ (or test/); then pass --data {root}")
 
 
-def _images(split_dir: Path, index: dict[str, int]) -> list[tuple[str, int]]:
+def _images(split_dir: Path, index: dict[str, int]) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, label) of every image (an ``IMG_EXTENSIONS`` file) below the class folders ``index`` names in
     ``split_dir``, in torchvision's ``make_dataset`` order (classes, then folders, then files, by name), hidden
-    files and folders left out. One walk per class folder, which stops at a symbolic link loop
-    (:func:`~data.common.check_link_loop`; make_dataset would list the whole walk first, and never end)."""
-    found = []
+    files and folders left out; and the paths of the other files there (not read). One walk per class folder,
+    which stops at a symbolic link loop (:func:`~data.common.check_link_loop`; make_dataset would list the whole
+    walk first, and never end)."""
+    found, other = [], []
     for c in sorted(index):
         walk = []
         for folder, dirnames, filenames in os.walk(split_dir / c, onerror=unreadable_folder, followlinks=True):
             check_link_loop(folder, str(split_dir))
             dirnames[:] = [d for d in dirnames if not is_hidden(d)]
             walk.append((folder, filenames))
-        found += [(os.path.join(folder, f), index[c]) for folder, files in sorted(walk) for f in sorted(files)
-                  if not is_hidden(f) and has_file_allowed_extension(f, IMG_EXTENSIONS)]
-    return found
+        visible = [os.path.join(folder, f) for folder, files in sorted(walk) for f in sorted(files) if not is_hidden(f)]
+        found += [(f, index[c]) for f in visible if has_file_allowed_extension(f, IMG_EXTENSIONS)]
+        other += [f for f in visible if not has_file_allowed_extension(f, IMG_EXTENSIONS)]
+    return found, other
 
 
 def _loose_images(folder: Path) -> int:
@@ -135,6 +137,9 @@ def _loose_images(folder: Path) -> int:
 
 def _scan(root: Path, classes_file: Optional[Path]) -> FolderTree:
     train_dir = root / "train"
+    if not root.is_dir():        # (the likeliest cause: a typo in --data)
+        raise DatasetNotFoundError(NAME, f"the folder {root} does not exist", [root], "check the path given to "
+                                   "--data; " + layout_fix(root))
     if not train_dir.is_dir():
         above = root.parent if root.name in ("train", "val", "test") and (root.parent / "train").is_dir() else None
         raise DatasetNotFoundError(NAME, "the folder train/ is missing", [train_dir], layout_fix(root) if above is None
@@ -188,7 +193,10 @@ def _scan(root: Path, classes_file: Optional[Path]) -> FolderTree:
             notes.append(f"folder: {loose} image(s) directly in {split_dir} belong to no class folder and are not "
                          f"used; move them into {split_dir}/<class>/")
         index = {c: i for i, c in enumerate(classes) if c in folders}
-        found = _images(split_dir, index)
+        found, other = _images(split_dir, index)
+        if other:
+            notes.append(f"folder: {len(other)} file(s) in the class folders of {split_dir} are not images by their "
+                         f"name ({EXTENSIONS}) and are not used: {some(other)}")
         counts = Counter(label for _, label in found)
         empty += [split_dir / c for c, i in index.items() if not counts[i]]
         samples[split] = found

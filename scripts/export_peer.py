@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from data.files import RUN_CHECKPOINTS, NameTaken, checksummed, output_problem, write_atomically  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.cli import Parser, positive_int, run_tool  # noqa: E402
+from engine.cli import Parser, non_empty_path, positive_int, run_tool  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from models import create_model  # noqa: E402
 from models.peers import Peers, peer_archs  # noqa: E402
@@ -221,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", type=Path, help="a run's best.pt or last.pt")
     p.add_argument("--peer", type=positive_int, required=True, help="which peer, 1-based (head peerN)")
-    p.add_argument("-o", "--output", type=Path, required=True,
+    p.add_argument("-o", "--output", type=non_empty_path, required=True,
                    help="file to write (an existing file is refused unless --force; never the checkpoint read, "
                         "a file named last.pt or best.pt, nor one of a run directory's own files)")
     p.add_argument("--force", action="store_true", help="replace the -o file if it exists")
@@ -234,9 +234,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "of another peer or of another state is refused")
     a = p.parse_args(argv)
     try:
-        check_output(a.output, a.force, a.checkpoint)     # before the checkpoint is read
+        check_output(Path(a.output), a.force, a.checkpoint)     # before the checkpoint is read
         out = export_peer(a.checkpoint, a.peer, a.source, a.head)
-        write_export(out, a.output, a.force)
+        write_export(out, Path(a.output), a.force)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

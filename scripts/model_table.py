@@ -156,7 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--method", default=None, metavar="NAME",
                         help="also count train_NAME.py's whole model (default flags) on each backbone")
     args = parser.parse_args(argv)
-    entries = args.arch or list_models()
+    entries = list(dict.fromkeys(args.arch or list_models()))     # (a name given twice is one row)
+    args.peers = list(dict.fromkeys(args.peers))
     mixed = [e for e in entries if len(arch_names(e)) > 1]
     names = list(dict.fromkeys(n for e in entries for n in arch_names(e)))
     for name in names:

@@ -125,6 +125,9 @@ def main(argv=None) -> int:
         fail(f"--labels {args.labels} is not a file; give LOC_val_solution.csv or the devkit's "
              "ILSVRC2012_validation_ground_truth.txt")
 
+    if args.meta and args.labels.suffix.lower() == ".csv":
+        fail(f"--meta is for the devkit's .txt labels; --labels {args.labels} names its classes itself: leave --meta "
+             "out")
     try:
         if args.labels.suffix.lower() == ".csv":
             labels = labels_from_csv(args.labels)

@@ -193,6 +193,20 @@ def test_images_outside_the_class_folders_are_named(tmp_path):
     assert "belong to no class folder" in loaders.record["warnings"][0]
 
 
+def test_files_in_the_class_folders_that_are_not_images_are_named(tmp_path):
+    """A file of a class folder that is no image by its name (notes, a .heic the loaders cannot read) is left out,
+    as by torchvision's ImageFolder, and named in a warning and the run's record rather than dropped silently."""
+    root = write_folder(tmp_path / "tree")
+    cat = sorted(p for p in (root / "train").iterdir() if p.is_dir())[0]
+    write(cat / "notes.txt", b"not an image")
+    write(cat / "photo.heic", b"not read either")
+    with pytest.warns(UserWarning, match=rf"folder: 2 file\(s\) in the class folders of {root / 'train'} are not "
+                                         r"images by their name \(\.jpg .*\) and are not used: .*notes.txt, "
+                                         r".*photo.heic"):
+        loaders = build_loaders(args_for(root), "cpu")
+    assert len(loaders.train.labels) == 3 * 6 and "photo.heic" in loaders.record["warnings"][0]
+
+
 @pytest.mark.parametrize("classes", [("only",), ()])
 def test_fewer_than_two_classes_is_refused(tmp_path, classes):
     root = write_folder(tmp_path / "tree", classes=classes)
@@ -205,9 +219,13 @@ def test_fewer_than_two_classes_is_refused(tmp_path, classes):
 
 
 def test_missing_tree_names_the_folder_and_the_layout(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetNotFoundError, match="the folder train/ is missing") as err:
-        dataset_info("folder", tmp_path / "nowhere")
+        dataset_info("folder", tmp_path / "empty")
     assert "train/<class>/<image>" in one_line(err)
+    with pytest.raises(DatasetNotFoundError, match=f"the folder {tmp_path / 'nowhere'} does not exist") as err:
+        dataset_info("folder", tmp_path / "nowhere")                  # a typo in --data: named as such
+    assert "check the path given to --data" in one_line(err) and "train/<class>/<image>" in one_line(err)
     root = write_folder(tmp_path / "tree")                    # --data given the train/ folder itself
     with pytest.raises(DatasetNotFoundError) as err:
         dataset_info("folder", root / "train")

@@ -131,6 +131,8 @@ def test_model_table_script_smoke(capsys):
                f"{count_macs(peers, 32):,} |")
         assert row in text
     assert "| 4 |" not in text                       # only the requested peer count
+    assert script.main(["--arch", "resnet20", "resnet20", "--peers", "2", "2"]) == 0     # given twice: once
+    assert capsys.readouterr().out == text
 
 
 def test_model_table_script_rejects_unknown_arch(capsys):

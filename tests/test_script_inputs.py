@@ -256,6 +256,10 @@ def test_export_peer_never_writes_over_a_checkpoint(dml_run, tmp_path, capsys):
     assert export_peer.main([str(copy), "--peer", "1", "-o", str(run / "tensorboard")]) == 2
     assert one_line(2, capsys.readouterr().err) == (f"error: -o {run / 'tensorboard'} is a folder; give a file name "
                                                     f"(e.g. {run / 'peer.pt'})")
+    with pytest.raises(SystemExit) as exit_:                      # (not "-o . is a folder")
+        export_peer.main([str(copy), "--peer", "1", "-o", ""])
+    assert "argument -o/--output: must name a file or folder; got an empty string" in \
+        one_line(exit_.value.code, capsys.readouterr().err)
 
 
 # ---- every script that writes a file: never one of a run directory's own files, --force or not ------------------
@@ -484,6 +488,10 @@ def test_prepare_imagenet_val_missing_files_are_one_line_and_nothing_is_replaced
         with pytest.raises(SystemExit) as exit_:
             prepare.main(["--val-dir", str(val_dir), "--labels", str(csv)])
         assert named in one_line(exit_.value.code, capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exit_:                     # --meta is for the devkit's .txt labels only
+        prepare.main(["--val-dir", str(tmp_path / "val"), "--labels", str(labels), "--meta", "meta.mat"])
+    assert f"--meta is for the devkit's .txt labels; --labels {labels} names its classes itself" in \
+        one_line(exit_.value.code, capsys.readouterr().err)
     (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"the flat copy")
     (tmp_path / "val" / "ILSVRC2012_val_00000002.JPEG").write_bytes(b"image 2")
     (tmp_path / "val" / "n00000001" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"already sorted")
