@@ -730,9 +730,10 @@ def read_run(folder: Path) -> Optional[dict]:
     rebuilt = _in_line(recorded, _readable_checkpoint(last))
     if rebuilt is recorded or rebuilt.get("status") != "finished" or not rebuilt["best"]:
         return rebuilt
-    if (_readable_checkpoint(folder / "best.pt") or {}).get("epoch") != rebuilt["best"]["epoch"]:
+    best = rebuilt["best"]["epoch"]
+    if best == rebuilt["epochs_done"] and (_readable_checkpoint(folder / "best.pt") or {}).get("epoch") != best:
         # stopped between the writes of last.pt and best.pt of the last epoch: not finished until a resume
-        # rebuilds best.pt (reproduce.py resumes it)
+        # rebuilds best.pt from last.pt (reproduce.py resumes it; an earlier best epoch cannot be rebuilt)
         ended = rebuilt["processes"][-1].get("status") if rebuilt["processes"] else None
         rebuilt = {**rebuilt, "status": ended if ended in ("interrupted", "failed") else "killed",
                    "reason": f"its process ended before best.pt held the best epoch ({rebuilt['best']['epoch']}); "

@@ -1091,6 +1091,28 @@ def test_a_kill_between_last_and_best_is_repaired(tmp_path, monkeypatch, capsys)
     assert read_run(tmp_path)["status"] == "finished"
 
 
+def test_a_lost_best_pt_of_an_earlier_epoch_leaves_a_finished_run_finished(tmp_path, monkeypatch, capsys):
+    """best.pt of an earlier epoch than the last, removed by hand (with results.json): no kill leaves that, and no
+    resume can rebuild it, so the run read back from last.pt is finished (its numbers are all there), not killed."""
+    import engine.trainer as trainer_module
+    from engine.run import read_run
+    scores = iter([60.0, 50.0])                            # epoch 1 is the best
+
+    def evaluate(self, loader):
+        return {"net/top1": next(scores), "net/top5": 100.0}
+    monkeypatch.setattr(trainer_module.Trainer, "evaluate", evaluate)
+    args = TINY + ["--epochs", "2", "--out", str(tmp_path)]
+    train(Baseline, args)
+    monkeypatch.undo()
+    (tmp_path / "best.pt").unlink()
+    (tmp_path / "results.json").unlink()
+    record = read_run(tmp_path)
+    assert (record["status"], record["epochs_done"], record["best"]["epoch"]) == ("finished", 2, 1)
+    with pytest.warns(UserWarning, match=r"best.pt does not hold the best epoch \(1\) and it cannot be rebuilt"):
+        train(Baseline, args + ["--resume", "auto"])
+    assert "the run is already finished" in capsys.readouterr().out and read_run(tmp_path)["status"] == "finished"
+
+
 def test_files_follow_the_umask_and_interrupted_writes_are_cleaned(tmp_path):
     (tmp_path / ".last.pt.x1y2z3.tmp").write_bytes(b"half a checkpoint")
     old = os.umask(0o027)
