@@ -330,7 +330,8 @@ def run_tool(main) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted (SIGINT)", file=sys.stderr)
         status = 130
-    sys.exit(status)
+    if status:              # (0 or None: the script ends as usual)
+        sys.exit(status)
 
 
 def warn_unused_schedule_flags(args: argparse.Namespace, given: dict) -> None:

@@ -29,12 +29,14 @@ import gc
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import NoReturn, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from engine import Method, Trainer, UserError, parse_args  # noqa: E402
+from engine.config import resolve  # noqa: E402
 from engine.method import load_method  # noqa: E402
 from engine.cli import (MAX_PEERS, HelpFormatter, Parser, non_negative_int, number, positive_int,  # noqa: E402
                         process_count, run_tool)
@@ -166,13 +168,18 @@ def make_trainer(method_cls, args, extra: list[str]) -> Trainer:
 def _make_trainer(method_cls, args, extra: list[str]) -> Trainer:
     """A Trainer of ``method_cls`` on synthetic data: epochs of min(--steps, 100) steps, as many as the synthetic
     training set holds (engine_step runs as many epochs as --steps needs)."""
+    return Trainer(method_cls, parse_args(method_cls, trainer_argv(method_cls, args, extra)))
+
+
+def trainer_argv(method_cls, args, extra: list[str]) -> list[str]:
+    """The command line of :func:`_make_trainer`'s Trainer: its budget, --method-args, then ``extra``."""
     steps_per_epoch = min(args.steps, 100, SYNTHETIC_TRAIN // args.batch_size)
     argv = ["--dataset", "synthetic", "--arch", args.arch, "--batch-size", str(args.batch_size),
             "--gpu", "0" if args.device.type == "cuda" else "-1", "--no-progress", "--epochs", "1000",
             "--subset", str(args.batch_size * steps_per_epoch), "--lr", "0.05"]
     if method_cls.num_peers is not None:
         argv += ["--num-peers", str(args.peers or method_cls.num_peers)]
-    return Trainer(method_cls, parse_args(method_cls, argv + args.method_args.split() + extra))
+    return argv + args.method_args.split() + extra
 
 
 def engine_step(trainer: Trainer, steps: int) -> tuple[float, Optional[int]]:
@@ -293,6 +300,13 @@ def main(argv=None):
     except UserError as e:
         fail(str(e))
     configs = [c for c in a.configs.split(",") if c]
+    for config in configs:       # every configuration's flags, refused before anything is built or timed
+        try:
+            with warnings.catch_warnings():           # (said once, when its trainer is built)
+                warnings.simplefilter("ignore")
+                resolve(method_cls, parse_args(method_cls, trainer_argv(method_cls, a, config_flags(config))))
+        except UserError as e:
+            fail(f"--configs {config}: {e}")
 
     start_mib = torch.cuda.memory_allocated(a.device) / 2**20 if a.device.type == "cuda" else 0.0
     first = make_trainer(method_cls, a, [])

@@ -69,6 +69,17 @@ def test_benchmark_rejects_unknown_options(capsys, monkeypatch):
                                                                 "train_<method>.py scripts")
 
 
+def test_benchmark_checks_every_configuration_before_it_builds_one(capsys, monkeypatch):
+    """A configuration the engine refuses (--cuda-graph on the CPU, a --method-args that conflicts) is one line
+    naming it, before the first trainer is built."""
+    import engine
+    monkeypatch.setattr(engine.Trainer, "__init__", lambda *a, **k: pytest.fail("a trainer was built"))
+    assert refused(monkeypatch, capsys, "--device", "cpu", "--configs", "default,cudagraph") == (
+        "error: --configs cudagraph: --cuda-graph needs a CUDA GPU; leave it out on the CPU")
+    assert refused(monkeypatch, capsys, "--device", "cpu", "--configs", "grouped", "--method", "baseline").startswith(
+        "error: --configs grouped: baseline trains a single network: --grouped-peers has nothing to group")
+
+
 def test_benchmark_without_cuda_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert refused(monkeypatch, capsys, "--device", "cuda").startswith(
