@@ -323,13 +323,17 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
 
 def run_tool(main) -> None:
     """``sys.exit(main())`` for a tool of scripts/: Ctrl-C ends it with one line and exit status 130 (128 + SIGINT),
-    not a traceback (the train scripts: engine.trainer.main)."""
+    a closed output pipe (``... | head``) quietly with 141 (128 + SIGPIPE), not with a traceback (the train
+    scripts: engine.trainer.main)."""
     import sys
     try:
         status = main()
     except KeyboardInterrupt:
         print("\ninterrupted (SIGINT)", file=sys.stderr)
         status = 130
+    except BrokenPipeError:       # the reader left: nothing more to say, and nothing for the exit's flush to raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 141
     if status:              # (0 or None: the script ends as usual)
         sys.exit(status)
 

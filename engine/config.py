@@ -146,17 +146,17 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], c
     of ``ckpt`` (arch, dataset, peers, subset, method flags, schedule...) in place of the command's defaults,
     so a run is continued or evaluated without repeating its flags. A training option given on the command
     line must agree with the checkpoint (one line naming each that does not; an --image-size it left unset is
-    the size it was trained at, ``ckpt["image_size"]``), except --epochs grown with --extend-epochs and, for
-    --eval-only, how it is evaluated."""
+    the size it was trained at, ``ckpt["image_size"]``: :func:`as_trained`), except --epochs grown with
+    --extend-epochs and, for --eval-only, how it is evaluated."""
     given = given_options(method_cls, argv)
     saved = ckpt["args"]
     options = training_options(saved)
-    trained = {**options, "image_size": options.get("image_size") or ckpt.get("image_size")}   # (unset: the data's)
     free = NOT_TRAINING | SPEED | BUNDLES_AND_DERIVED | (EVALUATION if evaluating else frozenset())
     if args.extend_epochs and given.get("epochs", 0) > options.get("epochs", 0):
         free |= {"epochs"}
-    wrong = [(k, trained[k], given[k]) for k in given
-             if k in options and k not in free and _canonical(given[k]) != _canonical(trained[k])]
+    wrong = [(k, *as_trained(k, options[k], given[k], ckpt.get("image_size")))
+             for k in given if k in options and k not in free]
+    wrong = [(k, before, now) for k, before, now in wrong if _canonical(before) != _canonical(now)]
     wrong += [(k, saved[k], given[k]) for k in ("recipe", "preset")   # bundles: their names are recorded
               if k in given and given[k] != saved.get(k, given[k])]
     if wrong and evaluating:
@@ -262,16 +262,28 @@ def run_directory(method_cls, config: RunConfig, world_size: int) -> Path:
     return runs_root() / run_name(method_cls, config, world_size)
 
 
-def differences(saved: Mapping, now: Mapping, defaults: Mapping,
-                extend_epochs: bool = False) -> list[tuple[str, object, object]]:
+def as_trained(key: str, before, now, trained_size: Optional[int]) -> tuple:
+    """An option's values for a run (``before``) and for a command (``now``), compared as trained: an --image-size
+    the run left unset (None) is the size of its data, which it recorded (``trained_size``: a checkpoint's or
+    results.json's ``image_size``; None if unknown), and so is the command's if it leaves it unset too. A size
+    given to the run stays as given: the command's unset one is then its data's, not known here."""
+    if key == "image_size" and before is None and trained_size is not None:
+        return trained_size, trained_size if now is None else now
+    return before, now
+
+
+def differences(saved: Mapping, now: Mapping, defaults: Mapping, extend_epochs: bool = False,
+                trained_size: Optional[int] = None) -> list[tuple[str, object, object]]:
     """Training options that differ between a checkpoint's arguments ``saved`` and this run's ``now`` (each
     with its ``world_size``), as (key, saved value, new value). An option the checkpoint predates counts as
-    its default. ``--epochs`` may grow when ``extend_epochs``."""
+    its default; an --image-size left unset as ``trained_size`` (:func:`as_trained`). ``--epochs`` may grow when
+    ``extend_epochs``."""
     saved_opts, now_opts = training_options(saved), training_options(now)
     diffs = []
     for key in list(now_opts) + [k for k in saved_opts if k not in now_opts]:
-        before = _canonical(saved_opts.get(key, defaults.get(key)))
-        after = _canonical(now_opts.get(key, defaults.get(key)))
+        before, after = as_trained(key, saved_opts.get(key, defaults.get(key)), now_opts.get(key, defaults.get(key)),
+                                   trained_size)
+        before, after = _canonical(before), _canonical(after)
         if key == "epochs" and extend_epochs and after is not None and before is not None and after > before:
             continue
         if before != after:
@@ -311,7 +323,8 @@ def _shown(value) -> str:
 def recorded_differences(method_cls, config: RunConfig, recorded: Mapping,
                          world_size: int = 1) -> list[tuple[str, object, object]]:
     """How a run's recorded arguments (a checkpoint's or results.json's ``args``, and ``world_size``) differ
-    from ``config`` on ``world_size`` processes: the comparison a resume makes."""
+    from ``config`` on ``world_size`` processes (its ``image_size``: the size trained): the comparison a resume
+    makes."""
     saved = dict(recorded.get("args") or {}, world_size=recorded.get("world_size", 1))
     return differences(saved, {**config.as_dict(), "world_size": world_size}, default_options(method_cls, config),
-                       extend_epochs=config.extend_epochs)
+                       extend_epochs=config.extend_epochs, trained_size=recorded.get("image_size"))

@@ -864,6 +864,10 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
 
 # ---- one writer per run directory ---------------------------------------------------------------------------
 
+class RunInUse(UserError):
+    """Another live process holds the run directory's lock: the run is being trained now."""
+
+
 class RunLock:
     """The one writer of a run directory: ``acquire()`` creates the folder if needed, takes an exclusive
     ``fcntl.flock`` on ``<dir>/.lock`` (a second process gets a UserError naming the holder's pid) and writes
@@ -929,8 +933,8 @@ class RunLock:
             os.close(fd)            # (closing releases a lock taken here)
 
     def _not_taken(self, error: OSError) -> UserError:
-        """The line for a lock that could not be taken: held by another process (named from the lock file), or
-        the system's error."""
+        """The line for a lock that could not be taken: held by another live process (:class:`RunInUse`, named from
+        the lock file), held after its holder ended, or the system's error."""
         if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return UserError(os_error_message(self.path, error))
         holder = _json_object(self.path)
@@ -941,8 +945,8 @@ class RunLock:
                 and not _pid_alive(holder["pid"]):
             return UserError(f"{self.folder} is locked by {who}, which is no longer running, yet its lock is still "
                              f"held (a network file system?); if no other machine trains this run, delete {self.path}")
-        return UserError(f"{self.folder} is in use by {who}: one process writes a run at a time; wait for it to end, "
-                         "or choose another --out")
+        return RunInUse(f"{self.folder} is in use by {who}: one process writes a run at a time; wait for it to end, "
+                        "or choose another --out")
 
     def held(self) -> bool:
         """The lock file is still the one this lock holds: not removed or replaced (by hand) since it was taken,

@@ -374,8 +374,10 @@ class Trainer:
         recorded = (read_run(path.parent) or {}) if path.name == "best.pt" and self.is_main else {}
         best = (recorded.get("best") or {}).get("epoch")
         if best not in (None, ckpt["epoch"]) and recorded["status"] != "running":   # (a live run may be saving)
-            warnings.warn(f"{path} holds epoch {ckpt['epoch']}, but its run's best epoch is {best} (its process ended "
-                          f"between the writes of last.pt and best.pt); --out {path.parent} --resume auto rebuilds it")
+            warnings.warn(f"{path} holds epoch {ckpt['epoch']}, but its run's best epoch is {best} " + (
+                f"(its process ended between the writes of last.pt and best.pt); --out {path.parent} --resume auto "
+                "rebuilds it" if best == recorded.get("epochs_done") else
+                "(it was replaced since; no resume rebuilds an earlier epoch)"))
         evaluated = ["model"] + [k for k in self.method.state_keys if isinstance(getattr(self.method, k), TemporalMean)]
         missing = [k for k in evaluated if k not in ckpt["state"]]
         if missing:

@@ -49,7 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data.files import holds_run  # noqa: E402
-from engine.cli import Parser, non_empty_path, non_negative_int, number, positive_int, process_count  # noqa: E402
+from engine.cli import (Parser, non_empty_path, non_negative_int, number, positive_int, process_count,  # noqa: E402
+                        run_tool)
 from scripts.tables import PAPER_TABLES, TABLES, Cell, Table  # noqa: E402
 
 FILTER_KEYS = ("method", "arch", "row", "column", "run")
@@ -181,11 +182,13 @@ def run_state(run: Run, extra: Sequence[str] = (), world_size: int = 1) -> str:
         return "not built"
     from engine.config import describe_differences
     from engine.errors import UserError
-    from engine.run import RunLock, read_run
+    from engine.run import RunInUse, RunLock, read_run
     try:
         RunLock(run.out).check_free()
-    except UserError as e:
+    except RunInUse as e:
         return f"busy: {e}"
+    except UserError:
+        pass        # (a lock file it cannot read, one held after its holder ended: the engine says so, in its log)
     recorded = read_run(run.out)
     if recorded is not None and recorded.get("method") not in (None, Path(run.script).stem.removeprefix("train_")):
         return f"differs: a run of train_{recorded.get('method')}.py"
@@ -232,8 +235,8 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
     reaches this launcher only; it forwards one SIGINT to every run in flight and returns once they have
     stopped. With one job the run's output goes to the terminal, otherwise to ``<run>/train.log``. A run whose
     folder holds a run trained with other flags ("differs") is never started (main() refuses those up front).
-    Returns {"finished": [...], "skipped": [...], "failed": [...], "not built": [...], "differs": [...],
-    "interrupted": [...], "not started": [...]} (the last two after a Ctrl-C).
+    Returns {"finished": [...], "skipped": [...], "busy": [...], "failed": [...], "not built": [...],
+    "differs": [...], "interrupted": [...], "not started": [...]} (the last two after a Ctrl-C).
     """
     outcome: dict[str, list] = {k: [] for k in ("finished", "skipped", "busy", "failed", "not built", "differs",
                                                 "interrupted", "not started")}
@@ -414,10 +417,15 @@ def slurm_executor(folder: Path, opts: argparse.Namespace, cluster: str = "slurm
 
 def submit_slurm(runs: Sequence[Run], opts: argparse.Namespace, folder: Path, extra: Sequence[str] = (),
                  python: str = sys.executable, cluster: str = "slurm", log=say):
-    """One job array, one task per unfinished built run. Returns the submitit jobs."""
-    todo = [r for r in runs if run_state(r, extra, opts.gpus_per_run) in ("new", "resume")]
+    """One job array, one task per unfinished built run that no process trains now (a busy run is named, not
+    submitted). Returns the submitit jobs."""
+    states = [(r, run_state(r, extra, opts.gpus_per_run)) for r in runs]
+    for run, state in states:
+        if state.startswith("busy"):
+            log(f"not submitted ({state}): {display_path(run.out)}")
+    todo = [r for r, state in states if state in ("new", "resume")]
     if not todo:
-        log("nothing to submit: every selected run is finished or not built")
+        log("nothing to submit: every selected run is finished, busy or not built")
         return []
     executor = slurm_executor(folder, opts, cluster)
     jobs = []
@@ -769,4 +777,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -33,9 +33,10 @@ Symbolic links to run or table folders are followed.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
 import io
-import json
 import math
 import os
 import re
@@ -258,7 +259,8 @@ def grid_text(s: CellSummary) -> str:
         return single + (f" ({ens[0]})" if ens else "")
     paper = pair([fmt(m.metric.published, m.metric.published_std) for m in s.metrics])
     if s.finished:
-        ours = pair([fmt(*m.best) for m in s.metrics]) + (f" n={len(s.finished)}")
+        counts = [str(len(m.values)) for m in s.metrics]     # the finished runs behind each number
+        ours = pair([fmt(*m.best) for m in s.metrics]) + f" n={counts[0] if len(set(counts)) == 1 else pair(counts)}"
         if s.unfinished:
             ours += f" +{len(s.unfinished)} unfinished"
         if s.other_flags:
@@ -272,7 +274,8 @@ def markdown_table(table: Table, summaries: Sequence[CellSummary]) -> str:
     by_place = {(s.cell.row, s.cell.column): s for s in summaries}
     unit = f"top-1 {table.unit} (%)"
     lines = [f"### {table.title}", "",
-             f"Ours: mean ± std over seeds at the best epoch, n = finished seeds; {unit}; single (ensemble). "
+             f"Ours: mean ± std over seeds at the best epoch, n = the finished seeds that give it; {unit}; single "
+             "(ensemble). "
              f"Source: {table.source}.", "",
              "| | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
     for row in table.rows:
@@ -287,7 +290,7 @@ def markdown_table(table: Table, summaries: Sequence[CellSummary]) -> str:
             paper = fmt(m.metric.published, m.metric.published_std)
             diff = "-" if m.diff is None else f"{m.diff:+.2f}"
             lines.append(f"| {s.cell.row} | {s.cell.column} | {m.metric.kind} | `{m.metric.head}` | "
-                         f"{len(s.finished)} | {fmt(*m.best)} | {fmt(*m.last)} |"
+                         f"{len(m.values)} | {fmt(*m.best)} | {fmt(*m.last)} |"
                          + (f" {paper} | {diff} |" if published else "") + f" {s.status} |")
     against = against_baseline(table, summaries)
     if against:
@@ -361,27 +364,47 @@ def csv_rows(table: Table, summaries: Sequence[CellSummary]) -> list[dict]:
 
 def group_runs(runs: Sequence[RunResult], warn=None) -> dict[str, list[RunResult]]:
     """Untabled runs grouped as the seeds of one run: by their tag, or by their folder name without the
-    ``-s<seed>`` suffix, and within that by what they trained (the method and every training option but the seed,
-    engine/config.py). Runs of one name that trained differently are not seeds of one run: each kind is a group
-    of its own, ``NAME [1]``, ``NAME [2]``, ..., with a warning naming their folders."""
-    from engine.config import training_options
-    by_name: dict[str, dict[str, list]] = {}
+    ``-s<seed>`` suffix, and within that with the runs that trained the same (the method, and every training
+    option but the seed, compared as a resume compares them: engine.config.differences). Runs of one name that
+    did not are not seeds of one run: each kind is a group of its own, ``NAME [1]``, ``NAME [2]``, ..., with a
+    warning naming their folders."""
+    by_name: dict[str, list[list[RunResult]]] = {}
     for r in runs:
-        name = r.tag or re.sub(r"-s\d+$", "", r.path.parent.name)
-        args = {**(r.data.get("args") or {}), "world_size": r.data.get("world_size", 1)}
-        options = {k: v for k, v in training_options(args).items() if k != "seed"}
-        trained = json.dumps([r.data.get("method"), options], sort_keys=True, default=str)
-        by_name.setdefault(name, {}).setdefault(trained, []).append(r)
+        kinds = by_name.setdefault(r.tag or re.sub(r"-s\d+$", "", r.path.parent.name), [])
+        kind = next((k for k in kinds if _trained_alike(k[0], r)), None)
+        kinds.append([r]) if kind is None else kind.append(r)
     groups = {}
     for name, kinds in by_name.items():
         keys = [name] if len(kinds) == 1 else [f"{name} [{i}]" for i in range(1, len(kinds) + 1)]
-        groups.update(zip(keys, kinds.values()))
+        groups.update(zip(keys, kinds))
         if len(kinds) > 1 and warn:
             warn(f"the runs named {name} did not all train the same (method or training options other than the "
                  "seed), so they are not averaged together: " + "; ".join(
-                     f"{key}: {', '.join(str(r.path.parent) for r in members)}"
-                     for key, members in zip(keys, kinds.values())))
+                     f"{key}: {', '.join(str(r.path.parent) for r in members)}" for key, members in zip(keys, kinds)))
     return groups
+
+
+_DEFAULTS: dict[tuple, dict] = {}
+
+
+def _trained_alike(a: RunResult, b: RunResult) -> bool:
+    """``a`` and ``b`` ran one method with the same training options, the seed aside; an option one record lacks
+    (an older version's) counts as the method's default, as when a run is resumed."""
+    from engine.config import default_options, differences
+    method, args = a.data.get("method"), a.data.get("args") or {}
+    if method != b.data.get("method"):
+        return False
+    key = (method, args.get("arch"), args.get("dataset"), args.get("data"))
+    if key not in _DEFAULTS:
+        try:           # (argparse's line for a record's arch or dataset this version does not know: not shown)
+            with contextlib.redirect_stderr(io.StringIO()):
+                _DEFAULTS[key] = default_options(reproduce.method_class(f"train_{method}.py"), argparse.Namespace(
+                    arch=args.get("arch"), dataset=args.get("dataset"), data=args.get("data")))
+        except (Exception, SystemExit):      # a method script no longer there, such an arch: compared as recorded
+            _DEFAULTS[key] = {}
+    return not differences({**args, "seed": 0, "world_size": a.data.get("world_size", 1)},
+                           {**(b.data.get("args") or {}), "seed": 0, "world_size": b.data.get("world_size", 1)},
+                           _DEFAULTS[key], trained_size=a.data.get("image_size"))
 
 
 def markdown_runs(groups: dict[str, list[RunResult]], warn=None) -> str:

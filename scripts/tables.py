@@ -225,21 +225,23 @@ def _cmff_cifar100() -> Table:
         "\"WRN-20-8\" is trained as WRN-22-8 (`wrn_22_8`): the CMFF/DCCL WRN scripts build depth 22 (depth 20 "
         "fails their constructor), without their dropout 0.3; \"ResNet-110\" is the basic-block `resnet110`.",
         "Each method runs with its own script's defaults (its paper's recipe and variant), as the README quotes "
-        "each method's paper; the baseline with the CMFF code's protocol (`--recipe dccl --pad-mode reflect`); ONE with its paper's 3 branches and run scripts (`--preset paper --recipe one`), "
+        "each method's paper; the baseline with the CMFF code's protocol (`--recipe dccl --pad-mode reflect`); ONE "
+        "with its paper's 3 branches and run scripts (`--preset paper --recipe one`), "
         "OKDDip with its paper's step schedule, KDCL with the MinLogit target, FFL and DCCL with their codes' KL form "
         "(`--kd-eps 1e-7`, which is more than 1e-3 from the exact KL on DCCL's feature maps: docs/dccl.md). CMFF "
         "runs this repository's defaults, not `--preset official`, so the exact KL. Single = the mean over the peers "
         "(PCL: the head it deploys); the README does not say which head it reports.",
         "CMFF's own cells follow its per-backbone scripts: `--preset rn110` on ResNet-110, `--epochs 400` on VGG-16 "
-        "and DenseNet-40-12, `--recipe dccl-wrn` (400 epochs, steps at 50/150/225/300) on WRN. The official WRN script trains "
-        "FFL + DCCL terms without the rotation task or the attention; ours trains the whole CMFF method there. "
+        "and DenseNet-40-12, `--recipe dccl-wrn` (400 epochs, steps at 50/150/225/300) on WRN. The official WRN "
+        "script trains FFL + DCCL terms without the rotation task or the attention; ours trains the whole CMFF method there. "
         "DCCL's WRN cell follows its own code's WRN script too (`--recipe dccl-wrn`).",
     ]
     return t
 
 
 def _cmff_tinyimagenet() -> Table:
-    methods = [("Baseline", "baseline", CMFF_RECIPE), ("DML", "dml", ()), ("FFL", "ffl", OFFICIAL_KL),
+    # the CMFF code's TinyImageNet loader pads with zeros (RandomCrop(64, padding=4)): its protocol without reflect
+    methods = [("Baseline", "baseline", ("--recipe", "dccl")), ("DML", "dml", ()), ("FFL", "ffl", OFFICIAL_KL),
                ("DCCL", "dccl", OFFICIAL_KL), ("CMFF", "cmff", ())]
     published = {"ResNet-18": (65.30, 67.32, 68.89, 69.59, 74.99), "ResNet-34": (67.45, 69.14, 69.69, 69.92, 81.11)}
     t = Table("cmff-tinyimagenet", "CMFF README: TinyImageNet", "Coralmss/CMFF README.md (TinyImageNet)", "accuracy",

@@ -69,3 +69,18 @@ def test_a_difference_shows_an_option_left_out_as_its_default():
     assert describe_differences([("world_size", 2, 1)]) == \
         "world size 2 (this command: 1) [run it with torchrun --nproc_per_node=2]"
     assert describe_differences([("world_size", 1, 4)]) == "world size 1 (this command: 4) [without torchrun]"
+
+
+def test_an_image_size_left_unset_compares_as_the_size_trained():
+    """--image-size unset in a run is the size of its data, which the run records: a command giving that size, or
+    leaving it unset too, trains the same; another size does not, and neither does leaving unset a size the run
+    was given (the command's data may have another default)."""
+    from engine.config import differences
+    run, trained = {"image_size": None, "world_size": 1}, 32
+    assert differences(run, {"image_size": None, "world_size": 1}, {}, trained_size=trained) == []
+    assert differences(run, {"image_size": 32, "world_size": 1}, {}, trained_size=trained) == []
+    assert differences(run, {"image_size": 64, "world_size": 1}, {}, trained_size=trained) == [("image_size", 32, 64)]
+    given = {"image_size": 64, "world_size": 1}
+    assert differences(given, {"image_size": None, "world_size": 1}, {}, trained_size=64) == \
+        [("image_size", 64, None)]
+    assert differences(run, {"image_size": 32, "world_size": 1}, {}) == [("image_size", None, 32)]   # size unknown

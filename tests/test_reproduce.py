@@ -562,8 +562,20 @@ def test_a_run_of_another_script_or_held_by_another_process_is_named(tmp_path, c
         out = capsys.readouterr().out
         assert f"not run (busy: {dml.out} is in use by process {os.getpid()}" in out and "1 busy" in out
         assert "the busy runs are trained by another process" in out
+        lines = []                                                       # on SLURM: named, not submitted
+        assert reproduce.submit_slurm([dml], slurm_opts(), tmp_path / "submitit", log=lines.append) == []
+        assert lines[0].startswith(f"not submitted (busy: {dml.out} is in use by process {os.getpid()}")
+        assert lines[1] == "nothing to submit: every selected run is finished, busy or not built"
     finally:
         lock.release()
+    # a lock held after its holder ended (a network file system), or one that cannot be read, is no busy run:
+    # the engine's own line says what is wrong, in the run's log
+    from engine.errors import UserError
+    for problem in ("locked by process 1, which is no longer running", "cannot read .lock: Permission denied"):
+        def check_free(self, line=problem):
+            raise UserError(line)
+        monkeypatch.setattr(RunLock, "check_free", check_free)
+        assert reproduce.run_state(dml) == "new"
 
 
 def test_a_run_taken_by_another_process_while_queued_is_skipped(tmp_path, monkeypatch):

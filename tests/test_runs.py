@@ -1108,6 +1108,10 @@ def test_a_lost_best_pt_of_an_earlier_epoch_leaves_a_finished_run_finished(tmp_p
     (tmp_path / "results.json").unlink()
     record = read_run(tmp_path)
     assert (record["status"], record["epochs_done"], record["best"]["epoch"]) == ("finished", 2, 1)
+    shutil.copyfile(tmp_path / "last.pt", tmp_path / "best.pt")            # replaced by another epoch's state
+    with pytest.warns(UserWarning, match=r"best.pt holds epoch 2, but its run's best epoch is 1 \(it was replaced "
+                                         r"since; no resume rebuilds an earlier epoch\)"):
+        train(Baseline, EVAL + ["--eval-only", str(tmp_path / "best.pt")])
     with pytest.warns(UserWarning, match=r"best.pt does not hold the best epoch \(1\) and it cannot be rebuilt"):
         train(Baseline, args + ["--resume", "auto"])
     assert "the run is already finished" in capsys.readouterr().out and read_run(tmp_path)["status"] == "finished"

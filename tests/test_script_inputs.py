@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,9 @@ def dccl_run(tmp_path_factory):
 
 # ---- every tool: Ctrl-C ------------------------------------------------------------------------------------------
 def test_ctrl_c_in_a_tool_is_one_line_and_status_130(capsys):
-    """A tool of scripts/ stopped by Ctrl-C says so in one line, exit status 130, not a traceback: each runs its
-    main() through engine.cli.run_tool (reproduce.py stops its runs itself, and says what each keeps)."""
+    """A tool of scripts/ stopped by Ctrl-C says so in one line, exit status 130, not a traceback, and one whose
+    reader leaves (``| head``) ends quietly: each runs its main() through engine.cli.run_tool (reproduce.py stops
+    the runs it started itself first, and says what each keeps)."""
     from engine.cli import run_tool
 
     def interrupted():
@@ -62,6 +64,9 @@ def test_ctrl_c_in_a_tool_is_one_line_and_status_130(capsys):
     with pytest.raises(SystemExit) as exit_:
         run_tool(interrupted)
     assert exit_.value.code == 130 and capsys.readouterr().err == "\ninterrupted (SIGINT)\n"
+    summary = subprocess.run(f"{sys.executable} {REPO / 'scripts' / 'model_table.py'} --arch resnet20 | head -1",
+                             shell=True, capture_output=True, text=True)     # (... | head: the pipe closes)
+    assert summary.stdout.count("\n") == 1 and "Traceback" not in summary.stderr, summary.stderr
     with pytest.raises(SystemExit) as exit_:
         run_tool(lambda: 2)
     assert exit_.value.code == 2
@@ -69,7 +74,7 @@ def test_ctrl_c_in_a_tool_is_one_line_and_status_130(capsys):
     assert len(tools) >= 9
     for path in tools:
         main_block = path.read_text().split('if __name__ == "__main__":')[1]
-        assert "run_tool(main)" in main_block or path.name == "reproduce.py", path.name
+        assert "run_tool(main)" in main_block, path.name
 
 
 # ---- scripts/check_dataset.py: --out, --classes, --download ----------------------------------------------------

@@ -48,6 +48,20 @@ def test_mean_std_against_hand_computation(tmp_path):
     assert mcl.status == "missing" and mcl.metrics[0].best == (None, None)
 
 
+def test_n_counts_the_runs_behind_each_number(tmp_path):
+    """A finished run without the ensemble head (an older version's) gives the single number only: n says so."""
+    write_dml(tmp_path, 0, [70], [74], [80], selection="peer1")
+    write(tmp_path / "dml-resnet32-s1" / "results.json",
+          results("t/dml-resnet32", 1, {"peer1": [72.0], "peer2": [76.0]}, selection="peer1"))
+    runs, _ = summarize.load_runs(tmp_path)
+    t = table_mcl(epochs=1)
+    summaries = summarize.summarize_table(t, runs)
+    assert [len(m.values) for m in summaries[0].metrics] == [2, 1]
+    assert summarize.grid_text(summaries[0]).startswith("27.00 ± 1.41 (20.00) n=2 (1)<br>")
+    page = summarize.markdown_table(t, summaries)
+    assert "| ResNet-32 | DML | ensemble | `ensemble` | 1 | 20.00 | 20.00 |" in page
+
+
 def test_head_rules(tmp_path):
     curves = {"peer1": [60.0], "peer2": [62.0], "peer3": [64.0], "peer4": [70.0], "leader": [66.0],
               "ensemble": [72.0], "teacher": [73.0]}
@@ -160,8 +174,14 @@ def test_untabled_runs_are_averaged_only_with_runs_that_trained_the_same(tmp_pat
     write(tmp_path / "exp3" / "y-s0" / "results.json", results(None, 0, dml))
     write(tmp_path / "exp4" / "y-s1" / "results.json", results(None, 1, {k: [v[0] + 2] for k, v in dml.items()}))
     write(tmp_path / "exp5" / "y-s2" / "results.json", results(None, 2, dml, args={"lr": 0.01}))
+    # an older record without --pad-mode, a newer one with its default: trained the same, as a resume sees it
+    write(tmp_path / "exp6" / "z-s0" / "results.json", results(None, 0, dml, args={"dataset": "cifar100"}))
+    write(tmp_path / "exp7" / "z-s1" / "results.json", results(None, 1, dml, args={"dataset": "cifar100",
+                                                                                   "pad_mode": "zero"}))
     assert summarize.main([str(tmp_path)]) == 0
     out, err = capsys.readouterr()
+    assert "| z | dml | resnet32 | cifar100 | peer1 | 2 | 60.00 ± 0.00 | 60.00 ± 0.00 | 2 finished |" in out
+    assert "runs named z" not in err
     rows = [line for line in out.splitlines() if line.startswith("| x") or line.startswith("| y")]
     assert "| x [1] | dml | resnet32 | cifar100 | peer1 | 1 | 60.00 | 60.00 | 1 finished |" in rows
     assert "| x [2] | baseline | resnet32 | cifar100 | net | 1 | 50.00 | 50.00 | 1 finished |" in rows
