@@ -372,7 +372,10 @@ def group_runs(runs: Sequence[RunResult], warn=None) -> dict[str, list[RunResult
     for r in runs:
         kinds = by_name.setdefault(r.tag or re.sub(r"-s\d+$", "", r.path.parent.name), [])
         kind = next((k for k in kinds if _trained_alike(k[0], r)), None)
-        kinds.append([r]) if kind is None else kind.append(r)
+        if kind is None:
+            kinds.append([r])
+        else:
+            kind.append(r)
     groups = {}
     for name, kinds in by_name.items():
         keys = [name] if len(kinds) == 1 else [f"{name} [{i}]" for i in range(1, len(kinds) + 1)]
