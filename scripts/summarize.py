@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import math
 import os
@@ -387,27 +388,32 @@ def group_runs(runs: Sequence[RunResult], warn=None) -> dict[str, list[RunResult
     return groups
 
 
-_DEFAULTS: dict[tuple, dict] = {}
+@functools.lru_cache(maxsize=None)
+def _method_defaults(method: str, arch, dataset, data) -> dict:
+    """The training options ``method`` defaults to for ``arch`` on ``dataset`` (engine.config.default_options);
+    {} when they cannot be known: a method script no longer there, or an arch or dataset this version does not know
+    (argparse's line for those is not shown)."""
+    from engine.config import default_options
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return default_options(reproduce.method_class(f"train_{method}.py"),
+                                   argparse.Namespace(arch=arch, dataset=dataset, data=data))
+    except (Exception, SystemExit):
+        return {}
 
 
 def _trained_alike(a: RunResult, b: RunResult) -> bool:
     """``a`` and ``b`` ran one method with the same training options, the seed aside; an option one record lacks
     (an older version's) counts as the method's default, as when a run is resumed."""
-    from engine.config import default_options, differences
+    from engine.config import differences
     method, args = a.data.get("method"), a.data.get("args") or {}
     if method != b.data.get("method"):
         return False
-    key = (method, args.get("arch"), args.get("dataset"), args.get("data"))
-    if key not in _DEFAULTS:
-        try:           # (argparse's line for a record's arch or dataset this version does not know: not shown)
-            with contextlib.redirect_stderr(io.StringIO()):
-                _DEFAULTS[key] = default_options(reproduce.method_class(f"train_{method}.py"), argparse.Namespace(
-                    arch=args.get("arch"), dataset=args.get("dataset"), data=args.get("data")))
-        except (Exception, SystemExit):      # a method script no longer there, such an arch: compared as recorded
-            _DEFAULTS[key] = {}
+    named = (method, args.get("arch"), args.get("dataset"), args.get("data"))
+    defaults = _method_defaults(*named) if all(isinstance(v, (str, type(None))) for v in named) else {}   # (edited)
     return not differences({**args, "seed": 0, "world_size": a.data.get("world_size", 1)},
                            {**(b.data.get("args") or {}), "seed": 0, "world_size": b.data.get("world_size", 1)},
-                           _DEFAULTS[key], trained_size=a.data.get("image_size"))
+                           defaults, trained_size=a.data.get("image_size"))
 
 
 def markdown_runs(groups: dict[str, list[RunResult]], warn=None) -> str:
