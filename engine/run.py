@@ -390,36 +390,32 @@ class Run:
     def close(self, error: Optional[BaseException]) -> Optional[str]:
         """Record how this process ended in results.json (rank 0) and unlock. For an interrupt (Ctrl-C,
         SIGTERM) returns the one line for the user: what is saved and the command that continues the run."""
-        message = None
+        message, sig = None, stop_signal(error)
         try:
             lost = self._lock_lost()
-            if lost and stop_signal(error):
-                message = f"interrupted ({stop_signal(error)}): {lost}"
+            if lost and sig:
+                message = f"interrupted ({sig}): {lost}"
             elif self.process is not None and error is None:
                 self.write_results("finished")
-            elif self.process is not None:
-                # the record holds the checkpointed epochs only: an epoch whose save was cut short is trained again
-                sig = stop_signal(error)
-                if sig and self.done_after(self.epochs):
-                    # stopped after its last epoch was saved: the run is complete, whatever the process was doing
-                    message = (f"interrupted ({sig}) after the last epoch was saved: {self.saved_state()}; "
-                               "the run is finished")
-                    self._record_end("finished")
-                elif sig:
-                    message = (f"interrupted ({sig}) during epoch {self.epochs + 1}: {self.saved_state()}. "
-                               "Continue with: " + self.continue_command())
-                    self._record_end("interrupted", signal=sig)
-                else:
-                    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-                    if not isinstance(error, UserError):
-                        reason = f"{type(error).__name__}: {reason}"
-                    self._record_end("failed", reason=reason)
-            elif stop_signal(error) and self.done_after(self.epochs):    # finished, or found finished: closed
-                message = (f"interrupted ({stop_signal(error)}) after the last epoch was saved: {self.saved_state()}; "
+            elif sig and self.done_after(self.epochs):
+                # stopped after its last epoch was saved (or opened finished): complete, whatever it was doing
+                message = (f"interrupted ({sig}) after the last epoch was saved: {self.saved_state()}; "
                            "the run is finished")
-            elif stop_signal(error) and self.lock is not None:      # opened (maybe repaired), not yet training
+                if self.process is not None:
+                    self._record_end("finished")
+            elif sig and self.process is not None:
+                # the record holds the checkpointed epochs only: an epoch whose save was cut short is trained again
+                message = (f"interrupted ({sig}) during epoch {self.epochs + 1}: {self.saved_state()}. "
+                           "Continue with: " + self.continue_command())
+                self._record_end("interrupted", signal=sig)
+            elif self.process is not None:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                if not isinstance(error, UserError):
+                    reason = f"{type(error).__name__}: {reason}"
+                self._record_end("failed", reason=reason)
+            elif sig and self.lock is not None:      # opened (maybe repaired), not yet training
                 known = self.saved is not None or resume_path(self.config.resume, self.folder) is None
-                message = (f"interrupted ({stop_signal(error)}) while starting: "
+                message = (f"interrupted ({sig}) while starting: "
                            f"{self.saved_state() if known else 'the run is as it was'}. Continue with: "
                            + self.continue_command())
         finally:
