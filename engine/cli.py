@@ -303,19 +303,25 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     malformed --arch list exits with argparse's one line (SystemExit 2). A recipe's step schedule follows a
     shortened --epochs (``schedule_note`` says how); --milestones given that cannot act draw a warning."""
     import sys
+
+    from models.peers import normalize_arch
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", default=method_cls.recipe)
-    pre.add_argument("--preset", default=None)
-    pre.add_argument("--arch", default=None)
+    pre = argparse.ArgumentParser(add_help=False)     # what the defaults depend on, read before the defaults
+    for name in ("--recipe", "--preset", "--arch", "--epochs"):
+        pre.add_argument(name)
     known, _ = pre.parse_known_args(argv)
     recipe = known.recipe if known.recipe in RECIPES else method_cls.recipe  # a bad name: argparse reports it
     preset = known.preset if known.preset in method_cls.presets else None
-    parser = build_parser(method_cls, recipe, preset, known.arch)
+    try:                                              # a preset's values for resnet32,resnet32 are resnet32's
+        arch = normalize_arch(known.arch.split(",")) if known.arch else None
+    except ValueError:
+        arch = None                                   # (argparse reports it)
+    parser = build_parser(method_cls, recipe, preset, arch)
+    shortened = _shorten_schedule(parser, known.epochs)   # before parsing: --help shows the defaults a run uses
     args = parser.parse_args(argv, argparse.Namespace(num_peers=None))   # num_peers None: not on the command line
     _peer_list(parser, args, method_cls)
     given = given_options(method_cls, argv)
-    args.schedule_note = _shorten_schedule(args, given, RECIPES[args.recipe]["epochs"])
+    args.schedule_note = _schedule_note(args, given, *shortened) if shortened else None
     if not (args.eval_only or resume_path(args.resume, args.out)):    # else: once the checkpoint's are known
         warn_unused_schedule_flags(args, given)
     return args
@@ -362,20 +368,32 @@ def resume_path(resume: Optional[str], folder: Optional[str]) -> Optional[Path]:
     return last if last and os.path.isfile(last) else None      # (no OSError: a name too long is no file)
 
 
-def _shorten_schedule(args: argparse.Namespace, given: dict, default_epochs: int) -> Optional[str]:
-    """A run given fewer --epochs than its recipe's keeps the recipe's schedule in proportion: the multistep
-    milestones (or the first SGDR cycle) it does not set are scaled by --epochs / the recipe's epochs, as a
-    cosine is. Returns the sentence the run's first line shows, or None."""
-    if "epochs" not in given or args.epochs >= default_epochs:
+def _shorten_schedule(parser: argparse.ArgumentParser, epochs: Optional[str]) -> Optional[tuple]:
+    """A run given fewer --epochs than its recipe's (or preset's) keeps that schedule in proportion: the defaults
+    of the multistep milestones and of the first SGDR cycle are scaled by --epochs / the recipe's epochs, as a
+    cosine is. ``epochs``: --epochs as typed, if given. Returns (the recipe's epochs, milestones, SGDR cycle)
+    when it scaled them, else None."""
+    try:
+        default, epochs = parser.get_default("epochs"), int(epochs)
+    except (TypeError, ValueError):
+        return None                                   # (not given, or not a number: argparse reports it)
+    if not 0 < epochs < default:
         return None
-    scale = args.epochs / default_epochs
+    milestones, t0 = parser.get_default("milestones"), parser.get_default("sgdr_t0")
+    parser.set_defaults(milestones=milestones and [max(1, round(m * epochs / default)) for m in milestones],
+                        sgdr_t0=t0 and max(1, round(t0 * epochs / default)))
+    return default, milestones, t0
+
+
+def _schedule_note(args: argparse.Namespace, given: dict, epochs: int, milestones: list, t0: Optional[int]
+                   ) -> Optional[str]:
+    """The sentence the run's first line shows about a schedule :func:`_shorten_schedule` scaled, or None when
+    the run's schedule does not use what it scaled (or the command gave its own)."""
     if args.lr_schedule == "multistep" and "milestones" not in given:
-        recipe, args.milestones = args.milestones, [max(1, round(m * scale)) for m in args.milestones]
-        return (f"the recipe's x0.1 at epochs {' '.join(map(str, recipe))} of {default_epochs}, scaled to "
+        return (f"the recipe's x0.1 at epochs {' '.join(map(str, milestones))} of {epochs}, scaled to "
                 f"{' '.join(map(str, args.milestones))} of {args.epochs}")
-    if args.lr_schedule == "sgdr" and args.sgdr_t0 and "sgdr_t0" not in given:
-        recipe, args.sgdr_t0 = args.sgdr_t0, max(1, round(args.sgdr_t0 * scale))
-        return f"the recipe's first SGDR cycle of {recipe} of {default_epochs} epochs, scaled to {args.sgdr_t0}"
+    if args.lr_schedule == "sgdr" and t0 and "sgdr_t0" not in given:
+        return f"the recipe's first SGDR cycle of {t0} of {epochs} epochs, scaled to {args.sgdr_t0}"
     return None
 
 

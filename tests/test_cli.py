@@ -478,6 +478,30 @@ def test_a_shortened_step_recipe_keeps_its_schedule_in_proportion(recwarn):
     assert not recwarn.list                                       # nothing the user set: no warning
     with pytest.warns(UserWarning, match="--milestones 40 lie at or beyond --epochs 30"):
         parse_args(pcl, ["--epochs", "30", "--milestones", "10", "40"])
+    vgg = parse_args(cmff, ["--preset", "official", "--arch", "vgg16", "--epochs", "40"])   # the preset's 401 epochs
+    assert (vgg.milestones, vgg.schedule_note) == ([15, 22], "the recipe's x0.1 at epochs 150 225 of 401, scaled to "
+                                                             "15 22 of 40")
+
+
+@pytest.mark.parametrize("method, argv, flag, shown", [
+    ("pcl", ["--epochs", "30"], "--milestones", "(default: 15 22)"),
+    ("ffl", ["--epochs=30"], "--milestones", "(default: 15 22)"),
+    ("baseline", ["--recipe", "imagenet", "--epochs", "30"], "--sgdr-t0", "(default: 10)"),
+])
+def test_help_of_a_shortened_run_shows_the_schedule_it_trains_with(method, argv, flag, shown, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "100")
+    cls = load_method(method)
+    with pytest.raises(SystemExit):
+        parse_args(cls, argv + ["--help"])
+    assert shown in option_blocks(capsys.readouterr().out)[flag]       # what parse_args(cls, argv) trains with
+
+
+def test_a_list_of_one_repeated_architecture_takes_that_architectures_preset_values():
+    cmff = load_method("cmff")                                    # official: rn110's loss weights for resnet110
+    one = parse_args(cmff, ["--preset", "official", "--arch", "resnet110"])
+    two = parse_args(cmff, ["--preset", "official", "--arch", "resnet110,resnet110"])
+    assert (one.arch, one.lambda_rot, one.lambda_sim) == (two.arch, two.lambda_rot, two.lambda_sim) == ("resnet110", 3.0,
+                                                                                                       2.0)
 
 
 @pytest.mark.parametrize("argv, named", [
