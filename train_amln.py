@@ -297,8 +297,7 @@ class AMLN(Method):
         return [OptimGroup("model", [p for p in self.model.parameters() if p.requires_grad]),
                 OptimGroup("discriminators", list(self.discriminators.parameters()), lr=a.disc_lr,
                            weight_decay=a.disc_weight_decay, scheduled=False, optimizer=torch.optim.Adam,
-                           # capturable: Adam's step counter stays on the GPU inside a --cuda-graph capture
-                           extra={"betas": tuple(a.disc_betas), "capturable": bool(a.cuda_graph)})]
+                           extra={"betas": tuple(a.disc_betas)})]
 
 
 if __name__ == "__main__":

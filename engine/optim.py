@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from inspect import signature
 
 import torch
 
@@ -49,12 +50,15 @@ class Optimization:
         self.set_epoch(0)
 
     def optimizer(self, group) -> torch.optim.Optimizer:
-        """The group's own optimizer class (``OptimGroup.optimizer``), or the run's SGD (momentum, Nesterov,
-        --sgd-impl kernels)."""
+        """The group's own optimizer class (``OptimGroup.optimizer``; with ``capturable=True`` under --cuda-graph
+        where it takes it, as Adam does), or the run's SGD (momentum, Nesterov, --sgd-impl kernels)."""
         a = self.args
         weight_decay = group.weight_decay if group.weight_decay is not None else a.weight_decay
-        if group.optimizer is not None:
-            return group.optimizer(group.params, lr=self.peak_lr(group), weight_decay=weight_decay, **group.extra)
+        if group.optimizer is not None:   # (--cuda-graph: a step count kept on the CPU cannot be captured)
+            takes = "capturable" in signature(group.optimizer).parameters
+            capture = {"capturable": True} if a.cuda_graph and takes else {}
+            return group.optimizer(group.params, lr=self.peak_lr(group), weight_decay=weight_decay,
+                                   **{**capture, **group.extra})
         return torch.optim.SGD(group.params, lr=self.peak_lr(group), momentum=a.momentum,
                                nesterov=a.nesterov and a.momentum > 0, weight_decay=weight_decay,
                                **{**self.kernels, **group.extra})

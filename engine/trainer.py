@@ -107,7 +107,7 @@ class Trainer:
             module.to(self.device)
             if self.memory_format is not None and (key == "model" or isinstance(module, TemporalMean)):
                 module.to(memory_format=self.memory_format)   # a temporal mean is a copy of (part of) the model
-        self.model = wrap(self.method, args, self.dist, self.device)
+        self.model = wrap(self.method.model, args, self.dist, self.device)
         if args.compile:
             self.model = torch.compile(self.model, mode=None if args.compile == "default" else args.compile)
         self.optimization = Optimization(self.method.optim_groups(), args, self.dist.world_size, self.device)
@@ -484,18 +484,17 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def wrap(method: Method, args, dist, device: torch.device) -> nn.Module:
-    """The module the loop calls: the method's model, in DistributedDataParallel under torchrun (parameters
-    that never get a gradient, such as a frozen module's, have ``requires_grad=False`` and are skipped)."""
-    model = method.model
+def wrap(model: nn.Module, args, dist, device: torch.device) -> nn.Module:
+    """The module the loop calls: the method's ``model``, in DistributedDataParallel under torchrun (parameters
+    that never get a gradient, such as a frozen module's, have ``requires_grad=False`` and are skipped), its
+    batch norms made SyncBatchNorm in place with ``--sync-bn``."""
     if dist.world_size <= 1:
         if args.sync_bn:
             warnings.warn("--sync-bn does nothing in a single process")
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
-    if args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        method.model = model
+    if args.sync_bn:     # (in place: the model is a container, never a batch norm itself)
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

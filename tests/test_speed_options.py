@@ -163,3 +163,22 @@ def test_graphed_step_bookkeeping_on_the_cpu(tmp_path, monkeypatch):
     assert graphed.graphed.captures == 3 and graphed.graphed.replays == 3 * steps - 3
     for p, q in zip(eager.method.model.parameters(), graphed.method.model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_an_optimizer_of_a_methods_own_is_capturable_under_cuda_graph(cuda_graph):
+    """--cuda-graph builds every group's own optimizer that takes ``capturable`` with it (Adam's step count then
+    stays on the device, inside the captured step), whatever the method asked; the run's SGD has no such flag."""
+    from types import SimpleNamespace
+
+    from engine import OptimGroup
+    from engine.optim import Optimization
+    args = SimpleNamespace(lr_scale="none", sgd_impl="foreach", cuda_graph=cuda_graph, weight_decay=0.0, lr=0.1,
+                           momentum=0.9, nesterov=False, lr_schedule="cosine", epochs=10)
+    w = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    opts = Optimization([OptimGroup("sgd", [w[0]]), OptimGroup("adam", [w[1]], optimizer=torch.optim.Adam),
+                         OptimGroup("rmsprop", [w[2]], optimizer=torch.optim.RMSprop, extra={"alpha": 0.9})],
+                        args, 1, torch.device("cpu")).optimizers
+    assert "capturable" not in opts["sgd"].defaults
+    assert opts["adam"].defaults["capturable"] is opts["rmsprop"].defaults["capturable"] is cuda_graph
+    assert opts["rmsprop"].defaults["alpha"] == 0.9
