@@ -181,7 +181,7 @@ class CMFF(Method):
 
     recipe = "dccl"   # the protocol of the DCCL code, on which the CMFF code is built
     num_peers = 2
-    min_peers = 2
+    min_peers = max_peers = 2   # a rotation peer and a contrast peer
     mixed_archs = True       # two architectures whose last-stage maps have one shape (the fusion needs it)
     groupable_peers = False  # CMFFNet.forward runs each peer's stages and head parts itself
     presets = {   # the official data pipeline pads by reflection (utils.get_cifar100_dataloaders)
@@ -228,12 +228,6 @@ class CMFF(Method):
         parser.add_argument("--no-sim", action="store_true", help="ablation: no L_sim (peer 2)")
         parser.add_argument("--no-cross-attention", action="store_true",
                             help="ablation: the fusion module takes the pooled maps directly")
-
-    @classmethod
-    def check_args(cls, args):
-        if args.num_peers != 2:
-            raise UserError(f"CMFF has exactly two peers (a rotation peer and a contrast peer); got --num-peers "
-                            f"{args.num_peers}")
 
     def build(self):
         a = self.args

@@ -30,7 +30,8 @@ def number(kind=float, *, at_least=None, above=None, below=None, at_most=None, w
     outside is refused with one line, ``argument --x: must lie in [0, 1); got 1.5`` (and ``why``, if given)."""
     low = f"[{at_least}" if at_least is not None else f"({above}" if above is not None else None
     high = f"{below})" if below is not None else f"{at_most}]" if at_most is not None else None
-    rule = (f"must lie in {low}, {high}" if low and high else
+    rule = (f"must be {at_least}" if at_least is not None and at_least == at_most else
+            f"must lie in {low}, {high}" if low and high else
             f"must be {'>=' if low[0] == '[' else '>'} {low[1:]}" if low else
             f"must be {'<' if high[-1] == ')' else '<='} {high[:-1]}" if high else "")
 
@@ -169,8 +170,11 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                    help="backbone; a comma list gives one architecture per peer (independent peers; its length "
                         f"is the number of peers). One of: {', '.join(list_models())}")
     if method_cls.num_peers is not None:
-        g.add_argument("--num-peers", type=number(int, at_least=method_cls.min_peers, at_most=MAX_PEERS,
-                                                  why="the peers are networks built and trained together"),
+        g.add_argument("--num-peers", type=number(int, at_least=method_cls.min_peers,
+                                                  at_most=method_cls.max_peers or MAX_PEERS,
+                                                  why="the peers are networks built and trained together"
+                                                  if method_cls.max_peers is None else
+                                                  f"the number of peers {method_cls.name} trains"),
                        default=method_cls.num_peers, help="number of peer networks (branches)")
     g.add_argument("--dataset", default="cifar100", choices=DATASET_NAMES, help="training and test data")
     g.add_argument("--data", type=dataset_folder, default=None, metavar="DIR",

@@ -139,6 +139,7 @@ class Method:
     recipe: str = "okd"                 # default protocol (recipes.py)
     num_peers: Optional[int] = 2        # default --num-peers; None: a single network, no such flag
     min_peers: int = 1                  # the smallest --num-peers the method can train
+    max_peers: Optional[int] = None     # the largest (None: any)
     best_metric: str = "ensemble"       # head whose top-1 selects best.pt
     presets: dict = {}                  # name -> defaults of the method's flags (a published variant); first = default
     state_keys: tuple = ()              # attributes holding modules outside the model (memory banks, discriminators,

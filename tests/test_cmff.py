@@ -309,10 +309,11 @@ def test_ablations_drop_their_parts():
     assert (a.lr, a.weight_decay, a.milestones, a.epochs, a.batch_size, a.nesterov) == (0.1, 2e-4, [150, 225], 300, 128, True)
 
 
-def test_two_peers_only():
-    from engine import UserError
-    with pytest.raises(UserError, match="exactly two peers"):
-        _method(["--num-peers", "3"])
+@pytest.mark.parametrize("peers", ["1", "3"])
+def test_two_peers_only(peers, capsys):
+    with pytest.raises(SystemExit):
+        _method(["--num-peers", peers])
+    assert f"argument --num-peers: must be 2; got {peers} (the number of peers cmff trains)" in capsys.readouterr().err
 
 
 # ---- optimizers and a short run ----------------------------------------------------------------------
