@@ -301,7 +301,6 @@ _INFOS = {
 }
 # "folder": any class-folder tree (data/folder.py); its facts come from the files.
 DATASET_NAMES = tuple(_INFOS) + ("folder",)
-MIN_IMAGE_SIZE = 8
 NOT_DOWNLOADABLE = {      # the loaders download CIFAR, Fashion-MNIST and TinyImageNet
     "imagenet": "ImageNet cannot be downloaded by a script (it needs a login at https://image-net.org)",
     "folder": "a folder dataset is your own files, there is nothing to download",
@@ -314,13 +313,6 @@ def check_download(name: str, download: bool) -> None:
     if download and name in NOT_DOWNLOADABLE:
         raise DataFlagError(f"--download: {NOT_DOWNLOADABLE[name]}. Fix: leave --download out")
 
-
-def check_image_size_flag(image_size) -> int:
-    """``--image-size`` as an int of at least :data:`MIN_IMAGE_SIZE` (DataFlagError otherwise)."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
-        raise DataFlagError(f"--image-size must be a whole number of pixels, at least {MIN_IMAGE_SIZE}; "
-                            f"got {image_size!r}")
-    return image_size
 
 
 def static_info(name: str) -> DatasetInfo:

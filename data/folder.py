@@ -66,7 +66,7 @@ from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .common import (ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError,
-                     array_transforms, check_image_size_flag, check_link_loop, default_dir, is_hidden, load_or_warn,
+                     array_transforms, check_link_loop, default_dir, is_hidden, load_or_warn,
                      read_class_list, save_or_warn, some, unreadable_folder, visible_dirs)
 from .files import write_atomically
 
@@ -308,7 +308,7 @@ def describe(data=None, image_size: Optional[int] = None, classes=None) -> Datas
     decoding (what ``data.dataset_info('folder', ...)`` returns): classes, image size, protocol and default
     loader; ``mean``/``std`` are None (measured by :func:`load_folder`)."""
     tree = scan(data, classes)
-    size = check_image_size_flag(image_size) if image_size is not None else nearest_size(median_side(tree))
+    size = image_size or nearest_size(median_side(tree))     # (--image-size's range is its flag's: engine/cli.py)
     small = size <= SMALL_MAX
     return DatasetInfo(NAME, len(tree.classes), size, None, None, crop_padding(size) if small else 0,
                        classes=tree.classes, protocol="cifar" if small else "imagenet",

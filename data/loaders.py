@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .common import (DATASET_NAMES, PAD_MODES, ArraySplit, BadDatasetError, DataFlagError, DatasetError,
-                     DatasetInfo, array_transforms, check_download, check_image_size_flag, static_info)
+                     DatasetInfo, array_transforms, check_download, static_info)
 
 # Tags that keep the random streams derived from one seed apart.
 _ORDER, _AUG, _WORKERS, _VAL, _SUBSET, _EVAL_SUBSET = range(6)
@@ -360,7 +360,7 @@ def dataset_info(name: str, data: Optional[os.PathLike | str] = None, *, image_s
         if name != "imagenet":
             raise DataFlagError(f"--image-size {image_size}: {name}'s images are {info.image_size}x{info.image_size}; "
                                 "--image-size is for --dataset folder and imagenet. Fix: leave it out")
-        info = replace(info, image_size=check_image_size_flag(image_size))
+        info = replace(info, image_size=image_size)
     if classes is not None:
         if name != "imagenet":
             raise DataFlagError(f"--classes picks class folders of --dataset folder or imagenet; {name} has fixed "
@@ -520,9 +520,8 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     Reads ``args.dataset``, ``data``, ``download``, ``subset`` (train on N samples, stratified random, after
     the hold-out), ``eval_subset`` (test on N samples, stratified random), ``val_split`` (hold out N
     training samples, stratified; evaluated with test-time transforms), all seeded by ``seed``,
-    ``batch_size`` (per process), ``eval_batch_size``, ``workers``, ``loader``
-    (None: the dataset's ``default_loader``: 'torch' for ImageNet and for folders streamed from their files,
-    else 'device'), ``views`` (default 1), ``pad_mode`` ('zero' default, or 'reflect'; ImageNet's
+    ``batch_size`` (per process), ``eval_batch_size``, ``workers``, ``loader`` ('device' or 'torch', resolved
+    by the engine: unset, the dataset's ``default_loader``, engine/config.py), ``views`` (default 1), ``pad_mode`` ('zero' default, or 'reflect'; ImageNet's
     RandomResizedCrop does not pad), ``image_size`` (``--image-size``; None: the dataset's, or for ``folder``
     chosen from the images), ``classes`` (``--classes FILE``, folder and ImageNet; None: every class
     folder) and ``eval_only`` (a checkpoint is evaluated: no advice to change its --val-split).
@@ -541,7 +540,7 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     """
     name = args.dataset
     info = dataset_info(name, args.data, image_size=args.image_size, classes=args.classes)
-    kind = args.loader or info.default_loader
+    kind = args.loader
     if kind not in ("device", "torch"):
         raise ValueError(f"unknown loader {kind!r}; choose 'device' or 'torch'")
     if name == "imagenet" and kind == "device":
@@ -555,7 +554,7 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     views, seed, workers, pad_mode = args.views, args.seed, args.workers, args.pad_mode
 
     loaded = _load_once(name, args.data, bool(args.download), rank, world_size, image_size=args.image_size,
-                        classes=args.classes, loader=args.loader)
+                        classes=args.classes, loader=kind)
     val_set, notes = None, ()
     if name == "folder":
         info, notes = loaded.info, loaded.tree.warnings

@@ -18,13 +18,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 def loader_args(**kw) -> argparse.Namespace:
     """Every field ``data.build_loaders`` reads, at the engine's defaults (synthetic data), with ``kw`` on top
-    (the evaluation batch resolved as the engine resolves it: twice the training batch)."""
+    (the evaluation batch and the loader resolved as the engine resolves them: twice the training batch, and the
+    dataset's default loader; left unset where the dataset cannot be described, as build_loaders then says)."""
     base = dict(dataset="synthetic", data=None, download=False, subset=None, eval_subset=None, val_split=0,
                 batch_size=64, workers=0, loader=None, seed=0, views=1, pad_mode="zero", image_size=None,
                 classes=None, eval_only=None)
     base.update(kw)
     base.setdefault("eval_batch_size", None)
     base["eval_batch_size"] = base["eval_batch_size"] or 2 * base["batch_size"]
+    if base["loader"] is None:
+        from data import DatasetError, dataset_info
+        try:
+            base["loader"] = dataset_info(base["dataset"], base["data"], image_size=base["image_size"],
+                                          classes=base["classes"]).default_loader
+        except (DatasetError, ValueError):
+            pass
     return argparse.Namespace(**base)
 
 

@@ -509,6 +509,7 @@ def test_a_list_of_one_repeated_architecture_takes_that_architectures_preset_val
     (["--data", " "], "argument --data: must name a file or folder"),
     (["--resume", ""], "argument --resume: must name a file or folder"),
     (["--gpu", "-2"], "argument --gpu: must be >= -1"),
+    (["--image-size", "4"], "argument --image-size: must be >= 8"),
     (["--milestones", "-5", "10", "--lr-schedule", "multistep"], "argument --milestones: milestones are epochs >= 1"),
     (["--arch", "resnet_nope"], "argument --arch: unknown architecture 'resnet_nope'"),
 ])

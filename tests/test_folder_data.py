@@ -282,8 +282,6 @@ def test_default_size_is_the_median_side_rounded_to_32_64_or_224(tmp_path):
     info = dataset_info("folder", big)
     assert (info.image_size, info.crop_padding, info.protocol, info.default_loader) == (224, 0, "imagenet", "torch")
     assert dataset_info("folder", big, image_size=48).image_size == 48
-    with pytest.raises(DataFlagError, match="--image-size must be a whole number of pixels, at least 8"):
-        dataset_info("folder", big, image_size=4)
 
 
 def test_cifar_protocol_in_memory_and_streamed_give_the_same_batches(tmp_path, monkeypatch):
