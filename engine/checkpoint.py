@@ -72,10 +72,17 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def saved_by(record: dict) -> str:
+    """The script that trained the run of ``record`` (a checkpoint, or results.json): the first word of its
+    command; train_<method>.py for a record without one (older versions, a hand-edited file)."""
+    try:
+        return shlex.split(record["command"])[0]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return f"train_{record['method']}.py"
+
+
 def check_saved_by(ckpt: dict, path: Path, method: str, doing: str) -> None:
     """Refuse (one line) a checkpoint that another method than ``method`` saved, naming the script that saved it
-    (the first word of its record's command; train_<method>.py for older checkpoints) and what to ``do`` with it."""
+    (:func:`saved_by`) and what to ``do`` with it."""
     if ckpt["method"] != method:
-        command = shlex.split(ckpt.get("command") or "")
-        script = command[0] if command else f"train_{ckpt['method']}.py"
-        raise UserError(f"{path} was saved by {script}; {doing} it with that script")
+        raise UserError(f"{path} was saved by {saved_by(ckpt)}; {doing} it with that script")

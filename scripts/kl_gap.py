@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import DATASET_NAMES, DeviceLoader, DatasetError, dataset_info, load_dataset  # noqa: E402
-from engine.checkpoint import load_checkpoint  # noqa: E402
+from engine.checkpoint import load_checkpoint, saved_by  # noqa: E402
 from engine.cli import (Parser, dataset_folder, number, positive_int, process_count, run_tool,  # noqa: E402
                         temperature)
 from engine.errors import UserError  # noqa: E402
@@ -105,7 +105,7 @@ def read_checkpoint(path: Path) -> dict:
     truncated or damaged file is a one-line UserError); a checkpoint of another method is refused."""
     ckpt = load_checkpoint(path)
     if ckpt["method"] != METHOD:
-        raise UserError(f"--checkpoint {path} was saved by train_{ckpt['method']}.py; kl_gap.py reads {METHOD} "
+        raise UserError(f"--checkpoint {path} was saved by {saved_by(ckpt)}; kl_gap.py reads {METHOD} "
                         f"checkpoints (train_{METHOD}.py's last.pt / best.pt)")
     return ckpt
 

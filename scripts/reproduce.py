@@ -180,6 +180,7 @@ def run_state(run: Run, extra: Sequence[str] = (), world_size: int = 1) -> str:
     "resume" (a checkpoint to continue from); or "new"."""
     if not run.built:
         return "not built"
+    from engine.checkpoint import saved_by
     from engine.config import describe_differences
     from engine.errors import UserError
     from engine.run import RunInUse, RunLock, read_run
@@ -190,8 +191,8 @@ def run_state(run: Run, extra: Sequence[str] = (), world_size: int = 1) -> str:
     except UserError:
         pass        # (a lock file it cannot read, one held after its holder ended: the engine says so, in its log)
     recorded = read_run(run.out)
-    if recorded is not None and recorded.get("method") not in (None, Path(run.script).stem.removeprefix("train_")):
-        return f"differs: a run of train_{recorded.get('method')}.py"
+    if recorded is not None and recorded.get("method") not in (None, method_class(run.script).name):
+        return f"differs: a run of {saved_by(recorded)}"
     if recorded is not None:
         diffs = recorded_differences(run, recorded, extra, world_size)
         if diffs:

@@ -134,6 +134,14 @@ def test_a_copy_named_train_py_is_a_method_with_a_name(tmp_path):
     assert _name(cls, ["--dataset", "synthetic"]).startswith("train_-resnet32-synthetic")
 
 
+def test_the_script_that_saved_a_record_is_its_commands_first_word():
+    from engine.checkpoint import saved_by
+    assert saved_by({"method": "my_idea", "command": "/home/me/my_idea.py --arch resnet20"}) == "/home/me/my_idea.py"
+    for command in (None, "", "'unclosed", 7):                     # older, empty, damaged or hand-edited: by name
+        assert saved_by({"method": "dml", "command": command}) == "train_dml.py"
+    assert saved_by({"method": "dml"}) == "train_dml.py"
+
+
 def test_a_copy_never_resumes_its_originals_checkpoint(run, tmp_path):
     cls = _copy_of("train_dml.py", tmp_path)
     with pytest.raises(UserError, match=r"was saved by train_dml\.py; resume it with that script"):
