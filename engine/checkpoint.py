@@ -75,9 +75,10 @@ def load_checkpoint(path: Path) -> dict:
 def saved_by(record: dict) -> str:
     """The script that trained the run of ``record`` (a checkpoint, or results.json): the first word of its
     command; train_<method>.py for a record without one (older versions, a hand-edited file)."""
-    try:
-        return shlex.split(record["command"])[0]
-    except (KeyError, TypeError, ValueError, IndexError):
+    command = record.get("command")
+    try:            # (shlex.split(None) would read stdin)
+        return shlex.split(command)[0] if isinstance(command, str) else f"train_{record['method']}.py"
+    except (ValueError, IndexError):
         return f"train_{record['method']}.py"
 
 
