@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import NoReturn, Optional
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+if __name__ == "__main__":     # run as a file: the repository's packages are one folder up (imported: already found)
+    sys.path.insert(0, str(REPO))
 from engine import Method, Trainer, UserError, parse_args  # noqa: E402
 from engine.config import resolve  # noqa: E402
 from engine.method import load_method  # noqa: E402

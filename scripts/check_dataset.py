@@ -29,7 +29,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":     # run as a file: the repository's packages are one folder up (imported: already found)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.common import (DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, check_download,  # noqa: E402
                          default_dir, image_problem, read_class_list)

@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":     # run as a file: the repository's packages are one folder up (imported: already found)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import DATASET_NAMES, DeviceLoader, DatasetError, dataset_info, load_dataset  # noqa: E402
 from engine.checkpoint import load_checkpoint, saved_by  # noqa: E402

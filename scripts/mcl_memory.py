@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":     # run as a file: the repository's packages are one folder up (imported: already found)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.cli import MAX_PEERS, HelpFormatter, Parser, number, run_tool, temperature  # noqa: E402
 from engine.trainer import out_of_memory  # noqa: E402
 

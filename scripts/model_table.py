@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":     # run as a file: the repository's packages are one folder up (imported: already found)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.cli import MAX_PEERS, HelpFormatter, Parser, number, run_tool  # noqa: E402
 
 import torch  # noqa: E402

@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":     # run as a file: the repository's packages are one folder up (imported: already found)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.cli import Parser, non_empty_path, run_tool  # noqa: E402
 
 

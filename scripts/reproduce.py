@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if __name__ == "__main__":     # run as a file: the repository's packages are one folder up (imported: already found)
+    sys.path.insert(0, str(REPO))
 
 from data.files import holds_run  # noqa: E402
 from engine.cli import (Parser, non_empty_path, non_negative_int, number, positive_int, process_count,  # noqa: E402

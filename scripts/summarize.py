@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if __name__ == "__main__":     # run as a file: the repository's packages are one folder up (imported: already found)
+    sys.path.insert(0, str(REPO))
 
 from scripts.tables import TABLES, Cell, Metric, Table  # noqa: E402
 from engine.cli import Parser, non_empty_path, run_tool  # noqa: E402  (one-line errors)

@@ -207,9 +207,11 @@ def test_one_line_warning_has_no_source_line():
 GLOBAL_STATE_PROBE = """
 import importlib, signal, sys, warnings
 from pathlib import Path
+import numpy, torch, torchvision      # (what the libraries do to the state when imported is theirs)
 def state():
     return (sys.excepthook, sys.displayhook, warnings.formatwarning, warnings.showwarning, list(sys.meta_path),
-            list(sys.path_hooks), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+            list(sys.path_hooks), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+            list(sys.path), list(warnings.filters))
 before = state()
 repo = Path.cwd()
 modules = [p.relative_to(repo).with_suffix("") for p in sorted(repo.glob("*/*.py"))]
@@ -224,8 +226,9 @@ print(len(names), state() == before)
 
 @pytest.mark.slow
 def test_importing_any_module_changes_nothing_global():
-    """No import hook, stand-in module, exception hook, warning format or signal handler is installed by
-    importing any module of the repository: one-line errors and warnings are main()'s business."""
+    """No import hook, stand-in module, exception hook, warning format or filter, signal handler or sys.path entry
+    is installed by importing any module of the repository: one-line errors and warnings are main()'s business,
+    and a tool of scripts/ finds the repository's packages itself only when run as a file."""
     r = subprocess.run([sys.executable, "-c", GLOBAL_STATE_PROBE], cwd=REPO, capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr
