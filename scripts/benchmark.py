@@ -196,7 +196,7 @@ def engine_step(trainer: Trainer, steps: int) -> tuple[float, Optional[int]]:
     if trainer.device.type == "cpu":
         batch = next(iter(trainer.loaders.train))
         with OpCounter() as counter:
-            trainer._step(batch._replace(images=trainer._format(batch.images)), epoch)
+            trainer.train_step(batch, epoch)
         ops = counter.count
     return seconds / done, ops
 
