@@ -56,6 +56,7 @@ import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -95,11 +96,34 @@ class FolderTree:
     classes_file: Optional[Path] = None
     warnings: tuple = ()
     size_note: Optional[str] = field(default=None, compare=False)     # how the automatic size was chosen
-    median_side: Optional[int] = field(default=None, compare=False)
 
     @property
     def eval_splits(self) -> list[str]:
         return [s for s in ("val", "test") if s in self.samples]
+
+    @cached_property
+    def median_side(self) -> int:
+        """The median shorter side of up to :data:`SIZE_SAMPLE` training images (headers only; read once), and
+        ``size_note`` says so. Unreadable headers are skipped here (the decoding lists them); a high-bit-depth
+        image is refused."""
+        picks = [p for p, _ in _evenly(self.samples["train"], SIZE_SAMPLE)]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            headers = list(pool.map(_header, picks))
+        sides, bad = [], []
+        for path, h in zip(picks, headers):
+            if isinstance(h, str):
+                bad.append((path, h))
+                continue
+            (w, hgt), mode = h
+            if mode in HIGH_BIT_MODES:
+                raise high_bit_error(path, mode)
+            sides.append(min(w, hgt))
+        if not sides:
+            raise BadDatasetError.files(NAME, bad, check_fix(self.root), what="images")
+        median = statistics.median_low(sides)
+        self.size_note = (f"the median shorter side of {len(sides)} training images is {median} px: "
+                          f"{nearest_size(median)}")
+        return median
 
     def count(self) -> int:
         return sum(len(v) for v in self.samples.values())
@@ -271,30 +295,6 @@ def _evenly(items: list, k: int) -> list:
     return items if n <= k else [items[i * n // k] for i in range(k)]
 
 
-def median_side(tree: FolderTree) -> int:
-    """The median shorter side of up to :data:`SIZE_SAMPLE` training images (headers only). Unreadable
-    headers are skipped here (the decoding lists them); a high-bit-depth image is refused."""
-    if tree.median_side is None:
-        picks = [p for p, _ in _evenly(tree.samples["train"], SIZE_SAMPLE)]
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            headers = list(pool.map(_header, picks))
-        sides, bad = [], []
-        for path, h in zip(picks, headers):
-            if isinstance(h, str):
-                bad.append((path, h))
-                continue
-            (w, hgt), mode = h
-            if mode in HIGH_BIT_MODES:
-                raise high_bit_error(path, mode)
-            sides.append(min(w, hgt))
-        if not sides:
-            raise BadDatasetError.files(NAME, bad, check_fix(tree.root), what="images")
-        tree.median_side = statistics.median_low(sides)
-        tree.size_note = (f"the median shorter side of {len(sides)} training images is {tree.median_side} px: "
-                          f"{nearest_size(tree.median_side)}")
-    return tree.median_side
-
-
 def crop_padding(size: int) -> int:
     return max(1, round(size / 8))
 
@@ -308,7 +308,7 @@ def describe(data=None, image_size: Optional[int] = None, classes=None) -> Datas
     decoding (what ``data.dataset_info('folder', ...)`` returns): classes, image size, protocol and default
     loader; ``mean``/``std`` are None (measured by :func:`load_folder`)."""
     tree = scan(data, classes)
-    size = image_size or nearest_size(median_side(tree))     # (--image-size's range is its flag's: engine/cli.py)
+    size = image_size or nearest_size(tree.median_side)     # (--image-size's range is its flag's: engine/cli.py)
     small = size <= SMALL_MAX
     return DatasetInfo(NAME, len(tree.classes), size, None, None, crop_padding(size) if small else 0,
                        classes=tree.classes, protocol="cifar" if small else "imagenet",
