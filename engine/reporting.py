@@ -1,21 +1,28 @@
 """What a run shows while it runs: console lines (rank 0 only), TensorBoard scalars, the final table."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class Reporter:
-    """Console and TensorBoard output of ``run`` (its folder, selection and --epochs), by rank 0 only."""
+    """Console and TensorBoard output of the run in ``folder``, trained for ``epochs`` epochs whose best is
+    chosen by the validation ``metric`` when there is a validation split; only ``is_main`` (rank 0) shows it."""
 
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, folder: Path, epochs: int, metric: str, is_main: bool):
+        self.folder, self.epochs, self.metric, self.is_main = folder, epochs, metric, is_main
         self.writer = None
+
+    def log(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
 
     def tensorboard(self, epoch: int, record: dict) -> None:
         """Every training term, speed figure, lr and evaluated metric of 0-based ``epoch``, at step epoch + 1."""
-        if not self.run.is_main:
+        if not self.is_main:
             return
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.run.folder / "tensorboard"), purge_step=epoch + 1)
+            self.writer = SummaryWriter(str(self.folder / "tensorboard"), purge_step=epoch + 1)
         for group in ("train", "speed", "lr", "val", "test"):
             for name, value in record.get(group, {}).items():
                 self.writer.add_scalar(f"{group}/{name}", value, epoch + 1)
@@ -31,14 +38,14 @@ class Reporter:
         heads = " ".join(f"{k[:-5]} {v:.2f}" for k, v in record["test"].items() if k.endswith("/top1"))
         val = ""
         if "val" in record:
-            val = f" | val {record['val'][self.run.selection[1]]:.2f}"
+            val = f" | val {record['val'][self.metric]:.2f}"
         lr = next(iter(record["lr"].values()))
-        return (f"epoch {record['epoch']}/{self.run.config.epochs} lr {lr:.4g} loss {train['loss']:.3f} "
+        return (f"epoch {record['epoch']}/{self.epochs} lr {lr:.4g} loss {train['loss']:.3f} "
                 f"({terms}) | test top1 {heads}{val} | {speed['epoch_s']:.1f}s {speed['images_per_s']:.0f} img/s")
 
     def epoch(self, epoch: int, record: dict) -> None:
         self.tensorboard(epoch, record)
-        self.run.log(self.summary_line(record))
+        self.log(self.summary_line(record))
 
     def final_table(self, results: dict) -> None:
         """Best and last top-1 (and last top-5) of every head of a run's ``results`` (results.json), each
@@ -55,4 +62,4 @@ class Reporter:
         for h in heads:
             lines.append(f"{h:<12} {best['test'][h + '/top1']:9.2f} {last['test'][h + '/top1']:9.2f} "
                          f"{last['test'][h + '/top5']:9.2f}" + (f"   {archs[h]}" if h in archs else ""))
-        self.run.log("\n".join(lines) + f"\nresults: {self.run.folder / 'results.json'}")
+        self.log("\n".join(lines) + f"\nresults: {self.folder / 'results.json'}")

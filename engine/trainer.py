@@ -127,7 +127,7 @@ class Trainer:
                           {"peer_archs": archs, "classes": list(info.classes) if info.classes else None,
                            "image_size": info.image_size, "data": self.loaders.record,
                            "git_commit": git_commit(method_cls.script), "versions": library_versions(self.device)})
-        self.report = Reporter(self.run)
+        self.report = Reporter(self.run.folder, args.epochs, f"{self.best_head}/top1", self.is_main)
 
     @property
     def modules(self) -> dict[str, nn.Module]:
