@@ -481,7 +481,7 @@ class Run:
         of that name, the folder may have moved), never another run's (``--eval-only OTHER/best.pt --out RUN``) nor
         another checkpoint file of this run (a copy continued into another folder, evaluated into this one). One
         that cannot be read is kept, except in the checkpoint's own folder. An --out of its own must not hold
-        another run."""
+        another run. A best.pt that does not hold its run's best epoch is evaluated with a warning."""
         target = self.evaluation_file()
         problem = ((self.config.out and self._inside_a_run())       # (the default: the checkpoint's own folder)
                    or inside_the_classes(self.config.dataset, self.config.data, self.folder))
@@ -503,10 +503,17 @@ class Run:
         own_folder = path.absolute().parent == self.folder      # (its file of that name; the folder may have moved)
         same_file = (os.path.samefile(recorded, path) if recorded.is_absolute() and recorded.exists() else
                      own_folder or (not recorded.is_absolute() and str(recorded) == str(path)))   # (older: as given)
-        if not target.exists() or (same_run and same_file):
-            return
-        raise UserError(f"{target} holds the evaluation of another checkpoint ({earlier.get('checkpoint', 'unknown')})"
-                        f"; evaluating {path} would replace it. Give another --out for this evaluation")
+        if target.exists() and not (same_run and same_file):
+            raise UserError(f"{target} holds the evaluation of another checkpoint "
+                            f"({earlier.get('checkpoint', 'unknown')}); evaluating {path} would replace it. Give "
+                            "another --out for this evaluation")
+        recorded = (read_run(path.parent) or {}) if path.name == "best.pt" and self.is_main else {}
+        best = (recorded.get("best") or {}).get("epoch")
+        if best not in (None, ckpt["epoch"]) and recorded["status"] != "running":   # (a live run may be saving)
+            warnings.warn(f"{path} holds epoch {ckpt['epoch']}, but its run's best epoch is {best} " + (
+                f"(its process ended between the writes of last.pt and best.pt); --out {path.parent} --resume auto "
+                "rebuilds it" if best == recorded.get("epochs_done") else
+                "(it was replaced since; no resume rebuilds an earlier epoch)"))
 
     def write_evaluation(self, result: dict) -> None:
         """The evaluation file (:meth:`evaluation_file`), written by rank 0."""

@@ -35,7 +35,7 @@ from .errors import UserError
 from .method import Method, StepContext
 from .optim import Optimization
 from .reporting import Reporter
-from .run import Run, file_stamp, read_run
+from .run import Run, file_stamp
 from .signals import Interrupted, stop_on_signals, stop_signal
 
 
@@ -371,13 +371,6 @@ class Trainer:
         the checkpoint's folder (:meth:`Run.write_evaluation`), naming the dataset, the splits and the precision."""
         path, ckpt, a = Path(self.args.eval_only), self.ckpt, self.args
         self.run.check_data(ckpt, path)
-        recorded = (read_run(path.parent) or {}) if path.name == "best.pt" and self.is_main else {}
-        best = (recorded.get("best") or {}).get("epoch")
-        if best not in (None, ckpt["epoch"]) and recorded["status"] != "running":   # (a live run may be saving)
-            warnings.warn(f"{path} holds epoch {ckpt['epoch']}, but its run's best epoch is {best} " + (
-                f"(its process ended between the writes of last.pt and best.pt); --out {path.parent} --resume auto "
-                "rebuilds it" if best == recorded.get("epochs_done") else
-                "(it was replaced since; no resume rebuilds an earlier epoch)"))
         evaluated = ["model"] + [k for k in self.method.state_keys if isinstance(getattr(self.method, k), TemporalMean)]
         missing = [k for k in evaluated if k not in ckpt["state"]]
         if missing:
