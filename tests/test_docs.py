@@ -64,3 +64,35 @@ def test_no_file_cites_the_internal_spec():
             hits.append(f"{path.relative_to(REPO)}:{line}: {text.splitlines()[line - 1].strip()}")
     assert not hits, ("cite the paper (title, venue, section/equation/table) or the official repository file "
                       "(owner/repo and path) instead, and put the fact in docs/:\n" + "\n".join(hits))
+
+
+METHOD_NAMES = {"baseline": "baseline", "DML": "dml", "CL-ILR": "cl_ilr", "ONE": "one", "OKDDip": "okddip",
+                "MCL-OKD": "mcl_okd", "FFL": "ffl", "DCCL": "dccl", "CMFF": "cmff", "KDCL": "kdcl", "PCL": "pcl",
+                "AMLN": "amln"}
+
+
+def _named_methods(cell: str) -> set[str]:
+    """The methods a table cell names: 'every method', 'every method but X', or a list 'A, B, C'."""
+    if cell.startswith("every method"):
+        but = re.findall(r"[\w-]+", cell[len("every method but"):])
+        return set(METHOD_NAMES.values()) - {METHOD_NAMES[n] for n in but if n in METHOD_NAMES}
+    return {METHOD_NAMES[n.strip()] for n in cell.split(",")}
+
+
+def test_the_contract_tables_name_the_methods_that_use_each_attribute_and_hook():
+    """docs/engine.md says, for every class attribute and hook of engine.Method, which method scripts set or
+    override it; each list is what the scripts do."""
+    from engine.method import Method, load_method
+    text = (REPO / "docs" / "engine.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| `") and line.count("|") >= 4]
+    documented = set()
+    for row in rows:
+        names = re.findall(r"`(\w+)", row[0])
+        if not names or not all(hasattr(Method, n) for n in names):
+            continue                         # another table of the page
+        documented.update(names)
+        users = {m for m in METHOD_NAMES.values() if any(n in vars(load_method(m)) for n in names)}
+        assert _named_methods(row[-1]) == users, (row[0], sorted(users))
+    public = {n for n, v in vars(Method).items() if not n.startswith("_") and n not in ("name", "script")}
+    assert public <= documented, sorted(public - documented)
