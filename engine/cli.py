@@ -66,6 +66,14 @@ def process_count(what: str, at_least: int = 0):
     return number(int, at_least=at_least, at_most=MAX_PROCESSES, why=f"{what} started at once")
 
 
+def peer_count(method_cls):
+    """The ``type`` of ``method_cls``'s ``--num-peers``: from its ``min_peers`` to its ``max_peers`` (None:
+    :data:`MAX_PEERS`). Also what an ``--arch`` list's length must be."""
+    return number(int, at_least=method_cls.min_peers, at_most=method_cls.max_peers or MAX_PEERS,
+                  why="the peers are networks built and trained together" if method_cls.max_peers is None else
+                  f"the number of peers {method_cls.name} trains")
+
+
 def _count_or_all(text: str) -> Optional[int]:
     """``--eval-subset``: N >= 0 samples; 0 is the whole set, as when the flag is left out (None)."""
     return non_negative_int(text) or None
@@ -170,12 +178,8 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                    help="backbone; a comma list gives one architecture per peer (independent peers; its length "
                         f"is the number of peers). One of: {', '.join(list_models())}")
     if method_cls.num_peers is not None:
-        g.add_argument("--num-peers", type=number(int, at_least=method_cls.min_peers,
-                                                  at_most=method_cls.max_peers or MAX_PEERS,
-                                                  why="the peers are networks built and trained together"
-                                                  if method_cls.max_peers is None else
-                                                  f"the number of peers {method_cls.name} trains"),
-                       default=method_cls.num_peers, help="number of peer networks (branches)")
+        g.add_argument("--num-peers", type=peer_count(method_cls), default=method_cls.num_peers,
+                       help="number of peer networks (branches)")
     g.add_argument("--dataset", default="cifar100", choices=DATASET_NAMES, help="training and test data")
     g.add_argument("--data", type=dataset_folder, default=None, metavar="DIR",
                    help="dataset folder (default: datasets/<name> under $OKD_DATASETS, else under the current "
@@ -312,7 +316,7 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)     # what the defaults depend on, read before the defaults
     for name in ("--recipe", "--preset", "--arch", "--epochs"):
-        pre.add_argument(name)
+        pre.add_argument(name, nargs="?")             # (a missing value: the parser below says so)
     known, _ = pre.parse_known_args(argv)
     recipe = known.recipe if known.recipe in RECIPES else method_cls.recipe  # a bad name: argparse reports it
     preset = known.preset if known.preset in method_cls.presets else None
@@ -432,4 +436,8 @@ def _peer_list(parser: argparse.ArgumentParser, args: argparse.Namespace, method
     if explicit is not None and explicit != len(names):
         parser.error(f"--arch lists {len(names)} architectures but --num-peers is {explicit}; drop --num-peers "
                      "(the list sets it) or give one name per peer")
+    try:
+        peer_count(method_cls)(str(len(names)))
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"--arch lists {len(names)} architectures, but the number of peers {e}")
     args.num_peers = len(names)

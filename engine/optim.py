@@ -55,10 +55,9 @@ class Optimization:
         a = self.args
         weight_decay = group.weight_decay if group.weight_decay is not None else a.weight_decay
         if group.optimizer is not None:   # (--cuda-graph: a step count kept on the CPU cannot be captured)
-            takes = "capturable" in signature(group.optimizer).parameters
-            capture = {"capturable": True} if a.cuda_graph and takes else {}
+            capture = a.cuda_graph and "capturable" in signature(group.optimizer).parameters
             return group.optimizer(group.params, lr=self.peak_lr(group), weight_decay=weight_decay,
-                                   **{**capture, **group.extra})
+                                   **{**group.extra, **({"capturable": True} if capture else {})})
         return torch.optim.SGD(group.params, lr=self.peak_lr(group), momentum=a.momentum,
                                nesterov=a.nesterov and a.momentum > 0, weight_decay=weight_decay,
                                **{**self.kernels, **group.extra})

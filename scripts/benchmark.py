@@ -39,8 +39,8 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
 from engine import Method, Trainer, UserError, parse_args  # noqa: E402
 from engine.config import resolve  # noqa: E402
 from engine.method import load_method  # noqa: E402
-from engine.cli import (MAX_PEERS, HelpFormatter, Parser, non_negative_int, number, positive_int,  # noqa: E402
-                        process_count, run_tool)
+from engine.cli import (MAX_PEERS, HelpFormatter, Parser, non_negative_int, number, peer_count,  # noqa: E402
+                        positive_int, process_count, run_tool)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -300,6 +300,11 @@ def main(argv=None):
         method_cls = load_method(a.method)
     except UserError as e:
         fail(str(e))
+    if a.peers is not None and method_cls.num_peers is not None:
+        try:
+            peer_count(method_cls)(str(a.peers))
+        except argparse.ArgumentTypeError as e:
+            fail(f"--peers {a.peers}: {e}")
     configs = [c for c in a.configs.split(",") if c]
     for config in configs:       # every configuration's flags, refused before anything is built or timed
         try:

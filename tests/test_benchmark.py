@@ -67,6 +67,8 @@ def test_benchmark_rejects_unknown_options(capsys, monkeypatch):
     assert "names no configuration" in refused(monkeypatch, capsys, "--device", "cpu", "--configs", ",")
     assert refused(monkeypatch, capsys, "--method", "nope") == ("error: no train_nope.py: the methods are the "
                                                                 "train_<method>.py scripts")
+    assert refused(monkeypatch, capsys, "--device", "cpu", "--method", "cmff", "--peers", "3") == (
+        "error: --peers 3: must be 2; got 3 (the number of peers cmff trains)")          # the method's own range
 
 
 def test_benchmark_checks_every_configuration_before_it_builds_one(capsys, monkeypatch):

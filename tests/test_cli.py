@@ -499,6 +499,25 @@ def test_help_of_a_shortened_run_shows_the_schedule_it_trains_with(method, argv,
     assert shown in option_blocks(capsys.readouterr().out)[flag]       # what parse_args(cls, argv) trains with
 
 
+@pytest.mark.parametrize("method, arch, named", [
+    ("cmff", "resnet20,resnet20,resnet20", "the number of peers must be 2; got 3 (the number of peers cmff trains)"),
+    ("okddip", "resnet20,resnet20", "the number of peers must lie in [3, 256]; got 2"),
+])
+def test_an_arch_list_has_as_many_peers_as_num_peers_allows(method, arch, named, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(load_method(method), ["--arch", arch])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--arch lists {len(arch.split(','))} architectures, but {named}" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--arch", "--recipe", "--preset"])
+def test_a_flag_the_defaults_depend_on_without_its_value_is_one_line(flag, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(load_method("dml"), [flag])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}: expected one argument" in err, err
+
+
 def test_a_list_of_one_repeated_architecture_takes_that_architectures_preset_values():
     cmff = load_method("cmff")                                    # official: rn110's loss weights for resnet110
     one = parse_args(cmff, ["--preset", "official", "--arch", "resnet110"])

@@ -177,7 +177,8 @@ def test_an_optimizer_of_a_methods_own_is_capturable_under_cuda_graph(cuda_graph
                            momentum=0.9, nesterov=False, lr_schedule="cosine", epochs=10)
     w = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
     opts = Optimization([OptimGroup("sgd", [w[0]]), OptimGroup("adam", [w[1]], optimizer=torch.optim.Adam),
-                         OptimGroup("rmsprop", [w[2]], optimizer=torch.optim.RMSprop, extra={"alpha": 0.9})],
+                         OptimGroup("rmsprop", [w[2]], optimizer=torch.optim.RMSprop,
+                                    extra={"alpha": 0.9, "capturable": False})],
                         args, 1, torch.device("cpu")).optimizers
     assert "capturable" not in opts["sgd"].defaults
     assert opts["adam"].defaults["capturable"] is opts["rmsprop"].defaults["capturable"] is cuda_graph
