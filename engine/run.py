@@ -507,12 +507,12 @@ class Run:
             raise UserError(f"{target} holds the evaluation of another checkpoint "
                             f"({earlier.get('checkpoint', 'unknown')}); evaluating {path} would replace it. Give "
                             "another --out for this evaluation")
-        recorded = (read_run(path.parent) or {}) if path.name == "best.pt" and self.is_main else {}
-        best = (recorded.get("best") or {}).get("epoch")
-        if best not in (None, ckpt["epoch"]) and recorded["status"] != "running":   # (a live run may be saving)
+        its_run = (read_run(path.parent) or {}) if path.name == "best.pt" and self.is_main else {}
+        best = (its_run.get("best") or {}).get("epoch")
+        if best not in (None, ckpt["epoch"]) and its_run["status"] != "running":   # (a live run may be saving)
             warnings.warn(f"{path} holds epoch {ckpt['epoch']}, but its run's best epoch is {best} " + (
                 f"(its process ended between the writes of last.pt and best.pt); --out {path.parent} --resume auto "
-                "rebuilds it" if best == recorded.get("epochs_done") else
+                "rebuilds it" if best == its_run.get("epochs_done") else
                 "(it was replaced since; no resume rebuilds an earlier epoch)"))
 
     def write_evaluation(self, result: dict) -> None:
