@@ -314,7 +314,6 @@ def check_download(name: str, download: bool) -> None:
         raise DataFlagError(f"--download: {NOT_DOWNLOADABLE[name]}. Fix: leave --download out")
 
 
-
 def static_info(name: str) -> DatasetInfo:
     """The fixed facts of built-in dataset ``name`` (no file read); ``data.dataset_info`` adds what the files
     and the flags say."""
