@@ -523,8 +523,9 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     ``batch_size`` (per process), ``eval_batch_size``, ``workers``, ``loader`` ('device' or 'torch', resolved
     by the engine: unset, the dataset's ``default_loader``, engine/config.py), ``views`` (default 1),
     ``pad_mode`` ('zero' default, or 'reflect'; ImageNet's RandomResizedCrop does not pad), ``image_size``
-    (``--image-size``; None: the dataset's, or for ``folder`` chosen from the images), ``classes`` (``--classes FILE``, folder and ImageNet; None: every class
-    folder) and ``eval_only`` (a checkpoint is evaluated: no advice to change its --val-split).
+    (``--image-size``; None: the dataset's, or for ``folder`` chosen from the images), ``classes``
+    (``--classes FILE``, folder and ImageNet; None: every class folder) and ``eval_only`` (a checkpoint is
+    evaluated: no advice to change its --val-split).
     ``needs_every_class``: refuse (ValueError) a subset that leaves a class without training samples;
     ``drop_last``: drop the last incomplete training batch (one batch shape for ``--cuda-graph``).
     Dataset problems raise DatasetNotFoundError or BadDatasetError; flags that do not fit the dataset raise
