@@ -522,8 +522,8 @@ def test_a_list_of_one_repeated_architecture_takes_that_architectures_preset_val
     cmff = load_method("cmff")                                    # official: rn110's loss weights for resnet110
     one = parse_args(cmff, ["--preset", "official", "--arch", "resnet110"])
     two = parse_args(cmff, ["--preset", "official", "--arch", "resnet110,resnet110"])
-    assert (one.arch, one.lambda_rot, one.lambda_sim) == (two.arch, two.lambda_rot, two.lambda_sim) == ("resnet110", 3.0,
-                                                                                                       2.0)
+    expected = ("resnet110", 3.0, 2.0)
+    assert (one.arch, one.lambda_rot, one.lambda_sim) == (two.arch, two.lambda_rot, two.lambda_sim) == expected
 
 
 @pytest.mark.parametrize("argv, named", [
