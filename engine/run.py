@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -32,7 +33,8 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from data.common import inside_the_classes
-from data.files import RUN_EVALUATIONS, RUN_FILES, RUN_LOCK, clean_temp_files, holds_run, os_error_message
+from data.files import (RUN_EVALUATIONS, RUN_FILES, RUN_LOCK, RUN_TENSORBOARD, clean_temp_files, holds_run,
+                        os_error_message, run_file_role)
 from recipes import RECIPE_KEYS, RECIPES
 
 from .checkpoint import FORMAT, atomic_save, atomic_write, check_saved_by, load_checkpoint
@@ -114,7 +116,8 @@ class Run:
         if resume is None:
             problem = problem or new_run_problem(self.folder)
         elif resume.absolute().parent != self.folder:     # (continued into another folder: it must not hold runs)
-            problem = problem or _a_folder_in_the_way(self.folder) or _a_run_below(self.folder)
+            problem = (problem or _a_folder_in_the_way(self.folder) or _a_run_below(self.folder)
+                       or _not_a_run(self.folder))
         else:
             problem = problem or _a_folder_in_the_way(self.folder)
         if problem:
@@ -576,7 +579,7 @@ def new_run_problem(folder: Path) -> Optional[str]:
                 if "best.pt" in earlier and _readable_checkpoint(folder / "best.pt") else "")
         return (f"{folder} holds {' and '.join(earlier)} of an earlier run but no last.pt to continue it from{best}; "
                 "start this run with another --out (or move that folder away); nothing is overwritten.")
-    return None
+    return _not_a_run(folder)
 
 
 def _cannot_create(folder: Path) -> Optional[str]:
@@ -610,6 +613,23 @@ def _a_run_below(folder: Path) -> Optional[str]:
                   if holds_run(p.parent)), None)
     return inner and (f"{folder} holds the run directory {inner}; a run there would enclose it. Give this run an "
                       "--out of its own")
+
+
+# What a run directory holds besides the run's files (RUN_FILES, eval-*.json): TensorBoard's events, a damaged
+# results.json kept aside, the log of scripts/reproduce.py; and hidden files (temporary writes, .DS_Store).
+RUN_EXTRAS = (RUN_TENSORBOARD, "results.rejected*.json", "train.log", ".*")
+
+
+def _not_a_run(folder: Path) -> Optional[str]:
+    """The line for a folder that holds what no run writes (a user's files, a dataset, a home folder), or None: the
+    run's files would mix with them, and every run below it would lie inside a run."""
+    try:
+        others = sorted(p.name for p in folder.iterdir()
+                        if not (run_file_role(p.name) or any(fnmatch.fnmatch(p.name, x) for x in RUN_EXTRAS)))
+    except OSError:
+        return None                 # (no folder yet, or not one: the other checks name it)
+    return others and (f"{folder} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, which no run "
+                       "writes; give this run an --out of its own (a new or empty folder)")
 
 
 def _a_folder_in_the_way(folder: Path) -> Optional[str]:

@@ -134,6 +134,39 @@ def test_a_run_without_checkpoints_is_never_overwritten(dml_run, tmp_path):
     assert (out / "last.pt").exists()
 
 
+def test_a_folder_that_is_not_a_run_is_no_out(tmp_path):
+    """--out of a folder that holds what no run writes (a user's files, a home folder, a dataset's root) stops in one
+    line before anything is read or written: the run's files would mix with the user's, and every later run below
+    that folder would lie inside a run."""
+    home = tmp_path / "home"
+    (home / "datasets").mkdir(parents=True)
+    (home / "notes.txt").write_text("mine")
+    for more in ([], ["--resume", "auto"]):
+        with pytest.raises(UserError, match=f"^{home} holds datasets, notes.txt, which no run writes; give this run an "
+                                            r"--out of its own \(a new or empty folder\)$"):
+            train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(home)] + more)
+    assert sorted(p.name for p in home.iterdir()) == ["datasets", "notes.txt"]
+
+
+@pytest.mark.slow
+def test_a_run_directory_may_hold_what_runs_and_tools_write_there(dml_run, tmp_path):
+    """What a run directory holds besides the run's files does not make it another folder: TensorBoard's events,
+    scripts/reproduce.py's train.log, hidden files. A run continued into another --out (--resume PATH) is held
+    to the same rule as a new one."""
+    out = tmp_path / "run"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "train.log").write_text("reproduce.py's log")
+    (out / ".DS_Store").write_text("")
+    train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out)])
+    assert (out / "last.pt").is_file() and (out / "train.log").read_text() == "reproduce.py's log"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=f"^{mine} holds notes.txt, which no run writes"):
+        train(train_dml.DML, FAST + ["--resume", str(dml_run[0] / "last.pt"), "--out", str(mine)])
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.slow
 def test_eval_only_reproduces_best(dml_run, tmp_path):
     out, results = dml_run
