@@ -36,8 +36,9 @@ class DML(Method):
     @classmethod
     def check_args(cls, args):
         if "," in args.arch and args.topology == "shared":
-            raise UserError(f"--arch {args.arch} with --topology shared: shared-trunk peers have one architecture; "
-                            "use --topology independent or one name")
+            preset = f" (--preset {args.preset}'s)" if cls.presets[args.preset]["topology"] == "shared" else ""
+            raise UserError(f"--arch {args.arch} with --topology shared{preset}: shared-trunk peers have one "
+                            "architecture; use --topology independent or one name")
 
     def build(self):
         a = self.args

@@ -70,7 +70,8 @@ def test_cli_refusals_are_one_line(method, argv, capsys):
 
 @pytest.mark.parametrize("method,extra,expected", [
     (train_one.ONE, [], "share layers"),
-    (train_dml.DML, ["--preset", "mcl-okd", "--num-peers", "2"], "--topology shared"),
+    (train_dml.DML, ["--preset", "mcl-okd", "--num-peers", "2"], r"--topology shared \(--preset mcl-okd's\): "),
+    (train_dml.DML, ["--topology", "shared"], "--topology shared: shared-trunk"),   # (no preset named: it gave none)
     (train_dml.DML, ["--grouped-peers"], "different architectures"),
     (train_cmff.CMFF, [], "64x8x8 and 128x8x8"),
 ])
