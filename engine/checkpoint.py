@@ -9,11 +9,12 @@ this repository, on a machine without a GPU too.
 from __future__ import annotations
 
 import shlex
+import warnings
 from pathlib import Path
 
 import torch
 
-from data.files import checksummed, os_error_message, verified, write_atomically
+from data.files import RUN_CHECKPOINTS, checksummed, os_error_message, verified, write_atomically
 
 from .errors import UserError
 
@@ -50,15 +51,20 @@ def load_checkpoint(path: Path) -> dict:
     content no longer matches the checksum written with it) is a one-line UserError naming the path."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"checkpoint {path} is a folder, not a file; name the checkpoint in it ({path / 'last.pt'} "
-                        f"or {path / 'best.pt'}; to continue that run: --out {path} --resume auto)")
+        held = [str(path / name) for name in RUN_CHECKPOINTS if (path / name).is_file()]
+        resume = f"; to continue that run: --out {path} --resume auto" if (path / "last.pt").is_file() else ""
+        raise UserError(f"checkpoint {path} is a folder, not a file; " + (
+            f"name the checkpoint in it ({' or '.join(held)}{resume})" if held else
+            "it holds no checkpoint (last.pt, best.pt): name a checkpoint file"))
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is an empty file (0 bytes): a copy or a write that did not finish; "
                         + INSTEAD)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():    # (torch's warnings about a file it then refuses: the line below says it)
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, unsafe pickle...
         raise UserError(f"checkpoint {path} cannot be read: torch.load refused it ({type(e).__name__}), so it is "
                         "truncated, damaged or not a checkpoint of this repository; " + INSTEAD) from None

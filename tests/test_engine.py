@@ -287,8 +287,30 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_a_folder_given_as_a_checkpoint_names_the_files(tmp_path):
-    with pytest.raises(UserError, match="is a folder, not a file; name the checkpoint in it .*last.pt.* --resume auto"):
+    """A folder given as a checkpoint: the line names the checkpoints it holds, and the command that continues
+    the run only where there is a last.pt to continue."""
+    with pytest.raises(UserError, match=r"is a folder, not a file; it holds no checkpoint \(last.pt, best.pt\): name "
+                                        "a checkpoint file$"):
         load_checkpoint(tmp_path)
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=f"name the checkpoint in it \\({tmp_path / 'best.pt'}\\)$"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=f"in it \\({tmp_path / 'last.pt'} or {tmp_path / 'best.pt'}; to continue that "
+                                        f"run: --out {tmp_path} --resume auto\\)$"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_pickle_that_is_no_checkpoint_is_one_line_without_torchs_warning(tmp_path):
+    import pickle
+    import warnings
+    path = tmp_path / "last.pt"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=4))      # (torch warns of the protocol before it refuses it)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match="cannot be read: torch.load refused it"):
+            load_checkpoint(path)
+    assert not shown, [str(w.message) for w in shown]
 
 
 @pytest.mark.slow
