@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -101,8 +102,11 @@ def output_problem(path: Path, flag: str, force: bool, example: str,
         parent = parent.parent
     if not parent.is_dir():
         return f"{flag} {path}: {parent} is not a folder; choose another {flag}"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{flag} {path}: no permission to write in {parent}; choose another {flag}"
+    try:                 # a probe: os.access calls a virtual file system (/proc) or some network ones writable
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        return f"{flag}: {os_error_message(path, e, flag)}"
     return None
 
 

@@ -82,7 +82,7 @@ def _count_or_all(text: str) -> Optional[int]:
 _count_or_all.__name__ = "int"                   # argparse's "invalid int value: 'x'"
 
 
-def _archs(text: str) -> str:
+def arch_list(text: str) -> str:
     """``--arch``: one registered backbone name, or one per peer separated by commas."""
     from models import UnknownModelError, model_entry
     from models.peers import arch_names
@@ -174,7 +174,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     p = Parser(prog=script_name(method_cls), description=(method_cls.__doc__ or "").strip(),
                formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--arch", type=_archs, default="resnet32", metavar="NAME[,NAME...]",
+    g.add_argument("--arch", type=arch_list, default="resnet32", metavar="NAME[,NAME...]",
                    help="backbone; a comma list gives one architecture per peer (independent peers; its length "
                         f"is the number of peers). One of: {', '.join(list_models())}")
     if method_cls.num_peers is not None:

@@ -39,7 +39,7 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
 from engine import Method, Trainer, UserError, parse_args  # noqa: E402
 from engine.config import resolve  # noqa: E402
 from engine.method import load_method  # noqa: E402
-from engine.cli import (MAX_PEERS, HelpFormatter, Parser, non_negative_int, number, peer_count,  # noqa: E402
+from engine.cli import (MAX_PEERS, HelpFormatter, Parser, arch_list, non_negative_int, number, peer_count,  # noqa: E402
                         positive_int, process_count, run_tool)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
 
@@ -269,7 +269,7 @@ def write_json(path: Path, content: dict, force: bool) -> None:
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--method", default="dml", help="train_<method>.py to benchmark: dml, mcl_okd, one, okddip, ...")
-    p.add_argument("--arch", default="resnet32")
+    p.add_argument("--arch", type=arch_list, default="resnet32", help="backbone(s), as the training scripts' --arch")
     p.add_argument("--peers", type=number(int, at_least=1, at_most=MAX_PEERS, why="the training scripts' bound"),
                    default=None, help="--num-peers (default: the method's)")
     p.add_argument("--batch-size", type=number(int, at_least=1, at_most=SYNTHETIC_TRAIN,

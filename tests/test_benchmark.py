@@ -65,6 +65,8 @@ def test_benchmark_rejects_unknown_options(capsys, monkeypatch):
     assert refused(monkeypatch, capsys, "--device", "cpu", "--configs", "default,turbo").startswith(
         "error: unknown option(s) ['turbo'] in --configs")
     assert "names no configuration" in refused(monkeypatch, capsys, "--device", "cpu", "--configs", ",")
+    wrong_arch = refused(monkeypatch, capsys, "--arch", "resnet_nope")    # the benchmark's flag, not train_dml.py's
+    assert ": error: argument --arch: " in wrong_arch and not wrong_arch.startswith("train_dml.py"), wrong_arch
     assert refused(monkeypatch, capsys, "--method", "nope") == ("error: no train_nope.py: the methods are the "
                                                                 "train_<method>.py scripts")
     assert refused(monkeypatch, capsys, "--device", "cpu", "--method", "cmff", "--peers", "3") == (
@@ -100,6 +102,9 @@ def test_benchmark_json_is_checked_before_it_runs(capsys, monkeypatch, tmp_path)
         f"error: --json {existing / 'x.json'}: {existing} is not a folder")
     assert "give --json PATH too" in refused(monkeypatch, capsys, "--device", "cpu", "--force")
     assert existing.read_text() == "earlier rows\n"
+    if Path("/proc/self").is_dir():    # a virtual file system: os.access calls it writable, yet no file can be made
+        assert refused(monkeypatch, capsys, "--device", "cpu", "--json", "/proc/x.json").startswith(
+            "error: --json: cannot write /proc/x.json")
 
 
 def test_benchmark_json_in_missing_folders_is_written(capsys, monkeypatch, tmp_path):
