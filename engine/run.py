@@ -335,7 +335,7 @@ class Run:
             return
         record = self.folder / "results.json"
         recorded = read_record(record)
-        rebuilt = _in_line(recorded, ckpt)
+        rebuilt = _in_line(recorded, ckpt, lost=recorded is None and record.exists())
         if rebuilt is not recorded:
             kept = ""
             if recorded is None and record.exists():    # not a run's record (damaged, hand-edited): kept aside
@@ -750,7 +750,8 @@ def read_run(folder: Path) -> Optional[dict]:
     last = folder / "last.pt"
     if recorded and recorded.get("status") == "finished" and not _newer(last, folder / "results.json"):
         return recorded                                    # (no checkpoint to read: summaries stay fast)
-    rebuilt = _in_line(recorded, _readable_checkpoint(last))
+    lost = recorded is None and (folder / "results.json").exists()       # (damaged, or hand-edited into another shape)
+    rebuilt = _in_line(recorded, _readable_checkpoint(last), lost)
     if rebuilt is recorded or rebuilt.get("status") != "finished" or not rebuilt["best"]:
         return rebuilt
     best = rebuilt["best"]["epoch"]
@@ -758,7 +759,7 @@ def read_run(folder: Path) -> Optional[dict]:
         # stopped between the writes of last.pt and best.pt of the last epoch: not finished until a resume
         # rebuilds best.pt from last.pt (reproduce.py resumes it; an earlier best epoch cannot be rebuilt)
         ended = rebuilt["processes"][-1].get("status") if rebuilt["processes"] else None
-        rebuilt = {**rebuilt, "status": ended if ended in ("interrupted", "failed") else "killed",
+        rebuilt = {**rebuilt, "status": ended if ended in ("interrupted", "failed", "unknown") else "killed",
                    "reason": f"its process ended before best.pt held the best epoch ({rebuilt['best']['epoch']}); "
                              "--resume auto rebuilds it"}
     return rebuilt
@@ -771,21 +772,21 @@ def _newer(path: Path, than: Path) -> bool:
         return False
 
 
-def _in_line(recorded: Optional[dict], ckpt: Optional[dict]) -> Optional[dict]:
+def _in_line(recorded: Optional[dict], ckpt: Optional[dict], lost: bool = False) -> Optional[dict]:
     """The record of a run no live process holds: ``recorded`` when it lists every epoch of the checkpoint
     ``ckpt`` ('killed' if it still says 'running'), else the checkpoint's own record (its processes merged with
     results.json's): 'finished' when it holds every epoch, else how its last process ended where results.json
-    says (interrupted, failed), else 'killed'."""
+    says (interrupted, failed), 'unknown' where results.json could not be read (``lost``), else 'killed'."""
     if recorded is not None and recorded.get("status") == "running":
         recorded = {**recorded, "status": "killed"}        # its process died without a word (SIGKILL, power)
     same_run = recorded is not None and ckpt is not None and recorded.get("run_id") == ckpt.get("run_id")
     if ckpt is None or (same_run and recorded.get("epochs_done", 0) >= ckpt["epoch"]) or "selection" not in ckpt:
         return recorded   # (a checkpoint of an older version holds no record to rebuild from)
     processes = merge_processes(ckpt.get("processes", []), recorded.get("processes") if same_run else None,
-                                ckpt["args"]["epochs"])
+                                ckpt["args"]["epochs"], lost)
     ended = processes[-1].get("status") if processes else None      # how the last process ended, if recorded
     return results_of({**ckpt, "processes": processes}, "finished" if ckpt["epoch"] >= ckpt["args"]["epochs"]
-                      else ended if ended in ("interrupted", "failed") else "killed")
+                      else ended if ended in ("interrupted", "failed", "unknown") else "killed")
 
 
 def _stamp_or_none(path: Path) -> Optional[tuple]:
@@ -846,7 +847,7 @@ _KILLED = "the process ended without recording it (SIGKILL, out of memory or pow
 
 
 def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequence[dict]],
-                    epochs: Optional[int] = None) -> list[dict]:
+                    epochs: Optional[int] = None, lost: bool = False) -> list[dict]:
     """The processes of a run being resumed: the checkpoint's list, with each entry replaced by the one
     ``results.json`` holds unless that one counts fewer epochs (results.json is written after the checkpoint,
     with the process's end; a kill between the two leaves it behind, and so does a failed best.pt write after
@@ -856,7 +857,8 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
     trained them keeps the checkpoint's count and times, with how it ended and a note; one that only trained
     them is left out. An entry still 'running' belongs to a process that ended without writing its end: it
     becomes 'finished' if it saved the run's last epoch (of ``epochs``), as a process stopped by a signal at
-    that point is, else 'killed' (SIGKILL, out of memory, power loss)."""
+    that point is, else 'killed' (SIGKILL, out of memory, power loss), or 'unknown' when ``lost``: the
+    results.json that would say how it ended could not be read (damaged, hand-edited)."""
     def key(p: Mapping) -> tuple:     # (the start to the microsecond: two starts in one second are two processes)
         return p.get("host"), p.get("pid"), p.get("started_unix", p.get("started"))
     merged = {key(p): dict(p) for p in from_checkpoint}
@@ -880,6 +882,9 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
             p.update(status="finished", ended=p.get("updated"),
                      note="it saved the run's last epoch; how it ended was not recorded (times are as of its "
                           "last write)")
+        elif p.get("status") == "running" and lost:
+            p.update(status="unknown", ended=None, reason="how it ended was recorded in a results.json that could "
+                                                          "not be read; times are as of its last write")
         elif p.get("status") == "running":
             p.update(status="killed", ended=None, reason=_KILLED + "; times are as of its last write")
     return processes

@@ -1373,6 +1373,26 @@ def test_a_results_json_of_the_wrong_shape_is_no_record(run, tmp_path, capsys, e
     assert not runs and len(bad) == 1 and bad[0][1].startswith(problem)
 
 
+@pytest.mark.slow
+def test_a_damaged_record_is_rebuilt_without_guessing_how_its_processes_ended(tmp_path):
+    """Only results.json says how a process that saved epochs ended (here: Ctrl-C); last.pt's copy of the record
+    was written while it still ran. A damaged results.json rebuilt from last.pt calls that end 'unknown', not
+    'killed' (it was not killed), in read_run and in the record the resume rebuilds."""
+    from engine.run import read_run
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted(DML, 1), TINY + ["--epochs", "3", "--out", str(out)])
+    assert [p["status"] for p in json.loads((out / "results.json").read_text())["processes"]] == ["interrupted"]
+    (out / "results.json").write_text('{"status": "interr')
+    record = read_run(out)
+    assert (record["status"], [p["status"] for p in record["processes"]]) == ("unknown", ["unknown"])
+    assert record["processes"][0]["reason"].startswith("how it ended was recorded in a results.json that could not")
+    train(DML, TINY + ["--epochs", "3", "--out", str(out), "--resume", "auto"])
+    done = json.loads((out / "results.json").read_text())
+    assert (done["status"], [p["status"] for p in done["processes"]]) == ("finished", ["unknown", "finished"])
+    assert (out / "results.rejected.json").read_text() == '{"status": "interr'
+
+
 def test_a_finished_run_resumed_into_another_out_writes_nothing_there(run, tmp_path, capsys):
     elsewhere = tmp_path / "elsewhere"
     train(DML, EVAL + ["--resume", str(run / "last.pt"), "--out", str(elsewhere)])
