@@ -31,6 +31,7 @@ submitit; a task that is pre-empted or reaches its time limit is re-queued and c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import os
 import re
@@ -258,6 +259,7 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
             queue.append((run, state))
     procs: dict[subprocess.Popen, tuple] = {}
     free = list(slots)
+    made: set[Path] = set()        # run folders made here (for train.log): removed if a failed run left them empty
     try:
         while queue or procs:
             while queue and free:
@@ -281,6 +283,8 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
                 cmd = run.command(python, args)
                 stream = None
                 try:
+                    if not run.out.exists():
+                        made.add(run.out)
                     run.out.mkdir(parents=True, exist_ok=True)
                     if len(slots) > 1:
                         stream = open(run.out / "train.log", "a")
@@ -310,6 +314,9 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
                     log(f"skip (busy: another process took it first): {display_path(run.out)}")
                 else:
                     outcome["failed"].append(run)
+                    if run.out in made:
+                        with contextlib.suppress(OSError):    # (only an empty folder: a train.log stays)
+                            run.out.rmdir()
                     where = f"; its output is in {display_path(run.out / 'train.log')}" if stream else ""
                     log(f"FAILED (exit {proc.returncode}): {display_path(run.out)}{where}")
     except KeyboardInterrupt:
@@ -642,7 +649,6 @@ def repeated_seeds(seeds: Sequence[int]) -> Optional[str]:
 def check_extra(runs: Sequence[Run], extra: Sequence[str], text: str) -> Optional[str]:
     """One line when ``--extra`` does not parse for a run's script, sets what reproduce.py sets per run, or
     conflicts with a cell's flags; None when every built run takes it."""
-    import contextlib
     import io
     from engine.errors import UserError
     for run in runs:

@@ -494,6 +494,20 @@ def test_unwritable_runs_dir_is_one_line(tmp_path, capsys, monkeypatch):
     assert outcome["failed"] == [run] and lines == [f"FAILED (cannot write {a_file / 'r'}: Not a directory): {a_file / 'r'}"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_run_that_fails_before_it_starts_leaves_no_empty_folder(tmp_path, jobs):
+    """A run that stops before writing anything (here: its dataset is missing) leaves no empty run folder behind;
+    with several jobs its folder keeps the train.log that says why."""
+    runs = [reproduce.Run("t", "baseline-resnet20", "train_baseline.py", ["--arch", "resnet20", "--data",
+                                                                           str(tmp_path / "no_data"), "--gpu", "-1"],
+                          0, tmp_path / "runs" / f"r{i}", []) for i in range(jobs)]
+    outcome = reproduce.run_local(runs, jobs=jobs, log=lambda *_: None)
+    assert sorted(r.out for r in outcome["failed"]) == [r.out for r in runs]
+    for run in runs:
+        assert (sorted(p.name for p in run.out.iterdir()) == ["train.log"]) if jobs > 1 else not run.out.exists()
+
+
 # ---- a run folder that holds a run trained with other flags ------------------------------------------------------
 def engine_record(run: reproduce.Run, extra=(), epochs_done=None) -> dict:
     """results.json as the engine writes it for ``run`` trained with ``extra`` (its resolved arguments)."""
