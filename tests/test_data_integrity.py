@@ -539,7 +539,8 @@ def test_main_prints_a_bad_dataset_as_one_line(tmp_path, capsys):
     bad = root / "train" / "n00000100" / "images" / "n00000100_0.JPEG"
     bad.write_bytes(truncated_jpeg())
     with pytest.raises(SystemExit) as exit_:
-        main(train_dml.DML, ["--dataset", "tinyimagenet", "--data", str(root), "--gpu", "-1", "--out", str(tmp_path)])
+        main(train_dml.DML, ["--dataset", "tinyimagenet", "--data", str(root), "--gpu", "-1", "--out",
+                             str(tmp_path / "run")])    # (not tmp_path, which holds the dataset: no run's own folder)
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "\n" not in err and str(bad) in err and err.startswith("error: dataset")
     assert issubclass(BadDatasetError, DatasetError) and issubclass(DatasetNotFoundError, DatasetError)
