@@ -170,8 +170,8 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     from data import DATASET_NAMES
     from models import list_models
 
-    from .method import script_name
-    p = Parser(prog=script_name(method_cls), description=(method_cls.__doc__ or "").strip(),
+    from .method import script_path
+    p = Parser(prog=Path(script_path(method_cls)).name, description=(method_cls.__doc__ or "").strip(),
                formatter_class=HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--arch", type=arch_list, default="resnet32", metavar="NAME[,NAME...]",

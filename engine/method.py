@@ -70,17 +70,12 @@ def _name_from_file(module_name: str) -> Optional[str]:
     return stem if module_name == "__main__" else None
 
 
-def script_name(method_cls) -> str:
-    """The file name of the script that defines ``method_cls`` (``train_dml.py``): its command line's name."""
-    return Path(method_cls.script).name if method_cls.script else f"train_{method_cls.name}.py"
-
-
 def script_path(method_cls) -> str:
     """The script that defines ``method_cls`` as a command run from the current directory names it, and as a
     run's record holds it: relative to that directory when the script lies under it (``train_dml.py`` in the
     repository's root), else absolute."""
     if not method_cls.script:
-        return script_name(method_cls)
+        return f"train_{method_cls.name}.py"
     path = Path(method_cls.script).absolute()
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 

@@ -80,14 +80,8 @@ class Run:
         self.lock: Optional[RunLock] = None
         self.saved: Optional[Path] = None        # the checkpoint that holds the recorded epochs (resumed: its own)
         self.tag = config.tag                   # the run's label (--tag); continued in its folder: kept unless given
-
-    @property
-    def script(self) -> str:
-        return script_path(self.method_cls)
-
-    @property
-    def command(self) -> str:
-        return shlex.join([self.script] + self.argv)
+        self.script = script_path(method_cls)   # as the command that runs it names it
+        self.command = shlex.join([self.script] + self.argv)
 
     def log(self, text: str) -> None:
         if self.is_main:
@@ -126,8 +120,8 @@ class Run:
             if self.config.resume == "auto":
                 self._refuse_a_sibling_run()
             return None
-        if ckpt is None or _stamp_or_none(resume) != stamp:
-            stamp = _stamp_or_none(resume)          # (taken before the read: a later write changes it)
+        if ckpt is None or file_stamp(resume) != stamp:
+            stamp = file_stamp(resume)              # (taken before the read: a later write changes it)
             ckpt = load_checkpoint(resume)
         self.read = (resume, stamp, ckpt)
         check_saved_by(ckpt, resume, self.method_cls.name, "resume")
@@ -789,17 +783,13 @@ def _in_line(recorded: Optional[dict], ckpt: Optional[dict], lost: bool = False)
                       else ended if ended in ("interrupted", "failed", "unknown") else "killed")
 
 
-def _stamp_or_none(path: Path) -> Optional[tuple]:
-    """:func:`file_stamp`, or None for a file that is gone (it is then read again, and named if missing)."""
+def file_stamp(path: Path) -> Optional[tuple]:
+    """What tells a file from the one written in its place (an atomic write makes a new inode); None for a file
+    that is gone (it is then read again, and named if missing)."""
     try:
-        return file_stamp(path)
+        stat = Path(path).stat()
     except OSError:
         return None
-
-
-def file_stamp(path: Path) -> tuple:
-    """What tells a file from the one written in its place (an atomic write makes a new inode)."""
-    stat = Path(path).stat()
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 

@@ -68,7 +68,7 @@ class Trainer:
         # trained or evaluated as its checkpoint was (--resume auto: the run's folder is known here only with --out)
         source = args.eval_only or resume_path(args.resume, args.out)
         if source:
-            self.ckpt_stamp = file_stamp(source) if Path(source).is_file() else None   # stamped before it is read
+            self.ckpt_stamp = file_stamp(source)               # stamped before it is read
             self.ckpt = ckpt = load_checkpoint(source)     # a missing or damaged file: one line naming it
             check_saved_by(ckpt, source, method_cls.name, "evaluate" if args.eval_only else "resume")
             args = from_checkpoint(method_cls, args, argv, ckpt, Path(source), bool(args.eval_only))
