@@ -368,11 +368,11 @@ def warn_unused_schedule_flags(args: argparse.Namespace, given: dict) -> None:
 
 
 def resume_path(resume: Optional[str], folder: Optional[str]) -> Optional[Path]:
-    """The checkpoint ``--resume`` names: PATH, or for 'auto' the last.pt of ``folder`` if it has one (None:
-    a new run, or no folder known yet)."""
+    """The checkpoint ``--resume`` names, as an absolute path (the run's folder is one): PATH, or for 'auto' the
+    last.pt of ``folder`` if it has one (None: a new run, or no folder known yet)."""
     if resume != "auto":
-        return Path(resume) if resume else None
-    last = Path(folder) / "last.pt" if folder else None
+        return Path(resume).absolute() if resume else None
+    last = Path(folder).absolute() / "last.pt" if folder else None
     return last if last and os.path.isfile(last) else None      # (no OSError: a name too long is no file)
 
 

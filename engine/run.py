@@ -109,7 +109,7 @@ class Run:
         resume = resume_path(self.config.resume, self.folder)
         if resume is None:
             problem = problem or new_run_problem(self.folder)
-        elif resume.absolute().parent != self.folder:     # (continued into another folder: it must not hold runs)
+        elif resume.parent != self.folder:     # (continued into another folder: it must not hold runs)
             problem = (problem or _a_folder_in_the_way(self.folder) or _a_run_below(self.folder)
                        or _not_a_run(self.folder))
         else:
@@ -191,7 +191,7 @@ class Run:
             # (a finished run "resumed" into another --out changes nothing, there or here)
             self._repair_best(resume, ckpt)
             self._repair_record(resume, ckpt)
-        if self.tag is None and resume.absolute().parent == self.folder:   # (a copy in a new --out: another run)
+        if self.tag is None and resume.parent == self.folder:   # (a copy in a new --out: another run)
             self.tag = ckpt["args"].get("tag")
         if self.done_after(ckpt["epoch"]):
             self.log(f"{resume}: the run is already finished ({ckpt['epoch']} of {self.config.epochs} epochs); "

@@ -1393,6 +1393,18 @@ def test_a_damaged_record_is_rebuilt_without_guessing_how_its_processes_ended(tm
     assert (out / "results.rejected.json").read_text() == '{"status": "interr'
 
 
+def test_a_run_resumed_by_a_relative_path_to_its_last_pt_is_repaired_in_its_folder(run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """--resume runs/x/last.pt, relative to the current directory, is the run's own folder as --resume auto is:
+    a results.json lost there is rebuilt (the relative path once failed to match the folder, so nothing was)."""
+    shutil.copytree(run, tmp_path / "runs" / "x")
+    (tmp_path / "runs" / "x" / "results.json").unlink()
+    monkeypatch.chdir(tmp_path)
+    train(DML, EVAL + ["--resume", "runs/x/last.pt"])
+    assert "results.json was missing: rebuilt from last.pt" in capsys.readouterr().out
+    assert json.loads((tmp_path / "runs" / "x" / "results.json").read_text())["status"] == "finished"
+
+
 def test_a_finished_run_resumed_into_another_out_writes_nothing_there(run, tmp_path, capsys):
     elsewhere = tmp_path / "elsewhere"
     train(DML, EVAL + ["--resume", str(run / "last.pt"), "--out", str(elsewhere)])
