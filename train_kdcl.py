@@ -121,8 +121,10 @@ class KDCL(Method):
     @classmethod
     def add_arguments(cls, parser):
         parser.add_argument("--ensemble", choices=ENSEMBLES, default="minlogit", help="how the soft target is made")
-        parser.add_argument("--kd-T", type=temperature, default=None, help="temperature T (default: 4 on ImageNet, else 2)")
-        parser.add_argument("--kd-lambda", type=non_negative, default=1.0, help="weight lambda of the distillation term")
+        parser.add_argument("--kd-T", type=temperature, default=None,
+                            help="temperature T (default: 4 on ImageNet, else 2)")
+        parser.add_argument("--kd-lambda", type=non_negative, default=1.0,
+                            help="weight lambda of the distillation term")
         parser.add_argument("--same-view", action="store_true",
                             help="ablation: every student sees the same augmented image (no per-student views)")
 

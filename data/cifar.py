@@ -76,8 +76,8 @@ def load_cifar(name: str, data=None, download: bool = False) -> tuple[ArraySplit
         bad = _checksum_mismatches(cls, target) if root is not None else []
         if root is None or bad:
             if bad:
-                print(f"{name}: {len(bad)} file(s) differ from the published MD5 ({', '.join(p.name for p, _ in bad)}); "
-                      f"fetching {cls.filename} again", flush=True)
+                print(f"{name}: {len(bad)} file(s) differ from the published MD5 "
+                      f"({', '.join(p.name for p, _ in bad)}); fetching {cls.filename} again", flush=True)
             download_or_explain(name, target, lambda: datasets.utils.download_and_extract_archive(
                 cls.url, str(target), filename=cls.filename, md5=cls.tgz_md5))
             root = target if _files_present(cls, target) else None

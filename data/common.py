@@ -236,7 +236,7 @@ def download_or_explain(name: str, target, fetch) -> None:
     created = None if created.exists() else created     # the topmost folder this download would create
     try:
         fetch()
-    except BaseException as e:  # noqa: BLE001 -- urllib, ssl, OSError, torchvision's RuntimeError: all the same to the user
+    except BaseException as e:  # noqa: BLE001 -- urllib, ssl, OSError, torchvision's RuntimeError: all one to the user
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         if not isinstance(e, Exception):   # Ctrl-C: cleaned up, and still an interruption

@@ -141,7 +141,8 @@ class Method:
                                         # temporal means): moved to the device and checkpointed with the model
     groupable_peers: bool = True        # False when the method reaches into the peers' layers (--grouped-peers)
     mixed_archs: bool = False           # True: independent peers that may differ in architecture (--arch a,b)
-    needs_every_class: bool = False     # True: the loss needs training samples of every class (a --subset leaving one out is refused)
+    needs_every_class: bool = False     # True: the loss needs training samples of every class (a --subset leaving
+                                        # one out is refused)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
