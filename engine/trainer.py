@@ -120,7 +120,7 @@ class Trainer:
         if args.cuda_graph:
             from .cuda_graph import GraphedStep
             self.graphed = GraphedStep(self._step, list(self.optimizers.values()), self.device)
-        self.best_head = args.best_metric or method_cls.best_metric
+        self.best_head = method_cls.best_metric if args.best_metric is None else args.best_metric
         archs = ({f"peer{i + 1}": n for i, n in enumerate(peer_archs(args.arch, args.num_peers))}
                  if method_cls.num_peers is not None else None)
         self.run.describe(("val" if self.loaders.val is not None else "test", f"{self.best_head}/top1"),

@@ -134,6 +134,17 @@ def test_a_run_without_checkpoints_is_never_overwritten(dml_run, tmp_path):
     assert (out / "last.pt").exists()
 
 
+@pytest.mark.parametrize("head", ["nope", ""])
+def test_best_metric_names_an_evaluated_head(head, tmp_path):
+    """--best-metric chooses best.pt by one head's top-1: a name the method does not evaluate, the empty one
+    included (it once meant the default), stops the run in one line naming the heads, and nothing is written."""
+    with pytest.raises(UserError, match=f"^--best-metric '{head}' is not an evaluated head; choose one of: peer1, "
+                                        "peer2, ensemble$"):
+        train(train_dml.DML, FAST + ["--epochs", "1", "--subset", "64", "--best-metric", head, "--out",
+                                     str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_folder_that_is_not_a_run_is_no_out(tmp_path):
     """--out of a folder that holds what no run writes (a user's files, a home folder, a dataset's root) stops in one
     line before anything is read or written: the run's files would mix with the user's, and every later run below
