@@ -106,7 +106,7 @@ class Run:
         problem = self._inside_a_run() or inside_the_classes(self.config.dataset, self.config.data, self.folder)
         if before_lock and not problem:
             self._refuse_an_unusable_folder(lock=True)
-        resume = resume_path(self.config.resume, self.folder)
+        resume = self._resume()
         if resume is None:
             problem = problem or new_run_problem(self.folder)
         elif resume.parent != self.folder:     # (continued into another folder: it must not hold runs)
@@ -143,6 +143,15 @@ class Run:
                             f"later ones. Give another --out to continue {resume}")
         return ckpt
 
+    def _resume(self) -> Optional[Path]:
+        """The checkpoint --resume names (:func:`resume_path`), spelled as a file of this folder wherever it lies in
+        it under another name (``runs/x/../x/last.pt``, a link to the folder): one folder, one spelling."""
+        resume = resume_path(self.config.resume, self.folder)
+        with contextlib.suppress(OSError):          # (no such folder yet: it is another one)
+            if resume is not None and os.path.samefile(resume.parent, self.folder):
+                return self.folder / resume.name
+        return resume
+
     def _refuse_an_unusable_folder(self, lock: bool) -> None:
         """Rank 0 finds whether the folder cannot be created (:func:`_cannot_create`) or, with ``lock``, another
         process holds it (:meth:`RunLock.check_free`); every rank stops with its line."""
@@ -176,7 +185,7 @@ class Run:
         checkpoint it read if the file is unchanged) and against the data: None for a new run, else the checkpoint
         to continue from. Repairs what a kill left behind (best.pt, results.json)."""
         self._lock()
-        resume = resume_path(self.config.resume, self.folder)
+        resume = self._resume()
         path, stamp, ckpt = self.read
         ckpt = self.check(ckpt if path == resume else None, stamp, before_lock=False)
         if ckpt is not None:
@@ -256,8 +265,9 @@ class Run:
         """Start this process's entry in the record, after the loop has loaded ``ckpt`` (None: a new run)."""
         if ckpt is not None:
             self.run_id = ckpt.get("run_id", self.run_id)
+            source = self.saved.parent / "results.json"    # (damaged: how its processes ended is not known)
             self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes(),
-                                             ckpt["args"]["epochs"])
+                                             ckpt["args"]["epochs"], source.exists() and read_record(source) is None)
             stale = self.lock.stale if self.lock else None
             if stale and not any(_holder_of(stale, p) for p in self.processes):
                 # the holder of a stale lock that saved no epoch (killed in its first one): known from its lock only
@@ -610,20 +620,23 @@ def _a_run_below(folder: Path) -> Optional[str]:
 
 
 # What a run directory holds besides the run's files (RUN_FILES, eval-*.json): TensorBoard's events, a damaged
-# results.json kept aside, the log of scripts/reproduce.py; and hidden files (temporary writes, .DS_Store).
-RUN_EXTRAS = (RUN_TENSORBOARD, "results.rejected*.json", "train.log", ".*")
+# results.json kept aside, logs (reproduce.py's train.log, a shell's `> out.log`, SLURM's slurm-<job>.out), and
+# hidden files (temporary writes, .DS_Store). Matched as run_file_role matches: case-insensitively.
+RUN_EXTRAS = (RUN_TENSORBOARD, "results.rejected*.json", "*.log", "*.out", "*.err", ".*")
 
 
 def _not_a_run(folder: Path) -> Optional[str]:
     """The line for a folder that holds what no run writes (a user's files, a dataset, a home folder), or None: the
     run's files would mix with them, and every run below it would lie inside a run."""
     try:
-        others = sorted(p.name for p in folder.iterdir()
-                        if not (run_file_role(p.name) or any(fnmatch.fnmatch(p.name, x) for x in RUN_EXTRAS)))
+        others = sorted(p.name for p in folder.iterdir() if not (
+            run_file_role(p.name) or any(fnmatch.fnmatch(p.name.lower(), x) for x in RUN_EXTRAS)))
     except OSError:
         return None                 # (no folder yet, or not one: the other checks name it)
-    return others and (f"{folder} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, which no run "
-                       "writes; give this run an --out of its own (a new or empty folder)")
+    if not others:
+        return None
+    return (f"{folder} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, which no run writes; give "
+            "this run an --out of its own (a new folder, or one that holds only logs: *.log, *.out, *.err)")
 
 
 def _a_folder_in_the_way(folder: Path) -> Optional[str]:

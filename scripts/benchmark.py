@@ -178,8 +178,8 @@ def trainer_argv(method_cls, args, extra: list[str]) -> list[str]:
     argv = ["--dataset", "synthetic", "--arch", args.arch, "--batch-size", str(args.batch_size),
             "--gpu", "0" if args.device.type == "cuda" else "-1", "--no-progress", "--epochs", "1000",
             "--subset", str(args.batch_size * steps_per_epoch), "--lr", "0.05"]
-    if method_cls.num_peers is not None:
-        argv += ["--num-peers", str(args.peers or method_cls.num_peers)]
+    if args.peers is not None and method_cls.num_peers is not None:     # (else the method's, or an --arch list's)
+        argv += ["--num-peers", str(args.peers)]
     return argv + args.method_args.split() + extra
 
 

@@ -154,7 +154,8 @@ def test_a_folder_that_is_not_a_run_is_no_out(tmp_path):
     (home / "notes.txt").write_text("mine")
     for more in ([], ["--resume", "auto"]):
         with pytest.raises(UserError, match=f"^{home} holds datasets, notes.txt, which no run writes; give this run an "
-                                            r"--out of its own \(a new or empty folder\)$"):
+                                            r"--out of its own \(a new folder, or one that holds only logs: "
+                                            r"\*.log, \*.out, \*.err\)$"):
             train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(home)] + more)
     assert sorted(p.name for p in home.iterdir()) == ["datasets", "notes.txt"]
 
@@ -162,14 +163,16 @@ def test_a_folder_that_is_not_a_run_is_no_out(tmp_path):
 @pytest.mark.slow
 def test_a_run_directory_may_hold_what_runs_and_tools_write_there(dml_run, tmp_path):
     """What a run directory holds besides the run's files does not make it another folder: TensorBoard's events,
-    scripts/reproduce.py's train.log, hidden files. A run continued into another --out (--resume PATH) is held
-    to the same rule as a new one."""
+    a damaged results.json kept aside, logs (scripts/reproduce.py's train.log, a shell's redirection, SLURM's
+    output), hidden files; named in any case. A run continued into another --out (--resume PATH) is held to the
+    same rule as a new one."""
     out = tmp_path / "run"
-    (out / "tensorboard").mkdir(parents=True)
-    (out / "train.log").write_text("reproduce.py's log")
-    (out / ".DS_Store").write_text("")
+    (out / "TensorBoard").mkdir(parents=True)
+    logs = ["train.log", "slurm-123.out", "job.ERR", "results.rejected-2.json", ".DS_Store"]
+    for name in logs:
+        (out / name).write_text(name)
     train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(out)])
-    assert (out / "last.pt").is_file() and (out / "train.log").read_text() == "reproduce.py's log"
+    assert (out / "last.pt").is_file() and all((out / name).read_text() == name for name in logs)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")

@@ -1387,20 +1387,28 @@ def test_a_damaged_record_is_rebuilt_without_guessing_how_its_processes_ended(tm
     record = read_run(out)
     assert (record["status"], [p["status"] for p in record["processes"]]) == ("unknown", ["unknown"])
     assert record["processes"][0]["reason"].startswith("how it ended was recorded in a results.json that could not")
+    elsewhere = tmp_path / "elsewhere"     # continued into another --out: the same record of the earlier process
+    train(DML, TINY + ["--epochs", "3", "--resume", str(out / "last.pt"), "--out", str(elsewhere)])
+    copied = json.loads((elsewhere / "results.json").read_text())
+    assert [p["status"] for p in copied["processes"]] == ["unknown", "finished"]
     train(DML, TINY + ["--epochs", "3", "--out", str(out), "--resume", "auto"])
     done = json.loads((out / "results.json").read_text())
     assert (done["status"], [p["status"] for p in done["processes"]]) == ("finished", ["unknown", "finished"])
     assert (out / "results.rejected.json").read_text() == '{"status": "interr'
 
 
-def test_a_run_resumed_by_a_relative_path_to_its_last_pt_is_repaired_in_its_folder(run, tmp_path, monkeypatch,
-                                                                                   capsys):
-    """--resume runs/x/last.pt, relative to the current directory, is the run's own folder as --resume auto is:
-    a results.json lost there is rebuilt (the relative path once failed to match the folder, so nothing was)."""
+@pytest.mark.parametrize("resume, out", [("runs/x/last.pt", None), ("runs/x/../x/last.pt", "runs/x"),
+                                         ("link/last.pt", "runs/x")])
+def test_a_run_resumed_by_another_spelling_of_its_last_pt_is_repaired_in_its_folder(run, tmp_path, monkeypatch,
+                                                                                      capsys, resume, out):
+    """--resume of the run's own last.pt, spelled relative to the current directory, through '..' or through a
+    link to the folder, is the run's own folder as --resume auto is: a results.json lost there is rebuilt, with
+    the run's tag (each of these spellings once failed to match the folder, so nothing was)."""
     shutil.copytree(run, tmp_path / "runs" / "x")
+    (tmp_path / "link").symlink_to(tmp_path / "runs" / "x")
     (tmp_path / "runs" / "x" / "results.json").unlink()
     monkeypatch.chdir(tmp_path)
-    train(DML, EVAL + ["--resume", "runs/x/last.pt"])
+    train(DML, EVAL + ["--resume", resume] + (["--out", out] if out else []))
     assert "results.json was missing: rebuilt from last.pt" in capsys.readouterr().out
     assert json.loads((tmp_path / "runs" / "x" / "results.json").read_text())["status"] == "finished"
 
