@@ -112,6 +112,8 @@ class Run:
         elif resume.parent != self.folder:     # (continued into another folder: it must not hold runs)
             problem = (problem or _a_folder_in_the_way(self.folder) or _a_run_below(self.folder)
                        or _not_a_run(self.folder))
+        elif not holds_run(self.folder):                 # (the checkpoint's own folder, which is no run's yet)
+            problem = problem or _a_folder_in_the_way(self.folder) or _not_a_run(self.folder, resume.name)
         else:
             problem = problem or _a_folder_in_the_way(self.folder)
         if problem:
@@ -625,11 +627,12 @@ def _a_run_below(folder: Path) -> Optional[str]:
 RUN_EXTRAS = (RUN_TENSORBOARD, "results.rejected*.json", "*.log", "*.out", "*.err", ".*")
 
 
-def _not_a_run(folder: Path) -> Optional[str]:
-    """The line for a folder that holds what no run writes (a user's files, a dataset, a home folder), or None: the
-    run's files would mix with them, and every run below it would lie inside a run."""
+def _not_a_run(folder: Path, checkpoint: str = "") -> Optional[str]:
+    """The line for a folder that holds what no run writes (a user's files, a dataset, a home folder) besides the
+    ``checkpoint`` resumed there, or None: the run's files would mix with them, and every run below it would lie
+    inside a run."""
     try:
-        others = sorted(p.name for p in folder.iterdir() if not (
+        others = sorted(p.name for p in folder.iterdir() if p.name != checkpoint and not (
             run_file_role(p.name) or any(fnmatch.fnmatch(p.name.lower(), x) for x in RUN_EXTRAS)))
     except OSError:
         return None                 # (no folder yet, or not one: the other checks name it)

@@ -69,7 +69,7 @@ def test_benchmark_rejects_unknown_options(capsys, monkeypatch):
     monkeypatch.setattr(engine.Trainer, "__init__", lambda *a, **k: pytest.fail("a trainer was built"))
     assert refused(monkeypatch, capsys, "--device", "cpu", "--method", "cmff", "--arch", "resnet20,resnet20,resnet20"
                    ).endswith("--arch lists 3 architectures, but the number of peers must be 2; got 3 (the number of "
-                              "peers cmff trains) (--help lists the options)")     # (no --num-peers the user never gave)
+                              "peers cmff trains) (--help lists the options)")     # (not of a --num-peers never given)
     wrong_arch = refused(monkeypatch, capsys, "--arch", "resnet_nope")    # the benchmark's flag, not train_dml.py's
     assert ": error: argument --arch: " in wrong_arch and not wrong_arch.startswith("train_dml.py"), wrong_arch
     assert refused(monkeypatch, capsys, "--method", "nope") == ("error: no train_nope.py: the methods are the "

@@ -153,8 +153,8 @@ def test_a_folder_that_is_not_a_run_is_no_out(tmp_path):
     (home / "datasets").mkdir(parents=True)
     (home / "notes.txt").write_text("mine")
     for more in ([], ["--resume", "auto"]):
-        with pytest.raises(UserError, match=f"^{home} holds datasets, notes.txt, which no run writes; give this run an "
-                                            r"--out of its own \(a new folder, or one that holds only logs: "
+        with pytest.raises(UserError, match=f"^{home} holds datasets, notes.txt, which no run writes; give this run "
+                                            r"an --out of its own \(a new folder, or one that holds only logs: "
                                             r"\*.log, \*.out, \*.err\)$"):
             train(train_dml.DML, FAST + ["--epochs", "1", "--out", str(home)] + more)
     assert sorted(p.name for p in home.iterdir()) == ["datasets", "notes.txt"]
@@ -179,6 +179,10 @@ def test_a_run_directory_may_hold_what_runs_and_tools_write_there(dml_run, tmp_p
     with pytest.raises(UserError, match=f"^{mine} holds notes.txt, which no run writes"):
         train(train_dml.DML, FAST + ["--resume", str(dml_run[0] / "last.pt"), "--out", str(mine)])
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (mine / "downloaded.pt").write_bytes((dml_run[0] / "last.pt").read_bytes())   # continued where it lies: the same
+    with pytest.raises(UserError, match=f"^{mine} holds notes.txt, which no run writes"):
+        train(train_dml.DML, FAST + ["--resume", str(mine / "downloaded.pt"), "--epochs", "4", "--extend-epochs"])
+    assert sorted(p.name for p in mine.iterdir()) == ["downloaded.pt", "notes.txt"]
 
 
 @pytest.mark.slow
@@ -310,8 +314,8 @@ def test_a_folder_given_as_a_checkpoint_names_the_files(tmp_path):
     with pytest.raises(UserError, match=f"name the checkpoint in it \\({tmp_path / 'best.pt'}\\)$"):
         load_checkpoint(tmp_path)
     (tmp_path / "last.pt").write_bytes(b"")
-    with pytest.raises(UserError, match=f"in it \\({tmp_path / 'last.pt'} or {tmp_path / 'best.pt'}; to continue that "
-                                        f"run: --out {tmp_path} --resume auto\\)$"):
+    with pytest.raises(UserError, match=f"in it \\({tmp_path / 'last.pt'} or {tmp_path / 'best.pt'}; to continue "
+                                        f"that run: --out {tmp_path} --resume auto\\)$"):
         load_checkpoint(tmp_path)
 
 
