@@ -1402,8 +1402,8 @@ def test_a_damaged_record_is_rebuilt_without_guessing_how_its_processes_ended(tm
 def test_a_run_resumed_by_another_spelling_of_its_last_pt_is_repaired_in_its_folder(run, tmp_path, monkeypatch,
                                                                                       capsys, resume, out):
     """--resume of the run's own last.pt, spelled relative to the current directory, through '..' or through a
-    link to the folder, is the run's own folder as --resume auto is: a results.json lost there is rebuilt, with
-    the run's tag (each of these spellings once failed to match the folder, so nothing was)."""
+    link to the folder, is the run's own folder as --resume auto is: a results.json lost there is rebuilt (each
+    of these spellings once failed to match the folder, so nothing was)."""
     shutil.copytree(run, tmp_path / "runs" / "x")
     (tmp_path / "link").symlink_to(tmp_path / "runs" / "x")
     (tmp_path / "runs" / "x" / "results.json").unlink()
