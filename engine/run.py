@@ -341,10 +341,11 @@ class Run:
             return
         record = self.folder / "results.json"
         recorded = read_record(record)
-        rebuilt = _in_line(recorded, ckpt, lost=recorded is None and record.exists())
+        lost = recorded is None and record.exists()      # not a run's record (damaged, hand-edited)
+        rebuilt = _in_line(recorded, ckpt, lost)
         if rebuilt is not recorded:
             kept = ""
-            if recorded is None and record.exists():    # not a run's record (damaged, hand-edited): kept aside
+            if lost:                                     # kept aside
                 aside, k = record.with_name("results.rejected.json"), 1
                 while aside.exists():                    # an earlier one is kept too
                     k += 1
@@ -364,7 +365,7 @@ class Run:
         """The processes that the results.json of this folder and of the resumed checkpoint's folder list, where
         it is this run's record (a run continued into a new --out: its processes are recorded in the old one)."""
         found = []
-        for folder in dict.fromkeys([self.saved.parent.absolute(), self.folder]):
+        for folder in dict.fromkeys([self.saved.parent, self.folder]):    # (both absolute: resume_path)
             recorded = read_record(folder / "results.json") or {}
             found += recorded.get("processes", []) if recorded.get("run_id") == self.run_id else []
         return found
