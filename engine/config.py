@@ -19,6 +19,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -243,6 +244,19 @@ def run_name(method_cls, config: RunConfig, world_size: int = 1) -> str:
         text = json.dumps(changed, sort_keys=True, default=str)
         name += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
     return name
+
+
+_HASH = r"-[0-9a-f]{8}"          # the tail run_name adds for options that differ from the defaults
+
+
+def without_hash(name: str) -> str:
+    """A :func:`run_name` without its options' hash: what runs of one method, backbone, data and seed share."""
+    return re.sub(_HASH + "$", "", name)
+
+
+def without_seed(name: str) -> str:
+    """A :func:`run_name` without its ``-s<seed>`` (the options' hash kept): what the seeds of one run share."""
+    return re.sub(rf"-s\d+({_HASH})?$", r"\1", name)
 
 
 def runs_root() -> Path:

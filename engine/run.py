@@ -23,7 +23,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import re
 import shlex
 import socket
 import time
@@ -39,7 +38,7 @@ from recipes import RECIPE_KEYS, RECIPES
 
 from .checkpoint import FORMAT, atomic_save, atomic_write, check_saved_by, load_checkpoint
 from .cli import resume_path
-from .config import RunConfig, describe_differences, new_run_hint, recorded_differences
+from .config import RunConfig, describe_differences, new_run_hint, recorded_differences, without_hash
 from .distributed import any_rank, barrier
 from .errors import UserError
 from .method import script_path
@@ -239,7 +238,7 @@ class Run:
         is named, with the command that continues it, instead of starting a new run beside it."""
         if self.config.out or not self.folder.parent.is_dir():
             return
-        readable = re.sub(r"-[0-9a-f]{8}$", "", self.folder.name)        # the name without its options' hash
+        readable = without_hash(self.folder.name)
         for other in sorted([self.folder.parent / readable, *self.folder.parent.glob(f"{readable}-????????")]):
             recorded = read_run(other) if (other / "last.pt").is_file() and other != self.folder else None
             diffs = recorded and recorded_differences(self.method_cls, self.config, recorded, self.world_size)

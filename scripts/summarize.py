@@ -53,6 +53,7 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
 
 from scripts.tables import TABLES, Cell, Metric, Table  # noqa: E402
 from engine.cli import Parser, non_empty_path, run_tool  # noqa: E402  (one-line errors)
+from engine.config import without_seed  # noqa: E402  (the run directory's name: run_name)
 from data.files import output_problem  # noqa: E402  (what a script may write)
 from scripts import reproduce  # noqa: E402  (the tables' runs and the engine's option comparison)
 
@@ -365,14 +366,15 @@ def csv_rows(table: Table, summaries: Sequence[CellSummary]) -> list[dict]:
 
 
 def group_runs(runs: Sequence[RunResult], warn=None) -> dict[str, list[RunResult]]:
-    """Untabled runs grouped as the seeds of one run: by their tag, or by their folder name without the
-    ``-s<seed>`` suffix, and within that with the runs that trained the same (the method, and every training
-    option but the seed, compared as a resume compares them: engine.config.differences). Runs of one name that
-    did not are not seeds of one run: each kind is a group of its own, ``NAME [1]``, ``NAME [2]``, ..., with a
-    warning naming their folders."""
+    """Untabled runs grouped as the seeds of one run: by their tag, or by their folder name without its
+    ``-s<seed>`` (engine.config.without_seed: ``x-s0-1a2b3c4d`` and ``x-s1-1a2b3c4d`` are both ``x-1a2b3c4d``),
+    and within that with the runs that trained the same (the method, and every training option but the seed,
+    compared as a resume compares them: engine.config.differences). Runs of one name that did not are not seeds
+    of one run: each kind is a group of its own, ``NAME [1]``, ``NAME [2]``, ..., with a warning naming their
+    folders."""
     by_name: dict[str, list[list[RunResult]]] = {}
     for r in runs:
-        kinds = by_name.setdefault(r.tag or re.sub(r"-s\d+$", "", r.path.parent.name), [])
+        kinds = by_name.setdefault(r.tag or without_seed(r.path.parent.name), [])
         kind = next((k for k in kinds if _trained_alike(k[0], r)), None)
         if kind is None:
             kinds.append([r])

@@ -193,6 +193,19 @@ def test_untabled_runs_are_averaged_only_with_runs_that_trained_the_same(tmp_pat
             f"{tmp_path / 'exp2' / 'x-s1'}") in err.splitlines()
 
 
+def test_seeds_of_a_run_with_changed_options_are_averaged(tmp_path, capsys):
+    """The default run directory of a run with options other than the defaults ends in their hash, after the
+    seed (``x-s0-1a2b3c4d``): its seeds share that hash and are one row, not one row per seed."""
+    dml = {"peer1": [60.0], "peer2": [62.0], "ensemble": [65.0]}
+    for seed in (0, 1):
+        write(tmp_path / f"dml-resnet32-cifar100-n2-s{seed}-1a2b3c4d" / "results.json",
+              results(None, seed, {k: [v[0] + 2 * seed] for k, v in dml.items()}, args={"lr": 0.05}))
+    assert summarize.main([str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| dml-")]
+    assert "| dml-resnet32-cifar100-n2-1a2b3c4d | dml | resnet32 | cifar100 | peer1 | 2 | 61.00 ± 1.41 | 61.00 ± " \
+           "1.41 | 2 finished |" in rows, rows
+
+
 def test_runs_are_found_through_symbolic_links(tmp_path, capsys):
     """A table folder or a run folder linked in from elsewhere is read (reproduce.py follows the links too); a
     link back up is read once."""
