@@ -1,6 +1,7 @@
 """The shared engine: the command line (cli), the run's configuration (config), the method contract
 (method), the loop (trainer), the run directory and its record (run), checkpoint files (checkpoint),
-optimizers (optim), and the pieces the loop uses (distributed, cuda_graph, reporting). docs/engine.md."""
+optimizers (optim), and the pieces the loop uses (distributed, cuda_graph, reporting, signals, errors).
+docs/engine.md."""
 from .cli import (build_parser, fraction, non_negative, non_negative_int, number, parse_args, positive,
                   positive_int, temperature, unit_interval)
 from .errors import UserError

@@ -270,8 +270,9 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     r.add_argument("--lr-scale", choices=("none", "linear"), default="none",
                    help="under torchrun: 'linear' multiplies the lr by the number of processes")
     r.add_argument("--out", type=non_empty_path, default=None, metavar="DIR",
-                   help="run directory (default: runs/<method>-<arch>-<dataset>-n<peers>-s<seed> under "
-                        "$OKD_RUNS, else under the current directory)")
+                   help="run directory (default: runs/<method>-<arch>-<dataset>[-n<peers>]-s<seed>[-<hash of the "
+                        "options that differ from the defaults>] under $OKD_RUNS, else under the current "
+                        "directory)")
     r.add_argument("--tag", default=None, metavar="TEXT",
                    help="a label recorded in results.json (args.tag), e.g. TABLE/CELL by scripts/reproduce.py; "
                         "it does not change the run directory; a resumed run keeps its own unless one is given")

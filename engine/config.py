@@ -131,8 +131,8 @@ def _check_engine_flags(a: argparse.Namespace, method_cls) -> None:
         if not gpu:
             raise UserError("--cuda-graph needs a CUDA GPU; leave it out on the CPU")
         if a.amp == "fp16":
-            raise UserError("--cuda-graph and --amp fp16 conflict: the fp16 loss scaler reads its overflow "
-                            "check on the host every step; use --amp bf16")
+            raise UserError("--cuda-graph and --amp fp16 conflict: the fp16 loss scaler's overflow check is "
+                            "not captured; use --amp bf16")
         if a.compile:
             raise UserError("--cuda-graph and --compile conflict: for compiled graphs use --compile "
                             "reduce-overhead")

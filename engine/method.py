@@ -11,8 +11,8 @@ evaluate. Everything else (data, loop, precision, devices, checkpoints, logging)
             out = model(batch.images)
             return {"ce": ..., "kd": ...}
 
-``model`` is ``self.model``, possibly wrapped (DDP), so a method always calls it rather than
-``self.model`` in ``loss``, ``train_step`` and ``eval_logits``.
+In ``loss`` and ``train_step``, ``model`` is ``self.model`` possibly wrapped (DDP, ``--compile``), so a method
+calls the ``model`` it is given rather than ``self.model``; ``eval_logits`` is given ``self.model`` itself.
 
 **A method's identity is its file name**: ``train_dml.py`` is the method ``dml``, the name of its default
 run directory, the ``method`` of its checkpoints and results, and the script they are resumed and evaluated
@@ -84,7 +84,8 @@ class StepContext:
     """What the engine hands to :meth:`Method.train_step`: the optimizers and the run's precision.
 
     ``optimizers``: name -> optimizer, the names of :meth:`Method.optim_groups`. Nothing here
-    synchronises with the host, so a step written with it can be captured as a CUDA graph."""
+    synchronises with the host but the fp16 scaler's step of an optimizer that is not fused (``--cuda-graph``
+    refuses ``--amp fp16``), so a step written with it can be captured as a CUDA graph."""
 
     def __init__(self, optimizers: dict, scaler: torch.amp.GradScaler, device_type: str,
                  autocast_dtype: Optional[torch.dtype] = None):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data.files import RUN_TENSORBOARD
+
 
 class Reporter:
     """Console and TensorBoard output of the run in ``folder``, trained for ``epochs`` epochs whose best is
@@ -22,7 +24,7 @@ class Reporter:
             return
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.folder / "tensorboard"), purge_step=epoch + 1)
+            self.writer = SummaryWriter(str(self.folder / RUN_TENSORBOARD), purge_step=epoch + 1)
         for group in ("train", "speed", "lr", "val", "test"):
             for name, value in record.get(group, {}).items():
                 self.writer.add_scalar(f"{group}/{name}", value, epoch + 1)

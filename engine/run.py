@@ -768,8 +768,7 @@ def read_run(folder: Path) -> Optional[dict]:
     if best == rebuilt["epochs_done"] and (_readable_checkpoint(folder / "best.pt") or {}).get("epoch") != best:
         # stopped between the writes of last.pt and best.pt of the last epoch: not finished until a resume
         # rebuilds best.pt from last.pt (reproduce.py resumes it; an earlier best epoch cannot be rebuilt)
-        ended = rebuilt["processes"][-1].get("status") if rebuilt["processes"] else None
-        rebuilt = {**rebuilt, "status": ended if ended in ("interrupted", "failed", "unknown") else "killed",
+        rebuilt = {**rebuilt, "status": _stopped(rebuilt["processes"]),
                    "reason": f"its process ended before best.pt held the best epoch ({rebuilt['best']['epoch']}); "
                              "--resume auto rebuilds it"}
     return rebuilt
@@ -794,9 +793,15 @@ def _in_line(recorded: Optional[dict], ckpt: Optional[dict], lost: bool = False)
         return recorded   # (a checkpoint of an older version holds no record to rebuild from)
     processes = merge_processes(ckpt.get("processes", []), recorded.get("processes") if same_run else None,
                                 ckpt["args"]["epochs"], lost)
-    ended = processes[-1].get("status") if processes else None      # how the last process ended, if recorded
     return results_of({**ckpt, "processes": processes}, "finished" if ckpt["epoch"] >= ckpt["args"]["epochs"]
-                      else ended if ended in ("interrupted", "failed", "unknown") else "killed")
+                      else _stopped(processes))
+
+
+def _stopped(processes: Sequence[dict]) -> str:
+    """The status of a run stopped before its last epoch: how its last process ended where that is recorded
+    (interrupted, failed, unknown), else 'killed'."""
+    ended = processes[-1].get("status") if processes else None
+    return ended if ended in ("interrupted", "failed", "unknown") else "killed"
 
 
 def file_stamp(path: Path) -> Optional[tuple]:

@@ -40,7 +40,8 @@ from .signals import Interrupted, stop_on_signals, stop_signal
 
 
 class Evaluator(NamedTuple):
-    """What ``Method.on_epoch_end`` gets: ``predict(split)``, every head's logits on a split (Trainer.predict)."""
+    """What ``Method.on_epoch_end`` gets: ``predict(split)``, every head's logits on a split and its labels
+    (Trainer.predict)."""
     predict: Callable[[str], tuple]
 
 
