@@ -176,6 +176,8 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], c
                         "where that dataset is now")
     if evaluating:
         kept.pop("cuda_graph", None)     # nothing is trained: the step is not captured
+        if kept.get("dataset", args.dataset) == "folder" and kept.get("image_size", args.image_size) is None:
+            kept["image_size"] = ckpt.get("image_size")      # evaluated at the size it was trained at
     if "milestones" not in given and "sgdr_t0" not in given:   # the checkpoint's schedule, as it was shortened
         kept["schedule_note"] = saved.get("schedule_note")
     merged = argparse.Namespace(**{**vars(args), **kept})

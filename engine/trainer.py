@@ -73,8 +73,6 @@ class Trainer:
             self.ckpt = ckpt = load_checkpoint(source)     # a missing or damaged file: one line naming it
             check_saved_by(ckpt, source, method_cls.name, "evaluate" if args.eval_only else "resume")
             args = from_checkpoint(method_cls, args, argv, ckpt, Path(source), bool(args.eval_only))
-            if args.eval_only and args.image_size is None and args.dataset == "folder":
-                args.image_size = ckpt.get("image_size")   # evaluated at the size it was trained at
         self.args = args = resolve(method_cls, args)   # read-only from here on
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -381,8 +379,8 @@ class Trainer:
         splits = {"test": f"the {a.dataset} test set" if not a.eval_subset else
                   f"{a.eval_subset} images of the {a.dataset} test set (stratified, seed {a.seed})"}
         result = {"checkpoint": str(path.absolute()), "run_id": ckpt.get("run_id"), "method": ckpt["method"],
-                  "epoch": ckpt["epoch"], "arch": a.arch,
-                  "dataset": a.dataset, "data": a.data, "splits": splits, "amp": a.amp,
+                  "epoch": ckpt["epoch"], "arch": a.arch, "dataset": a.dataset, "data": a.data,
+                  "image_size": self.loaders.info.image_size, "splits": splits, "amp": a.amp,
                   "test": self.evaluate(self.loaders.test)}
         if self.loaders.val is not None:
             splits["val"] = (self.loaders.record.get("folder", {}).get("splits", {}).get("val")

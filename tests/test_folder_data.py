@@ -523,6 +523,21 @@ def test_two_methods_train_end_to_end_on_a_folder_and_record_the_classes(tmp_pat
         assert saved["classes"] == checkpoint["classes"] == list(FOLDER_CLASSES)     # the classes travel with the run
 
 
+def test_eval_only_evaluates_at_the_size_the_run_was_trained_at(tmp_path):
+    """A folder run without --image-size trains at the size its images suggest (20 px: 32). Once the folder holds
+    larger images (60 px: 64), --eval-only of its checkpoint still evaluates at 32, the size it was trained at."""
+    root = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)), size=20)
+    common = ["--gpu", "-1", "--threads", "1", "--no-progress"]
+    trained = train(train_baseline.Baseline, common + ["--dataset", "folder", "--data", str(root), "--arch",
+                                                       "resnet20", "--epochs", "1", "--batch-size", "4", "--out",
+                                                       str(tmp_path / "run")])
+    assert trained["image_size"] == 32
+    shutil.rmtree(root)
+    write_folder(root, per_split=(("train", 2), ("val", 1)), size=60)
+    evaluated = train(train_baseline.Baseline, common + ["--eval-only", str(tmp_path / "run" / "best.pt")])
+    assert evaluated["epoch"] == 1 and evaluated["image_size"] == 32
+
+
 @pytest.mark.slow
 def test_the_classes_travel_with_the_run(tmp_path, monkeypatch):
     """The class names and their order are in results.json, every checkpoint and an export; --eval-only and a
