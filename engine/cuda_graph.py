@@ -14,9 +14,10 @@ are updated after each replay, eagerly. Python numbers read during the step (the
 weights computed from the epoch) are frozen into the capture, so the step is captured again at the start
 of every epoch; a capture costs about one step. Everything inside the step must stay on the device: no
 ``.item()``, no host-side randomness, no shapes or Python branches that depend on the data (the rules
-for method authors are in docs/engine.md, "The rules of a training step"). A graph has one batch shape: the training loader drops the
-last incomplete batch under ``--cuda-graph``. A step that cannot be captured stops the run with a clear error
-(the last epoch's checkpoint is intact): continuing eagerly in a process whose capture failed is not safe.
+for method authors are in docs/engine.md, "The rules of a training step"). A graph has one batch shape: the
+training loader drops the last incomplete batch under ``--cuda-graph``. A step that cannot be captured stops
+the run with a clear error (the last epoch's checkpoint is intact): continuing eagerly in a process whose
+capture failed is not safe.
 """
 from __future__ import annotations
 

@@ -378,7 +378,7 @@ class Run:
         checkpoint is written; every rank waits for rank 0 and the others take the epoch after it."""
         records = self.records + [record]
         status = "finished" if self.done_after(record["epoch"]) else "running"
-        lost = self._lock_lost()
+        lost = self._stop_if_lock_lost()
         if any_rank(lost is not None):
             raise UserError(f"{lost or 'rank 0 lost the lock of the run'}; epoch {record['epoch']} was not saved. "
                             f"Once no other process trains it: {self.continue_command()}")
@@ -389,7 +389,7 @@ class Run:
             paths = [self.folder / "last.pt"] + ([self.folder / "best.pt"] if improved else [])
             with signals_held():
                 atomic_save(ckpt, *paths)
-                self.records, self.saved = records, paths[0]
+                self.records, self.saved = records, paths[0]   # (before a held signal stops it: the epoch is saved)
         self.write_results(status)
         barrier()   # no rank starts the next epoch before rank 0 has written this one's checkpoint
         self.records, self.saved = records, self.folder / "last.pt"
@@ -401,7 +401,7 @@ class Run:
         SIGTERM) returns the one line for the user: what is saved and the command that continues the run."""
         message, sig = None, stop_signal(error)
         try:
-            lost = self._lock_lost()
+            lost = self._stop_if_lock_lost()
             if lost and sig:
                 message = f"interrupted ({sig}): {lost}"
             elif self.process is not None and error is None:
@@ -434,9 +434,10 @@ class Run:
                 self.lock = None
         return message
 
-    def _lock_lost(self) -> Optional[str]:
-        """Rank 0's lock file was removed or replaced (by hand) while this process trained the run: another
-        process may be writing the run now, so this one writes nothing more. The line for the user, or None."""
+    def _stop_if_lock_lost(self) -> Optional[str]:
+        """When rank 0's lock file was removed or replaced (by hand) while this process trained the run, another
+        process may be writing the run now: this one stops writing it (``process`` is None from then on, so
+        :meth:`close` records nothing) and the line for the user is returned. Else None."""
         if not (self.is_main and self.process is not None and self.lock is not None and not self.lock.held()):
             return None
         self.process = None
