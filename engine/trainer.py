@@ -11,6 +11,7 @@ print as one line.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import platform
 import random
@@ -511,31 +512,51 @@ def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None
     """Command-line entry point: errors that are the user's to fix print as one line, not a traceback; so do
     warnings, and running out of memory. SIGTERM (what SLURM and Kubernetes send before a kill) and SIGHUP (a
     closed terminal or ssh session) stop the run as Ctrl-C does; so does a closed output pipe (``... | head``).
-    The exit status is 2 for bad input, 1 for out of memory, 128 + the signal's number for a stopped run."""
+    The exit status is 2 for bad input, 1 for out of memory, 128 + the signal's number for a stopped run; a bug
+    is raised (its traceback)."""
     from data import DatasetError
     from models import UnknownModelError
-    previous = warnings.formatwarning
+    previous, status = warnings.formatwarning, 0
     warnings.formatwarning = one_line_warning
     try:
         with stop_on_signals():
             train(method_cls, argv)
     except (UserError, DatasetError, UnknownModelError) as e:
         _say(f"error: {e}")
-        sys.exit(2)
-    except (MemoryError, RuntimeError) as e:
-        if not out_of_memory(e):
-            raise
-        _say(f"error: out of memory ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); lower "
-             "--batch-size or --eval-batch-size, or what this command makes large (--image-size, --num-peers, the "
-             "method's sizes such as a memory bank or the number of heads)")
-        sys.exit(1)
+        status = 2
     except (KeyboardInterrupt, BrokenPipeError) as e:
         sig = stop_signal(e)
         if os.environ.get("RANK", "0") == "0":    # (under torchrun every rank stops the same way: one says so)
             _say("\n" + (getattr(e, "message", "") or f"interrupted ({sig}) while starting: nothing was written"))
-        sys.exit(128 + signal.Signals[sig].value)
+        status = 128 + signal.Signals[sig].value
+    except Exception as e:
+        if not out_of_memory(e):
+            _end_loader_workers()
+            raise                   # a bug: its traceback
+        _say(f"error: out of memory ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); lower "
+             "--batch-size or --eval-batch-size, or what this command makes large (--image-size, --num-peers, the "
+             "method's sizes such as a memory bank or the number of heads)")
+        status = 1
     finally:
         warnings.formatwarning = previous
+    if status:
+        _end_loader_workers()
+        sys.exit(status)
+
+
+def _end_loader_workers() -> None:
+    """End the data loader's worker processes that a stopped run leaves behind. After an error in a worker (an
+    image that cannot be read) torch's loader ends its workers with SIGTERM, which they ignore (the stop signals
+    are the training process's: data/loaders.py), and the exit would wait for them for ever; they are killed
+    instead. Torch's SIGCHLD handler, which takes a worker's end for a failure, waits meanwhile."""
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for worker in multiprocessing.active_children():
+            if worker.daemon:        # (a loader's workers are daemons; nothing else of this process's is)
+                worker.kill()
+                worker.join()
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
 
 
 def out_of_memory(error: BaseException) -> bool:

@@ -539,6 +539,32 @@ def test_eval_only_evaluates_at_the_size_the_run_was_trained_at(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_image_that_breaks_in_a_loader_worker_ends_the_process(tmp_path):
+    """An image that cannot be read, met by a worker of the file-reading loader in the middle of training (its
+    statistics cached by an earlier run), stops the run with the one line and exit status 2, and the process
+    ends: the workers, which leave the stop signals to the training process, do not keep it waiting."""
+    import subprocess
+    import sys
+    root = write_folder(tmp_path / "tree", per_split=(("train", 4), ("val", 1)), size=72)
+    command = [sys.executable, "train_baseline.py", "--dataset", "folder", "--data", str(root), "--arch", "resnet20",
+               "--image-size", "72", "--loader", "torch", "--workers", "2", "--epochs", "1", "--batch-size", "4",
+               "--gpu", "-1", "--threads", "1", "--no-progress"]
+    first = subprocess.run(command + ["--out", str(tmp_path / "first")], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr
+    image = sorted((root / "train" / "cat").iterdir())[0]
+    image.write_bytes(image.read_bytes()[:image.stat().st_size // 2])
+    try:
+        second = subprocess.run(command + ["--out", str(tmp_path / "second")], cwd=REPO, capture_output=True,
+                                text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not end after the error (its loader workers kept it waiting)")
+    assert second.returncode == 2, second.stderr
+    assert f"the image {image} cannot be read" in second.stderr.splitlines()[-1]
+    assert "Traceback" not in second.stderr, second.stderr
+
+
+@pytest.mark.slow
 def test_the_classes_travel_with_the_run(tmp_path, monkeypatch):
     """The class names and their order are in results.json, every checkpoint and an export; --eval-only and a
     resume on a folder with other classes refuse in one line naming the difference; two folders get their own
