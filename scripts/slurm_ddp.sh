@@ -13,9 +13,13 @@ set -euo pipefail
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 PORT=${PORT:-29500}
-# --resume auto: a requeued job or a restarted worker continues from the run directory's last.pt.
+# The run directory is the engine's default for the options (runs/<method>-...), or the --out given (or
+# OUT=DIR), so a requeued job, a restarted worker and a job submitted again with the same command all continue
+# its last.pt (--resume auto). The script's own flags come last: a --resume or --out given here wins.
+SCRIPT=$1
+shift
 srun torchrun \
   --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$GPUS_PER_NODE" \
   --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$PORT" \
   --max-restarts 3 \
-  "$@" --resume auto --out "${OUT:-runs/slurm-$SLURM_JOB_ID}"
+  "$SCRIPT" --resume auto ${OUT:+--out "$OUT"} "$@"

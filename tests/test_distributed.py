@@ -127,3 +127,22 @@ def test_a_stopped_two_rank_run_says_how_to_continue_once(tmp_path):
     assert stderr.count("Continue with:") == 1, stderr[-3000:]
     command = stderr.split("Continue with: ", 1)[1].splitlines()[0]
     assert command.startswith("torchrun --nproc_per_node=2 train_dml.py") and "--resume auto" in command
+
+
+@pytest.mark.parametrize("flags, out", [([], []), (["--out", "runs/r34"], []), ([], ["runs/o"])])
+def test_the_slurm_script_trains_the_run_directory_the_command_names(tmp_path, flags, out):
+    """scripts/slurm_ddp.sh adds --resume auto and leaves the run directory to the command: the engine's default
+    one for the options, the --out given, or OUT=DIR, so the same command submitted again continues the run; the
+    user's own flags come last (their --resume or --out wins). srun and scontrol are stand-ins that print."""
+    for name, body in (("srun", 'printf "%s\\n" "$@"'), ("scontrol", "echo node1")):
+        (tmp_path / name).write_text(f"#!/bin/bash\n{body}\n")
+        (tmp_path / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "77", **({"OUT": out[0]} if out else {})}
+    r = subprocess.run(["bash", "scripts/slurm_ddp.sh", "train_dml.py", "--arch", "resnet34", *flags], cwd=REPO,
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    argv = r.stdout.split("\n")[:-1]
+    script = argv.index("train_dml.py")
+    assert argv[0] == "torchrun" and "77" in argv[:script]
+    assert argv[script + 1:] == ["--resume", "auto", *(["--out", out[0]] if out else []), "--arch", "resnet34", *flags]
