@@ -554,7 +554,8 @@ def dry_run(table: Table, runs: Sequence[Run], cells: Sequence[Cell], extra: Seq
     lines = [f"# {table.title}: {len(cells)} cell(s), {len(runs)} run(s)"]
     for run in runs:
         state = run_state(run, extra, world_size)
-        cmd = shlex.join(["python", run.script] + run.train_argv() + list(extra))
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={world_size}"] if world_size > 1 else ["python"]
+        cmd = shlex.join(launcher + [run.script] + run.train_argv() + list(extra))
         lines.append(f"{cmd}  # {state}; {', '.join(run.cells)}")
     return "\n".join(lines)
 

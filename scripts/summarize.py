@@ -222,11 +222,19 @@ def flags_against_table(table: Table, cell: Cell, run: RunResult) -> str:
     if not (REPO / cell.script).is_file() or not isinstance(run.seed, int) or run.seed < 0:
         return ""
     spec = reproduce.Run(cell.runs_table or table.name, cell.run, cell.script, cell.argv, run.seed, run.path.parent, [])
-    # the number of processes is how the run was launched, not the table's protocol: compare the rest
-    same_world = run.data.get("world_size", 1)
+    # the number of processes is how the run was launched; what the table's protocol fixes is the global batch
+    # (--batch-size is per process): N processes with 1/N of the table's batch train the table's protocol
+    world = run.data.get("world_size", 1)
     from engine.config import describe_differences
-    return describe_differences(reproduce.recorded_differences(spec, run.data, world_size=same_world), "table",
-                                hint=False)
+    diffs = reproduce.recorded_differences(spec, run.data, world_size=world)
+    if world == 1:
+        return describe_differences(diffs, "table", hint=False)
+    batch, table_batch = (run.data.get("args") or {}).get("batch_size"), reproduce.command_config(spec).batch_size
+    text = describe_differences([d for d in diffs if d[0] != "batch_size"], "table", hint=False)
+    if isinstance(batch, int) and batch * world != table_batch:
+        text += (", " if text else "") + (f"--batch-size {batch} on {world} processes: global batch {batch * world} "
+                                          f"(table: {table_batch})")
+    return text
 
 
 def summarize_cell(table: Table, cell: Cell, by_tag: dict, warn=None) -> CellSummary:

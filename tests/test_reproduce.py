@@ -313,6 +313,9 @@ def test_slurm_job_array(tmp_path, monkeypatch):
         command = pickle.load(f).function.command
     assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
     assert command[5:] == runs[0].command("python", ["--no-progress"])[1:]
+    table, cells = TABLES["smoke"], reproduce.plan(TABLES["smoke"], [0], tmp_path)[1]   # --dry-run says so too
+    dry = reproduce.dry_run(table, runs[:1], cells, [], world_size=4)
+    assert f"torchrun --standalone --nproc_per_node=4 {runs[0].script} " in dry
 
 
 @pytest.mark.slow

@@ -276,12 +276,15 @@ SMOKE = {"dataset": "synthetic", "subset": 512, "batch_size": 64, "epochs": 2}  
 def test_runs_trained_with_other_flags_are_marked(tmp_path, capsys):
     """A run of the table's folder trained with a changed budget (reproduce.py --extra="--subset 64 --epochs 1")
     is marked in the grid, the runs column, the CSV and on stderr; runs of the table's command are not, and
-    flags that cannot change training (--gpu, --workers, --data) or the number of processes never mark a run."""
+    flags that cannot change training (--gpu, --workers, --data) never mark a run. The number of processes is
+    how a run was launched: 2 processes with half the table's --batch-size (per process) train its global batch,
+    and are not marked; 2 processes with the table's --batch-size train twice its global batch, and are."""
     curves = {"net": [40.0, 50.0]}
-    # trained on 2 processes (reproduce.py --gpus-per-run 2): how it was launched, not another protocol
-    write(tmp_path / "baseline-resnet20-s0" / "results.json",
-          dict(results("smoke/baseline-resnet20", 0, curves, method="baseline", arch="resnet20", selection="net",
-                       args=dict(SMOKE, gpu=-1, workers=0, data="/elsewhere", no_progress=True)), world_size=2))
+    # trained on 2 processes (reproduce.py --gpus-per-run 2 --extra="--batch-size 32"): the table's global batch
+    baseline = dict(results("smoke/baseline-resnet20", 0, curves, method="baseline", arch="resnet20",
+                            selection="net", args=dict(SMOKE, batch_size=32, gpu=-1, workers=0, data="/elsewhere",
+                                                       no_progress=True)), world_size=2)
+    write(tmp_path / "baseline-resnet20-s0" / "results.json", baseline)
     write(tmp_path / "dml-resnet20-s0" / "results.json",
           results("smoke/dml-resnet20", 0, {"peer1": [60.0], "peer2": [62.0], "ensemble": [65.0]},
                   arch="resnet20", args=dict(SMOKE, subset=64, epochs=1)))
@@ -298,6 +301,13 @@ def test_runs_trained_with_other_flags_are_marked(tmp_path, capsys):
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [r["other_flags"] for r in rows] == ["", "other flags in s0: --subset 64 (table: 512), --epochs 1 (table: 2)",
                                                 "other flags in s0: --subset 64 (table: 512), --epochs 1 (table: 2)"]
+    baseline["args"]["batch_size"] = 64                        # 2 x the table's 64: another protocol
+    write(tmp_path / "baseline-resnet20-s0" / "results.json", baseline)
+    assert summarize.main([str(tmp_path), "--table", "smoke"]) == 0
+    out, err = capsys.readouterr()
+    assert "| Baseline | 50.00 n=1 *other flags* |" in out.splitlines()
+    assert (f"warning: {tmp_path / 'baseline-resnet20-s0'} was trained with --batch-size 64 on 2 processes: global "
+            "batch 128 (table: 64): its numbers are marked 'other flags' in smoke") in err.splitlines()
 
 
 def test_output_path_errors_are_one_line(tmp_path, capsys):
