@@ -80,7 +80,10 @@ class RunResult:
 
     @property
     def progress(self) -> str:
-        return f"{self.data.get('epochs_done', 0)}/{self.data.get('epochs', '?')}"
+        """Epochs done of the run's: ``1/2 ep``, with how it stopped when it is not training (``1/2 ep failed``)."""
+        status = self.data.get("status")
+        stopped = f" {status}" if status in ("failed", "interrupted", "killed", "unknown") else ""
+        return f"{self.data.get('epochs_done', 0)}/{self.data.get('epochs', '?')} ep{stopped}"
 
     def heads(self, which: str = "best") -> dict[str, float]:
         """Top-1 (%) of every head at the best or the last epoch."""
@@ -198,7 +201,7 @@ class CellSummary:
             return "missing"
         parts = [f"{len(self.finished)} finished"] if self.finished else []
         if self.unfinished:
-            parts.append(f"{len(self.unfinished)} unfinished ({', '.join(r.progress for r in self.unfinished)} ep)")
+            parts.append(f"{len(self.unfinished)} unfinished ({', '.join(r.progress for r in self.unfinished)})")
         return ", ".join(parts) + (f"; {self.other_flags_text}" if self.other_flags else "")
 
 
@@ -435,7 +438,7 @@ def markdown_runs(groups: dict[str, list[RunResult]], warn=None) -> str:
         finished = [r for r in runs if r.finished]
         unfinished = [r for r in runs if not r.finished]
         status = f"{len(finished)} finished" + (f", {len(unfinished)} unfinished ("
-                                                f"{', '.join(r.progress for r in unfinished)} ep)" if unfinished else "")
+                                                f"{', '.join(r.progress for r in unfinished)})" if unfinished else "")
         first = runs[0].data
         heads = list(runs[0].heads("last")) or ["-"]
         for head in heads:       # n: the finished runs that hold the head

@@ -97,6 +97,10 @@ def test_corrupt_partial_and_running_files_are_reported_and_skipped(tmp_path, ca
     assert {p for p, _ in bad} == {corrupt, stranger, broken}
     dml, _ = summarize.summarize_table(table_mcl(2), runs)
     assert len(dml.finished) == 2 and len(dml.unfinished) == 1
+    # its results.json says 'running', but no process holds the run: killed (engine.run.read_run); a run that
+    # trains now has nothing more to say
+    assert dml.status == "2 finished, 1 unfinished (1/2 ep killed)"
+    dml.unfinished[0].data["status"] = "running"
     assert dml.status == "2 finished, 1 unfinished (1/2 ep)"
     assert dml.metrics[1].best[0] == pytest.approx(100 - 72.5)                  # the running seed is not averaged
     text = summarize.markdown_table(table_mcl(2), [dml, _])
