@@ -518,6 +518,7 @@ def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None
     from models import UnknownModelError
     previous, status = warnings.formatwarning, 0
     warnings.formatwarning = one_line_warning
+    children = set(multiprocessing.active_children())     # (a caller's own: never this run's loader workers)
     try:
         with stop_on_signals():
             train(method_cls, argv)
@@ -531,7 +532,7 @@ def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None
         status = 128 + signal.Signals[sig].value
     except Exception as e:
         if not out_of_memory(e):
-            _end_loader_workers()
+            _end_loader_workers(children)
             raise                   # a bug: its traceback
         _say(f"error: out of memory ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); lower "
              "--batch-size or --eval-batch-size, or what this command makes large (--image-size, --num-peers, the "
@@ -540,19 +541,20 @@ def main(method_cls: type[Method], argv: Optional[Sequence[str]] = None) -> None
     finally:
         warnings.formatwarning = previous
     if status:
-        _end_loader_workers()
+        _end_loader_workers(children)
         sys.exit(status)
 
 
-def _end_loader_workers() -> None:
-    """End the data loader's worker processes that a stopped run leaves behind. After an error in a worker (an
+def _end_loader_workers(children: set) -> None:
+    """End the data loader's worker processes that a stopped run leaves behind: the daemon processes started
+    since ``children`` (this process's children before the run) were listed. After an error in a worker (an
     image that cannot be read) torch's loader ends its workers with SIGTERM, which they ignore (the stop signals
     are the training process's: data/loaders.py), and the exit would wait for them for ever; they are killed
     instead. Torch's SIGCHLD handler, which takes a worker's end for a failure, waits meanwhile."""
     previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         for worker in multiprocessing.active_children():
-            if worker.daemon:        # (a loader's workers are daemons; nothing else of this process's is)
+            if worker.daemon and worker not in children:       # (a loader's workers are daemons)
                 worker.kill()
                 worker.join()
     finally:

@@ -525,7 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time", type=_slurm_time, default="24:00:00", help="time limit per job (HH:MM:SS or minutes); a run that "
                                                       "needs longer is re-queued and continues")
     s.add_argument("--gpus-per-run", type=positive_int, default=1,
-                   help="GPUs per run; above 1 the run is started with torchrun (--batch-size is per GPU)")
+                   help="GPUs per run; above 1 the run is started with torchrun, and --batch-size is per GPU: "
+                        "keep the table's global batch with --extra='--batch-size B/N' (summarize.py marks a run "
+                        "whose global batch is not the table's)")
     s.add_argument("--cpus-per-run", type=positive_int, default=8)
     s.add_argument("--mem-gb", type=positive_int, default=None)
     s.add_argument("--array-parallelism", type=positive_int, default=64,
@@ -741,6 +743,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(problem, file=sys.stderr)
             return 2
     world_size = args.gpus_per_run if args.launcher == "slurm" else 1
+    if world_size > 1 and not any(t.startswith("--batch") for t in extra):
+        print(f"warning: --gpus-per-run {world_size} trains each cell's --batch-size on each of the {world_size} GPUs, "
+              f"a global batch {world_size} x the table's, which summarize.py marks 'other flags'; for the table's "
+              f"global batch add --extra='--batch-size B/{world_size}'", file=sys.stderr)
     if args.dry_run:
         print(dry_run(table, runs, cells, extra, world_size))
         return 0

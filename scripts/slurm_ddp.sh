@@ -15,8 +15,13 @@ HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 PORT=${PORT:-29500}
 # The run directory is the engine's default for the options (runs/<method>-...), or the --out given (or
 # OUT=DIR), so a requeued job, a restarted worker and a job submitted again with the same command all continue
-# its last.pt (--resume auto). The script's own flags come last: a --resume or --out given here wins.
-SCRIPT=$1
+# its last.pt (--resume auto). The first argument is the training script; your flags come after it, last, so
+# a --resume or --out of yours wins.
+SCRIPT=${1:-}
+if [[ -z "$SCRIPT" || "$SCRIPT" == -* ]]; then
+  echo "error: the first argument is the training script: sbatch scripts/slurm_ddp.sh train_X.py [flags]" >&2
+  exit 2
+fi
 shift
 srun torchrun \
   --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$GPUS_PER_NODE" \

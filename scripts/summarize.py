@@ -14,7 +14,8 @@ sample standard deviation (n - 1) over seeds at the best epoch and at the last e
 seeds, the published value and ours (best) minus it. Unfinished runs are counted and marked, never averaged;
 a cell without runs is marked missing, a cell whose script does not exist yet "not built". A cell whose runs
 were trained with other training flags than the table's command (``reproduce.py --extra="--subset 64"``; the
-options compared are the engine's, ``engine/config.py``) is marked "other flags", with the flags. A
+options compared are the engine's, ``engine/config.py``; a run on N processes by its global batch) is marked
+"other flags", with the flags. A
 results.json that cannot be read (corrupt, truncated, not a run's) is read from its run's last.pt, and reported
 by path and skipped where there is none.
 
@@ -221,13 +222,15 @@ def dedupe(runs: Sequence[RunResult], warn=None) -> list[RunResult]:
 def flags_against_table(table: Table, cell: Cell, run: RunResult) -> str:
     """The training options (engine.config: every option but where the run lives, labels, devices, speed) on
     which ``run``'s recorded arguments differ from the cell's command, as ``--subset 64 (table: 512), ...``;
-    '' when they are the table's (or the cell's script is not there to tell)."""
+    '' when they are the table's (or the cell's script is not there to tell). A run on N processes is compared
+    by its global batch (``--batch-size`` is per process): N x the table's batch is another protocol, the
+    table's batch split over N processes is not."""
     if not (REPO / cell.script).is_file() or not isinstance(run.seed, int) or run.seed < 0:
         return ""
     spec = reproduce.Run(cell.runs_table or table.name, cell.run, cell.script, cell.argv, run.seed, run.path.parent, [])
     # the number of processes is how the run was launched; what the table's protocol fixes is the global batch
     # (--batch-size is per process): N processes with 1/N of the table's batch train the table's protocol
-    world = run.data.get("world_size", 1)
+    world = run.data.get("world_size") or 1
     from engine.config import describe_differences
     diffs = reproduce.recorded_differences(spec, run.data, world_size=world)
     if world == 1:

@@ -146,3 +146,6 @@ def test_the_slurm_script_trains_the_run_directory_the_command_names(tmp_path, f
     script = argv.index("train_dml.py")
     assert argv[0] == "torchrun" and "77" in argv[:script]
     assert argv[script + 1:] == ["--resume", "auto", *(["--out", out[0]] if out else []), "--arch", "resnet34", *flags]
+    for wrong in ([], ["--arch", "resnet34"]):             # the script first, or one line that says so
+        r = subprocess.run(["bash", "scripts/slurm_ddp.sh", *wrong], cwd=REPO, env=env, capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.startswith("error: the first argument is the training script"), r.stderr

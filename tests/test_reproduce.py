@@ -318,6 +318,18 @@ def test_slurm_job_array(tmp_path, monkeypatch):
     assert f"torchrun --standalone --nproc_per_node=4 {runs[0].script} " in dry
 
 
+def test_more_gpus_per_run_warn_of_the_global_batch(tmp_path, capsys):
+    """--batch-size is per process: --gpus-per-run N without a --batch-size in --extra says that the global batch
+    is N x the table's (what summarize.py marks) and how to keep the table's; with one, nothing is said."""
+    base = ["smoke", "--launcher", "slurm", "--dry-run", "--runs-dir", str(tmp_path)]
+    assert reproduce.main(base + ["--gpus-per-run", "2"]) == 0
+    assert capsys.readouterr().err.startswith("warning: --gpus-per-run 2 trains each cell's --batch-size on each of "
+                                              "the 2 GPUs, a global batch 2 x the table's")
+    assert reproduce.main(base + ["--gpus-per-run", "2", "--extra=--batch-size 32"]) == 0
+    assert reproduce.main(base) == 0
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.slow
 def test_slurm_task_trains_through_submitit_debug_executor(tmp_path):
     """The job function itself, run by submitit's in-process debug executor: a tiny run that finishes."""

@@ -674,6 +674,22 @@ def test_running_out_of_memory_is_one_line_naming_what_to_lower(monkeypatch, cap
         main(Baseline, [])
 
 
+def test_an_error_exit_leaves_the_callers_own_processes_alone(capsys):
+    """main() ends the loader workers a stopped run leaves behind (the daemons it started), never the daemon
+    processes of a program that calls it (a multiprocessing pool, a sweep driver)."""
+    import multiprocessing
+    import time
+    caller = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=True)
+    caller.start()
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(Baseline, ["--dataset", "synthetic", "--gpu", "-1", "--cuda-graph"])   # (a UserError)
+        assert e.value.code == 2 and caller.is_alive()
+    finally:
+        caller.kill()
+        caller.join()
+
+
 def test_a_stop_signal_the_shell_ignores_stays_ignored(monkeypatch):
     """``nohup python train_x.py ...`` ignores SIGHUP: main() keeps it ignored (the run survives the closed
     terminal, as asked) and still stops on SIGINT and SIGTERM; the shell's handlers come back afterwards."""
