@@ -750,6 +750,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         print(dry_run(table, runs, cells, extra, world_size))
         return 0
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if args.launcher == "slurm" and missing:          # (before any folder is made)
+        print(f"error: --launcher slurm needs SLURM's {' and '.join(missing)} (run it on the cluster's login node); "
+              "here use --launcher local", file=sys.stderr)
+        return 2
     differing = [(r, s) for r in runs for s in [run_state(r, extra, world_size)] if s.startswith("differs")]
     if differing:
         shown = "; ".join(f"{r.out.name}: {s.removeprefix('differs: ')}" for r, s in differing[:3])
@@ -773,10 +778,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"not built (listed, not run): {', '.join(not_built)}")
     if args.launcher == "slurm":
         opts = slurm_options(args, table.name)
-        if shutil.which("sbatch") is None:
-            print("error: --launcher slurm needs SLURM's sbatch (run it on the cluster's login node); "
-                  "here use --launcher local", file=sys.stderr)
-            return 2
         submit_slurm(runs, opts, runs_dir / table.name / ".submitit", extra)
         print(f"when they are done: python scripts/summarize.py {args.runs_dir} --table {table.name}")
         return 0

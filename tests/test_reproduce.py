@@ -318,6 +318,21 @@ def test_slurm_job_array(tmp_path, monkeypatch):
     assert f"torchrun --standalone --nproc_per_node=4 {runs[0].script} " in dry
 
 
+def test_slurm_without_its_tools_is_one_line_and_makes_nothing(tmp_path, capsys, monkeypatch):
+    """--launcher slurm where sbatch or srun is missing (not a login node): one line naming what is missing,
+    before any table folder is made."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))                 # sbatch, and no srun
+    runs_dir = tmp_path / "runs"
+    assert reproduce.main(["smoke", "--launcher", "slurm", "--runs-dir", str(runs_dir)]) == 2
+    assert capsys.readouterr().err == ("error: --launcher slurm needs SLURM's srun (run it on the cluster's login "
+                                       "node); here use --launcher local\n")
+    assert not runs_dir.exists()
+
+
 def test_more_gpus_per_run_warn_of_the_global_batch(tmp_path, capsys):
     """--batch-size is per process: --gpus-per-run N without a --batch-size in --extra says that the global batch
     is N x the table's (what summarize.py marks) and how to keep the table's; with one, nothing is said."""
