@@ -97,6 +97,9 @@ def image_list(dataset: str, data: Optional[str], classes: Optional[str] = None,
         shown = ", ".join(tree.classes[:5]) + (f" and {len(tree.classes) - 5} more" if len(tree.classes) > 5 else "")
         print(f"folder: {len(tree.classes)} classes ({shown}); "
               + ", ".join(f"{len(items)} images in {split}/" for split, items in tree.samples.items()))
+        if not tree.eval_splits:
+            print("note: no val/ or test/ folder: training needs --val-split N, which holds out N training images "
+                  "as the evaluation set")
         return [Path(p) for items in tree.samples.values() for p, _ in items]
     from data.tinyimagenet import file_lists
     root = tinyimagenet_root(data, download)

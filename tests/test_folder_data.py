@@ -699,7 +699,10 @@ def test_two_ranks_under_torchrun_train_on_a_folder(tmp_path, image_size):
 def test_check_dataset_takes_folder(tmp_path, capsys):
     root = write_folder(tmp_path / "tree", mixed=True)
     code, out, _ = run_check(capsys, "--dataset", "folder", "--data", str(root), "--workers", "0")
-    assert code == 0 and "3 classes" in out and "all 24 images decode" in out
+    assert code == 0 and "3 classes" in out and "all 24 images decode" in out and "--val-split" not in out
+    train_only = write_folder(tmp_path / "train_only", per_split=(("train", 2),))      # training needs --val-split
+    code, out, _ = run_check(capsys, "--dataset", "folder", "--data", str(train_only), "--workers", "0")
+    assert code == 0 and "note: no val/ or test/ folder: training needs --val-split N" in out
     bad = [write(root / "train" / "cat" / "cut.png", truncated_png()),
            write(root / "val" / "dog" / "junk.jpg", GARBAGE)]
     Image.fromarray(np.zeros((4, 4), np.uint16)).save(root / "train" / "dog" / "deep.png")
