@@ -266,9 +266,9 @@ class Run:
         """Start this process's entry in the record, after the loop has loaded ``ckpt`` (None: a new run)."""
         if ckpt is not None:
             self.run_id = ckpt.get("run_id", self.run_id)
-            source = self.saved.parent / "results.json"    # (damaged: how its processes ended is not known)
+            lost = _read_record(self.saved.parent / "results.json")[1]    # (how its processes ended is not known)
             self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes(),
-                                             ckpt["args"]["epochs"], source.exists() and read_record(source) is None)
+                                             ckpt["args"]["epochs"], lost)
             stale = self.lock.stale if self.lock else None
             if stale and not any(_holder_of(stale, p) for p in self.processes):
                 # the holder of a stale lock that saved no epoch (killed in its first one): known from its lock only
@@ -339,8 +339,7 @@ class Run:
         if path != self.folder / "last.pt":
             return
         record = self.folder / "results.json"
-        recorded = read_record(record)
-        lost = recorded is None and record.exists()      # not a run's record (damaged, hand-edited)
+        recorded, lost = _read_record(record)
         rebuilt = _in_line(recorded, ckpt, lost)
         if rebuilt is not recorded:
             kept = ""
@@ -674,6 +673,13 @@ def read_record(path: Path) -> Optional[dict]:
     return None if record_problem(data) else data
 
 
+def _read_record(path: Path) -> tuple[Optional[dict], bool]:
+    """:func:`read_record` of ``path``, and whether a results.json there is lost: present but no run's record
+    (damaged, hand-edited), so that how the run's processes ended is not known."""
+    recorded = read_record(path)
+    return recorded, recorded is None and path.exists()
+
+
 def why_not_a_record(path: Path) -> str:
     """Why :func:`read_record` finds no record in ``path``, in a few words for the user."""
     try:
@@ -753,7 +759,7 @@ def read_run(folder: Path) -> Optional[dict]:
     does not list (the process was killed between the two writes) and no live process holds the folder,
     the record rebuilt from last.pt. None when there is neither. What reproduce.py and summarize.py read."""
     folder = Path(folder)
-    recorded = read_record(folder / "results.json")
+    recorded, lost = _read_record(folder / "results.json")
     try:
         RunLock(folder).check_free()
     except UserError:
@@ -761,7 +767,6 @@ def read_run(folder: Path) -> Optional[dict]:
     last = folder / "last.pt"
     if recorded and recorded.get("status") == "finished" and not _newer(last, folder / "results.json"):
         return recorded                                    # (no checkpoint to read: summaries stay fast)
-    lost = recorded is None and (folder / "results.json").exists()       # (damaged, or hand-edited into another shape)
     rebuilt = _in_line(recorded, _readable_checkpoint(last), lost)
     if rebuilt is recorded or rebuilt.get("status") != "finished" or not rebuilt["best"]:
         return rebuilt

@@ -750,8 +750,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         print(dry_run(table, runs, cells, extra, world_size))
         return 0
-    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
-    if args.launcher == "slurm" and missing:          # (before any folder is made)
+    missing = [tool for tool in ("sbatch", "srun") if args.launcher == "slurm" and shutil.which(tool) is None]
+    if missing:                                       # (before any folder is made)
         print(f"error: --launcher slurm needs SLURM's {' and '.join(missing)} (run it on the cluster's login node); "
               "here use --launcher local", file=sys.stderr)
         return 2
