@@ -107,7 +107,7 @@ class Run:
             self._refuse_an_unusable_folder(lock=True)
         resume = self._resume()
         if resume is None:
-            problem = problem or new_run_problem(self.folder)
+            problem = problem or self._new_run_problem()
         elif resume.parent != self.folder:     # (continued into another folder: it must not hold runs)
             problem = (problem or _a_folder_in_the_way(self.folder) or _a_run_below(self.folder)
                        or _not_a_run(self.folder))
@@ -234,30 +234,37 @@ class Run:
 
     def _refuse_a_sibling_run(self) -> None:
         """--resume auto without --out finds its run by its options. A run of the same method, backbone, data and
-        seed whose options differ at most in --epochs (one trained to another length, or extended in place)
-        is named, with the command that continues it, instead of starting a new run beside it."""
+        seed whose options differ at most in --epochs (one trained to another length, or extended in place) and
+        in the number of processes (torchrun) is named, with the command that continues it, instead of starting
+        a new run beside it."""
         if self.config.out or not self.folder.parent.is_dir():
             return
         readable = without_hash(self.folder.name)
         for other in sorted([self.folder.parent / readable, *self.folder.parent.glob(f"{readable}-????????")]):
             recorded = read_run(other) if (other / "last.pt").is_file() and other != self.folder else None
             diffs = recorded and recorded_differences(self.method_cls, self.config, recorded, self.world_size)
-            if recorded and all(key == "epochs" for key, _, _ in diffs):
-                raise self._continue_instead(other, recorded["epochs"], recorded["epochs_done"], "leave out --resume")
+            if recorded and all(key in ("epochs", "world_size") for key, _, _ in diffs):
+                raise self._continue_instead(other, recorded["epochs"], recorded["epochs_done"], "leave out --resume",
+                                             recorded.get("world_size", 1))
 
-    def _continue_instead(self, folder: Path, epochs: int, done: int, new_run: str) -> UserError:
+    def _continue_instead(self, folder: Path, epochs: int, done: int, new_run: str, world_size: int = 0
+                          ) -> UserError:
         """The line naming the run in ``folder`` that this command would continue but for its --epochs (the run's
-        are ``epochs``, ``done`` of them trained), with the command that does: its own --epochs when this
-        command asks fewer, --extend-epochs when it asks more; ``new_run``: how to start a new run instead. A run
-        finished with more epochs than this command asks has nothing to continue: its results are named."""
-        if done >= epochs > self.config.epochs:
-            return UserError(f"--resume auto: {folder} holds this run, finished after {epochs} epochs (more than "
-                             f"--epochs {self.config.epochs} asks): nothing to continue, its results are in {folder} "
-                             f"(or {new_run} to start a new run)")
-        command = (self.continue_command(folder, epochs=epochs if self.config.epochs < epochs else None)
+        are ``epochs``, ``done`` of them trained) or its number of processes (the run's: ``world_size``; 0: this
+        command's), with the command that does: its own --epochs when this command asks fewer, --extend-epochs
+        when it asks more, its torchrun; ``new_run``: how to start a new run instead. A finished run that this
+        command would not train longer has nothing to continue: its results are named."""
+        world_size = world_size or self.world_size
+        processes = "" if world_size == self.world_size else f" on {world_size} process{'es' * (world_size > 1)}"
+        if done >= epochs >= self.config.epochs:
+            more = f" (more than --epochs {self.config.epochs} asks)" if epochs > self.config.epochs else ""
+            return UserError(f"--resume auto: {folder} holds this run, finished{processes} after {epochs} "
+                             f"epochs{more}: nothing to continue, its results are in {folder} (or {new_run} to start "
+                             "a new run)")
+        command = (self.continue_command(folder, epochs if self.config.epochs < epochs else None, world_size)
                    + (" --extend-epochs" if self.config.epochs > epochs else ""))
-        return UserError(f"--resume auto: {folder} holds this run, trained for {epochs} epochs ({done} done); "
-                         f"continue it with: {command} (or {new_run} to start a new run)")
+        return UserError(f"--resume auto: {folder} holds this run, trained{processes} for {epochs} epochs ({done} "
+                         f"done); continue it with: {command} (or {new_run} to start a new run)")
 
     def done_after(self, epochs: int) -> bool:
         return epochs >= self.config.epochs
@@ -447,10 +454,12 @@ class Run:
         """What a stopped run keeps, for the user: '<checkpoint> holds epoch N' or 'no epoch had been saved'."""
         return f"{self.saved} holds epoch {self.epochs}" if self.epochs else "no epoch had been saved"
 
-    def continue_command(self, folder: Optional[Path] = None, epochs: Optional[int] = None) -> str:
-        """The command that continues a stopped run (or the run in ``folder``, to ``epochs`` if given): this
-        command with ``--out OUT --resume auto`` in place of any ``--out``/``--resume`` it had, or ``--resume
-        PATH`` while the run has no last.pt of its own yet (e.g. after --extend-epochs into a new --out)."""
+    def continue_command(self, folder: Optional[Path] = None, epochs: Optional[int] = None, world_size: int = 0
+                         ) -> str:
+        """The command that continues a stopped run (or the run in ``folder``, to ``epochs`` if given, on
+        ``world_size`` processes if given): this command with ``--out OUT --resume auto`` in place of any
+        ``--out``/``--resume`` it had, or ``--resume PATH`` while the run has no last.pt of its own yet (e.g. after
+        --extend-epochs into a new --out)."""
         folder = folder or self.folder
         resume = self.saved if self.saved not in (None, folder / "last.pt") and folder == self.folder else "auto"
         strip = argparse.ArgumentParser(add_help=False)   # as the script's parser reads them (``--resu`` too);
@@ -459,7 +468,8 @@ class Run:
         if epochs is not None:
             strip.add_argument("--epochs")
         rest = strip.parse_known_args(self.argv)[1] + (["--epochs", str(epochs)] if epochs is not None else [])
-        launcher = ["python"] if self.world_size <= 1 else ["torchrun", f"--nproc_per_node={self.world_size}"]
+        world_size = world_size or self.world_size
+        launcher = ["python"] if world_size <= 1 else ["torchrun", f"--nproc_per_node={world_size}"]
         return shlex.join(launcher + [self.script, *rest, "--out", str(folder), "--resume", str(resume)])
 
     def _record_end(self, status: str, **extra) -> None:
@@ -565,27 +575,42 @@ class Run:
         """results.json as written, or this run's record if there is none."""
         return read_record(self.folder / "results.json") or self.results("finished")
 
+    def _new_run_problem(self) -> Optional[str]:
+        """Why a new run cannot start in the folder, or None: it holds another run's last.pt, or what an earlier
+        run left (:func:`_earlier_run_files`), or a folder where the run writes a file. Checked before the data
+        are read, and again under the run's lock."""
+        folder = self.folder
+        in_the_way = _a_folder_in_the_way(folder)
+        if in_the_way:
+            return in_the_way
+        if (folder / "last.pt").exists():
+            return self._a_run_here()
+        enclosed = _a_run_below(folder)
+        if enclosed:
+            return enclosed
+        earlier = _earlier_run_files(folder)
+        if earlier:
+            best = (f" (its best.pt continues into a new folder: --resume {folder / 'best.pt'} --out NEW_DIR)"
+                    if "best.pt" in earlier and _readable_checkpoint(folder / "best.pt") else "")
+            return (f"{folder} holds {' and '.join(earlier)} of an earlier run but no last.pt to continue it "
+                    f"from{best}; start this run with another --out (or move that folder away); nothing is "
+                    "overwritten.")
+        return _not_a_run(folder)
 
-def new_run_problem(folder: Path) -> Optional[str]:
-    """Why a new run cannot start in ``folder``, or None: it holds another run's last.pt, or what an earlier run
-    left (:func:`_earlier_run_files`), or a folder where the run writes a file. Checked before the data are read,
-    and again under the run's lock."""
-    in_the_way = _a_folder_in_the_way(folder)
-    if in_the_way:
-        return in_the_way
-    if (folder / "last.pt").exists():
-        return (f"{folder} already holds a run (last.pt). Continue it with --resume auto, or start a new run with "
-                "another --out; nothing is overwritten.")
-    enclosed = _a_run_below(folder)
-    if enclosed:
-        return enclosed
-    earlier = _earlier_run_files(folder)
-    if earlier:
-        best = (f" (its best.pt continues into a new folder: --resume {folder / 'best.pt'} --out NEW_DIR)"
-                if "best.pt" in earlier and _readable_checkpoint(folder / "best.pt") else "")
-        return (f"{folder} holds {' and '.join(earlier)} of an earlier run but no last.pt to continue it from{best}; "
-                "start this run with another --out (or move that folder away); nothing is overwritten.")
-    return _not_a_run(folder)
+    def _a_run_here(self) -> str:
+        """The line for a folder that holds a run's last.pt, for a command that starts a new run there: continue it
+        with --resume auto, unless its record (results.json) says it is another method's, or was trained with
+        other options (a given --out, or the method's defaults changed since), which --resume would refuse."""
+        recorded = read_record(self.folder / "results.json")
+        new_run = "start this run with another --out; nothing is overwritten."
+        if recorded and recorded["method"] != self.method_cls.name:
+            return f"{self.folder} already holds a run of {recorded['method']} (last.pt); {new_run}"
+        diffs = recorded and [d for d in recorded_differences(self.method_cls, self.config, recorded, self.world_size)
+                              if d[0] != "epochs"]
+        if diffs:
+            return (f"{self.folder} already holds a run (last.pt) trained with {describe_differences(diffs)}; continue "
+                    f"it with --resume auto and the run's values, or {new_run}")
+        return f"{self.folder} already holds a run (last.pt). Continue it with --resume auto, or {new_run}"
 
 
 def _cannot_create(folder: Path) -> Optional[str]:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import train_dml
-from engine import train
+from engine import UserError, parse_args, train
+from engine.config import resolve, run_name
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "512", "--batch-size", "32",
@@ -57,6 +58,29 @@ def test_only_rank0_writes_and_results_count_both_ranks(two_rank_run):
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["epochs_done"] == 1
     assert len(list((out / "tensorboard").glob("events.*"))) == 1
+
+
+@pytest.mark.slow   # its fixture is a torchrun run
+def test_resume_auto_on_one_process_names_the_torchrun_run(two_rank_run, tmp_path, monkeypatch):
+    """--resume auto without --out on one process, after the same command under torchrun: the run's name holds its
+    number of processes, so the torchrun run and the torchrun command that continues it are named, rather than a
+    new run started beside it."""
+    out, _ = two_rank_run
+    monkeypatch.setenv("OKD_RUNS", str(tmp_path))
+    argv = ARGS + ["--epochs", "1"]
+    dml = train_dml.DML
+    folder = tmp_path / run_name(dml, resolve(dml, parse_args(dml, argv)), world_size=2)
+    shutil.copytree(out, folder)
+    with pytest.raises(UserError) as e:
+        train(dml, argv + ["--resume", "auto"])
+    assert str(e.value) == (f"--resume auto: {folder} holds this run, finished on 2 processes after 1 epochs: nothing "
+                            f"to continue, its results are in {folder} (or leave out --resume to start a new run)")
+    with pytest.raises(UserError) as e:
+        train(dml, ARGS + ["--epochs", "2", "--resume", "auto"])
+    assert str(e.value).startswith(f"--resume auto: {folder} holds this run, trained on 2 processes for 1 epochs (1 "
+                                   "done); continue it with: torchrun --nproc_per_node=2 train_dml.py ")
+    assert f"--out {folder} --resume auto --extend-epochs" in str(e.value)
+    assert os.listdir(tmp_path) == [folder.name]
 
 
 @pytest.mark.slow

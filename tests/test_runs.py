@@ -206,6 +206,31 @@ def test_resume_with_another_training_option_stops(run, flags, named):
     assert _files(run) == before
 
 
+def test_a_new_run_in_a_folder_holding_a_run_is_told_what_resume_would_say(run, monkeypatch):
+    """A command that starts a new run where a run's last.pt lies is told to continue it with --resume auto only
+    when the run's record agrees with it (--epochs aside, which --resume auto names); another method's run, or
+    one trained with other options (a reused --out, or the method's defaults changed since), is not offered."""
+    before, out = _files(run), ["--out", str(run)]
+    for argv, message in [
+            (TINY + out, f"{run} already holds a run (last.pt). Continue it with --resume auto, or start this run "
+                         "with another --out; nothing is overwritten."),
+            (TINY + out + ["--epochs", "2"], f"{run} already holds a run (last.pt). Continue it with --resume auto"),
+            (TINY + out + ["--lr", "0.2"], f"{run} already holds a run (last.pt) trained with --lr 0.1 (this command: "
+                                           "0.2); continue it with --resume auto and the run's values, or start "
+                                           "this run with another --out; nothing is overwritten.")]:
+        with pytest.raises(UserError) as e:
+            train(DML, argv)
+        assert str(e.value).startswith(message)
+    with pytest.raises(UserError) as e:
+        train(train_cl_ilr.CLILR, TINY + out)
+    assert str(e.value) == f"{run} already holds a run of dml (last.pt); start this run with another --out; nothing " \
+                           "is overwritten."
+    monkeypatch.setitem(DML.presets, "paper", dict(DML.presets["paper"], kd_T=3.0))   # the script's default edited
+    with pytest.raises(UserError, match=r"trained with --kd-T 1.0 \(this command: 3.0\); continue it with --resume"):
+        train(DML, TINY + out)
+    assert _files(run) == before
+
+
 def test_resuming_a_finished_run_changes_nothing(run, capsys):
     before = _files(run)
     results = train(DML, TINY + ["--out", str(run), "--resume", "auto"])
@@ -1473,8 +1498,10 @@ def test_resume_auto_names_the_run_trained_to_another_length(run, tmp_path, monk
     assert "--epochs 2" in message and "--extend-epochs" in message
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [folder.name]     # nothing new started
     train(DML, TINY[:-2] + ["--epochs", "2", "--out", str(folder), "--resume", "auto", "--extend-epochs"])
-    with pytest.raises(UserError, match=f"{folder} holds this run, trained for 2 epochs \\(2 done\\)"):
+    with pytest.raises(UserError) as e:     # found again, finished: nothing to continue (it was told to continue it)
         train(DML, TINY[:-2] + ["--epochs", "2", "--resume", "auto"])
+    assert str(e.value) == (f"--resume auto: {folder} holds this run, finished after 2 epochs: nothing to continue, "
+                            f"its results are in {folder} (or leave out --resume to start a new run)")
     with pytest.raises(UserError) as e:      # the first command again: the run it made, now 2 epochs long, finished
         train(DML, args + ["--resume", "auto"])
     assert str(e.value) == (f"--resume auto: {folder} holds this run, finished after 2 epochs (more than --epochs 1 "
