@@ -197,6 +197,7 @@ class Run:
             self._continue_a_record_without_epochs()
             return None
         self.check_data(ckpt, resume)
+        self._check_images(ckpt, resume)
         if self.is_main and (resume.parent == self.folder or not self.done_after(ckpt["epoch"])):
             # (a finished run "resumed" into another --out changes nothing, there or here)
             self._repair_best(resume, ckpt)
@@ -221,6 +222,17 @@ class Run:
             raise UserError(f"{path} was trained on {ckpt['image_size']} px images, this data gives "
                             f"{self.about.get('image_size')} px; give the data it was trained on, or "
                             f"--image-size {ckpt['image_size']}")
+
+    def _check_images(self, ckpt: dict, path: Path) -> None:
+        """A resumed run trains on as many images in each split as its checkpoint was trained on: a folder dataset
+        that gained or lost images since would train the later epochs on other data (other mean and std, other
+        subsets), and the record would state the new counts for every epoch."""
+        before = (ckpt.get("data") or {}).get("images_found")        # (checkpoints of older versions: unknown)
+        now = (self.about.get("data") or {}).get("images_found")
+        if before and now and before != now:
+            counts = [" / ".join(f"{n} {split}" for split, n in found.items()) for found in (before, now)]
+            raise UserError(f"{path} was trained on {counts[0]} images; this data has {counts[1]} (images added or "
+                            "removed since?): give the data it was trained on, or start a new run with another --out")
 
     def _continue_a_record_without_epochs(self) -> None:
         """A run stopped in its first epoch left a record without epochs. The same method with the same options

@@ -538,6 +538,28 @@ def test_eval_only_evaluates_at_the_size_the_run_was_trained_at(tmp_path):
     assert evaluated["epoch"] == 1 and evaluated["image_size"] == 32
 
 
+def test_a_resume_on_a_folder_that_gained_or_lost_images_is_refused(tmp_path):
+    """The later epochs of a resumed run train on the images its checkpoint was trained on: a folder that has
+    gained (or lost) images since is named with both counts, and nothing of the run changes. --eval-only of the
+    checkpoint evaluates on the folder as it is."""
+    root = write_folder(tmp_path / "tree", per_split=(("train", 4), ("val", 1)))
+    out = tmp_path / "run"
+    argv = ["--dataset", "folder", "--data", str(root), "--arch", "resnet20", "--batch-size", "4", "--gpu", "-1",
+            "--threads", "1", "--no-progress", "--out", str(out), "--epochs"]
+    train(train_baseline.Baseline, argv + ["1"])
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    write(root / "train" / FOLDER_CLASSES[0] / "added.png", folder_image(0, 99, "PNG", "RGB", (20, 20)))
+    with pytest.raises(UserError) as e:
+        train(train_baseline.Baseline, argv + ["2", "--resume", "auto", "--extend-epochs"])
+    assert one_line(e) == (f"{out / 'last.pt'} was trained on 12 train / 3 val images; this data has 13 train / 3 val "
+                           "(images added or removed since?): give the data it was trained on, or start a new run "
+                           "with another --out")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert train(train_baseline.Baseline, ["--eval-only", str(out / "last.pt"), "--gpu", "-1", "--no-progress"])
+    (root / "train" / FOLDER_CLASSES[0] / "added.png").unlink()
+    assert train(train_baseline.Baseline, argv + ["2", "--resume", "auto", "--extend-epochs"])["epochs_done"] == 2
+
+
 @pytest.mark.slow
 def test_an_image_that_breaks_in_a_loader_worker_ends_the_process(tmp_path):
     """An image that cannot be read, met by a worker of the file-reading loader in the middle of training (its
