@@ -656,7 +656,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             writer.writerow(["runs", "path", "seed", "status", "epochs_done", "head", "best_top1", "last_top1"])
             for key, group in sorted(groups.items()):
                 for r in group:
-                    for head, value in r.heads("best").items():
+                    for head, value in (r.heads("best") or {"": None}).items():    # (no epoch: its status alone)
                         writer.writerow([key, r.path.parent, r.seed, r.data["status"], r.data.get("epochs_done"),
                                          head, value, r.heads("last").get(head)])
             print(buffer.getvalue(), end="")

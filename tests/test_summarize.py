@@ -166,6 +166,13 @@ def test_table_layout_csv_and_untabled_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| c | baseline |" in out and "| mcl-okd-cifar100/mcl_okd-resnet32 | mcl_okd |" in out
 
+    failed = results(None, 1, {"net": []}, epochs=1, method="baseline", selection="net")
+    write(tmp_path / "c-s1" / "results.json", {**failed, "status": "failed"})   # stopped before its first epoch
+    assert summarize.main([str(tmp_path), "--csv"]) == 0                        # one line each, that one too
+    rows = [r for r in csv.DictReader(io.StringIO(capsys.readouterr().out)) if r["runs"] == "c"]
+    assert [(r["seed"], r["status"], r["epochs_done"], r["head"], r["best_top1"]) for r in rows] == [
+        ("0", "finished", "1", "net", "55.0"), ("1", "failed", "0", "", "")]
+
 
 def test_untabled_runs_are_averaged_only_with_runs_that_trained_the_same(tmp_path, capsys):
     """Folders named alike (``x-s0``, ``x-s1``) in different places are seeds of one run only when they trained the
