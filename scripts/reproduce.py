@@ -20,7 +20,8 @@ The tables and the flags of each cell are in ``scripts/tables.py``. Run ``s`` of
 * a folder that holds a run trained with other training flags than the command (``--extra`` flags that change
   training, e.g. a shortened ``--subset 64 --epochs 1`` check) is reported as "differs: <flags>" and never
   started (the engine would refuse to resume it): run it with the same ``--extra``, or move it away; so is one
-  that holds another script's run ("differs: a run of train_dml.py");
+  that holds another script's run ("differs: a run of train_dml.py"), and one where the engine would start no
+  run, e.g. one holding an earlier run's best.pt without its last.pt ("refused: <the engine's line>");
 * a run another process trains (a second reproduce.py) is "busy": skipped, also when it is taken while queued.
 
 A cell whose method script does not exist yet is listed as "not built" and never run; it becomes live as
@@ -179,12 +180,15 @@ def run_state(run: Run, extra: Sequence[str] = (), world_size: int = 1) -> str:
     """"not built"; "busy: <who>" (another process trains it now, e.g. a second reproduce.py); "differs:
     <flags>" (the folder holds a run of another script, or one trained with other training flags than this
     command: the engine would refuse to resume it, and a finished one is not the table's number); "finished";
-    "resume" (a checkpoint to continue from); or "new"."""
+    "resume" (a checkpoint to continue from, which the engine checks when it starts); "refused: <the engine's
+    line>" (a folder where the engine would start no run, e.g. one that holds an earlier run's best.pt but no
+    last.pt); or "new"."""
     if not run.built:
         return "not built"
     from engine.checkpoint import saved_by
     from engine.config import describe_differences
     from engine.errors import UserError
+    from engine.run import Run as RunFolder
     from engine.run import RunInUse, RunLock, read_run
     try:
         RunLock(run.out).check_free()
@@ -203,7 +207,14 @@ def run_state(run: Run, extra: Sequence[str] = (), world_size: int = 1) -> str:
         if recorded.get("status") == "finished" and recorded.get("epochs_done", 0) >= epochs:
             return "finished"
     # an unreadable results.json: the run is redone or resumed from its checkpoint (the engine checks it)
-    return "resume" if (run.out / "last.pt").is_file() else "new"
+    if (run.out / "last.pt").is_file():
+        return "resume"
+    try:            # (the engine's checks of a folder for a new run, the lock's aside: the lines above read it)
+        folder = RunFolder(run.out, method_class(run.script), command_config(run, extra), [], world_size)
+        folder.check(before_lock=False)
+    except UserError as e:
+        return f"refused: {e}"
+    return "new"
 
 
 # ---- local launcher --------------------------------------------------------------------------------------------
@@ -237,12 +248,13 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
     Each run is its own process (``python train_x.py ... --resume auto``) started in its own session, so Ctrl-C
     reaches this launcher only; it forwards one SIGINT to every run in flight and returns once they have
     stopped. With one job the run's output goes to the terminal, otherwise to ``<run>/train.log``. A run whose
-    folder holds a run trained with other flags ("differs") is never started (main() refuses those up front).
+    folder holds a run trained with other flags ("differs"), or that the engine would refuse ("refused"), is never
+    started (main() refuses those up front).
     Returns {"finished": [...], "skipped": [...], "busy": [...], "failed": [...], "not built": [...],
-    "differs": [...], "interrupted": [...], "not started": [...]} (the last two after a Ctrl-C).
+    "differs": [...], "refused": [...], "interrupted": [...], "not started": [...]} (the last two after a Ctrl-C).
     """
     outcome: dict[str, list] = {k: [] for k in ("finished", "skipped", "busy", "failed", "not built", "differs",
-                                                "interrupted", "not started")}
+                                                "refused", "interrupted", "not started")}
     slots = list(gpus) if gpus else [None] * max(1, jobs)
     queue = []
     for run in runs:
@@ -252,7 +264,7 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
         elif state == "finished":
             outcome["skipped"].append(run)
             log(f"skip (finished): {display_path(run.out)}")
-        elif state.startswith("differs") or state.startswith("busy"):
+        elif state.startswith(("differs", "busy", "refused")):
             outcome[state.split(":")[0]].append(run)
             log(f"not run ({state}): {display_path(run.out)}")
         else:
@@ -430,7 +442,7 @@ def submit_slurm(runs: Sequence[Run], opts: argparse.Namespace, folder: Path, ex
     submitted). Returns the submitit jobs."""
     states = [(r, run_state(r, extra, opts.gpus_per_run)) for r in runs]
     for run, state in states:
-        if state.startswith("busy"):
+        if state.startswith(("busy", "refused")):
             log(f"not submitted ({state}): {display_path(run.out)}")
     todo = [r for r, state in states if state in ("new", "resume")]
     if not todo:
@@ -755,7 +767,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --launcher slurm needs SLURM's {' and '.join(missing)} (run it on the cluster's login node); "
               "here use --launcher local", file=sys.stderr)
         return 2
-    differing = [(r, s) for r in runs for s in [run_state(r, extra, world_size)] if s.startswith("differs")]
+    states = [(r, run_state(r, extra, world_size)) for r in runs]
+    differing = [(r, s) for r, s in states if s.startswith("differs")]
     if differing:
         shown = "; ".join(f"{r.out.name}: {s.removeprefix('differs: ')}" for r, s in differing[:3])
         more = f"; and {len(differing) - 3} more (--dry-run lists them)" if len(differing) > 3 else ""
@@ -773,6 +786,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    refused = [s.removeprefix("refused: ") for _, s in states if s.startswith("refused")]
+    if refused:
+        more = f" (and {len(refused) - 1} more run folder(s): --dry-run lists them)" if len(refused) > 1 else ""
+        print(f"error: {refused[0]}{more}", file=sys.stderr)
+        return 2
     not_built = sorted({r.script for r in runs if not r.built})
     if not_built:
         print(f"not built (listed, not run): {', '.join(not_built)}")
@@ -789,7 +807,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     if outcome["busy"]:
         print("the busy runs are trained by another process: once it ends, re-run the same command for the rest")
-    return 1 if outcome["failed"] or outcome["differs"] or outcome["busy"] else 0
+    return 1 if outcome["failed"] or outcome["differs"] or outcome["refused"] or outcome["busy"] else 0
 
 
 if __name__ == "__main__":

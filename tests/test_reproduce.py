@@ -622,6 +622,27 @@ def test_a_run_of_another_script_or_held_by_another_process_is_named(tmp_path, c
         assert reproduce.run_state(dml) == "new"
 
 
+def test_a_run_folder_the_engine_would_refuse_is_named_before_anything_runs(tmp_path, capsys, monkeypatch):
+    """A cell's folder where the engine would start no run (here: an earlier run's best.pt, its last.pt deleted)
+    is "refused: <the engine's line>": --dry-run says so, and the launch stops with that line before any run
+    starts (it was "new", and the run failed in its log)."""
+    no_training(monkeypatch)
+    runs, _ = reproduce.plan(TABLES["smoke"], [0], tmp_path, {"method": ["dml"]})
+    [dml] = runs
+    dml.out.mkdir(parents=True)
+    (dml.out / "best.pt").write_bytes(b"an earlier run's weights")
+    engine_line = (f"{dml.out} holds best.pt of an earlier run but no last.pt to continue it from; start this run "
+                   "with another --out (or move that folder away); nothing is overwritten.")
+    assert reproduce.run_state(dml) == f"refused: {engine_line}"
+    argv = ["smoke", "--only", "method=dml", "--seeds", "0", "--runs-dir", str(tmp_path)]
+    assert reproduce.main(argv + ["--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith(f"# refused: {engine_line}; DML / ResNet-20")
+    assert error_line(argv, capsys) == f"error: {engine_line}"
+    outcome = reproduce.run_local(runs, log=lambda *_: None)                  # the launcher alone never starts it
+    assert outcome["refused"] == [dml] and not outcome["failed"]
+    assert sorted(p.name for p in dml.out.iterdir()) == ["best.pt"]
+
+
 def test_a_run_taken_by_another_process_while_queued_is_skipped(tmp_path, monkeypatch):
     """Each run's state is read again when its turn comes: one another process took meanwhile is "busy"."""
     from engine.run import RunLock
