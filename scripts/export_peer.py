@@ -156,6 +156,9 @@ def export_peer(checkpoint: Path, peer: int, source: str = "model", head: Option
     if not given and head not in evaluated and "leader" in evaluated and source == "model" and peer == n:
         head = "leader"                  # OKDDip's group leader is its last branch (train_okddip.py's eval_logits)
     top1 = recorded_accuracy(ckpt, head, given=given)
+    if head == "leader" and (source != "model" or peer != n):
+        raise UserError(f"--head leader is the head of OKDDip's group leader, peer {n} of --from model: give --peer "
+                        f"{n} (and no --from), or the head of peer {peer}")
     arch = peer_archs(args["arch"], n)[peer - 1]
     peers = rebuild_peers(sub, args["arch"], args["num_classes"], n)
     net = peers.single_network(peer - 1)

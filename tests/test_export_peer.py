@@ -108,6 +108,11 @@ def test_a_peer_whose_head_has_another_name_is_exported_with_its_accuracy(tmp_pa
     assert capsys.readouterr().err.strip() == ("error: --head ensemble combines the peers, it is not one network's: "
                                                "its accuracy would be stored beside peer 3's weights; give the head "
                                                "of peer 3")
+    assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "1", "--head", "leader", "-o",
+                             str(tmp_path / "l.pt")]) == 2              # the leader's accuracy beside peer 1's weights
+    assert capsys.readouterr().err.strip() == ("error: --head leader is the head of OKDDip's group leader, peer 3 of "
+                                               "--from model: give --peer 3 (and no --from), or the head of peer 1")
+    assert not (tmp_path / "l.pt").exists()
     fake_checkpoint(tmp_path / "d.pt", peers, "resnet20", 3, history_head="student")
     assert export_peer.main([str(tmp_path / "d.pt"), "--peer", "3", "-o", str(tmp_path / "d3.pt")]) == 0
     assert ("no accuracy recorded under head peer3 (the run evaluated student as single networks: --head names this "
