@@ -80,7 +80,7 @@ class ClassNegativeSampler(nn.Module):
             raise ValueError(f"mode must be 'exact' or 'relax'; got {mode!r}")
         if k < 1:
             raise ValueError(f"the number of negatives must be >= 1; got {k}")
-        labels = torch.as_tensor(labels, dtype=torch.int64).cpu()
+        labels = torch.as_tensor(labels, dtype=torch.int64, device="cpu")   # (the host, whatever the default device)
         n = len(labels)
         counts = torch.bincount(labels, minlength=num_classes or 0)
         present = counts > 0

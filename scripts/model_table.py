@@ -132,12 +132,14 @@ class _EvalForward(nn.Module):
 
 
 def method_counts(method_cls, name: str, size: int, classes: int) -> dict:
-    """The whole model of ``method_cls`` with its default flags for backbone ``name`` (on the meta device)."""
+    """The whole model of ``method_cls`` with its default flags for backbone ``name`` (on the meta device), for a
+    training set of 50,000 images in ``classes`` equal classes (MCL-OKD samples its negatives by class)."""
     from engine import parse_args
     args = parse_args(method_cls, ["--arch", name, "--gpu", "-1"])
     method_cls.check_args(args)
+    labels = torch.arange(50_000) % classes
     with torch.device("meta"):
-        method = method_cls(args, classes, n_train=50_000, image_size=size)
+        method = method_cls(args, classes, n_train=len(labels), image_size=size, train_labels=labels)
     return {"params": count_parameters(method.model), "macs": count_macs(_EvalForward(method), size)}
 
 
@@ -202,7 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         members = [backbone_parts(n, *CIFAR) for n in arch_names(entry)]
         rows.append([entry, f"{CIFAR[0]}x{CIFAR[0]}", str(CIFAR[1]), str(len(members)), "independent", "-",
                      f"{sum(m.total('params') for m in members):,}", f"{sum(m.total('macs') for m in members):,}",
-                     "1.00", "1.00"])
+                     "-", "-"])      # (no single backbone to divide by)
     print(markdown(["backbone", "input", "classes", "N", "topology", "trunk stages", "params", "MACs",
                     "params x single", "MACs x single"], rows))
     if method_cls is not None:
@@ -215,6 +217,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             c = method_counts(method_cls, s.name, s.size, s.classes)
             rows.append([s.name, f"{s.size}x{s.size}", str(s.classes), f"{c['params']:,}", f"{c['macs']:,}",
                          f"{c['params'] / s.total('params'):.2f}", f"{c['macs'] / s.total('macs'):.2f}"])
+        for entry in mixed if method_cls.mixed_archs else []:     # the pair itself, where the method takes one
+            c = method_counts(method_cls, entry, *CIFAR)
+            rows.append([entry, f"{CIFAR[0]}x{CIFAR[0]}", str(CIFAR[1]), f"{c['params']:,}", f"{c['macs']:,}", "-", "-"])
+        if mixed and not method_cls.mixed_archs:
+            print(f"(train_{args.method}.py trains peers of one backbone: {', '.join(mixed)} counted per member)")
+            print()
         print(markdown(["backbone", "input", "classes", "params", "MACs", "params x single", "MACs x single"],
                        rows))
     return 0

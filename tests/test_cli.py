@@ -464,6 +464,25 @@ def test_model_table_small_stem_rows_and_method(capsys):
         table.main(["--arch", "resnet20", "--method", "no_such_method"])
 
 
+def test_model_table_counts_mcl_okd_and_a_method_s_pair_of_backbones(capsys):
+    """MCL-OKD, whose class-aware negative sampler reads the training labels, is counted like every method (it
+    was a traceback); a pair of backbones is counted as the method's own model where it takes one (KDCL)."""
+    from models import count_parameters
+    table = load_model_table()
+    mcl = load_method("mcl_okd")
+    args = parse_args(mcl, ["--arch", "resnet20"])
+    mcl.check_args(args)
+    model = mcl(args, 100, n_train=1000, train_labels=torch.arange(1000) % 100).model
+    assert table.main(["--arch", "resnet20", "--peers", "2", "--method", "mcl_okd"]) == 0
+    text = capsys.readouterr().out.split("## train_mcl_okd.py")[1]
+    assert f"| resnet20 | 32x32 | 100 | {count_parameters(model):,} |" in text
+    kdcl = load_method("kdcl")
+    pair = kdcl(parse_args(kdcl, ["--arch", "resnet20,wrn_16_2"]), 100, n_train=1000).model
+    assert table.main(["--arch", "resnet20,wrn_16_2", "--peers", "2", "--method", "kdcl"]) == 0
+    text = capsys.readouterr().out.split("## train_kdcl.py")[1]
+    assert f"| resnet20,wrn_16_2 | 32x32 | 100 | {count_parameters(pair):,} |" in text
+
+
 # ---- 11. a shortened recipe: its schedule in proportion, no warning the user did not cause -------------------
 def test_a_shortened_step_recipe_keeps_its_schedule_in_proportion(recwarn):
     pcl = load_method("pcl")
