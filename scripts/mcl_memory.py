@@ -6,7 +6,8 @@ the official way (each gathered block of memory rows kept for backward) against 
     python scripts/mcl_memory.py --device cuda         # torch.cuda.max_memory_allocated instead of RSS
 
 On the CPU each variant runs in a fresh process and the number is the peak resident set size during the
-step minus the resident size just before it (the banks, embeddings and contrast indices already exist).
+step minus the resident size just before it (the banks, embeddings and contrast indices already exist, and
+the peak of making them is reset first: Linux's /proc/self/clear_refs; elsewhere use --device cuda).
 Sizes whose official step would not fit in the free memory (it grows with N(N-1) B (K+1) d) are refused in one
 line before any process starts, as is --device cuda without a GPU.
 """
@@ -16,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +67,23 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> None:
+    """Set this process's peak resident size (VmHWM) to its current one, so that the peak read afterwards is the
+    step's and not that of making the banks (which briefly needs twice their size)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as e:
+        fail(f"cannot reset the peak resident size here (/proc/self/clear_refs: {e.strerror or e}), so the CPU "
+             "peak would include making the banks; use --device cuda", 2)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident size since :func:`reset_peak_rss` (VmHWM of /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def measure(variant: str, a) -> dict:
     torch.manual_seed(0)
     device = torch.device(a.device)
@@ -79,6 +96,7 @@ def measure(variant: str, a) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
+        reset_peak_rss()
         before = rss_bytes()
     loss = step(banks, emb, contrast, a.n_data, a.tau)
     loss.backward()
@@ -86,7 +104,7 @@ def measure(variant: str, a) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = peak_rss_bytes() - before
     return {"variant": variant, "peak_mib": peak / MIB, "loss": loss.item(),
             "grad_norm": emb.grad.norm().item()}
 
