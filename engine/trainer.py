@@ -96,6 +96,12 @@ class Trainer:
         info = self.loaders.info
         self.method = method_cls(args, info.num_classes, self.loaders.n_train, info.image_size,
                                  train_labels=self.loaders.train.labels)
+        if args.batch_size == 1 and not args.eval_only:   # (the loaders drop a last batch of one sample too)
+            one_sample = next((f"{key}.{name}" for key, module in self.modules.items()
+                               for name, m in module.named_modules() if isinstance(m, nn.BatchNorm1d)), None)
+            if one_sample:
+                raise UserError(f"--batch-size 1: {one_sample} normalises over the batch (BatchNorm1d), which cannot "
+                                "train on one sample; give --batch-size 2 or more")
         if args.grouped_peers:   # every Peers of the method's modules (a temporal mean of the model too)
             try:
                 for peers in [m for module in self.modules.values() for m in module.modules() if isinstance(m, Peers)]:

@@ -145,6 +145,20 @@ def test_best_metric_names_an_evaluated_head(head, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_batch_size_1_is_refused_where_the_model_normalises_over_the_batch(tmp_path):
+    """ONE's gate (and HCGNet's gates) hold BatchNorm1d, which cannot train on one sample: --batch-size 1 stops in
+    one line naming the layer, before any step and with nothing written (it was a traceback from the first step).
+    A model with only BatchNorm2d trains at --batch-size 1."""
+    import train_one
+    argv = FAST + ["--epochs", "1", "--subset", "16", "--batch-size", "1", "--out", str(tmp_path / "run")]
+    with pytest.raises(UserError) as e:
+        train(train_one.ONE, argv)
+    assert str(e.value) == ("--batch-size 1: model.gate.norm normalises over the batch (BatchNorm1d), which cannot "
+                            "train on one sample; give --batch-size 2 or more")
+    assert not (tmp_path / "run").exists()
+    assert train(train_baseline.Baseline, argv)["epochs_done"] == 1
+
+
 def test_a_folder_that_is_not_a_run_is_no_out(tmp_path):
     """--out of a folder that holds what no run writes (a user's files, a home folder, a dataset's root) stops in one
     line before anything is read or written: the run's files would mix with the user's, and every later run below
