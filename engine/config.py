@@ -109,7 +109,8 @@ def _check_engine_flags(a: argparse.Namespace, method_cls) -> None:
     gpu = torch.cuda.is_available() and (a.gpu is None or a.gpu >= 0)
     name = method_cls.name
     if "," in a.arch and not method_cls.mixed_archs:
-        raise UserError(f"--arch {a.arch}: {name}'s peers share layers, so they have one architecture; give one name")
+        raise UserError(f"--arch {a.arch}: {name} builds its peers from one architecture (they share layers, or "
+                        "exchange features of one shape); give one name")
     if a.grouped_peers and method_cls.num_peers is None:
         raise UserError(f"{name} trains a single network: --grouped-peers has nothing to group; leave it out")
     if a.grouped_peers and not method_cls.groupable_peers:

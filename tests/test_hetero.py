@@ -9,6 +9,7 @@ import torch
 
 import train_baseline
 import train_cmff
+import train_dccl
 import train_dml
 import train_one
 from engine import UserError, train
@@ -70,6 +71,7 @@ def test_cli_refusals_are_one_line(method, argv, capsys):
 
 @pytest.mark.parametrize("method,extra,expected", [
     (train_one.ONE, [], "share layers"),
+    (train_dccl.DCCL, [], r"dccl builds its peers from one architecture \(they share layers, or exchange features"),
     (train_dml.DML, ["--preset", "mcl-okd", "--num-peers", "2"], r"--topology shared \(--preset mcl-okd's\): "),
     (train_dml.DML, ["--topology", "shared"], "--topology shared: shared-trunk"),   # (no preset named: it gave none)
     (train_dml.DML, ["--grouped-peers"], "different architectures"),
