@@ -505,6 +505,21 @@ def test_a_shortened_step_recipe_keeps_its_schedule_in_proportion(recwarn):
                                                              "15 22 of 40")
 
 
+def test_an_extended_run_says_its_shortened_schedule_was_kept(tmp_path):
+    """--extend-epochs keeps the milestones of the shortened recipe (README): the note the run prints and records
+    says so, rather than 'scaled to 1 2 of 2' for a run of 3 epochs; extended again, it names the last length."""
+    from engine import train
+    ffl, out = load_method("ffl"), str(tmp_path / "run")
+    train(ffl, ["--dataset", "synthetic", "--arch", "resnet20", "--subset", "32", "--batch-size", "32", "--gpu",
+                "-1", "--no-progress", "--workers", "0", "--epochs", "2", "--out", out])
+    note = "the recipe's x0.1 at epochs 150 225 of 300, scaled to 1 2 of 2"
+    for epochs in (3, 4):
+        results = train(ffl, ["--resume", f"{out}/last.pt", "--epochs", str(epochs), "--extend-epochs", "--gpu", "-1",
+                              "--no-progress"])
+        assert results["args"]["milestones"] == [1, 2]
+        assert results["args"]["schedule_note"] == f"{note}; kept by --extend-epochs to {epochs} epochs"
+
+
 @pytest.mark.parametrize("method, argv, flag, shown", [
     ("pcl", ["--epochs", "30"], "--milestones", "(default: 15 22)"),
     ("ffl", ["--epochs=30"], "--milestones", "(default: 15 22)"),
