@@ -112,6 +112,11 @@ def load_imagenet(data=None, classes=None) -> tuple[ImageFiles, ImageFiles]:
             raise DatasetNotFoundError("imagenet", f"the folder {d.name}/ is missing", [d], FIX)
     flat = [p for p in val_dir.iterdir() if p.is_file() and not p.name.startswith(".")
             and p.suffix.lower() in IMAGE_SUFFIXES]
+    if flat and visible_dirs(val_dir):          # sorted already: what prepare_imagenet_val.py left in place
+        raise BadDatasetError(f"dataset 'imagenet': {val_dir} holds {len(flat)} image file(s) beside its class folders "
+                              f"(e.g. {sorted(flat)[0].name}), which prepare_imagenet_val.py leaves where it finds no "
+                              "label or the class folder already holds that name. Fix: move each into its class "
+                              "folder, or delete it")
     if flat:
         raise DatasetNotFoundError(
             "imagenet", f"{val_dir} holds {len(flat)} image files directly (the flat layout of the "

@@ -14,12 +14,13 @@ Usage::
     python scripts/prepare_imagenet_val.py --val-dir /data/imagenet/val \\
         --labels ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt --dry-run
 
-``--dry-run`` prints what would move and changes nothing. Images already in class folders are left alone,
+``--dry-run`` prints what would move and changes nothing (with the exit status of the real run). Images already in class folders are left alone,
 so the script can be re-run after an interruption; a flat image whose class folder already holds a file of
 its name stays put (counted, exit status 1): nothing is replaced. The label file is checked before anything
 moves: a missing file, a malformed row (a file cut short) or a wnid with no class folder in the sibling
-``train/`` stops the script with one line (exit status 2); flat images without a label are counted and left
-in place (exit status 1).
+``train/`` stops the script with one line (exit status 2), and so does a file named like a class folder;
+flat images without a label are counted and left in place (exit status 1), and the dataset is refused until
+they are moved into their class folder or deleted.
 """
 from __future__ import annotations
 
@@ -143,6 +144,9 @@ def main(argv=None) -> int:
     kept = set(taken)
     moves = [(src, dst) for src, dst in moves if (src, dst) not in kept]
     classes = sorted({dst.parent.name for _, dst in moves})
+    blocked = [d for d in (args.val_dir / wnid for wnid in classes) if (d.exists() or d.is_symlink()) and not d.is_dir()]
+    if blocked:
+        fail(f"{blocked[0]} is a file where the class folder {blocked[0].name}/ goes; move it away (nothing was moved)")
     print(f"{len(moves)} images into {len(classes)} class folders under {args.val_dir}"
           + (f"; {len(unlabelled)} images have no label and stay put" if unlabelled else "")
           + (f"; {len(taken)} stay put because their class folder already holds a file of that name (e.g. "
@@ -152,12 +156,12 @@ def main(argv=None) -> int:
             print(f"  {src.name} -> {dst.parent.name}/")
         if len(moves) > 10:
             print(f"  ... and {len(moves) - 10} more (dry run: nothing moved)")
-        return 0
-    for wnid in classes:
-        (args.val_dir / wnid).mkdir(exist_ok=True)
-    for src, dst in moves:
-        src.replace(dst)
-    return 1 if unlabelled or taken else 0
+    else:
+        for wnid in classes:
+            (args.val_dir / wnid).mkdir(exist_ok=True)
+        for src, dst in moves:
+            src.replace(dst)
+    return 1 if unlabelled or taken else 0      # (images left in place: the dataset is refused until they go)
 
 
 if __name__ == "__main__":

@@ -514,3 +514,33 @@ def test_prepare_imagenet_val_missing_files_are_one_line_and_nothing_is_replaced
     assert (tmp_path / "val" / "n00000001" / "ILSVRC2012_val_00000001.JPEG").read_bytes() == b"already sorted"
     assert (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").read_bytes() == b"the flat copy"
     assert (tmp_path / "val" / "n00000001" / "ILSVRC2012_val_00000002.JPEG").read_bytes() == b"image 2"
+
+
+def test_prepare_imagenet_val_a_file_named_like_a_class_and_what_it_leaves_are_one_line(tmp_path, capsys):
+    """A file where a class folder goes is named before anything moves (it was a traceback after the plan was
+    printed); --dry-run exits as the real run would (1: images stay put); the images the script leaves beside
+    the class folders are named as such by the dataset (it sent the user back to this script)."""
+    from data import DatasetError
+    from data.imagenet import load_imagenet
+    prepare = script("prepare_imagenet_val")
+    val = tmp_path / "imagenet" / "val"
+    val.mkdir(parents=True)
+    labels = tmp_path / "LOC_val_solution.csv"
+    labels.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n00000001 1 2 3 4\n")
+    for name in ("ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG"):      # the second has no label
+        (val / name).write_bytes(b"an image")
+    (val / "n00000001").write_text("a file, not a folder")
+    argv = ["--val-dir", str(val), "--labels", str(labels)]
+    with pytest.raises(SystemExit) as exit_:
+        prepare.main(argv)
+    assert one_line(exit_.value.code, capsys.readouterr().err) == (
+        f"error: {val / 'n00000001'} is a file where the class folder n00000001/ goes; move it away (nothing was moved)")
+    assert sorted(p.name for p in val.iterdir()) == ["ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG",
+                                                      "n00000001"]
+    (val / "n00000001").unlink()
+    assert prepare.main(argv + ["--dry-run"]) == 1 and prepare.main(argv) == 1
+    (tmp_path / "imagenet" / "train" / "n00000001").mkdir(parents=True)
+    with pytest.raises(DatasetError) as e:
+        load_imagenet(tmp_path / "imagenet")
+    assert str(e.value).startswith(f"dataset 'imagenet': {val} holds 1 image file(s) beside its class folders (e.g. "
+                                   "ILSVRC2012_val_00000002.JPEG), which prepare_imagenet_val.py leaves")
