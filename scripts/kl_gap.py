@@ -90,11 +90,11 @@ def measure(model: DCCLNet, images: torch.Tensor, T: float) -> list[tuple]:
     return rows
 
 
-def batch_of(dataset: str, data: Optional[str], size: int, seed: int):
+def batch_of(dataset: str, data: Optional[str], size: int, seed: int, download: bool = False):
     if dataset in FILE_DATASETS:                # a checkpoint trained on one (--dataset itself has choices)
         raise UserError(f"kl_gap.py draws its batch from a built-in small-image dataset "
                         f"({', '.join(SMALL_DATASETS)}), not {dataset}")
-    train, _ = load_dataset(dataset, data)
+    train, _ = load_dataset(dataset, data, download)
     info = dataset_info(dataset)
     loader = DeviceLoader(train, info, size, "cpu", train=True, seed=seed, pad_mode="reflect")
     loader.set_epoch(0)
@@ -144,6 +144,7 @@ def main(argv: Optional[list] = None) -> int:
                    help=f"default: the checkpoints' dataset, else {DEFAULT_DATASET}")
     p.add_argument("--data", type=dataset_folder, default=None, metavar="DIR",
                    help="the dataset's folder, as for training (default: the checkpoints' --data, else the usual place)")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing, as for training")
     p.add_argument("--num-classes", type=number(int, at_least=2, at_most=MAX_CLASSES,
                                                 why="classes of a classification head (over one class every KL is "
                                                     "0); ImageNet-21k has 21,841"),
@@ -172,7 +173,7 @@ def measure_and_print(a) -> int:
         model_entry(arch)                                                    # an unknown name: one line, first
     dataset = checkpoint_dataset(checkpoints, a.dataset)
     data = a.data or next((c["args"].get("data") for c in checkpoints.values() if c["args"].get("data")), None)
-    images, num_classes = batch_of(dataset, data, a.batch_size, a.seed)
+    images, num_classes = batch_of(dataset, data, a.batch_size, a.seed, a.download)
     nets = []
     for arch in a.arch:
         torch.manual_seed(a.seed)

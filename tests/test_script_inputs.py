@@ -399,6 +399,19 @@ def test_kl_gap_checkpoint_refused_in_one_line_before_data_is_loaded(dml_run, dc
         assert message in one_line(exit_.value.code, capsys.readouterr().err)
 
 
+def test_kl_gap_takes_the_download_flag_its_missing_data_line_names(tmp_path, capsys, monkeypatch):
+    """A missing dataset's line says 'pass --download'; kl_gap.py takes it (it was 'unrecognized arguments')."""
+    kl_gap = script("kl_gap")
+    monkeypatch.setenv("OKD_DATASETS", str(tmp_path))
+    line = one_line(kl_gap.main(["--arch", "resnet20", "--dataset", "cifar10"]), capsys.readouterr().err)
+    assert "pass --download to fetch" in line
+    asked = []
+    monkeypatch.setattr(kl_gap, "load_dataset", lambda name, data, download: asked.append(download) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        kl_gap.main(["--arch", "resnet20", "--dataset", "cifar10", "--download"])
+    assert asked == [True]
+
+
 def test_kl_gap_measures_a_dccl_checkpoint_on_its_own_data(dccl_run, capsys):
     kl_gap = script("kl_gap")
     assert kl_gap.main(["--checkpoint", str(dccl_run / "last.pt"), "--batch-size", "8"]) == 0
