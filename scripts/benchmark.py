@@ -300,7 +300,9 @@ def main(argv=None):
         method_cls = load_method(a.method)
     except UserError as e:
         fail(str(e))
-    if a.peers is not None and method_cls.num_peers is not None:
+    if a.peers is not None and method_cls.num_peers is None:
+        fail(f"--peers {a.peers}: train_{a.method}.py trains a single network; leave --peers out")
+    if a.peers is not None:
         try:
             peer_count(method_cls)(str(a.peers))
         except argparse.ArgumentTypeError as e:

@@ -153,8 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "when damaged (not for imagenet or folder)")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE",
                         help="imagenet, tinyimagenet, folder: also write the bad files' paths here, one a line "
-                             "(an existing file is refused unless --force, a file inside --data always; written "
-                             "whole or not at all)")
+                             "(an existing file is refused unless --force, a file inside the checked images' folder "
+                             "always: --data, or TinyImageNet's tiny-imagenet-200/ in it; written whole or not at all)")
     parser.add_argument("--force", action="store_true", help="replace the --out file if it exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -76,6 +76,8 @@ def test_benchmark_rejects_unknown_options(capsys, monkeypatch):
                                                                 "train_<method>.py scripts")
     assert refused(monkeypatch, capsys, "--device", "cpu", "--method", "cmff", "--peers", "3") == (
         "error: --peers 3: must be 2; got 3 (the number of peers cmff trains)")          # the method's own range
+    assert refused(monkeypatch, capsys, "--device", "cpu", "--method", "baseline", "--peers", "3") == (
+        "error: --peers 3: train_baseline.py trains a single network; leave --peers out")   # (it was ignored)
 
 
 def test_benchmark_checks_every_configuration_before_it_builds_one(capsys, monkeypatch):
