@@ -346,7 +346,10 @@ class Trainer:
         self.run.log(f"{self.method_cls.name}: {a.arch} on {a.dataset} ({self.loaders.n_train} train images), "
                      f"{n_params / 1e6:.3f}M parameters, device {self.device}, amp {a.amp}, "
                      f"global batch {a.batch_size * self.dist.world_size} "
-                     f"({a.batch_size} x {self.dist.world_size} process(es)), recipe {a.recipe}"
+                     f"({a.batch_size} x {self.dist.world_size} process(es)"
+                     + (f"; more than the {self.loaders.n_train} training images: one smaller batch an epoch"
+                        if a.batch_size * self.dist.world_size > self.loaders.n_train else "")
+                     + f"), recipe {a.recipe}"
                      + (f" ({a.schedule_note})" if a.schedule_note else "") + f", out {self.run.folder}")
         for epoch in range(start_epoch, a.epochs):
             self.optimization.set_epoch(epoch)

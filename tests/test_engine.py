@@ -159,6 +159,15 @@ def test_batch_size_1_is_refused_where_the_model_normalises_over_the_batch(tmp_p
     assert train(train_baseline.Baseline, argv)["epochs_done"] == 1
 
 
+def test_a_batch_larger_than_the_training_set_is_said(tmp_path, capsys):
+    """--batch-size above the number of training images (a --subset check at the default batch) trains one smaller
+    batch an epoch: the first line says so beside the batch it names."""
+    train(train_baseline.Baseline, FAST + ["--epochs", "1", "--subset", "16", "--batch-size", "32", "--out",
+                                           str(tmp_path / "run")])
+    assert ("global batch 32 (32 x 1 process(es); more than the 16 training images: one smaller batch an epoch)"
+            in capsys.readouterr().out)
+
+
 def test_a_folder_that_is_not_a_run_is_no_out(tmp_path):
     """--out of a folder that holds what no run writes (a user's files, a home folder, a dataset's root) stops in one
     line before anything is read or written: the run's files would mix with the user's, and every later run below
