@@ -261,7 +261,7 @@ def _cmff_tinyimagenet() -> Table:
 PCL_BACKBONES = [("ResNet-32", "resnet32"), ("ResNet-110", "resnet110_bottleneck"), ("VGG-16", "vgg16"),
                  ("DenseNet-40-12", "densenet40_12"), ("WRN-20-8", "wrn_20_8")]
 PCL_PROTOCOL = ("--recipe", "okddip")
-PCL_METHODS = [("DML", "dml", ()), ("CL", "cl_ilr", ()), ("ONE", "one", ("--preset", "paper")), ("FFL-S", "ffl", ()),
+PCL_METHODS = [("DML", "dml", ()), ("CL", "cl_ilr", ()), ("ONE", "one", ("--preset", "paper")), ("FFL-S", "ffl", ("--pad-mode", "zero")),
                ("OKDDip", "okddip", ()), ("KDCL", "kdcl", ("--ensemble", "minlogit")), ("PCL", "pcl", ())]
 PCL_ACCURACY = {   # (mean, std) per method in PCL_METHODS order
     "ResNet-32": ((73.68, .14), (72.33, .46), (73.79, .41), (72.18, .11), (73.25, .38), (73.76, .34), (74.14, .16)),
@@ -279,7 +279,8 @@ def _pcl_cifar100() -> Table:
     for row, arch in PCL_BACKBONES:
         for (label, method, flags), (mean, std) in zip(PCL_METHODS, PCL_ACCURACY[row]):
             t.cells.append(cell(row, label, method, arch, flags + PCL_PROTOCOL, mean, std=std))
-    t.notes = ["Every method at the OKDDip/PCL protocol (`--recipe okddip`: steps at 150/225, weight decay 5e-4). "
+    t.notes = ["Every method at the OKDDip/PCL protocol (`--recipe okddip`: steps at 150/225, weight decay 5e-4; "
+               "the usual zero-padded crop, so FFL-S leaves its code's reflect padding: `--pad-mode zero`). "
                "\"ResNet-110\" is the bottleneck one and \"WRN-20-8\" the OKDDip/PCL `wrn_20_8` (docs/backbones.md). "
                "Single = the mean over the peers (OKDDip: the leader, PCL: the head it deploys)."]
     return t
