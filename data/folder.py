@@ -448,8 +448,9 @@ def check_fix(root: Path) -> str:
 
 
 def stream_fix(root: Path) -> str:
-    return ("replace it (or delete it), then continue with --resume auto: the last finished epoch's checkpoint is "
-            f"intact; python scripts/check_dataset.py --dataset folder --data {root} lists every bad file")
+    return ("replace it with a readable copy, then continue with --resume auto: the last finished epoch's checkpoint "
+            "is intact (deleted instead, it changes the data: a run resumes only on the images it was trained on, so "
+            f"start a new one); python scripts/check_dataset.py --dataset folder --data {root} lists every bad file")
 
 
 class FolderData(NamedTuple):

@@ -55,8 +55,9 @@ def test_transform(size: int = 224, resize: int = 256, mean=IMAGENET_MEAN, std=I
 
 
 def replace_fix(root) -> str:
-    return ("replace it from the ILSVRC-2012 archive (or delete it), then continue with --resume auto: the last "
-            f"finished epoch's checkpoint is intact; {CHECK.format(root=root)}")
+    return ("replace it from the ILSVRC-2012 archive, then continue with --resume auto: the last finished epoch's "
+            "checkpoint is intact (deleted instead, it changes the data: a run resumes only on the images it was "
+            f"trained on, so start a new one); {CHECK.format(root=root)}")
 
 
 class ImageFiles(Dataset):
@@ -114,9 +115,10 @@ def load_imagenet(data=None, classes=None) -> tuple[ImageFiles, ImageFiles]:
             and p.suffix.lower() in IMAGE_SUFFIXES]
     if flat and visible_dirs(val_dir):          # sorted already: what prepare_imagenet_val.py left in place
         raise BadDatasetError(f"dataset 'imagenet': {val_dir} holds {len(flat)} image file(s) beside its class folders "
-                              f"(e.g. {sorted(flat)[0].name}), which prepare_imagenet_val.py leaves where it finds no "
-                              "label or the class folder already holds that name. Fix: move each into its class "
-                              "folder, or delete it")
+                              f"(e.g. {sorted(flat)[0].name}): a sort into class folders that was interrupted, or "
+                              "images it left (no label, or a file of that name already in the class folder). Fix: run "
+                              "scripts/prepare_imagenet_val.py again (it moves what has a label), then move or delete "
+                              "what it leaves")
     if flat:
         raise DatasetNotFoundError(
             "imagenet", f"{val_dir} holds {len(flat)} image files directly (the flat layout of the "

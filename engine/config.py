@@ -180,9 +180,10 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], c
         if kept.get("dataset", args.dataset) == "folder" and kept.get("image_size", args.image_size) is None:
             kept["image_size"] = ckpt.get("image_size")      # evaluated at the size it was trained at
     if "milestones" not in given and "sgdr_t0" not in given:   # the checkpoint's schedule, as it was shortened
-        note = saved.get("schedule_note") and saved["schedule_note"].split("; kept by")[0]
-        longer = note and "epochs" in free and f"; kept by --extend-epochs to {given['epochs']} epochs"
-        kept["schedule_note"] = note and note + (longer or "")
+        note = saved.get("schedule_note")
+        if note and "epochs" in free:                          # extended (again): the length it is extended to
+            note = note.split("; kept by")[0] + f"; kept by --extend-epochs to {given['epochs']} epochs"
+        kept["schedule_note"] = note
     merged = argparse.Namespace(**{**vars(args), **kept})
     warn_unused_schedule_flags(merged, given)
     return merged

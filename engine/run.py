@@ -36,7 +36,7 @@ from data.files import (RUN_EVALUATIONS, RUN_FILES, RUN_LOCK, RUN_TENSORBOARD, c
                         os_error_message, run_file_role)
 from recipes import RECIPE_KEYS, RECIPES
 
-from .checkpoint import FORMAT, atomic_save, atomic_write, check_saved_by, load_checkpoint
+from .checkpoint import FORMAT, atomic_save, atomic_write, check_saved_by, load_checkpoint, saved_by
 from .cli import resume_path
 from .config import RunConfig, describe_differences, new_run_hint, recorded_differences, without_hash
 from .distributed import any_rank, barrier
@@ -128,7 +128,8 @@ class Run:
         check_saved_by(ckpt, resume, self.method_cls.name, "resume")
         diffs = recorded_differences(self.method_cls, self.config, ckpt, self.world_size)
         if diffs and all(key == "epochs" for key, _, _ in diffs) and self.config.resume == "auto":
-            raise self._continue_instead(self.folder, ckpt["args"]["epochs"], ckpt["epoch"], "another --out")
+            raise self._continue_instead(self.folder, ckpt["args"]["epochs"], ckpt["epoch"], "another --out",
+                                         finished=ckpt["epoch"] >= ckpt["args"]["epochs"])
         if diffs:
             raise UserError(f"{resume} was trained with {describe_differences(diffs)}. Resume with the "
                             f"checkpoint's values, or {new_run_hint(self.config.resume)}")
@@ -257,18 +258,19 @@ class Run:
             diffs = recorded and recorded_differences(self.method_cls, self.config, recorded, self.world_size)
             if recorded and all(key in ("epochs", "world_size") for key, _, _ in diffs):
                 raise self._continue_instead(other, recorded["epochs"], recorded["epochs_done"], "leave out --resume",
-                                             recorded.get("world_size", 1))
+                                             recorded.get("world_size", 1), recorded["status"] == "finished")
 
-    def _continue_instead(self, folder: Path, epochs: int, done: int, new_run: str, world_size: int = 0
-                          ) -> UserError:
+    def _continue_instead(self, folder: Path, epochs: int, done: int, new_run: str, world_size: int = 0,
+                          finished: bool = False) -> UserError:
         """The line naming the run in ``folder`` that this command would continue but for its --epochs (the run's
         are ``epochs``, ``done`` of them trained) or its number of processes (the run's: ``world_size``; 0: this
         command's), with the command that does: its own --epochs when this command asks fewer, --extend-epochs
-        when it asks more, its torchrun; ``new_run``: how to start a new run instead. A finished run that this
-        command would not train longer has nothing to continue: its results are named."""
+        when it asks more, its torchrun; ``new_run``: how to start a new run instead. A ``finished`` run that this
+        command would not train longer has nothing to continue: its results are named (one whose best.pt a resume
+        must still rebuild is not finished: :func:`read_run`)."""
         world_size = world_size or self.world_size
         processes = "" if world_size == self.world_size else f" on {world_size} process{'es' * (world_size > 1)}"
-        if done >= epochs >= self.config.epochs:
+        if finished and done >= epochs >= self.config.epochs:
             more = f" (more than --epochs {self.config.epochs} asks)" if epochs > self.config.epochs else ""
             return UserError(f"--resume auto: {folder} holds this run, finished{processes} after {epochs} "
                              f"epochs{more}: nothing to continue, its results are in {folder} (or {new_run} to start "
@@ -612,11 +614,14 @@ class Run:
     def _a_run_here(self) -> str:
         """The line for a folder that holds a run's last.pt, for a command that starts a new run there: continue it
         with --resume auto, unless its record (results.json) says it is another method's, or was trained with
-        other options (a given --out, or the method's defaults changed since), which --resume would refuse."""
-        recorded = read_record(self.folder / "results.json")
+        other options (a given --out, or the method's defaults changed since), which --resume would refuse. (The
+        record: results.json, or last.pt's own when results.json is behind it, lost or hand-edited.)"""
+        recorded = read_run(self.folder)
+        if not (recorded and recorded.get("method")):    # (a hand-edited record: the checkpoint's own)
+            recorded = _readable_checkpoint(self.folder / "last.pt")
         new_run = "start this run with another --out; nothing is overwritten."
         if recorded and recorded["method"] != self.method_cls.name:
-            return f"{self.folder} already holds a run of {recorded['method']} (last.pt); {new_run}"
+            return f"{self.folder} already holds a run of {saved_by(recorded)} (last.pt); {new_run}"
         diffs = recorded and [d for d in recorded_differences(self.method_cls, self.config, recorded, self.world_size)
                               if d[0] != "epochs"]
         if diffs:

@@ -96,7 +96,8 @@ class Trainer:
         info = self.loaders.info
         self.method = method_cls(args, info.num_classes, self.loaders.n_train, info.image_size,
                                  train_labels=self.loaders.train.labels)
-        if args.batch_size == 1 and not args.eval_only:   # (the loaders drop a last batch of one sample too)
+        # (the loaders drop a last batch of one sample too; --sync-bn on 2+ processes normalises over all of them)
+        if args.batch_size == 1 and not args.eval_only and not (args.sync_bn and self.dist.world_size > 1):
             one_sample = next((f"{key}.{name}" for key, module in self.modules.items()
                                for name, m in module.named_modules() if isinstance(m, nn.BatchNorm1d)), None)
             if one_sample:

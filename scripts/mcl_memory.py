@@ -75,7 +75,7 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError as e:
         fail(f"cannot reset the peak resident size here (/proc/self/clear_refs: {e.strerror or e}), so the CPU "
-             "peak would include making the banks; use --device cuda", 2)
+             "peak would include making the banks; use --device cuda", 1)
 
 
 def peak_rss_bytes() -> int:
@@ -152,7 +152,7 @@ def measure_in_child(variant: str, argv: list) -> dict:
     if out.returncode != 0:
         said = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
         if said:
-            fail(said[-1].removeprefix("error: "), 2)
+            fail(said[-1].removeprefix("error: "), out.returncode if out.returncode in (1, 2) else 2)
         how = (f"killed by signal {-out.returncode}, most likely for lack of memory: lower --k or --batch"
                if out.returncode < 0 else f"exit status {out.returncode}: "
                + (out.stderr.strip().splitlines() or ["no message"])[-1])

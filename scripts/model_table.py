@@ -219,7 +219,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          f"{c['params'] / s.total('params'):.2f}", f"{c['macs'] / s.total('macs'):.2f}"])
         for entry in mixed if method_cls.mixed_archs else []:     # the pair itself, where the method takes one
             c = method_counts(method_cls, entry, *CIFAR)
-            rows.append([entry, f"{CIFAR[0]}x{CIFAR[0]}", str(CIFAR[1]), f"{c['params']:,}", f"{c['macs']:,}", "-", "-"])
+            rows.append([entry, f"{CIFAR[0]}x{CIFAR[0]}", str(CIFAR[1]), f"{c['params']:,}", f"{c['macs']:,}",
+                         "-", "-"])
         if mixed and not method_cls.mixed_archs:
             print(f"(train_{args.method}.py trains peers of one backbone: {', '.join(mixed)} counted per member)")
             print()

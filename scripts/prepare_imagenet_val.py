@@ -14,9 +14,9 @@ Usage::
     python scripts/prepare_imagenet_val.py --val-dir /data/imagenet/val \\
         --labels ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt --dry-run
 
-``--dry-run`` prints what would move and changes nothing (with the exit status of the real run). Images already in class folders are left alone,
-so the script can be re-run after an interruption; a flat image whose class folder already holds a file of
-its name stays put (counted, exit status 1): nothing is replaced. The label file is checked before anything
+``--dry-run`` prints what would move and changes nothing (with the exit status of the real run). Images
+already in class folders are left alone, so the script can be re-run after an interruption; a flat image whose
+class folder already holds a file of its name stays put (counted, exit status 1): nothing is replaced. The label file is checked before anything
 moves: a missing file, a malformed row (a file cut short) or a wnid with no class folder in the sibling
 ``train/`` stops the script with one line (exit status 2), and so does a file named like a class folder;
 flat images without a label are counted and left in place (exit status 1), and the dataset is refused until
@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     kept = set(taken)
     moves = [(src, dst) for src, dst in moves if (src, dst) not in kept]
     classes = sorted({dst.parent.name for _, dst in moves})
-    blocked = [d for d in (args.val_dir / wnid for wnid in classes) if (d.exists() or d.is_symlink()) and not d.is_dir()]
+    folders = [args.val_dir / wnid for wnid in classes]
+    blocked = [d for d in folders if (d.exists() or d.is_symlink()) and not d.is_dir()]
     if blocked:
         fail(f"{blocked[0]} is a file where the class folder {blocked[0].name}/ goes; move it away (nothing was moved)")
     print(f"{len(moves)} images into {len(classes)} class folders under {args.val_dir}"

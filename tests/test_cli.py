@@ -518,6 +518,12 @@ def test_an_extended_run_says_its_shortened_schedule_was_kept(tmp_path):
                               "--no-progress"])
         assert results["args"]["milestones"] == [1, 2]
         assert results["args"]["schedule_note"] == f"{note}; kept by --extend-epochs to {epochs} epochs"
+    evaluated = parse_args(ffl, ["--eval-only", f"{out}/last.pt"])     # read back without extending: kept as recorded
+    from engine.checkpoint import load_checkpoint
+    from engine.config import from_checkpoint
+    kept = from_checkpoint(ffl, evaluated, ["--eval-only", f"{out}/last.pt"], load_checkpoint(f"{out}/last.pt"),
+                           tmp_path / "run" / "last.pt", True)
+    assert kept.schedule_note == f"{note}; kept by --extend-epochs to 4 epochs"
 
 
 @pytest.mark.parametrize("method, argv, flag, shown", [

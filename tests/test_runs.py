@@ -206,7 +206,7 @@ def test_resume_with_another_training_option_stops(run, flags, named):
     assert _files(run) == before
 
 
-def test_a_new_run_in_a_folder_holding_a_run_is_told_what_resume_would_say(run, monkeypatch):
+def test_a_new_run_in_a_folder_holding_a_run_is_told_what_resume_would_say(run, tmp_path, monkeypatch):
     """A command that starts a new run where a run's last.pt lies is told to continue it with --resume auto only
     when the run's record agrees with it (--epochs aside, which --resume auto names); another method's run, or
     one trained with other options (a reused --out, or the method's defaults changed since), is not offered."""
@@ -223,8 +223,15 @@ def test_a_new_run_in_a_folder_holding_a_run_is_told_what_resume_would_say(run, 
         assert str(e.value).startswith(message)
     with pytest.raises(UserError) as e:
         train(train_cl_ilr.CLILR, TINY + out)
-    assert str(e.value) == f"{run} already holds a run of dml (last.pt); start this run with another --out; nothing " \
-                           "is overwritten."
+    assert str(e.value) == f"{run} already holds a run of train_dml.py (last.pt); start this run with another --out; " \
+                           "nothing is overwritten."
+    copy = tmp_path / "copy"              # results.json damaged, or without its method: last.pt's record is read
+    shutil.copytree(run, copy)
+    for damaged in (b"{", json.dumps({k: v for k, v in json.loads((run / "results.json").read_text()).items()
+                                      if k != "method"}).encode()):
+        (copy / "results.json").write_bytes(damaged)
+        with pytest.raises(UserError, match=f"^{copy} already holds a run of train_dml.py \\(last.pt\\); start"):
+            train(train_cl_ilr.CLILR, TINY + ["--out", str(copy)])
     monkeypatch.setitem(DML.presets, "paper", dict(DML.presets["paper"], kd_T=3.0))   # the script's default edited
     with pytest.raises(UserError, match=r"trained with --kd-T 1.0 \(this command: 3.0\); continue it with --resume"):
         train(DML, TINY + out)
@@ -1541,6 +1548,23 @@ def test_the_continue_command_replaces_out_and_resume_as_the_parser_reads_them(a
     stopped = run_module.Run(tmp_path, DML, config, argv)
     assert stopped.continue_command() == f"python train_dml.py {kept} --out {tmp_path} --resume auto"
 
+
+
+def test_a_run_to_continue_is_named_finished_only_when_its_record_says_so(tmp_path, monkeypatch):
+    """--resume auto finding its run elsewhere (another --epochs, another number of processes): a run with all its
+    epochs is 'finished: nothing to continue' only when its record says finished; one whose process ended before
+    best.pt held the best epoch (read_run: not finished) gets the command that continues it, which repairs it."""
+    monkeypatch.chdir(REPO)
+    argv = ["--arch", "resnet20", "--epochs", "2"]
+    run = run_module.Run(tmp_path / "this", DML, parse_args(DML, argv), argv)
+    other = tmp_path / "other"
+    assert str(run._continue_instead(other, 2, 2, "leave out --resume", 2, finished=True)) == (
+        f"--resume auto: {other} holds this run, finished on 2 processes after 2 epochs: nothing to continue, its "
+        f"results are in {other} (or leave out --resume to start a new run)")
+    assert str(run._continue_instead(other, 2, 2, "leave out --resume", 2, finished=False)) == (
+        f"--resume auto: {other} holds this run, trained on 2 processes for 2 epochs (2 done); continue it with: "
+        f"torchrun --nproc_per_node=2 train_dml.py --arch resnet20 --epochs 2 --out {other} --resume auto (or leave "
+        "out --resume to start a new run)")
 
 
 def test_the_commands_a_run_suggests_name_its_script_from_the_current_directory(tmp_path, monkeypatch):

@@ -473,11 +473,11 @@ def test_mcl_memory_sizes_are_one_line_before_anything_runs(argv, named, capsys,
 
 
 def test_mcl_memory_counts_the_step_not_the_making_of_the_banks():
-    """The CPU peak is the step's: making the banks (here 2 x 500,000 x 128 floats, 488 MiB, twice that while
-    normalised) before it does not count. (It did: this step, a few MiB, measured 492 MiB.)"""
+    """The CPU peak is the step's: making the banks (here 2 x 250,000 x 128 floats, 244 MiB, twice that while
+    normalised) before it does not count. (It did: this step, a few MiB, measured as much as the banks.)"""
     import argparse
     mcl_memory = script("mcl_memory")
-    a = argparse.Namespace(device="cpu", peers=2, n_data=500_000, feat_dim=128, batch=1, k=1, tau=0.1)
+    a = argparse.Namespace(device="cpu", peers=2, n_data=250_000, feat_dim=128, batch=1, k=1, tau=0.1)
     assert mcl_memory.measure("ours", a)["peak_mib"] < 100
 
 
@@ -556,4 +556,6 @@ def test_prepare_imagenet_val_a_file_named_like_a_class_and_what_it_leaves_are_o
     with pytest.raises(DatasetError) as e:
         load_imagenet(tmp_path / "imagenet")
     assert str(e.value).startswith(f"dataset 'imagenet': {val} holds 1 image file(s) beside its class folders (e.g. "
-                                   "ILSVRC2012_val_00000002.JPEG), which prepare_imagenet_val.py leaves")
+                                   "ILSVRC2012_val_00000002.JPEG): a sort into class folders that was interrupted, "
+                                   "or images it left")
+    assert "Fix: run scripts/prepare_imagenet_val.py again (it moves what has a label)" in str(e.value)
