@@ -392,7 +392,7 @@ class Trainer:
         result = {"checkpoint": str(path.absolute()), "run_id": ckpt.get("run_id"), "method": ckpt["method"],
                   "epoch": ckpt["epoch"], "arch": a.arch, "dataset": a.dataset, "data": a.data,
                   "image_size": self.loaders.info.image_size, "splits": splits, "amp": a.amp,
-                  "test": self.evaluate(self.loaders.test)}
+                  "images_used": self.loaders.record["images_used"], "test": self.evaluate(self.loaders.test)}
         if self.loaders.val is not None:
             splits["val"] = (self.loaders.record.get("folder", {}).get("splits", {}).get("val")
                              or f"{a.val_split} samples held out of the {a.dataset} training set (seed {a.seed})")

@@ -555,7 +555,8 @@ def test_a_resume_on_a_folder_that_gained_or_lost_images_is_refused(tmp_path):
                            "(images added or removed since?): give the data it was trained on, or start a new run "
                            "with another --out")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-    assert train(train_baseline.Baseline, ["--eval-only", str(out / "last.pt"), "--gpu", "-1", "--no-progress"])
+    evaluated = train(train_baseline.Baseline, ["--eval-only", str(out / "last.pt"), "--gpu", "-1", "--no-progress"])
+    assert evaluated["images_used"] == {"train": 13, "val": 0, "test": 3}    # the folder as it is, said so
     (root / "train" / FOLDER_CLASSES[0] / "added.png").unlink()
     assert train(train_baseline.Baseline, argv + ["2", "--resume", "auto", "--extend-epochs"])["epochs_done"] == 2
 
