@@ -285,13 +285,15 @@ class Run:
 
     def begin(self, ckpt: Optional[dict]) -> None:
         """Start this process's entry in the record, after the loop has loaded ``ckpt`` (None: a new run)."""
+        unrecorded = False
         if ckpt is not None:
             self.run_id = ckpt.get("run_id", self.run_id)
             lost = _read_record(self.saved.parent / "results.json")[1]    # (how its processes ended is not known)
             self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes(),
                                              ckpt["args"]["epochs"], lost)
             stale = self.lock.stale if self.lock else None
-            if stale and not any(_holder_of(stale, p) for p in self.processes):
+            unrecorded = stale and not any(_holder_of(stale, p) for p in self.processes)
+            if unrecorded:
                 # the holder of a stale lock that saved no epoch (killed in its first one): known from its lock only
                 self.processes.append({"started_unix": time.time(), **stale, "start_epoch": ckpt["epoch"],
                                        "end_epoch": ckpt["epoch"], "ended": None, "status": "killed",
@@ -300,6 +302,8 @@ class Run:
         self.process = _new_process(self.command, self.epochs, self.about.get("git_commit"),
                                     self.lock.started if self.lock else None)
         self.processes.append(self.process)
+        if unrecorded:       # recorded at once: this process's lock replaces the one that named it
+            self._write_record("running")
 
     @property
     def epochs(self) -> int:
@@ -573,6 +577,9 @@ class Run:
         """Bring this process's entry up to date (its status, and the signal or reason it ended with), then
         write results.json (rank 0)."""
         self._update_process(status, len(self.records), **extra)
+        self._write_record(status)
+
+    def _write_record(self, status: str) -> None:
         if self.is_main:
             atomic_write(self.folder / "results.json",
                          json.dumps(self.results(status), indent=2, default=str) + "\n")
@@ -937,7 +944,9 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
                           if k in ("status", "ended", "updated", "wall_s", "signal", "reason", "note")})
     processes = sorted(merged.values(), key=lambda p: p.get("started_unix", 0.0))
     for p in processes:
-        if p.get("status") == "running" and epochs is not None and p.get("end_epoch", 0) >= epochs:
+        saved_last = epochs is not None and p.get("end_epoch", 0) >= epochs and p.get("end_epoch", 0) > p.get(
+            "start_epoch", 0)           # (one that saved no epoch, e.g. killed while extending a run, saved none)
+        if p.get("status") == "running" and saved_last:
             p.update(status="finished", ended=p.get("updated"),
                      note="it saved the run's last epoch; how it ended was not recorded (times are as of its "
                           "last write)")
@@ -978,15 +987,11 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise UserError(os_error_message(self.folder, e)) from None
-        for wait in (0.01, 0.1, 0.5, None):     # (a probe, check_free, holds it for an instant)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if wait is None or e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise self._not_taken(e) from None
-                time.sleep(wait)
+        try:
+            self._flock(fd, fcntl.LOCK_EX, patience=0.6)    # (a probe, check_free, holds it for an instant)
+        except UserError:
+            os.close(fd)
+            raise
         if not _names(self.path, fd):         # a holder that left no run removed this file after we opened it
             os.close(fd)
             return self.acquire()
@@ -1013,11 +1018,32 @@ class RunLock:
         except OSError:
             return                  # no lock file yet (or no folder): acquire() says what is wrong
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as e:
-            raise self._not_taken(e) from None
+            self._flock(fd, fcntl.LOCK_SH, patience=0.0)
         finally:
             os.close(fd)            # (closing releases a lock taken here)
+
+    def _flock(self, fd: int, mode: int, patience: float) -> None:
+        """``flock`` ``fd`` (``mode``: LOCK_EX or LOCK_SH), trying again for ``patience`` seconds while another
+        process holds it, and for up to 12 s while the holder the lock file names has ended on this host: the
+        DataLoader workers it forked share its lock until they find their parent gone (torch looks every 5 s).
+        Else the UserError of :meth:`_not_taken`."""
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                return
+            except OSError as e:
+                waited = time.monotonic() - start
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or waited > max(
+                        patience, 12.0 if self._holder_ended() else 0.0):
+                    raise self._not_taken(e) from None
+                time.sleep(0.05 if waited < 0.5 else 0.5)
+
+    def _holder_ended(self) -> bool:
+        """The process the lock file names ran on this host and has ended."""
+        holder = _json_object(self.path)
+        return (holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
+                and not _pid_alive(holder["pid"]))
 
     def _not_taken(self, error: OSError) -> UserError:
         """The line for a lock that could not be taken: held by another live process (:class:`RunInUse`, named from
@@ -1028,10 +1054,10 @@ class RunLock:
         who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
         if holder.get("started"):
             who += f" (since {holder['started']}: {holder.get('command', '')})"
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-                and not _pid_alive(holder["pid"]):
+        if self._holder_ended():
             return UserError(f"{self.folder} is locked by {who}, which is no longer running, yet its lock is still "
-                             f"held (a network file system?); if no other machine trains this run, delete {self.path}")
+                             "held after 12 s (a network file system, or a process it started still running?); if "
+                             f"no other machine trains this run, delete {self.path}")
         return RunInUse(f"{self.folder} is in use by {who}: one process writes a run at a time; wait for it to end, "
                         "or choose another --out")
 

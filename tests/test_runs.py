@@ -331,6 +331,30 @@ def test_one_writer_per_run_directory(tmp_path):
     lock.release()
 
 
+def test_a_lock_its_dead_holder_s_loader_workers_still_hold_is_waited_for(tmp_path):
+    """A trainer killed with SIGKILL leaves its DataLoader workers, forked with its lock, holding the lock until they
+    find their parent gone (torch looks every 5 s): the next process waits for them (up to 12 s) rather than call
+    the lock of a dead process stuck (it said 'a network file system?', 4 times of 4 after a kill)."""
+    import socket
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    holder = {"pid": dead.pid, "host": socket.gethostname(), "started": "t", "started_unix": 1.0, "command": "x"}
+    (tmp_path / RUN_LOCK).write_text(json.dumps(holder))
+    worker = subprocess.Popen(        # an orphaned worker: it holds the lock and writes nothing
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.5)",
+         str(tmp_path / RUN_LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "held"
+        run_module.RunLock(tmp_path).check_free()           # (the probe of a command's checks waits too)
+        lock = run_module.RunLock(tmp_path).acquire()
+        assert worker.poll() is not None and lock.stale == holder
+        lock.release()
+    finally:
+        worker.kill()
+        worker.wait()
+
+
 def test_lock_is_released_on_errors(tmp_path):
     lock = run_module.RunLock(tmp_path / "new").acquire()
     with pytest.raises(UserError, match="in use by process"):
@@ -801,6 +825,35 @@ def test_a_process_killed_before_it_saved_an_epoch_is_listed_from_its_lock(tmp_p
     assert len(processes) == 6 and processes[4:] == [(me, "killed", 3, 3), (me, "finished", 3, 4)]
     record = json.loads((tmp_path / "results.json").read_text())
     assert "SIGKILL" in record["processes"][2]["reason"] and record["processes"][2]["started"] == "t"
+
+
+def test_processes_killed_one_after_another_before_saving_are_all_listed(tmp_path, monkeypatch):
+    """Two processes continuing a run, each killed before it saved an epoch: the lock file names only the last,
+    so the one that finds a holder known from its lock alone records it at once. The next process lists both
+    as killed (the first was left out), neither as finished though the checkpoint's run had all its epochs."""
+    from engine.trainer import Trainer
+    train(Baseline, TINY + ["--out", str(tmp_path)])
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self, start_epoch):
+        raise Killed
+
+    def sigkill(self, error):          # the kernel drops the flock; the lock file still names the holder
+        os.close(self.lock.fd)
+        self.lock = None
+    argv = TINY[:-2] + ["--epochs", "2", "--extend-epochs", "--resume", "auto", "--out", str(tmp_path)]
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_train", killed)
+        m.setattr(run_module.Run, "close", sigkill)
+        for _ in range(2):
+            with pytest.raises(Killed):
+                train(Baseline, argv)
+    processes = train(Baseline, argv)["processes"]
+    assert [(p["status"], p["start_epoch"], p["end_epoch"]) for p in processes] == [
+        ("finished", 0, 1), ("killed", 1, 1), ("killed", 1, 1), ("finished", 1, 2)]
+    assert len({p["started_unix"] for p in processes}) == 4
 
 
 def test_a_run_is_live_while_its_lock_is_held_whatever_pid_the_lock_file_names(run, tmp_path):
