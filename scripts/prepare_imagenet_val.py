@@ -16,11 +16,11 @@ Usage::
 
 ``--dry-run`` prints what would move and changes nothing (with the exit status of the real run). Images
 already in class folders are left alone, so the script can be re-run after an interruption; a flat image whose
-class folder already holds a file of its name stays put (counted, exit status 1): nothing is replaced. The label file is checked before anything
-moves: a missing file, a malformed row (a file cut short) or a wnid with no class folder in the sibling
-``train/`` stops the script with one line (exit status 2), and so does a file named like a class folder;
-flat images without a label are counted and left in place (exit status 1), and the dataset is refused until
-they are moved into their class folder or deleted.
+class folder already holds a file of its name stays put (counted, exit status 1): nothing is replaced. The label
+file is checked before anything moves: a missing file, a malformed row (a file cut short) or a wnid with no
+class folder in the sibling ``train/`` stops the script with one line (exit status 2), and so does a file named
+like a class folder; flat images without a label are counted and left in place (exit status 1), and the
+dataset is refused until they are moved into their class folder or deleted.
 """
 from __future__ import annotations
 
