@@ -261,7 +261,8 @@ def _cmff_tinyimagenet() -> Table:
 PCL_BACKBONES = [("ResNet-32", "resnet32"), ("ResNet-110", "resnet110_bottleneck"), ("VGG-16", "vgg16"),
                  ("DenseNet-40-12", "densenet40_12"), ("WRN-20-8", "wrn_20_8")]
 PCL_PROTOCOL = ("--recipe", "okddip")
-PCL_METHODS = [("DML", "dml", ()), ("CL", "cl_ilr", ()), ("ONE", "one", ("--preset", "paper")), ("FFL-S", "ffl", ("--pad-mode", "zero")),
+PCL_METHODS = [("DML", "dml", ()), ("CL", "cl_ilr", ()), ("ONE", "one", ("--preset", "paper")),
+               ("FFL-S", "ffl", ("--pad-mode", "zero")),
                ("OKDDip", "okddip", ()), ("KDCL", "kdcl", ("--ensemble", "minlogit")), ("PCL", "pcl", ())]
 PCL_ACCURACY = {   # (mean, std) per method in PCL_METHODS order
     "ResNet-32": ((73.68, .14), (72.33, .46), (73.79, .41), (72.18, .11), (73.25, .38), (73.76, .34), (74.14, .16)),

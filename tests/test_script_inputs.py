@@ -547,7 +547,8 @@ def test_prepare_imagenet_val_a_file_named_like_a_class_and_what_it_leaves_are_o
     with pytest.raises(SystemExit) as exit_:
         prepare.main(argv)
     assert one_line(exit_.value.code, capsys.readouterr().err) == (
-        f"error: {val / 'n00000001'} is a file where the class folder n00000001/ goes; move it away (nothing was moved)")
+        f"error: {val / 'n00000001'} is a file where the class folder n00000001/ goes; move it away (nothing was "
+        "moved)")
     assert sorted(p.name for p in val.iterdir()) == ["ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG",
                                                       "n00000001"]
     (val / "n00000001").unlink()
