@@ -159,7 +159,7 @@ class Run:
         process holds it (:meth:`RunLock.check_free`); every rank stops with its line."""
         def check_usable() -> None:
             if lock:
-                RunLock(self.folder).check_free()
+                RunLock(self.folder).check_free(wait=True)
             problem = _cannot_create(self.folder)
             if problem:
                 raise UserError(problem)
@@ -988,7 +988,7 @@ class RunLock:
         except OSError as e:
             raise UserError(os_error_message(self.folder, e)) from None
         try:
-            self._flock(fd, fcntl.LOCK_EX, patience=0.6)    # (a probe, check_free, holds it for an instant)
+            self._flock(fd, fcntl.LOCK_EX, 0.6, wait_for_ended=True)    # (a probe, check_free, holds it an instant)
         except UserError:
             os.close(fd)
             raise
@@ -1006,11 +1006,13 @@ class RunLock:
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         return self
 
-    def check_free(self) -> None:
+    def check_free(self, wait: bool = False) -> None:
         """Raise the UserError :meth:`acquire` would for a folder another process holds (or whose lock file this
         user cannot read), taking nothing and creating nothing: an existing lock file is share-locked and unlocked
         at once (read-only, so a reader without write permission probes too; NFS takes a shared lock of a file
-        open for reading, not an exclusive one). Not for a lock this process holds: the two would conflict."""
+        open for reading, not an exclusive one). Not for a lock this process holds: the two would conflict.
+        ``wait``: as :meth:`acquire`, for a lock held after its holder ended (a process about to take it); a
+        reader does not wait, since no process of that holder writes the run."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except PermissionError as e:
@@ -1018,15 +1020,15 @@ class RunLock:
         except OSError:
             return                  # no lock file yet (or no folder): acquire() says what is wrong
         try:
-            self._flock(fd, fcntl.LOCK_SH, patience=0.0)
+            self._flock(fd, fcntl.LOCK_SH, 0.0, wait_for_ended=wait)
         finally:
             os.close(fd)            # (closing releases a lock taken here)
 
-    def _flock(self, fd: int, mode: int, patience: float) -> None:
+    def _flock(self, fd: int, mode: int, patience: float, wait_for_ended: bool) -> None:
         """``flock`` ``fd`` (``mode``: LOCK_EX or LOCK_SH), trying again for ``patience`` seconds while another
-        process holds it, and for up to 12 s while the holder the lock file names has ended on this host: the
-        DataLoader workers it forked share its lock until they find their parent gone (torch looks every 5 s).
-        Else the UserError of :meth:`_not_taken`."""
+        process holds it, and with ``wait_for_ended`` for up to 12 s while the holder the lock file names has ended
+        on this host: the DataLoader workers it forked share its lock until they find their parent gone (torch
+        looks every 5 s). Else the UserError of :meth:`_not_taken`."""
         start = time.monotonic()
         while True:
             try:
@@ -1035,7 +1037,7 @@ class RunLock:
             except OSError as e:
                 waited = time.monotonic() - start
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or waited > max(
-                        patience, 12.0 if self._holder_ended() else 0.0):
+                        patience, 12.0 if wait_for_ended and self._holder_ended() else 0.0):
                     raise self._not_taken(e) from None
                 time.sleep(0.05 if waited < 0.5 else 0.5)
 
@@ -1056,8 +1058,8 @@ class RunLock:
             who += f" (since {holder['started']}: {holder.get('command', '')})"
         if self._holder_ended():
             return UserError(f"{self.folder} is locked by {who}, which is no longer running, yet its lock is still "
-                             "held after 12 s (a network file system, or a process it started still running?); if "
-                             f"no other machine trains this run, delete {self.path}")
+                             "held (a network file system, or a process it started still running?); if no other "
+                             f"machine trains this run, delete {self.path}")
         return RunInUse(f"{self.folder} is in use by {who}: one process writes a run at a time; wait for it to end, "
                         "or choose another --out")
 
@@ -1098,4 +1100,7 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:            # a zombie (killed, not yet reaped by its parent) has ended
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

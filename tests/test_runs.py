@@ -346,13 +346,21 @@ def test_a_lock_its_dead_holder_s_loader_workers_still_hold_is_waited_for(tmp_pa
          str(tmp_path / RUN_LOCK)], stdout=subprocess.PIPE, text=True)
     try:
         assert worker.stdout.readline().strip() == "held"
-        run_module.RunLock(tmp_path).check_free()           # (the probe of a command's checks waits too)
+        with pytest.raises(UserError, match="no longer running, yet its lock is still held"):
+            run_module.RunLock(tmp_path).check_free()       # a reader does not wait: no process of that holder writes
+        run_module.RunLock(tmp_path).check_free(wait=True)  # (the check of a command about to train waits)
         lock = run_module.RunLock(tmp_path).acquire()
-        assert worker.poll() is not None and lock.stale == holder
+        assert worker.wait(timeout=5) == 0 and lock.stale == holder
         lock.release()
     finally:
         worker.kill()
         worker.wait()
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()                      # not reaped yet (a zombie): it has ended too
+    deadline = time.time() + 10
+    while run_module._pid_alive(killed.pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not run_module._pid_alive(killed.pid) and killed.poll() is not None
 
 
 def test_lock_is_released_on_errors(tmp_path):
