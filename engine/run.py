@@ -198,7 +198,6 @@ class Run:
             self._continue_a_record_without_epochs()
             return None
         self.check_data(ckpt, resume)
-        self._check_images(ckpt, resume)
         if self.is_main and (resume.parent == self.folder or not self.done_after(ckpt["epoch"])):
             # (a finished run "resumed" into another --out changes nothing, there or here)
             self._repair_best(resume, ckpt)
@@ -212,7 +211,9 @@ class Run:
 
     def check_data(self, ckpt: dict, path: Path) -> None:
         """The data must be the checkpoint's: the same class names in the same label order (a folder dataset,
-        an ImageNet subset) and the same image size."""
+        an ImageNet subset) and the same image size; and to resume, as many images in each split (a folder that
+        gained or lost images since would train the later epochs on other data, with another mean and std, and the
+        record would state the new counts for every epoch; --eval-only evaluates the data as they are)."""
         from data import class_difference
         if ckpt.get("classes") and self.about.get("classes") is not None:
             difference = class_difference(ckpt["classes"], self.about["classes"])
@@ -223,14 +224,9 @@ class Run:
             raise UserError(f"{path} was trained on {ckpt['image_size']} px images, this data gives "
                             f"{self.about.get('image_size')} px; give the data it was trained on, or "
                             f"--image-size {ckpt['image_size']}")
-
-    def _check_images(self, ckpt: dict, path: Path) -> None:
-        """A resumed run trains on as many images in each split as its checkpoint was trained on: a folder dataset
-        that gained or lost images since would train the later epochs on other data (other mean and std, other
-        subsets), and the record would state the new counts for every epoch."""
         before = (ckpt.get("data") or {}).get("images_found")        # (checkpoints of older versions: unknown)
         now = (self.about.get("data") or {}).get("images_found")
-        if before and now and before != now:
+        if before and now and before != now and not self.config.eval_only:
             counts = [" / ".join(f"{n} {split}" for split, n in found.items()) for found in (before, now)]
             raise UserError(f"{path} was trained on {counts[0]} images; this data has {counts[1]} (images added or "
                             "removed since?): give the data it was trained on, or start a new run with another --out")
@@ -944,8 +940,8 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
                           if k in ("status", "ended", "updated", "wall_s", "signal", "reason", "note")})
     processes = sorted(merged.values(), key=lambda p: p.get("started_unix", 0.0))
     for p in processes:
-        saved_last = epochs is not None and p.get("end_epoch", 0) >= epochs and p.get("end_epoch", 0) > p.get(
-            "start_epoch", 0)           # (one that saved no epoch, e.g. killed while extending a run, saved none)
+        end = p.get("end_epoch", 0)      # (one that saved no epoch, e.g. killed while extending a run: not the last)
+        saved_last = epochs is not None and end >= epochs and end > p.get("start_epoch", 0)
         if p.get("status") == "running" and saved_last:
             p.update(status="finished", ended=p.get("updated"),
                      note="it saved the run's last epoch; how it ended was not recorded (times are as of its "
