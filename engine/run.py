@@ -106,15 +106,13 @@ class Run:
         if before_lock and not problem:
             self._refuse_an_unusable_folder(lock=True)
         resume = self._resume()
+        problem = problem or _a_folder_in_the_way(self.folder)
         if resume is None:
             problem = problem or self._new_run_problem()
         elif resume.parent != self.folder:     # (continued into another folder: it must not hold runs)
-            problem = (problem or _a_folder_in_the_way(self.folder) or _a_run_below(self.folder)
-                       or _not_a_run(self.folder))
+            problem = problem or _a_run_below(self.folder) or _not_a_run(self.folder)
         elif not holds_run(self.folder):                 # (the checkpoint's own folder, which is no run's yet)
-            problem = problem or _a_folder_in_the_way(self.folder) or _not_a_run(self.folder, resume.name)
-        else:
-            problem = problem or _a_folder_in_the_way(self.folder)
+            problem = problem or _not_a_run(self.folder, resume.name)
         if problem:
             raise UserError(problem)
         if resume is None:
@@ -594,12 +592,8 @@ class Run:
 
     def _new_run_problem(self) -> Optional[str]:
         """Why a new run cannot start in the folder, or None: it holds another run's last.pt, or what an earlier
-        run left (:func:`_earlier_run_files`), or a folder where the run writes a file. Checked before the data
-        are read, and again under the run's lock."""
+        run left (:func:`_earlier_run_files`); a folder in the way of the run's files is :meth:`check`'s."""
         folder = self.folder
-        in_the_way = _a_folder_in_the_way(folder)
-        if in_the_way:
-            return in_the_way
         if (folder / "last.pt").exists():
             return self._a_run_here()
         enclosed = _a_run_below(folder)
