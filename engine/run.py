@@ -417,7 +417,7 @@ class Run:
     def close(self, error: Optional[BaseException]) -> Optional[str]:
         """Record how this process ended in results.json (rank 0) and unlock. For an interrupt (Ctrl-C,
         SIGTERM) returns the one line for the user: what is saved and the command that continues the run."""
-        message, sig = None, stop_signal(error)
+        message, sig, end = None, stop_signal(error), None     # end: how this process ended, for its entry
         try:
             lost = self._stop_if_lock_lost()
             if lost and sig:
@@ -428,23 +428,26 @@ class Run:
                 # stopped after its last epoch was saved (or opened finished): complete, whatever it was doing
                 message = (f"interrupted ({sig}) after the last epoch was saved: {self.saved_state()}; "
                            "the run is finished")
-                if self.process is not None:
-                    self._record_end("finished")
+                end = {"status": "finished"}
             elif sig and self.process is not None:
                 # the record holds the checkpointed epochs only: an epoch whose save was cut short is trained again
                 message = (f"interrupted ({sig}) during epoch {self.epochs + 1}: {self.saved_state()}. "
                            "Continue with: " + self.continue_command())
-                self._record_end("interrupted", signal=sig)
+                end = {"status": "interrupted", "signal": sig}
             elif self.process is not None:
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
                 if not isinstance(error, UserError):
                     reason = f"{type(error).__name__}: {reason}"
-                self._record_end("failed", reason=reason)
+                end = {"status": "failed", "reason": reason}
             elif sig and self.lock is not None:      # opened (maybe repaired), not yet training
                 known = self.saved is not None or resume_path(self.config.resume, self.folder) is None
                 message = (f"interrupted ({sig}) while starting: "
                            f"{self.saved_state() if known else 'the run is as it was'}. Continue with: "
                            + self.continue_command())
+            if end and self.process is not None:
+                # the disk that failed the run may fail its record too; the one-line error says why
+                with contextlib.suppress(UserError):
+                    self.write_results(**end)
         finally:
             self.process = None
             if self.lock is not None:
@@ -483,12 +486,6 @@ class Run:
         world_size = world_size or self.world_size
         launcher = ["python"] if world_size <= 1 else ["torchrun", f"--nproc_per_node={world_size}"]
         return shlex.join(launcher + [self.script, *rest, "--out", str(folder), "--resume", str(resume)])
-
-    def _record_end(self, status: str, **extra) -> None:
-        try:
-            self.write_results(status, **extra)
-        except UserError:
-            pass   # the disk that failed the run may fail its record too; the one-line error says why
 
     # ---- --eval-only: the evaluation of a checkpoint, beside the run's files -------------------------------
 
