@@ -293,8 +293,13 @@ class Run:
                                        "end_epoch": ckpt["epoch"], "ended": None, "status": "killed",
                                        "reason": _KILLED})
             self.log(f"resumed from {self.saved} after epoch {ckpt['epoch']}")
-        self.process = _new_process(self.command, self.epochs, self.about.get("git_commit"),
-                                    self.lock.started if self.lock else None)
+        # its entry: from the epochs already done, with the repository's commit it runs (a run resumed after a change
+        # of the code records both), started when rank 0 locked the run (as its lock file says; other ranks: now)
+        t = self.lock.started if self.lock else time.time()
+        self.process = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                        "git_commit": self.about.get("git_commit"), "start_epoch": self.epochs,
+                        "end_epoch": self.epochs, "started": _now_iso(t), "ended": None, "updated": _now_iso(t),
+                        "started_unix": t, "wall_s": 0.0, "status": "running"}
         self.processes.append(self.process)
         if unrecorded:       # recorded at once: this process's lock replaces the one that named it
             self._write_record("running")
@@ -877,16 +882,6 @@ def _readable_checkpoint(path: Path) -> Optional[dict]:
 
 def _now_iso(t: Optional[float] = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() if t is None else t))
-
-
-def _new_process(command: str, start_epoch: int, commit: Optional[str] = None, t: Optional[float] = None) -> dict:
-    """The record of this process training the run, from ``start_epoch`` (epochs already done), with the
-    repository's ``commit`` it ran (a run resumed after a change of the code records both), started at unix time
-    ``t`` (default: now; rank 0: when it locked the run, as its lock file says)."""
-    t = time.time() if t is None else t
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "git_commit": commit,
-            "start_epoch": start_epoch, "end_epoch": start_epoch, "started": _now_iso(t), "ended": None,
-            "updated": _now_iso(t), "started_unix": t, "wall_s": 0.0, "status": "running"}
 
 
 def _holder_of(lock: dict, process: dict) -> bool:
