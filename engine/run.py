@@ -880,8 +880,8 @@ def _readable_checkpoint(path: Path) -> Optional[dict]:
 
 # ---- the process record ------------------------------------------------------------------------------------
 
-def _now_iso(t: Optional[float] = None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() if t is None else t))
+def _now_iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
 
 
 def _holder_of(lock: dict, process: dict) -> bool:
