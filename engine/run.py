@@ -127,7 +127,7 @@ class Run:
         diffs = recorded_differences(self.method_cls, self.config, ckpt, self.world_size)
         if diffs and all(key == "epochs" for key, _, _ in diffs) and self.config.resume == "auto":
             raise self._continue_instead(self.folder, ckpt["args"]["epochs"], ckpt["epoch"], "another --out",
-                                         finished=ckpt["epoch"] >= ckpt["args"]["epochs"])
+                                         self.world_size, ckpt["epoch"] >= ckpt["args"]["epochs"])
         if diffs:
             raise UserError(f"{resume} was trained with {describe_differences(diffs)}. Resume with the "
                             f"checkpoint's values, or {new_run_hint(self.config.resume)}")
@@ -254,15 +254,14 @@ class Run:
                 raise self._continue_instead(other, recorded["epochs"], recorded["epochs_done"], "leave out --resume",
                                              recorded.get("world_size", 1), recorded["status"] == "finished")
 
-    def _continue_instead(self, folder: Path, epochs: int, done: int, new_run: str, world_size: int = 0,
-                          finished: bool = False) -> UserError:
+    def _continue_instead(self, folder: Path, epochs: int, done: int, new_run: str, world_size: int,
+                          finished: bool) -> UserError:
         """The line naming the run in ``folder`` that this command would continue but for its --epochs (the run's
-        are ``epochs``, ``done`` of them trained) or its number of processes (the run's: ``world_size``; 0: this
-        command's), with the command that does: its own --epochs when this command asks fewer, --extend-epochs
-        when it asks more, its torchrun; ``new_run``: how to start a new run instead. A ``finished`` run that this
-        command would not train longer has nothing to continue: its results are named (one whose best.pt a resume
-        must still rebuild is not finished: :func:`read_run`)."""
-        world_size = world_size or self.world_size
+        are ``epochs``, ``done`` of them trained) or its number of processes (the run's: ``world_size``), with the
+        command that does: its own --epochs when this command asks fewer, --extend-epochs when it asks more, its
+        torchrun; ``new_run``: how to start a new run instead. A ``finished`` run that this command would not train
+        longer has nothing to continue: its results are named (one whose best.pt a resume must still rebuild is not
+        finished: :func:`read_run`)."""
         processes = "" if world_size == self.world_size else f" on {world_size} process{'es' * (world_size > 1)}"
         if finished and done >= epochs >= self.config.epochs:
             more = f" (more than --epochs {self.config.epochs} asks)" if epochs > self.config.epochs else ""
