@@ -523,7 +523,8 @@ class Run:
         if target.is_dir():
             raise UserError(f"{target} is a folder where the evaluation is written; move it away, or give another "
                             "--out")
-        if path.absolute().parent != self.folder and holds_run(self.folder):
+        own_folder = path.absolute().parent == self.folder      # (its file of that name; the folder may have moved)
+        if not own_folder and holds_run(self.folder):
             other = (_json_object(self.folder / "results.json").get("run_id")
                      or (_readable_checkpoint(self.folder / "last.pt") or {}).get("run_id"))
             if other != ckpt.get("run_id"):
@@ -532,7 +533,6 @@ class Run:
         earlier = _json_object(target)       # (older versions recorded no run_id: taken as this run's)
         same_run = earlier.get("run_id", ckpt.get("run_id")) == ckpt.get("run_id")
         recorded = Path(earlier.get("checkpoint") or "")
-        own_folder = path.absolute().parent == self.folder      # (its file of that name; the folder may have moved)
         same_file = (os.path.samefile(recorded, path) if recorded.is_absolute() and recorded.exists() else
                      own_folder or (not recorded.is_absolute() and str(recorded) == str(path)))   # (older: as given)
         if target.exists() and not (same_run and same_file):
