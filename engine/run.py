@@ -924,17 +924,16 @@ def merge_processes(from_checkpoint: Sequence[dict], from_results: Optional[Sequ
             saved.update({k: v for k, v in p.items()
                           if k in ("status", "ended", "updated", "wall_s", "signal", "reason", "note")})
     processes = sorted(merged.values(), key=lambda p: p.get("started_unix", 0.0))
-    for p in processes:
+    for p in [p for p in processes if p.get("status") == "running"]:
         end = p.get("end_epoch", 0)      # (one that saved no epoch, e.g. killed while extending a run: not the last)
-        saved_last = epochs is not None and end >= epochs and end > p.get("start_epoch", 0)
-        if p.get("status") == "running" and saved_last:
+        if epochs is not None and end >= epochs and end > p.get("start_epoch", 0):
             p.update(status="finished", ended=p.get("updated"),
                      note="it saved the run's last epoch; how it ended was not recorded (times are as of its "
                           "last write)")
-        elif p.get("status") == "running" and lost:
+        elif lost:
             p.update(status="unknown", ended=None, reason="how it ended was recorded in a results.json that could "
                                                           "not be read; times are as of its last write")
-        elif p.get("status") == "running":
+        else:
             p.update(status="killed", ended=None, reason=_KILLED + "; times are as of its last write")
     return processes
 
