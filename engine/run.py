@@ -827,7 +827,7 @@ def _newer(path: Path, than: Path) -> bool:
         return False
 
 
-def _in_line(recorded: Optional[dict], ckpt: Optional[dict], lost: bool = False) -> Optional[dict]:
+def _in_line(recorded: Optional[dict], ckpt: Optional[dict], lost: bool) -> Optional[dict]:
     """The record of a run no live process holds: ``recorded`` when it lists every epoch of the checkpoint
     ``ckpt`` ('killed' if it still says 'running'), else the checkpoint's own record (its processes merged with
     results.json's): 'finished' when it holds every epoch, else how its last process ended where results.json
