@@ -188,13 +188,12 @@ class Run:
         resume = self._resume()
         path, stamp, ckpt = self.read
         ckpt = self.check(ckpt if path == resume else None, stamp, before_lock=False)
-        if ckpt is not None:
-            self.saved, self.records = resume, list(ckpt["history"])    # what the folder holds, from here on
-        if resume is None:
+        if ckpt is None:
             if self.config.resume == "auto":
                 self.log(f"--resume auto: no checkpoint in {self.folder}, starting a new run")
             self._continue_a_record_without_epochs()
             return None
+        self.saved, self.records = resume, list(ckpt["history"])    # what the folder holds, from here on
         self.check_data(ckpt, resume)
         if self.is_main and (resume.parent == self.folder or not self.done_after(ckpt["epoch"])):
             # (a finished run "resumed" into another --out changes nothing, there or here)
