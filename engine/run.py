@@ -814,7 +814,7 @@ def read_run(folder: Path) -> Optional[dict]:
         # stopped between the writes of last.pt and best.pt of the last epoch: not finished until a resume
         # rebuilds best.pt from last.pt (reproduce.py resumes it; an earlier best epoch cannot be rebuilt)
         rebuilt = {**rebuilt, "status": _stopped(rebuilt["processes"]),
-                   "reason": f"its process ended before best.pt held the best epoch ({rebuilt['best']['epoch']}); "
+                   "reason": f"its process ended before best.pt held the best epoch ({best}); "
                              "--resume auto rebuilds it"}
     return rebuilt
 
