@@ -34,20 +34,16 @@ class Reporter:
         if self.writer is not None:
             self.writer.close()
 
-    def summary_line(self, record: dict) -> str:
+    def epoch(self, epoch: int, record: dict) -> None:
+        """0-based ``epoch``'s ``record`` in TensorBoard and as one console line."""
+        self.tensorboard(epoch, record)
         train, speed = record["train"], record["speed"]
         terms = " ".join(f"{k} {v:.3f}" for k, v in train.items() if k != "loss")
         heads = " ".join(f"{k[:-5]} {v:.2f}" for k, v in record["test"].items() if k.endswith("/top1"))
-        val = ""
-        if "val" in record:
-            val = f" | val {record['val'][self.metric]:.2f}"
+        val = f" | val {record['val'][self.metric]:.2f}" if "val" in record else ""
         lr = next(iter(record["lr"].values()))
-        return (f"epoch {record['epoch']}/{self.epochs} lr {lr:.4g} loss {train['loss']:.3f} "
-                f"({terms}) | test top1 {heads}{val} | {speed['epoch_s']:.1f}s {speed['images_per_s']:.0f} img/s")
-
-    def epoch(self, epoch: int, record: dict) -> None:
-        self.tensorboard(epoch, record)
-        self.log(self.summary_line(record))
+        self.log(f"epoch {record['epoch']}/{self.epochs} lr {lr:.4g} loss {train['loss']:.3f} "
+                 f"({terms}) | test top1 {heads}{val} | {speed['epoch_s']:.1f}s {speed['images_per_s']:.0f} img/s")
 
     def final_table(self, results: dict) -> None:
         """Best and last top-1 (and last top-5) of every head of a run's ``results`` (results.json), each
