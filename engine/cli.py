@@ -135,19 +135,15 @@ class HelpFormatter(argparse.HelpFormatter):
     """Each option's default shown once, after its help: the value a recipe or preset sets included, lists
     as typed (``150 225``); not for off-by-default switches, nor where the help already states it."""
 
-    @staticmethod
-    def _default(action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str:
         text, default = action.help or "", action.default
         if ("%(default)" in text or "(default" in text or "default:" in text or default in (None, "")
                 or default is argparse.SUPPRESS
                 or (default is False and action.nargs == 0
                     and not isinstance(action, argparse.BooleanOptionalAction))):
-            return ""
+            return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
-        return f"(default: {shown.replace('%', '%%')})"
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        return " ".join(filter(None, (action.help, self._default(action))))
+        return " ".join(filter(None, (text, f"(default: {shown.replace('%', '%%')})")))
 
 
 class Parser(argparse.ArgumentParser):
