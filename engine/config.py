@@ -265,21 +265,15 @@ def without_seed(name: str) -> str:
     return re.sub(rf"-s\d+({_HASH})?$", r"\1", name)
 
 
-def runs_root() -> Path:
-    """Where run directories go without --out: ``$OKD_RUNS`` if set, else ``./runs`` in the current directory
-    (the same rule as the datasets' ``$OKD_DATASETS`` / ``./datasets``)."""
-    return Path(os.environ.get("OKD_RUNS") or "runs")
-
-
 def run_directory(method_cls, config: RunConfig, world_size: int) -> Path:
-    """--out; else the directory of the checkpoint given to --resume or --eval-only; else runs/<name>."""
+    """--out; else the directory of the checkpoint given to --resume or --eval-only; else runs/<name>, under
+    ``$OKD_RUNS`` if set, else under the current directory (the same rule as the datasets' ``$OKD_DATASETS``)."""
     if config.out:
         return Path(config.out)
-    if config.eval_only:
-        return Path(config.eval_only).parent
-    if config.resume and config.resume != "auto":
-        return Path(config.resume).parent
-    return runs_root() / run_name(method_cls, config, world_size)
+    checkpoint = config.eval_only or (config.resume if config.resume != "auto" else None)
+    if checkpoint:
+        return Path(checkpoint).parent
+    return Path(os.environ.get("OKD_RUNS") or "runs") / run_name(method_cls, config, world_size)
 
 
 def as_trained(key: str, before, now, trained_size: Optional[int]) -> tuple:
