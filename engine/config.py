@@ -158,7 +158,7 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], c
         free |= {"epochs"}
     wrong = [(k, *as_trained(k, options[k], given[k], ckpt.get("image_size")))
              for k in given if k in options and k not in free]
-    wrong = [(k, before, now) for k, before, now in wrong if _canonical(before) != _canonical(now)]
+    wrong = [(k, before, now) for k, before, now in wrong if before != now]
     wrong += [(k, saved[k], given[k]) for k in ("recipe", "preset")   # bundles: their names are recorded
               if k in given and given[k] != saved.get(k, given[k])]
     if wrong and evaluating:
@@ -280,10 +280,10 @@ def as_trained(key: str, before, now, trained_size: Optional[int]) -> tuple:
     """An option's values for a run (``before``) and for a command (``now``), compared as trained: an --image-size
     the run left unset (None) is the size of its data, which it recorded (``trained_size``: a checkpoint's or
     results.json's ``image_size``; None if unknown), and so is the command's if it leaves it unset too. A size
-    given to the run stays as given: the command's unset one is then its data's, not known here."""
+    given to the run stays as given: the command's unset one is then its data's, not known here (tuples: lists)."""
     if key == "image_size" and before is None and trained_size is not None:
-        return trained_size, trained_size if now is None else now
-    return before, now
+        before, now = trained_size, trained_size if now is None else now
+    return _canonical(before), _canonical(now)
 
 
 def differences(saved: Mapping, now: Mapping, defaults: Mapping, extend_epochs: bool = False,
@@ -297,7 +297,6 @@ def differences(saved: Mapping, now: Mapping, defaults: Mapping, extend_epochs: 
     for key in list(now_opts) + [k for k in saved_opts if k not in now_opts]:
         before, after = as_trained(key, saved_opts.get(key, defaults.get(key)), now_opts.get(key, defaults.get(key)),
                                    trained_size)
-        before, after = _canonical(before), _canonical(after)
         if key == "epochs" and extend_epochs and after is not None and before is not None and after > before:
             continue
         if before != after:
