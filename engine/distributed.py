@@ -41,8 +41,7 @@ def any_rank(flag: bool) -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return t.item() > 0
+    return all_reduce_sum(t).item() > 0
 
 
 def barrier() -> None:
