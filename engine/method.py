@@ -101,8 +101,7 @@ class StepContext:
         return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
     def _named(self, names) -> list:
-        if not names:
-            return list(self.optimizers.values())
+        names = names or self.optimizers
         unknown = [n for n in names if n not in self.optimizers]
         if unknown:
             raise KeyError(f"no optimizer named {unknown[0]!r}; the method's optim_groups define "
