@@ -233,10 +233,9 @@ class Trainer:
         under no_grad, with every rank holding rank 0's buffers first."""
         model = self.method.model
         modules = [model] + self.means
-        for m in modules:
-            broadcast_buffers(m)
         was_training = [m.training for m in modules]
         for m in modules:
+            broadcast_buffers(m)
             m.eval()
         loader.set_epoch(0)
         try:
