@@ -131,6 +131,13 @@ class _Milestones(argparse.Action):
         setattr(namespace, self.dest, milestones)
 
 
+def shown(value) -> str:
+    """An option's value as typed: lists space-separated, None as 'default'."""
+    if value is None:
+        return "default"
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Each option's default shown once, after its help: the value a recipe or preset sets included, lists
     as typed (``150 225``); not for off-by-default switches, nor where the help already states it."""
@@ -142,8 +149,7 @@ class HelpFormatter(argparse.HelpFormatter):
                 or (default is False and action.nargs == 0
                     and not isinstance(action, argparse.BooleanOptionalAction))):
             return text
-        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
-        return " ".join(filter(None, (text, f"(default: {shown.replace('%', '%%')})")))
+        return " ".join(filter(None, (text, f"(default: {shown(default).replace('%', '%%')})")))
 
 
 class Parser(argparse.ArgumentParser):
@@ -395,8 +401,8 @@ def _schedule_note(args: argparse.Namespace, given: dict, epochs: int, milestone
     """The sentence the run's first line shows about a schedule :func:`_shorten_schedule` scaled, or None when
     the run's schedule does not use what it scaled (or the command gave its own)."""
     if args.lr_schedule == "multistep" and "milestones" not in given:
-        return (f"the recipe's x0.1 at epochs {' '.join(map(str, milestones))} of {epochs}, scaled to "
-                f"{' '.join(map(str, args.milestones))} of {args.epochs}")
+        return (f"the recipe's x0.1 at epochs {shown(milestones)} of {epochs}, scaled to "
+                f"{shown(args.milestones)} of {args.epochs}")
     if args.lr_schedule == "sgdr" and t0 and "sgdr_t0" not in given:
         return f"the recipe's first SGDR cycle of {t0} of {epochs} epochs, scaled to {args.sgdr_t0}"
     return None

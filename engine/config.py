@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from .cli import given_options, parse_args, warn_unused_schedule_flags
+from .cli import given_options, parse_args, shown, warn_unused_schedule_flags
 from .errors import UserError
 
 # Options that cannot change what is trained: where the run lives and what this process does (--out,
@@ -163,7 +163,7 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], c
               if k in given and given[k] != saved.get(k, given[k])]
     if wrong and evaluating:
         raise UserError(f"--eval-only evaluates {path} as trained: " + "; ".join(
-            f"it was trained with {flag(k)} {_shown(s)}, not {_shown(n)}" for k, s, n in wrong)
+            f"it was trained with {flag(k)} {shown(s)}, not {shown(n)}" for k, s, n in wrong)
             + ". Leave these flags out (only --data and evaluation options may be given)")
     if wrong:
         raise UserError(f"{path} was trained with {describe_differences(wrong)}. Resume with the checkpoint's "
@@ -310,7 +310,7 @@ def describe_differences(diffs: Sequence[tuple[str, object, object]], against: s
     trains a run longer after a grown --epochs."""
     parts = []
     for key, before, after in diffs:
-        part = f"{'world size' if key == 'world_size' else flag(key)} {_shown(before)} ({against}: {_shown(after)})"
+        part = f"{'world size' if key == 'world_size' else flag(key)} {shown(before)} ({against}: {shown(after)})"
         if hint and key == "epochs" and isinstance(before, int) and isinstance(after, int) and after > before:
             part += " [to train longer, add --extend-epochs]"
         if hint and key == "world_size":
@@ -324,13 +324,6 @@ def new_run_hint(resume: Optional[str]) -> str:
     without --resume PATH, which compares its checkpoint's options whatever the --out."""
     return ("start a new run with another --out" if resume == "auto" else
             "start a new run: leave out --resume and give another --out")
-
-
-def _shown(value) -> str:
-    """An option's value as typed: lists space-separated, None as 'default'."""
-    if value is None:
-        return "default"
-    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def recorded_differences(method_cls, config: RunConfig, recorded: Mapping,
