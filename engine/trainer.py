@@ -30,6 +30,7 @@ from torch import nn
 from .checkpoint import check_saved_by, load_checkpoint
 from .cli import parse_args, resume_path
 from .config import from_checkpoint, resolve, run_directory
+from .cuda_graph import CaptureError, GraphedStep
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
 from models.temporal_mean import TemporalMean
 from .errors import UserError
@@ -123,10 +124,7 @@ class Trainer:
         self.step_context = StepContext(self.optimizers, self.scaler, self.device.type,
                                         {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp))
         self.means = [m for m in self.modules.values() if isinstance(m, TemporalMean)]
-        self.graphed = None
-        if args.cuda_graph:
-            from .cuda_graph import GraphedStep
-            self.graphed = GraphedStep(self._step, list(self.optimizers.values()), self.device)
+        self.graphed = GraphedStep(self._step, list(self.optimizers.values()), self.device) if args.cuda_graph else None
         self.best_head = method_cls.best_metric if args.best_metric is None else args.best_metric
         archs = ({f"peer{i + 1}": n for i, n in enumerate(peer_archs(args.arch, args.num_peers))}
                  if method_cls.num_peers is not None else None)
@@ -168,7 +166,6 @@ class Trainer:
         return out
 
     def _graphed_step(self, batch, epoch: int):
-        from .cuda_graph import CaptureError
         try:
             return self.graphed(batch, epoch)
         except CaptureError as e:
