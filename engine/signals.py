@@ -6,7 +6,6 @@ record are written (:func:`signals_held`) the signals wait, so that the two happ
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 from typing import Optional
@@ -73,8 +72,4 @@ def signals_held():
         for s, handler in previous.items():
             signal.signal(s, handler)
     if pending:                                   # delivered now, to the handler it was meant for
-        handler = previous[pending[0]]
-        if callable(handler):
-            handler(pending[0], None)
-        elif handler == signal.SIG_DFL:
-            os.kill(os.getpid(), pending[0])
+        signal.raise_signal(pending[0])
