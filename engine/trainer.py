@@ -160,19 +160,16 @@ class Trainer:
         """One training step on a loader's batch: in the memory format, replayed from the CUDA graph with
         --cuda-graph, else eagerly; then the method's temporal means are updated (eagerly)."""
         batch = batch._replace(images=self._format(batch.images))
-        out = self._step(batch, epoch) if self.graphed is None else self._graphed_step(batch, epoch)
-        for mean in self.means:
-            mean.update()
-        return out
-
-    def _graphed_step(self, batch, epoch: int):
         try:
-            return self.graphed(batch, epoch)
-        except CaptureError as e:
+            out = self._step(batch, epoch) if self.graphed is None else self.graphed(batch, epoch)
+        except CaptureError as e:            # (raised by the graphed step only)
             raise UserError(f"--cuda-graph: {self.method_cls.name}'s training step could not be captured as a CUDA "
                             f"graph ({e}). {self.run.folder / 'last.pt'} holds the last finished epoch; a run trained "
                             "with --cuda-graph continues only with it (it drops each epoch's last incomplete batch): "
                             "start a new run without it (another --out)") from None
+        for mean in self.means:
+            mean.update()
+        return out
 
     # ---- one epoch ------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> tuple[dict[str, float], dict[str, float]]:
