@@ -32,6 +32,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from recipes import RECIPES
+
 from .errors import UserError
 
 
@@ -56,6 +58,22 @@ def peer_heads(logits: list[torch.Tensor], ensemble: bool = True) -> dict[str, t
     if ensemble and len(logits) > 1:
         heads["ensemble"] = torch.stack(logits).mean(0)
     return heads
+
+
+def checked_terms(terms, source: str) -> dict[str, torch.Tensor]:
+    """``terms`` when it is what ``loss`` and ``train_step`` return, a non-empty dict of named scalar (0-dim)
+    tensors; else the UserError naming ``source`` (e.g. ``DML.loss``) and what is wrong: a term of another
+    shape or type would fail later inside autograd or the epoch's averages, far from the method's code."""
+    if not (isinstance(terms, dict) and terms):
+        raise UserError(f"{source} returned {'an empty dict' if terms == {} else type(terms).__name__}; it returns "
+                        "the named loss terms, a dict such as {'ce': ..., 'kd': ...} of scalar tensors")
+    for name, value in terms.items():
+        if not (isinstance(value, torch.Tensor) and value.dim() == 0):
+            what = (f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                    else f"a {type(value).__name__}")
+            raise UserError(f"{source}: its term {name!r} is {what}; every term is a scalar tensor (reduce it, "
+                            "e.g. with .mean())")
+    return terms
 
 
 def _name_from_file(module_name: str) -> Optional[str]:
@@ -149,6 +167,9 @@ class Method:
         if "name" in cls.__dict__:
             raise TypeError(f"{cls.__qualname__} sets `name`: a method's identity is its file name "
                             "(train_<name>.py); remove the line")
+        if cls.recipe not in RECIPES:
+            raise TypeError(f"{cls.__qualname__}.recipe is {cls.recipe!r}, which recipes.py does not define; one of: "
+                            f"{', '.join(sorted(RECIPES))}")
         derived = _name_from_file(cls.__module__)
         if derived is not None:
             cls.name, cls.script = derived, sys.modules[cls.__module__].__file__
@@ -185,11 +206,11 @@ class Method:
     def build(self) -> nn.Module:
         """Return one nn.Module holding every trainable part (peers, gates, heads, fusion modules), from
         ``self.args``, ``self.num_classes`` and ``self.image_size``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement build(), which returns its model")
 
     def loss(self, model: nn.Module, batch, epoch: int) -> dict[str, torch.Tensor]:
         """Named loss terms of one training batch; the default ``train_step`` back-propagates their sum."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement loss() (nor its own train_step)")
 
     def eval_logits(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits of every head to evaluate, by name. Default: each peer and the mean-logit ensemble."""
@@ -213,7 +234,7 @@ class Method:
         ``step.step`` and back-propagate through ``step.backward`` (the fp16 scaler), and keep state in
         tensors updated in place (docs/engine.md)."""
         with step.autocast():
-            terms = self.loss(model, batch, epoch)
+            terms = checked_terms(self.loss(model, batch, epoch), f"{type(self).__name__}.loss")
         step.zero_grad()
         step.backward(sum(terms.values()))
         step.step()

@@ -34,7 +34,7 @@ from .cuda_graph import CaptureError, GraphedStep
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
 from models.temporal_mean import TemporalMean
 from .errors import UserError
-from .method import Method, StepContext
+from .method import Method, StepContext, checked_terms
 from .optim import Optimization
 from .reporting import Reporter
 from .run import Run, file_stamp
@@ -150,7 +150,8 @@ class Trainer:
     def _step(self, batch, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The part of a step --cuda-graph captures: the method's train_step (by default its loss terms, one
         backward, every optimizer), the scaler's update, then its after_step; returns (terms, their sum)."""
-        terms = self.method.train_step(self.model, batch, epoch, self.step_context)
+        terms = checked_terms(self.method.train_step(self.model, batch, epoch, self.step_context),
+                              f"{self.method_cls.__name__}.train_step")
         self.scaler.update()
         with torch.no_grad():
             self.method.after_step(self.model, batch, epoch)
@@ -279,13 +280,14 @@ class Trainer:
                 for k, v in (("top1", top1), ("top5", top5))}
 
     def _check_heads(self) -> None:
-        """--best-metric names a head the method evaluates (one test batch, on every rank)."""
+        """--best-metric (or the method's ``best_metric``) names a head the method evaluates (one test batch, on
+        every rank)."""
         batches = self._eval_batches(self.loaders.test)
         heads, _ = next(batches)
         batches.close()
         if self.best_head not in heads:
-            raise UserError(f"--best-metric {self.best_head!r} is not an evaluated head; "
-                            f"choose one of: {', '.join(heads)}")
+            given = "--best-metric" if self.args.best_metric is not None else f"{self.method_cls.__name__}.best_metric"
+            raise UserError(f"{given} {self.best_head!r} is not an evaluated head; choose one of: {', '.join(heads)}")
 
     # ---- the state a checkpoint holds -------------------------------------------------------------
     def state_dict(self) -> dict:

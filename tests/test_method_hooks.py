@@ -14,7 +14,7 @@ from torch import nn
 
 from engine import UserError, train
 from engine.checkpoint import load_checkpoint
-from engine.method import StepContext
+from engine.method import Method, StepContext
 from models.temporal_mean import TemporalMean
 from toy_methods import AlternatingToy, MeanTeacherToy, interrupted, mean_teacher_decay
 
@@ -236,3 +236,56 @@ def test_non_finite_state_on_one_rank_stops_both(tmp_path):
     assert (r.stdout + r.stderr).count("training became non-finite in epoch 1 (junk holds NaN or inf)") == 2, \
         r.stderr[-3000:]
     assert not (tmp_path / "last.pt").exists()
+
+
+# ---- what a method's step returns, and what a method must define ----------------------------------------
+
+@pytest.mark.parametrize("returned, says", [
+    ({"ce": torch.ones(4)}, "WrongTerms.loss: its term 'ce' is a tensor of shape (4,); every term is a scalar "
+                            "tensor (reduce it, e.g. with .mean())"),
+    ({"ce": 0.0}, "WrongTerms.loss: its term 'ce' is a float; every term is a scalar tensor"),
+    ({}, "WrongTerms.loss returned an empty dict; it returns the named loss terms, a dict such as"),
+    (torch.ones(()), "WrongTerms.loss returned Tensor; it returns the named loss terms"),
+])
+def test_loss_terms_of_the_wrong_kind_are_one_line_naming_the_term(returned, says, tmp_path):
+    """A copied method whose loss returns a non-scalar term, a number, nothing or a bare tensor stops at its first
+    step with one line naming the method and the term (it was an error deep in autograd or the epoch's averages),
+    and the run records it as failed."""
+    class WrongTerms(MeanTeacherToy):
+        def loss(self, model, batch, epoch):
+            super().loss(model, batch, epoch)
+            return returned
+    with pytest.raises(UserError) as e:
+        train(WrongTerms, FAST + ["--epochs", "1", "--out", str(tmp_path)])
+    assert str(e.value).startswith(says)
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+
+
+def test_a_train_step_of_its_own_is_checked_too():
+    from engine.method import checked_terms
+    assert checked_terms({"a": torch.zeros(())}, "X.train_step") == {"a": torch.zeros(())}
+    with pytest.raises(UserError, match=r"^X\.train_step: its term 'b' is a tensor of shape \(1,\)"):
+        checked_terms({"a": torch.zeros(()), "b": torch.zeros(1)}, "X.train_step")
+    with pytest.raises(UserError, match=r"^X\.train_step returned NoneType"):
+        checked_terms(None, "X.train_step")
+
+
+def test_a_method_without_build_or_loss_and_a_recipe_typo_say_so():
+    class NoBuild(MeanTeacherToy):
+        build = Method.build
+    with pytest.raises(NotImplementedError, match=r"NoBuild does not implement build\(\), which returns its model"):
+        NoBuild.build(object.__new__(NoBuild))
+    with pytest.raises(NotImplementedError, match=r"NoBuild does not implement loss\(\)"):
+        Method.loss(object.__new__(NoBuild), None, None, 0)
+    with pytest.raises(TypeError, match=r"Typo\.recipe is 'okdip', which recipes\.py does not define; one of: "):
+        class Typo(MeanTeacherToy):
+            recipe = "okdip"
+
+
+def test_a_best_metric_of_the_class_is_named_as_such(tmp_path):
+    class Misspelt(MeanTeacherToy):
+        best_metric = "ensembel"
+    with pytest.raises(UserError, match=r"^Misspelt\.best_metric 'ensembel' is not an evaluated head; choose one "):
+        train(Misspelt, FAST + ["--epochs", "1", "--out", str(tmp_path)])
+    with pytest.raises(UserError, match=r"^--best-metric 'x' is not an evaluated head"):
+        train(Misspelt, FAST + ["--epochs", "1", "--best-metric", "x", "--out", str(tmp_path / "b")])
