@@ -45,6 +45,9 @@ from .method import script_path
 from .signals import signals_held, stop_signal
 
 
+_REPOSITORY = Path(__file__).resolve().parent.parent     # (a method script outside it needs PYTHONPATH)
+
+
 def history_state(records: Sequence[dict], split: str, metric: str) -> dict:
     """What a run's per-epoch ``records`` say, as a checkpoint and results.json hold it: the records, the best
     epoch (the highest ``split``'s ``metric``, the first of equals; its test metrics are reported), the
@@ -477,7 +480,8 @@ class Run:
         """The command that continues a stopped run (or the run in ``folder``, to ``epochs`` if given, on
         ``world_size`` processes if given): this command with ``--out OUT --resume auto`` in place of any
         ``--out``/``--resume`` it had, or ``--resume PATH`` while the run has no last.pt of its own yet (e.g. after
-        --extend-epochs into a new --out)."""
+        --extend-epochs into a new --out); prefixed with this process's PYTHONPATH where the script lies outside the
+        repository (it imports the engine through it)."""
         folder = folder or self.folder
         resume = self.saved if self.saved not in (None, folder / "last.pt") and folder == self.folder else "auto"
         strip = argparse.ArgumentParser(add_help=False)   # as the script's parser reads them (``--resu`` too);
@@ -488,7 +492,10 @@ class Run:
         rest = strip.parse_known_args(self.argv)[1] + (["--epochs", str(epochs)] if epochs is not None else [])
         world_size = world_size or self.world_size
         launcher = ["python"] if world_size <= 1 else ["torchrun", f"--nproc_per_node={world_size}"]
-        return shlex.join(launcher + [self.script, *rest, "--out", str(folder), "--resume", str(resume)])
+        command = shlex.join(launcher + [self.script, *rest, "--out", str(folder), "--resume", str(resume)])
+        if os.environ.get("PYTHONPATH") and _REPOSITORY not in Path(self.script).resolve().parents:
+            command = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} {command}"   # (a copy kept elsewhere)
+        return command
 
     # ---- --eval-only: the evaluation of a checkpoint, beside the run's files -------------------------------
 

@@ -1643,6 +1643,22 @@ def test_the_commands_a_run_suggests_name_its_script_from_the_current_directory(
                                          "--resume auto"
 
 
+def test_a_copy_kept_outside_the_repository_is_continued_with_its_pythonpath(tmp_path, monkeypatch):
+    """A copy outside the repository imports the engine through PYTHONPATH (docs/engine.md): the command that
+    continues its run sets it as this process had it (a command without it stopped with No module named
+    'engine'); a script of the repository is continued without it."""
+    cls = _copy_of("train_dml.py", tmp_path)
+    argv = ["--arch", "resnet20"]
+    monkeypatch.setenv("PYTHONPATH", f"{REPO}:/my libs")
+    monkeypatch.chdir(tmp_path)
+    stopped = run_module.Run(tmp_path / "run", cls, parse_args(cls, argv), argv)
+    assert stopped.continue_command() == (f"PYTHONPATH='{REPO}:/my libs' python train_dml_copy.py --arch resnet20 "
+                                          f"--out {tmp_path / 'run'} --resume auto")
+    monkeypatch.chdir(REPO)
+    assert run_module.Run(tmp_path / "run", DML, parse_args(DML, argv), argv).continue_command() == (
+        f"python train_dml.py --arch resnet20 --out {tmp_path / 'run'} --resume auto")
+
+
 # ---- 12. a checkpoint opens anywhere ---------------------------------------------------------------------------
 
 def assert_every_tensor_on_the_cpu(path: Path):
