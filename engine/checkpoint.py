@@ -92,4 +92,5 @@ def check_saved_by(ckpt: dict, path: Path, method: str, doing: str) -> None:
     """Refuse (one line) a checkpoint that another method than ``method`` saved, naming the script that saved it
     (:func:`saved_by`) and what to ``do`` with it."""
     if ckpt["method"] != method:
-        raise UserError(f"{path} was saved by {saved_by(ckpt)}; {doing} it with that script")
+        raise UserError(f"{path} was saved by {saved_by(ckpt)}; {doing} it with that script (a method is its file "
+                        f"name, in any folder: train_{ckpt['method']}.py)")

@@ -154,6 +154,10 @@ def test_a_copy_never_resumes_its_originals_checkpoint(run, tmp_path):
     assert train(cls, TINY + ["--out", str(copy_run)])["git_commit"].endswith("-dirty")
     with pytest.raises(UserError, match=f"was saved by {tmp_path / 'train_dml_copy.py'}; resume it with that script"):
         train(DML, TINY + ["--epochs", "2", "--extend-epochs", "--resume", str(copy_run / "last.pt")])
+    # renamed since, the script it names is gone: the rule that finds the method again is named too
+    with pytest.raises(UserError, match=r"that script \(a method is its file name, in any folder: "
+                                        r"train_dml_copy\.py\)$"):
+        train(DML, TINY + ["--out", str(tmp_path / "x"), "--resume", str(copy_run / "last.pt")])
 
 
 def test_a_method_cannot_name_itself():
