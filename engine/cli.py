@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 from recipes import RECIPES
 
+from .errors import UserError
+
 FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: a float flag beyond it would be inf in training
 MAX_PROCESSES = 1024                 # process and thread counts: far above any machine's cores (process_count)
 MAX_PEERS = 256     # far above any published cohort (2 to 8); a larger --num-peers is a typo that would sit building
@@ -303,7 +305,11 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                                 f"{name}: " + ", ".join(f"{k}={v}" for k, v in
                                                         method_cls.preset_values(name, arch).items())
                                 for name in method_cls.presets))
-    method_cls.add_arguments(m)
+    try:
+        method_cls.add_arguments(m)
+    except argparse.ArgumentError as e:       # (a flag the engine or the method declares already)
+        raise UserError(f"{method_cls.__name__}.add_arguments: {e}; give the method's flag a name of its own "
+                        "(python train_<method>.py --help lists the names taken)") from None
     if method_cls.presets:
         p.set_defaults(**method_cls.preset_values(preset, arch))
     return p

@@ -289,3 +289,16 @@ def test_a_best_metric_of_the_class_is_named_as_such(tmp_path):
         train(Misspelt, FAST + ["--epochs", "1", "--out", str(tmp_path)])
     with pytest.raises(UserError, match=r"^--best-metric 'x' is not an evaluated head"):
         train(Misspelt, FAST + ["--epochs", "1", "--best-metric", "x", "--out", str(tmp_path / "b")])
+
+
+def test_a_flag_declared_twice_is_one_line_naming_the_method():
+    """A copy that adds a flag the engine declares already (``--lr``) stops in one line, not argparse's traceback."""
+    from engine import parse_args
+
+    class Clash(MeanTeacherToy):
+        @classmethod
+        def add_arguments(cls, parser):
+            parser.add_argument("--lr", type=float, default=0.5)
+    with pytest.raises(UserError, match=r"^Clash\.add_arguments: argument --lr: conflicting option string: --lr; "
+                                        "give the method's flag a name of its own"):
+        parse_args(Clash, [])
