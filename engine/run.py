@@ -45,7 +45,7 @@ from .method import script_path
 from .signals import signals_held, stop_signal
 
 
-_REPOSITORY = Path(__file__).resolve().parent.parent     # (a method script outside it needs PYTHONPATH)
+_REPOSITORY = Path(__file__).resolve().parent.parent     # (a method script outside this folder needs PYTHONPATH)
 
 
 def history_state(records: Sequence[dict], split: str, metric: str) -> dict:
@@ -481,7 +481,8 @@ class Run:
         ``world_size`` processes if given): this command with ``--out OUT --resume auto`` in place of any
         ``--out``/``--resume`` it had, or ``--resume PATH`` while the run has no last.pt of its own yet (e.g. after
         --extend-epochs into a new --out); prefixed with this process's PYTHONPATH where the script lies outside the
-        repository (it imports the engine through it)."""
+        repository's root folder (Python puts the script's own folder on the path, so it imports the engine
+        through PYTHONPATH)."""
         folder = folder or self.folder
         resume = self.saved if self.saved not in (None, folder / "last.pt") and folder == self.folder else "auto"
         strip = argparse.ArgumentParser(add_help=False)   # as the script's parser reads them (``--resu`` too);
@@ -493,7 +494,7 @@ class Run:
         world_size = world_size or self.world_size
         launcher = ["python"] if world_size <= 1 else ["torchrun", f"--nproc_per_node={world_size}"]
         command = shlex.join(launcher + [self.script, *rest, "--out", str(folder), "--resume", str(resume)])
-        if os.environ.get("PYTHONPATH") and _REPOSITORY not in Path(self.script).resolve().parents:
+        if os.environ.get("PYTHONPATH") and Path(self.script).resolve().parent != _REPOSITORY:
             command = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} {command}"   # (a copy kept elsewhere)
         return command
 

@@ -268,6 +268,8 @@ def test_a_train_step_of_its_own_is_checked_too():
         checked_terms({"a": torch.zeros(()), "b": torch.zeros(1)}, "X.train_step")
     with pytest.raises(UserError, match=r"^X\.train_step returned NoneType"):
         checked_terms(None, "X.train_step")
+    with pytest.raises(UserError, match=r"^X\.train_step: a term is named 'loss', the name of their sum"):
+        checked_terms({"loss": torch.zeros(())}, "X.train_step")     # (it was overwritten by the sum, unseen)
 
 
 def test_a_method_without_build_or_loss_and_a_recipe_typo_say_so():

@@ -1661,6 +1661,11 @@ def test_a_copy_kept_outside_the_repository_is_continued_with_its_pythonpath(tmp
     monkeypatch.chdir(REPO)
     assert run_module.Run(tmp_path / "run", DML, parse_args(DML, argv), argv).continue_command() == (
         f"python train_dml.py --arch resnet20 --out {tmp_path / 'run'} --resume auto")
+    # a copy in a folder of the repository is outside its root folder too: Python puts the script's own folder
+    # on the path, not the repository's
+    monkeypatch.setattr(cls, "script", str(REPO / "ideas" / "train_dml_copy.py"))
+    assert run_module.Run(tmp_path / "run", cls, parse_args(cls, argv), argv).continue_command().startswith(
+        f"PYTHONPATH='{REPO}:/my libs' python ideas/train_dml_copy.py --arch resnet20")
 
 
 # ---- 12. a checkpoint opens anywhere ---------------------------------------------------------------------------
