@@ -514,7 +514,7 @@ def _folder_record(loaded, splits: dict, args) -> dict:
 
 
 def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_class: bool = False,
-                  drop_last: bool = False) -> Loaders:
+                  drop_last: bool = False, normalization: Optional[dict] = None) -> Loaders:
     """Training, validation (or None) and test loaders for ``args`` (see the module docstring).
 
     Reads ``args.dataset``, ``data``, ``download``, ``subset`` (train on N samples, stratified random, after
@@ -528,6 +528,9 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     evaluated: no advice to change its --val-split).
     ``needs_every_class``: refuse (ValueError) a subset that leaves a class without training samples;
     ``drop_last``: drop the last incomplete training batch (one batch shape for ``--cuda-graph``).
+    ``normalization``: for ``folder``, the ``mean`` and ``std`` a checkpoint was trained with (its record's
+    ``data.folder``), used instead of those of this copy's training images: a checkpoint is evaluated, or its run
+    continued, as it was trained.
     Dataset problems raise DatasetNotFoundError or BadDatasetError; flags that do not fit the dataset raise
     ValueError (DataFlagError is both). Every field must exist (a missing one is an AttributeError, not a
     silent default); None means the default where stated.
@@ -558,6 +561,13 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
                         classes=args.classes, loader=kind)
     val_set, notes = None, ()
     if name == "folder":
+        if normalization is not None:
+            measured = (list(loaded.info.mean), list(loaded.info.std))
+            trained = (list(normalization["mean"]), list(normalization["std"]))
+            if measured != trained and rank == 0:
+                print(f"folder: normalised with the checkpoint's mean {trained[0]} and std {trained[1]} (this "
+                      f"folder's training images give {measured[0]} and {measured[1]})", flush=True)
+            loaded = loaded._replace(info=replace(loaded.info, mean=tuple(trained[0]), std=tuple(trained[1])))
         info, notes = loaded.info, loaded.tree.warnings
         train_set = loaded.train
         if loaded.val is not None and loaded.test is not None:
@@ -572,6 +582,13 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     train_idx, val_idx = torch.arange(len(labels)), None
     if args.val_split:
         train_idx, val_idx = stratified_split(labels, args.val_split, seed)
+        counts = torch.bincount(labels)
+        kept = torch.bincount(labels[train_idx], minlength=len(counts))
+        emptied = [info.classes[c] if info.classes else str(c) for c in range(len(counts)) if counts[c] and not kept[c]]
+        if emptied:     # (a class of one or two images: the largest remainder gives them to the hold-out)
+            notes = (*notes, f"--val-split {args.val_split} holds out every training image of {len(emptied)} "
+                             f"class(es) ({', '.join(emptied[:5])}{', ...' if len(emptied) > 5 else ''}): the network "
+                             "never trains on them; lower --val-split, or add training images")
     if test_set is None:                      # the held-out samples are the evaluation set
         test_set, test_labels, test_pool, val_idx = train_set, labels, val_idx, None
     else:

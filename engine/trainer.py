@@ -89,9 +89,12 @@ class Trainer:
             self.run.check_evaluation(Path(args.eval_only), self.ckpt)
         else:
             self.run.check(self.ckpt, self.ckpt_stamp)
+        # a folder dataset is normalised as the checkpoint resumed or evaluated was (its record's mean and std)
+        trained_on = ((self.ckpt or self.run.read[2] or {}).get("data") or {}).get("folder") or {}
         try:
             self.loaders = build_loaders(args, self.device, self.dist.rank, self.dist.world_size,
-                                         needs_every_class=method_cls.needs_every_class, drop_last=args.cuda_graph)
+                                         needs_every_class=method_cls.needs_every_class, drop_last=args.cuda_graph,
+                                         normalization=trained_on if "mean" in trained_on else None)
         except ValueError as e:  # a data flag that does not fit the dataset (--val-split, --subset, --loader)
             raise UserError(str(e)) from None
         info = self.loaders.info

@@ -256,6 +256,19 @@ def test_no_val_or_test_folder_is_refused_unless_val_split_holds_out_the_evaluat
     assert torch.equal(held.test.images, loaders.test.images)                      # seeded
 
 
+def test_a_val_split_that_holds_out_every_image_of_a_class_says_so(tmp_path):
+    """A class of one image: --val-split's largest remainder can give it to the hold-out, and the network then
+    never trains on that class; a warning names it, and the record keeps the warning (there was none)."""
+    root = write_folder(tmp_path / "tree", per_split=(("train", 12),), classes=FOLDER_CLASSES[:3])
+    write(root / "train" / "lonely" / "one.png", folder_image(3, 0))
+    with pytest.warns(UserWarning, match=r"--val-split 10 holds out every training image of 1 class\(es\) \(lonely\): "
+                                         "the network never trains on them; lower --val-split"):
+        loaders = build_loaders(args_for(root, val_split=10), "cpu")
+    lonely = loaders.info.classes.index("lonely")
+    assert torch.bincount(loaders.train.labels, minlength=4).tolist()[lonely] == 0
+    assert any("lonely" in w for w in loaders.record["warnings"])
+
+
 def test_val_and_test_folders_give_validation_and_test_loaders(tmp_path):
     root = write_folder(tmp_path / "tree", per_split=(("train", 4), ("val", 2), ("test", 3)))
     loaders = build_loaders(args_for(root), "cpu")
@@ -536,6 +549,30 @@ def test_eval_only_evaluates_at_the_size_the_run_was_trained_at(tmp_path):
     write_folder(root, per_split=(("train", 2), ("val", 1)), size=60)
     evaluated = train(train_baseline.Baseline, common + ["--eval-only", str(tmp_path / "run" / "best.pt")])
     assert evaluated["epoch"] == 1 and evaluated["image_size"] == 32
+
+
+def test_a_checkpoint_is_normalised_as_it_was_trained_whatever_copy_of_the_data(tmp_path, capsys):
+    """A folder's mean and std are measured on its training images. --eval-only of a checkpoint on another copy of
+    the data (here: the same val/ images, other training images) and a resumed run both use the checkpoint's, and
+    say so where the copy's own differ (they were used instead, silently)."""
+    root = write_folder(tmp_path / "tree", per_split=(("train", 4), ("val", 2)))
+    out = tmp_path / "run"
+    argv = ["--dataset", "folder", "--data", str(root), "--arch", "resnet20", "--batch-size", "4", "--gpu", "-1",
+            "--threads", "1", "--no-progress", "--out", str(out)]
+    trained = train(train_baseline.Baseline, argv + ["--epochs", "1"])
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "val", copy / "val")
+    for image in (root / "train").rglob("*.png"):              # as many training images, darker ones
+        (copy / image.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(Image.open(image)) // 4).save(copy / image.relative_to(root))
+    evaluate = ["--gpu", "-1", "--threads", "1", "--no-progress", "--eval-only", str(out / "last.pt"), "--out"]
+    capsys.readouterr()
+    on_copy = train(train_baseline.Baseline, evaluate + [str(tmp_path / "e1"), "--data", str(copy)])
+    assert "folder: normalised with the checkpoint's mean" in capsys.readouterr().out
+    assert on_copy["test"] == train(train_baseline.Baseline, evaluate + [str(tmp_path / "e2")])["test"]
+    resumed = train(train_baseline.Baseline, argv + ["--epochs", "2", "--extend-epochs", "--resume", "auto",
+                                                     "--data", str(copy)])
+    assert resumed["data"]["folder"]["mean"] == trained["data"]["folder"]["mean"]
 
 
 def test_a_resume_on_a_folder_that_gained_or_lost_images_is_refused(tmp_path):
