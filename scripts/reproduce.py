@@ -394,20 +394,19 @@ class TrainRun:
 
 
 def parse_minutes(text: str) -> int:
-    """SLURM time: minutes, ``HH:MM:SS``, ``HH:MM`` or ``D-HH:MM:SS`` -> minutes (rounded up)."""
-    days = 0
+    """SLURM's time formats (sbatch(1) ``--time``): ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M`` or ``D-H:M:S``
+    -> minutes (rounded up). Two numbers are minutes and seconds without a day, hours and minutes after one."""
+    days, clock = text.split("-", 1) if "-" in text else ("0", text)
+    parts = [int(p) for p in clock.split(":")]
+    if len(parts) > 3:
+        raise ValueError(text)
     if "-" in text:
-        d, text = text.split("-", 1)
-        days = int(d)
-    parts = [int(p) for p in text.split(":")]
-    if len(parts) == 1:
-        minutes, seconds = parts[0], 0
-        hours = 0
-    elif len(parts) == 2:
-        hours, minutes, seconds = parts[0], parts[1], 0
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        hours, minutes, seconds = parts
     else:
-        hours, minutes, seconds = parts[-3:]
-    return days * 1440 + hours * 60 + minutes + (1 if seconds else 0)
+        hours, minutes, seconds = 0, parts[0], (parts + [0])[1]
+    return int(days) * 1440 + hours * 60 + minutes + (1 if seconds else 0)
 
 
 def slurm_options(args: argparse.Namespace, table: str) -> argparse.Namespace:
@@ -471,8 +470,8 @@ def _slurm_time(text: str) -> str:
     except ValueError:
         minutes = 0
     if minutes <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: write a time limit above 0 as minutes, HH:MM:SS, HH:MM or "
-                                         "D-HH:MM:SS (e.g. 24:00:00)")
+        raise argparse.ArgumentTypeError(f"{text!r}: write a time limit above 0 as SLURM does: minutes, MM:SS, "
+                                         "HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 24:00:00)")
     return text
 
 
@@ -534,8 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--account", default=None)
     s.add_argument("--qos", default=None)
     s.add_argument("--constraint", default=None)
-    s.add_argument("--time", type=_slurm_time, default="24:00:00", help="time limit per job (HH:MM:SS or minutes); a run that "
-                                                      "needs longer is re-queued and continues")
+    s.add_argument("--time", type=_slurm_time, default="24:00:00",
+                   help="time limit per job, as SLURM reads it (HH:MM:SS, minutes, MM:SS, D-HH[:MM[:SS]]); a run "
+                        "that needs longer is re-queued and continues")
     s.add_argument("--gpus-per-run", type=positive_int, default=1,
                    help="GPUs per run; above 1 the run is started with torchrun, and --batch-size is per GPU: "
                         "keep the table's global batch with --extra='--batch-size B/N' (summarize.py marks a run "

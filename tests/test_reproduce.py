@@ -170,7 +170,9 @@ def test_not_built_script_is_listed_never_run(tmp_path, monkeypatch):
 
 
 def test_minutes():
-    assert [reproduce.parse_minutes(t) for t in ("90", "1:30:00", "2:05", "1-00:00:30")] == [90, 90, 125, 1441]
+    # SLURM's formats (sbatch --time): two numbers are MM:SS, and after a day HH[:MM] ("2:05" once read 125 minutes)
+    assert [reproduce.parse_minutes(t) for t in ("90", "1:30:00", "2:05", "30:00", "1-00:00:30", "1-12", "1-2:30")] \
+        == [90, 90, 3, 30, 1441, 2160, 1590]
 
 
 # ---- the local launcher on tiny synthetic runs -------------------------------------------------------------------
