@@ -54,6 +54,7 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
 from data.files import holds_run  # noqa: E402
 from engine.cli import (Parser, non_empty_path, non_negative_int, number, positive_int, process_count,  # noqa: E402
                         run_tool)
+from engine.signals import stop_on_signals, stop_signal  # noqa: E402
 from scripts.tables import PAPER_TABLES, TABLES, Cell, Table  # noqa: E402
 
 FILTER_KEYS = ("method", "arch", "row", "column", "run")
@@ -247,7 +248,7 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
 
     Each run is its own process (``python train_x.py ... --resume auto``) started in its own session, so Ctrl-C
     reaches this launcher only; it forwards one SIGINT to every run in flight and returns once they have
-    stopped. With one job the run's output goes to the terminal, otherwise to ``<run>/train.log``. A run whose
+    stopped (main() makes SIGTERM and SIGHUP a KeyboardInterrupt too: engine.signals.stop_on_signals). With one job the run's output goes to the terminal, otherwise to ``<run>/train.log``. A run whose
     folder holds a run trained with other flags ("differs"), or that the engine would refuse ("refused"), is never
     started (main() refuses those up front).
     Returns {"finished": [...], "skipped": [...], "busy": [...], "failed": [...], "not built": [...],
@@ -331,8 +332,9 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
                             run.out.rmdir()
                     where = f"; its output is in {display_path(run.out / 'train.log')}" if stream else ""
                     log(f"FAILED (exit {proc.returncode}): {display_path(run.out)}{where}")
-    except KeyboardInterrupt:
-        log(f"\ninterrupted: stopping {len(procs)} run(s); each keeps its last finished epoch in last.pt ...")
+    except KeyboardInterrupt as e:
+        log(f"\ninterrupted ({stop_signal(e)}): stopping {len(procs)} run(s); each keeps its last finished epoch in "
+            "last.pt ...")
         _stop(list(procs))
         for run, _, stream in procs.values():
             if stream:
@@ -800,7 +802,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"when they are done: python scripts/summarize.py {args.runs_dir} --table {table.name}")
         return 0
     gpus = args.gpus.split(",") if args.gpus else None
-    outcome = run_local(runs, gpus, args.jobs, extra)
+    with stop_on_signals():     # SIGTERM and SIGHUP (a scheduler, a closed ssh session) stop the runs as Ctrl-C does
+        outcome = run_local(runs, gpus, args.jobs, extra)
     print(", ".join(f"{len(v)} {k}" for k, v in outcome.items() if v) or "nothing to do")
     if outcome["interrupted"] or outcome["not started"]:
         print("every interrupted run continues from its last.pt, and the others start: re-run the same command")

@@ -244,9 +244,11 @@ def test_local_launcher_skips_finished_resumes_interrupted_and_summarizes(tmp_pa
 
 
 @pytest.mark.slow
-def test_ctrl_c_leaves_the_run_resumable(tmp_path):
-    """SIGINT to the launcher: the training process stops after a checkpoint, the launcher exits 130, and the
-    run is left as "resume" (last.pt + results.json status interrupted)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_leaves_the_run_resumable(tmp_path, sig):
+    """SIGINT to the launcher (or SIGTERM, as a scheduler, ``timeout`` or ``kill`` sends it; it once ended the
+    launcher alone and left its runs training unseen): the training process stops after a checkpoint, the launcher
+    exits 130, and the run is left as "resume" (last.pt + results.json status interrupted)."""
     out = tmp_path / "smoke" / "dml-resnet20-s0"
     cmd = [sys.executable, "scripts/reproduce.py", "smoke", "--only", "method=dml", "--seeds", "0", "1", "--runs-dir",
            str(tmp_path), "--extra", "--epochs 40 --subset 64 --batch-size 32 --gpu -1 --no-progress"]
@@ -259,9 +261,10 @@ def test_ctrl_c_leaves_the_run_resumable(tmp_path):
     while not (out / "results.json").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0]
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, output
+    assert f"interrupted ({sig.name}): stopping 1 run(s)" in output
     assert "1 interrupted, 1 not started\n" in output and "re-run the same command" in output   # (seed 1 queued)
     assert (out / "last.pt").is_file() and not (tmp_path / "smoke" / "dml-resnet20-s1").exists()
     assert json.loads((out / "results.json").read_text())["status"] == "interrupted"
