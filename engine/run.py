@@ -480,9 +480,10 @@ class Run:
         """The command that continues a stopped run (or the run in ``folder``, to ``epochs`` if given, on
         ``world_size`` processes if given): this command with ``--out OUT --resume auto`` in place of any
         ``--out``/``--resume`` it had, or ``--resume PATH`` while the run has no last.pt of its own yet (e.g. after
-        --extend-epochs into a new --out); prefixed with this process's PYTHONPATH where the script lies outside the
-        repository's root folder (Python puts the script's own folder on the path, so it imports the engine
-        through PYTHONPATH)."""
+        --extend-epochs into a new --out), under torchrun with this run's nodes and processes per node (the
+        rendezvous options of a multi-node launch are the user's); prefixed with this process's PYTHONPATH where
+        the script lies outside the repository's root folder (Python puts the script's own folder on the path, so
+        it imports the engine through PYTHONPATH)."""
         folder = folder or self.folder
         resume = self.saved if self.saved not in (None, folder / "last.pt") and folder == self.folder else "auto"
         strip = argparse.ArgumentParser(add_help=False)   # as the script's parser reads them (``--resu`` too);
@@ -493,6 +494,9 @@ class Run:
         rest = strip.parse_known_args(self.argv)[1] + (["--epochs", str(epochs)] if epochs is not None else [])
         world_size = world_size or self.world_size
         launcher = ["python"] if world_size <= 1 else ["torchrun", f"--nproc_per_node={world_size}"]
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))     # (torchrun's processes on this node)
+        if world_size == self.world_size and 0 < per_node < world_size:  # several nodes, each started alike
+            launcher[1:] = [f"--nnodes={world_size // per_node}", f"--nproc_per_node={per_node}"]
         command = shlex.join(launcher + [self.script, *rest, "--out", str(folder), "--resume", str(resume)])
         if os.environ.get("PYTHONPATH") and Path(self.script).resolve().parent != _REPOSITORY:
             command = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} {command}"   # (a copy kept elsewhere)

@@ -1647,6 +1647,19 @@ def test_the_commands_a_run_suggests_name_its_script_from_the_current_directory(
                                          "--resume auto"
 
 
+def test_a_multi_node_run_is_continued_on_as_many_nodes(tmp_path, monkeypatch):
+    """Under torchrun on 2 nodes of 2 processes (LOCAL_WORLD_SIZE 2 of WORLD_SIZE 4) the command that continues the
+    run starts 2 processes on each of 2 nodes (it said --nproc_per_node=4, on one node, which cannot start)."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    argv = ["--arch", "resnet20"]
+    stopped = run_module.Run(tmp_path, DML, parse_args(DML, argv), argv, world_size=4)
+    assert stopped.continue_command() == (f"torchrun --nnodes=2 --nproc_per_node=2 train_dml.py --arch resnet20 --out "
+                                          f"{tmp_path} --resume auto")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert stopped.continue_command().startswith("torchrun --nproc_per_node=4 train_dml.py")
+
+
 def test_a_copy_kept_outside_the_repository_is_continued_with_its_pythonpath(tmp_path, monkeypatch):
     """A copy outside the repository imports the engine through PYTHONPATH (docs/engine.md): the command that
     continues its run sets it as this process had it (a command without it stopped with No module named
