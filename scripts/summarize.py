@@ -55,7 +55,7 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
 from scripts.tables import TABLES, Cell, Metric, Table  # noqa: E402
 from engine.cli import Parser, non_empty_path, run_tool  # noqa: E402  (one-line errors)
 from engine.config import without_seed  # noqa: E402  (the run directory's name: run_name)
-from data.files import output_problem  # noqa: E402  (what a script may write)
+from data.files import RUN_LOCK, output_problem  # noqa: E402  (what a script may write; a run folder's lock)
 from scripts import reproduce  # noqa: E402  (the tables' runs and the engine's option comparison)
 
 PEER = re.compile(r"^peer(\d+)$")
@@ -109,11 +109,13 @@ class RunResult:
 
 def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
     """Every readable run under ``root`` (a folder with a results.json or a last.pt) and, separately, (path,
-    reason) for every results.json that is not, and for every folder that holds only a best.pt (a run whose
-    record and resume point were removed or not copied: it would otherwise be left out without a word)."""
-    from engine.run import read_run, why_not_a_record
+    reason) for every results.json that is not, for every folder that holds only a best.pt (a run whose
+    record and resume point were removed or not copied), and for every run folder that holds only its lock (a run
+    in its first epoch, or one killed there): each would otherwise be left out without a word."""
+    from engine.errors import UserError
+    from engine.run import RunLock, read_run, why_not_a_record
     runs, bad = [], []
-    holding = _folders_holding(root, ("results.json", "last.pt", "best.pt"))
+    holding = _folders_holding(root, ("results.json", "last.pt", "best.pt", RUN_LOCK))
     folders = holding["results.json"] | holding["last.pt"]
     for path in sorted(folder / "results.json" for folder in folders):
         data = read_run(path.parent)           # brought in line with last.pt, as reproduce.py reads it
@@ -124,6 +126,13 @@ def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
     for folder in sorted(holding["best.pt"] - folders):
         bad.append((folder, "it holds a best.pt but neither results.json nor last.pt, which a run's numbers are "
                             "read from (a run copied in part?); copy its results.json or last.pt beside it"))
+    for folder in sorted(holding[RUN_LOCK] - folders - holding["best.pt"]):
+        try:
+            RunLock(folder).check_free()
+            reason = "its run ended before it recorded an epoch (killed in its first one?); train it again"
+        except UserError:
+            reason = "a process trains its run now, and has recorded no epoch yet"
+        bad.append((folder, reason))
     return runs, bad
 
 

@@ -108,6 +108,27 @@ def test_corrupt_partial_and_running_files_are_reported_and_skipped(tmp_path, ca
     assert "| ResNet-32 | DML | single | `peers` | 2 | 29.50 ± 0.71 | 29.50 ± 0.71 | 25.00 | +4.50 |" in text
 
 
+def test_a_run_folder_with_only_its_lock_is_reported_not_skipped_silently(tmp_path, capsys):
+    """A seed whose process was killed in its first epoch left its folder with only its lock (and a train.log):
+    summarize.py names it, as trained now while a process holds the lock, else as to train again (the table
+    showed n=1 of 2 seeds without a word)."""
+    from engine.run import RunLock
+    write_dml(tmp_path, 0, [60, 70], [60, 70], [62, 72])
+    killed = tmp_path / "dml-resnet32-s1"
+    killed.mkdir()
+    (killed / ".lock").write_text('{"pid": 999999}')
+    (killed / "train.log").write_text("epoch 1/2 ...")
+    assert summarize.main([str(tmp_path)]) == 0
+    assert (f"warning: skipped {killed}: its run ended before it recorded an epoch (killed in its first one?); train "
+            "it again") in capsys.readouterr().err
+    lock = RunLock(killed, "train_dml.py").acquire()
+    try:
+        assert summarize.load_runs(tmp_path)[1] == [(killed, "a process trains its run now, and has recorded no "
+                                                             "epoch yet")]
+    finally:
+        lock.release()
+
+
 def test_a_folder_with_only_best_pt_is_reported_not_skipped_silently(tmp_path, capsys):
     """A run folder that kept best.pt but lost results.json and last.pt (copied in part) cannot be read: it is
     named in a warning as an unreadable results.json is, not left out of the summary without a word."""
