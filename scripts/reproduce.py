@@ -248,9 +248,10 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
 
     Each run is its own process (``python train_x.py ... --resume auto``) started in its own session, so Ctrl-C
     reaches this launcher only; it forwards one SIGINT to every run in flight and returns once they have
-    stopped (main() makes SIGTERM and SIGHUP a KeyboardInterrupt too: engine.signals.stop_on_signals). With one job the run's output goes to the terminal, otherwise to ``<run>/train.log``. A run whose
-    folder holds a run trained with other flags ("differs"), or that the engine would refuse ("refused"), is never
-    started (main() refuses those up front).
+    stopped (main() makes SIGTERM and SIGHUP a KeyboardInterrupt too: engine.signals.stop_on_signals). With one
+    job the run's output goes to the terminal, otherwise to ``<run>/train.log``. A run whose folder holds a run
+    trained with other flags ("differs"), or that the engine would refuse ("refused"), is never started (main()
+    refuses those up front).
     Returns {"finished": [...], "skipped": [...], "busy": [...], "failed": [...], "not built": [...],
     "differs": [...], "refused": [...], "interrupted": [...], "not started": [...]} (the last two after a Ctrl-C).
     """
