@@ -91,6 +91,9 @@ def _name_from_file(module_name: str) -> Optional[str]:
     return stem if module_name == "__main__" else None
 
 
+REPOSITORY = Path(__file__).resolve().parent.parent    # the repository's root: the 12 scripts and the packages
+
+
 def script_path(method_cls) -> str:
     """The script that defines ``method_cls`` as a command run from the current directory names it, and as a
     run's record holds it: relative to that directory when the script lies under it (``train_dml.py`` in the

@@ -41,11 +41,8 @@ from .cli import resume_path
 from .config import RunConfig, describe_differences, new_run_hint, recorded_differences, without_hash
 from .distributed import any_rank, barrier
 from .errors import UserError
-from .method import script_path
+from .method import REPOSITORY, script_path
 from .signals import signals_held, stop_signal
-
-
-_REPOSITORY = Path(__file__).resolve().parent.parent     # (a method script outside this folder needs PYTHONPATH)
 
 
 def history_state(records: Sequence[dict], split: str, metric: str) -> dict:
@@ -498,7 +495,7 @@ class Run:
         if world_size == self.world_size and 0 < per_node < world_size:  # several nodes, each started alike
             launcher[1:] = [f"--nnodes={world_size // per_node}", f"--nproc_per_node={per_node}"]
         command = shlex.join(launcher + [self.script, *rest, "--out", str(folder), "--resume", str(resume)])
-        if os.environ.get("PYTHONPATH") and Path(self.script).resolve().parent != _REPOSITORY:
+        if os.environ.get("PYTHONPATH") and Path(self.script).resolve().parent != REPOSITORY:
             command = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} {command}"   # (a copy kept elsewhere)
         return command
 

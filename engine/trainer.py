@@ -34,7 +34,7 @@ from .cuda_graph import CaptureError, GraphedStep
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
 from models.temporal_mean import TemporalMean
 from .errors import UserError
-from .method import Method, StepContext, checked_terms
+from .method import REPOSITORY, Method, StepContext, checked_terms
 from .optim import Optimization
 from .reporting import Reporter
 from .run import Run, file_stamp
@@ -431,16 +431,15 @@ def git_commit(script: Optional[str] = None) -> str:
     """The repository's commit, for the record, with ``-dirty`` when the code that runs may differ from it: a
     changed or untracked ``.py`` file in the repository (a method copied and not yet committed), or the method's
     ``script`` outside it; "unknown" outside git."""
-    root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", *args], cwd=REPOSITORY, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
         commit = git("rev-parse", "--verify", "-q", "HEAD")
         changed = git("status", "--porcelain", "-uall", "--", "*.py")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    outside = script is not None and root not in Path(script).resolve().parents
+    outside = script is not None and REPOSITORY not in Path(script).resolve().parents
     return "unknown" if not commit else commit + ("-dirty" if changed or outside else "")
 
 
