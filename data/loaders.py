@@ -436,11 +436,16 @@ def _subset(labels: torch.Tensor, idx: torch.Tensor, n: Optional[int], seed: int
                  "size)", "seed": seed, "classes": int(labels[idx].unique().numel())}
 
 
+def _classes_left_out(labels: torch.Tensor, idx: torch.Tensor, num_classes: int) -> list[int]:
+    """The classes that ``labels`` holds and its samples ``idx`` do not."""
+    present = torch.bincount(labels, minlength=num_classes) > 0
+    return torch.nonzero(present & (torch.bincount(labels[idx], minlength=num_classes) == 0)).flatten().tolist()
+
+
 def _check_every_class(labels: torch.Tensor, pool: torch.Tensor, train_idx: torch.Tensor, num_classes: int,
                        subset: Optional[int]) -> None:
     """ValueError when a class of the training set has no sample left in ``train_idx``."""
-    present = torch.bincount(labels, minlength=num_classes) > 0
-    empty = int((present & (torch.bincount(labels[train_idx], minlength=num_classes) == 0)).sum())
+    empty = len(_classes_left_out(labels, train_idx, num_classes))
     if not empty:
         return
     need = "this method needs every class (its negatives are drawn by class)"
@@ -582,9 +587,8 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     train_idx, val_idx = torch.arange(len(labels)), None
     if args.val_split:
         train_idx, val_idx = stratified_split(labels, args.val_split, seed)
-        counts = torch.bincount(labels)
-        kept = torch.bincount(labels[train_idx], minlength=len(counts))
-        emptied = [info.classes[c] if info.classes else str(c) for c in range(len(counts)) if counts[c] and not kept[c]]
+        emptied = [info.classes[c] if info.classes else str(c)
+                   for c in _classes_left_out(labels, train_idx, info.num_classes)]
         if emptied:     # (a class of one or two images: the largest remainder gives them to the hold-out)
             notes = (*notes, f"--val-split {args.val_split} holds out every training image of {len(emptied)} "
                              f"class(es) ({', '.join(emptied[:5])}{', ...' if len(emptied) > 5 else ''}): the network "
