@@ -21,7 +21,8 @@ The tables and the flags of each cell are in ``scripts/tables.py``. Run ``s`` of
   training, e.g. a shortened ``--subset 64 --epochs 1`` check) is reported as "differs: <flags>" and never
   started (the engine would refuse to resume it): run it with the same ``--extra``, or move it away; so is one
   that holds another script's run ("differs: a run of train_dml.py"), and one where the engine would start no
-  run, e.g. one holding an earlier run's best.pt without its last.pt ("refused: <the engine's line>");
+  run or continue none, e.g. one holding an earlier run's best.pt without its last.pt, or a damaged last.pt
+  ("refused: <the engine's line>");
 * a run another process trains (a second reproduce.py) is "busy": skipped, also when it is taken while queued.
 
 A cell whose method script does not exist yet is listed as "not built" and never run; it becomes live as
@@ -181,9 +182,9 @@ def run_state(run: Run, extra: Sequence[str] = (), world_size: int = 1) -> str:
     """"not built"; "busy: <who>" (another process trains it now, e.g. a second reproduce.py); "differs:
     <flags>" (the folder holds a run of another script, or one trained with other training flags than this
     command: the engine would refuse to resume it, and a finished one is not the table's number); "finished";
-    "resume" (a checkpoint to continue from, which the engine checks when it starts); "refused: <the engine's
-    line>" (a folder where the engine would start no run, e.g. one that holds an earlier run's best.pt but no
-    last.pt); or "new"."""
+    "resume" (a last.pt the engine would continue from); "refused: <the engine's line>" (a folder where the
+    engine would start or continue no run: a damaged last.pt, an earlier run's best.pt without its last.pt); or
+    "new"."""
     if not run.built:
         return "not built"
     from engine.checkpoint import saved_by
@@ -207,15 +208,11 @@ def run_state(run: Run, extra: Sequence[str] = (), world_size: int = 1) -> str:
         epochs = command_config(run, extra).epochs
         if recorded.get("status") == "finished" and recorded.get("epochs_done", 0) >= epochs:
             return "finished"
-    # an unreadable results.json: the run is redone or resumed from its checkpoint (the engine checks it)
-    if (run.out / "last.pt").is_file():
-        return "resume"
-    try:            # (the engine's checks of a folder for a new run, the lock's aside: the lines above read it)
+    try:            # the engine's own checks, the lock's aside (read above): a damaged last.pt is refused here
         folder = RunFolder(run.out, method_class(run.script), command_config(run, extra), [], world_size)
-        folder.check(before_lock=False)
+        return "new" if folder.check(before_lock=False) is None else "resume"
     except UserError as e:
         return f"refused: {e}"
-    return "new"
 
 
 # ---- local launcher --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.checkpoint import FORMAT, atomic_save
 from scripts import reproduce, summarize
 from scripts.tables import PAPER_TABLES, TABLES, Table, cell, check_table
 
@@ -552,6 +553,13 @@ def engine_record(run: reproduce.Run, extra=(), epochs_done=None) -> dict:
             "epochs": args["epochs"], "world_size": 1, "args": args, "history": [], "best": None}
 
 
+def checkpoint_of(run: reproduce.Run, record: dict) -> None:
+    """``run``'s last.pt holding ``record`` (:func:`engine_record`), as a checkpoint holds its run's record: all
+    that the engine's checks before a resume read of it."""
+    atomic_save({"format": FORMAT, "method": reproduce.method_class(run.script).name, "epoch": record["epochs_done"],
+                 "state": {}, **record}, run.out / "last.pt")
+
+
 def test_run_trained_with_other_flags_is_reported_not_resumed(tmp_path, capsys, monkeypatch):
     """smoke with --extra="--subset 64 --epochs 1" wrote into the table's folder: the plain command (no --extra)
     lists the run as "differs" (not "resume"), refuses to start in one line instead of a failed resume, and
@@ -562,7 +570,7 @@ def test_run_trained_with_other_flags_is_reported_not_resumed(tmp_path, capsys, 
     short = ["--subset", "64", "--epochs", "1", "--gpu", "-1", "--no-progress"]
     run.out.mkdir(parents=True)
     (run.out / "results.json").write_text(json.dumps(engine_record(run, short)))
-    (run.out / "last.pt").write_bytes(b"checkpoint")
+    checkpoint_of(run, engine_record(run, short))
     assert reproduce.run_state(run, short) == "finished"
     assert reproduce.run_state(run, ["--gpu", "0", "--workers", "2"]) == \
         "differs: --subset 64 (this command: 512), --epochs 1 (this command: 2)"
@@ -585,6 +593,26 @@ def test_run_trained_with_other_flags_is_reported_not_resumed(tmp_path, capsys, 
     assert summarize.main([str(tmp_path), "--table", "smoke"]) == 0
     out = capsys.readouterr().out
     assert "other flags in s0: --subset 64 (table: 512), --epochs 1 (table: 2)" in out
+
+
+def test_a_damaged_last_pt_is_refused_not_resumed(tmp_path, capsys, monkeypatch):
+    """An interrupted run whose last.pt was damaged since: --dry-run once listed it as "resume" and the launcher
+    started a process that failed on it; it is "refused" with the engine's line, and nothing is started."""
+    no_training(monkeypatch)
+    run = reproduce.plan(TABLES["smoke"], [0], tmp_path, {"method": ["dml"]})[0][0]
+    run.out.mkdir(parents=True)
+    (run.out / "results.json").write_text(json.dumps(engine_record(run, epochs_done=1)))
+    checkpoint_of(run, engine_record(run, epochs_done=1))
+    assert reproduce.run_state(run) == "resume"
+    damaged = bytearray((run.out / "last.pt").read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    (run.out / "last.pt").write_bytes(bytes(damaged))
+    state = reproduce.run_state(run)
+    assert state.startswith(f"refused: checkpoint {run.out / 'last.pt'} ") and "damaged" in state, state
+    base = ["smoke", "--only", "method=dml", "--seeds", "0", "--runs-dir", str(tmp_path)]
+    assert reproduce.main(base + ["--dry-run"]) == 0
+    assert "# refused: checkpoint" in capsys.readouterr().out
+    assert error_line(base, capsys).startswith(f"error: checkpoint {run.out / 'last.pt'} ")
 
 
 def test_a_run_of_another_script_or_held_by_another_process_is_named(tmp_path, capsys, monkeypatch):
@@ -682,5 +710,5 @@ def test_engine_record_of_the_command_is_not_a_difference(tmp_path):
             assert reproduce.recorded_differences(run, engine_record(run, extra)) == [], run.name
             run.out.mkdir(parents=True)
             (run.out / "results.json").write_text(json.dumps(engine_record(run, epochs_done=1)))
-            (run.out / "last.pt").write_bytes(b"checkpoint")
+            checkpoint_of(run, engine_record(run, epochs_done=1))
             assert reproduce.run_state(run) == "resume"
