@@ -738,8 +738,11 @@ def why_not_a_record(path: Path) -> str:
         return "unreadable, or not JSON (empty, truncated or damaged)"
 
 
+# The fields the engine and the scripts read, with the types the engine writes; "args.tag": the tag in args.
 _FIELD_TYPES = {"args": dict, "status": str, "history": list, "method": str, "epochs": int, "epochs_done": int,
-                "processes": list, "selection": dict, "best": (dict, type(None)), "last": (dict, type(None))}
+                "world_size": int, "processes": list, "selection": dict, "best": (dict, type(None)),
+                "last": (dict, type(None)), "selection.metric": str, "args.tag": (str, type(None)), "args.seed": int,
+                "args.arch": str, "args.dataset": str, "args.batch_size": int}
 
 
 _JSON_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
@@ -748,25 +751,32 @@ _JSON_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a num
 
 def record_problem(data) -> Optional[str]:
     """What keeps ``data`` (a parsed results.json) from being a run's record, or None. A hand-edited file may
-    hold anything; checked: ``args``, ``status`` and ``history`` are present, the top-level fields the engine
-    and the scripts read have the engine's types, every epoch has its ``epoch``, ``train`` and ``test``, every
-    process entry is an object, and every train, test and val value of the epochs and of ``best`` is a number."""
+    hold anything; checked: ``args``, ``status`` and ``history`` are present, the fields the engine and the
+    scripts read (:data:`_FIELD_TYPES`) have the engine's types, every epoch has its ``epoch`` (a number),
+    ``train`` and ``test``, every process entry is an object, a history has its ``best`` and ``last`` epochs,
+    and every train, test and val value of the epochs, of ``best`` and of ``last`` is a number."""
     if not isinstance(data, dict) or any(k not in data for k in ("args", "status", "history")):
         return "not a run's record (no status, args or history)"
     for key, kind in _FIELD_TYPES.items():
-        if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
-            return f"its {key!r} is {_JSON_NAMES.get(type(data[key]), 'of another type')}, not what the engine writes"
+        parent, _, name = key.rpartition(".")
+        fields = data[parent] if parent else data       # (a parent is checked before its fields: a dict)
+        value = fields.get(name)
+        if name in fields and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"its {key!r} is {_JSON_NAMES.get(type(value), 'of another type')}, not what the engine writes"
     if not all(isinstance(p, dict) for p in data.get("processes", [])):
         return "partial: a process entry that is not a JSON object"
     for h in data["history"]:
         if not (isinstance(h, dict) and {"epoch", "train", "test"} <= set(h)):
             return "partial: an epoch record without epoch, train or test"
+        if not isinstance(h["epoch"], int) or isinstance(h["epoch"], bool):
+            return f"an epoch numbered {h['epoch']!r}, not a number"
         if not all(_metrics(h.get(k)) for k in ("train", "test", "val") if k in h):
             return f"epoch {h['epoch']}: a train, test or val value that is not a number"
-    if data["history"] and not data.get("best"):
-        return "partial: history without a best epoch"
-    if data.get("best") and not _metrics(data["best"].get("test")):
-        return "best: a test value that is not a number"
+    for key in ("best", "last"):
+        if data["history"] and not data.get(key):
+            return f"partial: history without a {key} epoch"
+        if data.get(key) and not _metrics(data[key].get("test")):
+            return f"{key}: a test value that is not a number"
     return None
 
 

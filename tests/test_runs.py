@@ -1454,6 +1454,13 @@ def test_a_record_no_process_finished_is_read_as_killed(run, tmp_path):
     (lambda r: r["best"]["test"].update({"peer1/top1": "abc"}), "best: a test value that is not a number"),
     (lambda r: r["history"][0]["train"].update(ce=None), "epoch 1: a train, test or val value that is not a number"),
     (lambda r: r.clear(), "not a run's record"),
+    # the fields summarize.py and reproduce.py read (each once a traceback or a misstated table)
+    (lambda r: r.update(last={"test": "x"}), "last: a test value that is not a number"),
+    (lambda r: r["last"]["test"].update({"peer1/top1": "abc"}), "last: a test value that is not a number"),
+    (lambda r: r.update(last=None), "partial: history without a last epoch"),
+    (lambda r: r["args"].update(tag=["x"]), "its 'args.tag' is an array"),
+    (lambda r: r.update(world_size="1"), "its 'world_size' is a string"),
+    (lambda r: r["history"][0].update(epoch="one"), "an epoch numbered 'one', not a number"),
 ])
 def test_a_results_json_of_the_wrong_shape_is_no_record(run, tmp_path, capsys, edit, problem):
     """A hand-edited results.json whose fields have other types than the engine writes is no record: read_run
