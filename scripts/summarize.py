@@ -452,7 +452,7 @@ def markdown_runs(groups: dict[str, list[RunResult]], warn=None) -> str:
         status = f"{len(finished)} finished" + (f", {len(unfinished)} unfinished ("
                                                 f"{', '.join(r.progress for r in unfinished)})" if unfinished else "")
         first = runs[0].data
-        heads = list(runs[0].heads("last")) or ["-"]
+        heads = list(dict.fromkeys(head for r in runs for head in r.heads("last"))) or ["-"]    # (every seed's)
         for head in heads:       # n: the finished runs that hold the head
             best = [r.heads("best")[head] for r in finished if head in r.heads("best")]
             last = [r.heads("last")[head] for r in finished if head in r.heads("last")]
@@ -480,12 +480,12 @@ def plot_curves(runs: Sequence[RunResult], title: str, path: Path) -> Path:
 
     runs = [r for r in runs if r.data.get("history")]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    heads = [k[:-5] for k in runs[0].data["history"][-1]["test"] if k.endswith("/top1")]
+    heads = list(dict.fromkeys(k[:-5] for r in runs for k in r.data["history"][-1]["test"] if k.endswith("/top1")))
     for head in heads:
         _band(acc_ax, [{h["epoch"]: h["test"][f"{head}/top1"] for h in r.data["history"]
                         if f"{head}/top1" in h.get("test", {})} for r in runs], head,
               lw=1.0 if PEER.match(head) else 2.2)       # the peers thin, ensembles and teachers bold
-    terms = list(runs[0].data["history"][-1]["train"])
+    terms = list(dict.fromkeys(term for r in runs for term in r.data["history"][-1]["train"]))
     for term in terms:
         _band(loss_ax, [{h["epoch"]: h["train"][term] for h in r.data["history"] if term in h.get("train", {})}
                         for r in runs], "total" if term == "loss" else term)

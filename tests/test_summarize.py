@@ -225,6 +225,28 @@ def test_untabled_runs_are_averaged_only_with_runs_that_trained_the_same(tmp_pat
             f"{tmp_path / 'exp2' / 'x-s1'}") in err.splitlines()
 
 
+def test_every_seed_gives_its_heads_even_when_the_first_has_no_epoch(tmp_path, capsys, monkeypatch):
+    """Seed 0 stopped in its first epoch (no epoch recorded), seed 1 finished: the row lists seed 1's heads with its
+    numbers; the heads were once read from the first seed only, which printed '-' and no number. The plot takes
+    every seed's heads and loss terms too."""
+    dml = {"peer1": [60.0], "peer2": [62.0], "ensemble": [65.0]}
+    write(tmp_path / "x-s0" / "results.json", {**results(None, 0, {"peer1": []}, epochs=1), "status": "interrupted"})
+    write(tmp_path / "x-s1" / "results.json", results(None, 1, dml))
+    assert summarize.main([str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| x")]
+    assert rows == [f"| x | dml | resnet32 | cifar100 | {head} | 1 | {v[0]:.2f} | {v[0]:.2f} | 1 finished, 1 unfinished "
+                    "(0/1 ep interrupted) |" for head, v in dml.items()], rows
+    write(tmp_path / "y" / "y-s0" / "results.json", results(None, 0, {"peer1": [50.0]}, selection="peer1",
+                                                            terms={"ce": [1.0]}))
+    write(tmp_path / "y" / "y-s1" / "results.json", results(None, 1, dml))
+    drawn = []
+    real = summarize._band
+    monkeypatch.setattr(summarize, "_band", lambda ax, series, label, lw=1.5: drawn.append(label) or real(ax, series,
+                                                                                                        label, lw))
+    summarize.plot_curves(summarize.load_runs(tmp_path / "y")[0], "y", tmp_path / "y.png")
+    assert drawn == ["peer1", "peer2", "ensemble", "ce", "total", "kd"], drawn
+
+
 def test_seeds_of_a_run_with_changed_options_are_averaged(tmp_path, capsys):
     """The default run directory of a run with options other than the defaults ends in their hash, after the
     seed (``x-s0-1a2b3c4d``): its seeds share that hash and are one row, not one row per seed."""
