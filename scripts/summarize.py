@@ -649,6 +649,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summaries, groups = [], {}
     if table is not None:
         summaries = summarize_table(table, runs, warn)
+        if args.into and not any(s.finished for s in summaries):    # (a runs folder without the table's runs)
+            print(f"error: no finished run of table {table.name} under {root}; {args.into} is left as it is (--into "
+                  "replaces its table with the one these runs give)", file=sys.stderr)
+            return 2
         if args.csv:
             buffer = io.StringIO()
             writer = csv.DictWriter(buffer, CSV_FIELDS, lineterminator="\n")

@@ -322,6 +322,13 @@ def test_into_replaces_the_marked_block(tmp_path, capsys):
     page.write_text("no markers")
     assert summarize.main([str(tmp_path / "runs"), "--table", "smoke", "--into", str(page)]) == 2
     assert "needs one line" in capsys.readouterr().err
+    # a runs folder without a finished run of the table (a fresh clone's runs/): the committed page is kept
+    page.write_text(text)
+    (tmp_path / "empty").mkdir()
+    assert summarize.main([str(tmp_path / "empty"), "--table", "smoke", "--into", str(page)]) == 2
+    assert capsys.readouterr().err == (f"error: no finished run of table smoke under {tmp_path / 'empty'}; {page} is "
+                                       "left as it is (--into replaces its table with the one these runs give)\n")
+    assert page.read_text() == text
 
 
 SMOKE = {"dataset": "synthetic", "subset": 512, "batch_size": 64, "epochs": 2}     # the smoke table's budget
