@@ -307,7 +307,7 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
                 where = f" on GPU {slot}" if slot is not None else ""
                 log(f"{'resume' if state == 'resume' else 'start'}{where}: {shlex.join(cmd[1:])}")
                 proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT if stream
-                                        else None, start_new_session=True)
+                                        else None, start_new_session=True, preexec_fn=_interruptible)
                 procs[proc] = (run, slot, stream)
             done = [p for p in procs if p.poll() is not None]
             if not done:
@@ -342,13 +342,19 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
     return outcome
 
 
+def _interruptible() -> None:
+    """In a training process, before it starts: SIGINT at its default (Python's KeyboardInterrupt), with which the
+    launcher stops it, also where the launcher was started ignoring SIGINT (a background job of a script is, and
+    its processes inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # ---- SLURM launcher (submitit) ---------------------------------------------------------------------------------
 def _training_signals() -> None:
     """In a SLURM job's training process, before it starts: SLURM's warning signal (USR2) is submitit's to handle,
-    so the training process ignores it; checkpoint() stops it with SIGINT (a clean exit), which it must therefore
-    take even where the job's own process was started ignoring SIGINT (a background job of a script does)."""
+    so the training process ignores it; checkpoint() stops it with SIGINT (:func:`_interruptible`)."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _interruptible()
 
 
 class TrainRun:

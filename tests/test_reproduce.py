@@ -245,11 +245,14 @@ def test_local_launcher_skips_finished_resumes_interrupted_and_summarizes(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_leaves_the_run_resumable(tmp_path, sig):
+@pytest.mark.parametrize("sig, sigint", [(signal.SIGINT, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_DFL),
+                                         (signal.SIGTERM, signal.SIG_IGN)])
+def test_ctrl_c_leaves_the_run_resumable(tmp_path, sig, sigint):
     """SIGINT to the launcher (or SIGTERM, as a scheduler, ``timeout`` or ``kill`` sends it; it once ended the
     launcher alone and left its runs training unseen): the training process stops after a checkpoint, the launcher
-    exits 130, and the run is left as "resume" (last.pt + results.json status interrupted)."""
+    exits 130, and the run is left as "resume" (last.pt + results.json status interrupted). Also for a launcher
+    started with SIGINT ignored (a background job of a script): its runs inherited that, trained on after the
+    launcher's SIGINT, and were killed 2 minutes later."""
     out = tmp_path / "smoke" / "dml-resnet20-s0"
     cmd = [sys.executable, "scripts/reproduce.py", "smoke", "--only", "method=dml", "--seeds", "0", "1", "--runs-dir",
            str(tmp_path), "--extra", "--epochs 40 --subset 64 --batch-size 32 --gpu -1 --no-progress"]
@@ -257,7 +260,7 @@ def test_ctrl_c_leaves_the_run_resumable(tmp_path, sig):
     # run this test in, inherits SIGINT ignored, and a launcher started so keeps ignoring it, as Python does)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     deadline = time.time() + 240
     while not (out / "results.json").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
