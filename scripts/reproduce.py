@@ -507,19 +507,31 @@ SLURM_FLAGS = ("partition", "account", "qos", "constraint", "time", "gpus_per_ru
 RESERVED = ("seed", "out", "tag", "resume")       # reproduce.py sets them per run
 
 
+class _Added(argparse.Action):
+    """An option that may be given more than once, each use adding to the earlier ones in place of the default:
+    ``--only method=dml --only arch=resnet32`` keeps both filters, ``--seeds 0 --seeds 1`` both seeds,
+    ``--extra=A --extra=B`` both flags (a later use once silently replaced the earlier)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest)
+        if before is not self.default and before is not None:
+            values = before + values if isinstance(values, list) else f"{before} {values}"
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                epilog="tables: " + ", ".join(TABLES))
     p.add_argument("table", nargs="?", help="a table name (--list shows them)")
     p.add_argument("--list", action="store_true", help="list the tables and their number of cells and runs")
-    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2],
+    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2], action=_Added,
                    help="seeds of every cell, each once (default 0 1 2)")
-    p.add_argument("--only", nargs="+", metavar="KEY=VALUE",
+    p.add_argument("--only", nargs="+", metavar="KEY=VALUE", action=_Added,
                    help="keep the cells whose KEY matches one of the values, for every KEY given: "
                         f"{', '.join(FILTER_KEYS)} (shell patterns; e.g. method=dml,one arch=resnet32)")
     p.add_argument("--runs-dir", type=non_empty_path, default=os.environ.get("OKD_RUNS") or str(REPO / "runs"),
                    help="where the table folders go (default: $OKD_RUNS, else runs/ in the repository)")
-    p.add_argument("--extra", default="", metavar="FLAGS",
+    p.add_argument("--extra", default="", metavar="FLAGS", action=_Added,
                    help='flags added to every command, e.g. --extra="--data /data/imagenet --amp bf16" '
                         "(write --extra=... when they start with a dash). They do not change the run\n"
                         "directory; a run's folder that holds a run trained with other training flags is\n"

@@ -148,6 +148,23 @@ def test_only_filters(tmp_path):
         reproduce.parse_only(["method=dml", "resnet32"])
 
 
+def test_a_list_option_given_twice_adds_to_the_first():
+    """--only, --seeds and --extra given more than once add up (a later use once silently replaced the earlier:
+    ``--only method=dml --only arch=resnet32`` selected every method on resnet32); a single use replaces the
+    default, and a flag given once keeps argparse's rule."""
+    parse = reproduce.build_parser().parse_args
+    args = parse(["t", "--only", "method=dml", "--only", "arch=resnet32", "--seeds", "0", "--seeds", "1", "2",
+                  "--extra=--amp bf16", "--extra=--gpu -1"])
+    assert (args.only, args.seeds, args.extra) == (["method=dml", "arch=resnet32"], [0, 1, 2], "--amp bf16 --gpu -1")
+    args = parse(["t", "--seeds", "5"])
+    assert (args.only, args.seeds, args.extra) == (None, [5], "")
+    assert parse(["t"]).seeds == [0, 1, 2]
+    runs, cells = reproduce.plan(TABLES["mcl-okd-cifar100"], [0], Path("/nowhere"),
+                                 reproduce.parse_only(parse(["t", "--only", "method=dml", "--only",
+                                                             "arch=resnet32"]).only))
+    assert [(c.method, c.arch) for c in cells] == [("dml", "resnet32")]
+
+
 @pytest.mark.parametrize("only", [["foo"], ["model=dml"]])
 def test_a_malformed_only_is_one_line_and_exit_status_2(only, capsys):
     assert reproduce.main(["smoke", "--only", *only]) == 2
