@@ -759,7 +759,7 @@ def record_problem(data) -> Optional[str]:
         return "not a run's record (no status, args or history)"
     for key, kind in _FIELD_TYPES.items():
         parent, _, name = key.rpartition(".")
-        fields = data[parent] if parent else data       # (a parent is checked before its fields: a dict)
+        fields = data.get(parent, {}) if parent else data   # (a parent is checked before its fields: a dict)
         value = fields.get(name)
         if name in fields and (not isinstance(value, kind) or isinstance(value, bool)):
             return f"its {key!r} is {_JSON_NAMES.get(type(value), 'of another type')}, not what the engine writes"

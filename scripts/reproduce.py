@@ -807,7 +807,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     refused = [s.removeprefix("refused: ") for _, s in states if s.startswith("refused")]
     if refused:
         more = f" (and {len(refused) - 1} more run folder(s): --dry-run lists them)" if len(refused) > 1 else ""
-        print(f"error: {refused[0]}{more}", file=sys.stderr)
+        print(f"error: {refused[0]}{more} [reproduce.py sets each run's --out: move what is in the way, or give "
+              "another --runs-dir]", file=sys.stderr)
         return 2
     not_built = sorted({r.script for r in runs if not r.built})
     if not_built:
