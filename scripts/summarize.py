@@ -55,7 +55,7 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
 from scripts.tables import TABLES, Cell, Metric, Table  # noqa: E402
 from engine.cli import Parser, non_empty_path, run_tool  # noqa: E402  (one-line errors)
 from engine.config import without_seed  # noqa: E402  (the run directory's name: run_name)
-from data.files import RUN_LOCK, output_problem  # noqa: E402  (what a script may write; a run folder's lock)
+from data.files import RUN_LOCK, holds_run, output_problem  # noqa: E402  (what a script may write; run folders)
 from scripts import reproduce  # noqa: E402  (the tables' runs and the engine's option comparison)
 
 PEER = re.compile(r"^peer(\d+)$")
@@ -596,7 +596,11 @@ def write_plots(out: Path, table: Optional[Table], summaries, groups) -> list[Pa
 
 # ---- command line ----------------------------------------------------------------------------------------------
 def plots_folder(path: Path) -> Optional[str]:
-    """Create the --plots folder; one line naming the path when that is not possible."""
+    """Create the --plots folder; one line naming the path when that is not possible, or when it is (or lies in) a
+    run's folder: a run directory takes its own files only, and would no longer resume with plots in it."""
+    run = next((p for p in [path.absolute(), *path.absolute().parents] if holds_run(p)), None)
+    if run is not None:
+        return f"error: --plots {path} lies in the run directory {run}; give a folder outside the runs' own folders"
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -611,8 +615,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("runs_dir", type=non_empty_path, help="folder searched (recursively) for results.json files")
     p.add_argument("--table", choices=list(TABLES), help="summarise this table in the paper's layout")
     p.add_argument("--csv", action="store_true", help="CSV (one line per cell and number) instead of markdown")
-    p.add_argument("--plots", metavar="DIR", help="write PNG plots here")
-    p.add_argument("--into", metavar="FILE.md", help="with --table: write the markdown (and links to the plots) "
+    p.add_argument("--plots", type=non_empty_path, metavar="DIR", help="write PNG plots here")
+    p.add_argument("--into", type=non_empty_path, metavar="FILE.md", help="with --table: write the markdown (and links to the plots) "
                    f"into FILE between the lines '{BEGIN}' and '{END}' instead of printing it")
     args = p.parse_args(argv)
     if args.into and (not args.table or args.csv):

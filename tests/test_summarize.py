@@ -375,6 +375,7 @@ def test_output_path_errors_are_one_line(tmp_path, capsys):
     """--plots on a file, under a file or where a plot's folder is a file, and an --into page that cannot be
     read or has no markers: one line naming the path, no traceback, and nothing drawn before the page check."""
     write_dml(tmp_path / "runs", 0, [60], [62], [65], tag="smoke/dml-resnet20")
+    (tmp_path / "runs" / "dml-resnet32-s0" / summarize.RUN_LOCK).touch()      # (a run directory, as the engine's)
     runs = str(tmp_path / "runs")
     a_file = tmp_path / "a_file"
     a_file.write_text("keep")
@@ -389,12 +390,20 @@ def test_output_path_errors_are_one_line(tmp_path, capsys):
               f"--into {tmp_path}: cannot read it"),
              ([runs, "--table", "smoke", "--into", str(page), "--plots", str(plots)], f"{page} needs one line"),
              ([str(tmp_path / "absent")], f"{tmp_path / 'absent'} does not exist"),
-             ([str(a_file)], f"{a_file} is a file, not a folder of runs")]
+             ([str(a_file)], f"{a_file} is a file, not a folder of runs"),
+             # a run's own folder, or one inside it: the run would no longer resume with the plots in it
+             ([runs, "--plots", f"{runs}/dml-resnet32-s0/plots"], f"--plots {runs}/dml-resnet32-s0/plots lies in "
+              f"the run directory {runs}/dml-resnet32-s0; give a folder outside the runs' own folders")]
     for argv, message in cases:
         assert summarize.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, (argv, err)
     assert not plots.exists() and a_file.read_text() == "keep" and page.read_text() == "no markers"
+    assert not (tmp_path / "runs" / "dml-resnet32-s0" / "plots").exists()
+    for flag in ("--plots", "--into"):                           # (an empty name was once ignored, silently)
+        with pytest.raises(SystemExit) as stop:
+            summarize.main([runs, "--table", "smoke", flag, ""])
+        assert stop.value.code == 2 and "must name a file or folder" in capsys.readouterr().err
     plots.mkdir()
     (plots / "smoke").write_text("in the way")                  # the folder of the cells' curves is a file
     assert summarize.main([runs, "--table", "smoke", "--plots", str(plots)]) == 2
