@@ -202,6 +202,8 @@ class Run:
         if self.tag is None and resume.parent == self.folder:   # (a copy in a new --out: another run)
             self.tag = ckpt["args"].get("tag")
         if self.done_after(ckpt["epoch"]):
+            if resume.parent == self.folder and self._recall_processes(ckpt):   # (its lock is released next)
+                self._write_record("finished")
             self.log(f"{resume}: the run is already finished ({ckpt['epoch']} of {self.config.epochs} epochs); "
                      "nothing to train. To train longer: a larger --epochs with --extend-epochs")
         return ckpt
@@ -275,21 +277,28 @@ class Run:
     def done_after(self, epochs: int) -> bool:
         return epochs >= self.config.epochs
 
-    def begin(self, ckpt: Optional[dict]) -> None:
-        """Start this process's entry in the record, after the loop has loaded ``ckpt`` (None: a new run)."""
-        unrecorded = False
+    def _recall_processes(self, ckpt: Optional[dict]) -> bool:
+        """The processes that trained the run before this one: ``ckpt``'s merged with what results.json lists (a
+        record without epochs: :meth:`_continue_a_record_without_epochs` read them), and the holder of a stale lock
+        that saved no epoch (killed in its first one), known from its lock only. True when that holder was added:
+        the record must then be written at once, since this process's lock replaces the one that named it."""
         if ckpt is not None:
             self.run_id = ckpt.get("run_id", self.run_id)
             lost = _read_record(self.saved.parent / "results.json")[1]    # (how its processes ended is not known)
             self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes(),
                                              ckpt["args"]["epochs"], lost)
-            stale = self.lock.stale if self.lock else None
-            unrecorded = stale and not any(_holder_of(stale, p) for p in self.processes)
-            if unrecorded:
-                # the holder of a stale lock that saved no epoch (killed in its first one): known from its lock only
-                self.processes.append({"started_unix": time.time(), **stale, "start_epoch": ckpt["epoch"],
-                                       "end_epoch": ckpt["epoch"], "ended": None, "status": "killed",
-                                       "reason": _KILLED})
+        stale = self.lock.stale if self.lock else None
+        if not stale or not (ckpt or self.processes) or any(_holder_of(stale, p) for p in self.processes):
+            return False                        # (a new run started over in its folder lists no one before it)
+        epoch = ckpt["epoch"] if ckpt else 0
+        self.processes.append({"started_unix": time.time(), **stale, "start_epoch": epoch, "end_epoch": epoch,
+                               "ended": None, "status": "killed", "reason": _KILLED})
+        return True
+
+    def begin(self, ckpt: Optional[dict]) -> None:
+        """Start this process's entry in the record, after the loop has loaded ``ckpt`` (None: a new run)."""
+        unrecorded = self._recall_processes(ckpt)
+        if ckpt is not None:
             self.log(f"resumed from {self.saved} after epoch {ckpt['epoch']}")
         # its entry: from the epochs already done, with the repository's commit it runs (a run resumed after a change
         # of the code records both), started when rank 0 locked the run (as its lock file says; other ranks: now)

@@ -839,6 +839,39 @@ def test_a_process_killed_before_it_saved_an_epoch_is_listed_from_its_lock(tmp_p
     assert "SIGKILL" in record["processes"][2]["reason"] and record["processes"][2]["started"] == "t"
 
 
+def test_a_holder_known_from_its_lock_is_listed_by_any_process_that_takes_the_lock(tmp_path, monkeypatch):
+    """A process SIGKILLed before it saved an epoch is known from its lock file only, so the next process that
+    takes the lock lists it, whatever that process does: one that continues a record without epochs (it
+    continued the earlier processes but dropped the killed one), and one that finds the run finished (it released
+    the lock, which forgot the holder, so the next extension did not list it either)."""
+    import socket
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+
+    def killed_holder():
+        (tmp_path / RUN_LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "t",
+                                                     "started_unix": time.time(), "command": "train_baseline.py"}))
+    real_save = run_module.atomic_save
+
+    def interrupted_save(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run_module, "atomic_save", interrupted_save)
+    args = TINY + ["--epochs", "1", "--out", str(tmp_path), "--resume", "auto"]
+    with pytest.raises(KeyboardInterrupt):
+        train(Baseline, args)                        # interrupted in epoch 1: a record without epochs
+    monkeypatch.setattr(run_module, "atomic_save", real_save)
+    killed_holder()                                  # the next one, SIGKILLed in epoch 1
+    listed = [(p["pid"], p["status"], p["end_epoch"]) for p in train(Baseline, args)["processes"]]
+    assert listed == [(os.getpid(), "interrupted", 0), (dead.pid, "killed", 0), (os.getpid(), "finished", 1)]
+    killed_holder()                                  # an extension to 2 epochs, SIGKILLed before it saved one
+    assert train(Baseline, args)["status"] == "finished"          # the finished run's own command: nothing to train
+    recorded = json.loads((tmp_path / "results.json").read_text())["processes"]
+    assert [(p["pid"], p["status"]) for p in recorded[3:]] == [(dead.pid, "killed")]
+    extended = train(Baseline, args + ["--epochs", "2", "--extend-epochs"])["processes"]
+    assert [(p["pid"], p["status"], p["start_epoch"], p["end_epoch"]) for p in extended[3:]] == [
+        (dead.pid, "killed", 1, 1), (os.getpid(), "finished", 1, 2)]
+
+
 def test_processes_killed_one_after_another_before_saving_are_all_listed(tmp_path, monkeypatch):
     """Two processes continuing a run, each killed before it saved an epoch: the lock file names only the last,
     so the one that finds a holder known from its lock alone records it at once. The next process lists both
