@@ -191,7 +191,6 @@ class Run:
         if ckpt is None:
             if self.config.resume == "auto":
                 self.log(f"--resume auto: no checkpoint in {self.folder}, starting a new run")
-            self._continue_a_record_without_epochs()
             return None
         self.saved, self.records = resume, list(ckpt["history"])    # what the folder holds, from here on
         self.check_data(ckpt, resume)
@@ -229,16 +228,6 @@ class Run:
             counts = [" / ".join(f"{n} {split}" for split, n in found.items()) for found in (before, now)]
             raise UserError(f"{path} was trained on {counts[0]} images; this data has {counts[1]} (images added or "
                             "removed since?): give the data it was trained on, or start a new run with another --out")
-
-    def _continue_a_record_without_epochs(self) -> None:
-        """A run stopped in its first epoch left a record without epochs. The same method with the same options
-        in that folder (the command it printed) is that run started again: it keeps the record's id and
-        processes, so that the record lists every process that trained it."""
-        recorded = read_record(self.folder / "results.json")
-        if (recorded and recorded.get("method") == self.method_cls.name and recorded.get("run_id")
-                and not recorded_differences(self.method_cls, self.config, recorded, self.world_size)):
-            self.run_id = recorded["run_id"]
-            self.processes = merge_processes(recorded["processes"], None, self.config.epochs)
 
     def _refuse_a_sibling_run(self) -> None:
         """--resume auto without --out finds its run by its options. A run of the same method, backbone, data and
@@ -278,15 +267,22 @@ class Run:
         return epochs >= self.config.epochs
 
     def _recall_processes(self, ckpt: Optional[dict]) -> bool:
-        """The processes that trained the run before this one: ``ckpt``'s merged with what results.json lists (a
-        record without epochs: :meth:`_continue_a_record_without_epochs` read them), and the holder of a stale lock
-        that saved no epoch (killed in its first one), known from its lock only. True when that holder was added:
-        the record must then be written at once, since this process's lock replaces the one that named it."""
+        """The processes that trained the run before this one: ``ckpt``'s merged with what results.json lists; for a
+        new run, those of the record without epochs that a run stopped in its first epoch left, when this is that
+        run started again (the same method and options in its folder: the command it printed), which keeps the
+        record's id; and the holder of a stale lock that saved no epoch (killed in its first one), known from its
+        lock only. True when that holder was added: the record must then be written at once, since this process's
+        lock replaces the one that named it."""
+        recorded = read_record(self.folder / "results.json") if ckpt is None else None
         if ckpt is not None:
             self.run_id = ckpt.get("run_id", self.run_id)
             lost = _read_record(self.saved.parent / "results.json")[1]    # (how its processes ended is not known)
             self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes(),
                                              ckpt["args"]["epochs"], lost)
+        elif (recorded and recorded.get("method") == self.method_cls.name and recorded.get("run_id")
+                and not recorded_differences(self.method_cls, self.config, recorded, self.world_size)):
+            self.run_id = recorded["run_id"]
+            self.processes = merge_processes(recorded["processes"], None, self.config.epochs)
         stale = self.lock.stale if self.lock else None
         if not stale or not (ckpt or self.processes) or any(_holder_of(stale, p) for p in self.processes):
             return False                        # (a new run started over in its folder lists no one before it)
