@@ -57,8 +57,8 @@ def load_checkpoint(path: Path) -> dict:
             f"name the checkpoint in it ({' or '.join(held)}{resume})" if held else
             "it holds no checkpoint (last.pt, best.pt): name a checkpoint file"))
     if not path.is_file():
-        raise UserError(f"checkpoint {path} " + ("is not a file (a device, pipe or socket)" if path.exists() else
-                                                 "does not exist"))
+        raise UserError(f"checkpoint {path} " + ("is not a file (a device, pipe or socket); name a checkpoint file "
+                                                 "(a run's last.pt or best.pt)" if path.exists() else "does not exist"))
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is an empty file (0 bytes): a copy or a write that did not finish; "
                         + INSTEAD)

@@ -201,8 +201,8 @@ class Run:
         if self.tag is None and resume.parent == self.folder:   # (a copy in a new --out: another run)
             self.tag = ckpt["args"].get("tag")
         if self.done_after(ckpt["epoch"]):
-            if resume.parent == self.folder and self._recall_processes(ckpt):   # (its lock is released next)
-                self._write_record("finished")
+            if resume.parent == self.folder and self._recall_processes(ckpt):     # (its lock is released next)
+                self._write_record("finished", {**ckpt, "processes": self.processes})    # (as trained: its tag...)
             self.log(f"{resume}: the run is already finished ({ckpt['epoch']} of {self.config.epochs} epochs); "
                      "nothing to train. To train longer: a larger --epochs with --extend-epochs")
         return ckpt
@@ -587,10 +587,11 @@ class Run:
         self._update_process(status, len(self.records), **extra)
         self._write_record(status)
 
-    def _write_record(self, status: str) -> None:
+    def _write_record(self, status: str, record: Optional[Mapping] = None) -> None:
+        """results.json (rank 0) of ``record`` (default: this run's, :meth:`record`) ending in ``status``."""
         if self.is_main:
             atomic_write(self.folder / "results.json",
-                         json.dumps(self.results(status), indent=2, default=str) + "\n")
+                         json.dumps(results_of(record or self.record(), status), indent=2, default=str) + "\n")
 
     def _update_process(self, status: str, epochs: int, **extra) -> None:
         if self.process is not None:
@@ -797,7 +798,8 @@ def results_of(record: Mapping, status: str) -> dict:
     final = processes[-1] if processes else {}
     seconds = record["train_seconds"]
     return {
-        "status": status, **{k: final[k] for k in ("signal", "reason") if k in final},
+        "status": status,
+        **{k: final[k] for k in ("signal", "reason") if k in final and status != "finished"},
         "method": record["method"], "arch": a["arch"], "peer_archs": record.get("peer_archs"),
         "classes": record.get("classes"), "image_size": record.get("image_size"),
         "dataset": a["dataset"], "run_id": record["run_id"], "epochs_done": len(history), "epochs": a["epochs"],

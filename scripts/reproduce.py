@@ -525,17 +525,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", nargs="?", help="a table name (--list shows them)")
     p.add_argument("--list", action="store_true", help="list the tables and their number of cells and runs")
     p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2], action=_Added,
-                   help="seeds of every cell, each once (default 0 1 2)")
+                   help="seeds of every cell, each once (default 0 1 2); given twice, both lists")
     p.add_argument("--only", nargs="+", metavar="KEY=VALUE", action=_Added,
                    help="keep the cells whose KEY matches one of the values, for every KEY given: "
-                        f"{', '.join(FILTER_KEYS)} (shell patterns; e.g. method=dml,one arch=resnet32)")
+                        f"{', '.join(FILTER_KEYS)} (shell patterns; e.g. method=dml,one arch=resnet32); given twice, "
+                        "both filters")
     p.add_argument("--runs-dir", type=non_empty_path, default=os.environ.get("OKD_RUNS") or str(REPO / "runs"),
                    help="where the table folders go (default: $OKD_RUNS, else runs/ in the repository)")
     p.add_argument("--extra", default="", metavar="FLAGS", action=_Added,
                    help='flags added to every command, e.g. --extra="--data /data/imagenet --amp bf16" '
                         "(write --extra=... when they start with a dash). They do not change the run\n"
                         "directory; a run's folder that holds a run trained with other training flags is\n"
-                        "reported as 'differs' and never continued (see README: Reproducing the papers)")
+                        "reported as 'differs' and never continued (see README: Reproducing the papers); given\n"
+                        "twice, both")
     p.add_argument("--dry-run", action="store_true", help="print every command and its state; run nothing")
     p.add_argument("--markdown", action="store_true",
                    help="print the page docs/reproducing.md (every published number, its command, its state)")
@@ -804,11 +806,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    refused = [s.removeprefix("refused: ") for _, s in states if s.startswith("refused")]
+    refused = [(r, s.removeprefix("refused: ")) for r, s in states if s.startswith("refused")]
     if refused:
         more = f" (and {len(refused) - 1} more run folder(s): --dry-run lists them)" if len(refused) > 1 else ""
-        print(f"error: {refused[0]}{more} [reproduce.py sets each run's --out: move what is in the way, or give "
-              "another --runs-dir]", file=sys.stderr)
+        print(f"error: {refused[0][1]}{more} [reproduce.py sets each run's --out: move {refused[0][0].out} away, or "
+              "give another --runs-dir]", file=sys.stderr)
         return 2
     not_built = sorted({r.script for r in runs if not r.built})
     if not_built:

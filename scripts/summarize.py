@@ -600,7 +600,8 @@ def plots_folder(path: Path) -> Optional[str]:
     run's folder: a run directory takes its own files only, and would no longer resume with plots in it."""
     run = next((p for p in [path.absolute(), *path.absolute().parents] if holds_run(p)), None)
     if run is not None:
-        return f"error: --plots {path} lies in the run directory {run}; give a folder outside the runs' own folders"
+        return (f"error: --plots {path} lies in the run directory {run}; give a folder outside the runs' own "
+                "folders")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -616,8 +617,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--table", choices=list(TABLES), help="summarise this table in the paper's layout")
     p.add_argument("--csv", action="store_true", help="CSV (one line per cell and number) instead of markdown")
     p.add_argument("--plots", type=non_empty_path, metavar="DIR", help="write PNG plots here")
-    p.add_argument("--into", type=non_empty_path, metavar="FILE.md", help="with --table: write the markdown (and links to the plots) "
-                   f"into FILE between the lines '{BEGIN}' and '{END}' instead of printing it")
+    p.add_argument("--into", type=non_empty_path, metavar="FILE.md",
+                   help="with --table: write the markdown (and links to the plots) into FILE between the lines "
+                        f"'{BEGIN}' and '{END}' instead of printing it")
     args = p.parse_args(argv)
     if args.into and (not args.table or args.csv):
         p.error("--into needs --table and markdown output (no --csv)")
@@ -655,7 +657,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summaries = summarize_table(table, runs, warn)
         if args.into and not any(s.finished for s in summaries):    # (a runs folder without the table's runs)
             print(f"error: no finished run of table {table.name} under {root}; {args.into} is left as it is (--into "
-                  "replaces its table with the one these runs give)", file=sys.stderr)
+                  "replaces its table with the one these runs give): give the folder the table's runs were trained "
+                  "into (reproduce.py --runs-dir), or leave out --into to print the table", file=sys.stderr)
             return 2
         if args.csv:
             buffer = io.StringIO()

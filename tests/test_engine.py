@@ -310,7 +310,8 @@ def test_help_reads_well():
     (["--resume", "auto", "--eval-only", "x.pt"], "not allowed with argument"),
     (["--num-peers", "1"], "argument --num-peers: must lie in [2, 256]; got 1"),
     (["--eval-only", "/nonexistent/ckpt.pt"], "does not exist"),
-    (["--eval-only", "/dev/null"], "checkpoint /dev/null is not a file (a device, pipe or socket)"),
+    (["--eval-only", "/dev/null"], "checkpoint /dev/null is not a file (a device, pipe or socket); name a "
+                                   "checkpoint file"),
 ])
 @pytest.mark.slow
 def test_user_errors_are_one_clear_message(args, expected):

@@ -417,8 +417,9 @@ def test_gpu_queue_one_run_per_gpu(tmp_path, monkeypatch):
     started, running = [], set()
 
     class FakeProc:
-        def __init__(self, cmd, cwd, env, stdout, stderr, start_new_session):
+        def __init__(self, cmd, cwd, env, stdout, stderr, start_new_session, preexec_fn):
             assert start_new_session and cwd == REPO
+            assert preexec_fn is reproduce._interruptible     # (SIGINT stops it, whatever the launcher ignores)
             self.cmd, self.gpu, self.polls, self.returncode = cmd, env["CUDA_VISIBLE_DEVICES"], 0, None
             assert self.gpu not in running, "two runs on one GPU"
             running.add(self.gpu)
@@ -690,8 +691,8 @@ def test_a_run_folder_the_engine_would_refuse_is_named_before_anything_runs(tmp_
     argv = ["smoke", "--only", "method=dml", "--seeds", "0", "--runs-dir", str(tmp_path)]
     assert reproduce.main(argv + ["--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[1].endswith(f"# refused: {engine_line}; DML / ResNet-20")
-    assert error_line(argv, capsys) == (f"error: {engine_line} [reproduce.py sets each run's --out: move what is in "
-                                        "the way, or give another --runs-dir]")
+    assert error_line(argv, capsys) == (f"error: {engine_line} [reproduce.py sets each run's --out: move {dml.out} "
+                                        "away, or give another --runs-dir]")
     outcome = reproduce.run_local(runs, log=lambda *_: None)                  # the launcher alone never starts it
     assert outcome["refused"] == [dml] and not outcome["failed"]
     assert sorted(p.name for p in dml.out.iterdir()) == ["best.pt"]

@@ -1,6 +1,7 @@
 """Runs you can trust: one run, one directory, one true record (engine/run.py, engine/config.py,
 engine/checkpoint.py and their use in engine/trainer.py). Tiny synthetic runs: 64 training images, 1 or 2 epochs."""
 import errno
+import functools
 import importlib.util
 import json
 import os
@@ -864,9 +865,13 @@ def test_a_holder_known_from_its_lock_is_listed_by_any_process_that_takes_the_lo
     listed = [(p["pid"], p["status"], p["end_epoch"]) for p in train(Baseline, args)["processes"]]
     assert listed == [(os.getpid(), "interrupted", 0), (dead.pid, "killed", 0), (os.getpid(), "finished", 1)]
     killed_holder()                                  # an extension to 2 epochs, SIGKILLed before it saved one
-    assert train(Baseline, args)["status"] == "finished"          # the finished run's own command: nothing to train
-    recorded = json.loads((tmp_path / "results.json").read_text())["processes"]
-    assert [(p["pid"], p["status"]) for p in recorded[3:]] == [(dead.pid, "killed")]
+    before = json.loads((tmp_path / "results.json").read_text())
+    assert train(Baseline, args + ["--tag", "other"])["status"] == "finished"     # nothing to train
+    after = json.loads((tmp_path / "results.json").read_text())
+    assert [(p["pid"], p["status"]) for p in after["processes"][3:]] == [(dead.pid, "killed")]
+    # the rest of the record stays as trained: not that command's tag and arguments, no 'reason' of a finished run
+    assert {k: v for k, v in after.items() if k not in ("processes", "wall_time_s")} == \
+        {k: v for k, v in before.items() if k not in ("processes", "wall_time_s")}
     extended = train(Baseline, args + ["--epochs", "2", "--extend-epochs"])["processes"]
     assert [(p["pid"], p["status"], p["start_epoch"], p["end_epoch"]) for p in extended[3:]] == [
         (dead.pid, "killed", 1, 1), (os.getpid(), "finished", 1, 2)]
@@ -1524,6 +1529,23 @@ def test_a_results_json_of_the_wrong_shape_is_no_record(run, tmp_path, capsys, e
     (bare / "results.json").write_text(json.dumps(saved))
     runs, bad = summarize.load_runs(tmp_path / "bare")
     assert not runs and len(bad) == 1 and bad[0][1].startswith(problem)
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("args.seed", "0", "its 'args.seed' is a string"), ("args.arch", 32, "its 'args.arch' is a number"),
+    ("args.dataset", None, "its 'args.dataset' is null"), ("args.batch_size", 3.5, "its 'args.batch_size' is a number"),
+    ("args.tag", False, "its 'args.tag' is a boolean"), ("selection.metric", ["x"], "its 'selection.metric' is an array"),
+    ("epochs_done", True, "its 'epochs_done' is a boolean"),
+])
+def test_every_field_the_scripts_read_has_the_engines_type(run, field, value, problem):
+    """Each field of results.json that summarize.py or reproduce.py reads, edited to another JSON type, makes the
+    file no record (named); the record as the engine wrote it is one."""
+    from engine.run import record_problem
+    record = json.loads((run / "results.json").read_text())
+    assert record_problem(record) is None
+    *parents, name = field.split(".")
+    functools.reduce(lambda d, k: d[k], parents, record)[name] = value
+    assert record_problem(record) == f"{problem}, not what the engine writes"
 
 
 @pytest.mark.slow

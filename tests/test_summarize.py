@@ -234,8 +234,8 @@ def test_every_seed_gives_its_heads_even_when_the_first_has_no_epoch(tmp_path, c
     write(tmp_path / "x-s1" / "results.json", results(None, 1, dml))
     assert summarize.main([str(tmp_path)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| x")]
-    assert rows == [f"| x | dml | resnet32 | cifar100 | {head} | 1 | {v[0]:.2f} | {v[0]:.2f} | 1 finished, 1 unfinished "
-                    "(0/1 ep interrupted) |" for head, v in dml.items()], rows
+    assert rows == [f"| x | dml | resnet32 | cifar100 | {head} | 1 | {v[0]:.2f} | {v[0]:.2f} | 1 finished, 1 "
+                    "unfinished (0/1 ep interrupted) |" for head, v in dml.items()], rows
     write(tmp_path / "y" / "y-s0" / "results.json", results(None, 0, {"peer1": [50.0]}, selection="peer1",
                                                             terms={"ce": [1.0]}))
     write(tmp_path / "y" / "y-s1" / "results.json", results(None, 1, dml))
@@ -327,7 +327,9 @@ def test_into_replaces_the_marked_block(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert summarize.main([str(tmp_path / "empty"), "--table", "smoke", "--into", str(page)]) == 2
     assert capsys.readouterr().err == (f"error: no finished run of table smoke under {tmp_path / 'empty'}; {page} is "
-                                       "left as it is (--into replaces its table with the one these runs give)\n")
+                                       "left as it is (--into replaces its table with the one these runs give): give "
+                                       "the folder the table's runs were trained into (reproduce.py --runs-dir), or "
+                                       "leave out --into to print the table\n")
     assert page.read_text() == text
 
 
