@@ -154,13 +154,26 @@ class HelpFormatter(argparse.HelpFormatter):
         return " ".join(filter(None, (text, f"(default: {shown(default).replace('%', '%%')})")))
 
 
+class _Store(argparse.Action):
+    """argparse's default action, but a list option (nargs '+' or '*') given twice adds to its earlier values in
+    place of the default (``--arch a --arch b``: both), where argparse silently keeps the last alone."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        if self.nargs in ("+", "*") and before is not self.default and before is not None:
+            values = before + values
+        setattr(namespace, self.dest, values)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with its errors in one line (the usage is what --help is for), every ``type=float`` finite,
-    and negative numbers in scientific notation (``--weight-decay -1e-4``) read as values, not as flags."""
+    negative numbers in scientific notation (``--weight-decay -1e-4``) read as values, not as flags, and a
+    list option given twice adding up (:class:`_Store`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register("type", float, number())          # argument groups share this registry
+        self.register("action", None, _Store)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)
 
     def error(self, message: str):

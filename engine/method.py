@@ -261,12 +261,15 @@ class Method:
 def load_method(name: str) -> type[Method]:
     """The Method class of ``train_<name>.py`` (the repository root must be on ``sys.path``)."""
     import importlib
-    try:
-        module = importlib.import_module(f"train_{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"train_{name}":
-            raise
-        raise UserError(f"no train_{name}.py: the methods are the train_<method>.py scripts") from None
+    module = None
+    if name.isidentifier():                 # (a path such as ../train_dml names no module)
+        try:
+            module = importlib.import_module(f"train_{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"train_{name}":
+                raise
+    if module is None:
+        raise UserError(f"no train_{name}.py: the methods are the train_<method>.py scripts")
     classes = [c for c in vars(module).values()
                if isinstance(c, type) and issubclass(c, Method) and c is not Method and c.__module__ == module.__name__]
     if len(classes) != 1:

@@ -39,8 +39,8 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
 from engine import Method, Trainer, UserError, parse_args  # noqa: E402
 from engine.config import resolve  # noqa: E402
 from engine.method import load_method  # noqa: E402
-from engine.cli import (MAX_PEERS, HelpFormatter, Parser, arch_list, non_negative_int, number, peer_count,  # noqa: E402
-                        positive_int, process_count, run_tool)
+from engine.cli import (MAX_PEERS, HelpFormatter, Parser, arch_list, non_empty_path, non_negative_int,  # noqa: E402
+                        number, peer_count, positive_int, process_count, run_tool)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -231,10 +231,17 @@ def profile(trainer: Trainer, steps: int, device) -> None:
               f"{kernels / len(batches):.0f} device ops/step")
 
 
+# The training flags the benchmark sets itself (trainer_argv, OPTIONS): --method-args may not change them, since
+# the table's label and images/s are computed from the benchmark's own values.
+BENCHMARK_FLAGS = ("--dataset", "--arch", "--batch-size", "--gpu", "--no-progress", "--epochs", "--subset", "--lr",
+                   "--num-peers", *dict.fromkeys(f for flags in OPTIONS.values() for f in flags if f.startswith("--")))
+
+
 def check_arguments(a) -> None:
     """What is refused before anything is built or timed (one line, exit status 2): --force without --json, a
-    --json file that cannot be written (data.files.output_problem), --device cuda without a GPU, a --configs
-    option that does not exist or a --configs that names none."""
+    --json file that cannot be written (data.files.output_problem), --device cuda without a GPU, a --method-args
+    flag the benchmark sets itself (:data:`BENCHMARK_FLAGS`), a --configs option that does not exist or a
+    --configs that names none."""
     if a.force and a.json is None:
         fail("--force replaces an existing --json file; give --json PATH too, or leave --force out")
     problem = a.json is not None and output_problem(a.json, "--json", a.force, "benchmark.json")
@@ -243,6 +250,12 @@ def check_arguments(a) -> None:
     if a.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: this machine has no CUDA GPU that torch can use (torch.cuda.is_available() is False); "
              "use --device cpu, or run it on a GPU machine")
+    for token in a.method_args.split():      # (an abbreviation too: argparse takes --batch for --batch-size)
+        name = token.split("=")[0]
+        taken = [f for f in BENCHMARK_FLAGS if name.startswith("--") and f.startswith(name)]
+        if taken:
+            fail(f"--method-args {a.method_args}: the benchmark sets {taken[0]} itself, and the table states it "
+                 "(--arch, --batch-size, --peers, --configs); give it there, or leave it out")
     configs = [c for c in a.configs.split(",") if c]
     if not configs:
         fail(f"--configs {a.configs!r} names no configuration; e.g. --configs default,grouped")
@@ -275,7 +288,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=number(int, at_least=1, at_most=SYNTHETIC_TRAIN,
                                                why="the synthetic training images a batch is drawn from"),
                    default=128)
-    p.add_argument("--method-args", default="", help="more flags for the method, e.g. '--topology independent'")
+    p.add_argument("--method-args", default="", help="more flags for the method, e.g. '--topology independent' "
+                   "(write --method-args=--flag when it is one flag starting with a dash)")
     p.add_argument("--steps", type=positive_int, default=100, help="timed steps per configuration")
     p.add_argument("--workers", type=process_count("reference DataLoader workers"), default=None,
                    help="reference DataLoader workers (default: the official code's, 8 for mcl_okd, else 0)")
@@ -286,7 +300,7 @@ def main(argv=None):
     p.add_argument("--skip-reference", action="store_true", help="engine rows only")
     p.add_argument("--profile", type=non_negative_int, default=0, metavar="STEPS",
                    help="profile STEPS steps of the fastest engine configuration")
-    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+    p.add_argument("--json", type=lambda text: Path(non_empty_path(text)), default=None, metavar="PATH",
                    help="also write the rows as JSON (checked before the benchmark runs; an existing file is "
                         "refused unless --force, a run directory's own files always)")
     p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
@@ -300,6 +314,9 @@ def main(argv=None):
         method_cls = load_method(a.method)
     except UserError as e:
         fail(str(e))
+    if not a.skip_reference and method_cls.loss is Method.loss:
+        fail(f"train_{a.method}.py trains with a train_step of its own, without the loss() the reference loop calls; "
+             "add --skip-reference (the engine's rows only)")
     if a.peers is not None and method_cls.num_peers is None:
         fail(f"--peers {a.peers}: train_{a.method}.py trains a single network; leave --peers out")
     if a.peers is not None:

@@ -168,12 +168,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model_entry(name)
         except UnknownModelError as err:
             parser.error(str(err))
-    method_cls = None
+    method_cls, pairs = None, {}
     if args.method:
         from engine import UserError
         from engine.method import load_method
         try:
             method_cls = load_method(args.method)
+            for entry in mixed if method_cls.mixed_archs else []:   # (before any output: a pair it refuses, one line)
+                pairs[entry] = method_counts(method_cls, entry, *CIFAR)
         except UserError as err:
             parser.error(str(err))
 
@@ -217,8 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             c = method_counts(method_cls, s.name, s.size, s.classes)
             rows.append([s.name, f"{s.size}x{s.size}", str(s.classes), f"{c['params']:,}", f"{c['macs']:,}",
                          f"{c['params'] / s.total('params'):.2f}", f"{c['macs'] / s.total('macs'):.2f}"])
-        for entry in mixed if method_cls.mixed_archs else []:     # the pair itself, where the method takes one
-            c = method_counts(method_cls, entry, *CIFAR)
+        for entry, c in pairs.items():     # the pair itself, where the method takes one
             rows.append([entry, f"{CIFAR[0]}x{CIFAR[0]}", str(CIFAR[1]), f"{c['params']:,}", f"{c['macs']:,}",
                          "-", "-"])
         if mixed and not method_cls.mixed_archs:

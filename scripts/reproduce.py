@@ -508,15 +508,12 @@ RESERVED = ("seed", "out", "tag", "resume")       # reproduce.py sets them per r
 
 
 class _Added(argparse.Action):
-    """An option that may be given more than once, each use adding to the earlier ones in place of the default:
-    ``--only method=dml --only arch=resnet32`` keeps both filters, ``--seeds 0 --seeds 1`` both seeds,
-    ``--extra=A --extra=B`` both flags (a later use once silently replaced the earlier)."""
+    """``--extra=A --extra=B``: both flags (a later use once silently replaced the earlier; list options such as
+    --only and --seeds add up likewise: engine.cli.Parser)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         before = getattr(namespace, self.dest)
-        if before is not self.default and before is not None:
-            values = before + values if isinstance(values, list) else f"{before} {values}"
-        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest, f"{before} {values}" if before is not self.default else values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -524,9 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
                epilog="tables: " + ", ".join(TABLES))
     p.add_argument("table", nargs="?", help="a table name (--list shows them)")
     p.add_argument("--list", action="store_true", help="list the tables and their number of cells and runs")
-    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2], action=_Added,
+    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2],
                    help="seeds of every cell, each once (default 0 1 2); given twice, both lists")
-    p.add_argument("--only", nargs="+", metavar="KEY=VALUE", action=_Added,
+    p.add_argument("--only", nargs="+", metavar="KEY=VALUE",
                    help="keep the cells whose KEY matches one of the values, for every KEY given: "
                         f"{', '.join(FILTER_KEYS)} (shell patterns; e.g. method=dml,one arch=resnet32); given twice, "
                         "both filters")

@@ -80,6 +80,24 @@ def test_benchmark_rejects_unknown_options(capsys, monkeypatch):
         "error: --peers 3: train_baseline.py trains a single network; leave --peers out")   # (it was ignored)
 
 
+def test_benchmark_refuses_what_would_misstate_its_table(capsys, monkeypatch):
+    """A --method-args flag the benchmark sets itself once overrode it silently: the images/s of batch 8 computed as
+    batch 32's, the row labelled 'default' trained bf16. An abbreviation too (argparse reads --batch as --batch-size).
+    A method with a train_step of its own and no loss() (AMLN) cannot run the reference loop; a path is no method."""
+    import engine
+    monkeypatch.setattr(engine.Trainer, "__init__", lambda *a, **k: pytest.fail("a trainer was built"))
+    for given, flag in (("--batch-size 8", "--batch-size"), ("--batch=8", "--batch-size"), ("--amp bf16", "--amp"),
+                        ("--arch resnet32", "--arch"), ("--topology independent --grouped-peers", "--grouped-peers")):
+        assert refused(monkeypatch, capsys, "--device", "cpu", f"--method-args={given}") == (
+            f"error: --method-args {given}: the benchmark sets {flag} itself, and the table states it (--arch, "
+            "--batch-size, --peers, --configs); give it there, or leave it out")
+    assert refused(monkeypatch, capsys, "--device", "cpu", "--method", "amln") == (
+        "error: train_amln.py trains with a train_step of its own, without the loss() the reference loop calls; add "
+        "--skip-reference (the engine's rows only)")
+    assert refused(monkeypatch, capsys, "--method", "../train_dml") == ("error: no train_../train_dml.py: the methods "
+                                                                        "are the train_<method>.py scripts")
+
+
 def test_benchmark_checks_every_configuration_before_it_builds_one(capsys, monkeypatch):
     """A configuration the engine refuses (--cuda-graph on the CPU, a --method-args that conflicts) is one line
     naming it, before the first trainer is built."""

@@ -143,6 +143,19 @@ def test_model_table_script_rejects_unknown_arch(capsys):
 
 
 
+def test_model_table_refuses_a_pair_the_method_refuses_and_adds_up_repeated_archs(capsys):
+    """--method cmff with an unequal pair: the method's one line before any table is printed (it was a traceback
+    after the backbone tables); --arch given twice tabulates both (the second once replaced the first)."""
+    with pytest.raises(SystemExit) as err:
+        load_script().main(["--method", "cmff", "--arch", "resnet32,wrn_16_2"])
+    out, line = capsys.readouterr()
+    assert err.value.code == 2 and not out and line.count("\n") == 1
+    assert "--arch resnet32,wrn_16_2: CMFF fuses the two peers' last-stage maps" in line
+    assert load_script().main(["--arch", "resnet20", "--arch", "resnet32"]) == 0
+    rows = [r.split(" | ")[0] for r in capsys.readouterr().out.splitlines() if r.startswith("| resnet")]
+    assert "| resnet20" in rows and "| resnet32" in rows
+
+
 def test_model_table_peer_counts_are_the_training_scripts(capsys):
     """--peers takes the counts the training scripts take (engine.cli.MAX_PEERS): a larger one is a typo."""
     for peers in ("0", "257"):
