@@ -104,6 +104,11 @@ def non_empty_path(text: str) -> str:
     return text
 
 
+def path_given(text: str) -> Path:
+    """A file or folder name as a Path, for the scripts: anything but empty (``Path('')`` is the current folder)."""
+    return Path(non_empty_path(text))
+
+
 def dataset_folder(text: str) -> str:
     """A folder name (``--data``): a path that is not a file (it may not exist yet: ``--download`` makes it)."""
     if Path(non_empty_path(text)).exists() and not Path(text).is_dir():

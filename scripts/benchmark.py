@@ -39,8 +39,8 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
 from engine import Method, Trainer, UserError, parse_args  # noqa: E402
 from engine.config import resolve  # noqa: E402
 from engine.method import load_method  # noqa: E402
-from engine.cli import (MAX_PEERS, HelpFormatter, Parser, arch_list, non_empty_path, non_negative_int,  # noqa: E402
-                        number, peer_count, positive_int, process_count, run_tool)
+from engine.cli import (MAX_PEERS, HelpFormatter, Parser, arch_list, non_negative_int, number,  # noqa: E402
+                        path_given, peer_count, positive_int, process_count, run_tool)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -300,7 +300,7 @@ def main(argv=None):
     p.add_argument("--skip-reference", action="store_true", help="engine rows only")
     p.add_argument("--profile", type=non_negative_int, default=0, metavar="STEPS",
                    help="profile STEPS steps of the fastest engine configuration")
-    p.add_argument("--json", type=lambda text: Path(non_empty_path(text)), default=None, metavar="PATH",
+    p.add_argument("--json", type=path_given, default=None, metavar="PATH",
                    help="also write the rows as JSON (checked before the benchmark runs; an existing file is "
                         "refused unless --force, a run directory's own files always)")
     p.add_argument("--force", action="store_true", help="replace the --json file if it exists")

@@ -35,7 +35,7 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
 from data.common import (DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, check_download,  # noqa: E402
                          default_dir, image_problem, read_class_list)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
-from engine.cli import Parser, dataset_folder, non_empty_path, process_count, run_tool  # noqa: E402
+from engine.cli import Parser, dataset_folder, non_empty_path, path_given, process_count, run_tool  # noqa: E402
 
 def check_flags(args) -> None:
     """The flag combinations refused before anything is read (one DataFlagError line each)."""
@@ -151,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="as in training: CIFAR / Fashion-MNIST: also compare with the published checksums, "
                              "fetch bad files again; TinyImageNet: fetch it when missing, extract its zip again "
                              "when damaged (not for imagenet or folder)")
-    parser.add_argument("--out", type=Path, default=None, metavar="FILE",
+    parser.add_argument("--out", type=path_given, default=None, metavar="FILE",
                         help="imagenet, tinyimagenet, folder: also write the bad files' paths here, one a line "
                              "(an existing file is refused unless --force, a file inside the checked images' folder "
                              "always: --data, or TinyImageNet's tiny-imagenet-200/ in it; written whole or not at all)")

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from data.files import RUN_CHECKPOINTS, NameTaken, checksummed, output_problem, write_atomically  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.cli import Parser, non_empty_path, positive_int, run_tool  # noqa: E402
+from engine.cli import Parser, non_empty_path, path_given, positive_int, run_tool  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from models import create_model  # noqa: E402
 from models.peers import Peers, peer_archs  # noqa: E402
@@ -223,7 +223,7 @@ def write_export(obj: dict, path: Path, force: bool = False) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = Parser(description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", type=Path, help="a run's best.pt or last.pt")
+    p.add_argument("checkpoint", type=path_given, help="a run's best.pt or last.pt")
     p.add_argument("--peer", type=positive_int, required=True, help="which peer, 1-based (head peerN)")
     p.add_argument("-o", "--output", type=non_empty_path, required=True,
                    help="file to write (an existing file is refused unless --force; never the checkpoint read, "

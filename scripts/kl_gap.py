@@ -37,8 +37,8 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
 
 from data import DATASET_NAMES, DeviceLoader, DatasetError, dataset_info, load_dataset  # noqa: E402
 from engine.checkpoint import load_checkpoint, saved_by  # noqa: E402
-from engine.cli import (Parser, dataset_folder, number, positive_int, process_count, run_tool,  # noqa: E402
-                        temperature)
+from engine.cli import (Parser, dataset_folder, number, path_given, positive_int, process_count,  # noqa: E402
+                        run_tool, temperature)
 from engine.errors import UserError  # noqa: E402
 from models import ImageSizeError, UnknownModelError, model_entry  # noqa: E402
 from train_dccl import DCCL, DCCLNet  # noqa: E402
@@ -139,7 +139,7 @@ def checkpoint_net(path: Path, ckpt: dict, image_size: int) -> DCCLNet:
 def main(argv: Optional[list] = None) -> int:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", nargs="*", default=[], help="DCCL networks at initialisation")
-    p.add_argument("--checkpoint", nargs="*", default=[], type=Path, help="DCCL checkpoints (last.pt, best.pt)")
+    p.add_argument("--checkpoint", nargs="*", default=[], type=path_given, help="DCCL checkpoints (last.pt, best.pt)")
     p.add_argument("--dataset", default=None, choices=SMALL_DATASETS,
                    help=f"default: the checkpoints' dataset, else {DEFAULT_DATASET}")
     p.add_argument("--data", type=dataset_folder, default=None, metavar="DIR",

@@ -267,6 +267,18 @@ def test_export_peer_never_writes_over_a_checkpoint(dml_run, tmp_path, capsys):
         one_line(exit_.value.code, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("name, argv, flag", [
+    ("check_dataset", ["--dataset", "fashion-mnist", "--out", ""], "--out"), ("benchmark", ["--json", ""], "--json"),
+    ("export_peer", ["", "--peer", "1", "-o", "x.pt"], "checkpoint"), ("kl_gap", ["--checkpoint", ""], "--checkpoint"),
+])
+def test_an_empty_path_is_named_not_taken_for_the_current_folder(name, argv, flag, capsys):
+    """An empty file name is refused as such (Path('') is '.': it was "--out . is a folder")."""
+    with pytest.raises(SystemExit) as exit_:
+        script(name).main(argv)
+    assert f"argument {flag}: must name a file or folder; got an empty string" in \
+        one_line(exit_.value.code, capsys.readouterr().err)
+
+
 # ---- every script that writes a file: never one of a run directory's own files, --force or not ------------------
 RUN_OWN_FILES = ["last.pt", "best.pt", "results.json", ".lock", "eval-best-synthetic.json", "LAST.PT",
                  "tensorboard/peer.json"]
