@@ -85,27 +85,10 @@ class ImageFiles(Dataset):
                                   f"Fix: {self.fix}") from None
 
 
-def subset_classes(data, classes_file) -> list[str]:
-    """The wnids of a ``--classes`` file, sorted (the label order), each checked to be a class folder of
-    ``train/`` and of ``val/`` (one listing of each; DataFlagError naming the missing ones)."""
-    root = default_dir("imagenet", data)
-    names = read_class_list(classes_file)
-    for split in ("train", "val"):
-        folder = root / split
-        if not folder.is_dir():
-            raise DatasetNotFoundError("imagenet", f"the folder {split}/ is missing", [folder], FIX)
-        missing = set(names) - set(visible_dirs(folder))
-        if missing:
-            raise DataFlagError(f"--classes {Path(classes_file).absolute()} names {len(missing)} class(es) with no "
-                                f"folder in {folder}: {some(missing)}. Fix: correct the names (one wnid a line), or "
-                                "extract those classes")
-    return sorted(names)
-
-
-def load_imagenet(data=None, classes=None) -> tuple[ImageFiles, ImageFiles]:
-    """Return (train, val) :class:`ImageFiles` without transforms (the loader applies them), after the
-    layout checks of the module docstring (DatasetNotFoundError or BadDatasetError, one line each).
-    ``classes``: a ``--classes`` file (None: all 1000 classes)."""
+def _checked_root(data) -> Path:
+    """The ImageNet folder of ``--data``, its train/ and val/ present and val/ sorted into class folders (the flat
+    layout of the validation archive named, with the script that sorts it): DatasetNotFoundError or
+    BadDatasetError, one line each."""
     root = default_dir("imagenet", data)
     train_dir, val_dir = root / "train", root / "val"
     for d in (train_dir, val_dir):
@@ -126,6 +109,30 @@ def load_imagenet(data=None, classes=None) -> tuple[ImageFiles, ImageFiles]:
             f"run `python scripts/prepare_imagenet_val.py --val-dir {val_dir} --labels LOC_val_solution.csv` "
             "(from Kaggle's ImageNet object-localization challenge), or with the devkit's "
             "`--labels ILSVRC2012_validation_ground_truth.txt --meta meta.mat`, to move them into wnid folders.")
+    return root
+
+
+def subset_classes(data, classes_file) -> list[str]:
+    """The wnids of a ``--classes`` file, sorted (the label order), each checked to be a class folder of
+    ``train/`` and of ``val/`` (one listing of each; DataFlagError naming the missing ones)."""
+    root = _checked_root(data)
+    names = read_class_list(classes_file)
+    for split in ("train", "val"):
+        folder = root / split
+        missing = set(names) - set(visible_dirs(folder))
+        if missing:
+            raise DataFlagError(f"--classes {Path(classes_file).absolute()} names {len(missing)} class(es) with no "
+                                f"folder in {folder}: {some(missing)}. Fix: correct the names (one wnid a line), or "
+                                "extract those classes")
+    return sorted(names)
+
+
+def load_imagenet(data=None, classes=None) -> tuple[ImageFiles, ImageFiles]:
+    """Return (train, val) :class:`ImageFiles` without transforms (the loader applies them), after the
+    layout checks of the module docstring (DatasetNotFoundError or BadDatasetError, one line each).
+    ``classes``: a ``--classes`` file (None: all 1000 classes)."""
+    root = _checked_root(data)
+    train_dir, val_dir = root / "train", root / "val"
     if classes is not None:
         classes = subset_classes(data, classes)
         return _files(root, classes)
