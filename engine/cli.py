@@ -128,10 +128,12 @@ def _milestones(text: str) -> list[int]:
 
 class _Milestones(argparse.Action):
     """``--milestones 150 225``, ``--milestones 150,225`` and ``--milestones '150 225'``: one flat list, in
-    order (``225 150`` is the same schedule, so the same run)."""
+    order (``225 150`` is the same schedule, so the same run); given twice, both (as any list option: _Store)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        milestones = sorted(m for chunk in values for m in chunk)
+        before = getattr(namespace, self.dest, None)
+        earlier = before if before is not None and before is not self.default else []
+        milestones = sorted([*earlier, *(m for chunk in values for m in chunk)])
         repeated = sorted({m for m in milestones if milestones.count(m) > 1})
         if repeated:           # (MultiStepLR would decay twice there, x0.01: a typo, not a schedule)
             raise argparse.ArgumentError(self, f"epoch {' '.join(map(str, repeated))} given twice; give each once")
@@ -159,7 +161,7 @@ class HelpFormatter(argparse.HelpFormatter):
         return " ".join(filter(None, (text, f"(default: {shown(default).replace('%', '%%')})")))
 
 
-class _Store(argparse.Action):
+class _Store(argparse._StoreAction):     # (argparse's checks of nargs and const kept)
     """argparse's default action, but a list option (nargs '+' or '*') given twice adds to its earlier values in
     place of the default (``--arch a --arch b``: both), where argparse silently keeps the last alone."""
 

@@ -39,8 +39,8 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
 from engine import Method, Trainer, UserError, parse_args  # noqa: E402
 from engine.config import resolve  # noqa: E402
 from engine.method import load_method  # noqa: E402
-from engine.cli import (MAX_PEERS, HelpFormatter, Parser, arch_list, non_negative_int, number,  # noqa: E402
-                        path_given, peer_count, positive_int, process_count, run_tool)
+from engine.cli import (MAX_PEERS, HelpFormatter, Parser, arch_list, build_parser, non_negative_int,  # noqa: E402
+                        number, path_given, peer_count, positive_int, process_count, run_tool)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -63,7 +63,8 @@ CIFAR100_NEGATIVE_POOL = 49_500              # CIFAR-100 samples of the other 99
 OPTIONS = {
     "channels_last": ["--channels-last"], "bf16": ["--amp", "bf16"], "compile": ["--compile"],
     "compile-ro": ["--compile", "reduce-overhead"], "grouped": ["--grouped-peers"], "cudagraph": ["--cuda-graph"],
-    "foreach": ["--sgd-impl", "foreach"], "for-loop": ["--sgd-impl", "for-loop"],
+    "foreach": ["--sgd-impl", "foreach"], "for-loop": ["--sgd-impl", "for-loop"], "fp16": ["--amp", "fp16"],
+    "compile-max": ["--compile", "max-autotune"],
 }
 
 
@@ -239,9 +240,8 @@ BENCHMARK_FLAGS = ("--dataset", "--arch", "--batch-size", "--gpu", "--no-progres
 
 def check_arguments(a) -> None:
     """What is refused before anything is built or timed (one line, exit status 2): --force without --json, a
-    --json file that cannot be written (data.files.output_problem), --device cuda without a GPU, a --method-args
-    flag the benchmark sets itself (:data:`BENCHMARK_FLAGS`), a --configs option that does not exist or a
-    --configs that names none."""
+    --json file that cannot be written (data.files.output_problem), --device cuda without a GPU, a --configs
+    option that does not exist or a --configs that names none."""
     if a.force and a.json is None:
         fail("--force replaces an existing --json file; give --json PATH too, or leave --force out")
     problem = a.json is not None and output_problem(a.json, "--json", a.force, "benchmark.json")
@@ -250,12 +250,6 @@ def check_arguments(a) -> None:
     if a.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda: this machine has no CUDA GPU that torch can use (torch.cuda.is_available() is False); "
              "use --device cpu, or run it on a GPU machine")
-    for token in a.method_args.split():      # (an abbreviation too: argparse takes --batch for --batch-size)
-        name = token.split("=")[0]
-        taken = [f for f in BENCHMARK_FLAGS if name.startswith("--") and f.startswith(name)]
-        if taken:
-            fail(f"--method-args {a.method_args}: the benchmark sets {taken[0]} itself, and the table states it "
-                 "(--arch, --batch-size, --peers, --configs); give it there, or leave it out")
     configs = [c for c in a.configs.split(",") if c]
     if not configs:
         fail(f"--configs {a.configs!r} names no configuration; e.g. --configs default,grouped")
@@ -314,6 +308,14 @@ def main(argv=None):
         method_cls = load_method(a.method)
     except UserError as e:
         fail(str(e))
+    options = build_parser(method_cls, method_cls.recipe)._option_string_actions
+    for token in a.method_args.split():   # a flag the benchmark sets (BENCHMARK_FLAGS), as argparse reads it
+        name = token.split("=")[0]
+        read_as = [name] if name in options else [o for o in options if o.startswith(name)]   # (--batch: abbreviated)
+        if len(read_as) == 1 and read_as[0] in BENCHMARK_FLAGS:
+            fail(f"--method-args {a.method_args}: the benchmark sets {read_as[0]} itself (its table states --arch, "
+                 "--batch-size, --peers and --configs; the data, epochs, subset, lr and device are its own); leave "
+                 "it out of --method-args")
     if not a.skip_reference and method_cls.loss is Method.loss:
         fail(f"train_{a.method}.py trains with a train_step of its own, without the loss() the reference loop calls; "
              "add --skip-reference (the engine's rows only)")

@@ -89,8 +89,20 @@ def test_benchmark_refuses_what_would_misstate_its_table(capsys, monkeypatch):
     for given, flag in (("--batch-size 8", "--batch-size"), ("--batch=8", "--batch-size"), ("--amp bf16", "--amp"),
                         ("--arch resnet32", "--arch"), ("--topology independent --grouped-peers", "--grouped-peers")):
         assert refused(monkeypatch, capsys, "--device", "cpu", f"--method-args={given}") == (
-            f"error: --method-args {given}: the benchmark sets {flag} itself, and the table states it (--arch, "
-            "--batch-size, --peers, --configs); give it there, or leave it out")
+            f"error: --method-args {given}: the benchmark sets {flag} itself (its table states --arch, --batch-size, "
+            "--peers and --configs; the data, epochs, subset, lr and device are its own); leave it out of "
+            "--method-args")
+    benchmark = load()
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args):
+        raise Reached
+    monkeypatch.setattr(benchmark, "make_trainer", reached)
+    for mine in ("--data /nowhere", "--kd-T 2", "--kd 2"):  # the method's own (--data is no --dataset abbreviated)
+        with pytest.raises(Reached):
+            benchmark.main(["--arch", "resnet20", "--device", "cpu", f"--method-args={mine}", "--configs", "default"])
     assert refused(monkeypatch, capsys, "--device", "cpu", "--method", "amln") == (
         "error: train_amln.py trains with a train_step of its own, without the loss() the reference loop calls; add "
         "--skip-reference (the engine's rows only)")

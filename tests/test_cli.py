@@ -148,6 +148,12 @@ def test_milestones_are_one_schedule_in_any_order_and_sgdr_t0_without_sgdr_warns
     with pytest.raises(SystemExit):           # a repeated epoch would decay the lr twice there (x0.01)
         parse_args(dml, ["--lr-schedule", "multistep", "--milestones", "1,1", "5"])
     assert "argument --milestones: epoch 1 given twice; give each once" in capsys.readouterr().err
+    # given twice: both (the second once replaced the first, silently), the repeated-epoch check over both
+    assert parse_args(dml, ["--lr-schedule", "multistep", "--milestones", "200", "--milestones", "100"]).milestones \
+        == [100, 200]
+    with pytest.raises(SystemExit):
+        parse_args(dml, ["--lr-schedule", "multistep", "--milestones", "100", "--milestones", "100"])
+    assert "argument --milestones: epoch 100 given twice; give each once" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="--sgdr-t0 applies to --lr-schedule sgdr only; this run's schedule is "
                                          "cosine, so it is ignored"):
         parse_args(dml, ["--gpu", "-1", "--sgdr-t0", "10"])

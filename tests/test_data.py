@@ -184,13 +184,14 @@ def test_real_fashion_mnist_from_debian():
 def test_imagenet_flat_val_tells_how_to_fix(tmp_path):
     """Also with --classes, whose check of the class folders once came first and blamed the names."""
     write_imagenet(tmp_path, flat_val=True)
-    (tmp_path / "some.txt").write_text("n01440764\nn01443537\n")
-    for classes in (None, tmp_path / "some.txt"):
+    some = tmp_path / "some.txt"
+    some.write_text("n00000000\nn00000001\n")                    # (two of write_imagenet's class folders)
+    for classes in (None, some):
         with pytest.raises(DatasetNotFoundError, match="prepare_imagenet_val.py") as err:
             load_dataset("imagenet", tmp_path, classes=classes)
         assert str(tmp_path / "val") in str(err.value) and "--labels" in str(err.value)
     with pytest.raises(DatasetNotFoundError, match="prepare_imagenet_val.py"):
-        dataset_info("imagenet", tmp_path, classes=classes)          # (what a run reads first, with --classes)
+        dataset_info("imagenet", tmp_path, classes=some)             # (what a run reads first, with --classes)
 
 
 def test_prepare_imagenet_val_then_imagefolder_loaders(tmp_path):
