@@ -126,14 +126,24 @@ def _milestones(text: str) -> list[int]:
     return values
 
 
-class _Milestones(argparse.Action):
-    """``--milestones 150 225``, ``--milestones 150,225`` and ``--milestones '150 225'``: one flat list, in
-    order (``225 150`` is the same schedule, so the same run); given twice, both (as any list option: _Store)."""
+class _Store(argparse._StoreAction):     # (argparse's checks of nargs and const kept)
+    """argparse's default action, but a list option (nargs '+' or '*') given twice adds to its earlier values in
+    place of the default (``--arch a --arch b``: both), where argparse silently keeps the last alone."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         before = getattr(namespace, self.dest, None)
-        earlier = before if before is not None and before is not self.default else []
-        milestones = sorted([*earlier, *(m for chunk in values for m in chunk)])
+        if self.nargs in ("+", "*") and before is not self.default and before is not None:
+            values = before + values
+        setattr(namespace, self.dest, values)
+
+
+class _Milestones(_Store):
+    """``--milestones 150 225``, ``--milestones 150,225`` and ``--milestones '150 225'``: one flat list, in
+    order (``225 150`` is the same schedule, so the same run); given twice, both (:class:`_Store`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, [m for chunk in values for m in chunk], option_string)
+        milestones = sorted(getattr(namespace, self.dest))
         repeated = sorted({m for m in milestones if milestones.count(m) > 1})
         if repeated:           # (MultiStepLR would decay twice there, x0.01: a typo, not a schedule)
             raise argparse.ArgumentError(self, f"epoch {' '.join(map(str, repeated))} given twice; give each once")
@@ -159,17 +169,6 @@ class HelpFormatter(argparse.HelpFormatter):
                     and not isinstance(action, argparse.BooleanOptionalAction))):
             return text
         return " ".join(filter(None, (text, f"(default: {shown(default).replace('%', '%%')})")))
-
-
-class _Store(argparse._StoreAction):     # (argparse's checks of nargs and const kept)
-    """argparse's default action, but a list option (nargs '+' or '*') given twice adds to its earlier values in
-    place of the default (``--arch a --arch b``: both), where argparse silently keeps the last alone."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        before = getattr(namespace, self.dest, None)
-        if self.nargs in ("+", "*") and before is not self.default and before is not None:
-            values = before + values
-        setattr(namespace, self.dest, values)
 
 
 class Parser(argparse.ArgumentParser):
