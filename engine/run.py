@@ -273,16 +273,17 @@ class Run:
         record's id; and the holder of a stale lock that saved no epoch (killed in its first one), known from its
         lock only. True when that holder was added: the record must then be written at once, since this process's
         lock replaces the one that named it."""
-        recorded = read_record(self.folder / "results.json") if ckpt is None else None
         if ckpt is not None:
             self.run_id = ckpt.get("run_id", self.run_id)
             lost = _read_record(self.saved.parent / "results.json")[1]    # (how its processes ended is not known)
             self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes(),
                                              ckpt["args"]["epochs"], lost)
-        elif (recorded and recorded.get("method") == self.method_cls.name and recorded.get("run_id")
-                and not recorded_differences(self.method_cls, self.config, recorded, self.world_size)):
-            self.run_id = recorded["run_id"]
-            self.processes = merge_processes(recorded["processes"], None, self.config.epochs)
+        else:
+            recorded = read_record(self.folder / "results.json")
+            if (recorded and recorded.get("method") == self.method_cls.name and recorded.get("run_id")
+                    and not recorded_differences(self.method_cls, self.config, recorded, self.world_size)):
+                self.run_id = recorded["run_id"]
+                self.processes = merge_processes(recorded["processes"], None, self.config.epochs)
         stale = self.lock.stale if self.lock else None
         if not stale or not (ckpt or self.processes) or any(_holder_of(stale, p) for p in self.processes):
             return False                        # (a new run started over in its folder lists no one before it)
