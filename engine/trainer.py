@@ -87,10 +87,11 @@ class Trainer:
                        self.dist.world_size, self.dist.rank)
         if args.eval_only:
             self.run.check_evaluation(Path(args.eval_only), self.ckpt)
+            checkpoint = self.ckpt
         else:
-            self.run.check(self.ckpt, self.ckpt_stamp)
+            checkpoint = self.run.check(self.ckpt, self.ckpt_stamp)     # (--resume auto: the one check() found)
         # a folder dataset is normalised as the checkpoint resumed or evaluated was (its record's mean and std)
-        trained_on = ((self.ckpt or self.run.read[2] or {}).get("data") or {}).get("folder") or {}
+        trained_on = ((checkpoint or {}).get("data") or {}).get("folder") or {}
         try:
             self.loaders = build_loaders(args, self.device, self.dist.rank, self.dist.world_size,
                                          needs_every_class=method_cls.needs_every_class, drop_last=args.cuda_graph,

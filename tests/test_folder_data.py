@@ -23,6 +23,7 @@ from data import (BadDatasetError, DataFlagError, DatasetError, DatasetNotFoundE
 from data.imagenet import ImageFiles
 from datasets_on_disk import FOLDER_CLASSES, folder_image, image_bytes, loader_args, run_check, write, write_folder
 from engine import UserError, train
+from engine.checkpoint import load_checkpoint
 from engine.trainer import main
 from models import ImageSizeError, check_image_size
 
@@ -573,6 +574,25 @@ def test_a_checkpoint_is_normalised_as_it_was_trained_whatever_copy_of_the_data(
     resumed = train(train_baseline.Baseline, argv + ["--epochs", "2", "--extend-epochs", "--resume", "auto",
                                                      "--data", str(copy)])
     assert resumed["data"]["folder"]["mean"] == trained["data"]["folder"]["mean"]
+
+
+def test_a_run_found_by_its_options_resumes_normalised_as_it_was_trained(tmp_path, monkeypatch):
+    """--resume auto without --out: the run's folder, and so its checkpoint, is found by the Run (the command line
+    names none); the resumed epochs still use the checkpoint's mean and std, not those of the training images as
+    they are now (darkened in place, as many)."""
+    from toy_methods import interrupted
+    monkeypatch.setenv("OKD_RUNS", str(tmp_path / "runs"))
+    root = write_folder(tmp_path / "tree", per_split=(("train", 4), ("val", 2)))
+    argv = ["--dataset", "folder", "--data", str(root), "--arch", "resnet20", "--batch-size", "4", "--gpu", "-1",
+            "--threads", "1", "--no-progress", "--epochs", "2"]
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted(train_baseline.Baseline, 1), argv)
+    trained = load_checkpoint(next((tmp_path / "runs").iterdir()) / "last.pt")["data"]["folder"]
+    for image in (root / "train").rglob("*.png"):
+        Image.fromarray(np.asarray(Image.open(image)) // 4).save(image)
+    resumed = train(train_baseline.Baseline, argv + ["--resume", "auto"])
+    assert resumed["epochs_done"] == 2 and len(list((tmp_path / "runs").iterdir())) == 1
+    assert resumed["data"]["folder"]["mean"] == trained["mean"]
 
 
 def test_a_resume_on_a_folder_that_gained_or_lost_images_is_refused(tmp_path):
