@@ -153,12 +153,12 @@ class Run:
         return resume
 
     def _refuse_an_unusable_folder(self, lock: bool) -> None:
-        """Rank 0 finds whether the folder cannot be created (:func:`_cannot_create`) or, with ``lock``, another
+        """Rank 0 finds whether the folder cannot be created (:func:`cannot_create`) or, with ``lock``, another
         process holds it (:meth:`RunLock.check_free`); every rank stops with its line."""
         def check_usable() -> None:
             if lock:
                 RunLock(self.folder).check_free(wait=True)
-            problem = _cannot_create(self.folder)
+            problem = cannot_create(self.folder)
             if problem:
                 raise UserError(problem)
         self._on_rank_0(check_usable)
@@ -643,9 +643,10 @@ class Run:
         return f"{self.folder} already holds a run (last.pt). Continue it with --resume auto, or {new_run}"
 
 
-def _cannot_create(folder: Path) -> Optional[str]:
+def cannot_create(folder: Path, flag: str = "--out") -> Optional[str]:
     """Why ``folder`` cannot be created (a read-only disk, a file in its path, a name too long) or, if it exists,
-    written to, or None; found by creating it, and the folders above it that are missing, and removing them again."""
+    written to, or None (the line names ``flag``, the option that chose it); found by creating it, and the folders
+    above it that are missing, and removing them again: nothing is left behind."""
     missing = []
     for p in [folder, *folder.parents]:
         with contextlib.suppress(OSError):      # (a name too long cannot even be looked up)
@@ -654,12 +655,12 @@ def _cannot_create(folder: Path) -> Optional[str]:
         missing.append(p)
     if not missing:                             # (it exists: it must take the run's files)
         return None if os.access(folder, os.W_OK | os.X_OK) else os_error_message(
-            folder, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+            folder, PermissionError(errno.EACCES, os.strerror(errno.EACCES)), flag)
     with signals_held():                        # (Ctrl-C: after the folders made are removed again)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            return os_error_message(folder, e)
+            return os_error_message(folder, e, flag)
         finally:
             for p in missing:                   # deepest first; one another process filled stays
                 with contextlib.suppress(OSError):

@@ -57,6 +57,7 @@ from engine.cli import Parser, non_empty_path, run_tool  # noqa: E402  (one-line
 from engine.config import without_seed  # noqa: E402  (the run directory's name: run_name)
 from data.files import RUN_LOCK, holds_run, output_problem  # noqa: E402  (what a script may write; run folders)
 from scripts import reproduce  # noqa: E402  (the tables' runs and the engine's option comparison)
+from engine.run import cannot_create  # noqa: E402  (a folder checked without creating it)
 
 PEER = re.compile(r"^peer(\d+)$")
 
@@ -596,19 +597,17 @@ def write_plots(out: Path, table: Optional[Table], summaries, groups) -> list[Pa
 
 # ---- command line ----------------------------------------------------------------------------------------------
 def plots_folder(path: Path) -> Optional[str]:
-    """Create the --plots folder; one line naming the path when that is not possible, or when it is (or lies in) a
-    run's folder: a run directory takes its own files only, and would no longer resume with plots in it."""
+    """One line naming the --plots folder when it cannot be created (found without leaving it behind: a command
+    refused later creates nothing), or when it is (or lies in) a run's folder: a run directory takes its own files
+    only, and would no longer resume with plots in it. None when it can take the plots."""
     run = next((p for p in [path.absolute(), *path.absolute().parents] if holds_run(p)), None)
     if run is not None:
         return (f"error: --plots {path} lies in the run directory {run}; give a folder outside the runs' own "
                 "folders")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
+    if path.exists() and not path.is_dir():
         return f"error: --plots {path} is a file, not a folder; give a folder for the plots"
-    except OSError as e:
-        return f"error: --plots {path}: cannot create {e.filename or path}: {e.strerror or e}; choose another folder"
-    return None
+    problem = cannot_create(path.absolute(), "--plots")
+    return problem and f"error: {problem}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -325,7 +325,9 @@ def test_into_replaces_the_marked_block(tmp_path, capsys):
     # a runs folder without a finished run of the table (a fresh clone's runs/): the committed page is kept
     page.write_text(text)
     (tmp_path / "empty").mkdir()
-    assert summarize.main([str(tmp_path / "empty"), "--table", "smoke", "--into", str(page)]) == 2
+    assert summarize.main([str(tmp_path / "empty"), "--table", "smoke", "--into", str(page), "--plots",
+                           str(tmp_path / "new" / "plots")]) == 2
+    assert not (tmp_path / "new").exists()                    # (the --plots folder is not left behind, empty)
     assert capsys.readouterr().err == (f"error: no finished run of table smoke under {tmp_path / 'empty'}; {page} is "
                                        "left as it is (--into replaces its table with the one these runs give): give "
                                        "the folder the table's runs were trained into (reproduce.py --runs-dir), or "
@@ -385,7 +387,8 @@ def test_output_path_errors_are_one_line(tmp_path, capsys):
     page = tmp_path / "page.md"
     page.write_text("no markers")
     cases = [([runs, "--plots", str(a_file)], f"--plots {a_file} is a file"),
-             ([runs, "--plots", str(a_file / "sub")], f"--plots {a_file / 'sub'}: cannot create"),
+             ([runs, "--plots", str(a_file / "sub")], f"cannot write {a_file / 'sub'}: Not a directory (a part of "
+              "the path is a file, not a folder; choose another --plots)"),
              ([runs, "--table", "smoke", "--into", str(tmp_path / "absent.md"), "--plots", str(plots)],
               f"--into {tmp_path / 'absent.md'}: cannot read it"),
              ([runs, "--table", "smoke", "--into", str(tmp_path), "--plots", str(plots)],
