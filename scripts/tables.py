@@ -222,8 +222,8 @@ def _cmff_cifar100() -> Table:
         "The README's header row names the last two columns WRN-16-2 / WRN-40-2, its rows ResNet-32 / ResNet-56; "
         "we follow the rows. The second ResNet-32 column is the same command as the first, so its cells share "
         "the first column's runs and differ only in the published number.",
-        "\"WRN-20-8\" is trained as WRN-22-8 (`wrn_22_8`): the CMFF/DCCL WRN scripts build depth 22 (depth 20 "
-        "fails their constructor), without their dropout 0.3; \"ResNet-110\" is the basic-block `resnet110`.",
+        "\"WRN-20-8\" is trained as WRN-22-8 (`wrn_22_8`): the CMFF code's WRN script builds depth 22 (the DCCL "
+        "code's default, depth 20, fails its constructor), without their dropout 0.3; \"ResNet-110\" is the basic-block `resnet110`.",
         "Each method runs with its own script's defaults (its paper's recipe and variant), as the README quotes "
         "each method's paper; the baseline with the CMFF code's protocol (`--recipe dccl --pad-mode reflect`); ONE "
         "with its paper's 3 branches and run scripts (`--preset paper --recipe one`), "

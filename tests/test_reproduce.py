@@ -67,6 +67,31 @@ def test_a_command_beside_a_published_number_trains_that_numbers_cell():
     assert checked >= 15
 
 
+def test_a_page_table_of_the_commands_tables_py_runs_holds_those_commands():
+    """A method page's table introduced as "the commands, as `scripts/tables.py` runs them" gives, in each cell,
+    the training options of one of that method's cells of the tables (docs/ffl.md once left out the PCL
+    cells' `--pad-mode zero`, so its commands trained with the FFL code's reflect padding)."""
+    from engine.cli import parse_args
+    from engine.config import training_options
+    checked = 0
+    for page in sorted((REPO / "docs").glob("*.md")):
+        text = page.read_text()
+        if "as `scripts/tables.py` runs them" not in text:
+            continue
+        script = f"train_{page.stem}.py"
+        method = reproduce.method_class(script)
+        runs = [training_options({**vars(parse_args(method, ["--arch", c.arch, *c.flags])), "world_size": 1})
+                for name in PAPER_TABLES for c in TABLES[name].cells if c.method == page.stem]
+        block = text.split("as `scripts/tables.py` runs them", 1)[1].split("\n\n|", 1)[1].split("\n\n", 1)[0]
+        for line in block.splitlines()[2:]:
+            for command in re.findall(r"`(--arch [^`]*)`", line):
+                argv = shlex.split(command)
+                assert training_options({**vars(parse_args(method, argv)), "world_size": 1}) in runs, \
+                    f"{page.name}: `{command}` is no cell's command of scripts/tables.py"
+                checked += 1
+    assert checked >= 10
+
+
 def test_tables_listed():
     assert set(TABLES) == set(EXPECTED)
     assert set(PAPER_TABLES) <= set(TABLES)
