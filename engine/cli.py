@@ -109,11 +109,18 @@ def path_given(text: str) -> Path:
     return Path(non_empty_path(text))
 
 
+def absolute_path(text: str) -> str:
+    """A file or folder the run reads (``--classes``), made absolute: the record names it wherever the run is later
+    resumed or evaluated from (a relative one would then name another file, or none)."""
+    return os.path.abspath(non_empty_path(text))
+
+
 def dataset_folder(text: str) -> str:
-    """A folder name (``--data``): a path that is not a file (it may not exist yet: ``--download`` makes it)."""
+    """A folder name (``--data``), made absolute (:func:`absolute_path`): a path that is not a file (it may not exist
+    yet: ``--download`` makes it)."""
     if Path(non_empty_path(text)).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: give the folder that holds the dataset")
-    return text
+    return absolute_path(text)
 
 
 def _milestones(text: str) -> list[int]:
@@ -214,7 +221,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                         "RandomCrop(S, padding S/8) + flip; above: RandomResizedCrop(S) + flip, test "
                         "Resize(S*8/7) + CenterCrop(S) (default: folder: the median image side rounded to 32, "
                         "64 or 224; imagenet: 224)")
-    g.add_argument("--classes", type=non_empty_path, default=None, metavar="FILE",
+    g.add_argument("--classes", type=absolute_path, default=None, metavar="FILE",
                    help="--dataset folder or imagenet: use only the class folders listed in FILE, one name a "
                         "line (e.g. ImageNet-100 over an ILSVRC tree), without copying images")
     g.add_argument("--download", action="store_true", help="download the dataset if missing (needs internet)")

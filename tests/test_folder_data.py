@@ -595,6 +595,35 @@ def test_a_run_found_by_its_options_resumes_normalised_as_it_was_trained(tmp_pat
     assert resumed["data"]["folder"]["mean"] == trained["mean"]
 
 
+def test_a_relative_data_or_classes_is_recorded_as_the_folder_it_named(tmp_path, monkeypatch):
+    """--data and --classes given relative to the current folder are recorded absolute: resumed or evaluated from
+    another folder that holds a different copy under the same relative name (same classes, same counts), the run
+    reads the folder it was trained on, and its record says so (it once read the other copy, silently)."""
+    from toy_methods import interrupted
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for where, seed_images in ((here, False), (elsewhere, True)):
+        root = write_folder(where / "ds", per_split=(("train", 4), ("val", 2)))
+        if seed_images:                                  # another copy: the same names, other pixels
+            for image in root.rglob("*.png"):
+                Image.fromarray(255 - np.asarray(Image.open(image))).save(image)
+        (where / "classes.txt").write_text("\n".join(FOLDER_CLASSES[:2]) + "\n")
+    monkeypatch.chdir(here)
+    argv = ["--dataset", "folder", "--data", "ds", "--classes", "classes.txt", "--arch", "resnet20", "--batch-size",
+            "4", "--gpu", "-1", "--threads", "1", "--no-progress", "--epochs", "2", "--out", str(tmp_path / "run")]
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted(train_baseline.Baseline, 1), argv)
+    trained = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert trained["args"]["data"] == str(here / "ds") and trained["args"]["classes"] == str(here / "classes.txt")
+    monkeypatch.chdir(elsewhere)
+    evaluated = train(train_baseline.Baseline, ["--eval-only", str(tmp_path / "run" / "last.pt"), "--gpu", "-1",
+                                                "--no-progress", "--out", str(tmp_path / "eval")])
+    assert evaluated["data"] == str(here / "ds")
+    resumed = train(train_baseline.Baseline, ["--resume", str(tmp_path / "run" / "last.pt"), "--gpu", "-1",
+                                              "--no-progress", "--threads", "1"])
+    assert resumed["epochs_done"] == 2 and resumed["data"]["source"] == trained["data"]["source"]
+    assert resumed["args"]["data"] == str(here / "ds")
+
+
 def test_a_resume_on_a_folder_that_gained_or_lost_images_is_refused(tmp_path):
     """The later epochs of a resumed run train on the images its checkpoint was trained on: a folder that has
     gained (or lost) images since is named with both counts, and nothing of the run changes. --eval-only of the
