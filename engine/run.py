@@ -37,7 +37,7 @@ from data.files import (RUN_EVALUATIONS, RUN_FILES, RUN_LOCK, RUN_TENSORBOARD, c
 from recipes import RECIPE_KEYS, RECIPES
 
 from .checkpoint import FORMAT, atomic_save, atomic_write, check_saved_by, load_checkpoint, saved_by
-from .cli import resume_path
+from .cli import parse_args, resume_path
 from .config import RunConfig, describe_differences, new_run_hint, recorded_differences, without_hash
 from .distributed import any_rank, barrier
 from .errors import UserError
@@ -239,10 +239,20 @@ class Run:
         readable = without_hash(self.folder.name)
         for other in sorted([self.folder.parent / readable, *self.folder.parent.glob(f"{readable}-????????")]):
             recorded = read_run(other) if (other / "last.pt").is_file() and other != self.folder else None
-            diffs = recorded and recorded_differences(self.method_cls, self.config, recorded, self.world_size)
+            diffs = recorded and recorded_differences(self.method_cls, self._for_epochs(recorded["epochs"]), recorded,
+                                                      self.world_size)
             if recorded and all(key in ("epochs", "world_size") for key, _, _ in diffs):
                 raise self._continue_instead(other, recorded["epochs"], recorded["epochs_done"], "leave out --resume",
                                              recorded.get("world_size", 1), recorded["status"] == "finished")
+
+    def _for_epochs(self, epochs: int) -> RunConfig:
+        """This command's options had it asked for ``epochs`` epochs: a recipe's step schedule (its milestones, its
+        first SGDR cycle) follows --epochs unless given (engine.cli.parse_args), and is no other difference."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                 # (this command's own warnings are printed already)
+            schedule = parse_args(self.method_cls, [*self.argv, "--epochs", str(epochs)])
+        return RunConfig({**self.config.as_dict(), "epochs": epochs, "milestones": schedule.milestones,
+                          "sgdr_t0": schedule.sgdr_t0})
 
     def _continue_instead(self, folder: Path, epochs: int, done: int, new_run: str, world_size: int,
                           finished: bool) -> UserError:

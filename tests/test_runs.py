@@ -1616,6 +1616,27 @@ def test_resume_path_takes_the_checkpoints_options(run, tmp_path, monkeypatch):
     assert train(DML, argv + ["--out", str(tmp_path / "another")])["epochs_done"] == 1
 
 
+@pytest.mark.parametrize("schedule, epochs, given", [
+    (["--recipe", "okddip"], "2", ["--milestones", "1"]),                       # milestones 1 1 of 1 epoch, 1 1 of 2
+    (["--recipe", "imagenet", "--lr-schedule", "sgdr"], "5", ["--sgdr-t0", "3"])])     # a first cycle of 1, of 2
+def test_resume_auto_names_the_run_of_a_step_schedule_trained_to_another_length(tmp_path, monkeypatch, schedule,
+                                                                               epochs, given):
+    """A recipe's step schedule follows --epochs (its milestones or first SGDR cycle scaled), so a run trained
+    to another length has another schedule: that is no other difference, and --resume auto names the run (it once
+    started a new run beside it). A schedule given that differs is another run."""
+    monkeypatch.setenv("OKD_RUNS", str(tmp_path / "runs"))
+    args = TINY[:-2] + schedule
+    train(DML, args + ["--epochs", "1"])
+    [folder] = list((tmp_path / "runs").iterdir())
+    with pytest.raises(UserError) as e:
+        train(DML, args + ["--epochs", epochs, "--resume", "auto"])
+    assert str(e.value).startswith(f"--resume auto: {folder} holds this run, trained for 1 epochs (1 done); continue "
+                                   "it with: python train_dml.py") and "--extend-epochs" in str(e.value)
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [folder.name]
+    assert train(DML, args + ["--epochs", epochs, *given, "--resume", "auto"])["epochs_done"] == int(epochs)
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
 @pytest.mark.slow
 def test_resume_auto_names_the_run_trained_to_another_length(run, tmp_path, monkeypatch):
     """--epochs N --resume auto, the run being in its default folder with other --epochs: the run and the
