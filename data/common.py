@@ -106,14 +106,37 @@ def image_files(folder: os.PathLike | str, suffixes: Iterable[str] = (".jpeg", "
 
 def check_link_loop(folder: str, top: str) -> None:
     """Raise :class:`BadDatasetError` when ``folder``, a folder below ``top`` reached by a walk that follows
-    symbolic links, is one of its own ancestors: a link loop, through which the walk would list the same images
-    again and again, up to the system's limit of 40 links (each image then counted some 40 times)."""
+    symbolic links, is one of its own ancestors or holds one (``cat/back -> ../..``) through folders that are not
+    hidden (the walk skips those): the walk would come back to that ancestor and list the same images again and
+    again, up to the system's limit of 40 links (each image then counted some 40 times). Called on every folder
+    of a walk, top down, it stops at the symbolic link itself and names it with the folder it points to, never
+    a real folder reached through it (``cat/back/train``: that is ``train/``, and removing it removes the data)."""
     real, parent = os.path.realpath(folder), os.path.dirname(folder)
     while len(parent) >= len(top):
-        if os.path.realpath(parent) == real:
-            raise BadDatasetError(f"{folder} is a symbolic link back to {parent}, a folder above it: its images "
-                                  "would be listed again and again; remove the link")
+        above = os.path.realpath(parent)
+        if os.path.commonpath([real, above]) == real and not any(map(is_hidden, Path(above).relative_to(real).parts)):
+            link = _deepest_link(folder, parent)
+            raise BadDatasetError(f"{link} is a symbolic link back to {_walked_as(link)}, a folder above it: its "
+                                  "images would be listed again and again; remove the link")
         parent = os.path.dirname(parent)
+
+
+def _deepest_link(folder: str, above: str) -> str:
+    """The last symbolic link on the way from ``above`` down to ``folder`` (``folder`` itself in a walk that
+    checks every folder), else ``folder``."""
+    path = folder
+    while len(path) > len(above) and not os.path.islink(path):
+        path = os.path.dirname(path)
+    return path if len(path) > len(above) else folder
+
+
+def _walked_as(link: str) -> str:
+    """The folder ``link`` points to, as the nearest folder above it on its own path that is that folder (the
+    path the user gave, not one with its symbolic links resolved), else the real path."""
+    target, path = os.path.realpath(link), os.path.dirname(link)
+    while path and os.path.realpath(path) != target:
+        path = os.path.dirname(path) if os.path.dirname(path) != path else ""
+    return path or target
 
 
 def decode_rgb(path: os.PathLike | str):

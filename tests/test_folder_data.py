@@ -132,13 +132,82 @@ def test_a_symbolic_link_loop_is_refused_not_walked(tmp_path, links):
         build_loaders(args_for(root), "cpu")
 
 
-def test_a_symbolic_link_loop_is_refused_in_a_tinyimagenet_walk(tmp_path):
+LOOP = re.compile(r"(?:error: )?(.+) is a symbolic link back to (.+), a folder above it: its images would be listed "
+                  r"again and again; remove the link")
+
+
+def named_in_loop_error(text: str) -> tuple[str, str]:
+    """(the link, the folder it points to) that a link-loop error names."""
+    found = LOOP.fullmatch(text.strip())
+    assert found, text
+    return found[1], found[2]
+
+
+# {link: what it points to (a leading / for tmp_path/...: an absolute link)}, the link named, the folder named;
+# paths relative to tmp_path, the dataset in tmp_path/tree
+LOOP_SHAPES = {
+    "to the split folder": ({"tree/train/cat/back": ".."}, "tree/train/cat/back", "tree/train"),
+    "to the dataset root": ({"tree/train/cat/back": "../.."}, "tree/train/cat/back", "tree"),
+    "absolute, to the dataset root": ({"tree/train/cat/back": "/tree"}, "tree/train/cat/back", "tree"),
+    "above the dataset root": ({"tree/train/cat/back": "../../.."}, "tree/train/cat/back", "."),
+    "to the class folder": ({"tree/train/cat/sub/up": ".."}, "tree/train/cat/sub/up", "tree/train/cat"),
+    "in val/": ({"tree/val/dog/back": "../.."}, "tree/val/dog/back", "tree"),
+    "a class folder": ({"tree/train/all": ".."}, "tree/train/all", "tree"),
+    "a chain of links": ({"tree/links/root": "..", "tree/train/cat/a": "../../links/root"}, "tree/train/cat/a",
+                         "tree"),
+    "through another class": ({"tree/train/cat/x": "../dog", "tree/train/dog/y": "../cat"}, "tree/train/cat/x/y",
+                              "tree/train/cat"),
+}
+
+
+@pytest.mark.parametrize("shape", LOOP_SHAPES)
+def test_a_symbolic_link_loop_names_the_link_not_a_folder_reached_through_it(tmp_path, capsys, shape):
+    """The one path that a loop's error names is the symbolic link to remove, with the folder it points to,
+    whatever the loop's shape: never a real folder reached through the link (``cat/back/train`` for ``cat/back ->
+    ../..``, which is ``train/`` itself: removing it would remove the training set). Training and
+    check_dataset.py alike."""
+    links, link, target = LOOP_SHAPES[shape]
+    root = write_folder(tmp_path / "tree")
+    for path, to in links.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).symlink_to(tmp_path / to[1:] if to.startswith("/") else to)
+    with pytest.raises(BadDatasetError) as err:
+        build_loaders(args_for(root), "cpu")
+    named = named_in_loop_error(one_line(err))
+    assert named == (str(tmp_path / link), str(tmp_path / target)) and os.path.islink(named[0])
+    code, _, text = run_check(capsys, "--dataset", "folder", "--data", str(root), "--workers", "0")
+    assert code == 2 and text.count("\n") == 1 and named_in_loop_error(text) == named
+
+
+def test_a_link_above_through_a_hidden_folder_is_no_loop(tmp_path):
+    """The walk skips hidden folders: a link to a folder that holds the data only inside a hidden one
+    (``~/.cache/...``) never comes back to it, and is followed as any other link."""
+    root = write_folder(tmp_path / ".cache" / "tree")
+    (root / "train" / "cat" / "up").symlink_to(tmp_path)
+    write(tmp_path / "more" / "x.png", folder_image(0, 7))
+    assert len(folder.scan(root).samples["train"]) == 3 * 6 + 1
+    (tmp_path / "more" / "back").symlink_to(root)                   # (outside the class folders: the memo holds)
+    with pytest.raises(BadDatasetError) as err:
+        folder._scan(root, None)
+    assert named_in_loop_error(one_line(err)) == (str(root / "train" / "cat" / "up" / "more" / "back"), str(root))
+
+
+@pytest.mark.parametrize("target", ["images", "."])
+def test_a_symbolic_link_loop_is_refused_in_a_tinyimagenet_walk(tmp_path, monkeypatch, target):
+    """Also in a walk from a relative path, which names the link as the walk reached it, and the folder it
+    points to as the walk's path to it, or as its real path when the walk started below it."""
     from data.common import image_files
     (tmp_path / "images" / "a").mkdir(parents=True)
     write(tmp_path / "images" / "a" / "x.png", GARBAGE)
-    (tmp_path / "images" / "a" / "up").symlink_to(tmp_path / "images")
-    with pytest.raises(BadDatasetError, match="up is a symbolic link back to"):
+    (tmp_path / "images" / "a" / "up").symlink_to(tmp_path / target)
+    with pytest.raises(BadDatasetError) as err:
         image_files(tmp_path / "images")
+    assert named_in_loop_error(one_line(err)) == (str(tmp_path / "images" / "a" / "up"), str(tmp_path / target))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadDatasetError) as err:
+        image_files("images")
+    pointed = "images" if target == "images" else os.path.realpath(tmp_path)
+    assert named_in_loop_error(one_line(err)) == (os.path.join("images", "a", "up"), pointed)
 
 
 def test_empty_class_folder_is_named(tmp_path):
