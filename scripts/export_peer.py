@@ -11,13 +11,30 @@ temporary file in its folder, then a rename). Even with ``--force``, ``-o`` may 
 be named ``last.pt`` or ``best.pt`` (a run's checkpoints: ``last.pt`` is its resume point), nor be one of a run
 directory's own files (``results.json``, ``.lock``, ``eval-*.json``) in a folder that holds a run.
 
-The file is ``{"arch", "num_classes", "model_kwargs", "format", "state_dict", "source", "sha256"}`` (``sha256``:
-the content's checksum, as the engine's checkpoints carry):
+The file is ``{"arch", "num_classes", "classes", "model_kwargs", "format", "state_dict", "preprocessing",
+"source", "sha256"}`` (``classes``: the class names in label order where the run recorded them, else None;
+``sha256``: the content's checksum, as the engine's checkpoints carry):
 
 * ``format == "models"``: load it with ``models.create_model(arch, num_classes=..., **model_kwargs)`` and
   ``load_state_dict(state_dict)`` (``load_exported`` below does both);
 * ``format == "torchvision"`` (``resnet50``, ``mobilenet_v2``): the keys are torchvision's, so
   ``torchvision.models.<arch>(num_classes=...).load_state_dict(state_dict)`` takes it as it is.
+
+``preprocessing`` is what an image goes through before the network, as the run evaluated its test images:
+``{"dataset", "image_size", "mean", "std", "protocol", "test", "unknown"}``. ``mean`` and ``std`` are per channel,
+on ``ToTensor``'s [0, 1] scale: for ``--dataset folder`` those the run measured on its training images (the
+checkpoint's record, ``data.folder``), for a built-in dataset data/'s constants (``data.common.static_info``);
+``image_size`` is the size the run recorded; ``protocol`` is 'cifar' or 'imagenet' and ``test`` the framing before
+``ToTensor()`` + ``Normalize(mean, std)`` in words (``resize to 32x32 ...``, ``Resize(256) + CenterCrop(224)``).
+What an older checkpoint does not record (a folder run's mean and std, or the dataset itself) is None, never
+guessed, and ``unknown`` says what (None when everything is known). ``input_transform`` below builds the transform::
+
+    exported = torch.load("peer2.pt", weights_only=True)
+    pre = exported["preprocessing"]        # e.g. {"dataset": "folder", "image_size": 32, "mean": [0.47, ...], ...}
+    to_input = input_transform(pre)        # or by hand, for the 'cifar' protocol of a folder run:
+    # transforms.Compose([transforms.Resize((pre["image_size"],) * 2), transforms.ToTensor(),
+    #                     transforms.Normalize(pre["mean"], pre["std"])])
+    logits = load_exported("peer2.pt").eval()(to_input(Image.open("x.jpg").convert("RGB")).unsqueeze(0))
 
 Peer i of independent peers is network i; of a shared trunk (ONE, OKDDip, PCL, MCL-OKD...) or the CL-ILR tree
 it is the trunk + (its group +) branch i, i.e. exactly the single backbone; grouped runs (--grouped-peers) are
@@ -33,6 +50,7 @@ from __future__ import annotations
 import errno
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,8 +58,12 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torchvision import transforms  # noqa: E402
 
+from data.common import DATASET_NAMES, DatasetInfo, static_info  # noqa: E402
 from data.files import RUN_CHECKPOINTS, NameTaken, checksummed, output_problem, write_atomically  # noqa: E402
+from data.folder import SMALL_MAX, frame  # noqa: E402
+from data.imagenet import test_transform  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.cli import Parser, non_empty_path, path_given, positive_int, run_tool  # noqa: E402
 from engine.errors import UserError  # noqa: E402
@@ -136,6 +158,62 @@ def check_head(head: str, source: str, peer: int) -> None:
                         f"{owner}, or --head {default_head(source, peer)} (the default)")
 
 
+def _test_steps(info: DatasetInfo) -> str:
+    """How the run framed an evaluation image of ``info`` before ``ToTensor()`` + ``Normalize(mean, std)``: the
+    test transforms of data/ (data/folder.py's ``frame``, data/imagenet.py's ``test_transform``; the built-in
+    arrays, data/fashion_mnist.py's padding), in words."""
+    s = info.image_size
+    if info.protocol == "imagenet":
+        return f"Resize({info.test_resize}) + CenterCrop({s})"
+    if info.name == "folder":
+        return f"resize to {s}x{s} (PIL bilinear, the aspect ratio not kept)"
+    if info.name == "fashion-mnist":
+        return (f"a 28x28 greyscale image zero-padded by 2 pixels on each side to {s}x{s}, its channel "
+                "replicated 3 times")
+    return f"an RGB image of {s}x{s}, the dataset's own size (another image: resize it to {s}x{s})"
+
+
+def preprocessing(ckpt: dict) -> dict:
+    """What an image goes through before the exported network, as the run evaluated its test images: ``dataset``
+    (``--dataset``), ``image_size``, ``mean`` and ``std`` (per channel, on the [0, 1] scale of ``ToTensor``),
+    ``protocol`` (data.DatasetInfo's: 'cifar' or 'imagenet') and ``test`` (the framing, :func:`_test_steps`, then
+    ``ToTensor()`` + ``Normalize(mean, std)``). A folder dataset's are the checkpoint's record (``data.folder``: the
+    mean and std measured on its training images, which a resumed run or an evaluation reuses); a built-in
+    dataset's are data/'s constants (:func:`data.common.static_info`) at the size the run recorded. What the
+    checkpoint does not tell (an older one without the record, or without ``args.dataset``) is None, and
+    ``unknown`` says what and why (None when all is known)."""
+    args = ckpt.get("args") or {}
+    name = args.get("dataset")
+    record = (ckpt.get("data") or {}).get("folder") or {}
+    size = ckpt.get("image_size") or record.get("image_size") or args.get("image_size")
+    out = {"dataset": name, "image_size": None, "mean": None, "std": None, "protocol": None, "test": None,
+           "unknown": None}
+    if name is None or name not in DATASET_NAMES:
+        out["unknown"] = ("the checkpoint does not name its dataset (args.dataset)" if name is None else
+                          f"dataset {name!r} is not one of this version's ({', '.join(DATASET_NAMES)})"
+                          ) + ": the image size, mean and std it was trained with are unknown"
+        return out
+    if name == "folder":
+        mean, std = record.get("mean"), record.get("std")
+        if size is not None:
+            protocol = "cifar" if size <= SMALL_MAX else "imagenet"       # data.folder.describe's rule
+            info = DatasetInfo(name, args.get("num_classes") or 0, size, None, None, 0, protocol=protocol)
+        missing = [what for what, value in (("image size", size), ("mean and std", mean)) if value is None]
+        if missing:
+            out["unknown"] = (f"the checkpoint holds no record of the folder's {' or '.join(missing)} (a checkpoint "
+                              "of an older version): measure them on the training images as data/folder.py does, "
+                              "at the size the run was trained at")
+    else:
+        info = static_info(name)
+        size = size or info.image_size                   # (only ImageNet's --image-size changes it)
+        mean, std = info.mean, info.std
+    if size is not None:
+        out.update(image_size=size, protocol=info.protocol, test=_test_steps(replace(info, image_size=size)))
+    if mean is not None:
+        out.update(mean=[float(v) for v in mean], std=[float(v) for v in std])
+    return out
+
+
 def export_peer(checkpoint: Path, peer: int, source: str = "model", head: Optional[str] = None) -> dict:
     """The stand-alone peer ``peer`` (1-based) of a run's checkpoint as the dictionary the script writes; ``head``
     (default: the head of that peer of ``source``, :func:`default_head`) names whose recorded accuracy goes with it."""
@@ -172,10 +250,26 @@ def export_peer(checkpoint: Path, peer: int, source: str = "model", head: Option
     if arch in TORCHVISION:
         weights, fmt = to_torchvision_state(arch, weights, args["num_classes"]), "torchvision"
     return {"arch": arch, "num_classes": args["num_classes"], "classes": ckpt.get("classes"),
-            "model_kwargs": kwargs, "format": fmt, "state_dict": weights,
+            "model_kwargs": kwargs, "format": fmt, "state_dict": weights, "preprocessing": preprocessing(ckpt),
             "source": {"checkpoint": str(checkpoint), "method": ckpt["method"], "epoch": ckpt["epoch"],
                        "peer": peer, "from": source, "head": head, "top1": top1, "evaluated": evaluated,
                        "run_arch": args["arch"]}}
+
+
+def input_transform(pre: dict):
+    """The torchvision transform, RGB ``PIL.Image`` -> normalised 3 x S x S tensor, of an export's
+    ``preprocessing`` (:func:`preprocessing`): the run's test transform (data/folder.py's ``frame``, data/imagenet.py's
+    ``test_transform``, Fashion-MNIST's grey 28 x 28 padded to 32 as data/fashion_mnist.py pads it), for a new
+    image. A preprocessing that does not know the size or the mean and std is a ValueError saying what is unknown."""
+    if pre.get("image_size") is None or pre.get("mean") is None:
+        raise ValueError(f"this export does not know how its inputs were prepared: {pre.get('unknown')}")
+    s, mean, std = pre["image_size"], pre["mean"], pre["std"]
+    info = DatasetInfo(pre["dataset"], 0, s, tuple(mean), tuple(std), 0, protocol=pre["protocol"])
+    if info.protocol == "imagenet":
+        return test_transform(s, info.test_resize, mean, std)
+    framing = ([transforms.Grayscale(1), transforms.Resize((s - 4, s - 4)), transforms.Pad(2), transforms.Grayscale(3)]
+               if pre["dataset"] == "fashion-mnist" else [frame(info)])
+    return transforms.Compose(framing + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 def load_exported(path: Path) -> torch.nn.Module:
@@ -221,6 +315,16 @@ def write_export(obj: dict, path: Path, force: bool = False) -> None:
         raise UserError(f"cannot write -o {path}: {problem}; choose another file name or folder") from None
 
 
+def input_line(pre: dict) -> str:
+    """The printed line of the export's ``preprocessing``: what a new image goes through, and what is unknown."""
+    numbers = lambda values: "[" + ", ".join(f"{v:.4f}" for v in values) + "]"  # noqa: E731
+    steps = [pre["test"]] if pre["test"] else []
+    steps.append(f"ToTensor() + Normalize({numbers(pre['mean'])}, {numbers(pre['std'])})" if pre["mean"] is not None
+                 else "ToTensor() + Normalize(mean and std unknown)")
+    line = f"Input ({pre['dataset'] or 'dataset unknown'}, as the run evaluated it): {', then '.join(steps)}"
+    return line + (f". Unknown: {pre['unknown']}" if pre["unknown"] else "")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", type=path_given, help="a run's best.pt or last.pt")
@@ -254,6 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  + "".join(f", {k}={v!r}" for k, v in out["model_kwargs"].items()) + ")")
     print(f"{a.output}: head {s['head']} of the {s['method']} run ({s['run_arch']}, epoch {s['epoch']}): "
           f"{out['arch']}, {acc}. Load: {load}.load_state_dict(torch.load(path)['state_dict'])")
+    print(input_line(out["preprocessing"]))
     return 0
 
 

@@ -3,11 +3,19 @@ head in the run), a grouped run, and a torchvision-backed peer (loads into torch
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
+import train_dml
 import train_one
+from data import build_loaders
+from data import fashion_mnist
+from data.common import array_transforms, static_info
+from data.folder import decode_image, scan
+from datasets_on_disk import loader_args, write_folder
 from engine import train
 from engine.checkpoint import FORMAT, atomic_save
 from models import create_model
@@ -48,6 +56,12 @@ def test_shared_trunk_peer_gives_its_heads_logits(tmp_path, capsys):
         heads = train_one.ONE.eval_logits(None, model.eval(), x)
         torch.testing.assert_close(net.eval()(x), heads["peer2"], rtol=0, atol=0)
     assert exported["source"]["top1"]["test"] == ckpt["history"][-1]["test"]["peer2/top1"]
+    synthetic = static_info("synthetic")                 # a built-in dataset: data/'s constants
+    assert exported["preprocessing"] == {"dataset": "synthetic", "image_size": 32, "mean": list(synthetic.mean),
+                                         "std": list(synthetic.std), "protocol": "cifar",
+                                         "test": "an RGB image of 32x32, the dataset's own size (another image: "
+                                                 "resize it to 32x32)", "unknown": None}
+    assert "Input (synthetic, as the run evaluated it): an RGB image of 32x32" in printed
 
 
 def test_grouped_peer_is_split_back(tmp_path):
@@ -216,3 +230,72 @@ def test_the_head_follows_from(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(message) and err.count("\n") == 1
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_folder_peer_carries_the_mean_and_std_its_run_measured(tmp_path, monkeypatch, capsys):
+    """A run on one's own images (--dataset folder) normalises with the mean and std measured on its training
+    images: the export carries exactly those of the run's record, with the size and the framing, so that a new
+    image given to the exported network is the input the run evaluated (the test loader's, to the last bit)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    root = write_folder(tmp_path / "tree", per_split=(("train", 4), ("val", 2)))
+    run = tmp_path / "run"
+    results = train(train_dml.DML, ["--dataset", "folder", "--data", str(root), "--arch", "resnet20", "--epochs", "1",
+                                    "--batch-size", "4", "--gpu", "-1", "--threads", "1", "--no-progress", "--out",
+                                    str(run)])
+    assert export_peer.main([str(run / "best.pt"), "--peer", "2", "-o", str(tmp_path / "p2.pt")]) == 0
+    pre = torch.load(tmp_path / "p2.pt", weights_only=True)["preprocessing"]
+    recorded = torch.load(run / "best.pt", weights_only=True)["data"]["folder"]
+    assert pre["mean"] == recorded["mean"] == results["data"]["folder"]["mean"]
+    assert pre["std"] == recorded["std"] == results["data"]["folder"]["std"]
+    assert pre["mean"] != list(static_info("synthetic").mean)         # measured, not a default
+    assert {k: pre[k] for k in ("dataset", "image_size", "protocol", "unknown")} == {
+        "dataset": "folder", "image_size": 32, "protocol": "cifar", "unknown": None}
+    assert pre["test"].startswith("resize to 32x32")
+    assert f"Normalize([{pre['mean'][0]:.4f}" in capsys.readouterr().out
+    test = build_loaders(loader_args(dataset="folder", data=str(root), batch_size=4), torch.device("cpu")).test
+    batch = next(iter(test))
+    files = [path for path, _ in scan(root).samples["val"]]
+    mine = torch.stack([export_peer.input_transform(pre)(decode_image(files[i])) for i in batch.index.tolist()])
+    torch.testing.assert_close(mine, batch.images, rtol=0, atol=1e-6)
+
+
+def test_a_built_in_datasets_normalisation_is_the_data_layers(tmp_path):
+    """Built-in datasets: the mean, std and size of data/ (static_info), at the size the run recorded (ImageNet's
+    --image-size); Fashion-MNIST's transform pads a grey 28 x 28 image to 32 as its loader does."""
+    peers = Peers("resnet20", 10, 2)
+    for dataset, size, test in (("fashion-mnist", None, "a 28x28 greyscale image zero-padded by 2 pixels on each "
+                                                        "side to 32x32, its channel replicated 3 times"),
+                                ("imagenet", 160, "Resize(183) + CenterCrop(160)")):
+        atomic_save({"format": FORMAT, "method": "dml", "epoch": 1, "state": {"model": peers.state_dict()},
+                     "args": {"arch": "resnet20", "num_classes": 10, "num_peers": 2, "dataset": dataset,
+                              "image_size": size}, "history": []}, tmp_path / "c.pt")
+        info = static_info(dataset)
+        assert export_peer.export_peer(tmp_path / "c.pt", 1)["preprocessing"] == {
+            "dataset": dataset, "image_size": size or info.image_size, "mean": list(info.mean),
+            "std": list(info.std), "protocol": info.protocol, "test": test, "unknown": None}
+    original = np.random.default_rng(0).integers(0, 256, (1, 28, 28), dtype=np.uint8)   # a 28 x 28 grey image
+    padded = fashion_mnist._split(Path("x"), Path("y"), original, np.zeros(1, np.int64)).images[0]  # as it is read
+    pre = export_peer.preprocessing({"args": {"dataset": "fashion-mnist"}})
+    torch.testing.assert_close(export_peer.input_transform(pre)(Image.fromarray(original[0], "L")),
+                               array_transforms(static_info("fashion-mnist"), train=False)(padded), rtol=0, atol=1e-6)
+
+
+def test_an_old_checkpoint_exports_and_says_what_is_unknown(tmp_path, capsys):
+    """A checkpoint without the record (an older version's) still exports; what it does not tell is None and
+    named, not invented: the dataset (so the size, mean and std), or a folder run's mean and std."""
+    peers = Peers("resnet20", 10, 2)
+    fake_checkpoint(tmp_path / "c.pt", peers, "resnet20", 2)                  # no args.dataset
+    assert export_peer.main([str(tmp_path / "c.pt"), "--peer", "1", "-o", str(tmp_path / "a.pt")]) == 0
+    pre = torch.load(tmp_path / "a.pt", weights_only=True)["preprocessing"]
+    assert [pre[k] for k in ("dataset", "image_size", "mean", "std", "protocol", "test")] == [None] * 6
+    assert pre["unknown"] == ("the checkpoint does not name its dataset (args.dataset): the image size, mean and "
+                              "std it was trained with are unknown")
+    assert f"Unknown: {pre['unknown']}" in capsys.readouterr().out
+    atomic_save({"format": FORMAT, "method": "dml", "epoch": 1, "state": {"model": peers.state_dict()},
+                 "args": {"arch": "resnet20", "num_classes": 10, "num_peers": 2, "dataset": "folder",
+                          "image_size": None}, "image_size": 32, "history": []}, tmp_path / "old.pt")
+    pre = export_peer.export_peer(tmp_path / "old.pt", 2)["preprocessing"]
+    assert (pre["dataset"], pre["image_size"], pre["mean"], pre["std"]) == ("folder", 32, None, None)
+    assert pre["unknown"].startswith("the checkpoint holds no record of the folder's mean and std")
+    with pytest.raises(ValueError, match="does not know how its inputs were prepared: the checkpoint holds no"):
+        export_peer.input_transform(pre)
