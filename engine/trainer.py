@@ -386,14 +386,15 @@ class Trainer:
             raise UserError(f"{path} lacks {', '.join(missing)}, which --eval-only evaluates")
         own = {k: m.state_dict() for k, m in self.modules.items()}   # training-only modules keep their own
         self.load_method_state({**own, **{k: ckpt["state"][k] for k in evaluated}}, path)
-        splits = {"test": f"the {a.dataset} test set" if not a.eval_subset else
-                  f"{a.eval_subset} images of the {a.dataset} test set (stratified, seed {a.seed})"}
+        described = self.loaders.record.get("folder", {}).get("splits", {})     # (a folder: which of its folders)
+        test = described.get("test") or f"the {a.dataset} test set"
+        splits = {"test": f"{a.eval_subset} images of {test} (stratified, seed {a.seed})" if a.eval_subset else test}
         result = {"checkpoint": str(path.absolute()), "run_id": ckpt.get("run_id"), "method": ckpt["method"],
                   "epoch": ckpt["epoch"], "arch": a.arch, "dataset": a.dataset, "data": a.data,
                   "image_size": self.loaders.info.image_size, "splits": splits, "amp": a.amp,
                   "images_used": self.loaders.record["images_used"], "test": self.evaluate(self.loaders.test)}
         if self.loaders.val is not None:
-            splits["val"] = (self.loaders.record.get("folder", {}).get("splits", {}).get("val")
+            splits["val"] = (described.get("val")
                              or f"{a.val_split} samples held out of the {a.dataset} training set (seed {a.seed})")
             result["val"] = self.evaluate(self.loaders.val)
         for split in ("val", "test"):

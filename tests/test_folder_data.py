@@ -693,6 +693,24 @@ def test_a_relative_data_or_classes_is_recorded_as_the_folder_it_named(tmp_path,
     assert resumed["args"]["data"] == str(here / "ds")
 
 
+def test_an_evaluation_names_the_folders_splits_as_the_run_recorded_them(tmp_path):
+    """--eval-only of a run on a folder with train/ only, evaluated on a hold-out (--val-split): the evaluation
+    file says which images it evaluated as results.json does (it once said 'the folder test set', which the folder
+    does not have)."""
+    root = write_folder(tmp_path / "tree", per_split=(("train", 6),))
+    out = tmp_path / "run"
+    trained = train(train_baseline.Baseline, ["--dataset", "folder", "--data", str(root), "--val-split", "9", "--arch",
+                                              "resnet20", "--epochs", "1", "--batch-size", "4", "--gpu", "-1",
+                                              "--threads", "1", "--no-progress", "--out", str(out)])
+    recorded = trained["data"]["folder"]["splits"]["test"]
+    assert recorded.startswith("--val-split 9: 9 images held out of train/")
+    evaluated = train(train_baseline.Baseline, ["--eval-only", str(out / "best.pt"), "--gpu", "-1", "--no-progress"])
+    assert evaluated["splits"] == {"test": recorded}
+    subset = train(train_baseline.Baseline, ["--eval-only", str(out / "best.pt"), "--gpu", "-1", "--no-progress",
+                                             "--eval-subset", "3", "--out", str(tmp_path / "e")])
+    assert subset["splits"] == {"test": f"3 images of {recorded} (stratified, seed 0)"}
+
+
 def test_a_resume_on_a_folder_that_gained_or_lost_images_is_refused(tmp_path):
     """The later epochs of a resumed run train on the images its checkpoint was trained on: a folder that has
     gained (or lost) images since is named with both counts, and nothing of the run changes. --eval-only of the
