@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 from recipes import RECIPES
 
 from .errors import UserError
+from .method import hook_name
 
 FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: a float flag beyond it would be inf in training
 MAX_PROCESSES = 1024                 # process and thread counts: far above any machine's cores (process_count)
@@ -334,7 +335,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     try:
         method_cls.add_arguments(m)
     except argparse.ArgumentError as e:       # (a flag the engine or the method declares already)
-        raise UserError(f"{method_cls.__name__}.add_arguments: {e}; give the method's flag a name of its own "
+        raise UserError(f"{hook_name(method_cls, 'add_arguments')}: {e}; give the method's flag a name of its own "
                         "(python train_<method>.py --help lists the names taken)") from None
     if method_cls.presets:
         p.set_defaults(**method_cls.preset_values(preset, arch))

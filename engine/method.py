@@ -79,6 +79,13 @@ def checked_terms(terms, source: str) -> dict[str, torch.Tensor]:
     return terms
 
 
+def hook_name(method_cls, hook: str) -> str:
+    """``DML.loss in train_dml_x.py``: a method's ``hook`` (or attribute) as a message names it for the user, with
+    the script that defines it (a copied script keeps its class's name); ``DML.loss`` for a class defined outside
+    a script (a test, a library)."""
+    return f"{method_cls.__name__}.{hook}" + (f" in {Path(method_cls.script).name}" if method_cls.script else "")
+
+
 def _name_from_file(module_name: str) -> Optional[str]:
     """The method name a class defined in module ``module_name`` gets from its file: ``train_<x>.py`` -> x,
     the script being run (``__main__``) -> its file name; None for any other module (a test, a library)."""
@@ -240,7 +247,7 @@ class Method:
         ``step.step`` and back-propagate through ``step.backward`` (the fp16 scaler), and keep state in
         tensors updated in place (docs/engine.md)."""
         with step.autocast():
-            terms = checked_terms(self.loss(model, batch, epoch), f"{type(self).__name__}.loss")
+            terms = checked_terms(self.loss(model, batch, epoch), hook_name(type(self), "loss"))
         step.zero_grad()
         step.backward(sum(terms.values()))
         step.step()

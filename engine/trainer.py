@@ -34,7 +34,7 @@ from .cuda_graph import CaptureError, GraphedStep
 from .distributed import all_reduce_sum, barrier, broadcast_buffers, init_distributed, shutdown_distributed
 from models.temporal_mean import TemporalMean
 from .errors import UserError
-from .method import REPOSITORY, Method, StepContext, checked_terms
+from .method import REPOSITORY, Method, StepContext, checked_terms, hook_name
 from .optim import Optimization
 from .reporting import Reporter
 from .run import Run, file_stamp
@@ -155,7 +155,7 @@ class Trainer:
         """The part of a step --cuda-graph captures: the method's train_step (by default its loss terms, one
         backward, every optimizer), the scaler's update, then its after_step; returns (terms, their sum)."""
         terms = checked_terms(self.method.train_step(self.model, batch, epoch, self.step_context),
-                              f"{self.method_cls.__name__}.train_step")
+                              hook_name(self.method_cls, "train_step"))
         self.scaler.update()
         with torch.no_grad():
             self.method.after_step(self.model, batch, epoch)
@@ -290,7 +290,7 @@ class Trainer:
         heads, _ = next(batches)
         batches.close()
         if self.best_head not in heads:
-            given = "--best-metric" if self.args.best_metric is not None else f"{self.method_cls.__name__}.best_metric"
+            given = "--best-metric" if self.args.best_metric is not None else hook_name(self.method_cls, "best_metric")
             raise UserError(f"{given} {self.best_head!r} is not an evaluated head; choose one of: {', '.join(heads)}")
 
     # ---- the state a checkpoint holds -------------------------------------------------------------

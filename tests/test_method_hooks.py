@@ -261,6 +261,20 @@ def test_loss_terms_of_the_wrong_kind_are_one_line_naming_the_term(returned, say
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
 
 
+def test_a_copied_scripts_loss_is_named_with_the_copy(tmp_path):
+    """A copy of a script keeps its class's name (``DML``): the line for a wrong loss names the copy's file too, so
+    that the user edits the copy, not train_dml.py."""
+    copy = tmp_path / "train_dml_named.py"        # (kept outside the repository: it imports the engine by PYTHONPATH)
+    code = (REPO / "train_dml.py").read_text()
+    assert code.count('"kd": mutual_kd(logits, T) / (n - 1)}') == 1
+    copy.write_text(code.replace('"kd": mutual_kd(logits, T) / (n - 1)}', '"kd": ce[None]}'))
+    r = subprocess.run([sys.executable, str(copy), *FAST, "--epochs", "1", "--out", str(tmp_path / "run")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+        f"error: DML.loss in {copy.name}: its term 'kd' is a tensor of shape (1,); every term is a scalar tensor "
+        "(reduce it, e.g. with .mean())"), r.stderr
+
+
 def test_a_train_step_of_its_own_is_checked_too():
     from engine.method import checked_terms
     assert checked_terms({"a": torch.zeros(())}, "X.train_step") == {"a": torch.zeros(())}
