@@ -162,8 +162,8 @@ def _loose_images(folder: Path) -> int:
 def _scan(root: Path, classes_file: Optional[Path]) -> FolderTree:
     train_dir = root / "train"
     if not root.is_dir():        # (the likeliest cause: a typo in --data)
-        raise DatasetNotFoundError(NAME, f"the folder {root} does not exist", [root], "check the path given to "
-                                   "--data; " + layout_fix(root))
+        raise DatasetNotFoundError(NAME, f"the folder {root} does not exist", [root], "check --data (not given: "
+                                   "this default place); " + layout_fix(root))
     if not train_dir.is_dir():
         above = root.parent if root.name in ("train", "val", "test") and (root.parent / "train").is_dir() else None
         raise DatasetNotFoundError(NAME, "the folder train/ is missing", [train_dir], layout_fix(root) if above is None

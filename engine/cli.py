@@ -111,8 +111,8 @@ def path_given(text: str) -> Path:
 
 
 def absolute_path(text: str) -> str:
-    """A file or folder the run reads (``--classes``), made absolute: the record names it wherever the run is later
-    resumed or evaluated from (a relative one would then name another file, or none)."""
+    """A file or folder the run reads (``--classes``, ``--eval-only``), made absolute: the record and the messages
+    name it wherever the run is later resumed or evaluated from (a relative one would then name another file)."""
     return os.path.abspath(non_empty_path(text))
 
 
@@ -315,7 +315,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                    help="with --resume: train a run to a larger --epochs than it was started with. The lr "
                         "schedule becomes the one of the new --epochs from the resumed epoch on (cosine: the lr "
                         "rises to the new curve's value; multistep: the same milestones)")
-    once.add_argument("--eval-only", type=non_empty_path, default=None, metavar="CHECKPOINT",
+    once.add_argument("--eval-only", type=absolute_path, default=None, metavar="CHECKPOINT",
                       help="evaluate a checkpoint, as it was trained, on the test (and --val-split) set and exit")
     r.add_argument("--best-metric", default=None, metavar="HEAD",
                    help=f"head whose top-1 selects best.pt (default: {method_cls.best_metric})")

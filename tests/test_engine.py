@@ -310,6 +310,7 @@ def test_help_reads_well():
     (["--resume", "auto", "--eval-only", "x.pt"], "not allowed with argument"),
     (["--num-peers", "1"], "argument --num-peers: must lie in [2, 256]; got 1"),
     (["--eval-only", "/nonexistent/ckpt.pt"], "does not exist"),
+    (["--eval-only", "nowhere/ckpt.pt"], f"checkpoint {REPO / 'nowhere' / 'ckpt.pt'} does not exist"),  # absolute
     (["--eval-only", "/dev/null"], "checkpoint /dev/null is not a file (a device, pipe or socket); name a "
                                    "checkpoint file"),
 ])

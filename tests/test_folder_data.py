@@ -295,7 +295,7 @@ def test_missing_tree_names_the_folder_and_the_layout(tmp_path):
     assert "train/<class>/<image>" in one_line(err)
     with pytest.raises(DatasetNotFoundError, match=f"the folder {tmp_path / 'nowhere'} does not exist") as err:
         dataset_info("folder", tmp_path / "nowhere")                  # a typo in --data: named as such
-    assert "check the path given to --data" in one_line(err) and "train/<class>/<image>" in one_line(err)
+    assert "check --data (not given: this default place)" in one_line(err) and "train/<class>/<image>" in one_line(err)
     root = write_folder(tmp_path / "tree")                    # --data given the train/ folder itself
     with pytest.raises(DatasetNotFoundError) as err:
         dataset_info("folder", root / "train")
