@@ -310,7 +310,8 @@ def describe_differences(diffs: Sequence[tuple[str, object, object]], against: s
     trains a run longer after a grown --epochs."""
     parts = []
     for key, before, after in diffs:
-        part = f"{'world size' if key == 'world_size' else flag(key)} {shown(before)} ({against}: {shown(after)})"
+        name = {"world_size": "world size", "method": "method"}.get(key) or flag(key)     # (no flags of their own)
+        part = f"{name} {shown(before)} ({against}: {shown(after)})"
         if hint and key == "epochs" and isinstance(before, int) and isinstance(after, int) and after > before:
             part += " [to train longer, add --extend-epochs]"
         if hint and key == "world_size":

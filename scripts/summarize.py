@@ -54,7 +54,7 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
 
 from scripts.tables import TABLES, Cell, Metric, Table  # noqa: E402
 from engine.cli import Parser, non_empty_path, run_tool  # noqa: E402  (one-line errors)
-from engine.config import without_seed  # noqa: E402  (the run directory's name: run_name)
+from engine.config import describe_differences, without_seed  # noqa: E402  (run_name; a resume's comparison)
 from data.files import RUN_LOCK, holds_run, output_problem  # noqa: E402  (what a script may write; run folders)
 from scripts import reproduce  # noqa: E402  (the tables' runs and the engine's option comparison)
 from engine.run import cannot_create  # noqa: E402  (a folder checked without creating it)
@@ -399,7 +399,7 @@ def group_runs(runs: Sequence[RunResult], warn=None) -> dict[str, list[RunResult
     by_name: dict[str, list[list[RunResult]]] = {}
     for r in runs:
         kinds = by_name.setdefault(r.tag or without_seed(r.path.parent.name), [])
-        kind = next((k for k in kinds if _trained_alike(k[0], r)), None)
+        kind = next((k for k in kinds if not _training_differences(k[0], r)), None)
         if kind is None:
             kinds.append([r])
         else:
@@ -411,7 +411,9 @@ def group_runs(runs: Sequence[RunResult], warn=None) -> dict[str, list[RunResult
         if len(kinds) > 1 and warn:
             warn(f"the runs named {name} did not all train the same (method or training options other than the "
                  "seed), so they are not averaged together: " + "; ".join(
-                     f"{key}: {', '.join(str(r.path.parent) for r in members)}" for key, members in zip(keys, kinds)))
+                     f"{key}: {', '.join(str(r.path.parent) for r in members)}" + (
+                         f" ({describe_differences(_training_differences(kinds[0][0], members[0]), keys[0], False)})"
+                         if i else "") for i, (key, members) in enumerate(zip(keys, kinds))))
     return groups
 
 
@@ -429,18 +431,20 @@ def _method_defaults(method: str, arch, dataset, data) -> dict:
         return {}
 
 
-def _trained_alike(a: RunResult, b: RunResult) -> bool:
-    """``a`` and ``b`` ran one method with the same training options, the seed aside; an option one record lacks
-    (an older version's) counts as the method's default, as when a run is resumed."""
+def _training_differences(a: RunResult, b: RunResult) -> list[tuple]:
+    """How ``b``'s training differs from ``a``'s, as (key, ``b``'s value, ``a``'s value); [] when they ran one method
+    with the same training options, the seed aside (an option one record lacks, an older version's, counts as the
+    method's default, as when a run is resumed)."""
     from engine.config import differences
     method, args = a.data.get("method"), a.data.get("args") or {}
     if method != b.data.get("method"):
-        return False
+        return [("method", b.data.get("method"), method)]
     named = (method, args.get("arch"), args.get("dataset"), args.get("data"))
     defaults = _method_defaults(*named) if all(isinstance(v, (str, type(None))) for v in named) else {}   # (edited)
-    return not differences({**args, "seed": 0, "world_size": a.data.get("world_size", 1)},
-                           {**(b.data.get("args") or {}), "seed": 0, "world_size": b.data.get("world_size", 1)},
-                           defaults, trained_size=a.data.get("image_size"))
+    return [(key, now, before) for key, before, now in differences(
+        {**args, "seed": 0, "world_size": a.data.get("world_size", 1)},
+        {**(b.data.get("args") or {}), "seed": 0, "world_size": b.data.get("world_size", 1)}, defaults,
+        trained_size=a.data.get("image_size"))]
 
 
 def markdown_runs(groups: dict[str, list[RunResult]], warn=None) -> str:

@@ -222,7 +222,9 @@ def test_untabled_runs_are_averaged_only_with_runs_that_trained_the_same(tmp_pat
     assert len(rows) == 3 + 1 + 3 + 3
     assert (f"warning: the runs named x did not all train the same (method or training options other than the seed), "
             f"so they are not averaged together: x [1]: {tmp_path / 'exp1' / 'x-s0'}; x [2]: "
-            f"{tmp_path / 'exp2' / 'x-s1'}") in err.splitlines()
+            f"{tmp_path / 'exp2' / 'x-s1'} (method baseline (x [1]: dml))") in err.splitlines()
+    assert any(line.endswith(f"y [2]: {tmp_path / 'exp5' / 'y-s2'} (--lr 0.01 (y [1]: default))")   # what differs
+               for line in err.splitlines()), err
 
 
 def test_every_seed_gives_its_heads_even_when_the_first_has_no_epoch(tmp_path, capsys, monkeypatch):
