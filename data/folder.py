@@ -204,9 +204,11 @@ def _scan(root: Path, classes_file: Optional[Path]) -> FolderTree:
                     f"{some(extra)}; the model could not predict them. Fix: add {train_dir}/<class>/ with images "
                     f"for each, or move them out of {split}/")
             if not folders & set(classes):
+                loose = _loose_images(split_dir)       # (images put in val/ itself: they need their class folders)
+                loose = f" ({loose} image(s) directly in it)" if loose else ""
                 raise BadDatasetError(
                     f"dataset 'folder': {split_dir} holds none of the {len(classes)} class folders of train/"
-                    f"{' listed by --classes' if classes_file else ''}. Fix: {layout_fix(root)}, or remove "
+                    f"{' listed by --classes' if classes_file else ''}{loose}. Fix: {layout_fix(root)}, or remove "
                     f"{split}/ and pass --val-split N")
             absent = [c for c in classes if c not in folders]
             if absent:

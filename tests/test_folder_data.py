@@ -288,6 +288,19 @@ def test_fewer_than_two_classes_is_refused(tmp_path, classes):
     assert ("1 class folder (only)" if classes else "no class folder and 1 images directly") in one_line(err)
 
 
+def test_an_evaluation_folder_without_class_folders_says_what_it_holds(tmp_path):
+    """val/ with images put in it directly, none in class folders: the line names val/, says it holds none of the
+    class folders and how many images lie there directly (they need their class folders), and the fixes."""
+    root = write_folder(tmp_path / "tree", per_split=(("train", 2),))
+    (root / "val").mkdir()
+    write(root / "val" / "a.png", folder_image(0, 1, "PNG", "RGB", (20, 20)))
+    with pytest.raises(BadDatasetError) as err:
+        dataset_info("folder", root)
+    assert one_line(err) == (f"dataset 'folder': {root / 'val'} holds none of the 3 class folders of train/ (1 "
+                             f"image(s) directly in it). Fix: {folder.layout_fix(root)}, or remove val/ and pass "
+                             "--val-split N")
+
+
 def test_missing_tree_names_the_folder_and_the_layout(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetNotFoundError, match="the folder train/ is missing") as err:
