@@ -113,7 +113,7 @@ def path_given(text: str) -> Path:
 def absolute_path(text: str) -> str:
     """A file or folder the run reads (``--classes``, ``--eval-only``), made absolute: the record and the messages
     name it wherever the run is later resumed or evaluated from (a relative one would then name another file)."""
-    return os.path.abspath(non_empty_path(text))
+    return str(Path(non_empty_path(text)).absolute())    # (not abspath: "link/.." is the link's target's parent)
 
 
 def dataset_folder(text: str) -> str:

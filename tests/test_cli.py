@@ -617,3 +617,18 @@ def test_under_torchrun_each_rank_takes_its_local_rank_gpu_whatever_gpu_says(mon
     monkeypatch.delenv("LOCAL_RANK")
     with pytest.raises(UserError, match="^--gpu 5 does not exist: this machine has 2 CUDA device"):
         select_device(parse_args(dml, ["--gpu", "5"]))
+
+
+def test_paths_the_run_reads_are_made_absolute_as_the_system_reads_them(tmp_path, monkeypatch):
+    """--data, --classes and --eval-only are recorded absolute, each naming what the system opens: ``lnk/../ds``
+    is the folder beside ``lnk``'s target, not ``./ds`` (which dropping ``lnk/..`` as text would give)."""
+    import train_dml
+    (tmp_path / "store" / "inner").mkdir(parents=True)
+    (tmp_path / "store" / "ds").mkdir()
+    (tmp_path / "ds").mkdir()                                 # another folder of that name, where the text points
+    (tmp_path / "lnk").symlink_to(tmp_path / "store" / "inner")
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(train_dml.DML, ["--data", "lnk/../ds", "--classes", "lnk/../c.txt", "--eval-only", "x.pt"])
+    assert Path(args.data).is_absolute() and Path(args.data).resolve() == tmp_path / "store" / "ds"
+    assert Path(args.classes).is_absolute() and Path(args.classes).resolve() == tmp_path / "store" / "c.txt"
+    assert args.eval_only == str(tmp_path / "x.pt")
