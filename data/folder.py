@@ -159,11 +159,12 @@ def _loose_images(folder: Path) -> int:
                    has_file_allowed_extension(e.name, IMG_EXTENSIONS))
 
 
-def _scan(root: Path, classes_file: Optional[Path]) -> FolderTree:
+def _scan(root: Path, classes_file: Optional[Path], data_given: bool) -> FolderTree:
     train_dir = root / "train"
-    if not root.is_dir():        # (the likeliest cause: a typo in --data)
-        raise DatasetNotFoundError(NAME, f"the folder {root} does not exist", [root], "check --data (not given: "
-                                   "this default place); " + layout_fix(root))
+    if not root.is_dir():        # (the likeliest cause: a typo in --data, or no --data)
+        raise DatasetNotFoundError(NAME, f"the folder {root} does not exist", [root], (
+            "check the path given to --data" if data_given else "give --data DIR, the folder of your images (without "
+            "it the default place is read)") + "; " + layout_fix(root))
     if not train_dir.is_dir():
         above = root.parent if root.name in ("train", "val", "test") and (root.parent / "train").is_dir() else None
         raise DatasetNotFoundError(NAME, "the folder train/ is missing", [train_dir], layout_fix(root) if above is None
@@ -265,7 +266,7 @@ def scan(data=None, classes=None) -> FolderTree:
     hit = _SCANS.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    tree = _scan(root, classes_file)
+    tree = _scan(root, classes_file, data is not None)
     _SCANS[key] = (stamp, tree)
     return tree
 
