@@ -15,6 +15,7 @@ which may grow with ``--extend-epochs``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import hashlib
 import json
@@ -156,7 +157,7 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], c
     free = NOT_TRAINING | SPEED | BUNDLES_AND_DERIVED | (EVALUATION if evaluating else frozenset())
     if args.extend_epochs and given.get("epochs", 0) > options.get("epochs", 0):
         free |= {"epochs"}
-    wrong = [(k, *as_trained(k, options[k], given[k], ckpt.get("image_size")))
+    wrong = [(k, *as_trained(k, options[k], given[k], ckpt))
              for k in given if k in options and k not in free]
     wrong = [(k, before, now) for k, before, now in wrong if before != now]
     wrong += [(k, saved[k], given[k]) for k in ("recipe", "preset")   # bundles: their names are recorded
@@ -168,7 +169,8 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], c
     if wrong:
         raise UserError(f"{path} was trained with {describe_differences(wrong)}. Resume with the checkpoint's "
                         f"values (leave these flags out), or {new_run_hint(args.resume)}")
-    kept = {k: v for k, v in options.items() if k in vars(args) and not (k in given and k in free)}
+    # (a --classes given is the checkpoint's file as this command names it: as_trained)
+    kept = {k: v for k, v in options.items() if k in vars(args) and not (k in given and (k in free or k == "classes"))}
     kept.update({k: saved[k] for k in ("recipe", "preset") if k in saved and k in vars(args) and k not in given})
     if "data" not in given and saved.get("data") and Path(saved["data"]).is_dir():
         kept["data"] = saved["data"]     # where it was read from, if it is still there (else: the default place)
@@ -276,27 +278,33 @@ def run_directory(method_cls, config: RunConfig, world_size: int) -> Path:
     return Path(os.environ.get("OKD_RUNS") or "runs") / run_name(method_cls, config, world_size)
 
 
-def as_trained(key: str, before, now, trained_size: Optional[int]) -> tuple:
-    """An option's values for a run (``before``) and for a command (``now``), compared as trained: an --image-size
-    the run left unset (None) is the size of its data, which it recorded (``trained_size``: a checkpoint's or
-    results.json's ``image_size``; None if unknown), and so is the command's if it leaves it unset too. A size
-    given to the run stays as given: the command's unset one is then its data's, not known here (tuples: lists)."""
-    if key == "image_size" and before is None and trained_size is not None:
-        before, now = trained_size, trained_size if now is None else now
+def as_trained(key: str, before, now, trained: Mapping) -> tuple:
+    """An option's values for a run (``before``) and for a command (``now``), compared as trained (``trained``: the
+    run's checkpoint or results.json): an --image-size the run left unset (None) is the size of its data, which it
+    recorded (``image_size``; None if unknown), and so is the command's if it leaves it unset too. A size given to
+    the run stays as given: the command's unset one is then its data's, not known here (tuples: lists). A --classes
+    file that lists the classes the run recorded (``classes``) is the run's, wherever it lies now and however its
+    name was recorded (older versions: as typed, relative to a folder not known)."""
+    if key == "image_size" and before is None and trained.get("image_size") is not None:
+        before, now = trained["image_size"], trained["image_size"] if now is None else now
+    if key == "classes" and None not in (before, now, trained.get("classes")) and before != now:
+        from data.common import DatasetError, read_class_list
+        with contextlib.suppress(DatasetError):
+            before = now if sorted(read_class_list(now)) == sorted(trained["classes"]) else before
     return _canonical(before), _canonical(now)
 
 
 def differences(saved: Mapping, now: Mapping, defaults: Mapping, extend_epochs: bool = False,
-                trained_size: Optional[int] = None) -> list[tuple[str, object, object]]:
+                trained: Mapping = {}) -> list[tuple[str, object, object]]:
     """Training options that differ between a checkpoint's arguments ``saved`` and this run's ``now`` (each
     with its ``world_size``), as (key, saved value, new value). An option the checkpoint predates counts as
-    its default; an --image-size left unset as ``trained_size`` (:func:`as_trained`). ``--epochs`` may grow when
-    ``extend_epochs``."""
+    its default; an --image-size left unset and a --classes file, as ``trained`` (the checkpoint or results.json)
+    says (:func:`as_trained`). ``--epochs`` may grow when ``extend_epochs``."""
     saved_opts, now_opts = training_options(saved), training_options(now)
     diffs = []
     for key in list(now_opts) + [k for k in saved_opts if k not in now_opts]:
         before, after = as_trained(key, saved_opts.get(key, defaults.get(key)), now_opts.get(key, defaults.get(key)),
-                                   trained_size)
+                                   trained)
         if key == "epochs" and extend_epochs and after is not None and before is not None and after > before:
             continue
         if before != after:
@@ -334,4 +342,4 @@ def recorded_differences(method_cls, config: RunConfig, recorded: Mapping,
     makes."""
     saved = dict(recorded.get("args") or {}, world_size=recorded.get("world_size", 1))
     return differences(saved, {**config.as_dict(), "world_size": world_size}, default_options(method_cls, config),
-                       extend_epochs=config.extend_epochs, trained_size=recorded.get("image_size"))
+                       extend_epochs=config.extend_epochs, trained=recorded)

@@ -444,7 +444,7 @@ def _training_differences(a: RunResult, b: RunResult) -> list[tuple]:
     return [(key, now, before) for key, before, now in differences(
         {**args, "seed": 0, "world_size": a.data.get("world_size", 1)},
         {**(b.data.get("args") or {}), "seed": 0, "world_size": b.data.get("world_size", 1)}, defaults,
-        trained_size=a.data.get("image_size"))]
+        trained=a.data)]
 
 
 def markdown_runs(groups: dict[str, list[RunResult]], warn=None) -> str:

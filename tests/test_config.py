@@ -76,11 +76,27 @@ def test_an_image_size_left_unset_compares_as_the_size_trained():
     leaving it unset too, trains the same; another size does not, and neither does leaving unset a size the run
     was given (the command's data may have another default)."""
     from engine.config import differences
-    run, trained = {"image_size": None, "world_size": 1}, 32
-    assert differences(run, {"image_size": None, "world_size": 1}, {}, trained_size=trained) == []
-    assert differences(run, {"image_size": 32, "world_size": 1}, {}, trained_size=trained) == []
-    assert differences(run, {"image_size": 64, "world_size": 1}, {}, trained_size=trained) == [("image_size", 32, 64)]
+    run, trained = {"image_size": None, "world_size": 1}, {"image_size": 32}
+    assert differences(run, {"image_size": None, "world_size": 1}, {}, trained=trained) == []
+    assert differences(run, {"image_size": 32, "world_size": 1}, {}, trained=trained) == []
+    assert differences(run, {"image_size": 64, "world_size": 1}, {}, trained=trained) == [("image_size", 32, 64)]
     given = {"image_size": 64, "world_size": 1}
-    assert differences(given, {"image_size": None, "world_size": 1}, {}, trained_size=64) == \
+    assert differences(given, {"image_size": None, "world_size": 1}, {}, trained={"image_size": 64}) == \
         [("image_size", 64, None)]
     assert differences(run, {"image_size": 32, "world_size": 1}, {}) == [("image_size", None, 32)]   # size unknown
+
+
+def test_a_classes_file_is_compared_by_the_classes_it_lists(tmp_path):
+    """A --classes file that lists the classes a run recorded is the run's, wherever it lies now and however an
+    older version recorded its name (as typed, relative to a folder not known): a resume of a run whose file was
+    moved, or of an older version's record, was refused as trained with another --classes. A file that lists
+    other classes, or none that can be read, is another option value."""
+    from engine.config import differences
+    (tmp_path / "moved.txt").write_text("b\na\n")
+    (tmp_path / "other.txt").write_text("a\nc\n")
+    recorded, trained = {"classes": "classes.txt", "world_size": 1}, {"classes": ["a", "b"]}
+    assert differences(recorded, {"classes": str(tmp_path / "moved.txt"), "world_size": 1}, {}, trained=trained) == []
+    for now in (tmp_path / "other.txt", tmp_path / "absent.txt"):
+        assert differences(recorded, {"classes": str(now), "world_size": 1}, {}, trained=trained) == [
+            ("classes", "classes.txt", str(now))]
+    assert differences(recorded, {"classes": str(tmp_path / "moved.txt"), "world_size": 1}, {})[0][0] == "classes"

@@ -301,14 +301,18 @@ def test_an_evaluation_folder_without_class_folders_says_what_it_holds(tmp_path)
                              "--val-split N")
 
 
-def test_missing_tree_names_the_folder_and_the_layout(tmp_path):
+def test_missing_tree_names_the_folder_and_the_layout(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetNotFoundError, match="the folder train/ is missing") as err:
         dataset_info("folder", tmp_path / "empty")
     assert "train/<class>/<image>" in one_line(err)
     with pytest.raises(DatasetNotFoundError, match=f"the folder {tmp_path / 'nowhere'} does not exist") as err:
         dataset_info("folder", tmp_path / "nowhere")                  # a typo in --data: named as such
-    assert "check --data (not given: this default place)" in one_line(err) and "train/<class>/<image>" in one_line(err)
+    assert "check the path given to --data" in one_line(err) and "train/<class>/<image>" in one_line(err)
+    monkeypatch.setenv("OKD_DATASETS", str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetNotFoundError) as err:             # no --data: the default place, said so
+        dataset_info("folder")
+    assert "give --data DIR, the folder of your images (without it the default place is read)" in one_line(err)
     root = write_folder(tmp_path / "tree")                    # --data given the train/ folder itself
     with pytest.raises(DatasetNotFoundError) as err:
         dataset_info("folder", root / "train")
@@ -722,6 +726,29 @@ def test_an_evaluation_names_the_folders_splits_as_the_run_recorded_them(tmp_pat
     subset = train(train_baseline.Baseline, ["--eval-only", str(out / "best.pt"), "--gpu", "-1", "--no-progress",
                                              "--eval-subset", "3", "--out", str(tmp_path / "e")])
     assert subset["splits"] == {"test": f"3 images of {recorded} (stratified, seed 0)"}
+
+
+def test_a_run_of_an_older_version_with_a_relative_classes_file_resumes(tmp_path, monkeypatch):
+    """A checkpoint of an older version records --classes as typed (``classes.txt``): resumed from elsewhere with
+    --classes naming that file absolutely, it is the same file (it was refused as trained with another --classes),
+    and the run reads it, not a ``classes.txt`` of the current folder."""
+    from engine.checkpoint import atomic_save
+    from toy_methods import interrupted
+    root = write_folder(tmp_path / "tree", per_split=(("train", 4), ("val", 2)))
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    argv = ["--dataset", "folder", "--data", str(root), "--arch", "resnet20", "--batch-size", "4", "--gpu", "-1",
+            "--threads", "1", "--no-progress", "--epochs", "2", "--out", str(tmp_path / "run")]
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted(train_baseline.Baseline, 1), argv + ["--classes", str(tmp_path / "classes.txt")])
+    last = tmp_path / "run" / "last.pt"
+    ckpt = load_checkpoint(last)
+    atomic_save({**ckpt, "args": {**ckpt["args"], "classes": "classes.txt"}}, last)      # as an older version wrote it
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "classes.txt").write_text("cat\nzebra\n")                # another file of that name
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = train(train_baseline.Baseline, ["--resume", str(last), "--classes", str(tmp_path / "classes.txt"),
+                                              "--gpu", "-1", "--threads", "1", "--no-progress"])
+    assert resumed["epochs_done"] == 2 and resumed["classes"] == ["cat", "dog"]
 
 
 def test_a_resume_on_a_folder_that_gained_or_lost_images_is_refused(tmp_path):
