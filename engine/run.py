@@ -21,6 +21,7 @@ import errno
 import fcntl
 import fnmatch
 import hashlib
+import io
 import json
 import os
 import shlex
@@ -247,12 +248,19 @@ class Run:
 
     def _for_epochs(self, epochs: int) -> RunConfig:
         """This command's options had it asked for ``epochs`` epochs: a recipe's step schedule (its milestones, its
-        first SGDR cycle) follows --epochs unless given (engine.cli.parse_args), and is no other difference."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")                 # (this command's own warnings are printed already)
-            schedule = parse_args(self.method_cls, [*self.argv, "--epochs", str(epochs)])
-        return RunConfig({**self.config.as_dict(), "epochs": epochs, "milestones": schedule.milestones,
-                          "sgdr_t0": schedule.sgdr_t0})
+        first SGDR cycle) follows --epochs unless given (engine.cli.parse_args), and is no other difference. The
+        options as they are where ``argv`` is not the command they were parsed from (a Trainer built in code)."""
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")             # (this command's own warnings are printed already)
+                now, then = [parse_args(self.method_cls, [*self.argv, "--epochs", str(e)])
+                             for e in (self.config.epochs, epochs)]
+        except SystemExit:
+            return self.config
+        if (now.milestones, now.sgdr_t0) != (self.config.milestones, self.config.sgdr_t0):
+            return self.config
+        return RunConfig({**self.config.as_dict(), "epochs": epochs, "milestones": then.milestones,
+                          "sgdr_t0": then.sgdr_t0})
 
     def _continue_instead(self, folder: Path, epochs: int, done: int, new_run: str, world_size: int,
                           finished: bool) -> UserError:

@@ -1637,6 +1637,19 @@ def test_resume_auto_names_the_run_of_a_step_schedule_trained_to_another_length(
     assert len(list((tmp_path / "runs").iterdir())) == 2
 
 
+def test_a_trainer_built_in_code_compares_its_own_options_with_a_sibling_run(tmp_path, monkeypatch):
+    """A Trainer built from parsed options in code (a notebook, whose sys.argv is the kernel's) is no command line
+    to read the schedule from again: the sibling run is compared with its options as they are, and no argv is
+    parsed (it once stopped on the kernel's '-f' as an unrecognised argument)."""
+    from engine.trainer import Trainer
+    monkeypatch.setenv("OKD_RUNS", str(tmp_path / "runs"))
+    args = TINY[:-2] + ["--recipe", "okddip"]
+    train(DML, args + ["--epochs", "1"])
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", str(tmp_path / "kernel.json")])
+    trainer = Trainer(DML, parse_args(DML, args + ["--epochs", "2", "--resume", "auto"]))
+    assert trainer.run.folder.parent == tmp_path / "runs" and not (trainer.run.folder / "last.pt").exists()
+
+
 @pytest.mark.slow
 def test_resume_auto_names_the_run_trained_to_another_length(run, tmp_path, monkeypatch):
     """--epochs N --resume auto, the run being in its default folder with other --epochs: the run and the
