@@ -81,9 +81,11 @@ def checked_terms(terms, source: str) -> dict[str, torch.Tensor]:
 
 def hook_name(method_cls, hook: str) -> str:
     """``DML.loss in train_dml_x.py``: a method's ``hook`` (or attribute) as a message names it for the user, with
-    the script that defines it (a copied script keeps its class's name); ``DML.loss`` for a class defined outside
-    a script (a test, a library)."""
-    return f"{method_cls.__name__}.{hook}" + (f" in {Path(method_cls.script).name}" if method_cls.script else "")
+    the script that defines the class (a copied script keeps its class's name); ``DML.loss`` for a class defined
+    outside a script (a test, a notebook), which may inherit its parent's script."""
+    defined_in = getattr(sys.modules.get(method_cls.__module__), "__file__", None)
+    script = method_cls.script if method_cls.script and defined_in == method_cls.script else None
+    return f"{method_cls.__name__}.{hook}" + (f" in {Path(script).name}" if script else "")
 
 
 def _name_from_file(module_name: str) -> Optional[str]:

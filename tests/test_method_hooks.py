@@ -275,6 +275,17 @@ def test_a_copied_scripts_loss_is_named_with_the_copy(tmp_path):
         "(reduce it, e.g. with .mean())"), r.stderr
 
 
+def test_a_subclass_outside_a_script_is_named_alone():
+    """A method subclassed in a notebook or a test inherits its parent's script, but is not defined there."""
+    import train_dml
+    from engine.method import hook_name
+
+    class Mine(train_dml.DML):
+        pass
+    assert hook_name(Mine, "loss") == "Mine.loss"
+    assert hook_name(train_dml.DML, "loss") == "DML.loss in train_dml.py"
+
+
 def test_a_train_step_of_its_own_is_checked_too():
     from engine.method import checked_terms
     assert checked_terms({"a": torch.zeros(())}, "X.train_step") == {"a": torch.zeros(())}
