@@ -42,7 +42,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -705,21 +704,18 @@ def check_extra(runs: Sequence[Run], extra: Sequence[str], text: str) -> Optiona
 
 
 def check_folders(runs: Sequence[Run], runs_dir: Path) -> Optional[str]:
-    """Create the table folders (one line naming the path when that fails: a file in the way, no permission, a
-    read-only disk) and check that no run folder is a file."""
+    """One line naming the path where a table folder cannot be created (a file in the way, no permission, a
+    read-only disk), found without leaving it behind (the runs create them: a refused command creates nothing), or
+    where a run folder is a file; else None."""
+    from engine.run import cannot_create
     inside = next((p for p in [runs_dir, *runs_dir.parents] if holds_run(p)), None)
     if inside:                              # (its runs would lie inside that run: the engine refuses each)
         return f"error: --runs-dir {display_path(runs_dir)} lies inside the run directory {display_path(inside)}; " \
                "choose another --runs-dir"
     for folder in sorted({r.out.parent for r in runs}):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = tempfile.TemporaryFile(dir=folder)      # a writable folder, not only an existing one
-            probe.close()
-        except OSError as e:
-            where = e.filename or folder
-            return f"error: --runs-dir {display_path(runs_dir)}: cannot write {where}: {e.strerror or e}; " \
-                   "choose another --runs-dir (or fix the path)"
+        problem = cannot_create(folder, "--runs-dir")
+        if problem:
+            return f"error: --runs-dir {display_path(runs_dir)}: {problem}"
     for run in runs:
         if run.out.exists() and not run.out.is_dir():
             return (f"error: {display_path(run.out)} is a file, not a run folder; move it away or choose another "

@@ -547,6 +547,14 @@ def test_bad_arguments_are_one_line_before_anything_runs(argv, named, tmp_path, 
     assert list(tmp_path.iterdir()) == []                 # nothing created
 
 
+def test_the_folder_check_creates_nothing(tmp_path):
+    """The table folders are checked, not created: a command refused by a later check leaves no empty folder
+    behind (the runs create theirs when they start)."""
+    runs, _ = reproduce.plan(TABLES["smoke"], [0], tmp_path / "new" / "runs", {})
+    assert reproduce.check_folders(runs, tmp_path / "new" / "runs") is None
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unwritable_runs_dir_is_one_line(tmp_path, capsys, monkeypatch):
     no_training(monkeypatch)
     a_file = tmp_path / "a_file"
