@@ -172,10 +172,13 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], c
     # (a --classes given is the checkpoint's file as this command names it: as_trained)
     kept = {k: v for k, v in options.items() if k in vars(args) and not (k in given and (k in free or k == "classes"))}
     kept.update({k: saved[k] for k in ("recipe", "preset") if k in saved and k in vars(args) and k not in given})
-    if "data" not in given and saved.get("data") and Path(saved["data"]).is_dir():
-        kept["data"] = saved["data"]     # where it was read from, if it is still there (else: the default place)
-    elif "data" not in given and saved.get("data") and saved.get("dataset") == "folder":   # (no default place)
-        raise UserError(f"{path} was trained on --data {saved['data']}, which is no longer there; give --data with "
+    where = saved.get("data")
+    if where and not os.path.isabs(where) and saved.get("dataset") == "folder":   # (older versions: as typed)
+        where = ((ckpt.get("data") or {}).get("folder") or {}).get("root") or where   # (the folder it read)
+    if "data" not in given and where and Path(where).is_dir():
+        kept["data"] = where     # where it was read from, if it is still there (else: the default place)
+    elif "data" not in given and where and saved.get("dataset") == "folder":   # (no default place)
+        raise UserError(f"{path} was trained on --data {where}, which is no longer there; give --data with "
                         "where that dataset is now")
     if evaluating:
         kept.pop("cuda_graph", None)     # nothing is trained: the step is not captured

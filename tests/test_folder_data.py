@@ -685,6 +685,7 @@ def test_a_relative_data_or_classes_is_recorded_as_the_folder_it_named(tmp_path,
     """--data and --classes given relative to the current folder are recorded absolute: resumed or evaluated from
     another folder that holds a different copy under the same relative name (same classes, same counts), the run
     reads the folder it was trained on, and its record says so (it once read the other copy, silently)."""
+    from engine.checkpoint import atomic_save
     from toy_methods import interrupted
     here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
     for where, seed_images in ((here, False), (elsewhere, True)):
@@ -708,6 +709,11 @@ def test_a_relative_data_or_classes_is_recorded_as_the_folder_it_named(tmp_path,
                                               "--no-progress", "--threads", "1"])
     assert resumed["epochs_done"] == 2 and resumed["data"]["source"] == trained["data"]["source"]
     assert resumed["args"]["data"] == str(here / "ds")
+    old = {**trained, "args": {**trained["args"], "data": "ds", "classes": "classes.txt"}}   # as older versions wrote
+    atomic_save(old, tmp_path / "old" / "last.pt")
+    evaluated = train(train_baseline.Baseline, ["--eval-only", str(tmp_path / "old" / "last.pt"), "--gpu", "-1",
+                                                "--no-progress", "--classes", str(here / "classes.txt")])
+    assert evaluated["data"] == str(here / "ds")            # the folder it read (its record), not ./ds here
 
 
 def test_an_evaluation_names_the_folders_splits_as_the_run_recorded_them(tmp_path):
