@@ -607,6 +607,9 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
         _check_every_class(labels, pool, train_idx, info.num_classes, args.subset)
 
     def make(split, split_labels, idx: torch.Tensor, train: bool):
+        if not train and len(idx) < world_size:       # (a process with no image has no heads to add to the others')
+            raise ValueError(f"{len(idx)} evaluation images over {world_size} processes leave a process none to "
+                             "evaluate; evaluate more (--eval-subset, --val-split) or start fewer processes")
         common = dict(train=train, seed=seed, rank=rank, world_size=world_size, views=views if train else 1,
                       drop_last=drop_last)
         bs = batch_size if train else eval_batch_size
@@ -628,8 +631,10 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
 
     train = make(train_set, labels, train_idx, True)
     if len(train) == 0:
+        fix = ("lower --batch-size" if len(train_idx) // world_size >= 2 else
+               "train on more samples (--subset) or start fewer processes")      # (a batch of one is dropped)
         raise ValueError(f"{len(train_idx)} training samples over {world_size} process(es) give no training batch "
-                         f"(a batch of {batch_size} under --cuda-graph, else of 2 or more); lower --batch-size")
+                         f"(a batch of {batch_size} under --cuda-graph, else of 2 or more); {fix}")
     if val_set is not None:
         val_labels = _targets(val_set)
         val = make(val_set, val_labels, torch.arange(len(val_labels)), False)

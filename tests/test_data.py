@@ -465,8 +465,14 @@ def test_subset_and_batch_counts():
     assert indices.max() < 300 and len(set(indices.tolist())) == 300                # the last batch of 44 too
     assert len(loaders.test) == 6 and [len(b.labels) for b in loaders.test][-1] == 12
     assert [len(b.labels) for b in build_loaders(make_args(subset=10, batch_size=64), "cpu").train] == [10]
-    with pytest.raises(ValueError, match="give no training batch"):                 # --cuda-graph: full batches
+    with pytest.raises(ValueError, match="give no training batch .*; lower --batch-size$"):    # --cuda-graph: full
         build_loaders(make_args(subset=10, batch_size=64), "cpu", drop_last=True)
+    with pytest.raises(ValueError, match=r"1 training samples over 2 process\(es\) give no training batch .*; train "
+                                         "on more samples"):          # a batch of one: no --batch-size helps
+        build_loaders(make_args(subset=1, batch_size=16), "cpu", rank=1, world_size=2)
+    for flags in ({"eval_subset": 1}, {"val_split": 1}):    # a process with no image to evaluate: said before training
+        with pytest.raises(ValueError, match="^1 evaluation images over 2 processes leave a process none to evaluate"):
+            build_loaders(make_args(subset=64, batch_size=16, **flags), "cpu", rank=0, world_size=2)
 
 
 def test_dataset_info_and_names():
