@@ -237,14 +237,17 @@ class Run:
         a new run beside it."""
         if self.config.out or not self.folder.parent.is_dir():
             return
-        readable = without_hash(self.folder.name)
+        readable, found = without_hash(self.folder.name), []
         for other in sorted([self.folder.parent / readable, *self.folder.parent.glob(f"{readable}-????????")]):
             recorded = read_run(other) if (other / "last.pt").is_file() and other != self.folder else None
             diffs = recorded and recorded_differences(self.method_cls, self._for_epochs(recorded["epochs"]), recorded,
                                                       self.world_size)
             if recorded and all(key in ("epochs", "world_size") for key, _, _ in diffs):
-                raise self._continue_instead(other, recorded["epochs"], recorded["epochs_done"], "leave out --resume",
-                                             recorded.get("world_size", 1), recorded["status"] == "finished")
+                found.append((recorded["epochs"] != self.config.epochs, len(diffs), other, recorded))
+        if found:        # the run of this --epochs first (a run on other processes), then the others
+            _, _, other, recorded = min(found, key=lambda f: f[:2])
+            raise self._continue_instead(other, recorded["epochs"], recorded["epochs_done"], "leave out --resume",
+                                         recorded.get("world_size", 1), recorded["status"] == "finished")
 
     def _for_epochs(self, epochs: int) -> RunConfig:
         """This command's options had it asked for ``epochs`` epochs: a recipe's step schedule (its milestones, its

@@ -1637,6 +1637,23 @@ def test_resume_auto_names_the_run_of_a_step_schedule_trained_to_another_length(
     assert len(list((tmp_path / "runs").iterdir())) == 2
 
 
+def test_resume_auto_names_the_sibling_run_of_this_length_first(tmp_path, monkeypatch):
+    """Two runs of this command's options but for --epochs or the number of processes: --resume auto names the
+    one of this --epochs (trained under torchrun, here), not the first found (it named a 1-epoch run and told to
+    extend it, beside the 2-epoch run the command asked for)."""
+    monkeypatch.setenv("OKD_RUNS", str(tmp_path / "runs"))
+    train(DML, TINY[:-2] + ["--epochs", "2"])
+    [two] = list((tmp_path / "runs").iterdir())
+    torchrun = two.with_name(two.name[:-8] + "ffffffff")         # (sorted after the other) as if on 2 processes
+    two.rename(torchrun)
+    record = json.loads((torchrun / "results.json").read_text())
+    (torchrun / "results.json").write_text(json.dumps({**record, "world_size": 2}))
+    train(DML, TINY[:-2] + ["--epochs", "1"])
+    with pytest.raises(UserError) as e:
+        train(DML, TINY[:-2] + ["--epochs", "2", "--resume", "auto"])
+    assert str(e.value).startswith(f"--resume auto: {torchrun} holds this run, finished on 2 processes after 2 epochs")
+
+
 def test_a_trainer_built_in_code_compares_its_own_options_with_a_sibling_run(tmp_path, monkeypatch):
     """A Trainer built from parsed options in code (a notebook, whose sys.argv is the kernel's) is no command line
     to read the schedule from again: the sibling run is compared with its options as they are, and no argv is
