@@ -162,6 +162,9 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], c
     wrong = [(k, before, now) for k, before, now in wrong if before != now]
     wrong += [(k, saved[k], given[k]) for k in ("recipe", "preset")   # bundles: their names are recorded
               if k in given and given[k] != saved.get(k, given[k])]
+    processes = int(os.environ.get("WORLD_SIZE", "1"))            # (torchrun's; named with the flags, in one line)
+    if not evaluating and ckpt.get("world_size", 1) != processes:
+        wrong.append(("world_size", ckpt.get("world_size", 1), processes))
     if wrong and evaluating:
         raise UserError(f"--eval-only evaluates {path} as trained: " + "; ".join(
             f"it was trained with {flag(k)} {shown(s)}, not {shown(n)}" for k, s, n in wrong)

@@ -1637,6 +1637,17 @@ def test_resume_auto_names_the_run_of_a_step_schedule_trained_to_another_length(
     assert len(list((tmp_path / "runs").iterdir())) == 2
 
 
+def test_a_resume_names_every_difference_the_number_of_processes_with_the_flags(tmp_path, monkeypatch):
+    """A run of one process resumed under torchrun with another --subset: one line names both (the number of
+    processes was named only once the flags were fixed, in a second refusal)."""
+    train(DML, TINY[:-2] + ["--epochs", "1", "--out", str(tmp_path / "run")])
+    monkeypatch.setenv("WORLD_SIZE", "2")                       # (what torchrun --nproc_per_node=2 sets)
+    with pytest.raises(UserError) as e:
+        train(DML, EVAL + ["--resume", str(tmp_path / "run" / "last.pt"), "--subset", "32"])
+    assert str(e.value).startswith(f"{tmp_path / 'run' / 'last.pt'} was trained with --subset 64 (this command: 32), "
+                                   "world size 1 (this command: 2) [without torchrun]")
+
+
 def test_resume_auto_names_the_sibling_run_of_this_length_first(tmp_path, monkeypatch):
     """Two runs of this command's options but for --epochs or the number of processes: --resume auto names the
     one of this --epochs (trained under torchrun, here), not the first found (it named a 1-epoch run and told to
