@@ -161,7 +161,8 @@ def test_the_slurm_script_trains_the_run_directory_the_command_names(tmp_path, f
     for name, body in (("srun", 'printf "%s\\n" "$@"'), ("scontrol", "echo node1")):
         (tmp_path / name).write_text(f"#!/bin/bash\n{body}\n")
         (tmp_path / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]",
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_GPUS", "GPUS_PER_NODE"))},
+           "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]",
            "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "77", **({"OUT": out[0]} if out else {})}
     r = subprocess.run(["bash", "scripts/slurm_ddp.sh", "train_dml.py", "--arch", "resnet34", *flags], cwd=REPO,
                        env=env, capture_output=True, text=True)
@@ -170,6 +171,13 @@ def test_the_slurm_script_trains_the_run_directory_the_command_names(tmp_path, f
     script = argv.index("train_dml.py")
     assert argv[0] == "torchrun" and "77" in argv[:script]
     assert argv[script + 1:] == ["--resume", "auto", *(["--out", out[0]] if out else []), "--arch", "resnet34", *flags]
+    assert argv[argv.index("--nproc_per_node") + 1] == "8"               # the script's own #SBATCH line
+    for allocated, expected in ({"SLURM_GPUS_PER_NODE": "a100:4"}, "4"), ({"SLURM_GPUS_ON_NODE": "2"}, "2"), (
+            {"SLURM_GPUS_ON_NODE": "2", "GPUS_PER_NODE": "1"}, "1"):      # sbatch --gpus-per-node, or the user's
+        r = subprocess.run(["bash", "scripts/slurm_ddp.sh", "train_dml.py"], cwd=REPO, env={**env, **allocated},
+                           capture_output=True, text=True)
+        argv = r.stdout.split("\n")[:-1]
+        assert argv[argv.index("--nproc_per_node") + 1] == expected, (allocated, argv)
     for wrong in ([], ["--arch", "resnet34"]):             # the script first, or one line that says so
         r = subprocess.run(["bash", "scripts/slurm_ddp.sh", *wrong], cwd=REPO, env=env, capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.startswith("error: the first argument is the training script"), r.stderr
