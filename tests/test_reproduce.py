@@ -647,6 +647,12 @@ def test_run_trained_with_other_flags_is_reported_not_resumed(tmp_path, capsys, 
     assert summarize.main([str(tmp_path), "--table", "smoke"]) == 0
     out = capsys.readouterr().out
     assert "other flags in s0: --subset 64 (table: 512), --epochs 1 (table: 2)" in out
+    on_two = {**engine_record(run, short), "world_size": 2}       # trained by --launcher slurm --gpus-per-run 2
+    (run.out / "results.json").write_text(json.dumps(on_two))
+    checkpoint_of(run, on_two)
+    line = error_line(base + ["--extra=" + " ".join(short)], capsys)           # the local launcher: 1 process
+    assert "(dml-resnet20-s0: world size 2 (this command: 1)): re-run with the --extra and the --launcher slurm " \
+           "--gpus-per-run they were trained with" in line, line
 
 
 def test_a_damaged_last_pt_is_refused_not_resumed(tmp_path, capsys, monkeypatch):
