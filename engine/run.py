@@ -60,6 +60,10 @@ def history_state(records: Sequence[dict], split: str, metric: str) -> dict:
             "train_samples": sum(v.get("images", 0) for v in speeds)}
 
 
+# How to start a new run beside the one --resume auto found (scripts/slurm_ddp.sh always adds --resume auto)
+_NEW_SIBLING = "leave out --resume or give an --out of its own"
+
+
 class Run:
     """The run directory ``folder`` of ``method_cls`` trained with ``config`` by ``argv`` on ``world_size``
     processes (this one ``rank``). Made before the data are read, so that :meth:`check` refuses a folder before
@@ -246,7 +250,7 @@ class Run:
                 found.append((recorded["epochs"] != self.config.epochs, len(diffs), other, recorded))
         if found:        # the run of this --epochs first (a run on other processes), then the others
             _, _, other, recorded = min(found, key=lambda f: f[:2])
-            raise self._continue_instead(other, recorded["epochs"], recorded["epochs_done"], "leave out --resume",
+            raise self._continue_instead(other, recorded["epochs"], recorded["epochs_done"], _NEW_SIBLING,
                                          recorded.get("world_size", 1), recorded["status"] == "finished")
 
     def _for_epochs(self, epochs: int) -> RunConfig:

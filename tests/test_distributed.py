@@ -74,7 +74,8 @@ def test_resume_auto_on_one_process_names_the_torchrun_run(two_rank_run, tmp_pat
     with pytest.raises(UserError) as e:
         train(dml, argv + ["--resume", "auto"])
     assert str(e.value) == (f"--resume auto: {folder} holds this run, finished on 2 processes after 1 epochs: nothing "
-                            f"to continue, its results are in {folder} (or leave out --resume to start a new run)")
+                            f"to continue, its results are in {folder} (or leave out --resume or give an --out of its "
+                            "own to start a new run)")
     with pytest.raises(UserError) as e:
         train(dml, ARGS + ["--epochs", "2", "--resume", "auto"])
     assert str(e.value).startswith(f"--resume auto: {folder} holds this run, trained on 2 processes for 1 epochs (1 "

@@ -1697,7 +1697,8 @@ def test_resume_auto_names_the_run_trained_to_another_length(run, tmp_path, monk
     with pytest.raises(UserError) as e:     # found again, finished: nothing to continue (it was told to continue it)
         train(DML, TINY[:-2] + ["--epochs", "2", "--resume", "auto"])
     assert str(e.value) == (f"--resume auto: {folder} holds this run, finished after 2 epochs: nothing to continue, "
-                            f"its results are in {folder} (or leave out --resume to start a new run)")
+                            f"its results are in {folder} (or leave out --resume or give an --out of its own to start "
+                            "a new run)")
     with pytest.raises(UserError) as e:      # the first command again: the run it made, now 2 epochs long, finished
         train(DML, args + ["--resume", "auto"])
     assert str(e.value) == (f"--resume auto: {folder} holds this run, finished after 2 epochs (more than --epochs 1 "
@@ -1709,8 +1710,8 @@ def test_resume_auto_names_the_run_trained_to_another_length(run, tmp_path, monk
     with pytest.raises(UserError) as e:                  # fewer --epochs than the finished run's: it is named
         train(DML, TINY[:-2] + ["--epochs", "1", "--seed", "1", "--resume", "auto"])
     assert str(e.value) == (f"--resume auto: {folder} holds this run, finished after 2 epochs (more than --epochs 1 "
-                            f"asks): nothing to continue, its results are in {folder} (or leave out --resume to start "
-                            "a new run)")
+                            f"asks): nothing to continue, its results are in {folder} (or leave out --resume or give "
+                            "an --out of its own to start a new run)")
     train(DML, TINY[:-2] + ["--epochs", "2", "--seed", "2"])    # one not finished: the command continues it
     [stopped] = list((tmp_path / "runs").glob("dml-resnet20-synthetic-n2-s2-*"))
     last = load_checkpoint(stopped / "last.pt")
