@@ -188,7 +188,7 @@ def test_a_link_above_through_a_hidden_folder_is_no_loop(tmp_path):
     assert len(folder.scan(root).samples["train"]) == 3 * 6 + 1
     (tmp_path / "more" / "back").symlink_to(root)                   # (outside the class folders: the memo holds)
     with pytest.raises(BadDatasetError) as err:
-        folder._scan(root, None)
+        folder._scan(root, None, True)
     assert named_in_loop_error(one_line(err)) == (str(root / "train" / "cat" / "up" / "more" / "back"), str(root))
 
 
