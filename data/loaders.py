@@ -508,6 +508,14 @@ def _folder_splits(args, tree) -> dict:
     return {"train": "train/", "val": None, "test": f"{held}: the evaluation set"}
 
 
+def _evaluable(n: int, world_size: int, split: str, flag: Optional[str]) -> None:
+    """Every process evaluates at least one image of a split (one with none has no heads to add to the others'):
+    else a ValueError naming the split, how many processes it takes, and ``flag``, the option that drew it."""
+    if 0 < n < world_size:
+        raise ValueError(f"{n} {split} images over {world_size} processes leave a process none to evaluate; "
+                         + (f"give a larger {flag}, or " if flag else "") + f"start at most {n} processes")
+
+
 def _folder_record(loaded, splits: dict, args) -> dict:
     from .folder import protocol_text
     info, tree = loaded.info, loaded.tree
@@ -607,9 +615,6 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
         _check_every_class(labels, pool, train_idx, info.num_classes, args.subset)
 
     def make(split, split_labels, idx: torch.Tensor, train: bool):
-        if not train and len(idx) < world_size:       # (a process with no image has no heads to add to the others')
-            raise ValueError(f"{len(idx)} evaluation images over {world_size} processes leave a process none to "
-                             "evaluate; evaluate more (--eval-subset, --val-split) or start fewer processes")
         common = dict(train=train, seed=seed, rank=rank, world_size=world_size, views=views if train else 1,
                       drop_last=drop_last)
         bs = batch_size if train else eval_batch_size
@@ -631,8 +636,9 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
 
     train = make(train_set, labels, train_idx, True)
     if len(train) == 0:
-        fix = ("lower --batch-size" if len(train_idx) // world_size >= 2 else
-               "train on more samples (--subset) or start fewer processes")      # (a batch of one is dropped)
+        fix = ("lower --batch-size" if len(train_idx) // world_size >= 2 else   # (a batch of one is dropped)
+               "train on more samples" + (" (--subset)" if args.subset else "")
+               + (" or start fewer processes" if world_size > 1 else ""))
         raise ValueError(f"{len(train_idx)} training samples over {world_size} process(es) give no training batch "
                          f"(a batch of {batch_size} under --cuda-graph, else of 2 or more); {fix}")
     if val_set is not None:
@@ -640,6 +646,9 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
         val = make(val_set, val_labels, torch.arange(len(val_labels)), False)
     else:
         val = make(train_set, labels, val_idx, False) if val_idx is not None else None
+    _evaluable(len(test_idx), world_size, "test", "--eval-subset" if args.eval_subset else None)
+    if val is not None:
+        _evaluable(len(val.labels), world_size, "validation", "--val-split" if val_set is None else None)
     found = {"train": len(labels)}
     if name != "folder":
         found["test"] = len(test_labels)

@@ -470,9 +470,15 @@ def test_subset_and_batch_counts():
     with pytest.raises(ValueError, match=r"1 training samples over 2 process\(es\) give no training batch .*; train "
                                          "on more samples"):          # a batch of one: no --batch-size helps
         build_loaders(make_args(subset=1, batch_size=16), "cpu", rank=1, world_size=2)
-    for flags in ({"eval_subset": 1}, {"val_split": 1}):    # a process with no image to evaluate: said before training
-        with pytest.raises(ValueError, match="^1 evaluation images over 2 processes leave a process none to evaluate"):
+    for flags, says in (({"eval_subset": 1}, "1 test images over 2 processes leave a process none to evaluate; give "
+                                              "a larger --eval-subset, or start at most 1 processes"),
+                        ({"val_split": 1}, "1 validation images over 2 processes leave a process none to evaluate; "
+                                           "give a larger --val-split, or start at most 1 processes")):
+        with pytest.raises(ValueError) as e:               # a process with no image to evaluate: said before training
             build_loaders(make_args(subset=64, batch_size=16, **flags), "cpu", rank=0, world_size=2)
+        assert str(e.value) == says
+    with pytest.raises(ValueError, match=r"give no training batch .*; train on more samples \(--subset\)$"):
+        build_loaders(make_args(subset=1, batch_size=16), "cpu")                        # one process: no "fewer"
 
 
 def test_dataset_info_and_names():
