@@ -170,14 +170,18 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], c
             f"it was trained with {flag(k)} {shown(s)}, not {shown(n)}" for k, s, n in wrong)
             + ". Leave these flags out (only --data and evaluation options may be given)")
     if wrong:
-        raise UserError(f"{path} was trained with {describe_differences(wrong)}. Resume with the checkpoint's "
-                        f"values (leave these flags out), or {new_run_hint(args.resume)}")
+        values = ("the checkpoint's values (leave these flags out)" if any(k != "world_size" for k, _, _ in wrong)
+                  else "its number of processes")
+        raise UserError(f"{path} was trained with {describe_differences(wrong)}. Resume with {values}, or "
+                        f"{new_run_hint(args.resume)}")
     # (a --classes given is the checkpoint's file as this command names it: as_trained)
     kept = {k: v for k, v in options.items() if k in vars(args) and not (k in given and (k in free or k == "classes"))}
     kept.update({k: saved[k] for k in ("recipe", "preset") if k in saved and k in vars(args) and k not in given})
     where = saved.get("data")
-    if where and not os.path.isabs(where) and saved.get("dataset") == "folder":   # (older versions: as typed)
-        where = ((ckpt.get("data") or {}).get("folder") or {}).get("root") or where   # (the folder it read)
+    if where and not os.path.isabs(where):           # (older versions: as typed) the folder the record says it read
+        source = Path((ckpt.get("data") or {}).get("source") or "")
+        with contextlib.suppress(ValueError):        # (source: --data itself, or a dataset's folder inside it)
+            where = next((str(p) for p in [source, *source.parents] if p.is_absolute() and p.match(where)), where)
     if "data" not in given and where and Path(where).is_dir():
         kept["data"] = where     # where it was read from, if it is still there (else: the default place)
     elif "data" not in given and where and saved.get("dataset") == "folder":   # (no default place)

@@ -1645,7 +1645,12 @@ def test_a_resume_names_every_difference_the_number_of_processes_with_the_flags(
     with pytest.raises(UserError) as e:
         train(DML, EVAL + ["--resume", str(tmp_path / "run" / "last.pt"), "--subset", "32"])
     assert str(e.value).startswith(f"{tmp_path / 'run' / 'last.pt'} was trained with --subset 64 (this command: 32), "
-                                   "world size 1 (this command: 2) [without torchrun]")
+                                   "world size 1 (this command: 2) [without torchrun]. Resume with the checkpoint's "
+                                   "values (leave these flags out)")
+    with pytest.raises(UserError) as e:                         # the number of processes alone: no flag to leave out
+        train(DML, EVAL + ["--resume", str(tmp_path / "run" / "last.pt")])
+    assert str(e.value).startswith(f"{tmp_path / 'run' / 'last.pt'} was trained with world size 1 (this command: 2) "
+                                   "[without torchrun]. Resume with its number of processes, or")
 
 
 def test_resume_auto_names_the_sibling_run_of_this_length_first(tmp_path, monkeypatch):
