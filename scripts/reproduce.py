@@ -791,8 +791,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         processes = any("world size " in state for _, state in differing)     # (what the launcher sets)
         fix = ("move those folders away (or choose another --runs-dir) to train the table's command; a run trained "
                "with other flags continues when re-run with them" if other_script else
-               f"re-run with the --extra{' and the --launcher slurm --gpus-per-run' * processes} they were trained "
-               "with to continue them, or move those folders away (or choose another --runs-dir) to train the "
+               f"re-run with the --extra{' and the launcher (--launcher, --gpus-per-run)' * processes} they were "
+               "trained with to continue them, or move those folders away (or choose another --runs-dir) to train the "
                "table's command")
         print(f"error: {len(differing)} run folder(s) under {display_path(runs_dir)} hold {what} ({shown}{more}): "
               f"{fix}", file=sys.stderr)

@@ -12,8 +12,13 @@
 set -euo pipefail
 # Processes per node: GPUS_PER_NODE if set, else the GPUs SLURM gave each node (sbatch --gpus-per-node N or
 # TYPE:N; the 8 above when it says nothing), so a job submitted with --gpus-per-node 4 starts 4 per node.
-ALLOCATED=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-8}}
+ALLOCATED=${SLURM_GPUS_ON_NODE:-0}
+[[ $ALLOCATED =~ ^[1-9][0-9]*$ ]] || ALLOCATED=${SLURM_GPUS_PER_NODE:-8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${ALLOCATED##*:}}
+if ! [[ $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: $GPUS_PER_NODE processes per node (GPUS_PER_NODE, or SLURM's GPUs per node); set GPUS_PER_NODE=N" >&2
+  exit 2
+fi
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 PORT=${PORT:-29500}
 # The run directory is the engine's default for the options (runs/<method>-...), or the --out given (or

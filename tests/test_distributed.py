@@ -162,6 +162,10 @@ def test_the_slurm_script_trains_the_run_directory_the_command_names(tmp_path, f
     for name, body in (("srun", 'printf "%s\\n" "$@"'), ("scontrol", "echo node1")):
         (tmp_path / name).write_text(f"#!/bin/bash\n{body}\n")
         (tmp_path / name).chmod(0o755)
+    bad = subprocess.run(["bash", "scripts/slurm_ddp.sh", "train_dml.py"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "GPUS_PER_NODE": "0"})
+    assert bad.returncode == 2 and bad.stderr == ("error: 0 processes per node (GPUS_PER_NODE, or SLURM's GPUs per "
+                                                  "node); set GPUS_PER_NODE=N\n"), bad.stderr
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_GPUS", "GPUS_PER_NODE"))},
            "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]",
            "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "77", **({"OUT": out[0]} if out else {})}
@@ -174,7 +178,8 @@ def test_the_slurm_script_trains_the_run_directory_the_command_names(tmp_path, f
     assert argv[script + 1:] == ["--resume", "auto", *(["--out", out[0]] if out else []), "--arch", "resnet34", *flags]
     assert argv[argv.index("--nproc_per_node") + 1] == "8"               # the script's own #SBATCH line
     for allocated, expected in ({"SLURM_GPUS_PER_NODE": "a100:4"}, "4"), ({"SLURM_GPUS_ON_NODE": "2"}, "2"), (
-            {"SLURM_GPUS_ON_NODE": "2", "GPUS_PER_NODE": "1"}, "1"):      # sbatch --gpus-per-node, or the user's
+            {"SLURM_GPUS_ON_NODE": "2", "GPUS_PER_NODE": "1"}, "1"), (     # sbatch --gpus-per-node, or the user's
+            {"SLURM_GPUS_ON_NODE": "0", "SLURM_GPUS_PER_NODE": "4"}, "4"):  # (0 on the node: not a count to start)
         r = subprocess.run(["bash", "scripts/slurm_ddp.sh", "train_dml.py"], cwd=REPO, env={**env, **allocated},
                            capture_output=True, text=True)
         argv = r.stdout.split("\n")[:-1]

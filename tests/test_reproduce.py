@@ -651,8 +651,8 @@ def test_run_trained_with_other_flags_is_reported_not_resumed(tmp_path, capsys, 
     (run.out / "results.json").write_text(json.dumps(on_two))
     checkpoint_of(run, on_two)
     line = error_line(base + ["--extra=" + " ".join(short)], capsys)           # the local launcher: 1 process
-    assert "(dml-resnet20-s0: world size 2 (this command: 1)): re-run with the --extra and the --launcher slurm " \
-           "--gpus-per-run they were trained with" in line, line
+    assert "(dml-resnet20-s0: world size 2 (this command: 1)): re-run with the --extra and the launcher (--launcher, " \
+           "--gpus-per-run) they were trained with" in line, line
 
 
 def test_a_damaged_last_pt_is_refused_not_resumed(tmp_path, capsys, monkeypatch):
