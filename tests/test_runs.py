@@ -1833,3 +1833,30 @@ def test_checkpoints_and_exports_hold_cpu_tensors(run, tmp_path):
     assert export.returncode == 0, export.stderr
     for path in (run / "last.pt", run / "best.pt", tmp_path / "peer2.pt"):
         assert_every_tensor_on_the_cpu(path)
+
+
+def test_a_run_without_data_is_resumed_and_evaluated_on_the_copy_it_read(tmp_path, monkeypatch):
+    """A run trained without --data reads the default place under the current folder: resumed or evaluated from
+    another folder that holds another copy of the dataset (the same counts, other labels), it is refused with one
+    line naming both copies (it evaluated the other copy silently, and its record named none), until --data
+    chooses."""
+    from datasets_on_disk import write_cifar10
+    monkeypatch.delenv("OKD_DATASETS", raising=False)
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for where in (here, elsewhere):
+        write_cifar10(where / "datasets" / "cifar10")
+    monkeypatch.chdir(here)
+    out = tmp_path / "run"
+    argv = ["--dataset", "cifar10", "--arch", "resnet20", "--batch-size", "4", "--gpu", "-1", "--threads", "1",
+            "--no-progress", "--epochs", "2", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted(train_baseline.Baseline, 1), argv)
+    monkeypatch.chdir(elsewhere)
+    read_here = f"trained on the data in {here / 'datasets' / 'cifar10' / 'cifar-10-batches-py'}"
+    for command in (["--eval-only", str(out / "last.pt")], ["--resume", str(out / "last.pt")]):
+        with pytest.raises(UserError, match=f"{read_here}; without --data this command read {elsewhere}") as err:
+            train(train_baseline.Baseline, command + ["--gpu", "-1", "--no-progress", "--threads", "1"])
+        assert "\n" not in str(err.value) and "give --data" in str(err.value)
+    resumed = train(train_baseline.Baseline, ["--resume", str(out / "last.pt"), "--data", str(here / "datasets" /
+                                              "cifar10"), "--gpu", "-1", "--no-progress", "--threads", "1"])
+    assert resumed["epochs_done"] == 2 and resumed["data"]["source"].startswith(str(here))
