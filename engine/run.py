@@ -70,13 +70,13 @@ class Run:
     anything heavy runs; :meth:`describe` then adds what the data and the model tell. Only rank 0 writes."""
 
     def __init__(self, folder: Path, method_cls, config: RunConfig, argv: Sequence[str], world_size: int = 1,
-                 rank: int = 0):
+                 rank: int = 0, read: tuple = (None, None, None)):
         self.folder = Path(folder).absolute()
         self.method_cls, self.config, self.argv = method_cls, config, list(argv)
         self.world_size, self.is_main = world_size, rank == 0
         self.about: dict = {}
         self.selection: Optional[tuple] = None  # (split, metric) choosing the best epoch: describe() gives it
-        self.read: tuple = (None, None, None)   # (path, file stamp, contents) of the checkpoint check() read
+        self.read = read                        # (path, file stamp, contents) of the checkpoint last read
         self.records: list[dict] = []           # every epoch's record, once its checkpoint is written
         self.run_id = uuid.uuid4().hex          # a resumed run takes its checkpoint's
         self.processes: list[dict] = []         # every process that trained the run
@@ -99,12 +99,11 @@ class Run:
 
     # ---- opening: the checks, the lock, then a new run or the checkpoint to continue -------------------------
 
-    def check(self, ckpt: Optional[dict] = None, stamp: Optional[tuple] = None, before_lock: bool = True
-              ) -> Optional[dict]:
+    def check(self, before_lock: bool = True) -> Optional[dict]:
         """Check the folder against this command, reading no data and changing nothing: None for a new run, else
-        the checkpoint to continue from: ``ckpt`` when the caller read it and the file is still the one it read
-        (``stamp``: :func:`file_stamp`), else read again (another process may have saved a later epoch
-        meanwhile). Raises UserError rather than overwrite anything. Made before the data are read (every rank;
+        the checkpoint to continue from (:func:`read_checkpoint`: the one read before if the file is unchanged,
+        else read again: another process may have saved a later epoch meanwhile). Raises UserError rather than
+        overwrite anything. Made before the data are read (every rank;
         ``before_lock``: rank 0 also finds whether another process holds the folder or it cannot be created, and
         every rank stops with it), and again by :meth:`open` under the lock."""
         problem = self._inside_a_run() or inside_the_classes(self.config.dataset, self.config.data, self.folder)
@@ -124,10 +123,8 @@ class Run:
             if self.config.resume == "auto":
                 self._refuse_a_sibling_run()
             return None
-        if ckpt is None or file_stamp(resume) != stamp:
-            stamp = file_stamp(resume)              # (taken before the read: a later write changes it)
-            ckpt = load_checkpoint(resume)
-        self.read = (resume, stamp, ckpt)
+        self.read = read_checkpoint(resume, self.read)
+        ckpt = self.read[2]
         check_saved_by(ckpt, resume, self.method_cls.name, "resume")
         diffs = recorded_differences(self.method_cls, self.config, ckpt, self.world_size)
         if diffs and all(key == "epochs" for key, _, _ in diffs) and self.config.resume == "auto":
@@ -190,13 +187,12 @@ class Run:
         checkpoint it read if the file is unchanged) and against the data: None for a new run, else the checkpoint
         to continue from. Repairs what a kill left behind (best.pt, results.json)."""
         self._lock()
-        resume = self._resume()
-        path, stamp, ckpt = self.read
-        ckpt = self.check(ckpt if path == resume else None, stamp, before_lock=False)
+        ckpt = self.check(before_lock=False)
         if ckpt is None:
             if self.config.resume == "auto":
                 self.log(f"--resume auto: no checkpoint in {self.folder}, starting a new run")
             return None
+        resume = self.read[0]
         self.saved, self.records = resume, list(ckpt["history"])    # what the folder holds, from here on
         self.check_data(ckpt, resume)
         if self.is_main and (resume.parent == self.folder or not self.done_after(ckpt["epoch"])):
@@ -908,14 +904,17 @@ def _stopped(processes: Sequence[dict]) -> str:
     return ended if ended in ("interrupted", "failed", "unknown") else "killed"
 
 
-def file_stamp(path: Path) -> Optional[tuple]:
-    """What tells a file from the one written in its place (an atomic write makes a new inode); None for a file
-    that is gone (it is then read again, and named if missing)."""
+def read_checkpoint(path: Path, read: tuple = (None, None, None)) -> tuple:
+    """(``path`` as given, its file stamp, its checkpoint): the checkpoint of ``read``, such a triple read before
+    (under any spelling of the path), while the file is still the one it read (the same device, inode, size and
+    time: an atomic write makes a new inode), else read again (a missing or damaged file: :func:`load_checkpoint`'s
+    one line). The stamp is taken before the read, so that a later write changes it."""
     try:
         stat = Path(path).stat()
+        stamp = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     except OSError:
-        return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+        stamp = None                 # (a file that is gone: read again, and named if missing)
+    return Path(path), stamp, read[2] if stamp is not None and read[1] == stamp else load_checkpoint(path)
 
 
 def _json_object(path: Path) -> dict:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import check_saved_by, load_checkpoint
+from .checkpoint import check_saved_by
 from .cli import parse_args, resume_path
 from .config import from_checkpoint, resolve, run_directory
 from .cuda_graph import CaptureError, GraphedStep
@@ -37,7 +37,7 @@ from .errors import UserError
 from .method import REPOSITORY, Method, StepContext, checked_terms, hook_name
 from .optim import Optimization
 from .reporting import Reporter
-from .run import Run, file_stamp
+from .run import Run, read_checkpoint
 from .signals import Interrupted, stop_on_signals, stop_signal
 
 
@@ -67,14 +67,13 @@ class Trainer:
         argv = list(sys.argv[1:] if argv is None else argv)   # the command, for the record
         if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):   # (no OSError: a name too long)
             raise UserError(f"--out {args.out} is a file, not a folder; choose another --out")
-        self.ckpt, self.ckpt_stamp = None, None    # the checkpoint the command names, read once
         # trained or evaluated as its checkpoint was (--resume auto: the run's folder is known here only with --out)
         source = args.eval_only or resume_path(args.resume, args.out)
+        read = read_checkpoint(source) if source else (None, None, None)   # (path, stamp, checkpoint), read once
+        self.ckpt = read[2]                          # (a missing or damaged file: one line naming it)
         if source:
-            self.ckpt_stamp = file_stamp(source)               # stamped before it is read
-            self.ckpt = ckpt = load_checkpoint(source)     # a missing or damaged file: one line naming it
-            check_saved_by(ckpt, source, method_cls.name, "evaluate" if args.eval_only else "resume")
-            args = from_checkpoint(method_cls, args, argv, ckpt, Path(source), bool(args.eval_only))
+            check_saved_by(self.ckpt, source, method_cls.name, "evaluate" if args.eval_only else "resume")
+            args = from_checkpoint(method_cls, args, argv, self.ckpt, Path(source), bool(args.eval_only))
         self.args = args = resolve(method_cls, args)   # read-only from here on
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -84,12 +83,10 @@ class Trainer:
         seed_everything(args.seed)
         # the run directory, checked against this command before the data are read
         self.run = Run(run_directory(method_cls, args, self.dist.world_size), method_cls, args, argv,
-                       self.dist.world_size, self.dist.rank)
+                       self.dist.world_size, self.dist.rank, read)
         if args.eval_only:
             self.run.check_evaluation(Path(args.eval_only), self.ckpt)
-            checkpoint = self.ckpt
-        else:
-            checkpoint = self.run.check(self.ckpt, self.ckpt_stamp)     # (--resume auto: the one check() found)
+        checkpoint = self.ckpt if args.eval_only else self.run.check()   # (--resume auto: the one check() found)
         # a folder dataset is normalised as the checkpoint resumed or evaluated was (its record's mean and std)
         trained_on = ((checkpoint or {}).get("data") or {}).get("folder") or {}
         try:
