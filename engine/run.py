@@ -302,9 +302,13 @@ class Run:
         lock replaces the one that named it."""
         if ckpt is not None:
             self.run_id = ckpt.get("run_id", self.run_id)
-            lost = _read_record(self.saved.parent / "results.json")[1]    # (how its processes ended is not known)
-            self.processes = merge_processes(ckpt.get("processes", []), self._recorded_processes(),
-                                             ckpt["args"]["epochs"], lost)
+            # results.json of the checkpoint's folder, then of this one, where it is this run's record (a run continued
+            # into a new --out: its processes are recorded in the old one); lost: how its processes ended is not known
+            paths = list(dict.fromkeys([self.saved.parent / "results.json", self.folder / "results.json"]))
+            records = [read_record(path) for path in paths]
+            found = [p for r in records if r and r.get("run_id") == self.run_id for p in r.get("processes", [])]
+            lost = records[0] is None and paths[0].exists()
+            self.processes = merge_processes(ckpt.get("processes", []), found, ckpt["args"]["epochs"], lost)
         else:
             recorded = read_record(self.folder / "results.json")
             if (recorded and recorded.get("method") == self.method_cls.name and recorded.get("run_id")
@@ -394,7 +398,8 @@ class Run:
         if path != self.folder / "last.pt":
             return
         record = self.folder / "results.json"
-        recorded, lost = _read_record(record)
+        recorded = read_record(record)
+        lost = recorded is None and record.exists()     # kept aside: how its processes ended is not known
         rebuilt = _in_line(recorded, ckpt, lost)
         if rebuilt is not recorded:
             kept = ""
@@ -413,15 +418,6 @@ class Run:
                     "ended between the writes of the two)")
             atomic_write(record, json.dumps(rebuilt, indent=2, default=str) + "\n")
             self.log(f"{record} {what}: rebuilt from last.pt{kept}")
-
-    def _recorded_processes(self) -> list:
-        """The processes that the results.json of this folder and of the resumed checkpoint's folder list, where
-        it is this run's record (a run continued into a new --out: its processes are recorded in the old one)."""
-        found = []
-        for folder in dict.fromkeys([self.saved.parent, self.folder]):    # (both absolute: resume_path)
-            recorded = read_record(folder / "results.json") or {}
-            found += recorded.get("processes", []) if recorded.get("run_id") == self.run_id else []
-        return found
 
     # ---- every epoch -----------------------------------------------------------------------------------
 
@@ -756,13 +752,6 @@ def read_record(path: Path) -> Optional[dict]:
     return None if record_problem(data) else data
 
 
-def _read_record(path: Path) -> tuple[Optional[dict], bool]:
-    """:func:`read_record` of ``path``, and whether a results.json there is lost: present but no run's record
-    (damaged, hand-edited), so that how the run's processes ended is not known."""
-    recorded = read_record(path)
-    return recorded, recorded is None and path.exists()
-
-
 def why_not_a_record(path: Path) -> str:
     """Why :func:`read_record` finds no record in ``path``, in a few words for the user."""
     try:
@@ -853,7 +842,8 @@ def read_run(folder: Path) -> Optional[dict]:
     does not list (the process was killed between the two writes) and no live process holds the folder,
     the record rebuilt from last.pt. None when there is neither. What reproduce.py and summarize.py read."""
     folder = Path(folder)
-    recorded, lost = _read_record(folder / "results.json")
+    recorded = read_record(folder / "results.json")
+    lost = recorded is None and (folder / "results.json").exists()     # (damaged, hand-edited: see _in_line)
     try:
         RunLock(folder).check_free()
     except UserError:
