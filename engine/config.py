@@ -5,7 +5,8 @@ method's ``check_args`` fills in its own, e.g. MCL-OKD's ``--nce-k`` from ``--ar
 conflict, then freezes the result into a :class:`RunConfig`. Method code reads it (``self.args.kd_T``);
 assigning to it raises, and so does reading a field that does not exist, so a misspelt name fails at once.
 
-**Identity.** The default run directory is ``runs/<method>-<arch>-<dataset>-n<peers>-s<seed>``, followed by
+**Identity.** The default run directory is ``runs/<method>-<arch>-<dataset>[-n<peers>]-s<seed>`` (``-n<peers>``
+for the methods with peers; a folder dataset is ``folder-<its name>-<6 hex digits of where it is>``), followed by
 ``-<hash>`` (8 hex digits of sha256) when any other *training option* differs from the method's defaults
 (:func:`run_name`): two commands that train differently never share a directory. Training options are
 every option except :data:`NOT_TRAINING` (what cannot change what is trained) and :data:`SPEED` (the same
