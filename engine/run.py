@@ -7,7 +7,7 @@ the life of its checkpoints on disk. The training loop hands it a state to save;
 * **Nothing overwritten.** A new run never starts in a folder that holds another run's files; a resumed
   one only where its checkpoint belongs (the training options must agree: engine/config.py).
 * **Checkpoints.** ``last.pt`` every epoch and ``best.pt`` when the selection metric improves, last.pt
-  first, each written atomically and checksummed (engine/checkpoint.py) while SIGINT/SIGTERM wait. A kill
+  first, each written atomically and checksummed (engine/checkpoint.py) while the stop signals wait. A kill
   between the two leaves an older best.pt, which the next resume rebuilds: ``best.pt`` is never stale.
 * **The record.** ``results.json`` is rewritten after every epoch and when the process ends (finished,
   interrupted, failed); it lists every process that trained the run, and only the epochs its last.pt holds.
@@ -23,6 +23,7 @@ import fnmatch
 import hashlib
 import io
 import json
+import math
 import os
 import shlex
 import socket
@@ -49,7 +50,7 @@ from .signals import signals_held, stop_signal
 def history_state(records: Sequence[dict], split: str, metric: str) -> dict:
     """What a run's per-epoch ``records`` say, as a checkpoint and results.json hold it: the records, the best
     epoch (the highest ``split``'s ``metric``, the first of equals; its test metrics are reported), the
-    per-head maximum test accuracy over epochs, and the training time and images for the throughput."""
+    maximum over epochs of every test metric of the last epoch (each head's top-1 and top-5), and the training time and images for the throughput."""
     best = max(records, key=lambda r: r[split][metric], default=None)
     heads = records[-1]["test"] if records else {}
     speeds = [r.get("speed", {}) for r in records]         # (records of older versions have none)
@@ -100,12 +101,13 @@ class Run:
     # ---- opening: the checks, the lock, then a new run or the checkpoint to continue -------------------------
 
     def check(self, before_lock: bool = True) -> Optional[dict]:
-        """Check the folder against this command, reading no data and changing nothing: None for a new run, else
+        """Check the folder against this command, reading no data and leaving nothing changed: None for a new run, else
         the checkpoint to continue from (:func:`read_checkpoint`: the one read before if the file is unchanged,
         else read again: another process may have saved a later epoch meanwhile). Raises UserError rather than
         overwrite anything. Made before the data are read (every rank;
-        ``before_lock``: rank 0 also finds whether another process holds the folder or it cannot be created, and
-        every rank stops with it), and again by :meth:`open` under the lock."""
+        ``before_lock``: rank 0 also finds whether another process holds the folder, waiting up to 12 s for a lock
+        whose holder has ended, or it cannot be created, and every rank stops with it), and again by :meth:`open`
+        under the lock."""
         problem = self._inside_a_run() or inside_the_classes(self.config.dataset, self.config.data, self.folder)
         if before_lock and not problem:
             self._refuse_an_unusable_folder(lock=True)
@@ -424,7 +426,7 @@ class Run:
     def save(self, record: dict, state: dict) -> None:
         """Add an epoch's ``record`` (``epoch``, ``lr``, ``train`` terms, ``speed``, ``test`` and ``val``
         metrics) with the loop's ``state``: last.pt (and best.pt when the epoch improved) written atomically by
-        rank 0 while Ctrl-C and SIGTERM wait, then results.json. The history holds the epoch only once its
+        rank 0 while the stop signals wait, then results.json. The history holds the epoch only once its
         checkpoint is written; every rank waits for rank 0 and the others take the epoch after it."""
         records = self.records + [record]
         status = "finished" if self.done_after(record["epoch"]) else "running"
@@ -448,7 +450,7 @@ class Run:
 
     def close(self, error: Optional[BaseException]) -> Optional[str]:
         """Record how this process ended in results.json (rank 0) and unlock. For an interrupt (Ctrl-C,
-        SIGTERM) returns the one line for the user: what is saved and the command that continues the run."""
+        SIGTERM, SIGHUP, a closed output pipe) returns the one line for the user: what is saved and the command that continues the run."""
         message, sig, end = None, stop_signal(error), None     # end: how this process ended, for its entry
         try:
             lost = self._stop_if_lock_lost()
@@ -778,7 +780,7 @@ def record_problem(data) -> Optional[str]:
     hold anything; checked: ``args``, ``status`` and ``history`` are present, the fields the engine and the
     scripts read (:data:`_FIELD_TYPES`) have the engine's types, every epoch has its ``epoch`` (a number),
     ``train`` and ``test``, every process entry is an object, a history has its ``best`` and ``last`` epochs,
-    and every train, test and val value of the epochs, of ``best`` and of ``last`` is a number."""
+    and every train, test and val value of the epochs, of ``best`` and of ``last`` is a finite number."""
     if not isinstance(data, dict) or any(k not in data for k in ("args", "status", "history")):
         return "not a run's record (no status, args or history)"
     for key, kind in _FIELD_TYPES.items():
@@ -795,19 +797,19 @@ def record_problem(data) -> Optional[str]:
         if not isinstance(h["epoch"], int) or isinstance(h["epoch"], bool):
             return f"an epoch numbered {h['epoch']!r}, not a number"
         if not all(_metrics(h.get(k)) for k in ("train", "test", "val") if k in h):
-            return f"epoch {h['epoch']}: a train, test or val value that is not a number"
+            return f"epoch {h['epoch']}: a train, test or val value that is not a finite number"
     for key in ("best", "last"):
         if data["history"] and not data.get(key):
             return f"partial: history without a {key} epoch"
         if data.get(key) and not _metrics(data[key].get("test")):
-            return f"{key}: a test value that is not a number"
+            return f"{key}: a test value that is not a finite number"
     return None
 
 
 def _metrics(values) -> bool:
-    """A dict of numbers (metrics or loss terms, as the engine writes them)."""
+    """A dict of finite numbers (metrics or loss terms, as the engine writes them: a non-finite loss stops a run)."""
     return isinstance(values, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                            for v in values.values())
+                                            and math.isfinite(v) for v in values.values())
 
 
 def results_of(record: Mapping, status: str) -> dict:
@@ -840,7 +842,9 @@ def results_of(record: Mapping, status: str) -> dict:
 def read_run(folder: Path) -> Optional[dict]:
     """The record of the run in ``folder``: its results.json, or, when last.pt holds epochs results.json
     does not list (the process was killed between the two writes) and no live process holds the folder,
-    the record rebuilt from last.pt. None when there is neither. What reproduce.py and summarize.py read."""
+    the record rebuilt from last.pt; a record saying 'running' that no live process holds says 'killed', and a run
+    whose best.pt does not yet hold its last epoch, the best, is not 'finished' (a resume rebuilds it). None when
+    there is neither. What reproduce.py and summarize.py read."""
     folder = Path(folder)
     recorded = read_record(folder / "results.json")
     lost = recorded is None and (folder / "results.json").exists()     # (damaged, hand-edited: see _in_line)

@@ -1489,16 +1489,17 @@ def test_a_record_no_process_finished_is_read_as_killed(run, tmp_path):
 @pytest.mark.parametrize("edit, problem", [
     (lambda r: r.update(processes="y"), "its 'processes' is a string"),
     (lambda r: r.update(epochs="3"), "its 'epochs' is a string"),
-    (lambda r: r["best"]["test"].update({"peer1/top1": "abc"}), "best: a test value that is not a number"),
-    (lambda r: r["history"][0]["train"].update(ce=None), "epoch 1: a train, test or val value that is not a number"),
+    (lambda r: r["best"]["test"].update({"peer1/top1": "abc"}), "best: a test value that is not a finite number"),
+    (lambda r: r["history"][0]["train"].update(ce=None), "epoch 1: a train, test or val value that is not a finite number"),
     (lambda r: r.clear(), "not a run's record"),
     # the fields summarize.py and reproduce.py read (each once a traceback or a misstated table)
-    (lambda r: r.update(last={"test": "x"}), "last: a test value that is not a number"),
-    (lambda r: r["last"]["test"].update({"peer1/top1": "abc"}), "last: a test value that is not a number"),
+    (lambda r: r.update(last={"test": "x"}), "last: a test value that is not a finite number"),
+    (lambda r: r["last"]["test"].update({"peer1/top1": "abc"}), "last: a test value that is not a finite number"),
     (lambda r: r.update(last=None), "partial: history without a last epoch"),
     (lambda r: r["args"].update(tag=["x"]), "its 'args.tag' is an array"),
     (lambda r: r.update(world_size="1"), "its 'world_size' is a string"),
     (lambda r: r["history"][0].update(epoch="one"), "an epoch numbered 'one', not a number"),
+    (lambda r: r["best"]["test"].update({"peer1/top1": float("inf")}), "best: a test value that is not a finite"),
 ])
 def test_a_results_json_of_the_wrong_shape_is_no_record(run, tmp_path, capsys, edit, problem):
     """A hand-edited results.json whose fields have other types than the engine writes is no record: read_run
@@ -1860,3 +1861,14 @@ def test_a_run_without_data_is_resumed_and_evaluated_on_the_copy_it_read(tmp_pat
     resumed = train(train_baseline.Baseline, ["--resume", str(out / "last.pt"), "--data", str(here / "datasets" /
                                               "cifar10"), "--gpu", "-1", "--no-progress", "--threads", "1"])
     assert resumed["epochs_done"] == 2 and resumed["data"]["source"].startswith(str(here))
+
+
+def test_a_results_json_holding_nan_is_no_record(run):
+    """NaN (which json writes and reads back) in a hand-edited results.json is no value the engine writes (a
+    non-finite loss stops a run): no record, so read_run rebuilds it from last.pt (it once reached summarize.py's
+    statistics as a traceback)."""
+    from engine.run import record_problem
+    saved = json.loads((run / "results.json").read_text())
+    saved["history"][0]["test"]["peer1/top1"] = float("nan")
+    assert record_problem(json.loads(json.dumps(saved))) == "epoch 1: a train, test or val value that is not a " \
+        "finite number"
