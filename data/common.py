@@ -67,10 +67,17 @@ class BadDatasetError(DatasetError):
               what: str = "files", shown: int = 5) -> "BadDatasetError":
         """The error for ``bad`` = [(path, reason), ...]: the count, the first ``shown`` paths with their
         reason, and the fix."""
-        listed = "; ".join(f"{p} ({reason})" for p, reason in list(bad)[:shown])
+        listed = "; ".join(f"{printable(p)} ({printable(reason)})" for p, reason in list(bad)[:shown])
         more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
         count = f"{len(bad)} {what if len(bad) > 1 else what.rstrip('s')} cannot be read"
         return cls(f"dataset {name!r}: {count}: {listed}{more}. Fix: {fix}")
+
+
+def printable(text) -> str:
+    """``text`` (a path or a message naming one) that any terminal, log or JSON file takes: a file name that is not
+    valid UTF-8, which Python reads with its bytes as surrogate escapes (``'d\\udcf6g.png'``, unprintable under a
+    strict UTF-8 output), shows those bytes as ``\\xf6`` (``d\\xf6g.png``); anything else is unchanged."""
+    return os.fsencode(str(text)).decode("utf-8", "backslashreplace")
 
 
 def is_hidden(name: str) -> bool:

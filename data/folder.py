@@ -397,7 +397,7 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple, tuple]:
 # --------------------------------------------------------------------------- cache
 
 def _classes_digest(classes) -> str:
-    return hashlib.sha256("\n".join(classes).encode()).hexdigest()[:12]
+    return hashlib.sha256(os.fsencode("\n".join(classes))).hexdigest()[:12]   # (fsencode: names that are not UTF-8)
 
 
 def fingerprint(tree: FolderTree, size: int, with_files: bool) -> str:
@@ -405,7 +405,7 @@ def fingerprint(tree: FolderTree, size: int, with_files: bool) -> str:
     modification time when ``with_files`` (the decoded cache; the statistics of a streamed set skip the
     ``stat`` of every file)."""
     h = hashlib.sha256(f"v{CACHE_VERSION} {size}\n".encode())
-    h.update(("\n".join(tree.classes) + "\n\n").encode())
+    h.update(os.fsencode("\n".join(tree.classes) + "\n\n"))     # os.fsencode: a name need not be valid UTF-8
     for split, items in tree.samples.items():
         for path, label in items:
             line = f"{os.path.relpath(path, tree.root)}\t{label}"
@@ -415,7 +415,7 @@ def fingerprint(tree: FolderTree, size: int, with_files: bool) -> str:
                     line += f"\t{st.st_size}\t{st.st_mtime_ns}"
                 except OSError:             # a broken link, a file gone: decoding names it as unreadable
                     line += "\tunreadable"
-            h.update((line + "\n").encode())
+            h.update(os.fsencode(line + "\n"))
     return h.hexdigest()
 
 
@@ -423,7 +423,7 @@ def cache_dir(root: Path) -> Optional[Path]:
     """``root/.okd_cache`` if it can be written, else ``$XDG_CACHE_HOME/okd/<hash of root>`` (default
     ``~/.cache``), else None (no cache, with a warning)."""
     home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "okd" / \
-        hashlib.sha256(str(root).encode()).hexdigest()[:16]
+        hashlib.sha256(os.fsencode(root)).hexdigest()[:16]
     for folder in (root / CACHE_DIR, home):
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -178,7 +178,7 @@ def fingerprint(root: Path, items: list[tuple[Path, int]]) -> str:
         h.update(f.read_bytes())
     for path, label in items:
         st = os.stat(path)
-        h.update(f"{path.relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\t{label}\n".encode())
+        h.update(os.fsencode(f"{path.relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\t{label}\n"))  # any name
     return h.hexdigest()
 
 

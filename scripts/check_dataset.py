@@ -33,7 +33,7 @@ if __name__ == "__main__":     # run as a file: the repository's packages are on
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.common import (DATASET_NAMES, BadDatasetError, DataFlagError, DatasetError, check_download,  # noqa: E402
-                         default_dir, image_problem, read_class_list)
+                         default_dir, image_problem, printable, read_class_list)
 from data.files import NameTaken, os_error_message, output_problem, write_atomically  # noqa: E402
 from engine.cli import Parser, dataset_folder, non_empty_path, path_given, process_count, run_tool  # noqa: E402
 
@@ -93,9 +93,9 @@ def image_list(dataset: str, data: Optional[str], classes: Optional[str] = None,
         from data.folder import scan
         tree = scan(data, classes)
         for note in tree.warnings:
-            print(f"warning: {note}")
+            print(f"warning: {printable(note)}")
         shown = ", ".join(tree.classes[:5]) + (f" and {len(tree.classes) - 5} more" if len(tree.classes) > 5 else "")
-        print(f"folder: {len(tree.classes)} classes ({shown}); "
+        print(printable(f"folder: {len(tree.classes)} classes ({shown}); ")
               + ", ".join(f"{len(items)} images in {split}/" for split, items in tree.samples.items()))
         if not tree.eval_splits:
             print("note: no val/ or test/ folder: training needs --val-split N, which holds out N training images "
@@ -108,7 +108,7 @@ def image_list(dataset: str, data: Optional[str], classes: Optional[str] = None,
     except BadDatasetError as e:
         if not download:
             raise
-        print(f"tinyimagenet: {e}", flush=True)
+        print(f"tinyimagenet: {printable(e)}", flush=True)
         reextract_tinyimagenet(root)
         train, val = file_lists(root)
     return [p for p, _ in train + val]
@@ -178,21 +178,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 reextract_tinyimagenet(tinyimagenet_root(args.data))
             except DatasetError as e:           # (no internet, a bad zip): report the first pass's list
-                print(f"error: {e}", file=sys.stderr)
+                print(f"error: {printable(e)}", file=sys.stderr)
             else:
                 paths = image_list(args.dataset, args.data, download=False)
                 bad = decode_all(paths, args.workers, not args.no_progress)
     except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         return 2
     for path, reason in bad:
-        print(f"{path}: {reason}")
+        print(printable(f"{path}: {reason}"))
     print(f"{len(bad)} of {len(paths)} images cannot be decoded" if bad else f"all {len(paths)} images decode",
           file=sys.stderr if bad else sys.stdout)
     if args.out is not None:
-        text = "".join(f"{p}\n" for p, _ in bad)
+        text = b"".join(os.fsencode(p) + b"\n" for p, _ in bad)   # the names' own bytes, UTF-8 or not
         try:                                    # without --force never replaces a file, even one that appeared
-            write_atomically(args.out, "w", lambda f: f.write(text), replace=args.force)
+            write_atomically(args.out, "wb", lambda f: f.write(text), replace=args.force)
         except NameTaken:
             print(f"error: --out {args.out} appeared while decoding; the list is above (add --force to replace "
                   "the file, or give another name)", file=sys.stderr)

@@ -938,6 +938,42 @@ def test_two_ranks_under_torchrun_train_on_a_folder(tmp_path, image_size):
 
 # --------------------------------------------------------------------------- scripts/check_dataset.py
 
+def test_names_that_are_not_utf8_are_hashed_printed_and_recorded(tmp_path, capsys):
+    """A file and a class folder whose names are not valid UTF-8 (bytes a Latin-1 copy leaves, here 0xf6 and 0xe4):
+    a whole run trains on them and records the class as the name Python reads (a surrogate escape), the checker
+    passes the tree, and a TinyImageNet file so named is hashed for its cache (each stopped with "surrogates not
+    allowed", naming nothing)."""
+    from data.tinyimagenet import load_tinyimagenet
+    from datasets_on_disk import write_tinyimagenet
+    root = write_folder(tmp_path / "tree", per_split=(("train", 4), ("val", 2)))
+    os.rename(os.fsencode(root / "train" / "dog" / "dog_1.png"), os.fsencode(root / "train" / "dog") + b"/d\xf6g.png")
+    for split in ("train", "val"):
+        os.rename(os.fsencode(root / split / "cat"), os.fsencode(root / split) + b"/c\xe4t")
+    out = tmp_path / "run"
+    train(train_baseline.Baseline, ["--dataset", "folder", "--data", str(root), "--arch", "resnet20", "--epochs", "1",
+                                    "--batch-size", "4", "--gpu", "-1", "--threads", "1", "--no-progress", "--out",
+                                    str(out)])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["data"]["classes"] == [os.fsdecode(b"c\xe4t"), "dog", "zebra"]
+    assert saved["data"]["images_used"] == {"train": 12, "val": 0, "test": 6}
+    code, out_text, _ = run_check(capsys, "--dataset", "folder", "--data", str(root))
+    assert code == 0 and "3 classes (c\\xe4t, dog, zebra)" in out_text, out_text
+    with open(os.fsencode(root / "train" / "dog") + b"/\xe9bad.png", "wb") as f:
+        f.write(GARBAGE)
+    code, out_text, _ = run_check(capsys, "--dataset", "folder", "--data", str(root), "--out", str(tmp_path / "bad"))
+    assert code == 1 and f"{root}/train/dog/\\xe9bad.png: cannot identify" in out_text, out_text
+    assert (tmp_path / "bad").read_bytes() == os.fsencode(root / "train" / "dog") + b"/\xe9bad.png\n"
+    with pytest.raises(DatasetError, match=r"dog/\\xe9bad\.png \(cannot identify"):
+        train(train_baseline.Baseline, ["--dataset", "folder", "--data", str(root), "--gpu", "-1", "--out",
+                                        str(tmp_path / "run2")])
+    tiny = write_tinyimagenet(tmp_path / "tiny")
+    first = next((tiny / "train").iterdir()) / "images"
+    image = next(first.iterdir())
+    os.rename(os.fsencode(image), os.fsencode(first) + b"/x\xf6.JPEG")
+    train_set, _ = load_tinyimagenet(tiny)
+    assert len(train_set.labels) == 200
+
+
 def test_check_dataset_takes_folder(tmp_path, capsys):
     root = write_folder(tmp_path / "tree", mixed=True)
     code, out, _ = run_check(capsys, "--dataset", "folder", "--data", str(root), "--workers", "0")
