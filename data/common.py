@@ -146,12 +146,26 @@ def _walked_as(link: str) -> str:
     return path or target
 
 
+HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")    # PIL modes that convert("RGB") clips at 255
+
+
+def high_bit_reason(mode: str) -> str:
+    """Why an image of PIL ``mode`` (one of :data:`HIGH_BIT_MODES`) is refused, in a few words."""
+    return (f"a {'float' if mode == 'F' else '16/32-bit'} image (PIL mode {mode}), which the conversion to 8-bit RGB "
+            "clips at 255 (near-white); convert it to 8-bit")
+
+
 def decode_rgb(path: os.PathLike | str):
     """Decode an image file completely into an RGB ``PIL.Image`` (greyscale, CMYK, palette and a PNG
     named ``.JPEG`` all work: PIL goes by the content, not the name). Raises ``OSError`` (a truncated
-    file, or ``PIL.UnidentifiedImageError`` for a foreign one) or PIL's ``DecompressionBombError``."""
+    file, or ``PIL.UnidentifiedImageError`` for a foreign one, or a 16-bit, 32-bit or float image, PIL modes
+    :data:`HIGH_BIT_MODES`, which the conversion would clip to near-white: refused before it is decoded) or
+    PIL's ``DecompressionBombError``. The one decoder of every image dataset (folder, TinyImageNet, ImageNet)
+    and of ``scripts/check_dataset.py``. Module-level: picklable for DataLoader workers."""
     from PIL import Image
     with Image.open(path) as im:
+        if im.mode in HIGH_BIT_MODES:
+            raise OSError(high_bit_reason(im.mode))
         im.load()                         # the whole file: a truncated JPEG fails here, not later
         return im.convert("RGB")
 

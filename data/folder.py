@@ -66,9 +66,9 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from .common import (ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError,
-                     array_transforms, check_link_loop, default_dir, is_hidden, load_or_warn,
-                     read_class_list, save_or_warn, some, unreadable_folder, visible_dirs)
+from .common import (HIGH_BIT_MODES, ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError,
+                     array_transforms, check_link_loop, decode_rgb, default_dir, high_bit_reason, image_problem,
+                     is_hidden, load_or_warn, read_class_list, save_or_warn, some, unreadable_folder, visible_dirs)
 from .files import write_atomically
 
 NAME = "folder"
@@ -80,7 +80,6 @@ SIZE_SAMPLE = 1000                 # image headers read to choose the size
 STATS_SAMPLE = 10000               # streamed sets: images decoded to measure the mean and std
 CACHE_DIR = ".okd_cache"
 CACHE_VERSION = 1
-HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 EXTENSIONS = " ".join(IMG_EXTENSIONS)
 
 
@@ -279,8 +278,7 @@ def nearest_size(side: float) -> int:
 
 
 def high_bit_error(path, mode: str) -> BadDatasetError:
-    return BadDatasetError(f"dataset 'folder': {path} is a {'float' if mode == 'F' else '16/32-bit'} image (PIL mode "
-                           f"{mode}), which the conversion to 8-bit RGB clips at 255. Fix: convert the images to "
+    return BadDatasetError(f"dataset 'folder': {path} is {high_bit_reason(mode)}. Fix: convert the images to "
                            "8-bit (e.g. scale each to 0..255 and save as PNG)")
 
 
@@ -327,26 +325,9 @@ def protocol_text(info: DatasetInfo) -> str:
 
 # --------------------------------------------------------------------------- decoding and statistics
 
-def decode_image(path) -> Image.Image:
-    """An RGB ``PIL.Image`` of ``path``, decoded completely (:func:`data.common.decode_rgb`'s rules), refusing
-    16-bit and float images (``OSError``: reported as the file's problem). Module-level: picklable for
-    DataLoader workers."""
-    with Image.open(path) as im:
-        if im.mode in HIGH_BIT_MODES:
-            raise OSError(f"a {'float' if im.mode == 'F' else '16/32-bit'} image (PIL mode {im.mode}), which the "
-                          "conversion to 8-bit RGB clips at 255; convert it to 8-bit")
-        im.load()                         # the whole file: a truncated image fails here, not later
-        return im.convert("RGB")
-
-
-def image_problem(path) -> Optional[str]:
-    """None if ``path`` decodes as a folder image, else a short reason (scripts/check_dataset.py)."""
-    try:
-        decode_image(path)
-    except Exception as e:  # noqa: BLE001
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return text if len(text) < 160 else text[:157] + "..."
-    return None
+# A folder image decodes as every dataset's (data.common.decode_rgb: 16-bit and float images refused, for all of them);
+# the names this module's callers know (image_problem: scripts/check_dataset.py, imported above).
+decode_image = decode_rgb
 
 
 def frame(info: DatasetInfo):

@@ -17,7 +17,8 @@ folder is present but damaged, ``--download`` extracts the zip again (fetching i
   none empty; every line of ``val_annotations.txt`` is ``<image>\\t<wnid>\\t<x0>\\t<y0>\\t<x1>\\t<y1>`` with a
   known wnid, every listed image exists and every image of ``val/images`` is listed. Each problem is one
   :class:`~data.common.BadDatasetError` line naming the file.
-* Images are decoded once, completely (as RGB: greyscale and CMYK JPEGs and a PNG named ``.JPEG`` work),
+* Images are decoded once, completely (as RGB: greyscale and CMYK JPEGs and a PNG named ``.JPEG`` work; a
+  16-bit or float image, which RGB would clip to near-white, is refused: :func:`~data.common.decode_rgb`),
   into uint8 N x 3 x 64 x 64; every file that does not decode is listed in one error, and nothing is
   cached then. The result is cached in ``tiny-imagenet-200/okd_uint8_cache.pt``, keyed on what it holds:
   the path, size and modification time of every image, ``wnids.txt`` and ``val_annotations.txt``; any

@@ -168,11 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         paths = image_list(args.dataset, args.data, args.classes, args.download)
         print(f"{args.dataset}: layout good; decoding {len(paths)} images with {args.workers} worker(s)", flush=True)
-        if args.dataset == "folder":
-            from data.folder import image_problem as folder_problem   # also refuses 16-bit images, as training does
-            bad = decode_all(paths, args.workers, not args.no_progress, folder_problem)
-        else:
-            bad = decode_all(paths, args.workers, not args.no_progress)
+        bad = decode_all(paths, args.workers, not args.no_progress)    # 16-bit images refused, as in training
         if bad and args.download and args.dataset == "tinyimagenet":   # as training: extract again, then decode
             print(f"tinyimagenet: {len(bad)} of {len(paths)} images cannot be decoded", flush=True)
             try:

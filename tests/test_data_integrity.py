@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train_baseline
 import train_dml
@@ -562,6 +564,31 @@ def test_check_dataset_lists_every_bad_file(tmp_path, capsys):
         p.write_bytes(image_bytes())
     code, out, _ = run_check(capsys, "--dataset", "tinyimagenet", "--data", str(root), "--workers", "0")
     assert code == 0 and "all 204 images decode" in out
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_images_are_refused_by_every_dataset_and_the_checker(tmp_path, imagenet, capsys, mode):
+    """A 16-bit, 32-bit or float image (PIL modes I;16, I, F): the conversion to 8-bit RGB clips it to near-white.
+    The folder reader refused it; TinyImageNet, ImageNet and check_dataset.py (one decoder, data.common.decode_rgb)
+    trained on white images without a word."""
+    from data.imagenet import load_imagenet
+    values = np.arange(64).reshape(8, 8) * 1000
+    pixels = values.astype(np.float32) if mode == "F" else values.astype(np.uint16 if mode == "I;16" else np.int32)
+    root = write_tinyimagenet(tmp_path / "tiny")
+    deep = root / "train" / "n00000001" / "images" / "n00000001_0.JPEG"
+    Image.fromarray(pixels).save(deep, "PNG" if mode == "I;16" else "TIFF")   # (PIL goes by content, not name)
+    with Image.open(deep) as im:
+        assert im.mode == mode
+    with pytest.raises(BadDatasetError, match=f"PIL mode {re.escape(mode)}.*convert it to 8-bit") as err:
+        load_dataset("tinyimagenet", root)
+    assert str(deep) in str(err.value) and "\n" not in str(err.value)
+    code, out, err_text = run_check(capsys, "--dataset", "tinyimagenet", "--data", str(root), "--workers", "0")
+    assert code == 1 and f"{deep}: a " in out and f"PIL mode {mode}" in out, out + err_text
+    streamed = imagenet / "train" / "n00000003" / "n00000003_0.JPEG"
+    Image.fromarray(pixels).save(streamed, "PNG" if mode == "I;16" else "TIFF")
+    train_set, _ = load_imagenet(imagenet)
+    with pytest.raises(BadDatasetError, match=f"{re.escape(str(streamed))}.*PIL mode {re.escape(mode)}"):
+        train_set[next(i for i, (p, _) in enumerate(train_set.samples) if Path(p) == streamed)]
 
 
 def test_check_dataset_reports_layout_problems_and_other_datasets(tmp_path, imagenet, capsys):
