@@ -86,12 +86,22 @@ def is_hidden(name: str) -> bool:
 
 
 def visible_dirs(folder: os.PathLike | str) -> list[str]:
-    """Sorted names of the non-hidden sub-folders of ``folder``."""
+    """Sorted names of the non-hidden sub-folders of ``folder`` (symbolic links to folders included). A symbolic
+    link whose target does not exist (a network share that is not mounted looks so) raises
+    :class:`BadDatasetError` naming the link and its target: left out, its class would vanish without a word."""
     try:
         with os.scandir(folder) as it:
-            return sorted(e.name for e in it if not is_hidden(e.name) and e.is_dir())
+            entries = [e for e in it if not is_hidden(e.name)]
     except PermissionError as e:
         unreadable_folder(e)
+    broken = [e.path for e in entries if e.is_symlink() and not os.path.exists(e.path)]
+    if broken:
+        targets = "; ".join(f"{printable(p)} -> {printable(os.readlink(p))}" for p in sorted(broken)[:5])
+        more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
+        raise BadDatasetError(f"{len(broken)} symbolic link(s) in {printable(folder)} point to nothing: {targets}"
+                              f"{more}. "
+                              "Fix: mount or restore what they point to (a network share?), or remove the links")
+    return sorted(e.name for e in entries if e.is_dir())
 
 
 def unreadable_folder(error: OSError) -> None:

@@ -477,6 +477,19 @@ def test_a_folder_that_cannot_be_listed_is_named_not_taken_for_empty(tmp_path, m
                              "(e.g. chmod -R a+rX), or move it out of the dataset")
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_class_folder_that_is_a_broken_link_is_named(tmp_path, capsys, split):
+    """A class folder that is a symbolic link to nothing (a network share that is not mounted) was dropped without a
+    word, by training and the checker alike: the run trained on one class fewer."""
+    root = write_folder(tmp_path / "tree")
+    os.symlink("/nonexistent/horse", root / split / "horse")
+    with pytest.raises(BadDatasetError, match="point to nothing") as err:
+        build_loaders(args_for(root), "cpu")
+    assert f"{root / split / 'horse'} -> /nonexistent/horse" in one_line(err) and "mount" in str(err.value)
+    code, _, err_text = run_check(capsys, "--dataset", "folder", "--data", str(root))
+    assert code == 2 and f"{root / split / 'horse'} -> /nonexistent/horse" in err_text
+
+
 def test_a_broken_link_is_named_as_an_image_that_cannot_be_read(tmp_path):
     root = write_folder(tmp_path / "tree")
     broken = root / "train" / "cat" / "gone.png"
