@@ -29,7 +29,8 @@ ImageNet protocol, RandomResizedCrop(S) + flip, test Resize(round(S * 8 / 7)) + 
 palette and RGBA images are converted to RGB as ``ImageFolder`` does (PIL ``convert('RGB')``: alpha dropped).
 Normalisation: the dataset's own per-channel mean and std, measured on the training images at size S (all
 of them when they are decoded into memory, else up to 10,000 evenly spread ones, centre-framed as the test
-transform frames them), cached.
+transform frames them), cached; the images ``--val-split`` holds out (they evaluate) are left out (with
+``--subset``: every image not held out is measured, the pool the subset is drawn from).
 
 **Memory or files.** CIFAR protocol and the decoded set (train + val + test, 3 x S x S bytes each) within
 4 GiB: every image is decoded once before training (all unreadable files listed in one line), kept as uint8
@@ -40,10 +41,10 @@ finished epoch's checkpoint is intact). The ImageNet protocol always reads the f
 its crops from the full-resolution image, which a copy decoded at S would not have.
 
 **Cache** (``DIR/.okd_cache/``, or ``$XDG_CACHE_HOME/okd/<hash of DIR>/`` when DIR is read-only): the decoded
-arrays with their mean and std (``images-<S>px-<classes>.pt``), keyed on a SHA-256 of the class list, S and
-every image's relative path, size, modification time and label; the streamed sets' mean and std with the
-class list (``stats-<S>px-<classes>.json``), keyed on the class list, S and every image's path and label.
-Any change to the tree re-reads it. Written atomically; a damaged cache is ignored and rebuilt.
+arrays (``images-<S>px-<classes>.pt``; their mean and std are measured each time), keyed on a SHA-256 of the
+class list, S and every image's relative path, size, modification time and label; the streamed sets' mean and
+std with the class list (``stats-<S>px-<classes>.json``), keyed on the class list, S, the hold-out and every
+image's path and label. Any change to the tree re-reads it. Written atomically; a damaged cache is ignored and rebuilt.
 """
 from __future__ import annotations
 
@@ -440,21 +441,28 @@ def stream_fix(root: Path) -> str:
 class FolderData(NamedTuple):
     """What :func:`load_folder` returns. ``train``/``val``/``test``: :class:`~data.common.ArraySplit` (decoded
     in memory) or :class:`~data.imagenet.ImageFiles` (streamed), None for a split folder that is not there;
-    ``info`` with the measured ``mean``/``std``; ``tree`` the listing; ``in_memory`` which of the two."""
+    ``info`` with the measured ``mean``/``std``; ``tree`` the listing; ``in_memory`` which of the two;
+    ``stats_of`` which images the mean and std were measured on, in words (the record's ``mean_std_of``)."""
     train: object
     val: object
     test: object
     info: DatasetInfo
     tree: FolderTree
     in_memory: bool
+    stats_of: Optional[str] = None
 
 
-def load_folder(data=None, image_size: Optional[int] = None, classes=None, loader: Optional[str] = None) -> FolderData:
+def load_folder(data=None, image_size: Optional[int] = None, classes=None, loader: Optional[str] = None,
+                held_out: tuple[int, int] = (0, 0)) -> FolderData:
     """Scan, check and read the tree under ``data`` (module docstring). ``loader``: ``--loader`` (None: the
     default of :func:`describe`). Decodes into memory (CIFAR protocol within :data:`MEMORY_BYTES`, or
-    ``--loader device``) or lists the files for DataLoader workers; raises DatasetError / DataFlagError."""
+    ``--loader device``) or lists the files for DataLoader workers; raises DatasetError / DataFlagError.
+    ``held_out``: (``--val-split`` N, ``--seed``): the mean and std leave out the N training images that
+    :func:`data.loaders.stratified_split` holds out (they evaluate; N = 0: none); ValueError for an N outside
+    1..n-1 of the n training images, before anything is decoded."""
     info = describe(data, image_size, classes)
     tree = scan(data, classes)
+    keep = _kept(tree, *held_out)
     if loader == "device" and info.protocol == "imagenet":
         raise DataFlagError(f"--loader device keeps images decoded at {info.image_size}x{info.image_size}, but at "
                             f"{info.image_size} px (above {SMALL_MAX}) the ImageNet protocol crops the full-resolution "
@@ -464,13 +472,27 @@ def load_folder(data=None, image_size: Optional[int] = None, classes=None, loade
         (loader == "device" or decoded_bytes(tree, info.image_size) <= MEMORY_BYTES)
     folder = cache_dir(tree.root)
     stem = f"{info.image_size}px-{_classes_digest(tree.classes)}"
+    n_train, (n, seed) = len(tree.samples["train"]), held_out
+    less = f", train/ less the {n} images --val-split {n} holds out (seed {seed})" if n else " of train/"
     if in_memory:
-        splits, mean, std = _in_memory(tree, info, folder, stem)
+        splits = _in_memory(tree, info, folder, stem)
+        mean, std = channel_stats(splits["train"].images if keep is None else splits["train"].images[keep])
+        stats_of = f"all {n_train - n} training images{less}"
     else:
-        mean, std = _streamed_stats(tree, info, folder, stem)
+        mean, std, sampled = _streamed_stats(tree, info, folder, stem, keep, held_out)
         splits = {s: _files(tree, s) for s in tree.samples}
+        stats_of = f"{sampled} of the {n_train - n} training images{less}, evenly spread"
     info = replace(info, mean=mean, std=std)
-    return FolderData(splits.get("train"), splits.get("val"), splits.get("test"), info, tree, in_memory)
+    return FolderData(splits.get("train"), splits.get("val"), splits.get("test"), info, tree, in_memory, stats_of)
+
+
+def _kept(tree: FolderTree, n: int, seed: int) -> Optional[torch.Tensor]:
+    """Indices (sorted, int64) of the training images that ``--val-split n`` (seeded by ``seed``) leaves to
+    train on, as :func:`data.loaders.build_loaders` draws them; None when nothing is held out."""
+    if not n:
+        return None
+    from .loaders import stratified_split
+    return stratified_split(torch.tensor([y for _, y in tree.samples["train"]], dtype=torch.int64), n, seed)[0]
 
 
 def _files(tree: FolderTree, split: str):
@@ -484,28 +506,31 @@ def _in_memory(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem
     path = folder / f"images-{stem}.pt" if folder else None
     blob = load_or_warn(path, CACHE_VERSION, key, "folder") if path else None
     if blob is not None:
-        return {s: ArraySplit(*blob["splits"][s]) for s in blob["splits"]}, tuple(blob["mean"]), tuple(blob["std"])
+        return {s: ArraySplit(*blob["splits"][s]) for s in blob["splits"]}
     splits, bad = {}, []
     for split, items in tree.samples.items():
         arrays, problems = decode_all(items, info)
         splits[split], bad = arrays, bad + problems
     if bad:                                         # nothing is cached
         raise BadDatasetError.files(NAME, bad, check_fix(tree.root), what="images")
-    mean, std = channel_stats(splits["train"].images)
-    if path:
+    if path:      # (the arrays only: their mean and std depend on the hold-out, and are measured in no time)
         save_or_warn({"version": CACHE_VERSION, "key": key, "classes": list(tree.classes),
-                      "image_size": info.image_size, "mean": list(mean), "std": list(std),
-                      "splits": {s: tuple(a) for s, a in splits.items()}}, path)
-    return splits, mean, std
+                      "image_size": info.image_size, "splits": {s: tuple(a) for s, a in splits.items()}}, path)
+    return splits
 
 
-def _streamed_stats(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem: str):
-    key = fingerprint(tree, info.image_size, with_files=False)
+def _streamed_stats(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem: str,
+                    keep: Optional[torch.Tensor], held_out: tuple[int, int]):
+    """(mean, std, images measured) of up to :data:`STATS_SAMPLE` training images among those ``keep`` indexes
+    (None: all), cached in a JSON file keyed on the tree and on ``held_out`` (which images were left out)."""
+    key = fingerprint(tree, info.image_size, with_files=False) + (f" less --val-split {held_out[0]} seed {held_out[1]}"
+                                                                  if keep is not None else "")
     path = folder / f"stats-{stem}.json" if folder else None
     blob = load_or_warn(path, CACHE_VERSION, key, "folder") if path else None
     if blob is not None:
-        return tuple(blob["mean"]), tuple(blob["std"])
-    sample = _evenly(tree.samples["train"], STATS_SAMPLE)
+        return tuple(blob["mean"]), tuple(blob["std"]), blob["sampled"]
+    items = tree.samples["train"] if keep is None else [tree.samples["train"][i] for i in keep.tolist()]
+    sample = _evenly(items, STATS_SAMPLE)
     print(f"folder: measuring the mean and std of {len(sample)} training images at {info.image_size} px (once; cached)",
           flush=True)
     arrays, bad = decode_all(sample, info)
@@ -514,9 +539,9 @@ def _streamed_stats(tree: FolderTree, info: DatasetInfo, folder: Optional[Path],
     mean, std = channel_stats(arrays.images)
     if path:
         _write_json({"version": CACHE_VERSION, "key": key, "classes": list(tree.classes), "image_size": info.image_size,
-                     "sampled": len(sample), "of": len(tree.samples["train"]), "mean": list(mean), "std": list(std)},
-                    path)
-    return mean, std
+                     "sampled": len(sample), "of": len(items), "held_out": held_out[0] if keep is not None else 0,
+                     "mean": list(mean), "std": list(std)}, path)
+    return mean, std, len(sample)
 
 
 def transform(info: DatasetInfo, train: bool, streamed: bool, pad_mode: str = "zero"):

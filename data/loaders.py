@@ -373,16 +373,17 @@ def dataset_info(name: str, data: Optional[os.PathLike | str] = None, *, image_s
 
 
 def load_dataset(name: str, data=None, download: bool = False, *, image_size: Optional[int] = None,
-                 classes=None, loader: Optional[str] = None):
+                 classes=None, loader: Optional[str] = None, held_out: tuple[int, int] = (0, 0)):
     """(train, test) of ``name``: :class:`ArraySplit` pairs, or ImageFolder pairs for ImageNet (``classes``:
     a ``--classes`` file, a subset of its class folders); for ``folder`` a :class:`data.folder.FolderData`
-    (``image_size``, ``classes`` and ``loader`` as ``--image-size``, ``--classes``, ``--loader``)."""
+    (``image_size``, ``classes`` and ``loader`` as ``--image-size``, ``--classes``, ``--loader``; ``held_out``
+    (``--val-split``, ``--seed``): the training images its mean and std leave out)."""
     if name not in DATASET_NAMES:
         dataset_info(name)  # the unknown-name error
     check_download(name, download)
     if name == "folder":
         from .folder import load_folder
-        return load_folder(data, image_size, classes, loader)
+        return load_folder(data, image_size, classes, loader, held_out)
     if name in ("cifar10", "cifar100"):
         from .cifar import load_cifar
         return load_cifar(name, data, download)
@@ -523,7 +524,7 @@ def _folder_record(loaded, splits: dict, args) -> dict:
             "splits": splits, "image_size": info.image_size,
             "image_size_from": "--image-size" if args.image_size is not None else tree.size_note,
             "protocol": protocol_text(info), "mean": list(info.mean), "std": list(info.std),
-            "decoded_in_memory": loaded.in_memory}
+            "mean_std_of": loaded.stats_of, "decoded_in_memory": loaded.in_memory}
 
 
 def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_class: bool = False,
@@ -565,13 +566,17 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
     folder_splits = None
     if name == "folder":
         from .folder import scan
-        folder_splits = _folder_splits(args, scan(args.data, args.classes))   # before anything is decoded
+        from .folder import _kept
+        tree = scan(args.data, args.classes)
+        folder_splits = _folder_splits(args, tree)   # before anything is decoded
+        _kept(tree, args.val_split or 0, args.seed)  # a --val-split out of range: on every rank, before decoding
     batch_size = args.batch_size
     eval_batch_size = args.eval_batch_size
     views, seed, workers, pad_mode = args.views, args.seed, args.workers, args.pad_mode
 
+    folder_options = {"held_out": (args.val_split or 0, seed)} if name == "folder" else {}
     loaded = _load_once(name, args.data, bool(args.download), rank, world_size, image_size=args.image_size,
-                        classes=args.classes, loader=kind)
+                        classes=args.classes, loader=kind, **folder_options)
     val_set, notes = None, ()
     if name == "folder":
         if normalization is not None:
@@ -580,7 +585,9 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
             if measured != trained and rank == 0:
                 print(f"folder: normalised with the checkpoint's mean {trained[0]} and std {trained[1]} (this "
                       f"folder's training images give {measured[0]} and {measured[1]})", flush=True)
-            loaded = loaded._replace(info=replace(loaded.info, mean=tuple(trained[0]), std=tuple(trained[1])))
+            loaded = loaded._replace(info=replace(loaded.info, mean=tuple(trained[0]), std=tuple(trained[1])),
+                                     stats_of=normalization.get("mean_std_of") or "the checkpoint's (its record does "
+                                     "not say which images they were measured on)")
         info, notes = loaded.info, loaded.tree.warnings
         train_set = loaded.train
         if loaded.val is not None and loaded.test is not None:

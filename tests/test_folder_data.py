@@ -437,6 +437,31 @@ def test_mean_and_std_are_the_training_images_own(tmp_path, monkeypatch):
     assert tuple(stats["mean"]) == loaders.info.mean != info.mean
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_mean_and_std_leave_out_the_images_val_split_holds_out(tmp_path, monkeypatch, streamed):
+    """--val-split N holds N training images out as the evaluation set: the mean and std are those of the images
+    the run trains on (they were measured over all of train/, the held-out test images included), the record says
+    which, and the streamed statistics' cache is keyed on the hold-out (another --val-split measures again)."""
+    from data.loaders import stratified_split
+    root = write_folder(tmp_path / "tree", per_split=(("train", 6),))
+    for k in range(6):                  # a few very dark images, so that leaving some out moves the mean
+        write(root / "train" / "cat" / f"dark_{k}.png", folder_image(0, k, "PNG", "L", (20, 20)))
+    if streamed:
+        monkeypatch.setattr(folder, "MEMORY_BYTES", 0)
+    files = folder.scan(root).samples["train"]
+    kept = stratified_split(torch.tensor([y for _, y in files]), 5, 0)[0].tolist()
+    pixels = torch.stack([expected_pixels(files[i][0], 32) for i in kept]).double() / 255
+    loaders = build_loaders(args_for(root, val_split=5, image_size=32), "cpu")
+    assert len(kept) == loaders.n_train == 19
+    assert np.allclose(loaders.info.mean, pixels.mean(dim=(0, 2, 3)).numpy(), atol=1e-6)
+    assert np.allclose(loaders.info.std, pixels.std(dim=(0, 2, 3), unbiased=False).numpy(), atol=1e-6)
+    record = loaders.record["folder"]
+    assert record["mean_std_of"] == (f"{'19 of the ' if streamed else 'all '}19 training images, train/ less the 5 "
+                                     f"images --val-split 5 holds out (seed 0){', evenly spread' if streamed else ''}")
+    other = build_loaders(args_for(root, val_split=6, image_size=32), "cpu")
+    assert other.info.mean != loaders.info.mean and "less the 6 images" in other.record["folder"]["mean_std_of"]
+
+
 def test_sixteen_bit_images_are_refused_in_one_line(tmp_path):
     root = write_folder(tmp_path / "tree")
     bad = root / "train" / "dog" / "deep.png"
