@@ -509,6 +509,27 @@ def _folder_splits(args, tree) -> dict:
     return {"train": "train/", "val": None, "test": f"{held}: the evaluation set"}
 
 
+def _check_folder_counts(args, tree) -> None:
+    """A ``--subset`` or ``--eval-subset`` larger than the images the scan counted: the ValueError that
+    :func:`_subset` would raise once every image was decoded, raised before, naming the folder that holds them."""
+    root, n_val, evals = tree.root, args.val_split or 0, tree.eval_splits
+    n_train = len(tree.samples["train"]) - n_val
+    if args.subset and args.subset > n_train:
+        less = f", less the {n_val} --val-split holds out" if n_val else ""
+        raise ValueError(f"--subset {args.subset} exceeds the {n_train} available training samples (the images of "
+                         f"{root / 'train'}{less}); give --subset {n_train} or less")
+    if not args.eval_subset:
+        return
+    if evals:
+        split = "test" if len(evals) == 2 else evals[0]
+        n_test, where = len(tree.samples[split]), f"the images of {root / split}"
+    else:
+        n_test, where = n_val, f"the {n_val} images --val-split holds out of {root / 'train'}"
+    if args.eval_subset > n_test:
+        raise ValueError(f"--eval-subset {args.eval_subset} exceeds the {n_test} test samples ({where}); give "
+                         f"--eval-subset {n_test} or less")
+
+
 def _evaluable(n: int, world_size: int, split: str, flag: Optional[str]) -> None:
     """Every process evaluates at least one image of a split (one with none has no heads to add to the others'):
     else a ValueError naming the split, how many processes it takes, and ``flag``, the option that drew it."""
@@ -570,6 +591,7 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
         tree = scan(args.data, args.classes)
         folder_splits = _folder_splits(args, tree)   # before anything is decoded
         _kept(tree, args.val_split or 0, args.seed)  # a --val-split out of range: on every rank, before decoding
+        _check_folder_counts(args, tree)
     batch_size = args.batch_size
     eval_batch_size = args.eval_batch_size
     views, seed, workers, pad_mode = args.views, args.seed, args.workers, args.pad_mode

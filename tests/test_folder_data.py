@@ -462,6 +462,27 @@ def test_mean_and_std_leave_out_the_images_val_split_holds_out(tmp_path, monkeyp
     assert other.info.mean != loaders.info.mean and "less the 6 images" in other.record["folder"]["mean_std_of"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    ({"eval_subset": 64}, "--eval-subset 64 exceeds the 6 test samples (the images of {root}/val); give "
+                          "--eval-subset 6 or less"),
+    ({"subset": 19}, "--subset 19 exceeds the 18 available training samples (the images of {root}/train); give "
+                     "--subset 18 or less"),
+    ({"subset": 17, "val_split": 3}, "--subset 17 exceeds the 15 available training samples (the images of "
+                                     "{root}/train, less the 3 --val-split holds out)"),
+    ({"eval_subset": 4, "val_split": 3, "drop_val": True}, "--eval-subset 4 exceeds the 3 test samples (the 3 "
+                                                           "images --val-split holds out of {root}/train)")])
+def test_subsets_larger_than_the_folder_are_refused_before_decoding(tmp_path, monkeypatch, flags, message):
+    """The scan's counts decide a --subset or --eval-subset too large: refused before an image is decoded (it came
+    after every image was decoded and cached), naming the folder that holds the images."""
+    root = write_folder(tmp_path / "tree")
+    if flags.pop("drop_val", False):
+        shutil.rmtree(root / "val")
+    monkeypatch.setattr(folder, "decode_all", lambda *a, **k: pytest.fail("decoded before the flags were checked"))
+    with pytest.raises(ValueError) as err:
+        build_loaders(args_for(root, **flags), "cpu")
+    assert message.format(root=root) in one_line(err)
+
+
 def test_sixteen_bit_images_are_refused_in_one_line(tmp_path):
     root = write_folder(tmp_path / "tree")
     bad = root / "train" / "dog" / "deep.png"
