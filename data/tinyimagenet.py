@@ -70,6 +70,17 @@ def _is_root(path: Path) -> bool:
         (path / "val" / "val_annotations.txt").is_file()
 
 
+def _missing(candidates: list[Path]) -> str:
+    """What each candidate folder lacks of wnids.txt, train/ and val/val_annotations.txt, in words."""
+    parts = []
+    for c in candidates:
+        there = {"wnids.txt": (c / "wnids.txt").is_file(), "train/": (c / "train").is_dir(),
+                 "val/val_annotations.txt": (c / "val" / "val_annotations.txt").is_file()}
+        lacks = [name for name, found in there.items() if not found]
+        parts.append(f"{c.absolute()} {'does not exist' if not c.exists() else 'lacks ' + ', '.join(lacks)}")
+    return "; ".join(parts)
+
+
 def fetch(parent: Path) -> None:
     """Download tiny-imagenet-200.zip into ``parent`` (again if its MD5 differs) and extract it there; one
     DatasetNotFoundError line when that cannot be done (no internet)."""
@@ -91,7 +102,7 @@ def find_root(data=None, download: bool = False) -> Path:
         if _is_root(c):
             return c
     raise DatasetNotFoundError(
-        "tinyimagenet", "wnids.txt, train/ or val/val_annotations.txt is missing", candidates,
+        "tinyimagenet", _missing(candidates), candidates,
         ("" if download else "pass --download, or ") + f"download {URL}, unzip it and point --data at {FOLDER}/ "
         "(or its parent).")
 

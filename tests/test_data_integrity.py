@@ -566,6 +566,18 @@ def test_check_dataset_lists_every_bad_file(tmp_path, capsys):
     assert code == 0 and "all 204 images decode" in out
 
 
+@pytest.mark.parametrize("removed", ["wnids.txt", "train", "val/val_annotations.txt"])
+def test_a_tinyimagenet_without_one_of_its_files_names_that_one(tmp_path, removed):
+    """The error said 'wnids.txt, train/ or val/val_annotations.txt is missing': which one, the user had to find."""
+    root = write_tinyimagenet(tmp_path)
+    shutil.rmtree(root / removed) if (root / removed).is_dir() else (root / removed).unlink()
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("tinyimagenet", tmp_path)
+    text = str(err.value)
+    assert f"{root} lacks {removed.rstrip('/')}{'/' if removed == 'train' else ''}" in text and "\n" not in text
+    assert f"{tmp_path} lacks wnids.txt, train/, val/val_annotations.txt" in text      # the other place looked at
+
+
 @pytest.mark.parametrize("mode", ["I;16", "I", "F"])
 def test_high_bit_images_are_refused_by_every_dataset_and_the_checker(tmp_path, imagenet, capsys, mode):
     """A 16-bit, 32-bit or float image (PIL modes I;16, I, F): the conversion to 8-bit RGB clips it to near-white.
