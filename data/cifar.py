@@ -81,6 +81,12 @@ def load_cifar(name: str, data=None, download: bool = False) -> tuple[ArraySplit
             download_or_explain(name, target, lambda: datasets.utils.download_and_extract_archive(
                 cls.url, str(target), filename=cls.filename, md5=cls.tgz_md5))
             root = target if _files_present(cls, target) else None
+    archive = next((Path(r) / cls.filename for r in roots if (Path(r) / cls.filename).is_file()), None)
+    if root is None and archive is not None:       # (--download extracts it: torchvision checks its MD5 first)
+        raise DatasetNotFoundError(
+            name, f"the python-pickle files are not extracted: {archive.name} is there, unextracted", [archive],
+            f"tar -xzf {archive.absolute()} -C {archive.parent.absolute()} (or pass --download, which checks its MD5 "
+            "and extracts it).")
     if root is None:
         looked_at = [Path(r) / cls.base_folder for r in roots]
         raise DatasetNotFoundError(
@@ -111,8 +117,8 @@ def _pickle_reason(e: Exception) -> str:
     if isinstance(e, EOFError):
         return "truncated: the pickle ends early"
     if isinstance(e, pickle.UnpicklingError):
-        return f"not a pickle ({e})"
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+        return f"not a pickle ({' '.join(str(e).split())[:150]})"       # (one line: its message may hold newlines)
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:150]}"
 
 
 def _unpickle(path: Path):
@@ -128,8 +134,9 @@ def _parse_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     data = entry.get("data")
     labels = entry.get("labels", entry.get("fine_labels"))
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        shape = getattr(data, "shape", None)
-        raise ValueError(f"'data' is not a uint8 N x 3072 array (got {type(data).__name__} {shape})")
+        shape, dtype = getattr(data, "shape", None), getattr(data, "dtype", None)
+        raise ValueError(f"'data' is not a uint8 N x 3072 array (got {type(data).__name__} {shape}"
+                         + (f" of dtype {dtype})" if dtype is not None else ")"))
     labels = np.asarray(labels if labels is not None else [], dtype=np.int64)
     if labels.shape != (len(data),):
         raise ValueError(f"{len(data)} images but {labels.size} labels")

@@ -266,6 +266,28 @@ def test_cifar_every_bad_pickle_is_listed(tmp_path):
     assert "uint8 N x 3072" in msg and "100 class names" in msg
 
 
+def test_cifar_unextracted_archive_non_pickle_and_wrong_dtype_say_so_in_one_line(tmp_path):
+    """Only the un-extracted cifar-10-python.tar.gz: it said the pickles were missing and to download (the archive was
+    there). A non-pickle whose error holds a newline gave a two-line reason; a 'data' of the wrong dtype did not
+    say the dtype."""
+    import tarfile
+    folder = write_cifar10(tmp_path / "made")
+    archive = tmp_path / "got" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("cifar10", archive.parent)
+    assert f"{archive.name} is there, unextracted" in one_line(err)
+    assert f"tar -xzf {archive} -C {archive.parent}" in str(err.value)
+    (folder / "data_batch_2").write_bytes(b"P0\n.")       # a pickle's persistent id: UnpicklingError over two lines
+    (folder / "data_batch_4").write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]}))
+    with pytest.raises(BadDatasetError) as err:
+        load_dataset("cifar10", tmp_path / "made")
+    assert "not a pickle (A load persistent id instruction was encountered, but" in one_line(err)
+    assert "(got ndarray (2, 3072) of dtype float32)" in str(err.value)
+
+
 def test_cifar_labels_out_of_range(tmp_path):
     folder = write_cifar10(tmp_path)
     entry = pickle.loads((folder / "test_batch").read_bytes())
