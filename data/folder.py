@@ -69,7 +69,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 
 from .common import (HIGH_BIT_MODES, ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError,
                      array_transforms, check_link_loop, decode_rgb, default_dir, high_bit_reason, image_problem,
-                     is_hidden, load_or_warn, read_class_list, save_or_warn, some, unreadable_folder, visible_dirs)
+                     is_hidden, printable, load_or_warn, read_class_list, save_or_warn, some, unreadable_folder, visible_dirs)
 from .files import write_atomically
 
 NAME = "folder"
@@ -109,15 +109,17 @@ class FolderTree:
         picks = [p for p, _ in _evenly(self.samples["train"], SIZE_SAMPLE)]
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             headers = list(pool.map(_header, picks))
-        sides, bad = [], []
+        sides, bad, deep = [], [], []
         for path, h in zip(picks, headers):
             if isinstance(h, str):
                 bad.append((path, h))
                 continue
             (w, hgt), mode = h
             if mode in HIGH_BIT_MODES:
-                raise high_bit_error(path, mode)
+                deep.append((path, mode))
             sides.append(min(w, hgt))
+        if deep:
+            raise high_bit_error(deep)
         if not sides:
             raise BadDatasetError.files(NAME, bad, check_fix(self.root), what="images")
         median = statistics.median_low(sides)
@@ -278,9 +280,14 @@ def nearest_size(side: float) -> int:
     return min(SIZES, key=lambda s: abs(math.log(max(side, 1) / s)))
 
 
-def high_bit_error(path, mode: str) -> BadDatasetError:
-    return BadDatasetError(f"dataset 'folder': {path} is {high_bit_reason(mode)}. Fix: convert the images to "
-                           "8-bit (e.g. scale each to 0..255 and save as PNG)")
+def high_bit_error(deep: list) -> BadDatasetError:
+    """One line naming every (path, PIL mode) of ``deep`` (the first 5, then a count): 16-bit or float images."""
+    if len(deep) == 1:
+        return BadDatasetError(f"dataset 'folder': {printable(deep[0][0])} is {high_bit_reason(deep[0][1])}. Fix: "
+                               "convert the images to 8-bit (e.g. scale each to 0..255 and save as PNG)")
+    return BadDatasetError.files(NAME, [(p, f"PIL mode {m}") for p, m in deep], "convert them to 8-bit (e.g. scale "
+                                 "each to 0..255 and save as PNG): RGB conversion clips them at 255",
+                                 what="16-bit or float images")
 
 
 def _header(path: str):

@@ -492,6 +492,17 @@ def test_sixteen_bit_images_are_refused_in_one_line(tmp_path):
     assert str(bad) in one_line(err) and "convert it to 8-bit" in str(err.value)
 
 
+def test_every_sixteen_bit_image_the_size_sample_meets_is_named_in_one_line(tmp_path):
+    """The docs promise every 16-bit image named in one line; the size sample named the first only."""
+    root = write_folder(tmp_path / "tree")
+    bad = [root / "train" / "dog" / "deep.png", root / "train" / "zebra" / "deeper.png"]
+    for path in bad:
+        Image.fromarray((np.arange(400).reshape(20, 20) * 100).astype(np.uint16)).save(path)
+    with pytest.raises(BadDatasetError, match="2 16-bit or float images cannot be read") as err:
+        build_loaders(args_for(root), "cpu")                                     # met choosing the size
+    assert all(f"{p} (PIL mode I;16)" in one_line(err) for p in bad)
+
+
 # --------------------------------------------------------------------------- damaged files and the cache
 
 def test_corrupt_files_are_all_named_before_training_and_nothing_is_cached(tmp_path):
