@@ -69,7 +69,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 
 from .common import (HIGH_BIT_MODES, ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError,
                      array_transforms, check_link_loop, decode_rgb, default_dir, high_bit_reason, image_problem,
-                     is_hidden, printable, load_or_warn, read_class_list, save_or_warn, some, unreadable_folder, visible_dirs)
+                     is_hidden, load_or_warn, printable, read_class_list, save_or_warn, some, unreadable_folder,
+                     visible_dirs)
 from .files import write_atomically
 
 NAME = "folder"
@@ -469,7 +470,7 @@ def load_folder(data=None, image_size: Optional[int] = None, classes=None, loade
     1..n-1 of the n training images, before anything is decoded."""
     info = describe(data, image_size, classes)
     tree = scan(data, classes)
-    keep = _kept(tree, *held_out)
+    keep = training_indices(tree, *held_out)
     if loader == "device" and info.protocol == "imagenet":
         raise DataFlagError(f"--loader device keeps images decoded at {info.image_size}x{info.image_size}, but at "
                             f"{info.image_size} px (above {SMALL_MAX}) the ImageNet protocol crops the full-resolution "
@@ -493,7 +494,7 @@ def load_folder(data=None, image_size: Optional[int] = None, classes=None, loade
     return FolderData(splits.get("train"), splits.get("val"), splits.get("test"), info, tree, in_memory, stats_of)
 
 
-def _kept(tree: FolderTree, n: int, seed: int) -> Optional[torch.Tensor]:
+def training_indices(tree: FolderTree, n: int, seed: int) -> Optional[torch.Tensor]:
     """Indices (sorted, int64) of the training images that ``--val-split n`` (seeded by ``seed``) leaves to
     train on, as :func:`data.loaders.build_loaders` draws them; None when nothing is held out."""
     if not n:

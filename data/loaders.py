@@ -586,11 +586,10 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
         raise ValueError("ImageNet does not fit in device memory as decoded images; use --loader torch")
     folder_splits = None
     if name == "folder":
-        from .folder import scan
-        from .folder import _kept
+        from .folder import scan, training_indices
         tree = scan(args.data, args.classes)
         folder_splits = _folder_splits(args, tree)   # before anything is decoded
-        _kept(tree, args.val_split or 0, args.seed)  # a --val-split out of range: on every rank, before decoding
+        training_indices(tree, args.val_split or 0, args.seed)  # (a --val-split out of range: before decoding)
         _check_folder_counts(args, tree)
     batch_size = args.batch_size
     eval_batch_size = args.eval_batch_size
