@@ -255,7 +255,8 @@ def run_name(method_cls, config: RunConfig, world_size: int = 1) -> str:
     if data == "folder":                 # the folder's name, and a hash of where it is (two data/ folders differ)
         from data.common import default_dir
         where = default_dir("folder", config.data).resolve()
-        data = f"folder-{where.name}-{hashlib.sha256(str(where).encode()).hexdigest()[:6]}"
+        name = os.fsencode(where.name).decode("utf-8", "replace")      # (a name not valid UTF-8: shown with U+FFFD)
+        data = f"folder-{name}-{hashlib.sha256(os.fsencode(where)).hexdigest()[:6]}"
     name = f"{method_cls.name}-{arch_tag(options['arch'])}-{data}{peers}-s{options['seed']}"
     changed = {k: _canonical(v) for k, v in options.items()
                if k not in NAMED and (k not in defaults or _canonical(defaults[k]) != _canonical(v))}

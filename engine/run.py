@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from data.common import inside_the_classes
+from data.common import inside_the_classes, printable
 from data.files import (RUN_EVALUATIONS, RUN_FILES, RUN_LOCK, RUN_TENSORBOARD, clean_temp_files, holds_run,
                         os_error_message, run_file_role)
 from recipes import RECIPE_KEYS, RECIPES
@@ -50,7 +50,8 @@ from .signals import signals_held, stop_signal
 def history_state(records: Sequence[dict], split: str, metric: str) -> dict:
     """What a run's per-epoch ``records`` say, as a checkpoint and results.json hold it: the records, the best
     epoch (the highest ``split``'s ``metric``, the first of equals; its test metrics are reported), the
-    maximum over epochs of every test metric of the last epoch (each head's top-1 and top-5), and the training time and images for the throughput."""
+    maximum over epochs of every test metric of the last epoch (each head's top-1 and top-5), and the training
+    time and images for the throughput."""
     best = max(records, key=lambda r: r[split][metric], default=None)
     heads = records[-1]["test"] if records else {}
     speeds = [r.get("speed", {}) for r in records]         # (records of older versions have none)
@@ -108,7 +109,8 @@ class Run:
         ``before_lock``: rank 0 also finds whether another process holds the folder, waiting up to 12 s for a lock
         whose holder has ended, or it cannot be created, and every rank stops with it), and again by :meth:`open`
         under the lock."""
-        problem = self._inside_a_run() or inside_the_classes(self.config.dataset, self.config.data, self.folder)
+        problem = (self._inside_a_run() or inside_the_classes(self.config.dataset, self.config.data, self.folder)
+                   or _not_utf8(self.folder))
         if before_lock and not problem:
             self._refuse_an_unusable_folder(lock=True)
         resume = self._resume()
@@ -450,7 +452,8 @@ class Run:
 
     def close(self, error: Optional[BaseException]) -> Optional[str]:
         """Record how this process ended in results.json (rank 0) and unlock. For an interrupt (Ctrl-C,
-        SIGTERM, SIGHUP, a closed output pipe) returns the one line for the user: what is saved and the command that continues the run."""
+        SIGTERM, SIGHUP, a closed output pipe) returns the one line for the user: what is saved and the command
+        that continues the run."""
         message, sig, end = None, stop_signal(error), None     # end: how this process ended, for its entry
         try:
             lost = self._stop_if_lock_lost()
@@ -543,7 +546,7 @@ class Run:
         if a.amp in ("bf16", "fp16"):
             name += f"-{a.amp}"
         if a.data:
-            name += "-" + hashlib.sha256(str(Path(a.data).resolve()).encode()).hexdigest()[:6]
+            name += "-" + hashlib.sha256(os.fsencode(Path(a.data).resolve())).hexdigest()[:6]
         return self.folder / f"{name}.json"
 
     def check_evaluation(self, path: Path, ckpt: dict) -> None:
@@ -721,6 +724,16 @@ def _not_a_run(folder: Path, checkpoint: str = "") -> Optional[str]:
         return None
     return (f"{folder} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, which no run writes; give "
             "this run an --out of its own (a new folder, or one that holds only logs: *.log, *.out, *.err)")
+
+
+def _not_utf8(folder: Path) -> Optional[str]:
+    """The line for a run directory whose path is not valid UTF-8 (a file system takes any bytes; TensorBoard
+    cannot write under it), or None."""
+    try:
+        str(folder).encode()
+    except UnicodeEncodeError:
+        return f"{printable(folder)} is not valid UTF-8, under which TensorBoard cannot write; give an --out that is"
+    return None
 
 
 def _a_folder_in_the_way(folder: Path) -> Optional[str]:

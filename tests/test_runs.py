@@ -1490,7 +1490,8 @@ def test_a_record_no_process_finished_is_read_as_killed(run, tmp_path):
     (lambda r: r.update(processes="y"), "its 'processes' is a string"),
     (lambda r: r.update(epochs="3"), "its 'epochs' is a string"),
     (lambda r: r["best"]["test"].update({"peer1/top1": "abc"}), "best: a test value that is not a finite number"),
-    (lambda r: r["history"][0]["train"].update(ce=None), "epoch 1: a train, test or val value that is not a finite number"),
+    (lambda r: r["history"][0]["train"].update(ce=None),
+     "epoch 1: a train, test or val value that is not a finite number"),
     (lambda r: r.clear(), "not a run's record"),
     # the fields summarize.py and reproduce.py read (each once a traceback or a misstated table)
     (lambda r: r.update(last={"test": "x"}), "last: a test value that is not a finite number"),
@@ -1872,3 +1873,20 @@ def test_a_results_json_holding_nan_is_no_record(run):
     saved["history"][0]["test"]["peer1/top1"] = float("nan")
     assert record_problem(json.loads(json.dumps(saved))) == "epoch 1: a train, test or val value that is not a " \
         "finite number"
+
+
+def test_a_run_of_a_folder_or_out_whose_name_is_not_utf8(tmp_path, monkeypatch):
+    """A data folder whose name is not valid UTF-8 (bytes a file system takes) gives its run a name TensorBoard can
+    write under (U+FFFD for the bytes); an --out that is not valid UTF-8 is one line before anything runs (both
+    were TensorBoard's UnicodeEncodeError traceback)."""
+    from datasets_on_disk import write_folder
+    root = write_folder(tmp_path / os.fsdecode(b"d\xf6ta"), per_split=(("train", 4), ("val", 2)))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset", "folder", "--data", str(root), "--arch", "resnet20", "--batch-size", "4", "--epochs", "1",
+            "--gpu", "-1", "--threads", "1", "--no-progress"]
+    result = train(train_baseline.Baseline, argv)
+    assert result["epochs_done"] == 1 and [p.name.split("-")[3] for p in (tmp_path / "runs").iterdir()] == ["d\ufffdta"]
+    out = tmp_path / os.fsdecode(b"r\xf6n")
+    with pytest.raises(UserError, match=r"r\\xf6n is not valid UTF-8, under which TensorBoard cannot write") as err:
+        train(train_baseline.Baseline, argv + ["--out", str(out)])
+    assert "\n" not in str(err.value) and not out.exists()
