@@ -12,10 +12,13 @@ For a named table (``scripts/tables.py``) each cell gathers the runs tagged ``<t
 ``scripts/reproduce.py`` passes) and shows, in the table's unit (top-1 error or accuracy, %): the mean ±
 sample standard deviation (n - 1) over seeds at the best epoch and at the last epoch, the number of finished
 seeds, the published value and ours (best) minus it. Unfinished runs are counted and marked, never averaged;
-a cell without runs is marked missing, a cell whose script does not exist yet "not built". A cell whose runs
-were trained with other training flags than the table's command (``reproduce.py --extra="--subset 64"``; the
-options compared are the engine's, ``engine/config.py``; a run on N processes by its global batch) is marked
-"other flags", with the flags. A
+a cell without runs is marked missing, a cell whose script does not exist yet "not built". Runs that trained
+differently are never averaged into one number: a cell's numbers are those of its runs trained with the table's
+command (the options compared are the engine's, ``engine/config.py``, as reproduce.py compares them; a run on N
+processes by its global batch); where it has none, those of the runs of one other protocol (the one with the most
+finished seeds, e.g. ``reproduce.py --extra="--subset 64"``), marked "other flags", with the flags. The cell's other
+runs, and any run of another method given its tag, are "left out": named on stderr and in the runs column with what
+they are (``a run of train_kdcl.py``) or how they differ. A
 results.json that cannot be read (corrupt, truncated, not a run's) is read from its run's last.pt, and reported
 by path and skipped where there is none.
 
@@ -195,6 +198,7 @@ class CellSummary:
     unfinished: list
     metrics: list
     other_flags: list = field(default_factory=list)   # (run, its training flags that differ from the table's)
+    left_out: list = field(default_factory=list)      # (run, why): found for the cell, trained otherwise; not counted
 
     @property
     def other_flags_text(self) -> str:
@@ -205,15 +209,24 @@ class CellSummary:
         return "; ".join(f"other flags in {', '.join(s)}: {text}" for text, s in seeds.items())
 
     @property
+    def left_out_text(self) -> str:
+        """``left out: s2 (trained with --epochs 1 (table: 2)); s0 (a run of train_kdcl.py, ...)``, or ''."""
+        seeds: dict[str, list] = {}
+        for r, why in self.left_out:
+            seeds.setdefault(why, []).append(f"s{r.seed}")
+        return "left out: " + "; ".join(f"{', '.join(s)} ({why})" for why, s in seeds.items()) if seeds else ""
+
+    @property
     def status(self) -> str:
         if not self.built and not self.finished and not self.unfinished:
             return "not built"
         if not self.finished and not self.unfinished:
-            return "missing"
+            return "missing" + (f"; {self.left_out_text}" if self.left_out else "")
         parts = [f"{len(self.finished)} finished"] if self.finished else []
         if self.unfinished:
             parts.append(f"{len(self.unfinished)} unfinished ({', '.join(r.progress for r in self.unfinished)})")
-        return ", ".join(parts) + (f"; {self.other_flags_text}" if self.other_flags else "")
+        return ", ".join(parts) + (f"; {self.other_flags_text}" if self.other_flags else "") + (
+            f"; {self.left_out_text}" if self.left_out else "")
 
 
 def dedupe(runs: Sequence[RunResult], warn=None) -> list[RunResult]:
@@ -254,9 +267,43 @@ def flags_against_table(table: Table, cell: Cell, run: RunResult) -> str:
 
 
 def summarize_cell(table: Table, cell: Cell, by_tag: dict, warn=None) -> CellSummary:
+    """The cell's numbers from its runs (``by_tag``: the cell's tag -> the runs found for it, by folder or tag), and
+    only from runs that trained alike: those of the table's command; where there are none, the runs of one other
+    protocol (the most finished seeds), marked 'other flags'. A run of another method, and a run trained otherwise
+    than the runs counted (engine.config's comparison, as reproduce.py's), is left out, and named in a warning with
+    what it is or how it differs: runs trained differently are never averaged into one number."""
     tag = f"{cell.runs_table or table.name}/{cell.run}"
-    runs = dedupe(by_tag.get(tag, []), warn)
-    other = [(r, text) for r in runs for text in [flags_against_table(table, cell, r)] if text]
+    where = f"{table.name} ({cell.row} / {cell.column})"
+    built = (REPO / cell.script).is_file()
+    found, left_out = list(by_tag.get(tag, [])), []
+    if built:             # a run of another script (tagged or put here by hand) is never one of the cell's seeds
+        from engine.checkpoint import saved_by
+        method = reproduce.method_class(cell.script).name
+        other = [r for r in found if r.data.get("method") not in (None, method)]   # (None: as reproduce.py reads it)
+        left_out = [(r, f"a run of {saved_by(r.data)}, not of {cell.script}") for r in other]
+        found = [r for r in found if not any(r is o for o in other)]
+    flags = [(r, flags_against_table(table, cell, r)) for r in found]
+    counted = [(r, text) for r, text in flags if not text]          # the table's command
+    basis = "the runs of the table's command"
+    if not counted and flags:   # none of the table's command: one protocol's runs, the one with the most finished
+        kinds: list[list] = []
+        for r, text in flags:
+            kind = next((k for k in kinds if not _training_differences(k[0][0], r)), None)
+            if kind is None:
+                kinds.append([(r, text)])
+            else:
+                kind.append((r, text))
+        counted = max(kinds, key=lambda k: (sum(r.finished for r, _ in k), len(k)))
+        basis = f"runs trained with {counted[0][1]}"
+    kept = {id(r) for r, _ in counted}
+    left_out += [(r, f"a run trained with {text}") for r, text in flags if id(r) not in kept]
+    left_out.sort(key=lambda item: (str(item[0].seed), str(item[0].path)))
+    for r, why in left_out:
+        if warn:
+            warn(f"{r.path.parent} is {why}: left out of {where}, whose numbers are {basis} (runs trained "
+                 "differently are not averaged together)")
+    runs = dedupe([r for r, _ in counted], warn)
+    other = [(r, text) for r, text in counted if text and any(r is k for k in runs)]
     for r, text in other:
         if warn:
             warn(f"{r.path.parent} was trained with {text}: its numbers are marked 'other flags' in {table.name}")
@@ -268,7 +315,7 @@ def summarize_cell(table: Table, cell: Cell, by_tag: dict, warn=None) -> CellSum
         last = [in_unit(r.value(m.head, "last"), table.unit) for r in finished]
         best, last = [v for v in best if v is not None], [v for v in last if v is not None]
         metrics.append(MetricSummary(m, table.unit, mean_std(best), mean_std(last), best))
-    return CellSummary(cell, (REPO / cell.script).is_file(), finished, unfinished, metrics, other)
+    return CellSummary(cell, built, finished, unfinished, metrics, other, left_out)
 
 
 def summarize_table(table: Table, runs: Sequence[RunResult], warn=None) -> list[CellSummary]:
@@ -292,6 +339,10 @@ def grid_text(s: CellSummary) -> str:
             ours += f" +{len(s.unfinished)} unfinished"
         if s.other_flags:
             ours += " *other flags*"
+        if s.left_out:
+            ours += f" +{len(s.left_out)} left out"
+    elif s.left_out:
+        ours = f"*missing* +{len(s.left_out)} left out"
     else:
         ours = {"not built": "*not built*", "missing": "*missing*"}.get(s.status, f"*{s.status}*")
     return f"{ours}<br>paper {paper}" if any(m.metric.published is not None for m in s.metrics) else ours
@@ -330,6 +381,10 @@ def markdown_table(table: Table, summaries: Sequence[CellSummary]) -> str:
         lines += ["", "*other flags*: runs of the cell were trained with other training flags than the table's "
                       "command (a changed budget, e.g. `reproduce.py --extra`): their numbers are not the table's. "
                       "The runs column lists the flags."]
+    if any(s.left_out for s in summaries):
+        lines += ["", "*left out*: runs found for the cell (in its folder, or tagged with it) that are of another "
+                      "method, or trained otherwise than the runs its numbers are of: they are not averaged in. The "
+                      "runs column says what each is."]
     if table.notes:
         lines += [""] + [f"- {n}" for n in table.notes]
     return "\n".join(lines)

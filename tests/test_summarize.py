@@ -440,3 +440,53 @@ def test_into_page_is_replaced_atomically(tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
     assert summarize.main([str(tmp_path / "runs"), "--table", "smoke", "--into", str(page)]) == 0
     assert "old text" not in page.read_text() and os.listdir(page.parent) == ["page.md"]
+
+
+def test_a_cell_never_averages_runs_that_trained_differently_or_another_methods(tmp_path, capsys, monkeypatch):
+    """Runs tagged with one cell that trained differently (another --subset and --epochs) are not one number: the
+    cell takes the runs of the table's command, else the runs of one protocol (the most finished seeds, marked
+    'other flags'), and names the others, with how they differ; a run of another method given the cell's tag (a
+    train_kdcl.py run, a train_baseline.py run) is never one of its seeds, and is named by its script. The plot of
+    the cell draws the runs counted only. (They were once averaged into one cell: n=3 over two budgets, and runs of
+    other methods counted as DML seeds.)"""
+    dml = {"peer1": [60.0], "peer2": [62.0], "ensemble": [65.0]}
+    tag = "smoke/dml-resnet20"
+    for seed in (0, 1):
+        write(tmp_path / f"a{seed}" / "results.json",
+              results(tag, seed, {k: [v[0] + 2 * seed] for k, v in dml.items()}, arch="resnet20", args=SMOKE))
+    write(tmp_path / "b2" / "results.json",
+          results(tag, 2, {k: [v[0] - 40] for k, v in dml.items()}, arch="resnet20", args=dict(SMOKE, epochs=1,
+                                                                                                   subset=64)))
+    write(tmp_path / "kdcl" / "results.json",
+          results(tag, 3, {"peer1": [10.0], "peer2": [10.0], "ensemble": [10.0]}, method="kdcl", arch="resnet20",
+                  args=SMOKE))
+    write(tmp_path / "base" / "results.json",
+          results(tag, 4, {"net": [10.0]}, method="baseline", arch="resnet20", selection="net", args=SMOKE))
+    drawn = {}
+    monkeypatch.setattr(summarize, "plot_curves", lambda runs, title, path: drawn.setdefault(path.name, runs) and
+                        path)
+    assert summarize.main([str(tmp_path), "--table", "smoke", "--plots", str(tmp_path / "plots")]) == 0
+    out, err = capsys.readouterr()
+    assert "| DML | 62.00 ± 1.41 (66.00 ± 1.41) n=2 +3 left out |" in out.splitlines(), out
+    assert ("| DML | ResNet-20 | single | `peers` | 2 | 62.00 ± 1.41 | 62.00 ± 1.41 | 2 finished; left out: s2 "
+            "(a run trained with --subset 64 (table: 512), --epochs 1 (table: 2)); s3 (a run of train_kdcl.py, not "
+            "of train_dml.py); s4 (a run of train_baseline.py, not of train_dml.py) |") in out
+    because = f": left out of smoke (DML / ResNet-20), whose numbers are the runs of the table's command (runs " \
+              "trained differently are not averaged together)"
+    assert [line for line in err.splitlines() if not line.startswith("plot: ")] == [
+        f"warning: {tmp_path / 'b2'} is a run trained with --subset 64 (table: 512), --epochs 1 (table: 2){because}",
+        f"warning: {tmp_path / 'kdcl'} is a run of train_kdcl.py, not of train_dml.py{because}",
+        f"warning: {tmp_path / 'base'} is a run of train_baseline.py, not of train_dml.py{because}"]
+    assert sorted(r.path.parent.name for r in drawn["dml-resnet20.png"]) == ["a0", "a1"]
+
+    # none of the table's command: the two seeds of one budget are the number, marked; the third is left out
+    for seed in (0, 1):
+        write(tmp_path / f"a{seed}" / "results.json",
+              results(tag, seed, {k: [v[0] + 2 * seed] for k, v in dml.items()}, arch="resnet20",
+                      args=dict(SMOKE, epochs=1, subset=256)))
+    assert summarize.main([str(tmp_path), "--table", "smoke"]) == 0
+    out, err = capsys.readouterr()
+    assert "| DML | 62.00 ± 1.41 (66.00 ± 1.41) n=2 *other flags* +3 left out |" in out.splitlines(), out
+    assert (f"warning: {tmp_path / 'b2'} is a run trained with --subset 64 (table: 512), --epochs 1 (table: 2): "
+            "left out of smoke (DML / ResNet-20), whose numbers are runs trained with --subset 256 (table: 512), "
+            "--epochs 1 (table: 2) (runs trained differently are not averaged together)") in err.splitlines(), err
