@@ -8,8 +8,9 @@ Usage::
     python scripts/summarize.py runs --table pcl-cifar100 --csv > pcl.csv
     python scripts/summarize.py runs --table fashion-mnist --plots docs/results --into docs/results.md
 
-For a named table (``scripts/tables.py``) each cell gathers the runs tagged ``<table>/<run>`` (the tag
-``scripts/reproduce.py`` passes) and shows, in the table's unit (top-1 error or accuracy, %): the mean ±
+For a named table (``scripts/tables.py``) each cell gathers the runs in its folders ``<table>/<run>-s<seed>``
+(where ``scripts/reproduce.py`` finds them, whatever their tag: a cell's command run by hand with that --out is the
+cell's) and elsewhere the runs tagged ``<table>/<run>`` (the tag reproduce.py passes), and shows, in the table's unit (top-1 error or accuracy, %): the mean ±
 sample standard deviation (n - 1) over seeds at the best epoch and at the last epoch, the number of finished
 seeds, the published value and ours (best) minus it. Unfinished runs are counted and marked, never averaged;
 a cell without runs is marked missing, a cell whose script does not exist yet "not built". Runs that trained
@@ -318,10 +319,22 @@ def summarize_cell(table: Table, cell: Cell, by_tag: dict, warn=None) -> CellSum
     return CellSummary(cell, built, finished, unfinished, metrics, other, left_out)
 
 
+def cell_tag(table: Table, run: RunResult) -> Optional[str]:
+    """The tag of the cell whose runs ``run`` is found among: the cell whose folder holds it, as reproduce.py
+    finds a cell's run at seed S (``<table>/<run>-sS``, whatever tag the run was given, or none: a command of
+    docs/reproducing.md run by hand); else the run's tag."""
+    folder = run.path.parent
+    for c in table.cells:
+        name = c.runs_table or table.name
+        if folder.parent.name == name and folder.name == f"{c.run}-s{run.seed}":
+            return f"{name}/{c.run}"
+    return run.tag
+
+
 def summarize_table(table: Table, runs: Sequence[RunResult], warn=None) -> list[CellSummary]:
     by_tag: dict[str, list] = {}
     for r in runs:
-        by_tag.setdefault(r.tag, []).append(r)
+        by_tag.setdefault(cell_tag(table, r), []).append(r)
     return [summarize_cell(table, c, by_tag, warn) for c in table.cells]
 
 

@@ -490,3 +490,26 @@ def test_a_cell_never_averages_runs_that_trained_differently_or_another_methods(
     assert (f"warning: {tmp_path / 'b2'} is a run trained with --subset 64 (table: 512), --epochs 1 (table: 2): "
             "left out of smoke (DML / ResNet-20), whose numbers are runs trained with --subset 256 (table: 512), "
             "--epochs 1 (table: 2) (runs trained differently are not averaged together)") in err.splitlines(), err
+
+
+def test_a_cells_run_is_the_run_in_its_folder_as_reproduce_finds_it(tmp_path, capsys):
+    """A cell's command run by hand (docs/reproducing.md) with --out <runs>/smoke/baseline-resnet20-s0 and no --tag
+    is the run reproduce.py skips as finished: the table counts it too (it was '*missing*', without a word). A run
+    in that folder tagged for another cell is the folder's, as reproduce.py sees it: a run of another script, left
+    out; a run without a tag elsewhere is no cell's."""
+    base = {"net": [50.0]}
+    write(tmp_path / "smoke" / "baseline-resnet20-s0" / "results.json",
+          results(None, 0, base, method="baseline", arch="resnet20", selection="net", args=SMOKE))
+    write(tmp_path / "smoke" / "baseline-resnet20-s1" / "results.json",
+          results("smoke/dml-resnet20", 1, {"peer1": [60.0], "peer2": [62.0], "ensemble": [65.0]}, arch="resnet20",
+                  args=SMOKE))
+    write(tmp_path / "elsewhere" / "x-s2" / "results.json",
+          results(None, 2, base, method="baseline", arch="resnet20", selection="net", args=SMOKE))
+    assert summarize.main([str(tmp_path), "--table", "smoke"]) == 0
+    out, err = capsys.readouterr()
+    assert "| Baseline | 50.00 n=1 +1 left out |" in out.splitlines(), out
+    assert "| DML | *missing* |" in out.splitlines(), out
+    assert err.splitlines() == [f"warning: {tmp_path / 'smoke' / 'baseline-resnet20-s1'} is a run of train_dml.py, "
+                                "not of train_baseline.py: left out of smoke (Baseline / ResNet-20), whose numbers "
+                                "are the runs of the table's command (runs trained differently are not averaged "
+                                "together)"]
