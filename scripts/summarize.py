@@ -21,7 +21,7 @@ finished seeds, e.g. ``reproduce.py --extra="--subset 64"``), marked "other flag
 runs, and any run of another method given its tag, are "left out": named on stderr and in the runs column with what
 they are (``a run of train_kdcl.py``) or how they differ. A
 results.json that cannot be read (corrupt, truncated, not a run's) is read from its run's last.pt, and reported
-by path and skipped where there is none.
+by path and skipped where there is none; so is a record that holds a number that is not finite (NaN, Infinity).
 
 Where the table has a baseline, each method's single number is also set against the baseline on the same
 backbone: the gain in top-1 points and whether it exceeds twice its standard error over seeds (marked when
@@ -127,6 +127,11 @@ def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
         if data is None:
             bad.append((path, f"{why_not_a_record(path)}, and no readable last.pt to rebuild it from"))
             continue
+        odd = non_finite(data)
+        if odd:             # (no mean, std or plot takes it: statistics.stdev raised on it)
+            bad.append((path, f"its {odd} is not a finite number (NaN or Infinity), which no mean can take; "
+                              "train the run again, or move its folder away"))
+            continue
         runs.append(RunResult(path, data))
     for folder in sorted(holding["best.pt"] - folders):
         bad.append((folder, "it holds a best.pt but neither results.json nor last.pt, which a run's numbers are "
@@ -139,6 +144,19 @@ def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
             reason = "a process trains its run now, and has recorded no epoch yet"
         bad.append((folder, reason))
     return runs, bad
+
+
+def non_finite(data: dict) -> Optional[str]:
+    """Where a run's record holds a number that is not finite (NaN, Infinity: ``best test peer1/top1``,
+    ``epoch 2 train loss``), or None."""
+    records = [(key, data.get(key)) for key in ("best", "last")]
+    records += [(f"epoch {h.get('epoch')}", h) for h in data.get("history") or []]
+    for name, record in records:
+        for split in ("train", "test", "val"):
+            for key, value in ((record or {}).get(split) or {}).items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    return f"{name} {split} {key}"
+    return None
 
 
 def _folders_holding(root: Path, names: Sequence[str]) -> dict[str, set[Path]]:

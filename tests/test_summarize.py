@@ -513,3 +513,24 @@ def test_a_cells_run_is_the_run_in_its_folder_as_reproduce_finds_it(tmp_path, ca
                                 "not of train_baseline.py: left out of smoke (Baseline / ResNet-20), whose numbers "
                                 "are the runs of the table's command (runs trained differently are not averaged "
                                 "together)"]
+
+
+def test_a_non_finite_number_in_a_record_is_one_line_not_a_traceback(tmp_path, capsys):
+    """A results.json holding NaN or Infinity (json reads both), with no last.pt beside it to rebuild it from, is
+    named in one line and left out, in the table and without one (statistics.stdev raised AttributeError on it)."""
+    dml = {"peer1": [60.0, 61.0], "peer2": [62.0, 63.0], "ensemble": [65.0, 66.0]}
+    for seed in (0, 1, 2):
+        write_dml(tmp_path, seed, *dml.values(), tag="smoke/dml-resnet20", arch="resnet20", args=SMOKE)
+    bad = results("smoke/dml-resnet20", 1, dml, arch="resnet20", args=SMOKE)
+    bad["best"]["test"]["peer1/top1"] = float("nan")
+    bad["history"][1]["train"]["loss"] = float("inf")
+    nan = write(tmp_path / "dml-resnet32-s1" / "results.json", bad)
+    assert not (nan.parent / "last.pt").exists()
+    for argv in ([str(tmp_path), "--table", "smoke"], [str(tmp_path)], [str(tmp_path), "--csv"]):
+        assert summarize.main(argv) == 0, argv
+        out, err = capsys.readouterr()
+        skipped = [line for line in err.splitlines() if str(nan) in line]
+        assert len(skipped) == 1 and skipped[0].startswith(f"warning: skipped {nan}: "), err
+        assert "Traceback" not in err and "nan" not in out.lower() and "inf" not in out.lower()
+    assert summarize.main([str(tmp_path), "--table", "smoke"]) == 0
+    assert "| DML | 62.00 ± 0.00 (66.00 ± 0.00) n=2 |" in capsys.readouterr().out.splitlines()
