@@ -194,6 +194,13 @@ def fmt(mean: Optional[float], std: Optional[float] = None) -> str:
     return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
+def signed(value: float) -> str:
+    """``+1.25``, ``-0.50``; ``0.00`` for a value that rounds to zero (never ``-0.00``, e.g. -(a - a) on an error
+    table)."""
+    text = f"{value:+.2f}"
+    return "0.00" if float(text) == 0 else text
+
+
 @dataclass
 class MetricSummary:
     metric: Metric
@@ -397,7 +404,7 @@ def markdown_table(table: Table, summaries: Sequence[CellSummary]) -> str:
     for s in summaries:
         for m in s.metrics:
             paper = fmt(m.metric.published, m.metric.published_std)
-            diff = "-" if m.diff is None else f"{m.diff:+.2f}"
+            diff = "-" if m.diff is None else signed(m.diff)
             lines.append(f"| {s.cell.row} | {s.cell.column} | {m.metric.kind} | `{m.metric.head}` | "
                          f"{len(m.values)} | {fmt(*m.best)} | {fmt(*m.last)} |"
                          + (f" {paper} | {diff} |" if published else "") + f" {s.status} |")
@@ -405,8 +412,8 @@ def markdown_table(table: Table, summaries: Sequence[CellSummary]) -> str:
     if against:
         lines += ["", "Against the baseline network on the same backbone (best epoch): gain = top-1 points gained by "
                       "the method's single (or ensemble) number over the baseline (> 0: better, in either unit); "
-                      "se = sqrt(s₁²/n₁ + s₂²/n₂) over the seeds; \"beyond noise\" when |gain| > 2 se (with 2-3 seeds a "
-                      "rough screen, not a test).", "",
+                      "se = sqrt(s₁²/n₁ + s₂²/n₂) over the seeds (- where a side has one seed: not known); "
+                      "\"beyond noise\" when |gain| > 2 se (with 2-3 seeds a rough screen, not a test).", "",
                   "| row | column | number | gain | se | reading |", "|---|---|---|---|---|---|"] + against
     if any(s.other_flags for s in summaries):
         lines += ["", "*other flags*: runs of the cell were trained with other training flags than the table's "
@@ -441,7 +448,8 @@ def against_baseline(table: Table, summaries: Sequence[CellSummary]) -> list[str
             if table.unit == "error":
                 gain = -gain
             n1, n2 = len(ours.values), len(theirs.values)
-            se = math.sqrt((ours.best[1] or 0.0) ** 2 / n1 + (theirs.best[1] or 0.0) ** 2 / n2)
+            # (one seed has no spread: its standard error is not known, not 0)
+            se = math.sqrt(ours.best[1] ** 2 / n1 + theirs.best[1] ** 2 / n2) if min(n1, n2) > 1 else None
             if n1 < 2 or n2 < 2:
                 reading = "too few seeds to tell"
             elif abs(gain) > 2 * se:
@@ -451,7 +459,7 @@ def against_baseline(table: Table, summaries: Sequence[CellSummary]) -> list[str
             if s.other_flags or ref.other_flags:    # not the table's protocol: said here too, not only in the cell
                 reading += "; other flags in " + " and ".join(f"{c.cell.row} {c.cell.column}" for c in (s, ref)
                                                               if c.other_flags)
-            rows.append(f"| {s.cell.row} | {s.cell.column} | {ours.metric.kind} | {gain:+.2f} | {fmt(se)} | "
+            rows.append(f"| {s.cell.row} | {s.cell.column} | {ours.metric.kind} | {signed(gain)} | {fmt(se)} | "
                         f"{reading} |")
     return rows
 

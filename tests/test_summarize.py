@@ -534,3 +534,23 @@ def test_a_non_finite_number_in_a_record_is_one_line_not_a_traceback(tmp_path, c
         assert "Traceback" not in err and "nan" not in out.lower() and "inf" not in out.lower()
     assert summarize.main([str(tmp_path), "--table", "smoke"]) == 0
     assert "| DML | 62.00 ± 0.00 (66.00 ± 0.00) n=2 |" in capsys.readouterr().out.splitlines()
+
+
+def test_against_baseline_with_one_seed_or_equal_numbers(tmp_path):
+    """A side with one seed has no standard error: '-', not 'se 0.00'; equal numbers on an error table are a
+    gain of 0.00, not -0.00 (and so is the difference to the paper)."""
+    budget = ("--epochs", "1")
+    t = Table("t", "t", "t", "error", ["ResNet-32"], ["Baseline", "DML"], [
+        cell("ResNet-32", "Baseline", "baseline", "resnet32", budget, single=30.0),
+        cell("ResNet-32", "DML", "dml", "resnet32", budget, single=25.0)])
+    write(tmp_path / "b0" / "results.json",
+          results("t/baseline-resnet32", 0, {"net": [70.0]}, method="baseline", selection="net"))
+    for seed in (0, 1):
+        write(tmp_path / f"d{seed}" / "results.json",
+              results("t/dml-resnet32", seed, {"peer1": [70.0], "peer2": [70.0], "ensemble": [80.0]}))
+    runs, _ = summarize.load_runs(tmp_path)
+    summaries = summarize.summarize_table(t, runs)
+    assert summarize.against_baseline(t, summaries) == [
+        "| ResNet-32 | DML | single | 0.00 | - | too few seeds to tell |"]
+    assert "| ResNet-32 | Baseline | single | `net` | 1 | 30.00 | 30.00 | 30.00 | 0.00 |" in summarize.markdown_table(
+        t, summaries)
