@@ -8,20 +8,20 @@ Usage::
     python scripts/summarize.py runs --table pcl-cifar100 --csv > pcl.csv
     python scripts/summarize.py runs --table fashion-mnist --plots docs/results --into docs/results.md
 
-For a named table (``scripts/tables.py``) each cell gathers the runs in its folders ``<table>/<run>-s<seed>``
-(where ``scripts/reproduce.py`` finds them, whatever their tag: a cell's command run by hand with that --out is the
-cell's) and elsewhere the runs tagged ``<table>/<run>`` (the tag reproduce.py passes), and shows, in the table's unit (top-1 error or accuracy, %): the mean ±
-sample standard deviation (n - 1) over seeds at the best epoch and at the last epoch, the number of finished
-seeds, the published value and ours (best) minus it. Unfinished runs are counted and marked, never averaged;
-a cell without runs is marked missing, a cell whose script does not exist yet "not built". Runs that trained
-differently are never averaged into one number: a cell's numbers are those of its runs trained with the table's
-command (the options compared are the engine's, ``engine/config.py``, as reproduce.py compares them; a run on N
-processes by its global batch); where it has none, those of the runs of one other protocol (the one with the most
-finished seeds, e.g. ``reproduce.py --extra="--subset 64"``), marked "other flags", with the flags. The cell's other
-runs, and any run of another method given its tag, are "left out": named on stderr and in the runs column with what
-they are (``a run of train_kdcl.py``) or how they differ. A
-results.json that cannot be read (corrupt, truncated, not a run's) is read from its run's last.pt, and reported
-by path and skipped where there is none; so is a record that holds a number that is not finite (NaN, Infinity).
+For a named table (``scripts/tables.py``) each cell gathers the runs in its folders ``<table>/<run>-s<seed>`` (where
+``scripts/reproduce.py`` finds them, whatever their tag: a cell's command run by hand with that --out is the cell's)
+and elsewhere the runs tagged ``<table>/<run>`` (the tag reproduce.py passes), and shows, in the table's unit (top-1
+error or accuracy, %): the mean ± sample standard deviation (n - 1) over seeds at the best epoch and at the last
+epoch, the number of finished seeds, the published value and ours (best) minus it. Unfinished runs are counted and
+marked, never averaged; a cell without runs is marked missing, a cell whose script does not exist yet "not built".
+Runs that trained differently are never averaged into one number: a cell's numbers are those of its runs trained
+with the table's command (the options compared are the engine's, ``engine/config.py``, as reproduce.py compares
+them; a run on N processes by its global batch); where it has none, those of the runs of one other protocol (the one
+with the most finished seeds, e.g. ``reproduce.py --extra="--subset 64"``), marked "other flags", with the flags.
+The cell's other runs, and any run of another method given its tag, are "left out": named on stderr and in the runs
+column with what they are (``a run of train_kdcl.py``) or how they differ. A results.json that cannot be read
+(corrupt, truncated, not a run's) is read from its run's last.pt, and reported by path and skipped where there is
+none; so is a record that holds a number that is not finite (NaN, Infinity).
 
 Where the table has a baseline, each method's single number is also set against the baseline on the same
 backbone: the gain in top-1 points and whether it exceeds twice its standard error over seeds (marked when
