@@ -539,6 +539,10 @@ def error_line(argv, capsys) -> str:
     (["--extra=--lr -1", "--dry-run"], "argument --lr: must be >= 0"),
     (["--extra=--seed 7", "--dry-run"], "sets --seed, which reproduce.py sets"),
     (["--extra=--out /tmp/x --tag y", "--dry-run"], "sets --out, --tag, which reproduce.py sets"),
+    # (argparse said "--eval-only: not allowed with argument --resume", a flag the user never gave)
+    (["--extra=--eval-only x.pt", "--dry-run"], "--eval-only is not a training flag: it evaluates a checkpoint and "
+     "trains nothing, and reproduce.py trains every run (it adds --resume auto itself)"),
+    (["--extra=--eval-only=x.pt"], "--eval-only is not a training flag"),
 ])
 def test_bad_arguments_are_one_line_before_anything_runs(argv, named, tmp_path, capsys, monkeypatch):
     no_training(monkeypatch)
