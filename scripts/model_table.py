@@ -157,7 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         type=number(int, at_least=1, at_most=MAX_PEERS, why="the training scripts' --num-peers range"),
                         help="peer counts for the topology table")
     parser.add_argument("--method", default=None, metavar="NAME",
-                        help="also count train_NAME.py's whole model (default flags) on each backbone")
+                        help="also count train_NAME.py's whole model (default flags) on each backbone (NAME: dml, or "
+                             "the script, train_dml.py)")
     args = parser.parse_args(argv)
     entries = list(dict.fromkeys(args.arch or list_models()))     # (a name given twice is one row)
     args.peers = list(dict.fromkeys(args.peers))
@@ -169,7 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except UnknownModelError as err:
             parser.error(str(err))
     method_cls, pairs = None, {}
-    if args.method:
+    if args.method:         # the script's name as the method's: train_dml, train_dml.py, ./train_dml.py -> dml
+        args.method = Path(args.method).name.removesuffix(".py").removeprefix("train_")
         from engine import UserError
         from engine.method import load_method
         try:

@@ -163,3 +163,11 @@ def test_model_table_peer_counts_are_the_training_scripts(capsys):
             load_script().main(["--arch", "resnet20", "--peers", peers])
         line = capsys.readouterr().err
         assert err.value.code == 2 and line.count("\n") == 1 and "argument --peers: must lie in [1, 256]" in line
+
+
+@pytest.mark.parametrize("name", ["train_dml", "train_dml.py", "./train_dml.py"])
+def test_model_table_takes_the_method_by_its_scripts_name(name, capsys):
+    """--method train_dml (the script's name) is DML, as --method dml (it was refused: 'no train_train_dml.py')."""
+    assert load_script().main(["--method", name, "--arch", "resnet20", "--peers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "## train_dml.py with its default flags" in out and "train_train" not in out
