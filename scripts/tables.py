@@ -10,7 +10,8 @@ CMFF README's two "ResNet-32" columns); a cell can also read another table's run
 MCL-OKD ablation's baseline and +MCL+DOT columns are the main table's baseline and MCL-OKD cells).
 
 ``scripts/reproduce.py`` turns the cells into commands, ``scripts/summarize.py`` reads the runs back, and
-``python scripts/reproduce.py --markdown`` regenerates ``docs/reproducing.md`` from this file.
+``python scripts/reproduce.py --markdown`` regenerates ``docs/reproducing.md`` from this file;
+``python scripts/tables.py`` lists the tables.
 
 Sources (papers and official repositories, quoted as published):
 
@@ -344,3 +345,22 @@ def check_table(table: Table) -> None:
 
 for _table in TABLES.values():
     check_table(_table)
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``python scripts/tables.py``: the tables, one line each (``--help``: what this file is). The file is data:
+    reproduce.py runs its cells and summarize.py reads their runs back."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="scripts/tables.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+        epilog="The file is data: python scripts/reproduce.py TABLE --dry-run prints a table's commands, "
+               "reproduce.py --list\ncounts its runs, and python scripts/summarize.py RUNS --table TABLE reads "
+               "them back.\ntables: " + ", ".join(TABLES))
+    parser.parse_args(argv)
+    for t in TABLES.values():
+        print(f"{t.name:<20} {len(t.cells):>3} cells  {t.title}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -777,3 +777,17 @@ def test_engine_record_of_the_command_is_not_a_difference(tmp_path):
             (run.out / "results.json").write_text(json.dumps(engine_record(run, epochs_done=1)))
             checkpoint_of(run, engine_record(run, epochs_done=1))
             assert reproduce.run_state(run) == "resume"
+
+
+def test_tables_py_has_a_help_and_lists_the_tables():
+    """``python scripts/tables.py --help`` says what the file is (it printed nothing and exited 0); without flags
+    it lists the tables, and a flag it does not take is argparse's one line, status 2."""
+    def tables_py(*argv):
+        return subprocess.run([sys.executable, "scripts/tables.py", *argv], cwd=reproduce.REPO, capture_output=True,
+                              text=True, timeout=120)
+    shown = tables_py("--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("usage:") and "reproduce.py" in shown.stdout
+    listed = tables_py()
+    assert listed.returncode == 0 and [line.split()[0] for line in listed.stdout.splitlines()] == list(TABLES)
+    refused = tables_py("--bogus")
+    assert refused.returncode == 2 and refused.stderr.splitlines()[-1].endswith("unrecognized arguments: --bogus")
