@@ -731,6 +731,14 @@ def check_folders(runs: Sequence[Run], runs_dir: Path) -> Optional[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.list and args.markdown:
+        print("error: --list and --markdown print different things; give one of them", file=sys.stderr)
+        return 2
+    if (args.list or args.markdown) and args.table:     # (it was ignored without a word)
+        what = "--list lists every table" if args.list else "--markdown prints the page of every paper table"
+        print(f"error: {what}, not one: leave out {args.table}, or leave out "
+              f"{'--list' if args.list else '--markdown'} (--dry-run prints a table's commands)", file=sys.stderr)
+        return 2
     if args.list:
         print(list_tables())
         return 0

@@ -791,3 +791,15 @@ def test_tables_py_has_a_help_and_lists_the_tables():
     assert listed.returncode == 0 and [line.split()[0] for line in listed.stdout.splitlines()] == list(TABLES)
     refused = tables_py("--bogus")
     assert refused.returncode == 2 and refused.stderr.splitlines()[-1].endswith("unrecognized arguments: --bogus")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["smoke", "--list"], "error: --list lists every table, not one: leave out smoke, or leave out --list"),
+    (["smoke", "--markdown"], "error: --markdown prints the page of every paper table, not one: leave out smoke"),
+    (["--list", "--markdown"], "error: --list and --markdown print different things; give one of them"),
+])
+def test_list_or_markdown_with_what_they_do_not_take_is_refused(argv, named, capsys):
+    """``reproduce.py smoke --list`` listed every table, the name ignored without a word (and --list --markdown
+    printed the list alone): one line now, status 2."""
+    assert error_line(argv, capsys).startswith(named)
+    assert reproduce.main(["--list"]) == 0 and "smoke" in capsys.readouterr().out
