@@ -15,8 +15,9 @@ The tables and the flags of each cell are in ``scripts/tables.py``. Run ``s`` of
 
 * a finished run (``results.json`` status "finished" with all its epochs) is skipped;
 * an unfinished one (interrupted, killed, pre-empted) continues from its ``last.pt``;
-* Ctrl-C stops the runs in flight after their checkpoint and leaves each one resumable: re-run the same
-  command to continue;
+* Ctrl-C (or SIGTERM, SIGHUP) stops the runs in flight after their checkpoint and leaves each one resumable:
+  re-run the same command to continue; the launcher exits 128 + the signal's number (130, 143, 129), as a
+  training run does;
 * a folder that holds a run trained with other training flags than the command (``--extra`` flags that change
   training, e.g. a shortened ``--subset 64 --epochs 1`` check) is reported as "differs: <flags>" and never
   started (the engine would refuse to resume it): run it with the same ``--extra``, or move it away; so is one
@@ -249,7 +250,8 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
     trained with other flags ("differs"), or that the engine would refuse ("refused"), is never started (main()
     refuses those up front).
     Returns {"finished": [...], "skipped": [...], "busy": [...], "failed": [...], "not built": [...],
-    "differs": [...], "refused": [...], "interrupted": [...], "not started": [...]} (the last two after a Ctrl-C).
+    "differs": [...], "refused": [...], "interrupted": [...], "not started": [...]} (the last two after a Ctrl-C),
+    and after a stop signal "signal": [its name] (SIGINT, SIGTERM, SIGHUP).
     """
     outcome: dict[str, list] = {k: [] for k in ("finished", "skipped", "busy", "failed", "not built", "differs",
                                                 "refused", "interrupted", "not started")}
@@ -338,6 +340,7 @@ def run_local(runs: Sequence[Run], gpus: Optional[list[str]] = None, jobs: int =
                 stream.close()
             outcome["finished" if run_state(run, extra) == "finished" else "interrupted"].append(run)
         outcome["not started"] += [run for run, _ in queue]
+        outcome["signal"] = [stop_signal(e) or "SIGINT"]       # (main's exit status: 128 + its number)
     return outcome
 
 
@@ -831,10 +834,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gpus = args.gpus.split(",") if args.gpus else None
     with stop_on_signals():     # SIGTERM and SIGHUP (a scheduler, a closed ssh session) stop the runs as Ctrl-C does
         outcome = run_local(runs, gpus, args.jobs, extra)
+    stopped_by = outcome.pop("signal", ["SIGINT"])[0]
     print(", ".join(f"{len(v)} {k}" for k, v in outcome.items() if v) or "nothing to do")
     if outcome["interrupted"] or outcome["not started"]:
         print("every interrupted run continues from its last.pt, and the others start: re-run the same command")
-        return 130
+        return 128 + signal.Signals[stopped_by].value       # as a training run exits: 130 SIGINT, 143 SIGTERM
     if outcome["busy"]:
         print("the busy runs are trained by another process: once it ends, re-run the same command for the rest")
     return 1 if outcome["failed"] or outcome["differs"] or outcome["refused"] or outcome["busy"] else 0

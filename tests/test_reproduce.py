@@ -292,7 +292,7 @@ def test_local_launcher_skips_finished_resumes_interrupted_and_summarizes(tmp_pa
 def test_ctrl_c_leaves_the_run_resumable(tmp_path, sig, sigint):
     """SIGINT to the launcher (or SIGTERM, as a scheduler, ``timeout`` or ``kill`` sends it; it once ended the
     launcher alone and left its runs training unseen): the training process stops after a checkpoint, the launcher
-    exits 130, and the run is left as "resume" (last.pt + results.json status interrupted). Also for a launcher
+    exits 128 + the signal's number (130, 143), and the run is left as "resume" (last.pt + results.json status interrupted). Also for a launcher
     started with SIGINT ignored (a background job of a script): its runs inherited that, trained on after the
     launcher's SIGINT, and were killed 2 minutes later."""
     out = tmp_path / "smoke" / "dml-resnet20-s0"
@@ -309,7 +309,7 @@ def test_ctrl_c_leaves_the_run_resumable(tmp_path, sig, sigint):
     assert proc.poll() is None, proc.communicate()[0]
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 130, output
+    assert proc.returncode == 128 + sig.value, output           # 130 for SIGINT, 143 for SIGTERM
     assert f"interrupted ({sig.name}): stopping 1 run(s)" in output
     assert "1 interrupted, 1 not started\n" in output and "re-run the same command" in output   # (seed 1 queued)
     assert (out / "last.pt").is_file() and not (tmp_path / "smoke" / "dml-resnet20-s1").exists()
@@ -803,3 +803,28 @@ def test_list_or_markdown_with_what_they_do_not_take_is_refused(argv, named, cap
     printed the list alone): one line now, status 2."""
     assert error_line(argv, capsys).startswith(named)
     assert reproduce.main(["--list"]) == 0 and "smoke" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_the_launcher_stopped_by_a_signal_exits_128_plus_its_number(sig, tmp_path, capsys, monkeypatch):
+    """A launcher stopped by SIGTERM exits 143 and by SIGHUP 129, as a training run does (128 + the signal's
+    number; README); it exited 130 for every signal."""
+    from engine.signals import Interrupted
+    monkeypatch.setattr(reproduce, "run_state", lambda *a, **k: "new")
+
+    class Training:          # a training process whose launcher is stopped by ``sig`` while it waits for it
+        def __init__(self, *args, **kwargs):
+            self.polls = 0
+
+        def poll(self):
+            self.polls += 1
+            if self.polls == 1:
+                raise Interrupted(sig.name)
+            return 0
+
+        def wait(self, timeout=None):
+            return 0
+    monkeypatch.setattr(reproduce.subprocess, "Popen", Training)
+    code = reproduce.main(["smoke", "--only", "method=dml", "--seeds", "0", "--runs-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 128 + sig.value and f"interrupted ({sig.name})" in out, out
