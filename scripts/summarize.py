@@ -260,11 +260,14 @@ def dedupe(runs: Sequence[RunResult], warn=None) -> list[RunResult]:
     by_seed: dict = {}
     for r in runs:
         old = by_seed.get(r.seed)
-        if old is not None and warn:
-            warn(f"two runs of seed {r.seed} with tag {r.tag}: {old.path.parent} and {r.path.parent}; "
-                 "keeping the one with more epochs")
         if old is None or r.data.get("epochs_done", 0) > old.data.get("epochs_done", 0):
             by_seed[r.seed] = r
+        if old is not None and warn:      # (equal epochs: the first found is kept; the line says which)
+            kept = by_seed[r.seed]
+            how = ("the one with more epochs" if old.data.get("epochs_done", 0) != r.data.get("epochs_done", 0)
+                   else "the first found (both have the same epochs)")
+            warn(f"two runs of seed {r.seed} with tag {r.tag}: {old.path.parent} and {r.path.parent}; keeping "
+                 f"{kept.path.parent}, {how}")
     return [by_seed[s] for s in sorted(by_seed, key=str)]
 
 

@@ -554,3 +554,15 @@ def test_against_baseline_with_one_seed_or_equal_numbers(tmp_path):
         "| ResNet-32 | DML | single | 0.00 | - | too few seeds to tell |"]
     assert "| ResNet-32 | Baseline | single | `net` | 1 | 30.00 | 30.00 | 30.00 | 0.00 |" in summarize.markdown_table(
         t, summaries)
+
+
+def test_two_copies_of_a_seed_say_which_copy_is_kept(tmp_path, capsys):
+    """Two copies of one seed (a copied folder): the warning names the copy kept, also when both have the same
+    epochs (it said 'keeping the one with more epochs' without saying which)."""
+    first = write_dml(tmp_path / "a", 0, [60], [62], [65], tag="smoke/dml-resnet20", arch="resnet20", args=SMOKE)
+    second = write_dml(tmp_path / "b", 0, [70], [72], [75], tag="smoke/dml-resnet20", arch="resnet20", args=SMOKE)
+    kept = summarize.dedupe(summarize.load_runs(tmp_path)[0], print)
+    assert [r.path for r in kept] == [first]
+    assert capsys.readouterr().out.splitlines() == [
+        f"two runs of seed 0 with tag smoke/dml-resnet20: {first.parent} and {second.parent}; keeping {first.parent}, "
+        "the first found (both have the same epochs)"]
