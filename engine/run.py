@@ -682,8 +682,10 @@ def cannot_create(folder: Path, flag: str = "--out") -> Optional[str]:
                 break
         missing.append(p)
     if not missing:                             # (it exists: it must take the run's files)
-        return None if os.access(folder, os.W_OK | os.X_OK) else os_error_message(
-            folder, PermissionError(errno.EACCES, os.strerror(errno.EACCES)), flag)
+        if os.access(folder, os.W_OK | os.X_OK):
+            return None
+        code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES   # (a mount read-only)
+        return os_error_message(folder, OSError(code, os.strerror(code)), flag)
     with signals_held():                        # (Ctrl-C: after the folders made are removed again)
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ Labels come from either
 * ``LOC_val_solution.csv`` (Kaggle's ImageNet object-localization challenge): rows
   ``ILSVRC2012_val_00000001,n01751748 x y x y ...``; the first wnid of the row is the class; or
 * the devkit's ``ILSVRC2012_validation_ground_truth.txt`` (line i = ILSVRC2012_ID of image i, 1-based)
-  together with ``meta.mat`` (ILSVRC2012_ID -> wnid; needs scipy; default: ``meta.mat`` next to the txt).
+  together with ``meta.mat`` (ILSVRC2012_ID -> wnid; reading it needs scipy, which requirements.txt does not
+  install: ``pip install scipy``; default: ``meta.mat`` next to the txt).
 
 Usage::
 
@@ -18,9 +19,11 @@ Usage::
 already in class folders are left alone, so the script can be re-run after an interruption; a flat image whose
 class folder already holds a file of its name stays put (counted, exit status 1): nothing is replaced. The label
 file is checked before anything moves: a missing file, a malformed row (a file cut short) or a wnid with no
-class folder in the sibling ``train/`` stops the script with one line (exit status 2), and so does a file named
-like a class folder; flat images without a label are counted and left in place (exit status 1), and the
-dataset is refused until they are moved into their class folder or deleted.
+class folder in the sibling ``train/`` stops the script with one line (exit status 2), and so do a file named
+like a class folder and a ``--val-dir`` that holds no flat image but a ``val/`` (the dataset's root). Flat images
+without a label are counted and left in place (exit status 1; a label file cut short at the end of a row lists too
+few images: the line says how many it has of the release's 50,000), and the dataset is refused until they are
+moved into their class folder or deleted; the script moves them once given the whole file.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from engine.cli import Parser, non_empty_path, run_tool  # noqa: E402
 
 
 WNID = re.compile(r"n\d{8}")
+RELEASE = 50_000                 # validation images of ILSVRC-2012, as many rows as the label files hold
 
 
 def fail(message: str) -> NoReturn:
@@ -48,7 +52,7 @@ def labels_from_csv(path: Path) -> dict[str, str]:
     """{image stem: wnid} from LOC_val_solution.csv; a malformed row (a file cut short, a wrong column)
     stops the script with one line naming the file and the line."""
     labels = {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:     # (utf-8-sig: a CSV saved with a BOM, as Excel does)
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
             fail(f"{path} has no 'ImageId,PredictionString' header: is it LOC_val_solution.csv?")
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", type=non_empty_path, required=True,
                         help="LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt")
     parser.add_argument("--meta", type=non_empty_path, default=None,
-                        help="the devkit's meta.mat (with a .txt --labels)")
+                        help="the devkit's meta.mat (with a .txt --labels; reading it needs scipy: pip install scipy)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
     args = parser.parse_args(argv)
     args.val_dir, args.labels = Path(args.val_dir), Path(args.labels)
@@ -140,6 +144,9 @@ def main(argv=None) -> int:
         fail(f"--labels {args.labels} cannot be read ({reason}); give the label file itself")
     check_known(labels, args.val_dir.parent / "train", args.labels)
     moves, unlabelled = plan_moves(args.val_dir, labels)
+    if not moves and not unlabelled and (args.val_dir / "val").is_dir():
+        fail(f"--val-dir {args.val_dir} holds no flat image but a val/ folder (the dataset's root?); give --val-dir "
+             f"{args.val_dir / 'val'}")
     taken = [(src, dst) for src, dst in moves if dst.exists() or dst.is_symlink()]     # never replaced
     kept = set(taken)
     moves = [(src, dst) for src, dst in moves if (src, dst) not in kept]
@@ -149,7 +156,9 @@ def main(argv=None) -> int:
     if blocked:
         fail(f"{blocked[0]} is a file where the class folder {blocked[0].name}/ goes; move it away (nothing was moved)")
     print(f"{len(moves)} images into {len(classes)} class folders under {args.val_dir}"
-          + (f"; {len(unlabelled)} images have no label and stay put" if unlabelled else "")
+          + (f"; {len(unlabelled)} images have no label in {args.labels} and stay put (it labels {len(labels)} "
+             f"images{'' if len(labels) >= RELEASE else f' of the release 50,000: cut short? download it again'})"
+             if unlabelled else "")
           + (f"; {len(taken)} stay put because their class folder already holds a file of that name (e.g. "
              f"{taken[0][1]}): compare them and remove one" if taken else ""))
     if args.dry_run:

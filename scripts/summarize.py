@@ -127,11 +127,6 @@ def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
         if data is None:
             bad.append((path, f"{why_not_a_record(path)}, and no readable last.pt to rebuild it from"))
             continue
-        odd = non_finite(data)
-        if odd:             # (no mean, std or plot takes it: statistics.stdev raised on it)
-            bad.append((path, f"its {odd} is not a finite number (NaN or Infinity), which no mean can take; "
-                              "train the run again, or move its folder away"))
-            continue
         runs.append(RunResult(path, data))
     for folder in sorted(holding["best.pt"] - folders):
         bad.append((folder, "it holds a best.pt but neither results.json nor last.pt, which a run's numbers are "
@@ -144,19 +139,6 @@ def load_runs(root: Path) -> tuple[list[RunResult], list[tuple[Path, str]]]:
             reason = "a process trains its run now, and has recorded no epoch yet"
         bad.append((folder, reason))
     return runs, bad
-
-
-def non_finite(data: dict) -> Optional[str]:
-    """Where a run's record holds a number that is not finite (NaN, Infinity: ``best test peer1/top1``,
-    ``epoch 2 train loss``), or None."""
-    records = [(key, data.get(key)) for key in ("best", "last")]
-    records += [(f"epoch {h.get('epoch')}", h) for h in data.get("history") or []]
-    for name, record in records:
-        for split in ("train", "test", "val"):
-            for key, value in ((record or {}).get(split) or {}).items():
-                if isinstance(value, float) and not math.isfinite(value):
-                    return f"{name} {split} {key}"
-    return None
 
 
 def _folders_holding(root: Path, names: Sequence[str]) -> dict[str, set[Path]]:

@@ -25,7 +25,7 @@ from engine.trainer import one_line_warning
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = sorted(p.stem[len("train_"):] for p in REPO.glob("train_*.py"))
-SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("*.py")    # the command-line tools, not tables.py
+SCRIPTS = sorted(p.name for p in (REPO / "scripts").glob("*.py")    # the command-line tools (a __main__)
                  if 'if __name__ == "__main__"' in p.read_text())
 
 

@@ -1890,3 +1890,20 @@ def test_a_run_of_a_folder_or_out_whose_name_is_not_utf8(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"r\\xf6n is not valid UTF-8, under which TensorBoard cannot write") as err:
         train(train_baseline.Baseline, argv + ["--out", str(out)])
     assert "\n" not in str(err.value) and not out.exists()
+
+
+def test_an_out_on_a_read_only_file_system_says_so(tmp_path, monkeypatch):
+    """An existing --out that cannot be written because its file system is mounted read-only is named as such (it
+    was "Permission denied ... fix its permissions", which no chmod fixes). A read-only mount cannot be made here:
+    the kernel's answers (access refused, statvfs's ST_RDONLY flag) are stood in for."""
+    out = tmp_path / "mounted"
+    out.mkdir()
+    real_access, real_statvfs = os.access, os.statvfs
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == out else real_access(p, mode, **k))
+    monkeypatch.setattr(os, "statvfs", lambda p: type("Stat", (), {"f_flag": os.ST_RDONLY})() if Path(p) == out
+                        else real_statvfs(p))
+    from engine.run import cannot_create
+    assert cannot_create(out, "--runs-dir") == (f"cannot write {out}: Read-only file system (the file system is "
+                                                "read-only; choose another --runs-dir)")
+    monkeypatch.setattr(os, "statvfs", lambda p: type("Stat", (), {"f_flag": 0})())
+    assert "Permission denied (no permission to write there" in cannot_create(out)

@@ -541,6 +541,28 @@ def test_prepare_imagenet_val_missing_files_are_one_line_and_nothing_is_replaced
     assert (tmp_path / "val" / "n00000001" / "ILSVRC2012_val_00000002.JPEG").read_bytes() == b"image 2"
 
 
+def test_prepare_imagenet_val_a_bom_the_datasets_root_and_a_file_cut_short(tmp_path, capsys):
+    """A CSV saved with a byte-order mark (Excel) is read (it was refused as having no header); a --val-dir that
+    holds no flat image but val/ (the dataset's root) is one line naming the folder to give (it printed "0 images
+    into 0 class folders", exit 0); a label file cut short at a row's end says so with its row count."""
+    prepare = script("prepare_imagenet_val")
+    val = tmp_path / "imagenet" / "val"
+    val.mkdir(parents=True)
+    labels = tmp_path / "LOC_val_solution.csv"
+    labels.write_bytes("\ufeffImageId,PredictionString\nILSVRC2012_val_00000001,n00000001 1 2 3 4\n".encode())
+    for name in ("ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG"):      # the second has no label
+        (val / name).write_bytes(b"an image")
+    with pytest.raises(SystemExit) as exit_:
+        prepare.main(["--val-dir", str(val.parent), "--labels", str(labels)])
+    assert one_line(exit_.value.code, capsys.readouterr().err) == (
+        f"error: --val-dir {val.parent} holds no flat image but a val/ folder (the dataset's root?); give --val-dir "
+        f"{val}")
+    assert prepare.main(["--val-dir", str(val), "--labels", str(labels)]) == 1
+    assert (f"1 images into 1 class folders under {val}; 1 images have no label in {labels} and stay put (it labels "
+            "1 images of the release 50,000: cut short? download it again)") in capsys.readouterr().out
+    assert (val / "n00000001" / "ILSVRC2012_val_00000001.JPEG").is_file()
+
+
 def test_prepare_imagenet_val_a_file_named_like_a_class_and_what_it_leaves_are_one_line(tmp_path, capsys):
     """A file where a class folder goes is named before anything moves (it was a traceback after the plan was
     printed); --dry-run exits as the real run would (1: images stay put); the images the script leaves beside
