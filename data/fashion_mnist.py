@@ -126,7 +126,12 @@ def load_fashion_mnist(data=None, download: bool = False) -> tuple[ArraySplit, A
                 "fashion-mnist", bad, f"delete {'it' if len(bad) == 1 else 'them'} and run again with --download "
                 "(fetches the published files and checks their MD5), or copy them again from "
                 "https://github.com/zalandoresearch/fashion-mnist", what="IDX files")
-        return tuple(_split(paths[i], paths[l], parsed[i], parsed[l]) for i, l in FILES.values())
+        bad = [p for i, l in FILES.values() for p in _pair_problems(paths[i], paths[l], parsed[i], parsed[l])]
+        if bad:                                      # (every bad file of both splits, in one line)
+            raise BadDatasetError.files("fashion-mnist", bad, "copy them again from "
+                                        "https://github.com/zalandoresearch/fashion-mnist (or --download)",
+                                        what="IDX files")
+        return tuple(_split(paths[i], parsed[i], parsed[l]) for i, l in FILES.values())
     partial = next((d for d in dirs if any(_find(d, stem) for stem in wanted)), None)   # (some files copied)
     missing = [stem for stem in wanted if partial is None or not _find(partial, stem)]
     raise DatasetNotFoundError(
@@ -172,14 +177,16 @@ def _fetch(mirrors: list[str], name: str, target: Path) -> None:
                 raise
 
 
-def _split(images_path: Path, labels_path: Path, images: np.ndarray, labels: np.ndarray) -> ArraySplit:
+def _pair_problems(images_path: Path, labels_path: Path, images: np.ndarray, labels: np.ndarray) -> list[tuple]:
+    """[(file, reason)] for a split's IDX pair that does not hold N x 28 x 28 images and N labels in 0..9."""
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1 or len(images) != len(labels):
-        raise BadDatasetError(f"dataset 'fashion-mnist': {images_path} / {labels_path} hold {images.shape} images "
-                              f"and {labels.shape} labels, expected N x 28 x 28 and N. Fix: copy the four files "
-                              "again from https://github.com/zalandoresearch/fashion-mnist (or --download)")
-    if len(labels) and labels.max() > 9:
-        raise BadDatasetError(f"dataset 'fashion-mnist': {labels_path} holds label {labels.max()}, outside 0..9. "
-                              "Fix: copy it again from https://github.com/zalandoresearch/fashion-mnist")
+        return [(f"{images_path} / {labels_path}", f"{images.shape} images and {labels.shape} labels, expected "
+                                                   "N x 28 x 28 and N")]
+    return [(labels_path, f"label {labels.max()}, outside 0..9")] if len(labels) and labels.max() > 9 else []
+
+
+def _split(images_path: Path, images: np.ndarray, labels: np.ndarray) -> ArraySplit:
+    """The split as uint8 N x 3 x 32 x 32 (zero-padded, grey replicated) with int64 labels."""
     x = F.pad(torch.from_numpy(images.copy()), (2, 2, 2, 2))          # 28x28 -> 32x32, zeros
     x = x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()             # grey -> 3 equal channels
     return ArraySplit(x, torch.from_numpy(labels.astype(np.int64)), str(Path(images_path).parent.absolute()))

@@ -353,6 +353,20 @@ def test_fashion_mnist_every_bad_file_is_listed(tmp_path):
     assert "header says shape" in one_line(err) and "not an IDX file" in str(err.value)
 
 
+def test_fashion_mnist_pairs_that_do_not_fit_are_all_listed(tmp_path):
+    """A train pair whose counts differ and a test labels file with label 12: both named in one line (the test
+    file was named only once the train pair was mended), each with its reason."""
+    write_fashion_mnist(tmp_path, compress=False)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.arange(4) % 10))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([0, 12, 1])))
+    with pytest.raises(BadDatasetError, match="2 IDX files cannot be read") as err:
+        load_dataset("fashion-mnist", tmp_path)
+    msg = one_line(err)
+    assert (f"{tmp_path / 'train-images-idx3-ubyte'} / {tmp_path / 'train-labels-idx1-ubyte'} ((5, 28, 28) images "
+            "and (4,) labels, expected N x 28 x 28 and N)") in msg
+    assert f"{tmp_path / 't10k-labels-idx1-ubyte'} (label 12, outside 0..9)" in msg
+
+
 def test_fashion_mnist_download_refetches_the_damaged_file(tmp_path, monkeypatch):
     import torchvision.datasets.utils as tv_utils
     import data.fashion_mnist as fm
