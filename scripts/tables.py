@@ -362,5 +362,9 @@ def main(argv: Optional[list] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":     # run as a file: the repository's packages are one folder up, as for every tool
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from engine.cli import run_tool
+    run_tool(main)
