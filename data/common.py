@@ -177,6 +177,8 @@ def decode_rgb(path: os.PathLike | str):
         if im.mode in HIGH_BIT_MODES:
             raise OSError(high_bit_reason(im.mode))
         im.load()                         # the whole file: a truncated JPEG fails here, not later
+        if im.mode == "P" and "transparency" in im.info:    # the same RGB, without PIL's warning (which names no
+            return im.convert("RGBA").convert("RGB")         # file) that such a palette be converted through RGBA
         return im.convert("RGB")
 
 

@@ -53,6 +53,7 @@ import json
 import math
 import os
 import statistics
+import unicodedata
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -177,8 +178,13 @@ def _scan(root: Path, classes_file: Optional[Path], data_given: bool) -> FolderT
         listed = read_class_list(classes_file)
         missing = set(listed) - set(train_classes)
         if missing:
+            folders = {unicodedata.normalize("NFC", c) for c in train_classes}
+            twins = [m for m in missing if unicodedata.normalize("NFC", m) in folders]
             raise DataFlagError(f"--classes {classes_file} names {len(missing)} class(es) with no folder in "
-                                f"{train_dir}: {some(missing)}. Fix: correct the names (one class folder a line)")
+                                f"{train_dir}: {some(missing)}" + (
+                                    f" ({some(twins)}: a folder's letters in another Unicode form, as macOS writes "
+                                    "names: copy the name from the folder)" if twins else "")
+                                + ". Fix: correct the names (one class folder a line)")
         classes = sorted(listed)
     else:
         classes = train_classes

@@ -622,6 +622,33 @@ def test_classes_file_picks_class_folders_in_sorted_order(tmp_path):
         dataset_info("folder", root, classes=tmp_path / "missing.txt")
 
 
+def test_a_classes_name_in_another_unicode_form_says_so(tmp_path):
+    """A --classes file that spells a folder's name in another Unicode form (NFD, as macOS writes names; the
+    folder's is NFC) printed a name that looked the same as the folder's; the line now says why they differ."""
+    import unicodedata
+    root = write_folder(tmp_path / "tree", classes=("cat", "zèbre"))
+    listing = write(tmp_path / "subset.txt", ("cat\n" + unicodedata.normalize("NFD", "zèbre") + "\n").encode())
+    with pytest.raises(DataFlagError) as err:
+        dataset_info("folder", root, classes=listing)
+    assert "zèbre: a folder's letters in another Unicode form, as macOS writes names: copy the name from the " \
+        "folder)" in unicodedata.normalize("NFC", one_line(err))
+
+
+def test_a_palette_image_with_transparency_decodes_without_a_warning(tmp_path):
+    """PIL warns, naming no file, that a palette image with transparency bytes should go through RGBA; the decoder
+    does so: the same RGB, and no warning line without a file name."""
+    import warnings
+    from data.common import decode_rgb
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 200, 30, 10] + [0] * 762)
+    image.info["transparency"] = bytes([0, 128] + [255] * 254)
+    image.save(tmp_path / "p.png", transparency=bytes([0, 128] + [255] * 254))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decoded = decode_rgb(tmp_path / "p.png")
+    assert decoded.mode == "RGB" and decoded.getpixel((0, 0)) == (200, 30, 10)
+
+
 def test_imagenet_subset_over_an_ilsvrc_tree_without_the_1000_class_rule(tmp_path):
     root = tmp_path / "ilsvrc"
     wnids = [f"n{i:08d}" for i in range(6)]
