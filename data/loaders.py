@@ -684,8 +684,9 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
         found.update({s: len(loaded.tree.samples[s]) for s in loaded.tree.eval_splits})
     used = {"train": len(train_idx), "val": 0 if val is None else len(val.labels), "test": len(test_idx)}
     source = getattr(train_set, "source", None)         # where the family loader read it, or the folder it was given
-    if source is None and (getattr(train_set, "root", None) or args.data):
-        source = str(Path(getattr(train_set, "root", None) or args.data).absolute())
+    where = loaded.tree.root if name == "folder" else getattr(train_set, "root", None) or args.data
+    if source is None and where:                       # (a folder dataset: --data, or the default place)
+        source = str(Path(where).absolute())
     record = _describe(info, source, found, used, {"subset": subset, "eval_subset": eval_subset}, rank, notes)
     if info.classes is not None:
         record["classes"] = list(info.classes)

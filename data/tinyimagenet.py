@@ -235,7 +235,7 @@ def _load(root: Path) -> tuple[ArraySplit, ArraySplit]:
     cache = root / CACHE
     blob = load_or_warn(cache, CACHE_VERSION, key, "tinyimagenet")
     if blob is not None:
-        source = f"{root.absolute()} (its decoded cache {CACHE})"
+        source = str(root.absolute())              # (the folder, as when decoded: where the run read its data)
         return ArraySplit(*blob["train"][:2], source), ArraySplit(*blob["test"][:2], source)
     (train, bad_train), (test, bad_val) = _decode_all(train_items), _decode_all(val_items)
     if bad_train or bad_val:                     # nothing is cached

@@ -217,13 +217,17 @@ class Run:
         an ImageNet subset) and the same image size; and to resume, as many images in each split (a folder that
         gained or lost images since would train the later epochs on other data, with another mean and std, and the
         record would state the new counts for every epoch; --eval-only evaluates the data as they are). Without
-        --data (the checkpoint's or this command's), the data must be read from where the run read them: the default
-        place lies under the current folder (or $OKD_DATASETS), and another folder may hold another copy."""
+        --data (the checkpoint's or this command's), a run is resumed only on the data in the folder it read, while
+        that folder is there: the default place lies under the current folder (or $OKD_DATASETS), and another
+        folder may hold another copy; --eval-only evaluates the copy it reads, with a warning naming both."""
         from data import class_difference
         before, now = [(d.get("data") or {}).get("source") for d in (ckpt, self.about)]
-        if self.config.data is None and before and now and before != now:
-            raise UserError(f"{path} was trained on the data in {before}; without --data this command read {now}: "
-                            "give --data with the data it was trained on (or with these, to use them)")
+        if (self.config.data is None and before and now and os.path.isdir(before)
+                and os.path.realpath(before) != os.path.realpath(now)):
+            read = f"{path} was trained on the data in {before}; without --data this command read {now}"
+            if not self.config.eval_only:
+                raise UserError(f"{read}: give --data with the data it was trained on (or with these, to use them)")
+            warnings.warn(f"{read}, and evaluates those (--data chooses)")
         if ckpt.get("classes") and self.about.get("classes") is not None:
             difference = class_difference(ckpt["classes"], self.about["classes"])
             if difference:

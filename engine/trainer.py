@@ -389,6 +389,7 @@ class Trainer:
         splits = {"test": f"{a.eval_subset} images of {test} (stratified, seed {a.seed})" if a.eval_subset else test}
         result = {"checkpoint": str(path.absolute()), "run_id": ckpt.get("run_id"), "method": ckpt["method"],
                   "epoch": ckpt["epoch"], "arch": a.arch, "dataset": a.dataset, "data": a.data,
+                  "source": self.loaders.record["source"],
                   "image_size": self.loaders.info.image_size, "splits": splits, "amp": a.amp,
                   "images_used": self.loaders.record["images_used"], "test": self.evaluate(self.loaders.test)}
         if self.loaders.val is not None:

@@ -1837,11 +1837,11 @@ def test_checkpoints_and_exports_hold_cpu_tensors(run, tmp_path):
         assert_every_tensor_on_the_cpu(path)
 
 
-def test_a_run_without_data_is_resumed_and_evaluated_on_the_copy_it_read(tmp_path, monkeypatch):
-    """A run trained without --data reads the default place under the current folder: resumed or evaluated from
-    another folder that holds another copy of the dataset (the same counts, other labels), it is refused with one
-    line naming both copies (it evaluated the other copy silently, and its record named none), until --data
-    chooses."""
+def test_a_run_without_data_is_resumed_only_on_the_copy_it_read(tmp_path, monkeypatch):
+    """A run trained without --data reads the default place under the current folder: resumed from another folder
+    that holds another copy of the dataset (the same counts, other labels), it is refused with one line naming both
+    copies until --data chooses; evaluated there, it evaluates that copy with a warning naming both, and the
+    evaluation file says which it read (it evaluated the other copy silently, and named none)."""
     from datasets_on_disk import write_cifar10
     monkeypatch.delenv("OKD_DATASETS", raising=False)
     here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
@@ -1854,25 +1854,63 @@ def test_a_run_without_data_is_resumed_and_evaluated_on_the_copy_it_read(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         train(interrupted(train_baseline.Baseline, 1), argv)
     monkeypatch.chdir(elsewhere)
-    read_here = f"trained on the data in {here / 'datasets' / 'cifar10' / 'cifar-10-batches-py'}"
-    for command in (["--eval-only", str(out / "last.pt")], ["--resume", str(out / "last.pt")]):
-        with pytest.raises(UserError, match=f"{read_here}; without --data this command read {elsewhere}") as err:
-            train(train_baseline.Baseline, command + ["--gpu", "-1", "--no-progress", "--threads", "1"])
-        assert "\n" not in str(err.value) and "give --data" in str(err.value)
+    trained_on, read = (here / "datasets" / "cifar10" / "cifar-10-batches-py",
+                        elsewhere / "datasets" / "cifar10" / "cifar-10-batches-py")
+    said = f"trained on the data in {trained_on}; without --data this command read {read}"
+    with pytest.raises(UserError, match=f"{said}: give --data with the data it was trained on") as err:
+        train(train_baseline.Baseline, ["--resume", str(out / "last.pt"), "--gpu", "-1", "--no-progress"])
+    assert "\n" not in str(err.value)
+    with pytest.warns(UserWarning, match=f"{said}, and evaluates those"):
+        evaluated = train(train_baseline.Baseline, ["--eval-only", str(out / "last.pt"), "--gpu", "-1",
+                                                    "--no-progress", "--out", str(tmp_path / "eval")])
+    assert evaluated["source"] == str(read)
     resumed = train(train_baseline.Baseline, ["--resume", str(out / "last.pt"), "--data", str(here / "datasets" /
                                               "cifar10"), "--gpu", "-1", "--no-progress", "--threads", "1"])
-    assert resumed["epochs_done"] == 2 and resumed["data"]["source"].startswith(str(here))
+    assert resumed["epochs_done"] == 2 and resumed["data"]["source"] == str(trained_on)
 
 
-def test_a_results_json_holding_nan_is_no_record(run):
+@pytest.mark.parametrize("dataset", ["tinyimagenet", "folder"])
+def test_a_run_without_data_is_resumed_from_its_own_folder(tmp_path, monkeypatch, dataset):
+    """The same rule, where the place read is recorded otherwise: TinyImageNet read once from its images, then from
+    its decoded cache, is the same folder (it was refused as another copy); a folder dataset read from the default
+    place records that folder (it recorded none, so another copy was read silently)."""
+    from datasets_on_disk import write_folder, write_tinyimagenet
+    monkeypatch.delenv("OKD_DATASETS", raising=False)
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for where in (here, elsewhere):
+        if dataset == "tinyimagenet":
+            write_tinyimagenet(where / "datasets" / "tinyimagenet")
+        else:
+            write_folder(where / "datasets" / "folder", per_split=(("train", 4), ("val", 2)))
+    monkeypatch.chdir(here)
+    out = tmp_path / "run"
+    argv = ["--dataset", dataset, "--arch", "resnet20", "--batch-size", "16", "--gpu", "-1", "--threads", "1",
+            "--no-progress", "--epochs", "2", "--out", str(out)] + (["--subset", "200"] * (dataset == "tinyimagenet"))
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted(train_baseline.Baseline, 1), argv)
+    resumed = train(train_baseline.Baseline, ["--resume", str(out / "last.pt"), "--gpu", "-1", "--no-progress"])
+    assert resumed["epochs_done"] == 2 and resumed["data"]["source"].startswith(str(here / "datasets"))
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(UserError, match=f"trained on the data in {here / 'datasets'}"):
+        train(train_baseline.Baseline, ["--resume", str(out / "last.pt"), "--gpu", "-1", "--no-progress", "--epochs",
+                                        "3", "--extend-epochs"])
+
+
+def test_a_results_json_holding_nan_is_no_record(run, tmp_path):
     """NaN (which json writes and reads back) in a hand-edited results.json is no value the engine writes (a
     non-finite loss stops a run): no record, so read_run rebuilds it from last.pt (it once reached summarize.py's
     statistics as a traceback)."""
-    from engine.run import record_problem
+    from engine.run import read_run, record_problem
     saved = json.loads((run / "results.json").read_text())
     saved["history"][0]["test"]["peer1/top1"] = float("nan")
     assert record_problem(json.loads(json.dumps(saved))) == "epoch 1: a train, test or val value that is not a " \
         "finite number"
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "results.json").write_text(json.dumps(saved))
+    rebuilt = read_run(copy)                               # (from its last.pt: the numbers the run saved)
+    assert rebuilt["history"][0]["test"]["peer1/top1"] == json.loads((run / "results.json").read_text())[
+        "history"][0]["test"]["peer1/top1"]
 
 
 def test_a_run_of_a_folder_or_out_whose_name_is_not_utf8(tmp_path, monkeypatch):
