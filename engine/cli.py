@@ -361,6 +361,8 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     except ValueError:
         arch = None                                   # (argparse reports it)
     parser = build_parser(method_cls, recipe, preset, arch)
+    if known.arch and "," in known.arch and method_cls.num_peers is not None:    # --help: the list's count
+        parser.set_defaults(num_peers=len(known.arch.split(",")))
     shortened = _shorten_schedule(parser, known.epochs)   # before parsing: --help shows the defaults a run uses
     args = parser.parse_args(argv, argparse.Namespace(num_peers=None))   # num_peers None: not on the command line
     _peer_list(parser, args, method_cls)

@@ -293,6 +293,16 @@ def test_help_follows_recipe_and_preset(monkeypatch):
     assert "(default: 2.0)" in blocks["--kd-T"] and "(default: 150 225)" in blocks["--milestones"]
 
 
+@pytest.mark.parametrize("method", ["dml", "kdcl"])
+def test_help_shows_the_number_of_peers_an_arch_list_gives(method, monkeypatch, capsys):
+    """--arch a,a,b trains 3 peers; --help showed the method's default (2) for --num-peers."""
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        parse_args(load_method(method), ["--arch", "resnet20,resnet20,wrn_16_2", "--help"])
+    assert "(default: 3)" in option_blocks(capsys.readouterr().out)["--num-peers"]
+    assert parse_args(load_method(method), ["--arch", "resnet20,resnet20,wrn_16_2"]).num_peers == 3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", [f"train_{m}.py" for m in METHODS] + [f"scripts/{s}" for s in SCRIPTS])
 def test_help_of_every_script(script):
