@@ -686,7 +686,7 @@ def check_extra(runs: Sequence[Run], extra: Sequence[str], text: str) -> Optiona
     import io
     from engine.errors import UserError
     # (argparse's line, "--eval-only: not allowed with argument --resume", names a flag the user never gave)
-    if any(t == "--eval-only" or t.startswith("--eval-only=") for t in extra):
+    if any("--eval-only".startswith(t.split("=")[0]) and t.startswith("--eval-o") for t in extra):   # (--eval-on)
         return (f"error: --extra={text!r}: --eval-only is not a training flag: it evaluates a checkpoint and "
                 "trains nothing, and reproduce.py trains every run (it adds --resume auto itself); evaluate a "
                 "checkpoint with python train_<method>.py --eval-only PATH")

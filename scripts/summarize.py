@@ -297,22 +297,19 @@ def summarize_cell(table: Table, cell: Cell, by_tag: dict, warn=None) -> CellSum
     counted = [(r, text) for r, text in flags if not text]          # the table's command
     basis = "the runs of the table's command"
     if not counted and flags:   # none of the table's command: one protocol's runs, the one with the most finished
-        kinds: list[list] = []
+        kinds: dict[str, list] = {}     # (one protocol: the same flags against the table's, a global batch as one)
         for r, text in flags:
-            kind = next((k for k in kinds if not _training_differences(k[0][0], r)), None)
-            if kind is None:
-                kinds.append([(r, text)])
-            else:
-                kind.append((r, text))
-        counted = max(kinds, key=lambda k: (sum(r.finished for r, _ in k), len(k)))
+            kinds.setdefault(text, []).append((r, text))
+        counted = max(kinds.values(), key=lambda k: (sum(r.finished for r, _ in k), len(k)))   # (ties: first found)
         basis = f"runs trained with {counted[0][1]}"
     kept = {id(r) for r, _ in counted}
     left_out += [(r, f"a run trained with {text}") for r, text in flags if id(r) not in kept]
     left_out.sort(key=lambda item: (str(item[0].seed), str(item[0].path)))
     for r, why in left_out:
         if warn:
-            warn(f"{r.path.parent} is {why}: left out of {where}, whose numbers are {basis} (runs trained "
-                 "differently are not averaged together)")
+            warn(f"{r.path.parent} is {why}: left out of {where}, " + (
+                f"whose numbers are {basis} (runs trained differently are not averaged together)" if counted else
+                f"which has no run of {cell.script}"))
     runs = dedupe([r for r, _ in counted], warn)
     other = [(r, text) for r, text in counted if text and any(r is k for k in runs)]
     for r, text in other:

@@ -351,7 +351,9 @@ def main(argv: Optional[list] = None) -> int:
     """``python scripts/tables.py``: the tables, one line each (``--help``: what this file is). The file is data:
     reproduce.py runs its cells and summarize.py reads their runs back."""
     import argparse
-    parser = argparse.ArgumentParser(
+
+    from engine.cli import Parser          # (the tools' parser: an error in one line)
+    parser = Parser(
         prog="scripts/tables.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
         epilog="The file is data: python scripts/reproduce.py TABLE --dry-run prints a table's commands, "
                "reproduce.py --list\ncounts its runs, and python scripts/summarize.py RUNS --table TABLE reads "

@@ -566,3 +566,24 @@ def test_two_copies_of_a_seed_say_which_copy_is_kept(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == [
         f"two runs of seed 0 with tag smoke/dml-resnet20: {first.parent} and {second.parent}; keeping {first.parent}, "
         "the first found (both have the same epochs)"]
+
+
+def test_one_other_protocol_on_one_or_two_processes_is_one_protocol(tmp_path, capsys):
+    """Seeds of one --extra budget launched on 1 process (batch 64) and on 2 (batch 32 each: the same global batch)
+    are one protocol, counted together (the first grouping took the number of processes for a difference and left
+    one out); a cell whose only run is another method's says it has no run of its own (it said "whose numbers are
+    the runs of the table's command")."""
+    short = dict(SMOKE, subset=64, epochs=1)
+    write(tmp_path / "a" / "results.json", results("smoke/baseline-resnet20", 0, {"net": [40.0]}, method="baseline",
+                                                   arch="resnet20", selection="net", args=short))
+    write(tmp_path / "b" / "results.json", dict(results("smoke/baseline-resnet20", 1, {"net": [44.0]},
+                                                        method="baseline", arch="resnet20", selection="net",
+                                                        args=dict(short, batch_size=32)), world_size=2))
+    write(tmp_path / "c" / "results.json", results("smoke/dml-resnet20", 0, {"net": [50.0]}, method="baseline",
+                                                   arch="resnet20", selection="net", args=SMOKE))
+    assert summarize.main([str(tmp_path), "--table", "smoke"]) == 0
+    out, err = capsys.readouterr()
+    assert "| Baseline | 42.00 ± 2.83 n=2 *other flags* |" in out.splitlines()
+    assert [line for line in err.splitlines() if "left out" in line] == [
+        f"warning: {tmp_path / 'c'} is a run of train_baseline.py, not of train_dml.py: left out of smoke (DML / "
+        "ResNet-20), which has no run of train_dml.py"]
