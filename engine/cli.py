@@ -55,7 +55,8 @@ def number(kind=float, *, at_least=None, above=None, below=None, at_most=None, w
 
 non_negative = number(at_least=0)                # loss weights, weight decays, ramp-up lengths
 positive = number(above=0)                       # learning rates, ratios
-temperature = number(above=0, why="a temperature: the softmax divides by it")
+temperature = number(above=0, at_most=10_000, why="a temperature: the softmax divides by it, and a distillation term "
+                     "is scaled by its square")       # (1e30: T² overflows float32, found only as a NaN loss)
 fraction = number(at_least=0, below=1)           # momenta, dropout probabilities, Adam betas
 unit_interval = number(at_least=0, at_most=1)    # decays and momenta that may reach 1
 positive_int = number(int, at_least=1)

@@ -112,8 +112,9 @@ BAD = [("dml", ["--lr", "-0.1"], "argument --lr: must be >= 0; got -0.1"),
        ("amln", ["--adv-weight", "nan"], "argument --adv-weight: must be a finite number"),
        ("amln", ["--disc-weight-decay", "inf"], "argument --disc-weight-decay: must be a finite number"),
        ("amln", ["--disc-betas", "0.5", "nan"], "argument --disc-betas: must be a finite number; got nan")]
-BAD += [(m, [flag, value], f"argument {flag}: must be > 0; got {value} (a temperature: the softmax divides by it)")
-        for m in METHODS for flag in temperature_flags(load_method(m)) for value in ("0", "-1")]
+BAD += [(m, [flag, value], f"argument {flag}: must lie in (0, 10000]; got {value} (a temperature: the softmax "
+                          "divides by it") for m in METHODS for flag in temperature_flags(load_method(m))
+        for value in ("0", "-1", "1e30")]
 
 
 def _float_flags():

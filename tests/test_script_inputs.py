@@ -405,7 +405,7 @@ def test_kl_gap_checkpoint_refused_in_one_line_before_data_is_loaded(dml_run, dc
         kl_gap.main(["--batch-size", "0"])
     one_line(exit_.value.code, capsys.readouterr().err)
     for argv, message in ((["--data", str(truncated)], "is a file, not a folder"),        # the engine's flag types
-                          (["--kd-T", "0"], "must be > 0; got 0 (a temperature")):
+                          (["--kd-T", "0"], "must lie in (0, 10000]; got 0 (a temperature")):
         with pytest.raises(SystemExit) as exit_:
             kl_gap.main(argv)
         assert message in one_line(exit_.value.code, capsys.readouterr().err)
