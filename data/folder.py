@@ -69,9 +69,8 @@ from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .common import (HIGH_BIT_MODES, ArraySplit, BadDatasetError, DataFlagError, DatasetInfo, DatasetNotFoundError,
-                     array_transforms, check_link_loop, decode_rgb, default_dir, high_bit_reason, image_problem,
-                     is_hidden, load_or_warn, printable, read_class_list, save_or_warn, some, unreadable_folder,
-                     visible_dirs)
+                     array_transforms, check_link_loop, decode_rgb, default_dir, high_bit_reason, is_hidden,
+                     load_or_warn, printable, read_class_list, save_or_warn, some, unreadable_folder, visible_dirs)
 from .files import write_atomically
 
 NAME = "folder"
@@ -340,8 +339,8 @@ def protocol_text(info: DatasetInfo) -> str:
 
 # --------------------------------------------------------------------------- decoding and statistics
 
-# A folder image decodes as every dataset's (data.common.decode_rgb: 16-bit and float images refused, for all of them);
-# the names this module's callers know (image_problem: scripts/check_dataset.py, imported above).
+# A folder image decodes as every dataset's (data.common.decode_rgb: 16-bit and float images refused, for all of them),
+# under the name this module's callers know (tests/test_export_peer.py imports folder.decode_image).
 decode_image = decode_rgb
 
 
