@@ -501,9 +501,14 @@ def load_folder(data=None, image_size: Optional[int] = None, classes=None, loade
 
 def training_indices(tree: FolderTree, n: int, seed: int) -> Optional[torch.Tensor]:
     """Indices (sorted, int64) of the training images that ``--val-split n`` (seeded by ``seed``) leaves to
-    train on, as :func:`data.loaders.build_loaders` draws them; None when nothing is held out."""
+    train on, as :func:`data.loaders.build_loaders` draws them; None when nothing is held out. ValueError naming
+    train/ and the largest N for an ``n`` outside 1..n-1 of its n images."""
     if not n:
         return None
+    total = len(tree.samples["train"])
+    if not 0 < n < total:
+        raise ValueError(f"--val-split {n} must be between 1 and {total - 1} (the {total} images of "
+                         f"{printable(tree.root / 'train')}); give --val-split {total - 1} or less")
     from .loaders import stratified_split
     return stratified_split(torch.tensor([y for _, y in tree.samples["train"]], dtype=torch.int64), n, seed)[0]
 

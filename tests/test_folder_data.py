@@ -470,10 +470,12 @@ def test_mean_and_std_leave_out_the_images_val_split_holds_out(tmp_path, monkeyp
     ({"subset": 17, "val_split": 3}, "--subset 17 exceeds the 15 available training samples (the images of "
                                      "{root}/train, less the 3 --val-split holds out)"),
     ({"eval_subset": 4, "val_split": 3, "drop_val": True}, "--eval-subset 4 exceeds the 3 test samples (the 3 "
-                                                           "images --val-split holds out of {root}/train)")])
+                                                           "images --val-split holds out of {root}/train)"),
+    ({"val_split": 500}, "--val-split 500 must be between 1 and 17 (the 18 images of {root}/train); give "
+                         "--val-split 17 or less")])
 def test_subsets_larger_than_the_folder_are_refused_before_decoding(tmp_path, monkeypatch, flags, message):
-    """The scan's counts decide a --subset or --eval-subset too large: refused before an image is decoded (it came
-    after every image was decoded and cached), naming the folder that holds the images."""
+    """The scan's counts decide a --subset, --eval-subset or --val-split too large: refused before an image is
+    decoded (it came after every image was decoded and cached), naming the folder that holds the images."""
     root = write_folder(tmp_path / "tree")
     if flags.pop("drop_val", False):
         shutil.rmtree(root / "val")
