@@ -81,7 +81,7 @@ MEMORY_BYTES = 4 * 2 ** 30         # decoded sets up to this size are held in me
 SIZE_SAMPLE = 1000                 # image headers read to choose the size
 STATS_SAMPLE = 10000               # streamed sets: images decoded to measure the mean and std
 CACHE_DIR = ".okd_cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2                  # 2: the decoded arrays' cache holds no mean or std
 EXTENSIONS = " ".join(IMG_EXTENSIONS)
 
 

@@ -595,6 +595,30 @@ def test_the_cache_is_used_and_rebuilt_when_the_tree_changes(tmp_path, monkeypat
     assert len(decoded) == 10 and len(list((root / ".okd_cache").glob("images-*.pt"))) == 2
 
 
+def test_the_previous_versions_caches_and_this_ones_are_each_rebuilt_by_the_other(tmp_path, monkeypatch, recwarn):
+    """The decoded arrays' cache lost its mean and std (measured apart, per hold-out) at the same CACHE_VERSION 1,
+    so the previous version took this one's file for its own and stopped with KeyError: 'mean'; and this version
+    took the previous one's streamed statistics for its own (KeyError: 'sampled'). Each rebuilds the other's."""
+    from data.common import load_or_warn, save_or_warn
+    root = write_folder(tmp_path / "tree")
+    build_loaders(args_for(root), "cpu")
+    tree, cache = folder.scan(root), root / ".okd_cache"
+    with monkeypatch.context() as old:                          # the keys the previous version computes
+        old.setattr(folder, "CACHE_VERSION", 1)
+        old_keys = {files: folder.fingerprint(tree, 32, with_files=files) for files in (True, False)}
+    images = next(cache.glob("images-32px-*.pt"))
+    assert load_or_warn(images, 1, old_keys[True], "folder") is None     # the previous version decodes again
+    mean = build_loaders(args_for(root), "cpu").info.mean
+    blob = torch.load(images, weights_only=True)
+    save_or_warn({**blob, "version": 1, "key": old_keys[True], "mean": [0.5] * 3, "std": [0.25] * 3}, images)
+    assert build_loaders(args_for(root), "cpu").info.mean == mean                 # its arrays and stats: not used
+    monkeypatch.setattr(folder, "MEMORY_BYTES", 0)                                # streamed
+    stats = cache / f"stats-32px-{folder._classes_digest(tree.classes)}.json"
+    stats.write_text(json.dumps({"version": 1, "key": old_keys[False], "mean": [0.5] * 3, "std": [0.25] * 3}))
+    assert build_loaders(args_for(root), "cpu").info.mean != (0.5,) * 3
+    assert not [w for w in recwarn if "folder" in str(w.message)]                  # silently
+
+
 def test_a_read_only_tree_caches_under_xdg_cache_home(tmp_path, monkeypatch):
     root = write_folder(tmp_path / "tree")
     real_access = os.access
