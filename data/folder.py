@@ -41,10 +41,11 @@ finished epoch's checkpoint is intact). The ImageNet protocol always reads the f
 its crops from the full-resolution image, which a copy decoded at S would not have.
 
 **Cache** (``DIR/.okd_cache/``, or ``$XDG_CACHE_HOME/okd/<hash of DIR>/`` when DIR is read-only): the decoded
-arrays (``images-<S>px-<classes>.pt``; their mean and std are measured each time), keyed on a SHA-256 of the
-class list, S and every image's relative path, size, modification time and label; the streamed sets' mean and
-std with the class list (``stats-<S>px-<classes>.json``), keyed on the class list, S, the hold-out and every
-image's path and label. Any change to the tree re-reads it. Written atomically; a damaged cache is ignored and rebuilt.
+arrays (``images-<S>px-<classes>.pt``), keyed on a SHA-256 of the class list, S and every image's relative
+path, size, modification time and label; the mean and std with the images they were measured on, one small
+file per hold-out (``stats-<S>px-<classes>.json``, ``stats-<S>px-<classes>-val<N>-seed<seed>.json`` for
+``--val-split N``), keyed on the same SHA-256 (a streamed set's without the files' sizes and times) and the
+hold-out. Any change to the tree re-reads it. Written atomically; a damaged cache is ignored and rebuilt.
 """
 from __future__ import annotations
 
@@ -376,16 +377,18 @@ def decode_all(items: list, info: DatasetInfo) -> tuple[Optional[ArraySplit], li
     return ArraySplit(images, torch.tensor([y for _, y in items], dtype=torch.int64)), []
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple, tuple]:
-    """Per-channel mean and std of uint8 N x 3 x H x W images on the [0, 1] scale (float64 sums, in chunks)."""
-    total, squares, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
-    for chunk in images.split(4096):
-        x = chunk.to(torch.float64).div_(255)
-        total += x.sum(dim=(0, 2, 3))
-        squares += x.square().sum(dim=(0, 2, 3))
+def channel_stats(images: torch.Tensor, keep: Optional[torch.Tensor] = None) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of uint8 N x 3 x H x W images on the [0, 1] scale, of those ``keep`` indexes (None:
+    all). Exact integer sums over chunks of 1,024 images: ``images`` is never copied whole (a 4 GiB set indexed at
+    once would double the memory the run needs)."""
+    total, squares, count = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), 0
+    for chunk in images.split(1024) if keep is None else (images[k] for k in keep.split(1024)):
+        x = chunk.to(torch.int32)
+        total += x.sum(dim=(0, 2, 3), dtype=torch.int64)
+        squares += x.square_().sum(dim=(0, 2, 3), dtype=torch.int64)
         count += x.numel() // 3
-    mean = total / count
-    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
+    mean = total.double() / (255 * count)
+    std = (squares.double() / (255 * 255 * count) - mean.square()).clamp_min(1e-12).sqrt()
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
@@ -488,11 +491,15 @@ def load_folder(data=None, image_size: Optional[int] = None, classes=None, loade
     n_train, (n, seed) = len(tree.samples["train"]), held_out
     less = f", train/ less the {n} images --val-split {n} holds out (seed {seed})" if n else " of train/"
     if in_memory:
-        splits = _in_memory(tree, info, folder, stem)
-        mean, std = channel_stats(splits["train"].images if keep is None else splits["train"].images[keep])
+        key = fingerprint(tree, info.image_size, with_files=True)
+        splits = _in_memory(tree, info, folder, stem, key)
+        mean, std, _ = _statistics(tree, folder, stem, key + " all, decoded", keep, held_out,
+                                   lambda: (*channel_stats(splits["train"].images, keep), n_train - n))
         stats_of = f"all {n_train - n} training images{less}"
     else:
-        mean, std, sampled = _streamed_stats(tree, info, folder, stem, keep, held_out)
+        key = fingerprint(tree, info.image_size, with_files=False) + f" up to {STATS_SAMPLE}, streamed"
+        mean, std, sampled = _statistics(tree, folder, stem, key, keep, held_out,
+                                         lambda: _streamed_stats(tree, info, keep))
         splits = {s: _files(tree, s) for s in tree.samples}
         stats_of = f"{sampled} of the {n_train - n} training images{less}, evenly spread"
     info = replace(info, mean=mean, std=std)
@@ -519,8 +526,7 @@ def _files(tree: FolderTree, split: str):
                       fix=stream_fix(tree.root), decode=decode_image)
 
 
-def _in_memory(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem: str):
-    key = fingerprint(tree, info.image_size, with_files=True)
+def _in_memory(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem: str, key: str):
     path = folder / f"images-{stem}.pt" if folder else None
     blob = load_or_warn(path, CACHE_VERSION, key, "folder") if path else None
     if blob is not None:
@@ -531,22 +537,35 @@ def _in_memory(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem
         splits[split], bad = arrays, bad + problems
     if bad:                                         # nothing is cached
         raise BadDatasetError.files(NAME, bad, check_fix(tree.root), what="images")
-    if path:      # (the arrays only: their mean and std depend on the hold-out, and are measured in no time)
+    if path:      # (the arrays only: their mean and std depend on the hold-out, cached apart by _statistics)
         save_or_warn({"version": CACHE_VERSION, "key": key, "classes": list(tree.classes),
                       "image_size": info.image_size, "splits": {s: tuple(a) for s, a in splits.items()}}, path)
     return splits
 
 
-def _streamed_stats(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem: str,
-                    keep: Optional[torch.Tensor], held_out: tuple[int, int]):
-    """(mean, std, images measured) of up to :data:`STATS_SAMPLE` training images among those ``keep`` indexes
-    (None: all), cached in a JSON file keyed on the tree and on ``held_out`` (which images were left out)."""
-    key = fingerprint(tree, info.image_size, with_files=False) + (f" less --val-split {held_out[0]} seed {held_out[1]}"
-                                                                  if keep is not None else "")
-    path = folder / f"stats-{stem}.json" if folder else None
+def _statistics(tree: FolderTree, folder: Optional[Path], stem: str, key: str, keep: Optional[torch.Tensor],
+                held_out: tuple[int, int], measure):
+    """(mean, std, images measured) of the training images ``keep`` indexes (None: all), from ``measure()`` unless
+    cached: one small JSON file per hold-out, ``stats-<S>px-<classes>[-val<N>-seed<S>].json`` (so runs of other
+    seeds or --val-split neither measure again nor overwrite each other's), keyed on ``key`` (the tree's
+    fingerprint and how the images are measured) and on the hold-out."""
+    n, seed = held_out if keep is not None else (0, 0)
+    path = folder / (f"stats-{stem}" + (f"-val{n}-seed{seed}" if n else "") + ".json") if folder else None
+    key += f" less --val-split {n} seed {seed}" if n else ""
     blob = load_or_warn(path, CACHE_VERSION, key, "folder") if path else None
     if blob is not None:
         return tuple(blob["mean"]), tuple(blob["std"]), blob["sampled"]
+    mean, std, sampled = measure()
+    if path:
+        _write_json({"version": CACHE_VERSION, "key": key, "classes": list(tree.classes), "sampled": sampled,
+                     "of": len(tree.samples["train"]) - n, "held_out": n, "seed": seed if n else None,
+                     "mean": list(mean), "std": list(std)}, path)
+    return mean, std, sampled
+
+
+def _streamed_stats(tree: FolderTree, info: DatasetInfo, keep: Optional[torch.Tensor]):
+    """(mean, std, images measured) of up to :data:`STATS_SAMPLE` training images, evenly spread among those
+    ``keep`` indexes (None: all), decoded and framed as the test transform frames them."""
     items = tree.samples["train"] if keep is None else [tree.samples["train"][i] for i in keep.tolist()]
     sample = _evenly(items, STATS_SAMPLE)
     print(f"folder: measuring the mean and std of {len(sample)} training images at {info.image_size} px (once; cached)",
@@ -554,12 +573,7 @@ def _streamed_stats(tree: FolderTree, info: DatasetInfo, folder: Optional[Path],
     arrays, bad = decode_all(sample, info)
     if bad:
         raise BadDatasetError.files(NAME, bad, check_fix(tree.root), what="images")
-    mean, std = channel_stats(arrays.images)
-    if path:
-        _write_json({"version": CACHE_VERSION, "key": key, "classes": list(tree.classes), "image_size": info.image_size,
-                     "sampled": len(sample), "of": len(items), "held_out": held_out[0] if keep is not None else 0,
-                     "mean": list(mean), "std": list(std)}, path)
-    return mean, std, len(sample)
+    return (*channel_stats(arrays.images), len(sample))
 
 
 def transform(info: DatasetInfo, train: bool, streamed: bool, pad_mode: str = "zero"):

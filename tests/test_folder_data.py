@@ -462,6 +462,33 @@ def test_mean_and_std_leave_out_the_images_val_split_holds_out(tmp_path, monkeyp
     assert other.info.mean != loaders.info.mean and "less the 6 images" in other.record["folder"]["mean_std_of"]
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_mean_and_std_of_each_hold_out_are_cached_in_a_file_of_their_own(tmp_path, monkeypatch, streamed):
+    """Runs of seeds 0, 1, 2 with --val-split (as reproduce.py starts them): the streamed statistics had one file,
+    whose key named the hold-out, so each start decoded up to 10,000 images again and overwrote the others' file;
+    in memory they were measured on every start, on a copy of the whole training tensor (images[keep])."""
+    root = write_folder(tmp_path / "tree")
+    if streamed:
+        monkeypatch.setattr(folder, "MEMORY_BYTES", 0)
+    measured, real = [], folder.channel_stats
+    monkeypatch.setattr(folder, "channel_stats", lambda images, *keep: measured.append(len(images)) or
+                        real(images, *keep))
+    means = {seed: build_loaders(args_for(root, val_split=3, seed=seed), "cpu").info.mean for seed in (0, 1, 2)}
+    assert measured == ([15] * 3 if streamed else [18] * 3)        # in memory: the arrays, not a copy of 15 of them
+    again = {seed: build_loaders(args_for(root, val_split=3, seed=seed), "cpu").info.mean for seed in (2, 0, 1)}
+    assert again == means and len(measured) == 3                   # each from its own file
+    names = sorted(p.name for p in (root / ".okd_cache").glob("stats-*.json"))
+    assert [n.split("-", 3)[-1] for n in names] == ["val3-seed0.json", "val3-seed1.json", "val3-seed2.json"]
+    blob = json.loads((root / ".okd_cache" / names[1]).read_text())
+    assert (blob["held_out"], blob["seed"], blob["of"], blob["sampled"]) == (3, 1, 15, 15)
+
+
+def test_channel_stats_of_indexed_images_are_those_of_the_copy():
+    images = torch.randint(0, 256, (2500, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    keep = torch.arange(0, 2500, 3)
+    assert folder.channel_stats(images, keep) == folder.channel_stats(images[keep].clone())
+
+
 @pytest.mark.parametrize("flags, message", [
     ({"eval_subset": 64}, "--eval-subset 64 exceeds the 6 test samples (the images of {root}/val); give "
                           "--eval-subset 6 or less"),
