@@ -85,21 +85,30 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def visible_dirs(folder: os.PathLike | str) -> list[str]:
+# Names of files, never of class folders: a symbolic link so named that points to nothing is no missing class.
+FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif", ".txt", ".csv",
+                 ".json", ".md", ".xml", ".mat", ".tar", ".gz", ".zip", ".pt")
+
+
+def visible_dirs(folder: os.PathLike | str, used: Optional[Iterable[str]] = None) -> list[str]:
     """Sorted names of the non-hidden sub-folders of ``folder`` (symbolic links to folders included). A symbolic
-    link whose target does not exist (a network share that is not mounted looks so) raises
-    :class:`BadDatasetError` naming the link and its target: left out, its class would vanish without a word."""
+    link whose target does not exist (a network share that is not mounted looks so) and that names a class folder
+    the caller uses raises :class:`BadDatasetError` naming the link and its target: left out, its class would
+    vanish without a word. ``used``: the class folders the caller reads (a --classes list; ``()``: none, the
+    listing only looks); None: every folder is a class (the broken links named like a file, e.g. ``x.jpg``, are
+    not: :data:`FILE_SUFFIXES`)."""
     try:
         with os.scandir(folder) as it:
             entries = [e for e in it if not is_hidden(e.name)]
     except PermissionError as e:
         unreadable_folder(e)
-    broken = [e.path for e in entries if e.is_symlink() and not os.path.exists(e.path)]
+    wanted = (lambda name: not name.lower().endswith(FILE_SUFFIXES)) if used is None else set(used).__contains__
+    broken = [e.path for e in entries if wanted(e.name) and e.is_symlink() and not os.path.exists(e.path)]
     if broken:
         targets = "; ".join(f"{printable(p)} -> {printable(os.readlink(p))}" for p in sorted(broken)[:5])
         more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
-        raise BadDatasetError(f"{len(broken)} symbolic link(s) in {printable(folder)} point to nothing: {targets}"
-                              f"{more}. "
+        raise BadDatasetError(f"{len(broken)} symbolic link(s) of class folders in {printable(folder)} point to "
+                              f"nothing: {targets}{more}. "
                               "Fix: mount or restore what they point to (a network share?), or remove the links")
     return sorted(e.name for e in entries if e.is_dir())
 

@@ -173,9 +173,9 @@ def _scan(root: Path, classes_file: Optional[Path], data_given: bool) -> FolderT
         above = root.parent if root.name in ("train", "val", "test") and (root.parent / "train").is_dir() else None
         raise DatasetNotFoundError(NAME, "the folder train/ is missing", [train_dir], layout_fix(root) if above is None
                                    else f"pass --data {above}, the folder that holds train/, not {root.name}/ itself")
-    train_classes = visible_dirs(train_dir)
+    listed = read_class_list(classes_file) if classes_file is not None else None
+    train_classes = visible_dirs(train_dir, listed)       # (a broken link: refused only where its class is used)
     if classes_file is not None:
-        listed = read_class_list(classes_file)
         missing = set(listed) - set(train_classes)
         if missing:
             folders = {unicodedata.normalize("NFC", c) for c in train_classes}
@@ -199,7 +199,7 @@ def _scan(root: Path, classes_file: Optional[Path], data_given: bool) -> FolderT
         split_dir = root / split
         if not split_dir.is_dir():
             continue
-        folders = set(train_classes if split == "train" else visible_dirs(split_dir))
+        folders = set(train_classes if split == "train" else visible_dirs(split_dir, listed))
         if split != "train":
             extra = folders - set(train_classes)
             files = sorted(str(train_dir / c) for c in extra if (train_dir / c).is_file())

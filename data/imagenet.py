@@ -96,7 +96,7 @@ def _checked_root(data) -> Path:
             raise DatasetNotFoundError("imagenet", f"the folder {d.name}/ is missing", [d], FIX)
     flat = [p for p in val_dir.iterdir() if p.is_file() and not p.name.startswith(".")
             and p.suffix.lower() in IMAGE_SUFFIXES]
-    if flat and visible_dirs(val_dir):          # sorted already: what prepare_imagenet_val.py left in place
+    if flat and visible_dirs(val_dir, ()):          # sorted already: what prepare_imagenet_val.py left in place
         raise BadDatasetError(f"dataset 'imagenet': {val_dir} holds {len(flat)} image file(s) beside its class folders "
                               f"(e.g. {sorted(flat)[0].name}): a sort into class folders that was interrupted, or "
                               "images it left (no label, or a file of that name already in the class folder). Fix: run "
@@ -119,7 +119,7 @@ def subset_classes(data, classes_file) -> list[str]:
     names = read_class_list(classes_file)
     for split in ("train", "val"):
         folder = root / split
-        missing = set(names) - set(visible_dirs(folder))
+        missing = set(names) - set(visible_dirs(folder, names))
         if missing:
             raise DataFlagError(f"--classes {Path(classes_file).absolute()} names {len(missing)} class(es) with no "
                                 f"folder in {folder}: {some(missing)}. Fix: correct the names (one wnid a line), or "

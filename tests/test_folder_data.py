@@ -576,6 +576,42 @@ def test_a_class_folder_that_is_a_broken_link_is_named(tmp_path, capsys, split):
     assert code == 2 and f"{root / split / 'horse'} -> /nonexistent/horse" in err_text
 
 
+def test_a_broken_link_is_refused_only_where_its_class_folder_is_used(tmp_path):
+    """Every broken link of train/ or val/ stopped the run (f112d2f returned the listed classes): a class folder
+    that --classes leaves out (ImageNet-100 over a tree with unmounted class links), or a dangling link to a file."""
+    root = write_folder(tmp_path / "tree", classes=("ant", "bee", "cat"))
+    for split in ("train", "val"):
+        os.symlink("/nonexistent/horse", root / split / "horse")
+    listing = write(tmp_path / "subset.txt", b"ant\ncat\n")
+    assert build_loaders(args_for(root, classes=str(listing)), "cpu").info.classes == ("ant", "cat")
+    listing.write_bytes(b"ant\nhorse\n")                                  # listed: its broken link is named
+    with pytest.raises(BadDatasetError, match="point to nothing") as err:
+        dataset_info("folder", root, classes=listing)
+    assert f"{root / 'train' / 'horse'} -> /nonexistent/horse" in one_line(err)
+    for split in ("train", "val"):
+        os.unlink(root / split / "horse")
+        os.symlink("/nonexistent/notes.txt", root / split / "notes.txt")     # a file's link: no class
+    assert build_loaders(args_for(root), "cpu").info.classes == ("ant", "bee", "cat")
+
+
+def test_an_imagenet_subset_ignores_the_broken_links_of_classes_it_leaves_out(tmp_path):
+    root = tmp_path / "ilsvrc"
+    wnids = [f"n{i:08d}" for i in range(3)]
+    for c, w in enumerate(wnids):
+        write(root / "train" / w / f"{w}_0.JPEG", image_bytes((40 * c, 20, 20), size=40))
+        write(root / "val" / w / f"ILSVRC2012_val_{c:08d}.JPEG", image_bytes((40 * c, 20, 20), size=40))
+    for split in ("train", "val"):
+        os.symlink("/unmounted/n09999999", root / split / "n09999999")
+    listing = write(tmp_path / "imagenet100.txt", f"{wnids[0]}\n{wnids[2]}\n".encode())
+    assert dataset_info("imagenet", root, classes=listing).classes == (wnids[0], wnids[2])
+    listing.write_text(f"{wnids[0]}\nn09999999\n")
+    with pytest.raises(BadDatasetError, match="point to nothing") as err:
+        dataset_info("imagenet", root, classes=listing)
+    assert f"{root / 'train' / 'n09999999'} -> /unmounted/n09999999" in one_line(err)
+    with pytest.raises(BadDatasetError, match="n09999999 -> /unmounted/n09999999"):      # all 1000: every link used
+        build_loaders(loader_args(dataset="imagenet", data=str(root), batch_size=2), "cpu")
+
+
 def test_a_broken_link_is_named_as_an_image_that_cannot_be_read(tmp_path):
     root = write_folder(tmp_path / "tree")
     broken = root / "train" / "cat" / "gone.png"
