@@ -274,7 +274,7 @@ def test_a_built_in_datasets_normalisation_is_the_data_layers(tmp_path):
             "dataset": dataset, "image_size": size or info.image_size, "mean": list(info.mean),
             "std": list(info.std), "protocol": info.protocol, "test": test, "unknown": None}
     original = np.random.default_rng(0).integers(0, 256, (1, 28, 28), dtype=np.uint8)   # a 28 x 28 grey image
-    padded = fashion_mnist._split(Path("x"), Path("y"), original, np.zeros(1, np.int64)).images[0]  # as it is read
+    padded = fashion_mnist._split(Path("x"), original, np.zeros(1, np.int64)).images[0]  # as it is read
     pre = export_peer.preprocessing({"args": {"dataset": "fashion-mnist"}})
     torch.testing.assert_close(export_peer.input_transform(pre)(Image.fromarray(original[0], "L")),
                                array_transforms(static_info("fashion-mnist"), train=False)(padded), rtol=0, atol=1e-6)
