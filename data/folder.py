@@ -469,16 +469,15 @@ class FolderData(NamedTuple):
 
 
 def load_folder(data=None, image_size: Optional[int] = None, classes=None, loader: Optional[str] = None,
-                held_out: tuple[int, int] = (0, 0)) -> FolderData:
+                held_out: tuple[int, int] = (0, 0), keep: Optional[torch.Tensor] = None) -> FolderData:
     """Scan, check and read the tree under ``data`` (module docstring). ``loader``: ``--loader`` (None: the
     default of :func:`describe`). Decodes into memory (CIFAR protocol within :data:`MEMORY_BYTES`, or
     ``--loader device``) or lists the files for DataLoader workers; raises DatasetError / DataFlagError.
-    ``held_out``: (``--val-split`` N, ``--seed``): the mean and std leave out the N training images that
-    :func:`data.loaders.stratified_split` holds out (they evaluate; N = 0: none); ValueError for an N outside
-    1..n-1 of the n training images, before anything is decoded."""
+    ``held_out``: (``--val-split`` N, ``--seed``), with ``keep`` the indices of the training images it leaves
+    (:func:`data.loaders.training_indices`): the mean and std leave out the N images held out (they evaluate;
+    N = 0 and ``keep`` None: none)."""
     info = describe(data, image_size, classes)
     tree = scan(data, classes)
-    keep = training_indices(tree, *held_out)
     if loader == "device" and info.protocol == "imagenet":
         raise DataFlagError(f"--loader device keeps images decoded at {info.image_size}x{info.image_size}, but at "
                             f"{info.image_size} px (above {SMALL_MAX}) the ImageNet protocol crops the full-resolution "
@@ -504,20 +503,6 @@ def load_folder(data=None, image_size: Optional[int] = None, classes=None, loade
         stats_of = f"{sampled} of the {n_train - n} training images{less}, evenly spread"
     info = replace(info, mean=mean, std=std)
     return FolderData(splits.get("train"), splits.get("val"), splits.get("test"), info, tree, in_memory, stats_of)
-
-
-def training_indices(tree: FolderTree, n: int, seed: int) -> Optional[torch.Tensor]:
-    """Indices (sorted, int64) of the training images that ``--val-split n`` (seeded by ``seed``) leaves to
-    train on, as :func:`data.loaders.build_loaders` draws them; None when nothing is held out. ValueError naming
-    train/ and the largest N for an ``n`` outside 1..n-1 of its n images."""
-    if not n:
-        return None
-    total = len(tree.samples["train"])
-    if not 0 < n < total:
-        raise ValueError(f"--val-split {n} must be between 1 and {total - 1} (the {total} images of "
-                         f"{printable(tree.root / 'train')}); give --val-split {total - 1} or less")
-    from .loaders import stratified_split
-    return stratified_split(torch.tensor([y for _, y in tree.samples["train"]], dtype=torch.int64), n, seed)[0]
 
 
 def _files(tree: FolderTree, split: str):

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .common import (DATASET_NAMES, PAD_MODES, ArraySplit, BadDatasetError, DataFlagError, DatasetError,
-                     DatasetInfo, array_transforms, check_download, static_info)
+                     DatasetInfo, array_transforms, check_download, printable, static_info)
 
 # Tags that keep the random streams derived from one seed apart.
 _ORDER, _AUG, _WORKERS, _VAL, _SUBSET, _EVAL_SUBSET = range(6)
@@ -373,17 +373,19 @@ def dataset_info(name: str, data: Optional[os.PathLike | str] = None, *, image_s
 
 
 def load_dataset(name: str, data=None, download: bool = False, *, image_size: Optional[int] = None,
-                 classes=None, loader: Optional[str] = None, held_out: tuple[int, int] = (0, 0)):
+                 classes=None, loader: Optional[str] = None, held_out: tuple[int, int] = (0, 0),
+                 keep: Optional[torch.Tensor] = None):
     """(train, test) of ``name``: :class:`ArraySplit` pairs, or ImageFolder pairs for ImageNet (``classes``:
     a ``--classes`` file, a subset of its class folders); for ``folder`` a :class:`data.folder.FolderData`
     (``image_size``, ``classes`` and ``loader`` as ``--image-size``, ``--classes``, ``--loader``; ``held_out``
-    (``--val-split``, ``--seed``): the training images its mean and std leave out)."""
+    (``--val-split``, ``--seed``) and ``keep``, the training images its mean and std leave out and those they
+    measure: :func:`training_indices`)."""
     if name not in DATASET_NAMES:
         dataset_info(name)  # the unknown-name error
     check_download(name, download)
     if name == "folder":
         from .folder import load_folder
-        return load_folder(data, image_size, classes, loader, held_out)
+        return load_folder(data, image_size, classes, loader, held_out, keep)
     if name in ("cifar10", "cifar100"):
         from .cifar import load_cifar
         return load_cifar(name, data, download)
@@ -509,6 +511,20 @@ def _folder_splits(args, tree) -> dict:
     return {"train": "train/", "val": None, "test": f"{held}: the evaluation set"}
 
 
+def training_indices(tree, n: int, seed: int) -> Optional[torch.Tensor]:
+    """Indices (sorted, int64) of a folder tree's training images that ``--val-split n`` (seeded by ``seed``)
+    leaves to train on, as :func:`build_loaders` draws them from the loaded set (the same labels in the same
+    order); None when nothing is held out. ValueError naming train/ and the largest N for an ``n`` outside
+    1..n-1 of its n images, before anything is decoded."""
+    if not n:
+        return None
+    total = len(tree.samples["train"])
+    if not 0 < n < total:
+        raise ValueError(f"--val-split {n} must be between 1 and {total - 1} (the {total} images of "
+                         f"{printable(tree.root / 'train')}); give --val-split {total - 1} or less")
+    return stratified_split(torch.tensor([y for _, y in tree.samples["train"]], dtype=torch.int64), n, seed)[0]
+
+
 def _check_folder_counts(args, tree) -> None:
     """A ``--subset`` or ``--eval-subset`` larger than the images the scan counted: the ValueError that
     :func:`_subset` would raise once every image was decoded, raised before, naming the folder that holds them."""
@@ -586,16 +602,16 @@ def build_loaders(args, device, rank: int = 0, world_size: int = 1, needs_every_
         raise ValueError("ImageNet does not fit in device memory as decoded images; use --loader torch")
     folder_splits = None
     if name == "folder":
-        from .folder import scan, training_indices
+        from .folder import scan
         tree = scan(args.data, args.classes)
         folder_splits = _folder_splits(args, tree)   # before anything is decoded
-        training_indices(tree, args.val_split or 0, args.seed)  # (a --val-split out of range: before decoding)
+        keep = training_indices(tree, args.val_split or 0, args.seed)   # (a --val-split out of range: refused here)
         _check_folder_counts(args, tree)
     batch_size = args.batch_size
     eval_batch_size = args.eval_batch_size
     views, seed, workers, pad_mode = args.views, args.seed, args.workers, args.pad_mode
 
-    folder_options = {"held_out": (args.val_split or 0, seed)} if name == "folder" else {}
+    folder_options = {"held_out": (args.val_split or 0, seed), "keep": keep} if name == "folder" else {}
     loaded = _load_once(name, args.data, bool(args.download), rank, world_size, image_size=args.image_size,
                         classes=args.classes, loader=kind, **folder_options)
     val_set, notes = None, ()
