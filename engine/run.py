@@ -102,13 +102,12 @@ class Run:
     # ---- opening: the checks, the lock, then a new run or the checkpoint to continue -------------------------
 
     def check(self, before_lock: bool = True) -> Optional[dict]:
-        """Check the folder against this command, reading no data and leaving nothing changed: None for a new run, else
-        the checkpoint to continue from (:func:`read_checkpoint`: the one read before if the file is unchanged,
-        else read again: another process may have saved a later epoch meanwhile). Raises UserError rather than
-        overwrite anything. Made before the data are read (every rank;
-        ``before_lock``: rank 0 also finds whether another process holds the folder, waiting up to 12 s for a lock
-        whose holder has ended, or it cannot be created, and every rank stops with it), and again by :meth:`open`
-        under the lock."""
+        """Check the folder against this command, reading no data and leaving nothing changed: None for a new run,
+        else the checkpoint to continue from (:func:`read_checkpoint`: the one read before if the file is
+        unchanged, else read again: another process may have saved a later epoch meanwhile). Raises UserError
+        rather than overwrite anything. Made before the data are read (every rank; ``before_lock``: rank 0 also
+        finds whether another process holds the folder, waiting up to 12 s for a lock whose holder has ended, or
+        it cannot be created, and every rank stops with it), and again by :meth:`open` under the lock."""
         problem = (self._inside_a_run() or inside_the_classes(self.config.dataset, self.config.data, self.folder)
                    or _not_utf8(self.folder))
         if before_lock and not problem:

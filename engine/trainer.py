@@ -5,9 +5,8 @@ device, seeding and DDP, the data, the method's model and its optimizers (engine
 :class:`~engine.run.Run` that owns the run directory. ``fit()`` trains: for every epoch ``train_epoch``,
 the method's ``on_epoch_end``, a check that nothing became NaN or inf, ``evaluate`` on the test (and
 validation) split, the console and TensorBoard line (engine/reporting.py), then the Run saves the state the
-loop hands it. ``evaluate_only()`` evaluates
-a checkpoint. ``main()`` is the command line: errors that are the user's to fix, interrupts and warnings
-print as one line.
+loop hands it. ``evaluate_only()`` evaluates a checkpoint. ``main()`` is the command line: errors that are the
+user's to fix, interrupts and warnings print as one line.
 """
 from __future__ import annotations
 
