@@ -43,9 +43,10 @@ its crops from the full-resolution image, which a copy decoded at S would not ha
 **Cache** (``DIR/.okd_cache/``, or ``$XDG_CACHE_HOME/okd/<hash of DIR>/`` when DIR is read-only): the decoded
 arrays (``images-<S>px-<classes>.pt``), keyed on a SHA-256 of the class list, S and every image's relative
 path, size, modification time and label; the mean and std with the images they were measured on, one small
-file per hold-out (``stats-<S>px-<classes>.json``, ``stats-<S>px-<classes>-val<N>-seed<seed>.json`` for
-``--val-split N``), keyed on the same SHA-256 (a streamed set's without the files' sizes and times) and the
-hold-out. Any change to the tree re-reads it. Written atomically; a damaged cache is ignored and rebuilt.
+file per way of measuring and hold-out (``stats-<S>px-<classes>-<decoded|streamed>.json``, with
+``-val<N>-seed<seed>`` before ``.json`` for ``--val-split N``), keyed on the same SHA-256 (a streamed set's
+without the files' sizes and times) and the hold-out. Any change to the tree re-reads it. Written atomically; a
+damaged cache is ignored and rebuilt.
 """
 from __future__ import annotations
 
@@ -478,6 +479,10 @@ def load_folder(data=None, image_size: Optional[int] = None, classes=None, loade
     N = 0 and ``keep`` None: none)."""
     info = describe(data, image_size, classes)
     tree = scan(data, classes)
+    n_kept = len(tree.samples["train"]) - held_out[0]
+    if (keep is None) == bool(held_out[0]) or (keep is not None and len(keep) != n_kept):
+        raise ValueError(f"held_out {held_out} and keep disagree: keep is data.loaders.training_indices(tree, "
+                         "*held_out)")        # (one fact in two arguments: a record would state another hold-out)
     if loader == "device" and info.protocol == "imagenet":
         raise DataFlagError(f"--loader device keeps images decoded at {info.image_size}x{info.image_size}, but at "
                             f"{info.image_size} px (above {SMALL_MAX}) the ImageNet protocol crops the full-resolution "
@@ -492,12 +497,12 @@ def load_folder(data=None, image_size: Optional[int] = None, classes=None, loade
     if in_memory:
         key = fingerprint(tree, info.image_size, with_files=True)
         splits = _in_memory(tree, info, folder, stem, key)
-        mean, std, _ = _statistics(tree, folder, stem, key + " all, decoded", keep, held_out,
+        mean, std, _ = _statistics(tree, folder, f"{stem}-decoded", key, keep, held_out,
                                    lambda: (*channel_stats(splits["train"].images, keep), n_train - n))
         stats_of = f"all {n_train - n} training images{less}"
     else:
-        key = fingerprint(tree, info.image_size, with_files=False) + f" up to {STATS_SAMPLE}, streamed"
-        mean, std, sampled = _statistics(tree, folder, stem, key, keep, held_out,
+        key = fingerprint(tree, info.image_size, with_files=False) + f" up to {STATS_SAMPLE}"
+        mean, std, sampled = _statistics(tree, folder, f"{stem}-streamed", key, keep, held_out,
                                          lambda: _streamed_stats(tree, info, keep))
         splits = {s: _files(tree, s) for s in tree.samples}
         stats_of = f"{sampled} of the {n_train - n} training images{less}, evenly spread"
@@ -528,17 +533,17 @@ def _in_memory(tree: FolderTree, info: DatasetInfo, folder: Optional[Path], stem
     return splits
 
 
-def _statistics(tree: FolderTree, folder: Optional[Path], stem: str, key: str, keep: Optional[torch.Tensor],
+def _statistics(tree: FolderTree, folder: Optional[Path], name: str, key: str, keep: Optional[torch.Tensor],
                 held_out: tuple[int, int], measure):
     """(mean, std, images measured) of the training images ``keep`` indexes (None: all), from ``measure()`` unless
-    cached: one small JSON file per hold-out, ``stats-<S>px-<classes>[-val<N>-seed<S>].json`` (so runs of other
-    seeds or --val-split neither measure again nor overwrite each other's), keyed on ``key`` (the tree's
-    fingerprint and how the images are measured) and on the hold-out."""
+    cached: one small JSON file per way of measuring and hold-out, ``stats-<name>[-val<N>-seed<S>].json``
+    (``name``: ``<S>px-<classes>-decoded`` or ``-streamed``; so runs of other seeds, --val-split or --loader
+    neither measure again nor overwrite each other's), keyed on ``key`` (the tree's fingerprint) and the hold-out."""
     n, seed = held_out if keep is not None else (0, 0)
-    path = folder / (f"stats-{stem}" + (f"-val{n}-seed{seed}" if n else "") + ".json") if folder else None
-    key += f" less --val-split {n} seed {seed}" if n else ""
+    path = folder / (f"stats-{name}" + (f"-val{n}-seed{seed}" if n else "") + ".json") if folder else None
+    key += f" {name}" + (f" less --val-split {n} seed {seed}" if n else "")
     blob = load_or_warn(path, CACHE_VERSION, key, "folder") if path else None
-    if blob is not None:
+    if blob is not None and {"mean", "std", "sampled"} <= set(blob):      # (a hand-edited file: measured again)
         return tuple(blob["mean"]), tuple(blob["std"]), blob["sampled"]
     mean, std, sampled = measure()
     if path:

@@ -478,7 +478,8 @@ def test_the_mean_and_std_of_each_hold_out_are_cached_in_a_file_of_their_own(tmp
     again = {seed: build_loaders(args_for(root, val_split=3, seed=seed), "cpu").info.mean for seed in (2, 0, 1)}
     assert again == means and len(measured) == 3                   # each from its own file
     names = sorted(p.name for p in (root / ".okd_cache").glob("stats-*.json"))
-    assert [n.split("-", 3)[-1] for n in names] == ["val3-seed0.json", "val3-seed1.json", "val3-seed2.json"]
+    kind = "streamed" if streamed else "decoded"
+    assert [n.split("-", 3)[-1] for n in names] == [f"{kind}-val3-seed{s}.json" for s in (0, 1, 2)]
     blob = json.loads((root / ".okd_cache" / names[1]).read_text())
     assert (blob["held_out"], blob["seed"], blob["of"], blob["sampled"]) == (3, 1, 15, 15)
 
@@ -1224,3 +1225,23 @@ def test_fashion_mnist_as_png_folders_learns_as_the_built_in_loader(tmp_path):
     last = [run[-1] for run in everything]
     assert abs(curves["folder"][-1] - curves["built-in"][-1]) <= max(last) - min(last)
     assert min(c[-1] for c in curves.values()) > 65
+
+
+def test_the_statistics_of_each_loader_and_a_disagreeing_hold_out(tmp_path, monkeypatch):
+    """--loader device and --loader torch measure a set otherwise (all decoded images; up to 10,000 streamed): each
+    has its file, so switching measures neither again (they overwrote one file); a hand-edited file without a field
+    is measured again, not a KeyError; held_out without the indices it leaves is refused (a record stated a
+    hold-out while every image was measured)."""
+    root = write_folder(tmp_path / "tree")
+    monkeypatch.setattr(folder, "MEMORY_BYTES", 0)
+    measured, real = [], folder.channel_stats
+    monkeypatch.setattr(folder, "channel_stats", lambda images, *keep: measured.append(1) or real(images, *keep))
+    for kind in ("torch", "device", "torch", "device"):
+        build_loaders(args_for(root, loader=kind), "cpu")
+    assert len(measured) == 2 and len(list((root / ".okd_cache").glob("stats-*.json"))) == 2
+    stats = next((root / ".okd_cache").glob("stats-*-decoded.json"))
+    stats.write_text(json.dumps({k: v for k, v in json.loads(stats.read_text()).items() if k != "sampled"}))
+    build_loaders(args_for(root, loader="device"), "cpu")
+    assert len(measured) == 3
+    with pytest.raises(ValueError, match=r"held_out \(3, 0\) and keep disagree"):
+        folder.load_folder(root, held_out=(3, 0))
