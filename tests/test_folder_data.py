@@ -595,12 +595,20 @@ def test_a_broken_link_is_refused_only_where_its_class_folder_is_used(tmp_path):
     assert build_loaders(args_for(root), "cpu").info.classes == ("ant", "bee", "cat")
 
 
+def write_ilsvrc(root: Path, n_classes: int, train_greens=(20,)) -> list[str]:
+    """An ILSVRC-2012 layout with ``n_classes`` wnids: per class one train image per green value of
+    ``train_greens`` and one val image (red 40 x the class index). Returns the wnids."""
+    wnids = [f"n{i:08d}" for i in range(n_classes)]
+    for c, w in enumerate(wnids):
+        for k, green in enumerate(train_greens):
+            write(root / "train" / w / f"{w}_{k}.JPEG", image_bytes((40 * c, green, 20), size=40))
+        write(root / "val" / w / f"ILSVRC2012_val_{c:08d}.JPEG", image_bytes((40 * c, 20, 20), size=40))
+    return wnids
+
+
 def test_an_imagenet_subset_ignores_the_broken_links_of_classes_it_leaves_out(tmp_path):
     root = tmp_path / "ilsvrc"
-    wnids = [f"n{i:08d}" for i in range(3)]
-    for c, w in enumerate(wnids):
-        write(root / "train" / w / f"{w}_0.JPEG", image_bytes((40 * c, 20, 20), size=40))
-        write(root / "val" / w / f"ILSVRC2012_val_{c:08d}.JPEG", image_bytes((40 * c, 20, 20), size=40))
+    wnids = write_ilsvrc(root, 3)
     for split in ("train", "val"):
         os.symlink("/unmounted/n09999999", root / split / "n09999999")
     listing = write(tmp_path / "imagenet100.txt", f"{wnids[0]}\n{wnids[2]}\n".encode())
@@ -741,11 +749,7 @@ def test_a_palette_image_with_transparency_decodes_without_a_warning(tmp_path):
 
 def test_imagenet_subset_over_an_ilsvrc_tree_without_the_1000_class_rule(tmp_path):
     root = tmp_path / "ilsvrc"
-    wnids = [f"n{i:08d}" for i in range(6)]
-    for c, w in enumerate(wnids):
-        write(root / "train" / w / f"{w}_0.JPEG", image_bytes((40 * c, 20, 20), size=40))
-        write(root / "train" / w / f"{w}_1.JPEG", image_bytes((40 * c, 30, 20), size=40))
-        write(root / "val" / w / f"ILSVRC2012_val_{c:08d}.JPEG", image_bytes((40 * c, 20, 20), size=40))
+    wnids = write_ilsvrc(root, 6, train_greens=(20, 30))
     with pytest.raises(BadDatasetError, match="holds 6 class folders; ILSVRC-2012 has 1000.*--classes FILE"):
         build_loaders(loader_args(dataset="imagenet", data=str(root), batch_size=2), "cpu")
     listing = write(tmp_path / "imagenet100.txt", ("\n".join([wnids[4], wnids[1], wnids[2]]) + "\n").encode())
