@@ -479,8 +479,8 @@ def load_folder(data=None, image_size: Optional[int] = None, classes=None, loade
     N = 0 and ``keep`` None: none)."""
     info = describe(data, image_size, classes)
     tree = scan(data, classes)
-    n_kept = len(tree.samples["train"]) - held_out[0]
-    if (keep is None) == bool(held_out[0]) or (keep is not None and len(keep) != n_kept):
+    n_train, (n, seed) = len(tree.samples["train"]), held_out
+    if (keep is None) == bool(n) or (keep is not None and len(keep) != n_train - n):
         raise ValueError(f"held_out {held_out} and keep disagree: keep is data.loaders.training_indices(tree, "
                          "*held_out)")        # (one fact in two arguments: a record would state another hold-out)
     if loader == "device" and info.protocol == "imagenet":
@@ -492,7 +492,6 @@ def load_folder(data=None, image_size: Optional[int] = None, classes=None, loade
         (loader == "device" or decoded_bytes(tree, info.image_size) <= MEMORY_BYTES)
     folder = cache_dir(tree.root)
     stem = f"{info.image_size}px-{_classes_digest(tree.classes)}"
-    n_train, (n, seed) = len(tree.samples["train"]), held_out
     less = f", train/ less the {n} images --val-split {n} holds out (seed {seed})" if n else " of train/"
     if in_memory:
         key = fingerprint(tree, info.image_size, with_files=True)
@@ -539,7 +538,7 @@ def _statistics(tree: FolderTree, folder: Optional[Path], name: str, key: str, k
     cached: one small JSON file per way of measuring and hold-out, ``stats-<name>[-val<N>-seed<S>].json``
     (``name``: ``<S>px-<classes>-decoded`` or ``-streamed``; so runs of other seeds, --val-split or --loader
     neither measure again nor overwrite each other's), keyed on ``key`` (the tree's fingerprint) and the hold-out."""
-    n, seed = held_out if keep is not None else (0, 0)
+    n, seed = held_out                    # (N = 0 exactly when ``keep`` is None: load_folder checks it)
     path = folder / (f"stats-{name}" + (f"-val{n}-seed{seed}" if n else "") + ".json") if folder else None
     key += f" {name}" + (f" less --val-split {n} seed {seed}" if n else "")
     blob = load_or_warn(path, CACHE_VERSION, key, "folder") if path else None
