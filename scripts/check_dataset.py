@@ -114,10 +114,9 @@ def image_list(dataset: str, data: Optional[str], classes: Optional[str] = None,
     return [p for p, _ in train + val]
 
 
-def decode_all(paths: Sequence[Path], workers: int, progress: bool = True,
-               image_problem=image_problem) -> list[tuple[Path, str]]:
-    """(path, reason) of every file that does not decode completely (``image_problem``: path -> reason or None,
-    picklable); ``workers`` processes (0: this one)."""
+def decode_all(paths: Sequence[Path], workers: int, progress: bool = True) -> list[tuple[Path, str]]:
+    """(path, reason) of every file that does not decode completely, as training decodes it
+    (:func:`data.common.image_problem`); ``workers`` processes (0: this one)."""
     from tqdm import tqdm
     bar = tqdm(total=len(paths), unit="img", disable=not progress, dynamic_ncols=True, desc="decoding")
     bad = []
