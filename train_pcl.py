@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, main, non_negative, temperature, unit_interval
+from engine import Method, main, non_negative, peer_heads, temperature, unit_interval
 from losses import kd_loss, sigmoid_rampup
 from models.peers import Peers
 from models.temporal_mean import TemporalMean
@@ -73,7 +73,6 @@ class PCL(Method):
     num_peers = 3
     min_peers = 2
     best_metric = "mean_peer1"    # the deployed network: the first peer of the peer mean teacher (docs/pcl.md)
-    groupable_peers = False       # the mean teacher is a copy of the ungrouped network, made at build time
     state_keys = ("mean_teacher",)
 
     @classmethod
@@ -96,8 +95,7 @@ class PCL(Method):
         a = self.args
         model = PCLNet(Peers(a.arch, self.num_classes, a.num_peers, "shared", "one", image_size=self.image_size),
                        self.num_classes)
-        limit = a.ema_decay
-        self.mean_teacher = TemporalMean(model, lambda n: mean_teacher_decay(n, limit), buffers="own")
+        self.mean_teacher = TemporalMean(model, lambda n: mean_teacher_decay(n, a.ema_decay), buffers="own")
         return model
 
     def loss(self, model, batch, epoch):
@@ -116,10 +114,8 @@ class PCL(Method):
         logits, teacher = model(images)
         self.mean_teacher.eval()
         mean_logits, _ = self.mean_teacher(images)
-        heads = {f"peer{i + 1}": z for i, z in enumerate(logits)}
-        heads["teacher"] = teacher
-        heads.update({f"mean_peer{i + 1}": z for i, z in enumerate(mean_logits)})
-        return heads
+        means = {f"mean_{name}": z for name, z in peer_heads(mean_logits, ensemble=False).items()}
+        return {**peer_heads(logits, ensemble=False), "teacher": teacher, **means}
 
 
 if __name__ == "__main__":

@@ -167,5 +167,21 @@ def load_script(name):
 def test_refusals(tmp_path):
     with pytest.raises(UserError, match="share layers"):
         train(PCL, FAST + ["--arch", "resnet20,wrn_16_2", "--out", str(tmp_path)])
-    with pytest.raises(UserError, match="cannot run them grouped"):
-        train(PCL, FAST + ["--arch", "resnet20", "--grouped-peers", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_grouped_peers_train_the_same_run(tmp_path):
+    """--grouped-peers groups the peers of the model and of its mean teacher (a copy made at build time) alike:
+    the same losses (float32 rounding apart), checkpoints in the plain layout, evaluated without the flag alike."""
+    from engine.checkpoint import load_checkpoint
+    argv = FAST + ["--arch", "resnet20", "--subset", "128", "--lr", "0.02"]
+    plain = train(PCL, argv + ["--out", str(tmp_path / "plain")])
+    grouped = train(PCL, argv + ["--grouped-peers", "--out", str(tmp_path / "grouped")])
+    for key, value in plain["history"][0]["train"].items():
+        if key in ("ce", "ce_teacher", "kd_teacher", "kd_mean", "loss"):
+            assert grouped["history"][0]["train"][key] == pytest.approx(value, rel=1e-4, abs=1e-6)
+    shapes = [{part: {k: v.shape for k, v in module.items()} for part, module in
+               load_checkpoint(tmp_path / run / "last.pt")["state"].items()} for run in ("plain", "grouped")]
+    assert shapes[0] == shapes[1] and set(shapes[0]) == {"model", "mean_teacher"}
+    evaluated = train(PCL, argv + ["--eval-only", str(tmp_path / "grouped" / "best.pt"), "--out", str(tmp_path / "e")])
+    assert evaluated["test"] == pytest.approx(grouped["best"]["test"], abs=1e-9)
