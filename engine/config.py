@@ -95,11 +95,10 @@ def resolve(method_cls, args) -> RunConfig:
     info = dataset_info(ns.dataset, ns.data, image_size=ns.image_size, classes=ns.classes)
     for name in arch_names(ns.arch):
         check_image_size(name, info.image_size)
-    num_classes = info.num_classes
-    if ns.num_classes is not None and ns.num_classes != num_classes:
+    if ns.num_classes not in (None, info.num_classes):
         raise UserError(f"--num-classes {ns.num_classes} disagrees with {ns.dataset}, which has "
-                        f"{num_classes} classes; leave --num-classes out")
-    ns.num_classes = num_classes
+                        f"{info.num_classes} classes; leave --num-classes out")
+    ns.num_classes = info.num_classes
     ns.loader = ns.loader or info.default_loader
     ns.eval_batch_size = ns.eval_batch_size or 2 * ns.batch_size
     return RunConfig(vars(ns))

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -129,9 +128,7 @@ class StepContext:
 
     def autocast(self):
         """Context manager: autocast to the ``--amp`` dtype (bf16/fp16), or nothing with ``--amp off``."""
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def _named(self, names) -> list:
         names = names or self.optimizers
@@ -162,7 +159,7 @@ class Method:
     """Base class of every method. Subclasses set the class attributes they need and implement ``build``
     and ``loss``."""
 
-    name: str = "method"                # the method's identity: its file name, set here (module docstring)
+    name: str = "method"                # the method's identity: its file name, set by __init_subclass__
     script: Optional[str] = None        # the train_*.py script (or __main__) that defines the method
     recipe: str = "okd"                 # default protocol (recipes.py)
     num_peers: Optional[int] = 2        # default --num-peers; None: a single network, no such flag
@@ -228,7 +225,8 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} does not implement loss() (nor its own train_step)")
 
     def eval_logits(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits of every head to evaluate, by name. Default: each peer and the mean-logit ensemble."""
+        """Logits of every head to evaluate, by name. Default: each peer and the mean-logit ensemble (a model
+        that returns one tensor, a single network: ``net``)."""
         out = model(images)
         if isinstance(out, torch.Tensor):
             return {"net": out}

@@ -338,6 +338,7 @@ class Trainer:
             raise
 
     def _train(self, start_epoch: int) -> dict:
+        """The epochs from ``start_epoch`` to --epochs: train, evaluate, save; returns the run's record."""
         a = self.args
         n_params = sum(p.numel() for p in self.method.model.parameters())
         self.run.log(f"{self.method_cls.name}: {a.arch} on {a.dataset} ({self.loaders.n_train} train images), "
@@ -405,7 +406,7 @@ class Trainer:
 
 def select_device(args) -> torch.device:
     """``--gpu -1``: the CPU; else the CUDA device ``--gpu`` (under torchrun: ``LOCAL_RANK``, whatever --gpu),
-    with cuDNN autotuning and TF32. Without CUDA the CPU, with a warning only where a GPU was asked for."""
+    with cuDNN autotuning, and TF32 as --tf32 says (unset: PyTorch's defaults). Without CUDA the CPU, with a warning only where a GPU was asked for."""
     if args.gpu is not None and args.gpu < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
