@@ -31,7 +31,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 from data.common import inside_the_classes, printable
 from data.files import (RUN_EVALUATIONS, RUN_FILES, RUN_LOCK, RUN_TENSORBOARD, clean_temp_files, holds_run,
@@ -72,13 +72,13 @@ class Run:
     anything heavy runs; :meth:`describe` then adds what the data and the model tell. Only rank 0 writes."""
 
     def __init__(self, folder: Path, method_cls, config: RunConfig, argv: Sequence[str], world_size: int = 1,
-                 rank: int = 0, read: tuple = (None, None, None)):
+                 rank: int = 0, read: Optional["CheckpointRead"] = None):
         self.folder = Path(folder).absolute()
         self.method_cls, self.config, self.argv = method_cls, config, list(argv)
         self.world_size, self.is_main = world_size, rank == 0
         self.about: dict = {}
         self.selection: Optional[tuple] = None  # (split, metric) choosing the best epoch: describe() gives it
-        self.read = read                        # (path, file stamp, contents) of the checkpoint last read
+        self.read = read or NOT_READ            # the checkpoint last read (read_checkpoint)
         self.records: list[dict] = []           # every epoch's record, once its checkpoint is written
         self.run_id = uuid.uuid4().hex          # a resumed run takes its checkpoint's
         self.processes: list[dict] = []         # every process that trained the run
@@ -127,7 +127,7 @@ class Run:
                 self._refuse_a_sibling_run()
             return None
         self.read = read_checkpoint(resume, self.read)
-        ckpt = self.read[2]
+        ckpt = self.read.ckpt
         check_saved_by(ckpt, resume, self.method_cls.name, "resume")
         diffs = recorded_differences(self.method_cls, self.config, ckpt, self.world_size)
         if diffs and all(key == "epochs" for key, _, _ in diffs) and self.config.resume == "auto":
@@ -195,7 +195,7 @@ class Run:
             if self.config.resume == "auto":
                 self.log(f"--resume auto: no checkpoint in {self.folder}, starting a new run")
             return None
-        resume = self.read[0]
+        resume = self.read.path
         self.saved, self.records = resume, list(ckpt["history"])    # what the folder holds, from here on
         self.check_data(ckpt, resume)
         if self.is_main and (resume.parent == self.folder or not self.done_after(ckpt["epoch"])):
@@ -916,17 +916,27 @@ def _stopped(processes: Sequence[dict]) -> str:
     return ended if ended in ("interrupted", "failed", "unknown") else "killed"
 
 
-def read_checkpoint(path: Path, read: tuple = (None, None, None)) -> tuple:
-    """(``path`` as given, its file stamp, its checkpoint): the checkpoint of ``read``, such a triple read before
-    (under any spelling of the path), while the file is still the one it read (the same device, inode, size and
-    time: an atomic write makes a new inode), else read again (a missing or damaged file: :func:`load_checkpoint`'s
-    one line). The stamp is taken before the read, so that a later write changes it."""
+class CheckpointRead(NamedTuple):
+    path: Optional[Path]            # as given
+    stamp: Optional[tuple]          # (device, inode, size, mtime) of the file when it was read
+    ckpt: Optional[dict]            # its contents (engine.checkpoint.load_checkpoint)
+
+
+NOT_READ = CheckpointRead(None, None, None)
+
+
+def read_checkpoint(path: Path, read: CheckpointRead = NOT_READ) -> CheckpointRead:
+    """The checkpoint at ``path``: that of ``read``, one read before (under any spelling of the path), while the
+    file is still the one it read (the same device, inode, size and time: an atomic write makes a new inode), else
+    read again (a missing or damaged file: :func:`load_checkpoint`'s one line). The stamp is taken before the
+    read, so that a later write changes it."""
     try:
         stat = Path(path).stat()
         stamp = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     except OSError:
         stamp = None                 # (a file that is gone: read again, and named if missing)
-    return Path(path), stamp, read[2] if stamp is not None and read[1] == stamp else load_checkpoint(path)
+    same = stamp is not None and read.stamp == stamp
+    return CheckpointRead(Path(path), stamp, read.ckpt if same else load_checkpoint(path))
 
 
 def _json_object(path: Path) -> dict:

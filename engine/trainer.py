@@ -37,7 +37,7 @@ from .errors import UserError
 from .method import REPOSITORY, Method, StepContext, checked_terms, hook_name
 from .optim import Optimization
 from .reporting import Reporter
-from .run import Run, read_checkpoint
+from .run import NOT_READ, Run, read_checkpoint
 from .signals import Interrupted, stop_on_signals, stop_signal
 
 
@@ -69,8 +69,8 @@ class Trainer:
             raise UserError(f"--out {args.out} is a file, not a folder; choose another --out")
         # trained or evaluated as its checkpoint was (--resume auto: the run's folder is known here only with --out)
         source = args.eval_only or resume_path(args.resume, args.out)
-        read = read_checkpoint(source) if source else (None, None, None)   # (path, stamp, checkpoint), read once
-        self.ckpt = read[2]                          # (a missing or damaged file: one line naming it)
+        read = read_checkpoint(source) if source else NOT_READ      # read once (a missing or damaged file: one line)
+        self.ckpt = read.ckpt                        # the checkpoint --resume PATH or --eval-only names
         if source:
             check_saved_by(self.ckpt, source, method_cls.name, "evaluate" if args.eval_only else "resume")
             args = from_checkpoint(method_cls, args, argv, self.ckpt, Path(source), bool(args.eval_only))
