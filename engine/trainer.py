@@ -406,7 +406,8 @@ class Trainer:
 
 def select_device(args) -> torch.device:
     """``--gpu -1``: the CPU; else the CUDA device ``--gpu`` (under torchrun: ``LOCAL_RANK``, whatever --gpu),
-    with cuDNN autotuning, and TF32 as --tf32 says (unset: PyTorch's defaults). Without CUDA the CPU, with a warning only where a GPU was asked for."""
+    with cuDNN autotuning, and TF32 as --tf32 says (unset: PyTorch's defaults). Without CUDA the CPU, with a
+    warning only where a GPU was asked for."""
     if args.gpu is not None and args.gpu < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
