@@ -60,8 +60,8 @@ def peer_heads(logits: list[torch.Tensor], ensemble: bool = True) -> dict[str, t
 
 
 def checked_terms(terms, source: str) -> dict[str, torch.Tensor]:
-    """``terms`` when it is what ``loss`` and ``train_step`` return, a non-empty dict of named scalar (0-dim)
-    tensors, none named ``loss`` (their sum's name); else the UserError naming ``source`` (e.g. ``DML.loss``) and
+    """``terms`` when it is what ``loss`` and ``train_step`` return, a non-empty dict of scalar (0-dim) float
+    tensors named by strings, none named ``loss`` (their sum's name); else the UserError naming ``source`` (e.g. ``DML.loss``) and
     what is wrong: a term of another shape or type would fail later inside autograd or the epoch's averages, far
     from the method's code."""
     if not (isinstance(terms, dict) and terms):
@@ -70,11 +70,16 @@ def checked_terms(terms, source: str) -> dict[str, torch.Tensor]:
     if "loss" in terms:
         raise UserError(f"{source}: a term is named 'loss', the name of their sum in the record; name it otherwise")
     for name, value in terms.items():
+        if not isinstance(name, str):
+            raise UserError(f"{source}: a term is named {name!r} ({type(name).__name__}); name every term by a string")
         if not (isinstance(value, torch.Tensor) and value.dim() == 0):
             what = (f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
                     else f"a {type(value).__name__}")
             raise UserError(f"{source}: its term {name!r} is {what}; every term is a scalar tensor (reduce it, "
                             "e.g. with .mean())")
+        if not value.is_floating_point():
+            raise UserError(f"{source}: its term {name!r} has dtype {str(value.dtype).replace('torch.', '')}, "
+                            "not a loss; every term is a float tensor computed from the model's outputs")
     return terms
 
 
@@ -248,6 +253,9 @@ class Method:
         tensors updated in place (docs/engine.md)."""
         with step.autocast():
             terms = checked_terms(self.loss(model, batch, epoch), hook_name(type(self), "loss"))
+        if not any(t.requires_grad for t in terms.values()):
+            raise UserError(f"{hook_name(type(self), 'loss')}: none of its terms ({', '.join(terms)}) has a gradient "
+                            "(each is detached or computed under no_grad), so nothing would train")
         step.zero_grad()
         step.backward(sum(terms.values()))
         step.step()

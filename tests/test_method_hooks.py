@@ -246,9 +246,15 @@ def test_non_finite_state_on_one_rank_stops_both(tmp_path):
     ({"ce": 0.0}, "WrongTerms.loss: its term 'ce' is a float; every term is a scalar tensor"),
     ({}, "WrongTerms.loss returned an empty dict; it returns the named loss terms, a dict such as"),
     (torch.ones(()), "WrongTerms.loss returned Tensor; it returns the named loss terms"),
+    ({"n": torch.tensor(3)}, "WrongTerms.loss: its term 'n' has dtype int64, not a loss; every term is a float"),
+    ({"kd": torch.tensor(True)}, "WrongTerms.loss: its term 'kd' has dtype bool, not a loss"),
+    ({1: torch.ones(())}, "WrongTerms.loss: a term is named 1 (int); name every term by a string"),
+    ({"ce": torch.ones(()), "kd": torch.zeros(())}, "WrongTerms.loss: none of its terms (ce, kd) has a gradient "
+                                                     "(each is detached or computed under no_grad), so nothing"),
 ])
 def test_loss_terms_of_the_wrong_kind_are_one_line_naming_the_term(returned, says, tmp_path):
-    """A copied method whose loss returns a non-scalar term, a number, nothing or a bare tensor stops at its first
+    """A copied method whose loss returns a non-scalar term, a number, an integer or boolean tensor, a term not
+    named by a string, only detached terms, nothing or a bare tensor stops at its first
     step with one line naming the method and the term (it was an error deep in autograd or the epoch's averages),
     and the run records it as failed."""
     class WrongTerms(MeanTeacherToy):
