@@ -230,6 +230,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(UserError, match="non-finite") as err:
         train(_NaNDML, FAST + ["--epochs", "3", "--extend-epochs", "--out", str(tmp_path), "--resume", "auto"])
     assert "kd=nan" in str(err.value) and "last.pt holds epoch 2. Start a new run (another --out)" in str(err.value)
+    assert str(err.value).endswith("and any edit of _NaNDML.loss (the terms named here).")   # (an edited loss)
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
 
 
