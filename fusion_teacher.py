@@ -17,7 +17,7 @@ import argparse
 
 from torch import nn
 
-from engine import OptimGroup, non_negative, temperature
+from engine import OptimGroup, non_negative, number, temperature, weight_decay
 
 
 def add_fusion_teacher_arguments(parser, fusion_decay: bool) -> None:
@@ -27,10 +27,11 @@ def add_fusion_teacher_arguments(parser, fusion_decay: bool) -> None:
     parser.add_argument("--kd-T", type=temperature, default=3.0, help="temperature T of every KD term")
     parser.add_argument("--rampup", type=non_negative, default=80.0, metavar="EPOCHS",
                         help="sigmoid ramp-up length of the KD weight w(e), in epochs (0: weight 1 throughout)")
-    parser.add_argument("--kd-eps", type=non_negative, default=0.0, metavar="EPS",
+    parser.add_argument("--kd-eps", type=number(at_least=0, at_most=1e-3, why="added to probabilities, not "
+                                                "renormalised; the official value is 1e-7"), default=0.0, metavar="EPS",
                         help="added to the KD target probabilities, not renormalised: 1e-7 is the official "
                              "KLLoss exactly; 0 is the exact KL divergence")
-    parser.add_argument("--fusion-weight-decay", type=non_negative, default=1e-5,
+    parser.add_argument("--fusion-weight-decay", type=weight_decay, default=1e-5,
                         help="weight decay of the fusion module's own SGD")
     parser.add_argument("--fusion-decay", action=argparse.BooleanOptionalAction, default=fusion_decay,
                         help="decay the fusion module's lr with the run's schedule (--no-fusion-decay: constant)")

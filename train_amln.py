@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, OptimGroup, fraction, main, non_negative, peer_heads, positive, temperature
+from engine import Method, OptimGroup, fraction, main, non_negative, peer_heads, positive, temperature, weight_decay
 from losses.adversarial import GAN_LOSSES, discriminator_loss, generator_loss
 from losses.peer_targets import mutual_kd
 from models.base import Backbone, run_stages
@@ -251,7 +251,7 @@ class AMLN(Method):
         parser.add_argument("--disc-lr", type=positive, default=2e-4, help="Adam lr of the discriminators (constant)")
         parser.add_argument("--disc-betas", type=fraction, nargs=2, default=(0.5, 0.999), metavar=("B1", "B2"),
                             help="Adam betas of the discriminators")
-        parser.add_argument("--disc-weight-decay", type=non_negative, default=0.0,
+        parser.add_argument("--disc-weight-decay", type=weight_decay, default=0.0,
                             help="weight decay of the discriminators")
 
     def build(self):

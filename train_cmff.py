@@ -215,9 +215,12 @@ class CMFF(Method):
         parser.add_argument("--fusion-grid", type=positive_int, default=None, metavar="S",
                             help="pool the last-stage map to S x S before flattening (d = channels*S^2); "
                                  "default: largest of 8/4/2/1 fitting the map with d <= 4096 (CIFAR ResNet: 8)")
-        parser.add_argument("--attention-heads", type=positive_int, default=4, help="chunks of the cross-attention")
-        parser.add_argument("--mlp-ratio", type=number(above=0, at_most=64, why="the MLP is ratio x d wide"),
-                            default=2.0, help="cross-attention MLP width / d")
+        parser.add_argument("--attention-heads", default=4, help="chunks of the cross-attention",
+                            type=number(int, at_least=1, at_most=64, why="each sample's attention is heads x heads "
+                                        "(official: 4)"))
+        parser.add_argument("--mlp-ratio", default=2.0, help="cross-attention MLP width / d",
+                            type=number(above=0, at_most=8, why="the MLP is ratio x d wide, and d is up to 4096 "
+                                        "(official: 2)"))
         parser.add_argument("--attention-dropout", type=fraction, default=0.1,
                             help="dropout on the attention weights, its output and the MLP output")
         parser.add_argument("--fusion-input", choices=("map", "vector"), default="map",

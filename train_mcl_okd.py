@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, main, non_negative, peer_heads, positive_int, temperature, unit_interval
+from engine import Method, main, non_negative, number, peer_heads, temperature
 from losses import kd_loss
 from losses.contrast_memory import ClassNegativeSampler, MemoryBanks, all_gather_cat, bank_scores, nce_loss
 from models.peers import Peers
@@ -83,12 +83,16 @@ class MCLOKD(Method):
         parser.add_argument("--gamma", type=non_negative, default=1.0, help="weight of sum_i CE")
         parser.add_argument("--alpha", type=non_negative, default=1.0, help="weight of DOT (0: the '+MCL' ablation)")
         parser.add_argument("--beta", type=non_negative, default=0.025, help="weight of the MCL (contrastive) loss")
-        parser.add_argument("--feat-dim", type=positive_int, default=128, help="embedding dimension d")
-        parser.add_argument("--nce-k", type=positive_int, default=None,
+        parser.add_argument("--feat-dim", type=number(int, at_least=1, at_most=2048, why="each memory bank holds "
+                                                      "n_train x d floats (official: 128)"),
+                            default=128, help="embedding dimension d")
+        parser.add_argument("--nce-k", type=number(int, at_least=1, at_most=65536, why="each anchor scores K "
+                                                   "negatives of d floats (official: 256 or 16384)"), default=None,
                             help="negatives per anchor K; unset: 256 for CIFAR ResNets and DenseNet, else 16384")
         parser.add_argument("--nce-t", type=temperature, default=None,
                             help="contrastive temperature tau; unset: 0.07 on ImageNet, else 0.1")
-        parser.add_argument("--nce-m", type=unit_interval, default=0.5, help="memory momentum m")
+        parser.add_argument("--nce-m", type=number(at_least=0, below=1, why="m = 1 never writes an embedding into "
+                                                   "the banks"), default=0.5, help="memory momentum m")
         parser.add_argument("--mode", choices=("exact", "relax"), default="exact",
                             help="positive: the sample itself, or a random sample of its class")
 

@@ -53,7 +53,9 @@ def number(kind=float, *, at_least=None, above=None, below=None, at_most=None, w
     return parse
 
 
-non_negative = number(at_least=0)                # loss weights, weight decays, ramp-up lengths
+non_negative = number(at_least=0)                # loss weights, ramp-up lengths
+weight_decay = number(at_least=0, at_most=1, why="an L2 coefficient; published ones are 1e-5 to 5e-4, and lr x decay "
+                      "near 1 erases the weights every step")   # (1e30 was a NaN after a whole epoch)
 positive = number(above=0)                       # learning rates, ratios
 temperature = number(above=0, at_most=10_000, why="a temperature: the softmax divides by it, and a distillation term "
                      "is scaled by its square")       # (1e30: T² overflows float32, found only as a NaN loss)
@@ -255,7 +257,7 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     o.add_argument("--sgdr-t0", type=positive_int, metavar="E",
                    help="SGDR: epochs of the first cosine cycle; each later cycle is twice as long, so the lr "
                         "restarts at T0, 3 T0, 7 T0, ... (unset: --epochs, one cosine without restart)")
-    o.add_argument("--weight-decay", type=non_negative, help="SGD weight decay (L2)")
+    o.add_argument("--weight-decay", type=weight_decay, help="SGD weight decay (L2)")
     o.add_argument("--momentum", type=number(at_least=0, below=1, why="1 and above never forget a gradient"),
                    help="SGD momentum")
     o.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum")

@@ -61,9 +61,9 @@ def peer_heads(logits: list[torch.Tensor], ensemble: bool = True) -> dict[str, t
 
 def checked_terms(terms, source: str) -> dict[str, torch.Tensor]:
     """``terms`` when it is what ``loss`` and ``train_step`` return, a non-empty dict of scalar (0-dim) float
-    tensors named by strings, none named ``loss`` (their sum's name); else the UserError naming ``source`` (e.g. ``DML.loss``) and
-    what is wrong: a term of another shape or type would fail later inside autograd or the epoch's averages, far
-    from the method's code."""
+    tensors named by strings, none named ``loss`` (their sum's name); else the UserError naming ``source`` (e.g.
+    ``DML.loss``) and what is wrong: a term of another shape or type would fail later inside autograd or the
+    epoch's averages, far from the method's code."""
     if not (isinstance(terms, dict) and terms):
         raise UserError(f"{source} returned {'an empty dict' if terms == {} else type(terms).__name__}; it returns "
                         "the named loss terms, a dict such as {'ce': ..., 'kd': ...} of scalar tensors")
