@@ -254,6 +254,11 @@ class AMLN(Method):
         parser.add_argument("--disc-weight-decay", type=weight_decay, default=0.0,
                             help="weight decay of the discriminators")
 
+    @classmethod
+    def unused_flags(cls, a):
+        return dict.fromkeys(("gan_loss", "disc_lr", "disc_betas", "disc_weight_decay"), "--adv-weight 0 turns the "
+                             "adversarial loss off (the discriminators still train)") if a.adv_weight == 0 else {}
+
     def build(self):
         a = self.args
         net = AMLNNet(Peers(a.arch, self.num_classes, a.num_peers, image_size=self.image_size), self.image_size,

@@ -49,6 +49,12 @@ class CLILR(Method):
                             help="target of head i: softmax of the others' mean logits (MCL-OKD code) or "
                                  "the mean of the others' softmax (the paper)")
 
+    @classmethod
+    def unused_flags(cls, a):
+        if a.num_peers == 2:
+            return {"soft_target": "with 2 heads each head's target is the other head's softmax either way"}
+        return {}
+
     def build(self):
         return Peers(self.args.arch, self.num_classes, self.args.num_peers, "tree", image_size=self.image_size)
 

@@ -232,6 +232,21 @@ class CMFF(Method):
         parser.add_argument("--no-cross-attention", action="store_true",
                             help="ablation: the fusion module takes the pooled maps directly")
 
+    @classmethod
+    def unused_flags(cls, a):
+        unused = {}
+        if a.no_ssl:
+            unused.update(dict.fromkeys(("no_rot", "no_sim", "lambda_rot", "lambda_sim", "sim_T"),
+                                        "--no-ssl turns both self-supervised terms off"))
+        if a.no_rot:
+            unused["lambda_rot"] = "--no-rot turns the rotation CE off"
+        if a.no_sim:
+            unused.update(dict.fromkeys(("lambda_sim", "sim_T"), "--no-sim turns L_sim off"))
+        if a.no_cross_attention:
+            unused.update(dict.fromkeys(("attention_heads", "mlp_ratio", "attention_dropout"),
+                                        "--no-cross-attention leaves the cross-attention out"))
+        return unused
+
     def build(self):
         a = self.args
         self.use_rot = not (a.no_ssl or a.no_rot)

@@ -129,6 +129,10 @@ class KDCL(Method):
                             help="ablation: every student sees the same augmented image (no per-student views)")
 
     @classmethod
+    def unused_flags(cls, a):
+        return dict.fromkeys(("kd_T", "ensemble"), "--kd-lambda 0 turns distillation off") if a.kd_lambda == 0 else {}
+
+    @classmethod
     def check_args(cls, args):
         if args.kd_T is None:
             args.kd_T = 4.0 if args.dataset == "imagenet" else 2.0

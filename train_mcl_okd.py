@@ -97,6 +97,14 @@ class MCLOKD(Method):
                             help="positive: the sample itself, or a random sample of its class")
 
     @classmethod
+    def unused_flags(cls, a):
+        unused = {"kd_T": "--alpha 0 turns DOT off"} if a.alpha == 0 else {}
+        if a.beta == 0:
+            unused.update(dict.fromkeys(("nce_k", "nce_t", "nce_m", "mode", "feat_dim"),
+                                        "--beta 0 turns the contrastive loss off"))
+        return unused
+
+    @classmethod
     def check_args(cls, args):
         if args.nce_k is None:
             args.nce_k = default_nce_k(args.arch)

@@ -353,9 +353,6 @@ def dataset_info(name: str, data: Optional[os.PathLike | str] = None, *, image_s
         from .folder import describe
         return describe(data, image_size, classes)
     info = static_info(name)
-    if name == "synthetic" and data is not None:
-        warnings.warn(f"--data {data}: --dataset synthetic is generated in memory and reads no files, so --data is "
-                      "ignored; leave it out")
     if image_size is not None and image_size != info.image_size:
         if name != "imagenet":
             raise DataFlagError(f"--image-size {image_size}: {name}'s images are {info.image_size}x{info.image_size}; "

@@ -372,7 +372,7 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     given = given_options(method_cls, argv)
     args.schedule_note = _schedule_note(args, given, *shortened) if shortened else None
     if not (args.eval_only or resume_path(args.resume, args.out)):    # else: once the checkpoint's are known
-        warn_unused_schedule_flags(args, given)
+        warn_unused_flags(args, given, method_cls)
     return args
 
 
@@ -393,9 +393,23 @@ def run_tool(main) -> None:
         sys.exit(status)
 
 
-def warn_unused_schedule_flags(args: argparse.Namespace, given: dict) -> None:
-    """A warning for --milestones (or --sgdr-t0) given that cannot act: under another schedule, or at or
-    beyond --epochs."""
+def warn_unused_flags(args: argparse.Namespace, given: dict, method_cls) -> None:
+    """A warning for each flag given that cannot act in this run (it is recorded with them all the same):
+    --milestones or --sgdr-t0 under another schedule, milestones at or beyond --epochs, a flag for GPUs, several
+    processes or data files where there are none, and the method's own (``Method.unused_flags``)."""
+    unused = dict(method_cls.unused_flags(args))
+    if (args.gpu or 0) < 0:
+        unused["tf32"] = "it sets CUDA's TF32, and this run is on the CPU (--gpu -1)"
+    if args.lr_scale == "linear" and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        unused["lr_scale"] = "'linear' multiplies the lr by the number of processes, and this is one (torchrun: more)"
+    if args.dataset == "imagenet":
+        unused["pad_mode"] = "ImageNet's training crop is RandomResizedCrop, which pads nothing"
+    if args.dataset == "synthetic":
+        unused["data"] = unused["download"] = "--dataset synthetic is generated in memory and reads no files"
+    for name, why in unused.items():
+        if name in given:
+            warnings.warn(f"--{name.replace('_', '-')} does nothing in this run: {why}; the run is recorded with it, "
+                          "so leave it out")
     if "sgdr_t0" in given and args.lr_schedule != "sgdr":
         warnings.warn(f"--sgdr-t0 applies to --lr-schedule sgdr only; this run's schedule is {args.lr_schedule}, so "
                       "it is ignored (add --lr-schedule sgdr to use it)")

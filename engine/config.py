@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from .cli import given_options, parse_args, shown, warn_unused_schedule_flags
+from .cli import given_options, parse_args, shown, warn_unused_flags
 from .errors import UserError
 
 # Options that cannot change what is trained: where the run lives and what this process does (--out,
@@ -197,7 +197,7 @@ def from_checkpoint(method_cls, args: argparse.Namespace, argv: Sequence[str], c
             note = note.split("; kept by")[0] + f"; kept by --extend-epochs to {given['epochs']} epochs"
         kept["schedule_note"] = note
     merged = argparse.Namespace(**{**vars(args), **kept})
-    warn_unused_schedule_flags(merged, given)
+    warn_unused_flags(merged, given, method_cls)
     return merged
 
 

@@ -220,6 +220,13 @@ class Method:
         ...``; ``args.views``: augmented views per sample, default 1). It runs on the parsed namespace
         before the run's configuration is frozen (engine/config.py); ``self.args`` is read-only."""
 
+    @classmethod
+    def unused_flags(cls, args: argparse.Namespace) -> dict[str, str]:
+        """The method's flags that do nothing under ``args`` (an ablation switch turned their term off), by
+        argument name, each with why (``{"lambda_rot": "--no-rot turns the rotation CE off"}``): the engine warns
+        for those the command gives. Default: none."""
+        return {}
+
     def build(self) -> nn.Module:
         """Return one nn.Module holding every trainable part (peers, gates, heads, fusion modules), from
         ``self.args``, ``self.num_classes`` and ``self.image_size``."""

@@ -177,6 +177,45 @@ def test_milestones_without_multistep_warn():
     assert parse_args(load_method("dml"), ["--gpu", "-1", "--eval-subset", "0"]).eval_subset is None
 
 
+UNUSED = [("cmff", "--no-rot --lambda-rot 3", "--lambda-rot", "--no-rot turns the rotation CE off"),
+          ("cmff", "--no-ssl --sim-T 0.5", "--sim-T", "--no-ssl turns both self-supervised terms off"),
+          ("cmff", "--no-ssl --no-sim", "--no-sim", "--no-ssl turns both"),
+          ("cmff", "--no-sim --lambda-sim 1", "--lambda-sim", "--no-sim turns L_sim off"),
+          ("cmff", "--no-cross-attention --attention-heads 8", "--attention-heads", "--no-cross-attention leaves"),
+          ("mcl_okd", "--alpha 0 --kd-T 5", "--kd-T", "--alpha 0 turns DOT off"),
+          ("mcl_okd", "--beta 0 --nce-k 64", "--nce-k", "--beta 0 turns the contrastive loss off"),
+          ("kdcl", "--kd-lambda 0 --ensemble naive", "--ensemble", "--kd-lambda 0 turns distillation off"),
+          ("amln", "--adv-weight 0 --disc-lr 0.1", "--disc-lr", "--adv-weight 0 turns the adversarial loss off"),
+          ("cl_ilr", "--num-peers 2 --soft-target probs", "--soft-target", "with 2 heads each head's target is"),
+          ("dml", "--tf32", "--tf32", "it sets CUDA's TF32, and this run is on the CPU"),
+          ("dml", "--lr-scale linear", "--lr-scale", "'linear' multiplies the lr by the number of processes"),
+          ("dml", "--dataset imagenet --pad-mode reflect", "--pad-mode", "ImageNet's training crop is RandomResized"),
+          ("dml", "--dataset synthetic --download", "--download", "--dataset synthetic is generated in memory"),
+          ("dml", "--dataset synthetic --data /somewhere", "--data", "--dataset synthetic is generated in memory")]
+
+
+@pytest.mark.parametrize("method,argv,flag,why", UNUSED, ids=[f"{m} {a}" for m, a, _, _ in UNUSED])
+def test_a_flag_that_does_nothing_in_the_run_warns(method, argv, flag, why, monkeypatch):
+    """A flag the command gives that this run cannot use (an ablation switch turned its term off; a GPU,
+    multi-process or data-file flag where there is none) is named with why, not recorded silently."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(UserWarning) as caught:
+        parse_args(load_method(method), ["--gpu", "-1", *argv.split()])
+    said = [str(w.message) for w in caught if str(w.message).startswith(f"{flag} does nothing in this run: ")]
+    assert len(said) == 1 and why in said[0] and said[0].endswith("the run is recorded with it, so leave it out")
+
+
+def test_a_switch_alone_or_a_presets_value_draws_no_unused_flag_warning(monkeypatch):
+    """Only flags the command gives are named: not the switch itself, nor a value a preset set."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for method, argv in [("cmff", "--no-rot --no-cross-attention"), ("cmff", "--preset rn110 --no-rot"),
+                             ("mcl_okd", "--alpha 0 --beta 0"), ("cl_ilr", "--num-peers 3 --soft-target probs"),
+                             ("dml", "--gpu 0 --tf32 --dataset synthetic"), ("amln", "--adv-weight 0")]:
+            parse_args(load_method(method), ["--gpu", "-1", *argv.split()])
+
+
 @pytest.mark.parametrize("method,argv,message", BAD, ids=[f"{m}{' '.join(a)}" for m, a, _ in BAD])
 def test_bad_value_stops_in_one_line_before_data(method, argv, message, monkeypatch, capsys):
     def no_data(*args, **kwargs):

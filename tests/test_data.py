@@ -490,15 +490,6 @@ def test_dataset_info_and_names():
         dataset_info("mnist")
 
 
-def test_data_for_synthetic_warns_that_it_is_ignored(recwarn):
-    """--dataset synthetic reads no files: a --data given with it is named as ignored, not silently dropped."""
-    dataset_info("synthetic")
-    assert not recwarn.list
-    with pytest.warns(UserWarning, match=r"--data /somewhere: --dataset synthetic .* reads no files, so --data is "
-                                         r"ignored; leave it out"):
-        assert dataset_info("synthetic", "/somewhere") == dataset_info("synthetic")
-
-
 def test_synthetic_is_fixed_and_learnable():
     train, test = load_dataset("synthetic")
     assert torch.equal(load_dataset("synthetic")[0].images, train.images)
