@@ -67,8 +67,8 @@ def output_problem(path: Path, flag: str, force: bool, example: str,
 
     Refused whatever ``force`` says: one of the files or folders the command reads (``reads``: (what, path)
     pairs such as ("the checkpoint being read", ckpt)), or a file inside such a folder; one of a run
-    directory's own files (:func:`run_file_role`) in a folder that holds a run, or a file in the run's
-    tensorboard/ folder (a run's checkpoint, record, lock or evaluations would be replaced by something else).
+    directory's own files (:func:`run_file_role`) in a folder that holds a run or a copy of one (a last.pt or
+    best.pt: ``cp run/* copy/`` leaves the hidden lock file behind), or a file in the run's tensorboard/ folder (a run's checkpoint, record, lock or evaluations would be replaced by something else).
     Refused unless ``force``: an existing file. Always refused: a folder (``example``: a file name to
     suggest in it), something that is not a regular file, a parent that is a file, a folder without write
     permission."""
@@ -82,7 +82,7 @@ def output_problem(path: Path, flag: str, force: bool, example: str,
             return (f"{flag} {path} lies inside {what} ({read}); write it outside that folder (e.g. {example} "
                     "elsewhere), --force or not")
     role = run_file_role(path.name)
-    if role and holds_run(real.parent):
+    if role and (holds_run(real.parent) or any((real.parent / name).is_file() for name in RUN_CHECKPOINTS)):
         return (f"{flag} {path}: {path.parent} holds a run and {path.name} is {role}; give another file name "
                 f"(e.g. {path.parent / example}), --force or not")
     if real.parent.name.lower() == RUN_TENSORBOARD and holds_run(real.parent.parent):

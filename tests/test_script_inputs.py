@@ -330,11 +330,34 @@ def test_a_run_file_name_outside_a_run_is_an_ordinary_output(tmp_path, capsys):
     tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
     out = tmp_path / "reports" / "results.json"
     code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out))
-    assert code == 0 and err == "" and out.read_text() == ""
-    (out.parent / "last.pt").write_text("a kept copy")             # a run's file names, but no run's lock file
+    assert code == 0 and err == ""
     code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out),
                              "--force")                            # the script's own earlier output, replaced
     assert code == 0 and err == ""
+
+
+@pytest.mark.parametrize("name", ["last.pt", "best.pt", "results.json", "eval-best-synthetic.json"])
+def test_a_copy_of_a_run_without_its_lock_file_is_a_run_to_every_writer(tmp_path, capsys, monkeypatch, name):
+    """`cp run/* copy/` leaves the hidden lock file behind: the checkpoints beside mark the folder as a run all
+    the same, so no script writes over the copy's checkpoints, record or evaluations (--force or not)."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in ("last.pt", "best.pt", "results.json", "eval-best-synthetic.json"):
+        (copy / file).write_text(f"the copied run's {file}\n")
+    before, out = snapshot(copy), copy / name
+    tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
+    benchmark = script("benchmark")
+    monkeypatch.setattr(benchmark, "make_trainer", lambda *a: pytest.fail("the benchmark ran"))
+    for flag, call in [("--out", lambda: script("check_dataset").main(["--dataset", "folder", "--data", str(tree),
+                                                                       "--workers", "0", "--out", str(out), "--force"])),
+                       ("--json", lambda: benchmark.main(["--device", "cpu", "--json", str(out), "--force"]))]:
+        try:
+            code = call()
+        except SystemExit as e:
+            code = e.code
+        line = one_line(code, capsys.readouterr().err)
+        assert line.startswith(f"error: {flag} {out}: {copy} holds a run and {name} is "), line
+    assert snapshot(copy) == before
 
 
 @pytest.mark.parametrize("inside", ["train/cat/cat_0.png", "bad.txt", "train/cat/new.txt"])
