@@ -30,6 +30,10 @@ if [[ -z "$SCRIPT" || "$SCRIPT" == -* ]]; then
   echo "error: the first argument is the training script: sbatch scripts/slurm_ddp.sh train_X.py [flags]" >&2
   exit 2
 fi
+if [[ ! -f "$SCRIPT" ]]; then     # (python, a typo: else every process of every restart says so, then torchrun's trace)
+  echo "error: $SCRIPT: no such training script here ($PWD); give the train_X.py file (no 'python' before it)" >&2
+  exit 2
+fi
 shift
 srun torchrun \
   --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$GPUS_PER_NODE" \

@@ -187,3 +187,8 @@ def test_the_slurm_script_trains_the_run_directory_the_command_names(tmp_path, f
     for wrong in ([], ["--arch", "resnet34"]):             # the script first, or one line that says so
         r = subprocess.run(["bash", "scripts/slurm_ddp.sh", *wrong], cwd=REPO, env=env, capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.startswith("error: the first argument is the training script"), r.stderr
+    for wrong in (["train_dmll.py"], ["python", "train_dml.py"]):      # one line before srun, not one per process
+        r = subprocess.run(["bash", "scripts/slurm_ddp.sh", *wrong], cwd=REPO, env=env, capture_output=True, text=True)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr == (
+            f"error: {wrong[0]}: no such training script here ({REPO}); give the train_X.py file (no 'python' "
+            "before it)\n"), r.stderr
