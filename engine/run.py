@@ -1061,6 +1061,8 @@ class RunLock:
         self.started = t = time.time()
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now_iso(t), "started_unix": t,
                   "command": self.command}
+        if os.environ.get("TORCHELASTIC_RUN_ID"):     # a worker of torchrun: its launcher is what to signal
+            record["torchrun"] = os.getppid()
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         return self
@@ -1113,6 +1115,8 @@ class RunLock:
             return UserError(os_error_message(self.path, error))
         holder = _json_object(self.path)
         who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
+        if holder.get("torchrun"):    # (a worker alone stopped leaves the other ranks a traceback)
+            who += f", a worker of torchrun (process {holder['torchrun']}: signal that one to stop the run)"
         if holder.get("started"):
             who += f" (since {holder['started']}: {holder.get('command', '')})"
         if self._holder_ended():

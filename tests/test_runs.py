@@ -5,9 +5,11 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -375,6 +377,26 @@ def test_lock_is_released_on_errors(tmp_path):
     lock.release()
     assert not (tmp_path / "new").exists()            # nothing was written: no empty run directory left
     run_module.RunLock(tmp_path / "new").acquire().release()
+
+
+def test_a_run_held_by_a_worker_of_torchrun_names_the_launcher_to_signal(tmp_path, monkeypatch):
+    """Under torchrun the lock's holder is one worker; stopped alone, it leaves the other ranks a traceback. The
+    line names the launcher (the worker's parent), which stops every rank."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    lock = run_module.RunLock(tmp_path / "run").acquire()
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    try:
+        with pytest.raises(UserError, match=re.escape(f"in use by process {os.getpid()} on {socket.gethostname()}, "
+                                                      f"a worker of torchrun (process {os.getppid()}: signal that "
+                                                      "one to stop the run) (since ")):
+            run_module.RunLock(tmp_path / "run").acquire()
+    finally:
+        lock.release()
+    lock = run_module.RunLock(tmp_path / "run").acquire()       # not under torchrun: no launcher named
+    with pytest.raises(UserError) as e:
+        run_module.RunLock(tmp_path / "run").acquire()
+    lock.release()
+    assert "torchrun" not in str(e.value)
 
 
 def test_a_lock_file_removed_after_it_was_opened_is_not_taken(tmp_path, monkeypatch):
