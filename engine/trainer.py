@@ -399,7 +399,8 @@ class Trainer:
             result["val"] = self.evaluate(self.loaders.val)
         for split in ("val", "test"):
             if split in result:
-                self.run.log(f"{split}: " + " ".join(f"{k} {v:.2f}" for k, v in result[split].items()))
+                self.run.log(f"{split} ({path.name}, epoch {ckpt['epoch']}): "
+                             + " ".join(f"{k} {v:.2f}" for k, v in result[split].items()))
         self.run.write_evaluation(result)
         return result
 

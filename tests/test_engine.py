@@ -209,10 +209,11 @@ def test_a_run_directory_may_hold_what_runs_and_tools_write_there(dml_run, tmp_p
 
 
 @pytest.mark.slow
-def test_eval_only_reproduces_best(dml_run, tmp_path):
+def test_eval_only_reproduces_best(dml_run, tmp_path, capsys):
     out, results = dml_run
     evaluated = train(train_dml.DML, FAST + ["--eval-only", str(out / "best.pt"), "--out", str(tmp_path)])
     assert evaluated["test"] == results["best"]["test"]
+    assert f"\ntest (best.pt, epoch {results['best']['epoch']}): peer1/top1 " in capsys.readouterr().out
     assert (tmp_path / "eval-best-synthetic.json").is_file()
 
 
