@@ -524,8 +524,8 @@ def _training_differences(a: RunResult, b: RunResult) -> list[tuple]:
 
 
 def markdown_runs(groups: dict[str, list[RunResult]], warn=None) -> str:
-    lines = ["| runs | method | arch | dataset | head | n | best top-1 | last top-1 | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| runs | method | arch | dataset | epochs | head | n | best top-1 | last top-1 | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key, runs in sorted(groups.items()):
         runs = dedupe(runs, warn)
         finished = [r for r in runs if r.finished]
@@ -537,8 +537,9 @@ def markdown_runs(groups: dict[str, list[RunResult]], warn=None) -> str:
         for head in heads:       # n: the finished runs that hold the head
             best = [r.heads("best")[head] for r in finished if head in r.heads("best")]
             last = [r.heads("last")[head] for r in finished if head in r.heads("last")]
-            lines.append(f"| {key} | {first.get('method')} | {first.get('arch')} | {first.get('dataset')} | {head} | "
-                         f"{len(best)} | {fmt(*mean_std(best))} | {fmt(*mean_std(last))} | {status} |")
+            lines.append(f"| {key} | {first.get('method')} | {first.get('arch')} | {first.get('dataset')} | "
+                         f"{first.get('epochs', '?')} | {head} | {len(best)} | {fmt(*mean_std(best))} | "
+                         f"{fmt(*mean_std(last))} | {status} |")
     return "\n".join(lines)
 
 

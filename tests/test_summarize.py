@@ -212,13 +212,13 @@ def test_untabled_runs_are_averaged_only_with_runs_that_trained_the_same(tmp_pat
                                                                                    "pad_mode": "zero"}))
     assert summarize.main([str(tmp_path)]) == 0
     out, err = capsys.readouterr()
-    assert "| z | dml | resnet32 | cifar100 | peer1 | 2 | 60.00 ± 0.00 | 60.00 ± 0.00 | 2 finished |" in out
+    assert "| z | dml | resnet32 | cifar100 | 1 | peer1 | 2 | 60.00 ± 0.00 | 60.00 ± 0.00 | 2 finished |" in out
     assert "runs named z" not in err
     rows = [line for line in out.splitlines() if line.startswith("| x") or line.startswith("| y")]
-    assert "| x [1] | dml | resnet32 | cifar100 | peer1 | 1 | 60.00 | 60.00 | 1 finished |" in rows
-    assert "| x [2] | baseline | resnet32 | cifar100 | net | 1 | 50.00 | 50.00 | 1 finished |" in rows
-    assert "| y [1] | dml | resnet32 | cifar100 | peer1 | 2 | 61.00 ± 1.41 | 61.00 ± 1.41 | 2 finished |" in rows
-    assert "| y [2] | dml | resnet32 | cifar100 | peer1 | 1 | 60.00 | 60.00 | 1 finished |" in rows
+    assert "| x [1] | dml | resnet32 | cifar100 | 1 | peer1 | 1 | 60.00 | 60.00 | 1 finished |" in rows
+    assert "| x [2] | baseline | resnet32 | cifar100 | 1 | net | 1 | 50.00 | 50.00 | 1 finished |" in rows
+    assert "| y [1] | dml | resnet32 | cifar100 | 1 | peer1 | 2 | 61.00 ± 1.41 | 61.00 ± 1.41 | 2 finished |" in rows
+    assert "| y [2] | dml | resnet32 | cifar100 | 1 | peer1 | 1 | 60.00 | 60.00 | 1 finished |" in rows
     assert len(rows) == 3 + 1 + 3 + 3
     assert (f"warning: the runs named x did not all train the same (method or training options other than the seed), "
             f"so they are not averaged together: x [1]: {tmp_path / 'exp1' / 'x-s0'}; x [2]: "
@@ -236,7 +236,7 @@ def test_every_seed_gives_its_heads_even_when_the_first_has_no_epoch(tmp_path, c
     write(tmp_path / "x-s1" / "results.json", results(None, 1, dml))
     assert summarize.main([str(tmp_path)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| x")]
-    assert rows == [f"| x | dml | resnet32 | cifar100 | {head} | 1 | {v[0]:.2f} | {v[0]:.2f} | 1 finished, 1 "
+    assert rows == [f"| x | dml | resnet32 | cifar100 | 1 | {head} | 1 | {v[0]:.2f} | {v[0]:.2f} | 1 finished, 1 "
                     "unfinished (0/1 ep interrupted) |" for head, v in dml.items()], rows
     write(tmp_path / "y" / "y-s0" / "results.json", results(None, 0, {"peer1": [50.0]}, selection="peer1",
                                                             terms={"ce": [1.0]}))
@@ -258,7 +258,7 @@ def test_seeds_of_a_run_with_changed_options_are_averaged(tmp_path, capsys):
               results(None, seed, {k: [v[0] + 2 * seed] for k, v in dml.items()}, args={"lr": 0.05}))
     assert summarize.main([str(tmp_path)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| dml-")]
-    assert "| dml-resnet32-cifar100-n2-1a2b3c4d | dml | resnet32 | cifar100 | peer1 | 2 | 61.00 ± 1.41 | 61.00 ± " \
+    assert "| dml-resnet32-cifar100-n2-1a2b3c4d | dml | resnet32 | cifar100 | 1 | peer1 | 2 | 61.00 ± 1.41 | 61.00 ± " \
            "1.41 | 2 finished |" in rows, rows
 
 
