@@ -8,7 +8,7 @@ the pattern of the PyTorch CUDA-graph notes ("whole-network capture"):
 * gradients set to None before capture, so backward allocates them in the graph's memory pool;
 * every batch is copied into static input tensors, then the graph is replayed.
 
-The captured step is the engine's ``Trainer._step``: the method's ``train_step`` (its own or the default
+The captured step is the engine's ``Trainer._captured_step``: the method's ``train_step`` (its own or the default
 one), the loss scaler's update and the method's ``after_step``. The temporal means (``models/temporal_mean.py``)
 are updated after each replay, eagerly. Python numbers read during the step (the lr, the ramp-up
 weights computed from the epoch) are frozen into the capture, so the step is captured again at the start

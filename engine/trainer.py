@@ -125,7 +125,7 @@ class Trainer:
         self.step_context = StepContext(self.optimizers, self.scaler, self.device.type,
                                         {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp))
         self.means = [m for m in self.modules.values() if isinstance(m, TemporalMean)]
-        self.graphed = GraphedStep(self._step, list(self.optimizers.values()), self.device) if args.cuda_graph else None
+        self.graphed = GraphedStep(self._captured_step, list(self.optimizers.values()), self.device) if args.cuda_graph else None
         self.best_head = method_cls.best_metric if args.best_metric is None else args.best_metric
         archs = ({f"peer{i + 1}": n for i, n in enumerate(peer_archs(args.arch, args.num_peers))}
                  if method_cls.num_peers is not None else None)
@@ -148,7 +148,7 @@ class Trainer:
             return [im.contiguous(memory_format=self.memory_format) for im in images]
         return images.contiguous(memory_format=self.memory_format)
 
-    def _step(self, batch, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _captured_step(self, batch, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The part of a step --cuda-graph captures: the method's train_step (by default its loss terms, one
         backward, every optimizer), the scaler's update, then its after_step; returns (terms, their sum)."""
         terms = checked_terms(self.method.train_step(self.model, batch, epoch, self.step_context),
@@ -158,12 +158,12 @@ class Trainer:
             self.method.after_step(self.model, batch, epoch)
         return terms, sum(terms.values())
 
-    def train_step(self, batch, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def train_batch(self, batch, epoch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """One training step on a loader's batch: in the memory format, replayed from the CUDA graph with
         --cuda-graph, else eagerly; then the method's temporal means are updated (eagerly)."""
         batch = batch._replace(images=self._format(batch.images))
         try:
-            out = self._step(batch, epoch) if self.graphed is None else self.graphed(batch, epoch)
+            out = self._captured_step(batch, epoch) if self.graphed is None else self.graphed(batch, epoch)
         except CaptureError as e:            # (raised by the graphed step only)
             raise UserError(f"--cuda-graph: {self.method_cls.name}'s training step could not be captured as a CUDA "
                             f"graph ({e}). {self.run.folder / 'last.pt'} holds the last finished epoch; a run trained "
@@ -189,7 +189,7 @@ class Trainer:
                    disable=self.args.no_progress or not self.is_main or not sys.stderr.isatty(), dynamic_ncols=True)
         start = time.perf_counter()
         for batch in bar:
-            terms, total = self.train_step(batch, epoch)
+            terms, total = self.train_batch(batch, epoch)
             for name, value in {**terms, "loss": total}.items():  # accumulated on the device: no host sync per step
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             steps += 1

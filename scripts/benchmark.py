@@ -197,7 +197,7 @@ def engine_step(trainer: Trainer, steps: int) -> tuple[float, Optional[int]]:
     if trainer.device.type == "cpu":
         batch = next(iter(trainer.loaders.train))
         with OpCounter() as counter:
-            trainer.train_step(batch, epoch)
+            trainer.train_batch(batch, epoch)
         ops = counter.count
     return seconds / done, ops
 
@@ -218,7 +218,7 @@ def profile(trainer: Trainer, steps: int, device) -> None:
     with torch_profile(activities=activities) as prof:
         start = time.perf_counter()
         for batch in batches:  # epoch 0: the epoch its graph (if any) was captured for in the warm-up
-            trainer.train_step(batch, 0)
+            trainer.train_batch(batch, 0)
         sync(device)
         wall = time.perf_counter() - start
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -154,7 +154,7 @@ def test_graphed_step_bookkeeping_on_the_cpu(tmp_path, monkeypatch):
             "--no-progress", "--out", str(tmp_path), "--epochs", "3"]
     eager = Trainer(train_dml.DML, parse_args(train_dml.DML, argv))
     graphed = Trainer(train_dml.DML, parse_args(train_dml.DML, argv))
-    graphed.graphed = CPUGraphedStep(graphed._step, list(graphed.optimizers.values()), graphed.device)
+    graphed.graphed = CPUGraphedStep(graphed._captured_step, list(graphed.optimizers.values()), graphed.device)
     for epoch in range(3):
         (a, _), (b, _) = eager.train_epoch(epoch), graphed.train_epoch(epoch)
         for key in ("ce", "kd", "loss"):
