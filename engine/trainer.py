@@ -125,7 +125,8 @@ class Trainer:
         self.step_context = StepContext(self.optimizers, self.scaler, self.device.type,
                                         {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp))
         self.means = [m for m in self.modules.values() if isinstance(m, TemporalMean)]
-        self.graphed = GraphedStep(self._captured_step, list(self.optimizers.values()), self.device) if args.cuda_graph else None
+        self.graphed = (GraphedStep(self._captured_step, list(self.optimizers.values()), self.device)
+                        if args.cuda_graph else None)
         self.best_head = method_cls.best_metric if args.best_metric is None else args.best_metric
         archs = ({f"peer{i + 1}": n for i, n in enumerate(peer_archs(args.arch, args.num_peers))}
                  if method_cls.num_peers is not None else None)
