@@ -398,6 +398,8 @@ def warn_unused_flags(args: argparse.Namespace, given: dict, method_cls) -> None
     --milestones or --sgdr-t0 under another schedule, milestones at or beyond --epochs, a flag for GPUs, several
     processes or data files where there are none, and the method's own (``Method.unused_flags``)."""
     unused = dict(method_cls.unused_flags(args))
+    if args.momentum == 0:
+        unused["nesterov"] = "Nesterov's correction acts through the momentum, and --momentum is 0"
     if (args.gpu or 0) < 0:
         unused["tf32"] = "it sets CUDA's TF32, and this run is on the CPU (--gpu -1)"
     if args.lr_scale == "linear" and int(os.environ.get("WORLD_SIZE", 1)) == 1:

@@ -188,6 +188,7 @@ UNUSED = [("cmff", "--no-rot --lambda-rot 3", "--lambda-rot", "--no-rot turns th
           ("amln", "--adv-weight 0 --disc-lr 0.1", "--disc-lr", "--adv-weight 0 turns the adversarial loss off"),
           ("cl_ilr", "--num-peers 2 --soft-target probs", "--soft-target", "with 2 heads each head's target is"),
           ("dml", "--tf32", "--tf32", "it sets CUDA's TF32, and this run is on the CPU"),
+          ("dml", "--momentum 0 --no-nesterov", "--nesterov", "acts through the momentum, and --momentum is 0"),
           ("dml", "--lr-scale linear", "--lr-scale", "'linear' multiplies the lr by the number of processes"),
           ("dml", "--dataset imagenet --pad-mode reflect", "--pad-mode", "ImageNet's training crop is RandomResized"),
           ("dml", "--dataset synthetic --download", "--download", "--dataset synthetic is generated in memory"),
