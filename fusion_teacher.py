@@ -17,7 +17,7 @@ import argparse
 
 from torch import nn
 
-from engine import OptimGroup, non_negative, number, temperature, weight_decay
+from engine import OptimGroup, number, ramp_up, temperature, weight_decay
 
 
 def add_fusion_teacher_arguments(parser, fusion_decay: bool) -> None:
@@ -25,7 +25,7 @@ def add_fusion_teacher_arguments(parser, fusion_decay: bool) -> None:
     ``--fusion-decay/--no-fusion-decay``, whose default the method gives: FFL True (the FFL code decays
     the fusion lr), DCCL False (its code does not), CMFF True (its ``official`` preset: False)."""
     parser.add_argument("--kd-T", type=temperature, default=3.0, help="temperature T of every KD term")
-    parser.add_argument("--rampup", type=non_negative, default=80.0, metavar="EPOCHS",
+    parser.add_argument("--rampup", type=ramp_up, default=80.0, metavar="EPOCHS",
                         help="sigmoid ramp-up length of the KD weight w(e), in epochs (0: weight 1 throughout)")
     parser.add_argument("--kd-eps", type=number(at_least=0, at_most=1e-3, why="added to probabilities, not "
                                                 "renormalised; the official value is 1e-7"), default=0.0, metavar="EPS",

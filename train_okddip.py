@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, main, non_negative, peer_heads, temperature
+from engine import Method, main, peer_heads, ramp_up, temperature
 from losses import sigmoid_rampup
 from losses.peer_targets import kd_towards
 from models.peers import Peers
@@ -92,7 +92,7 @@ class OKDDip(Method):
     @classmethod
     def add_arguments(cls, parser):
         parser.add_argument("--kd-T", type=temperature, default=3.0, help="distillation temperature T")
-        parser.add_argument("--rampup", type=non_negative, default=80.0, metavar="EPOCHS",
+        parser.add_argument("--rampup", type=ramp_up, default=80.0, metavar="EPOCHS",
                             help="sigmoid ramp-up length of the KD weight, in epochs (0: weight 1 throughout)")
         parser.add_argument("--detach-targets", choices=("none", "all", "peers"), default="none",
                             help="none: gradients flow through the targets (official code); all: constant "

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, main, non_negative, peer_heads, temperature
+from engine import Method, main, peer_heads, ramp_up, temperature
 from losses import sigmoid_rampup
 from losses.peer_targets import kd_towards
 from models.peers import Peers
@@ -75,7 +75,7 @@ class ONE(Method):
     @classmethod
     def add_arguments(cls, parser):
         parser.add_argument("--kd-T", type=temperature, help="distillation temperature T")
-        parser.add_argument("--rampup", type=non_negative, metavar="EPOCHS",
+        parser.add_argument("--rampup", type=ramp_up, metavar="EPOCHS",
                             help="sigmoid ramp-up length of the KD weight, in epochs (0: weight 1 throughout)")
 
     def build(self):

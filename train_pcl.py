@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import Method, main, non_negative, peer_heads, temperature, unit_interval
+from engine import Method, main, peer_heads, ramp_up, temperature, unit_interval
 from losses import kd_loss, sigmoid_rampup
 from models.peers import Peers
 from models.temporal_mean import TemporalMean
@@ -78,7 +78,7 @@ class PCL(Method):
     @classmethod
     def add_arguments(cls, parser):
         parser.add_argument("--kd-T", type=temperature, default=3.0, help="distillation temperature T")
-        parser.add_argument("--rampup", type=non_negative, default=80.0, metavar="EPOCHS",
+        parser.add_argument("--rampup", type=ramp_up, default=80.0, metavar="EPOCHS",
                             help="sigmoid ramp-up length of the two KD weights, in epochs (0: weight 1)")
         parser.add_argument("--ema-decay", type=unit_interval, default=0.999,
                             help="upper limit of the mean teacher's decay min(1 - 1/(n+1), limit)")

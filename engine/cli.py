@@ -62,6 +62,8 @@ temperature = number(above=0, at_most=10_000, why="a temperature: the softmax di
 fraction = number(at_least=0, below=1)           # momenta, dropout probabilities, Adam betas
 unit_interval = number(at_least=0, at_most=1)    # decays and momenta that may reach 1
 positive_int = number(int, at_least=1)
+ramp_up = number(at_least=0)                     # epochs of a sigmoid ramp-up (losses.sigmoid_rampup): a run shorter
+ramp_up.epochs = True                            # than one is warned (parse_args), since its weight never reaches 1
 non_negative_int = number(int, at_least=0)
 
 
@@ -373,6 +375,7 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     args.schedule_note = _schedule_note(args, given, *shortened) if shortened else None
     if not (args.eval_only or resume_path(args.resume, args.out)):    # else: once the checkpoint's are known
         warn_unused_flags(args, given, method_cls)
+        warn_long_ramp_ups(parser, args)
     return args
 
 
@@ -422,6 +425,20 @@ def warn_unused_flags(args: argparse.Namespace, given: dict, method_cls) -> None
         late = " ".join(str(m) for m in args.milestones if m >= args.epochs)
         warnings.warn(f"--milestones {late} lie at or beyond --epochs {args.epochs}, so the lr never decays there; "
                       "pass milestones below --epochs")
+
+
+def warn_long_ramp_ups(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A warning for each ramp-up (a flag of type :data:`ramp_up`) longer than the run: a shortened run (--epochs
+    30 of a method with an 80-epoch ramp-up) keeps its loss weight far below 1 to the end, which the recipe's
+    scaled lr schedule does not show."""
+    from losses import sigmoid_rampup
+    for action in parser._actions:
+        length = getattr(args, action.dest, None) if getattr(action.type, "epochs", False) else None
+        if length and length > args.epochs:
+            flag = action.option_strings[0]
+            warnings.warn(f"{flag} {length:g} is longer than --epochs {args.epochs}: the weight it ramps up reaches "
+                          f"only {sigmoid_rampup(args.epochs - 1, length):.2f} of 1 by the last epoch; for a short run "
+                          f"give {flag} {args.epochs} or less")
 
 
 def resume_path(resume: Optional[str], folder: Optional[str]) -> Optional[Path]:

@@ -3,6 +3,7 @@ before any data is read, --help is complete, the presets and schedules a flag na
 changes nothing global."""
 import argparse
 import importlib.util
+import math
 import os
 import re
 import shlex
@@ -204,6 +205,23 @@ def test_a_flag_that_does_nothing_in_the_run_warns(method, argv, flag, why, monk
         parse_args(load_method(method), ["--gpu", "-1", *argv.split()])
     said = [str(w.message) for w in caught if str(w.message).startswith(f"{flag} does nothing in this run: ")]
     assert len(said) == 1 and why in said[0] and said[0].endswith("the run is recorded with it, so leave it out")
+
+
+@pytest.mark.parametrize("method", ["okddip", "one", "pcl", "ffl", "dccl", "cmff"])
+def test_a_ramp_up_longer_than_the_run_warns_with_the_weight_it_reaches(method):
+    """A shortened run (its lr schedule scaled to --epochs) keeps the ramp-up's length: its KD weight never nears
+    1, which is named with the weight the last epoch reaches (sigmoid_rampup(epochs - 1, R))."""
+    argv = ["--gpu", "-1", "--epochs", "30", "--rampup", "80"]
+    with pytest.warns(UserWarning) as caught:
+        parse_args(load_method(method), argv)
+    weight = math.exp(-5 * (1 - 29 / 80) ** 2)                       # 0.131
+    assert [str(w.message) for w in caught if "--rampup" in str(w.message)] == [
+        f"--rampup 80 is longer than --epochs 30: the weight it ramps up reaches only {weight:.2f} of 1 by the last "
+        "epoch; for a short run give --rampup 30 or less"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_args(load_method(method), ["--gpu", "-1", "--epochs", "30", "--rampup", "30"])   # reaches 1
+        parse_args(load_method(method), ["--gpu", "-1", "--epochs", "30", "--rampup", "0"])    # no ramp-up
 
 
 def test_a_switch_alone_or_a_presets_value_draws_no_unused_flag_warning(monkeypatch):
@@ -560,7 +578,9 @@ def test_a_shortened_step_recipe_keeps_its_schedule_in_proportion(recwarn):
     base = load_method("baseline")
     sgdr = parse_args(base, ["--recipe", "imagenet", "--epochs", "30"])
     assert (sgdr.sgdr_t0, sgdr.schedule_note) == (10, "the recipe's first SGDR cycle of 100 of 300 epochs, scaled to 10")
-    assert not recwarn.list                                       # nothing the user set: no warning
+    # nothing the user set: no warning of the schedule; PCL's 80-epoch ramp-up is not scaled, and says so
+    assert {str(w.message).split(":")[0] for w in recwarn.list} == {"--rampup 80 is longer than --epochs 30",
+                                                                     "--rampup 80 is longer than --epochs 3"}
     with pytest.warns(UserWarning, match="--milestones 40 lie at or beyond --epochs 30"):
         parse_args(pcl, ["--epochs", "30", "--milestones", "10", "40"])
     vgg = parse_args(cmff, ["--preset", "official", "--arch", "vgg16", "--epochs", "40"])   # the preset's 401 epochs
