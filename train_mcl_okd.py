@@ -16,7 +16,7 @@ d=128, tau=0.1 (0.07 on ImageNet), m=0.5, K=256 for the CIFAR ResNets and DenseN
     python train_mcl_okd.py --arch vgg16 --gpu 0                     # K=16384 (README)
     python train_mcl_okd.py --arch resnet32 --gpu 0 --alpha 0        # the "+MCL" ablation (no DOT)
     torchrun --nproc_per_node 8 train_mcl_okd.py --arch resnet34 --dataset imagenet --data DIR \\
-        --recipe mcl-okd-imagenet                                    # tau=0.07, K=16384
+        --recipe mcl-okd-imagenet --batch-size 16                    # tau=0.07, K=16384; batch 128 over 8 GPUs
 """
 import warnings
 
