@@ -46,9 +46,10 @@ def atomic_save(obj: dict, *paths: Path) -> None:
         atomic_write(path, data)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, instead: str = INSTEAD) -> dict:
     """Load a checkpoint written by this engine. A missing, empty, truncated, foreign or damaged file (its
-    content no longer matches the checksum written with it) is a one-line UserError naming the path."""
+    content no longer matches the checksum written with it) is a one-line UserError naming the path, and, for an
+    empty or unreadable one, what to do ``instead`` (default: the training scripts' way, :data:`INSTEAD`)."""
     path = Path(path)
     if path.is_dir():
         held = [str(path / name) for name in RUN_CHECKPOINTS if (path / name).is_file()]
@@ -61,21 +62,21 @@ def load_checkpoint(path: Path) -> dict:
                                                  "(a run's last.pt or best.pt)" if path.exists() else "does not exist"))
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is an empty file (0 bytes): a copy or a write that did not finish; "
-                        + INSTEAD)
+                        + instead)
     try:
         with warnings.catch_warnings():    # (torch's warnings about a file it then refuses: the line below says it)
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, unsafe pickle...
         raise UserError(f"checkpoint {path} cannot be read: torch.load refused it ({type(e).__name__}), so it is "
-                        "truncated, damaged or not a checkpoint of this repository; " + INSTEAD) from None
+                        "truncated, damaged or not a checkpoint of this repository; " + instead) from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a checkpoint of this repository (expected format {FORMAT}; "
                         + (f"it has no {', '.join(missing)})" if missing else f"it has format {ckpt.get('format')})"))
     if not verified(ckpt):
         raise UserError(f"checkpoint {path} is damaged: its content does not match the sha256 written with it "
-                        "(the file changed on disk after it was saved); " + INSTEAD)
+                        "(the file changed on disk after it was saved); " + instead)
     return ckpt
 
 

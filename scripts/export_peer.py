@@ -219,7 +219,7 @@ def export_peer(checkpoint: Path, peer: int, source: str = "model", head: Option
     (default: the head of that peer of ``source``, :func:`default_head`) names whose recorded accuracy goes with it."""
     if head is not None:
         check_head(head, source, peer)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, instead="export from the run's other checkpoint (best.pt / last.pt)")
     args = ckpt["args"]
     if source not in ckpt["state"]:
         raise UserError(f"{checkpoint} has no '{source}' state; --from one of: {', '.join(ckpt['state'])}")

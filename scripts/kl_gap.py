@@ -104,7 +104,7 @@ def batch_of(dataset: str, data: Optional[str], size: int, seed: int, download: 
 def read_checkpoint(path: Path) -> dict:
     """A DCCL checkpoint, loaded as the engine loads one (engine.checkpoint.load_checkpoint: a missing, empty,
     truncated or damaged file is a one-line UserError); a checkpoint of another method is refused."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, instead="name the run's other checkpoint (best.pt / last.pt)")
     if ckpt["method"] != METHOD:
         raise UserError(f"--checkpoint {path} was saved by {saved_by(ckpt)}; kl_gap.py reads {METHOD} "
                         f"checkpoints (train_{METHOD}.py's last.pt / best.pt)")

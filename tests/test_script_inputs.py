@@ -418,6 +418,7 @@ def test_kl_gap_checkpoint_refused_in_one_line_before_data_is_loaded(dml_run, dc
     truncated.write_bytes((dccl_run / "last.pt").read_bytes()[:5000])
     line = one_line(kl_gap.main(["--checkpoint", str(truncated)]), capsys.readouterr().err)
     assert line.startswith(f"error: checkpoint {truncated} cannot be read") and "truncated" in line
+    assert line.endswith("name the run's other checkpoint (best.pt / last.pt)"), line    # (not a training flag)
     dml = dml_run / "last.pt"
     line = one_line(kl_gap.main(["--checkpoint", str(dml)]), capsys.readouterr().err)
     assert line.startswith(f"error: --checkpoint {dml} was saved by train_dml.py; kl_gap.py reads dccl checkpoints")
