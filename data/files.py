@@ -49,7 +49,8 @@ def run_file_role(name: str) -> Optional[str]:
 
 def holds_run(folder: Path) -> bool:
     """Whether ``folder`` is a run directory: the lock file every run keeps, with a checkpoint or a record beside
-    it (a last.pt or results.json alone, a kept copy or another tool's, does not make one)."""
+    it (a last.pt or results.json alone, a kept copy or another tool's, does not make one: no run trains or
+    resumes there by itself; :func:`output_problem` protects a copy's files all the same)."""
     folder = Path(folder)
     return (folder / RUN_LOCK).is_file() and any((folder / name).is_file() for name in RUN_FILES if name != RUN_LOCK)
 
@@ -68,7 +69,8 @@ def output_problem(path: Path, flag: str, force: bool, example: str,
     Refused whatever ``force`` says: one of the files or folders the command reads (``reads``: (what, path)
     pairs such as ("the checkpoint being read", ckpt)), or a file inside such a folder; one of a run
     directory's own files (:func:`run_file_role`) in a folder that holds a run or a copy of one (a last.pt or
-    best.pt: ``cp run/* copy/`` leaves the hidden lock file behind), or a file in the run's tensorboard/ folder (a run's checkpoint, record, lock or evaluations would be replaced by something else).
+    best.pt: ``cp run/* copy/`` leaves the hidden lock file behind), or a file in the run's tensorboard/ folder
+    (a run's checkpoint, record, lock or evaluations would be replaced by something else).
     Refused unless ``force``: an existing file. Always refused: a folder (``example``: a file name to
     suggest in it), something that is not a regular file, a parent that is a file, a folder without write
     permission."""
@@ -83,8 +85,8 @@ def output_problem(path: Path, flag: str, force: bool, example: str,
                     "elsewhere), --force or not")
     role = run_file_role(path.name)
     if role and (holds_run(real.parent) or any((real.parent / name).is_file() for name in RUN_CHECKPOINTS)):
-        return (f"{flag} {path}: {path.parent} holds a run and {path.name} is {role}; give another file name "
-                f"(e.g. {path.parent / example}), --force or not")
+        return (f"{flag} {path}: {path.parent} holds a run (or a copy of one) and {path.name} is {role}; give "
+                f"another file name (e.g. {path.parent / example}), --force or not")
     if real.parent.name.lower() == RUN_TENSORBOARD and holds_run(real.parent.parent):
         return (f"{flag} {path} is inside the tensorboard/ folder of the run in {path.parent.parent}; give a file "
                 f"outside it (e.g. {path.parent.parent / example}), --force or not")

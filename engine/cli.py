@@ -403,8 +403,9 @@ def warn_unused_flags(args: argparse.Namespace, given: dict, method_cls) -> None
     unused = dict(method_cls.unused_flags(args))
     if args.momentum == 0:
         unused["nesterov"] = "Nesterov's correction acts through the momentum, and --momentum is 0"
-    if (args.gpu or 0) < 0:
-        unused["tf32"] = "it sets CUDA's TF32, and this run is on the CPU (--gpu -1)"
+    import torch
+    if (args.gpu or 0) < 0 or not torch.cuda.is_available():
+        unused["tf32"] = "it sets CUDA's TF32, and this run trains on the CPU"
     if args.lr_scale == "linear" and int(os.environ.get("WORLD_SIZE", 1)) == 1:
         unused["lr_scale"] = "'linear' multiplies the lr by the number of processes, and this is one (torchrun: more)"
     if args.dataset == "imagenet":
@@ -412,9 +413,9 @@ def warn_unused_flags(args: argparse.Namespace, given: dict, method_cls) -> None
     if args.dataset == "synthetic":
         unused["data"] = unused["download"] = "--dataset synthetic is generated in memory and reads no files"
     for name, why in unused.items():
-        if name in given:
-            warnings.warn(f"--{name.replace('_', '-')} does nothing in this run: {why}; the run is recorded with it, "
-                          "so leave it out")
+        if name in given:      # (False: a --no-<flag> of a flag that is on by default)
+            typed = ("--no-" if getattr(args, name) is False else "--") + name.replace("_", "-")
+            warnings.warn(f"{typed} does nothing in this run: {why}; the run is recorded with it, so leave it out")
     if "sgdr_t0" in given and args.lr_schedule != "sgdr":
         warnings.warn(f"--sgdr-t0 applies to --lr-schedule sgdr only; this run's schedule is {args.lr_schedule}, so "
                       "it is ignored (add --lr-schedule sgdr to use it)")
@@ -428,17 +429,19 @@ def warn_unused_flags(args: argparse.Namespace, given: dict, method_cls) -> None
 
 
 def warn_long_ramp_ups(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """A warning for each ramp-up (a flag of type :data:`ramp_up`) longer than the run: a shortened run (--epochs
-    30 of a method with an 80-epoch ramp-up) keeps its loss weight far below 1 to the end, which the recipe's
-    scaled lr schedule does not show."""
+    """A warning for each ramp-up (a flag of type :data:`ramp_up`) that does not end within the run: a shortened
+    run (--epochs 30 of a method with an 80-epoch ramp-up) keeps its loss weight far below 1 to the end, which the
+    recipe's scaled lr schedule does not show. The weight is 1 from epoch R on, counted from 0, so the last epoch
+    (--epochs - 1) reaches it when R <= --epochs - 1."""
     from losses import sigmoid_rampup
+    last = args.epochs - 1
     for action in parser._actions:
         length = getattr(args, action.dest, None) if getattr(action.type, "epochs", False) else None
-        if length and length > args.epochs:
+        if length and length > last:
             flag = action.option_strings[0]
-            warnings.warn(f"{flag} {length:g} is longer than --epochs {args.epochs}: the weight it ramps up reaches "
-                          f"only {sigmoid_rampup(args.epochs - 1, length):.2f} of 1 by the last epoch; for a short run "
-                          f"give {flag} {args.epochs} or less")
+            warnings.warn(f"{flag} {length:g} does not end within --epochs {args.epochs}: the weight it ramps up "
+                          f"reaches only {sigmoid_rampup(last, length):.2f} of 1 in the last epoch; for a short run "
+                          f"give {flag} {last} or less (0: weight 1 throughout)")
 
 
 def resume_path(resume: Optional[str], folder: Optional[str]) -> Optional[Path]:

@@ -219,11 +219,12 @@ class Trainer:
         if not bad:
             return
         kept = self.run.saved_state() if self.run.epochs else "no earlier epoch was saved"
+        own = "train_step" if self.method_cls.train_step is not Method.train_step else "loss"   # (AMLN: its step)
         fixes = "a lower --lr" + (", or --amp bf16 (or off) instead of fp16" if self.args.amp == "fp16" else "")
         raise UserError(f"training became non-finite in epoch {epoch + 1} ({', '.join(bad)}). Nothing of that "
                         f"epoch was saved; {kept}. Start a new run (another --out) with {fixes}, after checking "
                         "this command's flags for out-of-range values (a resumed run keeps its training flags) and "
-                        f"any edit of {hook_name(self.method_cls, 'loss')} (the terms named here).")
+                        f"any edit of {hook_name(self.method_cls, own)} (the terms named here).")
 
     # ---- evaluation -----------------------------------------------------------------------------
     def _eval_batches(self, loader):

@@ -102,7 +102,7 @@ BAD = [("dml", ["--lr", "-0.1"], "argument --lr: must be >= 0; got -0.1"),
        ("ffl", ["--kd-eps", "2"], "argument --kd-eps: must lie in [0, 0.001]; got 2 (added to probabilities, not"),
        ("mcl_okd", ["--nce-m", "1"], "argument --nce-m: must lie in [0, 1); got 1 (m = 1 never writes an embedding"),
        ("mcl_okd", ["--nce-k", "100000000"], "argument --nce-k: must lie in [1, 65536]; got 100000000 (each anchor"),
-       ("mcl_okd", ["--feat-dim", "100000000"], "argument --feat-dim: must lie in [1, 2048]; got 100000000 (each memory"),
+       ("mcl_okd", ["--feat-dim", "100000000"], "argument --feat-dim: must lie in [1, 2048]; got 100000000 (each"),
        ("cmff", ["--attention-heads", "1000000"], "argument --attention-heads: must lie in [1, 64]; got 1000000 (each"),
        ("dml", ["--seed", "-1"], "--seed"),
        ("dml", ["--seed", str(2 ** 32)], "--seed"),
@@ -188,8 +188,11 @@ UNUSED = [("cmff", "--no-rot --lambda-rot 3", "--lambda-rot", "--no-rot turns th
           ("kdcl", "--kd-lambda 0 --ensemble naive", "--ensemble", "--kd-lambda 0 turns distillation off"),
           ("amln", "--adv-weight 0 --disc-lr 0.1", "--disc-lr", "--adv-weight 0 turns the adversarial loss off"),
           ("cl_ilr", "--num-peers 2 --soft-target probs", "--soft-target", "with 2 heads each head's target is"),
-          ("dml", "--tf32", "--tf32", "it sets CUDA's TF32, and this run is on the CPU"),
-          ("dml", "--momentum 0 --no-nesterov", "--nesterov", "acts through the momentum, and --momentum is 0"),
+          ("dml", "--tf32", "--tf32", "it sets CUDA's TF32, and this run trains on the CPU"),
+          ("dml", "--no-tf32", "--no-tf32", "it sets CUDA's TF32, and this run trains on the CPU"),
+          ("dml", "--gpu 0 --tf32", "--tf32", "it sets CUDA's TF32, and this run trains on the CPU"),   # (no CUDA)
+          ("dml", "--momentum 0 --no-nesterov", "--no-nesterov", "acts through the momentum, and --momentum is 0"),
+          ("dml", "--momentum 0 --nesterov", "--nesterov", "acts through the momentum, and --momentum is 0"),
           ("dml", "--lr-scale linear", "--lr-scale", "'linear' multiplies the lr by the number of processes"),
           ("dml", "--dataset imagenet --pad-mode reflect", "--pad-mode", "ImageNet's training crop is RandomResized"),
           ("dml", "--dataset synthetic --download", "--download", "--dataset synthetic is generated in memory"),
@@ -201,6 +204,7 @@ def test_a_flag_that_does_nothing_in_the_run_warns(method, argv, flag, why, monk
     """A flag the command gives that this run cannot use (an ablation switch turned its term off; a GPU,
     multi-process or data-file flag where there is none) is named with why, not recorded silently."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)     # (the run falls back to the CPU)
     with pytest.warns(UserWarning) as caught:
         parse_args(load_method(method), ["--gpu", "-1", *argv.split()])
     said = [str(w.message) for w in caught if str(w.message).startswith(f"{flag} does nothing in this run: ")]
@@ -210,23 +214,28 @@ def test_a_flag_that_does_nothing_in_the_run_warns(method, argv, flag, why, monk
 @pytest.mark.parametrize("method", ["okddip", "one", "pcl", "ffl", "dccl", "cmff"])
 def test_a_ramp_up_longer_than_the_run_warns_with_the_weight_it_reaches(method):
     """A shortened run (its lr schedule scaled to --epochs) keeps the ramp-up's length: its KD weight never nears
-    1, which is named with the weight the last epoch reaches (sigmoid_rampup(epochs - 1, R))."""
-    argv = ["--gpu", "-1", "--epochs", "30", "--rampup", "80"]
-    with pytest.warns(UserWarning) as caught:
-        parse_args(load_method(method), argv)
-    weight = math.exp(-5 * (1 - 29 / 80) ** 2)                       # 0.131
-    assert [str(w.message) for w in caught if "--rampup" in str(w.message)] == [
-        f"--rampup 80 is longer than --epochs 30: the weight it ramps up reaches only {weight:.2f} of 1 by the last "
-        "epoch; for a short run give --rampup 30 or less"]
+    1, which is named with the weight the last epoch (0-based: epochs - 1) reaches, exp(-5 (1 - (epochs-1)/R)^2)."""
+    for epochs, rampup, weight in (("30", "80", math.exp(-5 * (1 - 29 / 80) ** 2)),    # 0.13
+                                   ("30", "30", math.exp(-5 * (1 - 29 / 30) ** 2)),    # 0.99: not 1 yet
+                                   ("1", "1", math.exp(-5))):                          # one epoch: epoch 0 only
+        with pytest.warns(UserWarning) as caught:
+            parse_args(load_method(method), ["--gpu", "-1", "--epochs", epochs, "--rampup", rampup])
+        last = int(epochs) - 1
+        assert [str(w.message) for w in caught if "--rampup" in str(w.message)] == [
+            f"--rampup {rampup} does not end within --epochs {epochs}: the weight it ramps up reaches only "
+            f"{weight:.2f} of 1 in the last epoch; for a short run give --rampup {last} or less (0: weight 1 "
+            "throughout)"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        parse_args(load_method(method), ["--gpu", "-1", "--epochs", "30", "--rampup", "30"])   # reaches 1
+        parse_args(load_method(method), ["--gpu", "-1", "--epochs", "30", "--rampup", "29"])   # 1 in epoch 29
         parse_args(load_method(method), ["--gpu", "-1", "--epochs", "30", "--rampup", "0"])    # no ramp-up
 
 
 def test_a_switch_alone_or_a_presets_value_draws_no_unused_flag_warning(monkeypatch):
-    """Only flags the command gives are named: not the switch itself, nor a value a preset set."""
+    """Only flags the command gives are named: not the switch itself, nor a value a preset set (nor --tf32 of a
+    run on a GPU)."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for method, argv in [("cmff", "--no-rot --no-cross-attention"), ("cmff", "--preset rn110 --no-rot"),
@@ -579,8 +588,8 @@ def test_a_shortened_step_recipe_keeps_its_schedule_in_proportion(recwarn):
     sgdr = parse_args(base, ["--recipe", "imagenet", "--epochs", "30"])
     assert (sgdr.sgdr_t0, sgdr.schedule_note) == (10, "the recipe's first SGDR cycle of 100 of 300 epochs, scaled to 10")
     # nothing the user set: no warning of the schedule; PCL's 80-epoch ramp-up is not scaled, and says so
-    assert {str(w.message).split(":")[0] for w in recwarn.list} == {"--rampup 80 is longer than --epochs 30",
-                                                                     "--rampup 80 is longer than --epochs 3"}
+    assert {str(w.message).split(":")[0] for w in recwarn.list} == {"--rampup 80 does not end within --epochs 30",
+                                                                     "--rampup 80 does not end within --epochs 3"}
     with pytest.warns(UserWarning, match="--milestones 40 lie at or beyond --epochs 30"):
         parse_args(pcl, ["--epochs", "30", "--milestones", "10", "40"])
     vgg = parse_args(cmff, ["--preset", "official", "--arch", "vgg16", "--epochs", "40"])   # the preset's 401 epochs

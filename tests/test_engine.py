@@ -235,6 +235,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
 
 
+class _NaNStepDML(train_dml.DML):
+    def train_step(self, model, batch, epoch, step):
+        terms = super().train_step(model, batch, epoch, step)
+        return {**terms, "kd": terms["kd"] * float("nan")}
+
+
+@pytest.mark.slow
+def test_a_non_finite_stop_names_the_step_of_a_method_that_has_its_own(tmp_path):
+    """A method with its own train_step (as AMLN) is pointed at that hook, not at a loss it may not have."""
+    with pytest.raises(UserError) as err:
+        train(_NaNStepDML, FAST + ["--epochs", "1", "--out", str(tmp_path)])
+    assert str(err.value).endswith("and any edit of _NaNStepDML.train_step (the terms named here).")
+
+
 class _Junk(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -247,7 +247,7 @@ def test_export_peer_never_writes_over_a_checkpoint(dml_run, tmp_path, capsys):
         ([str(run / "best.pt"), "-o", str(run / "last.pt")], f"-o {run / 'last.pt'}: last.pt is the name of a run's "
                                                              "checkpoint"),
         ([str(copy), "-o", str(run / "best.pt")], "best.pt is the name of a run's checkpoint"),
-        ([str(copy), "-o", str(run / "results.json")], "holds a run and results.json is its record"),
+        ([str(copy), "-o", str(run / "results.json")], "holds a run (or a copy of one) and results.json is its record"),
         ([str(copy), "-o", str(tmp_path / "new" / "last.pt")], "last.pt is the name of a run's checkpoint"),
     ]
     for argv, named in cases:
@@ -348,15 +348,15 @@ def test_a_copy_of_a_run_without_its_lock_file_is_a_run_to_every_writer(tmp_path
     tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
     benchmark = script("benchmark")
     monkeypatch.setattr(benchmark, "make_trainer", lambda *a: pytest.fail("the benchmark ran"))
-    for flag, call in [("--out", lambda: script("check_dataset").main(["--dataset", "folder", "--data", str(tree),
-                                                                       "--workers", "0", "--out", str(out), "--force"])),
+    check = ["--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out), "--force"]
+    for flag, call in [("--out", lambda: script("check_dataset").main(check)),
                        ("--json", lambda: benchmark.main(["--device", "cpu", "--json", str(out), "--force"]))]:
         try:
             code = call()
         except SystemExit as e:
             code = e.code
         line = one_line(code, capsys.readouterr().err)
-        assert line.startswith(f"error: {flag} {out}: {copy} holds a run and {name} is "), line
+        assert line.startswith(f"error: {flag} {out}: {copy} holds a run (or a copy of one) and {name} is "), line
     assert snapshot(copy) == before
 
 
