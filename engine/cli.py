@@ -26,7 +26,7 @@ MAX_PROCESSES = 1024                 # process and thread counts: far above any 
 MAX_PEERS = 256     # far above any published cohort (2 to 8); a larger --num-peers is a typo that would sit building
 
 
-# ---- value types: a flag's range, declared with the flag ---------------------------------------------------
+# ---- value types: a flag's range, declared with the flag --------------------------------------------------------
 
 def number(kind=float, *, at_least=None, above=None, below=None, at_most=None, why: str = ""):
     """An argparse ``type``: a ``kind`` (float or int) within the given bounds, a finite float32 for floats. A value
@@ -162,6 +162,8 @@ class _Milestones(_Store):
             raise argparse.ArgumentError(self, f"epoch {' '.join(map(str, repeated))} given twice; give each once")
         setattr(namespace, self.dest, milestones)
 
+
+# ---- a method's command line: the parser, the values it fills in, the warnings ----------------------------------
 
 def shown(value) -> str:
     """An option's value as typed: lists space-separated, None as 'default'."""
@@ -379,23 +381,6 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     return args
 
 
-def run_tool(main) -> None:
-    """``sys.exit(main())`` for a tool of scripts/: Ctrl-C ends it with one line and exit status 130 (128 + SIGINT),
-    a closed output pipe (``... | head``) quietly with 141 (128 + SIGPIPE), not with a traceback (the train
-    scripts: engine.trainer.main)."""
-    import sys
-    try:
-        status = main()
-    except KeyboardInterrupt:
-        print("\ninterrupted (SIGINT)", file=sys.stderr)
-        status = 130
-    except BrokenPipeError:       # the reader left: nothing more to say, and nothing for the exit's flush to raise
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        status = 141
-    if status:              # (0 or None: the script ends as usual)
-        sys.exit(status)
-
-
 def warn_unused_flags(args: argparse.Namespace, given: dict, method_cls) -> None:
     """A warning for each flag given that cannot act in this run (it is recorded with them all the same):
     --milestones or --sgdr-t0 under another schedule, milestones at or beyond --epochs, a flag for GPUs, several
@@ -518,3 +503,22 @@ def _peer_list(parser: argparse.ArgumentParser, args: argparse.Namespace, method
     except argparse.ArgumentTypeError as e:
         parser.error(f"--arch lists {len(names)} architectures, but the number of peers {e}")
     args.num_peers = len(names)
+
+
+# ---- the tools of scripts/ --------------------------------------------------------------------------------------
+
+def run_tool(main) -> None:
+    """``sys.exit(main())`` for a tool of scripts/: Ctrl-C ends it with one line and exit status 130 (128 + SIGINT),
+    a closed output pipe (``... | head``) quietly with 141 (128 + SIGPIPE), not with a traceback (the train
+    scripts: engine.trainer.main)."""
+    import sys
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        print("\ninterrupted (SIGINT)", file=sys.stderr)
+        status = 130
+    except BrokenPipeError:       # the reader left: nothing more to say, and nothing for the exit's flush to raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 141
+    if status:              # (0 or None: the script ends as usual)
+        sys.exit(status)

@@ -185,6 +185,42 @@ class Run:
         inside = next((p for p in self.folder.parents if holds_run(p)), None)
         return inside and f"{self.folder} lies inside the run directory {inside}; give an --out outside it"
 
+    def _new_run_problem(self) -> Optional[str]:
+        """Why a new run cannot start in the folder, or None: it holds another run's last.pt, or what an earlier
+        run left (:func:`_earlier_run_files`); a folder in the way of the run's files is :meth:`check`'s."""
+        folder = self.folder
+        if (folder / "last.pt").exists():
+            return self._a_run_here()
+        enclosed = _a_run_below(folder)
+        if enclosed:
+            return enclosed
+        earlier = _earlier_run_files(folder)
+        if earlier:
+            best = (f" (its best.pt continues into a new folder: --resume {folder / 'best.pt'} --out NEW_DIR)"
+                    if "best.pt" in earlier and _readable_checkpoint(folder / "best.pt") else "")
+            return (f"{folder} holds {' and '.join(earlier)} of an earlier run but no last.pt to continue it "
+                    f"from{best}; start this run with another --out (or move that folder away); nothing is "
+                    "overwritten.")
+        return _not_a_run(folder)
+
+    def _a_run_here(self) -> str:
+        """The line for a folder that holds a run's last.pt, for a command that starts a new run there: continue it
+        with --resume auto, unless its record (results.json) says it is another method's, or was trained with
+        other options (a given --out, or the method's defaults changed since), which --resume would refuse. (The
+        record: results.json, or last.pt's own when results.json is behind it, lost or hand-edited.)"""
+        recorded = read_run(self.folder)
+        if not (recorded and recorded.get("method")):    # (a hand-edited record: the checkpoint's own)
+            recorded = _readable_checkpoint(self.folder / "last.pt")
+        new_run = "start this run with another --out; nothing is overwritten."
+        if recorded and recorded["method"] != self.method_cls.name:
+            return f"{self.folder} already holds a run of {saved_by(recorded)} (last.pt); {new_run}"
+        diffs = recorded and [d for d in recorded_differences(self.method_cls, self.config, recorded, self.world_size)
+                              if d[0] != "epochs"]
+        if diffs:
+            return (f"{self.folder} already holds a run (last.pt) trained with {describe_differences(diffs)}; continue "
+                    f"it with --resume auto and the run's values, or {new_run}")
+        return f"{self.folder} already holds a run (last.pt). Continue it with --resume auto, or {new_run}"
+
     def open(self) -> Optional[dict]:
         """Lock the folder (every rank stops if rank 0 could not), check it again (:meth:`check`, with the
         checkpoint it read if the file is unchanged) and against the data: None for a new run, else the checkpoint
@@ -636,42 +672,6 @@ class Run:
     def recorded(self) -> dict:
         """results.json as written, or this run's record if there is none."""
         return read_record(self.folder / "results.json") or self.results("finished")
-
-    def _new_run_problem(self) -> Optional[str]:
-        """Why a new run cannot start in the folder, or None: it holds another run's last.pt, or what an earlier
-        run left (:func:`_earlier_run_files`); a folder in the way of the run's files is :meth:`check`'s."""
-        folder = self.folder
-        if (folder / "last.pt").exists():
-            return self._a_run_here()
-        enclosed = _a_run_below(folder)
-        if enclosed:
-            return enclosed
-        earlier = _earlier_run_files(folder)
-        if earlier:
-            best = (f" (its best.pt continues into a new folder: --resume {folder / 'best.pt'} --out NEW_DIR)"
-                    if "best.pt" in earlier and _readable_checkpoint(folder / "best.pt") else "")
-            return (f"{folder} holds {' and '.join(earlier)} of an earlier run but no last.pt to continue it "
-                    f"from{best}; start this run with another --out (or move that folder away); nothing is "
-                    "overwritten.")
-        return _not_a_run(folder)
-
-    def _a_run_here(self) -> str:
-        """The line for a folder that holds a run's last.pt, for a command that starts a new run there: continue it
-        with --resume auto, unless its record (results.json) says it is another method's, or was trained with
-        other options (a given --out, or the method's defaults changed since), which --resume would refuse. (The
-        record: results.json, or last.pt's own when results.json is behind it, lost or hand-edited.)"""
-        recorded = read_run(self.folder)
-        if not (recorded and recorded.get("method")):    # (a hand-edited record: the checkpoint's own)
-            recorded = _readable_checkpoint(self.folder / "last.pt")
-        new_run = "start this run with another --out; nothing is overwritten."
-        if recorded and recorded["method"] != self.method_cls.name:
-            return f"{self.folder} already holds a run of {saved_by(recorded)} (last.pt); {new_run}"
-        diffs = recorded and [d for d in recorded_differences(self.method_cls, self.config, recorded, self.world_size)
-                              if d[0] != "epochs"]
-        if diffs:
-            return (f"{self.folder} already holds a run (last.pt) trained with {describe_differences(diffs)}; continue "
-                    f"it with --resume auto and the run's values, or {new_run}")
-        return f"{self.folder} already holds a run (last.pt). Continue it with --resume auto, or {new_run}"
 
 
 def cannot_create(folder: Path, flag: str = "--out") -> Optional[str]:
