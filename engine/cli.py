@@ -384,7 +384,8 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
 def warn_unused_flags(args: argparse.Namespace, given: dict, method_cls) -> None:
     """A warning for each flag given that cannot act in this run (it is recorded with them all the same):
     --milestones or --sgdr-t0 under another schedule, milestones at or beyond --epochs, a flag for GPUs, several
-    processes or data files where there are none, and the method's own (``Method.unused_flags``)."""
+    processes or data files where there are none (a --download that cannot act is refused by the data layer),
+    and the method's own (``Method.unused_flags``)."""
     unused = dict(method_cls.unused_flags(args))
     if args.momentum == 0:
         unused["nesterov"] = "Nesterov's correction acts through the momentum, and --momentum is 0"
@@ -395,8 +396,8 @@ def warn_unused_flags(args: argparse.Namespace, given: dict, method_cls) -> None
         unused["lr_scale"] = "'linear' multiplies the lr by the number of processes, and this is one (torchrun: more)"
     if args.dataset == "imagenet":
         unused["pad_mode"] = "ImageNet's training crop is RandomResizedCrop, which pads nothing"
-    if args.dataset == "synthetic":
-        unused["data"] = unused["download"] = "--dataset synthetic is generated in memory and reads no files"
+    if args.dataset == "synthetic":      # (its --download is refused: data.common.check_download)
+        unused["data"] = "--dataset synthetic is generated in memory and reads no files"
     for name, why in unused.items():
         if name in given:      # (False: a --no-<flag> of a flag that is on by default)
             typed = ("--no-" if getattr(args, name) is False else "--") + name.replace("_", "-")
