@@ -284,12 +284,14 @@ RUN_OWN_FILES = ["last.pt", "best.pt", "results.json", ".lock", "eval-best-synth
                  "tensorboard/peer.json"]
 
 
-def fake_run_folder(folder: Path) -> dict:
-    """A run directory's files (any content will do: the rule goes by the names a run gives them)."""
+def fake_run_folder(folder: Path, lock: bool = True) -> dict:
+    """A run directory's files (any content will do: the rule goes by the names a run gives them); without
+    ``lock``, a copy of one (`cp run/* copy/` leaves the hidden lock file behind)."""
     (folder / "tensorboard").mkdir(parents=True)
     for name in ("last.pt", "best.pt", "results.json", "eval-best-synthetic.json", "tensorboard/events.out"):
         (folder / name).write_text(f"the run's {name}\n")
-    (folder / ".lock").write_text("")
+    if lock:
+        (folder / ".lock").write_text("")
     return snapshot(folder)
 
 
@@ -297,10 +299,12 @@ def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("name", RUN_OWN_FILES)
-def test_no_script_writes_over_a_run_directorys_own_files(dml_run, tmp_path, capsys, monkeypatch, name):
+@pytest.mark.parametrize("name, copied", [(name, False) for name in RUN_OWN_FILES]
+                         + [(name, True) for name in RUN_OWN_FILES if not name.startswith("tensorboard/")])
+def test_no_script_writes_over_a_run_directorys_own_files(dml_run, tmp_path, capsys, monkeypatch, name, copied):
+    """Nor over those of a copy of a run without its lock file: its checkpoints mark it as a run all the same."""
     run = tmp_path / "run"
-    before = fake_run_folder(run)
+    before = fake_run_folder(run, lock=not copied)
     out = run / name
     tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
     benchmark = script("benchmark")
@@ -322,6 +326,7 @@ def test_no_script_writes_over_a_run_directorys_own_files(dml_run, tmp_path, cap
         assert line.startswith(f"error: {flag} {out}") and line.endswith("--force or not"), line
         assert ("holds a run" in line or "tensorboard/ folder of the run" in line
                 or flag == "-o" and "is the name of a run's checkpoint" in line), line   # (export_peer: anywhere)
+        assert not copied or f"{run} holds a run (or a copy of one) and " in line or flag == "-o", line
     assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run", "tree"]
 
 
@@ -334,30 +339,6 @@ def test_a_run_file_name_outside_a_run_is_an_ordinary_output(tmp_path, capsys):
     code, _, err = run_check(capsys, "--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out),
                              "--force")                            # the script's own earlier output, replaced
     assert code == 0 and err == ""
-
-
-@pytest.mark.parametrize("name", ["last.pt", "best.pt", "results.json", "eval-best-synthetic.json"])
-def test_a_copy_of_a_run_without_its_lock_file_is_a_run_to_every_writer(tmp_path, capsys, monkeypatch, name):
-    """`cp run/* copy/` leaves the hidden lock file behind: the checkpoints beside mark the folder as a run all
-    the same, so no script writes over the copy's checkpoints, record or evaluations (--force or not)."""
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for file in ("last.pt", "best.pt", "results.json", "eval-best-synthetic.json"):
-        (copy / file).write_text(f"the copied run's {file}\n")
-    before, out = snapshot(copy), copy / name
-    tree = write_folder(tmp_path / "tree", per_split=(("train", 2), ("val", 1)))
-    benchmark = script("benchmark")
-    monkeypatch.setattr(benchmark, "make_trainer", lambda *a: pytest.fail("the benchmark ran"))
-    check = ["--dataset", "folder", "--data", str(tree), "--workers", "0", "--out", str(out), "--force"]
-    for flag, call in [("--out", lambda: script("check_dataset").main(check)),
-                       ("--json", lambda: benchmark.main(["--device", "cpu", "--json", str(out), "--force"]))]:
-        try:
-            code = call()
-        except SystemExit as e:
-            code = e.code
-        line = one_line(code, capsys.readouterr().err)
-        assert line.startswith(f"error: {flag} {out}: {copy} holds a run (or a copy of one) and {name} is "), line
-    assert snapshot(copy) == before
 
 
 @pytest.mark.parametrize("inside", ["train/cat/cat_0.png", "bad.txt", "train/cat/new.txt"])
