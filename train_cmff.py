@@ -162,7 +162,7 @@ class CMFFNet(nn.Module):
         for net in self.peers.branches:
             m, _ = run_stages(net.stem(x), net.stages, keep=False)
             m = net.head.norm(m)                  # the map the classifier pools (BN+ReLU in pre-act nets)
-            logits.append(net.head.fc(torch.flatten(net.head.pool(m[:n]), 1)))
+            logits.append(net.head.classify(m[:n]))
             vectors.append(torch.flatten(F.adaptive_avg_pool2d(m, self.grid), 1))
         v1, v2 = vectors[0][:n], vectors[1][:n]
         if self.attention is not None:

@@ -43,6 +43,11 @@ class Head(nn.Module):
         feature = torch.flatten(self.pool(self.norm(x)), 1)
         return self.fc(self.dropout(feature)), feature
 
+    def classify(self, normed: torch.Tensor) -> torch.Tensor:
+        """The logits of a map already through ``norm`` (the map a fusion teacher reads too): pool, dropout,
+        linear, as :meth:`forward` computes them."""
+        return self.fc(self.dropout(torch.flatten(self.pool(normed), 1)))
+
 
 class Backbone(nn.Module):
     """A classification network as ``stem``, ``stages`` (an ``nn.ModuleList``) and ``head``.

@@ -101,7 +101,7 @@ def peer_maps(peers: Peers, x: torch.Tensor, keep_stages: bool = False) -> PeerM
     for net, inp in zip(nets, inputs):
         m, maps = run_stages(net.stem(inp), net.stages, keep_stages)
         m = net.head.norm(m)
-        logits += net.head.fc(torch.flatten(net.head.pool(m), 1)).chunk(per_net, 1)
+        logits += net.head.classify(m).chunk(per_net, 1)
         final += m.chunk(per_net, 1)
         if keep_stages:
             blocks = [s.chunk(per_net, 1) for s in maps]

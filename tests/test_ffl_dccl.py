@@ -179,6 +179,24 @@ def test_dccl_projections_are_trained_by_the_feature_terms_only():
         torch.testing.assert_close(ev.logits[1], net.peers.branches[1](x))
 
 
+def test_fusion_teachers_peers_train_through_their_heads_dropout():
+    """The logits FFL's and DCCL's peer_maps and CMFF's network give while training are the peers' own, the head's
+    dropout included (torchvision's MobileNetV2: 0.2): the same draws give the same logits as ``peers(x)``."""
+    from models.peers import Peers
+    from train_cmff import CMFFNet
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    plain, cmff = Peers("mobilenet_v2", 10, 2), CMFFNet("mobilenet_v2", 10, 32, heads=1, mlp_ratio=1)
+    for peers, run in [(plain, lambda x: peer_maps(plain, x).logits), (cmff.peers, lambda x: cmff(x).logits)]:
+        assert all(isinstance(net.head.dropout, torch.nn.Dropout) for net in peers.branches)
+        peers.train()
+        torch.manual_seed(1)
+        expected = peers(x).logits
+        torch.manual_seed(1)
+        for got, want in zip(run(x), expected):
+            torch.testing.assert_close(got, want)
+
+
 # ---- sizes against hand counts ------------------------------------------------------------------------
 def test_dccl_resnet32_projection_shapes_and_counts():
     net = DCCLNet("resnet32", 100)
