@@ -9,7 +9,8 @@ drops it). Settings (t, c, n, s): (1,16,1,1) (t,24,2,1) (t,32,3,2) (t,64,4,2) (t
 32x32 image ends at 2x2 (RepDistiller's ``input_size // 16`` average pool). After the blocks: 1x1 conv to
 1280 channels (int(1280 * width) when width > 1), BN, ReLU; global average pool; Linear(1280 -> C).
 
-Backbone decomposition (the resolution changes, and RepDistiller's feature taps f1..f4):
+Backbone decomposition (the resolution changes; RepDistiller's feature taps f1..f3, while its f4 is the 320-channel
+map before the 1x1 conv that ends the last stage here):
 ``stem`` = conv + the t=1 block (16 x width channels at 16x16); ``stages`` = [blocks of c=24 (16x16),
 c=32 (8x8), c=64 and 96 (4x4), c=160 and 320 + the 1x1 conv to 1280 (2x2)].
 Init (RepDistiller): conv N(0, sqrt(2 / (k*k*out))) = kaiming fan_out, BN 1/0, Linear N(0, 0.01), bias 0.

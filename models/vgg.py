@@ -1,4 +1,5 @@
-"""VGG-16 for CIFAR (Simonyan & Zisserman, ICLR 2015; the MCL-OKD / OKDDip ``models/vgg.py``).
+"""VGG-16 for CIFAR (Simonyan & Zisserman, ICLR 2015; the MCL-OKD ``models/vgg.py``; OKDDip's own code and the
+PCL re-implementation end in a 3-layer classifier instead: docs/backbones.md).
 
 13 3x3 convs (with bias), each followed by BN and ReLU, five 2x2 max-pools, then a **single**
 Linear(512 -> C): no FC-4096 layers, no dropout.
