@@ -288,7 +288,9 @@ def _pcl_cifar100() -> Table:
     t.notes = ["Every method at the OKDDip/PCL protocol (`--recipe okddip`: steps at 150/225, weight decay 5e-4; "
                "the usual zero-padded crop, so FFL-S leaves its code's reflect padding: `--pad-mode zero`). "
                "\"ResNet-110\" is the bottleneck one and \"WRN-20-8\" the OKDDip/PCL `wrn_20_8` (docs/backbones.md). "
-               "Single = the mean over the peers (OKDDip: the leader, PCL: the head it deploys)."]
+               "Single = the mean over the peers (OKDDip: the leader, PCL: the head it deploys). \"VGG-16\" is "
+               "MCL-OKD's `vgg16` (one Linear); the OKDDip and PCL codes end in a 3-layer classifier, +525k "
+               "parameters (docs/backbones.md)."]
     return t
 
 
