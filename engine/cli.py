@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -353,8 +354,6 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     """The command line of ``method_cls``'s script: a value outside its flag's range, an unknown flag or a
     malformed --arch list exits with argparse's one line (SystemExit 2). A recipe's step schedule follows a
     shortened --epochs (``schedule_note`` says how); --milestones given that cannot act draw a warning."""
-    import sys
-
     from models.peers import normalize_arch
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)     # what the defaults depend on, read before the defaults
@@ -371,9 +370,9 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     if known.arch and "," in known.arch and method_cls.num_peers is not None:    # --help: the list's count
         parser.set_defaults(num_peers=len(known.arch.split(",")))
     shortened = _shorten_schedule(parser, known.epochs)   # before parsing: --help shows the defaults a run uses
-    args = parser.parse_args(argv, argparse.Namespace(num_peers=None))   # num_peers None: not on the command line
-    _peer_list(parser, args, method_cls)
+    args = parser.parse_args(argv)
     given = given_options(method_cls, argv)
+    _peer_list(parser, args, method_cls, given.get("num_peers"))
     args.schedule_note = _schedule_note(args, given, *shortened) if shortened else None
     if not (args.eval_only or resume_path(args.resume, args.out)):    # else: once the checkpoint's are known
         warn_unused_flags(args, given, method_cls)
@@ -481,15 +480,11 @@ def given_options(method_cls, argv: Sequence[str]) -> dict:
     return known
 
 
-def _peer_list(parser: argparse.ArgumentParser, args: argparse.Namespace, method_cls) -> None:
-    """``--arch a,b,c``: one architecture per peer. The list's length is the number of peers; an explicit
+def _peer_list(parser: argparse.ArgumentParser, args: argparse.Namespace, method_cls, explicit: Optional[int]
+               ) -> None:
+    """``--arch a,b,c``: one architecture per peer. The list's length is the number of peers; an ``explicit``
     --num-peers must agree. A list of one repeated name is that name (N copies)."""
     from models.peers import normalize_arch
-    explicit = args.num_peers
-    if method_cls.num_peers is None:
-        del args.num_peers                  # a single-network method has no such flag
-    elif args.num_peers is None:
-        args.num_peers = parser.get_default("num_peers")
     names = args.arch.split(",")
     args.arch = normalize_arch(names)
     if len(names) == 1:
@@ -512,7 +507,6 @@ def run_tool(main) -> None:
     """``sys.exit(main())`` for a tool of scripts/: Ctrl-C ends it with one line and exit status 130 (128 + SIGINT),
     a closed output pipe (``... | head``) quietly with 141 (128 + SIGPIPE), not with a traceback (the train
     scripts: engine.trainer.main)."""
-    import sys
     try:
         status = main()
     except KeyboardInterrupt:

@@ -1,22 +1,16 @@
 """What a run shows while it runs: console lines (rank 0 only), TensorBoard scalars, the final table."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from data.files import RUN_TENSORBOARD
 
 
 class Reporter:
-    """Console and TensorBoard output of the run in ``folder``, trained for ``epochs`` epochs whose best is
-    chosen by the validation ``metric`` when there is a validation split; only ``is_main`` (rank 0) shows it."""
+    """Console and TensorBoard output of ``run``, a :class:`~engine.run.Run` once described (its folder, its
+    --epochs and the metric that selects its best epoch, shown for a validation split); only rank 0 shows it."""
 
-    def __init__(self, folder: Path, epochs: int, metric: str, is_main: bool):
-        self.folder, self.epochs, self.metric, self.is_main = folder, epochs, metric, is_main
-        self.writer = None
-
-    def log(self, text: str) -> None:
-        if self.is_main:
-            print(text, flush=True)
+    def __init__(self, run):
+        self.folder, self.epochs, self.metric = run.folder, run.config.epochs, run.selection[1]
+        self.is_main, self.log, self.writer = run.is_main, run.log, None
 
     def tensorboard(self, epoch: int, record: dict) -> None:
         """Every training term, speed figure, lr and evaluated metric of 0-based ``epoch``, at step epoch + 1."""

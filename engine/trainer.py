@@ -80,7 +80,9 @@ class Trainer:
         self.device = select_device(args)
         self.dist = init_distributed(self.device.type == "cuda")
         self.is_main = self.dist.rank == 0
-        seed_everything(args.seed)
+        random.seed(args.seed)       # every generator the run draws from (torch: the GPUs' too)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
         # the run directory, checked against this command before the data are read
         self.run = Run(run_directory(method_cls, args, self.dist.world_size), method_cls, args, argv,
                        self.dist.world_size, self.dist.rank, read)
@@ -134,7 +136,7 @@ class Trainer:
                           {"peer_archs": archs, "classes": list(info.classes) if info.classes else None,
                            "image_size": info.image_size, "data": self.loaders.record,
                            "git_commit": git_commit(method_cls.script), "versions": library_versions(self.device)})
-        self.report = Reporter(self.run.folder, args.epochs, f"{self.best_head}/top1", self.is_main)
+        self.report = Reporter(self.run)
 
     @property
     def modules(self) -> dict[str, nn.Module]:
@@ -459,12 +461,6 @@ def library_versions(device: torch.device) -> dict:
     cuda = device.type == "cuda"
     versions["device"] = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
     return {k: str(v) if isinstance(v, str) else v for k, v in versions.items()}   # TorchVersion: a str
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def rng_state(device: torch.device) -> dict:
