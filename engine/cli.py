@@ -243,7 +243,8 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
                         "test set (e.g. --eval-only of a run trained with a subset)")
     g.add_argument("--pad-mode", choices=("zero", "reflect"), default="zero",
                    help="padding of the training RandomCrop: zeros (torchvision's default), or the border "
-                        "reflected as FFL/DCCL/CMFF's Pad(4, reflect) (their presets' default)")
+                        "reflected as FFL/DCCL/CMFF's Pad(4, reflect) (their presets' default, except on "
+                        "tinyimagenet, imagenet and folder datasets: their codes pad only CIFAR by reflection)")
     g.add_argument("--val-split", type=non_negative_int, default=0, metavar="N",
                    help="hold out N training samples (stratified, seeded) to select `best`; "
                         "the test set is then only reported")
@@ -357,7 +358,7 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     from models.peers import normalize_arch
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)     # what the defaults depend on, read before the defaults
-    for name in ("--recipe", "--preset", "--arch", "--epochs"):
+    for name in ("--recipe", "--preset", "--arch", "--epochs", "--dataset", "--data"):    # (--data: not --dataset)
         pre.add_argument(name, nargs="?")             # (a missing value: the parser below says so)
     known, _ = pre.parse_known_args(argv)
     recipe = known.recipe if known.recipe in RECIPES else method_cls.recipe  # a bad name: argparse reports it
@@ -369,6 +370,9 @@ def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     parser = build_parser(method_cls, recipe, preset, arch)
     if known.arch and "," in known.arch and method_cls.num_peers is not None:    # --help: the list's count
         parser.set_defaults(num_peers=len(known.arch.split(",")))
+    if known.dataset in ("tinyimagenet", "imagenet", "folder"):   # a preset's --pad-mode is its code's CIFAR
+        parser.set_defaults(pad_mode="zero")     # pipeline (and that of CIFAR's offline stand-ins, Fashion-MNIST and
+                                                 # synthetic); the CMFF code pads TinyImageNet with zeros
     shortened = _shorten_schedule(parser, known.epochs)   # before parsing: --help shows the defaults a run uses
     args = parser.parse_args(argv)
     given = given_options(method_cls, argv)
