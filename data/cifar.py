@@ -12,7 +12,7 @@ Every pickle is validated when read: it must unpickle, hold a ``data`` uint8 arr
 labels in range; a damaged file is one :class:`~data.common.BadDatasetError` naming every bad file.
 
 Both splits are returned whole as uint8 N x 3 x 32 x 32 plus int64 labels (CIFAR-100: fine labels).
-Training augmentation (in :mod:`data.loaders`): RandomCrop(32, padding=4, zero fill) +
+Training augmentation (in :mod:`data.loaders`): RandomCrop(32, padding=4; zero fill, or reflect with --pad-mode) +
 RandomHorizontalFlip(0.5); then ToTensor-style /255 and Normalize with the mean/std of
 :func:`data.dataset_info` (CIFAR-100 (0.5071, 0.4867, 0.4408) / (0.2675, 0.2565, 0.2761);
 CIFAR-10 (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616)). Test: /255 + Normalize only.

@@ -318,9 +318,9 @@ PROTOCOLS = ("cifar", "imagenet")
 @dataclass(frozen=True)
 class DatasetInfo:
     """Facts about a dataset. ``mean``/``std`` are per-channel on the [0, 1] scale (the ``Normalize``
-    after ``ToTensor``); ``crop_padding`` is the zero padding of the training ``RandomCrop(image_size,
-    padding)`` (0 for ImageNet, which uses ``RandomResizedCrop``); ``official_train``/``official_test`` are
-    the image counts of the official release (None: no release).
+    after ``ToTensor``); ``crop_padding`` is the padding (zeros, or reflected with --pad-mode) of the training
+    ``RandomCrop(image_size, padding)`` (0 for ImageNet, which uses ``RandomResizedCrop``);
+    ``official_train``/``official_test`` are the image counts of the official release (None: no release).
 
     ``classes``: the class names in label order where the data names them (``folder``, and ImageNet once
     loaded or with ``--classes``), else None (the dataset's fixed classes). ``protocol``: ``'cifar'``

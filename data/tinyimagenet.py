@@ -25,7 +25,7 @@ folder is present but damaged, ``--download`` extracts the zip again (fetching i
   change rebuilds it, and so does a damaged one (it carries a checksum). Written atomically; skipped with a warning
   when the folder is read-only.
 
-Training augmentation (in :mod:`data.loaders`): RandomCrop(64, padding=4, zero fill) +
+Training augmentation (in :mod:`data.loaders`): RandomCrop(64, padding=4; zero fill, or reflect with --pad-mode) +
 RandomHorizontalFlip(0.5), then /255 and Normalize with the ImageNet mean (0.485, 0.456, 0.406) and std
 (0.229, 0.224, 0.225). Test: /255 + Normalize.
 """
