@@ -224,9 +224,17 @@ def _cmff_cifar100() -> Table:
         "we follow the rows. The second ResNet-32 column is the same command as the first, so its cells share "
         "the first column's runs and differ only in the published number.",
         "\"WRN-20-8\" is trained as WRN-22-8 (`wrn_22_8`): the CMFF code's WRN script builds depth 22 (the DCCL "
-        "code's default, depth 20, fails its constructor), without their dropout 0.3; \"ResNet-110\" is the basic-block `resnet110`.",
-        "Each method runs with its own script's defaults (its paper's recipe and variant), as the README quotes "
-        "each method's paper; the baseline with the CMFF code's protocol (`--recipe dccl --pad-mode reflect`); ONE "
+        "code's default, depth 20, fails its constructor), without their dropout 0.3; \"ResNet-110\" is the "
+        "basic-block `resnet110`. Every method's cells train these two networks, so that a column compares one "
+        "network. The README does not say where the other methods' numbers come from: a few match the PCL "
+        "table's (KDCL ResNet-32 73.76; DML within 0.01 on DenseNet-40-12 and WRN-20-8), most match no table we "
+        "know, and the OKDDip/PCL re-runs' WRN-20-8 is `wrn_20_8` (6.87M parameters against 17.2M) and their "
+        "ResNet-110 the bottleneck one (docs/backbones.md).",
+        "Each method runs with its own script's defaults, the README saying nothing of their protocols: DML and "
+        "AMLN MCL-OKD's (`okd`: cosine from 0.1, weight decay 5e-4; neither paper's schedule is reproduced, "
+        "docs/dml.md, docs/amln.md), PCL and KDCL the OKDDip/PCL one (`okddip`, under which PCL's "
+        "paper ran both), FFL its code's (`ffl`, weight decay 1e-4); the baseline with the CMFF code's protocol "
+        "(`--recipe dccl --pad-mode reflect`); ONE "
         "with its paper's 3 branches and run scripts (`--preset paper --recipe one`), "
         "OKDDip with its paper's step schedule, KDCL with the MinLogit target, FFL and DCCL with their codes' KL form "
         "(`--kd-eps 1e-7`, which is more than 1e-3 from the exact KL on DCCL's feature maps: docs/dccl.md). CMFF "
@@ -234,8 +242,8 @@ def _cmff_cifar100() -> Table:
         "(PCL: the head it deploys); the README does not say which head it reports.",
         "CMFF's own cells follow its per-backbone scripts: `--preset rn110` on ResNet-110, `--epochs 400` on VGG-16 "
         "and DenseNet-40-12, `--recipe dccl-wrn` (400 epochs, steps at 50/150/225/300) on WRN. The official WRN "
-        "script trains FFL + DCCL terms without the rotation task or the attention; ours trains the whole CMFF method there. "
-        "DCCL's WRN cell follows its own code's WRN script too (`--recipe dccl-wrn`).",
+        "script trains FFL + DCCL terms without the rotation task or the attention; ours trains the whole CMFF "
+        "method there. DCCL's WRN cell follows its own code's WRN script too (`--recipe dccl-wrn`).",
     ]
     return t
 
@@ -256,7 +264,9 @@ def _cmff_tinyimagenet() -> Table:
                "ResNet-20/32 networks; ours are real ResNet-18/34 on the official validation split.",
                "FFL and DCCL train with their codes' KL form (`--kd-eps 1e-7`), as in the CIFAR-100 table; every "
                "method pads its crops with zeros, as the CMFF code's TinyImageNet loader (`--pad-mode zero`: the "
-               "FFL, DCCL and CMFF presets pad CIFAR by reflection)."]
+               "FFL, DCCL and CMFF presets pad CIFAR by reflection). Each method runs its own script's recipe as in "
+               "the CIFAR-100 table (DML: `okd`, cosine, weight decay 5e-4; the baseline, DCCL and CMFF: `dccl`; "
+               "FFL: `ffl`); the README does not say how its DML runs were trained."]
     return t
 
 
@@ -290,7 +300,12 @@ def _pcl_cifar100() -> Table:
                "\"ResNet-110\" is the bottleneck one and \"WRN-20-8\" the OKDDip/PCL `wrn_20_8` (docs/backbones.md). "
                "Single = the mean over the peers (OKDDip: the leader, PCL: the head it deploys). \"VGG-16\" is "
                "MCL-OKD's `vgg16` (one Linear); the OKDDip and PCL codes end in a 3-layer classifier, +525k "
-               "parameters (docs/backbones.md)."]
+               "parameters (docs/backbones.md).",
+               "CL is MCL-OKD's CL-ILR (a tree of 4 heads, T = 2, CE and KD weighted 0.5 each, no ramp-up: "
+               "docs/cl_ilr.md). The OKDDip code's CL, which this column may report (PCL does not say), is "
+               "`train_one.py --avg --bpscale`: ONE's topology with the trunk's gradient divided by the number of "
+               "branches, T = 3, an 80-epoch ramp-up and weights 1/1; it is not built here. ONE runs its paper's "
+               "3 branches (`--preset paper`); the OKDDip code's default is 4."]
     return t
 
 
