@@ -397,8 +397,11 @@ def warn_unused_flags(args: argparse.Namespace, given: dict, method_cls) -> None
         unused["tf32"] = "it sets CUDA's TF32, and this run trains on the CPU"
     if args.lr_scale == "linear" and int(os.environ.get("WORLD_SIZE", 1)) == 1:
         unused["lr_scale"] = "'linear' multiplies the lr by the number of processes, and this is one (torchrun: more)"
-    if args.dataset == "imagenet":
-        unused["pad_mode"] = "ImageNet's training crop is RandomResizedCrop, which pads nothing"
+    from data.folder import SMALL_MAX      # (the largest --image-size a folder trains at the CIFAR protocol)
+    if args.dataset == "imagenet" or (args.dataset == "folder" and (args.image_size or 0) > SMALL_MAX):
+        crop = ("ImageNet's training crop" if args.dataset == "imagenet" else
+                f"a folder's training crop at --image-size {args.image_size}")
+        unused["pad_mode"] = f"{crop} is RandomResizedCrop, which pads nothing"
     if args.dataset == "synthetic":      # (its --download is refused: data.common.check_download)
         unused["data"] = "--dataset synthetic is generated in memory and reads no files"
     for name, why in unused.items():

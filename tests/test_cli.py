@@ -195,6 +195,8 @@ UNUSED = [("cmff", "--no-rot --lambda-rot 3", "--lambda-rot", "--no-rot turns th
           ("dml", "--momentum 0 --nesterov", "--nesterov", "acts through the momentum, and --momentum is 0"),
           ("dml", "--lr-scale linear", "--lr-scale", "'linear' multiplies the lr by the number of processes"),
           ("dml", "--dataset imagenet --pad-mode reflect", "--pad-mode", "ImageNet's training crop is RandomResized"),
+          ("dml", "--dataset folder --image-size 96 --pad-mode reflect", "--pad-mode",
+           "a folder's training crop at --image-size 96 is RandomResized"),
           ("dml", "--dataset synthetic --data /somewhere", "--data", "--dataset synthetic is generated in memory")]
 
 
