@@ -351,16 +351,27 @@ def build_parser(method_cls, recipe: str, preset: Optional[str] = None,
     return p
 
 
+class _PreParser(argparse.ArgumentParser):
+    """:func:`parse_args`' first look at the flags its defaults depend on: what it cannot read raises, and the
+    full parser then names the fault in its own line."""
+
+    def error(self, message: str):
+        raise argparse.ArgumentError(None, message)
+
+
 def parse_args(method_cls, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line of ``method_cls``'s script: a value outside its flag's range, an unknown flag or a
     malformed --arch list exits with argparse's one line (SystemExit 2). A recipe's step schedule follows a
     shortened --epochs (``schedule_note`` says how); --milestones given that cannot act draw a warning."""
     from models.peers import normalize_arch
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)     # what the defaults depend on, read before the defaults
+    pre = _PreParser(add_help=False)                  # what the defaults depend on, read before the defaults
     for name in ("--recipe", "--preset", "--arch", "--epochs", "--dataset", "--data"):    # (--data: not --dataset)
         pre.add_argument(name, nargs="?")             # (a missing value: the parser below says so)
-    known, _ = pre.parse_known_args(argv)
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError:                    # (an ambiguous --dat: the parser below says so)
+        known, _ = pre.parse_known_args([])
     recipe = known.recipe if known.recipe in RECIPES else method_cls.recipe  # a bad name: argparse reports it
     preset = known.preset if known.preset in method_cls.presets else None
     try:                                              # a preset's values for resnet32,resnet32 are resnet32's

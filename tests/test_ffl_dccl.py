@@ -293,13 +293,19 @@ FAMILIES = ["resnet20", "resnet32", "resnet110", "wrn_16_2", "vgg16", "densenet4
 def test_presets_pad_by_reflection_only_where_their_codes_do(cls, capsys):
     """The presets' reflect padding is their codes' CIFAR pipeline (kept on its offline stand-ins); the CMFF code
     pads TinyImageNet with zeros, and no code of theirs has an ImageNet or folder pipeline: the default is zero
-    there, as --help says, and --pad-mode still chooses. ``--data`` is not taken for ``--dataset``."""
+    there, as --help says, and --pad-mode still chooses. ``--data`` is not taken for ``--dataset``, and an
+    ambiguous ``--dat`` is the parser's usual one line."""
     for dataset, padding in [("cifar100", "reflect"), ("cifar10", "reflect"), ("fashion-mnist", "reflect"),
-                             ("synthetic", "reflect"), ("tinyimagenet", "zero"), ("imagenet", "zero"), ("folder", "zero")]:
+                             ("synthetic", "reflect"), ("tinyimagenet", "zero"), ("imagenet", "zero"),
+                             ("folder", "zero")]:
         assert parse_args(cls, ["--dataset", dataset]).pad_mode == padding, dataset
     assert parse_args(cls, []).pad_mode == "reflect"
     assert parse_args(cls, ["--dataset=tinyimagenet", "--pad-mode", "reflect"]).pad_mode == "reflect"
-    assert parse_args(cls, ["--dataset", "cifar100", "--data", "/nowhere/tinyimagenet"]).pad_mode == "reflect"
+    assert parse_args(cls, ["--data", "tinyimagenet", "--dataset", "cifar100"]).pad_mode == "reflect"
+    assert parse_args(cls, ["--dataset", "cifar100", "--data", "tinyimagenet"]).pad_mode == "reflect"
+    with pytest.raises(SystemExit):
+        parse_args(cls, ["--dat", "tinyimagenet"])
+    assert capsys.readouterr().err.endswith("could match --dataset, --data (--help lists the options)\n")
     with pytest.raises(SystemExit):
         parse_args(cls, ["--dataset", "tinyimagenet", "--help"])
     option = " ".join(capsys.readouterr().out.split()).split("--pad-mode {zero,reflect} padding")[1]
