@@ -133,9 +133,10 @@ class Run:
         if diffs and all(key == "epochs" for key, _, _ in diffs) and self.config.resume == "auto":
             raise self._continue_instead(self.folder, ckpt["args"]["epochs"], ckpt["epoch"], "another --out",
                                          self.world_size, ckpt["epoch"] >= ckpt["args"]["epochs"])
-        if diffs:
+        if diffs:     # (found by its options without --out: the script's defaults have changed since it was trained)
+            found = "" if self.config.out or self.config.resume != "auto" else f": {self.continue_command()}"
             raise UserError(f"{resume} was trained with {describe_differences(diffs)}. Resume with the "
-                            f"checkpoint's values, or {new_run_hint(self.config.resume)}")
+                            f"checkpoint's values{found}, or {new_run_hint(self.config.resume)}")
         self._check_target(resume, ckpt)
         earlier = [] if (self.folder / "last.pt").exists() else _earlier_run_files(self.folder, ckpt.get("run_id"))
         if earlier:

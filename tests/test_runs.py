@@ -28,6 +28,7 @@ from engine import UserError, main, parse_args, train
 from engine.checkpoint import atomic_save, atomic_write, load_checkpoint
 from engine import run as run_module
 from engine.config import differences, resolve, run_name
+from recipes import RECIPES
 from toy_methods import interrupted
 
 REPO = Path(__file__).resolve().parent.parent
@@ -1659,6 +1660,24 @@ def test_resume_auto_names_the_run_of_a_step_schedule_trained_to_another_length(
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [folder.name]
     assert train(DML, args + ["--epochs", epochs, *given, "--resume", "auto"])["epochs_done"] == int(epochs)
     assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+def test_resume_auto_of_a_run_trained_under_other_defaults_names_the_command_that_continues_it(tmp_path, monkeypatch):
+    """A script whose defaults changed since a run was trained (a preset's --pad-mode, a recipe's lr) finds the run
+    by its options, now the defaults, and cannot resume it with them: the line names the command that continues it
+    with the checkpoint's values (--out: they are taken where a flag is left out), and that command does."""
+    monkeypatch.setenv("OKD_RUNS", str(tmp_path / "runs"))
+    train(DML, TINY[:-2] + ["--epochs", "1"])
+    folder = next((tmp_path / "runs").iterdir())
+    monkeypatch.setitem(RECIPES["okd"], "lr", 0.2)             # DML's recipe, changed since
+    with pytest.raises(UserError) as e:
+        train(DML, TINY[:-2] + ["--epochs", "1", "--resume", "auto"])
+    said = str(e.value)
+    assert said.startswith(f"{folder / 'last.pt'} was trained with --lr 0.1 (this command: 0.2). Resume with the "
+                           "checkpoint's values: python train_dml.py ")
+    command = shlex.split(said.split("values: ")[1].split(", or ")[0])
+    assert command[-4:] == ["--out", str(folder), "--resume", "auto"]
+    assert train(DML, command[2:])["args"]["lr"] == 0.1       # (finished: its record, as trained)
 
 
 def test_a_resume_names_every_difference_the_number_of_processes_with_the_flags(tmp_path, monkeypatch):
