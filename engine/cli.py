@@ -442,9 +442,10 @@ def warn_long_ramp_ups(parser: argparse.ArgumentParser, args: argparse.Namespace
         length = getattr(args, action.dest, None) if getattr(action.type, "epochs", False) else None
         if length and length > last:
             flag = action.option_strings[0]
+            fix = f"{flag} {last} or less (0: weight 1 throughout)" if last else f"{flag} 0 (weight 1 throughout)"
             warnings.warn(f"{flag} {length:g} does not end within --epochs {args.epochs}: the weight it ramps up "
                           f"reaches only {sigmoid_rampup(last, length):.2f} of 1 in the last epoch; for a short run "
-                          f"give {flag} {last} or less (0: weight 1 throughout)")
+                          f"give {fix}")
 
 
 def resume_path(resume: Optional[str], folder: Optional[str]) -> Optional[Path]:

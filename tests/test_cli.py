@@ -221,11 +221,11 @@ def test_a_ramp_up_longer_than_the_run_warns_with_the_weight_it_reaches(method):
                                    ("1", "1", math.exp(-5))):                          # one epoch: epoch 0 only
         with pytest.warns(UserWarning) as caught:
             parse_args(load_method(method), ["--gpu", "-1", "--epochs", epochs, "--rampup", rampup])
-        last = int(epochs) - 1
+        last = int(epochs) - 1         # (a one-epoch run: only 0, not "0 or less": a negative length is refused)
+        fix = f"--rampup {last} or less (0: weight 1 throughout)" if last else "--rampup 0 (weight 1 throughout)"
         assert [str(w.message) for w in caught if "--rampup" in str(w.message)] == [
             f"--rampup {rampup} does not end within --epochs {epochs}: the weight it ramps up reaches only "
-            f"{weight:.2f} of 1 in the last epoch; for a short run give --rampup {last} or less (0: weight 1 "
-            "throughout)"]
+            f"{weight:.2f} of 1 in the last epoch; for a short run give {fix}"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         parse_args(load_method(method), ["--gpu", "-1", "--epochs", "30", "--rampup", "29"])   # 1 in epoch 29
